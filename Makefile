@@ -1,0 +1,35 @@
+# Two commands for a fresh machine with Python 3.11: `make demo` and `make test`.
+# CPU machines get the pinned CPU build of torch. GPU users keep their own torch:
+#   make demo TORCH_SPEC=                                   (pip then resolves torch itself)
+#   make demo TORCH_SPEC= VENV_FLAGS=--system-site-packages  (reuse a torch installed system-wide)
+PYTHON ?= python3
+VENV ?= .venv
+VENV_FLAGS ?=
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.diffslim-installed
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	if [ -n "$(TORCH_SPEC)" ]; then $(BIN)/pip install --quiet "$(TORCH_SPEC)"; fi
+	$(BIN)/pip install --quiet -r requirements.txt -r requirements-dev.txt
+	$(BIN)/pip install --quiet --no-deps -e .
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/diffslim demo --out report
+	@echo "open report/index.html"
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+bench: $(STAMP)
+	$(BIN)/python bench/zoo_bench.py
+
+clean:
+	rm -rf $(VENV) report .pytest_cache

@@ -1,0 +1,18 @@
+"""diffslim: make diffusers models smaller and faster while keeping their outputs close to the original.
+
+Public API::
+
+    import diffslim
+    loaded = diffslim.load("zoo:digits-sd")          # or a pipeline / model / config-only folder
+    info = diffslim.profile("zoo:digits-sd")         # params, MACs, per-block table, latency
+    recipe = diffslim.Recipe.model_validate({"sampling": {"num_inference_steps": 10}})
+    diffslim.apply(loaded.pipe, recipe)              # still an ordinary diffusers pipeline
+"""
+
+from diffslim.apply import apply
+from diffslim.measure.profile import profile_model as profile
+from diffslim.models.load import LoadedModel, ModelLoadError, load
+from diffslim.recipe import Recipe, RecipeError, load_recipe
+
+__all__ = ["apply", "profile", "load", "LoadedModel", "ModelLoadError", "Recipe", "RecipeError", "load_recipe"]
+__version__ = "0.1.0"

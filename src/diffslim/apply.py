@@ -1,0 +1,71 @@
+"""``apply(pipe, recipe)``: install a recipe on a live diffusers pipeline.
+
+Each recipe section has an installer here that asks its method's runtime part to install itself; the
+result is still an ordinary diffusers pipeline that a user calls as before.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+from diffslim.recipe import Recipe, RecipeError, load_recipe
+
+
+def _install_sampling(pipe, sampling) -> None:
+    """Swap the scheduler and pin the step count / timesteps, so that ``pipe(...)`` samples the recipe's schedule."""
+    from diffslim.sample import make_scheduler
+
+    sched = make_scheduler(sampling.scheduler, pipe.scheduler.config) if sampling.scheduler else pipe.scheduler
+    if sampling.timesteps is not None and "timesteps" not in inspect.signature(sched.set_timesteps).parameters:
+        raise RecipeError(
+            f"sampling.timesteps: {type(sched).__name__} accepts no explicit timesteps; "
+            "choose a scheduler that does (euler, dpm++, unipc, ddpm, lms, heun)")
+    if sampling.num_inference_steps is not None or sampling.timesteps is not None:
+        sched = pin_schedule(sched, sampling.num_inference_steps, sampling.timesteps)
+    pipe.scheduler = sched
+
+
+def pin_schedule(scheduler, num_inference_steps=None, timesteps=None):
+    """A copy of ``scheduler`` whose ``set_timesteps`` always uses the given steps or timesteps.
+
+    Pipelines call ``scheduler.set_timesteps(num_inference_steps, device=...)``; the pinned copy
+    ignores the requested count, so a recipe's schedule holds however the pipeline is called.
+    """
+    base = type(scheduler)
+    if getattr(base, "_diffslim_pinned", False):
+        base = base.__mro__[1]
+
+    def set_timesteps(self, num_inference_steps_=None, device=None, **kwargs):
+        kwargs.pop("timesteps", None)
+        kwargs.pop("num_inference_steps", None)
+        if self._pinned_timesteps is not None:
+            return base.set_timesteps(self, device=device, timesteps=list(self._pinned_timesteps), **kwargs)
+        return base.set_timesteps(self, self._pinned_steps, device=device, **kwargs)
+
+    pinned_cls = type(f"Pinned{base.__name__}", (base,), {"set_timesteps": set_timesteps, "_diffslim_pinned": True})
+    new = pinned_cls.from_config(scheduler.config)
+    new._pinned_steps = num_inference_steps
+    new._pinned_timesteps = list(timesteps) if timesteps is not None else None
+    return new
+
+
+INSTALLERS = {
+    "sampling": _install_sampling,
+}
+
+
+def apply(pipe, recipe):
+    """Apply ``recipe`` (a :class:`Recipe`, a dict or a path to a JSON file) to ``pipe`` in place; returns ``pipe``."""
+    if not isinstance(recipe, Recipe):
+        from diffslim.recipe import parse_recipe
+
+        recipe = parse_recipe(recipe) if isinstance(recipe, dict) else load_recipe(recipe)
+    for section in Recipe.section_names():
+        value = getattr(recipe, section)
+        if value is None:
+            continue
+        if section not in INSTALLERS:
+            raise RecipeError(f"{section}: this diffslim cannot apply this section yet")
+        INSTALLERS[section](pipe, value)
+    pipe._diffslim_recipe = recipe
+    return pipe

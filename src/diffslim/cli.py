@@ -1,0 +1,306 @@
+"""The ``diffslim`` command: thin wrappers that parse, call the API and render with rich."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from diffslim.errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Make diffusers models smaller and faster while keeping their outputs close.")
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _fail(msg: str, code: int = 2):
+    err_console.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _guard(fn):
+    """Run ``fn``; user mistakes become one red line and exit code 2, never a traceback."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            _fail(str(e))
+        except FileNotFoundError as e:
+            _fail(f"{e.strerror}: {e.filename}")
+
+    return wrapper
+
+
+def _print_json(data) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def _quiet_libraries() -> None:
+    import logging
+    import warnings
+
+    from diffusers.utils import logging as dlog
+
+    dlog.set_verbosity_error()
+    dlog.disable_progress_bar()
+    logging.getLogger("accelerate").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+@app.command()
+@_guard
+def profile(
+    model: str = typer.Argument(..., help="pipeline folder, model folder, config-only folder or zoo:NAME"),
+    height: Optional[int] = typer.Option(None, help="image height in pixels (default: the model's sample size)"),
+    width: Optional[int] = typer.Option(None, help="image width in pixels"),
+    repeats: int = typer.Option(5, help="timed denoiser calls for the latency median"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
+):
+    """Parameters, MACs, per-block breakdown, latency and memory of one denoiser call at batch 1."""
+    _quiet_libraries()
+    from diffslim.measure.profile import profile_model
+
+    p = profile_model(model, height, width, repeats)
+    if as_json:
+        _print_json(p)
+        return
+    t = Table(title=f"{model}  ({p['class']}, input {p['sample_size'][0]}x{p['sample_size'][1]})")
+    t.add_column("block")
+    t.add_column("params", justify="right")
+    t.add_column("GMACs", justify="right")
+    t.add_column("share of MACs", justify="right")
+    for b in p["blocks"]:
+        share = f"{100 * b['macs'] / p['macs']:.1f}%" if p["macs"] and b["macs"] is not None else ""
+        t.add_row(b["name"], f"{b['params']:,}", f"{(b['macs'] or 0) / 1e9:.4f}", share)
+    t.add_row("[bold]total[/]", f"[bold]{p['params']:,}[/]", f"[bold]{(p['macs'] or 0) / 1e9:.4f}[/]", "100%")
+    console.print(t)
+    if p["latency_s"] is not None:
+        console.print(f"latency (median of {repeats}): {p['latency_s'] * 1e3:.2f} ms; "
+                      f"peak memory ({p['memory_kind']}): {p['peak_memory_bytes'] / 2**20:.1f} MiB")
+    else:
+        console.print("no weights loaded (config only): latency and memory not measured")
+
+
+def _load_with_recipe(model: str, recipe: Optional[Path]):
+    from diffslim.apply import apply
+    from diffslim.models.load import load
+    from diffslim.recipe import load_recipe
+
+    rec = load_recipe(recipe) if recipe is not None else None
+    loaded = load(model)
+    if rec is not None:
+        if loaded.pipe is None:
+            raise UserError(f"{model} is not a pipeline; a recipe applies to a pipeline folder or zoo:NAME")
+        apply(loaded.pipe, rec)
+    return loaded, rec
+
+
+@app.command("sample")
+@_guard
+def sample_cmd(
+    model: str = typer.Argument(..., help="pipeline folder or zoo:NAME"),
+    out: Path = typer.Option(Path("samples"), help="output folder for PNGs"),
+    n: int = typer.Option(16, help="number of samples"),
+    steps: Optional[int] = typer.Option(None, help="inference steps (default: the model's)"),
+    scheduler: Optional[str] = typer.Option(None, help="ddim, euler, dpm++, ... (default: the pipeline's)"),
+    seed: int = typer.Option(0, help="seed of the first sample; sample i uses seed+i"),
+    recipe: Optional[Path] = typer.Option(None, help="a recipe JSON to apply first"),
+    prompts: Optional[Path] = typer.Option(None, help="text file, one prompt per line (text-to-image)"),
+    batch_size: int = typer.Option(16, help="samples per pipeline call"),
+):
+    """Sample a model on fixed seeds and inputs; write PNGs and a grid."""
+    _quiet_libraries()
+    from diffslim.evaluate import eval_set_for
+    from diffslim.report import image_grid
+    from diffslim.sample import SampleSpec, sample
+
+    if n < 1:
+        raise UserError("--n must be at least 1")
+    loaded, rec = _load_with_recipe(model, recipe)
+    es = eval_set_for(loaded, n, seed=seed, prompts_file=prompts)
+    default_steps = loaded.zoo.default_steps if loaded.zoo else 50
+    spec = SampleSpec(es.inputs, es.seeds, num_inference_steps=steps or default_steps, scheduler=scheduler,
+                      call_kwargs=es.call_kwargs, batch_size=batch_size)
+    images = sample(loaded.pipe, spec, show_progress=True)
+    out.mkdir(parents=True, exist_ok=True)
+    for i, im in enumerate(images):
+        image_grid(im[None], nrow=1, pad=0).save(out / f"{i:04d}.png")
+    image_grid(images, nrow=8, upscale=max(1, 64 // images.shape[-1])).save(out / "grid.png")
+    console.print(f"wrote {len(images)} samples and grid.png to {out}")
+
+
+@app.command()
+@_guard
+def evaluate(
+    model: str = typer.Argument(..., help="pipeline folder or zoo:NAME"),
+    recipe: Optional[Path] = typer.Option(None, help="a recipe JSON to apply; metrics compare it to the full model"),
+    n: int = typer.Option(100, help="number of evaluation samples"),
+    steps: Optional[int] = typer.Option(None, help="inference steps of the full model (default: the model's)"),
+    seed: int = typer.Option(0),
+    prompts: Optional[Path] = typer.Option(None, help="text file, one prompt per line (text-to-image)"),
+    batch_size: int = typer.Option(50),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """The metrics that apply to the model (digit_accuracy, PSNR/SSIM to ground truth or to the full model)."""
+    _quiet_libraries()
+    from diffslim.evaluate import eval_set_for, finite, metrics_fn_for
+    from diffslim.models.load import load
+    from diffslim.sample import ReferenceCache, SampleSpec, model_fingerprint, sample
+
+    loaded, rec = _load_with_recipe(model, recipe)
+    es = eval_set_for(loaded, n, seed=seed, prompts_file=prompts)
+    default_steps = loaded.zoo.default_steps if loaded.zoo else 50
+    spec = SampleSpec(es.inputs, es.seeds, num_inference_steps=steps or default_steps,
+                      call_kwargs=es.call_kwargs, batch_size=batch_size)
+    reference = None
+    if rec is not None:
+        full = load(model)
+        reference = sample(full.pipe, spec, cache=ReferenceCache(), model_id=model_fingerprint(model),
+                           show_progress=True, description="reference (full model)")
+    outputs = sample(loaded.pipe, spec, show_progress=True, description="evaluating")
+    metrics = metrics_fn_for(loaded, es)(outputs, reference)
+    if es.baseline is not None and es.ground_truth is not None:
+        from diffslim.measure import quality
+
+        metrics["bicubic_psnr_gt"] = float(quality.psnr(es.baseline, es.ground_truth).mean())
+        metrics["bicubic_ssim_gt"] = float(quality.ssim(es.baseline, es.ground_truth).mean())
+    result = {"model": model, "recipe": str(recipe) if recipe else None, "n": n,
+              "steps": spec.num_inference_steps, **{k: finite(v) for k, v in metrics.items()}}
+    if as_json:
+        _print_json(result)
+        return
+    t = Table(title=f"evaluate {model}")
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    for k, v in result.items():
+        t.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+    console.print(t)
+
+
+@app.command()
+@_guard
+def bench(
+    model: str = typer.Argument(..., help="pipeline folder or zoo:NAME"),
+    methods: str = typer.Option("full,steps:25,steps:10", help="comma-separated methods, e.g. full,steps:10"),
+    n: int = typer.Option(50, help="number of inputs every variant samples"),
+    steps: Optional[int] = typer.Option(None, help="steps of the full model (default: the model's)"),
+    scheduler: Optional[str] = typer.Option(None, help="scheduler for every variant (default: the pipeline's)"),
+    seed: int = typer.Option(0),
+    prompts: Optional[Path] = typer.Option(None, help="text file, one prompt per line (text-to-image)"),
+    batch_size: int = typer.Option(50),
+    repeats: int = typer.Option(1, help="timed runs per variant; the best counts"),
+    as_json: bool = typer.Option(False, "--json"),
+    html: Optional[Path] = typer.Option(None, help="write an HTML report to this folder"),
+):
+    """Compare compression methods on the same inputs in one run: MACs, speed and quality, one row each."""
+    _quiet_libraries()
+    from diffslim.bench import parse_methods, run_bench
+    from diffslim.evaluate import eval_set_for, finite, metrics_fn_for
+    from diffslim.models.load import load
+
+    parse_methods(methods)  # reject bad method names before loading anything
+    loaded = load(model)
+    es = eval_set_for(loaded, n, seed=seed, prompts_file=prompts)
+    default_steps = steps or (loaded.zoo.default_steps if loaded.zoo else 50)
+    res = run_bench(loaded, methods, es, default_steps=default_steps, scheduler=scheduler, batch_size=batch_size,
+                    metrics_fn=metrics_fn_for(loaded, es), progress=not as_json, repeats=repeats)
+    rows = [{k: finite(v) for k, v in r.items()} for r in res.rows]
+    if html is not None:
+        from diffslim.report import Report, add_bench_section
+
+        rep = Report(f"diffslim bench: {model}")
+        add_bench_section(rep, model, rows, res.outputs)
+        rep.write(html)
+    if as_json:
+        _print_json({"rows": rows})
+        return
+    _print_rows(f"bench {model} ({n} inputs, {default_steps} steps full)", rows)
+    if html is not None:
+        console.print(f"report: {html / 'index.html'}")
+
+
+def _print_rows(title, rows) -> None:
+    t = Table(title=title)
+    cols = list(dict.fromkeys(k for r in rows for k in r if k not in ("skipped", "notes")))
+    for c in cols:
+        t.add_column(c, justify="left" if c == "method" else "right")
+    for r in rows:
+        t.add_row(*[(f"{r[c]:,}" if isinstance(r.get(c), int) else f"{r[c]:.4g}" if isinstance(r.get(c), float)
+                     else str(r.get(c, ""))) for c in cols])
+    console.print(t)
+    for r in rows:
+        for k, why in (r.get("skipped") or {}).items():
+            console.print(f"[yellow]{r['method']}: {k} skipped: {why}[/]")
+
+
+@app.command("zoo-train")
+@_guard
+def zoo_train(
+    name: str = typer.Argument(..., help="zoo model name, or 'classifier'"),
+    out: Path = typer.Option(Path("zoo_runs"), help="run folder (checkpoints, log); resumes from it"),
+    steps: int = typer.Option(3500),
+    batch_size: int = typer.Option(128),
+    lr: float = typer.Option(1e-3),
+    checkpoint_every: int = typer.Option(250),
+    install: bool = typer.Option(False, help="copy the trained pipeline into the package's zoo folder"),
+):
+    """Train a reference zoo model (checkpoints every N steps; rerun the same command to resume)."""
+    from diffslim.train import zoo as ztrain
+    from diffslim.zoo.registry import WEIGHTS_DIR, ZOO
+
+    if name == "classifier":
+        console.print(ztrain.train_classifier(WEIGHTS_DIR))
+        return
+    if name not in ZOO:
+        raise UserError(f"no zoo model {name!r}; the zoo has: {', '.join(sorted(ZOO))}, classifier")
+    folder = ztrain.train(name, out / name, steps, batch_size, lr, checkpoint_every)
+    if install:
+        import shutil
+
+        shutil.rmtree(ZOO[name].folder, ignore_errors=True)
+        shutil.copytree(folder, ZOO[name].folder)
+        console.print(f"installed {name} at {ZOO[name].folder}")
+
+
+@app.command("recipe")
+@_guard
+def recipe_cmd(path: Path = typer.Argument(..., help="recipe JSON file to validate")):
+    """Validate a recipe file and print it normalised."""
+    from diffslim.recipe import load_recipe
+
+    r = load_recipe(path)
+    _print_json(json.loads(r.model_dump_json(exclude_none=True)))
+
+
+@app.command()
+@_guard
+def demo(
+    out: Path = typer.Option(Path("report"), help="report folder"),
+    n: int = typer.Option(50, help="inputs per bench"),
+    methods: str = typer.Option("full,steps:25,steps:10", help="bench methods"),
+):
+    """Profile, sample and bench the zoo models; write index.html + report.json + figures."""
+    _quiet_libraries()
+    from diffslim.demo import run_demo
+
+    folder = run_demo(out, n=n, methods=methods, console=console)
+    console.print(f"report: {folder / 'index.html'}")
+
+
+def main():
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""Evaluation inputs and metrics for a loaded model: what ``evaluate``, ``bench`` and ``demo`` share."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from diffslim.errors import UserError
+
+DEFAULT_PROMPTS = (
+    "a photograph of an astronaut riding a horse",
+    "a red bicycle leaning against a brick wall",
+    "a bowl of fruit on a wooden table, studio lighting",
+    "a lighthouse on a cliff at sunset",
+)
+
+
+def eval_set_for(loaded, n: int, seed: int = 0, prompts_file: Optional[Path] = None):
+    """The evaluation inputs of ``loaded``: the zoo's fixed sets, or prompts for text-to-image pipelines."""
+    from diffslim.zoo.evalsets import EvalSet, zoo_eval_set
+
+    if loaded.zoo is not None:
+        return zoo_eval_set(loaded.zoo.name, n, seed=seed)
+    if loaded.pipe is None:
+        raise UserError(f"{loaded.source} is a lone model, not a pipeline; sampling needs a pipeline folder or zoo:NAME")
+    prompts = list(DEFAULT_PROMPTS)
+    if prompts_file is not None:
+        p = Path(prompts_file)
+        if not p.is_file():
+            raise UserError(f"no prompts file at {p}; give a text file with one prompt per line")
+        prompts = [line.strip() for line in p.read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise UserError(f"{p} holds no prompts; give one prompt per line")
+    inputs = [{"prompt": prompts[i % len(prompts)]} for i in range(n)]
+    return EvalSet(inputs=inputs, seeds=[seed + i for i in range(n)])
+
+
+def metrics_fn_for(loaded, evalset) -> Callable[[torch.Tensor, Optional[torch.Tensor]], dict]:
+    """``fn(outputs, reference) -> dict``: PSNR/SSIM against the reference outputs, plus the task's metrics.
+
+    Digit models add ``digit_accuracy`` (the zoo classifier); super-resolution adds ``psnr_gt`` and
+    ``ssim_gt`` against the ground-truth high-resolution images. Metrics that cannot run are listed
+    under ``skipped`` with the reason, never reported as zero.
+    """
+    from diffslim.measure import quality
+
+    classifier = None
+    if evalset.labels is not None:
+        from diffslim.zoo.classifier import CLASSIFIER_PATH, load_digit_classifier
+
+        classifier = load_digit_classifier() if CLASSIFIER_PATH.exists() else None
+
+    def fn(outputs: torch.Tensor, reference: Optional[torch.Tensor]) -> dict:
+        row: dict = {}
+        skipped: dict = {}
+        if reference is not None:
+            row["psnr"] = float(quality.psnr(outputs, reference).mean())
+            row["ssim"] = float(quality.ssim(outputs, reference).mean())
+        if evalset.labels is not None:
+            if classifier is None:
+                skipped["digit_accuracy"] = "digit classifier weights missing; run `diffslim zoo-train classifier`"
+            else:
+                row["digit_accuracy"] = quality.digit_accuracy(outputs, torch.tensor(evalset.labels), classifier)
+        if evalset.ground_truth is not None:
+            row["psnr_gt"] = float(quality.psnr(outputs, evalset.ground_truth).mean())
+            row["ssim_gt"] = float(quality.ssim(outputs, evalset.ground_truth).mean())
+        if skipped:
+            row["skipped"] = skipped
+        return row
+
+    return fn
+
+
+def finite(v):
+    """JSON-safe number: inf/nan become None."""
+    if isinstance(v, float) and (math.isinf(v) or math.isnan(v)):
+        return None
+    return v

@@ -1,0 +1,1 @@
+"""Measurements of a denoiser or pipeline: MACs (``macs``), and later latency, memory and quality."""

@@ -1,0 +1,76 @@
+"""``profile``: parameters, MACs, per-block table, latency and peak memory of one denoiser call."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Optional
+
+from diffslim.errors import UserError
+
+
+def profile_model(model: str, height: Optional[int] = None, width: Optional[int] = None, repeats: int = 5) -> dict:
+    """Parameters, MACs (batch 1, one denoiser call), per-block table and, with real weights, latency and memory.
+
+    ``height``/``width`` are image pixels; they are divided by the model's VAE scale factor.
+    """
+    import torch
+
+    from diffslim.measure.macs import default_inputs
+    from diffslim.models.anatomy import anatomy
+    from diffslim.models.load import load
+
+    loaded = load(model)
+    den = loaded.denoiser
+    scale = loaded.vae_scale_factor
+    h = None if height is None else _pixels_to_latent(height, scale, "height")
+    w = None if width is None else _pixels_to_latent(width, scale, "width")
+    kw = {"context_tokens": 2} if loaded.zoo is not None and type(den).__name__ == "UNet2DConditionModel" else {}
+    an = anatomy(den, height=h, width=w, **kw)
+    out = {
+        "model": model,
+        "class": type(den).__name__,
+        "weights": loaded.has_weights,
+        "sample_size": list(an.sample_size),
+        "params": an.params,
+        "macs": an.macs,
+        "blocks": [{"name": b.name, "params": b.params, "macs": b.macs} for b in an.blocks],
+        "latency_s": None,
+        "peak_memory_bytes": None,
+    }
+    if loaded.has_weights:
+        args, kwargs = default_inputs(den, height=h, width=w, **kw)
+        lat, mem, kind = _latency_and_memory(den, args, kwargs, repeats)
+        out.update(latency_s=lat, peak_memory_bytes=mem, memory_kind=kind)
+    return out
+
+
+def _pixels_to_latent(px: int, scale: int, what: str) -> int:
+    if px <= 0 or px % scale:
+        raise UserError(f"--{what} {px} must be a positive multiple of the VAE scale factor {scale}")
+    return px // scale
+
+
+def _latency_and_memory(den, args, kwargs, repeats: int):
+    """Median wall time of ``repeats`` denoiser calls after one warm-up; peak memory of one call."""
+    import resource
+
+    import torch
+
+    cuda = any(p.is_cuda for p in den.parameters())
+    times = []
+    with torch.no_grad():
+        den(*args, **kwargs)
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        for _ in range(max(1, repeats)):
+            t0 = time.perf_counter()
+            den(*args, **kwargs)
+            if cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+    if cuda:
+        return statistics.median(times), int(torch.cuda.max_memory_allocated() - base), "cuda_allocated_above_weights"
+    return statistics.median(times), int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "process_peak_rss"

@@ -1,0 +1,186 @@
+"""Loading MODEL arguments: pipeline folders, model folders, config-only folders and ``zoo:NAME``.
+
+Every path a user gives goes through :func:`load`, which turns mistakes into :class:`ModelLoadError`
+(one line: what is wrong and what is accepted). Only safetensors weights are read; pickles never are.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from diffslim.errors import UserError
+
+# Denoiser classes the anatomy understands (the families of the issues).
+SUPPORTED_DENOISERS = (
+    "UNet2DConditionModel",
+    "UNet2DModel",
+    "DiTTransformer2DModel",
+    "PixArtTransformer2DModel",
+    "SD3Transformer2DModel",
+    "FluxTransformer2DModel",
+)
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+ACCEPTED = (
+    "MODEL is a diffusers pipeline folder (model_index.json), a diffusers model folder "
+    "(config.json + *.safetensors), a folder with only a model config.json, or zoo:NAME"
+)
+
+
+class ModelLoadError(UserError):
+    """A MODEL argument that cannot be loaded; the message is one line meant for a person."""
+
+
+@dataclass
+class LoadedModel:
+    """What :func:`load` returns.
+
+    ``pipe`` is the diffusers pipeline (None for a lone model or config); ``denoiser`` the U-Net or
+    transformer; ``has_weights`` False for config-only models built on the meta device;
+    ``zoo`` the zoo entry for ``zoo:NAME``; ``vae_scale_factor`` the image-pixels-per-denoiser-pixel
+    ratio (1 for pixel-space models, 8 for SD-family latents).
+    """
+
+    source: str
+    kind: str  # "pipeline" | "model" | "config"
+    denoiser: torch.nn.Module
+    pipe: Optional[object] = None
+    has_weights: bool = True
+    zoo: Optional[object] = None
+    vae_scale_factor: int = 1
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def family_class(self) -> str:
+        return type(self.denoiser).__name__
+
+
+def denoiser_of(pipe) -> torch.nn.Module:
+    """The denoiser of a pipeline: ``unet``, ``transformer`` or the zoo's ``denoiser`` component."""
+    for name in ("denoiser", "unet", "transformer"):
+        m = getattr(pipe, name, None)
+        if isinstance(m, torch.nn.Module):
+            return m
+    raise ModelLoadError(f"pipeline {type(pipe).__name__} has no unet/transformer denoiser; {ACCEPTED}")
+
+
+def _check_no_pickles(folder: Path) -> None:
+    safes = list(folder.rglob("*.safetensors"))
+    pickles = [p for p in folder.rglob("*") if p.suffix in PICKLE_SUFFIXES]
+    if pickles and not safes:
+        raise ModelLoadError(
+            f"{pickles[0]} is a pickle checkpoint, which diffslim never unpickles; convert it to "
+            "safetensors (diffusers' save_pretrained(..., safe_serialization=True))"
+        )
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{path} is not valid JSON ({e.__class__.__name__}: {e})") from None
+
+
+def _denoiser_class(name: str, where: Path):
+    if name not in SUPPORTED_DENOISERS:
+        raise ModelLoadError(
+            f"{where}: model class {name!r} is not supported; supported: {', '.join(SUPPORTED_DENOISERS)}"
+        )
+    import diffusers
+
+    return getattr(diffusers, name)
+
+
+def _zoo_pipeline_class(name: str):
+    from diffslim.zoo import pipelines
+
+    return getattr(pipelines, name, None)
+
+
+def load_pipeline_folder(folder: Path, dtype=torch.float32, device="cpu"):
+    """Load a pipeline folder (zoo pipelines included) from safetensors weights only."""
+    index = _read_json(folder / "model_index.json")
+    cls_name = index.get("_class_name", "")
+    _check_no_pickles(folder)
+    zoo_cls = _zoo_pipeline_class(cls_name)
+    try:
+        if zoo_cls is not None:
+            pipe = zoo_cls.from_pretrained(str(folder), torch_dtype=dtype, use_safetensors=True)
+        else:
+            from diffusers import DiffusionPipeline
+
+            pipe = DiffusionPipeline.from_pretrained(str(folder), torch_dtype=dtype, use_safetensors=True)
+    except ModelLoadError:
+        raise
+    except Exception as e:  # diffusers raises many types for broken folders; say which file and why
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+        raise ModelLoadError(f"cannot load pipeline folder {folder}: {msg}") from None
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def load(model: str, dtype=torch.float32, device: str = "cpu") -> LoadedModel:
+    """Load ``model`` (a path or ``zoo:NAME``) into a :class:`LoadedModel`.
+
+    Raises :class:`ModelLoadError` for a missing folder, an unsupported class, pickle weights or a
+    corrupt file.
+    """
+    model = str(model)
+    if model.startswith("zoo:"):
+        from diffslim.zoo.registry import ZOO
+
+        name = model[4:]
+        if name not in ZOO:
+            raise ModelLoadError(f"no zoo model {name!r}; the zoo has: {', '.join(sorted(ZOO))}")
+        entry = ZOO[name]
+        if not (entry.folder / "model_index.json").exists():
+            raise ModelLoadError(
+                f"zoo model {name!r} has no weights at {entry.folder}; train them with "
+                f"`diffslim zoo-train {name}`"
+            )
+        pipe = load_pipeline_folder(entry.folder, dtype=dtype, device=device)
+        return LoadedModel(model, "pipeline", denoiser_of(pipe), pipe=pipe, zoo=entry, vae_scale_factor=1)
+
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"no such file or folder: {model}; {ACCEPTED}")
+    if path.is_file():
+        if path.suffix in PICKLE_SUFFIXES:
+            raise ModelLoadError(f"{model} is a pickle checkpoint, which diffslim never unpickles; {ACCEPTED}")
+        raise ModelLoadError(f"{model} is a single file; {ACCEPTED}")
+    if (path / "model_index.json").exists():
+        pipe = load_pipeline_folder(path, dtype=dtype, device=device)
+        vae = getattr(pipe, "vae", None)
+        scale = getattr(pipe, "vae_scale_factor", None) or (
+            2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1)
+        return LoadedModel(model, "pipeline", denoiser_of(pipe), pipe=pipe, vae_scale_factor=int(scale))
+    if not (path / "config.json").exists():
+        raise ModelLoadError(f"{model} has neither model_index.json nor config.json; {ACCEPTED}")
+    config = _read_json(path / "config.json")
+    cls = _denoiser_class(config.get("_class_name", "<no _class_name>"), path)
+    _check_no_pickles(path)
+    has_weights = any(path.glob("*.safetensors"))
+    latent = _looks_latent(config)
+    if has_weights:
+        try:
+            denoiser = cls.from_pretrained(str(path), torch_dtype=dtype, use_safetensors=True).to(device)
+        except Exception as e:
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+            raise ModelLoadError(f"cannot load weights of {model}: {msg}") from None
+        return LoadedModel(model, "model", denoiser.eval(), vae_scale_factor=8 if latent else 1)
+    config = {k: v for k, v in config.items() if not k.startswith("_")}
+    try:
+        with torch.device("meta"):
+            denoiser = cls.from_config(config)
+    except Exception as e:
+        raise ModelLoadError(f"{path / 'config.json'} is not a valid {cls.__name__} config: {e}") from None
+    return LoadedModel(model, "config", denoiser.eval(), has_weights=False, vae_scale_factor=8 if latent else 1)
+
+
+def _looks_latent(config: dict) -> bool:
+    """Whether a lone denoiser config works on VAE latents (SD-family channel counts) or on pixels."""
+    return int(config.get("in_channels", 3)) in (4, 8, 9, 16, 64) or "caption_channels" in config

@@ -1,0 +1,151 @@
+"""The recipe: one validated JSON file that describes a compression of one model.
+
+Data only: this module knows the schema, not the methods that fill it or install it. Each method owns
+one optional section; a recipe with no sections is the identity. Later methods add sections here
+(``depth``, ``skip_plan``, ``removed_layers``); ``schema_version`` changes when a section's meaning does.
+
+    {"schema_version": 1, "model": "zoo:digits-sd",
+     "sampling": {"scheduler": "ddim", "num_inference_steps": 10}}
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal, Optional
+
+from diffslim.errors import UserError
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+
+SCHEMA_VERSION = 1
+SCHEDULERS = ("ddim", "ddpm", "pndm", "plms", "euler", "euler_a", "dpm++", "dpm++_sde", "unipc", "heun", "lms")
+
+
+class RecipeError(UserError):
+    """A recipe file that does not validate; the message names the field and what it accepts."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Sampling(_Strict):
+    """How to sample: the scheduler and either a step count or an explicit timestep list."""
+
+    scheduler: Optional[str] = None
+    num_inference_steps: Optional[int] = None
+    timesteps: Optional[list[int]] = None
+
+    @field_validator("scheduler")
+    @classmethod
+    def _known_scheduler(cls, v):
+        if v is not None and v not in SCHEDULERS:
+            raise ValueError(f"unknown scheduler {v!r}; accepted: {', '.join(SCHEDULERS)}")
+        return v
+
+    @field_validator("num_inference_steps")
+    @classmethod
+    def _positive(cls, v):
+        if v is not None and v < 1:
+            raise ValueError("must be a positive integer")
+        return v
+
+    @field_validator("timesteps")
+    @classmethod
+    def _valid_timesteps(cls, v):
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("must not be empty")
+        if any(t < 0 or t > 999 for t in v):
+            raise ValueError("every timestep must lie in 0..999")
+        if any(a <= b for a, b in zip(v, v[1:])):
+            raise ValueError("must be strictly descending with no duplicates, e.g. [999, 666, 333, 0]")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.timesteps is not None and self.num_inference_steps is not None \
+                and len(self.timesteps) != self.num_inference_steps:
+            raise ValueError(
+                f"num_inference_steps ({self.num_inference_steps}) differs from len(timesteps) ({len(self.timesteps)})")
+        return self
+
+
+class Recipe(_Strict):
+    """A compression of one model. Every section is optional; an empty recipe changes nothing."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    model: Optional[str] = None
+    description: Optional[str] = None
+    sampling: Optional[Sampling] = None
+
+    def is_identity(self) -> bool:
+        return all(getattr(self, k) is None for k in self.section_names())
+
+    @classmethod
+    def section_names(cls) -> list[str]:
+        """The method sections (everything but the metadata fields)."""
+        return [k for k in cls.model_fields if k not in ("schema_version", "model", "description")]
+
+    def save(self, path) -> Path:
+        path = Path(path)
+        path.write_text(self.model_dump_json(indent=2, exclude_none=True) + "\n")
+        return path
+
+    def compose(self, other: "Recipe") -> "Recipe":
+        """This recipe followed by ``other``: sections of ``other`` are added; a section set in both is an error."""
+        both = [k for k in self.section_names() if getattr(self, k) is not None and getattr(other, k) is not None]
+        if both:
+            raise RecipeError(f"both recipes set section(s) {', '.join(both)}; compose recipes of different methods")
+        data = self.model_dump(exclude_none=True)
+        data.update({k: v for k, v in other.model_dump(exclude_none=True).items() if k in self.section_names()})
+        return Recipe.model_validate(data)
+
+
+def _describe(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = f"unknown key; accepted keys here: {', '.join(_accepted_keys(e['loc']))}"
+        parts.append(f"{loc}: {msg}")
+    return "; ".join(parts)
+
+
+def _accepted_keys(loc) -> list[str]:
+    model = Recipe
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None)
+        inner = [a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not inner:
+            break
+        model = inner[0]
+    return list(model.model_fields)
+
+
+def parse_recipe(data: dict, source: str = "recipe") -> Recipe:
+    """Validate a dict; raise :class:`RecipeError` naming each bad field."""
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: a recipe is a JSON object, got {type(data).__name__}")
+    version = data.get("schema_version", SCHEMA_VERSION)
+    if version != SCHEMA_VERSION:
+        raise RecipeError(f"{source}: schema_version {version!r} is not supported; this diffslim reads {SCHEMA_VERSION}")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        raise RecipeError(f"{source}: {_describe(e)}") from None
+
+
+def load_recipe(path) -> Recipe:
+    """Read and validate a recipe JSON file."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"no recipe file at {path}")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise RecipeError(f"{path} is not valid JSON: {e}") from None
+    return parse_recipe(data, source=str(path))

@@ -1,0 +1,269 @@
+"""The sampling harness: run any supported pipeline on fixed seeds and inputs, batched, cached, and
+split across processes under ``accelerate launch``.
+
+Inputs are a list of dicts, one per sample, in the words of diffusers pipelines' arguments:
+``{"prompt": str}`` (txt2img, PixArt), ``{"prompt", "image"}`` (img2img, InstructPix2Pix, ControlNet,
+the x4 upscaler), ``{"class_label": int}`` (DiT, zoo digits), ``{"image"}`` (zoo super-resolution).
+Sample ``i`` always uses ``torch.Generator().manual_seed(seeds[i])`` for its own noise, so its output
+does not depend on the batch it falls in or on the number of processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import inspect
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+
+from diffslim.recipe import SCHEDULERS
+
+# Recipe scheduler names -> (diffusers class name, config overrides).
+SCHEDULER_CLASSES: dict[str, tuple[str, dict]] = {
+    "ddim": ("DDIMScheduler", {}),
+    "ddpm": ("DDPMScheduler", {}),
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": False}),
+    "plms": ("PNDMScheduler", {"skip_prk_steps": True}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "dpm++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    "dpm++_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "lms": ("LMSDiscreteScheduler", {}),
+}
+assert set(SCHEDULER_CLASSES) == set(SCHEDULERS)
+
+
+def make_scheduler(name: str, base_config: dict):
+    """A diffusers scheduler called ``name`` (see ``SCHEDULER_CLASSES``) built from a pipeline's scheduler config."""
+    import diffusers
+
+    if name not in SCHEDULER_CLASSES:
+        raise ValueError(f"unknown scheduler {name!r}; accepted: {', '.join(SCHEDULER_CLASSES)}")
+    cls_name, overrides = SCHEDULER_CLASSES[name]
+    return getattr(diffusers, cls_name).from_config(dict(base_config), **overrides)
+
+
+@contextlib.contextmanager
+def scheduler_swapped(pipe, name: Optional[str]):
+    """Temporarily give ``pipe`` the scheduler ``name`` (no-op for None)."""
+    if name is None:
+        yield pipe
+        return
+    old = pipe.scheduler
+    pipe.scheduler = make_scheduler(name, old.config)
+    try:
+        yield pipe
+    finally:
+        pipe.scheduler = old
+
+
+@dataclass
+class SampleSpec:
+    """What to sample: one input dict and one seed per sample, and how.
+
+    ``num_inference_steps`` or ``timesteps`` (descending); ``scheduler`` a name from
+    ``SCHEDULER_CLASSES`` or None for the pipeline's own; ``call_kwargs`` extra pipeline arguments
+    (e.g. ``guidance_scale``).
+    """
+
+    inputs: list[dict]
+    seeds: list[int]
+    num_inference_steps: Optional[int] = 50
+    timesteps: Optional[list[int]] = None
+    scheduler: Optional[str] = None
+    call_kwargs: dict = field(default_factory=dict)
+    batch_size: int = 16
+
+    def __post_init__(self):
+        if len(self.inputs) != len(self.seeds):
+            raise ValueError(f"{len(self.inputs)} inputs but {len(self.seeds)} seeds; give one seed per input")
+
+    def replace(self, **kw) -> "SampleSpec":
+        d = dict(self.__dict__)
+        d.update(kw)
+        return SampleSpec(**d)
+
+    def digest(self) -> str:
+        """A stable hash of everything that determines the outputs (inputs, seeds, schedule)."""
+        h = hashlib.sha256()
+        for inp in self.inputs:
+            for k in sorted(inp):
+                h.update(k.encode())
+                h.update(_value_bytes(inp[k]))
+        h.update(json.dumps([self.seeds, self.num_inference_steps, self.timesteps, self.scheduler,
+                             sorted((k, repr(v)) for k, v in self.call_kwargs.items())]).encode())
+        return h.hexdigest()[:32]
+
+
+def _value_bytes(v) -> bytes:
+    if isinstance(v, torch.Tensor):
+        return v.detach().cpu().contiguous().numpy().tobytes() + str(tuple(v.shape)).encode()
+    if isinstance(v, np.ndarray):
+        return v.tobytes() + str(v.shape).encode()
+    if hasattr(v, "tobytes"):  # PIL image
+        return v.tobytes() + str(getattr(v, "size", "")).encode()
+    return repr(v).encode()
+
+
+def _call_kwargs(pipe, batch: Sequence[dict]) -> dict:
+    """Turn a batch of input dicts into the pipeline's keyword arguments."""
+    keys = set(batch[0])
+    if any(set(b) != keys for b in batch):
+        raise ValueError("all inputs of a run must have the same keys")
+    params = inspect.signature(pipe.__call__).parameters
+    kw: dict[str, Any] = {}
+    for key in keys:
+        values = [b[key] for b in batch]
+        if key == "class_label":
+            name = "class_labels"
+            kw[name] = [int(v) for v in values]
+        elif key == "image" and all(isinstance(v, torch.Tensor) for v in values):
+            name = "image"
+            kw[name] = torch.stack(values)
+        else:
+            name = key
+            kw[name] = values
+        if name not in params:
+            raise ValueError(f"{type(pipe).__name__} takes no {name!r} input; it takes: "
+                             f"{', '.join(p for p in params if p not in ('self', 'kwargs'))}")
+    return kw
+
+
+def _to_tensor(images) -> torch.Tensor:
+    if isinstance(images, torch.Tensor):
+        return images.float().cpu()
+    if isinstance(images, np.ndarray):
+        return torch.from_numpy(images).permute(0, 3, 1, 2).float()
+    arrays = [np.asarray(im, dtype=np.float32) / 255.0 for im in images]  # PIL
+    arrays = [a[..., None] if a.ndim == 2 else a for a in arrays]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+
+
+def run_pipeline(pipe, spec: SampleSpec, indices: Sequence[int], progress=None) -> torch.Tensor:
+    """Sample ``indices`` of ``spec`` with ``pipe``; returns ``(len(indices), C, H, W)`` in [0, 1]."""
+    outs = []
+    params = inspect.signature(pipe.__call__).parameters
+    with scheduler_swapped(pipe, spec.scheduler):
+        for start in range(0, len(indices), spec.batch_size):
+            idx = list(indices[start:start + spec.batch_size])
+            kw = _call_kwargs(pipe, [spec.inputs[i] for i in idx])
+            kw.update(spec.call_kwargs)
+            if spec.timesteps is not None:
+                kw["timesteps"] = list(spec.timesteps)
+            elif spec.num_inference_steps is not None:
+                kw["num_inference_steps"] = spec.num_inference_steps
+            kw["generator"] = [torch.Generator("cpu").manual_seed(int(spec.seeds[i])) for i in idx]
+            if "output_type" in params:
+                kw["output_type"] = "np"
+            result = pipe(**kw)
+            images = result.images if hasattr(result, "images") else result[0]
+            outs.append(_to_tensor(images))
+            if progress is not None:
+                progress(len(idx))
+    return torch.cat(outs) if outs else torch.empty(0)
+
+
+class ReferenceCache:
+    """Reference outputs on disk, keyed by model, inputs, scheduler and steps (safetensors files).
+
+    The folder is ``$DIFFSLIM_CACHE`` or ``~/.cache/diffslim`` unless given.
+    """
+
+    def __init__(self, folder=None):
+        self.folder = Path(folder or os.environ.get("DIFFSLIM_CACHE", Path.home() / ".cache" / "diffslim")) / "refs"
+
+    def path(self, model_id: str, spec: SampleSpec) -> Path:
+        key = hashlib.sha256(f"{model_id}|{spec.digest()}".encode()).hexdigest()[:40]
+        return self.folder / f"{key}.safetensors"
+
+    def get(self, model_id: str, spec: SampleSpec) -> Optional[torch.Tensor]:
+        from safetensors.torch import load_file
+
+        p = self.path(model_id, spec)
+        if not p.exists():
+            return None
+        try:
+            return load_file(str(p))["images"]
+        except Exception:  # a truncated cache file is recomputed, not trusted
+            return None
+
+    def put(self, model_id: str, spec: SampleSpec, images: torch.Tensor) -> Path:
+        from safetensors.torch import save_file
+
+        p = self.path(model_id, spec)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_suffix(".tmp")
+        save_file({"images": images.contiguous()}, str(tmp))
+        tmp.replace(p)
+        return p
+
+
+def model_fingerprint(source: str) -> str:
+    """An identifier of a model's weights for cache keys: its source plus its files' names and sizes."""
+    path = Path(source)
+    if source.startswith("zoo:"):
+        from diffslim.zoo.registry import ZOO
+
+        path = ZOO[source[4:]].folder
+    parts = [source]
+    if path.exists():
+        for f in sorted(path.rglob("*")):
+            if f.is_file() and f.suffix in (".safetensors", ".json"):
+                parts.append(f"{f.relative_to(path)}:{f.stat().st_size}")
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
+
+
+def sample(pipe, spec: SampleSpec, *, cache: Optional[ReferenceCache] = None, model_id: Optional[str] = None,
+           show_progress: bool = False, description: str = "sampling") -> torch.Tensor:
+    """Sample every input of ``spec``; returns ``(N, C, H, W)`` float images in [0, 1].
+
+    With ``cache`` and ``model_id``, outputs are read from / written to the reference cache. Under
+    ``accelerate launch`` each process samples its share of the inputs and all processes receive
+    the gathered outputs in input order.
+    """
+    if cache is not None and model_id is not None:
+        hit = cache.get(model_id, spec)
+        if hit is not None:
+            return hit
+    from accelerate import PartialState
+
+    state = PartialState()
+    n = len(spec.inputs)
+    all_idx = list(range(n))
+    with state.split_between_processes(all_idx) as mine:
+        mine = list(mine)
+        progress_ctx = _progress(description, len(mine)) if show_progress and state.is_main_process else contextlib.nullcontext(None)
+        with progress_ctx as advance:
+            local = run_pipeline(pipe, spec, mine, progress=advance)
+    if state.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        pieces = gather_object([(mine, local)])
+        out = [None] * n
+        for idx, imgs in pieces:
+            for j, i in enumerate(idx):
+                out[i] = imgs[j]
+        images = torch.stack(out)
+    else:
+        images = local
+    if cache is not None and model_id is not None and state.is_main_process:
+        cache.put(model_id, spec, images)
+    return images
+
+
+@contextlib.contextmanager
+def _progress(description: str, total: int):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), transient=True) as p:
+        task = p.add_task(description, total=total)
+        yield lambda k: p.advance(task, k)

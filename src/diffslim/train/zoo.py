@@ -1,0 +1,221 @@
+"""Training of the reference zoo models (and the digit classifier that grades them).
+
+One visible Accelerate loop (prepare, step, log, checkpoint, resume), as in Accelerate's examples.
+Run ``python -m diffslim.train.zoo NAME --out DIR`` (or ``diffslim zoo-train NAME``); it checkpoints
+every ``--checkpoint-every`` steps under ``DIR/checkpoints`` and resumes from the newest one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from diffslim.zoo import data as zdata
+from diffslim.zoo.registry import SD_DDIM_CONFIG, SD_NOISE_SCHEDULE, zoo_entry
+
+
+def build_pipeline(name: str, dtype=torch.float32):
+    """A freshly initialised (random-weight) zoo pipeline of the registry's architecture."""
+    import diffusers
+    from diffusers import DDIMScheduler
+
+    from diffslim.zoo.pipelines import LabelTokenEncoder, ZooClassPipeline, ZooSRPipeline
+
+    e = zoo_entry(name)
+    denoiser = getattr(diffusers, e.denoiser_class)(**e.denoiser_config)
+    cond = LabelTokenEncoder(**e.cond_config) if e.cond_config else None
+    sched = DDIMScheduler(**SD_DDIM_CONFIG)
+    if e.task == "sr":
+        return ZooSRPipeline(denoiser=denoiser, scheduler=sched, cond_encoder=cond)
+    return ZooClassPipeline(denoiser=denoiser, scheduler=sched, cond_encoder=cond)
+
+
+class _Trainable(torch.nn.Module):
+    """The trained parts of a zoo pipeline, as one module for Accelerate."""
+
+    def __init__(self, pipe):
+        super().__init__()
+        self.denoiser = pipe.denoiser
+        self.cond_encoder = pipe.cond_encoder
+
+
+def _batch(name: str, step: int, batch_size: int, pool):
+    """The training batch of ``step``: deterministic in (seed, step), so a resumed run sees the same data."""
+    g = torch.Generator().manual_seed(10_000 + step)
+    e = zoo_entry(name)
+    if e.task == "class":
+        x, y = pool
+        idx = torch.randint(len(y), (batch_size,), generator=g)
+        x0 = x[idx] * 2 - 1
+        labels = y[idx].clone()
+        drop = torch.rand(batch_size, generator=g) < 0.1  # classifier-free guidance dropout
+        return x0, labels, drop, g
+    hr = pool[torch.randint(len(pool), (batch_size,), generator=g)]
+    return hr, None, None, g
+
+
+def _loss(name, model, pipe, sched, batch, residual_scale):
+    e = zoo_entry(name)
+    x_or_hr, labels, drop, g = batch
+    if e.task == "class":
+        x0 = x_or_hr
+    else:
+        up = pipe.upsample(zdata.downscale(x_or_hr, 2), 2)
+        x0 = (x_or_hr - up) * 2 * residual_scale
+        cond_img = up * 2 - 1
+    noise = torch.randn(x0.shape, generator=g)
+    t = torch.randint(0, sched.config.num_train_timesteps, (x0.shape[0],), generator=g)
+    xt = sched.add_noise(x0, noise, t)
+    if e.task == "class":
+        if model.cond_encoder is not None:
+            labels = torch.where(drop, torch.full_like(labels, model.cond_encoder.config.num_labels), labels)
+            ctx = model.cond_encoder(labels)
+            pred = model.denoiser(xt, t, encoder_hidden_states=ctx).sample
+        else:
+            labels = torch.where(drop, torch.full_like(labels, model.denoiser.config.num_embeds_ada_norm), labels)
+            pred = model.denoiser(xt, t, class_labels=labels).sample
+    else:
+        ctx = model.cond_encoder(torch.zeros(x0.shape[0], dtype=torch.long))
+        pred = model.denoiser(torch.cat([xt, cond_img], 1), t, encoder_hidden_states=ctx).sample
+    return F.mse_loss(pred.float(), noise)
+
+
+def train(name: str, out: Path, steps: int, batch_size: int, lr: float, checkpoint_every: int,
+          ema_decay: float = 0.999, seed: int = 0, log_every: int = 50) -> Path:
+    """Train zoo model ``name`` for ``steps`` steps; write the pipeline folder ``out/pipeline``."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from diffusers import DDPMScheduler
+
+    accelerator = Accelerator()
+    set_seed(seed)
+    out = Path(out)
+    ckpt_root = out / "checkpoints"
+    pipe = build_pipeline(name)
+    model = _Trainable(pipe)
+    # DiT's label embedding drops labels itself in training mode; we drop them explicitly instead.
+    ema = copy.deepcopy(model).requires_grad_(False)
+    sched = DDPMScheduler(**SD_NOISE_SCHEDULE)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    warmup = min(200, steps // 10)
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / max(1, warmup)) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+    model, opt, lr_sched = accelerator.prepare(model, opt, lr_sched)
+    accelerator.register_for_checkpointing(ema)
+
+    e = zoo_entry(name)
+    if e.task == "class":
+        pool = zdata.digits("all", size=e.denoiser_config["sample_size"])
+    else:
+        pool = zdata.photo_patches(zdata.SR_TRAIN_PHOTOS, e.denoiser_config["sample_size"], 20000, seed=seed)
+    residual_scale = float(pipe.config.get("residual_scale", 1.0)) if e.task == "sr" else 1.0
+
+    start = 0
+    ckpts = sorted(ckpt_root.glob("step_*"), key=lambda p: int(p.name.split("_")[1])) if ckpt_root.exists() else []
+    if ckpts:
+        accelerator.load_state(str(ckpts[-1]))
+        start = int(ckpts[-1].name.split("_")[1])
+        accelerator.print(f"resumed from {ckpts[-1]} at step {start}")
+    out.mkdir(parents=True, exist_ok=True)
+    log = open(out / "train_log.csv", "a")
+    if start == 0:
+        log.write("step,loss,lr,seconds\n")
+    unwrapped = accelerator.unwrap_model(model)
+    t0 = time.time()
+    running = 0.0
+    for step in range(start, steps):
+        model.train()
+        loss = _loss(name, unwrapped, pipe, sched, _batch(name, step, batch_size, pool), residual_scale)
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        lr_sched.step()
+        opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            d = min(ema_decay, (1 + step) / (10 + step))
+            for pe, pm in zip(ema.parameters(), unwrapped.parameters()):
+                pe.lerp_(pm.detach(), 1 - d)
+        running += loss.item()
+        if (step + 1) % log_every == 0:
+            log.write(f"{step + 1},{running / log_every:.5f},{lr_sched.get_last_lr()[0]:.2e},{time.time() - t0:.1f}\n")
+            log.flush()
+            accelerator.print(f"step {step + 1}/{steps} loss {running / log_every:.4f} ({time.time() - t0:.0f}s)")
+            running = 0.0
+        if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
+            accelerator.save_state(str(ckpt_root / f"step_{step + 1}"))
+            for old in sorted(ckpt_root.glob("step_*"), key=lambda p: int(p.name.split("_")[1]))[:-2]:
+                import shutil
+
+                shutil.rmtree(old)
+            export(name, ema, out / "pipeline")
+    return out / "pipeline"
+
+
+def export(name: str, trained: torch.nn.Module, folder: Path) -> None:
+    """Write the EMA weights as an fp16 safetensors diffusers pipeline folder."""
+    pipe = build_pipeline(name)
+    pipe.denoiser.load_state_dict(trained.denoiser.state_dict())
+    if pipe.cond_encoder is not None:
+        pipe.cond_encoder.load_state_dict(trained.cond_encoder.state_dict())
+    pipe.to(torch.float16)
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+
+
+def train_classifier(out: Path, steps: int = 1500, seed: int = 0) -> dict:
+    """Train the digit classifier (8x8 real digits) used for digit accuracy and FID features."""
+    from safetensors.torch import save_file
+
+    from diffslim.zoo.classifier import DigitClassifier
+
+    torch.manual_seed(seed)
+    xtr, ytr = zdata.digits("train", size=8)
+    xte, yte = zdata.digits("test", size=8)
+    net = DigitClassifier()
+    opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
+    g = torch.Generator().manual_seed(seed)
+    for step in range(steps):
+        idx = torch.randint(len(ytr), (128,), generator=g)
+        x = xtr[idx]
+        # small shifts and noise: generated digits are not pixel-perfect copies of the data
+        shift = torch.randint(-1, 2, (2,), generator=g)
+        x = torch.roll(x, shifts=(int(shift[0]), int(shift[1])), dims=(2, 3))
+        x = (x + 0.05 * torch.randn(x.shape, generator=g)).clamp(0, 1)
+        loss = F.cross_entropy(net(x), ytr[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    net.eval()
+    with torch.no_grad():
+        acc = (net(xte).argmax(1) == yte).float().mean().item()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(out / "digit_classifier.safetensors"))
+    (out / "digit_classifier.json").write_text(json.dumps({"test_accuracy": acc, "steps": steps, "seed": seed}))
+    return {"test_accuracy": acc}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("name", help="zoo model name, or 'classifier'")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--steps", type=int, default=4000)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--checkpoint-every", type=int, default=250)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    if a.name == "classifier":
+        print(train_classifier(a.out, seed=a.seed))
+        return
+    train(a.name, a.out, a.steps, a.batch_size, a.lr, a.checkpoint_every, seed=a.seed)
+
+
+if __name__ == "__main__":
+    main()

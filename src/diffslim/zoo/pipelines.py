@@ -1,0 +1,216 @@
+"""Pipelines of the reference zoo: ordinary diffusers ``DiffusionPipeline`` subclasses.
+
+Two tasks cover what the methods need from a test bed:
+
+* ``ZooClassPipeline``: class-conditional generation (the digit models). The denoiser is either a
+  ``UNet2DConditionModel`` conditioned through cross-attention on label tokens (a miniature Stable
+  Diffusion) or a class-conditional ``DiTTransformer2DModel``. Classifier-free guidance as in SD.
+* ``ZooSRPipeline``: image-to-image super-resolution in the InstructPix2Pix/StableSR style: the
+  low-resolution image, upsampled bicubically, is concatenated to the noisy input channels. The
+  denoised quantity is the residual ``(HR - bicubic(LR)) * residual_scale``.
+
+Both accept ``num_inference_steps`` or an explicit descending ``timesteps`` list and return images in
+[0, 1] (``output_type="pt"``: float tensor ``(B, C, H, W)``; ``"np"``: ``(B, H, W, C)``; ``"pil"``).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import DiffusionPipeline, ImagePipelineOutput
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils.torch_utils import randn_tensor
+
+
+class LabelTokenEncoder(ModelMixin, ConfigMixin):
+    """The miniature "text encoder": a label id -> a short sequence of token embeddings.
+
+    Returns ``(B, num_tokens, dim)``: a learned start token (as CLIP has) followed by the label's
+    own tokens. Label ``num_labels`` is the null label used for classifier-free guidance.
+    """
+
+    @register_to_config
+    def __init__(self, num_labels: int = 10, dim: int = 32, num_tokens: int = 2):
+        super().__init__()
+        self.start = torch.nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        self.embed = torch.nn.Embedding(num_labels + 1, dim * (num_tokens - 1))
+
+    @property
+    def null_label(self) -> int:
+        return self.config.num_labels
+
+    def forward(self, labels: torch.LongTensor) -> torch.Tensor:
+        b = labels.shape[0]
+        tok = self.embed(labels).view(b, self.config.num_tokens - 1, self.config.dim)
+        return torch.cat([self.start.expand(b, -1, -1).to(tok.dtype), tok], dim=1)
+
+
+def _set_timesteps(scheduler, num_inference_steps, timesteps, device):
+    """Set the scheduler's schedule from a step count or an explicit descending timestep list."""
+    if timesteps is not None:
+        if "timesteps" not in inspect.signature(scheduler.set_timesteps).parameters:
+            raise ValueError(
+                f"{type(scheduler).__name__}.set_timesteps accepts no explicit timesteps; "
+                "use a scheduler that does (e.g. EulerDiscreteScheduler, DPMSolverMultistepScheduler)"
+            )
+        scheduler.set_timesteps(timesteps=list(int(t) for t in timesteps), device=device)
+    else:
+        scheduler.set_timesteps(num_inference_steps, device=device)
+    return scheduler.timesteps
+
+
+def _to_output(images: torch.Tensor, output_type: str):
+    images = images.clamp(0, 1).float().cpu()
+    if output_type == "pt":
+        return images
+    arr = images.permute(0, 2, 3, 1).numpy()
+    if output_type == "np":
+        return arr
+    if output_type == "pil":
+        from PIL import Image
+
+        arr = (arr * 255).round().astype(np.uint8)
+        return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in arr]
+    raise ValueError(f"output_type {output_type!r} is not one of 'pt', 'np', 'pil'")
+
+
+class ZooClassPipeline(DiffusionPipeline):
+    """Class-conditional pixel-space diffusion with classifier-free guidance.
+
+    ``denoiser`` is a ``UNet2DConditionModel`` (then ``cond_encoder`` gives its cross-attention
+    tokens) or a ``DiTTransformer2DModel`` (then ``cond_encoder`` is None and labels go in as
+    ``class_labels``; its null class is ``num_embeds_ada_norm``).
+    """
+
+    model_cpu_offload_seq = "denoiser"
+
+    def __init__(self, denoiser, scheduler, cond_encoder: Optional[LabelTokenEncoder] = None):
+        super().__init__()
+        self.register_modules(denoiser=denoiser, scheduler=scheduler, cond_encoder=cond_encoder)
+
+    @property
+    def null_label(self) -> int:
+        if self.cond_encoder is not None:
+            return self.cond_encoder.null_label
+        return self.denoiser.config.num_embeds_ada_norm
+
+    def predict_noise(self, x: torch.Tensor, t, labels: torch.LongTensor) -> torch.Tensor:
+        """One denoiser call: ``x`` (B, C, H, W), ``labels`` (B,) -> epsilon (B, C, H, W)."""
+        tt = torch.as_tensor(t, device=x.device).expand(x.shape[0])
+        if self.cond_encoder is not None:
+            ctx = self.cond_encoder(labels).to(x.dtype)
+            return self.denoiser(x, tt, encoder_hidden_states=ctx).sample
+        return self.denoiser(x, tt, class_labels=labels).sample
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        class_labels: Union[int, Sequence[int]],
+        num_inference_steps: int = 50,
+        timesteps: Optional[Sequence[int]] = None,
+        guidance_scale: float = 3.0,
+        generator: Optional[Union[torch.Generator, list]] = None,
+        eta: float = 0.0,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        latents: Optional[torch.Tensor] = None,
+    ):
+        labels = [class_labels] if isinstance(class_labels, int) else list(class_labels)
+        device = self._execution_device
+        cfg = self.denoiser.config
+        size = cfg.sample_size
+        channels = cfg.in_channels
+        dtype = self.denoiser.dtype
+        labels_t = torch.tensor(labels, device=device, dtype=torch.long)
+        if latents is None:
+            latents = randn_tensor((len(labels), channels, size, size), generator=generator, device=device, dtype=dtype)
+        x = latents * self.scheduler.init_noise_sigma
+        ts = _set_timesteps(self.scheduler, num_inference_steps, timesteps, device)
+        use_cfg = guidance_scale > 1.0
+        null = torch.full_like(labels_t, self.null_label)
+        step_kwargs = {}
+        if "eta" in inspect.signature(self.scheduler.step).parameters:
+            step_kwargs["eta"] = eta
+        if "generator" in inspect.signature(self.scheduler.step).parameters:
+            step_kwargs["generator"] = generator
+        for t in self.progress_bar(ts):
+            xin = self.scheduler.scale_model_input(x, t)
+            if use_cfg:
+                eps = self.predict_noise(torch.cat([xin, xin]), t, torch.cat([null, labels_t]))
+                eps_u, eps_c = eps.chunk(2)
+                eps = eps_u + guidance_scale * (eps_c - eps_u)
+            else:
+                eps = self.predict_noise(xin, t, labels_t)
+            x = self.scheduler.step(eps, t, x, **step_kwargs).prev_sample
+        images = _to_output((x + 1) / 2, output_type)
+        if not return_dict:
+            return (images,)
+        return ImagePipelineOutput(images=images)
+
+
+class ZooSRPipeline(DiffusionPipeline):
+    """Super-resolution by concatenation: ``[noisy residual, bicubic(LR)]`` -> epsilon.
+
+    ``image``: low-resolution images in [0, 1], ``(B, 3, h, w)``; output ``(B, 3, s*h, s*w)``.
+    The scale ``s`` and ``residual_scale`` are stored in the cond encoder's config.
+    """
+
+    model_cpu_offload_seq = "denoiser"
+
+    def __init__(self, denoiser, scheduler, cond_encoder: LabelTokenEncoder, upscale: int = 2,
+                 residual_scale: float = 8.0):
+        super().__init__()
+        self.register_modules(denoiser=denoiser, scheduler=scheduler, cond_encoder=cond_encoder)
+        self.register_to_config(upscale=upscale, residual_scale=residual_scale)
+
+    @staticmethod
+    def upsample(lr: torch.Tensor, scale: int) -> torch.Tensor:
+        """Bicubic upsampling of ``(B, C, h, w)`` images in [0, 1], clamped to [0, 1]."""
+        return F.interpolate(lr, scale_factor=scale, mode="bicubic", align_corners=False).clamp(0, 1)
+
+    def predict_noise(self, x: torch.Tensor, t, cond_image: torch.Tensor) -> torch.Tensor:
+        """``x`` (B, 3, H, W) noisy residual, ``cond_image`` (B, 3, H, W) in [-1, 1] -> epsilon."""
+        tt = torch.as_tensor(t, device=x.device).expand(x.shape[0])
+        zeros = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        ctx = self.cond_encoder(zeros).to(x.dtype)
+        return self.denoiser(torch.cat([x, cond_image], dim=1), tt, encoder_hidden_states=ctx).sample
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        image: torch.Tensor,
+        num_inference_steps: int = 50,
+        timesteps: Optional[Sequence[int]] = None,
+        generator: Optional[Union[torch.Generator, list]] = None,
+        eta: float = 0.0,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        latents: Optional[torch.Tensor] = None,
+    ):
+        device = self._execution_device
+        dtype = self.denoiser.dtype
+        scale = int(self.config.upscale)
+        up = self.upsample(image.to(device=device, dtype=torch.float32), scale)
+        cond = (up * 2 - 1).to(dtype)
+        if latents is None:
+            latents = randn_tensor(tuple(cond.shape), generator=generator, device=device, dtype=dtype)
+        x = latents * self.scheduler.init_noise_sigma
+        ts = _set_timesteps(self.scheduler, num_inference_steps, timesteps, device)
+        step_kwargs = {}
+        if "eta" in inspect.signature(self.scheduler.step).parameters:
+            step_kwargs["eta"] = eta
+        if "generator" in inspect.signature(self.scheduler.step).parameters:
+            step_kwargs["generator"] = generator
+        for t in self.progress_bar(ts):
+            eps = self.predict_noise(self.scheduler.scale_model_input(x, t), t, cond)
+            x = self.scheduler.step(eps, t, x, **step_kwargs).prev_sample
+        hr = up + x.float() / float(self.config.residual_scale) / 2
+        images = _to_output(hr, output_type)
+        if not return_dict:
+            return (images,)
+        return ImagePipelineOutput(images=images)

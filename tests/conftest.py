@@ -1,0 +1,88 @@
+"""Shared fixtures: tiny random-weight pipelines of each family, saved as real diffusers folders."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("DIFFSLIM_CACHE", str(tmp_path_factory.mktemp("cache")))
+
+
+def _quiet():
+    from diffusers.utils import logging as dlog
+
+    dlog.set_verbosity_error()
+    dlog.disable_progress_bar()
+
+
+@pytest.fixture(scope="session")
+def tiny_digits_pipe():
+    """A random-weight pipeline with zoo:digits-sd's architecture."""
+    _quiet()
+    from diffslim.train.zoo import build_pipeline
+
+    torch.manual_seed(0)
+    pipe = build_pipeline("digits-sd")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="session")
+def tiny_digits_folder(tiny_digits_pipe, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("digits") / "pipe"
+    tiny_digits_pipe.save_pretrained(str(folder), safe_serialization=True)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_pipe():
+    """A tiny random-weight StableDiffusionPipeline (CLIP text encoder, VAE, U-Net) built offline."""
+    _quiet()
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16, attention_head_dim=2, norm_num_groups=8)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 16), latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=8, sample_size=16)
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=1000, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, max_position_embeddings=77, projection_dim=16,
+                                        bos_token_id=0, eos_token_id=1, pad_token_id=1))
+    tok = _tiny_tokenizer()
+    sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                          set_alpha_to_one=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text, tokenizer=tok, scheduler=sched,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _tiny_tokenizer():
+    """A CLIP tokenizer with a tiny made-up vocabulary (no download)."""
+    import json
+    import tempfile
+
+    from transformers import CLIPTokenizer
+
+    d = tempfile.mkdtemp()
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for t in letters + [l + "</w>" for l in letters]:
+        vocab[t] = len(vocab)
+    with open(f"{d}/vocab.json", "w") as f:
+        json.dump(vocab, f)
+    with open(f"{d}/merges.txt", "w") as f:
+        f.write("#version: 0.2\n")
+    return CLIPTokenizer(f"{d}/vocab.json", f"{d}/merges.txt", model_max_length=77)
