@@ -77,7 +77,9 @@ def test_sd15_params_and_macs(sd15):
     assert a.params == 859_520_964
     # QK^T/AV included: 401.6 G. BK-SDM's 338.7 G leaves the attention products out.
     assert a.macs == 401_636_720_640
-    kinds = macs_by_kind(model, *default_inputs(model)[0], **default_inputs(model)[1])
+    args, kwargs = default_inputs(model)
+    assert kwargs["encoder_hidden_states"].shape == (1, 77, 768)
+    kinds = macs_by_kind(model, *args, **kwargs)
     assert sum(kinds.values()) == a.macs
     assert a.macs - kinds["attention"] == pytest.approx(338.7e9, rel=0.01)
 
@@ -152,6 +154,17 @@ def test_dit_xl_2():
     assert a.macs == pytest.approx(118.6e9, rel=0.01)
     assert len(a.blocks) == 28 and a.layers == a.blocks and a.input_units == ()
     assert sum(u.params for u in a.blocks) + a.outside_params == a.params
+
+
+def test_init_empty_weights_with_cpu_buffers():
+    from accelerate import init_empty_weights
+
+    config = json.loads((CONFIGS / "dit-xl-2-256" / "config.json").read_text())
+    with init_empty_weights():
+        model = DiTTransformer2DModel.from_config(config)
+    assert model.pos_embed.pos_embed.device.type == "cpu"  # a real buffer next to meta parameters
+    assert anatomy(model).macs == anatomy(meta_model("dit-xl-2-256")).macs
+    assert model.pos_embed.pos_embed.device.type == "cpu"  # left as it was
 
 
 def test_pixart_alpha():

@@ -95,8 +95,10 @@ def count_run_macs(pipe, spec: SampleSpec) -> int:
     """MACs of sampling ONE input of ``spec`` with ``pipe`` (every module the pipeline runs), FLOPs/2."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    from diffslim.measure.macs import attention_flop_mapping
+
     one = spec.replace(inputs=spec.inputs[:1], seeds=spec.seeds[:1], batch_size=1)
-    with FlopCounterMode(display=False) as fc:
+    with FlopCounterMode(display=False, custom_mapping=attention_flop_mapping()) as fc:
         run_pipeline(pipe, one, [0])
     return int(fc.get_total_flops()) // 2
 

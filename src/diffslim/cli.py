@@ -78,13 +78,17 @@ def profile(
     t = Table(title=f"{model}  ({p['class']}, input {p['sample_size'][0]}x{p['sample_size'][1]})")
     t.add_column("block")
     t.add_column("params", justify="right")
-    t.add_column("GMACs", justify="right")
+    unit, div = ("GMACs", 1e9) if (p["macs"] or 0) >= 1e9 else ("MMACs", 1e6)
+    t.add_column(unit, justify="right")
     t.add_column("share of MACs", justify="right")
     for b in p["blocks"]:
         share = f"{100 * b['macs'] / p['macs']:.1f}%" if p["macs"] and b["macs"] is not None else ""
-        t.add_row(b["name"], f"{b['params']:,}", f"{(b['macs'] or 0) / 1e9:.4f}", share)
-    t.add_row("[bold]total[/]", f"[bold]{p['params']:,}[/]", f"[bold]{(p['macs'] or 0) / 1e9:.4f}[/]", "100%")
+        t.add_row(b["name"], f"{b['params']:,}", f"{(b['macs'] or 0) / div:.3f}", share)
+    t.add_row("[bold]total[/]", f"[bold]{p['params']:,}[/]", f"[bold]{(p['macs'] or 0) / div:.3f}[/]", "100%")
     console.print(t)
+    if p["macs_excl_attention"] is not None:
+        console.print(f"{unit} without attention products (the convention of BK-SDM and DeepCache): "
+                      f"{p['macs_excl_attention'] / div:.3f}")
     if p["latency_s"] is not None:
         console.print(f"latency (median of {repeats}): {p['latency_s'] * 1e3:.2f} ms; "
                       f"peak memory ({p['memory_kind']}): {p['peak_memory_bytes'] / 2**20:.1f} MiB")

@@ -2,11 +2,14 @@
 
 One forward under ``torch.utils.flop_counter.FlopCounterMode`` counts the FLOPs of matrix products,
 convolutions and attention (2 FLOPs per multiply-add, so MACs = FLOPs // 2); element-wise work
-(norms, activations, softmax, additions) is not counted, as in the MACs the papers report
-(BK-SDM's 338.7 G for the SD U-Net, DiT's 118.6 G "Gflops" for DiT-XL/2 at 256 px).
+(norms, activations, softmax, additions) is not counted, as in the MACs papers report. Papers differ
+on the attention products (QK^T, AV): DiT's 118.6 G "Gflops" for DiT-XL/2 at 256 px include them
+(we count 118.67 G), BK-SDM's 338.7 G for the SD U-Net at 64x64 latents leaves them out (we count
+401.6 G, of which 63.0 G attention products); ``macs_by_kind`` gives the split.
 
 The forward works on real weights and on the meta device (a model built under
-``torch.device("meta")`` or accelerate's ``init_empty_weights``): counting needs shapes only.
+``torch.device("meta")`` or accelerate's ``init_empty_weights``, whose CPU buffers are moved to
+meta for the call): counting needs shapes only.
 
 Attention: on CPU ``F.scaled_dot_product_attention`` dispatches to
 ``aten._scaled_dot_product_flash_attention_for_cpu``, which FlopCounterMode (torch 2.13) has no
@@ -19,6 +22,7 @@ its math path, whose two ``bmm`` are counted natively).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -69,9 +73,32 @@ def _tracker_aliases(module: nn.Module) -> dict[str, str]:
     return aliases
 
 
+@contextmanager
+def _buffers_like_params(module: nn.Module):
+    """Put the buffers on meta for the call when the parameters are there.
+
+    accelerate's ``init_empty_weights`` leaves buffers (DiT's and PixArt's sin-cos ``pos_embed``) on
+    the CPU next to meta parameters, and a forward would mix devices. The buffers are swapped for
+    meta copies and put back afterwards, so the model is left as it was.
+    """
+    on_meta = any(p.is_meta for p in module.parameters())
+    saved = []
+    if on_meta:
+        for sub in module.modules():
+            for name, buf in sub._buffers.items():
+                if buf is not None and not buf.is_meta:
+                    saved.append((sub, name, buf))
+                    sub._buffers[name] = buf.to("meta")
+    try:
+        yield
+    finally:
+        for sub, name, buf in saved:
+            sub._buffers[name] = buf
+
+
 def _profile(module: nn.Module, args, kwargs) -> FlopCounterMode:
     counter = FlopCounterMode(display=False, custom_mapping=attention_flop_mapping())
-    with torch.no_grad(), counter:
+    with torch.no_grad(), _buffers_like_params(module), counter:
         module(*args, **kwargs)
     return counter
 

@@ -16,7 +16,7 @@ def profile_model(model: str, height: Optional[int] = None, width: Optional[int]
     """
     import torch
 
-    from diffslim.measure.macs import default_inputs
+    from diffslim.measure.macs import default_inputs, macs_by_kind
     from diffslim.models.anatomy import anatomy
     from diffslim.models.load import load
 
@@ -34,12 +34,19 @@ def profile_model(model: str, height: Optional[int] = None, width: Optional[int]
         "sample_size": list(an.sample_size),
         "params": an.params,
         "macs": an.macs,
+        # BK-SDM, DeepCache and most U-Net papers count convolutions and linear layers only; DiT's
+        # figures include the attention products. Both are reported so either can be compared.
+        "macs_excl_attention": None,
+        "macs_by_kind": None,
         "blocks": [{"name": b.name, "params": b.params, "macs": b.macs} for b in an.blocks],
         "latency_s": None,
         "peak_memory_bytes": None,
     }
+    args, kwargs = default_inputs(den, height=h, width=w, **kw)
+    kinds = macs_by_kind(den, *args, **kwargs)
+    out["macs_by_kind"] = kinds
+    out["macs_excl_attention"] = an.macs - kinds.get("attention", 0)
     if loaded.has_weights:
-        args, kwargs = default_inputs(den, height=h, width=w, **kw)
         lat, mem, kind = _latency_and_memory(den, args, kwargs, repeats)
         out.update(latency_s=lat, peak_memory_bytes=mem, memory_kind=kind)
     return out

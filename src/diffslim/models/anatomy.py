@@ -33,7 +33,7 @@ units, together with ``outside``, partition the denoiser's parameters.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Mapping
 
 from torch import nn
@@ -232,6 +232,8 @@ def _unet_units(b: _Builder, root: nn.Module):
         pieces = [(role, mods) for role, mods in lay] + [("downsampler", [s]) for s in samplers]
         if left and pieces:
             pieces[-1] = (pieces[-1][0], pieces[-1][1] + left)
+        elif left:
+            pieces = [("layer", left)]
         for role, mods in pieces:
             layers.append(b.unit(mods[0], role, mods))
             inputs.append(b.depth("input", len(inputs), None, role, mods))
@@ -248,6 +250,8 @@ def _unet_units(b: _Builder, root: nn.Module):
         fine = [(role, mods) for role, mods in lay] + [("upsampler", [s]) for s in samplers]
         if left and fine:
             fine[-1] = (fine[-1][0], fine[-1][1] + left)
+        elif left:
+            fine = [("layer", left)]
         for role, mods in fine:
             layers.append(b.unit(mods[0], role, mods))
         # depth units: the upsampler (and any leftovers) ride with the level's last layer
@@ -257,7 +261,7 @@ def _unet_units(b: _Builder, root: nn.Module):
             depth[-1] += extra
         elif extra:
             depth = [extra]
-        roles = [role for role, _ in lay] or ["upsampler"]
+        roles = [role for role, _ in lay] or ["upsampler" if samplers else "layer"]
         for role, mods in zip(roles, depth):
             outputs.append(b.depth("output", len(outputs), None, role, mods))
 
@@ -269,7 +273,7 @@ def _unet_units(b: _Builder, root: nn.Module):
 
 
 def _with_pair(u: DepthUnit, pair: int) -> DepthUnit:
-    return DepthUnit(u.name, u.kind, u.modules, u.params, u.macs, u.side, u.index, pair, u.role)
+    return replace(u, pair=pair)
 
 
 def _transformer_units(b: _Builder, root: nn.Module):
@@ -283,7 +287,7 @@ def _profiled_size(denoiser: nn.Module, height, width, args, kwargs) -> tuple[in
         return int(height), int(width)
     for value in list(args) + list(kwargs.values()):
         if hasattr(value, "ndim") and value.ndim == 4:
-            return tuple(value.shape[-2:])
+            return int(value.shape[-2]), int(value.shape[-1])
     size = denoiser.config.get("sample_size") if hasattr(denoiser, "config") else None
     if isinstance(size, (list, tuple)):
         return int(size[0]), int(size[1])

@@ -109,7 +109,9 @@ def load_pipeline_folder(folder: Path, dtype=torch.float32, device="cpu"):
     zoo_cls = _zoo_pipeline_class(cls_name)
     try:
         if zoo_cls is not None:
-            pipe = zoo_cls.from_pretrained(str(folder), torch_dtype=dtype, use_safetensors=True)
+            from diffslim.zoo.pipelines import load_zoo_pipeline
+
+            pipe = load_zoo_pipeline(zoo_cls, folder, torch_dtype=dtype)
         else:
             from diffusers import DiffusionPipeline
 

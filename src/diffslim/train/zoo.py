@@ -165,7 +165,23 @@ def export(name: str, trained: torch.nn.Module, folder: Path) -> None:
     if pipe.cond_encoder is not None:
         pipe.cond_encoder.load_state_dict(trained.cond_encoder.state_dict())
     pipe.to(torch.float16)
-    pipe.save_pretrained(str(folder), safe_serialization=True)
+    from diffslim.zoo.pipelines import save_zoo_pipeline
+
+    save_zoo_pipeline(pipe, folder)
+
+
+def export_checkpoint(name: str, run_dir: Path, folder: Path) -> Path:
+    """Export the EMA weights of the newest checkpoint in ``run_dir/checkpoints`` to ``folder``."""
+    run_dir = Path(run_dir)
+    ckpts = sorted((run_dir / "checkpoints").glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
+    if not ckpts:
+        raise FileNotFoundError(f"no checkpoints under {run_dir / 'checkpoints'}")
+    pipe = build_pipeline(name)
+    ema = _Trainable(pipe)
+    # our own training checkpoint (accelerate's custom state); weights_only refuses arbitrary objects
+    ema.load_state_dict(torch.load(ckpts[-1] / "custom_checkpoint_0.pkl", weights_only=True))
+    export(name, ema, folder)
+    return ckpts[-1]
 
 
 def train_classifier(out: Path, steps: int = 1500, seed: int = 0) -> dict:

@@ -50,6 +50,50 @@ class LabelTokenEncoder(ModelMixin, ConfigMixin):
         return torch.cat([self.start.expand(b, -1, -1).to(tok.dtype), tok], dim=1)
 
 
+def load_zoo_pipeline(cls, folder, torch_dtype=torch.float32):
+    """Load a zoo pipeline folder written by ``save_pretrained``, component by component (safetensors only).
+
+    diffusers' own ``from_pretrained`` resolves component libraries by top-level package name; ours
+    live in ``diffslim.zoo.pipelines``, so the components are loaded here explicitly.
+    """
+    import json
+    from pathlib import Path
+
+    import diffusers
+
+    folder = Path(folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    params = inspect.signature(cls.__init__).parameters
+    kwargs = {}
+    for key, value in index.items():
+        if key.startswith("_") or key not in params:
+            continue
+        if isinstance(value, list) and len(value) == 2:
+            library, class_name = value
+            if class_name is None:
+                kwargs[key] = None
+                continue
+            owner = diffusers if library == "diffusers" else globals()
+            comp_cls = getattr(owner, class_name) if owner is diffusers else owner[class_name]
+            if hasattr(comp_cls, "from_pretrained") and issubclass(comp_cls, ModelMixin):
+                kwargs[key] = comp_cls.from_pretrained(str(folder / key), torch_dtype=torch_dtype, use_safetensors=True)
+            else:
+                kwargs[key] = comp_cls.from_pretrained(str(folder / key))
+        else:
+            kwargs[key] = value
+    return cls(**kwargs)
+
+
+def save_zoo_pipeline(pipe, folder) -> None:
+    """``save_pretrained`` plus the components diffusers does not know how to save (ours)."""
+    from pathlib import Path
+
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    cond = getattr(pipe, "cond_encoder", None)
+    if cond is not None:
+        cond.save_pretrained(str(Path(folder) / "cond_encoder"), safe_serialization=True)
+
+
 def _set_timesteps(scheduler, num_inference_steps, timesteps, device):
     """Set the scheduler's schedule from a step count or an explicit descending timestep list."""
     if timesteps is not None:
