@@ -88,10 +88,21 @@ def save_zoo_pipeline(pipe, folder) -> None:
     """``save_pretrained`` plus the components diffusers does not know how to save (ours)."""
     from pathlib import Path
 
-    pipe.save_pretrained(str(folder), safe_serialization=True)
+    DiffusionPipeline.save_pretrained(pipe, str(folder), safe_serialization=True)
     cond = getattr(pipe, "cond_encoder", None)
     if cond is not None:
         cond.save_pretrained(str(Path(folder) / "cond_encoder"), safe_serialization=True)
+
+
+class _ZooPipelineIO:
+    """Folder I/O of zoo pipelines: ``save_pretrained``/``from_pretrained`` that include our own components."""
+
+    def save_pretrained(self, save_directory, **kwargs):
+        save_zoo_pipeline(self, save_directory)
+
+    @classmethod
+    def from_pretrained(cls, folder, torch_dtype=torch.float32, **kwargs):
+        return load_zoo_pipeline(cls, folder, torch_dtype=torch_dtype)
 
 
 def _set_timesteps(scheduler, num_inference_steps, timesteps, device):
@@ -123,7 +134,7 @@ def _to_output(images: torch.Tensor, output_type: str):
     raise ValueError(f"output_type {output_type!r} is not one of 'pt', 'np', 'pil'")
 
 
-class ZooClassPipeline(DiffusionPipeline):
+class ZooClassPipeline(_ZooPipelineIO, DiffusionPipeline):
     """Class-conditional pixel-space diffusion with classifier-free guidance.
 
     ``denoiser`` is a ``UNet2DConditionModel`` (then ``cond_encoder`` gives its cross-attention
@@ -197,7 +208,7 @@ class ZooClassPipeline(DiffusionPipeline):
         return ImagePipelineOutput(images=images)
 
 
-class ZooSRPipeline(DiffusionPipeline):
+class ZooSRPipeline(_ZooPipelineIO, DiffusionPipeline):
     """Super-resolution by concatenation: ``[noisy residual, bicubic(LR)]`` -> epsilon.
 
     ``image``: low-resolution images in [0, 1], ``(B, 3, h, w)``; output ``(B, 3, s*h, s*w)``.

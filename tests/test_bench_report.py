@@ -1,0 +1,94 @@
+import json
+
+import pytest
+import torch
+
+from diffslim.bench import METHODS, count_run_macs, parse_methods, register_method, run_bench
+from diffslim.errors import UserError
+from diffslim.evaluate import metrics_fn_for
+from diffslim.models.load import LoadedModel
+from diffslim.report import Report, image_grid
+from diffslim.sample import SampleSpec
+from diffslim.zoo.evalsets import EvalSet
+
+
+@pytest.fixture(scope="module")
+def bench_result(tiny_digits_pipe):
+    loaded = LoadedModel("tiny", "pipeline", tiny_digits_pipe.denoiser, pipe=tiny_digits_pipe)
+    es = EvalSet(inputs=[{"class_label": i % 10} for i in range(6)], seeds=list(range(6)))
+    res = run_bench(loaded, "steps:4,steps:2", es, default_steps=8, batch_size=6,
+                    metrics_fn=metrics_fn_for(loaded, es), progress=False)
+    return loaded, es, res
+
+
+def test_rows_shape_and_relations(bench_result):
+    loaded, es, res = bench_result
+    rows = res.rows
+    assert [r["method"] for r in rows] == ["full", "steps:4", "steps:2"]  # full first, always
+    for r in rows:
+        assert {"method", "params", "macs_ratio", "speedup", "psnr", "ssim"} <= set(r)
+        assert r["params"] == 3_220_961
+    assert rows[0]["macs_ratio"] == 1.0 and rows[0]["speedup"] == 1.0
+    assert rows[0]["ssim"] == pytest.approx(1.0) and rows[0]["psnr"] == 100.0  # identical outputs, capped PSNR
+    # the denoiser dominates the run: halving the steps halves the MACs (CFG doubles every call equally)
+    assert rows[1]["macs_ratio"] == pytest.approx(0.5, rel=0.02)
+    assert rows[2]["macs_ratio"] == pytest.approx(0.25, rel=0.02)
+    assert rows[2]["psnr"] < 100 and rows[2]["ssim"] < 1
+    assert json.loads(json.dumps(res.to_json()))["rows"][1]["method"] == "steps:4"
+    assert res.outputs["steps:2"].shape == (6, 1, 8, 8)
+
+
+def test_run_macs_counts_every_denoiser_call(tiny_digits_pipe):
+    from diffslim.measure.macs import count_macs, default_inputs
+
+    den = tiny_digits_pipe.denoiser
+    args, kwargs = default_inputs(den, batch=2, context_tokens=2)  # CFG: cond + uncond in one call
+    per_call, _ = count_macs(den, *args, **kwargs)
+    spec = SampleSpec([{"class_label": 3}], [0], num_inference_steps=5)
+    total = count_run_macs(tiny_digits_pipe, spec)
+    enc = total - 5 * per_call
+    assert 0 <= enc < 0.01 * total  # the label encoder is all that runs outside the denoiser
+
+
+def test_parse_methods_and_registry():
+    assert parse_methods("full, steps:10") == [("full", None), ("steps", "10")]
+    with pytest.raises(UserError, match="unknown bench method 'x'"):
+        parse_methods("x:1")
+    with pytest.raises(UserError, match="no bench methods"):
+        parse_methods(" , ")
+
+    @register_method("testonly", "a method registered by a test")
+    def _m(arg, ctx):
+        return None
+
+    try:
+        assert parse_methods("testonly:3") == [("testonly", "3")]
+    finally:
+        METHODS.pop("testonly")
+
+
+def test_report_writes_html_json_and_pngs(bench_result, tmp_path):
+    from diffslim.report import add_bench_section
+
+    _, _, res = bench_result
+    rep = Report("t")
+    rep.add_text("hello", "<b>escaped</b>")
+    add_bench_section(rep, "zoo:tiny", res.rows, res.outputs)
+    out = rep.write(tmp_path / "rep")
+    html = (out / "index.html").read_text()
+    assert "&lt;b&gt;escaped" in html and "steps:2" in html
+    data = json.loads((out / "report.json").read_text())
+    assert data["tables"]["bench: zoo:tiny"][0]["method"] == "full"
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert "bench_zoo_tiny.png" in pngs and "grid_zoo_tiny_steps-2.png" in pngs
+    for name in pngs:
+        assert f"src='{name}'" in html
+
+
+def test_image_grid_layout():
+    imgs = torch.zeros(5, 1, 4, 4)
+    imgs[1] = 1.0
+    g = image_grid(imgs, nrow=3, pad=1)
+    assert g.size == (3 * 5 + 1, 2 * 5 + 1)
+    px = g.load()
+    assert px[1 + 5, 1] == (255, 255, 255) and px[1, 1] == (0, 0, 0)

@@ -1,0 +1,125 @@
+"""Loading every kind of MODEL, and the CLI's behaviour on bad input: one line, exit 2, no traceback."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from diffslim.cli import app
+from diffslim.models.load import ModelLoadError, load
+
+CONFIGS = Path(__file__).resolve().parents[1] / "src" / "diffslim" / "configs"
+runner = CliRunner()
+
+
+def _run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def _one_line_error(result, *needles):
+    assert result.exit_code == 2, result.output
+    text = result.output.strip()
+    assert "Traceback" not in text
+    assert text.startswith("error:"), text
+    assert len(text.splitlines()) <= 2, text  # rich may wrap one long line at the terminal width
+    for n in needles:
+        assert n in " ".join(text.split()), text
+
+
+def test_load_pipeline_folder_roundtrip(tiny_digits_pipe, tiny_digits_folder):
+    loaded = load(str(tiny_digits_folder))
+    assert loaded.kind == "pipeline" and loaded.has_weights
+    for (k, a), b in zip(tiny_digits_pipe.denoiser.state_dict().items(), loaded.denoiser.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_load_model_folder_and_config_only(tiny_digits_folder, tmp_path):
+    loaded = load(str(tiny_digits_folder / "denoiser"))
+    assert loaded.kind == "model" and loaded.has_weights and loaded.pipe is None
+    only_cfg = tmp_path / "cfg"
+    only_cfg.mkdir()
+    shutil.copy(tiny_digits_folder / "denoiser" / "config.json", only_cfg / "config.json")
+    meta = load(str(only_cfg))
+    assert meta.kind == "config" and not meta.has_weights
+    assert next(meta.denoiser.parameters()).device.type == "meta"
+    assert sum(p.numel() for p in meta.denoiser.parameters()) == sum(p.numel() for p in loaded.denoiser.parameters())
+
+
+def test_sd15_config_is_latent():
+    meta = load(str(CONFIGS / "sd15-unet"))
+    assert meta.vae_scale_factor == 8 and type(meta.denoiser).__name__ == "UNet2DConditionModel"
+
+
+@pytest.mark.parametrize("make, needle", [
+    (lambda d: d / "nope", "no such file or folder"),
+    (lambda d: (d / "empty").mkdir() or d / "empty", "has neither model_index.json nor config.json"),
+    (lambda d: (d / "w.ckpt").write_bytes(b"x") and d / "w.ckpt", "pickle checkpoint"),
+    (lambda d: _folder(d, {"_class_name": "VQModel"}), "model class 'VQModel' is not supported"),
+    (lambda d: _folder(d, {"_class_name": "UNet2DModel"}, pickle=True), "pickle checkpoint"),
+    (lambda d: _folder(d, None, text="{broken"), "is not valid JSON"),
+])
+def test_load_errors_are_one_line(tmp_path, make, needle):
+    path = make(tmp_path)
+    with pytest.raises(ModelLoadError) as e:
+        load(str(path))
+    assert needle in str(e.value) and "\n" not in str(e.value)
+    _one_line_error(_run("profile", path), needle)
+
+
+def _folder(d, config, text=None, pickle=False):
+    f = d / "m"
+    f.mkdir()
+    (f / "config.json").write_text(text if text is not None else json.dumps(config))
+    if pickle:
+        (f / "diffusion_pytorch_model.bin").write_bytes(b"\x80\x04junk")
+    return f
+
+
+def test_corrupt_safetensors_is_one_line(tiny_digits_folder, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_digits_folder / "denoiser", bad)
+    (bad / "diffusion_pytorch_model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ModelLoadError, match="cannot load weights"):
+        load(str(bad))
+    _one_line_error(_run("profile", bad), "cannot load weights")
+
+
+def test_unknown_zoo_name():
+    _one_line_error(_run("profile", "zoo:nope"), "no zoo model 'nope'", "digits-sd")
+
+
+def test_bad_bench_method_and_recipe(tmp_path):
+    _one_line_error(_run("bench", "zoo:digits-sd", "--methods", "full,turbo:3"), "unknown bench method 'turbo'")
+    _one_line_error(_run("bench", "zoo:digits-sd", "--methods", "steps:x"), "steps:N needs a positive integer")
+    r = tmp_path / "r.json"
+    r.write_text(json.dumps({"sampling": {"timesteps": [1, 2]}}))
+    _one_line_error(_run("recipe", r), "sampling.timesteps")
+
+
+def test_profile_json_on_config_only_folder():
+    res = _run("profile", CONFIGS / "sd15-unet", "--json")
+    assert res.exit_code == 0, res.output
+    d = json.loads(res.output)
+    assert {"params", "macs", "blocks", "latency_s"} <= set(d)
+    assert d["params"] == 859_520_964
+    assert d["latency_s"] is None  # no weights, no timing
+    assert abs(d["macs_excl_attention"] / 338.7e9 - 1) < 0.01
+    assert sum(b["params"] for b in d["blocks"]) < d["params"]
+    assert [b["name"] for b in d["blocks"]][:2] == ["down_blocks.0", "down_blocks.1"]
+
+
+def test_profile_height_width_scale_macs():
+    a = json.loads(_run("profile", CONFIGS / "sd15-unet", "--json", "--height", "256", "--width", "256").output)
+    b = json.loads(_run("profile", CONFIGS / "sd15-unet", "--json", "--height", "512", "--width", "512").output)
+    assert a["sample_size"] == [32, 32] and b["sample_size"] == [64, 64]
+    assert 3.5 < b["macs_excl_attention"] / a["macs_excl_attention"] < 4.5  # convs and linears scale with area
+    _one_line_error(_run("profile", CONFIGS / "sd15-unet", "--height", "100"), "multiple of the VAE scale factor 8")
+
+
+def test_profile_pipeline_with_weights_times_it(tiny_digits_folder):
+    d = json.loads(_run("profile", tiny_digits_folder, "--json", "--repeats", "2").output)
+    assert d["latency_s"] > 0 and d["peak_memory_bytes"] > 0
+    assert d["params"] == 3_220_961
