@@ -235,7 +235,8 @@ def sample(pipe, spec: SampleSpec, *, cache: Optional[ReferenceCache] = None, mo
             return hit
     from accelerate import PartialState
 
-    state = PartialState()
+    # without CUDA, processes started by `accelerate launch` talk over gloo (accelerate's MULTI_CPU)
+    state = PartialState(cpu=not torch.cuda.is_available())
     n = len(spec.inputs)
     all_idx = list(range(n))
     with state.split_between_processes(all_idx) as mine:
