@@ -85,3 +85,39 @@ def test_unknown_input_key_is_a_clear_error(tiny_digits_pipe):
     spec = SampleSpec([{"prompt": "x"}], [0], num_inference_steps=2)
     with pytest.raises(ValueError, match="takes no 'prompt' input"):
         run_pipeline(tiny_digits_pipe, spec, [0])
+
+
+def test_dit_pipeline_through_harness():
+    """diffusers' own DiTPipeline (class labels, VAE) runs in the harness."""
+    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+
+    torch.manual_seed(0)
+    tr = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
+                               num_layers=2, sample_size=4, patch_size=2, num_embeds_ada_norm=10)
+    vae = AutoencoderKL(block_out_channels=(8, 16), latent_channels=4, norm_num_groups=8,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+    pipe = DiTPipeline(transformer=tr, vae=vae, scheduler=DDIMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    spec = SampleSpec([{"class_label": 1}, {"class_label": 2}], [0, 1], num_inference_steps=2,
+                      call_kwargs={"guidance_scale": 1.0})
+    out = sample(pipe, spec)
+    assert out.shape == (2, 3, 8, 8) and float(out.min()) >= 0 and float(out.max()) <= 1
+
+
+def test_instruct_pix2pix_pipeline_through_harness(tiny_sd_pipe):
+    """Image + prompt inputs (InstructPix2Pix: 8 input channels) run in the harness."""
+    from diffusers import StableDiffusionInstructPix2PixPipeline, UNet2DConditionModel
+
+    torch.manual_seed(0)
+    cfg = dict(tiny_sd_pipe.unet.config)
+    cfg["in_channels"] = 8
+    unet = UNet2DConditionModel.from_config(cfg)
+    pipe = StableDiffusionInstructPix2PixPipeline(
+        unet=unet, vae=tiny_sd_pipe.vae, text_encoder=tiny_sd_pipe.text_encoder, tokenizer=tiny_sd_pipe.tokenizer,
+        scheduler=tiny_sd_pipe.scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    img = torch.rand(3, 16, 16)
+    spec = SampleSpec([{"prompt": "make it red", "image": img}, {"prompt": "make it blue", "image": img}], [0, 1],
+                      num_inference_steps=2, scheduler="euler_a")
+    out = sample(pipe, spec)
+    assert out.shape == (2, 3, 16, 16)

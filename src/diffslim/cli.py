@@ -154,6 +154,9 @@ def evaluate(
     seed: int = typer.Option(0),
     prompts: Optional[Path] = typer.Option(None, help="text file, one prompt per line (text-to-image)"),
     batch_size: int = typer.Option(50),
+    clip: Optional[Path] = typer.Option(None, help="local CLIP folder (transformers format) for clip_score"),
+    lpips: Optional[Path] = typer.Option(None, help="local LPIPS backbone checkpoint for lpips"),
+    inception: Optional[Path] = typer.Option(None, help="local FID Inception weights (torch-fidelity format)"),
     as_json: bool = typer.Option(False, "--json"),
 ):
     """The metrics that apply to the model (digit_accuracy, PSNR/SSIM to ground truth or to the full model)."""
@@ -173,7 +176,7 @@ def evaluate(
         reference = sample(full.pipe, spec, cache=ReferenceCache(), model_id=model_fingerprint(model),
                            show_progress=True, description="reference (full model)")
     outputs = sample(loaded.pipe, spec, show_progress=True, description="evaluating")
-    metrics = metrics_fn_for(loaded, es)(outputs, reference)
+    metrics = metrics_fn_for(loaded, es, clip_path=clip, lpips_path=lpips, inception_path=inception)(outputs, reference)
     if es.baseline is not None and es.ground_truth is not None:
         from diffslim.measure import quality
 
@@ -181,6 +184,8 @@ def evaluate(
         metrics["bicubic_ssim_gt"] = float(quality.ssim(es.baseline, es.ground_truth).mean())
     result = {"model": model, "recipe": str(recipe) if recipe else None, "n": n,
               "steps": spec.num_inference_steps, **{k: finite(v) for k, v in metrics.items()}}
+    for k, why in (result.get("skipped") or {}).items():
+        err_console.print(f"[yellow]{k} skipped: {why}[/]", highlight=False)
     if as_json:
         _print_json(result)
         return
@@ -204,6 +209,9 @@ def bench(
     prompts: Optional[Path] = typer.Option(None, help="text file, one prompt per line (text-to-image)"),
     batch_size: int = typer.Option(50),
     repeats: int = typer.Option(1, help="timed runs per variant; the best counts"),
+    clip: Optional[Path] = typer.Option(None, help="local CLIP folder (transformers format) for clip_score"),
+    lpips: Optional[Path] = typer.Option(None, help="local LPIPS backbone checkpoint for lpips"),
+    inception: Optional[Path] = typer.Option(None, help="local FID Inception weights (torch-fidelity format)"),
     as_json: bool = typer.Option(False, "--json"),
     html: Optional[Path] = typer.Option(None, help="write an HTML report to this folder"),
 ):
@@ -218,7 +226,8 @@ def bench(
     es = eval_set_for(loaded, n, seed=seed, prompts_file=prompts)
     default_steps = steps or (loaded.zoo.default_steps if loaded.zoo else 50)
     res = run_bench(loaded, methods, es, default_steps=default_steps, scheduler=scheduler, batch_size=batch_size,
-                    metrics_fn=metrics_fn_for(loaded, es), progress=not as_json, repeats=repeats)
+                    metrics_fn=metrics_fn_for(loaded, es, clip_path=clip, lpips_path=lpips, inception_path=inception),
+                    progress=not as_json, repeats=repeats)
     rows = [{k: finite(v) for k, v in r.items()} for r in res.rows]
     if html is not None:
         from diffslim.report import Report, add_bench_section

@@ -38,20 +38,39 @@ def eval_set_for(loaded, n: int, seed: int = 0, prompts_file: Optional[Path] = N
     return EvalSet(inputs=inputs, seeds=[seed + i for i in range(n)])
 
 
-def metrics_fn_for(loaded, evalset) -> Callable[[torch.Tensor, Optional[torch.Tensor]], dict]:
+def metrics_fn_for(loaded, evalset, *, clip_path=None, lpips_path=None, inception_path=None
+                   ) -> Callable[[torch.Tensor, Optional[torch.Tensor]], dict]:
     """``fn(outputs, reference) -> dict``: PSNR/SSIM against the reference outputs, plus the task's metrics.
 
-    Digit models add ``digit_accuracy`` (the zoo classifier); super-resolution adds ``psnr_gt`` and
-    ``ssim_gt`` against the ground-truth high-resolution images. Metrics that cannot run are listed
-    under ``skipped`` with the reason, never reported as zero.
+    Digit models add ``digit_accuracy`` and ``fid`` (features of the zoo's digit classifier, against
+    real held-out digits); super-resolution adds ``psnr_gt``/``ssim_gt`` against the ground truth.
+    ``clip_score`` (prompts), ``lpips`` and Inception ``fid`` (against the reference outputs) run
+    when local weights are given. A metric that cannot run is listed under ``skipped`` with the
+    reason, never reported as zero.
     """
     from diffslim.measure import quality
 
     classifier = None
+    fid = None
     if evalset.labels is not None:
         from diffslim.zoo.classifier import CLASSIFIER_PATH, load_digit_classifier
 
-        classifier = load_digit_classifier() if CLASSIFIER_PATH.exists() else None
+        if CLASSIFIER_PATH.exists():
+            classifier = load_digit_classifier()
+            if evalset.real_images is not None:
+                fid = quality.FeatureFID(classifier.features)
+                fid.update(evalset.real_images, real=True)
+    optional = {}
+    prompts = [inp.get("prompt") for inp in evalset.inputs]
+    for name, path, make in (("clip_score", clip_path, quality.clip_score_metric),
+                             ("lpips", lpips_path, quality.lpips_metric),
+                             ("fid_inception", inception_path, quality.fid_inception)):
+        if path is None:
+            continue
+        try:
+            optional[name] = make(path)
+        except quality.MetricUnavailable as e:
+            optional[name] = e
 
     def fn(outputs: torch.Tensor, reference: Optional[torch.Tensor]) -> dict:
         row: dict = {}
@@ -64,9 +83,43 @@ def metrics_fn_for(loaded, evalset) -> Callable[[torch.Tensor, Optional[torch.Te
                 skipped["digit_accuracy"] = "digit classifier weights missing; run `diffslim zoo-train classifier`"
             else:
                 row["digit_accuracy"] = quality.digit_accuracy(outputs, torch.tensor(evalset.labels), classifier)
+            if fid is not None:
+                fid.reset(real=False)
+                fid.update(outputs, real=False)
+                row["fid"] = fid.compute()
         if evalset.ground_truth is not None:
             row["psnr_gt"] = float(quality.psnr(outputs, evalset.ground_truth).mean())
             row["ssim_gt"] = float(quality.ssim(outputs, evalset.ground_truth).mean())
+        for name, metric in optional.items():
+            if isinstance(metric, Exception):
+                skipped[name] = str(metric)
+                continue
+            try:
+                if name == "clip_score":
+                    if any(p is None for p in prompts):
+                        skipped[name] = "needs a prompt per input"
+                        continue
+                    metric.reset()
+                    metric.update(outputs, prompts)
+                    row[name] = float(metric.compute())
+                elif name == "lpips":
+                    if reference is None:
+                        skipped[name] = "needs reference outputs"
+                        continue
+                    metric.reset()
+                    # torchmetrics' LPIPS is built with normalize=True: inputs in [0, 1], 3 channels
+                    metric.update(outputs.expand(-1, 3, -1, -1), reference.expand(-1, 3, -1, -1))
+                    row[name] = float(metric.compute())
+                else:
+                    if reference is None:
+                        skipped[name] = "needs reference outputs"
+                        continue
+                    metric.reset(real=True)
+                    metric.update(reference, real=True)
+                    metric.update(outputs, real=False)
+                    row[name] = metric.compute()
+            except quality.MetricUnavailable as e:
+                skipped[name] = str(e)
         if skipped:
             row["skipped"] = skipped
         return row

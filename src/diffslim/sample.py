@@ -22,6 +22,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
+from diffslim.errors import UserError
 from diffslim.recipe import SCHEDULERS
 
 # Recipe scheduler names -> (diffusers class name, config overrides).
@@ -46,7 +47,7 @@ def make_scheduler(name: str, base_config: dict):
     import diffusers
 
     if name not in SCHEDULER_CLASSES:
-        raise ValueError(f"unknown scheduler {name!r}; accepted: {', '.join(SCHEDULER_CLASSES)}")
+        raise UserError(f"unknown scheduler {name!r}; accepted: {', '.join(SCHEDULER_CLASSES)}")
     cls_name, overrides = SCHEDULER_CLASSES[name]
     return getattr(diffusers, cls_name).from_config(dict(base_config), **overrides)
 
@@ -84,7 +85,7 @@ class SampleSpec:
 
     def __post_init__(self):
         if len(self.inputs) != len(self.seeds):
-            raise ValueError(f"{len(self.inputs)} inputs but {len(self.seeds)} seeds; give one seed per input")
+            raise UserError(f"{len(self.inputs)} inputs but {len(self.seeds)} seeds; give one seed per input")
 
     def replace(self, **kw) -> "SampleSpec":
         d = dict(self.__dict__)
@@ -117,7 +118,7 @@ def _call_kwargs(pipe, batch: Sequence[dict]) -> dict:
     """Turn a batch of input dicts into the pipeline's keyword arguments."""
     keys = set(batch[0])
     if any(set(b) != keys for b in batch):
-        raise ValueError("all inputs of a run must have the same keys")
+        raise UserError("all inputs of a run must have the same keys")
     params = inspect.signature(pipe.__call__).parameters
     kw: dict[str, Any] = {}
     for key in keys:
@@ -132,7 +133,7 @@ def _call_kwargs(pipe, batch: Sequence[dict]) -> dict:
             name = key
             kw[name] = values
         if name not in params:
-            raise ValueError(f"{type(pipe).__name__} takes no {name!r} input; it takes: "
+            raise UserError(f"{type(pipe).__name__} takes no {name!r} input; it takes: "
                              f"{', '.join(p for p in params if p not in ('self', 'kwargs'))}")
     return kw
 
