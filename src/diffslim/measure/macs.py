@@ -228,7 +228,8 @@ def default_inputs(
 
     Raises ``ValueError`` naming the class for other families.
     """
-    cls = type(denoiser).__name__
+    # subclasses (e.g. our depth-skipped U-Nets) are called like the diffusers class they extend
+    cls = next((c.__name__ for c in type(denoiser).__mro__ if c.__name__ in SUPPORTED), type(denoiser).__name__)
     if cls not in SUPPORTED:
         raise ValueError(f"default_inputs does not know how to call {cls}; supported: {', '.join(SUPPORTED)}")
     config = denoiser.config

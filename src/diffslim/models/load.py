@@ -23,6 +23,9 @@ SUPPORTED_DENOISERS = (
     "PixArtTransformer2DModel",
     "SD3Transformer2DModel",
     "FluxTransformer2DModel",
+    # our own exports: diffusers models with a depth-skip config
+    "DepthSkipUNet2DConditionModel",
+    "DepthSkipUNet2DModel",
 )
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 ACCEPTED = (
@@ -90,6 +93,10 @@ def _denoiser_class(name: str, where: Path):
         raise ModelLoadError(
             f"{where}: model class {name!r} is not supported; supported: {', '.join(SUPPORTED_DENOISERS)}"
         )
+    if name.startswith("DepthSkip"):
+        from diffslim.methods import depth_skip
+
+        return getattr(depth_skip, name)
     import diffusers
 
     return getattr(diffusers, name)
@@ -115,7 +122,7 @@ def load_pipeline_folder(folder: Path, dtype=torch.float32, device="cpu"):
         else:
             from diffusers import DiffusionPipeline
 
-            pipe = DiffusionPipeline.from_pretrained(str(folder), torch_dtype=dtype, use_safetensors=True)
+            pipe = DiffusionPipeline.from_pretrained(str(folder), dtype=dtype, use_safetensors=True)
     except ModelLoadError:
         raise
     except Exception as e:  # diffusers raises many types for broken folders; say which file and why
@@ -169,7 +176,7 @@ def load(model: str, dtype=torch.float32, device: str = "cpu") -> LoadedModel:
     latent = _looks_latent(config)
     if has_weights:
         try:
-            denoiser = cls.from_pretrained(str(path), torch_dtype=dtype, use_safetensors=True).to(device)
+            denoiser = cls.from_pretrained(str(path), dtype=dtype, use_safetensors=True).to(device)
         except Exception as e:
             msg = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
             raise ModelLoadError(f"cannot load weights of {model}: {msg}") from None

@@ -76,7 +76,7 @@ def load_zoo_pipeline(cls, folder, torch_dtype=torch.float32):
             owner = diffusers if library == "diffusers" else globals()
             comp_cls = getattr(owner, class_name) if owner is diffusers else owner[class_name]
             if hasattr(comp_cls, "from_pretrained") and issubclass(comp_cls, ModelMixin):
-                kwargs[key] = comp_cls.from_pretrained(str(folder / key), torch_dtype=torch_dtype, use_safetensors=True)
+                kwargs[key] = comp_cls.from_pretrained(str(folder / key), dtype=torch_dtype, use_safetensors=True)
             else:
                 kwargs[key] = comp_cls.from_pretrained(str(folder / key))
         else:

@@ -1,0 +1,256 @@
+"""Depth-skip pruning (Kim and Cho, 2024): keep the shallow part of a U-Net, remove the deep part.
+
+Depth is counted in the latent-diffusion depth units of the anatomy: with ``n`` input units
+(SD: 12), depth ``N`` keeps input units ``0..N-1`` and output units ``n-N..n-1`` and removes the
+rest, the middle block included; depth ``n + 1`` is the full model. The deepest kept output unit
+receives zeros of the removed path's channel width in place of the upsampled feature; its skip
+connection is unchanged and no kept weight changes.
+
+How: every removed module is replaced by a parameter-free *stand-in* that returns zeros of the
+shape the module would have returned (a resnet, an attention, a down/upsampler, the mid block), so
+the stock diffusers forward runs unchanged around them and the removed path costs no MACs, no
+weights and almost no time. A diffusers ``ModelHook`` on the up block that holds the deepest kept
+unit zeroes that block's incoming feature when the unit is the block's first layer (this is where
+ControlNet's mid-block residual would otherwise leak in). ControlNet residuals that would feed
+removed units are added to stand-in outputs that nothing reads, i.e. dropped.
+
+The pruned model is an ordinary diffusers model of class ``DepthSkipUNet2DConditionModel`` /
+``DepthSkipUNet2DModel``: its config is the original's plus ``depth_skip``; ``save_pretrained``
+writes only the kept weights and ``from_pretrained`` reloads them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from diffusers import UNet2DConditionModel, UNet2DModel
+# diffusers decides how to load a component recorded as ["diffslim.methods.depth_skip", CLASS] by
+# looking up ModelMixin in that module: this import lets a pipeline folder written by save_pretrained
+# with a depth-skipped U-Net reload with DiffusionPipeline.from_pretrained.
+from diffusers import ModelMixin  # noqa: F401
+from diffusers.hooks import HookRegistry, ModelHook
+from torch import nn
+
+from diffslim.errors import UserError
+
+_ZERO_INPUT_HOOK = "diffslim_depth_skip_zero_input"
+
+
+# ------------------------------------------------------------------------------------------
+# Stand-ins: what a removed module returns, without weights or compute
+
+
+class RemovedResnet(nn.Module):
+    """Stands in for a removed ``ResnetBlock2D``: zeros ``(B, out_channels, H', W')``."""
+
+    def __init__(self, out_channels: int, up: bool = False, down: bool = False):
+        super().__init__()
+        self.out_channels, self.up, self.down = out_channels, up, down
+
+    def forward(self, input_tensor, temb=None, *args, **kwargs):
+        b, _, h, w = input_tensor.shape
+        if self.up:
+            h, w = 2 * h, 2 * w
+        if self.down:
+            h, w = math.ceil(h / 2), math.ceil(w / 2)
+        return input_tensor.new_zeros(b, self.out_channels, h, w)
+
+
+class RemovedAttention(nn.Module):
+    """Stands in for a removed attention: zeros like its input, in the wrapper the original returned."""
+
+    def __init__(self, returns_output_object: bool):
+        super().__init__()
+        self.returns_output_object = returns_output_object
+
+    def forward(self, hidden_states, *args, return_dict: bool = True, **kwargs):
+        out = torch.zeros_like(hidden_states)
+        if not self.returns_output_object:
+            return out
+        if return_dict:
+            from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+            return Transformer2DModelOutput(sample=out)
+        return (out,)
+
+
+class RemovedDownsampler(nn.Module):
+    """Stands in for a removed ``Downsample2D``: zeros at half the spatial size (rounded up)."""
+
+    def __init__(self, out_channels: int):
+        super().__init__()
+        self.out_channels = out_channels
+
+    def forward(self, hidden_states, *args, **kwargs):
+        b, _, h, w = hidden_states.shape
+        return hidden_states.new_zeros(b, self.out_channels, math.ceil(h / 2), math.ceil(w / 2))
+
+
+class RemovedUpsampler(nn.Module):
+    """Stands in for a removed ``Upsample2D``: zeros at ``output_size`` or twice the spatial size."""
+
+    def __init__(self, out_channels: int):
+        super().__init__()
+        self.out_channels = out_channels
+
+    def forward(self, hidden_states, output_size=None, *args, **kwargs):
+        b, _, h, w = hidden_states.shape
+        size = tuple(output_size) if output_size is not None else (2 * h, 2 * w)
+        return hidden_states.new_zeros(b, self.out_channels, *size)
+
+
+class RemovedMidBlock(nn.Module):
+    """Stands in for a removed mid block: zeros like its input."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return torch.zeros_like(hidden_states)
+
+
+class _ZeroIncomingFeature(ModelHook):
+    """Zeroes an up block's incoming ``hidden_states``: the removed path's place at the deepest kept unit."""
+
+    def pre_forward(self, module, *args, **kwargs):
+        if "hidden_states" in kwargs:
+            kwargs["hidden_states"] = torch.zeros_like(kwargs["hidden_states"])
+        else:
+            args = (torch.zeros_like(args[0]),) + tuple(args[1:])
+        return args, kwargs
+
+
+def _stand_in(module: nn.Module, name: str) -> nn.Module:
+    from diffusers.models.attention_processor import Attention
+    from diffusers.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
+
+    if isinstance(module, ResnetBlock2D):
+        return RemovedResnet(module.out_channels, up=module.up, down=module.down)
+    if isinstance(module, Downsample2D):
+        return RemovedDownsampler(module.out_channels)
+    if isinstance(module, Upsample2D):
+        return RemovedUpsampler(module.out_channels)
+    if isinstance(module, Attention):
+        return RemovedAttention(returns_output_object=False)
+    if type(module).__name__ in ("Transformer2DModel", "DualTransformer2DModel"):
+        return RemovedAttention(returns_output_object=True)
+    if name == "mid_block":
+        return RemovedMidBlock()
+    raise UserError(f"depth-skip cannot remove {name} ({type(module).__name__}); supported: resnets, "
+                    "attentions, down/upsamplers and the mid block of SD-style U-Nets")
+
+
+# ------------------------------------------------------------------------------------------
+# The depth plan
+
+
+def depth_layout(unet: nn.Module):
+    """``(input_units, middle_unit, output_units)`` of a U-Net from its anatomy (no MACs counted)."""
+    from diffslim.models.anatomy import anatomy
+
+    an = anatomy(unet, count_macs=False)
+    if not an.input_units or len(an.input_units) != len(an.output_units):
+        raise UserError(f"{type(unet).__name__} has no symmetric depth-unit layout; depth-skip needs an SD-style U-Net")
+    return an.input_units, an.middle_unit, an.output_units
+
+
+def max_depth(unet: nn.Module) -> int:
+    """The full model's depth: number of input units + 1 (SD-1.5: 13; SDXL: 10)."""
+    return len(depth_layout(unet)[0]) + 1
+
+
+def removed_modules(unet: nn.Module, depth: int) -> list[str]:
+    """Names of the modules depth ``depth`` removes, in forward order (down, mid, up)."""
+    inputs, middle, outputs = depth_layout(unet)
+    n = len(inputs)
+    if not 1 <= depth <= n + 1:
+        raise UserError(f"depth {depth} is outside 1..{n + 1} for this U-Net ({n} input units; {n + 1} is the full model)")
+    if depth == n + 1:
+        return []
+    names = [m for u in inputs[depth:] for m in u.modules]
+    if middle is not None:
+        names += list(middle.modules)
+    names += [m for u in outputs[: n - depth] for m in u.modules]
+    return names
+
+
+def _zero_input_block(unet: nn.Module, depth: int) -> Optional[str]:
+    """The up block whose incoming feature must be zeroed: the deepest kept output unit's, if it is that block's first layer."""
+    inputs, _, outputs = depth_layout(unet)
+    n = len(inputs)
+    if depth == n + 1:
+        return None
+    first_kept = outputs[n - depth]
+    name = first_kept.modules[0]  # up_blocks.{i}.resnets.{k}
+    parts = name.split(".")
+    if parts[0] == "up_blocks" and parts[2] == "resnets" and parts[3] == "0":
+        return ".".join(parts[:2])
+    return None
+
+
+def _prune_in_place(unet: nn.Module, depth: int) -> None:
+    for name in removed_modules(unet, depth):
+        parent_name, _, child = name.rpartition(".")
+        parent = unet.get_submodule(parent_name) if parent_name else unet
+        old = unet.get_submodule(name)
+        stand_in = _stand_in(old, name)
+        if isinstance(parent, nn.ModuleList):
+            parent[int(child)] = stand_in
+        else:
+            setattr(parent, child, stand_in)
+    block = _zero_input_block(unet, depth)
+    if block is not None:
+        HookRegistry.check_if_exists_or_initialize(unet.get_submodule(block)).register_hook(
+            _ZeroIncomingFeature(), _ZERO_INPUT_HOOK)
+
+
+def _pruned_class(base: type, name: str) -> type:
+    """A subclass of ``base`` whose config adds ``depth_skip``.
+
+    diffusers reads a model's config keys from its ``__init__`` signature, so the subclass's
+    ``__init__`` advertises the base signature plus ``depth_skip``.
+    """
+    import inspect
+
+    def __init__(self, *args, depth_skip: Optional[int] = None, **kwargs):
+        base.__init__(self, *args, **kwargs)
+        self.register_to_config(depth_skip=depth_skip)
+        if depth_skip is not None:
+            _prune_in_place(self, int(depth_skip))
+
+    sig = inspect.signature(base.__init__)
+    extra = inspect.Parameter("depth_skip", inspect.Parameter.KEYWORD_ONLY, default=None)
+    __init__.__signature__ = sig.replace(parameters=[*sig.parameters.values(), extra])
+    doc = f"A ``{base.__name__}`` pruned to depth ``depth_skip`` (see ``diffslim.methods.depth_skip``)."
+    return type(name, (base,), {"__init__": __init__, "__doc__": doc, "__module__": __name__})
+
+
+DepthSkipUNet2DConditionModel = _pruned_class(UNet2DConditionModel, "DepthSkipUNet2DConditionModel")
+DepthSkipUNet2DModel = _pruned_class(UNet2DModel, "DepthSkipUNet2DModel")
+
+
+_PRUNED_CLASS = {UNet2DConditionModel: DepthSkipUNet2DConditionModel, UNet2DModel: DepthSkipUNet2DModel}
+
+
+def depth_skip(unet: nn.Module, depth: int) -> nn.Module:
+    """A depth-``depth`` copy of ``unet`` that shares the kept weights (no copy, no change).
+
+    Works on real weights and on the meta device. ``depth == max_depth(unet)`` gives a model whose
+    outputs equal the original's bit for bit.
+    """
+    base = next((b for cls, b in _PRUNED_CLASS.items() if type(unet) is cls or type(unet) is b), None)
+    if base is None:
+        raise UserError(f"depth-skip supports UNet2DConditionModel and UNet2DModel, not {type(unet).__name__}")
+    config = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
+    previous = config.pop("depth_skip", None)
+    if previous is not None and depth > previous:
+        raise UserError(f"this U-Net is already pruned to depth {previous}; cannot grow it to depth {depth}")
+    removed_modules(unet, depth)  # validates the depth with a clear message
+    param = next(unet.parameters())
+    with torch.device("meta"):
+        pruned = base.from_config({**config, "depth_skip": depth})
+    state = unet.state_dict()
+    kept = pruned.state_dict()
+    if param.device.type == "meta":
+        return pruned.eval()
+    pruned.load_state_dict({k: state[k] for k in kept}, assign=True, strict=True)
+    return pruned.to(param.device).eval()
