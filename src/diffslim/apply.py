@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import inspect
 
+import torch
+
 from diffslim.recipe import Recipe, RecipeError, load_recipe
 
 
@@ -16,13 +18,43 @@ def _install_sampling(pipe, sampling) -> None:
     from diffslim.sample import make_scheduler
 
     sched = make_scheduler(sampling.scheduler, pipe.scheduler.config) if sampling.scheduler else pipe.scheduler
+    if sampling.timesteps is not None:
+        sched = scheduler_for_timesteps(sched)
     if sampling.timesteps is not None and "timesteps" not in inspect.signature(sched.set_timesteps).parameters:
         raise RecipeError(
             f"sampling.timesteps: {type(sched).__name__} accepts no explicit timesteps; "
-            "choose a scheduler that does (euler, dpm++, unipc, ddpm, lms, heun)")
+            "choose a scheduler that does (ddim, euler, dpm++, unipc, ddpm, lms, heun)")
     if sampling.num_inference_steps is not None or sampling.timesteps is not None:
         sched = pin_schedule(sched, sampling.num_inference_steps, sampling.timesteps)
     pipe.scheduler = sched
+
+
+def scheduler_for_timesteps(scheduler):
+    """A scheduler that samples an explicit timestep list: DDIM becomes non-uniform DDIM (the paper's
+    sampler: x0 from the noise prediction, re-noised to the next listed timestep); others are kept."""
+    from diffusers import DDIMScheduler
+
+    from diffslim.methods.timesteps import NonUniformDDIMScheduler
+
+    if type(scheduler) is DDIMScheduler:
+        return NonUniformDDIMScheduler.from_config(scheduler.config)
+    return scheduler
+
+
+def denoiser_attr(pipe) -> str:
+    """The pipeline attribute that holds its denoiser: ``unet``, ``transformer`` or the zoo's ``denoiser``."""
+    for name in ("denoiser", "unet", "transformer"):
+        if isinstance(getattr(pipe, name, None), torch.nn.Module):
+            return name
+    raise RecipeError(f"{type(pipe).__name__} has no unet/transformer to compress")
+
+
+def _install_depth(pipe, depth) -> None:
+    """Replace the U-Net by its depth-skipped version (kept weights shared, removed ones freed)."""
+    from diffslim.methods.depth_skip import depth_skip
+
+    name = denoiser_attr(pipe)
+    setattr(pipe, name, depth_skip(getattr(pipe, name), depth.depth))
 
 
 def pin_schedule(scheduler, num_inference_steps=None, timesteps=None):
@@ -50,6 +82,7 @@ def pin_schedule(scheduler, num_inference_steps=None, timesteps=None):
 
 
 INSTALLERS = {
+    "depth": _install_depth,
     "sampling": _install_sampling,
 }
 

@@ -27,6 +27,7 @@ class BenchContext:
     loaded: object
     base_spec: SampleSpec
     default_steps: int
+    reference: Optional[torch.Tensor] = None  # the full row's outputs, once it has run
 
 
 @dataclass
@@ -76,6 +77,119 @@ def _steps(arg, ctx: BenchContext) -> Variant:
         raise UserError(f"steps:N needs a positive integer N, got {arg!r}") from None
     return Variant(f"steps:{n}", ctx.loaded.pipe, ctx.base_spec.replace(num_inference_steps=n, timesteps=None),
                    _n_params(ctx.loaded.denoiser))
+
+
+def _int_arg(arg, form: str, lo: int = 1) -> int:
+    try:
+        n = int(arg)
+        assert n >= lo
+    except (TypeError, ValueError, AssertionError):
+        raise UserError(f"{form} needs an integer >= {lo}, got {arg!r}") from None
+    return n
+
+
+def _with_denoiser(pipe, module):
+    """A shallow copy of ``pipe`` whose denoiser is ``module`` (the original pipeline is untouched)."""
+    import copy
+
+    from diffslim.apply import denoiser_attr
+
+    new = copy.copy(pipe)
+    setattr(new, denoiser_attr(pipe), module)
+    return new
+
+
+@register_method("depth", "depth:N, depth-skip pruning at depth N (Kim and Cho 2024)")
+def _depth(arg, ctx: BenchContext) -> Variant:
+    from diffslim.methods.depth_skip import depth_skip
+
+    n = _int_arg(arg, "depth:N")
+    pruned = depth_skip(ctx.loaded.denoiser, n)
+    return Variant(f"depth:{n}", _with_denoiser(ctx.loaded.pipe, pruned), ctx.base_spec, _n_params(pruned))
+
+
+def _explicit_schedule_variant(method: str, ctx: BenchContext, timesteps, notes: str = "") -> Variant:
+    from diffslim.methods.timestep_search import explicit_timesteps
+    from diffslim.methods.timesteps import validate_timesteps
+
+    ts = validate_timesteps(list(timesteps))
+    pipe = ctx.loaded.pipe
+    stack = explicit_timesteps(pipe)
+    stack.__enter__()
+    return Variant(method, pipe, ctx.base_spec.replace(timesteps=ts, num_inference_steps=None),
+                   _n_params(ctx.loaded.denoiser), notes=notes or f"timesteps {ts}",
+                   cleanup=lambda: stack.__exit__(None, None, None))
+
+
+def calibration_spec(ctx: BenchContext, n: int = 8) -> SampleSpec:
+    """Calibration inputs for searches inside the bench: the first ``n`` inputs with other seeds, so a
+    search never sees the evaluation samples it is then graded on."""
+    base = ctx.base_spec
+    k = min(n, len(base.inputs))
+    return base.replace(inputs=base.inputs[:k], seeds=[s + 100_000 for s in base.seeds[:k]], batch_size=k)
+
+
+@register_method("gamma", "gamma:N (gamma searched on calibration inputs) or gamma:N:G, the gamma-curve N-step schedule")
+def _gamma(arg, ctx: BenchContext) -> Variant:
+    from diffslim.methods.timesteps import gamma_timesteps
+
+    steps_s, _, g = (arg or "").partition(":")
+    n = _int_arg(steps_s, "gamma:N", lo=2)
+    if g:
+        try:
+            gamma = float(g)
+            ts = gamma_timesteps(n, gamma)
+        except ValueError as e:
+            raise UserError(f"gamma:{arg}: {e}") from None
+        return _explicit_schedule_variant(f"gamma:{n}:{gamma:g}", ctx, ts, f"gamma {gamma:g}")
+    from diffslim.methods.timestep_search import search_gamma
+
+    calib = calibration_spec(ctx)
+    ref = sample(ctx.loaded.pipe, calib.replace(num_inference_steps=ctx.default_steps))
+    res = search_gamma(ctx.loaded.pipe, calib, ref, n)
+    return _explicit_schedule_variant(f"gamma:{n}", ctx, res.timesteps,
+                                      f"gamma {res.best.best_gamma:.3f} found by {res.best_method} search in "
+                                      f"{res.best.n_evals} evaluations ({res.best.seconds:.1f}s)")
+
+
+@register_method("uniform", "uniform:N[:leading|trailing|linspace], evenly spaced N-step schedule (default linspace)")
+def _uniform(arg, ctx: BenchContext) -> Variant:
+    from diffslim.methods.timesteps import uniform_timesteps
+
+    steps_s, _, spacing = (arg or "").partition(":")
+    n = _int_arg(steps_s, "uniform:N")
+    spacing = spacing or "linspace"
+    try:
+        ts = uniform_timesteps(n, spacing)
+    except ValueError as e:
+        raise UserError(f"uniform:{arg}: {e}") from None
+    return _explicit_schedule_variant(f"uniform:{n}" + (f":{spacing}" if spacing != "linspace" else ""), ctx, ts)
+
+
+@register_method("karras", "karras:N, the timesteps of Karras et al.'s sigma spacing (rho 7), same sampler")
+def _karras(arg, ctx: BenchContext) -> Variant:
+    from diffslim.methods.timesteps import karras_timesteps
+
+    n = _int_arg(arg, "karras:N", lo=2)
+    try:
+        ts = karras_timesteps(n, ctx.loaded.pipe.scheduler.alphas_cumprod)
+    except ValueError as e:
+        raise UserError(f"karras:{arg}: {e}") from None
+    return _explicit_schedule_variant(f"karras:{n}", ctx, ts)
+
+
+@register_method("ays", "ays:N, Align Your Steps (diffusers' AysSchedules; SD-1.5 table for SD-1.x noise schedules)")
+def _ays(arg, ctx: BenchContext) -> Variant:
+    from diffslim.methods.timesteps import ays_timesteps
+
+    n = _int_arg(arg, "ays:N", lo=2)
+    family = "sdxl" if type(ctx.loaded.denoiser).__name__.endswith("UNet2DConditionModel") and \
+        getattr(ctx.loaded.denoiser.config, "addition_embed_type", None) == "text_time" else "sd15"
+    try:
+        ts = ays_timesteps(n, family)
+    except ValueError as e:
+        raise UserError(f"ays:{arg}: {e}") from None
+    return _explicit_schedule_variant(f"ays:{n}", ctx, ts, f"AYS {family} table, {ts}")
 
 
 def parse_methods(text: str) -> list[tuple[str, Optional[str]]]:
@@ -147,6 +261,7 @@ def run_bench(loaded, methods: str, evalset, default_steps: int = 50, scheduler:
                 variant.cleanup()
         if full_time is None:
             full_time, full_macs, reference = best, macs, out
+            ctx.reference = out
         row = {
             "method": variant.method,
             "params": variant.params,

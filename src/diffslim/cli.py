@@ -17,8 +17,9 @@ from diffslim.errors import UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Make diffusers models smaller and faster while keeping their outputs close.")
-console = Console()
-err_console = Console(stderr=True)
+# rich assumes 80 columns when stdout is not a terminal; bench tables need more
+console = Console(width=None if sys.stdout.isatty() else 140)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
 
 
 def _fail(msg: str, code: int = 2):
@@ -65,13 +66,23 @@ def profile(
     height: Optional[int] = typer.Option(None, help="image height in pixels (default: the model's sample size)"),
     width: Optional[int] = typer.Option(None, help="image width in pixels"),
     repeats: int = typer.Option(5, help="timed denoiser calls for the latency median"),
+    depth: Optional[str] = typer.Option(None, help="profile the depth-skipped model at depth N, or 'all' for every depth"),
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
 ):
     """Parameters, MACs, per-block breakdown, latency and memory of one denoiser call at batch 1."""
     _quiet_libraries()
-    from diffslim.measure.profile import profile_model
+    from diffslim.measure.profile import profile_depths, profile_model
 
-    p = profile_model(model, height, width, repeats)
+    if depth == "all":
+        rows = profile_depths(model, height, width)
+        if as_json:
+            _print_json({"model": model, "depths": rows})
+            return
+        _print_rows(f"depth-skip profile of {model}", rows)
+        return
+    if depth is not None and not depth.isdigit():
+        raise UserError(f"--depth {depth!r} is not a depth; give an integer N (1 = shallowest) or 'all'")
+    p = profile_model(model, height, width, repeats, depth=int(depth) if depth else None)
     if as_json:
         _print_json(p)
         return
@@ -245,7 +256,8 @@ def bench(
 
 def _print_rows(title, rows) -> None:
     t = Table(title=title)
-    cols = list(dict.fromkeys(k for r in rows for k in r if k not in ("skipped", "notes")))
+    hidden = ("skipped", "notes", "macs_per_sample", "seconds")
+    cols = list(dict.fromkeys(k for r in rows for k in r if k not in hidden))
     for c in cols:
         t.add_column(c, justify="left" if c == "method" else "right")
     for r in rows:
@@ -253,6 +265,8 @@ def _print_rows(title, rows) -> None:
                      else str(r.get(c, ""))) for c in cols])
     console.print(t)
     for r in rows:
+        if r.get("notes"):
+            console.print(f"[dim]{r['method']}: {r['notes']}[/]", highlight=False)
         for k, why in (r.get("skipped") or {}).items():
             console.print(f"[yellow]{r['method']}: {k} skipped: {why}[/]")
 

@@ -35,6 +35,9 @@ class Sampling(_Strict):
     scheduler: Optional[str] = None
     num_inference_steps: Optional[int] = None
     timesteps: Optional[list[int]] = None
+    # provenance of gamma-curve schedules (Kim and Cho, 2024); the timesteps are the truth
+    gamma: Optional[float] = None
+    coef: Optional[float] = None
 
     @field_validator("scheduler")
     @classmethod
@@ -63,6 +66,13 @@ class Sampling(_Strict):
             raise ValueError("must be strictly descending with no duplicates, e.g. [999, 666, 333, 0]")
         return v
 
+    @field_validator("gamma")
+    @classmethod
+    def _positive_gamma(cls, v):
+        if v is not None and v <= 0:
+            raise ValueError("must be > 0")
+        return v
+
     @model_validator(mode="after")
     def _consistent(self):
         if self.timesteps is not None and self.num_inference_steps is not None \
@@ -72,12 +82,26 @@ class Sampling(_Strict):
         return self
 
 
+class Depth(_Strict):
+    """Depth-skip pruning: keep input units ``0..depth-1`` and the paired output units (see methods.depth_skip)."""
+
+    depth: int
+
+    @field_validator("depth")
+    @classmethod
+    def _positive(cls, v):
+        if v < 1:
+            raise ValueError("must be >= 1 (1 keeps only conv_in and the last output unit; SD-1.5's full depth is 13)")
+        return v
+
+
 class Recipe(_Strict):
     """A compression of one model. Every section is optional; an empty recipe changes nothing."""
 
     schema_version: Literal[1] = SCHEMA_VERSION
     model: Optional[str] = None
     description: Optional[str] = None
+    depth: Optional[Depth] = None
     sampling: Optional[Sampling] = None
 
     def is_identity(self) -> bool:

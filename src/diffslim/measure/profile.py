@@ -9,26 +9,42 @@ from typing import Optional
 from diffslim.errors import UserError
 
 
-def profile_model(model: str, height: Optional[int] = None, width: Optional[int] = None, repeats: int = 5) -> dict:
+def profile_model(model: str, height: Optional[int] = None, width: Optional[int] = None, repeats: int = 5,
+                  depth: Optional[int] = None) -> dict:
     """Parameters, MACs (batch 1, one denoiser call), per-block table and, with real weights, latency and memory.
 
     ``height``/``width`` are image pixels; they are divided by the model's VAE scale factor.
+    ``depth`` profiles the depth-skipped model instead (see ``diffslim.methods.depth_skip``).
     """
-    import torch
-
-    from diffslim.measure.macs import default_inputs, macs_by_kind
-    from diffslim.models.anatomy import anatomy
     from diffslim.models.load import load
 
     loaded = load(model)
     den = loaded.denoiser
+    if depth is not None:
+        from diffslim.methods.depth_skip import depth_skip
+
+        den = depth_skip(den, depth)
+    out = profile_denoiser(loaded, den, height, width, repeats=repeats)
+    out.update(model=model, depth=depth)
+    return out
+
+
+def profile_denoiser(loaded, den, height: Optional[int] = None, width: Optional[int] = None, repeats: int = 5,
+                     timing: bool = True) -> dict:
+    """:func:`profile_model` for a denoiser already loaded (``loaded`` gives the VAE scale and whether weights are real)."""
+    from diffusers import UNet2DConditionModel
+
+    from diffslim.measure.macs import default_inputs, macs_by_kind
+    from diffslim.models.anatomy import anatomy
+
     scale = loaded.vae_scale_factor
     h = None if height is None else _pixels_to_latent(height, scale, "height")
     w = None if width is None else _pixels_to_latent(width, scale, "width")
-    kw = {"context_tokens": 2} if loaded.zoo is not None and type(den).__name__ == "UNet2DConditionModel" else {}
+    kw = {"context_tokens": 2} if loaded.zoo is not None and isinstance(den, UNet2DConditionModel) else {}
     an = anatomy(den, height=h, width=w, **kw)
+    args, kwargs = default_inputs(den, height=h, width=w, **kw)
+    kinds = macs_by_kind(den, *args, **kwargs)
     out = {
-        "model": model,
         "class": type(den).__name__,
         "weights": loaded.has_weights,
         "sample_size": list(an.sample_size),
@@ -36,20 +52,39 @@ def profile_model(model: str, height: Optional[int] = None, width: Optional[int]
         "macs": an.macs,
         # BK-SDM, DeepCache and most U-Net papers count convolutions and linear layers only; DiT's
         # figures include the attention products. Both are reported so either can be compared.
-        "macs_excl_attention": None,
-        "macs_by_kind": None,
+        "macs_excl_attention": an.macs - kinds.get("attention", 0),
+        "macs_by_kind": kinds,
         "blocks": [{"name": b.name, "params": b.params, "macs": b.macs} for b in an.blocks],
         "latency_s": None,
         "peak_memory_bytes": None,
     }
-    args, kwargs = default_inputs(den, height=h, width=w, **kw)
-    kinds = macs_by_kind(den, *args, **kwargs)
-    out["macs_by_kind"] = kinds
-    out["macs_excl_attention"] = an.macs - kinds.get("attention", 0)
-    if loaded.has_weights:
+    if loaded.has_weights and timing:
         lat, mem, kind = _latency_and_memory(den, args, kwargs, repeats)
         out.update(latency_s=lat, peak_memory_bytes=mem, memory_kind=kind)
     return out
+
+
+def profile_depths(model: str, height: Optional[int] = None, width: Optional[int] = None) -> list[dict]:
+    """Params and MACs of the depth-skipped model at every depth (1 .. full); no timing.
+
+    One row per depth: ``depth``, ``params``, ``macs``, ``macs_excl_attention``, their ratios to the
+    full model, and which depth units are kept.
+    """
+    from diffslim.methods.depth_skip import depth_skip, max_depth
+    from diffslim.models.load import load
+
+    loaded = load(model)
+    n = max_depth(loaded.denoiser)
+    rows = []
+    for d in range(1, n + 1):
+        p = profile_denoiser(loaded, depth_skip(loaded.denoiser, d), height, width, timing=False)
+        rows.append({"depth": d, "params": p["params"], "macs": p["macs"],
+                     "macs_excl_attention": p["macs_excl_attention"]})
+    full = rows[-1]
+    for r in rows:
+        r["params_ratio"] = r["params"] / full["params"]
+        r["macs_ratio"] = r["macs"] / full["macs"]
+    return rows
 
 
 def _pixels_to_latent(px: int, scale: int, what: str) -> int:
