@@ -271,6 +271,124 @@ def _print_rows(title, rows) -> None:
             console.print(f"[yellow]{r['method']}: {k} skipped: {why}[/]")
 
 
+def _calibration(model: str, n: int, steps: Optional[int], seed: int, prompts: Optional[Path], batch_size: int):
+    """Load ``model``, build ``n`` calibration inputs and their full-model reference outputs (cached)."""
+    from diffslim.evaluate import eval_set_for
+    from diffslim.models.load import load
+    from diffslim.sample import ReferenceCache, SampleSpec, model_fingerprint, sample
+
+    if n < 1:
+        raise UserError("--n must be at least 1")
+    loaded = load(model)
+    if loaded.pipe is None:
+        raise UserError(f"{model} is not a pipeline; searches sample, so give a pipeline folder or zoo:NAME")
+    es = eval_set_for(loaded, n, seed=seed, prompts_file=prompts)
+    full_steps = steps or (loaded.zoo.default_steps if loaded.zoo else 50)
+    spec = SampleSpec(es.inputs, es.seeds, num_inference_steps=full_steps, call_kwargs=es.call_kwargs,
+                      batch_size=batch_size)
+    ref = sample(loaded.pipe, spec, cache=ReferenceCache(), model_id=model_fingerprint(model), show_progress=True,
+                 description=f"reference outputs ({full_steps} steps)")
+    return loaded, spec, ref
+
+
+@app.command("depth-search")
+@_guard
+def depth_search_cmd(
+    model: str = typer.Argument(..., help="pipeline folder or zoo:NAME (a U-Net denoiser)"),
+    threshold: float = typer.Option(30.0, help="minimum quality against the full model's outputs"),
+    metric: str = typer.Option("psnr", help="psnr or ssim"),
+    mode: str = typer.Option("binary", help="binary (log2 runs; assumes quality falls with depth) or linear (every depth)"),
+    n: int = typer.Option(100, help="calibration inputs (the paper uses 100)"),
+    steps: Optional[int] = typer.Option(None, help="sampling steps (default: the model's)"),
+    seed: int = typer.Option(10_000, help="seed of the first calibration input (kept apart from evaluation seeds)"),
+    prompts: Optional[Path] = typer.Option(None, help="text file, one prompt per line (text-to-image)"),
+    batch_size: int = typer.Option(50),
+    out: Optional[Path] = typer.Option(None, help="write a recipe with the chosen depth"),
+    plot: Optional[Path] = typer.Option(None, help="write the quality-vs-depth plot (PNG)"),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """Find the shallowest depth-skip depth whose quality stays at or above the threshold."""
+    _quiet_libraries()
+    from diffslim.apply import denoiser_attr
+    from diffslim.methods.depth_search import METRICS, depth_search_figure, search_depth
+    from diffslim.recipe import Depth, Recipe
+
+    if metric not in METRICS:
+        raise UserError(f"unknown metric {metric!r}; accepted: {', '.join(METRICS)}")
+    loaded, spec, ref = _calibration(model, n, steps, seed, prompts, batch_size)
+    say = (lambda d, q: None) if as_json else (lambda d, q: console.print(f"depth {d:2d}: {metric} {q:.3f}"))
+    res = search_depth(loaded.pipe, denoiser_attr(loaded.pipe), spec, ref, threshold, metric, mode, progress=say)
+    if plot is not None:
+        depth_search_figure(res, f"{model}: depth search ({mode})").savefig(plot, dpi=110, bbox_inches="tight")
+    if out is not None and res.reached:
+        Recipe(model=model, depth=Depth(depth=res.depth),
+               description=f"depth-skip at {res.depth}: {metric} {res.evaluations[res.depth]:.3f} >= {threshold}"
+               ).save(out)
+    if as_json:
+        _print_json({"model": model, **res.to_json()})
+    elif res.reached:
+        console.print(f"shallowest depth with {metric} >= {threshold}: [bold]{res.depth}[/] of {res.full_depth} "
+                      f"({res.sampling_runs} sampling runs of {n} inputs, {res.seconds:.1f}s)")
+    if not res.reached:
+        best = res.best_pruned
+        _fail(f"no pruned depth reaches {metric} >= {threshold}; the best found is depth {best} with "
+              f"{res.evaluations[best]:.3f}; lower --threshold", code=1)
+
+
+@app.command("timesteps")
+@_guard
+def timesteps_cmd(
+    model: Optional[str] = typer.Argument(None, help="pipeline folder or zoo:NAME to search gamma on; omit to print a schedule"),
+    steps: int = typer.Option(..., help="number of sampling steps N"),
+    gamma: Optional[float] = typer.Option(None, help="gamma of the schedule (without MODEL)"),
+    coef: float = typer.Option(30.0, help="the schedule's offset c"),
+    method: str = typer.Option("both", help="greedy (the paper's line search), bounded (scipy) or both"),
+    n: int = typer.Option(16, help="calibration inputs"),
+    full_steps: Optional[int] = typer.Option(None, help="steps of the reference outputs (default: the model's)"),
+    seed: int = typer.Option(10_000),
+    prompts: Optional[Path] = typer.Option(None, help="text file, one prompt per line (text-to-image)"),
+    batch_size: int = typer.Option(50),
+    out: Optional[Path] = typer.Option(None, help="write a recipe with the found schedule"),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """Print a gamma-curve schedule, or find the gamma whose N-step outputs best match the full-step outputs."""
+    _quiet_libraries()
+    from diffslim.methods.timesteps import gamma_timesteps
+
+    if model is None:
+        if gamma is None:
+            raise UserError("give --gamma to print a schedule, or a MODEL to search gamma on")
+        try:
+            ts = gamma_timesteps(steps, gamma, coef)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        if as_json:
+            _print_json({"steps": steps, "gamma": gamma, "coef": coef, "timesteps": ts})
+        else:
+            console.print(" ".join(map(str, ts)))
+        return
+    from diffslim.methods.timestep_search import search_gamma
+    from diffslim.recipe import Recipe, Sampling
+
+    methods = {"both": ("greedy", "bounded"), "greedy": ("greedy",), "bounded": ("bounded",)}.get(method)
+    if methods is None:
+        raise UserError(f"unknown --method {method!r}; accepted: greedy, bounded, both")
+    if steps < 2:
+        raise UserError("--steps must be at least 2")
+    loaded, spec, ref = _calibration(model, n, full_steps, seed, prompts, batch_size)
+    res = search_gamma(loaded.pipe, spec, ref, steps, methods=methods, coef=coef)
+    if out is not None:
+        Recipe(model=model, sampling=Sampling(timesteps=res.timesteps, gamma=res.best.best_gamma, coef=coef),
+               description=f"gamma-curve {steps}-step schedule, PSNR {res.best.best_score:.3f} vs {spec.num_inference_steps} steps"
+               ).save(out)
+    if as_json:
+        _print_json({"model": model, **res.to_json()})
+        return
+    for k, r in res.results.items():
+        console.print(f"{k}: gamma {r.best_gamma:.4f}, PSNR {r.best_score:.3f} dB, {r.n_evals} evaluations, {r.seconds:.1f}s")
+    console.print(f"timesteps: {' '.join(map(str, res.timesteps))}")
+
+
 @app.command("zoo-train")
 @_guard
 def zoo_train(
