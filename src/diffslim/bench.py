@@ -28,6 +28,7 @@ class BenchContext:
     base_spec: SampleSpec
     default_steps: int
     reference: Optional[torch.Tensor] = None  # the full row's outputs, once it has run
+    dry_run: bool = False  # builders only validate their argument and return None
 
 
 @dataclass
@@ -65,6 +66,8 @@ def _n_params(module: torch.nn.Module) -> int:
 def _full(arg, ctx: BenchContext) -> Variant:
     if arg:
         raise UserError("method 'full' takes no argument")
+    if ctx.dry_run:
+        return None
     return Variant("full", ctx.loaded.pipe, ctx.base_spec, _n_params(ctx.loaded.denoiser))
 
 
@@ -75,6 +78,8 @@ def _steps(arg, ctx: BenchContext) -> Variant:
         assert n >= 1
     except (TypeError, ValueError, AssertionError):
         raise UserError(f"steps:N needs a positive integer N, got {arg!r}") from None
+    if ctx.dry_run:
+        return None
     return Variant(f"steps:{n}", ctx.loaded.pipe, ctx.base_spec.replace(num_inference_steps=n, timesteps=None),
                    _n_params(ctx.loaded.denoiser))
 
@@ -103,7 +108,12 @@ def _with_denoiser(pipe, module):
 def _depth(arg, ctx: BenchContext) -> Variant:
     from diffslim.methods.depth_skip import depth_skip
 
+    from diffslim.methods.depth_skip import removed_modules
+
     n = _int_arg(arg, "depth:N")
+    removed_modules(ctx.loaded.denoiser, n)  # validates the depth
+    if ctx.dry_run:
+        return None
     pruned = depth_skip(ctx.loaded.denoiser, n)
     return Variant(f"depth:{n}", _with_denoiser(ctx.loaded.pipe, pruned), ctx.base_spec, _n_params(pruned))
 
@@ -141,7 +151,11 @@ def _gamma(arg, ctx: BenchContext) -> Variant:
             ts = gamma_timesteps(n, gamma)
         except ValueError as e:
             raise UserError(f"gamma:{arg}: {e}") from None
+        if ctx.dry_run:
+            return None
         return _explicit_schedule_variant(f"gamma:{n}:{gamma:g}", ctx, ts, f"gamma {gamma:g}")
+    if ctx.dry_run:
+        return None
     from diffslim.methods.timestep_search import search_gamma
 
     calib = calibration_spec(ctx)
@@ -163,6 +177,8 @@ def _uniform(arg, ctx: BenchContext) -> Variant:
         ts = uniform_timesteps(n, spacing)
     except ValueError as e:
         raise UserError(f"uniform:{arg}: {e}") from None
+    if ctx.dry_run:
+        return None
     return _explicit_schedule_variant(f"uniform:{n}" + (f":{spacing}" if spacing != "linspace" else ""), ctx, ts)
 
 
@@ -175,6 +191,8 @@ def _karras(arg, ctx: BenchContext) -> Variant:
         ts = karras_timesteps(n, ctx.loaded.pipe.scheduler.alphas_cumprod)
     except ValueError as e:
         raise UserError(f"karras:{arg}: {e}") from None
+    if ctx.dry_run:
+        return None
     return _explicit_schedule_variant(f"karras:{n}", ctx, ts)
 
 
@@ -189,6 +207,8 @@ def _ays(arg, ctx: BenchContext) -> Variant:
         ts = ays_timesteps(n, family)
     except ValueError as e:
         raise UserError(f"ays:{arg}: {e}") from None
+    if ctx.dry_run:
+        return None
     return _explicit_schedule_variant(f"ays:{n}", ctx, ts, f"AYS {family} table, {ts}")
 
 
@@ -242,6 +262,10 @@ def run_bench(loaded, methods: str, evalset, default_steps: int = 50, scheduler:
     parsed.insert(0, ("full", None))
     base = SampleSpec(inputs=evalset.inputs, seeds=evalset.seeds, num_inference_steps=default_steps,
                       scheduler=scheduler, call_kwargs=dict(evalset.call_kwargs), batch_size=batch_size)
+    # every method's argument is checked before anything is sampled
+    dry = BenchContext(loaded=loaded, base_spec=base, default_steps=default_steps, dry_run=True)
+    for name, arg in parsed:
+        METHODS[name](arg, dry)
     ctx = BenchContext(loaded=loaded, base_spec=base, default_steps=default_steps)
     rows, outputs = [], {}
     full_time = full_macs = None

@@ -20,10 +20,13 @@ DEFAULT_PROMPTS = (
 
 def eval_set_for(loaded, n: int, seed: int = 0, prompts_file: Optional[Path] = None):
     """The evaluation inputs of ``loaded``: the zoo's fixed sets, or prompts for text-to-image pipelines."""
-    from diffslim.zoo.evalsets import EvalSet, zoo_eval_set
+    from diffslim.zoo.evalsets import EvalSet, pipeline_eval_set, zoo_eval_set
 
     if loaded.zoo is not None:
         return zoo_eval_set(loaded.zoo.name, n, seed=seed)
+    zoo_like = pipeline_eval_set(loaded.pipe, n, seed=seed) if loaded.pipe is not None else None
+    if zoo_like is not None:
+        return zoo_like
     if loaded.pipe is None:
         raise UserError(f"{loaded.source} is a lone model, not a pipeline; sampling needs a pipeline folder or zoo:NAME")
     prompts = list(DEFAULT_PROMPTS)
@@ -83,7 +86,9 @@ def metrics_fn_for(loaded, evalset, *, clip_path=None, lpips_path=None, inceptio
                 skipped["digit_accuracy"] = "digit classifier weights missing; run `diffslim zoo-train classifier`"
             else:
                 row["digit_accuracy"] = quality.digit_accuracy(outputs, torch.tensor(evalset.labels), classifier)
-            if fid is not None:
+            if fid is not None and len(outputs) < 2:
+                skipped["fid"] = "needs at least 2 samples"
+            elif fid is not None:
                 fid.reset(real=False)
                 fid.update(outputs, real=False)
                 row["fid"] = fid.compute()

@@ -31,12 +31,29 @@ class EvalSet:
 def zoo_eval_set(name: str, n: int, seed: int = 0, eval_patch: int = 32) -> EvalSet:
     """``n`` evaluation inputs of zoo model ``name`` (labels cycle 0..9; SR crops come from held-out photos)."""
     e = zoo_entry(name)
+    return task_eval_set(e.task, n, seed, sample_size=e.denoiser_config["sample_size"], eval_patch=eval_patch)
+
+
+def pipeline_eval_set(pipe, n: int, seed: int = 0, eval_patch: int = 32) -> Optional[EvalSet]:
+    """The eval set of a zoo-type pipeline loaded from any folder (None for other pipelines)."""
+    from diffslim.zoo.pipelines import ZooClassPipeline, ZooSRPipeline
+
+    if isinstance(pipe, ZooClassPipeline):
+        return task_eval_set("class", n, seed, sample_size=pipe.denoiser.config.sample_size)
+    if isinstance(pipe, ZooSRPipeline):
+        return task_eval_set("sr", n, seed, eval_patch=eval_patch)
+    return None
+
+
+def task_eval_set(task: str, n: int, seed: int = 0, sample_size: int = 8, eval_patch: int = 32) -> EvalSet:
+    """Inputs of a zoo task: "class" (digits 0..9 in turn) or "sr" (held-out photo crops, 2x)."""
     seeds = [seed + i for i in range(n)]
-    if e.task == "class":
+    if task == "class":
         labels = [i % 10 for i in range(n)]
-        real, _ = zdata.digits("test", size=e.denoiser_config["sample_size"])
+        real, _ = zdata.digits("test", size=sample_size)
         return EvalSet(inputs=[{"class_label": y} for y in labels], seeds=seeds, labels=labels, real_images=real)
     hr = zdata.photo_patches(zdata.SR_HELDOUT_PHOTOS, eval_patch, n, seed=1000 + seed, scales=(1.0, 0.5))
+    # the held-out crops are fixed by ``seed``; the diffusion noise of sample i uses seeds[i]
     lr = zdata.downscale(hr, 2)
     from diffslim.zoo.pipelines import ZooSRPipeline
 

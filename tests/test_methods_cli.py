@@ -1,0 +1,114 @@
+"""depth-search, timesteps and the issue-4 bench methods, end to end on a tiny random pipeline folder."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from diffslim.cli import app
+from diffslim.methods.depth_search import search_depth
+from diffslim.recipe import load_recipe
+from diffslim.sample import SampleSpec, sample
+
+runner = CliRunner()
+
+
+def _run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def _spec(n=4, steps=6):
+    return SampleSpec([{"class_label": i % 10} for i in range(n)], list(range(n)), num_inference_steps=steps,
+                      batch_size=n)
+
+
+def test_binary_search_agrees_with_linear_scan_on_a_monotone_curve(tiny_digits_pipe, monkeypatch):
+    import diffslim.methods.depth_search as ds
+
+    curve = {d: 10.0 + 3 * d for d in range(1, 14)}  # a known, monotone quality curve
+    monkeypatch.setattr(ds, "depth_quality", lambda pipe, attr, spec, ref, d, metric: curve[d])
+    for thr in (5, 20, 25.5, 40, 49, 60):
+        b = search_depth(tiny_digits_pipe, "denoiser", None, None, thr, mode="binary")
+        lin = search_depth(tiny_digits_pipe, "denoiser", None, None, thr, mode="linear")
+        assert b.depth == lin.depth
+        want = min([d for d in range(1, 13) if curve[d] >= thr], default=13)
+        assert b.depth == want and b.reached == (want < 13)
+        assert b.sampling_runs <= 4 and lin.sampling_runs == 12 and lin.monotone
+
+
+def test_depth_search_real_sampling(tiny_digits_pipe):
+    spec = _spec()
+    ref = sample(tiny_digits_pipe, spec)
+    res = search_depth(tiny_digits_pipe, "denoiser", spec, ref, threshold=-1.0, mode="binary")
+    assert res.depth == 1 and res.reached  # every depth passes a threshold of -1 dB
+    res = search_depth(tiny_digits_pipe, "denoiser", spec, ref, threshold=1e9, mode="binary")
+    assert res.depth == 13 and not res.reached and res.best_pruned in res.evaluations
+
+
+def test_depth_search_cli_writes_recipe_and_plot(tiny_digits_folder, tmp_path):
+    out, plot = tmp_path / "r.json", tmp_path / "d.png"
+    r = _run("depth-search", tiny_digits_folder, "--threshold", "-5", "--n", "2", "--steps", "3", "--json",
+             "--out", out, "--plot", plot)
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.output)
+    assert d["depth"] == 1 and d["reached"] and d["sampling_runs"] >= 1
+    assert load_recipe(out).depth.depth == 1 and plot.stat().st_size > 1000
+    r = _run("depth-search", tiny_digits_folder, "--threshold", "1000", "--n", "2", "--steps", "3")
+    assert r.exit_code == 1 and "no pruned depth reaches psnr >= 1000" in " ".join(r.output.split())
+
+
+def test_timesteps_cli_prints_schedule():
+    r = _run("timesteps", "--steps", "5", "--gamma", "1", "--json")
+    assert json.loads(r.output)["timesteps"] == [999, 749, 499, 249, 0]
+    r = _run("timesteps", "--steps", "5")
+    assert r.exit_code == 2 and "give --gamma" in r.output
+
+
+def test_timesteps_cli_search_writes_applicable_recipe(tiny_digits_folder, tmp_path, tiny_digits_pipe):
+    from diffslim.apply import apply
+    from diffslim.models.load import load
+
+    out = tmp_path / "t.json"
+    r = _run("timesteps", tiny_digits_folder, "--steps", "3", "--method", "greedy", "--n", "2", "--full-steps", "6",
+             "--json", "--out", out)
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.output)
+    assert len(d["timesteps"]) == 3 and d["methods"]["greedy"]["evaluations"] >= 3
+    rec = load_recipe(out)
+    pipe = load(str(tiny_digits_folder)).pipe
+    apply(pipe, rec)  # DDIM + explicit timesteps -> non-uniform DDIM, pinned
+    sample(pipe, _spec(n=1))
+    assert pipe.scheduler.timesteps.tolist() == d["timesteps"]
+    assert "NonUniformDDIMScheduler" in type(pipe.scheduler).__mro__[1].__name__
+
+
+def test_apply_depth_recipe_shrinks_pipeline(tiny_digits_folder):
+    from diffslim.apply import apply
+    from diffslim.models.load import load
+
+    pipe = load(str(tiny_digits_folder)).pipe
+    before = sum(p.numel() for p in pipe.denoiser.parameters())
+    apply(pipe, {"depth": {"depth": 6}, "sampling": {"num_inference_steps": 3}})
+    assert sum(p.numel() for p in pipe.denoiser.parameters()) < before
+    assert sample(pipe, _spec(n=2)).shape == (2, 1, 8, 8)
+
+
+def test_bench_issue4_methods(tiny_digits_folder):
+    r = _run("bench", tiny_digits_folder, "--methods", "depth:7,uniform:3,karras:3,ays:3,gamma:3:1.2",
+             "--n", "3", "--steps", "6", "--json")
+    assert r.exit_code == 0, r.output
+    rows = {x["method"]: x for x in json.loads(r.output)["rows"]}
+    assert set(rows) == {"full", "depth:7", "uniform:3", "karras:3", "ays:3", "gamma:3:1.2"}
+    assert rows["depth:7"]["params"] < rows["full"]["params"] and rows["depth:7"]["macs_ratio"] < 1
+    for k in ("uniform:3", "karras:3", "ays:3", "gamma:3:1.2"):
+        assert rows[k]["macs_ratio"] == pytest.approx(0.5, rel=0.02)
+    assert "timesteps" in rows["uniform:3"]["notes"]
+
+
+@pytest.mark.parametrize("methods, needle", [
+    ("depth:20", "depth 20 is outside 1..13"), ("gamma:1", "gamma:N needs an integer >= 2"),
+    ("uniform:4:sideways", "uniform:4:sideways"), ("karras:x", "karras:N needs an integer")])
+def test_bench_method_argument_errors(tiny_digits_folder, methods, needle):
+    r = _run("bench", tiny_digits_folder, "--methods", methods, "--n", "1", "--steps", "2")
+    assert r.exit_code == 2 and needle in " ".join(r.output.split()), r.output
