@@ -83,11 +83,18 @@ def test_apply_explicit_timesteps(tiny_digits_pipe):
     assert pipe.scheduler.timesteps.tolist() == [999, 700, 300, 50]
 
 
-def test_apply_rejects_timesteps_for_ddim(tiny_digits_pipe):
+def test_apply_timesteps_ddim_becomes_non_uniform_and_pndm_is_rejected(tiny_digits_pipe):
     import copy
 
+    from diffslim.methods.timesteps import NonUniformDDIMScheduler
+
+    pipe = copy.deepcopy(tiny_digits_pipe)
+    apply(pipe, {"sampling": {"scheduler": "ddim", "timesteps": [999, 500, 1]}})
+    assert isinstance(pipe.scheduler, NonUniformDDIMScheduler)
+    sample(pipe, _spec(n=1))
+    assert pipe.scheduler.timesteps.tolist() == [999, 500, 1]
     with pytest.raises(RecipeError, match="accepts no explicit timesteps"):
-        apply(copy.deepcopy(tiny_digits_pipe), {"sampling": {"scheduler": "ddim", "timesteps": [999, 500, 1]}})
+        apply(copy.deepcopy(tiny_digits_pipe), {"sampling": {"scheduler": "pndm", "timesteps": [999, 500, 1]}})
 
 
 def test_identity_recipe_reproduces_full_model_bit_for_bit(tiny_digits_pipe):

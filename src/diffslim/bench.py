@@ -127,7 +127,7 @@ def _explicit_schedule_variant(method: str, ctx: BenchContext, timesteps, notes:
     stack = explicit_timesteps(pipe)
     stack.__enter__()
     return Variant(method, pipe, ctx.base_spec.replace(timesteps=ts, num_inference_steps=None),
-                   _n_params(ctx.loaded.denoiser), notes=notes or f"timesteps {ts}",
+                   _n_params(ctx.loaded.denoiser), notes=(notes + "; " if notes else "") + f"timesteps {ts}",
                    cleanup=lambda: stack.__exit__(None, None, None))
 
 

@@ -432,8 +432,8 @@ def recipe_cmd(path: Path = typer.Argument(..., help="recipe JSON file to valida
 @_guard
 def demo(
     out: Path = typer.Option(Path("report"), help="report folder"),
-    n: int = typer.Option(50, help="inputs per bench"),
-    methods: str = typer.Option("full,steps:25,steps:10", help="bench methods"),
+    n: Optional[int] = typer.Option(None, help="inputs per bench (default: per model, see diffslim.demo.DEMO_PLAN)"),
+    methods: Optional[str] = typer.Option(None, help="bench methods (default: per model)"),
 ):
     """Profile, sample and bench the zoo models; write index.html + report.json + figures."""
     _quiet_libraries()

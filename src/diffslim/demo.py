@@ -1,4 +1,4 @@
-"""``make demo``: profile, sample and bench the zoo models (and real models' configs) into one report."""
+"""``make demo``: profile, sample, search and bench the zoo models (and real models' configs) into one report."""
 
 from __future__ import annotations
 
@@ -8,14 +8,47 @@ from rich.console import Console
 
 CONFIGS_DIR = Path(__file__).parent / "configs"
 
+# What the demo runs per zoo model: bench methods, inputs, and whether depth search applies (U-Nets).
+DEMO_PLAN = {
+    "digits-sd": dict(n=50, methods="full,steps:25,steps:10,depth:9,depth:7,uniform:10,karras:10,ays:10,gamma:10",
+                      depth_search=True),
+    "digits-dit": dict(n=50, methods="full,steps:25,steps:10,uniform:10,karras:10,ays:10,gamma:10", depth_search=False),
+    "sr": dict(n=16, methods="full,steps:10,depth:9,depth:7,uniform:10,gamma:10", depth_search=True),
+}
 
-def run_demo(out: Path, n: int = 50, methods: str = "full,steps:25,steps:10", console: Console | None = None) -> Path:
-    """Write ``out/index.html`` + ``report.json`` + figures; returns the folder."""
+
+def schedules_figure(steps: int, found: dict[str, list[int]]):
+    """The timesteps of each N-step schedule, one row per schedule."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 0.5 + 0.45 * len(found)))
+    for i, (name, ts) in enumerate(found.items()):
+        ax.plot(ts, [i] * len(ts), "o", ms=5)
+    ax.set_yticks(range(len(found)), list(found))
+    ax.set_xlabel("timestep (999 = pure noise)")
+    ax.set_xlim(1010, -10)
+    ax.set_title(f"{steps}-step schedules")
+    ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    return fig
+
+
+def run_demo(out: Path, n: int | None = None, methods: str | None = None, console: Console | None = None) -> Path:
+    """Write ``out/index.html`` + ``report.json`` + figures; returns the folder.
+
+    ``n`` and ``methods`` override the per-model plan (``DEMO_PLAN``).
+    """
+    from diffslim.apply import denoiser_attr
     from diffslim.bench import run_bench
     from diffslim.evaluate import eval_set_for, finite, metrics_fn_for
-    from diffslim.measure.profile import profile_model
+    from diffslim.measure.profile import profile_depths, profile_model
+    from diffslim.methods.depth_search import depth_search_figure, search_depth
     from diffslim.models.load import ModelLoadError, load
     from diffslim.report import Report, add_bench_section
+    from diffslim.sample import SampleSpec, sample
     from diffslim.zoo.registry import ZOO
 
     console = console or Console()
@@ -23,7 +56,8 @@ def run_demo(out: Path, n: int = 50, methods: str = "full,steps:25,steps:10", co
     rep.add_text("what this is",
                  "Every zoo model is trained here on images that installed packages ship (scikit-learn digits, "
                  "scikit-image photos). Each bench compares variants of one model on the same inputs and seeds in "
-                 "one process; speedups are ratios of wall times measured in this run on this machine.")
+                 "one process; speedups are ratios of wall times measured in this run on this machine, and "
+                 "psnr/ssim compare each variant's outputs with the full model's.")
     prof_rows, profiles = [], {}
     targets = [f"zoo:{k}" for k in ZOO] + [str(p) for p in sorted(CONFIGS_DIR.iterdir()) if (p / "config.json").exists()]
     for target in targets:
@@ -36,25 +70,53 @@ def run_demo(out: Path, n: int = 50, methods: str = "full,steps:25,steps:10", co
         profiles[name] = p
         prof_rows.append({"model": name, "class": p["class"], "input": "x".join(map(str, p["sample_size"])),
                           "params": p["params"], "GMACs": p["macs"] / 1e9,
+                          "GMACs_excl_attention": p["macs_excl_attention"] / 1e9,
                           "latency_ms": None if p["latency_s"] is None else p["latency_s"] * 1e3})
         console.print(f"profiled {name}: {p['params']:,} params, {p['macs'] / 1e9:.3f} GMACs")
     rep.add_table("profiles (one denoiser call, batch 1)", prof_rows)
     rep.add_data("profiles", profiles)
-    benches = {}
-    for key, entry in ZOO.items():
+
+    sd15 = CONFIGS_DIR / "sd15-unet"
+    if (sd15 / "config.json").exists():
+        rows = profile_depths(str(sd15))
+        rep.add_table("depth-skip on SD-1.5's U-Net (config only, 64x64 latent)", rows,
+                      ["depth", "params", "params_ratio", "macs", "macs_ratio", "macs_excl_attention"])
+        rep.add_data("sd15_depths", rows)
+        console.print("profiled SD-1.5 at every depth")
+
+    benches, searches = {}, {}
+    for key, plan in DEMO_PLAN.items():
         model = f"zoo:{key}"
         try:
             loaded = load(model)
         except ModelLoadError as e:
-            console.print(f"[yellow]skipping bench of {model}: {e}[/]")
+            console.print(f"[yellow]skipping {model}: {e}[/]")
             continue
-        es = eval_set_for(loaded, n)
-        res = run_bench(loaded, methods, es, default_steps=entry.default_steps, batch_size=n,
+        k = n or plan["n"]
+        es = eval_set_for(loaded, k)
+        res = run_bench(loaded, methods or plan["methods"], es, default_steps=ZOO[key].default_steps, batch_size=k,
                         metrics_fn=metrics_fn_for(loaded, es), progress=True)
-        rows = [{k: finite(v) for k, v in r.items()} for r in res.rows]
+        rows = [{kk: finite(v) for kk, v in r.items()} for r in res.rows]
         benches[model] = rows
         add_bench_section(rep, model, rows, res.outputs)
-        console.print(f"benched {model}: " + ", ".join(
-            f"{r['method']} speedup {r['speedup']:.2f}" for r in rows))
+        console.print(f"benched {model}: " + ", ".join(f"{r['method']} x{r['speedup']:.2f}" for r in rows))
+        found = {r["method"]: [int(t) for t in r["notes"].split("timesteps [")[-1].rstrip("]").split(",")]
+                 for r in rows if "timesteps [" in (r.get("notes") or "")}
+        if found:
+            steps = len(next(iter(found.values())))
+            rep.add_figure(f"schedules: {model}", f"schedules_{key}.png", schedules_figure(steps, found),
+                           "timesteps of the explicit-schedule rows above")
+        if plan["depth_search"]:
+            calib = eval_set_for(loaded, 20, seed=10_000)
+            spec = SampleSpec(calib.inputs, calib.seeds, num_inference_steps=ZOO[key].default_steps, batch_size=20)
+            ref = sample(loaded.pipe, spec)
+            sres = search_depth(loaded.pipe, denoiser_attr(loaded.pipe), spec, ref, threshold=30.0, mode="linear")
+            searches[model] = sres.to_json()
+            rep.add_figure(f"depth search: {model}", f"depth_search_{key}.png",
+                           depth_search_figure(sres, f"{model}: PSNR vs depth (20 calibration inputs)"),
+                           f"linear scan; shallowest depth with PSNR >= 30 dB: {sres.depth} "
+                           f"({'monotone' if sres.monotone else 'not monotone'} in depth)")
+            console.print(f"depth search {model}: depth {sres.depth} ({sres.sampling_runs} runs)")
     rep.add_data("benches", benches)
+    rep.add_data("depth_searches", searches)
     return rep.write(out)

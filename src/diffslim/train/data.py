@@ -1,0 +1,289 @@
+"""Training datasets for the distillation trainer: map-style datasets that yield dicts of tensors.
+
+Every dataset is indexable (``ds[i]``) and deterministic: the same index gives the same sample. The
+trainer picks indices as a function of (seed, step), so a resumed run sees exactly the same batches
+without saving data-loader iterators. Images are float32 in [0, 1], channels first.
+
+A sample that cannot be read (a corrupt or truncated file) is skipped: a warning is logged, the
+dataset's ``skipped`` count grows, and the next index is returned in its place. A long run never
+dies on one bad file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+class ZooDigits(torch.utils.data.Dataset):
+    """scikit-learn's digits (the zoo's class-conditional data).
+
+    Sample: ``{"image": (1, size, size) float32 in [0, 1], "label": int in 0..9}``.
+    ``split``: "all", "train" or "test" (see ``diffslim.zoo.data.digits``).
+    """
+
+    def __init__(self, split: str = "all", size: int = 8):
+        from diffslim.zoo import data as zdata
+
+        self.images, self.labels = zdata.digits(split, size=size)
+        self.skipped = 0
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": self.images[i], "label": int(self.labels[i])}
+
+
+class ZooSRPatches(torch.utils.data.Dataset):
+    """High-resolution patches of scikit-image's photos (the zoo's super-resolution data).
+
+    Sample: ``{"image": (3, patch, patch) float32 in [0, 1]}`` (the HR target; the trainer makes the
+    low-resolution input by box downscaling, as zoo training does). ``count`` crops, fixed by ``seed``.
+    """
+
+    def __init__(self, count: int, patch: int = 16, seed: int = 0):
+        from diffslim.zoo import data as zdata
+
+        self.patches = zdata.photo_patches(zdata.SR_TRAIN_PHOTOS, patch, count, seed=seed)
+        self.skipped = 0
+
+    def __len__(self) -> int:
+        return len(self.patches)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": self.patches[i]}
+
+
+def load_image(path: Union[str, Path], size: Optional[int]) -> torch.Tensor:
+    """Read an image file as RGB ``(3, size, size)`` float32 in [0, 1].
+
+    The shorter side is resized to ``size`` (bicubic) and the centre cropped square; ``size=None``
+    keeps the file's own ``(3, H, W)``. Raises ``OSError``/``ValueError`` for unreadable files.
+    """
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im.load()  # decode now: a truncated file fails here, not later
+        im = im.convert("RGB")
+    if size is not None:
+        w, h = im.size
+        scale = size / min(w, h)
+        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+        if (nw, nh) != (w, h):
+            im = im.resize((nw, nh), Image.Resampling.BICUBIC)
+        left, top = (nw - size) // 2, (nh - size) // 2
+        im = im.crop((left, top, left + size, top + size))
+    arr = np.asarray(im, dtype=np.float32) / 255.0
+    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
+
+
+def _list_images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def _read_jsonl_captions(path: Path) -> dict[str, str]:
+    """``{"file": NAME, "text": CAPTION}`` per line (``file_name`` accepted as in HF imagefolder)."""
+    out = {}
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            name = rec.get("file", rec.get("file_name"))
+            out[Path(name).name] = str(rec["text"])
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}:{n}: expected {{\"file\": ..., \"text\": ...}} ({e})") from None
+    return out
+
+
+class _SkippingDataset(torch.utils.data.Dataset):
+    """Index access that skips unreadable samples: tries ``i``, ``i+1``, ... and counts what it skipped."""
+
+    def __init__(self):
+        self._bad: set[int] = set()
+
+    @property
+    def skipped(self) -> int:
+        """How many distinct samples were found unreadable so far."""
+        return len(self._bad)
+
+    def _read(self, i: int) -> dict:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _describe(self, i: int) -> str:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __getitem__(self, i: int) -> dict:
+        n = len(self)
+        for k in range(n):
+            j = (i + k) % n
+            if j in self._bad:
+                continue
+            try:
+                return self._read(j)
+            except (OSError, ValueError, SyntaxError) as e:  # PIL raises these for bad files
+                self._bad.add(j)
+                logger.warning("skipping unreadable sample %s: %s (%d skipped so far)", self._describe(j), e,
+                               len(self._bad))
+        raise RuntimeError(f"every sample of {type(self).__name__} is unreadable ({n} files)")
+
+
+class ImageFolder(_SkippingDataset):
+    """The images of a folder (png, jpg, jpeg, webp, bmp; not recursive), sorted by name.
+
+    Sample: ``{"image": (3, size, size) float32 in [0, 1], "text": str}``; resized so the shorter side
+    is ``size`` and centre-cropped (``size=None``: the file's own size). Captions: from ``captions``,
+    a JSONL file of ``{"file": NAME, "text": CAPTION}``; else from ``captions.jsonl`` or
+    ``metadata.jsonl`` in the folder; else from a ``.txt`` file with the image's stem; ``""`` when none.
+    """
+
+    def __init__(self, path: Union[str, Path], size: Optional[int], captions: Optional[Union[str, Path]] = None):
+        super().__init__()
+        self.root = Path(path)
+        if not self.root.is_dir():
+            raise ValueError(f"{self.root} is not a folder of images")
+        self.files = _list_images(self.root)
+        if not self.files:
+            raise ValueError(f"{self.root} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+        self.size = size
+        if captions is None:
+            captions = next((self.root / n for n in ("captions.jsonl", "metadata.jsonl")
+                             if (self.root / n).is_file()), None)
+        self._captions = _read_jsonl_captions(Path(captions)) if captions is not None else None
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def caption(self, i: int) -> str:
+        """The caption of image ``i`` (``""`` when it has none)."""
+        f = self.files[i]
+        if self._captions is not None:
+            return self._captions.get(f.name, "")
+        txt = f.with_suffix(".txt")
+        return txt.read_text().strip() if txt.is_file() else ""
+
+    def _describe(self, i: int) -> str:
+        return str(self.files[i])
+
+    def _read(self, i: int) -> dict:
+        return {"image": load_image(self.files[i], self.size), "text": self.caption(i)}
+
+
+class ConditionPairs(_SkippingDataset):
+    """Image-to-image pairs: ``folder/input/NAME`` (the condition) and ``folder/target/NAME`` (the output).
+
+    Files are matched by stem (``a.png`` pairs with ``a.jpg``); unmatched files are ignored with a
+    warning. Sample: ``{"image": (3, size, size) target, "cond": (3, cond_size, cond_size) input,
+    "text": str}``, float32 in [0, 1]; a size of None keeps the file's own size. Captions as in
+    ``ImageFolder``, for the target images (``.txt`` files in ``target/`` or a JSONL in ``folder``).
+    """
+
+    def __init__(self, folder: Union[str, Path], size: Optional[int] = None, cond_size: Optional[int] = None,
+                 captions: Optional[Union[str, Path]] = None):
+        super().__init__()
+        self.root = Path(folder)
+        inp, tgt = self.root / "input", self.root / "target"
+        if not (inp.is_dir() and tgt.is_dir()):
+            raise ValueError(f"{self.root} needs input/ and target/ subfolders with matching file names")
+        inputs = {p.stem: p for p in _list_images(inp)}
+        targets = {p.stem: p for p in _list_images(tgt)}
+        common = sorted(set(inputs) & set(targets))
+        lonely = sorted(set(inputs) ^ set(targets))
+        if lonely:
+            logger.warning("%s: %d files have no partner in input/ or target/ and are ignored (e.g. %s)",
+                           self.root, len(lonely), lonely[0])
+        if not common:
+            raise ValueError(f"{self.root}: no file name appears in both input/ and target/")
+        self.pairs = [(inputs[s], targets[s]) for s in common]
+        self.size, self.cond_size = size, cond_size
+        if captions is None:
+            captions = next((self.root / n for n in ("captions.jsonl", "metadata.jsonl")
+                             if (self.root / n).is_file()), None)
+        self._captions = _read_jsonl_captions(Path(captions)) if captions is not None else None
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def _describe(self, i: int) -> str:
+        return f"{self.pairs[i][0]} / {self.pairs[i][1]}"
+
+    def _read(self, i: int) -> dict:
+        src, dst = self.pairs[i]
+        if self._captions is not None:
+            text = self._captions.get(dst.name, self._captions.get(src.name, ""))
+        else:
+            txt = dst.with_suffix(".txt")
+            text = txt.read_text().strip() if txt.is_file() else ""
+        return {"image": load_image(dst, self.size), "cond": load_image(src, self.cond_size), "text": text}
+
+
+def collate(samples: Sequence[dict]) -> dict:
+    """Stack a list of samples: tensors -> ``(B, ...)``, ints -> ``(B,)`` int64, floats -> ``(B,)``, strings -> list."""
+    out = {}
+    for key in samples[0]:
+        vals = [s[key] for s in samples]
+        v0 = vals[0]
+        if isinstance(v0, torch.Tensor):
+            out[key] = torch.stack(vals)
+        elif isinstance(v0, bool) or isinstance(v0, (int, np.integer)):
+            out[key] = torch.tensor([int(v) for v in vals], dtype=torch.long)
+        elif isinstance(v0, (float, np.floating)):
+            out[key] = torch.tensor([float(v) for v in vals], dtype=torch.float32)
+        else:
+            out[key] = list(vals)
+    return out
+
+
+def pipeline_image_size(pipe) -> int:
+    """The pixel size a pipeline's denoiser trains at: ``sample_size`` (x the VAE factor for latent models)."""
+    den = next((getattr(pipe, n) for n in ("unet", "transformer", "denoiser") if getattr(pipe, n, None) is not None),
+               None)
+    if den is None:
+        raise ValueError(f"{type(pipe).__name__} has no unet, transformer or denoiser")
+    size = den.config.sample_size
+    size = size[0] if isinstance(size, (list, tuple)) else int(size)
+    vae = getattr(pipe, "vae", None)
+    if vae is not None:
+        size *= getattr(pipe, "vae_scale_factor", 2 ** (len(vae.config.block_out_channels) - 1))
+    return int(size)
+
+
+def make_dataset(spec: str, pipe) -> torch.utils.data.Dataset:
+    """The training data named by ``spec`` for ``pipe``.
+
+    ``"zoo"``: the zoo's own data for a zoo pipeline (``ZooClassPipeline`` -> ``ZooDigits`` at the
+    denoiser's size; ``ZooSRPipeline`` -> ``ZooSRPatches`` of the denoiser's size). A folder with
+    ``input/`` and ``target/`` -> ``ConditionPairs``; another folder -> ``ImageFolder``; both at the
+    pipeline's image size (for SR the input is at that size divided by the upscale factor).
+    Raises ``ValueError`` with what to do otherwise.
+    """
+    from diffslim.zoo.pipelines import ZooClassPipeline, ZooSRPipeline
+
+    is_class, is_sr = isinstance(pipe, ZooClassPipeline), isinstance(pipe, ZooSRPipeline)
+    if spec == "zoo":
+        if is_class:
+            return ZooDigits("all", size=int(pipe.denoiser.config.sample_size))
+        if is_sr:
+            return ZooSRPatches(20000, patch=int(pipe.denoiser.config.sample_size), seed=0)
+        raise ValueError(f"data 'zoo' is only for zoo pipelines, not {type(pipe).__name__}; "
+                         "give a folder of images (optionally with captions) instead")
+    folder = Path(spec)
+    if not folder.is_dir():
+        raise ValueError(f"data {spec!r} is neither 'zoo' nor an existing folder of images")
+    if is_class:
+        raise ValueError("class-conditional zoo pipelines train on labelled digits: use data 'zoo'")
+    size = pipeline_image_size(pipe)
+    if (folder / "input").is_dir() and (folder / "target").is_dir():
+        cond_size = size // int(pipe.config.upscale) if is_sr else size
+        return ConditionPairs(folder, size=size, cond_size=cond_size)
+    return ImageFolder(folder, size)

@@ -1,0 +1,691 @@
+"""The distillation trainer: fine-tune a smaller student denoiser against its teacher (Accelerate).
+
+Used to fine-tune depth-skipped U-Nets (Kim and Cho, 2024) and for LAPTOP-Diff's normalized
+feature distillation; with ``normalized=False`` the feature term is BK-SDM's plain sum of MSEs.
+The loss of one step, with ``x_t = add_noise(x0, eps, t)``, the student prediction ``eps_S`` and the
+teacher prediction ``eps_T`` (both ``(B, C, H, W)``; "eps" is the scheduler's prediction target,
+the noise for ``prediction_type="epsilon"``, the velocity for ``"v_prediction"``)::
+
+    loss = lambda_task * task + lambda_out * out + lambda_feat * feat
+    task = mean((target - eps_S)^2)          out = mean((eps_T - eps_S)^2)
+    feat = sum_l mean((F_l^T - F_l^S)^2) / (mean((F_l^T)^2) + feat_eps)    normalized (LAPTOP-Diff)
+    feat = sum_l mean((F_l^T - F_l^S)^2)                                   plain (BK-SDM)
+
+where ``mean`` runs over every element of the batch (batch, channels, positions), so the normalized
+term of a layer is ``||F^T - F^S||^2 / (||F^T||^2 + feat_eps * numel)`` with squared Frobenius
+norms over the whole batch, the teacher's norm detached. Features ``F_l`` are the outputs of the
+denoiser's blocks (``down_blocks.i`` (first element of its tuple), ``mid_block``, ``up_blocks.i``,
+``transformer_blocks.i``), captured on teacher and student by diffusers ``ModelHook`` taps.
+
+The whole loop is visible in ``distill`` (prepare, step, log, checkpoint, resume), as in
+Accelerate's examples. Batches, label dropout, noise and timesteps are a pure function of
+(seed, step, process index), so a resumed run continues exactly where the stopped one was.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import logging
+import math
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Mapping, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers.hooks import HookRegistry, ModelHook
+from torch import nn
+
+from diffslim.train.data import collate
+
+logger = logging.getLogger(__name__)
+
+_TAP_HOOK = "diffslim_distill_feature_tap"
+_BLOCK_LISTS = ("down_blocks", "up_blocks", "transformer_blocks")
+_TERMS = ("loss", "task", "out", "feat")
+
+
+@dataclass
+class DistillConfig:
+    """Settings of one distillation run (see the module docstring for the loss).
+
+    ``batch_size`` is per process (the global batch is ``batch_size * num_processes``). ``warmup``:
+    linear warm-up steps before the cosine decay (None: ``min(200, steps // 10)``). ``features``:
+    ``"auto"``, a list of block names present in both models, or a dict ``{student_name:
+    teacher_name}``. ``ema_decay=None`` disables the EMA (then ``out/student`` holds the raw
+    weights). ``stop_at``: end this call after that global step with a checkpoint (a time-boxed
+    slice of a longer run; calling again with the same settings resumes). ``label_dropout``: the
+    share of class labels replaced by the null label (classifier-free guidance), zoo class task only.
+    """
+
+    steps: int
+    batch_size: int
+    lr: float
+    out: Union[str, Path]
+    checkpoint_every: int = 500
+    log_every: int = 50
+    lambda_task: float = 1.0
+    lambda_out: float = 1.0
+    lambda_feat: float = 1.0
+    normalized: bool = True
+    features: Union[str, Sequence[str], Mapping[str, str]] = "auto"
+    feat_eps: float = 1e-6
+    ema_decay: Optional[float] = 0.999
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    log_with: str = "csv"
+    warmup: Optional[int] = None
+    progress: bool = True
+    max_grad_norm: float = 1.0
+    weight_decay: float = 0.0
+    label_dropout: float = 0.1
+    keep_checkpoints: int = 2
+    stop_at: Optional[int] = None
+
+
+@dataclass
+class DistillResult:
+    """What a run left: ``out_dir/student`` (the exported student), the global step reached, the mean
+    of each loss term (``loss, task, out, feat``) over the last logged window, and the CSV log path."""
+
+    out_dir: Path
+    steps: int
+    final_losses: dict = field(default_factory=dict)
+    log_path: Optional[Path] = None
+
+
+# ------------------------------------------------------------------------------------------
+# Feature taps and the loss
+
+
+class FeatureTap(ModelHook):
+    """Records a block's output in ``store[name]``: the first element of a tuple, ``.sample`` of an output object."""
+
+    def __init__(self, store: dict, name: str):
+        super().__init__()
+        self.store, self.name = store, name
+
+    def post_forward(self, module, output):
+        feat = output
+        if isinstance(feat, (tuple, list)):
+            feat = feat[0]
+        if hasattr(feat, "sample"):
+            feat = feat.sample
+        self.store[self.name] = feat
+        return output
+
+
+def add_feature_taps(model: nn.Module, names: Sequence[str], store: dict, keys: Optional[Sequence[str]] = None) -> None:
+    """Register a ``FeatureTap`` on each named submodule; its output goes to ``store[key]`` (key defaults to the name)."""
+    for name, key in zip(names, keys or names):
+        HookRegistry.check_if_exists_or_initialize(model.get_submodule(name)).register_hook(FeatureTap(store, key),
+                                                                                             _TAP_HOOK)
+
+
+def remove_feature_taps(model: nn.Module, names: Sequence[str]) -> None:
+    """Remove the taps ``add_feature_taps`` registered; the modules' forwards are restored."""
+    for name in names:
+        registry = getattr(model.get_submodule(name), "_diffusers_hook", None)
+        if registry is not None and _TAP_HOOK in registry.hooks:
+            registry.remove_hook(_TAP_HOOK, recurse=False)
+
+
+def _is_stand_in(module: Optional[nn.Module]) -> bool:
+    # The depth-skip convention: a removed module is replaced by a parameter-free ``Removed*`` class
+    # (methods sit above train/, so we recognise them by name rather than import them).
+    return module is not None and type(module).__name__.startswith("Removed")
+
+
+def _output_module(block: nn.Module) -> nn.Module:
+    """The submodule whose output is the block's output (sampler, else last resnet, else the block)."""
+    for attr in ("downsamplers", "upsamplers", "resnets"):
+        mods = getattr(block, attr, None)
+        if mods is not None and len(mods) > 0:
+            return mods[-1]
+    return block
+
+
+def candidate_blocks(model: nn.Module) -> list[str]:
+    """Block names of a denoiser in forward order: ``down_blocks.i``, ``mid_block``, ``up_blocks.i``, ``transformer_blocks.i``."""
+    names = []
+    for attr in ("down_blocks", "mid_block", "up_blocks", "transformer_blocks"):
+        mod = getattr(model, attr, None)
+        if mod is None:
+            continue
+        if attr == "mid_block":
+            names.append(attr)
+        else:
+            names += [f"{attr}.{i}" for i in range(len(mod))]
+    return names
+
+
+def select_features(teacher: nn.Module, student: nn.Module,
+                    features: Union[str, Sequence[str], Mapping[str, str]] = "auto") -> dict[str, str]:
+    """The blocks to distil, as ``{student_name: teacher_name}``.
+
+    ``"auto"``: every block of ``candidate_blocks`` present in both models whose student module is
+    neither a depth-skip stand-in (``Removed*``) nor replaced (a different class than the teacher's),
+    and whose output the student still computes (its output sub-layer is no stand-in: a down block
+    whose last layer was removed returns zeros and is left out). A list names blocks present in both;
+    a dict maps student names to teacher names. Raises ``ValueError`` for unknown names.
+    """
+    def get(model, name):
+        try:
+            return model.get_submodule(name)
+        except AttributeError:
+            return None
+
+    if isinstance(features, str):
+        if features != "auto":
+            raise ValueError(f"features must be 'auto', a list of block names or a dict, not {features!r}")
+        out = {}
+        for name in candidate_blocks(student):
+            s, t = get(student, name), get(teacher, name)
+            if t is None or _is_stand_in(s) or type(s) is not type(t) or _is_stand_in(_output_module(s)):
+                continue
+            out[name] = name
+        return out
+    mapping = dict(features) if isinstance(features, Mapping) else {n: n for n in features}
+    for s_name, t_name in mapping.items():
+        if get(student, s_name) is None or get(teacher, t_name) is None:
+            raise ValueError(f"feature {s_name!r}->{t_name!r} is not a module of both models; blocks: "
+                             f"{', '.join(candidate_blocks(student))}")
+        if _is_stand_in(get(student, s_name)):
+            raise ValueError(f"feature {s_name!r} is a removed block (a depth-skip stand-in) in the student")
+    return mapping
+
+
+def feature_loss(teacher_feats: Mapping[str, torch.Tensor], student_feats: Mapping[str, torch.Tensor],
+                 normalized: bool = True, eps: float = 1e-6) -> torch.Tensor:
+    """The feature term: ``sum_l mean((T_l - S_l)^2) [/ (mean(T_l^2) + eps)]`` over the layers of ``teacher_feats``.
+
+    ``teacher_feats[l]`` and ``student_feats[l]`` have the same shape (e.g. ``(B, C, H, W)``); means run
+    over all elements; the teacher features are detached and everything is computed in float32.
+    ``normalized=True`` is LAPTOP-Diff's normalized feature loss, ``False`` BK-SDM's plain sum. Returns
+    a 0-dim tensor (0 when there are no layers).
+    """
+    total = None
+    for name, ft in teacher_feats.items():
+        fs = student_feats[name]
+        if fs.shape != ft.shape:
+            raise ValueError(f"feature {name}: student shape {tuple(fs.shape)} != teacher shape {tuple(ft.shape)}; "
+                             "map student blocks to teacher blocks of the same shape (features={...})")
+        ft = ft.detach().float()
+        term = F.mse_loss(fs.float(), ft)
+        if normalized:
+            term = term / (ft.pow(2).mean() + eps)
+        total = term if total is None else total + term
+    if total is None:
+        return torch.zeros(())
+    return total
+
+
+# ------------------------------------------------------------------------------------------
+# Task adapters: batch -> (x0, conditioning); conditioning + denoiser -> prediction
+
+
+def _denoiser_of(pipe) -> nn.Module:
+    for attr in ("unet", "transformer", "denoiser"):
+        mod = getattr(pipe, attr, None)
+        if mod is not None:
+            return mod
+    raise ValueError(f"{type(pipe).__name__} has no unet, transformer or denoiser to distil")
+
+
+class _ZooClassTask:
+    """Digits: ``x0 = image * 2 - 1``; labels (with CFG dropout to the null label) via the cond encoder or ``class_labels``."""
+
+    def __init__(self, pipe, label_dropout: float):
+        self.pipe, self.label_dropout = pipe, label_dropout
+
+    def encode(self, batch: dict, g: torch.Generator, device) -> tuple[torch.Tensor, dict]:
+        x0 = batch["image"].to(device) * 2 - 1
+        labels = batch["label"].clone()
+        drop = torch.rand(labels.shape[0], generator=g) < self.label_dropout
+        labels = torch.where(drop, torch.full_like(labels, self.pipe.null_label), labels).to(device)
+        if self.pipe.cond_encoder is not None:
+            return x0, {"encoder_hidden_states": self.pipe.cond_encoder(labels)}
+        return x0, {"class_labels": labels}
+
+    def predict(self, denoiser, xt, t, cond: dict) -> torch.Tensor:
+        return denoiser(xt, t, **cond, return_dict=False)[0]
+
+
+class _ZooSRTask:
+    """Super-resolution: residual target ``(HR - up(LR)) * 2 * residual_scale``, ``up(LR) * 2 - 1`` concatenated."""
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+
+    def encode(self, batch: dict, g: torch.Generator, device) -> tuple[torch.Tensor, dict]:
+        from diffslim.zoo import data as zdata
+
+        hr = batch["image"].to(device)
+        scale = int(self.pipe.config.upscale)
+        if "cond" in batch:  # an explicit low-resolution input (ConditionPairs)
+            lr = batch["cond"].to(device)
+            up = lr if lr.shape[-2:] == hr.shape[-2:] else F.interpolate(
+                lr, size=hr.shape[-2:], mode="bicubic", align_corners=False).clamp(0, 1)
+        else:
+            up = self.pipe.upsample(zdata.downscale(hr, scale), scale)
+        x0 = (hr - up) * 2 * float(self.pipe.config.residual_scale)
+        ctx = self.pipe.cond_encoder(torch.zeros(hr.shape[0], dtype=torch.long, device=device))
+        return x0, {"cond_image": up * 2 - 1, "encoder_hidden_states": ctx}
+
+    def predict(self, denoiser, xt, t, cond: dict) -> torch.Tensor:
+        x = torch.cat([xt, cond["cond_image"].to(xt.dtype)], dim=1)
+        return denoiser(x, t, encoder_hidden_states=cond["encoder_hidden_states"], return_dict=False)[0]
+
+
+class _LatentTextTask:
+    """SD-style: VAE latents ``(z - shift) * scaling_factor`` of ``image * 2 - 1``; captions via the text encoder.
+
+    SDXL-style pipelines (``text_encoder_2``) also get ``added_cond_kwargs`` (pooled text, size ids);
+    with a ``cond`` image and a U-Net taking twice the latent channels (InstructPix2Pix) the cond
+    image's latent mode is concatenated to the noisy latents.
+    """
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+
+    @torch.no_grad()
+    def _text(self, captions: list, device):
+        pipe = self.pipe
+        if hasattr(pipe, "encode_prompt"):
+            enc = pipe.encode_prompt(prompt=captions, device=device, num_images_per_prompt=1,
+                                     do_classifier_free_guidance=False)
+            return enc[0], (enc[2] if len(enc) >= 4 else None)
+        tok = pipe.tokenizer(captions, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt")
+        return pipe.text_encoder(tok.input_ids.to(device))[0], None
+
+    def encode(self, batch: dict, g: torch.Generator, device) -> tuple[torch.Tensor, dict]:
+        pipe, vae = self.pipe, self.pipe.vae
+        img = batch["image"].to(device=device, dtype=vae.dtype) * 2 - 1
+        z = vae.encode(img).latent_dist.sample(generator=g)
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        x0 = ((z - shift) * vae.config.scaling_factor).float()
+        captions = list(batch.get("text") or [""] * img.shape[0])
+        emb, pooled = self._text(captions, device)
+        cond = {"encoder_hidden_states": emb}
+        if getattr(pipe, "text_encoder_2", None) is not None and pooled is not None:
+            h, w = img.shape[-2:]
+            ids = pipe._get_add_time_ids((h, w), (0, 0), (h, w), dtype=emb.dtype,
+                                         text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
+            cond["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": ids.to(device).repeat(img.shape[0], 1)}
+        den = _denoiser_of(pipe)
+        if "cond" in batch and den.config.in_channels > x0.shape[1]:
+            c = batch["cond"].to(device=device, dtype=vae.dtype) * 2 - 1
+            cond["concat"] = vae.encode(c).latent_dist.mode()
+        return x0, cond
+
+    def predict(self, denoiser, xt, t, cond: dict) -> torch.Tensor:
+        kwargs = {k: v for k, v in cond.items() if k != "concat"}
+        if "concat" in cond:
+            xt = torch.cat([xt, cond["concat"].to(xt.dtype)], dim=1)
+        return denoiser(xt, t, **kwargs, return_dict=False)[0]
+
+
+def task_for(pipe, label_dropout: float = 0.1):
+    """The task adapter of a pipeline: ``encode(batch, generator, device) -> (x0, cond)`` and
+    ``predict(denoiser, x_t, t, cond) -> prediction`` (both ``(B, C, H, W)``). Raises ``ValueError``
+    for pipelines it does not know."""
+    from diffslim.zoo.pipelines import ZooClassPipeline, ZooSRPipeline
+
+    if isinstance(pipe, ZooSRPipeline):
+        return _ZooSRTask(pipe)
+    if isinstance(pipe, ZooClassPipeline):
+        return _ZooClassTask(pipe, label_dropout)
+    if all(getattr(pipe, n, None) is not None for n in ("vae", "text_encoder", "tokenizer", "unet")):
+        return _LatentTextTask(pipe)
+    raise ValueError(f"no distillation task for {type(pipe).__name__}: supported are the zoo pipelines and "
+                     "SD-style pipelines with unet, vae, text_encoder and tokenizer")
+
+
+# ------------------------------------------------------------------------------------------
+# Determinism: batches and randomness as functions of (seed, step, process)
+
+
+def _seed_of(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, dtype=np.uint64)[0] % (2 ** 63))
+
+
+class _EpochOrder:
+    """Sample order without replacement, one seeded permutation per epoch."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self._epoch, self._perm = n, seed, None, None
+
+    def __call__(self, position: int) -> int:
+        epoch = position // self.n
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(_seed_of(self.seed, 1, epoch)))
+        return int(self._perm[position % self.n])
+
+
+def batch_indices(order: _EpochOrder, step: int, batch_size: int, rank: int, world: int) -> list[int]:
+    """Dataset indices of process ``rank``'s batch at ``step``: the ``rank``-th slice of the global batch."""
+    start = (step * world + rank) * batch_size
+    return [order(start + j) for j in range(batch_size)]
+
+
+# ------------------------------------------------------------------------------------------
+# Checkpointed state that is not a model or an optimizer
+
+
+class _EMA:
+    """Exponential moving average of a model's parameters, with zoo training's warm-up ``min(decay, (1+n)/(10+n))``."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay, self.updates = decay, 0
+        self.shadow = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for n, p in model.named_parameters():
+            self.shadow[n].lerp_(p.detach(), 1 - d)
+        self.updates += 1
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "updates": self.updates, "shadow": self.shadow}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.updates = int(state["updates"])
+        for n, t in state["shadow"].items():
+            self.shadow[n].copy_(t)
+
+
+class _RunState:
+    """Where the run is: the global step, the running sums of the current log window, the settings that fix the data."""
+
+    def __init__(self, cfg: DistillConfig, world: int):
+        self.step = 0
+        self.sums = torch.zeros(len(_TERMS), dtype=torch.float64)
+        self.count = 0
+        self.last_logged: dict = {}
+        self.settings = {"seed": cfg.seed, "batch_size": cfg.batch_size, "num_processes": world, "steps": cfg.steps}
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "sums": self.sums.clone(), "count": self.count,
+                "last_logged": dict(self.last_logged), "settings": dict(self.settings)}
+
+    def load_state_dict(self, state: dict) -> None:
+        saved = state["settings"]
+        for key in ("seed", "batch_size", "num_processes"):
+            if saved[key] != self.settings[key]:
+                raise ValueError(f"the checkpoint was made with {key}={saved[key]}, this run has "
+                                 f"{key}={self.settings[key]}: use the same setting to resume, or a fresh out folder")
+        if saved["steps"] != self.settings["steps"]:
+            logger.warning("resuming a run planned for %d steps with steps=%d: the LR schedule changes from here",
+                           saved["steps"], self.settings["steps"])
+        self.step, self.count = int(state["step"]), int(state["count"])
+        self.sums = state["sums"].clone()
+        self.last_logged = dict(state["last_logged"])
+
+
+def _checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints (``complete.json`` written after ``save_state``), oldest first."""
+    if not root.is_dir():
+        return []
+    done = [p for p in root.glob("step_*") if (p / "complete.json").is_file() and p.name[5:].isdigit()]
+    return sorted(done, key=lambda p: int(p.name[5:]))
+
+
+def _untie(student: nn.Module, teacher: nn.Module) -> None:
+    """Give the student its own copy of every tensor it shares with the teacher (depth_skip shares them)."""
+    shared = {t.untyped_storage().data_ptr() for t in list(teacher.parameters()) + list(teacher.buffers())}
+    for module in student.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if p.untyped_storage().data_ptr() in shared:
+                p.data = p.data.clone()
+        for name, b in module.named_buffers(recurse=False):
+            if b is not None and b.untyped_storage().data_ptr() in shared:
+                module._buffers[name] = b.clone()
+
+
+def _tensorboard_available() -> bool:
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# ------------------------------------------------------------------------------------------
+# The loop
+
+
+def distill(teacher_pipe, student: nn.Module, dataset, cfg: DistillConfig) -> DistillResult:
+    """Train ``student`` to match the denoiser of ``teacher_pipe`` on ``dataset``; resumes from ``cfg.out``.
+
+    ``teacher_pipe``: a zoo pipeline or an SD-style pipeline; its denoiser (``unet``/``transformer``/
+    ``denoiser``) is the frozen teacher and its other components encode the data (see ``task_for``).
+    ``student``: a denoiser with the teacher's call signature, e.g. ``depth_skip(teacher, N)``; it
+    is trained in place (in float32) after any tensor it shares with the teacher is copied, so the
+    teacher never changes. ``dataset``: indexable, samples as in ``diffslim.train.data`` (``image``
+    ``(C, H, W)`` in [0, 1], plus ``label``, ``text`` or ``cond`` as the task needs).
+
+    Writes ``out/train_log.csv`` (step,loss,task,out,feat,lr: window means every ``log_every``
+    steps and at the end), ``out/checkpoints/step_N`` (``accelerator.save_state``: student, AdamW,
+    LR schedule, EMA, run state, RNG; the newest complete one is resumed), ``out/student``
+    (``save_pretrained``, EMA weights if enabled, in the student's original dtype) and
+    ``out/distill.json`` (settings and the distilled features).
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from diffusers import DDPMScheduler
+
+    if cfg.log_with not in ("csv", "tensorboard"):
+        raise ValueError(f"log_with must be 'csv' or 'tensorboard', not {cfg.log_with!r}")
+    out = Path(cfg.out)
+    ckpt_root = out / "checkpoints"
+    tensorboard = cfg.log_with == "tensorboard" and _tensorboard_available()
+    if cfg.log_with == "tensorboard" and not tensorboard:
+        logger.warning("tensorboard is not installed: logging to CSV only")
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available(),
+                              log_with="tensorboard" if tensorboard else None, project_dir=str(out))
+    set_seed(cfg.seed)
+    device = accelerator.device
+    rank, world = accelerator.process_index, accelerator.num_processes
+
+    # --- models: a frozen teacher, a student with weights of its own
+    teacher = _denoiser_of(teacher_pipe)
+    if student is teacher:
+        student = copy.deepcopy(teacher)
+    _untie(student, teacher)
+    components = [m for m in teacher_pipe.components.values() if isinstance(m, nn.Module)]
+    # the caller's pipeline gets its train/eval modes and requires_grad flags back at the end
+    saved_flags = [(m, m.training, [p.requires_grad for p in m.parameters()]) for m in components]
+    for m in components:
+        m.requires_grad_(False).eval()
+    teacher_pipe.to(device)
+    save_dtype = next(student.parameters()).dtype
+    if save_dtype != torch.float32:
+        student.to(torch.float32)
+    student.requires_grad_(True)
+    # eval mode: diffusers denoisers have no batch norm and no dropout by default, and DiT's label
+    # embedding drops labels by itself in training mode, which would desynchronise student and teacher.
+    student.eval()
+    if cfg.gradient_checkpointing:
+        if getattr(student, "_supports_gradient_checkpointing", False):
+            student.enable_gradient_checkpointing()
+        else:
+            logger.warning("%s does not support gradient checkpointing; training without", type(student).__name__)
+
+    need_teacher = bool(cfg.lambda_out or cfg.lambda_feat)
+    features: dict = {}
+    feats_t: dict = {}
+    feats_s: dict = {}
+    try:
+        features = select_features(teacher, student, cfg.features) if cfg.lambda_feat else {}
+        add_feature_taps(teacher, list(features.values()), feats_t, keys=list(features))
+        add_feature_taps(student, list(features), feats_s)
+        task = task_for(teacher_pipe, cfg.label_dropout)
+        sched = DDPMScheduler.from_config(teacher_pipe.scheduler.config)
+        n_train_t = sched.config.num_train_timesteps
+        prediction_type = sched.config.prediction_type
+
+        # --- optimizer, schedule, EMA, run state; Accelerate prepares and checkpoints them
+        opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        warmup = cfg.warmup if cfg.warmup is not None else min(200, cfg.steps // 10)
+
+        def lr_factor(s: int) -> float:
+            return min(1.0, (s + 1) / max(1, warmup)) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, cfg.steps))))
+
+        # The schedule is stepped by hand once per global step (a prepared scheduler steps once per
+        # process), so the LR is a function of the step alone; it is checkpointed as a custom object.
+        lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+        model, opt = accelerator.prepare(student, opt)
+        unwrapped = accelerator.unwrap_model(model)
+        ema = _EMA(unwrapped, cfg.ema_decay) if cfg.ema_decay is not None else None
+        state = _RunState(cfg, world)
+        accelerator.register_for_checkpointing(lr_sched, state, *([ema] if ema is not None else []))
+
+        existing = _checkpoints(ckpt_root)
+        if existing:
+            accelerator.load_state(str(existing[-1]))
+            accelerator.print(f"resumed from {existing[-1]} at step {state.step}")
+        start = state.step
+        end = min(cfg.steps, cfg.stop_at) if cfg.stop_at is not None else cfg.steps
+
+        log_path = out / "train_log.csv"
+        if accelerator.is_main_process:
+            out.mkdir(parents=True, exist_ok=True)
+            rows = []
+            if start > 0 and log_path.is_file():  # drop rows written after the checkpoint we resume from
+                with open(log_path) as f:
+                    rows = [r for r in csv.DictReader(f) if int(r["step"]) <= start]
+            with open(log_path, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=["step", *_TERMS, "lr"])
+                w.writeheader()
+                w.writerows(rows)
+            (out / "distill.json").write_text(json.dumps(
+                {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+                 "features": features, "num_processes": world, "teacher": type(teacher).__name__,
+                 "student": type(unwrapped).__name__}, indent=2, default=str))
+            if tensorboard:
+                accelerator.init_trackers("distill", config={k: v for k, v in asdict(cfg).items()
+                                                             if isinstance(v, (int, float, str, bool))})
+        accelerator.wait_for_everyone()
+
+        order = _EpochOrder(len(dataset), cfg.seed)
+        progress = None
+        if cfg.progress and accelerator.is_local_main_process:
+            from tqdm.auto import tqdm
+
+            progress = tqdm(total=end, initial=start, desc="distill", dynamic_ncols=True)
+
+        for step in range(start, end):
+            # --- the batch of this step: a pure function of (seed, step, process)
+            batch = collate([dataset[i] for i in batch_indices(order, step, cfg.batch_size, rank, world)])
+            g = torch.Generator().manual_seed(_seed_of(cfg.seed, 2, step, rank))
+            with torch.no_grad(), accelerator.autocast():
+                x0, cond = task.encode(batch, g, device)
+            x0 = x0.float()
+            noise = torch.randn(x0.shape, generator=g).to(device)
+            t = torch.randint(0, n_train_t, (x0.shape[0],), generator=g).to(device)
+            xt = sched.add_noise(x0, noise, t)
+            if prediction_type == "epsilon":
+                target = noise
+            elif prediction_type == "v_prediction":
+                target = sched.get_velocity(x0, noise, t)
+            else:
+                target = x0
+
+            # --- teacher and student predictions, features captured by the taps
+            feats_t.clear()
+            feats_s.clear()
+            if need_teacher:
+                with torch.no_grad(), accelerator.autocast():
+                    pred_t = task.predict(teacher, xt, t, cond)
+            with accelerator.autocast():
+                pred_s = task.predict(model, xt, t, cond)
+            task_l = F.mse_loss(pred_s.float(), target.float())
+            zero = task_l.new_zeros(())
+            out_l = F.mse_loss(pred_s.float(), pred_t.float()) if need_teacher else zero
+            feat_l = feature_loss(feats_t, feats_s, cfg.normalized, cfg.feat_eps).to(device) if features else zero
+            loss = cfg.lambda_task * task_l + cfg.lambda_out * out_l + cfg.lambda_feat * feat_l
+
+            # --- update
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and cfg.max_grad_norm:
+                accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            lr_now = lr_sched.get_last_lr()[0]
+            opt.step()
+            lr_sched.step()
+            opt.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update(unwrapped)
+
+            # --- log: every process holds the same window sums (reduced across processes each step)
+            terms = accelerator.reduce(torch.stack([loss, task_l, out_l, feat_l]).detach().float(), "mean")
+            state.sums += terms.cpu().double()
+            state.count += 1
+            state.step = step + 1
+            if state.step % cfg.log_every == 0 or state.step == cfg.steps:
+                means = (state.sums / state.count).tolist()
+                state.last_logged = dict(zip(_TERMS, means))
+                state.sums.zero_()
+                state.count = 0
+                if accelerator.is_main_process:
+                    with open(log_path, "a", newline="") as f:
+                        csv.writer(f).writerow([state.step, *(f"{v:.6g}" for v in means), f"{lr_now:.6g}"])
+                if tensorboard:
+                    accelerator.log({**state.last_logged, "lr": lr_now}, step=state.step)
+                if progress is not None:
+                    progress.set_postfix(loss=f"{means[0]:.4f}")
+            if progress is not None:
+                progress.update(1)
+
+            # --- checkpoint (always at the end of this call, so a stopped run resumes)
+            if state.step % cfg.checkpoint_every == 0 or state.step == end:
+                path = ckpt_root / f"step_{state.step}"
+                accelerator.save_state(str(path))
+                accelerator.wait_for_everyone()
+                if accelerator.is_main_process:
+                    (path / "complete.json").write_text(json.dumps({"step": state.step}))
+                    for old in _checkpoints(ckpt_root)[:-max(1, cfg.keep_checkpoints)]:
+                        shutil.rmtree(old, ignore_errors=True)
+                accelerator.wait_for_everyone()
+        if progress is not None:
+            progress.close()
+
+        if state.count:  # stopped inside a log window: report the partial window
+            final = dict(zip(_TERMS, (state.sums / state.count).tolist()))
+        else:
+            final = dict(state.last_logged)
+
+        # --- export: EMA weights (if any) in the original dtype; the student keeps its trained weights
+        accelerator.wait_for_everyone()
+        if state.step >= cfg.steps:
+            raw = {k: v.detach().clone() for k, v in unwrapped.state_dict().items()} if ema is not None else None
+            if ema is not None:
+                with torch.no_grad():
+                    for n, p in unwrapped.named_parameters():
+                        p.copy_(ema.shadow[n])
+            if save_dtype != torch.float32:
+                unwrapped.to(save_dtype)
+            unwrapped.save_pretrained(str(out / "student"), is_main_process=accelerator.is_main_process,
+                                      safe_serialization=True)
+            if save_dtype != torch.float32:
+                unwrapped.to(torch.float32)
+            if raw is not None:
+                unwrapped.load_state_dict(raw)
+        accelerator.wait_for_everyone()
+        if tensorboard:
+            accelerator.end_training()
+    finally:
+        remove_feature_taps(teacher, list(features.values()))
+        remove_feature_taps(student, list(features))
+        for m, training, flags in saved_flags:
+            m.train(training)
+            for p, f in zip(m.parameters(), flags):
+                p.requires_grad_(f)
+    return DistillResult(out_dir=out, steps=state.step, final_losses=final, log_path=log_path)

@@ -1,0 +1,221 @@
+"""The distillation trainer: loss goes down, teacher untouched, exact resume, the loss formula, data."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from diffslim.methods.depth_skip import depth_skip
+from diffslim.train.data import ConditionPairs, ImageFolder, ZooDigits, collate, make_dataset
+from diffslim.train.distill import DistillConfig, distill, feature_loss, select_features
+
+
+def _rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def _cfg(out, **kw):
+    base = dict(steps=6, batch_size=8, lr=1e-3, out=out, checkpoint_every=100, log_every=2, progress=False, warmup=0)
+    return DistillConfig(**{**base, **kw})
+
+
+def test_loss_falls_and_teacher_is_unchanged(tiny_digits_pipe, tmp_path):
+    teacher = tiny_digits_pipe.denoiser
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    flags = [p.requires_grad for p in teacher.parameters()]
+    student = depth_skip(teacher, 7)
+    res = distill(tiny_digits_pipe, student, ZooDigits(), _cfg(tmp_path / "run", steps=30, batch_size=16, log_every=5))
+
+    rows = _rows(res.log_path)
+    assert [int(r["step"]) for r in rows] == [5, 10, 15, 20, 25, 30]
+    assert float(rows[-1]["loss"]) < 0.7 * float(rows[0]["loss"])
+    assert res.steps == 30 and set(res.final_losses) == {"loss", "task", "out", "feat"}
+    assert res.final_losses["loss"] == pytest.approx(float(rows[-1]["loss"]), rel=1e-5)
+
+    after = teacher.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert [p.requires_grad for p in teacher.parameters()] == flags
+    # the taps are gone: the teacher's blocks run their own forward again
+    for name in ("down_blocks.0", "up_blocks.3"):
+        reg = getattr(teacher.get_submodule(name), "_diffusers_hook", None)
+        assert reg is None or not reg.hooks
+    # the export reloads as an ordinary (depth-skipped) diffusers model
+    from diffslim.methods.depth_skip import DepthSkipUNet2DConditionModel
+
+    exported = DepthSkipUNet2DConditionModel.from_pretrained(str(res.out_dir / "student"))
+    assert exported.config.depth_skip == 7
+    assert (res.out_dir / "checkpoints" / "step_30" / "complete.json").is_file()
+
+
+def test_resume_is_exact(tiny_digits_pipe, tmp_path):
+    ds = ZooDigits()
+    teacher = tiny_digits_pipe.denoiser
+    straight = depth_skip(teacher, 7)
+    a = distill(tiny_digits_pipe, straight, ds, _cfg(tmp_path / "a"))
+
+    cfg = _cfg(tmp_path / "b")
+    first = distill(tiny_digits_pipe, depth_skip(teacher, 7), ds, replace(cfg, stop_at=3))
+    assert first.steps == 3 and not (tmp_path / "b" / "student").exists()
+    resumed = depth_skip(teacher, 7)  # a fresh process would build the student again
+    b = distill(tiny_digits_pipe, resumed, ds, cfg)
+
+    assert b.steps == 6 and b.final_losses == a.final_losses
+    sa, sb = straight.state_dict(), resumed.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    ca, cb = tmp_path / "a" / "checkpoints" / "step_6", tmp_path / "b" / "checkpoints" / "step_6"
+    ema_a = torch.load(ca / "custom_checkpoint_2.pkl", weights_only=False)
+    ema_b = torch.load(cb / "custom_checkpoint_2.pkl", weights_only=False)
+    assert ema_a["updates"] == ema_b["updates"] == 6
+    assert all(torch.equal(ema_a["shadow"][k], ema_b["shadow"][k]) for k in ema_a["shadow"])
+    ea, eb = (load_file(str(p / "student" / "diffusion_pytorch_model.safetensors")) for p in (tmp_path / "a", tmp_path / "b"))
+    assert all(torch.equal(ea[k], eb[k]) for k in ea)
+    assert _rows(a.log_path) == _rows(b.log_path)
+
+
+def test_feature_loss_formula():
+    g = torch.Generator().manual_seed(0)
+    t = {"a": torch.randn(2, 3, 4, 4, generator=g), "b": 5 * torch.randn(2, 7, generator=g)}
+    s = {k: (v + 0.3 * torch.randn(v.shape, generator=g)).requires_grad_(True) for k, v in t.items()}
+    eps = 1e-6
+    want_norm = sum(((t[k] - s[k]) ** 2).sum() / ((t[k] ** 2).sum() + eps * t[k].numel()) for k in t)
+    want_plain = sum(((t[k] - s[k]) ** 2).mean() for k in t)
+    torch.testing.assert_close(feature_loss(t, s, normalized=True, eps=eps), want_norm, rtol=1e-6, atol=0)
+    torch.testing.assert_close(feature_loss(t, s, normalized=False), want_plain, rtol=1e-6, atol=0)
+    # the normalizer makes layers of very different scales weigh alike
+    scaled = feature_loss({k: 10 * v for k, v in t.items()}, {k: 10 * v for k, v in s.items()}, eps=0.0)
+    torch.testing.assert_close(scaled, feature_loss(t, s, eps=0.0), rtol=1e-5, atol=0)
+    assert float(feature_loss({}, {})) == 0.0
+
+
+def test_auto_features_exclude_stand_ins(tiny_digits_pipe):
+    teacher = tiny_digits_pipe.denoiser
+    blocks = [f"down_blocks.{i}" for i in range(4)] + ["mid_block"] + [f"up_blocks.{i}" for i in range(4)]
+    assert list(select_features(teacher, depth_skip(teacher, 13))) == blocks
+    # depth 7 removes down_blocks.2-3, the mid block and up_blocks.0 and the first two layers of up_blocks.1
+    assert list(select_features(teacher, depth_skip(teacher, 7))) == [
+        "down_blocks.0", "down_blocks.1", "up_blocks.1", "up_blocks.2", "up_blocks.3"]
+    # depth 8 keeps down_blocks.2.resnets.0 but its last layer and downsampler are stand-ins: its output is zeros
+    assert "down_blocks.2" not in select_features(teacher, depth_skip(teacher, 8))
+    assert list(select_features(teacher, depth_skip(teacher, 10))) == [
+        "down_blocks.0", "down_blocks.1", "down_blocks.2", "up_blocks.0", "up_blocks.1", "up_blocks.2", "up_blocks.3"]
+    with pytest.raises(ValueError, match="stand-in"):
+        select_features(teacher, depth_skip(teacher, 7), ["mid_block"])
+    with pytest.raises(ValueError, match="not a module"):
+        select_features(teacher, depth_skip(teacher, 7), ["down_blocks.9"])
+
+
+def _png(path, color, size=(12, 10)):
+    from PIL import Image
+
+    Image.new("RGB", size, color).save(path)
+
+
+def test_corrupt_image_is_skipped_and_counted(tmp_path, caplog):
+    for i, c in enumerate([(255, 0, 0), (0, 255, 0), (0, 0, 255)]):
+        _png(tmp_path / f"img{i}.png", c)
+    (tmp_path / "img1.txt").write_text("a green square\n")
+    (tmp_path / "img1b.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+    ds = ImageFolder(tmp_path, size=8)
+    assert len(ds) == 4
+    with caplog.at_level(logging.WARNING):
+        samples = [ds[i] for i in range(len(ds))]
+    assert ds.skipped == 1
+    assert any("img1b.png" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert samples[2]["image"][2, 0, 0] == 1.0  # the corrupt index 2 yields the next image (blue)
+    assert samples[1]["text"] == "a green square" and samples[0]["text"] == ""
+    assert all(s["image"].shape == (3, 8, 8) and 0 <= s["image"].min() <= s["image"].max() <= 1 for s in samples)
+    ds[2]
+    assert ds.skipped == 1  # counted once, not per visit
+    b = collate(samples)
+    assert b["image"].shape == (4, 3, 8, 8) and len(b["text"]) == 4
+
+
+def test_jsonl_captions_pairs_and_make_dataset(tmp_path, tiny_digits_pipe, tiny_sd_pipe):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    _png(folder / "a.png", (10, 20, 30), size=(40, 20))
+    _png(folder / "b.jpg", (1, 2, 3))
+    (folder / "captions.jsonl").write_text(json.dumps({"file": "b.jpg", "text": "dark"}) + "\n")
+    ds = make_dataset(str(folder), tiny_sd_pipe)
+    assert isinstance(ds, ImageFolder) and ds[0]["image"].shape == (3, 16, 16)
+    assert [ds[i]["text"] for i in range(2)] == ["", "dark"]
+
+    pairs = tmp_path / "pairs"
+    (pairs / "input").mkdir(parents=True)
+    (pairs / "target").mkdir()
+    _png(pairs / "input" / "x.png", (0, 0, 0), size=(8, 8))
+    _png(pairs / "target" / "x.jpg", (255, 255, 255), size=(16, 16))
+    _png(pairs / "target" / "lonely.png", (255, 255, 255))
+    ds = make_dataset(str(pairs), tiny_sd_pipe)
+    assert isinstance(ds, ConditionPairs) and len(ds) == 1
+    assert ds[0]["image"].shape == (3, 16, 16) and ds[0]["cond"].shape == (3, 16, 16)
+
+    assert isinstance(make_dataset("zoo", tiny_digits_pipe), ZooDigits)
+    with pytest.raises(ValueError, match="zoo"):
+        make_dataset("zoo", tiny_sd_pipe)
+    with pytest.raises(ValueError, match="neither"):
+        make_dataset(str(tmp_path / "missing"), tiny_sd_pipe)
+    with pytest.raises(ValueError, match="labelled"):
+        make_dataset(str(folder), tiny_digits_pipe)
+
+
+def test_sd_pipeline_with_captions(tiny_sd_pipe, tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(3):
+        _png(folder / f"{i}.png", (40 * i, 100, 200 - 40 * i), size=(20, 16))
+        (folder / f"{i}.txt").write_text("a cat")
+    teacher = tiny_sd_pipe.unet
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    student = depth_skip(teacher, 3)
+    res = distill(tiny_sd_pipe, student, make_dataset(str(folder), tiny_sd_pipe),
+                  _cfg(tmp_path / "run", steps=2, batch_size=2, lambda_feat=0.5, normalized=False))
+    assert res.steps == 2 and all(torch.isfinite(torch.tensor(v)) for v in res.final_losses.values())
+    assert json.loads((res.out_dir / "distill.json").read_text())["features"]
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+
+
+@pytest.mark.parametrize("name", ["sr", "digits-dit"])
+def test_other_zoo_tasks_run(name, tmp_path):
+    from diffslim.train.data import ZooSRPatches
+    from diffslim.train.zoo import build_pipeline
+
+    torch.manual_seed(0)
+    pipe = build_pipeline(name)
+    ds = ZooSRPatches(16, patch=16) if name == "sr" else ZooDigits()
+    res = distill(pipe, pipe.denoiser, ds, _cfg(tmp_path / "run", steps=2, batch_size=2, ema_decay=None, log_every=1))
+    assert res.steps == 2 and (res.out_dir / "student" / "config.json").is_file()
+    feats = json.loads((res.out_dir / "distill.json").read_text())["features"]
+    assert feats and (name == "sr" or all(k.startswith("transformer_blocks.") for k in feats))
+    # the student starts as a copy of its teacher: zero output and feature terms at the first step
+    first = _rows(res.log_path)[0]
+    assert float(first["out"]) == 0.0 and float(first["feat"]) == 0.0 and float(first["task"]) > 0
+
+
+def test_two_processes_agree(tmp_path):
+    script = Path(__file__).parent / "scripts" / "distill_mp.py"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--multi_gpu", str(script), str(tmp_path)]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads((tmp_path / "mp.json").read_text())
+    assert got["num_processes"] == 2 and got["steps"] == 4
+    digests = {d for _, d in got["digests"]}
+    assert len(got["digests"]) == 2 and len(digests) == 1
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert (ckpts / "step_4" / "complete.json").is_file() and (ckpts / "step_3").is_dir()
+    assert {p.name for p in (ckpts / "step_4").glob("random_states_*.pkl")} == {"random_states_0.pkl",
+                                                                                  "random_states_1.pkl"}
+    assert (tmp_path / "run" / "student" / "diffusion_pytorch_model.safetensors").is_file()
