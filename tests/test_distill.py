@@ -67,6 +67,8 @@ def test_resume_is_exact(tiny_digits_pipe, tmp_path):
     cfg = _cfg(tmp_path / "b")
     first = distill(tiny_digits_pipe, depth_skip(teacher, 7), ds, replace(cfg, stop_at=3))
     assert first.steps == 3 and not (tmp_path / "b" / "student").exists()
+    with open(first.log_path, "a") as f:  # a row logged after the checkpoint, before a crash: dropped on resume
+        f.write("4,9,9,9,9,0\n")
     resumed = depth_skip(teacher, 7)  # a fresh process would build the student again
     b = distill(tiny_digits_pipe, resumed, ds, cfg)
 

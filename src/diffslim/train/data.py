@@ -19,6 +19,8 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
+from diffslim.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -102,8 +104,18 @@ def _read_jsonl_captions(path: Path) -> dict[str, str]:
             name = rec.get("file", rec.get("file_name"))
             out[Path(name).name] = str(rec["text"])
         except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{path}:{n}: expected {{\"file\": ..., \"text\": ...}} ({e})") from None
+            raise UserError(f"{path}:{n}: expected {{\"file\": ..., \"text\": ...}} ({e})") from None
     return out
+
+
+def _unreadable_errors() -> tuple:
+    from PIL import Image
+
+    # what PIL raises for corrupt, truncated, unsupported or absurdly large files
+    return (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+
+_UNREADABLE = _unreadable_errors()
 
 
 class _SkippingDataset(torch.utils.data.Dataset):
@@ -131,7 +143,7 @@ class _SkippingDataset(torch.utils.data.Dataset):
                 continue
             try:
                 return self._read(j)
-            except (OSError, ValueError, SyntaxError) as e:  # PIL raises these for bad files
+            except _UNREADABLE as e:
                 self._bad.add(j)
                 logger.warning("skipping unreadable sample %s: %s (%d skipped so far)", self._describe(j), e,
                                len(self._bad))
@@ -151,10 +163,10 @@ class ImageFolder(_SkippingDataset):
         super().__init__()
         self.root = Path(path)
         if not self.root.is_dir():
-            raise ValueError(f"{self.root} is not a folder of images")
+            raise UserError(f"{self.root} is not a folder of images")
         self.files = _list_images(self.root)
         if not self.files:
-            raise ValueError(f"{self.root} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+            raise UserError(f"{self.root} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
         self.size = size
         if captions is None:
             captions = next((self.root / n for n in ("captions.jsonl", "metadata.jsonl")
@@ -194,7 +206,7 @@ class ConditionPairs(_SkippingDataset):
         self.root = Path(folder)
         inp, tgt = self.root / "input", self.root / "target"
         if not (inp.is_dir() and tgt.is_dir()):
-            raise ValueError(f"{self.root} needs input/ and target/ subfolders with matching file names")
+            raise UserError(f"{self.root} needs input/ and target/ subfolders with matching file names")
         inputs = {p.stem: p for p in _list_images(inp)}
         targets = {p.stem: p for p in _list_images(tgt)}
         common = sorted(set(inputs) & set(targets))
@@ -203,7 +215,7 @@ class ConditionPairs(_SkippingDataset):
             logger.warning("%s: %d files have no partner in input/ or target/ and are ignored (e.g. %s)",
                            self.root, len(lonely), lonely[0])
         if not common:
-            raise ValueError(f"{self.root}: no file name appears in both input/ and target/")
+            raise UserError(f"{self.root}: no file name appears in both input/ and target/")
         self.pairs = [(inputs[s], targets[s]) for s in common]
         self.size, self.cond_size = size, cond_size
         if captions is None:
@@ -235,7 +247,7 @@ def collate(samples: Sequence[dict]) -> dict:
         v0 = vals[0]
         if isinstance(v0, torch.Tensor):
             out[key] = torch.stack(vals)
-        elif isinstance(v0, bool) or isinstance(v0, (int, np.integer)):
+        elif isinstance(v0, (int, np.integer)):
             out[key] = torch.tensor([int(v) for v in vals], dtype=torch.long)
         elif isinstance(v0, (float, np.floating)):
             out[key] = torch.tensor([float(v) for v in vals], dtype=torch.float32)
@@ -249,7 +261,7 @@ def pipeline_image_size(pipe) -> int:
     den = next((getattr(pipe, n) for n in ("unet", "transformer", "denoiser") if getattr(pipe, n, None) is not None),
                None)
     if den is None:
-        raise ValueError(f"{type(pipe).__name__} has no unet, transformer or denoiser")
+        raise UserError(f"{type(pipe).__name__} has no unet, transformer or denoiser")
     size = den.config.sample_size
     size = size[0] if isinstance(size, (list, tuple)) else int(size)
     vae = getattr(pipe, "vae", None)
@@ -265,7 +277,7 @@ def make_dataset(spec: str, pipe) -> torch.utils.data.Dataset:
     denoiser's size; ``ZooSRPipeline`` -> ``ZooSRPatches`` of the denoiser's size). A folder with
     ``input/`` and ``target/`` -> ``ConditionPairs``; another folder -> ``ImageFolder``; both at the
     pipeline's image size (for SR the input is at that size divided by the upscale factor).
-    Raises ``ValueError`` with what to do otherwise.
+    Raises ``UserError`` (a ``ValueError``) with what to do otherwise.
     """
     from diffslim.zoo.pipelines import ZooClassPipeline, ZooSRPipeline
 
@@ -275,13 +287,13 @@ def make_dataset(spec: str, pipe) -> torch.utils.data.Dataset:
             return ZooDigits("all", size=int(pipe.denoiser.config.sample_size))
         if is_sr:
             return ZooSRPatches(20000, patch=int(pipe.denoiser.config.sample_size), seed=0)
-        raise ValueError(f"data 'zoo' is only for zoo pipelines, not {type(pipe).__name__}; "
+        raise UserError(f"data 'zoo' is only for zoo pipelines, not {type(pipe).__name__}; "
                          "give a folder of images (optionally with captions) instead")
     folder = Path(spec)
     if not folder.is_dir():
-        raise ValueError(f"data {spec!r} is neither 'zoo' nor an existing folder of images")
+        raise UserError(f"data {spec!r} is neither 'zoo' nor an existing folder of images")
     if is_class:
-        raise ValueError("class-conditional zoo pipelines train on labelled digits: use data 'zoo'")
+        raise UserError("class-conditional zoo pipelines train on labelled digits: use data 'zoo'")
     size = pipeline_image_size(pipe)
     if (folder / "input").is_dir() and (folder / "target").is_dir():
         cond_size = size // int(pipe.config.upscale) if is_sr else size

@@ -40,12 +40,12 @@ import torch.nn.functional as F
 from diffusers.hooks import HookRegistry, ModelHook
 from torch import nn
 
+from diffslim.errors import UserError
 from diffslim.train.data import collate
 
 logger = logging.getLogger(__name__)
 
 _TAP_HOOK = "diffslim_distill_feature_tap"
-_BLOCK_LISTS = ("down_blocks", "up_blocks", "transformer_blocks")
 _TERMS = ("loss", "task", "out", "feat")
 
 
@@ -60,6 +60,9 @@ class DistillConfig:
     weights). ``stop_at``: end this call after that global step with a checkpoint (a time-boxed
     slice of a longer run; calling again with the same settings resumes). ``label_dropout``: the
     share of class labels replaced by the null label (classifier-free guidance), zoo class task only.
+    ``find_unused_parameters``: for multi-process (DDP) runs of students with parameters the forward
+    does not use. User mistakes (unknown feature names, a checkpoint of other settings, an
+    unsupported pipeline) raise ``diffslim.errors.UserError``, a ``ValueError``.
     """
 
     steps: int
@@ -86,6 +89,7 @@ class DistillConfig:
     label_dropout: float = 0.1
     keep_checkpoints: int = 2
     stop_at: Optional[int] = None
+    find_unused_parameters: bool = False
 
 
 @dataclass
@@ -172,7 +176,7 @@ def select_features(teacher: nn.Module, student: nn.Module,
     neither a depth-skip stand-in (``Removed*``) nor replaced (a different class than the teacher's),
     and whose output the student still computes (its output sub-layer is no stand-in: a down block
     whose last layer was removed returns zeros and is left out). A list names blocks present in both;
-    a dict maps student names to teacher names. Raises ``ValueError`` for unknown names.
+    a dict maps student names to teacher names. Raises ``UserError`` (a ``ValueError``) for unknown names.
     """
     def get(model, name):
         try:
@@ -182,7 +186,7 @@ def select_features(teacher: nn.Module, student: nn.Module,
 
     if isinstance(features, str):
         if features != "auto":
-            raise ValueError(f"features must be 'auto', a list of block names or a dict, not {features!r}")
+            raise UserError(f"features must be 'auto', a list of block names or a dict, not {features!r}")
         out = {}
         for name in candidate_blocks(student):
             s, t = get(student, name), get(teacher, name)
@@ -193,10 +197,10 @@ def select_features(teacher: nn.Module, student: nn.Module,
     mapping = dict(features) if isinstance(features, Mapping) else {n: n for n in features}
     for s_name, t_name in mapping.items():
         if get(student, s_name) is None or get(teacher, t_name) is None:
-            raise ValueError(f"feature {s_name!r}->{t_name!r} is not a module of both models; blocks: "
+            raise UserError(f"feature {s_name!r}->{t_name!r} is not a module of both models; blocks: "
                              f"{', '.join(candidate_blocks(student))}")
         if _is_stand_in(get(student, s_name)):
-            raise ValueError(f"feature {s_name!r} is a removed block (a depth-skip stand-in) in the student")
+            raise UserError(f"feature {s_name!r} is a removed block (a depth-skip stand-in) in the student")
     return mapping
 
 
@@ -213,7 +217,7 @@ def feature_loss(teacher_feats: Mapping[str, torch.Tensor], student_feats: Mappi
     for name, ft in teacher_feats.items():
         fs = student_feats[name]
         if fs.shape != ft.shape:
-            raise ValueError(f"feature {name}: student shape {tuple(fs.shape)} != teacher shape {tuple(ft.shape)}; "
+            raise UserError(f"feature {name}: student shape {tuple(fs.shape)} != teacher shape {tuple(ft.shape)}; "
                              "map student blocks to teacher blocks of the same shape (features={...})")
         ft = ft.detach().float()
         term = F.mse_loss(fs.float(), ft)
@@ -234,7 +238,7 @@ def _denoiser_of(pipe) -> nn.Module:
         mod = getattr(pipe, attr, None)
         if mod is not None:
             return mod
-    raise ValueError(f"{type(pipe).__name__} has no unet, transformer or denoiser to distil")
+    raise UserError(f"{type(pipe).__name__} has no unet, transformer or denoiser to distil")
 
 
 class _ZooClassTask:
@@ -333,7 +337,7 @@ class _LatentTextTask:
 
 def task_for(pipe, label_dropout: float = 0.1):
     """The task adapter of a pipeline: ``encode(batch, generator, device) -> (x0, cond)`` and
-    ``predict(denoiser, x_t, t, cond) -> prediction`` (both ``(B, C, H, W)``). Raises ``ValueError``
+    ``predict(denoiser, x_t, t, cond) -> prediction`` (both ``(B, C, H, W)``). Raises ``UserError``
     for pipelines it does not know."""
     from diffslim.zoo.pipelines import ZooClassPipeline, ZooSRPipeline
 
@@ -343,7 +347,7 @@ def task_for(pipe, label_dropout: float = 0.1):
         return _ZooClassTask(pipe, label_dropout)
     if all(getattr(pipe, n, None) is not None for n in ("vae", "text_encoder", "tokenizer", "unet")):
         return _LatentTextTask(pipe)
-    raise ValueError(f"no distillation task for {type(pipe).__name__}: supported are the zoo pipelines and "
+    raise UserError(f"no distillation task for {type(pipe).__name__}: supported are the zoo pipelines and "
                      "SD-style pipelines with unet, vae, text_encoder and tokenizer")
 
 
@@ -420,7 +424,7 @@ class _RunState:
         saved = state["settings"]
         for key in ("seed", "batch_size", "num_processes"):
             if saved[key] != self.settings[key]:
-                raise ValueError(f"the checkpoint was made with {key}={saved[key]}, this run has "
+                raise UserError(f"the checkpoint was made with {key}={saved[key]}, this run has "
                                  f"{key}={self.settings[key]}: use the same setting to resume, or a fresh out folder")
         if saved["steps"] != self.settings["steps"]:
             logger.warning("resuming a run planned for %d steps with steps=%d: the LR schedule changes from here",
@@ -479,18 +483,20 @@ def distill(teacher_pipe, student: nn.Module, dataset, cfg: DistillConfig) -> Di
     ``out/distill.json`` (settings and the distilled features).
     """
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import DistributedDataParallelKwargs, set_seed
     from diffusers import DDPMScheduler
 
     if cfg.log_with not in ("csv", "tensorboard"):
-        raise ValueError(f"log_with must be 'csv' or 'tensorboard', not {cfg.log_with!r}")
+        raise UserError(f"log_with must be 'csv' or 'tensorboard', not {cfg.log_with!r}")
     out = Path(cfg.out)
     ckpt_root = out / "checkpoints"
     tensorboard = cfg.log_with == "tensorboard" and _tensorboard_available()
     if cfg.log_with == "tensorboard" and not tensorboard:
         logger.warning("tensorboard is not installed: logging to CSV only")
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available(),
-                              log_with="tensorboard" if tensorboard else None, project_dir=str(out))
+                              log_with="tensorboard" if tensorboard else None, project_dir=str(out),
+                              kwargs_handlers=[DistributedDataParallelKwargs(
+                                  find_unused_parameters=cfg.find_unused_parameters)])
     set_seed(cfg.seed)
     device = accelerator.device
     rank, world = accelerator.process_index, accelerator.num_processes
