@@ -10,6 +10,7 @@ run relative to ``full``), ``speedup`` (wall time of ``full`` over this row's, s
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -104,18 +105,63 @@ def _with_denoiser(pipe, module):
     return new
 
 
-@register_method("depth", "depth:N, depth-skip pruning at depth N (Kim and Cho 2024)")
+@register_method("depth", "depth:N, depth-skip pruning at depth N (Kim and Cho 2024); depth:N+ft fine-tuned by a "
+                          "short default run (cached), depth:N+ft@FOLDER from a fine-tuned student folder")
 def _depth(arg, ctx: BenchContext) -> Variant:
-    from diffslim.methods.depth_skip import depth_skip
+    from diffslim.methods.depth_skip import depth_skip, removed_modules
 
-    from diffslim.methods.depth_skip import removed_modules
-
-    n = _int_arg(arg, "depth:N")
+    text = arg or ""
+    ft_path = None
+    ft = "+ft" in text
+    if "+ft@" in text:
+        text, _, ft_path = text.partition("+ft@")
+    else:
+        text = text.replace("+ft", "")
+    n = _int_arg(text, "depth:N")
     removed_modules(ctx.loaded.denoiser, n)  # validates the depth
+    if ft_path is not None and not Path(ft_path).is_dir():
+        raise UserError(f"depth:{arg}: no fine-tuned student folder at {ft_path}")
     if ctx.dry_run:
         return None
-    pruned = depth_skip(ctx.loaded.denoiser, n)
-    return Variant(f"depth:{n}", _with_denoiser(ctx.loaded.pipe, pruned), ctx.base_spec, _n_params(pruned))
+    if not ft:
+        pruned = depth_skip(ctx.loaded.denoiser, n)
+        return Variant(f"depth:{n}", _with_denoiser(ctx.loaded.pipe, pruned), ctx.base_spec, _n_params(pruned))
+    from diffslim.methods.finetune import load_student
+
+    notes = f"student from {ft_path}"
+    if ft_path is None:
+        ft_path, notes = _default_finetune(ctx, n)
+    student = load_student(ft_path).to(next(ctx.loaded.denoiser.parameters()).device)
+    if getattr(student.config, "depth_skip", None) != n:
+        raise UserError(f"depth:{arg}: the student at {ft_path} has depth {getattr(student.config, 'depth_skip', None)}")
+    return Variant(f"depth:{n}+ft", _with_denoiser(ctx.loaded.pipe, student), ctx.base_spec, _n_params(student),
+                   notes=notes)
+
+
+DEFAULT_FT = dict(steps=300, batch_size=32, lr=2e-4)
+
+
+def _default_finetune(ctx: BenchContext, depth: int):
+    """The short default fine-tuning run of ``depth:N+ft``, cached by model, depth and settings."""
+    import hashlib
+    import os
+
+    from diffslim.methods.finetune import finetune_depth
+    from diffslim.sample import model_fingerprint
+    from diffslim.train.distill import DistillConfig
+
+    if ctx.loaded.zoo is None:
+        raise UserError("depth:N+ft without @FOLDER trains on the zoo's data; for other models run "
+                        "`diffslim finetune MODEL --depth N --data FOLDER` and use depth:N+ft@OUT/student")
+    key = hashlib.sha256(f"{model_fingerprint(ctx.loaded.source)}|{depth}|{sorted(DEFAULT_FT.items())}".encode()
+                         ).hexdigest()[:16]
+    root = Path(os.environ.get("DIFFSLIM_CACHE", Path.home() / ".cache" / "diffslim")) / "finetune" / key
+    folder = root / "student"
+    if not (folder / "config.json").exists():
+        cfg = DistillConfig(out=root, checkpoint_every=100, log_every=25, normalized=False, **DEFAULT_FT)
+        finetune_depth(ctx.loaded.pipe, depth, "zoo", cfg)
+    return folder, (f"fine-tuned {DEFAULT_FT['steps']} steps (batch {DEFAULT_FT['batch_size']}, lr {DEFAULT_FT['lr']}) "
+                    f"with task + output + feature distillation; cached at {root}")
 
 
 def _explicit_schedule_variant(method: str, ctx: BenchContext, timesteps, notes: str = "") -> Variant:

@@ -389,6 +389,102 @@ def timesteps_cmd(
     console.print(f"timesteps: {' '.join(map(str, res.timesteps))}")
 
 
+def _distill_config(out, steps, batch_size, lr, checkpoint_every, log_every, ema_decay, mixed_precision,
+                    gradient_checkpointing, seed, log_with, normalized, lambda_task, lambda_out, lambda_feat):
+    from diffslim.train.distill import DistillConfig
+
+    if steps < 1 or batch_size < 1 or lr <= 0:
+        raise UserError("--steps and --batch-size must be >= 1 and --lr > 0")
+    if mixed_precision not in ("no", "fp16", "bf16"):
+        raise UserError(f"--mixed-precision {mixed_precision!r}: accepted no, fp16, bf16")
+    return DistillConfig(steps=steps, batch_size=batch_size, lr=lr, out=out, checkpoint_every=checkpoint_every,
+                         log_every=log_every, ema_decay=ema_decay if ema_decay > 0 else None,
+                         mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing, seed=seed,
+                         log_with=log_with, normalized=normalized, lambda_task=lambda_task, lambda_out=lambda_out,
+                         lambda_feat=lambda_feat)
+
+
+_TRAIN_OPTS = dict(
+    data=typer.Option("zoo", help="'zoo' (the zoo model's own data), an image folder, or a folder with input/ and target/"),
+    steps=typer.Option(500, help="optimizer steps"),
+    batch_size=typer.Option(32, help="batch size per process"),
+    lr=typer.Option(1e-4),
+    checkpoint_every=typer.Option(100, help="checkpoint every N steps; rerun the same command to resume exactly"),
+    log_every=typer.Option(10),
+    ema_decay=typer.Option(0.999, help="EMA of the student; 0 disables it"),
+    mixed_precision=typer.Option("no", help="no, fp16 or bf16 (GPU)"),
+    gradient_checkpointing=typer.Option(False, help="trade compute for memory"),
+    seed=typer.Option(0),
+    log_with=typer.Option("csv", help="csv or tensorboard"),
+)
+
+
+@app.command()
+@_guard
+def finetune(
+    model: str = typer.Argument(..., help="pipeline folder or zoo:NAME: the teacher"),
+    depth: int = typer.Option(..., help="depth-skip depth of the student"),
+    out: Path = typer.Option(Path("finetune"), help="run folder: checkpoints, train_log.csv, student/"),
+    data: str = _TRAIN_OPTS["data"], steps: int = _TRAIN_OPTS["steps"], batch_size: int = _TRAIN_OPTS["batch_size"],
+    lr: float = _TRAIN_OPTS["lr"], checkpoint_every: int = _TRAIN_OPTS["checkpoint_every"],
+    log_every: int = _TRAIN_OPTS["log_every"], ema_decay: float = _TRAIN_OPTS["ema_decay"],
+    mixed_precision: str = _TRAIN_OPTS["mixed_precision"],
+    gradient_checkpointing: bool = _TRAIN_OPTS["gradient_checkpointing"], seed: int = _TRAIN_OPTS["seed"],
+    log_with: str = _TRAIN_OPTS["log_with"],
+    normalized: bool = typer.Option(False, "--normalized/--plain", help="feature loss normalized by the teacher's feature norm (LAPTOP-Diff) or plain (default)"),
+    lambda_out: float = typer.Option(1.0, help="weight of the output distillation"),
+    lambda_feat: float = typer.Option(1.0, help="weight of the feature distillation"),
+):
+    """Fine-tune a depth-skipped model: diffusion loss + distillation from the unpruned teacher."""
+    _quiet_libraries()
+    from diffslim.methods.depth_skip import removed_modules
+    from diffslim.methods.finetune import finetune_depth
+    from diffslim.models.load import load
+
+    loaded = load(model)
+    if loaded.pipe is None:
+        raise UserError(f"{model} is not a pipeline; fine-tuning needs a pipeline folder or zoo:NAME")
+    removed_modules(loaded.denoiser, depth)
+    cfg = _distill_config(out, steps, batch_size, lr, checkpoint_every, log_every, ema_decay, mixed_precision,
+                          gradient_checkpointing, seed, log_with, normalized, 1.0, lambda_out, lambda_feat)
+    _, folder = finetune_depth(loaded.pipe, depth, data, cfg)
+    console.print(f"fine-tuned student (depth {depth}): {folder}; log: {Path(out) / 'train_log.csv'}")
+
+
+@app.command()
+@_guard
+def distill(
+    teacher: str = typer.Argument(..., help="pipeline folder or zoo:NAME"),
+    student: Path = typer.Argument(..., help="a denoiser folder (config.json + safetensors), e.g. a pruned model"),
+    out: Path = typer.Option(Path("distill"), help="run folder"),
+    data: str = _TRAIN_OPTS["data"], steps: int = _TRAIN_OPTS["steps"], batch_size: int = _TRAIN_OPTS["batch_size"],
+    lr: float = _TRAIN_OPTS["lr"], checkpoint_every: int = _TRAIN_OPTS["checkpoint_every"],
+    log_every: int = _TRAIN_OPTS["log_every"], ema_decay: float = _TRAIN_OPTS["ema_decay"],
+    mixed_precision: str = _TRAIN_OPTS["mixed_precision"],
+    gradient_checkpointing: bool = _TRAIN_OPTS["gradient_checkpointing"], seed: int = _TRAIN_OPTS["seed"],
+    log_with: str = _TRAIN_OPTS["log_with"],
+    normalized: bool = typer.Option(True, "--normalized/--plain", help="LAPTOP-Diff's normalized feature loss (default) or BK-SDM's plain sum"),
+    lambda_task: float = typer.Option(1.0), lambda_out: float = typer.Option(1.0), lambda_feat: float = typer.Option(1.0),
+):
+    """Distil a teacher pipeline's denoiser into a student denoiser (task + output + feature losses)."""
+    _quiet_libraries()
+    from diffslim.models.load import load
+    from diffslim.train.data import make_dataset
+    from diffslim.train.distill import distill as run
+
+    t = load(teacher)
+    if t.pipe is None:
+        raise UserError(f"{teacher} is not a pipeline; the teacher must be a pipeline folder or zoo:NAME")
+    s = load(str(student))
+    if not s.has_weights or s.pipe is not None:
+        raise UserError(f"{student} must be a denoiser folder with safetensors weights")
+    cfg = _distill_config(out, steps, batch_size, lr, checkpoint_every, log_every, ema_decay, mixed_precision,
+                          gradient_checkpointing, seed, log_with, normalized, lambda_task, lambda_out, lambda_feat)
+    res = run(t.pipe, s.denoiser, make_dataset(data, t.pipe), cfg)
+    console.print(f"student: {Path(res.out_dir) / 'student'}; final losses: "
+                  + ", ".join(f"{k} {v:.4g}" for k, v in res.final_losses.items()))
+
+
 @app.command("zoo-train")
 @_guard
 def zoo_train(

@@ -50,6 +50,21 @@ class LabelTokenEncoder(ModelMixin, ConfigMixin):
         return torch.cat([self.start.expand(b, -1, -1).to(tok.dtype), tok], dim=1)
 
 
+def _component_class(library: str, class_name: str):
+    """A component class from model_index.json: diffusers', ours (zoo components, depth-skipped U-Nets)."""
+    import importlib
+
+    import diffusers
+
+    if library == "diffusers":
+        return getattr(diffusers, class_name)
+    if class_name in globals():
+        return globals()[class_name]
+    if library.split(".")[0] == "diffslim":
+        return getattr(importlib.import_module(library), class_name)
+    raise ValueError(f"component class {library}.{class_name} is neither diffusers' nor diffslim's")
+
+
 def load_zoo_pipeline(cls, folder, torch_dtype=torch.float32):
     """Load a zoo pipeline folder written by ``save_pretrained``, component by component (safetensors only).
 
@@ -73,8 +88,7 @@ def load_zoo_pipeline(cls, folder, torch_dtype=torch.float32):
             if class_name is None:
                 kwargs[key] = None
                 continue
-            owner = diffusers if library == "diffusers" else globals()
-            comp_cls = getattr(owner, class_name) if owner is diffusers else owner[class_name]
+            comp_cls = _component_class(library, class_name)
             if hasattr(comp_cls, "from_pretrained") and issubclass(comp_cls, ModelMixin):
                 kwargs[key] = comp_cls.from_pretrained(str(folder / key), dtype=torch_dtype, use_safetensors=True)
             else:

@@ -1,0 +1,32 @@
+"""Fine-tuning a depth-skipped model (Kim and Cho, 2024) with the shared distillation trainer.
+
+The student is the depth-skipped copy of the teacher's denoiser; the loss is the diffusion loss plus
+distillation of the teacher's output and of the block features both models still have.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from diffslim.methods.depth_skip import depth_skip
+
+
+def finetune_depth(pipe, depth: int, data: str, cfg) -> tuple[object, Path]:
+    """Fine-tune ``pipe``'s denoiser pruned to ``depth`` on ``data`` ("zoo" or a folder); returns
+    ``(student, folder)`` where ``folder`` holds the trained student (EMA weights) as a diffusers model."""
+    from diffslim.apply import denoiser_attr
+    from diffslim.train.data import make_dataset
+    from diffslim.train.distill import distill
+
+    teacher = getattr(pipe, denoiser_attr(pipe))
+    student = depth_skip(teacher, depth)
+    res = distill(pipe, student, make_dataset(data, pipe), cfg)
+    folder = Path(res.out_dir) / "student"
+    return load_student(folder), folder
+
+
+def load_student(folder) -> object:
+    """Reload a trained student folder (safetensors) as its diffusers model class."""
+    from diffslim.models.load import load
+
+    return load(str(folder)).denoiser
