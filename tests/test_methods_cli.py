@@ -112,3 +112,23 @@ def test_bench_issue4_methods(tiny_digits_folder):
 def test_bench_method_argument_errors(tiny_digits_folder, methods, needle):
     r = _run("bench", tiny_digits_folder, "--methods", methods, "--n", "1", "--steps", "2")
     assert r.exit_code == 2 and needle in " ".join(r.output.split()), r.output
+
+
+def test_finetune_cli_then_bench_the_student(tiny_digits_folder, tmp_path):
+    out = tmp_path / "ft"
+    r = _run("finetune", tiny_digits_folder, "--depth", "7", "--steps", "4", "--batch-size", "4",
+             "--checkpoint-every", "2", "--out", out)
+    assert r.exit_code == 0, r.output
+    student = out / "student"
+    assert (student / "config.json").exists()
+    assert json.loads((student / "config.json").read_text())["depth_skip"] == 7
+    r = _run("bench", tiny_digits_folder, "--methods", f"depth:7,depth:7+ft@{student}", "--n", "2", "--steps", "3",
+             "--json")
+    assert r.exit_code == 0, r.output
+    rows = {x["method"]: x for x in json.loads(r.output)["rows"]}
+    assert rows["depth:7+ft"]["params"] == rows["depth:7"]["params"]
+    assert rows["depth:7+ft"]["psnr"] != rows["depth:7"]["psnr"]  # trained weights, different outputs
+    r = _run("bench", tiny_digits_folder, "--methods", f"depth:6+ft@{student}", "--n", "1", "--steps", "2")
+    assert r.exit_code == 2 and "has depth 7" in " ".join(r.output.split())
+    r = _run("finetune", tiny_digits_folder, "--depth", "30", "--steps", "1")
+    assert r.exit_code == 2 and "depth 30 is outside" in r.output
