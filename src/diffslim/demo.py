@@ -11,9 +11,9 @@ CONFIGS_DIR = Path(__file__).parent / "configs"
 # What the demo runs per zoo model: bench methods, inputs, and whether depth search applies (U-Nets).
 DEMO_PLAN = {
     "digits-sd": dict(n=50, methods="full,steps:25,steps:10,depth:9,depth:7,uniform:10,karras:10,ays:10,gamma:10",
-                      depth_search=True),
-    "digits-dit": dict(n=50, methods="full,steps:25,steps:10,uniform:10,karras:10,ays:10,gamma:10", depth_search=False),
-    "sr": dict(n=16, methods="full,steps:10,depth:9,depth:7,uniform:10,gamma:10", depth_search=True),
+                      depth_search=dict(n=20, mode="linear")),
+    "digits-dit": dict(n=50, methods="full,steps:25,steps:10,uniform:10,karras:10,ays:10,gamma:10", depth_search=None),
+    "sr": dict(n=8, methods="full,steps:10,depth:9,depth:7,uniform:10,gamma:10", depth_search=dict(n=8, mode="binary")),
 }
 
 
@@ -106,16 +106,18 @@ def run_demo(out: Path, n: int | None = None, methods: str | None = None, consol
             steps = len(next(iter(found.values())))
             rep.add_figure(f"schedules: {model}", f"schedules_{key}.png", schedules_figure(steps, found),
                            "timesteps of the explicit-schedule rows above")
-        if plan["depth_search"]:
-            calib = eval_set_for(loaded, 20, seed=10_000)
-            spec = SampleSpec(calib.inputs, calib.seeds, num_inference_steps=ZOO[key].default_steps, batch_size=20)
+        ds = plan["depth_search"]
+        if ds:
+            calib = eval_set_for(loaded, ds["n"], seed=10_000)
+            spec = SampleSpec(calib.inputs, calib.seeds, num_inference_steps=ZOO[key].default_steps, batch_size=ds["n"])
             ref = sample(loaded.pipe, spec)
-            sres = search_depth(loaded.pipe, denoiser_attr(loaded.pipe), spec, ref, threshold=30.0, mode="linear")
+            sres = search_depth(loaded.pipe, denoiser_attr(loaded.pipe), spec, ref, threshold=30.0, mode=ds["mode"])
             searches[model] = sres.to_json()
+            shape = "" if sres.monotone is None else f" ({'monotone' if sres.monotone else 'not monotone'} in depth)"
             rep.add_figure(f"depth search: {model}", f"depth_search_{key}.png",
-                           depth_search_figure(sres, f"{model}: PSNR vs depth (20 calibration inputs)"),
-                           f"linear scan; shallowest depth with PSNR >= 30 dB: {sres.depth} "
-                           f"({'monotone' if sres.monotone else 'not monotone'} in depth)")
+                           depth_search_figure(sres, f"{model}: PSNR vs depth ({ds['n']} calibration inputs)"),
+                           f"{ds['mode']} search, {sres.sampling_runs} sampling runs; shallowest depth with PSNR >= 30 dB: "
+                           f"{sres.depth}{shape}")
             console.print(f"depth search {model}: depth {sres.depth} ({sres.sampling_runs} runs)")
     rep.add_data("benches", benches)
     rep.add_data("depth_searches", searches)
