@@ -65,6 +65,14 @@ def test_fingerprint_tracks_weights(tiny_digits_folder, tmp_path):
     (copy / "denoiser" / "extra.safetensors").write_bytes(b"0" * 10)
     assert model_fingerprint(str(copy)) != a
     assert model_fingerprint(str(tiny_digits_folder)) == a
+    # retrained weights of the same size change the key too (a stale reference would be silently wrong)
+    weights = copy / "denoiser" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    (copy / "denoiser" / "extra.safetensors").unlink()
+    before = model_fingerprint(str(copy))
+    weights.write_bytes(bytes(data))
+    assert model_fingerprint(str(copy)) != before
 
 
 def test_one_seed_per_input():

@@ -208,7 +208,12 @@ class ReferenceCache:
 
 
 def model_fingerprint(source: str) -> str:
-    """An identifier of a model's weights for cache keys: its source plus its files' names and sizes."""
+    """An identifier of a model's weights for cache keys.
+
+    Its source plus, for every safetensors/JSON file, its name, size and a hash of its content (JSON
+    whole; weights by three 1 MiB chunks: start, middle, end), so retrained weights of the same
+    architecture and size get a new key.
+    """
     path = Path(source)
     if source.startswith("zoo:"):
         from diffslim.zoo.registry import ZOO
@@ -218,8 +223,21 @@ def model_fingerprint(source: str) -> str:
     if path.exists():
         for f in sorted(path.rglob("*")):
             if f.is_file() and f.suffix in (".safetensors", ".json"):
-                parts.append(f"{f.relative_to(path)}:{f.stat().st_size}")
+                parts.append(f"{f.relative_to(path)}:{f.stat().st_size}:{_content_hash(f)}")
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
+
+
+def _content_hash(f: Path, chunk: int = 1 << 20) -> str:
+    size = f.stat().st_size
+    h = hashlib.sha256()
+    with open(f, "rb") as fh:
+        if size <= 3 * chunk:
+            h.update(fh.read())
+        else:
+            for offset in (0, size // 2, size - chunk):
+                fh.seek(offset)
+                h.update(fh.read(chunk))
+    return h.hexdigest()[:16]
 
 
 def sample(pipe, spec: SampleSpec, *, cache: Optional[ReferenceCache] = None, model_id: Optional[str] = None,

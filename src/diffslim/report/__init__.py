@@ -1,0 +1,169 @@
+"""Reports: one folder with ``index.html``, ``report.json`` and PNG figures.
+
+Sections are added in order (text, tables, figures); ``write`` renders them. Later methods add their
+own sections (plots of searches, skip plans, loss balances) through the same calls.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+
+def image_grid(images: torch.Tensor, nrow: int = 8, upscale: int = 1, pad: int = 1):
+    """A PIL image tiling ``images`` ``(N, C, H, W)`` in [0, 1], ``nrow`` per row, nearest-upscaled."""
+    from PIL import Image
+
+    images = images.detach().float().clamp(0, 1).cpu()
+    n, c, h, w = images.shape
+    if c == 1:
+        images = images.repeat(1, 3, 1, 1)
+    ncol = min(nrow, n)
+    nrows = math.ceil(n / ncol)
+    grid = torch.ones(3, nrows * (h + pad) + pad, ncol * (w + pad) + pad)
+    for i in range(n):
+        r, q = divmod(i, ncol)
+        grid[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + q * (w + pad): pad + q * (w + pad) + w] = images[i]
+    arr = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    img = Image.fromarray(arr)
+    if upscale > 1:
+        img = img.resize((img.width * upscale, img.height * upscale), Image.NEAREST)
+    return img
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "n/a"
+        if abs(v) >= 1e5:
+            return f"{v:.3e}"
+        return f"{v:.4g}"
+    if isinstance(v, int) and abs(v) >= 100_000:
+        return f"{v:,}"
+    return "" if v is None else str(v)
+
+
+class Report:
+    """An HTML + JSON report built section by section."""
+
+    def __init__(self, title: str):
+        self.title = title
+        self.sections: list[tuple[str, str, object]] = []
+        self.data: dict = {}
+        self._figures: list[tuple[str, object]] = []
+
+    def add_text(self, heading: str, text: str) -> None:
+        self.sections.append(("text", heading, text))
+
+    def add_table(self, heading: str, rows: Sequence[dict], columns: Optional[Sequence[str]] = None) -> None:
+        cols = list(columns) if columns else list(dict.fromkeys(k for r in rows for k in r))
+        self.sections.append(("table", heading, (cols, list(rows))))
+
+    def add_figure(self, heading: str, name: str, figure, caption: str = "") -> None:
+        """``figure``: a matplotlib Figure or a PIL image; saved as ``name`` (PNG) beside index.html."""
+        self._figures.append((name, figure))
+        self.sections.append(("figure", heading, (name, caption)))
+
+    def add_data(self, key: str, value) -> None:
+        """Machine-readable content for report.json."""
+        self.data[key] = value
+
+    def write(self, out_dir) -> Path:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        for name, fig in self._figures:
+            if hasattr(fig, "savefig"):
+                fig.savefig(out / name, dpi=110, bbox_inches="tight")
+                import matplotlib.pyplot as plt
+
+                plt.close(fig)
+            else:
+                fig.save(out / name)
+        parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(self.title)}</title>",
+                 "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+                 "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;"
+                 "text-align:right}th{background:#f3f3f3}td:first-child{text-align:left}"
+                 "img{image-rendering:pixelated;max-width:100%}figcaption{color:#555;font-size:90%}</style>",
+                 f"</head><body><h1>{html.escape(self.title)}</h1>"]
+        for kind, heading, body in self.sections:
+            parts.append(f"<h2>{html.escape(heading)}</h2>")
+            if kind == "text":
+                parts.append(f"<p>{html.escape(body)}</p>")
+            elif kind == "table":
+                cols, rows = body
+                parts.append("<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in cols) + "</tr>")
+                for r in rows:
+                    parts.append("<tr>" + "".join(f"<td>{html.escape(_fmt(r.get(c)))}</td>" for c in cols) + "</tr>")
+                parts.append("</table>")
+            else:
+                name, caption = body
+                parts.append(f"<figure><img src='{html.escape(name)}' alt='{html.escape(heading)}'>"
+                             f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+        parts.append("</body></html>")
+        (out / "index.html").write_text("\n".join(parts))
+        tables = {h: rows for kind, h, body in self.sections if kind == "table" for rows in [body[1]]}
+        (out / "report.json").write_text(json.dumps({"title": self.title, "tables": tables, **self.data},
+                                                    indent=2, default=_json_default))
+        return out
+
+
+def _json_default(o):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def bench_figure(rows: Sequence[dict], title: str = ""):
+    """Quality against cost: PSNR vs MACs ratio (left) and measured speedup vs MACs reduction (right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for r in rows:
+        psnr = r.get("psnr")
+        if psnr is not None and r["method"] != "full":
+            a.scatter(r["macs_ratio"], psnr)
+            a.annotate(r["method"], (r["macs_ratio"], psnr), fontsize=8, xytext=(3, 3), textcoords="offset points")
+        b.scatter(1 / r["macs_ratio"], r["speedup"])
+        b.annotate(r["method"], (1 / r["macs_ratio"], r["speedup"]), fontsize=8, xytext=(3, 3), textcoords="offset points")
+    a.set_xlabel("MACs of the sampling run / full")
+    a.set_ylabel("PSNR vs full (dB)")
+    a.grid(alpha=0.3)
+    lim = max([1.0] + [1 / r["macs_ratio"] for r in rows] + [r["speedup"] for r in rows]) * 1.1
+    b.plot([0, lim], [0, lim], "k--", lw=0.8, label="speedup = MACs reduction")
+    b.set_xlabel("MACs reduction (x)")
+    b.set_ylabel("measured speedup (x)")
+    b.legend(fontsize=8)
+    b.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def add_bench_section(rep, model: str, rows, outputs) -> None:
+    """Bench rows, the cost/quality figure and one image grid per method."""
+    slug = model.replace(":", "_").replace("/", "_")
+    cols = [c for c in ("method", "params", "macs_ratio", "speedup", "seconds", "psnr", "ssim", "digit_accuracy",
+                        "psnr_gt", "ssim_gt") if any(c in r for r in rows)]
+    rep.add_table(f"bench: {model}", rows, cols)
+    rep.add_figure(f"cost and quality: {model}", f"bench_{slug}.png", bench_figure(rows, model),
+                   "left: PSNR against the full model's outputs vs relative MACs; right: measured speedup vs MACs "
+                   "reduction (the dashed line is speedup = MACs reduction)")
+    for method, imgs in outputs.items():
+        k = min(16, len(imgs))
+        up = max(1, 64 // imgs.shape[-1])
+        rep.add_figure(f"samples: {model} / {method}", f"grid_{slug}_{method.replace(':', '-')}.png",
+                       image_grid(imgs[:k], nrow=8, upscale=up), f"first {k} outputs, same seeds and inputs as full")
