@@ -132,3 +132,14 @@ def test_finetune_cli_then_bench_the_student(tiny_digits_folder, tmp_path):
     assert r.exit_code == 2 and "has depth 7" in " ".join(r.output.split())
     r = _run("finetune", tiny_digits_folder, "--depth", "30", "--steps", "1")
     assert r.exit_code == 2 and "depth 30 is outside" in r.output
+
+
+def test_timesteps_search_for_a_depth_skipped_model(tiny_digits_folder, tmp_path):
+    out = tmp_path / "t.json"
+    r = _run("timesteps", tiny_digits_folder, "--steps", "3", "--method", "greedy", "--n", "2", "--full-steps", "6",
+             "--depth", "7", "--json", "--out", out)
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.output)
+    assert d["depth"] == 7 and len(d["timesteps"]) == 3
+    rec = load_recipe(out)
+    assert rec.depth.depth == 7 and rec.sampling.timesteps == d["timesteps"]  # depth + schedule in one recipe

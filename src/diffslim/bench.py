@@ -212,6 +212,23 @@ def _gamma(arg, ctx: BenchContext) -> Variant:
                                       f"{res.best.n_evals} evaluations ({res.best.seconds:.1f}s)")
 
 
+@register_method("evo", "evo:N[:BUDGET], evolutionary search over N-step timestep sets on calibration inputs "
+                        "(AutoDiffusion-style baseline; default budget 24 evaluations)")
+def _evo(arg, ctx: BenchContext) -> Variant:
+    steps_s, _, budget_s = (arg or "").partition(":")
+    n = _int_arg(steps_s, "evo:N", lo=2)
+    budget = _int_arg(budget_s, "evo:N:BUDGET") if budget_s else 24
+    if ctx.dry_run:
+        return None
+    from diffslim.methods.timestep_search import evolutionary_timesteps, schedule_psnr
+
+    calib = calibration_spec(ctx)
+    ref = sample(ctx.loaded.pipe, calib.replace(num_inference_steps=ctx.default_steps))
+    res = evolutionary_timesteps(lambda ts: schedule_psnr(ctx.loaded.pipe, calib, ref, ts), n, budget=budget)
+    return _explicit_schedule_variant(f"evo:{n}", ctx, res.best_timesteps,
+                                      f"evolutionary search: {res.n_evals} evaluations ({res.seconds:.1f}s)")
+
+
 @register_method("uniform", "uniform:N[:leading|trailing|linspace], evenly spaced N-step schedule (default linspace)")
 def _uniform(arg, ctx: BenchContext) -> Variant:
     from diffslim.methods.timesteps import uniform_timesteps

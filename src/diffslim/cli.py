@@ -271,8 +271,10 @@ def _print_rows(title, rows) -> None:
             console.print(f"[yellow]{r['method']}: {k} skipped: {why}[/]")
 
 
-def _calibration(model: str, n: int, steps: Optional[int], seed: int, prompts: Optional[Path], batch_size: int):
-    """Load ``model``, build ``n`` calibration inputs and their full-model reference outputs (cached)."""
+def _calibration(model: str, n: int, steps: Optional[int], seed: int, prompts: Optional[Path], batch_size: int,
+                 depth: Optional[int] = None):
+    """Load ``model`` (depth-skipped to ``depth`` if given), build ``n`` calibration inputs and the
+    model's own full-step reference outputs (cached)."""
     from diffslim.evaluate import eval_set_for
     from diffslim.models.load import load
     from diffslim.sample import ReferenceCache, SampleSpec, model_fingerprint, sample
@@ -286,7 +288,13 @@ def _calibration(model: str, n: int, steps: Optional[int], seed: int, prompts: O
     full_steps = steps or (loaded.zoo.default_steps if loaded.zoo else 50)
     spec = SampleSpec(es.inputs, es.seeds, num_inference_steps=full_steps, call_kwargs=es.call_kwargs,
                       batch_size=batch_size)
-    ref = sample(loaded.pipe, spec, cache=ReferenceCache(), model_id=model_fingerprint(model), show_progress=True,
+    model_id = model_fingerprint(model)
+    if depth is not None:
+        from diffslim.apply import apply
+
+        apply(loaded.pipe, {"depth": {"depth": depth}})
+        model_id += f"|depth={depth}"
+    ref = sample(loaded.pipe, spec, cache=ReferenceCache(), model_id=model_id, show_progress=True,
                  description=f"reference outputs ({full_steps} steps)")
     return loaded, spec, ref
 
@@ -348,6 +356,7 @@ def timesteps_cmd(
     seed: int = typer.Option(10_000),
     prompts: Optional[Path] = typer.Option(None, help="text file, one prompt per line (text-to-image)"),
     batch_size: int = typer.Option(50),
+    depth: Optional[int] = typer.Option(None, help="search for the depth-skipped model at this depth (against its own full-step outputs)"),
     out: Optional[Path] = typer.Option(None, help="write a recipe with the found schedule"),
     as_json: bool = typer.Option(False, "--json"),
 ):
@@ -375,14 +384,17 @@ def timesteps_cmd(
         raise UserError(f"unknown --method {method!r}; accepted: greedy, bounded, both")
     if steps < 2:
         raise UserError("--steps must be at least 2")
-    loaded, spec, ref = _calibration(model, n, full_steps, seed, prompts, batch_size)
+    loaded, spec, ref = _calibration(model, n, full_steps, seed, prompts, batch_size, depth=depth)
     res = search_gamma(loaded.pipe, spec, ref, steps, methods=methods, coef=coef)
     if out is not None:
+        from diffslim.recipe import Depth
+
         Recipe(model=model, sampling=Sampling(timesteps=res.timesteps, gamma=res.best.best_gamma, coef=coef),
+               depth=Depth(depth=depth) if depth is not None else None,
                description=f"gamma-curve {steps}-step schedule, PSNR {res.best.best_score:.3f} vs {spec.num_inference_steps} steps"
                ).save(out)
     if as_json:
-        _print_json({"model": model, **res.to_json()})
+        _print_json({"model": model, "depth": depth, **res.to_json()})
         return
     for k, r in res.results.items():
         console.print(f"{k}: gamma {r.best_gamma:.4f}, PSNR {r.best_score:.3f} dB, {r.n_evals} evaluations, {r.seconds:.1f}s")

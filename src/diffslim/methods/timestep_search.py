@@ -98,3 +98,71 @@ def search_gamma(pipe, spec: SampleSpec, reference: torch.Tensor, steps: int, me
             raise UserError(f"unknown gamma search method {m!r}; accepted: greedy, bounded")
     out.best_method = max(out.results, key=lambda k: out.results[k].best_score)
     return out
+
+
+@dataclass
+class EvolutionResult:
+    """Result of :func:`evolutionary_timesteps`: the best schedule, its score and every evaluation."""
+
+    best_timesteps: list[int]
+    best_score: float
+    evaluations: list[tuple[tuple[int, ...], float]]
+    n_evals: int
+    seconds: float
+
+
+def evolutionary_timesteps(evaluate, steps: int, budget: int = 24, population: int = 8, parents: int = 4,
+                           sigma: float = 40.0, seed: int = 0, T: int = 999) -> EvolutionResult:
+    """Evolutionary search over ``steps``-step timestep sets (the AutoDiffusion-style baseline).
+
+    A schedule starts at ``T`` (pure noise) and holds ``steps - 1`` further distinct timesteps in
+    ``[0, T)``. The first generation is the uniform linspace schedule plus random ones; each next
+    generation keeps the ``parents`` best and fills up with children made by crossover (``steps - 1``
+    timesteps drawn from the union of two parents) and Gaussian mutation (``sigma`` timesteps).
+    ``evaluate(timesteps) -> score`` (higher is better) is called at most ``budget`` times on
+    distinct schedules; the same ``seed`` gives the same search.
+    """
+    import numpy as np
+
+    if steps < 2:
+        raise ValueError("an evolutionary schedule search needs steps >= 2")
+    rng = np.random.default_rng(seed)
+    scores: dict[tuple[int, ...], float] = {}
+    order: list[tuple[tuple[int, ...], float]] = []
+    t0 = time.perf_counter()
+
+    def make(rest) -> tuple[int, ...]:
+        rest = sorted({int(min(T - 1, max(0, round(x)))) for x in rest}, reverse=True)
+        while len(rest) < steps - 1:  # refill after duplicates collapsed
+            rest = sorted(set(rest) | {int(rng.integers(0, T))}, reverse=True)
+        return (T, *rest[: steps - 1])
+
+    def score(ts) -> float:
+        if ts not in scores and len(scores) < budget:
+            scores[ts] = float(evaluate(list(ts)))
+            order.append((ts, scores[ts]))
+        return scores.get(ts, float("-inf"))
+
+    pop = [make(np.linspace(T, 0, steps)[1:])] + [make(rng.uniform(0, T, steps - 1)) for _ in range(population - 1)]
+    while len(scores) < budget:
+        for ts in pop:
+            score(ts)
+        if len(scores) >= budget:
+            break
+        best = sorted(set(pop), key=lambda t: -scores.get(t, float("-inf")))[:parents]
+        children = list(best)
+        stall = 0
+        while len(children) < population and stall < 100:
+            a, b = rng.choice(len(best), 2, replace=len(best) < 2)
+            pool = sorted(set(best[a][1:]) | set(best[b][1:]))
+            child = rng.choice(pool, steps - 1, replace=False) if len(pool) >= steps - 1 else np.array(pool)
+            child = make(child + rng.normal(0, sigma, len(child)) * (rng.random(len(child)) < 0.5))
+            if child in scores or child in children:
+                stall += 1
+                continue
+            children.append(child)
+        if stall >= 100:
+            break
+        pop = children
+    best_ts, best_score = max(scores.items(), key=lambda kv: kv[1])
+    return EvolutionResult(list(best_ts), best_score, order, len(scores), time.perf_counter() - t0)
