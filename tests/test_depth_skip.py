@@ -234,3 +234,39 @@ def test_unet2dmodel_depth_skip():
             out = depth_skip(u, d)(x, t).sample
             assert out.shape == (1, 3, 8, 8) and not torch.allclose(out, u(x, t).sample)
     assert removed_modules(u, n) == []
+
+
+def test_multi_depth_routes_each_timestep_to_its_depth(unet):
+    from diffslim.methods.depth_skip import depth_skip, max_depth, multi_depth
+
+    routed = multi_depth(depth_skip(unet, max_depth(unet)), [(600, 5), (300, 9)])
+    x, ctx = torch.randn(1, 1, 8, 8), torch.randn(1, 2, 32)
+    with torch.no_grad():
+        for t, want in ((900, 5), (600, 5), (450, 9), (300, 9), (100, 13)):
+            tt = torch.tensor([t])
+            ref = depth_skip(unet, want)(x, tt, encoder_hidden_states=ctx).sample
+            assert torch.equal(routed(x, tt, encoder_hidden_states=ctx).sample, ref), t
+    # the loaded model itself is untouched (the router sits on a weight-sharing copy)
+    assert not hasattr(unet, "_diffusers_hook")
+    with pytest.raises(UserError, match="repeat a t_min"):
+        multi_depth(depth_skip(unet, 13), [(500, 5), (500, 7)])
+
+
+def test_multi_depth_recipe(tiny_digits_pipe):
+    import copy
+
+    from diffslim.apply import apply
+    from diffslim.recipe import RecipeError, parse_recipe
+    from diffslim.sample import SampleSpec, sample
+
+    spec = SampleSpec([{"class_label": 3}], [0], num_inference_steps=4)
+    a = copy.deepcopy(tiny_digits_pipe)
+    apply(a, {"depth": {"schedule": [{"t_min": 0, "depth": 6}]}})  # every step at depth 6 ...
+    b = copy.deepcopy(tiny_digits_pipe)
+    apply(b, {"depth": {"depth": 6}})  # ... is the depth-6 model
+    assert torch.equal(sample(a, spec), sample(b, spec))
+    for bad, msg in (({"depth": {}}, "exactly one of depth"),
+                     ({"depth": {"depth": 5, "schedule": [{"t_min": 0, "depth": 6}]}}, "exactly one of depth"),
+                     ({"depth": {"schedule": [{"t_min": 1200, "depth": 6}]}}, "t_min: must lie in 0..999")):
+        with pytest.raises(RecipeError, match=msg):
+            parse_recipe(bad)

@@ -51,9 +51,12 @@ def denoiser_attr(pipe) -> str:
 
 def _install_depth(pipe, depth) -> None:
     """Replace the U-Net by its depth-skipped version (kept weights shared, removed ones freed)."""
-    from diffslim.methods.depth_skip import depth_skip
+    from diffslim.methods.depth_skip import depth_skip, multi_depth
 
     name = denoiser_attr(pipe)
+    if depth.schedule is not None:
+        multi_depth(getattr(pipe, name), [(r.t_min, r.depth) for r in depth.schedule])
+        return
     setattr(pipe, name, depth_skip(getattr(pipe, name), depth.depth))
 
 

@@ -138,6 +138,27 @@ def _depth(arg, ctx: BenchContext) -> Variant:
                    notes=notes)
 
 
+@register_method("mdepth", "mdepth:T=D[/T=D...], multi-depth: timesteps >= T run at depth D (highest T first), "
+                           "the rest at full depth, e.g. mdepth:500=7")
+def _mdepth(arg, ctx: BenchContext) -> Variant:
+    from diffslim.methods.depth_skip import depth_skip, max_depth, multi_depth, removed_modules
+
+    ranges = []
+    for part in (arg or "").split("/"):
+        t, _, d = part.partition("=")
+        t, d = _int_arg(t, "mdepth:T=D (T)", lo=0), _int_arg(d, "mdepth:T=D (D)")
+        if t > 999:
+            raise UserError(f"mdepth:{arg}: timestep {t} is outside 0..999")
+        removed_modules(ctx.loaded.denoiser, d)
+        ranges.append((t, d))
+    if ctx.dry_run:
+        return None
+    # a full-depth copy that shares the weights, so the router does not touch the loaded model
+    routed = multi_depth(depth_skip(ctx.loaded.denoiser, max_depth(ctx.loaded.denoiser)), ranges)
+    return Variant(f"mdepth:{arg}", _with_denoiser(ctx.loaded.pipe, routed), ctx.base_spec, _n_params(routed),
+                   notes="full weights kept; each step runs its range's depth")
+
+
 DEFAULT_FT = dict(steps=300, batch_size=32, lr=2e-4)
 
 

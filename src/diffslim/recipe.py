@@ -82,17 +82,51 @@ class Sampling(_Strict):
         return self
 
 
-class Depth(_Strict):
-    """Depth-skip pruning: keep input units ``0..depth-1`` and the paired output units (see methods.depth_skip)."""
+class DepthRange(_Strict):
+    """Timesteps ``t >= t_min`` (down to the next range's ``t_min``) run at ``depth``."""
 
+    t_min: int
     depth: int
+
+    @field_validator("t_min")
+    @classmethod
+    def _in_range(cls, v):
+        if not 0 <= v <= 999:
+            raise ValueError("must lie in 0..999")
+        return v
 
     @field_validator("depth")
     @classmethod
     def _positive(cls, v):
         if v < 1:
+            raise ValueError("must be >= 1")
+        return v
+
+
+class Depth(_Strict):
+    """Depth-skip pruning: keep input units ``0..depth-1`` and the paired output units (see methods.depth_skip).
+
+    Either one ``depth`` for every step (a smaller model), or a multi-depth ``schedule``: a depth per
+    range of timesteps (the full weights stay; each step runs its range's depth).
+    """
+
+    depth: Optional[int] = None
+    schedule: Optional[list[DepthRange]] = None
+
+    @field_validator("depth")
+    @classmethod
+    def _positive(cls, v):
+        if v is not None and v < 1:
             raise ValueError("must be >= 1 (1 keeps only conv_in and the last output unit; SD-1.5's full depth is 13)")
         return v
+
+    @model_validator(mode="after")
+    def _one_of(self):
+        if (self.depth is None) == (self.schedule is None):
+            raise ValueError("give exactly one of depth (one depth) or schedule (a depth per timestep range)")
+        if self.schedule is not None and len({r.t_min for r in self.schedule}) != len(self.schedule):
+            raise ValueError("schedule repeats a t_min")
+        return self
 
 
 class Recipe(_Strict):

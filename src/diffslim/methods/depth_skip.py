@@ -254,3 +254,59 @@ def depth_skip(unet: nn.Module, depth: int) -> nn.Module:
         return pruned.eval()
     pruned.load_state_dict({k: state[k] for k in kept}, assign=True, strict=True)
     return pruned.to(param.device).eval()
+
+
+# ------------------------------------------------------------------------------------------
+# Multi-depth: a different depth per range of timesteps (the paper's ablation)
+
+_ROUTER_HOOK = "diffslim_multi_depth_router"
+
+
+class _MultiDepthRouter(ModelHook):
+    """Sends each denoiser call to the depth-skipped variant of its timestep's range.
+
+    ``ranges``: ``[(t_min, depth), ...]`` sorted by ``t_min`` descending; a call at timestep ``t``
+    uses the first range with ``t >= t_min``; a depth of None or the full depth runs the model itself.
+    The variants share the model's weights.
+    """
+
+    def __init__(self, ranges, variants):
+        super().__init__()
+        self.ranges = ranges
+        self.variants = variants
+
+    def depth_for(self, t: float):
+        for t_min, depth in self.ranges:
+            if t >= t_min:
+                return depth
+        return None
+
+    def new_forward(self, module, sample, timestep, *args, **kwargs):
+        t = float(timestep.flatten()[0]) if torch.is_tensor(timestep) else float(timestep)
+        depth = self.depth_for(t)
+        if depth is None or depth not in self.variants:
+            return self.fn_ref.original_forward(sample, timestep, *args, **kwargs)
+        return self.variants[depth](sample, timestep, *args, **kwargs)
+
+
+def multi_depth(unet: nn.Module, ranges) -> nn.Module:
+    """Install on ``unet`` (in place) a router that runs depth ``d`` for timesteps ``t >= t_min``.
+
+    ``ranges``: ``[(t_min, depth), ...]``; ranges are matched from the highest ``t_min`` down, and a
+    timestep below every ``t_min`` runs the full model. The full weights stay (steps at full depth
+    need them); the pruned variants share them. Returns ``unet``.
+    """
+    full = max_depth(unet)
+    ranges = sorted(((int(t), int(d)) for t, d in ranges), key=lambda r: -r[0])
+    if not ranges:
+        raise UserError("a multi-depth schedule needs at least one (t_min, depth) range")
+    if len({t for t, _ in ranges}) != len(ranges):
+        raise UserError(f"multi-depth ranges repeat a t_min: {ranges}")
+    for _, d in ranges:
+        removed_modules(unet, d)  # validates each depth
+    variants = {d: depth_skip(unet, d) for _, d in ranges if d < full}
+    registry = HookRegistry.check_if_exists_or_initialize(unet)
+    if registry.get_hook(_ROUTER_HOOK) is not None:
+        registry.remove_hook(_ROUTER_HOOK, recurse=False)
+    registry.register_hook(_MultiDepthRouter(ranges, variants), _ROUTER_HOOK)
+    return unet
