@@ -92,3 +92,14 @@ def test_image_grid_layout():
     assert g.size == (3 * 5 + 1, 2 * 5 + 1)
     px = g.load()
     assert px[1 + 5, 1] == (255, 255, 255) and px[1, 1] == (0, 0, 0)
+
+
+def test_finetune_recovery_figure_pairs_depth_rows():
+    from diffslim.demo import finetune_recovery_figure
+
+    rows = [{"method": "full", "psnr": 100, "ssim": 1.0}, {"method": "depth:7", "psnr": 30.0, "ssim": 0.9},
+            {"method": "depth:9", "psnr": 40.0, "ssim": 0.99}, {"method": "depth:7+ft", "psnr": 35.0, "ssim": 0.95}]
+    fig = finetune_recovery_figure("m", rows)
+    bars = [p.get_height() for p in fig.axes[0].patches]
+    assert bars == [30.0, 35.0]  # only depth 7 has a fine-tuned row
+    assert finetune_recovery_figure("m", rows[:3]) is None

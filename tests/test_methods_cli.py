@@ -143,3 +143,40 @@ def test_timesteps_search_for_a_depth_skipped_model(tiny_digits_folder, tmp_path
     assert d["depth"] == 7 and len(d["timesteps"]) == 3
     rec = load_recipe(out)
     assert rec.depth.depth == 7 and rec.sampling.timesteps == d["timesteps"]  # depth + schedule in one recipe
+
+
+def test_multi_depth_staircase_finds_the_cheapest_passing_pair(tiny_digits_pipe, monkeypatch):
+    """On a known quality surface (rising in both depths) the staircase walk returns the pair of least
+    run MACs among ALL passing pairs (brute force), within 2 * full sampling runs."""
+    import diffslim.methods.depth_search as ds
+
+    monkeypatch.setattr(ds, "multi_depth_quality",
+                        lambda pipe, attr, spec, ref, split, h, lo, metric: 2.0 * h + 1.0 * lo + 0.1 * h * lo)
+    spec = _spec(steps=10)
+    for thr in (5.0, 20.0, 33.3, 45.0):
+        res = ds.search_multi_depth(tiny_digits_pipe, "denoiser", spec, None, thr)
+        full, m = res.full_depth, res.depth_macs
+        assert res.steps_high + res.steps_low == 10 and res.split == ds.spec_timesteps(tiny_digits_pipe, spec)[4]
+
+        def ratio(h, lo):
+            return (res.steps_high * m[h] + res.steps_low * m[lo]) / (10 * m[full])
+
+        passing = [(h, lo) for h in range(1, full + 1) for lo in range(1, full + 1)
+                   if (h, lo) == (full, full) or 2.0 * h + lo + 0.1 * h * lo >= thr]
+        assert res.macs_ratio == pytest.approx(min(ratio(h, lo) for h, lo in passing))
+        assert (res.depth_high, res.depth_low) in passing
+        assert res.sampling_runs <= 2 * full + 1
+        lows = [r["depth_low"] for r in res.frontier]
+        assert lows == sorted(lows, reverse=True)
+
+
+def test_depth_search_cli_multi(tiny_digits_folder, tmp_path):
+    r = _run("depth-search", tiny_digits_folder, "--threshold", "-5", "--n", "2", "--steps", "4", "--multi",
+             "--json", "--out", tmp_path / "r.json")
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.output)
+    multi = data["multi"]
+    # any quality passes a threshold of -5 dB: the shallowest pair wins, cheaper than or equal to depth 1
+    assert (multi["depth_high"], multi["depth_low"]) == (1, 1)
+    assert multi["macs_ratio"] == pytest.approx(multi["single_macs_ratio"])
+    assert load_recipe(tmp_path / "r.json").depth.depth == data["depth"] == 1

@@ -411,3 +411,39 @@ def test_bounded_memoizes_on_a_step_function():
     assert r.n_evals == len({g for g, _ in r.evaluations})
     with pytest.raises(ValueError, match="bounds"):
         gamma_search_bounded(_peak(1.0), bounds=(2.0, 1.0))
+
+
+# --- solver-aware time steps (Xue et al., CVPR 2024) -----------------------------------------
+
+
+def test_lagrange_integrals_match_closed_form():
+    """The quadrature equals the exponential integrals of DPM-Solver's derivation (order 1 and 2)."""
+    from diffslim.methods.timesteps import _lagrange_integrals
+
+    nodes, weights = np.polynomial.legendre.leggauss(16)
+    lam = np.array([-2.0, -0.7, 0.4])
+    h0, h1 = lam[1] - lam[0], lam[2] - lam[1]
+    H0 = np.expm1(h1)
+    H1 = np.exp(h1) * h1 - H0
+    (j,) = _lagrange_integrals(lam, 1, 1, nodes, weights)
+    assert j == pytest.approx(np.exp(lam[2]) - np.exp(lam[1]), rel=1e-12)
+    new, old = _lagrange_integrals(lam, 1, 2, nodes, weights)
+    assert old == pytest.approx(-np.exp(lam[1]) * H1 / h0, rel=1e-10)
+    assert new == pytest.approx(np.exp(lam[1]) * (H1 + h0 * H0) / h0, rel=1e-10)
+
+
+def test_solver_aware_timesteps_lower_the_bound_deterministically():
+    from diffslim.methods.timesteps import solver_aware_timesteps, solver_error_bound
+
+    from diffslim.zoo.registry import SD_DDIM_CONFIG
+
+    ac = DDIMScheduler(**SD_DDIM_CONFIG).alphas_cumprod
+    ts, info = solver_aware_timesteps(5, ac)
+    assert ts == validate_timesteps(ts) and len(ts) == 5 and ts[0] == 999
+    assert info["bound"] < info["init_bound"]
+    assert solver_error_bound(np.array(info["lambdas"]), 2, True) == pytest.approx(info["bound"])
+    assert solver_aware_timesteps(5, ac)[0] == ts  # no hidden randomness
+    with pytest.raises(ValueError, match="steps must be >= 2"):
+        solver_aware_timesteps(1, ac)
+    with pytest.raises(ValueError, match="init must be"):
+        solver_aware_timesteps(5, ac, init="edm")

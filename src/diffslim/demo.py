@@ -10,7 +10,8 @@ CONFIGS_DIR = Path(__file__).parent / "configs"
 
 # What the demo runs per zoo model: bench methods, inputs, and whether depth search applies (U-Nets).
 DEMO_PLAN = {
-    "digits-sd": dict(n=50, methods="full,steps:25,steps:10,depth:9,depth:7,uniform:10,karras:10,ays:10,gamma:10",
+    "digits-sd": dict(n=50, methods="full,steps:25,steps:10,depth:9,depth:7,depth:7+ft,uniform:10,karras:10,ays:10,"
+                                    "gamma:10,dpm:10,xue:10",
                       depth_search=dict(n=20, mode="linear")),
     "digits-dit": dict(n=50, methods="full,steps:25,steps:10,uniform:10,karras:10,ays:10,gamma:10", depth_search=None),
     "sr": dict(n=8, methods="full,steps:10,depth:9,depth:7,uniform:10,gamma:10", depth_search=dict(n=8, mode="binary")),
@@ -32,6 +33,33 @@ def schedules_figure(steps: int, found: dict[str, list[int]]):
     ax.set_xlim(1010, -10)
     ax.set_title(f"{steps}-step schedules")
     ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    return fig
+
+
+def finetune_recovery_figure(model: str, rows: list[dict]):
+    """PSNR and SSIM against the full model of each depth before (``depth:N``) and after (``depth:N+ft``)
+    fine-tuning; None when the bench has no such pair."""
+    by = {r["method"]: r for r in rows}
+    depths = sorted(int(m.split(":")[1]) for m in by if m.startswith("depth:") and not m.endswith("+ft")
+                    and f"{m}+ft" in by)
+    if not depths:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(7, 3.2))
+    for ax, key in zip(axes, ("psnr", "ssim")):
+        x = range(len(depths))
+        ax.bar([i - 0.2 for i in x], [by[f"depth:{d}"][key] for d in depths], 0.4, label="pruned")
+        ax.bar([i + 0.2 for i in x], [by[f"depth:{d}+ft"][key] for d in depths], 0.4, label="pruned + fine-tuned")
+        ax.set_xticks(list(x), [f"depth {d}" for d in depths])
+        ax.set_ylabel(f"{key} vs full model")
+        ax.grid(alpha=0.3, axis="y")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{model}: fine-tune recovery")
     fig.tight_layout()
     return fig
 
@@ -100,6 +128,11 @@ def run_demo(out: Path, n: int | None = None, methods: str | None = None, consol
         benches[model] = rows
         add_bench_section(rep, model, rows, res.outputs)
         console.print(f"benched {model}: " + ", ".join(f"{r['method']} x{r['speedup']:.2f}" for r in rows))
+        fig = finetune_recovery_figure(model, rows)
+        if fig is not None:
+            rep.add_figure(f"fine-tune recovery: {model}", f"finetune_{key}.png", fig,
+                           "depth-skipped model before and after the default short fine-tune (diffusion loss + "
+                           "distillation from the full model), quality against the full model on the bench inputs")
         found = {r["method"]: [int(t) for t in r["notes"].split("timesteps [")[-1].rstrip("]").split(",")]
                  for r in rows if "timesteps [" in (r.get("notes") or "")}
         if found:

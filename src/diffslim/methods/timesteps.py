@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence, Union
 
@@ -39,6 +40,8 @@ __all__ = [
     "uniform_timesteps",
     "ays_timesteps",
     "karras_timesteps",
+    "solver_aware_timesteps",
+    "solver_error_bound",
     "validate_timesteps",
     "ddim_step",
     "NonUniformDDIMScheduler",
@@ -280,6 +283,146 @@ def _sigma_to_t(sigma: float, log_sigmas: np.ndarray) -> float:
     w = np.clip((low - log_sigma) / (low - high), 0, 1)
     return float(((1 - w) * low_idx + w * high_idx).reshape(()))
 
+
+# ------------------------------------------------------------------------------------------
+# Solver-aware time steps (Xue et al., CVPR 2024, "Accelerating Diffusion Sampling with Optimized
+# Time Steps"): no sampling, only the noise schedule and the solver's interpolation rule.
+
+
+def _half_log_snr(alphas_cumprod: Union[torch.Tensor, np.ndarray]) -> np.ndarray:
+    """``lambda_t = log(alpha_t / sigma_t)`` per training timestep, shape ``(T+1,)``, float64."""
+    a = torch.as_tensor(alphas_cumprod, dtype=torch.float64).detach().cpu().numpy()
+    return 0.5 * (np.log(a) - np.log1p(-a))
+
+
+def _lagrange_integrals(lam: np.ndarray, n: int, order: int, nodes: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """``J_j = int_{lam[n]}^{lam[n+1]} e^l * ell_j(l) dl`` for the Lagrange basis ``ell_j`` through the
+    points ``lam[n], lam[n-1], ..., lam[n-order+1]`` (the multistep interpolant of the data
+    prediction); ``j = 0`` is the newest point. Gauss-Legendre quadrature (exact up to e^l's smoothness)."""
+    a, b = lam[n], lam[n + 1]
+    x = 0.5 * (b - a) * nodes + 0.5 * (a + b)
+    w = 0.5 * (b - a) * weights * np.exp(x)
+    pts = [lam[n - k] for k in range(order)]
+    out = np.empty(order)
+    for j in range(order):
+        basis = np.ones_like(x)
+        for k in range(order):
+            if k != j:
+                basis *= (x - pts[k]) / (pts[j] - pts[k])
+        out[j] = float(np.sum(w * basis))
+    return out
+
+
+def solver_error_bound(lam: np.ndarray, order: int = 2, lower_order_final: bool = True, trunc: int = 3) -> float:
+    """Xue et al.'s surrogate of the discretisation error of a multistep DPM-Solver++ run.
+
+    ``lam``: ``(N+1,)`` increasing half-log-SNRs: the ``N`` points where the model is evaluated, then
+    the end point. In data-prediction form ``x_t / sigma_t = x_s / sigma_s + int e^l x_theta dl``,
+    so an error ``e_j`` of the data prediction at point ``j`` reaches the result through the
+    interpolation integrals ``J``. The error of the prediction at point ``j`` is modelled as
+    ``sigma_j^2 / alpha_j`` (the paper's choice). Steps before ``trunc`` add the norm of their own
+    terms; later steps accumulate signed coefficients per point, whose absolute values are summed
+    (errors of one point can cancel across the steps that reuse it). Step ``n`` has order
+    ``min(order, n + 1)`` (multistep warm-up), and 1 for the last step when ``lower_order_final``
+    (diffusers' DPMSolverMultistepScheduler does so below 15 steps).
+    """
+    lam = np.asarray(lam, dtype=np.float64)
+    n_steps = len(lam) - 1
+    alpha = 1.0 / np.sqrt(1.0 + np.exp(-2 * lam))
+    sigma = 1.0 / np.sqrt(1.0 + np.exp(2 * lam))
+    err = sigma ** 2 / alpha
+    nodes, weights = np.polynomial.legendre.leggauss(16)
+    total, coef = 0.0, np.zeros(n_steps)
+    for n in range(n_steps):
+        p = min(order, n + 1)
+        if lower_order_final and n == n_steps - 1:
+            p = 1
+        J = _lagrange_integrals(lam, n, p, nodes, weights)
+        terms = np.array([J[j] * err[n - j] for j in range(p)])
+        if n < trunc:
+            total += float(np.sqrt(np.sum(terms ** 2)))
+        else:
+            for j in range(p):
+                coef[n - j] += terms[j]
+    return total + float(np.sum(np.abs(coef)))
+
+
+def solver_aware_timesteps(
+    steps: int,
+    alphas_cumprod: Union[torch.Tensor, np.ndarray],
+    order: int = 2,
+    init: str = "uniform_t",
+    lower_order_final: Optional[bool] = None,
+) -> tuple[list[int], dict]:
+    """Time steps for an ``order``-step multistep DPM-Solver++ that minimise :func:`solver_error_bound`.
+
+    No model and no sampling: only ``alphas_cumprod`` (shape ``(T+1,)``). The ``steps + 1`` points
+    run from ``t = T`` to ``t = 0`` in half-log-SNR; the ``steps - 1`` interior points are optimised
+    (ordered, ends fixed; a local constrained trust-region search as in the paper's code) from
+    ``init``: "uniform_t" (evenly spaced t; the paper's advice for latent models) or "uniform_lambda"
+    (evenly spaced log-SNR; its advice for pixel models). The first ``steps`` points, mapped back to
+    integer training timesteps (linear interpolation of ``lambda``), are returned with a summary
+    ``{"bound", "init_bound", "seconds", "lambdas"}``. ``lower_order_final`` defaults to
+    ``steps < 15``, as diffusers' DPMSolverMultistepScheduler does. diffusers' scheduler ends its last step at
+    sigma = 0 rather than at ``t = 0`` (sigma 0.03 for SD's schedule); the bound is computed to
+    ``t = 0``, as in the paper's code. Raises ``ValueError`` for ``steps < 2`` or when rounding to
+    integers collides (too many steps for the schedule's resolution).
+    """
+    from scipy.optimize import LinearConstraint, minimize
+
+    steps = int(steps)
+    if steps < 2:
+        raise ValueError(f"solver_aware_timesteps: steps must be >= 2, got {steps}")
+    if init not in ("uniform_t", "uniform_lambda"):
+        raise ValueError(f"solver_aware_timesteps: init must be 'uniform_t' or 'uniform_lambda', got {init!r}")
+    t0 = time.perf_counter()
+    if lower_order_final is None:
+        lower_order_final = steps < 15
+    table = _half_log_snr(alphas_cumprod)  # decreasing in t
+    T = len(table) - 1
+    lam_start, lam_end = table[T], table[0]
+    if init == "uniform_t":
+        t_init = np.linspace(T, 0, steps + 1)
+        lam0 = np.interp(t_init, np.arange(T + 1), table)
+    else:
+        lam0 = np.linspace(lam_start, lam_end, steps + 1)
+
+    # The paper's optimiser: a local, constrained trust-region search from the initial points (the
+    # surrogate has degenerate global minima with coinciding points, where coefficients of opposite
+    # sign cancel; a local search from a sensible spacing is what the method prescribes).
+    min_gap = 1e-3
+    n_free = steps - 1
+    A = np.zeros((steps, n_free))  # gaps: x_1 - start, x_2 - x_1, ..., end - x_{n-1}
+    for i in range(n_free):
+        A[i, i] = 1.0
+        A[i + 1, i] = -1.0
+    lb = np.full(steps, min_gap)
+    lb[0] += lam_start
+    lb[-1] -= lam_end
+    constraint = LinearConstraint(A, lb, np.full(steps, np.inf))
+
+    def full(x):
+        return np.concatenate([[lam_start], x, [lam_end]])
+
+    def objective(x):
+        return solver_error_bound(full(x), order, lower_order_final)
+
+    x0 = lam0[1:-1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = minimize(objective, x0, method="trust-constr", constraints=[constraint],
+                       options={"maxiter": 1000})
+    x = res.x if res.fun <= objective(x0) else x0
+    lam = full(x)
+    # lambda -> t: the table decreases in t, np.interp wants increasing x
+    t_float = np.interp(lam[:-1], table[::-1], np.arange(T + 1)[::-1].astype(np.float64))
+    ts = [int(round(t)) for t in t_float]
+    if len(set(ts)) != len(ts):
+        raise ValueError(f"solver_aware_timesteps: {steps} steps collide after rounding to integer timesteps; "
+                         "use fewer steps")
+    info = {"bound": float(objective(x)), "init_bound": float(objective(x0)),
+            "seconds": time.perf_counter() - t0, "lambdas": lam.tolist()}
+    return validate_timesteps(ts, T=T), info
 
 # ------------------------------------------------------------------------------------------
 # DDIM between arbitrary timesteps
