@@ -84,10 +84,42 @@ def pin_schedule(scheduler, num_inference_steps=None, timesteps=None):
     return new
 
 
+def _install_removed_layers(pipe, section) -> None:
+    """Replace the denoiser by its layer-pruned version (kept weights shared, removed ones freed)."""
+    from diffslim.methods.layer_prune import prune_layers
+
+    name = denoiser_attr(pipe)
+    setattr(pipe, name, prune_layers(getattr(pipe, name), section.layers))
+
+
 INSTALLERS = {
     "depth": _install_depth,
     "sampling": _install_sampling,
+    "removed_layers": _install_removed_layers,
+    "skip_plan": lambda pipe, section: _install_skip_plan(pipe, section),
 }
+
+
+def _install_skip_plan(pipe, section) -> None:
+    """Install a skip plan's hooks on the denoiser and pin the step count to the plan's rows."""
+    import numpy as np
+
+    from diffslim.errors import UserError
+    from diffslim.methods.skip_plan import apply_skip_plan, check_scheduler, plan_units
+
+    den = getattr(pipe, denoiser_attr(pipe))
+    units = plan_units(den, section.granularity)
+    if list(units.names) != list(section.units):
+        raise RecipeError(f"skip_plan.units: the plan names {len(section.units)} {section.granularity} units, this "
+                          f"model has {len(units)} ({', '.join(units.names[:3])}, ...): a plan for another model")
+    steps = len(section.plan)
+    try:
+        check_scheduler(pipe.scheduler, steps, steps)
+    except UserError as e:
+        raise RecipeError(f"skip_plan: {e}") from None
+    apply_skip_plan(den, np.asarray(section.plan, dtype=bool), units)
+    if not getattr(type(pipe.scheduler), "_diffslim_pinned", False):
+        pipe.scheduler = pin_schedule(pipe.scheduler, steps)
 
 
 def apply(pipe, recipe):

@@ -296,6 +296,312 @@ def _ays(arg, ctx: BenchContext) -> Variant:
     return _explicit_schedule_variant(f"ays:{n}", ctx, ts, f"AYS {family} table, {ts}")
 
 
+@register_method("dpm", "dpm:N, DPM-Solver++ (2M) with N steps at diffusers' default spacing (the reference for xue:N)")
+def _dpm(arg, ctx: BenchContext) -> Variant:
+    n = _int_arg(arg, "dpm:N", lo=2)
+    if ctx.dry_run:
+        return None
+    return Variant(f"dpm:{n}", ctx.loaded.pipe, ctx.base_spec.replace(scheduler="dpm++", num_inference_steps=n,
+                                                                      timesteps=None),
+                   _n_params(ctx.loaded.denoiser), notes="DPM-Solver++ 2M, default spacing")
+
+
+@register_method("xue", "xue:N, DPM-Solver++ (2M) on N solver-aware optimised time steps (Xue et al., CVPR 2024; "
+                        "no sampling)")
+def _xue(arg, ctx: BenchContext) -> Variant:
+    from diffslim.methods.timesteps import solver_aware_timesteps
+
+    n = _int_arg(arg, "xue:N", lo=2)
+    if ctx.dry_run:
+        return None
+    try:
+        ts, info = solver_aware_timesteps(n, ctx.loaded.pipe.scheduler.alphas_cumprod)
+    except ValueError as e:
+        raise UserError(f"xue:{arg}: {e}") from None
+    return Variant(f"xue:{n}", ctx.loaded.pipe, ctx.base_spec.replace(scheduler="dpm++", timesteps=ts,
+                                                                      num_inference_steps=None),
+                   _n_params(ctx.loaded.denoiser),
+                   notes=f"DPM-Solver++ 2M, optimised in {info['seconds']:.1f}s without sampling "
+                         f"(bound {info['init_bound']:.2f} -> {info['bound']:.2f}); timesteps {ts}")
+
+
+# ------------------------------------------------------------------------------------------
+# Layer pruning (LAPTOP-Diff) and BK-SDM: methods.layer_prune
+
+DEFAULT_KD = dict(steps=300, batch_size=32, lr=2e-4)
+LAYER_CALIB = dict(n=32, seed=0)
+
+
+def _ratio_arg(text, form: str) -> float:
+    try:
+        r = float(text)
+        assert 0 < r < 1
+    except (TypeError, ValueError, AssertionError):
+        raise UserError(f"{form} needs a ratio strictly between 0 and 1, got {text!r}") from None
+    return r
+
+
+def _layer_selection(ctx: BenchContext, ratio: float) -> list[str]:
+    """The output-loss criterion's layers at ``ratio`` of params, scored on the model's training data."""
+    from diffslim.methods.layer_prune import calibration, layer_prune
+
+    calib = calibration(ctx.loaded.pipe, **LAYER_CALIB)
+    return layer_prune(ctx.loaded.denoiser, "output-loss", ratio, calib=calib).removed
+
+
+def _default_layer_kd(ctx: BenchContext, ratio: float, names: list[str]):
+    """The short normalized distillation of ``layers:R+kd``, cached by model, layers and settings."""
+    import hashlib
+    import os
+
+    from diffslim.methods.layer_prune import distill_pruned, prune_layers
+    from diffslim.sample import model_fingerprint
+    from diffslim.train.distill import DistillConfig
+
+    key = hashlib.sha256(f"{model_fingerprint(ctx.loaded.source)}|{sorted(names)}|{sorted(DEFAULT_KD.items())}"
+                         .encode()).hexdigest()[:16]
+    root = Path(os.environ.get("DIFFSLIM_CACHE", Path.home() / ".cache" / "diffslim")) / "layer_kd" / key
+    folder = root / "student"
+    if not (folder / "config.json").exists():
+        cfg = DistillConfig(out=root, checkpoint_every=100, log_every=25, normalized=True, **DEFAULT_KD)
+        distill_pruned(ctx.loaded.pipe, prune_layers(ctx.loaded.denoiser, names), cfg)
+    return folder, (f"normalized distillation {DEFAULT_KD['steps']} steps (batch {DEFAULT_KD['batch_size']}, "
+                    f"lr {DEFAULT_KD['lr']}); cached at {root}")
+
+
+@register_method("layers", "layers:R, one-shot layer pruning (LAPTOP-Diff output-loss criterion) removing a share R "
+                           "of params; layers:R+kd after a short normalized distillation (cached)")
+def _layers(arg, ctx: BenchContext) -> Variant:
+    text = arg or ""
+    kd = text.endswith("+kd")
+    ratio = _ratio_arg(text[:-3] if kd else text, "layers:R")
+    if ctx.dry_run:
+        if ctx.loaded.zoo is None:
+            raise UserError("layers:R scores layers on the zoo's data; for other models run "
+                            "`diffslim layer-prune MODEL --ratio R --out DIR` and bench the pruned folder")
+        return None
+    from diffslim.methods.layer_prune import prune_layers
+
+    names = _layer_selection(ctx, ratio)
+    note = f"{len(names)} layers removed (output loss, {LAYER_CALIB['n']} calibration triples)"
+    if not kd:
+        pruned = prune_layers(ctx.loaded.denoiser, names)
+        return Variant(f"layers:{ratio:g}", _with_denoiser(ctx.loaded.pipe, pruned), ctx.base_spec,
+                       _n_params(pruned), notes=note)
+    from diffslim.methods.finetune import load_student
+
+    folder, kd_note = _default_layer_kd(ctx, ratio, names)
+    student = load_student(folder).to(next(ctx.loaded.denoiser.parameters()).device)
+    return Variant(f"layers:{ratio:g}+kd", _with_denoiser(ctx.loaded.pipe, student), ctx.base_spec,
+                   _n_params(student), notes=f"{note}; {kd_note}")
+
+
+@register_method("bk-sdm", "bk-sdm:base|small|tiny, BK-SDM's handcrafted block removal (SD-shaped U-Nets), "
+                           "before retraining")
+def _bk_sdm(arg, ctx: BenchContext) -> Variant:
+    from diffslim.methods.layer_prune import BK_SDM, bk_sdm_layers, prune_layers
+
+    if arg not in BK_SDM:
+        raise UserError(f"bk-sdm:VARIANT needs one of {', '.join(BK_SDM)}, got {arg!r}")
+    names = bk_sdm_layers(ctx.loaded.denoiser, arg)  # validates the U-Net's shape
+    if ctx.dry_run:
+        return None
+    pruned = prune_layers(ctx.loaded.denoiser, names)
+    return Variant(f"bk-sdm:{arg}", _with_denoiser(ctx.loaded.pipe, pruned), ctx.base_spec, _n_params(pruned),
+                   notes=f"{len(names)} modules removed")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Skip plans (issue 5): DiP-GO, DeepCache, random search, genetic algorithm, diffusers' caches.
+# Builders stay thin; the logic is in diffslim.methods.skip_plan and diffslim.methods.dipgo.
+
+DIPGO_VERSION = 2
+DEFAULT_DIPGO = dict(iters=30, batch_size=2, lr=2e-3, gradient_checkpointing=False)
+
+
+def _plan_scheduler_check(ctx: BenchContext, steps: int) -> None:
+    from diffslim.methods.skip_plan import check_scheduler
+    from diffslim.sample import make_scheduler
+
+    name = ctx.base_spec.scheduler
+    sched = make_scheduler(name, ctx.loaded.pipe.scheduler.config) if name else ctx.loaded.pipe.scheduler
+    check_scheduler(sched, steps, steps, name or "")
+
+
+def _plan_variant(method: str, ctx: BenchContext, plan, units, notes: str = "") -> Variant:
+    """A variant that samples the loaded pipeline with ``plan`` installed (removed again after the row)."""
+    from diffslim.methods.skip_plan import apply_skip_plan, plan_macs_ratio, remove_skip_plan
+
+    den = ctx.loaded.denoiser
+    rt = apply_skip_plan(den, plan, units)
+    one = ctx.base_spec.replace(inputs=ctx.base_spec.inputs[:1], seeds=ctx.base_spec.seeds[:1], batch_size=1)
+    run_pipeline(ctx.loaded.pipe, one, [0])
+    kib = rt.cache_bytes() / 1024
+    notes = (notes + "; " if notes else "") + (f"plan MACs ratio {plan_macs_ratio(plan, units):.3f} (denoiser); "
+                                               f"caches {kib:.1f} KiB per sample")
+    return Variant(method, ctx.loaded.pipe, ctx.base_spec, _n_params(den), notes=notes,
+                   cleanup=lambda: remove_skip_plan(den))
+
+
+def _ratio_arg(text, form: str) -> float:
+    from diffslim.methods.dipgo import check_ratio
+
+    try:
+        return check_ratio(text)
+    except UserError as e:
+        raise UserError(f"{form}: {e}") from None
+
+
+def _default_dipgo(ctx: BenchContext, ratio: float, **overrides):
+    """The short default DiP-GO run of ``dipgo:R`` (zoo data), cached on disk by model, ratio and settings."""
+    import hashlib
+    import json
+    import os
+
+    import numpy as np
+
+    from diffslim.methods.dipgo import DipgoConfig, plan_from_scores, train_dipgo
+    from diffslim.methods.skip_plan import plan_units
+    from diffslim.sample import model_fingerprint
+
+    settings = dict(DEFAULT_DIPGO, **overrides)
+    steps, sched = ctx.default_steps, ctx.base_spec.scheduler
+    # DIPGO_VERSION changes whenever the training changes, so that no stale cached run is reused
+    key = hashlib.sha256(f"{DIPGO_VERSION}|{model_fingerprint(ctx.loaded.source)}|{steps}|{sched}|"
+                         f"{sorted(settings.items())}".encode()
+                         ).hexdigest()[:16]
+    root = Path(os.environ.get("DIFFSLIM_CACHE", Path.home() / ".cache" / "diffslim")) / "dipgo" / key
+    units = plan_units(ctx.loaded.denoiser, settings.get("granularity", "fine"))
+    meta = root / "train.json"
+    if not meta.exists():
+        cfg = DipgoConfig(ratio=ratio, num_inference_steps=steps, scheduler=sched, out=str(root), progress=False,
+                          **settings)
+        res = train_dipgo(ctx.loaded.pipe, cfg, units)
+        meta.write_text(json.dumps({"seconds": res.seconds, "log": res.log}))
+    info = json.loads(meta.read_text())
+    scores = np.load(root / "scores.npy")
+    plan = plan_from_scores(scores, units, ratio)
+    notes = (f"DiP-GO pruner trained {settings['iters']} steps (batch {settings['batch_size']}, "
+             f"{settings.get('objective', 'unrolled')}) in {info['seconds']:.0f}s; cached at {root}")
+    return plan, units, notes, info["seconds"]
+
+
+@register_method("dipgo", "dipgo:R, DiP-GO learned skip plan removing a share R of the MACs (short default "
+                          "training, cached); dipgo:@RECIPE a skip_plan recipe")
+def _dipgo(arg, ctx: BenchContext) -> Variant:
+    text = arg or ""
+    if text.startswith("@"):
+        from diffslim.recipe import load_recipe
+
+        rec = load_recipe(text[1:])
+        if rec.skip_plan is None:
+            raise UserError(f"dipgo:{text}: the recipe has no skip_plan section")
+        _plan_scheduler_check(ctx, len(rec.skip_plan.plan))
+        if len(rec.skip_plan.plan) != ctx.default_steps:
+            raise UserError(f"dipgo:{text}: the plan has {len(rec.skip_plan.plan)} steps, the bench samples "
+                            f"{ctx.default_steps}; pass --steps {len(rec.skip_plan.plan)}")
+        if ctx.dry_run:
+            return None
+        import numpy as np
+
+        from diffslim.methods.skip_plan import plan_units, validate_plan
+
+        units = plan_units(ctx.loaded.denoiser, rec.skip_plan.granularity)
+        if list(units.names) != rec.skip_plan.units:
+            raise UserError(f"dipgo:{text}: the plan's units do not match this model's")
+        plan = validate_plan(np.asarray(rec.skip_plan.plan), units, ctx.default_steps)
+        return _plan_variant("dipgo:recipe", ctx, plan, units, f"plan from {text[1:]}")
+    ratio = _ratio_arg(text, "dipgo:R")
+    _plan_scheduler_check(ctx, ctx.default_steps)
+    from diffslim.zoo.pipelines import ZooClassPipeline, ZooSRPipeline
+
+    if not isinstance(ctx.loaded.pipe, (ZooClassPipeline, ZooSRPipeline)):
+        raise UserError("dipgo:R trains on a zoo pipeline's sampling loop; for other pipelines give a trained "
+                        "plan as dipgo:@RECIPE")
+    if ctx.dry_run:
+        return None
+    plan, units, notes, _ = _default_dipgo(ctx, ratio)
+    return _plan_variant(f"dipgo:{ratio:g}", ctx, plan, units, notes)
+
+
+@register_method("deepcache", "deepcache:K[:B], DeepCache as a skip plan: a full step every K steps, else only "
+                              "the shallow branch B (default 0) runs (U-Nets)")
+def _deepcache(arg, ctx: BenchContext) -> Variant:
+    from diffslim.methods.skip_plan import deepcache_plan, plan_units
+
+    k_s, _, b_s = (arg or "").partition(":")
+    k = _int_arg(k_s, "deepcache:K")
+    b = _int_arg(b_s, "deepcache:K:B", lo=0) if b_s else 0
+    if "unet" not in type(ctx.loaded.denoiser).__name__.lower():
+        raise UserError(f"deepcache needs a U-Net; {type(ctx.loaded.denoiser).__name__} is a transformer "
+                        "(use dipgo, fbcache, fastercache, taylorseer, magcache or pab)")
+    _plan_scheduler_check(ctx, ctx.default_steps)
+    if ctx.dry_run:
+        return None
+    units = plan_units(ctx.loaded.denoiser, "fine")
+    plan = deepcache_plan(units, ctx.default_steps, k, b)
+    return _plan_variant(f"deepcache:{k}:{b}", ctx, plan, units, f"interval {k}, branch {b}")
+
+
+def _search_variant(method: str, arg, ctx: BenchContext) -> Variant:
+    from diffslim.methods.dipgo import plan_psnr_fn, search_plan
+    from diffslim.methods.skip_plan import plan_units
+
+    r_s, _, b_s = (arg or "").partition(":")
+    ratio = _ratio_arg(r_s, f"{method}:R")
+    budget = _int_arg(b_s, f"{method}:R:BUDGET") if b_s else DEFAULT_DIPGO["iters"]
+    _plan_scheduler_check(ctx, ctx.default_steps)
+    if ctx.dry_run:
+        return None
+    units = plan_units(ctx.loaded.denoiser, "fine")
+    calib = calibration_spec(ctx, n=DEFAULT_DIPGO["batch_size"])
+    ref = sample(ctx.loaded.pipe, calib)
+    res = search_plan(plan_psnr_fn(ctx.loaded.pipe, calib, ref, units), units, ctx.default_steps, ratio, budget,
+                      method=method, seed=0)
+    return _plan_variant(f"{method}:{ratio:g}", ctx, res.plan, units,
+                         f"{method} search: {res.n_evals} evaluations on {len(calib.inputs)} calibration inputs "
+                         f"({res.seconds:.0f}s), best calibration PSNR {res.score:.2f}")
+
+
+@register_method("random", "random:R[:BUDGET], best of BUDGET random skip plans removing a share R of the MACs "
+                           "(calibration PSNR; default budget = DiP-GO's default training steps)")
+def _random(arg, ctx: BenchContext) -> Variant:
+    return _search_variant("random", arg, ctx)
+
+
+@register_method("ga", "ga:R[:BUDGET], genetic algorithm over skip plans removing a share R of the MACs")
+def _ga(arg, ctx: BenchContext) -> Variant:
+    return _search_variant("ga", arg, ctx)
+
+
+_DIFFUSERS_CACHES = {
+    "fbcache": "FirstBlockCache", "fastercache": "FasterCache", "taylorseer": "TaylorSeerCache",
+    "magcache": "MagCache", "pab": "PyramidAttentionBroadcast",
+}
+
+
+def _diffusers_cache_variant(name: str, arg, ctx: BenchContext) -> Variant:
+    from diffslim.methods.skip_plan import apply_diffusers_cache, remove_diffusers_cache
+
+    from diffslim.models.anatomy import block_lists
+
+    den = ctx.loaded.denoiser
+    if not block_lists(den):
+        raise UserError(f"{name}: diffusers' cache hooks find transformer blocks by name; "
+                        f"{type(den).__name__} has none (U-Nets: use deepcache or dipgo)")
+    if ctx.dry_run:
+        return None
+    info = apply_diffusers_cache(den, name, arg, ctx.default_steps)
+    return Variant(f"{name}" + (f":{arg}" if arg else ""), ctx.loaded.pipe, ctx.base_spec, _n_params(den),
+                   notes=info, cleanup=lambda: remove_diffusers_cache(den, name))
+
+
+for _name, _cls in _DIFFUSERS_CACHES.items():
+    register_method(_name, f"{_name}[:ARG], diffusers' {_cls} hook on the denoiser (transformers; a row note "
+                           "says why where a family cannot take it)")(
+        lambda arg, ctx, _n=_name: _diffusers_cache_variant(_n, arg, ctx))
+
+
 def parse_methods(text: str) -> list[tuple[str, Optional[str]]]:
     """``"full,steps:10"`` -> ``[("full", None), ("steps", "10")]``; unknown names raise ``ValueError``."""
     out = []

@@ -313,6 +313,10 @@ def depth_search_cmd(
     batch_size: int = typer.Option(50),
     out: Optional[Path] = typer.Option(None, help="write a recipe with the chosen depth"),
     plot: Optional[Path] = typer.Option(None, help="write the quality-vs-depth plot (PNG)"),
+    multi: bool = typer.Option(False, "--multi", help="also search a depth per timestep range (two ranges) and "
+                                                      "compare its MACs with the single depth's"),
+    split: Optional[int] = typer.Option(None, help="with --multi: timesteps >= SPLIT form the first range "
+                                                   "(default: the middle of the sampled steps)"),
     as_json: bool = typer.Option(False, "--json"),
 ):
     """Find the shallowest depth-skip depth whose quality stays at or above the threshold."""
@@ -328,12 +332,32 @@ def depth_search_cmd(
     res = search_depth(loaded.pipe, denoiser_attr(loaded.pipe), spec, ref, threshold, metric, mode, progress=say)
     if plot is not None:
         depth_search_figure(res, f"{model}: depth search ({mode})").savefig(plot, dpi=110, bbox_inches="tight")
-    if out is not None and res.reached:
+    mres = None
+    if multi:
+        from diffslim.methods.depth_search import search_multi_depth
+        from diffslim.recipe import DepthRange
+
+        say2 = (lambda h, lo, q: None) if as_json else \
+            (lambda h, lo, q: console.print(f"depths {h:2d} (t >= split) / {lo:2d}: {metric} {q:.3f}"))
+        mres = search_multi_depth(loaded.pipe, denoiser_attr(loaded.pipe), spec, ref, threshold, split, metric,
+                                  progress=say2)
+        single_ratio = mres.depth_macs[res.depth] / mres.depth_macs[res.full_depth]
+    if out is not None and mres is not None and mres.reached and mres.macs_ratio < single_ratio:
+        Recipe(model=model, depth=Depth(schedule=[DepthRange(t_min=t, depth=d) for t, d in mres.schedule()]),
+               description=f"multi-depth {mres.depth_high} (t >= {mres.split}) / {mres.depth_low}: "
+                           f"{metric} {mres.evaluations.get((mres.depth_high, mres.depth_low), float('inf')):.3f} "
+                           f">= {threshold} at {mres.macs_ratio:.3f} of the MACs").save(out)
+    elif out is not None and res.reached:
         Recipe(model=model, depth=Depth(depth=res.depth),
                description=f"depth-skip at {res.depth}: {metric} {res.evaluations[res.depth]:.3f} >= {threshold}"
                ).save(out)
+    if mres is not None and not as_json:
+        console.print(f"single depth {res.depth}: {single_ratio:.3f} of the MACs; multi-depth {mres.depth_high} "
+                      f"(t >= {mres.split}, {mres.steps_high} steps) / {mres.depth_low} ({mres.steps_low} steps): "
+                      f"{mres.macs_ratio:.3f} of the MACs ({mres.sampling_runs} sampling runs, {mres.seconds:.1f}s)")
     if as_json:
-        _print_json({"model": model, **res.to_json()})
+        extra = {"multi": {**mres.to_json(), "single_macs_ratio": single_ratio}} if mres is not None else {}
+        _print_json({"model": model, **res.to_json(), **extra})
     elif res.reached:
         console.print(f"shallowest depth with {metric} >= {threshold}: [bold]{res.depth}[/] of {res.full_depth} "
                       f"({res.sampling_runs} sampling runs of {n} inputs, {res.seconds:.1f}s)")
@@ -524,6 +548,141 @@ def zoo_train(
         shutil.rmtree(ZOO[name].folder, ignore_errors=True)
         shutil.copytree(folder, ZOO[name].folder)
         console.print(f"installed {name} at {ZOO[name].folder}")
+
+
+@app.command("layer-prune")
+@_guard
+def layer_prune_cmd(
+    model: str = typer.Argument(..., help="pipeline folder, model folder, config-only folder or zoo:NAME"),
+    ratio: Optional[float] = typer.Option(None, help="share of params (or MACs, --by macs) to remove, in (0, 1); "
+                                                     "not used by the bk-sdm-* criteria"),
+    criterion: str = typer.Option("output-loss", help="output-loss, magnitude, taylor, random, similarity, greedy, "
+                                                      "bk-sdm-base, bk-sdm-small or bk-sdm-tiny"),
+    by: str = typer.Option("params", help="params or macs: what the ratio is a share of"),
+    out: Path = typer.Option(..., help="folder: model/ (the pruned denoiser), pipeline/ (for pipelines), "
+                                       "scores.json, recipe.json"),
+    n: int = typer.Option(32, help="calibration triples (output-loss, taylor, similarity, greedy)"),
+    data: str = typer.Option("zoo", help="calibration data: 'zoo' or an image folder (SD-style pipelines)"),
+    seed: int = typer.Option(0, help="seed of the calibration triples (and of the random criterion)"),
+    inner: bool = typer.Option(False, help="score the transformer blocks inside deep attention layers (SDXL) "
+                                           "instead of whole attention layers"),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """One-shot layer pruning (LAPTOP-Diff): score every layer, remove the least important at a ratio."""
+    _quiet_libraries()
+    from diffslim.methods.layer_prune import BK_SDM, CRITERIA, calibration, check_ratio, layer_prune, prune_layers
+    from diffslim.models.load import load
+    from diffslim.recipe import Recipe, RemovedLayers
+
+    bk = [f"bk-sdm-{v}" for v in BK_SDM]
+    if criterion not in CRITERIA and criterion not in bk:
+        raise UserError(f"unknown --criterion {criterion!r}; accepted: {', '.join(CRITERIA + tuple(bk))}")
+    if by not in ("params", "macs"):
+        raise UserError(f"unknown --by {by!r}; accepted: params, macs")
+    if criterion in bk:
+        if ratio is not None:
+            raise UserError(f"{criterion} removes a fixed set of blocks; drop --ratio")
+    else:
+        if ratio is None:
+            raise UserError(f"--criterion {criterion} needs --ratio R with 0 < R < 1")
+        check_ratio(ratio)
+    if n < 1:
+        raise UserError("--n must be at least 1")
+    loaded = load(model)
+    needs_calib = criterion in ("output-loss", "taylor", "similarity", "greedy")
+    if needs_calib and loaded.pipe is None:
+        raise UserError(f"--criterion {criterion} samples the model on calibration data: give a pipeline folder or "
+                        f"zoo:NAME (for a lone model or config use magnitude, random or a bk-sdm-* criterion)")
+    if not loaded.has_weights and criterion not in bk and criterion != "random":
+        raise UserError(f"{model} is config-only (no weights): --criterion {criterion} needs weights; "
+                        "use a bk-sdm-* criterion or random")
+    calib = calibration(loaded.pipe, n=n, seed=seed, data=data) if needs_calib else None
+    res = layer_prune(loaded.denoiser, criterion, ratio, by=by, calib=calib, seed=seed, inner=inner)
+    pruned = prune_layers(loaded.denoiser, res.removed)
+    out.mkdir(parents=True, exist_ok=True)
+    if loaded.has_weights:
+        pruned.save_pretrained(str(out / "model"), safe_serialization=True)
+        if loaded.pipe is not None:
+            from diffslim.apply import denoiser_attr
+
+            setattr(loaded.pipe, denoiser_attr(loaded.pipe), pruned)
+            loaded.pipe.save_pretrained(str(out / "pipeline"), safe_serialization=True)
+    else:
+        pruned.save_config(str(out / "model"))
+    params_after = sum(p.numel() for p in pruned.parameters())
+    report = {"model": model, **res.to_json(), "params_after": params_after, "out": str(out)}
+    (out / "scores.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    Recipe(model=model, removed_layers=RemovedLayers(layers=res.removed, criterion=criterion, ratio=ratio, by=by),
+           description=f"layer pruning by {criterion}: {len(res.removed)} layers, "
+                       f"{res.params_removed / res.params:.3f} of params removed").save(out / "recipe.json")
+    if as_json:
+        _print_json(report)
+        return
+    t = Table(title=f"layer-prune {model} ({criterion}{'' if ratio is None else f', ratio {ratio} of {by}'})")
+    for c in ("layer", "kind", "params", "score", "removed"):
+        t.add_column(c)
+    for row in report["layers"]:
+        score = row["score"]
+        t.add_row(row["name"], row["kind"], f"{row['params']:,}", "" if score is None else f"{score:.4g}",
+                  "yes" if row["removed"] else "")
+    console.print(t)
+    console.print(f"removed {len(res.removed)} layers: {res.params_removed:,} of {res.params:,} params "
+                  f"({res.params_removed / res.params:.3f}); {params_after:,} left"
+                  + (f"; MACs removed {res.macs_removed / res.macs:.3f}" if res.macs else "")
+                  + f"\npruned model: {out / 'model'}; scores: {out / 'scores.json'}")
+
+
+@app.command("dipgo")
+@_guard
+def dipgo_cmd(
+    model: str = typer.Argument(..., help="zoo:NAME or a zoo pipeline folder"),
+    ratio: float = typer.Option(..., help="share of the MACs to remove, in (0, 1): 0.8 keeps <= 20%"),
+    steps: int = typer.Option(50, help="denoising steps the plan is made for"),
+    scheduler: Optional[str] = typer.Option(None, help="scheduler to train with (default: the pipeline's)"),
+    loss: str = typer.Option("ssim", help="consistency loss: ssim, l1, l2 or ssim+l1"),
+    alpha: float = typer.Option(1.0, help="weight of the sparsity loss"),
+    out: Path = typer.Option(..., help="recipe JSON file to write"),
+    run_dir: Optional[Path] = typer.Option(None, help="checkpoints and scores (default: OUT without suffix + _run); "
+                                                      "rerun the same command to resume exactly"),
+    iters: int = typer.Option(60, help="optimizer steps of the pruner"),
+    batch_size: int = typer.Option(4, help="inputs per step (per process under accelerate launch)"),
+    lr: float = typer.Option(1e-2),
+    granularity: str = typer.Option("fine", help="coarse (blocks) or fine (resnet+attention pairs, samplers)"),
+    objective: str = typer.Option("unrolled", help="unrolled (the whole trajectory) or local (Learning-to-Cache)"),
+    self_attention: bool = typer.Option(True, "--self-attention/--no-self-attention"),
+    gradient_checkpointing: bool = typer.Option(True, "--gradient-checkpointing/--no-gradient-checkpointing"),
+    data: str = typer.Option("zoo", help="'zoo' or a text file with one class label per line"),
+    checkpoint_every: int = typer.Option(20),
+    seed: int = typer.Option(0),
+):
+    """Learn a skip plan with DiP-GO and write it as a recipe (skip_plan section)."""
+    _quiet_libraries()
+    from diffslim.methods.dipgo import DipgoConfig, check_ratio, train_dipgo
+    from diffslim.methods.skip_plan import GRANULARITIES, plan_units
+    from diffslim.models.load import load
+    from diffslim.recipe import SCHEDULERS, Recipe, SkipPlan
+
+    check_ratio(ratio)
+    if scheduler is not None and scheduler not in SCHEDULERS:
+        raise UserError(f"unknown --scheduler {scheduler!r}; accepted: {', '.join(SCHEDULERS)}")
+    if granularity not in GRANULARITIES:
+        raise UserError(f"unknown --granularity {granularity!r}; accepted: {', '.join(GRANULARITIES)}")
+    cfg = DipgoConfig(ratio=ratio, num_inference_steps=steps, scheduler=scheduler, loss=loss, alpha=alpha,
+                      iters=iters, batch_size=batch_size, lr=lr, granularity=granularity, objective=objective,
+                      self_attention=self_attention, gradient_checkpointing=gradient_checkpointing, data=data,
+                      checkpoint_every=checkpoint_every, seed=seed,
+                      out=str(run_dir or out.with_name(out.stem + "_run"))).check()
+    loaded = load(model)
+    if loaded.pipe is None:
+        raise UserError(f"{model} is not a pipeline; DiP-GO samples it: give zoo:NAME or a zoo pipeline folder")
+    units = plan_units(loaded.denoiser, granularity)
+    res = train_dipgo(loaded.pipe, cfg, units)
+    Recipe(model=model, description=f"DiP-GO skip plan, R={ratio:g}, MACs ratio {res.macs_ratio:.3f}",
+           skip_plan=SkipPlan(granularity=granularity, units=list(units.names), plan=res.plan.tolist(),
+                              scheduler=scheduler, provenance=res.provenance())).save(out)
+    kept = int(res.plan.sum())
+    console.print(f"plan: {kept}/{res.plan.size} (step, unit) pairs kept, denoiser MACs ratio {res.macs_ratio:.3f} "
+                  f"(target <= {1 - ratio:.3f}); trained {res.seconds:.0f}s; recipe: {out}")
 
 
 @app.command("recipe")

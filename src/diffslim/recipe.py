@@ -129,6 +129,71 @@ class Depth(_Strict):
         return self
 
 
+class RemovedLayers(_Strict):
+    """Layer pruning (LAPTOP-Diff / BK-SDM, see methods.layer_prune): the denoiser's modules to remove.
+
+    ``layers`` are ``named_modules()`` names (resnets, attention layers, transformer blocks); the
+    other fields record how they were chosen.
+    """
+
+    layers: list[str]
+    criterion: Optional[str] = None
+    ratio: Optional[float] = None
+    by: Optional[Literal["params", "macs"]] = None
+
+    @field_validator("layers")
+    @classmethod
+    def _distinct(cls, v):
+        if len(set(v)) != len(v):
+            raise ValueError("repeats a layer name")
+        return v
+
+    @field_validator("ratio")
+    @classmethod
+    def _in_unit(cls, v):
+        if v is not None and not 0 < v < 1:
+            raise ValueError("must lie in (0, 1)")
+        return v
+
+
+class SkipPlan(_Strict):
+    """A skip plan (DiP-GO, DeepCache, searches): ``plan[step][unit]`` is true where the unit runs at that step.
+
+    ``units`` names the denoiser's units at ``granularity`` (``coarse``: blocks; ``fine``: resnet+attention
+    pairs and samplers; transformer blocks for both), in forward order; ``plan`` has one row per denoising
+    step (so ``len(plan)`` is the step count it runs with) and row 0 keeps every unit. Skipped units hand on
+    the output of the last step where they ran (see ``diffslim.methods.skip_plan``). ``scheduler``: the
+    scheduler it was made with (others run it by step index); ``provenance``: how it was made.
+    """
+
+    granularity: Literal["coarse", "fine"] = "fine"
+    units: list[str]
+    plan: list[list[bool]]
+    scheduler: Optional[str] = None
+    provenance: Optional[dict] = None
+
+    @field_validator("scheduler")
+    @classmethod
+    def _known_scheduler(cls, v):
+        if v is not None and v not in SCHEDULERS:
+            raise ValueError(f"unknown scheduler {v!r}; accepted: {', '.join(SCHEDULERS)}")
+        return v
+
+    @model_validator(mode="after")
+    def _shape(self):
+        if not self.units:
+            raise ValueError("units must not be empty")
+        if not self.plan:
+            raise ValueError("plan must have at least one step")
+        bad = [i for i, row in enumerate(self.plan) if len(row) != len(self.units)]
+        if bad:
+            raise ValueError(f"plan row {bad[0]} has {len(self.plan[bad[0]])} entries but there are "
+                             f"{len(self.units)} units: give a steps x units table")
+        if not all(self.plan[0]):
+            raise ValueError("plan row 0 must keep every unit (step 0 fills the caches)")
+        return self
+
+
 class Recipe(_Strict):
     """A compression of one model. Every section is optional; an empty recipe changes nothing."""
 
@@ -137,6 +202,8 @@ class Recipe(_Strict):
     description: Optional[str] = None
     depth: Optional[Depth] = None
     sampling: Optional[Sampling] = None
+    skip_plan: Optional[SkipPlan] = None
+    removed_layers: Optional[RemovedLayers] = None
 
     def is_identity(self) -> bool:
         return all(getattr(self, k) is None for k in self.section_names())

@@ -26,6 +26,11 @@ SUPPORTED_DENOISERS = (
     # our own exports: diffusers models with a depth-skip config
     "DepthSkipUNet2DConditionModel",
     "DepthSkipUNet2DModel",
+    # layer-pruned exports (diffslim.methods.layer_prune): a ``removed_layers`` config
+    "LayerPrunedUNet2DConditionModel",
+    "LayerPrunedUNet2DModel",
+    "LayerPrunedDiTTransformer2DModel",
+    "LayerPrunedPixArtTransformer2DModel",
 )
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 ACCEPTED = (
@@ -97,6 +102,10 @@ def _denoiser_class(name: str, where: Path):
         from diffslim.methods import depth_skip
 
         return getattr(depth_skip, name)
+    if name.startswith("LayerPruned"):
+        from diffslim.methods import layer_prune
+
+        return getattr(layer_prune, name)
     import diffusers
 
     return getattr(diffusers, name)

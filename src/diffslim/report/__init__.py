@@ -167,3 +167,132 @@ def add_bench_section(rep, model: str, rows, outputs) -> None:
         up = max(1, 64 // imgs.shape[-1])
         rep.add_figure(f"samples: {model} / {method}", f"grid_{slug}_{method.replace(':', '-')}.png",
                        image_grid(imgs[:k], nrow=8, upscale=up), f"first {k} outputs, same seeds and inputs as full")
+
+
+# ---------------------------------------------------------------------------------------------
+# Layer pruning (LAPTOP-Diff): output loss vs ratio, additivity, loss-term balance
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def output_loss_figure(curves: dict, title: str = "", bk_points: Optional[dict] = None):
+    """Output loss (held-out MSE vs the full model) against the pruning ratio, one line per criterion.
+
+    ``curves``: ``{criterion: [(ratio, loss), ...]}``; ``bk_points``: ``{label: (ratio, loss)}`` (BK-SDM).
+    """
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.2, 3.8))
+    for crit, pts in curves.items():
+        pts = sorted(pts)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=crit,
+                lw=2.2 if crit == "output-loss" else 1.2)
+    for label, (r, loss) in (bk_points or {}).items():
+        ax.scatter([r], [loss], marker="x", s=50, color="k")
+        ax.annotate(label, (r, loss), fontsize=8, xytext=(3, 3), textcoords="offset points")
+    ax.set_yscale("log")
+    ax.set_xlabel("pruning ratio (share of params removed)")
+    ax.set_ylabel("output loss (MSE vs full, held out)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def additivity_figure(summed: Sequence[float], measured: Sequence[float], r: float, title: str = ""):
+    """Measured L(S) against sum_{i in S} L_i for random layer sets S, with their Pearson correlation."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(4.2, 3.8))
+    ax.scatter(summed, measured, s=14)
+    hi = max(list(summed) + list(measured) + [1e-12]) * 1.05
+    ax.plot([0, hi], [0, hi], "k--", lw=0.8, label="L(S) = sum L_i")
+    ax.set_xlabel("sum of single-layer output losses")
+    ax.set_ylabel("measured output loss of the set")
+    ax.set_title((title + ": " if title else "") + f"Pearson r = {r:.3f}", fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def loss_balance_figure(logs: dict, weights: Optional[dict] = None, title: str = ""):
+    """Each loss term's share of the total during distillation, one panel per run.
+
+    ``logs``: ``{label: path to a trainer train_log.csv}`` (columns step, task, out, feat);
+    ``weights``: ``{label: {"task": l_task, "out": l_out, "feat": l_feat}}`` (default 1 each).
+    """
+    import csv
+
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(logs), figsize=(4.4 * len(logs), 3.6), squeeze=False)
+    for ax, (label, path) in zip(axes[0], logs.items()):
+        with open(path) as f:
+            rows = list(csv.DictReader(f))
+        w = (weights or {}).get(label, {})
+        steps = [int(r["step"]) for r in rows]
+        terms = {k: np.array([float(r[k]) * w.get(k, 1.0) for r in rows]) for k in ("task", "out", "feat")}
+        total = sum(terms.values())
+        total = np.where(total > 0, total, 1.0)
+        ax.stackplot(steps, *[terms[k] / total for k in terms], labels=list(terms))
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("step")
+        ax.set_ylabel("share of the loss")
+        ax.set_title(label, fontsize=10)
+        ax.legend(fontsize=8, loc="upper right")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------------
+# Skip plans (issue 5): plan heatmap and quality-vs-MACs Pareto plot
+
+
+def plan_heatmap(plan, unit_names: Sequence[str], title: str = "", effective=None):
+    """A skip plan as a heatmap, units (rows, forward order) x steps (columns): dark = runs.
+
+    ``plan``: ``(steps, units)`` bools; ``effective`` (same shape, optional): what actually runs after
+    dependencies, drawn in a lighter shade where the plan keeps a unit that still does not run.
+    """
+    plt = _plt()
+    p = np.asarray(plan, dtype=float).T
+    if effective is not None:
+        e = np.asarray(effective, dtype=float).T
+        p = np.where((p > 0) & (e == 0), 0.5, p)
+    fig, ax = plt.subplots(figsize=(max(6, 0.14 * p.shape[1] + 3), max(3, 0.22 * p.shape[0] + 1)))
+    ax.imshow(p, aspect="auto", cmap="Greys", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_yticks(range(len(unit_names)))
+    ax.set_yticklabels(unit_names, fontsize=6)
+    ax.set_xlabel("denoising step")
+    ax.set_title(title or "skip plan (dark: runs)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def pareto_figure(rows: Sequence[dict], metric: str = "psnr", title: str = ""):
+    """Quality (``metric`` against the full model) against ``macs_ratio``, one point per bench row, labelled."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for r in rows:
+        y = r.get(metric)
+        if y is None or r.get("method") == "full" or not math.isfinite(float(y)):
+            continue
+        fam = str(r["method"]).split(":")[0]
+        ax.scatter(r["macs_ratio"], y, s=28)
+        ax.annotate(str(r["method"]), (r["macs_ratio"], y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        del fam
+    ax.set_xlabel("MACs of the sampling run / full")
+    ax.set_ylabel(f"{metric} vs full")
+    ax.grid(alpha=0.3)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return fig

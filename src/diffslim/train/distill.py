@@ -140,9 +140,24 @@ def remove_feature_taps(model: nn.Module, names: Sequence[str]) -> None:
 
 
 def _is_stand_in(module: Optional[nn.Module]) -> bool:
-    # The depth-skip convention: a removed module is replaced by a parameter-free ``Removed*`` class
-    # (methods sit above train/, so we recognise them by name rather than import them).
-    return module is not None and type(module).__name__.startswith("Removed")
+    # The pruning methods' convention: a removed module is replaced by a parameter-free stand-in,
+    # ``Removed*`` (depth-skip: returns zeros) or ``Pruned*`` (layer pruning: returns its shortcut).
+    # Methods sit above train/, so we recognise them by name rather than import them.
+    return module is not None and type(module).__name__.startswith(("Removed", "Pruned"))
+
+
+def _computes_feature(block: nn.Module) -> bool:
+    """Whether a student block still computes a feature comparable to the teacher's: its output is no
+    zeros stand-in, none of its samplers is removed (that changes the output's size) and at least one
+    of its resnets/attentions is kept."""
+    out = _output_module(block)
+    if out is not block and type(out).__name__.startswith("Removed"):
+        return False
+    for attr in ("downsamplers", "upsamplers"):
+        if any(_is_stand_in(m) for m in (getattr(block, attr, None) or [])):
+            return False
+    layers = [m for attr in ("resnets", "attentions") for m in (getattr(block, attr, None) or []) if m is not None]
+    return not layers or not all(_is_stand_in(m) for m in layers)
 
 
 def _output_module(block: nn.Module) -> nn.Module:
@@ -173,9 +188,10 @@ def select_features(teacher: nn.Module, student: nn.Module,
     """The blocks to distil, as ``{student_name: teacher_name}``.
 
     ``"auto"``: every block of ``candidate_blocks`` present in both models whose student module is
-    neither a depth-skip stand-in (``Removed*``) nor replaced (a different class than the teacher's),
-    and whose output the student still computes (its output sub-layer is no stand-in: a down block
-    whose last layer was removed returns zeros and is left out). A list names blocks present in both;
+    neither a stand-in (``Removed*``, ``Pruned*``) nor replaced (a different class than the teacher's),
+    and whose output the student still computes (see ``_computes_feature``: a down block whose last
+    layer was removed by depth-skip returns zeros, a block without its sampler has another size, a
+    block whose every layer was pruned is the identity; they are left out). A list names blocks present in both;
     a dict maps student names to teacher names. Raises ``UserError`` (a ``ValueError``) for unknown names.
     """
     def get(model, name):
@@ -190,7 +206,7 @@ def select_features(teacher: nn.Module, student: nn.Module,
         out = {}
         for name in candidate_blocks(student):
             s, t = get(student, name), get(teacher, name)
-            if t is None or _is_stand_in(s) or type(s) is not type(t) or _is_stand_in(_output_module(s)):
+            if t is None or _is_stand_in(s) or type(s) is not type(t) or not _computes_feature(s):
                 continue
             out[name] = name
         return out

@@ -1,0 +1,228 @@
+"""DiP-GO learned block skipping vs DeepCache, fewer steps, random search, GA and diffusers' caches.
+
+    OMP_NUM_THREADS=1 python bench/dipgo_bench.py [--models digits-sd,digits-dit,sr] [--n 16] [--ablation]
+
+Writes bench/results/dipgo_<model>.json (rows: macs_ratio, speedup, psnr, ssim, task metrics; DiP-GO
+training seconds in the notes), dipgo_<model>_plan.png (heatmap), dipgo_<model>_pareto.png,
+dipgo_<model>_recipe.json (the learned plan), dipgo_transfer.json (the digits-sd plan run with other
+schedulers by step index) and, with --ablation, dipgo_ablation.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+RATIOS = {"digits-sd": 0.8, "digits-dit": 0.8, "sr": 0.6}
+STEPS = 50
+
+
+def _quiet():
+    import logging
+    import warnings
+
+    from diffusers.utils import logging as dlog
+
+    dlog.set_verbosity_error()
+    dlog.disable_progress_bar()
+    logging.getLogger("accelerate").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+
+
+def _deepcache_at_budget(units, ratio):
+    """The DeepCache setting (interval K, branch 0) with the most MACs that stays within ``1 - ratio``."""
+    from diffslim.methods.skip_plan import deepcache_plan, plan_macs_ratio
+
+    best = None
+    for k in range(2, STEPS + 1):
+        r = plan_macs_ratio(deepcache_plan(units, STEPS, k, 0), units)
+        if r <= 1 - ratio + 1e-9:
+            best = (k, 0, r)
+            break
+    return best
+
+
+def bench_model(name: str, n: int, batch: int) -> dict:
+    from diffslim.bench import run_bench
+    from diffslim.evaluate import eval_set_for, finite, metrics_fn_for
+    from diffslim.methods.skip_plan import effective_plan, plan_macs_ratio, plan_units
+    from diffslim.models.load import load
+    from diffslim.recipe import Recipe, SkipPlan
+    from diffslim.report import pareto_figure, plan_heatmap
+
+    ratio = RATIOS[name]
+    loaded = load(f"zoo:{name}")
+    loaded.pipe.set_progress_bar_config(disable=True)
+    units = plan_units(loaded.denoiser, "fine")
+    steps_n = int(STEPS * (1 - ratio))
+    methods = [f"dipgo:{ratio}", f"steps:{steps_n}", f"random:{ratio}", f"ga:{ratio}"]
+    skipped = {}
+    if units.family != "transformer":
+        dc = _deepcache_at_budget(units, ratio)
+        if dc is None:
+            skipped["deepcache"] = f"no DeepCache interval reaches MACs <= {1 - ratio:g} at {STEPS} steps"
+        else:
+            methods.insert(1, f"deepcache:{dc[0]}:{dc[1]}")
+    else:
+        methods += ["fbcache", "fastercache", "taylorseer", "magcache", "pab"]
+        skipped["deepcache"] = "DeepCache caches a U-Net's deep branch; a DiT has no skip branches"
+    es = eval_set_for(loaded, n, seed=0)
+    t0 = time.perf_counter()
+    res = run_bench(loaded, "full," + ",".join(methods), es, default_steps=STEPS, batch_size=batch,
+                    metrics_fn=metrics_fn_for(loaded, es), progress=False)
+    rows = [{k: finite(v) for k, v in r.items()} for r in res.rows]
+    # the learned plan: recipe, heatmap
+    from diffslim.bench import BenchContext, _default_dipgo
+    from diffslim.sample import SampleSpec
+
+    ctx = BenchContext(loaded=loaded, base_spec=SampleSpec(es.inputs, es.seeds, num_inference_steps=STEPS),
+                       default_steps=STEPS)
+    plan, _, notes, train_s = _default_dipgo(ctx, ratio)
+    Recipe(model=f"zoo:{name}", description=f"DiP-GO plan, R={ratio}",
+           skip_plan=SkipPlan(granularity="fine", units=list(units.names), plan=plan.tolist(),
+                              provenance={"method": "dipgo", "ratio": ratio, "train_seconds": round(train_s, 1),
+                                          "macs_ratio": plan_macs_ratio(plan, units)})
+           ).save(RESULTS / f"dipgo_{name}_recipe.json")
+    plan_heatmap(plan, units.names, f"zoo:{name} DiP-GO plan R={ratio} (grey: kept but idle)",
+                 effective=effective_plan(plan, units)).savefig(RESULTS / f"dipgo_{name}_plan.png", dpi=110)
+    pareto_figure(rows, "psnr", f"zoo:{name}: PSNR vs the full model, {n} inputs").savefig(
+        RESULTS / f"dipgo_{name}_pareto.png", dpi=110)
+    out = {"model": f"zoo:{name}", "ratio": ratio, "n": n, "steps": STEPS, "dipgo_train_seconds": train_s,
+           "rows": rows, "not_applicable": skipped, "seconds": time.perf_counter() - t0,
+           "command": "OMP_NUM_THREADS=1 python bench/dipgo_bench.py --models " + name}
+    (RESULTS / f"dipgo_{name}.json").write_text(json.dumps(out, indent=2, default=str))
+    return out
+
+
+def transfer(n: int, batch: int) -> dict:
+    """The digits-sd plan (learned with DDIM) run with other schedulers by step index."""
+    from diffslim.bench import run_bench
+    from diffslim.evaluate import eval_set_for, finite, metrics_fn_for
+    from diffslim.models.load import load
+
+    loaded = load("zoo:digits-sd")
+    loaded.pipe.set_progress_bar_config(disable=True)
+    es = eval_set_for(loaded, n, seed=0)
+    recipe = RESULTS / "dipgo_digits-sd_recipe.json"
+    out = {}
+    for sched in ("ddim", "dpm++", "euler", "plms"):
+        res = run_bench(loaded, f"full,dipgo:@{recipe},steps:10", es, default_steps=STEPS, scheduler=sched,
+                        batch_size=batch, metrics_fn=metrics_fn_for(loaded, es), progress=False)
+        out[sched] = [{k: finite(v) for k, v in r.items() if k in ("method", "macs_ratio", "speedup", "psnr", "ssim",
+                                                                   "digit_accuracy")} for r in res.rows]
+    (RESULTS / "dipgo_transfer.json").write_text(json.dumps(out, indent=2))
+    return out
+
+
+def ablation(n: int, iters: int) -> dict:
+    """digits-sd, R=0.8: self-attention on/off, unrolled vs Learning-to-Cache local objective."""
+    from diffslim.bench import DEFAULT_DIPGO, calibration_spec  # noqa: F401
+    from diffslim.methods.dipgo import DipgoConfig, plan_psnr_fn, train_dipgo
+    from diffslim.methods.skip_plan import plan_units
+    from diffslim.models.load import load
+    from diffslim.sample import SampleSpec, sample
+    from diffslim.evaluate import eval_set_for
+
+    loaded = load("zoo:digits-sd")
+    loaded.pipe.set_progress_bar_config(disable=True)
+    units = plan_units(loaded.denoiser, "fine")
+    es = eval_set_for(loaded, n, seed=0)
+    spec = SampleSpec(es.inputs, es.seeds, num_inference_steps=STEPS, batch_size=n)
+    ref = sample(loaded.pipe, spec, show_progress=False)
+    score = plan_psnr_fn(loaded.pipe, spec, ref, units)
+    out = {}
+    settings = dict(DEFAULT_DIPGO, iters=iters)
+    for label, over in (("unrolled+SA", {}), ("unrolled, no SA", {"self_attention": False}),
+                        ("local (L2C)+SA", {"objective": "local"})):
+        cfg = DipgoConfig(ratio=0.8, num_inference_steps=STEPS, progress=False, **{**settings, **over})
+        r = train_dipgo(loaded.pipe, cfg, units)
+        out[label] = {"psnr": score(r.plan), "macs_ratio": r.macs_ratio, "train_seconds": r.seconds,
+                      "final_kept_macs": r.log[-1]["kept_macs"], "final_consistency": r.log[-1]["consistency"]}
+        print(label, out[label], flush=True)
+    (RESULTS / "dipgo_ablation.json").write_text(json.dumps(out, indent=2))
+    return out
+
+
+def timing(models, n: int, repeats: int = 5) -> dict:
+    """Wall time of the whole sampling run, interleaved and best of ``repeats``: no plan, the keep-all
+    plan (hook overhead), the learned plan, and ``steps:N`` at about the same MACs."""
+    from diffslim.methods.skip_plan import apply_skip_plan, full_plan, plan_macs_ratio, plan_units, remove_skip_plan
+    from diffslim.models.load import load
+    from diffslim.recipe import load_recipe
+
+    out = {}
+    for name in models:
+        loaded = load(f"zoo:{name}")
+        pipe, den = loaded.pipe, loaded.denoiser
+        pipe.set_progress_bar_config(disable=True)
+        units = plan_units(den, "fine")
+        plan = np.asarray(load_recipe(RESULTS / f"dipgo_{name}_recipe.json").skip_plan.plan, dtype=bool)
+        steps_n = int(STEPS * (1 - RATIOS[name]))
+        if name == "sr":
+            kw = dict(image=torch.rand(n, 3, 8, 8))
+        else:
+            kw = dict(class_labels=[i % 10 for i in range(n)])
+
+        def run(steps, p=None):
+            if p is not None:
+                apply_skip_plan(den, p, units)
+            try:
+                t0 = time.perf_counter()
+                pipe(**kw, num_inference_steps=steps, generator=torch.Generator().manual_seed(0), output_type="pt")
+                return time.perf_counter() - t0
+            finally:
+                if p is not None:
+                    remove_skip_plan(den)
+
+        variants = {"full": (STEPS, None), "keep-all plan": (STEPS, full_plan(STEPS, len(units))),
+                    "dipgo plan": (STEPS, plan), f"steps:{steps_n}": (steps_n, None)}
+        best = {k: float("inf") for k in variants}
+        run(STEPS)  # warm-up
+        for _ in range(repeats):
+            for k, (st, p) in variants.items():
+                best[k] = min(best[k], run(st, p))
+        r = plan_macs_ratio(plan, units)
+        out[name] = {"seconds": best, "plan_macs_ratio_denoiser": r,
+                     "speedup_dipgo": best["full"] / best["dipgo plan"], "ideal_speedup": 1 / r,
+                     "speedup_over_ideal": best["full"] / best["dipgo plan"] * r,
+                     "hook_overhead": best["keep-all plan"] / best["full"] - 1, "batch": n}
+        print(name, out[name], flush=True)
+    (RESULTS / "dipgo_timing.json").write_text(json.dumps(out, indent=2))
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default="digits-sd,digits-dit,sr")
+    ap.add_argument("--n", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--transfer", action="store_true")
+    ap.add_argument("--ablation", action="store_true")
+    ap.add_argument("--ablation-iters", type=int, default=24)
+    ap.add_argument("--timing", action="store_true", help="only the interleaved wall-time comparison")
+    a = ap.parse_args()
+    _quiet()
+    torch.manual_seed(0)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    if a.timing:
+        timing([m for m in a.models.split(",") if m], a.n, repeats=3)
+        return
+    for m in [m for m in a.models.split(",") if m]:
+        out = bench_model(m, a.n, a.batch)
+        for r in out["rows"]:
+            print(m, r["method"], f"macs {r['macs_ratio']:.3f}", f"speedup {r['speedup']:.2f}",
+                  f"psnr {r.get('psnr')}", flush=True)
+    if a.transfer:
+        print(json.dumps(transfer(a.n, a.batch), indent=1), flush=True)
+    if a.ablation:
+        ablation(a.n, a.ablation_iters)
+
+
+if __name__ == "__main__":
+    main()

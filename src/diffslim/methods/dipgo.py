@@ -1,0 +1,613 @@
+"""DiP-GO (Zhu et al., NeurIPS 2024): a few-step gradient-optimized pruner that learns a skip plan.
+
+The pruner holds one learnable query of width ``D`` per (step, unit); a self-attention layer mixes
+the queries of the units of each step, an MLP and a 2-way head give keep/skip logits per (step,
+unit). Hard gates with a straight-through estimator switch the units of the skip-plan runtime
+(``diffslim.methods.skip_plan``): a gated unit outputs ``g * fresh + (1 - g) * cache`` and refreshes
+its cache with that value, which equals the hard plan's value for 0/1 gates while carrying gradients
+to ``g``. The pruner starts by keeping everything.
+
+Losses: consistency between the full and the gated model's final outputs (``1 - SSIM`` by default;
+``l1``, ``l2``, ``ssim+l1``) plus ``alpha`` times the kept MACs share (dependencies included: a
+unit's share counts the units it forces to run, via ``effective_plan_soft``); once the kept share is
+below the target budget ``1 - R``, only the consistency loss acts.
+
+Objectives: ``unrolled`` (the paper's: the whole sampling trajectory with gradients through every
+gate, each step under gradient checkpointing) or ``local`` (Learning-to-Cache's cheaper objective:
+each step starts from the full model's state and caches at the previous step, and its noise
+prediction is compared with the full model's at the same step).
+
+Post-processing: the keep probabilities are turned into a plan meeting a MACs reduction ``R``
+(the plan's MACs ``<= (1 - R)`` x the full model's, our reading of the paper's pruning ratio) by
+a binary search over the threshold; step 0 stays full.
+
+Baselines at the same evaluation budget: random search and a genetic algorithm over plans at the
+same MACs ratio (:func:`search_plan`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diffslim.errors import UserError
+from diffslim.methods.skip_plan import (
+    PlanUnits, apply_skip_plan, check_scheduler, effective_plan_soft, full_plan, plan_macs_ratio, plan_units,
+    remove_skip_plan,
+)
+
+__all__ = ["Pruner", "DipgoConfig", "DipgoResult", "train_dipgo", "plan_from_scores", "search_plan",
+           "plan_psnr_fn", "LOSSES", "OBJECTIVES", "check_ratio"]
+
+LOSSES = ("ssim", "l1", "l2", "ssim+l1")
+OBJECTIVES = ("unrolled", "local")
+
+
+def check_ratio(ratio: float) -> float:
+    """``ratio`` if it lies in (0, 1), else a :class:`UserError`."""
+    try:
+        r = float(ratio)
+    except (TypeError, ValueError):
+        raise UserError(f"ratio must be a number in (0, 1), got {ratio!r}") from None
+    if not 0 < r < 1:
+        raise UserError(f"ratio must lie in (0, 1) (the share of MACs removed, e.g. 0.8), got {r:g}")
+    return r
+
+
+class Pruner(nn.Module):
+    """Queries ``(T, U, D)`` -> [self-attention across units of each step] -> MLP -> logits ``(T, U, 2)``.
+
+    ``self_attention=False`` drops the attention layer (the ablation). Logit 1 is "keep"; the head's
+    bias starts at ``keep_bias`` for keep, so every gate starts open.
+    """
+
+    def __init__(self, num_steps: int, num_units: int, width: int = 64, heads: int = 4,
+                 self_attention: bool = True, keep_bias: float = 2.0):
+        super().__init__()
+        self.queries = nn.Parameter(torch.randn(num_steps, num_units, width) * 0.02)
+        self.unit_embed = nn.Parameter(torch.randn(1, num_units, width) * 0.02)
+        self.self_attention = self_attention
+        self.norm1 = nn.LayerNorm(width)
+        self.attn = nn.MultiheadAttention(width, heads, batch_first=True) if self_attention else None
+        self.norm2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width))
+        self.head = nn.Linear(width, 2)
+        with torch.no_grad():
+            self.head.weight.mul_(0.1)
+            self.head.bias.copy_(torch.tensor([0.0, keep_bias]))
+
+    def forward(self) -> torch.Tensor:
+        """Logits ``(T, U, 2)``: index 1 keeps the unit."""
+        h = self.queries + self.unit_embed
+        if self.attn is not None:
+            a = self.norm1(h)
+            h = h + self.attn(a, a, a, need_weights=False)[0]
+        h = h + self.mlp(self.norm2(h))
+        return self.head(h)
+
+    def keep_prob(self) -> torch.Tensor:
+        """``(T, U)`` probabilities of keeping each unit (the importance scores)."""
+        return self().softmax(-1)[..., 1]
+
+
+class _HardGate(torch.autograd.Function):
+    """Forward: exactly 0/1 (``p > 0.5``); backward: the identity (straight-through)."""
+
+    @staticmethod
+    def forward(ctx, p):
+        return (p > 0.5).to(p.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def straight_through_gates(logits: torch.Tensor, generator: Optional[torch.Generator] = None,
+                           tau: float = 1.0) -> torch.Tensor:
+    """Hard 0/1 gates ``(T, U)`` from logits ``(T, U, 2)``, with the keep probability's gradient; step 0 is 1.
+
+    The forward values are exactly 0 or 1 (not ``hard + p - p.detach()``, which rounds), so the gated
+    model computes exactly what the hard plan does. With a ``generator``, Gumbel noise is added to the
+    logits first (straight-through Gumbel-softmax at temperature ``tau``): while every gate is still
+    open, the consistency loss is exactly 0 with a zero gradient (the full model is its own optimum);
+    sampled gates close a few units at random, so each unit's effect on the output is measured from
+    the first step.
+    """
+    if generator is not None:
+        u = torch.rand(logits.shape, generator=generator).clamp_(1e-9, 1 - 1e-9)
+        logits = (logits - torch.log(-torch.log(u)).to(logits.dtype)) / tau
+    g = _HardGate.apply(logits.softmax(-1)[..., 1])
+    return torch.cat([torch.ones_like(g[:1]), g[1:]], dim=0)
+
+
+def plan_from_scores(scores, units: PlanUnits, ratio: float) -> np.ndarray:
+    """The plan ``scores >= threshold`` (step 0 full) with the lowest threshold whose MACs are within ``1 - ratio``.
+
+    ``scores``: ``(T, U)`` importance (higher = keep). Binary search over the sorted distinct scores;
+    raises :class:`UserError` when even the plan that runs only step 0 in full exceeds the budget.
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    budget = 1.0 - check_ratio(ratio)
+    cand = np.unique(s[1:])
+    top = np.zeros_like(s, dtype=bool)
+    top[0] = True
+
+    def plan_at(i: int) -> np.ndarray:  # i == len(cand): nothing beyond step 0
+        p = s >= cand[i] if i < len(cand) else np.zeros_like(s, dtype=bool)
+        p[0] = True
+        return p
+
+    if plan_macs_ratio(plan_at(len(cand)), units) > budget + 1e-12:
+        raise UserError(f"ratio {ratio:g} is out of reach: step 0 in full plus the parts outside the units already "
+                        f"cost {plan_macs_ratio(top, units):.3f} of the full MACs")
+    lo, hi = 0, len(cand)  # find the smallest i with macs(plan_at(i)) <= budget
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if plan_macs_ratio(plan_at(mid), units) <= budget + 1e-12:
+            hi = mid
+        else:
+            lo = mid + 1
+    return plan_at(lo)
+
+
+# ------------------------------------------------------------------------------------------------
+# Differentiable sampling of the zoo pipelines
+
+
+class _Trajectory:
+    """The sampling loop of a zoo pipeline for a fixed batch of inputs, with the denoiser under a plan runtime.
+
+    Reproduces ``ZooClassPipeline``/``ZooSRPipeline.__call__`` exactly (same noise per seed, same CFG,
+    same scheduler), but differentiably and with per-step control of the runtime's state.
+    """
+
+    def __init__(self, pipe, inputs: list[dict], seeds: list[int], num_steps: int, scheduler: Optional[str],
+                 call_kwargs: Optional[dict] = None):
+        from diffusers.utils.torch_utils import randn_tensor
+
+        from diffslim.sample import make_scheduler
+        from diffslim.zoo.pipelines import ZooClassPipeline, ZooSRPipeline
+
+        self.pipe = pipe
+        kw = dict(call_kwargs or {})
+        self.sched = make_scheduler(scheduler, pipe.scheduler.config) if scheduler else \
+            type(pipe.scheduler).from_config(pipe.scheduler.config)
+        self.num_steps = num_steps
+        den = pipe.denoiser
+        dtype = den.dtype
+        gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+        with torch.no_grad():
+            if isinstance(pipe, ZooClassPipeline):
+                self.kind = "class"
+                labels = torch.tensor([int(i["class_label"]) for i in inputs])
+                size, ch = den.config.sample_size, den.config.in_channels
+                lat = randn_tensor((len(labels), ch, size, size), generator=gens, device="cpu", dtype=dtype)
+                self.guidance = float(kw.get("guidance_scale", 3.0))
+                null = torch.full_like(labels, pipe.null_label)
+                self.labels = torch.cat([null, labels]) if self.guidance > 1.0 else labels
+                self.ctx = pipe.cond_encoder(self.labels).to(dtype) if pipe.cond_encoder is not None else None
+            elif isinstance(pipe, ZooSRPipeline):
+                self.kind = "sr"
+                lr = torch.stack([i["image"] for i in inputs]).float()
+                self.up = pipe.upsample(lr, int(pipe.config.upscale))
+                self.cond = (self.up * 2 - 1).to(dtype)
+                lat = randn_tensor(tuple(self.cond.shape), generator=gens, device="cpu", dtype=dtype)
+                self.ctx = pipe.cond_encoder(torch.zeros(len(inputs), dtype=torch.long)).to(dtype)
+            else:
+                raise UserError(f"DiP-GO training drives the zoo pipelines' sampling loop; {type(pipe).__name__} "
+                                "is not one (use a zoo:NAME model or a zoo pipeline folder)")
+        self.latents = lat * self.sched.init_noise_sigma
+
+    def eps(self, x: torch.Tensor, t) -> torch.Tensor:
+        """One denoising step's noise prediction ``(B, C, H, W)`` (CFG combined)."""
+        den = self.pipe.denoiser
+        xin = self.sched.scale_model_input(x, t)
+        if self.kind == "sr":
+            tt = torch.as_tensor(t).expand(x.shape[0])
+            return den(torch.cat([xin, self.cond], 1), tt, encoder_hidden_states=self.ctx).sample
+        cfg = self.guidance > 1.0
+        xx = torch.cat([xin, xin]) if cfg else xin
+        tt = torch.as_tensor(t).expand(xx.shape[0])
+        if self.ctx is not None:
+            e = den(xx, tt, encoder_hidden_states=self.ctx).sample
+        else:
+            e = den(xx, tt, class_labels=self.labels).sample
+        if cfg:
+            eu, ec = e.chunk(2)
+            e = eu + self.guidance * (ec - eu)
+        return e
+
+    def finish(self, x: torch.Tensor) -> torch.Tensor:
+        """Final images ``(B, C, H, W)`` in [0, 1], as the pipeline returns them."""
+        if self.kind == "sr":
+            hr = self.up + x.float() / float(self.pipe.config.residual_scale) / 2
+            return hr.clamp(0, 1)
+        return ((x + 1) / 2).clamp(0, 1)
+
+    def timesteps(self):
+        self.sched.set_timesteps(self.num_steps)
+        return list(self.sched.timesteps)
+
+    def run(self, state, gates: Optional[torch.Tensor] = None, checkpoint: bool = True,
+            record: bool = False):
+        """Sample the batch; returns images (and, with ``record``, per-step ``(x, eps, caches)``)."""
+        from torch.utils.checkpoint import checkpoint as ckpt
+
+        state.manual = True
+        state.gates = gates
+        caches: dict = {}
+        x = self.latents
+        rec = []
+        ts = self.timesteps()
+        if len(ts) != self.num_steps:
+            raise UserError(f"the scheduler runs {len(ts)} denoiser calls for {self.num_steps} steps; "
+                            "DiP-GO training needs one call per step (ddim, dpm++, euler, unipc)")
+        try:
+            for k, t in enumerate(ts):
+                def step_fn(x_, caches_, k=k, t=t):
+                    # everything the step reads is set here: checkpointing recomputes it during backward
+                    state.manual, state.gates, state.step = True, gates, k
+                    state.caches = dict(caches_)
+                    e = self.eps(x_, t)
+                    return e, state.caches
+
+                if checkpoint and gates is not None and torch.is_grad_enabled():
+                    e, caches = ckpt(step_fn, x, caches, use_reentrant=False)
+                else:
+                    e, caches = step_fn(x, caches)
+                if record:
+                    rec.append((x, e, caches))
+                x = self.sched.step(e, t, x).prev_sample
+        finally:
+            state.manual = False
+            state.gates = None
+            state.reset()
+        out = self.finish(x)
+        return (out, rec) if record else out
+
+
+def consistency_loss(pred: torch.Tensor, ref: torch.Tensor, kind: str = "ssim") -> torch.Tensor:
+    """Loss between the gated and the full model's images ``(B, C, H, W)`` in [0, 1]: a scalar."""
+    from diffslim.measure.quality import ssim
+
+    if kind == "ssim":
+        return 1 - ssim(pred, ref).mean()
+    if kind == "l1":
+        return (pred - ref).abs().mean()
+    if kind == "l2":
+        return ((pred - ref) ** 2).mean()
+    if kind == "ssim+l1":
+        return 1 - ssim(pred, ref).mean() + (pred - ref).abs().mean()
+    raise UserError(f"unknown loss {kind!r}; accepted: {', '.join(LOSSES)}")
+
+
+def kept_macs(eff: torch.Tensor, units: PlanUnits) -> torch.Tensor:
+    """The MACs share ``(scalar)`` of the denoiser calls under effective gates ``eff`` ``(T, U)``
+    (``effective_plan_soft`` of the gates: dependencies included)."""
+    macs = torch.tensor(units.macs, dtype=eff.dtype)
+    per_step = (units.outside_macs + (eff * macs).sum(1)) / units.total_macs
+    return per_step.mean()
+
+
+# ------------------------------------------------------------------------------------------------
+# Training
+
+
+@dataclass
+class DipgoConfig:
+    """Settings of one DiP-GO run (``iters`` optimizer steps on batches of ``batch_size`` inputs)."""
+
+    ratio: float = 0.8
+    num_inference_steps: int = 50
+    scheduler: Optional[str] = None
+    loss: str = "ssim"
+    alpha: float = 1.0
+    iters: int = 60
+    batch_size: int = 4
+    lr: float = 1e-2
+    width: int = 64
+    heads: int = 4
+    self_attention: bool = True
+    gumbel: bool = True
+    keep_bias: float = 3.0
+    objective: str = "unrolled"
+    granularity: str = "fine"
+    gradient_checkpointing: bool = True
+    seed: int = 0
+    data: str = "zoo"
+    checkpoint_every: int = 20
+    out: Optional[str] = None
+    progress: bool = True
+
+    def check(self) -> "DipgoConfig":
+        check_ratio(self.ratio)
+        if self.loss not in LOSSES:
+            raise UserError(f"unknown loss {self.loss!r}; accepted: {', '.join(LOSSES)}")
+        if self.objective not in OBJECTIVES:
+            raise UserError(f"unknown objective {self.objective!r}; accepted: {', '.join(OBJECTIVES)}")
+        if self.iters < 1 or self.batch_size < 1 or self.num_inference_steps < 2 or self.lr <= 0:
+            raise UserError("iters and batch size must be >= 1, steps >= 2, lr > 0")
+        return self
+
+
+@dataclass
+class DipgoResult:
+    """A trained pruner's scores ``(T, U)``, the plan for the ratio, its MACs ratio, the log and the time."""
+
+    scores: np.ndarray
+    plan: np.ndarray
+    macs_ratio: float
+    units: PlanUnits
+    seconds: float
+    log: list = field(default_factory=list)
+    config: Optional[DipgoConfig] = None
+
+    def provenance(self) -> dict:
+        cfg = asdict(self.config) if self.config is not None else {}
+        cfg.pop("progress", None)
+        cfg.pop("out", None)
+        return {"method": "dipgo", "macs_ratio": round(self.macs_ratio, 6), "train_seconds": round(self.seconds, 1),
+                "final": self.log[-1] if self.log else None, **{k: v for k, v in cfg.items()}}
+
+
+def _training_pool(pipe, data: str, seed: int, n: int = 64):
+    """Training inputs: the zoo task's inputs (other seeds than evaluation's) or a text file of class labels."""
+    from diffslim.zoo.evalsets import pipeline_eval_set
+
+    if data == "zoo":
+        es = pipeline_eval_set(pipe, n, seed=50_000 + seed)
+        if es is None:
+            raise UserError("--data zoo needs a zoo pipeline")
+        rng = np.random.default_rng(seed)
+        inputs = list(es.inputs)
+        if "class_label" in inputs[0]:
+            inputs = [{"class_label": int(v)} for v in rng.integers(0, 10, size=n)]
+        return inputs
+    p = Path(data)
+    if not p.is_file():
+        raise UserError(f"--data {data!r}: give 'zoo' or a text file with one class label per line")
+    try:
+        labels = [int(x) for x in p.read_text().split()]
+    except ValueError:
+        raise UserError(f"{p}: every line must be an integer class label") from None
+    if not labels:
+        raise UserError(f"{p} holds no labels")
+    return [{"class_label": v} for v in labels]
+
+
+def _batch(pool: list, step: int, size: int, seed: int, rank: int = 0, world: int = 1):
+    """The inputs and noise seeds of optimizer step ``step`` (a function of the step: exact resume)."""
+    rng = np.random.default_rng([seed, step])
+    idx = rng.integers(0, len(pool), size=size * world)[rank * size:(rank + 1) * size]
+    seeds = [int(s) for s in rng.integers(0, 2**31 - 1, size=size * world)[rank * size:(rank + 1) * size]]
+    return [pool[i] for i in idx], seeds
+
+
+def _checkpoints(out: Path) -> list[Path]:
+    return sorted((out / "checkpoints").glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
+
+
+def train_dipgo(pipe, cfg: DipgoConfig, units: Optional[PlanUnits] = None,
+                callback: Optional[Callable[[int, dict], None]] = None) -> DipgoResult:
+    """Train a DiP-GO pruner for ``pipe``'s denoiser and post-process its scores to a plan for ``cfg.ratio``.
+
+    With ``cfg.out`` set, a checkpoint (pruner, optimizer, log) is written every ``checkpoint_every``
+    steps to ``out/checkpoints/step_N.pt``; running again with the same ``out`` resumes from the
+    last one and gives exactly the result of an uninterrupted run (batches are a function of the
+    step and the seed). Data parallel under ``accelerate launch`` (each process its share of a batch).
+    """
+    from accelerate import Accelerator
+
+    cfg.check()
+    den = pipe.denoiser
+    units = units or plan_units(den, cfg.granularity)
+    if cfg.scheduler is not None:
+        from diffslim.sample import make_scheduler
+
+        check_scheduler(make_scheduler(cfg.scheduler, pipe.scheduler.config), cfg.num_inference_steps,
+                        cfg.num_inference_steps, cfg.scheduler)
+    torch.manual_seed(cfg.seed)
+    pruner = Pruner(cfg.num_inference_steps, len(units), cfg.width, cfg.heads, cfg.self_attention, cfg.keep_bias)
+    # low first-moment decay: the sparsity push stops at the budget, momentum should not carry it far below
+    opt = torch.optim.Adam(pruner.parameters(), lr=cfg.lr, betas=(0.5, 0.999))
+    acc = Accelerator(cpu=not torch.cuda.is_available())
+    pruner, opt = acc.prepare(pruner, opt)
+    raw = acc.unwrap_model(pruner)
+    den.requires_grad_(False)
+    rt = apply_skip_plan(den, full_plan(cfg.num_inference_steps, len(units)), units)
+    pool = _training_pool(pipe, cfg.data, cfg.seed)
+    out = Path(cfg.out) if cfg.out else None
+    start, log, seconds = 0, [], 0.0
+    if out is not None:
+        existing = _checkpoints(out)
+        if existing:
+            ck = torch.load(existing[-1], weights_only=False)
+            raw.load_state_dict(ck["pruner"])
+            opt.load_state_dict(ck["opt"])
+            start, log, seconds = ck["step"], ck["log"], ck["seconds"]
+            acc.print(f"resumed from {existing[-1]} at step {start}")
+    progress = None
+    if cfg.progress and acc.is_local_main_process:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=cfg.iters, initial=start, desc=f"dipgo R={cfg.ratio:g}", dynamic_ncols=True)
+    budget = 1.0 - cfg.ratio
+    t0 = time.perf_counter()
+    try:
+        for step in range(start, cfg.iters):
+            inputs, seeds = _batch(pool, step, cfg.batch_size, cfg.seed, acc.process_index, acc.num_processes)
+            traj = _Trajectory(pipe, inputs, seeds, cfg.num_inference_steps, cfg.scheduler)
+            # the runtime runs the effective plan (units whose consumers are all skipped are skipped too),
+            # so the gates that switch the units are the effective ones: same values as the hard plan
+            noise = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step) if cfg.gumbel else None
+            gates, kept = _gates_and_kept(pruner(), noise, units)
+            if cfg.objective == "unrolled":
+                with torch.no_grad():
+                    ref = traj.run(rt.state)
+                pred = traj.run(rt.state, gates=gates, checkpoint=cfg.gradient_checkpointing)
+                cons = consistency_loss(pred, ref, cfg.loss)
+            else:
+                cons = _local_loss(traj, rt.state, gates)
+            sparse = kept if float(kept.detach()) > budget else kept.detach() * 0
+            loss = cons + cfg.alpha * sparse
+            opt.zero_grad(set_to_none=True)
+            acc.backward(loss)
+            opt.step()
+            with torch.no_grad():
+                hard_kept = float(kept)
+            rec = {"step": step + 1, "loss": float(loss.detach()), "consistency": float(cons.detach()),
+                   "kept_macs": hard_kept}
+            log.append(rec)
+            if callback is not None:
+                callback(step + 1, rec)
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(cons=f"{rec['consistency']:.4f}", kept=f"{hard_kept:.3f}")
+            if out is not None and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.iters) \
+                    and acc.is_main_process:
+                (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+                tmp = out / "checkpoints" / f".step_{step + 1}.tmp"
+                torch.save({"pruner": raw.state_dict(), "opt": opt.state_dict(), "step": step + 1, "log": log,
+                            "seconds": seconds + time.perf_counter() - t0}, tmp)
+                tmp.rename(out / "checkpoints" / f"step_{step + 1}.pt")
+    finally:
+        if progress is not None:
+            progress.close()
+        remove_skip_plan(den)
+    seconds += time.perf_counter() - t0
+    with torch.no_grad():
+        scores = raw.keep_prob().double().numpy()
+    plan = plan_from_scores(scores, units, cfg.ratio)
+    res = DipgoResult(scores, plan, plan_macs_ratio(plan, units), units, seconds, log, cfg)
+    if out is not None and acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        np.save(out / "scores.npy", scores)
+        (out / "result.json").write_text(json.dumps({"provenance": res.provenance(), "units": list(units.names),
+                                                     "plan": plan.astype(int).tolist()}, default=str))
+    return res
+
+
+def _gates_and_kept(logits: torch.Tensor, noise, units: PlanUnits):
+    """The gates that switch the units ``(T, U)`` and the kept MACs share (scalar) of one training step.
+
+    Values: the runtime runs the *effective* plan (a unit whose consumers are all skipped is skipped too),
+    so the gates take the effective plan's 0/1 values. Gradients: straight to each unit's own gate; taking
+    them through the dependency product would give a closed unit's upstream units a zero gradient forever
+    (their effective gate is 0 whatever they do), and training could never reopen them. The kept share's
+    gradient comes from the dependency product on the keep probabilities, so a unit's share includes the
+    units it forces to run.
+    """
+    g = straight_through_gates(logits, noise)
+    eff = effective_plan_soft(g.detach(), units)  # exact 0/1 values
+    gates = g + (eff - g).detach()  # exact: 0/1 arithmetic
+    p = logits.softmax(-1)[..., 1]
+    p = torch.cat([torch.ones_like(p[:1]), p[1:]], dim=0)
+    soft = kept_macs(effective_plan_soft(p, units), units)
+    kept = kept_macs(eff, units) + soft - soft.detach()
+    return gates, kept
+
+
+def _local_loss(traj: _Trajectory, state, gates: torch.Tensor) -> torch.Tensor:
+    """Learning-to-Cache's local objective: step k from the full model's state and caches at k - 1."""
+    with torch.no_grad():
+        _, rec = traj.run(state, record=True)
+    ts = traj.timesteps()
+    state.manual = True
+    state.gates = gates
+    total = 0.0
+    try:
+        for k in range(1, len(ts)):
+            x, e_full, _ = rec[k]
+            state.step = k
+            state.caches = dict(rec[k - 1][2])
+            e = traj.eps(x, ts[k])
+            total = total + ((e - e_full) ** 2).mean()
+    finally:
+        state.manual = False
+        state.gates = None
+        state.reset()
+    return total / (len(ts) - 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Search baselines: random search and a genetic algorithm over plans at a MACs ratio
+
+
+def plan_psnr_fn(pipe, spec, reference: torch.Tensor, units: PlanUnits) -> Callable[[np.ndarray], float]:
+    """``fn(plan) -> mean PSNR`` of ``pipe`` sampling ``spec`` under ``plan`` against ``reference`` ``(N, C, H, W)``."""
+    from diffslim.measure.quality import psnr
+    from diffslim.sample import run_pipeline
+
+    den = pipe.denoiser if hasattr(pipe, "denoiser") else getattr(pipe, "unet", None) or pipe.transformer
+
+    def fn(plan: np.ndarray) -> float:
+        apply_skip_plan(den, plan, units)
+        try:
+            out = run_pipeline(pipe, spec, list(range(len(spec.inputs))))
+        finally:
+            remove_skip_plan(den)
+        v = psnr(out, reference)
+        return float(torch.clamp(v, max=100.0).mean())
+
+    return fn
+
+
+@dataclass
+class SearchResult:
+    plan: np.ndarray
+    score: float
+    n_evals: int
+    seconds: float
+    history: list
+
+
+def search_plan(evaluate: Callable[[np.ndarray], float], units: PlanUnits, num_steps: int, ratio: float,
+                budget: int, method: str = "random", seed: int = 0, population: int = 8,
+                mutation: float = 0.15) -> SearchResult:
+    """Best plan at MACs ``<= 1 - ratio`` found in ``budget`` evaluations of ``evaluate(plan) -> score``.
+
+    Candidates are score tables ``(T, U)`` turned into plans by :func:`plan_from_scores`, so each
+    meets the ratio. ``random``: uniform random scores. ``ga``: a population of score tables,
+    truncation selection (top half), uniform crossover and gaussian mutation, elitism.
+    """
+    if method not in ("random", "ga"):
+        raise UserError(f"unknown search {method!r}; accepted: random, ga")
+    rng = np.random.default_rng(seed)
+    t0 = time.perf_counter()
+    history = []
+    scored: list[tuple[float, np.ndarray]] = []
+
+    def ev(genome):
+        plan = plan_from_scores(genome, units, ratio)
+        s = evaluate(plan)
+        history.append(s)
+        scored.append((s, genome))
+        return s
+
+    shape = (num_steps, len(units))
+    if method == "random":
+        for _ in range(budget):
+            ev(rng.random(shape))
+    else:
+        pop = [rng.random(shape) for _ in range(min(population, budget))]
+        for g in pop:
+            ev(g)
+        while len(history) < budget:
+            ranked = sorted(scored, key=lambda x: -x[0])
+            parents = [g for _, g in ranked[:max(2, population // 2)]]
+            a, b = rng.choice(len(parents), 2, replace=False)
+            mask = rng.random(shape) < 0.5
+            child = np.where(mask, parents[a], parents[b]) + rng.normal(0, mutation, shape)
+            ev(np.clip(child, 0, 1))
+    best_s, best_g = max(scored, key=lambda x: x[0])
+    return SearchResult(plan_from_scores(best_g, units, ratio), best_s, len(history), time.perf_counter() - t0,
+                        history)

@@ -1,0 +1,968 @@
+"""One-shot layer pruning (LAPTOP-Diff, 2024) and the handcrafted BK-SDM baselines.
+
+A *layer* is a piece of a denoiser that can be removed while the model stays well formed:
+
+- U-Nets: every ``ResnetBlock2D`` (without its own up/down sampling) and every attention layer
+  (``Transformer2DModel``) of the down blocks, the mid block and the up blocks; with
+  ``inner=True`` the individual transformer blocks inside attention layers that hold several
+  (SDXL's deep levels) replace those attention layers as candidates.
+- transformer denoisers (DiT, PixArt): each block of ``transformer_blocks``.
+
+Removal replaces a layer by a *stand-in* whose forward is the layer's shortcut:
+
+- a resnet whose hidden input has its output's channel count: the identity on that hidden input. In
+  an up block the resnet's input is ``cat([hidden, skip])``: the stand-in keeps ``hidden`` and
+  drops the skip, which is exactly BK-SDM's architecture (the removed pair's skip connection is gone).
+- another resnet (channels change): its 1x1 ``conv_shortcut`` (kept, with its weights);
+- an attention layer, a transformer block: the identity (DiT's first block keeps ``norm1.emb``, the
+  conditioning embedding its output layer reads);
+- down/upsamplers (only BK-SDM Tiny removes them, in pairs): the identity.
+
+The pruned model is an ordinary diffusers model of class ``LayerPruned<Base>`` whose config adds
+``removed_layers`` (module names): ``save_pretrained`` writes only the kept weights and
+``from_pretrained`` / ``diffslim.load`` rebuild the same structure. Scoring never copies the model:
+a diffusers ``ModelHook`` (:func:`layers_removed`) makes a layer run its stand-in for the duration of
+a ``with`` block.
+
+Criteria (a score per layer; larger = more important to keep): ``output-loss`` (L_i = mean squared
+difference between the full model's prediction and the prediction with layer i alone removed, over
+calibration triples), ``random``, ``magnitude`` (L1 norm of the removed weights), ``taylor``
+(|sum g * w| of the diffusion loss' gradient), ``similarity`` (1 - cosine similarity of a layer's
+output and its shortcut's output, i.e. of input and output for identity shortcuts) and
+``greedy`` (iterative re-scoring, not one-shot). Selection at a target ratio minimises the summed
+scores of the removed layers subject to the removed share of params (or MACs) reaching the ratio:
+a 0-1 knapsack solved by dynamic programming (:func:`knapsack_min`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+# diffusers resolves a component recorded as ["diffslim.methods.layer_prune", CLASS] by looking up
+# ModelMixin in that module (pipeline folders with a pruned denoiser reload with from_pretrained).
+from diffusers import ModelMixin  # noqa: F401
+from diffusers.hooks import HookRegistry, ModelHook
+from torch import nn
+
+from diffslim.errors import UserError
+
+CRITERIA = ("output-loss", "random", "magnitude", "taylor", "similarity", "greedy")
+BK_SDM = ("base", "small", "tiny")
+_BYPASS_HOOK = "diffslim_layer_prune_bypass"
+
+
+# ------------------------------------------------------------------------------------------
+# Stand-ins
+
+
+class PrunedResnet(nn.Module):
+    """A removed ``ResnetBlock2D``: ``input[:, :keep]`` (identity on the hidden part), or its 1x1 shortcut.
+
+    Input ``(B, C_in, H, W)``, output ``(B, C_out, H, W)``. ``keep``: channels of the hidden input
+    (the rest, an up block's skip connection, is dropped); else ``conv_shortcut`` maps ``C_in -> C_out``.
+    """
+
+    def __init__(self, keep: Optional[int] = None, conv_shortcut: Optional[nn.Module] = None):
+        super().__init__()
+        self.keep = keep
+        self.conv_shortcut = conv_shortcut
+
+    def forward(self, input_tensor, temb=None, *args, **kwargs):
+        if self.conv_shortcut is not None:
+            return self.conv_shortcut(input_tensor)
+        if self.keep is not None and self.keep != input_tensor.shape[1]:
+            return input_tensor[:, : self.keep]
+        return input_tensor
+
+
+class PrunedAttention(nn.Module):
+    """A removed attention layer (``Transformer2DModel``): the identity, in the wrapper it returned."""
+
+    def forward(self, hidden_states, *args, return_dict: bool = True, **kwargs):
+        if return_dict:
+            from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+            return Transformer2DModelOutput(sample=hidden_states)
+        return (hidden_states,)
+
+
+class _Holder(nn.Module):
+    """Keeps a submodule of a removed layer under its original name (e.g. DiT's ``norm1.emb``)."""
+
+    def __init__(self, **children):
+        super().__init__()
+        for k, v in children.items():
+            setattr(self, k, v)
+
+
+class PrunedTransformerBlock(nn.Module):
+    """A removed transformer block: the identity on ``hidden_states`` ``(B, N, D)``.
+
+    ``norm1``: kept when the denoiser reads ``transformer_blocks[0].norm1.emb`` outside the blocks (DiT).
+    """
+
+    def __init__(self, norm1: Optional[nn.Module] = None):
+        super().__init__()
+        if norm1 is not None:
+            self.norm1 = norm1
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
+class PrunedSampler(nn.Module):
+    """A removed down/upsampler: the identity (removed in pairs, so the skip connections still match)."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
+# ------------------------------------------------------------------------------------------
+# Candidates
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A removable layer: its module ``name``, ``kind`` ("resnet", "attention", "transformer_block",
+    "downsampler", "upsampler"), the ``params`` and ``macs`` its removal saves (the kept shortcut is not
+    counted), and for a resnet the hidden input channels its stand-in keeps (None: the 1x1 shortcut)."""
+
+    name: str
+    kind: str
+    params: int
+    macs: Optional[int] = None
+    keep: Optional[int] = None
+
+
+def _is_resnet(m: nn.Module) -> bool:
+    from diffusers.models.resnet import ResnetBlock2D
+
+    return isinstance(m, ResnetBlock2D) and not (m.up or m.down)
+
+
+def _is_attention(m: nn.Module) -> bool:
+    return type(m).__name__ in ("Transformer2DModel", "DualTransformer2DModel")
+
+
+def _unet_blocks(unet: nn.Module) -> list[tuple[str, nn.Module]]:
+    out = [(f"down_blocks.{i}", b) for i, b in enumerate(unet.down_blocks)]
+    if getattr(unet, "mid_block", None) is not None:
+        out.append(("mid_block", unet.mid_block))
+    out += [(f"up_blocks.{i}", b) for i, b in enumerate(unet.up_blocks)]
+    return out
+
+
+def _hidden_channels(unet: nn.Module, name: str) -> Optional[int]:
+    """Channels of the hidden (non-skip) part of an up-block resnet's input; None elsewhere."""
+    parts = name.split(".")
+    if parts[0] != "up_blocks":
+        return None
+    i, k = int(parts[1]), int(parts[3])
+    block = unet.up_blocks[i]
+    if k > 0:
+        return _out_channels(block.resnets[k - 1])
+    if i > 0:
+        return _out_channels(unet.up_blocks[i - 1].resnets[-1])
+    if getattr(unet, "mid_block", None) is not None:
+        return _out_channels(unet.mid_block.resnets[-1])
+    return int(unet.config.block_out_channels[-1])
+
+
+def _out_channels(m: nn.Module) -> int:
+    return int(m.out_channels if hasattr(m, "out_channels") else m.conv2.out_channels)
+
+
+def _resnet_keep(unet: nn.Module, name: str, resnet: nn.Module) -> Optional[int]:
+    """The stand-in rule: keep the hidden input when its channels equal the output's, else None (1x1 shortcut)."""
+    out = resnet.out_channels
+    hidden = _hidden_channels(unet, name)
+    if hidden is not None:
+        return out if hidden == out else None
+    return out if resnet.conv_shortcut is None else None
+
+
+def _transformer_lists(model: nn.Module) -> list[str]:
+    from diffslim.models.anatomy import block_lists
+
+    return block_lists(model)
+
+
+def is_unet(model: nn.Module) -> bool:
+    return hasattr(model, "down_blocks") and hasattr(model, "up_blocks")
+
+
+def candidate_names(model: nn.Module, inner: bool = False) -> list[str]:
+    """The removable layers of ``model`` in forward order (see the module docstring).
+
+    ``inner``: for attention layers with more than one transformer block (SDXL), the blocks
+    ``...attentions.k.transformer_blocks.j`` are the candidates instead of the attention layer.
+    Layers already removed (stand-ins) are not candidates.
+    """
+    if is_unet(model):
+        names = []
+        for bname, block in _unet_blocks(model):
+            resnets = getattr(block, "resnets", None) or []
+            attentions = getattr(block, "attentions", None) or []
+            # diffusers' mid block runs resnets[0], then (attention, resnet) pairs
+            order = []
+            for k in range(max(len(resnets), len(attentions))):
+                if k < len(resnets):
+                    order.append(f"{bname}.resnets.{k}")
+                if k < len(attentions) and attentions[k] is not None:
+                    order.append(f"{bname}.attentions.{k}")
+            for name in order:
+                m = model.get_submodule(name)
+                if _is_resnet(m):
+                    names.append(name)
+                elif _is_attention(m):
+                    tb = getattr(m, "transformer_blocks", None)
+                    if inner and tb is not None and len(tb) > 1:
+                        names += [f"{name}.transformer_blocks.{j}" for j, b in enumerate(tb)
+                                  if not isinstance(b, PrunedTransformerBlock)]
+                    else:
+                        names.append(name)
+        return names
+    lists = _transformer_lists(model)
+    if not lists:
+        raise UserError(f"layer pruning supports U-Nets and transformer denoisers with transformer_blocks, "
+                        f"not {type(model).__name__}")
+    return [f"{ln}.{k}" for ln in lists for k, b in enumerate(getattr(model, ln))
+            if not isinstance(b, PrunedTransformerBlock)]
+
+
+def _kept_children(model: nn.Module, name: str, module: nn.Module) -> dict[str, nn.Module]:
+    """Submodules of a removed layer that its stand-in keeps: a resnet's 1x1 shortcut, DiT's ``norm1.emb``."""
+    if _is_resnet(module):
+        keep = _resnet_keep(model, name, module)
+        return {"conv_shortcut": module.conv_shortcut} if keep is None and module.conv_shortcut is not None else {}
+    if name.endswith(".0") and not is_unet(model) and name.count(".") == 1:
+        norm1 = getattr(module, "norm1", None)
+        if norm1 is not None and isinstance(getattr(norm1, "emb", None), nn.Module) and \
+                type(model).__name__.startswith(("DiT", "LayerPrunedDiT")):
+            return {"norm1.emb": norm1.emb}
+    return {}
+
+
+def stand_in(model: nn.Module, name: str) -> nn.Module:
+    """The stand-in for layer ``name`` of ``model`` (shares the kept submodules; holds no other weights)."""
+    from diffusers.models.resnet import Downsample2D, Upsample2D
+
+    module = model.get_submodule(name)
+    kept = _kept_children(model, name, module)
+    if _is_resnet(module):
+        return PrunedResnet(keep=_resnet_keep(model, name, module), conv_shortcut=kept.get("conv_shortcut"))
+    if _is_attention(module):
+        return PrunedAttention()
+    if isinstance(module, (Downsample2D, Upsample2D)):
+        return PrunedSampler()
+    if _is_block_entry(model, name):
+        norm1 = _Holder(emb=kept["norm1.emb"]) if "norm1.emb" in kept else None
+        return PrunedTransformerBlock(norm1=norm1)
+    raise UserError(f"cannot remove {name} ({type(module).__name__}): removable are resnets (without their own "
+                    "up/down sampling), attention layers, transformer blocks and down/upsamplers")
+
+
+def _is_block_entry(model: nn.Module, name: str) -> bool:
+    """Whether ``name`` is one entry of a transformer block list (root level, or inside an attention layer)."""
+    parent, _, idx = name.rpartition(".")
+    if not idx.isdigit():
+        return False
+    return parent in _transformer_lists(model) or parent.endswith(".transformer_blocks")
+
+
+def _kind(module: nn.Module) -> str:
+    from diffusers.models.resnet import Downsample2D, Upsample2D
+
+    if _is_resnet(module):
+        return "resnet"
+    if _is_attention(module):
+        return "attention"
+    if isinstance(module, Downsample2D):
+        return "downsampler"
+    if isinstance(module, Upsample2D):
+        return "upsampler"
+    return "transformer_block"
+
+
+def _n_params(modules: Iterable[nn.Module]) -> int:
+    seen = {}
+    for m in modules:
+        for p in m.parameters():
+            seen[id(p)] = p.numel()
+    return sum(seen.values())
+
+
+def candidates(model: nn.Module, inner: bool = False, module_macs: Optional[Mapping[str, int]] = None,
+               names: Optional[Sequence[str]] = None) -> list[Layer]:
+    """The removable layers with the params (and, given the anatomy's ``module_macs``, the MACs) their
+    removal saves: the layer's minus what its stand-in keeps."""
+    out = []
+    for name in names if names is not None else candidate_names(model, inner):
+        module = model.get_submodule(name)
+        kept = _kept_children(model, name, module)
+        params = _n_params([module]) - _n_params(kept.values())
+        macs = None
+        if module_macs is not None:
+            macs = module_macs.get(name, 0) - sum(module_macs.get(f"{name}.{k}", 0) for k in kept)
+        kind = _kind(module)
+        keep = _resnet_keep(model, name, module) if _is_resnet(module) else None
+        out.append(Layer(name, kind, params, macs, keep))
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# Runtime removal for scoring: a hook that runs the stand-in instead of the layer
+
+
+class _Bypass(ModelHook):
+    """Runs ``stand_in`` in place of the hooked layer's forward."""
+
+    def __init__(self, stand: nn.Module):
+        super().__init__()
+        self.stand = stand
+
+    def new_forward(self, module, *args, **kwargs):
+        return self.stand(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def layers_removed(model: nn.Module, names: Iterable[str]):
+    """Within the block, the layers ``names`` of ``model`` run their stand-ins (no copy, no weight change)."""
+    names = list(names)
+    done = []
+    try:
+        for name in names:
+            module = model.get_submodule(name)
+            HookRegistry.check_if_exists_or_initialize(module).register_hook(_Bypass(stand_in(model, name)),
+                                                                              _BYPASS_HOOK)
+            done.append(module)
+        yield model
+    finally:
+        for module in done:
+            module._diffusers_hook.remove_hook(_BYPASS_HOOK, recurse=False)
+
+
+# ------------------------------------------------------------------------------------------
+# The pruned model: a diffusers class with a ``removed_layers`` config
+
+
+def _remove_in_place(model: nn.Module, names: Sequence[str]) -> None:
+    stands = {name: stand_in(model, name) for name in names}  # built before anything changes
+    for name, stand in stands.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        if isinstance(parent, nn.ModuleList):
+            parent[int(child)] = stand
+        else:
+            setattr(parent, child, stand)
+
+
+def _pruned_class(base: type, name: str) -> type:
+    """A subclass of ``base`` whose config adds ``removed_layers`` (diffusers reads config keys from
+    the ``__init__`` signature, so the subclass advertises the base signature plus that key)."""
+
+    def __init__(self, *args, removed_layers: Optional[list] = None, **kwargs):
+        base.__init__(self, *args, **kwargs)
+        self.register_to_config(removed_layers=list(removed_layers) if removed_layers else None)
+        if removed_layers:
+            _remove_in_place(self, list(removed_layers))
+
+    sig = inspect.signature(base.__init__)
+    extra = inspect.Parameter("removed_layers", inspect.Parameter.KEYWORD_ONLY, default=None)
+    __init__.__signature__ = sig.replace(parameters=[*sig.parameters.values(), extra])
+    doc = f"A ``{base.__name__}`` with the layers ``removed_layers`` removed (see ``diffslim.methods.layer_prune``)."
+    return type(name, (base,), {"__init__": __init__, "__doc__": doc, "__module__": __name__})
+
+
+def _make_classes() -> dict[type, type]:
+    import diffusers
+
+    out = {}
+    for base_name in ("UNet2DConditionModel", "UNet2DModel", "DiTTransformer2DModel", "PixArtTransformer2DModel"):
+        base = getattr(diffusers, base_name)
+        cls = _pruned_class(base, f"LayerPruned{base_name}")
+        globals()[cls.__name__] = cls
+        out[base] = cls
+    return out
+
+
+_PRUNED_CLASS = _make_classes()
+PRUNED_CLASS_NAMES = tuple(c.__name__ for c in _PRUNED_CLASS.values())
+
+
+def _base_and_pruned(model: nn.Module) -> tuple[type, type]:
+    for base, pruned in _PRUNED_CLASS.items():
+        if type(model) is base or type(model) is pruned:
+            return base, pruned
+    raise UserError(f"layer pruning exports UNet2DConditionModel, UNet2DModel, DiTTransformer2DModel and "
+                    f"PixArtTransformer2DModel, not {type(model).__name__}")
+
+
+def validate_layers(model: nn.Module, names: Sequence[str]) -> None:
+    """Raise ``UserError`` naming the first entry of ``names`` that is not a removable module of ``model``."""
+    if len(set(names)) != len(names):
+        raise UserError("the removed layers repeat a name")
+    for name in names:
+        try:
+            m = model.get_submodule(name)
+        except AttributeError:
+            raise UserError(f"{name} is not a module of {type(model).__name__}; removable are e.g. "
+                            f"{', '.join(candidate_names(model)[:4])}") from None
+        if isinstance(m, (PrunedResnet, PrunedAttention, PrunedTransformerBlock, PrunedSampler)):
+            raise UserError(f"{name} is already removed")
+        stand_in(model, name)  # raises the message that says what is removable
+
+
+def prune_layers(model: nn.Module, names: Sequence[str]) -> nn.Module:
+    """A copy of ``model`` without the layers ``names``; the kept weights are shared (no copy, no change).
+
+    The result is a ``LayerPruned<Base>`` diffusers model with ``removed_layers`` in its config (the
+    union with the model's own, if it was pruned before). Works on real weights and on the meta device;
+    ``names=[]`` gives a model whose outputs equal the original's bit for bit.
+    """
+    base, pruned_cls = _base_and_pruned(model)
+    names = list(names)
+    validate_layers(model, names)
+    config = {k: v for k, v in dict(model.config).items() if not k.startswith("_")}
+    previous = list(config.pop("removed_layers", None) or [])
+    all_names = previous + [n for n in names if n not in previous]
+    params = list(model.parameters())
+    device = params[0].device if params else torch.device("cpu")
+    with torch.device("meta"):
+        pruned = pruned_cls.from_config({**config, "removed_layers": all_names or None})
+    if device.type == "meta":
+        return pruned.eval()
+    state = model.state_dict()
+    kept = pruned.state_dict()
+    pruned.load_state_dict({k: state[k] for k in kept}, assign=True, strict=True)
+    # non-persistent buffers (DiT's positional embedding) are not in the state dict: share them too
+    buffers = dict(model.named_buffers())
+    for name, buf in list(pruned.named_buffers()):
+        if buf.device.type == "meta" and name in buffers:
+            owner_name, _, attr = name.rpartition(".")
+            owner = pruned.get_submodule(owner_name) if owner_name else pruned
+            owner._buffers[attr] = buffers[name]
+    return pruned.to(device).eval()
+
+
+def removed_layers_of(model: nn.Module) -> list[str]:
+    """The ``removed_layers`` of a pruned model's config (``[]`` for an unpruned model)."""
+    return list(getattr(model.config, "removed_layers", None) or [])
+
+
+# ------------------------------------------------------------------------------------------
+# BK-SDM (Kim et al., 2023): handcrafted removals of an SD-shaped U-Net
+
+
+def bk_sdm_layers(unet: nn.Module, variant: str) -> list[str]:
+    """The layers BK-SDM ``variant`` removes from an SD-shaped U-Net (config only; no weights needed).
+
+    base: the second resnet(+attention) of every down level and the middle resnet(+attention) of every
+    up level; small: base and the whole mid block; tiny: small and the innermost level (its down and
+    up blocks, and the down/upsampler pair that leads to and from it).
+    """
+    if variant not in BK_SDM:
+        raise UserError(f"unknown BK-SDM variant {variant!r}; accepted: {', '.join(BK_SDM)}")
+    if not is_unet(unet):
+        raise UserError(f"BK-SDM needs an SD-shaped U-Net, not {type(unet).__name__}")
+    lpb = [len(b.resnets) for b in unet.down_blocks]
+    if len(unet.down_blocks) < 2 or any(n != 2 for n in lpb) or any(len(b.resnets) != 3 for b in unet.up_blocks):
+        raise UserError("BK-SDM needs an SD-shaped U-Net: 2 resnets per down level and 3 per up level "
+                        f"(this one has {lpb} down)")
+    names = []
+
+    def pair(bname, k):
+        block = unet.get_submodule(bname)
+        out = [f"{bname}.resnets.{k}"]
+        if getattr(block, "attentions", None) is not None and len(block.attentions) > k:
+            out.append(f"{bname}.attentions.{k}")
+        return out
+
+    for i in range(len(unet.down_blocks)):
+        names += pair(f"down_blocks.{i}", 1)
+    for i in range(len(unet.up_blocks)):
+        names += pair(f"up_blocks.{i}", 1)
+    if variant in ("small", "tiny") and getattr(unet, "mid_block", None) is not None:
+        mid = unet.mid_block
+        names += [f"mid_block.resnets.{k}" for k in range(len(mid.resnets))]
+        names += [f"mid_block.attentions.{k}" for k in range(len(getattr(mid, "attentions", []) or []))]
+    if variant == "tiny":
+        last = len(unet.down_blocks) - 1
+        for bname in (f"down_blocks.{last}", "up_blocks.0"):
+            block = unet.get_submodule(bname)
+            for k in range(len(block.resnets)):
+                names += [n for n in pair(bname, k) if n not in names]
+            for part in ("upsamplers", "downsamplers"):
+                names += [f"{bname}.{part}.{k}" for k in range(len(getattr(block, part, None) or []))]
+        prev = unet.down_blocks[last - 1]
+        names += [f"down_blocks.{last - 1}.downsamplers.{k}" for k in range(len(prev.downsamplers or []))]
+    return names
+
+
+# ------------------------------------------------------------------------------------------
+# Calibration triples and output losses
+
+
+@dataclass
+class Calibration:
+    """N calibration triples for a denoiser: noisy inputs ``x_t`` ``(N, C, H, W)``, timesteps ``t``
+    ``(N,)`` spread across the schedule, conditioning ``cond`` (tensors with batch N), the diffusion
+    ``target`` ``(N, C, H, W)`` and ``predict(denoiser, x_t, t, cond)`` (the trainer's task adapter)."""
+
+    xt: torch.Tensor
+    t: torch.Tensor
+    cond: dict
+    target: torch.Tensor
+    predict: Callable
+    batch_size: int = 64
+
+    def __len__(self) -> int:
+        return self.xt.shape[0]
+
+    def _slice(self, value, i, j):
+        if torch.is_tensor(value):
+            return value[i:j]
+        if isinstance(value, dict):
+            return {k: self._slice(v, i, j) for k, v in value.items()}
+        return value
+
+    @torch.no_grad()
+    def run(self, denoiser: nn.Module) -> torch.Tensor:
+        """The denoiser's predictions on every triple, ``(N, C, H, W)`` (float32)."""
+        outs = []
+        for i in range(0, len(self), self.batch_size):
+            j = i + self.batch_size
+            outs.append(self.predict(denoiser, self.xt[i:j], self.t[i:j], self._slice(self.cond, i, j)).float())
+        return torch.cat(outs)
+
+
+def calibration(pipe, n: int = 32, seed: int = 0, data: str = "zoo", batch_size: int = 64) -> Calibration:
+    """``n`` calibration triples for ``pipe``'s denoiser from ``data`` ("zoo" or an image folder).
+
+    Samples, noise and timesteps are drawn with ``seed``; the timesteps are stratified over the
+    training schedule (one in each of ``n`` equal bins), so every part of the schedule is seen.
+    """
+    from diffusers import DDPMScheduler
+
+    from diffslim.train.data import collate, make_dataset
+    from diffslim.train.distill import task_for
+
+    if n < 1:
+        raise UserError("calibration needs n >= 1 triples")
+    task = task_for(pipe, label_dropout=0.0)
+    dataset = make_dataset(data, pipe)
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(dataset), generator=g)[:n].tolist()
+    while len(idx) < n:
+        idx += idx[: n - len(idx)]
+    device = next(_denoiser(pipe).parameters()).device
+    with torch.no_grad():
+        x0, cond = task.encode(collate([dataset[i] for i in idx]), g, device)
+    x0 = x0.float()
+    sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    T = sched.config.num_train_timesteps
+    t = ((torch.arange(n) + torch.rand(n, generator=g)) * T / n).long().clamp(0, T - 1).to(device)
+    noise = torch.randn(x0.shape, generator=g).to(device)
+    xt = sched.add_noise(x0, noise, t)
+    ptype = sched.config.prediction_type
+    target = noise if ptype == "epsilon" else sched.get_velocity(x0, noise, t) if ptype == "v_prediction" else x0
+    return Calibration(xt=xt, t=t, cond=cond, target=target, predict=task.predict, batch_size=batch_size)
+
+
+def _denoiser(pipe) -> nn.Module:
+    for attr in ("denoiser", "unet", "transformer"):
+        m = getattr(pipe, attr, None)
+        if isinstance(m, nn.Module):
+            return m
+    raise UserError(f"{type(pipe).__name__} has no denoiser")
+
+
+def output_loss(model: nn.Module, calib: Calibration, names: Sequence[str],
+                reference: Optional[torch.Tensor] = None) -> float:
+    """L(S): mean squared difference between ``model``'s predictions and those with the layers ``names``
+    removed (by hooks), over every element of every calibration triple. ``reference``: the full
+    model's predictions ``calib.run(model)``, when already computed."""
+    ref = calib.run(model) if reference is None else reference
+    with layers_removed(model, names):
+        pred = calib.run(model)
+    return float((pred - ref).pow(2).mean())
+
+
+# ------------------------------------------------------------------------------------------
+# Criteria
+
+
+def _weights(model: nn.Module, layer: Layer) -> list[nn.Parameter]:
+    """The parameters a layer's removal deletes (its stand-in's kept ones excluded)."""
+    module = model.get_submodule(layer.name)
+    kept = {id(p) for m in _kept_children(model, layer.name, module).values() for p in m.parameters()}
+    return [p for p in module.parameters() if id(p) not in kept]
+
+
+def _similarity_scores(model: nn.Module, layers: Sequence[Layer], calib: Calibration) -> dict[str, float]:
+    """1 - cos(output, shortcut output) per layer (per sample, flattened), averaged over the triples."""
+    sums = {l.name: 0.0 for l in layers}
+
+    class _Tap(ModelHook):
+        def __init__(self, name):
+            super().__init__()
+            self.name, self.stand = name, stand_in(model, name)
+
+        def new_forward(self, module, *args, **kwargs):
+            out = self.fn_ref.original_forward(*args, **kwargs)
+            short = self.stand(*args, **kwargs)
+            a, b = _tensor_of(out), _tensor_of(short)
+            cos = torch.nn.functional.cosine_similarity(a.flatten(1).float(), b.flatten(1).float(), dim=1)
+            sums[self.name] += float((1 - cos).sum())
+            return out
+
+    mods = []
+    try:
+        for l in layers:
+            m = model.get_submodule(l.name)
+            HookRegistry.check_if_exists_or_initialize(m).register_hook(_Tap(l.name), _BYPASS_HOOK)
+            mods.append(m)
+        calib.run(model)
+    finally:
+        for m in mods:
+            m._diffusers_hook.remove_hook(_BYPASS_HOOK, recurse=False)
+    return {k: v / len(calib) for k, v in sums.items()}
+
+
+def _tensor_of(out) -> torch.Tensor:
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    if hasattr(out, "sample"):
+        out = out.sample
+    return out
+
+
+def _taylor_scores(model: nn.Module, layers: Sequence[Layer], calib: Calibration) -> dict[str, float]:
+    """|sum_w g * w| of each layer's removed weights, g the gradient of the diffusion loss on the triples."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        model.requires_grad_(True)
+        model.zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            for i in range(0, len(calib), calib.batch_size):
+                j = i + calib.batch_size
+                pred = calib.predict(model, calib.xt[i:j], calib.t[i:j], calib._slice(calib.cond, i, j))
+                loss = (pred.float() - calib.target[i:j].float()).pow(2).sum() / calib.target.numel()
+                loss.backward()
+        scores = {}
+        for l in layers:
+            s = 0.0
+            for p in _weights(model, l):
+                if p.grad is not None:
+                    s += float((p.grad.double() * p.detach().double()).sum())
+            scores[l.name] = abs(s)
+        return scores
+    finally:
+        model.zero_grad(set_to_none=True)
+        for p, f in flags:
+            p.requires_grad_(f)
+
+
+def score_layers(model: nn.Module, layers: Sequence[Layer], criterion: str, calib: Optional[Calibration] = None,
+                 seed: int = 0, reference: Optional[torch.Tensor] = None) -> dict[str, float]:
+    """One score per layer (larger = more important to keep) by a one-shot ``criterion``.
+
+    "output-loss": L_i of :func:`output_loss`; "random": uniform in [0, 1) from ``seed``;
+    "magnitude": L1 norm of the removed weights; "taylor": first-order Taylor |sum g * w|;
+    "similarity": 1 - cosine similarity of the layer's output and its shortcut's. Every criterion but
+    random and magnitude needs ``calib``. (The iterative "greedy" criterion is :func:`greedy_order`.)
+    """
+    if criterion == "random":
+        g = torch.Generator().manual_seed(seed)
+        vals = torch.rand(len(layers), generator=g, dtype=torch.float64).tolist()
+        return {l.name: v for l, v in zip(layers, vals)}
+    if criterion == "magnitude":
+        return {l.name: float(sum(p.detach().double().abs().sum() for p in _weights(model, l))) for l in layers}
+    if criterion not in CRITERIA:
+        raise UserError(f"unknown criterion {criterion!r}; accepted: {', '.join(CRITERIA)}")
+    if calib is None:
+        raise UserError(f"criterion {criterion!r} needs calibration data (a model with weights and a pipeline)")
+    if criterion == "output-loss":
+        ref = calib.run(model) if reference is None else reference
+        return {l.name: output_loss(model, calib, [l.name], ref) for l in layers}
+    if criterion == "taylor":
+        return _taylor_scores(model, layers, calib)
+    if criterion == "similarity":
+        return _similarity_scores(model, layers, calib)
+    raise UserError(f"criterion {criterion!r} is iterative: use greedy_order")
+
+
+# ------------------------------------------------------------------------------------------
+# Selection
+
+
+def knapsack_min(values: Sequence[float], costs: Sequence[int], target: int, max_states: int = 2_000_000
+                 ) -> list[int]:
+    """Indices of a subset with ``sum(costs) >= target`` and the least ``sum(values)`` (0-1 knapsack, DP).
+
+    Solved as its complement: keep the items of greatest summed value whose costs fit in
+    ``capacity = sum(costs) - target``, remove the rest. Exact when ``capacity / gcd(costs)`` is at most
+    ``max_states``; otherwise kept costs are rounded UP to units of ``ceil(capacity / max_states)`` and
+    the capacity down, so the constraint still holds (a little optimality may be lost). Raises
+    ``UserError`` when even every item together misses the target.
+    """
+    n = len(values)
+    costs = [int(c) for c in costs]
+    capacity = sum(costs) - int(target)
+    if capacity < 0:
+        raise UserError(f"the removable layers hold {sum(costs):,} but the target is {int(target):,}")
+    g = 0
+    for c in costs:
+        g = math.gcd(g, c)
+    g = max(g, 1)
+    unit = g if capacity // g <= max_states else math.ceil(capacity / max_states)
+    C = capacity // unit
+    w = [-(-c // unit) for c in costs]  # ceil
+    dp = np.zeros(C + 1)  # dp[c]: the best kept value with kept cost <= c
+    choice = np.zeros((n, C + 1), dtype=bool)
+    for i in range(n):
+        wi, vi = w[i], float(values[i])
+        if wi > C:
+            continue
+        cand = np.full(C + 1, -np.inf)
+        cand[wi:] = dp[: C + 1 - wi] + vi
+        better = cand > dp
+        choice[i] = better
+        dp = np.where(better, cand, dp)
+    kept, c = set(), C
+    for i in range(n - 1, -1, -1):
+        if choice[i, c]:
+            kept.add(i)
+            c -= w[i]
+    return [i for i in range(n) if i not in kept]
+
+
+def _cost(layer: Layer, by: str) -> int:
+    if by == "params":
+        return layer.params
+    if layer.macs is None:
+        raise UserError("selection by MACs needs the layers' MACs (count them with the anatomy)")
+    return layer.macs
+
+
+def target_of(total: int, ratio: float) -> int:
+    """The removed amount a ratio asks for: ``ceil(ratio * total)``."""
+    check_ratio(ratio)
+    return math.ceil(ratio * total)
+
+
+def check_ratio(ratio: float) -> float:
+    if not (isinstance(ratio, (int, float)) and 0 < ratio < 1):
+        raise UserError(f"pruning ratio {ratio!r} is outside (0, 1); e.g. 0.5 removes half the parameters")
+    return float(ratio)
+
+
+def select(layers: Sequence[Layer], scores: Mapping[str, float], ratio: float, total: int, by: str = "params"
+           ) -> list[str]:
+    """The layers to remove: least summed score with removed ``by`` ("params" or "macs") >= ratio * total."""
+    if by not in ("params", "macs"):
+        raise UserError(f"--by {by!r}: accepted params, macs")
+    target = target_of(total, ratio)
+    avail = sum(_cost(l, by) for l in layers)
+    if avail < target:
+        raise UserError(f"ratio {ratio} asks to remove {target:,} {by} but the removable layers hold only "
+                        f"{avail:,} ({avail / total:.3f} of the model); choose a ratio below {avail / total:.3f}")
+    idx = knapsack_min([scores[l.name] for l in layers], [_cost(l, by) for l in layers], target)
+    return [layers[i].name for i in idx]
+
+
+def greedy_order(model: nn.Module, layers: Sequence[Layer], calib: Calibration, until: int, by: str = "params",
+                 reference: Optional[torch.Tensor] = None) -> list[tuple[str, float]]:
+    """Iterative greedy re-scoring: remove, one at a time, the layer whose removal (given those already
+    removed) adds the least output loss per unit of cost, until the removed cost reaches ``until``.
+    Returns ``[(name, L(removed so far)), ...]`` in removal order; the greedy set for any smaller
+    target is a prefix of it (see :func:`greedy_select`)."""
+    if sum(_cost(l, by) for l in layers) < until:
+        raise UserError(f"the removable layers hold less than the {until:,} {by} asked for")
+    ref = calib.run(model) if reference is None else reference
+    order, chosen, removed, current = [], [], 0, 0.0
+    left = list(layers)
+    while removed < until:
+        best, best_key, best_loss = None, None, None
+        for l in left:
+            loss = output_loss(model, calib, chosen + [l.name], ref)
+            key = (loss - current) / max(1, _cost(l, by))
+            if best_key is None or key < best_key:
+                best, best_key, best_loss = l, key, loss
+        chosen.append(best.name)
+        order.append((best.name, best_loss))
+        removed += _cost(best, by)
+        current = best_loss
+        left.remove(best)
+    return order
+
+
+def greedy_select(order: Sequence[tuple[str, float]], layers: Sequence[Layer], ratio: float, total: int,
+                  by: str = "params") -> list[str]:
+    """The shortest prefix of a :func:`greedy_order` whose removed ``by`` reaches ``ratio * total``."""
+    target = target_of(total, ratio)
+    cost = {l.name: _cost(l, by) for l in layers}
+    out, removed = [], 0
+    for name, _ in order:
+        if removed >= target:
+            break
+        out.append(name)
+        removed += cost[name]
+    if removed < target:
+        raise UserError(f"the greedy order stops before ratio {ratio}; compute it up to that ratio")
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# Additivity
+
+
+def pearson(x: Sequence[float], y: Sequence[float]) -> float:
+    """Pearson correlation of two equal-length sequences (nan when one is constant)."""
+    a, b = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if len(a) < 2 or a.std() == 0 or b.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def additivity(model: nn.Module, layers: Sequence[Layer], calib: Calibration, single: Mapping[str, float],
+               n_sets: int = 24, seed: int = 0, max_size: Optional[int] = None,
+               reference: Optional[torch.Tensor] = None) -> dict:
+    """For ``n_sets`` random sets S of layers (sizes uniform in 2..max_size, default half the layers),
+    the measured L(S) against sum_{i in S} L_i (``single``); returns ``{"sets", "measured", "summed",
+    "pearson"}``."""
+    g = torch.Generator().manual_seed(seed)
+    ref = calib.run(model) if reference is None else reference
+    names = [l.name for l in layers]
+    hi = max(2, min(len(names), max_size or len(names) // 2))
+    sets, measured, summed = [], [], []
+    for _ in range(n_sets):
+        k = int(torch.randint(2, hi + 1, (1,), generator=g)) if hi > 2 else 2
+        idx = torch.randperm(len(names), generator=g)[:k].tolist()
+        s = [names[i] for i in sorted(idx)]
+        sets.append(s)
+        measured.append(output_loss(model, calib, s, ref))
+        summed.append(float(sum(single[n] for n in s)))
+    return {"sets": sets, "measured": measured, "summed": summed, "pearson": pearson(summed, measured)}
+
+
+# ------------------------------------------------------------------------------------------
+# One call: score, select, prune
+
+
+@dataclass
+class LayerPruneResult:
+    """What :func:`layer_prune` decided: the removed layers, every candidate's score and cost, and the
+    shares removed (of the whole denoiser's params and, when counted, MACs)."""
+
+    criterion: str
+    ratio: Optional[float]
+    by: str
+    removed: list
+    layers: list
+    scores: dict
+    params: int
+    params_removed: int
+    macs: Optional[int] = None
+    macs_removed: Optional[int] = None
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {
+            "criterion": self.criterion, "ratio": self.ratio, "by": self.by, "removed": list(self.removed),
+            "params": self.params, "params_removed": self.params_removed,
+            "params_removed_share": self.params_removed / self.params if self.params else None,
+            "macs": self.macs, "macs_removed": self.macs_removed,
+            "macs_removed_share": (self.macs_removed / self.macs) if self.macs else None,
+            "seconds": self.seconds,
+            "layers": [{"name": l.name, "kind": l.kind, "params": l.params, "macs": l.macs,
+                        "score": self.scores.get(l.name), "removed": l.name in self.removed} for l in self.layers],
+            **self.extra,
+        }
+
+
+def layer_prune(model: nn.Module, criterion: str = "output-loss", ratio: Optional[float] = None, by: str = "params",
+                calib: Optional[Calibration] = None, seed: int = 0, inner: bool = False,
+                count_macs: Optional[bool] = None) -> LayerPruneResult:
+    """Choose the layers of ``model`` to remove by ``criterion`` at ``ratio`` (of ``by``), or by a BK-SDM
+    variant (``criterion="bk-sdm-base|small|tiny"``, no ratio, no weights needed).
+
+    MACs are counted (one profiled forward of the anatomy) when ``by="macs"`` or ``count_macs``; on a
+    meta-device model only BK-SDM criteria apply unless the MACs come from the meta forward too.
+    Returns a :class:`LayerPruneResult`; :func:`prune_layers` then builds the smaller model.
+    """
+    from diffslim.models.anatomy import anatomy
+
+    t0 = time.perf_counter()
+    bk = criterion.startswith("bk-sdm-")
+    if not bk and criterion not in CRITERIA:
+        raise UserError(f"unknown criterion {criterion!r}; accepted: {', '.join(CRITERIA)}, "
+                        + ", ".join(f"bk-sdm-{v}" for v in BK_SDM))
+    if by not in ("params", "macs"):
+        raise UserError(f"--by {by!r}: accepted params, macs")
+    if not bk:
+        if ratio is None:
+            raise UserError(f"criterion {criterion!r} needs a ratio in (0, 1)")
+        check_ratio(ratio)
+    meta = any(p.device.type == "meta" for p in model.parameters())
+    if meta and criterion not in ("random",) and not bk:
+        raise UserError(f"criterion {criterion!r} needs weights; this model is config-only: use a bk-sdm-* "
+                        "criterion or random")
+    want_macs = by == "macs" if count_macs is None else count_macs
+    an = anatomy(model, count_macs=want_macs)
+    module_macs = an.module_macs
+    if bk:
+        names = bk_sdm_layers(model, criterion[len("bk-sdm-"):])
+        layers = candidates(model, module_macs=module_macs, names=names)
+        scores, removed = {}, names
+    else:
+        layers = candidates(model, inner=inner, module_macs=module_macs)
+        total = an.params if by == "params" else an.macs
+        if total is None:
+            raise UserError("selection by MACs needs the MACs of the model: it cannot be counted here")
+        if criterion == "greedy":
+            if calib is None:
+                raise UserError("criterion 'greedy' needs calibration data (a model with weights and a pipeline)")
+            order = greedy_order(model, layers, calib, target_of(total, ratio), by)
+            removed = greedy_select(order, layers, ratio, total, by)
+            scores = {name: loss for name, loss in order}
+        else:
+            scores = score_layers(model, layers, criterion, calib, seed=seed)
+            removed = select(layers, scores, ratio, total, by)
+    by_name = {l.name: l for l in layers}
+    params_removed = sum(by_name[n].params for n in removed)
+    macs_removed = sum(by_name[n].macs for n in removed) if module_macs is not None else None
+    return LayerPruneResult(criterion=criterion, ratio=ratio, by=by, removed=list(removed), layers=list(layers),
+                            scores=scores, params=an.params, params_removed=params_removed,
+                            macs=an.macs, macs_removed=macs_removed, seconds=time.perf_counter() - t0)
+
+
+# ------------------------------------------------------------------------------------------
+# Distillation of a pruned student (the shared trainer)
+
+
+def matched_features(teacher: nn.Module, student: nn.Module) -> dict[str, str]:
+    """Block outputs to distil, ``{student_name: teacher_name}``: the trainer's automatic choice, the
+    blocks of the student that still hold a kept layer and keep their samplers (a block whose every
+    layer, or whose sampler, is removed computes a different feature than the teacher's)."""
+    from diffslim.train.distill import select_features
+
+    return select_features(teacher, student, "auto")
+
+
+def distill_pruned(pipe, student: nn.Module, cfg, data: str = "zoo"):
+    """Distil ``pipe``'s denoiser into the pruned ``student`` with the shared trainer (task + output +
+    feature loss at the blocks of :func:`matched_features`, normalized or plain as ``cfg`` says) on
+    ``data``. Returns the trainer's ``DistillResult``."""
+    from diffslim.train.data import make_dataset
+    from diffslim.train.distill import distill
+
+    return distill(pipe, student, make_dataset(data, pipe), cfg)

@@ -1,0 +1,555 @@
+"""Skip plans: which unit of a denoiser runs at which denoising step, the rest hand on cached features.
+
+A *skip plan* is a boolean table ``steps x units`` (True = the unit runs). The units are those of the
+anatomy (``diffslim.models.anatomy``):
+
+* ``coarse``: a U-Net's down blocks, mid block and up blocks (9 for SD); a transformer's blocks.
+* ``fine``: a U-Net's resnet+attention pairs, down/upsamplers and the mid block (27 in the SD layout
+  with 3 resnets per up level); a transformer's blocks.
+
+Runtime semantics (the DiP-GO SuperNet, also what DeepCache does):
+
+* *Backup connection*: a skipped unit returns, unchanged, every tensor its modules returned at the
+  most recent step where they ran; the cache is refreshed only when the unit runs. Step 0 runs
+  everything; what is outside the units (conv_in, embeddings, conv_out, patch embed, final norm)
+  always runs.
+* *Dependencies*: a unit whose every consumer is skipped at a step is skipped too (its output would
+  go unused); :func:`effective_plan` applies this, and MACs are counted on the effective plan.
+* *Step index*: a head hook on the denoiser root counts denoising steps by the timestep of each
+  call: a call at a lower timestep than the previous one starts the next step, a call at the same
+  timestep belongs to the same step (pipelines that call the denoiser twice per step for CFG, PLMS's
+  repeated first timestep), and a call at a HIGHER timestep than the previous one starts a new
+  generation, which resets the step index and drops every cache. Sampling always walks timesteps
+  downwards, so this needs no cooperation from the pipeline; :meth:`SkipPlanRuntime.reset` resets
+  explicitly (e.g. before a generation that starts at the same timestep the last one ended on).
+  Schedulers that evaluate the denoiser at more distinct timesteps than they take steps (Heun,
+  PNDM's Runge-Kutta warm-up) cannot run a plan indexed by step: :func:`denoiser_steps` tells,
+  and :func:`check_scheduler` says so in one line.
+
+Everything is a diffusers ``ModelHook`` registered through ``HookRegistry``: one shared
+:class:`PlanState` (step index, caches), one head hook on the root, one hook per unit module, so it
+composes with diffusers' own hooks and is removed by :func:`remove_skip_plan`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+from torch import nn
+
+from diffslim.errors import UserError
+
+__all__ = [
+    "GRANULARITIES", "PlanUnits", "plan_units", "effective_plan", "effective_plan_soft", "plan_macs_ratio",
+    "PlanState", "SkipPlanRuntime", "apply_skip_plan", "remove_skip_plan", "deepcache_plan", "random_plan",
+    "validate_plan", "denoiser_steps", "check_scheduler", "full_plan",
+]
+
+GRANULARITIES = ("coarse", "fine")
+_ROOT_HOOK = "diffslim_skip_plan_root"
+_UNIT_HOOK = "diffslim_skip_plan_unit"
+OUTSIDE = -1  # consumer index meaning "outside the units": always runs
+
+
+@dataclass(frozen=True)
+class PlanUnits:
+    """The prunable units of a denoiser at one granularity, in forward order.
+
+    ``names[i]``: unit name (its first module); ``modules[i]``: its ``named_modules()`` names;
+    ``macs[i]``: its MACs in one forward at batch 1; ``outside_macs``: MACs outside every unit;
+    ``consumers[i]``: indices of the units that read unit i's output (``OUTSIDE`` = the denoiser's
+    tail, which always runs). Consumers always come later in forward order.
+    """
+
+    granularity: str
+    names: tuple[str, ...]
+    modules: tuple[tuple[str, ...], ...]
+    macs: tuple[int, ...]
+    outside_macs: int
+    consumers: tuple[tuple[int, ...], ...]
+    family: str = "unet2d_condition"
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    @property
+    def total_macs(self) -> int:
+        return self.outside_macs + sum(self.macs)
+
+
+def plan_units(denoiser: nn.Module, granularity: str = "fine", anat=None) -> PlanUnits:
+    """The units of ``denoiser`` a plan switches, with MACs and the consumer graph.
+
+    ``granularity``: "coarse" or "fine" (the same units for transformer denoisers). ``anat``: an
+    already computed anatomy (with MACs) to reuse.
+    """
+    from diffslim.models.anatomy import anatomy
+
+    if granularity not in GRANULARITIES:
+        raise UserError(f"unknown granularity {granularity!r}; accepted: {', '.join(GRANULARITIES)}")
+    if anat is None or anat.macs is None:
+        anat = anatomy(denoiser)
+    units = anat.blocks if granularity == "coarse" else anat.layers
+    names = tuple(u.name for u in units)
+    modules = tuple(tuple(u.modules) for u in units)
+    macs = tuple(int(u.macs or 0) for u in units)
+    outside = int(anat.macs) - sum(macs)
+    n = len(units)
+    consumers: list[set[int]] = [set() for _ in range(n)]
+    for i in range(n - 1):  # the main path: each unit feeds the next one
+        consumers[i].add(i + 1)
+    consumers[n - 1].add(OUTSIDE)
+    if anat.family != "transformer":
+        def unit_of(module: str) -> Optional[int]:
+            for i, mods in enumerate(modules):
+                if any(module == m or module.startswith(m + ".") for m in mods):
+                    return i
+            return None
+
+        ins = anat.input_units
+        for out in anat.output_units:
+            producer = unit_of(ins[out.pair].modules[0])  # None: conv_in, outside the units
+            consumer = unit_of(next(m for m in out.modules if ".resnets." in m))
+            if producer is not None and consumer is not None and consumer != producer:
+                consumers[producer].add(consumer)
+        # the mid block (or, without one, the deepest down unit) feeds the first up unit: covered by
+        # the main path since units are listed in forward order
+    return PlanUnits(granularity, names, modules, macs, outside, tuple(tuple(sorted(c)) for c in consumers),
+                     anat.family)
+
+
+def full_plan(num_steps: int, n_units: int) -> np.ndarray:
+    """The keep-everything plan ``(num_steps, n_units)``."""
+    return np.ones((num_steps, n_units), dtype=bool)
+
+
+def validate_plan(plan, units: PlanUnits, num_steps: Optional[int] = None) -> np.ndarray:
+    """``plan`` as a ``(steps, units)`` bool array, checked against ``units`` (and ``num_steps``).
+
+    Raises :class:`UserError` naming the mismatch. Step 0 must keep every unit.
+    """
+    arr = np.asarray(plan, dtype=bool)
+    if arr.ndim != 2 or arr.shape[1] != len(units):
+        raise UserError(f"skip plan has shape {tuple(arr.shape)}, but the model has {len(units)} "
+                        f"{units.granularity} units: give a steps x {len(units)} table")
+    if num_steps is not None and arr.shape[0] != num_steps:
+        raise UserError(f"skip plan has {arr.shape[0]} steps but sampling runs {num_steps}; "
+                        f"sample with {arr.shape[0]} steps or make a plan for {num_steps}")
+    if arr.shape[0] < 1 or not arr[0].all():
+        raise UserError("skip plan: step 0 must run every unit (the caches are empty before it)")
+    return arr
+
+
+def effective_plan(plan: np.ndarray, units: PlanUnits) -> np.ndarray:
+    """The units that actually run: ``plan`` with every unit whose consumers are all skipped switched off.
+
+    ``plan``: ``(steps, units)`` bool. Returns the same shape; step 0 stays full.
+    """
+    eff = np.array(plan, dtype=bool, copy=True)
+    for i in reversed(range(len(units))):
+        needed = np.zeros(eff.shape[0], dtype=bool)
+        for c in units.consumers[i]:
+            needed |= True if c == OUTSIDE else eff[:, c]
+        eff[:, i] &= needed
+    eff[0] = True
+    return eff
+
+
+def effective_plan_soft(gates: torch.Tensor, units: PlanUnits) -> torch.Tensor:
+    """Differentiable :func:`effective_plan` for gates in [0, 1] ``(steps, units)``.
+
+    A unit runs if it is kept AND some consumer runs: ``e_i = g_i * (1 - prod_c (1 - e_c))``; with
+    0/1 gates this is exactly :func:`effective_plan` (step 0 is not forced here).
+    """
+    cols: list[Optional[torch.Tensor]] = [None] * len(units)
+    for i in reversed(range(len(units))):
+        if OUTSIDE in units.consumers[i]:
+            cols[i] = gates[:, i]
+            continue
+        none = torch.ones_like(gates[:, i])
+        for c in units.consumers[i]:
+            none = none * (1 - cols[c])
+        cols[i] = gates[:, i] * (1 - none)
+    return torch.stack(cols, dim=1)
+
+
+def plan_macs_ratio(plan, units: PlanUnits) -> float:
+    """MACs of the denoiser calls under ``plan`` (after dependencies) over the full model's, in [0, 1]."""
+    eff = effective_plan(np.asarray(plan, dtype=bool), units)
+    macs = np.asarray(units.macs, dtype=np.float64)
+    run = units.outside_macs * eff.shape[0] + float((eff * macs).sum())
+    return run / (units.total_macs * eff.shape[0])
+
+
+def deepcache_plan(units: PlanUnits, num_steps: int, interval: int, branch: int = 0) -> np.ndarray:
+    """DeepCache (Ma et al., 2024) as a plan: every ``interval``-th step runs in full, the others run only
+    the shallow branch ``branch`` and reuse everything deeper.
+
+    Semantics of the ``DeepCache`` package's ``DeepCacheSDHelper`` (uniform mode): branch ``b`` is
+    (level ``b // 3``, layer ``b % 3``); at a cached step, down units of deeper levels, the down layers
+    ``>= layer`` of that level and its downsampler, the mid block, and the up layers of deeper levels
+    and the first ``L - 1 - layer`` up layers of that level are skipped. Needs ``fine`` U-Net units.
+    """
+    if units.granularity != "fine" or units.family == "transformer":
+        raise UserError("deepcache plans are defined on the fine units of a U-Net")
+    if interval < 1:
+        raise UserError(f"deepcache interval must be >= 1, got {interval}")
+    level, layer = branch // 3, branch % 3
+    n_up = 1 + max(int(n.split(".")[1]) for n in units.names if n.startswith("up_blocks."))
+    skip_row = np.ones(len(units), dtype=bool)
+    for i, name in enumerate(units.names):
+        parts = name.split(".")
+        if name == "mid_block":
+            skip_row[i] = False
+            continue
+        blk, part = int(parts[1]), parts[2]
+        if parts[0] == "down_blocks":
+            if blk > level:
+                skip_row[i] = False
+            elif blk == level:
+                k = int(parts[3]) if part == "resnets" else 10**6  # the downsampler comes after every layer
+                skip_row[i] = not (k >= layer)
+        else:
+            rev = n_up - 1 - blk
+            if rev > level:
+                skip_row[i] = False
+            elif rev == level and part == "resnets":
+                n_layers = sum(1 for n in units.names if n.startswith(f"up_blocks.{blk}.resnets."))
+                skip_row[i] = not (n_layers - 1 - int(parts[3]) > layer)
+    if not skip_row.any() and level > 0:
+        raise UserError(f"deepcache branch {branch} lies deeper than this U-Net")
+    plan = np.ones((num_steps, len(units)), dtype=bool)
+    for s in range(num_steps):
+        if s % interval:
+            plan[s] = skip_row
+    return plan
+
+
+def random_plan(units: PlanUnits, num_steps: int, keep_prob: float, seed: int) -> np.ndarray:
+    """A random plan: each (step > 0, unit) kept with probability ``keep_prob`` (numpy ``seed``)."""
+    rng = np.random.default_rng(seed)
+    plan = rng.random((num_steps, len(units))) < keep_prob
+    plan[0] = True
+    return plan
+
+
+# ------------------------------------------------------------------------------------------------
+# Runtime
+
+
+def _tree_map(fn, a, b=None):
+    """Apply ``fn`` to the tensors of a nested output (tensor, tuple, list, dict/BaseOutput)."""
+    if isinstance(a, torch.Tensor):
+        return fn(a) if b is None else fn(a, b)
+    if isinstance(a, (tuple, list)):
+        items = [_tree_map(fn, x, None if b is None else y) for x, y in zip(a, b if b is not None else a)]
+        return type(a)(items) if isinstance(a, list) or type(a) is tuple else type(a)(*items)
+    if isinstance(a, dict):
+        return type(a)(**{k: _tree_map(fn, v, None if b is None else b[k]) for k, v in a.items()})
+    return a
+
+
+def _tree_tensors(a) -> list[torch.Tensor]:
+    out: list[torch.Tensor] = []
+    _tree_map(lambda t: out.append(t) or t, a)
+    return out
+
+
+class PlanState:
+    """What one generation shares across the hooks: step index, last timestep, per-module caches.
+
+    ``run``: the effective plan as a list of lists of bools (fast to index); ``gates``: for training,
+    a ``(steps, units)`` tensor of 0/1 straight-through gates that replaces ``run`` (every unit then
+    computes, and its output is ``g * fresh + (1 - g) * cache``, the same value as the hard plan).
+    """
+
+    def __init__(self, run: Sequence[Sequence[bool]], units: PlanUnits):
+        self.run = [list(r) for r in run]
+        self.units = units
+        self.gates: Optional[torch.Tensor] = None
+        self.manual = False  # training sets ``step`` itself and passes caches explicitly
+        self.reset()
+
+    def reset(self) -> None:
+        self.step = -1
+        self.last_t: Optional[float] = None
+        self.caches: dict[str, Any] = {}
+        self.generations = getattr(self, "generations", 0)
+
+    def cache_bytes(self) -> int:
+        """Bytes held by the caches now (each distinct tensor once)."""
+        seen = {}
+        for v in self.caches.values():
+            for t in _tree_tensors(v):
+                seen[id(t)] = t.numel() * t.element_size()
+        return int(sum(seen.values()))
+
+
+class _RootHook(ModelHook):
+    """Head hook: advances the step index by timestep and resets at the start of a generation."""
+
+    _is_stateful = True
+
+    def __init__(self, state: PlanState, t_index: int):
+        super().__init__()
+        self.state = state
+        self.t_index = t_index
+
+    def pre_forward(self, module, *args, **kwargs):
+        st = self.state
+        if st.manual:
+            return args, kwargs
+        t = kwargs.get("timestep", args[self.t_index] if len(args) > self.t_index else None)
+        if t is None:
+            raise UserError("skip plan: the denoiser was called without a timestep; cannot tell the step")
+        t = float(t.flatten()[0]) if torch.is_tensor(t) else float(t)
+        if st.last_t is None or t > st.last_t:
+            st.reset()
+            st.generations += 1
+            st.step = 0
+        elif t < st.last_t:
+            st.step += 1
+        st.last_t = t
+        if st.step >= len(st.run):
+            raise UserError(f"skip plan has {len(st.run)} steps but the pipeline runs more denoising steps; "
+                            f"sample with {len(st.run)} steps or use a scheduler with one denoiser call per step")
+        return args, kwargs
+
+    def reset_state(self, module):
+        self.state.reset()
+        return module
+
+
+class _UnitHook(ModelHook):
+    """One module of a unit: run and refresh the cache, or return the cache (the backup connection)."""
+
+    def __init__(self, state: PlanState, unit: int, key: str):
+        super().__init__()
+        self.state = state
+        self.unit = unit
+        self.key = key
+
+    def new_forward(self, module, *args, **kwargs):
+        st = self.state
+        if st.gates is not None:
+            out = self.fn_ref.original_forward(*args, **kwargs)
+            prev = st.caches.get(self.key)
+            if prev is not None:
+                g = st.gates[st.step, self.unit]
+                # exact for 0/1 gates (f * 1 + c * 0 == f), gradient f - c w.r.t. g
+                out = _tree_map(lambda f, c: f * g.to(f.dtype) + c * (1 - g.to(f.dtype)), out, prev)
+            st.caches[self.key] = out
+            return out
+        if st.run[st.step][self.unit]:
+            out = self.fn_ref.original_forward(*args, **kwargs)
+            st.caches[self.key] = out
+            return out
+        return st.caches[self.key]
+
+
+@dataclass
+class SkipPlanRuntime:
+    """A plan installed on a denoiser: its units, the effective plan and the shared state."""
+
+    denoiser: nn.Module
+    units: PlanUnits
+    plan: np.ndarray
+    effective: np.ndarray
+    state: PlanState
+    hooked: list = field(default_factory=list)
+
+    def reset(self) -> None:
+        """Drop the caches and restart the step count (the next call is step 0)."""
+        self.state.reset()
+
+    def cache_bytes(self) -> int:
+        return self.state.cache_bytes()
+
+    def macs_ratio(self) -> float:
+        return plan_macs_ratio(self.plan, self.units)
+
+
+def _timestep_index(denoiser: nn.Module) -> int:
+    params = [p for p in inspect.signature(type(denoiser).forward).parameters if p != "self"]
+    return params.index("timestep") if "timestep" in params else 1
+
+
+def apply_skip_plan(denoiser: nn.Module, plan, units: Optional[PlanUnits] = None,
+                    granularity: str = "fine") -> SkipPlanRuntime:
+    """Install ``plan`` (``(steps, units)`` bools, True = run) on ``denoiser`` in place with diffusers hooks.
+
+    Returns the runtime (``.reset()``, ``.cache_bytes()``, ``.state``). A plan already installed is
+    replaced. Hooks of other kinds on the same modules are kept and composed with.
+    """
+    if units is None:
+        units = plan_units(denoiser, granularity)
+    arr = validate_plan(plan, units)
+    remove_skip_plan(denoiser)
+    eff = effective_plan(arr, units)
+    state = PlanState(eff.tolist(), units)
+    reg = HookRegistry.check_if_exists_or_initialize(denoiser)
+    reg.register_hook(_RootHook(state, _timestep_index(denoiser)), _ROOT_HOOK)
+    hooked = []
+    for i, mods in enumerate(units.modules):
+        for m in mods:
+            sub = denoiser.get_submodule(m)
+            HookRegistry.check_if_exists_or_initialize(sub).register_hook(_UnitHook(state, i, m), _UNIT_HOOK)
+            hooked.append(m)
+    rt = SkipPlanRuntime(denoiser, units, arr, eff, state, hooked)
+    denoiser._diffslim_skip_plan = rt
+    return rt
+
+
+def remove_skip_plan(denoiser: nn.Module) -> None:
+    """Remove an installed plan's hooks (no-op when none is installed)."""
+    rt = getattr(denoiser, "_diffslim_skip_plan", None)
+    if rt is None:
+        return
+    for m in rt.hooked:
+        sub = denoiser.get_submodule(m)
+        reg = getattr(sub, "_diffusers_hook", None)
+        if reg is not None and reg.get_hook(_UNIT_HOOK) is not None:
+            reg.remove_hook(_UNIT_HOOK, recurse=False)
+    reg = getattr(denoiser, "_diffusers_hook", None)
+    if reg is not None and reg.get_hook(_ROOT_HOOK) is not None:
+        reg.remove_hook(_ROOT_HOOK, recurse=False)
+    del denoiser._diffslim_skip_plan
+
+
+# ------------------------------------------------------------------------------------------------
+# Schedulers
+
+
+def denoiser_steps(scheduler, num_inference_steps: int) -> tuple[int, int]:
+    """``(steps, calls)``: the distinct-timestep steps and the loop iterations ``scheduler`` runs.
+
+    A plan indexed by step fits a scheduler when ``steps`` equals the plan's and the scheduler makes
+    at most one extra call at a repeated timestep (PLMS's warm-up); Heun (two calls per step, the
+    second at the next step's timestep) and PNDM's Runge-Kutta warm-up do not fit.
+    """
+    s = type(scheduler).from_config(scheduler.config)
+    s.set_timesteps(num_inference_steps)
+    ts = [float(t) for t in s.timesteps]
+    steps = 1 + sum(1 for a, b in zip(ts, ts[1:]) if b < a)
+    if any(b > a for a, b in zip(ts, ts[1:])):
+        steps = -1  # not monotone: a step index by timestep cannot be defined
+    return steps, len(ts)
+
+
+def check_scheduler(scheduler, num_inference_steps: int, plan_steps: int, name: str = "") -> None:
+    """Raise :class:`UserError` when ``scheduler`` cannot run a ``plan_steps``-step plan at ``num_inference_steps``."""
+    steps, calls = denoiser_steps(scheduler, num_inference_steps)
+    label = name or type(scheduler).__name__
+    if steps != plan_steps or calls > steps + 1:
+        raise UserError(f"scheduler {label} evaluates the denoiser at {steps if steps > 0 else 'non-monotone'} "
+                        f"timesteps ({calls} calls) for {num_inference_steps} steps, but the plan has {plan_steps} "
+                        "steps; use a scheduler with one denoiser timestep per step (ddim, dpm++, euler, plms, unipc)")
+
+
+# ------------------------------------------------------------------------------------------------
+# diffusers' own caches (FirstBlockCache, FasterCache, TaylorSeer, MagCache, PyramidAttentionBroadcast)
+
+_CTX_HOOK = "diffslim_cache_context"
+DIFFUSERS_CACHES = ("fbcache", "fastercache", "taylorseer", "magcache", "pab")
+
+
+class _CacheContextHook(ModelHook):
+    """Outermost root hook for diffusers' caches: sets the ``CacheContext`` they read (pipelines outside
+    diffusers, like the zoo's, do not call ``cache_context``) and resets their state when a generation
+    starts (same timestep rule as the plan runtime)."""
+
+    def __init__(self, t_index: int, num_steps: int):
+        super().__init__()
+        self.t_index, self.num_steps = t_index, num_steps
+        self.last_t: Optional[float] = None
+        self.step = -1
+
+    def pre_forward(self, module, *args, **kwargs):
+        from diffusers.hooks.hooks import CacheContext, _set_cache_context
+
+        t = kwargs.get("timestep", args[self.t_index] if len(args) > self.t_index else None)
+        tf = float(t.flatten()[0]) if torch.is_tensor(t) else float(t)
+        if self.last_t is None or tf > self.last_t:
+            HookRegistry.check_if_exists_or_initialize(module).reset_stateful_hooks()
+            self.step = 0
+        elif tf < self.last_t:
+            self.step += 1
+        self.last_t = tf
+        _set_cache_context(module, CacheContext("cond", step_index=self.step, num_inference_steps=self.num_steps,
+                                                timestep=tf))
+        return args, kwargs
+
+    def current_timestep(self) -> float:
+        return self.last_t if self.last_t is not None else 999.0
+
+
+def apply_diffusers_cache(denoiser: nn.Module, name: str, arg: Optional[str], num_steps: int) -> str:
+    """Apply diffusers' cache ``name`` (see ``DIFFUSERS_CACHES``) to ``denoiser``; returns a note of its settings.
+
+    Raises :class:`UserError` saying why when the cache cannot take this model family.
+    """
+    from diffusers import hooks as H
+
+    from diffslim.models.anatomy import block_lists
+
+    if name not in DIFFUSERS_CACHES:
+        raise UserError(f"unknown diffusers cache {name!r}; accepted: {', '.join(DIFFUSERS_CACHES)}")
+    if not block_lists(denoiser):
+        raise UserError(f"{name}: diffusers' cache hooks find transformer blocks by name (transformer_blocks, ...); "
+                        f"{type(denoiser).__name__} has none (U-Nets: use deepcache or dipgo)")
+    ctx_hook = _CacheContextHook(_timestep_index(denoiser), num_steps)
+    try:
+        if name == "fbcache":
+            thr = float(arg) if arg else 0.05
+            H.apply_first_block_cache(denoiser, H.FirstBlockCacheConfig(threshold=thr))
+            note = f"FirstBlockCache threshold {thr:g}"
+        elif name == "taylorseer":
+            k = int(arg) if arg else 5
+            H.apply_taylorseer_cache(denoiser, H.TaylorSeerCacheConfig(cache_interval=k, disable_cache_before_step=3,
+                                                                       taylor_factors_dtype=torch.float32))
+            note = f"TaylorSeer cache interval {k}, order 1"
+        elif name == "pab":
+            k = int(arg) if arg else 2
+            H.apply_pyramid_attention_broadcast(denoiser, H.PyramidAttentionBroadcastConfig(
+                spatial_attention_block_skip_range=k, spatial_attention_timestep_skip_range=(100, 800),
+                current_timestep_callback=ctx_hook.current_timestep))
+            note = f"PAB: self-attention reused for {k - 1} of every {k} calls in t in (100, 800)"
+        elif name == "fastercache":
+            k = int(arg) if arg else 2
+            H.apply_faster_cache(denoiser, H.FasterCacheConfig(
+                spatial_attention_block_skip_range=k, spatial_attention_timestep_skip_range=(-1, 681),
+                current_timestep_callback=ctx_hook.current_timestep, attention_weight_callback=lambda _: 0.5,
+                is_guidance_distilled=True, tensor_format="BCHW"))
+            note = (f"FasterCache: attention reused every {k} calls for t < 681 (guidance-distilled mode: "
+                    "the zoo pipeline batches CFG in one call)")
+        else:  # magcache
+            thr = float(arg) if arg else 0.06
+            H.apply_mag_cache(denoiser, H.MagCacheConfig(threshold=thr, num_inference_steps=num_steps,
+                                                         mag_ratios=[1.0] * num_steps))
+            note = f"MagCache threshold {thr:g}, uncalibrated (flat magnitude ratios)"
+    except UserError:
+        raise
+    except Exception as e:  # the hook rejects this family: say why in one line
+        remove_diffusers_cache(denoiser, name)
+        raise UserError(f"{name} cannot be applied to {type(denoiser).__name__}: {type(e).__name__}: {e}") from None
+    HookRegistry.check_if_exists_or_initialize(denoiser).register_hook(ctx_hook, _CTX_HOOK)
+    return note
+
+
+def remove_diffusers_cache(denoiser: nn.Module, name: str) -> None:
+    """Remove every hook :func:`apply_diffusers_cache` installed."""
+    reg = HookRegistry.check_if_exists_or_initialize(denoiser)
+    if reg.get_hook(_CTX_HOOK) is not None:
+        reg.remove_hook(_CTX_HOOK, recurse=False)
+    for mod in denoiser.modules():
+        r = getattr(mod, "_diffusers_hook", None)
+        if r is None:
+            continue
+        for hook_name in list(r._hook_order):
+            if hook_name.startswith(("fbc", "taylorseer", "pyramid", "faster_cache", "mag_cache")):
+                r.remove_hook(hook_name, recurse=False)

@@ -1,0 +1,162 @@
+"""DiP-GO: pruner, gates, post-processing, the differentiable trajectory, training resume, searches, recipe, CLI."""
+
+import numpy as np
+import pytest
+import torch
+
+from diffslim.errors import UserError
+from diffslim.methods.dipgo import (
+    DipgoConfig, Pruner, _Trajectory, plan_from_scores, search_plan, straight_through_gates, train_dipgo,
+)
+from diffslim.methods.skip_plan import (
+    apply_skip_plan, effective_plan, full_plan, plan_macs_ratio, plan_units, random_plan, remove_skip_plan,
+)
+
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def units(tiny_digits_pipe):
+    return plan_units(tiny_digits_pipe.denoiser, "fine")
+
+
+def test_pruner_starts_keeping_all_and_attention_mixes_units_of_a_step():
+    torch.manual_seed(0)
+    p = Pruner(5, 6, width=16, heads=2)
+    g = straight_through_gates(p())
+    assert torch.equal(g.detach(), torch.ones(5, 6))
+    base = p().detach()
+    with torch.no_grad():
+        p.queries[2, 0] += 1.0
+    moved = (p().detach() - base).abs().sum(-1)
+    assert moved[2, 3] > 0  # another unit of the same step changed: self-attention takes part
+    assert moved[[0, 1, 3, 4]].abs().sum() == 0  # other steps did not
+    torch.manual_seed(0)
+    q = Pruner(5, 6, width=16, heads=2, self_attention=False)
+    base = q().detach()
+    with torch.no_grad():
+        q.queries[2, 0] += 1.0
+    moved = (q().detach() - base).abs().sum(-1)
+    assert moved[2, 3] == 0 and moved[2, 0] > 0
+
+
+def test_straight_through_gates_are_hard_with_soft_gradient():
+    logits = torch.tensor([[[0.0, 1.0], [1.0, 0.0]], [[0.0, 1.0], [2.0, 0.0]]], requires_grad=True)
+    g = straight_through_gates(logits)
+    assert g.tolist() == [[1.0, 1.0], [1.0, 0.0]]  # step 0 forced to keep
+    g[1].sum().backward()
+    assert logits.grad[1].abs().sum() > 0 and logits.grad[0].abs().sum() == 0
+
+
+def test_plan_from_scores_meets_the_budget_as_closely_as_the_threshold_allows(units):
+    rng = np.random.default_rng(0)
+    scores = rng.random((10, len(units)))
+    plan = plan_from_scores(scores, units, 0.6)
+    r = plan_macs_ratio(plan, units)
+    assert r <= 0.4 + 1e-12 and plan[0].all()
+    thr = scores[1:][plan[1:]].min()
+    looser = scores >= scores[1:][scores[1:] < thr].max()  # the next lower threshold
+    looser[0] = True
+    assert plan_macs_ratio(looser, units) > 0.4
+    with pytest.raises(UserError, match=r"\(0, 1\)"):
+        plan_from_scores(scores, units, 1.0)
+    with pytest.raises(UserError, match="out of reach"):
+        plan_from_scores(scores[:1], units, 0.5)  # one step: step 0 alone is everything
+
+
+def test_gated_trajectory_equals_pipeline_under_the_hard_plan(tiny_digits_pipe, units):
+    pipe = tiny_digits_pipe
+    plan = random_plan(units, STEPS, 0.5, seed=2)
+    rt = apply_skip_plan(pipe.denoiser, plan, units)
+    try:
+        g = [torch.Generator().manual_seed(s) for s in (5, 6)]
+        ref = pipe(class_labels=[1, 8], num_inference_steps=STEPS, generator=g, output_type="pt").images
+        traj = _Trajectory(pipe, [{"class_label": 1}, {"class_label": 8}], [5, 6], STEPS, None)
+        gates = torch.tensor(effective_plan(plan, units), dtype=torch.float32, requires_grad=True)
+        out = traj.run(rt.state, gates=gates, checkpoint=True)
+        assert torch.equal(out.detach(), ref)
+        out.mean().backward()  # through the checkpointed steps to the gates
+        assert gates.grad[1:].abs().sum() > 0
+    finally:
+        remove_skip_plan(pipe.denoiser)
+
+
+def _cfg(tmp_path, iters, **kw):
+    return DipgoConfig(ratio=0.5, num_inference_steps=STEPS, iters=iters, batch_size=1, width=16, heads=2,
+                       checkpoint_every=1, out=str(tmp_path), progress=False, **kw)
+
+
+def test_training_is_deterministic_and_resumes_exactly(tiny_digits_pipe, units, tmp_path):
+    a = train_dipgo(tiny_digits_pipe, _cfg(tmp_path / "a", 2), units)
+    train_dipgo(tiny_digits_pipe, _cfg(tmp_path / "b", 1), units)
+    b = train_dipgo(tiny_digits_pipe, _cfg(tmp_path / "b", 2), units)  # resumes from step 1
+    assert [r["step"] for r in b.log] == [1, 2]
+    assert np.array_equal(a.scores, b.scores) and np.array_equal(a.plan, b.plan)
+    assert a.macs_ratio <= 0.5 and a.plan[0].all()
+    assert not hasattr(tiny_digits_pipe.denoiser, "_diffslim_skip_plan")  # runtime removed after training
+    loc = train_dipgo(tiny_digits_pipe, _cfg(tmp_path / "c", 1, objective="local", loss="l1"), units)
+    assert np.isfinite(loc.log[0]["consistency"])
+
+
+def test_searches_respect_budget_and_ratio(units):
+    calls = []
+
+    def score(plan):
+        calls.append(plan_macs_ratio(plan, units))
+        return float(plan[:, :5].sum())  # a made-up objective: keep the first units
+
+    for method in ("random", "ga"):
+        calls.clear()
+        r = search_plan(score, units, 6, 0.7, budget=12, method=method, seed=3, population=4)
+        assert r.n_evals == 12 and len(calls) == 12 and max(calls) <= 0.3 + 1e-12
+        again = search_plan(score, units, 6, 0.7, budget=12, method=method, seed=3, population=4)
+        assert np.array_equal(r.plan, again.plan)
+    ga = search_plan(score, units, 6, 0.7, budget=40, method="ga", seed=0, population=4)
+    rnd = search_plan(score, units, 6, 0.7, budget=4, method="random", seed=0)
+    assert ga.score >= rnd.score
+
+
+def test_recipe_section_validates_and_applies(tiny_digits_pipe, units):
+    from diffslim.apply import apply
+    from diffslim.recipe import RecipeError, parse_recipe
+
+    plan = random_plan(units, STEPS, 0.6, seed=4)
+    data = {"skip_plan": {"granularity": "fine", "units": list(units.names), "plan": plan.tolist()}}
+    with pytest.raises(RecipeError, match="row 1 has 2 entries"):
+        parse_recipe({"skip_plan": {**data["skip_plan"], "plan": [[True] * len(units), [True, False]]}})
+    with pytest.raises(RecipeError, match="row 0 must keep"):
+        parse_recipe({"skip_plan": {**data["skip_plan"], "plan": [[False] * len(units)]}})
+    with pytest.raises(RecipeError, match="another model"):
+        apply(tiny_digits_pipe, {"skip_plan": {**data["skip_plan"], "units": ["x"], "plan": [[True]]}})
+    import copy
+
+    g = lambda: [torch.Generator().manual_seed(0)]  # noqa: E731
+    apply_skip_plan(tiny_digits_pipe.denoiser, plan, units)
+    try:
+        ref = tiny_digits_pipe(class_labels=[2], num_inference_steps=STEPS, generator=g(), output_type="pt").images
+    finally:
+        remove_skip_plan(tiny_digits_pipe.denoiser)
+    pipe = copy.copy(tiny_digits_pipe)
+    apply(pipe, data)
+    try:
+        # the step count is pinned to the plan's rows whatever the caller asks
+        out = pipe(class_labels=[2], num_inference_steps=50, generator=g(), output_type="pt").images
+    finally:
+        remove_skip_plan(pipe.denoiser)
+    assert torch.equal(out, ref)
+
+
+def test_cli_rejects_bad_ratio_and_scheduler(tmp_path):
+    from typer.testing import CliRunner
+
+    from diffslim.cli import app
+
+    r = CliRunner().invoke(app, ["dipgo", "zoo:digits-sd", "--ratio", "0", "--out", str(tmp_path / "r.json")])
+    assert r.exit_code == 2 and "(0, 1)" in r.output
+    r = CliRunner().invoke(app, ["dipgo", "zoo:digits-sd", "--ratio", "0.5", "--scheduler", "foo",
+                                 "--out", str(tmp_path / "r.json")])
+    assert r.exit_code == 2 and "unknown --scheduler" in r.output
+
+
+def test_full_plan_shape():
+    assert full_plan(3, 2).all() and full_plan(3, 2).shape == (3, 2)

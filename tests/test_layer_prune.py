@@ -1,0 +1,295 @@
+"""Layer pruning (LAPTOP-Diff) and BK-SDM: removal, export, criteria, knapsack, CLI."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from diffslim.errors import UserError
+from diffslim.methods import layer_prune as lp
+from diffslim.models.load import load
+
+CONFIGS = Path(__file__).parents[1] / "src" / "diffslim" / "configs"
+
+
+def _params(m) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+@pytest.fixture(scope="module")
+def calib(tiny_digits_pipe):
+    return lp.calibration(tiny_digits_pipe, n=8, seed=0)
+
+
+@pytest.fixture(scope="module")
+def tiny_dit():
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(0)
+    return DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=1, out_channels=1,
+                                 num_layers=3, sample_size=8, patch_size=2, num_embeds_ada_norm=10,
+                                 norm_num_groups=1).eval()
+
+
+def _dit_inputs():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(2, 1, 8, 8, generator=g), torch.tensor([10, 700]), torch.tensor([3, 7])
+
+
+def test_candidates_cover_resnets_and_attentions(tiny_digits_pipe):
+    unet = tiny_digits_pipe.denoiser
+    names = lp.candidate_names(unet)
+    from diffusers.models.resnet import ResnetBlock2D
+
+    resnets = [n for n, m in unet.named_modules() if isinstance(m, ResnetBlock2D)]
+    attns = [n for n, m in unet.named_modules() if type(m).__name__ == "Transformer2DModel"]
+    assert sorted(names) == sorted(resnets + attns)
+    # forward order: the mid block's resnet, attention, resnet
+    i = names.index("mid_block.resnets.0")
+    assert names[i:i + 3] == ["mid_block.resnets.0", "mid_block.attentions.0", "mid_block.resnets.1"]
+
+
+def test_removal_keeps_shape_and_lowers_params(tiny_digits_pipe, calib):
+    unet = tiny_digits_pipe.denoiser
+    layers = {l.name: l for l in lp.candidates(unet)}
+    # a resnet with a 1x1 shortcut, attentions, the whole mid block and up resnets (skip dropped / 1x1)
+    names = ["down_blocks.1.resnets.0", "down_blocks.1.attentions.1", "mid_block.resnets.0",
+             "mid_block.attentions.0", "mid_block.resnets.1", "up_blocks.0.resnets.1", "up_blocks.2.resnets.0",
+             "up_blocks.3.attentions.2"]
+    assert layers["down_blocks.1.resnets.0"].keep is None  # 32 -> 64 channels: the 1x1 shortcut stays
+    assert layers["up_blocks.0.resnets.1"].keep == 64  # hidden 64 == out 64: identity, the skip is dropped
+    pruned = lp.prune_layers(unet, names)
+    assert type(pruned).__name__ == "LayerPrunedUNet2DConditionModel"
+    assert _params(pruned) == _params(unet) - sum(layers[n].params for n in names)
+    # the kept weights are shared, not copied
+    assert pruned.down_blocks[1].resnets[0].conv_shortcut.weight.data_ptr() == \
+        unet.down_blocks[1].resnets[0].conv_shortcut.weight.data_ptr()
+    out = calib.run(pruned)
+    assert out.shape == calib.run(unet).shape
+    assert torch.isfinite(out).all()
+
+
+def test_removing_nothing_is_bit_exact(tiny_digits_pipe, calib, tiny_dit):
+    unet = tiny_digits_pipe.denoiser
+    assert torch.equal(calib.run(lp.prune_layers(unet, [])), calib.run(unet))
+    x, t, y = _dit_inputs()
+    with torch.no_grad():
+        assert torch.equal(lp.prune_layers(tiny_dit, [])(x, t, class_labels=y).sample, tiny_dit(x, t, class_labels=y).sample)
+
+
+def test_export_reloads_with_identical_outputs(tiny_digits_pipe, calib, tiny_dit, tmp_path):
+    unet = tiny_digits_pipe.denoiser
+    pruned = lp.prune_layers(unet, ["down_blocks.0.resnets.1", "up_blocks.1.attentions.0", "down_blocks.2.resnets.0"])
+    pruned.save_pretrained(str(tmp_path / "unet"))
+    saved = json.loads((tmp_path / "unet" / "config.json").read_text())
+    assert saved["removed_layers"] == ["down_blocks.0.resnets.1", "up_blocks.1.attentions.0", "down_blocks.2.resnets.0"]
+    back = load(str(tmp_path / "unet")).denoiser
+    assert type(back).__name__ == "LayerPrunedUNet2DConditionModel" and _params(back) == _params(pruned)
+    for (k, a), b in zip(pruned.state_dict().items(), back.state_dict().values()):
+        assert torch.equal(a, b), k
+    # same weights bit for bit; conv kernels may differ in the last bits with memory layout
+    torch.testing.assert_close(calib.run(back), calib.run(pruned), atol=1e-5, rtol=1e-4)
+    # DiT: removing block 0 keeps its conditioning embedding, which the output layer reads
+    dit = lp.prune_layers(tiny_dit, ["transformer_blocks.0", "transformer_blocks.2"])
+    assert _params(dit) < _params(tiny_dit)
+    dit.save_pretrained(str(tmp_path / "dit"))
+    dit_back = load(str(tmp_path / "dit")).denoiser
+    x, t, y = _dit_inputs()
+    with torch.no_grad():
+        a, b = dit(x, t, class_labels=y).sample, dit_back(x, t, class_labels=y).sample
+    assert a.shape == x.shape
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    # pruning again adds to the removed layers
+    again = lp.prune_layers(pruned, ["mid_block.attentions.0"])
+    assert again.config.removed_layers[-1] == "mid_block.attentions.0" and len(again.config.removed_layers) == 4
+
+
+def test_bk_sdm_params_on_sd15_config():
+    """BK-SDM's published U-Net sizes (Kim et al. 2023; the diffusers configs of nota-ai/bk-sdm-*): 579.4M,
+    482.3M, 323.4M parameters."""
+    unet = load(str(CONFIGS / "sd15-unet")).denoiser
+    published = {"base": 579.4e6, "small": 482.3e6, "tiny": 323.4e6}
+    for variant, n in published.items():
+        pruned = lp.prune_layers(unet, lp.bk_sdm_layers(unet, variant))
+        assert next(pruned.parameters()).device.type == "meta"
+        assert abs(_params(pruned) - n) / n < 0.01, (variant, _params(pruned))
+    with pytest.raises(UserError):
+        lp.bk_sdm_layers(unet, "huge")
+
+
+def test_bk_sdm_tiny_runs_on_the_tiny_unet(tiny_digits_pipe, calib):
+    unet = tiny_digits_pipe.denoiser
+    for v in lp.BK_SDM:
+        pruned = lp.prune_layers(unet, lp.bk_sdm_layers(unet, v))
+        assert calib.run(pruned).shape == calib.run(unet).shape
+    tiny = lp.prune_layers(unet, lp.bk_sdm_layers(unet, "tiny"))
+    feats = lp.matched_features(unet, tiny)
+    assert not {"mid_block", "down_blocks.2", "down_blocks.3", "up_blocks.0"} & set(feats)  # gone or resized
+    assert "down_blocks.0" in feats and "up_blocks.3" in feats
+
+
+def _brute(values, costs, target):
+    best = None
+    for k in range(len(values) + 1):
+        for s in itertools.combinations(range(len(values)), k):
+            if sum(costs[i] for i in s) >= target:
+                v = sum(values[i] for i in s)
+                best = v if best is None or v < best else best
+    return best
+
+
+def test_knapsack_is_exact_on_small_instances():
+    rng = random.Random(0)
+    for _ in range(30):
+        n = rng.randint(1, 9)
+        values = [rng.random() for _ in range(n)]
+        costs = [rng.randint(1, 40) for _ in range(n)]
+        target = rng.randint(1, sum(costs))
+        picked = lp.knapsack_min(values, costs, target)
+        assert sum(costs[i] for i in picked) >= target
+        assert sum(values[i] for i in picked) == pytest.approx(_brute(values, costs, target), abs=1e-12)
+        # coarse units keep the constraint
+        coarse = lp.knapsack_min(values, costs, target, max_states=3)
+        assert sum(costs[i] for i in coarse) >= target
+    with pytest.raises(UserError):
+        lp.knapsack_min([1.0, 2.0], [3, 4], 8)
+
+
+def test_output_loss_of_one_layer_is_the_measured_mse(tiny_digits_pipe, calib):
+    unet = tiny_digits_pipe.denoiser
+    ref = calib.run(unet)
+    for name in ("down_blocks.1.resnets.0", "up_blocks.2.attentions.1", "up_blocks.0.resnets.0"):
+        loss = lp.output_loss(unet, calib, [name], ref)
+        measured = float((calib.run(lp.prune_layers(unet, [name])) - ref).pow(2).mean())
+        assert loss == measured and loss > 0
+    assert torch.equal(calib.run(unet), ref)  # the hooks are gone
+
+
+def test_criteria_select_at_the_ratio(tiny_digits_pipe, calib):
+    unet = tiny_digits_pipe.denoiser
+    total = _params(unet)
+    layers = lp.candidates(unet)[:10]
+    ratio = 0.5 * sum(l.params for l in layers) / total
+    for crit in ("output-loss", "random", "magnitude", "taylor", "similarity"):
+        s1 = lp.score_layers(unet, layers, crit, calib, seed=3)
+        assert s1 == lp.score_layers(unet, layers, crit, calib, seed=3)  # deterministic
+        assert set(s1) == {l.name for l in layers} and all(v >= 0 for v in s1.values())
+        names = lp.select(layers, s1, ratio, total)
+        assert sum(l.params for l in layers if l.name in names) >= ratio * total
+    first = layers[0]
+    mag = lp.score_layers(unet, [first], "magnitude")[first.name]
+    assert mag == pytest.approx(sum(float(p.detach().abs().sum()) for p in unet.get_submodule(first.name).parameters()))
+    order = lp.greedy_order(unet, layers[:5], calib, until=sum(l.params for l in layers[:2]))
+    chosen = lp.greedy_select(order, layers[:5], 0.01, total)
+    assert chosen == [n for n, _ in order][:len(chosen)]
+    single = lp.score_layers(unet, layers, "output-loss", calib)
+    add = lp.additivity(unet, layers, calib, single, n_sets=4)
+    assert len(add["measured"]) == 4 and -1 <= add["pearson"] <= 1
+    assert add["summed"][0] == pytest.approx(sum(single[n] for n in add["sets"][0]))
+
+
+def test_distill_pruned_student_runs(tiny_digits_pipe, tmp_path):
+    from diffslim.train.distill import DistillConfig
+
+    teacher = tiny_digits_pipe.denoiser
+    student = lp.prune_layers(teacher, lp.bk_sdm_layers(teacher, "tiny"))
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    cfg = DistillConfig(steps=2, batch_size=4, lr=1e-4, out=tmp_path / "kd", checkpoint_every=2, log_every=1,
+                        progress=False)
+    res = lp.distill_pruned(tiny_digits_pipe, student, cfg)
+    assert res.steps == 2 and res.final_losses["feat"] > 0
+    saved = json.loads((tmp_path / "kd" / "distill.json").read_text())
+    assert set(saved["features"]) == set(lp.matched_features(teacher, student))
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in before.items())
+    back = load(str(tmp_path / "kd" / "student")).denoiser
+    assert back.config.removed_layers == student.config.removed_layers
+
+
+def test_recipe_section_applies(tiny_digits_folder):
+    from diffslim.apply import apply
+
+    loaded = load(str(tiny_digits_folder))
+    before = _params(loaded.denoiser)
+    apply(loaded.pipe, {"removed_layers": {"layers": ["mid_block.attentions.0"], "criterion": "output-loss",
+                                           "ratio": 0.1}})
+    assert type(loaded.pipe.denoiser).__name__ == "LayerPrunedUNet2DConditionModel"
+    assert _params(loaded.pipe.denoiser) < before
+    from diffslim.recipe import RecipeError, parse_recipe
+
+    with pytest.raises(RecipeError, match="ratio"):
+        parse_recipe({"removed_layers": {"layers": [], "ratio": 2}})
+
+
+def test_bench_methods_validate_arguments():
+    from diffslim.bench import METHODS, BenchContext
+
+    dry = BenchContext(loaded=None, base_spec=None, default_steps=1, dry_run=True)
+    for name, arg in (("layers", "1.5"), ("layers", "x+kd"), ("layers", None)):
+        with pytest.raises(UserError, match="ratio"):
+            METHODS[name](arg, dry)
+    with pytest.raises(UserError, match="base, small, tiny"):
+        METHODS["bk-sdm"]("huge", dry)
+
+
+def _cli(*args):
+    from diffslim.cli import app
+
+    return CliRunner().invoke(app, ["layer-prune", *map(str, args)])
+
+
+def test_cli_errors(tmp_path):
+    cfg = CONFIGS / "sd15-unet"
+    for args, msg in (
+        (("zoo:digits-sd", "--ratio", "1.5"), "outside (0, 1)"),
+        (("zoo:digits-sd", "--ratio", "0"), "outside (0, 1)"),
+        (("zoo:digits-sd", "--ratio", "0.5", "--criterion", "l1"), "unknown --criterion"),
+        (("zoo:digits-sd", "--criterion", "output-loss"), "needs --ratio"),
+        (("zoo:digits-sd", "--ratio", "0.5", "--by", "flops"), "unknown --by"),
+        ((cfg, "--ratio", "0.5"), "pipeline folder or zoo:NAME"),
+        ((cfg, "--ratio", "0.5", "--criterion", "magnitude"), "config-only"),
+        ((cfg, "--criterion", "bk-sdm-base", "--ratio", "0.5"), "drop --ratio"),
+    ):
+        r = _cli(*args, "--out", tmp_path / "x")
+        assert r.exit_code == 2, (args, r.output)
+        assert msg in r.output and "Traceback" not in r.output
+
+
+def test_cli_bk_sdm_on_config_only_folder(tmp_path):
+    r = _cli(CONFIGS / "sd15-unet", "--criterion", "bk-sdm-tiny", "--out", tmp_path, "--json")
+    assert r.exit_code == 0, r.output
+    report = json.loads((tmp_path / "scores.json").read_text())
+    assert report["params_after"] == 323_384_964
+    back = load(str(tmp_path / "model"))
+    assert back.kind == "config" and _params(back.denoiser) == 323_384_964
+    recipe = json.loads((tmp_path / "recipe.json").read_text())
+    assert recipe["removed_layers"]["layers"] == report["removed"]
+
+
+def test_cli_output_loss_writes_a_loadable_model(tiny_digits_folder, tmp_path):
+    r = _cli(tiny_digits_folder, "--ratio", "0.3", "--n", "4", "--out", tmp_path)
+    assert r.exit_code == 0, r.output
+    report = json.loads((tmp_path / "scores.json").read_text())
+    assert report["params_removed_share"] >= 0.3
+    assert _params(load(str(tmp_path / "model")).denoiser) == report["params_after"]
+    assert type(load(str(tmp_path / "pipeline")).denoiser).__name__ == "LayerPrunedUNet2DConditionModel"
+
+
+def test_sdxl_inner_transformer_blocks_and_selection_by_macs(tiny_digits_pipe):
+    sdxl = load(str(CONFIGS / "sdxl-unet")).denoiser
+    outer, inner = lp.candidate_names(sdxl), lp.candidate_names(sdxl, inner=True)
+    assert "down_blocks.2.attentions.0" in outer and "down_blocks.2.attentions.0" not in inner
+    assert "down_blocks.2.attentions.0.transformer_blocks.9" in inner and len(inner) > len(outer)
+    name = "down_blocks.2.attentions.0.transformer_blocks.9"
+    cost = lp.candidates(sdxl, names=[name])[0].params
+    assert _params(sdxl) - _params(lp.prune_layers(sdxl, [name])) == cost > 0
+    with pytest.raises(UserError, match="cannot remove"):
+        lp.prune_layers(sdxl, [name + ".attn1"])
+    # by MACs: the removed share of the profiled forward's MACs reaches the ratio
+    res = lp.layer_prune(tiny_digits_pipe.denoiser, "magnitude", 0.3, by="macs")
+    assert res.macs_removed >= 0.3 * res.macs and res.params_removed < res.params

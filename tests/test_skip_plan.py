@@ -1,0 +1,201 @@
+"""Skip-plan runtime: identity when keeping all, exact cache hand-off, resets, dependencies, DeepCache equivalence."""
+
+import numpy as np
+import pytest
+import torch
+
+from diffslim.errors import UserError
+from diffslim.methods.skip_plan import (
+    OUTSIDE, apply_skip_plan, check_scheduler, deepcache_plan, effective_plan, effective_plan_soft, plan_macs_ratio,
+    plan_units, random_plan, remove_skip_plan,
+)
+
+STEPS = 6
+
+
+def _gen(pipe, labels=(3, 7), steps=STEPS, seed=0):
+    g = [torch.Generator().manual_seed(seed + i) for i in range(len(labels))]
+    return pipe(class_labels=list(labels), num_inference_steps=steps, generator=g, output_type="pt").images
+
+
+@pytest.fixture(scope="module")
+def digits(tiny_digits_pipe):
+    return tiny_digits_pipe
+
+
+def test_units_and_consumers(digits):
+    u = plan_units(digits.denoiser, "fine")
+    c = plan_units(digits.denoiser, "coarse")
+    assert len(c) == 9 and c.names[4] == "mid_block"
+    assert len(u) == 27 and u.total_macs == c.total_macs
+    # the last up layer feeds the tail; the first down layer also feeds an up layer by its skip connection
+    assert u.consumers[-1] == (OUTSIDE,)
+    assert len(u.consumers[0]) == 2 and all(k > 0 for k in u.consumers[0])
+    # coarse: down block 0 feeds down block 1, up block 2 (its downsampler's skip) and up block 3
+    assert c.consumers[0] == (1, 7, 8)
+
+
+def test_keep_all_is_bit_identical_and_remove_restores(digits):
+    full = _gen(digits)
+    u = plan_units(digits.denoiser, "fine")
+    rt = apply_skip_plan(digits.denoiser, np.ones((STEPS, len(u)), bool), u)
+    try:
+        assert torch.equal(_gen(digits), full)
+        assert rt.state.generations == 1 and rt.cache_bytes() > 0
+    finally:
+        remove_skip_plan(digits.denoiser)
+    assert not hasattr(digits.denoiser, "_diffusers_hook") or digits.denoiser._diffusers_hook.get_hook(
+        "diffslim_skip_plan_root") is None
+    assert torch.equal(_gen(digits), full)
+
+
+def test_skipped_unit_returns_exact_cache_and_resets(digits):
+    den = digits.denoiser
+    u = plan_units(den, "coarse")
+    plan = np.ones((STEPS, len(u)), bool)
+    k, unit = 3, u.names.index("up_blocks.3")  # the last up block: nothing upstream depends on it alone
+    plan[k, unit] = False
+    rt = apply_skip_plan(den, plan, u)
+    seen = []
+    mod = den.get_submodule("up_blocks.3")
+    # a torch hook on a child fires only when the unit really runs (the unit's own wraps the plan hook)
+    h = mod.resnets[0].register_forward_hook(lambda m, i, o: seen.append(o))
+    try:
+        first = _gen(digits)
+        assert len(seen) == STEPS - 1  # it ran at every step but k
+        # a second generation: the reset is detected from the timestep going back up; same output
+        second = _gen(digits)
+        assert torch.equal(first, second) and rt.state.generations == 2
+        # call the denoiser step by step: at step k the cached object itself is handed on
+        rt.reset()
+        x = torch.randn(2, 1, 8, 8)
+        ctx = digits.cond_encoder(torch.tensor([1, 2]))
+        digits.scheduler.set_timesteps(STEPS)
+        pairs = []
+        for t in digits.scheduler.timesteps:
+            before = rt.state.caches.get("up_blocks.3")
+            den(x, t.expand(2), encoder_hidden_states=ctx)
+            pairs.append((before, rt.state.caches["up_blocks.3"]))
+        assert pairs[k][1] is pairs[k][0]
+        assert pairs[k + 1][1] is not pairs[k + 1][0]  # ran again: refreshed
+        assert rt.state.step == STEPS - 1
+    finally:
+        h.remove()
+        remove_skip_plan(den)
+
+
+def test_skip_changes_output_and_deterministic(digits):
+    u = plan_units(digits.denoiser, "fine")
+    full = _gen(digits)
+    plan = random_plan(u, STEPS, 0.5, seed=1)
+    assert np.array_equal(plan, random_plan(u, STEPS, 0.5, seed=1))
+    apply_skip_plan(digits.denoiser, plan, u)
+    try:
+        a, b = _gen(digits), _gen(digits)
+    finally:
+        remove_skip_plan(digits.denoiser)
+    assert torch.equal(a, b) and not torch.equal(a, full)
+
+
+def test_effective_plan_dependencies_and_macs(digits):
+    c = plan_units(digits.denoiser, "coarse")
+    plan = np.ones((3, len(c)), bool)
+    plan[1, c.names.index("up_blocks.0")] = False  # the only consumer of the mid block
+    eff = effective_plan(plan, c)
+    # down_blocks.3 feeds only the mid block and up_blocks.0 (its skip connections): off too
+    assert [c.names[i] for i in np.flatnonzero(~eff[1])] == ["down_blocks.3", "mid_block", "up_blocks.0"]
+    plan[1, c.names.index("up_blocks.1")] = False
+    eff = effective_plan(plan, c)
+    # down_blocks.2 feeds down_blocks.3, up_blocks.0 and up_blocks.1: all off now; down_blocks.1 also feeds up_blocks.2
+    assert [c.names[i] for i in np.flatnonzero(~eff[1])] == ["down_blocks.2", "down_blocks.3", "mid_block",
+                                                             "up_blocks.0", "up_blocks.1"]
+    soft = effective_plan_soft(torch.tensor(plan, dtype=torch.float32), c)
+    assert np.array_equal(soft.numpy()[1:] > 0.5, eff[1:])
+    r = plan_macs_ratio(plan, c)
+    expect = (3 * c.total_macs - sum(c.macs[i] for i in range(len(c)) if not eff[1, i])) / (3 * c.total_macs)
+    assert r == pytest.approx(expect)
+
+
+def test_bad_plans_and_schedulers(digits):
+    u = plan_units(digits.denoiser, "fine")
+    with pytest.raises(UserError, match="27 fine units"):
+        apply_skip_plan(digits.denoiser, np.ones((STEPS, 5), bool), u)
+    bad = np.ones((STEPS, len(u)), bool)
+    bad[0, 3] = False
+    with pytest.raises(UserError, match="step 0"):
+        apply_skip_plan(digits.denoiser, bad, u)
+    from diffusers import HeunDiscreteScheduler, PNDMScheduler
+
+    cfg = digits.scheduler.config
+    check_scheduler(PNDMScheduler.from_config(cfg, skip_prk_steps=True), 10, 10)
+    with pytest.raises(UserError, match="one denoiser timestep per step"):
+        check_scheduler(HeunDiscreteScheduler.from_config(cfg), 10, 10)
+    apply_skip_plan(digits.denoiser, np.ones((3, len(u)), bool), u)
+    try:
+        with pytest.raises(UserError, match="has 3 steps"):
+            _gen(digits, steps=4)
+    finally:
+        remove_skip_plan(digits.denoiser)
+
+
+@pytest.mark.parametrize("branch", [0, 1])
+def test_deepcache_plan_equals_deepcache_package(tiny_sd_pipe, branch):
+    """Our DeepCache plan reproduces the DeepCache package's own helper bit for bit."""
+    DeepCache = pytest.importorskip("DeepCache")
+    pipe = tiny_sd_pipe
+    kw = dict(prompt=["a cat", "a dog"], num_inference_steps=7, output_type="pt", guidance_scale=5.0)
+    full = pipe(**kw, generator=torch.Generator().manual_seed(0)).images
+    helper = DeepCache.DeepCacheSDHelper(pipe=pipe)
+    helper.set_params(cache_interval=3, cache_branch_id=branch)
+    helper.enable()
+    try:
+        ref = pipe(**kw, generator=torch.Generator().manual_seed(0)).images
+    finally:
+        helper.disable()
+    u = plan_units(pipe.unet, "fine")
+    plan = deepcache_plan(u, 7, 3, branch)
+    assert not plan[1].all() and plan[3].all()
+    apply_skip_plan(pipe.unet, plan, u)
+    try:
+        ours = pipe(**kw, generator=torch.Generator().manual_seed(0)).images
+    finally:
+        remove_skip_plan(pipe.unet)
+    assert not torch.equal(ref, full)
+    assert torch.equal(ours, ref)
+
+
+def test_bench_methods_validate_arguments(digits):
+    from types import SimpleNamespace
+
+    from diffslim.bench import BenchContext, METHODS
+    from diffslim.sample import SampleSpec
+
+    def ctx(den):
+        loaded = SimpleNamespace(denoiser=den, pipe=digits, zoo=None, source="x")
+        return BenchContext(loaded=loaded, base_spec=SampleSpec([{"class_label": 1}], [0], num_inference_steps=10),
+                            default_steps=10, dry_run=True)
+
+    c = ctx(digits.denoiser)
+    for name, arg, msg in (("dipgo", "1.2", r"\(0, 1\)"), ("random", "0", r"\(0, 1\)"), ("deepcache", "0", ">= 1"),
+                           ("fbcache", None, "has none")):
+        with pytest.raises(UserError, match=msg):
+            METHODS[name](arg, c)
+    assert METHODS["deepcache"]("3:1", c) is None and METHODS["ga"]("0.5:4", c) is None
+
+
+def test_diffusers_cache_on_a_dit_resets_per_generation_and_removes():
+    from diffslim.methods.skip_plan import apply_diffusers_cache, remove_diffusers_cache
+    from diffslim.train.zoo import build_pipeline
+
+    torch.manual_seed(0)
+    pipe = build_pipeline("digits-dit")
+    pipe.denoiser.eval()  # freshly built modules are in train mode (dropout)
+    pipe.set_progress_bar_config(disable=True)
+    full = _gen(pipe)
+    apply_diffusers_cache(pipe.denoiser, "fbcache", "1e9", STEPS)  # everything after step 0 reuses the cache
+    try:
+        a, b = _gen(pipe), _gen(pipe)
+    finally:
+        remove_diffusers_cache(pipe.denoiser, "fbcache")
+    assert torch.equal(a, b) and not torch.equal(a, full)  # state reset between generations
+    assert torch.equal(_gen(pipe), full)
