@@ -7,14 +7,25 @@ from pathlib import Path
 from rich.console import Console
 
 CONFIGS_DIR = Path(__file__).parent / "configs"
+# DiP-GO plans trained by bench/dipgo_bench.py (in a source checkout); the demo applies them, it does not train.
+PLANS_DIR = Path(__file__).resolve().parents[2] / "bench" / "results"
+
+
+def _plan_method(key: str) -> str:
+    """``,dipgo:@RECIPE`` for the zoo model ``key`` when its trained plan is in the checkout, else ``""``."""
+    recipe = PLANS_DIR / f"dipgo_{key}_recipe.json"
+    return f",dipgo:@{recipe}" if recipe.exists() else ""
+
 
 # What the demo runs per zoo model: bench methods, inputs, and whether depth search applies (U-Nets).
 DEMO_PLAN = {
     "digits-sd": dict(n=50, methods="full,steps:25,steps:10,depth:9,depth:7,depth:7+ft,uniform:10,karras:10,ays:10,"
-                                    "gamma:10,dpm:10,xue:10",
+                                    "gamma:10,dpm:10,xue:10,deepcache:3,layers:0.3,bk-sdm:base" + _plan_method("digits-sd"),
                       depth_search=dict(n=20, mode="linear")),
-    "digits-dit": dict(n=50, methods="full,steps:25,steps:10,uniform:10,karras:10,ays:10,gamma:10", depth_search=None),
-    "sr": dict(n=8, methods="full,steps:10,depth:9,depth:7,uniform:10,gamma:10", depth_search=dict(n=8, mode="binary")),
+    "digits-dit": dict(n=50, methods="full,steps:25,steps:10,uniform:10,karras:10,ays:10,gamma:10,fbcache,layers:0.3"
+                                     + _plan_method("digits-dit"), depth_search=None),
+    "sr": dict(n=8, methods="full,steps:10,depth:9,depth:7,uniform:10,gamma:10,deepcache:3" + _plan_method("sr"),
+               depth_search=dict(n=8, mode="binary")),
 }
 
 
@@ -75,7 +86,8 @@ def run_demo(out: Path, n: int | None = None, methods: str | None = None, consol
     from diffslim.measure.profile import profile_depths, profile_model
     from diffslim.methods.depth_search import depth_search_figure, search_depth
     from diffslim.models.load import ModelLoadError, load
-    from diffslim.report import Report, add_bench_section
+    from diffslim.recipe import load_recipe
+    from diffslim.report import Report, add_bench_section, pareto_figure, plan_heatmap
     from diffslim.sample import SampleSpec, sample
     from diffslim.zoo.registry import ZOO
 
@@ -128,6 +140,16 @@ def run_demo(out: Path, n: int | None = None, methods: str | None = None, consol
         benches[model] = rows
         add_bench_section(rep, model, rows, res.outputs)
         console.print(f"benched {model}: " + ", ".join(f"{r['method']} x{r['speedup']:.2f}" for r in rows))
+        rep.add_figure(f"quality against MACs: {model}", f"pareto_{key}.png",
+                       pareto_figure(rows, "psnr", f"{model}: PSNR vs the full model against run MACs"),
+                       "every bench row above; up and to the left is better")
+        plan_row = next((r for r in rows if str(r["method"]).startswith("dipgo:")), None)
+        if plan_row is not None:
+            rec = load_recipe(PLANS_DIR / f"dipgo_{key}_recipe.json").skip_plan
+            rep.add_figure(f"DiP-GO skip plan: {model}", f"plan_{key}.png",
+                           plan_heatmap(rec.plan, rec.units, f"{model}: learned skip plan ({rec.granularity} units)"),
+                           "dark = the unit runs at that step; a skipped unit hands on its output from the last step "
+                           f"it ran (plan from bench/dipgo_bench.py; {plan_row['macs_ratio']:.3f} of the run MACs)")
         fig = finetune_recovery_figure(model, rows)
         if fig is not None:
             rep.add_figure(f"fine-tune recovery: {model}", f"finetune_{key}.png", fig,

@@ -25,6 +25,12 @@ class RecipeError(UserError):
     """A recipe file that does not validate; the message names the field and what it accepts."""
 
 
+def _known_scheduler(v: Optional[str]) -> Optional[str]:
+    if v is not None and v not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {v!r}; accepted: {', '.join(SCHEDULERS)}")
+    return v
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -39,12 +45,7 @@ class Sampling(_Strict):
     gamma: Optional[float] = None
     coef: Optional[float] = None
 
-    @field_validator("scheduler")
-    @classmethod
-    def _known_scheduler(cls, v):
-        if v is not None and v not in SCHEDULERS:
-            raise ValueError(f"unknown scheduler {v!r}; accepted: {', '.join(SCHEDULERS)}")
-        return v
+    _known_scheduler = field_validator("scheduler")(classmethod(lambda cls, v: _known_scheduler(v)))
 
     @field_validator("num_inference_steps")
     @classmethod
@@ -172,12 +173,7 @@ class SkipPlan(_Strict):
     scheduler: Optional[str] = None
     provenance: Optional[dict] = None
 
-    @field_validator("scheduler")
-    @classmethod
-    def _known_scheduler(cls, v):
-        if v is not None and v not in SCHEDULERS:
-            raise ValueError(f"unknown scheduler {v!r}; accepted: {', '.join(SCHEDULERS)}")
-        return v
+    _known_scheduler = field_validator("scheduler")(classmethod(lambda cls, v: _known_scheduler(v)))
 
     @model_validator(mode="after")
     def _shape(self):

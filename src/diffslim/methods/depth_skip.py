@@ -204,24 +204,12 @@ def _prune_in_place(unet: nn.Module, depth: int) -> None:
 
 
 def _pruned_class(base: type, name: str) -> type:
-    """A subclass of ``base`` whose config adds ``depth_skip``.
+    """A subclass of ``base`` whose config adds ``depth_skip`` (see ``diffslim.models.derived``)."""
+    from diffslim.models.derived import config_extended_class
 
-    diffusers reads a model's config keys from its ``__init__`` signature, so the subclass's
-    ``__init__`` advertises the base signature plus ``depth_skip``.
-    """
-    import inspect
-
-    def __init__(self, *args, depth_skip: Optional[int] = None, **kwargs):
-        base.__init__(self, *args, **kwargs)
-        self.register_to_config(depth_skip=depth_skip)
-        if depth_skip is not None:
-            _prune_in_place(self, int(depth_skip))
-
-    sig = inspect.signature(base.__init__)
-    extra = inspect.Parameter("depth_skip", inspect.Parameter.KEYWORD_ONLY, default=None)
-    __init__.__signature__ = sig.replace(parameters=[*sig.parameters.values(), extra])
-    doc = f"A ``{base.__name__}`` pruned to depth ``depth_skip`` (see ``diffslim.methods.depth_skip``)."
-    return type(name, (base,), {"__init__": __init__, "__doc__": doc, "__module__": __name__})
+    return config_extended_class(
+        base, name, "depth_skip", lambda model, depth: _prune_in_place(model, int(depth)), __name__,
+        f"A ``{base.__name__}`` pruned to depth ``depth_skip`` (see ``diffslim.methods.depth_skip``).")
 
 
 DepthSkipUNet2DConditionModel = _pruned_class(UNet2DConditionModel, "DepthSkipUNet2DConditionModel")

@@ -365,20 +365,12 @@ def _remove_in_place(model: nn.Module, names: Sequence[str]) -> None:
 
 
 def _pruned_class(base: type, name: str) -> type:
-    """A subclass of ``base`` whose config adds ``removed_layers`` (diffusers reads config keys from
-    the ``__init__`` signature, so the subclass advertises the base signature plus that key)."""
+    """A subclass of ``base`` whose config adds ``removed_layers`` (see ``diffslim.models.derived``)."""
+    from diffslim.models.derived import config_extended_class
 
-    def __init__(self, *args, removed_layers: Optional[list] = None, **kwargs):
-        base.__init__(self, *args, **kwargs)
-        self.register_to_config(removed_layers=list(removed_layers) if removed_layers else None)
-        if removed_layers:
-            _remove_in_place(self, list(removed_layers))
-
-    sig = inspect.signature(base.__init__)
-    extra = inspect.Parameter("removed_layers", inspect.Parameter.KEYWORD_ONLY, default=None)
-    __init__.__signature__ = sig.replace(parameters=[*sig.parameters.values(), extra])
-    doc = f"A ``{base.__name__}`` with the layers ``removed_layers`` removed (see ``diffslim.methods.layer_prune``)."
-    return type(name, (base,), {"__init__": __init__, "__doc__": doc, "__module__": __name__})
+    return config_extended_class(
+        base, name, "removed_layers", lambda model, names: _remove_in_place(model, list(names)), __name__,
+        f"A ``{base.__name__}`` with the layers ``removed_layers`` removed (see ``diffslim.methods.layer_prune``).")
 
 
 def _make_classes() -> dict[type, type]:
