@@ -1,6 +1,8 @@
 """Depth-skip on the zoo: size, MACs, measured speedup and quality at every depth (README figures).
 
-    .venv/bin/python bench/depth_bench.py zoo:digits-sd [--n 50] [--out bench/results]
+    .venv/bin/python bench/depth_bench.py zoo:digits-sd [--n 50] [--ft 7,9] [--out bench/results]
+
+``--ft`` adds ``depth:N+ft`` rows: the depth-N model after the default short fine-tune (cached).
 
 One bench run: every depth and the full model sample the same inputs and seeds in one process, so
 speedups are ratios of wall times measured side by side.
@@ -23,11 +25,13 @@ def main():
     ap.add_argument("--n", type=int, default=50)
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--ft", default="", help="depths to also bench after the default fine-tune, e.g. 7,9")
     ap.add_argument("--out", default="bench/results")
     a = ap.parse_args()
     loaded = load(a.model)
     full = max_depth(loaded.denoiser)
     methods = ",".join(f"depth:{d}" for d in range(full - 1, 0, -1))
+    methods += "".join(f",depth:{int(d)}+ft" for d in a.ft.split(",") if d.strip())
     es = eval_set_for(loaded, a.n)
     res = run_bench(loaded, methods, es, default_steps=a.steps, batch_size=a.n, repeats=a.repeats,
                     metrics_fn=metrics_fn_for(loaded, es))

@@ -270,3 +270,32 @@ def test_multi_depth_recipe(tiny_digits_pipe):
                      ({"depth": {"schedule": [{"t_min": 1200, "depth": 6}]}}, "t_min: must lie in 0..999")):
         with pytest.raises(RecipeError, match=msg):
             parse_recipe(bad)
+
+
+@pytest.mark.parametrize("kind", ["instruct-pix2pix", "x4-upscaler"])
+def test_depth_skip_on_image_conditioned_unets(kind):
+    """InstructPix2Pix's 8 input channels and the x4 upscaler's 7 channels + noise-level class embedding:
+    the full depth reproduces the model, every pruned depth keeps the output shape and sheds parameters."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    common = dict(sample_size=8, block_out_channels=(16, 32), layers_per_block=1, cross_attention_dim=8,
+                  attention_head_dim=4, norm_num_groups=8,
+                  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+    if kind == "instruct-pix2pix":
+        u, cin, cout, extra = UNet2DConditionModel(in_channels=8, out_channels=4, **common), 8, 4, {}
+    else:
+        u = UNet2DConditionModel(in_channels=7, out_channels=4, class_embed_type="timestep", num_class_embeds=1000,
+                                 **common)
+        cin, cout, extra = 7, 4, {"class_labels": torch.tensor([20])}
+    u.eval()
+    x, t, ctx = torch.randn(1, cin, 8, 8), torch.tensor([10]), torch.randn(1, 3, 8)
+    n = max_depth(u)
+    params = sum(p.numel() for p in u.parameters())
+    with torch.no_grad():
+        full = u(x, t, encoder_hidden_states=ctx, **extra).sample
+        assert torch.equal(depth_skip(u, n)(x, t, encoder_hidden_states=ctx, **extra).sample, full)
+        for d in range(1, n):
+            pruned = depth_skip(u, d)
+            assert pruned(x, t, encoder_hidden_states=ctx, **extra).sample.shape == (1, cout, 8, 8)
+            assert sum(p.numel() for p in pruned.parameters()) < params
