@@ -160,3 +160,22 @@ def test_cli_rejects_bad_ratio_and_scheduler(tmp_path):
 
 def test_full_plan_shape():
     assert full_plan(3, 2).all() and full_plan(3, 2).shape == (3, 2)
+
+
+def test_two_processes_train_the_same_pruner(tmp_path):
+    """Data parallel under `accelerate launch` (2 CPU processes over gloo): each process trains on its share of
+    every batch, gradients are averaged, and both end with the same scores and plan."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parent / "scripts" / "dipgo_mp.py"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--multi_gpu", str(script), str(tmp_path)]
+    r = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads((tmp_path / "dipgo_mp.json").read_text())
+    assert got["num_processes"] == 2 and got["steps"] == [1, 2]
+    assert len(got["digests"]) == 2 and len({d for _, d in got["digests"]}) == 1
