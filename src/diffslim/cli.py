@@ -711,7 +711,12 @@ def demo(
 
 
 def main():
-    app()
+    from diffslim.sample import shutdown_processes
+
+    try:
+        app()
+    finally:
+        shutdown_processes()
 
 
 if __name__ == "__main__":

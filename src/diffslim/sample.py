@@ -287,3 +287,17 @@ def _progress(description: str, total: int):
                   TimeElapsedColumn(), transient=True) as p:
         task = p.add_task(description, total=total)
         yield lambda k: p.advance(task, k)
+
+
+def shutdown_processes() -> None:
+    """End a run started by ``accelerate launch``: wait for every process, then destroy the process group.
+
+    Leaving the gloo process group to interpreter teardown lets a process abort now and then
+    ("terminate called without an active exception"), turning a finished run into a failed exit status.
+    A no-op in a single process.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

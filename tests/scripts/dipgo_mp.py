@@ -12,6 +12,7 @@ from accelerate import PartialState
 from accelerate.utils import gather_object
 
 from diffslim.methods.dipgo import DipgoConfig, train_dipgo
+from diffslim.sample import shutdown_processes
 from diffslim.train.zoo import build_pipeline
 
 out = Path(sys.argv[1])
@@ -26,3 +27,4 @@ digests = gather_object([(state.process_index, h.hexdigest())])
 if state.is_main_process:
     (out / "dipgo_mp.json").write_text(json.dumps({"num_processes": state.num_processes, "digests": digests,
                                                    "steps": [r["step"] for r in res.log]}))
+shutdown_processes()

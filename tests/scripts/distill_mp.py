@@ -13,6 +13,7 @@ from accelerate.utils import gather_object
 from diffslim.methods.depth_skip import depth_skip
 from diffslim.train.data import ZooDigits
 from diffslim.train.distill import DistillConfig, distill
+from diffslim.sample import shutdown_processes
 from diffslim.train.zoo import build_pipeline
 
 out = Path(sys.argv[1])
@@ -33,3 +34,4 @@ if state.is_main_process:
     (out / "mp.json").write_text(json.dumps({
         "num_processes": state.num_processes, "digests": digests, "steps": result.steps,
         "final_losses": result.final_losses}))
+shutdown_processes()
