@@ -3,6 +3,8 @@
 The full-size measurements (more samples) are in bench/zoo_gates.py and the README.
 """
 
+import math
+
 import pytest
 import torch
 
@@ -55,3 +57,28 @@ def test_zoo_weights_are_small_safetensors():
     assert sum(p.stat().st_size for p in files) <= 25 * 2**20
     for name in ZOO:
         assert (ZOO[name].folder / "model_index.json").exists(), name
+
+
+def test_sr_degradation_is_blur_then_decimation():
+    """zoo:sr's LR input: Gaussian blur (sigma 1.6) then every second pixel; sigma 0 is box averaging."""
+    import torch.nn.functional as F
+
+    from diffslim.zoo import data
+
+    g = torch.Generator().manual_seed(0)
+    hr = torch.rand(2, 3, 16, 16, generator=g)
+    lr = data.downscale(hr, 2)
+    assert lr.shape == (2, 3, 8, 8)
+    assert torch.equal(data.downscale(hr, 2, sigma=0), F.avg_pool2d(hr, 2))
+    # a normalised kernel keeps flat images flat; reflect padding keeps the borders flat too
+    torch.testing.assert_close(data.downscale(torch.full((1, 3, 16, 16), 0.3), 2), torch.full((1, 3, 8, 8), 0.3))
+    # the blur is the one documented: an impulse spreads as exp(-d^2 / (2 sigma^2)) along each axis
+    impulse = torch.zeros(1, 1, 33, 33)
+    impulse[..., 16, 16] = 1
+    row = data.gaussian_blur(impulse, data.SR_BLUR_SIGMA)[0, 0, 16]
+    torch.testing.assert_close(row[17] / row[16], torch.tensor(math.exp(-1 / (2 * data.SR_BLUR_SIGMA ** 2))))
+    assert float(row[16 + 5]) > 0 and float(row[16 + 6]) == 0  # truncated at ceil(3 sigma) = 5
+    # it removes detail: a checkerboard (the highest frequency) nearly vanishes, box averaging removes it entirely
+    board = (torch.arange(16)[:, None] + torch.arange(16)[None, :]) % 2
+    board = board.float().expand(1, 3, 16, 16)
+    assert float(data.gaussian_blur(board, 1.6).std()) < 0.01 * float(board.std())

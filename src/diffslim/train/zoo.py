@@ -33,7 +33,7 @@ def build_pipeline(name: str, dtype=torch.float32):
     cond = LabelTokenEncoder(**e.cond_config) if e.cond_config else None
     sched = DDIMScheduler(**SD_DDIM_CONFIG)
     if e.task == "sr":
-        return ZooSRPipeline(denoiser=denoiser, scheduler=sched, cond_encoder=cond)
+        return ZooSRPipeline(denoiser=denoiser, scheduler=sched, cond_encoder=cond, **e.pipeline_config)
     return ZooClassPipeline(denoiser=denoiser, scheduler=sched, cond_encoder=cond)
 
 
