@@ -179,3 +179,110 @@ def test_two_processes_train_the_same_pruner(tmp_path):
     got = json.loads((tmp_path / "dipgo_mp.json").read_text())
     assert got["num_processes"] == 2 and got["steps"] == [1, 2]
     assert len(got["digests"]) == 2 and len({d for _, d in got["digests"]}) == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# DiP-GO on a diffusers pipeline (its own sampling loop, prompts from a file)
+
+
+def test_pipeline_trajectory_equals_the_pipeline_and_checkpointing_keeps_gradients(tiny_sd_pipe):
+    """On StableDiffusionPipeline: the gated run with hard gates equals the pipeline under the hard plan,
+    and the gates' gradient is the same with and without per-call gradient checkpointing."""
+    from diffslim.methods.dipgo import _PipelineTrajectory
+
+    pipe = tiny_sd_pipe
+    u = plan_units(pipe.unet, "fine")
+    plan = random_plan(u, STEPS, 0.5, seed=3)
+    rt = apply_skip_plan(pipe.unet, plan, u)
+    models = [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]
+    for m in models:
+        m.requires_grad_(False)  # as train_dipgo does: only the gates learn
+    try:
+        g = [torch.Generator().manual_seed(s) for s in (5, 6)]
+        ref = pipe(["a cat", "a dog"], num_inference_steps=STEPS, generator=g, output_type="pt").images
+        traj = _PipelineTrajectory(pipe, [{"prompt": "a cat"}, {"prompt": "a dog"}], [5, 6], STEPS, None)
+        grads = []
+        for ckpt in (True, False):
+            gates = torch.tensor(effective_plan(plan, u), dtype=torch.float32, requires_grad=True)
+            out = traj.run(rt.state, gates=gates, checkpoint=ckpt)
+            torch.testing.assert_close(out.detach(), ref, atol=1e-6, rtol=0)
+            out.square().mean().backward()
+            grads.append(gates.grad)
+        assert grads[0][1:].abs().sum() > 0
+        torch.testing.assert_close(grads[0], grads[1], atol=1e-7, rtol=1e-5)
+        assert rt.state.gates is None and not rt.state.checkpoint  # training state does not leak into sampling
+    finally:
+        remove_skip_plan(pipe.unet)
+        for m in models:
+            m.requires_grad_(True)
+
+
+def test_training_on_a_diffusers_pipeline_from_a_prompt_file(tiny_sd_pipe, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cat\na blue dog\n\na green bird\n")
+    u = plan_units(tiny_sd_pipe.unet, "fine")
+    flags = [p.requires_grad for p in tiny_sd_pipe.unet.parameters()]
+    cfg = lambda out, iters: DipgoConfig(ratio=0.5, num_inference_steps=STEPS, iters=iters, batch_size=2, width=16,
+                                         heads=2, data=str(prompts), checkpoint_every=1, out=str(out), progress=False,
+                                         call_kwargs={"guidance_scale": 2.0})
+    a = train_dipgo(tiny_sd_pipe, cfg(tmp_path / "a", 2), u)
+    train_dipgo(tiny_sd_pipe, cfg(tmp_path / "b", 1), u)
+    b = train_dipgo(tiny_sd_pipe, cfg(tmp_path / "b", 2), u)  # resumes from its step-1 checkpoint
+    assert np.array_equal(a.scores, b.scores) and a.plan.shape == (STEPS, len(u)) and a.macs_ratio <= 0.5
+    assert all(np.isfinite(r["consistency"]) for r in a.log)
+    assert [p.requires_grad for p in tiny_sd_pipe.unet.parameters()] == flags  # restored after training
+    assert not hasattr(tiny_sd_pipe.unet, "_diffslim_skip_plan")
+
+
+def test_training_pool_reads_prompts_jsonl_and_image_folders(tiny_sd_pipe, tiny_digits_pipe, tmp_path):
+    from PIL import Image
+
+    from diffslim.methods.dipgo import _training_pool
+
+    (tmp_path / "p.txt").write_text("one\ntwo\n")
+    assert _training_pool(tiny_sd_pipe, str(tmp_path / "p.txt"), 0) == [{"prompt": "one"}, {"prompt": "two"}]
+    (tmp_path / "l.txt").write_text("3\n7\n")
+    assert _training_pool(tiny_digits_pipe, str(tmp_path / "l.txt"), 0) == [{"class_label": 3}, {"class_label": 7}]
+    with pytest.raises(UserError, match="integer class label"):
+        _training_pool(tiny_digits_pipe, str(tmp_path / "p.txt"), 0)
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    Image.new("RGB", (20, 24), (255, 0, 0)).save(imgs / "a.png")
+    (imgs / "a.txt").write_text("a red square")
+    (tmp_path / "in.jsonl").write_text('{"prompt": "x", "image": "imgs/a.png"}\n')
+    rows = _training_pool(tiny_sd_pipe, str(tmp_path / "in.jsonl"), 0)
+    assert rows[0]["prompt"] == "x" and rows[0]["image"].shape == (3, 16, 16)
+    # StableDiffusionPipeline takes no image: a folder is refused with what to give instead
+    with pytest.raises(UserError, match="takes no image input"):
+        _training_pool(tiny_sd_pipe, str(imgs), 0)
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    i2i = StableDiffusionImg2ImgPipeline(**tiny_sd_pipe.components)
+    pool = _training_pool(i2i, str(imgs), 0)
+    item = pool[0]
+    assert len(pool) == 1 and item["prompt"] == "a red square" and item["image"].shape == (3, 16, 16)
+    assert torch.allclose(item["image"][0], torch.ones(16, 16))
+    (tmp_path / "bad.jsonl").write_text("[1, 2]\n")
+    for bad, msg in ((tmp_path / "bad.jsonl", "object of pipeline inputs"), (tmp_path / "nope.txt", "does not exist")):
+        with pytest.raises(UserError, match=msg):
+            _training_pool(tiny_sd_pipe, str(bad), 0)
+
+
+def test_pipelines_that_cannot_give_gradients_are_refused():
+    from diffslim.sample import SampleSpec, run_pipeline
+
+    class ArrayPipe:  # decorated like diffusers' pipelines, but hands back numpy arrays whatever is asked
+        @torch.no_grad()
+        def __call__(self, prompt, num_inference_steps=2, generator=None, output_type="np"):
+            return (np.zeros((len(prompt), 4, 4, 3), np.float32),)
+
+    class PlainPipe:  # no no_grad decorator to bypass
+        def __call__(self, prompt, num_inference_steps=2, generator=None, output_type="np"):
+            return (torch.zeros(len(prompt), 3, 4, 4),)
+
+    spec = SampleSpec([{"prompt": "a"}], [0], num_inference_steps=2)
+    assert run_pipeline(ArrayPipe(), spec, [0]).shape == (1, 3, 4, 4)  # fine without gradients
+    with pytest.raises(UserError, match="returns ndarray with output_type='pt'"):
+        run_pipeline(ArrayPipe(), spec, [0], differentiable=True)
+    with pytest.raises(UserError, match="not a torch.no_grad-decorated function"):
+        run_pipeline(PlainPipe(), spec, [0], differentiable=True)

@@ -635,7 +635,7 @@ def layer_prune_cmd(
 @app.command("dipgo")
 @_guard
 def dipgo_cmd(
-    model: str = typer.Argument(..., help="zoo:NAME or a zoo pipeline folder"),
+    model: str = typer.Argument(..., help="zoo:NAME or a diffusers pipeline folder"),
     ratio: float = typer.Option(..., help="share of the MACs to remove, in (0, 1): 0.8 keeps <= 20%"),
     steps: int = typer.Option(50, help="denoising steps the plan is made for"),
     scheduler: Optional[str] = typer.Option(None, help="scheduler to train with (default: the pipeline's)"),
@@ -651,7 +651,9 @@ def dipgo_cmd(
     objective: str = typer.Option("unrolled", help="unrolled (the whole trajectory) or local (Learning-to-Cache)"),
     self_attention: bool = typer.Option(True, "--self-attention/--no-self-attention"),
     gradient_checkpointing: bool = typer.Option(True, "--gradient-checkpointing/--no-gradient-checkpointing"),
-    data: str = typer.Option("zoo", help="'zoo' or a text file with one class label per line"),
+    data: str = typer.Option("zoo", help="'zoo'; a .txt file, one prompt (or class label) per line; a .jsonl file "
+                                         "of pipeline inputs; or a folder of images (captions as prompts)"),
+    guidance_scale: Optional[float] = typer.Option(None, help="passed to the pipeline (default: its own)"),
     checkpoint_every: int = typer.Option(20),
     seed: int = typer.Option(0),
 ):
@@ -670,11 +672,12 @@ def dipgo_cmd(
     cfg = DipgoConfig(ratio=ratio, num_inference_steps=steps, scheduler=scheduler, loss=loss, alpha=alpha,
                       iters=iters, batch_size=batch_size, lr=lr, granularity=granularity, objective=objective,
                       self_attention=self_attention, gradient_checkpointing=gradient_checkpointing, data=data,
+                      call_kwargs={} if guidance_scale is None else {"guidance_scale": guidance_scale},
                       checkpoint_every=checkpoint_every, seed=seed,
                       out=str(run_dir or out.with_name(out.stem + "_run"))).check()
     loaded = load(model)
     if loaded.pipe is None:
-        raise UserError(f"{model} is not a pipeline; DiP-GO samples it: give zoo:NAME or a zoo pipeline folder")
+        raise UserError(f"{model} is not a pipeline; DiP-GO samples it: give zoo:NAME or a pipeline folder")
     units = plan_units(loaded.denoiser, granularity)
     res = train_dipgo(loaded.pipe, cfg, units)
     Recipe(model=model, description=f"DiP-GO skip plan, R={ratio:g}, MACs ratio {res.macs_ratio:.3f}",

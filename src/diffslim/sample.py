@@ -11,6 +11,7 @@ does not depend on the batch it falls in or on the number of processes.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import inspect
 import json
@@ -148,10 +149,24 @@ def _to_tensor(images) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
 
 
-def run_pipeline(pipe, spec: SampleSpec, indices: Sequence[int], progress=None) -> torch.Tensor:
-    """Sample ``indices`` of ``spec`` with ``pipe``; returns ``(len(indices), C, H, W)`` in [0, 1]."""
+def run_pipeline(pipe, spec: SampleSpec, indices: Sequence[int], progress=None,
+                 differentiable: bool = False) -> torch.Tensor:
+    """Sample ``indices`` of ``spec`` with ``pipe``; returns ``(len(indices), C, H, W)`` in [0, 1].
+
+    ``differentiable``: run the pipeline's own loop with autograd on (its ``no_grad`` decorator bypassed)
+    and ask for ``output_type="pt"``, so that gradients reach whatever the denoiser's hooks make
+    learnable (DiP-GO's gates). Needs a pipeline whose ``__call__`` returns image tensors in that mode
+    (Stable Diffusion, SDXL, img2img, InstructPix2Pix, ControlNet, PixArt, the zoo pipelines).
+    """
     outs = []
     params = inspect.signature(pipe.__call__).parameters
+    call = pipe
+    if differentiable:
+        raw = getattr(type(pipe).__call__, "__wrapped__", None)
+        if raw is None or "output_type" not in params:
+            raise UserError(f"{type(pipe).__name__} cannot be sampled with gradients: its __call__ is not a "
+                            "torch.no_grad-decorated function with an output_type argument")
+        call = functools.partial(raw, pipe)
     with scheduler_swapped(pipe, spec.scheduler):
         for start in range(0, len(indices), spec.batch_size):
             idx = list(indices[start:start + spec.batch_size])
@@ -163,9 +178,13 @@ def run_pipeline(pipe, spec: SampleSpec, indices: Sequence[int], progress=None) 
                 kw["num_inference_steps"] = spec.num_inference_steps
             kw["generator"] = [torch.Generator("cpu").manual_seed(int(spec.seeds[i])) for i in idx]
             if "output_type" in params:
-                kw["output_type"] = "np"
-            result = pipe(**kw)
+                kw["output_type"] = "pt" if differentiable else "np"
+            with torch.enable_grad() if differentiable else contextlib.nullcontext():
+                result = call(**kw)
             images = result.images if hasattr(result, "images") else result[0]
+            if differentiable and not torch.is_tensor(images):
+                raise UserError(f"{type(pipe).__name__} returns {type(images).__name__} with output_type='pt', "
+                                "not a tensor: it cannot be sampled with gradients")
             outs.append(_to_tensor(images))
             if progress is not None:
                 progress(len(idx))

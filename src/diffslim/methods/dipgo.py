@@ -32,7 +32,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -275,6 +275,47 @@ class _Trajectory:
         return (out, rec) if record else out
 
 
+class _PipelineTrajectory:
+    """Any diffusers pipeline's own sampling loop for a fixed batch of inputs, differentiably.
+
+    The pipeline runs as it always does (its prompt encoding, guidance, scheduler and VAE decoding), with
+    autograd on and ``output_type="pt"`` (``run_pipeline(..., differentiable=True)``); the plan runtime's
+    head hook tracks the step by timestep and, with ``checkpoint``, checkpoints each denoiser call.
+    """
+
+    def __init__(self, pipe, inputs: list[dict], seeds: list[int], num_steps: int, scheduler: Optional[str],
+                 call_kwargs: Optional[dict] = None):
+        from diffslim.sample import SampleSpec
+
+        self.pipe = pipe
+        self.spec = SampleSpec(list(inputs), list(seeds), num_inference_steps=num_steps, scheduler=scheduler,
+                               call_kwargs=dict(call_kwargs or {}), batch_size=len(inputs))
+
+    def run(self, state, gates: Optional[torch.Tensor] = None, checkpoint: bool = True) -> torch.Tensor:
+        """Images ``(B, C, H, W)`` in [0, 1] of the batch under ``gates`` (None: the installed plan)."""
+        from diffslim.sample import run_pipeline
+
+        state.reset()
+        state.gates, state.checkpoint = gates, bool(checkpoint)
+        try:
+            return run_pipeline(self.pipe, self.spec, list(range(len(self.spec.inputs))),
+                                differentiable=gates is not None and torch.is_grad_enabled())
+        finally:
+            state.gates, state.checkpoint = None, False
+            state.reset()
+
+
+def _trajectory(pipe, inputs, seeds, cfg) -> Any:
+    from diffslim.zoo.pipelines import ZooClassPipeline, ZooSRPipeline
+
+    if isinstance(pipe, (ZooClassPipeline, ZooSRPipeline)):
+        return _Trajectory(pipe, inputs, seeds, cfg.num_inference_steps, cfg.scheduler)
+    if cfg.objective != "unrolled":
+        raise UserError("the local (Learning-to-Cache) objective drives the zoo pipelines' loop step by step; "
+                        f"for {type(pipe).__name__} use the unrolled objective")
+    return _PipelineTrajectory(pipe, inputs, seeds, cfg.num_inference_steps, cfg.scheduler, cfg.call_kwargs)
+
+
 def consistency_loss(pred: torch.Tensor, ref: torch.Tensor, kind: str = "ssim") -> torch.Tensor:
     """Loss between the gated and the full model's images ``(B, C, H, W)`` in [0, 1]: a scalar."""
     from diffslim.measure.quality import ssim
@@ -324,6 +365,7 @@ class DipgoConfig:
     gradient_checkpointing: bool = True
     seed: int = 0
     data: str = "zoo"
+    call_kwargs: dict = field(default_factory=dict)  # extra pipeline arguments (e.g. guidance_scale)
     checkpoint_every: int = 20
     out: Optional[str] = None
     progress: bool = True
@@ -359,29 +401,94 @@ class DipgoResult:
                 "final": self.log[-1] if self.log else None, **{k: v for k, v in cfg.items()}}
 
 
-def _training_pool(pipe, data: str, seed: int, n: int = 64):
-    """Training inputs: the zoo task's inputs (other seeds than evaluation's) or a text file of class labels."""
-    from diffslim.zoo.evalsets import pipeline_eval_set
+class _FolderInputs:
+    """Pipeline inputs from an image folder (``ImageFolder``/``ConditionPairs``), read when a batch needs them."""
 
+    def __init__(self, ds, with_prompt: bool):
+        self.ds, self.with_prompt = ds, with_prompt
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> dict:
+        item = self.ds[i]
+        out = {"image": item.get("cond", item["image"])}
+        if self.with_prompt:
+            out["prompt"] = item.get("text", "")
+        return out
+
+
+def _training_pool(pipe, data: str, seed: int, n: int = 64):
+    """Training inputs, indexable (one dict of pipeline inputs per sample).
+
+    ``"zoo"``: the zoo task's own inputs (other seeds than evaluation's). A ``.txt`` file, one input per
+    line: class labels (integers) for class-conditional pipelines, prompts for the others. A ``.jsonl``
+    file: one JSON object of pipeline inputs per line (``{"prompt": ..., "image": PATH}``; an image path
+    is relative to the file). A folder of images (``diffslim.train.data.ImageFolder``, captions as there;
+    a folder with ``input/`` and ``target/`` gives its input images): ``image``, plus the caption as
+    ``prompt`` when the pipeline takes one.
+    """
+    import inspect
+
+    from diffslim.train.data import ConditionPairs, ImageFolder, load_image, pipeline_image_size
+    from diffslim.zoo.evalsets import pipeline_eval_set
+    from diffslim.zoo.pipelines import ZooClassPipeline, ZooSRPipeline
+
+    params = inspect.signature(pipe.__call__).parameters
+    is_class = isinstance(pipe, ZooClassPipeline) or "class_labels" in params
+    accepted = ("'zoo', a .txt file (class labels or prompts, one per line), a .jsonl file of pipeline inputs, "
+                "or a folder of images")
     if data == "zoo":
         es = pipeline_eval_set(pipe, n, seed=50_000 + seed)
         if es is None:
-            raise UserError("--data zoo needs a zoo pipeline")
+            raise UserError(f"--data zoo needs a zoo pipeline, not {type(pipe).__name__}; give {accepted}")
         rng = np.random.default_rng(seed)
         inputs = list(es.inputs)
         if "class_label" in inputs[0]:
             inputs = [{"class_label": int(v)} for v in rng.integers(0, 10, size=n)]
         return inputs
     p = Path(data)
+    size = pipeline_image_size(pipe)
+    if isinstance(pipe, ZooSRPipeline):
+        size //= int(pipe.config.upscale)
+    if p.is_dir():
+        if is_class:
+            raise UserError(f"{type(pipe).__name__} is class-conditional: give a .txt file of class labels")
+        both = (p / "input").is_dir() and (p / "target").is_dir()
+        ds = ConditionPairs(p, size=size, cond_size=size) if both else ImageFolder(p, size)
+        if "image" not in params:
+            raise UserError(f"{type(pipe).__name__} takes no image input; give a .txt file of prompts")
+        return _FolderInputs(ds, "prompt" in params)
     if not p.is_file():
-        raise UserError(f"--data {data!r}: give 'zoo' or a text file with one class label per line")
-    try:
-        labels = [int(x) for x in p.read_text().split()]
-    except ValueError:
-        raise UserError(f"{p}: every line must be an integer class label") from None
-    if not labels:
-        raise UserError(f"{p} holds no labels")
-    return [{"class_label": v} for v in labels]
+        raise UserError(f"--data {data!r} does not exist; give {accepted}")
+    if p.suffix == ".jsonl":
+        rows = []
+        for k, line in enumerate(p.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{p}:{k}: not JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{p}:{k}: give an object of pipeline inputs, e.g. {{\"prompt\": \"a cat\"}}")
+            if isinstance(row.get("image"), str):
+                row["image"] = load_image(p.parent / row["image"], size)
+            rows.append(row)
+        if not rows:
+            raise UserError(f"{p} holds no inputs")
+        return rows
+    lines = [ln.strip() for ln in p.read_text().splitlines() if ln.strip()]
+    if not lines:
+        raise UserError(f"{p} holds no inputs (one per line)")
+    if is_class:
+        try:
+            return [{"class_label": int(x)} for x in lines]
+        except ValueError:
+            raise UserError(f"{p}: every line must be an integer class label for {type(pipe).__name__}") from None
+    if "prompt" not in params:
+        raise UserError(f"{type(pipe).__name__} takes no prompt; give {accepted}")
+    return [{"prompt": x} for x in lines]
 
 
 def _batch(pool: list, step: int, size: int, seed: int, rank: int = 0, world: int = 1):
@@ -407,8 +514,10 @@ def train_dipgo(pipe, cfg: DipgoConfig, units: Optional[PlanUnits] = None,
     """
     from accelerate import Accelerator
 
+    from diffslim.models.load import denoiser_of
+
     cfg.check()
-    den = pipe.denoiser
+    den = denoiser_of(pipe)
     units = units or plan_units(den, cfg.granularity)
     if cfg.scheduler is not None:
         from diffslim.sample import make_scheduler
@@ -422,7 +531,11 @@ def train_dipgo(pipe, cfg: DipgoConfig, units: Optional[PlanUnits] = None,
     acc = Accelerator(cpu=not torch.cuda.is_available())
     pruner, opt = acc.prepare(pruner, opt)
     raw = acc.unwrap_model(pruner)
-    den.requires_grad_(False)
+    # every model of the pipeline is frozen while the pruner trains (the gradient only needs to pass through)
+    frozen = [(p, p.requires_grad) for m in pipe.components.values() if isinstance(m, nn.Module)
+              for p in m.parameters()]
+    for p, _ in frozen:
+        p.requires_grad_(False)
     rt = apply_skip_plan(den, full_plan(cfg.num_inference_steps, len(units)), units)
     pool = _training_pool(pipe, cfg.data, cfg.seed)
     out = Path(cfg.out) if cfg.out else None
@@ -430,7 +543,7 @@ def train_dipgo(pipe, cfg: DipgoConfig, units: Optional[PlanUnits] = None,
     if out is not None:
         existing = _checkpoints(out)
         if existing:
-            ck = torch.load(existing[-1], weights_only=False)
+            ck = torch.load(existing[-1], weights_only=True)  # tensors, numbers and lists only: no unpickling
             raw.load_state_dict(ck["pruner"])
             opt.load_state_dict(ck["opt"])
             start, log, seconds = ck["step"], ck["log"], ck["seconds"]
@@ -445,7 +558,7 @@ def train_dipgo(pipe, cfg: DipgoConfig, units: Optional[PlanUnits] = None,
     try:
         for step in range(start, cfg.iters):
             inputs, seeds = _batch(pool, step, cfg.batch_size, cfg.seed, acc.process_index, acc.num_processes)
-            traj = _Trajectory(pipe, inputs, seeds, cfg.num_inference_steps, cfg.scheduler)
+            traj = _trajectory(pipe, inputs, seeds, cfg)
             # the runtime runs the effective plan (units whose consumers are all skipped are skipped too),
             # so the gates that switch the units are the effective ones: same values as the hard plan
             noise = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step) if cfg.gumbel else None
@@ -483,6 +596,8 @@ def train_dipgo(pipe, cfg: DipgoConfig, units: Optional[PlanUnits] = None,
         if progress is not None:
             progress.close()
         remove_skip_plan(den)
+        for p, flag in frozen:
+            p.requires_grad_(flag)
     seconds += time.perf_counter() - t0
     with torch.no_grad():
         scores = raw.keep_prob().double().numpy()

@@ -273,6 +273,7 @@ class PlanState:
         self.units = units
         self.gates: Optional[torch.Tensor] = None
         self.manual = False  # training sets ``step`` itself and passes caches explicitly
+        self.checkpoint = False  # training through the pipeline's own loop: checkpoint each denoiser call
         self.reset()
 
     def reset(self) -> None:
@@ -291,7 +292,13 @@ class PlanState:
 
 
 class _RootHook(ModelHook):
-    """Head hook: advances the step index by timestep and resets at the start of a generation."""
+    """Head hook: advances the step index by timestep and resets at the start of a generation.
+
+    In training (``state.gates`` set and ``state.checkpoint`` true, gradients on) it also runs the whole
+    denoiser call under gradient checkpointing. The step index, the caches read and the gates are
+    captured at call time and handed to the recomputation explicitly: when backward recomputes step k,
+    the shared state has long moved on to the last step.
+    """
 
     _is_stateful = True
 
@@ -300,10 +307,8 @@ class _RootHook(ModelHook):
         self.state = state
         self.t_index = t_index
 
-    def pre_forward(self, module, *args, **kwargs):
+    def _advance(self, args, kwargs) -> None:
         st = self.state
-        if st.manual:
-            return args, kwargs
         t = kwargs.get("timestep", args[self.t_index] if len(args) > self.t_index else None)
         if t is None:
             raise UserError("skip plan: the denoiser was called without a timestep; cannot tell the step")
@@ -318,7 +323,28 @@ class _RootHook(ModelHook):
         if st.step >= len(st.run):
             raise UserError(f"skip plan has {len(st.run)} steps but the pipeline runs more denoising steps; "
                             f"sample with {len(st.run)} steps or use a scheduler with one denoiser call per step")
-        return args, kwargs
+
+    def new_forward(self, module, *args, **kwargs):
+        st = self.state
+        if st.manual:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        self._advance(args, kwargs)
+        if st.gates is None or not st.checkpoint or not torch.is_grad_enabled():
+            return self.fn_ref.original_forward(*args, **kwargs)
+        from torch.utils.checkpoint import checkpoint
+
+        step, caches, gates = st.step, dict(st.caches), st.gates
+
+        def call(*a, **k):
+            saved = (st.manual, st.step, st.caches, st.gates)
+            st.manual, st.step, st.caches, st.gates = True, step, dict(caches), gates
+            try:
+                return self.fn_ref.original_forward(*a, **k), st.caches
+            finally:
+                st.manual, st.step, st.caches, st.gates = saved
+
+        out, st.caches = checkpoint(call, *args, use_reentrant=False, **kwargs)
+        return out
 
     def reset_state(self, module):
         self.state.reset()
