@@ -286,3 +286,33 @@ def test_pipelines_that_cannot_give_gradients_are_refused():
         run_pipeline(ArrayPipe(), spec, [0], differentiable=True)
     with pytest.raises(UserError, match="not a torch.no_grad-decorated function"):
         run_pipeline(PlainPipe(), spec, [0], differentiable=True)
+
+
+def test_cli_dipgo_and_bench_on_a_stable_diffusion_folder(tiny_sd_pipe, tmp_path):
+    """A user's own pipeline folder: train from a prompt file, write a recipe, bench it and a dipgo:R run."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from diffslim.cli import app
+    from diffslim.recipe import load_recipe
+
+    folder = tmp_path / "sd"
+    tiny_sd_pipe.save_pretrained(str(folder), safe_serialization=True)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cat\na blue dog\n")
+    runner = CliRunner()
+    r = runner.invoke(app, ["dipgo", str(folder), "--ratio", "0.5", "--steps", "4", "--iters", "2", "--batch-size",
+                            "1", "--data", str(prompts), "--guidance-scale", "2.0", "--out", str(tmp_path / "r.json")])
+    assert r.exit_code == 0, r.output
+    rec = load_recipe(tmp_path / "r.json")
+    assert len(rec.skip_plan.plan) == 4 and rec.skip_plan.provenance["call_kwargs"] == {"guidance_scale": 2.0}
+    r = runner.invoke(app, ["bench", str(folder), "--methods", f"full,dipgo:@{tmp_path / 'r.json'},dipgo:0.5",
+                            "--steps", "4", "--n", "2", "--prompts", str(prompts), "--json"])
+    assert r.exit_code == 0, r.output
+    rows = {row["method"]: row for row in json.loads(r.output[r.output.index("{"):])["rows"]}
+    assert set(rows) == {"full", "dipgo:recipe", "dipgo:0.5"}
+    assert rows["dipgo:0.5"]["macs_ratio"] <= 0.5 + 1e-9 and rows["dipgo:recipe"]["macs_ratio"] <= 0.5 + 1e-9
+    r = runner.invoke(app, ["dipgo", str(folder), "--ratio", "0.5", "--data", str(tmp_path / "none.txt"),
+                            "--out", str(tmp_path / "x.json")])
+    assert r.exit_code != 0 and "does not exist" in r.output

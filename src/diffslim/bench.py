@@ -453,7 +453,10 @@ def _ratio_arg(text, form: str) -> float:
 
 
 def _default_dipgo(ctx: BenchContext, ratio: float, **overrides):
-    """The short default DiP-GO run of ``dipgo:R`` (zoo data), cached on disk by model, ratio and settings."""
+    """The short default DiP-GO run of ``dipgo:R``, cached on disk by model, ratio, settings and data.
+
+    Zoo pipelines train on their task's data; other pipelines on the bench's inputs with other noise seeds.
+    """
     import hashlib
     import json
     import os
@@ -464,19 +467,26 @@ def _default_dipgo(ctx: BenchContext, ratio: float, **overrides):
     from diffslim.methods.skip_plan import plan_units
     from diffslim.sample import model_fingerprint
 
+    from diffslim.zoo.pipelines import ZooClassPipeline, ZooSRPipeline
+
     settings = dict(DEFAULT_DIPGO, **overrides)
     steps, sched = ctx.default_steps, ctx.base_spec.scheduler
+    # zoo pipelines train on their task's data; any other pipeline on the bench's own inputs (prompts),
+    # with other noise seeds than the evaluation's
+    zoo = isinstance(ctx.loaded.pipe, (ZooClassPipeline, ZooSRPipeline))
+    pool = None if zoo else list(ctx.base_spec.inputs)
+    data_key = "zoo" if zoo else ctx.base_spec.digest()
     # DIPGO_VERSION changes whenever the training changes, so that no stale cached run is reused
     key = hashlib.sha256(f"{DIPGO_VERSION}|{model_fingerprint(ctx.loaded.source)}|{steps}|{sched}|"
-                         f"{sorted(settings.items())}".encode()
+                         f"{sorted(settings.items())}|{data_key}".encode()
                          ).hexdigest()[:16]
     root = Path(os.environ.get("DIFFSLIM_CACHE", Path.home() / ".cache" / "diffslim")) / "dipgo" / key
     units = plan_units(ctx.loaded.denoiser, settings.get("granularity", "fine"))
     meta = root / "train.json"
     if not meta.exists():
         cfg = DipgoConfig(ratio=ratio, num_inference_steps=steps, scheduler=sched, out=str(root), progress=False,
-                          **settings)
-        res = train_dipgo(ctx.loaded.pipe, cfg, units)
+                          call_kwargs=dict(ctx.base_spec.call_kwargs), **settings)
+        res = train_dipgo(ctx.loaded.pipe, cfg, units, pool=pool)
         meta.write_text(json.dumps({"seconds": res.seconds, "log": res.log}))
     info = json.loads(meta.read_text())
     scores = np.load(root / "scores.npy")
@@ -513,11 +523,6 @@ def _dipgo(arg, ctx: BenchContext) -> Variant:
         return _plan_variant("dipgo:recipe", ctx, plan, units, f"plan from {text[1:]}")
     ratio = _ratio_arg(text, "dipgo:R")
     _plan_scheduler_check(ctx, ctx.default_steps)
-    from diffslim.zoo.pipelines import ZooClassPipeline, ZooSRPipeline
-
-    if not isinstance(ctx.loaded.pipe, (ZooClassPipeline, ZooSRPipeline)):
-        raise UserError("dipgo:R trains on a zoo pipeline's sampling loop; for other pipelines give a trained "
-                        "plan as dipgo:@RECIPE")
     if ctx.dry_run:
         return None
     plan, units, notes, _ = _default_dipgo(ctx, ratio)

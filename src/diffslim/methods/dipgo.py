@@ -504,13 +504,14 @@ def _checkpoints(out: Path) -> list[Path]:
 
 
 def train_dipgo(pipe, cfg: DipgoConfig, units: Optional[PlanUnits] = None,
-                callback: Optional[Callable[[int, dict], None]] = None) -> DipgoResult:
+                callback: Optional[Callable[[int, dict], None]] = None, pool=None) -> DipgoResult:
     """Train a DiP-GO pruner for ``pipe``'s denoiser and post-process its scores to a plan for ``cfg.ratio``.
 
     With ``cfg.out`` set, a checkpoint (pruner, optimizer, log) is written every ``checkpoint_every``
     steps to ``out/checkpoints/step_N.pt``; running again with the same ``out`` resumes from the
     last one and gives exactly the result of an uninterrupted run (batches are a function of the
     step and the seed). Data parallel under ``accelerate launch`` (each process its share of a batch).
+    ``pool``: the training inputs (a list of pipeline input dicts) in place of ``cfg.data``.
     """
     from accelerate import Accelerator
 
@@ -537,7 +538,7 @@ def train_dipgo(pipe, cfg: DipgoConfig, units: Optional[PlanUnits] = None,
     for p, _ in frozen:
         p.requires_grad_(False)
     rt = apply_skip_plan(den, full_plan(cfg.num_inference_steps, len(units)), units)
-    pool = _training_pool(pipe, cfg.data, cfg.seed)
+    pool = _training_pool(pipe, cfg.data, cfg.seed) if pool is None else pool
     out = Path(cfg.out) if cfg.out else None
     start, log, seconds = 0, [], 0.0
     if out is not None:
