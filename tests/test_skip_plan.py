@@ -199,3 +199,47 @@ def test_diffusers_cache_on_a_dit_resets_per_generation_and_removes():
         remove_diffusers_cache(pipe.denoiser, "fbcache")
     assert torch.equal(a, b) and not torch.equal(a, full)  # state reset between generations
     assert torch.equal(_gen(pipe), full)
+
+
+def test_idle_steps_reuse_the_unet_output_without_calling_it(digits):
+    """A step at which no unit runs returns the previous output without the call: same images as the
+    per-unit path, the denoiser's conv_in does not run at those steps, and they cost no MACs."""
+    import dataclasses
+
+    den = digits.denoiser
+    u = plan_units(den, "fine")
+    assert u.reuse_output
+    plan = random_plan(u, STEPS, 0.6, seed=4)
+    plan[[2, 3, 5]] = False  # idle steps
+    eff = effective_plan(plan, u)
+    busy = int(eff.any(axis=1).sum())  # a skipped last unit idles its whole step too
+    assert busy <= STEPS - 3
+    calls = []
+    h = den.conv_in.register_forward_hook(lambda m, i, o: calls.append(1))
+    try:
+        apply_skip_plan(den, plan, u)
+        fast = _gen(digits)
+        assert len(calls) == busy
+        apply_skip_plan(den, plan, dataclasses.replace(u, reuse_output=False))
+        calls.clear()
+        slow = _gen(digits)
+        assert len(calls) == STEPS and torch.equal(fast, slow)
+    finally:
+        h.remove()
+        remove_skip_plan(den)
+    kept = float((eff * np.asarray(u.macs, dtype=np.float64)).sum())
+    assert plan_macs_ratio(plan, u) == pytest.approx((u.outside_macs * busy + kept) / (STEPS * u.total_macs))
+    assert plan_macs_ratio(plan, dataclasses.replace(u, reuse_output=False)) == pytest.approx(
+        (u.outside_macs * STEPS + kept) / (STEPS * u.total_macs))
+
+
+def test_transformers_never_reuse_the_output():
+    from diffusers import DiTTransformer2DModel
+
+    tr = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
+                               num_layers=2, sample_size=4, patch_size=2, num_embeds_ada_norm=10)
+    u = plan_units(tr, "fine")
+    assert not u.reuse_output  # the final adaLN reads the timestep
+    plan = np.ones((3, len(u)), bool)
+    plan[1] = False
+    assert plan_macs_ratio(plan, u) == pytest.approx((3 * u.total_macs - sum(u.macs)) / (3 * u.total_macs))

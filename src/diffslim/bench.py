@@ -415,7 +415,7 @@ def _bk_sdm(arg, ctx: BenchContext) -> Variant:
 # Skip plans (issue 5): DiP-GO, DeepCache, random search, genetic algorithm, diffusers' caches.
 # Builders stay thin; the logic is in diffslim.methods.skip_plan and diffslim.methods.dipgo.
 
-DIPGO_VERSION = 2
+DIPGO_VERSION = 3
 DEFAULT_DIPGO = dict(iters=30, batch_size=2, lr=2e-3, gradient_checkpointing=False)
 
 

@@ -335,7 +335,10 @@ def kept_macs(eff: torch.Tensor, units: PlanUnits) -> torch.Tensor:
     """The MACs share ``(scalar)`` of the denoiser calls under effective gates ``eff`` ``(T, U)``
     (``effective_plan_soft`` of the gates: dependencies included)."""
     macs = torch.tensor(units.macs, dtype=eff.dtype)
-    per_step = (units.outside_macs + (eff * macs).sum(1)) / units.total_macs
+    outside = torch.full_like(eff[:, 0], float(units.outside_macs))
+    if units.reuse_output:  # a step with no unit running is not called at all (``plan_macs_ratio``)
+        outside = outside * (1 - torch.prod(1 - eff, dim=1))
+    per_step = (outside + (eff * macs).sum(1)) / units.total_macs
     return per_step.mean()
 
 

@@ -54,6 +54,7 @@ GRANULARITIES = ("coarse", "fine")
 _ROOT_HOOK = "diffslim_skip_plan_root"
 _UNIT_HOOK = "diffslim_skip_plan_unit"
 OUTSIDE = -1  # consumer index meaning "outside the units": always runs
+_OUTPUT = "<denoiser output>"  # cache key of the whole denoiser's last output (see PlanUnits.reuse_output)
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,10 @@ class PlanUnits:
     ``names[i]``: unit name (its first module); ``modules[i]``: its ``named_modules()`` names;
     ``macs[i]``: its MACs in one forward at batch 1; ``outside_macs``: MACs outside every unit;
     ``consumers[i]``: indices of the units that read unit i's output (``OUTSIDE`` = the denoiser's
-    tail, which always runs). Consumers always come later in forward order.
+    tail, which always runs). Consumers always come later in forward order. ``reuse_output``: the
+    denoiser's output is a function of its last unit's output alone (a U-Net's tail is norm, activation
+    and conv_out), so a step at which no unit runs returns the previous step's output without calling
+    the denoiser at all, and costs no MACs. Not for transformers, whose final adaLN reads the timestep.
     """
 
     granularity: str
@@ -73,6 +77,7 @@ class PlanUnits:
     outside_macs: int
     consumers: tuple[tuple[int, ...], ...]
     family: str = "unet2d_condition"
+    reuse_output: bool = False
 
     def __len__(self) -> int:
         return len(self.names)
@@ -119,8 +124,10 @@ def plan_units(denoiser: nn.Module, granularity: str = "fine", anat=None) -> Pla
                 consumers[producer].add(consumer)
         # the mid block (or, without one, the deepest down unit) feeds the first up unit: covered by
         # the main path since units are listed in forward order
+    # UNet2DModel with Fourier time features divides its output by the timestep: not a function of the last unit
+    reuse = anat.family != "transformer" and getattr(denoiser.config, "time_embedding_type", None) != "fourier"
     return PlanUnits(granularity, names, modules, macs, outside, tuple(tuple(sorted(c)) for c in consumers),
-                     anat.family)
+                     anat.family, reuse)
 
 
 def full_plan(num_steps: int, n_units: int) -> np.ndarray:
@@ -179,10 +186,14 @@ def effective_plan_soft(gates: torch.Tensor, units: PlanUnits) -> torch.Tensor:
 
 
 def plan_macs_ratio(plan, units: PlanUnits) -> float:
-    """MACs of the denoiser calls under ``plan`` (after dependencies) over the full model's, in [0, 1]."""
+    """MACs of the denoiser calls under ``plan`` (after dependencies) over the full model's, in [0, 1].
+
+    With ``units.reuse_output``, a step at which no unit runs costs nothing (the runtime returns the
+    previous output without calling the denoiser)."""
     eff = effective_plan(np.asarray(plan, dtype=bool), units)
     macs = np.asarray(units.macs, dtype=np.float64)
-    run = units.outside_macs * eff.shape[0] + float((eff * macs).sum())
+    calls = int(eff.any(axis=1).sum()) if units.reuse_output else eff.shape[0]  # idle steps reuse the output
+    run = units.outside_macs * calls + float((eff * macs).sum())
     return run / (units.total_macs * eff.shape[0])
 
 
@@ -270,6 +281,7 @@ class PlanState:
 
     def __init__(self, run: Sequence[Sequence[bool]], units: PlanUnits):
         self.run = [list(r) for r in run]
+        self.any_run = [any(r) for r in self.run]
         self.units = units
         self.gates: Optional[torch.Tensor] = None
         self.manual = False  # training sets ``step`` itself and passes caches explicitly
@@ -329,7 +341,17 @@ class _RootHook(ModelHook):
         if st.manual:
             return self.fn_ref.original_forward(*args, **kwargs)
         self._advance(args, kwargs)
-        if st.gates is None or not st.checkpoint or not torch.is_grad_enabled():
+        if st.gates is None:
+            if st.units.reuse_output:
+                # a step where no unit runs: the U-Net's tail would map the same cached features to the same
+                # output, so the previous output is returned without the call (embeddings, conv_in, Python)
+                if st.step > 0 and not st.any_run[st.step] and _OUTPUT in st.caches:
+                    return st.caches[_OUTPUT]
+                out = self.fn_ref.original_forward(*args, **kwargs)
+                st.caches[_OUTPUT] = out
+                return out
+            return self.fn_ref.original_forward(*args, **kwargs)
+        if not st.checkpoint or not torch.is_grad_enabled():
             return self.fn_ref.original_forward(*args, **kwargs)
         from torch.utils.checkpoint import checkpoint
 
