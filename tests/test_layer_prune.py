@@ -297,3 +297,61 @@ def test_sdxl_inner_transformer_blocks_and_selection_by_macs(tiny_digits_pipe):
     # by MACs: the removed share of the profiled forward's MACs reaches the ratio
     res = lp.layer_prune(tiny_digits_pipe.denoiser, "magnitude", 0.3, by="macs")
     assert res.macs_removed >= 0.3 * res.macs and res.params_removed < res.params
+
+
+def _sd3_and_flux():
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+
+    torch.manual_seed(0)
+    sd3 = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=8,
+                                num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
+                                pooled_projection_dim=16, out_channels=4, pos_embed_max_size=16).eval()
+    flux = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2,
+                                  attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                  pooled_projection_dim=32, axes_dims_rope=(4, 6, 6)).eval()
+    g = torch.Generator().manual_seed(1)
+    sd3_in = dict(hidden_states=torch.randn(1, 4, 8, 8, generator=g), timestep=torch.tensor([500]),
+                  encoder_hidden_states=torch.randn(1, 5, 16, generator=g),
+                  pooled_projections=torch.randn(1, 16, generator=g))
+    flux_in = dict(hidden_states=torch.randn(1, 16, 16, generator=g), timestep=torch.tensor([0.5]),
+                   encoder_hidden_states=torch.randn(1, 5, 32, generator=g),
+                   pooled_projections=torch.randn(1, 32, generator=g), img_ids=torch.zeros(16, 3),
+                   txt_ids=torch.zeros(5, 3))
+    return (sd3, sd3_in), (flux, flux_in)
+
+
+def test_sd3_and_flux_blocks_are_removed_as_both_streams_passing_through(tmp_path):
+    """SD3's and Flux's two-stream blocks: removal is SD3's own skip_layers (Flux: a hook that hands both
+    streams through), bit for bit; the exported model is smaller and reloads with the same weights."""
+    from diffslim.methods.layer_prune import candidates, prune_layers
+
+    (sd3, sd3_in), (flux, flux_in) = _sd3_and_flux()
+    with torch.no_grad():
+        # SD3: removing block 1 equals SD3's own skip_layers=[1]
+        assert [c.name for c in candidates(sd3)] == [f"transformer_blocks.{i}" for i in range(3)]
+        assert torch.equal(prune_layers(sd3, [])(**sd3_in).sample, sd3(**sd3_in).sample)
+        pruned = prune_layers(sd3, ["transformer_blocks.1"])
+        want = sd3(**sd3_in, skip_layers=[1]).sample
+        assert torch.equal(pruned(**sd3_in).sample, want) and not torch.equal(want, sd3(**sd3_in).sample)
+        assert pruned.transformer_blocks[1].context_pre_only is False  # SD3's ControlNet loop reads it
+        assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in sd3.parameters())
+        # Flux: one double-stream and one single-stream block
+        names = ["transformer_blocks.1", "single_transformer_blocks.0"]
+        assert {"transformer_blocks.1", "single_transformer_blocks.1"} <= {c.name for c in candidates(flux)}
+        hooks = [flux.get_submodule(n).register_forward_hook(
+            lambda m, args, kwargs, out: (kwargs["encoder_hidden_states"], kwargs["hidden_states"]), with_kwargs=True)
+            for n in names]
+        want = flux(**flux_in).sample
+        for h in hooks:
+            h.remove()
+        fpruned = prune_layers(flux, names)
+        assert torch.equal(fpruned(**flux_in).sample, want) and not torch.equal(want, flux(**flux_in).sample)
+        for model, kw, name in ((pruned, sd3_in, "sd3"), (fpruned, flux_in, "flux")):
+            model.save_pretrained(str(tmp_path / name), safe_serialization=True)
+            back = load(str(tmp_path / name)).denoiser
+            assert type(back).__name__ == type(model).__name__ and _params(back) == _params(model)
+            for (k, a), b in zip(model.state_dict().items(), back.state_dict().values()):
+                assert torch.equal(a, b), k
+            # same weights bit for bit; kernels may differ in the last bits with memory layout
+            torch.testing.assert_close(back(**kw).sample, model(**kw).sample, atol=1e-5, rtol=1e-4)
+    assert type(fpruned).__name__ == "LayerPrunedFluxTransformer2DModel"

@@ -6,7 +6,8 @@ A *layer* is a piece of a denoiser that can be removed while the model stays wel
   (``Transformer2DModel``) of the down blocks, the mid block and the up blocks; with
   ``inner=True`` the individual transformer blocks inside attention layers that hold several
   (SDXL's deep levels) replace those attention layers as candidates.
-- transformer denoisers (DiT, PixArt): each block of ``transformer_blocks``.
+- transformer denoisers: each block of ``transformer_blocks`` (DiT, PixArt, SD3) and, for Flux, of
+  ``transformer_blocks`` and ``single_transformer_blocks``.
 
 Removal replaces a layer by a *stand-in* whose forward is the layer's shortcut:
 
@@ -15,7 +16,8 @@ Removal replaces a layer by a *stand-in* whose forward is the layer's shortcut:
   drops the skip, which is exactly BK-SDM's architecture (the removed pair's skip connection is gone).
 - another resnet (channels change): its 1x1 ``conv_shortcut`` (kept, with its weights);
 - an attention layer, a transformer block: the identity (DiT's first block keeps ``norm1.emb``, the
-  conditioning embedding its output layer reads);
+  conditioning embedding its output layer reads; SD3's and Flux's two-stream blocks pass both the
+  image and the text stream through);
 - down/upsamplers (only BK-SDM Tiny removes them, in pairs): the identity.
 
 The pruned model is an ordinary diffusers model of class ``LayerPruned<Base>`` whose config adds
@@ -106,14 +108,24 @@ class PrunedTransformerBlock(nn.Module):
     """A removed transformer block: the identity on ``hidden_states`` ``(B, N, D)``.
 
     ``norm1``: kept when the denoiser reads ``transformer_blocks[0].norm1.emb`` outside the blocks (DiT).
+    ``joint``: the block was a two-stream block (SD3's ``JointTransformerBlock``, Flux's double- and
+    single-stream blocks), which returns ``(encoder_hidden_states, hidden_states)``: both pass through
+    unchanged, as SD3's own ``skip_layers`` does. ``context_pre_only``: SD3's flag, read by its ControlNet
+    loop, kept.
     """
 
-    def __init__(self, norm1: Optional[nn.Module] = None):
+    def __init__(self, norm1: Optional[nn.Module] = None, joint: bool = False,
+                 context_pre_only: Optional[bool] = None):
         super().__init__()
         if norm1 is not None:
             self.norm1 = norm1
+        self.joint = joint
+        if context_pre_only is not None:
+            self.context_pre_only = context_pre_only
 
-    def forward(self, hidden_states, *args, **kwargs):
+    def forward(self, hidden_states, encoder_hidden_states=None, *args, **kwargs):
+        if self.joint:
+            return encoder_hidden_states, hidden_states
         return hidden_states
 
 
@@ -264,9 +276,18 @@ def stand_in(model: nn.Module, name: str) -> nn.Module:
         return PrunedSampler()
     if _is_block_entry(model, name):
         norm1 = _Holder(emb=kept["norm1.emb"]) if "norm1.emb" in kept else None
-        return PrunedTransformerBlock(norm1=norm1)
+        if isinstance(module, PrunedTransformerBlock):
+            return PrunedTransformerBlock(norm1=norm1, joint=module.joint,
+                                          context_pre_only=getattr(module, "context_pre_only", None))
+        joint = type(module).__name__ in JOINT_BLOCKS
+        return PrunedTransformerBlock(norm1=norm1, joint=joint, context_pre_only=getattr(module, "context_pre_only",
+                                                                                          None))
     raise UserError(f"cannot remove {name} ({type(module).__name__}): removable are resnets (without their own "
                     "up/down sampling), attention layers, transformer blocks and down/upsamplers")
+
+
+# transformer blocks that take and return both streams: ``(encoder_hidden_states, hidden_states)``
+JOINT_BLOCKS = ("JointTransformerBlock", "FluxTransformerBlock", "FluxSingleTransformerBlock")
 
 
 def _is_block_entry(model: nn.Module, name: str) -> bool:
@@ -377,7 +398,8 @@ def _make_classes() -> dict[type, type]:
     import diffusers
 
     out = {}
-    for base_name in ("UNet2DConditionModel", "UNet2DModel", "DiTTransformer2DModel", "PixArtTransformer2DModel"):
+    for base_name in ("UNet2DConditionModel", "UNet2DModel", "DiTTransformer2DModel", "PixArtTransformer2DModel",
+                      "SD3Transformer2DModel", "FluxTransformer2DModel"):
         base = getattr(diffusers, base_name)
         cls = _pruned_class(base, f"LayerPruned{base_name}")
         globals()[cls.__name__] = cls
@@ -393,8 +415,9 @@ def _base_and_pruned(model: nn.Module) -> tuple[type, type]:
     for base, pruned in _PRUNED_CLASS.items():
         if type(model) is base or type(model) is pruned:
             return base, pruned
-    raise UserError(f"layer pruning exports UNet2DConditionModel, UNet2DModel, DiTTransformer2DModel and "
-                    f"PixArtTransformer2DModel, not {type(model).__name__}")
+    raise UserError(f"layer pruning exports UNet2DConditionModel, UNet2DModel, DiTTransformer2DModel, "
+                    f"PixArtTransformer2DModel, SD3Transformer2DModel and FluxTransformer2DModel, "
+                    f"not {type(model).__name__}")
 
 
 def validate_layers(model: nn.Module, names: Sequence[str]) -> None:

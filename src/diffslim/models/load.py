@@ -31,6 +31,8 @@ SUPPORTED_DENOISERS = (
     "LayerPrunedUNet2DModel",
     "LayerPrunedDiTTransformer2DModel",
     "LayerPrunedPixArtTransformer2DModel",
+    "LayerPrunedSD3Transformer2DModel",
+    "LayerPrunedFluxTransformer2DModel",
 )
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 ACCEPTED = (
