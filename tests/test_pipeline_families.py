@@ -58,54 +58,47 @@ def test_x4_upscaler_pipeline_through_harness(tiny_sd_pipe):
     assert out.shape == (2, 3, 32, 32) and float(out.min()) >= 0 and float(out.max()) <= 1
 
 
-def test_pixart_pipeline_through_harness(tiny_sd_pipe):
-    """PixArt-alpha: a T5 text encoder and a PixArtTransformer2DModel, prompts in, images out."""
-    from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
+# resolution binning only knows PixArt's real sizes (256/512/1024); cleaning captions wants bs4/ftfy
+PIXART_KW = {"use_resolution_binning": False, "max_sequence_length": 16, "clean_caption": False}
+
+
+def _tiny_pixart(tiny_sd_pipe, num_layers: int):
+    """A tiny PixArtAlphaPipeline (T5 encoder, PixArtTransformer2DModel, the tiny SD VAE), DDIM."""
+    from diffusers import DDIMScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
     from transformers import T5Config, T5EncoderModel
 
     torch.manual_seed(0)
     transformer = PixArtTransformer2DModel(
-        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2, sample_size=8,
-        patch_size=2, cross_attention_dim=16, caption_channels=16, norm_num_groups=None)
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=num_layers,
+        sample_size=8, patch_size=2, cross_attention_dim=16, caption_channels=16, norm_num_groups=None)
     # eval(): dropout off, as from_pretrained leaves a model
     text = T5EncoderModel(T5Config(vocab_size=1000, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2)).eval()
     pipe = PixArtAlphaPipeline(tokenizer=tiny_sd_pipe.tokenizer, text_encoder=text, vae=tiny_sd_pipe.vae,
-                               transformer=transformer, scheduler=DPMSolverMultistepScheduler())
+                               transformer=transformer, scheduler=DDIMScheduler())
     pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_pixart_pipeline_through_harness(tiny_sd_pipe):
+    """PixArt-alpha: a T5 text encoder and a PixArtTransformer2DModel, prompts in, images out."""
+    pipe = _tiny_pixart(tiny_sd_pipe, 2)
     inputs = [{"prompt": "a red square"}, {"prompt": "a blue circle"}]
-    # resolution binning only knows PixArt's real sizes (256/512/1024)
-    out = _same_regardless_of_batching(pipe, inputs, num_inference_steps=2, scheduler="ddim",
-                                       call_kwargs={"use_resolution_binning": False, "max_sequence_length": 16,
-                                                    "clean_caption": False})
+    out = _same_regardless_of_batching(pipe, inputs, num_inference_steps=2, scheduler="dpm++", call_kwargs=PIXART_KW)
     assert out.shape == (2, 3, 16, 16) and float(out.min()) >= 0 and float(out.max()) <= 1
 
 
 def test_skip_plan_applies_to_pixart(tiny_sd_pipe):
     """A DiP-GO skip plan on a live PixArt pipeline: keep-all reproduces it exactly, a sparse plan changes it."""
     import numpy as np
-    from diffusers import DDIMScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
-    from transformers import T5Config, T5EncoderModel
 
     from diffslim.apply import apply
     from diffslim.recipe import parse_recipe
 
-    torch.manual_seed(0)
-    transformer = PixArtTransformer2DModel(
-        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=3, sample_size=8,
-        patch_size=2, cross_attention_dim=16, caption_channels=16, norm_num_groups=None)
-    # eval(): dropout off, as from_pretrained leaves a model
-    text = T5EncoderModel(T5Config(vocab_size=1000, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2)).eval()
-    make = lambda: PixArtAlphaPipeline(tokenizer=tiny_sd_pipe.tokenizer, text_encoder=text, vae=tiny_sd_pipe.vae,
-                                       transformer=transformer, scheduler=DDIMScheduler())
-    kw = {"use_resolution_binning": False, "max_sequence_length": 16, "clean_caption": False}
-    spec = SampleSpec([{"prompt": "a red square"}], [0], num_inference_steps=4, call_kwargs=kw)
-    base = make()
-    base.set_progress_bar_config(disable=True)
-    full = sample(base, spec)
+    spec = SampleSpec([{"prompt": "a red square"}], [0], num_inference_steps=4, call_kwargs=PIXART_KW)
+    full = sample(_tiny_pixart(tiny_sd_pipe, 3), spec)
 
     def with_plan(plan):
-        pipe = make()
-        pipe.set_progress_bar_config(disable=True)
+        pipe = _tiny_pixart(tiny_sd_pipe, 3)
         units = [f"transformer_blocks.{i}" for i in range(3)]
         recipe = parse_recipe({"skip_plan": {"granularity": "fine", "units": units, "plan": plan.tolist()}})
         apply(pipe, recipe)
