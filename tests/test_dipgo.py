@@ -320,3 +320,28 @@ def test_cli_dipgo_and_bench_on_a_stable_diffusion_folder(tiny_sd_pipe, tmp_path
     r = runner.invoke(app, ["dipgo", str(folder), "--ratio", "0.5", "--data", str(tmp_path / "none.txt"),
                             "--out", str(tmp_path / "x.json")])
     assert r.exit_code != 0 and "does not exist" in r.output
+
+
+def test_warm_starts_begin_as_their_plan_within_the_budget(units):
+    from diffslim.methods.dipgo import prior_plan
+    from diffslim.methods.skip_plan import deepcache_plan
+
+    assert prior_plan("keep", units, 10, 0.5) is None
+    steps = prior_plan("steps", units, 10, 0.6)
+    rows = np.flatnonzero(steps.any(axis=1))
+    assert rows[0] == 0 and steps[rows].all() and plan_macs_ratio(steps, units) <= 0.4
+    # one more whole step, spread the same way, would break the budget
+    more = np.zeros_like(steps)
+    more[np.unique(np.floor(np.arange(len(rows) + 1) * 10 / (len(rows) + 1)).astype(int))] = True
+    assert plan_macs_ratio(more, units) > 0.4
+    dc = prior_plan("deepcache", units, 10, 0.5)
+    k = next(k for k in range(1, 11) if plan_macs_ratio(deepcache_plan(units, 10, k, 0), units) <= 0.5)
+    assert np.array_equal(dc, deepcache_plan(units, 10, k, 0))
+    torch.manual_seed(0)
+    p = Pruner(10, len(units), width=16, heads=2, keep_bias=3.0, prior=steps)
+    assert np.array_equal(straight_through_gates(p()).detach().numpy().astype(bool), steps)
+    # post-processing spends what the budget leaves on the most important of the closed units
+    post = plan_from_scores(p.keep_prob().detach().numpy(), units, 0.6)
+    assert np.array_equal(post | steps, post) and plan_macs_ratio(post, units) <= 0.4
+    with pytest.raises(UserError, match="unknown init"):
+        DipgoConfig(init="magic").check()

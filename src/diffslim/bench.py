@@ -497,7 +497,8 @@ def _default_dipgo(ctx: BenchContext, ratio: float, **overrides):
 
 
 @register_method("dipgo", "dipgo:R, DiP-GO learned skip plan removing a share R of the MACs (short default "
-                          "training, cached); dipgo:@RECIPE a skip_plan recipe")
+                          "training, cached); dipgo:R:steps / dipgo:R:deepcache start the pruner from that "
+                          "equal-MACs plan; dipgo:@RECIPE a skip_plan recipe")
 def _dipgo(arg, ctx: BenchContext) -> Variant:
     text = arg or ""
     if text.startswith("@"):
@@ -521,12 +522,18 @@ def _dipgo(arg, ctx: BenchContext) -> Variant:
             raise UserError(f"dipgo:{text}: the plan's units do not match this model's")
         plan = validate_plan(np.asarray(rec.skip_plan.plan), units, ctx.default_steps)
         return _plan_variant("dipgo:recipe", ctx, plan, units, f"plan from {text[1:]}")
-    ratio = _ratio_arg(text, "dipgo:R")
+    from diffslim.methods.dipgo import INITS
+
+    r_s, _, init = text.partition(":")
+    ratio = _ratio_arg(r_s, "dipgo:R")
+    if init and init not in INITS:
+        raise UserError(f"dipgo:R:INIT: unknown init {init!r}; accepted: {', '.join(INITS)}")
     _plan_scheduler_check(ctx, ctx.default_steps)
     if ctx.dry_run:
         return None
-    plan, units, notes, _ = _default_dipgo(ctx, ratio)
-    return _plan_variant(f"dipgo:{ratio:g}", ctx, plan, units, notes)
+    overrides = {"init": init} if init and init != "keep" else {}
+    plan, units, notes, _ = _default_dipgo(ctx, ratio, **overrides)
+    return _plan_variant(f"dipgo:{ratio:g}" + (f":{init}" if overrides else ""), ctx, plan, units, notes)
 
 
 @register_method("deepcache", "deepcache:K[:B], DeepCache as a skip plan: a full step every K steps, else only "

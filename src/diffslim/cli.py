@@ -650,6 +650,8 @@ def dipgo_cmd(
     granularity: str = typer.Option("fine", help="coarse (blocks) or fine (resnet+attention pairs, samplers)"),
     objective: str = typer.Option("unrolled", help="unrolled (the whole trajectory) or local (Learning-to-Cache)"),
     self_attention: bool = typer.Option(True, "--self-attention/--no-self-attention"),
+    init: str = typer.Option("keep", help="where the gates start: keep (all open, as in the paper), or a warm "
+                                          "start from the equal-MACs plan of: steps (fewer steps), deepcache"),
     gradient_checkpointing: bool = typer.Option(True, "--gradient-checkpointing/--no-gradient-checkpointing"),
     data: str = typer.Option("zoo", help="'zoo'; a .txt file, one prompt (or class label) per line; a .jsonl file "
                                          "of pipeline inputs; or a folder of images (captions as prompts)"),
@@ -671,6 +673,7 @@ def dipgo_cmd(
         raise UserError(f"unknown --granularity {granularity!r}; accepted: {', '.join(GRANULARITIES)}")
     cfg = DipgoConfig(ratio=ratio, num_inference_steps=steps, scheduler=scheduler, loss=loss, alpha=alpha,
                       iters=iters, batch_size=batch_size, lr=lr, granularity=granularity, objective=objective,
+                      init=init,
                       self_attention=self_attention, gradient_checkpointing=gradient_checkpointing, data=data,
                       call_kwargs={} if guidance_scale is None else {"guidance_scale": guidance_scale},
                       checkpoint_every=checkpoint_every, seed=seed,

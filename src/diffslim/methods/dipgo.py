@@ -41,8 +41,8 @@ from torch import nn
 
 from diffslim.errors import UserError
 from diffslim.methods.skip_plan import (
-    PlanUnits, apply_skip_plan, check_scheduler, effective_plan_soft, full_plan, plan_macs_ratio, plan_units,
-    remove_skip_plan,
+    PlanUnits, apply_skip_plan, check_scheduler, deepcache_plan, effective_plan_soft, full_plan, plan_macs_ratio,
+    plan_units, remove_skip_plan,
 )
 
 __all__ = ["Pruner", "DipgoConfig", "DipgoResult", "train_dipgo", "plan_from_scores", "search_plan",
@@ -63,16 +63,55 @@ def check_ratio(ratio: float) -> float:
     return r
 
 
+INITS = ("keep", "steps", "deepcache")
+
+
+def prior_plan(init: str, units: PlanUnits, num_steps: int, ratio: float) -> Optional[np.ndarray]:
+    """The plan a pruner starts from: None for ``keep`` (every gate open, as in the paper); ``steps``:
+    whole steps evenly spread (step 0 included) and nothing in between, as many as the MACs budget
+    ``1 - ratio`` allows (on a U-Net an idle step reuses the last output: fewer steps on the same grid);
+    ``deepcache``: the DeepCache plan (branch 0) with the smallest interval within the budget."""
+    if init == "keep":
+        return None
+    budget = 1.0 - check_ratio(ratio)
+    best = None
+    if init == "steps":
+        for n in range(1, num_steps + 1):
+            plan = np.zeros((num_steps, len(units)), dtype=bool)
+            plan[np.unique(np.floor(np.arange(n) * num_steps / n).astype(int))] = True
+            if plan_macs_ratio(plan, units) <= budget + 1e-12:
+                best = plan
+    elif init == "deepcache":
+        if units.family == "transformer":
+            raise UserError("init deepcache needs a U-Net; use keep or steps")
+        for k in range(1, num_steps + 1):  # the MACs fall as the interval grows: the first that fits
+            plan = deepcache_plan(units, num_steps, k, 0)
+            if plan_macs_ratio(plan, units) <= budget + 1e-12:
+                best = plan
+                break
+    else:
+        raise UserError(f"unknown init {init!r}; accepted: {', '.join(INITS)}")
+    if best is None:
+        raise UserError(f"init {init}: no such plan within {budget:.3f} of the MACs at {num_steps} steps")
+    return best
+
+
 class Pruner(nn.Module):
     """Queries ``(T, U, D)`` -> [self-attention across units of each step] -> MLP -> logits ``(T, U, 2)``.
 
     ``self_attention=False`` drops the attention layer (the ablation). Logit 1 is "keep"; the head's
-    bias starts at ``keep_bias`` for keep, so every gate starts open.
+    bias starts at ``keep_bias`` for keep, so every gate starts open. ``prior`` ``(T, U)`` bools (a warm
+    start, not in the paper): a fixed offset of ``-2 * keep_bias`` on the keep logit where the prior
+    plan skips, so the gates start as that plan and training moves them from there.
     """
 
     def __init__(self, num_steps: int, num_units: int, width: int = 64, heads: int = 4,
-                 self_attention: bool = True, keep_bias: float = 2.0):
+                 self_attention: bool = True, keep_bias: float = 2.0, prior: Optional[np.ndarray] = None):
         super().__init__()
+        offset = torch.zeros(num_steps, num_units)
+        if prior is not None:
+            offset = torch.where(torch.as_tensor(np.asarray(prior, dtype=bool)), 0.0, -2.0 * keep_bias)
+        self.register_buffer("prior_offset", offset, persistent=False)
         self.queries = nn.Parameter(torch.randn(num_steps, num_units, width) * 0.02)
         self.unit_embed = nn.Parameter(torch.randn(1, num_units, width) * 0.02)
         self.self_attention = self_attention
@@ -92,7 +131,8 @@ class Pruner(nn.Module):
             a = self.norm1(h)
             h = h + self.attn(a, a, a, need_weights=False)[0]
         h = h + self.mlp(self.norm2(h))
-        return self.head(h)
+        logits = self.head(h)
+        return torch.stack([logits[..., 0], logits[..., 1] + self.prior_offset], dim=-1)
 
     def keep_prob(self) -> torch.Tensor:
         """``(T, U)`` probabilities of keeping each unit (the importance scores)."""
@@ -363,6 +403,7 @@ class DipgoConfig:
     self_attention: bool = True
     gumbel: bool = True
     keep_bias: float = 3.0
+    init: str = "keep"  # "keep" (the paper: every gate open), "steps" or "deepcache" (warm starts)
     objective: str = "unrolled"
     granularity: str = "fine"
     gradient_checkpointing: bool = True
@@ -377,6 +418,8 @@ class DipgoConfig:
         check_ratio(self.ratio)
         if self.loss not in LOSSES:
             raise UserError(f"unknown loss {self.loss!r}; accepted: {', '.join(LOSSES)}")
+        if self.init not in INITS:
+            raise UserError(f"unknown init {self.init!r}; accepted: {', '.join(INITS)}")
         if self.objective not in OBJECTIVES:
             raise UserError(f"unknown objective {self.objective!r}; accepted: {', '.join(OBJECTIVES)}")
         if self.iters < 1 or self.batch_size < 1 or self.num_inference_steps < 2 or self.lr <= 0:
@@ -529,7 +572,8 @@ def train_dipgo(pipe, cfg: DipgoConfig, units: Optional[PlanUnits] = None,
         check_scheduler(make_scheduler(cfg.scheduler, pipe.scheduler.config), cfg.num_inference_steps,
                         cfg.num_inference_steps, cfg.scheduler)
     torch.manual_seed(cfg.seed)
-    pruner = Pruner(cfg.num_inference_steps, len(units), cfg.width, cfg.heads, cfg.self_attention, cfg.keep_bias)
+    pruner = Pruner(cfg.num_inference_steps, len(units), cfg.width, cfg.heads, cfg.self_attention, cfg.keep_bias,
+                    prior=prior_plan(cfg.init, units, cfg.num_inference_steps, cfg.ratio))
     # low first-moment decay: the sparsity push stops at the budget, momentum should not carry it far below
     opt = torch.optim.Adam(pruner.parameters(), lr=cfg.lr, betas=(0.5, 0.999))
     acc = Accelerator(cpu=not torch.cuda.is_available())
