@@ -710,7 +710,9 @@ def plan_psnr_fn(pipe, spec, reference: torch.Tensor, units: PlanUnits) -> Calla
     from diffslim.measure.quality import psnr
     from diffslim.sample import run_pipeline
 
-    den = pipe.denoiser if hasattr(pipe, "denoiser") else getattr(pipe, "unet", None) or pipe.transformer
+    from diffslim.models.load import denoiser_of
+
+    den = denoiser_of(pipe)
 
     def fn(plan: np.ndarray) -> float:
         apply_skip_plan(den, plan, units)

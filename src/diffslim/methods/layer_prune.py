@@ -577,7 +577,9 @@ def calibration(pipe, n: int = 32, seed: int = 0, data: str = "zoo", batch_size:
     idx = torch.randperm(len(dataset), generator=g)[:n].tolist()
     while len(idx) < n:
         idx += idx[: n - len(idx)]
-    device = next(_denoiser(pipe).parameters()).device
+    from diffslim.models.load import denoiser_of
+
+    device = next(denoiser_of(pipe).parameters()).device
     with torch.no_grad():
         x0, cond = task.encode(collate([dataset[i] for i in idx]), g, device)
     x0 = x0.float()
@@ -589,14 +591,6 @@ def calibration(pipe, n: int = 32, seed: int = 0, data: str = "zoo", batch_size:
     ptype = sched.config.prediction_type
     target = noise if ptype == "epsilon" else sched.get_velocity(x0, noise, t) if ptype == "v_prediction" else x0
     return Calibration(xt=xt, t=t, cond=cond, target=target, predict=task.predict, batch_size=batch_size)
-
-
-def _denoiser(pipe) -> nn.Module:
-    for attr in ("denoiser", "unet", "transformer"):
-        m = getattr(pipe, attr, None)
-        if isinstance(m, nn.Module):
-            return m
-    raise UserError(f"{type(pipe).__name__} has no denoiser")
 
 
 def output_loss(model: nn.Module, calib: Calibration, names: Sequence[str],
