@@ -59,26 +59,34 @@ def test_zoo_weights_are_small_safetensors():
         assert (ZOO[name].folder / "model_index.json").exists(), name
 
 
-def test_sr_degradation_is_blur_then_decimation():
-    """zoo:sr's LR input: Gaussian blur (sigma 1.6) then every second pixel; sigma 0 is box averaging."""
+def test_sr_degradations_box_and_blur_then_decimation(tmp_path):
+    """zoo:sr's LR input: box averaging (the shipped model); the BD option: Gaussian blur, then every second
+    pixel. The degradation is part of the SR pipeline's config, and its eval set follows it."""
     import torch.nn.functional as F
 
+    from diffslim.train.zoo import build_pipeline
     from diffslim.zoo import data
+    from diffslim.zoo.evalsets import pipeline_eval_set, zoo_eval_set
 
     g = torch.Generator().manual_seed(0)
     hr = torch.rand(2, 3, 16, 16, generator=g)
-    lr = data.downscale(hr, 2)
+    assert torch.equal(data.downscale(hr, 2), F.avg_pool2d(hr, 2))
+    lr = data.downscale(hr, 2, data.SR_BLUR_SIGMA)
     assert lr.shape == (2, 3, 8, 8)
-    assert torch.equal(data.downscale(hr, 2, sigma=0), F.avg_pool2d(hr, 2))
+    torch.testing.assert_close(lr, data.gaussian_blur(hr, data.SR_BLUR_SIGMA)[..., ::2, ::2])
     # a normalised kernel keeps flat images flat; reflect padding keeps the borders flat too
-    torch.testing.assert_close(data.downscale(torch.full((1, 3, 16, 16), 0.3), 2), torch.full((1, 3, 8, 8), 0.3))
+    flat = torch.full((1, 3, 16, 16), 0.3)
+    torch.testing.assert_close(data.downscale(flat, 2, data.SR_BLUR_SIGMA), torch.full((1, 3, 8, 8), 0.3))
     # the blur is the one documented: an impulse spreads as exp(-d^2 / (2 sigma^2)) along each axis
     impulse = torch.zeros(1, 1, 33, 33)
     impulse[..., 16, 16] = 1
     row = data.gaussian_blur(impulse, data.SR_BLUR_SIGMA)[0, 0, 16]
     torch.testing.assert_close(row[17] / row[16], torch.tensor(math.exp(-1 / (2 * data.SR_BLUR_SIGMA ** 2))))
     assert float(row[16 + 5]) > 0 and float(row[16 + 6]) == 0  # truncated at ceil(3 sigma) = 5
-    # it removes detail: a checkerboard (the highest frequency) nearly vanishes, box averaging removes it entirely
-    board = (torch.arange(16)[:, None] + torch.arange(16)[None, :]) % 2
-    board = board.float().expand(1, 3, 16, 16)
-    assert float(data.gaussian_blur(board, 1.6).std()) < 0.01 * float(board.std())
+    # the pipeline carries its degradation; the shipped model's is box averaging
+    assert load("zoo:sr").pipe.config.blur_sigma == 0.0
+    bd = build_pipeline("sr", blur_sigma=data.SR_BLUR_SIGMA)
+    es_bd, es_box = pipeline_eval_set(bd, 2), zoo_eval_set("sr", 2)
+    assert torch.equal(es_bd.ground_truth, es_box.ground_truth)
+    assert torch.equal(torch.stack([i["image"] for i in es_box.inputs]), data.downscale(es_box.ground_truth, 2))
+    torch.testing.assert_close(torch.stack([i["image"] for i in es_bd.inputs]), bd.degrade(es_bd.ground_truth))

@@ -531,6 +531,8 @@ def zoo_train(
     lr: float = typer.Option(1e-3),
     checkpoint_every: int = typer.Option(250),
     install: bool = typer.Option(False, help="copy the trained pipeline into the package's zoo folder"),
+    blur_sigma: Optional[float] = typer.Option(None, help="sr only: Gaussian blur sigma of the low-resolution "
+                                                          "input before 2x decimation (0: box averaging, the default)"),
 ):
     """Train a reference zoo model (checkpoints every N steps; rerun the same command to resume)."""
     from diffslim.train import zoo as ztrain
@@ -541,7 +543,10 @@ def zoo_train(
         return
     if name not in ZOO:
         raise UserError(f"no zoo model {name!r}; the zoo has: {', '.join(sorted(ZOO))}, classifier")
-    folder = ztrain.train(name, out / name, steps, batch_size, lr, checkpoint_every)
+    if blur_sigma is not None and (ZOO[name].task != "sr" or blur_sigma < 0):
+        raise UserError("--blur-sigma is for the sr model and must be >= 0")
+    folder = ztrain.train(name, out / name, steps, batch_size, lr, checkpoint_every,
+                          pipeline_config=None if blur_sigma is None else {"blur_sigma": blur_sigma})
     if install:
         import shutil
 

@@ -283,8 +283,6 @@ class _ZooSRTask:
         self.pipe = pipe
 
     def encode(self, batch: dict, g: torch.Generator, device) -> tuple[torch.Tensor, dict]:
-        from diffslim.zoo import data as zdata
-
         hr = batch["image"].to(device)
         scale = int(self.pipe.config.upscale)
         if "cond" in batch:  # an explicit low-resolution input (ConditionPairs)
@@ -292,7 +290,7 @@ class _ZooSRTask:
             up = lr if lr.shape[-2:] == hr.shape[-2:] else F.interpolate(
                 lr, size=hr.shape[-2:], mode="bicubic", align_corners=False).clamp(0, 1)
         else:
-            up = self.pipe.upsample(zdata.downscale(hr, scale), scale)
+            up = self.pipe.upsample(self.pipe.degrade(hr), scale)
         x0 = (hr - up) * 2 * float(self.pipe.config.residual_scale)
         ctx = self.pipe.cond_encoder(torch.zeros(hr.shape[0], dtype=torch.long, device=device))
         return x0, {"cond_image": up * 2 - 1, "encoder_hidden_states": ctx}

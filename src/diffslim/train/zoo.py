@@ -13,6 +13,7 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -21,8 +22,10 @@ from diffslim.zoo import data as zdata
 from diffslim.zoo.registry import SD_DDIM_CONFIG, SD_NOISE_SCHEDULE, zoo_entry
 
 
-def build_pipeline(name: str, dtype=torch.float32):
-    """A freshly initialised (random-weight) zoo pipeline of the registry's architecture."""
+def build_pipeline(name: str, dtype=torch.float32, **pipeline_config):
+    """A freshly initialised (random-weight) zoo pipeline of the registry's architecture.
+
+    ``pipeline_config`` overrides the registry's pipeline arguments (e.g. SR's ``blur_sigma``)."""
     import diffusers
     from diffusers import DDIMScheduler
 
@@ -33,7 +36,8 @@ def build_pipeline(name: str, dtype=torch.float32):
     cond = LabelTokenEncoder(**e.cond_config) if e.cond_config else None
     sched = DDIMScheduler(**SD_DDIM_CONFIG)
     if e.task == "sr":
-        return ZooSRPipeline(denoiser=denoiser, scheduler=sched, cond_encoder=cond, **e.pipeline_config)
+        return ZooSRPipeline(denoiser=denoiser, scheduler=sched, cond_encoder=cond,
+                             **{**e.pipeline_config, **pipeline_config})
     return ZooClassPipeline(denoiser=denoiser, scheduler=sched, cond_encoder=cond)
 
 
@@ -67,7 +71,7 @@ def _loss(name, model, pipe, sched, batch, residual_scale):
     if e.task == "class":
         x0 = x_or_hr
     else:
-        up = pipe.upsample(zdata.downscale(x_or_hr, 2), 2)
+        up = pipe.upsample(pipe.degrade(x_or_hr), 2)
         x0 = (x_or_hr - up) * 2 * residual_scale
         cond_img = up * 2 - 1
     noise = torch.randn(x0.shape, generator=g)
@@ -88,8 +92,12 @@ def _loss(name, model, pipe, sched, batch, residual_scale):
 
 
 def train(name: str, out: Path, steps: int, batch_size: int, lr: float, checkpoint_every: int,
-          ema_decay: float = 0.999, seed: int = 0, log_every: int = 50) -> Path:
-    """Train zoo model ``name`` for ``steps`` steps; write the pipeline folder ``out/pipeline``."""
+          ema_decay: float = 0.999, seed: int = 0, log_every: int = 50,
+          pipeline_config: Optional[dict] = None) -> Path:
+    """Train zoo model ``name`` for ``steps`` steps; write the pipeline folder ``out/pipeline``.
+
+    ``pipeline_config``: overrides of the registry's pipeline arguments (SR: ``blur_sigma``), kept in
+    ``out/pipeline_config.json`` so that a resumed run and its exports use the same ones."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from diffusers import DDPMScheduler
@@ -98,7 +106,8 @@ def train(name: str, out: Path, steps: int, batch_size: int, lr: float, checkpoi
     set_seed(seed)
     out = Path(out)
     ckpt_root = out / "checkpoints"
-    pipe = build_pipeline(name)
+    pipeline_config = _run_pipeline_config(out, pipeline_config)
+    pipe = build_pipeline(name, **pipeline_config)
     model = _Trainable(pipe)
     # DiT's label embedding drops labels itself in training mode; we drop them explicitly instead.
     ema = copy.deepcopy(model).requires_grad_(False)
@@ -154,13 +163,30 @@ def train(name: str, out: Path, steps: int, batch_size: int, lr: float, checkpoi
                 import shutil
 
                 shutil.rmtree(old)
-            export(name, ema, out / "pipeline")
+            export(name, ema, out / "pipeline", pipeline_config)
     return out / "pipeline"
 
 
-def export(name: str, trained: torch.nn.Module, folder: Path) -> None:
+def _run_pipeline_config(out: Path, given: Optional[dict]) -> dict:
+    """The pipeline overrides of run ``out``: saved on its first start, and a resume must not change them."""
+    from diffslim.errors import UserError
+
+    path = out / "pipeline_config.json"
+    saved = json.loads(path.read_text()) if path.exists() else None
+    given = dict(given or {})
+    if saved is not None:
+        if given and given != saved:
+            raise UserError(f"{out} was started with pipeline settings {saved}; resume it with the same, "
+                            f"or use another --out (given {given})")
+        return saved
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(given))
+    return given
+
+
+def export(name: str, trained: torch.nn.Module, folder: Path, pipeline_config: Optional[dict] = None) -> None:
     """Write the EMA weights as an fp16 safetensors diffusers pipeline folder."""
-    pipe = build_pipeline(name)
+    pipe = build_pipeline(name, **(pipeline_config or {}))
     pipe.denoiser.load_state_dict(trained.denoiser.state_dict())
     if pipe.cond_encoder is not None:
         pipe.cond_encoder.load_state_dict(trained.cond_encoder.state_dict())
@@ -176,11 +202,12 @@ def export_checkpoint(name: str, run_dir: Path, folder: Path) -> Path:
     ckpts = sorted((run_dir / "checkpoints").glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
     if not ckpts:
         raise FileNotFoundError(f"no checkpoints under {run_dir / 'checkpoints'}")
-    pipe = build_pipeline(name)
+    config = _run_pipeline_config(run_dir, None)
+    pipe = build_pipeline(name, **config)
     ema = _Trainable(pipe)
     # our own training checkpoint (accelerate's custom state); weights_only refuses arbitrary objects
     ema.load_state_dict(torch.load(ckpts[-1] / "custom_checkpoint_0.pkl", weights_only=True))
-    export(name, ema, folder)
+    export(name, ema, folder, config)
     return ckpts[-1]
 
 
@@ -226,11 +253,13 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--checkpoint-every", type=int, default=250)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--blur-sigma", type=float, default=None, help="sr: Gaussian blur before decimation (0: box)")
     a = p.parse_args(argv)
     if a.name == "classifier":
         print(train_classifier(a.out, seed=a.seed))
         return
-    train(a.name, a.out, a.steps, a.batch_size, a.lr, a.checkpoint_every, seed=a.seed)
+    train(a.name, a.out, a.steps, a.batch_size, a.lr, a.checkpoint_every, seed=a.seed,
+          pipeline_config=None if a.blur_sigma is None else {"blur_sigma": a.blur_sigma})
 
 
 if __name__ == "__main__":

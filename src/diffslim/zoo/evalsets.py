@@ -31,7 +31,8 @@ class EvalSet:
 def zoo_eval_set(name: str, n: int, seed: int = 0, eval_patch: int = 32) -> EvalSet:
     """``n`` evaluation inputs of zoo model ``name`` (labels cycle 0..9; SR crops come from held-out photos)."""
     e = zoo_entry(name)
-    return task_eval_set(e.task, n, seed, sample_size=e.denoiser_config["sample_size"], eval_patch=eval_patch)
+    return task_eval_set(e.task, n, seed, sample_size=e.denoiser_config["sample_size"], eval_patch=eval_patch,
+                         blur_sigma=float(e.pipeline_config.get("blur_sigma", 0.0)))
 
 
 def pipeline_eval_set(pipe, n: int, seed: int = 0, eval_patch: int = 32) -> Optional[EvalSet]:
@@ -41,12 +42,15 @@ def pipeline_eval_set(pipe, n: int, seed: int = 0, eval_patch: int = 32) -> Opti
     if isinstance(pipe, ZooClassPipeline):
         return task_eval_set("class", n, seed, sample_size=pipe.denoiser.config.sample_size)
     if isinstance(pipe, ZooSRPipeline):
-        return task_eval_set("sr", n, seed, eval_patch=eval_patch)
+        return task_eval_set("sr", n, seed, eval_patch=eval_patch,
+                             blur_sigma=float(getattr(pipe.config, "blur_sigma", 0.0)))
     return None
 
 
-def task_eval_set(task: str, n: int, seed: int = 0, sample_size: int = 8, eval_patch: int = 32) -> EvalSet:
-    """Inputs of a zoo task: "class" (digits 0..9 in turn) or "sr" (held-out photo crops, 2x)."""
+def task_eval_set(task: str, n: int, seed: int = 0, sample_size: int = 8, eval_patch: int = 32,
+                  blur_sigma: float = 0.0) -> EvalSet:
+    """Inputs of a zoo task: "class" (digits 0..9 in turn) or "sr" (held-out photo crops, 2x, degraded with
+    ``blur_sigma`` as in ``diffslim.zoo.data.downscale``)."""
     seeds = [seed + i for i in range(n)]
     if task == "class":
         labels = [i % 10 for i in range(n)]
@@ -54,7 +58,7 @@ def task_eval_set(task: str, n: int, seed: int = 0, sample_size: int = 8, eval_p
         return EvalSet(inputs=[{"class_label": y} for y in labels], seeds=seeds, labels=labels, real_images=real)
     hr = zdata.photo_patches(zdata.SR_HELDOUT_PHOTOS, eval_patch, n, seed=1000 + seed, scales=(1.0, 0.5))
     # the held-out crops are fixed by ``seed``; the diffusion noise of sample i uses seeds[i]
-    lr = zdata.downscale(hr, 2)
+    lr = zdata.downscale(hr, 2, blur_sigma)
     from diffslim.zoo.pipelines import ZooSRPipeline
 
     return EvalSet(inputs=[{"image": x} for x in lr], seeds=seeds, ground_truth=hr,

@@ -226,16 +226,24 @@ class ZooSRPipeline(_ZooPipelineIO, DiffusionPipeline):
     """Super-resolution by concatenation: ``[noisy residual, bicubic(LR)]`` -> epsilon.
 
     ``image``: low-resolution images in [0, 1], ``(B, 3, h, w)``; output ``(B, 3, s*h, s*w)``.
-    The scale ``s`` and ``residual_scale`` are stored in the cond encoder's config.
+    The scale ``s``, ``residual_scale`` and the degradation the model was trained on (``blur_sigma``:
+    0 for box averaging, else a Gaussian blur of that sigma before decimation; see :meth:`degrade`)
+    are stored in the pipeline's config.
     """
 
     model_cpu_offload_seq = "denoiser"
 
     def __init__(self, denoiser, scheduler, cond_encoder: LabelTokenEncoder, upscale: int = 2,
-                 residual_scale: float = 8.0):
+                 residual_scale: float = 8.0, blur_sigma: float = 0.0):
         super().__init__()
         self.register_modules(denoiser=denoiser, scheduler=scheduler, cond_encoder=cond_encoder)
-        self.register_to_config(upscale=upscale, residual_scale=residual_scale)
+        self.register_to_config(upscale=upscale, residual_scale=residual_scale, blur_sigma=blur_sigma)
+
+    def degrade(self, hr: torch.Tensor) -> torch.Tensor:
+        """The low-resolution input this model expects of high-resolution images ``(B, 3, H, W)``."""
+        from diffslim.zoo import data as zdata
+
+        return zdata.downscale(hr, int(self.config.upscale), float(getattr(self.config, "blur_sigma", 0.0)))
 
     @staticmethod
     def upsample(lr: torch.Tensor, scale: int) -> torch.Tensor:

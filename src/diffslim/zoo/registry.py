@@ -69,14 +69,13 @@ ZOO: dict[str, ZooEntry] = {
     "sr": ZooEntry(
         name="sr",
         task="sr",
-        description="2x super-resolution (LR: Gaussian blur sigma 1.6, then 2x decimation), SD-layout U-Net, "
-                    "bicubic(LR) concatenated to the noisy input",
+        description="2x super-resolution (LR: 2x2 box averaging), SD-layout U-Net, bicubic(LR) concatenated to the "
+                    "noisy input",
         denoiser_class="UNet2DConditionModel",
         denoiser_config=dict(_SD_LAYOUT, sample_size=16, in_channels=6, out_channels=3,
                              block_out_channels=(32, 32, 64, 64)),
         cond_config=dict(num_labels=1, dim=32, num_tokens=2),
-        # residual std of the blurred degradation is about 0.125: 5x brings it near the box-filter model's scale
-        pipeline_config=dict(upscale=2, residual_scale=5.0),
+        pipeline_config=dict(upscale=2, residual_scale=8.0, blur_sigma=0.0),
     ),
 }
 
