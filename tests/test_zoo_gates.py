@@ -90,3 +90,19 @@ def test_sr_degradations_box_and_blur_then_decimation(tmp_path):
     assert torch.equal(es_bd.ground_truth, es_box.ground_truth)
     assert torch.equal(torch.stack([i["image"] for i in es_box.inputs]), data.downscale(es_box.ground_truth, 2))
     torch.testing.assert_close(torch.stack([i["image"] for i in es_bd.inputs]), bd.degrade(es_bd.ground_truth))
+
+
+def test_zoo_training_keeps_its_pipeline_settings_across_a_resume(tmp_path):
+    from diffslim.errors import UserError
+    from diffslim.train.zoo import export_checkpoint, train
+
+    run = tmp_path / "sr"
+    folder = train("sr", run, steps=2, batch_size=2, lr=1e-3, checkpoint_every=1, log_every=1,
+                   pipeline_config={"blur_sigma": 1.6})
+    assert load(str(folder)).pipe.config.blur_sigma == 1.6
+    with pytest.raises(UserError, match="blur_sigma"):
+        train("sr", run, steps=3, batch_size=2, lr=1e-3, checkpoint_every=1, pipeline_config={"blur_sigma": 0.0})
+    train("sr", run, steps=3, batch_size=2, lr=1e-3, checkpoint_every=1, log_every=1)  # resumes with its own
+    assert (run / "checkpoints" / "step_3").is_dir()
+    assert export_checkpoint("sr", run, tmp_path / "again").name == "step_3"
+    assert load(str(tmp_path / "again")).pipe.config.blur_sigma == 1.6
