@@ -436,7 +436,7 @@ def _plan_variant(method: str, ctx: BenchContext, plan, units, notes: str = "") 
     rt = apply_skip_plan(den, plan, units)
     one = ctx.base_spec.replace(inputs=ctx.base_spec.inputs[:1], seeds=ctx.base_spec.seeds[:1], batch_size=1)
     run_pipeline(ctx.loaded.pipe, one, [0])
-    kib = rt.cache_bytes() / 1024
+    kib = rt.peak_cache_bytes() / 1024
     notes = (notes + "; " if notes else "") + (f"plan MACs ratio {plan_macs_ratio(plan, units):.3f} (denoiser); "
                                                f"caches {kib:.1f} KiB per sample")
     return Variant(method, ctx.loaded.pipe, ctx.base_spec, _n_params(den), notes=notes,

@@ -282,6 +282,12 @@ class PlanState:
     def __init__(self, run: Sequence[Sequence[bool]], units: PlanUnits):
         self.run = [list(r) for r in run]
         self.any_run = [any(r) for r in self.run]
+        # a unit's output is kept only when the next step skips the unit (it reads the cache then; a unit that
+        # runs again refreshes it anyway): a keep-all plan holds nothing, and no step holds more than it needs
+        steps = len(self.run)
+        self.store = [[k + 1 < steps and not self.run[k + 1][i] for i in range(len(r))]
+                      for k, r in enumerate(self.run)]
+        self.store_output = [k + 1 < steps and not self.any_run[k + 1] for k in range(steps)]
         self.units = units
         self.gates: Optional[torch.Tensor] = None
         self.manual = False  # training sets ``step`` itself and passes caches explicitly
@@ -289,6 +295,7 @@ class PlanState:
         self.reset()
 
     def reset(self) -> None:
+        self.peak_bytes = max(getattr(self, "peak_bytes", 0), self.cache_bytes() if hasattr(self, "caches") else 0)
         self.step = -1
         self.last_t: Optional[float] = None
         self.caches: dict[str, Any] = {}
@@ -348,9 +355,14 @@ class _RootHook(ModelHook):
                 if st.step > 0 and not st.any_run[st.step] and _OUTPUT in st.caches:
                     return st.caches[_OUTPUT]
                 out = self.fn_ref.original_forward(*args, **kwargs)
-                st.caches[_OUTPUT] = out
-                return out
-            return self.fn_ref.original_forward(*args, **kwargs)
+                if st.store_output[st.step]:
+                    st.caches[_OUTPUT] = out
+                else:
+                    st.caches.pop(_OUTPUT, None)
+            else:
+                out = self.fn_ref.original_forward(*args, **kwargs)
+            st.peak_bytes = max(st.peak_bytes, st.cache_bytes())
+            return out
         if not st.checkpoint or not torch.is_grad_enabled():
             return self.fn_ref.original_forward(*args, **kwargs)
         from torch.utils.checkpoint import checkpoint
@@ -395,7 +407,10 @@ class _UnitHook(ModelHook):
             return out
         if st.run[st.step][self.unit]:
             out = self.fn_ref.original_forward(*args, **kwargs)
-            st.caches[self.key] = out
+            if st.store[st.step][self.unit]:
+                st.caches[self.key] = out
+            else:
+                st.caches.pop(self.key, None)
             return out
         return st.caches[self.key]
 
@@ -416,7 +431,13 @@ class SkipPlanRuntime:
         self.state.reset()
 
     def cache_bytes(self) -> int:
+        """Bytes the caches hold now."""
         return self.state.cache_bytes()
+
+    def peak_cache_bytes(self) -> int:
+        """The most bytes the caches held after any denoiser call since the plan was installed: the extra
+        memory the plan costs."""
+        return max(self.state.peak_bytes, self.state.cache_bytes())
 
     def macs_ratio(self) -> float:
         return plan_macs_ratio(self.plan, self.units)
@@ -431,8 +452,8 @@ def apply_skip_plan(denoiser: nn.Module, plan, units: Optional[PlanUnits] = None
                     granularity: str = "fine") -> SkipPlanRuntime:
     """Install ``plan`` (``(steps, units)`` bools, True = run) on ``denoiser`` in place with diffusers hooks.
 
-    Returns the runtime (``.reset()``, ``.cache_bytes()``, ``.state``). A plan already installed is
-    replaced. Hooks of other kinds on the same modules are kept and composed with.
+    Returns the runtime (``.reset()``, ``.cache_bytes()``, ``.peak_cache_bytes()``, ``.state``). A plan
+    already installed is replaced. Hooks of other kinds on the same modules are kept and composed with.
     """
     if units is None:
         units = plan_units(denoiser, granularity)
