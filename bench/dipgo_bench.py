@@ -35,6 +35,12 @@ def _quiet():
     warnings.filterwarnings("ignore")
 
 
+def _steps_at_budget(ratio: float) -> int:
+    """The most steps within ``1 - ratio`` of the full run's MACs (floor, with a guard: 50 * (1 - 0.8) is
+    9.999999999999998 in floating point, and the fair baseline at R = 0.8 is 10 steps, not 9)."""
+    return max(1, int(STEPS * (1 - ratio) + 1e-9))
+
+
 def _deepcache_at_budget(units, ratio):
     """The DeepCache setting (interval K, branch 0) with the most MACs that stays within ``1 - ratio``."""
     from diffslim.methods.skip_plan import deepcache_plan, plan_macs_ratio
@@ -60,8 +66,8 @@ def bench_model(name: str, n: int, batch: int) -> dict:
     loaded = load(f"zoo:{name}")
     loaded.pipe.set_progress_bar_config(disable=True)
     units = plan_units(loaded.denoiser, "fine")
-    steps_n = int(STEPS * (1 - ratio))
-    methods = [f"dipgo:{ratio}", f"steps:{steps_n}", f"random:{ratio}", f"ga:{ratio}"]
+    steps_n = _steps_at_budget(ratio)
+    methods = [f"dipgo:{ratio}", f"dipgo:{ratio}:steps", f"steps:{steps_n}", f"random:{ratio}", f"ga:{ratio}"]
     skipped = {}
     if units.family != "transformer":
         dc = _deepcache_at_budget(units, ratio)
@@ -163,7 +169,7 @@ def timing(models, n: int, repeats: int = 5) -> dict:
         pipe.set_progress_bar_config(disable=True)
         units = plan_units(den, "fine")
         plan = np.asarray(load_recipe(RESULTS / f"dipgo_{name}_recipe.json").skip_plan.plan, dtype=bool)
-        steps_n = int(STEPS * (1 - RATIOS[name]))
+        steps_n = _steps_at_budget(RATIOS[name])
         if name == "sr":
             kw = dict(image=torch.rand(n, 3, 8, 8))
         else:
