@@ -1,6 +1,6 @@
 """DiP-GO learned block skipping vs DeepCache, fewer steps, random search, GA and diffusers' caches.
 
-    OMP_NUM_THREADS=1 python bench/dipgo_bench.py [--models digits-sd,digits-dit,sr] [--n 16] [--ablation]
+    OMP_NUM_THREADS=1 python bench/dipgo_bench.py [--models digits-sd,digits-dit,sr] [--n 16] [--ablation] [--no-warm]
 
 Writes bench/results/dipgo_<model>.json (rows: macs_ratio, speedup, psnr, ssim, task metrics; DiP-GO
 training seconds in the notes), dipgo_<model>_plan.png (heatmap), dipgo_<model>_pareto.png,
@@ -54,7 +54,7 @@ def _deepcache_at_budget(units, ratio):
     return best
 
 
-def bench_model(name: str, n: int, batch: int) -> dict:
+def bench_model(name: str, n: int, batch: int, warm: bool = True) -> dict:
     from diffslim.bench import run_bench
     from diffslim.evaluate import eval_set_for, finite, metrics_fn_for
     from diffslim.methods.skip_plan import effective_plan, plan_macs_ratio, plan_units
@@ -67,7 +67,8 @@ def bench_model(name: str, n: int, batch: int) -> dict:
     loaded.pipe.set_progress_bar_config(disable=True)
     units = plan_units(loaded.denoiser, "fine")
     steps_n = _steps_at_budget(ratio)
-    methods = [f"dipgo:{ratio}", f"dipgo:{ratio}:steps", f"steps:{steps_n}", f"random:{ratio}", f"ga:{ratio}"]
+    methods = [f"dipgo:{ratio}"] + ([f"dipgo:{ratio}:steps"] if warm else []) + [
+        f"steps:{steps_n}", f"random:{ratio}", f"ga:{ratio}"]
     skipped = {}
     if units.family != "transformer":
         dc = _deepcache_at_budget(units, ratio)
@@ -212,6 +213,7 @@ def main():
     ap.add_argument("--ablation", action="store_true")
     ap.add_argument("--ablation-iters", type=int, default=24)
     ap.add_argument("--timing", action="store_true", help="only the interleaved wall-time comparison")
+    ap.add_argument("--no-warm", action="store_true", help="leave out the warm-started DiP-GO row (dipgo:R:steps)")
     a = ap.parse_args()
     _quiet()
     torch.manual_seed(0)
@@ -220,7 +222,7 @@ def main():
         timing([m for m in a.models.split(",") if m], a.n, repeats=3)
         return
     for m in [m for m in a.models.split(",") if m]:
-        out = bench_model(m, a.n, a.batch)
+        out = bench_model(m, a.n, a.batch, warm=not a.no_warm)
         for r in out["rows"]:
             print(m, r["method"], f"macs {r['macs_ratio']:.3f}", f"speedup {r['speedup']:.2f}",
                   f"psnr {r.get('psnr')}", flush=True)
