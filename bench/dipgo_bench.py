@@ -102,7 +102,7 @@ def bench_model(name: str, n: int, batch: int, warm: bool = True) -> dict:
         RESULTS / f"dipgo_{name}_pareto.png", dpi=110)
     out = {"model": f"zoo:{name}", "ratio": ratio, "n": n, "steps": STEPS, "dipgo_train_seconds": train_s,
            "rows": rows, "not_applicable": skipped, "seconds": time.perf_counter() - t0,
-           "command": "OMP_NUM_THREADS=1 python bench/dipgo_bench.py --models " + name}
+           "command": "OMP_NUM_THREADS=1 python bench/dipgo_bench.py --models " + name + ("" if warm else " --no-warm")}
     (RESULTS / f"dipgo_{name}.json").write_text(json.dumps(out, indent=2, default=str))
     return out
 
