@@ -5,7 +5,7 @@ import sys
 import torch
 from accelerate import PartialState
 
-from diffslim.sample import SampleSpec, sample
+from diffslim.sample import SampleSpec, sample, shutdown_processes
 from diffslim.train.zoo import build_pipeline
 
 torch.manual_seed(0)
@@ -18,3 +18,4 @@ if state.is_main_process:
     from safetensors.torch import save_file
 
     save_file({"images": out.contiguous(), "num_processes": torch.tensor(state.num_processes)}, sys.argv[1])
+shutdown_processes()
