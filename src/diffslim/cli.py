@@ -189,10 +189,16 @@ def evaluate(
     outputs = sample(loaded.pipe, spec, show_progress=True, description="evaluating")
     metrics = metrics_fn_for(loaded, es, clip_path=clip, lpips_path=lpips, inception_path=inception)(outputs, reference)
     if es.baseline is not None and es.ground_truth is not None:
+        import torch
+
         from diffslim.measure import quality
 
         metrics["bicubic_psnr_gt"] = float(quality.psnr(es.baseline, es.ground_truth).mean())
         metrics["bicubic_ssim_gt"] = float(quality.ssim(es.baseline, es.ground_truth).mean())
+        if getattr(loaded.pipe, "upsampler", None) is not None:  # the base the SR model's residual is added to
+            base = loaded.pipe.upsample(torch.stack([i["image"] for i in es.inputs]))
+            metrics["upsampler_psnr_gt"] = float(quality.psnr(base, es.ground_truth).mean())
+            metrics["upsampler_ssim_gt"] = float(quality.ssim(base, es.ground_truth).mean())
     result = {"model": model, "recipe": str(recipe) if recipe else None, "n": n,
               "steps": spec.num_inference_steps, **{k: finite(v) for k, v in metrics.items()}}
     for k, why in (result.get("skipped") or {}).items():

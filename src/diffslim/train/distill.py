@@ -287,8 +287,7 @@ class _ZooSRTask:
         scale = int(self.pipe.config.upscale)
         if "cond" in batch:  # an explicit low-resolution input (ConditionPairs)
             lr = batch["cond"].to(device)
-            up = lr if lr.shape[-2:] == hr.shape[-2:] else F.interpolate(
-                lr, size=hr.shape[-2:], mode="bicubic", align_corners=False).clamp(0, 1)
+            up = lr if lr.shape[-2:] == hr.shape[-2:] else self.pipe.upsample(lr, hr.shape[-1] // lr.shape[-1])
         else:
             up = self.pipe.upsample(self.pipe.degrade(hr), scale)
         x0 = (hr - up) * 2 * float(self.pipe.config.residual_scale)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import math
 import time
@@ -29,16 +30,53 @@ def build_pipeline(name: str, dtype=torch.float32, **pipeline_config):
     import diffusers
     from diffusers import DDIMScheduler
 
-    from diffslim.zoo.pipelines import LabelTokenEncoder, ZooClassPipeline, ZooSRPipeline
+    from diffslim.zoo.pipelines import LabelTokenEncoder, LinearUpsampler, ZooClassPipeline, ZooSRPipeline
 
     e = zoo_entry(name)
     denoiser = getattr(diffusers, e.denoiser_class)(**e.denoiser_config)
     cond = LabelTokenEncoder(**e.cond_config) if e.cond_config else None
     sched = DDIMScheduler(**SD_DDIM_CONFIG)
     if e.task == "sr":
-        return ZooSRPipeline(denoiser=denoiser, scheduler=sched, cond_encoder=cond,
-                             **{**e.pipeline_config, **pipeline_config})
+        config = {**e.pipeline_config, **pipeline_config}
+        # an identity (= bicubic) upsampler until ``fit_upsampler`` replaces it
+        ups = LinearUpsampler(scale=config["upscale"], **e.upsampler) if e.upsampler is not None else None
+        return ZooSRPipeline(denoiser=denoiser, scheduler=sched, cond_encoder=cond, upsampler=ups, **config)
     return ZooClassPipeline(denoiser=denoiser, scheduler=sched, cond_encoder=cond)
+
+
+def fit_upsampler(blur_sigma: float, scale: int = 2, kernel_size: int = 9, n: int = 3000, patch: int = 32,
+                  seed: int = 0, ridge: float = 1e-4):
+    """The least-squares ``LinearUpsampler`` for SR with the degradation ``downscale(., scale, blur_sigma)``.
+
+    Fitted in closed form (normal equations, one per output phase, a small ridge) on ``n`` training crops of
+    ``patch`` pixels; deterministic in ``seed``. Held-out photos are never seen."""
+    from diffslim.zoo.pipelines import LinearUpsampler
+
+    ups = LinearUpsampler(scale=scale, kernel_size=kernel_size)
+    hr = zdata.photo_patches(zdata.SR_TRAIN_PHOTOS, patch, n, seed=seed)
+    k2 = kernel_size * kernel_size
+    xtx = torch.zeros(scale * scale, k2 + 1, k2 + 1, dtype=torch.float64)
+    xty = torch.zeros(scale * scale, k2 + 1, dtype=torch.float64)
+    for chunk in hr.split(250):
+        up = F.interpolate(zdata.downscale(chunk, scale, blur_sigma), scale_factor=scale, mode="bicubic",
+                           align_corners=False)
+        b, c, h, w = up.shape
+        cols = F.unfold(F.pad(up.reshape(b * c, 1, h, w), (kernel_size // 2,) * 4, mode="reflect"), kernel_size)
+        cols = cols.view(b * c, k2, h, w)  # every pixel's neighbourhood
+        target = chunk.reshape(b * c, h, w)
+        for py in range(scale):
+            for px in range(scale):
+                x = cols[:, :, py::scale, px::scale].permute(0, 2, 3, 1).reshape(-1, k2).double()
+                x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
+                y = target[:, py::scale, px::scale].reshape(-1).double()
+                xtx[py * scale + px] += x.T @ x
+                xty[py * scale + px] += x.T @ y
+    eye = torch.eye(k2 + 1, dtype=torch.float64) * ridge * xtx.diagonal(dim1=1, dim2=2).mean()
+    sol = torch.linalg.solve(xtx + eye, xty.unsqueeze(-1)).squeeze(-1)
+    with torch.no_grad():
+        ups.weight.copy_(sol[:, :k2].view(scale * scale, 1, kernel_size, kernel_size).float())
+        ups.bias.copy_(sol[:, k2].float())
+    return ups
 
 
 class _Trainable(torch.nn.Module):
@@ -108,6 +146,9 @@ def train(name: str, out: Path, steps: int, batch_size: int, lr: float, checkpoi
     ckpt_root = out / "checkpoints"
     pipeline_config = _run_pipeline_config(out, pipeline_config)
     pipe = build_pipeline(name, **pipeline_config)
+    upsampler = fitted_upsampler(name, pipeline_config)  # closed form, deterministic: refitted on resume
+    if upsampler is not None:
+        pipe.register_modules(upsampler=upsampler)
     model = _Trainable(pipe)
     # DiT's label embedding drops labels itself in training mode; we drop them explicitly instead.
     ema = copy.deepcopy(model).requires_grad_(False)
@@ -163,7 +204,7 @@ def train(name: str, out: Path, steps: int, batch_size: int, lr: float, checkpoi
                 import shutil
 
                 shutil.rmtree(old)
-            export(name, ema, out / "pipeline", pipeline_config)
+            export(name, ema, out / "pipeline", pipeline_config, upsampler)
     return out / "pipeline"
 
 
@@ -184,13 +225,32 @@ def _run_pipeline_config(out: Path, given: Optional[dict]) -> dict:
     return given
 
 
-def export(name: str, trained: torch.nn.Module, folder: Path, pipeline_config: Optional[dict] = None) -> None:
-    """Write the EMA weights as an fp16 safetensors diffusers pipeline folder."""
+def fitted_upsampler(name: str, pipeline_config: Optional[dict] = None):
+    """The fitted ``LinearUpsampler`` of zoo model ``name`` under ``pipeline_config`` (None if it has none)."""
+    e = zoo_entry(name)
+    if e.upsampler is None:
+        return None
+    config = {**e.pipeline_config, **(pipeline_config or {})}
+    key = (float(config.get("blur_sigma", 0.0)), int(config["upscale"]), tuple(sorted(e.upsampler.items())))
+    return copy.deepcopy(_fitted(*key))
+
+
+@functools.lru_cache(maxsize=4)
+def _fitted(blur_sigma: float, scale: int, upsampler_args: tuple):
+    return fit_upsampler(blur_sigma, scale=scale, **dict(upsampler_args))
+
+
+def export(name: str, trained: torch.nn.Module, folder: Path, pipeline_config: Optional[dict] = None,
+           upsampler=None) -> None:
+    """Write the EMA weights as an fp16 safetensors diffusers pipeline folder (a fitted upsampler in fp32:
+    ``upsampler``, or fitted here)."""
     pipe = build_pipeline(name, **(pipeline_config or {}))
     pipe.denoiser.load_state_dict(trained.denoiser.state_dict())
     if pipe.cond_encoder is not None:
         pipe.cond_encoder.load_state_dict(trained.cond_encoder.state_dict())
     pipe.to(torch.float16)
+    if pipe.upsampler is not None:
+        pipe.register_modules(upsampler=upsampler if upsampler is not None else fitted_upsampler(name, pipeline_config))
     from diffslim.zoo.pipelines import save_zoo_pipeline
 
     save_zoo_pipeline(pipe, folder)

@@ -62,4 +62,4 @@ def task_eval_set(task: str, n: int, seed: int = 0, sample_size: int = 8, eval_p
     from diffslim.zoo.pipelines import ZooSRPipeline
 
     return EvalSet(inputs=[{"image": x} for x in lr], seeds=seeds, ground_truth=hr,
-                   baseline=ZooSRPipeline.upsample(lr, 2))
+                   baseline=ZooSRPipeline.bicubic(lr, 2))

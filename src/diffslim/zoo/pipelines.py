@@ -50,6 +50,42 @@ class LabelTokenEncoder(ModelMixin, ConfigMixin):
         return torch.cat([self.start.expand(b, -1, -1).to(tok.dtype), tok], dim=1)
 
 
+class LinearUpsampler(ModelMixin, ConfigMixin):
+    """A fixed linear ``scale``x upsampler: bicubic, then a ``kernel_size`` x ``kernel_size`` filter per output
+    phase (``scale**2`` filters shared by the colour channels), fitted by least squares to undo the training
+    degradation (see ``diffslim.train.zoo.fit_upsampler``). zoo:sr samples the residual over its output.
+
+    ``(B, C, h, w)`` in [0, 1] -> ``(B, C, scale*h, scale*w)`` clamped to [0, 1]. Initialised to the identity
+    filter: then it is plain bicubic upsampling.
+    """
+
+    @register_to_config
+    def __init__(self, scale: int = 2, kernel_size: int = 9):
+        super().__init__()
+        w = torch.zeros(scale * scale, 1, kernel_size, kernel_size)
+        w[:, 0, kernel_size // 2, kernel_size // 2] = 1.0
+        self.weight = torch.nn.Parameter(w, requires_grad=False)
+        self.bias = torch.nn.Parameter(torch.zeros(scale * scale), requires_grad=False)
+
+    def phase_responses(self, up: torch.Tensor) -> torch.Tensor:
+        """Every phase's filter applied to every pixel of bicubic images ``(B, C, H, W)`` -> ``(B, C, P, H, W)``."""
+        b, c, h, w = up.shape
+        k = self.config.kernel_size
+        x = F.pad(up.reshape(b * c, 1, h, w), (k // 2,) * 4, mode="reflect")
+        y = F.conv2d(x, self.weight.to(up.dtype), self.bias.to(up.dtype))
+        return y.view(b, c, -1, h, w)
+
+    def forward(self, lr: torch.Tensor) -> torch.Tensor:
+        s = self.config.scale
+        up = F.interpolate(lr, scale_factor=s, mode="bicubic", align_corners=False)
+        y = self.phase_responses(up)
+        h, w = up.shape[-2:]
+        rows = torch.arange(h, device=up.device) % s
+        cols = torch.arange(w, device=up.device) % s
+        phase = (rows[:, None] * s + cols[None, :]).expand(up.shape[0], up.shape[1], 1, h, w)
+        return y.gather(2, phase).squeeze(2).clamp(0, 1)
+
+
 def _component_class(library: str, class_name: str):
     """A component class from model_index.json: diffusers', ours (zoo components, depth-skipped U-Nets)."""
     import importlib
@@ -103,9 +139,10 @@ def save_zoo_pipeline(pipe, folder) -> None:
     from pathlib import Path
 
     DiffusionPipeline.save_pretrained(pipe, str(folder), safe_serialization=True)
-    cond = getattr(pipe, "cond_encoder", None)
-    if cond is not None:
-        cond.save_pretrained(str(Path(folder) / "cond_encoder"), safe_serialization=True)
+    for name in ("cond_encoder", "upsampler"):
+        component = getattr(pipe, name, None)
+        if component is not None:
+            component.save_pretrained(str(Path(folder) / name), safe_serialization=True)
 
 
 class _ZooPipelineIO:
@@ -223,20 +260,22 @@ class ZooClassPipeline(_ZooPipelineIO, DiffusionPipeline):
 
 
 class ZooSRPipeline(_ZooPipelineIO, DiffusionPipeline):
-    """Super-resolution by concatenation: ``[noisy residual, bicubic(LR)]`` -> epsilon.
+    """Super-resolution by concatenation: ``[noisy residual, upsampled LR]`` -> epsilon.
 
-    ``image``: low-resolution images in [0, 1], ``(B, 3, h, w)``; output ``(B, 3, s*h, s*w)``.
+    ``image``: low-resolution images in [0, 1], ``(B, 3, h, w)``; output ``(B, 3, s*h, s*w)``: the upsampled LR
+    plus the sampled residual. ``upsampler``: a fitted :class:`LinearUpsampler` (zoo:sr), or None for bicubic.
     The scale ``s``, ``residual_scale`` and the degradation the model was trained on (``blur_sigma``:
     0 for box averaging, else a Gaussian blur of that sigma before decimation; see :meth:`degrade`)
     are stored in the pipeline's config.
     """
 
     model_cpu_offload_seq = "denoiser"
+    _optional_components = ["upsampler"]
 
-    def __init__(self, denoiser, scheduler, cond_encoder: LabelTokenEncoder, upscale: int = 2,
-                 residual_scale: float = 8.0, blur_sigma: float = 0.0):
+    def __init__(self, denoiser, scheduler, cond_encoder: LabelTokenEncoder, upsampler: Optional[LinearUpsampler] = None,
+                 upscale: int = 2, residual_scale: float = 8.0, blur_sigma: float = 0.0):
         super().__init__()
-        self.register_modules(denoiser=denoiser, scheduler=scheduler, cond_encoder=cond_encoder)
+        self.register_modules(denoiser=denoiser, scheduler=scheduler, cond_encoder=cond_encoder, upsampler=upsampler)
         self.register_to_config(upscale=upscale, residual_scale=residual_scale, blur_sigma=blur_sigma)
 
     def degrade(self, hr: torch.Tensor) -> torch.Tensor:
@@ -246,9 +285,19 @@ class ZooSRPipeline(_ZooPipelineIO, DiffusionPipeline):
         return zdata.downscale(hr, int(self.config.upscale), float(getattr(self.config, "blur_sigma", 0.0)))
 
     @staticmethod
-    def upsample(lr: torch.Tensor, scale: int) -> torch.Tensor:
-        """Bicubic upsampling of ``(B, C, h, w)`` images in [0, 1], clamped to [0, 1]."""
+    def bicubic(lr: torch.Tensor, scale: int) -> torch.Tensor:
+        """Bicubic upsampling of ``(B, C, h, w)`` images in [0, 1], clamped to [0, 1] (the SR baseline)."""
         return F.interpolate(lr, scale_factor=scale, mode="bicubic", align_corners=False).clamp(0, 1)
+
+    def upsample(self, lr: torch.Tensor, scale: Optional[int] = None) -> torch.Tensor:
+        """The upsampled LR the denoiser is conditioned on and the residual is added to: the pipeline's
+        ``upsampler`` when it has one, else bicubic."""
+        scale = int(self.config.upscale) if scale is None else int(scale)
+        if self.upsampler is not None:
+            if int(self.upsampler.config.scale) != scale:
+                raise ValueError(f"this pipeline's upsampler is {self.upsampler.config.scale}x, not {scale}x")
+            return self.upsampler(lr.to(self.upsampler.weight.dtype)).to(lr.dtype)
+        return self.bicubic(lr, scale)
 
     def predict_noise(self, x: torch.Tensor, t, cond_image: torch.Tensor) -> torch.Tensor:
         """``x`` (B, 3, H, W) noisy residual, ``cond_image`` (B, 3, H, W) in [-1, 1] -> epsilon."""

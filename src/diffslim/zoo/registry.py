@@ -40,6 +40,7 @@ class ZooEntry:
     denoiser_config: dict = field(default_factory=dict)
     cond_config: dict | None = None
     pipeline_config: dict = field(default_factory=dict)  # extra pipeline arguments (e.g. SR's residual_scale)
+    upsampler: dict | None = None  # SR: LinearUpsampler arguments (fitted before training), None for bicubic
     default_steps: int = 50
 
     @property
@@ -69,13 +70,15 @@ ZOO: dict[str, ZooEntry] = {
     "sr": ZooEntry(
         name="sr",
         task="sr",
-        description="2x super-resolution (LR: 2x2 box averaging), SD-layout U-Net, bicubic(LR) concatenated to the "
-                    "noisy input",
+        description="2x super-resolution of the BD degradation (Gaussian blur sigma 1.6, decimation), SD-layout "
+                    "U-Net, a fitted linear upsampling of the LR concatenated to the noisy input; samples the "
+                    "residual over it",
         denoiser_class="UNet2DConditionModel",
         denoiser_config=dict(_SD_LAYOUT, sample_size=16, in_channels=6, out_channels=3,
                              block_out_channels=(32, 32, 64, 64)),
         cond_config=dict(num_labels=1, dim=32, num_tokens=2),
-        pipeline_config=dict(upscale=2, residual_scale=8.0, blur_sigma=0.0),
+        pipeline_config=dict(upscale=2, residual_scale=8.0, blur_sigma=1.6),
+        upsampler=dict(kernel_size=9),
     ),
 }
 
