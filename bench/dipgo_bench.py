@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -102,7 +103,8 @@ def bench_model(name: str, n: int, batch: int, warm: bool = True) -> dict:
         RESULTS / f"dipgo_{name}_pareto.png", dpi=110)
     out = {"model": f"zoo:{name}", "ratio": ratio, "n": n, "steps": STEPS, "dipgo_train_seconds": train_s,
            "rows": rows, "not_applicable": skipped, "seconds": time.perf_counter() - t0,
-           "command": "OMP_NUM_THREADS=1 python bench/dipgo_bench.py --models " + name + ("" if warm else " --no-warm")}
+           "command": f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} python bench/dipgo_bench.py --models "
+                      f"{name} --n {n} --batch {batch}" + ("" if warm else " --no-warm")}
     (RESULTS / f"dipgo_{name}.json").write_text(json.dumps(out, indent=2, default=str))
     return out
 
