@@ -51,7 +51,7 @@ def test_straight_through_gates_are_hard_with_soft_gradient():
 def test_plan_from_scores_meets_the_budget_as_closely_as_the_threshold_allows(units):
     rng = np.random.default_rng(0)
     scores = rng.random((10, len(units)))
-    plan = plan_from_scores(scores, units, 0.6)
+    plan = plan_from_scores(scores, units, 0.6, fill=False)
     r = plan_macs_ratio(plan, units)
     assert r <= 0.4 + 1e-12 and plan[0].all()
     thr = scores[1:][plan[1:]].min()
@@ -62,6 +62,23 @@ def test_plan_from_scores_meets_the_budget_as_closely_as_the_threshold_allows(un
         plan_from_scores(scores, units, 1.0)
     with pytest.raises(UserError, match="out of reach"):
         plan_from_scores(scores[:1], units, 0.5)  # one step: step 0 alone is everything
+
+
+def test_filled_plan_tops_the_threshold_plan_up_to_the_budget(units):
+    """The fill keeps the threshold plan, stays within the budget, gets closer to it, and is maximal:
+    no pair left out would both run and fit."""
+    rng = np.random.default_rng(1)
+    for ratio in (0.5, 0.6, 0.8):
+        scores = rng.random((10, len(units)))
+        thr, filled = plan_from_scores(scores, units, ratio, fill=False), plan_from_scores(scores, units, ratio)
+        r_thr, r = plan_macs_ratio(thr, units), plan_macs_ratio(filled, units)
+        assert (filled >= thr).all() and r_thr <= r <= 1 - ratio + 1e-12
+        for k, u in zip(*np.nonzero(~filled[1:])):
+            more = filled.copy()
+            more[1 + k, u] = True
+            m = plan_macs_ratio(more, units)
+            assert m == r or m > 1 - ratio + 1e-12
+    assert r > r_thr  # the threshold alone leaves budget unused here
 
 
 def test_gated_trajectory_equals_pipeline_under_the_hard_plan(tiny_digits_pipe, units):

@@ -247,3 +247,43 @@ def test_transformers_never_reuse_the_output():
     plan = np.ones((3, len(u)), bool)
     plan[1] = False
     assert plan_macs_ratio(plan, u) == pytest.approx((3 * u.total_macs - sum(u.macs)) / (3 * u.total_macs))
+
+
+def test_units_measured_on_the_pipelines_own_call_give_the_counted_macs_ratio():
+    """An SR pipeline calls its U-Net at the size of its input, not at the config's sample_size, and
+    attention grows faster with size than convolution: a plan's MACs ratio from ``plan_units_at``
+    equals the ratio FlopCounterMode counts for the denoiser over a real run; the config-size one does not."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from diffslim.measure.macs import attention_flop_mapping
+    from diffslim.methods.skip_plan import plan_units_at
+    from diffslim.sample import SampleSpec, run_pipeline
+    from diffslim.train.zoo import build_pipeline
+
+    torch.manual_seed(0)
+    pipe = build_pipeline("sr")
+    pipe.set_progress_bar_config(disable=True)
+    den = pipe.denoiser
+    size = den.config.sample_size
+    lr = torch.rand(3, size, size)  # the U-Net runs at the HR size: upscale x the config's sample_size
+    spec = SampleSpec(inputs=[{"image": lr}], seeds=[0], num_inference_steps=STEPS, batch_size=1)
+    at_config, at_call = plan_units(den, "fine"), plan_units_at(pipe, spec, "fine")
+    assert at_call.names == at_config.names and at_call.consumers == at_config.consumers
+
+    def denoiser_macs():
+        with FlopCounterMode(display=False, custom_mapping=attention_flop_mapping()) as fc:
+            run_pipeline(pipe, spec, [0])
+        return sum(fc.get_flop_counts()[type(den).__name__].values()) // 2
+
+    full = denoiser_macs()
+    assert at_call.total_macs * STEPS == full
+    plan = deepcache_plan(at_call, STEPS, 3, 0)
+    apply_skip_plan(den, plan, at_call)
+    try:
+        measured = denoiser_macs() / full
+        with pytest.raises(UserError, match="remove the installed skip plan"):
+            plan_units_at(pipe, spec)
+    finally:
+        remove_skip_plan(den)
+    assert plan_macs_ratio(plan, at_call) == pytest.approx(measured, rel=1e-9)
+    assert abs(plan_macs_ratio(plan, at_config) - measured) > 5e-3

@@ -428,6 +428,14 @@ def _plan_scheduler_check(ctx: BenchContext, steps: int) -> None:
     check_scheduler(sched, steps, steps, name or "")
 
 
+def _bench_units(ctx: BenchContext, granularity: str):
+    """The plan units with MACs measured on the denoiser call the bench's own inputs make (its size,
+    context and guidance batch), so plan MACs ratios agree with the rows' counted ``macs_ratio``."""
+    from diffslim.methods.skip_plan import plan_units_at
+
+    return plan_units_at(ctx.loaded.pipe, ctx.base_spec, granularity)
+
+
 def _plan_variant(method: str, ctx: BenchContext, plan, units, notes: str = "") -> Variant:
     """A variant that samples the loaded pipeline with ``plan`` installed (removed again after the row)."""
     from diffslim.methods.skip_plan import apply_skip_plan, plan_macs_ratio, remove_skip_plan
@@ -464,7 +472,6 @@ def _default_dipgo(ctx: BenchContext, ratio: float, **overrides):
     import numpy as np
 
     from diffslim.methods.dipgo import DipgoConfig, plan_from_scores, train_dipgo
-    from diffslim.methods.skip_plan import plan_units
     from diffslim.sample import model_fingerprint
 
     from diffslim.zoo.pipelines import ZooClassPipeline, ZooSRPipeline
@@ -477,11 +484,11 @@ def _default_dipgo(ctx: BenchContext, ratio: float, **overrides):
     pool = None if zoo else list(ctx.base_spec.inputs)
     data_key = "zoo" if zoo else ctx.base_spec.digest()
     # DIPGO_VERSION changes whenever the training changes, so that no stale cached run is reused
+    units = _bench_units(ctx, settings.get("granularity", "fine"))
     key = hashlib.sha256(f"{DIPGO_VERSION}|{model_fingerprint(ctx.loaded.source)}|{steps}|{sched}|"
-                         f"{sorted(settings.items())}|{data_key}".encode()
+                         f"{sorted(settings.items())}|{data_key}|{units.macs}|{units.outside_macs}".encode()
                          ).hexdigest()[:16]
     root = Path(os.environ.get("DIFFSLIM_CACHE", Path.home() / ".cache" / "diffslim")) / "dipgo" / key
-    units = plan_units(ctx.loaded.denoiser, settings.get("granularity", "fine"))
     meta = root / "train.json"
     if not meta.exists():
         cfg = DipgoConfig(ratio=ratio, num_inference_steps=steps, scheduler=sched, out=str(root), progress=False,
@@ -515,9 +522,9 @@ def _dipgo(arg, ctx: BenchContext) -> Variant:
             return None
         import numpy as np
 
-        from diffslim.methods.skip_plan import plan_units, validate_plan
+        from diffslim.methods.skip_plan import validate_plan
 
-        units = plan_units(ctx.loaded.denoiser, rec.skip_plan.granularity)
+        units = _bench_units(ctx, rec.skip_plan.granularity)
         if list(units.names) != rec.skip_plan.units:
             raise UserError(f"dipgo:{text}: the plan's units do not match this model's")
         plan = validate_plan(np.asarray(rec.skip_plan.plan), units, ctx.default_steps)
@@ -539,7 +546,7 @@ def _dipgo(arg, ctx: BenchContext) -> Variant:
 @register_method("deepcache", "deepcache:K[:B], DeepCache as a skip plan: a full step every K steps, else only "
                               "the shallow branch B (default 0) runs (U-Nets)")
 def _deepcache(arg, ctx: BenchContext) -> Variant:
-    from diffslim.methods.skip_plan import deepcache_plan, plan_units
+    from diffslim.methods.skip_plan import deepcache_plan
 
     k_s, _, b_s = (arg or "").partition(":")
     k = _int_arg(k_s, "deepcache:K")
@@ -550,14 +557,13 @@ def _deepcache(arg, ctx: BenchContext) -> Variant:
     _plan_scheduler_check(ctx, ctx.default_steps)
     if ctx.dry_run:
         return None
-    units = plan_units(ctx.loaded.denoiser, "fine")
+    units = _bench_units(ctx, "fine")
     plan = deepcache_plan(units, ctx.default_steps, k, b)
     return _plan_variant(f"deepcache:{k}:{b}", ctx, plan, units, f"interval {k}, branch {b}")
 
 
 def _search_variant(method: str, arg, ctx: BenchContext) -> Variant:
     from diffslim.methods.dipgo import plan_psnr_fn, search_plan
-    from diffslim.methods.skip_plan import plan_units
 
     r_s, _, b_s = (arg or "").partition(":")
     ratio = _ratio_arg(r_s, f"{method}:R")
@@ -565,7 +571,7 @@ def _search_variant(method: str, arg, ctx: BenchContext) -> Variant:
     _plan_scheduler_check(ctx, ctx.default_steps)
     if ctx.dry_run:
         return None
-    units = plan_units(ctx.loaded.denoiser, "fine")
+    units = _bench_units(ctx, "fine")
     calib = calibration_spec(ctx, n=DEFAULT_DIPGO["batch_size"])
     ref = sample(ctx.loaded.pipe, calib)
     res = search_plan(plan_psnr_fn(ctx.loaded.pipe, calib, ref, units), units, ctx.default_steps, ratio, budget,

@@ -673,7 +673,7 @@ def dipgo_cmd(
     """Learn a skip plan with DiP-GO and write it as a recipe (skip_plan section)."""
     _quiet_libraries()
     from diffslim.methods.dipgo import DipgoConfig, check_ratio, train_dipgo
-    from diffslim.methods.skip_plan import GRANULARITIES, plan_units
+    from diffslim.methods.skip_plan import GRANULARITIES
     from diffslim.models.load import load
     from diffslim.recipe import SCHEDULERS, Recipe, SkipPlan
 
@@ -692,8 +692,8 @@ def dipgo_cmd(
     loaded = load(model)
     if loaded.pipe is None:
         raise UserError(f"{model} is not a pipeline; DiP-GO samples it: give zoo:NAME or a pipeline folder")
-    units = plan_units(loaded.denoiser, granularity)
-    res = train_dipgo(loaded.pipe, cfg, units)
+    res = train_dipgo(loaded.pipe, cfg)  # units with MACs measured on the training inputs' own call
+    units = res.units
     Recipe(model=model, description=f"DiP-GO skip plan, R={ratio:g}, MACs ratio {res.macs_ratio:.3f}",
            skip_plan=SkipPlan(granularity=granularity, units=list(units.names), plan=res.plan.tolist(),
                               scheduler=scheduler, provenance=res.provenance())).save(out)

@@ -42,7 +42,7 @@ from torch import nn
 from diffslim.errors import UserError
 from diffslim.methods.skip_plan import (
     PlanUnits, apply_skip_plan, check_scheduler, deepcache_plan, effective_plan_soft, full_plan, plan_macs_ratio,
-    plan_units, remove_skip_plan,
+    plan_units, plan_units_at, remove_skip_plan,
 )
 
 __all__ = ["Pruner", "DipgoConfig", "DipgoResult", "train_dipgo", "plan_from_scores", "search_plan",
@@ -169,11 +169,16 @@ def straight_through_gates(logits: torch.Tensor, generator: Optional[torch.Gener
     return torch.cat([torch.ones_like(g[:1]), g[1:]], dim=0)
 
 
-def plan_from_scores(scores, units: PlanUnits, ratio: float) -> np.ndarray:
-    """The plan ``scores >= threshold`` (step 0 full) with the lowest threshold whose MACs are within ``1 - ratio``.
+def plan_from_scores(scores, units: PlanUnits, ratio: float, fill: bool = True) -> np.ndarray:
+    """The plan ``scores >= threshold`` (step 0 full) with the lowest threshold whose MACs are within
+    ``1 - ratio``, then (``fill``) topped up towards the budget.
 
     ``scores``: ``(T, U)`` importance (higher = keep). Binary search over the sorted distinct scores;
     raises :class:`UserError` when even the plan that runs only step 0 in full exceeds the budget.
+    A threshold moves in jumps: the next lower one may switch on a unit together with the units it
+    forces to run and overshoot the budget by far. ``fill`` then walks the remaining (step, unit)
+    pairs from the highest score down and keeps each one whose plan still fits, so the plan meets the
+    budget as closely as the scores' order allows.
     """
     s = np.asarray(scores, dtype=np.float64)
     budget = 1.0 - check_ratio(ratio)
@@ -196,7 +201,23 @@ def plan_from_scores(scores, units: PlanUnits, ratio: float) -> np.ndarray:
             hi = mid
         else:
             lo = mid + 1
-    return plan_at(lo)
+    plan = plan_at(lo)
+    if not fill:
+        return plan
+    macs = plan_macs_ratio(plan, units)
+    while True:  # passes: a pair that would not run (its consumers skipped) may run once a consumer does
+        added = False
+        rest = np.flatnonzero(~plan[1:].ravel())
+        for flat in rest[np.argsort(-s[1:].ravel()[rest], kind="stable")]:
+            k, u = divmod(int(flat), s.shape[1])
+            plan[1 + k, u] = True
+            new = plan_macs_ratio(plan, units)
+            if macs < new <= budget + 1e-12:  # runs, and fits
+                macs, added = new, True
+            else:  # over the budget, or would not run at all: left out
+                plan[1 + k, u] = False
+        if not added:
+            return plan
 
 
 # ------------------------------------------------------------------------------------------------
@@ -565,7 +586,13 @@ def train_dipgo(pipe, cfg: DipgoConfig, units: Optional[PlanUnits] = None,
 
     cfg.check()
     den = denoiser_of(pipe)
-    units = units or plan_units(den, cfg.granularity)
+    pool = _training_pool(pipe, cfg.data, cfg.seed) if pool is None else pool
+    if units is None:  # MACs measured on the call the training inputs make (size, context, guidance batch)
+        from diffslim.sample import SampleSpec
+
+        units = plan_units_at(pipe, SampleSpec([pool[0]], [cfg.seed], num_inference_steps=cfg.num_inference_steps,
+                                               scheduler=cfg.scheduler, call_kwargs=dict(cfg.call_kwargs),
+                                               batch_size=1), cfg.granularity)
     if cfg.scheduler is not None:
         from diffslim.sample import make_scheduler
 
@@ -585,7 +612,6 @@ def train_dipgo(pipe, cfg: DipgoConfig, units: Optional[PlanUnits] = None,
     for p, _ in frozen:
         p.requires_grad_(False)
     rt = apply_skip_plan(den, full_plan(cfg.num_inference_steps, len(units)), units)
-    pool = _training_pool(pipe, cfg.data, cfg.seed) if pool is None else pool
     out = Path(cfg.out) if cfg.out else None
     start, log, seconds = 0, [], 0.0
     if out is not None:

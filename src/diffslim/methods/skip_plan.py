@@ -47,7 +47,7 @@ from diffslim.errors import UserError
 __all__ = [
     "GRANULARITIES", "PlanUnits", "plan_units", "effective_plan", "effective_plan_soft", "plan_macs_ratio",
     "PlanState", "SkipPlanRuntime", "apply_skip_plan", "remove_skip_plan", "deepcache_plan", "random_plan",
-    "validate_plan", "denoiser_steps", "check_scheduler", "full_plan",
+    "validate_plan", "denoiser_steps", "check_scheduler", "full_plan", "plan_units_at",
 ]
 
 GRANULARITIES = ("coarse", "fine")
@@ -128,6 +128,47 @@ def plan_units(denoiser: nn.Module, granularity: str = "fine", anat=None) -> Pla
     reuse = anat.family != "transformer" and getattr(denoiser.config, "time_embedding_type", None) != "fourier"
     return PlanUnits(granularity, names, modules, macs, outside, tuple(tuple(sorted(c)) for c in consumers),
                      anat.family, reuse)
+
+
+class _FirstCall(Exception):
+    """Raised by the capture hook of :func:`plan_units_at` to stop the pipeline at its first denoiser call."""
+
+
+def plan_units_at(pipe, spec, granularity: str = "fine") -> PlanUnits:
+    """The plan units of ``pipe``'s denoiser, with MACs measured on the call the pipeline really makes.
+
+    :func:`plan_units` measures one forward at the config's ``sample_size`` with dummy conditioning;
+    a pipeline may call its denoiser at another size (a super-resolution pipeline works at the size of
+    its input) or with another context length. Attention products grow with the square of the tokens
+    and convolutions linearly, so the units' shares of the MACs, and with them a plan's MACs ratio,
+    depend on it. This runs ``pipe`` on the first input of ``spec`` (a ``diffslim.sample.SampleSpec``)
+    up to its first denoiser call and counts the MACs of that call.
+    """
+    from diffslim.models.anatomy import anatomy
+    from diffslim.models.load import denoiser_of
+    from diffslim.sample import run_pipeline
+
+    den = denoiser_of(pipe)
+    if getattr(den, "_diffslim_skip_plan", None) is not None:
+        raise UserError("plan_units_at measures the full denoiser: remove the installed skip plan first")
+    seen: dict = {}
+
+    def capture(module, args, kwargs):
+        seen["call"] = (args, kwargs)
+        raise _FirstCall
+
+    one = spec.replace(inputs=spec.inputs[:1], seeds=spec.seeds[:1], batch_size=1)
+    handle = den.register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        run_pipeline(pipe, one, [0])
+    except _FirstCall:
+        pass
+    finally:
+        handle.remove()
+    if "call" not in seen:
+        raise UserError(f"{type(pipe).__name__} did not call its denoiser; cannot measure the units' MACs")
+    args, kwargs = seen["call"]
+    return plan_units(den, granularity, anat=anatomy(den, inputs=(args, kwargs)))
 
 
 def full_plan(num_steps: int, n_units: int) -> np.ndarray:
