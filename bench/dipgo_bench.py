@@ -109,6 +109,9 @@ def bench_model(name: str, n: int, batch: int, warm: bool = True) -> dict:
     res = run_bench(loaded, "full," + ",".join(methods), es, default_steps=STEPS, batch_size=batch,
                     metrics_fn=metrics_fn_for(loaded, es), progress=False)
     rows = [{k: finite(v) for k, v in r.items()} for r in res.rows]
+    for r in rows:  # the only recipe row is the pruner's plan at DeepCache's MACs
+        if r["method"] == "dipgo:recipe":
+            r["method"] = f"dipgo:{ratio} at deepcache MACs"
     Recipe(model=f"zoo:{name}", description=f"DiP-GO plan, R={ratio}",
            skip_plan=SkipPlan(granularity="fine", units=list(units.names), plan=plan.tolist(),
                               provenance={"method": "dipgo", "ratio": ratio, "train_seconds": round(train_s, 1),
