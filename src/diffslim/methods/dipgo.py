@@ -19,7 +19,9 @@ prediction is compared with the full model's at the same step).
 
 Post-processing: the keep probabilities are turned into a plan meeting a MACs reduction ``R``
 (the plan's MACs ``<= (1 - R)`` x the full model's, our reading of the paper's pruning ratio) by
-a binary search over the threshold; step 0 stays full.
+a binary search over the threshold, then topped up towards the budget pair by pair in score order
+(:func:`plan_from_scores`); step 0 stays full. MACs shares are measured on the denoiser call the
+pipeline makes for the training inputs (``plan_units_at``), not at the config's sample size.
 
 Baselines at the same evaluation budget: random search and a genetic algorithm over plans at the
 same MACs ratio (:func:`search_plan`).
