@@ -191,6 +191,39 @@ def run_pipeline(pipe, spec: SampleSpec, indices: Sequence[int], progress=None,
     return torch.cat(outs) if outs else torch.empty(0)
 
 
+class _FirstCall(Exception):
+    """Raised by :func:`first_denoiser_call`'s hook to stop the pipeline at its first denoiser call."""
+
+
+def first_denoiser_call(pipe, spec: SampleSpec) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` of the first call ``pipe`` makes to its denoiser when sampling ``spec``'s first input.
+
+    The pipeline stops right there (nothing is denoised). What the call holds (the sample size the
+    pipeline really works at, the context length, the guidance batch) is what MACs counts should
+    use: a denoiser's config ``sample_size`` and dummy conditioning may differ from it.
+    """
+    from diffslim.models.load import denoiser_of
+
+    den = denoiser_of(pipe)
+    seen: dict = {}
+
+    def capture(module, args, kwargs):
+        seen["call"] = (args, kwargs)
+        raise _FirstCall
+
+    one = spec.replace(inputs=spec.inputs[:1], seeds=spec.seeds[:1], batch_size=1)
+    handle = den.register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        run_pipeline(pipe, one, [0])
+    except _FirstCall:
+        pass
+    finally:
+        handle.remove()
+    if "call" not in seen:
+        raise UserError(f"{type(pipe).__name__} did not call its denoiser")
+    return seen["call"]
+
+
 class ReferenceCache:
     """Reference outputs on disk, keyed by model, inputs, scheduler and steps (safetensors files).
 

@@ -16,7 +16,7 @@ import torch
 from diffslim.errors import UserError
 from diffslim.measure import quality
 from diffslim.methods.depth_skip import depth_skip, max_depth
-from diffslim.sample import SampleSpec, sample
+from diffslim.sample import SampleSpec, first_denoiser_call, sample
 
 METRICS: dict[str, Callable[[torch.Tensor, torch.Tensor], float]] = {
     "psnr": lambda out, ref: float(quality.psnr(out, ref).mean()),
@@ -173,11 +173,12 @@ class MultiDepthResult:
                 "sampling_runs": self.sampling_runs, "seconds": self.seconds}
 
 
-def depth_macs(unet: torch.nn.Module) -> dict[int, int]:
-    """MACs of one denoiser call at every depth ``1..full`` (the model's default input size)."""
+def depth_macs(unet: torch.nn.Module, inputs: Optional[tuple[tuple, dict]] = None) -> dict[int, int]:
+    """MACs of one denoiser call at every depth ``1..full``, on ``inputs`` ``(args, kwargs)`` (a call the
+    pipeline really makes: ``diffslim.sample.first_denoiser_call``) or else the model's default inputs."""
     from diffslim.measure.macs import count_macs, default_inputs
 
-    args, kwargs = default_inputs(unet)
+    args, kwargs = inputs if inputs is not None else default_inputs(unet)
     return {d: count_macs(depth_skip(unet, d), *args, **kwargs)[0] for d in range(1, max_depth(unet) + 1)}
 
 
@@ -227,7 +228,8 @@ def search_multi_depth(pipe, attr: str, spec: SampleSpec, reference: torch.Tenso
         raise UserError(f"--split {split} must be a timestep in 1..999")
     n_high = sum(t >= split for t in ts)
     n_low = len(ts) - n_high
-    macs = depth_macs(unet)
+    # priced on the call the pipeline makes for these inputs (SR works at its input's size, not sample_size)
+    macs = depth_macs(unet, first_denoiser_call(pipe, spec))
     res = MultiDepthResult(metric, threshold, int(split), full, n_high, n_low, full, full, False, 1.0,
                            depth_macs=macs)
     t0 = time.perf_counter()

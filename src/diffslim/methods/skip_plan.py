@@ -130,10 +130,6 @@ def plan_units(denoiser: nn.Module, granularity: str = "fine", anat=None) -> Pla
                      anat.family, reuse)
 
 
-class _FirstCall(Exception):
-    """Raised by the capture hook of :func:`plan_units_at` to stop the pipeline at its first denoiser call."""
-
-
 def plan_units_at(pipe, spec, granularity: str = "fine") -> PlanUnits:
     """The plan units of ``pipe``'s denoiser, with MACs measured on the call the pipeline really makes.
 
@@ -146,28 +142,12 @@ def plan_units_at(pipe, spec, granularity: str = "fine") -> PlanUnits:
     """
     from diffslim.models.anatomy import anatomy
     from diffslim.models.load import denoiser_of
-    from diffslim.sample import run_pipeline
+    from diffslim.sample import first_denoiser_call
 
     den = denoiser_of(pipe)
     if getattr(den, "_diffslim_skip_plan", None) is not None:
         raise UserError("plan_units_at measures the full denoiser: remove the installed skip plan first")
-    seen: dict = {}
-
-    def capture(module, args, kwargs):
-        seen["call"] = (args, kwargs)
-        raise _FirstCall
-
-    one = spec.replace(inputs=spec.inputs[:1], seeds=spec.seeds[:1], batch_size=1)
-    handle = den.register_forward_pre_hook(capture, with_kwargs=True)
-    try:
-        run_pipeline(pipe, one, [0])
-    except _FirstCall:
-        pass
-    finally:
-        handle.remove()
-    if "call" not in seen:
-        raise UserError(f"{type(pipe).__name__} did not call its denoiser; cannot measure the units' MACs")
-    args, kwargs = seen["call"]
+    args, kwargs = first_denoiser_call(pipe, spec)
     return plan_units(den, granularity, anat=anatomy(den, inputs=(args, kwargs)))
 
 
