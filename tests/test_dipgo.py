@@ -364,3 +364,58 @@ def test_warm_starts_begin_as_their_plan_within_the_budget(units):
     assert np.array_equal(post | steps, post) and plan_macs_ratio(post, units) <= 0.4
     with pytest.raises(UserError, match="unknown init"):
         DipgoConfig(init="magic").check()
+
+
+def test_annealed_sparsity_floor_falls_linearly_to_the_target(tiny_digits_pipe, units, tmp_path):
+    from diffslim.methods.dipgo import sparsity_floor
+
+    # the paper's schedule: the target from the first step
+    assert [sparsity_floor(s, 0.8) for s in range(3)] == [pytest.approx(0.2)] * 3
+    # annealed over 4 steps: 1 - 0.8 * (s + 1) / 4, then the target
+    assert [sparsity_floor(s, 0.8, 4) for s in range(6)] == pytest.approx([0.8, 0.6, 0.4, 0.2, 0.2, 0.2])
+    with pytest.raises(UserError, match="anneal must be >= 0"):
+        DipgoConfig(anneal=-1).check()
+    # the sparsity loss acts exactly when the kept share is above the floor of that step: with a floor that
+    # falls slowly (near 1 for these 3 steps) the sampled plans sit below it, and only the consistency acts
+    a = train_dipgo(tiny_digits_pipe, _cfg(tmp_path / "a", 3, anneal=1000), units)
+    c = train_dipgo(tiny_digits_pipe, _cfg(tmp_path / "c", 3), units)
+    for run, anneal in ((a, 1000), (c, 0)):
+        for rec in run.log:
+            floor = sparsity_floor(rec["step"] - 1, 0.5, anneal)
+            sparse = rec["loss"] - rec["consistency"]
+            assert sparse == pytest.approx(rec["kept_macs"] if rec["kept_macs"] > floor else 0.0, abs=1e-6)
+    assert any(r["kept_macs"] <= sparsity_floor(r["step"] - 1, 0.5, 1000) for r in a.log)
+    assert not np.array_equal(a.scores, c.scores)
+    assert a.macs_ratio <= 0.5 and a.plan[0].all()
+
+
+def test_validation_selection_keeps_the_scores_of_the_best_plan_and_resumes(tiny_digits_pipe, units, tmp_path):
+    a = train_dipgo(tiny_digits_pipe, _cfg(tmp_path / "a", 3, anneal=3, select=2), units)
+    vals = [r["val"] for r in a.log]
+    assert all(np.isfinite(vals)) and all(v >= 0 for v in vals)
+    best = int(np.argmin(vals)) + 1  # the first step with the lowest validation loss
+    # selection only reads the pruner: the same run stopped at the best step ends with the selected scores
+    upto = train_dipgo(tiny_digits_pipe, _cfg(tmp_path / "u", best, anneal=3), units)
+    assert np.array_equal(a.scores, upto.scores)
+    assert np.array_equal(a.plan, plan_from_scores(upto.scores, units, 0.5))
+    # interrupted after one step and resumed: the same selection
+    train_dipgo(tiny_digits_pipe, _cfg(tmp_path / "b", 1, anneal=3, select=2), units)
+    b = train_dipgo(tiny_digits_pipe, _cfg(tmp_path / "b", 3, anneal=3, select=2), units)
+    assert np.array_equal(a.scores, b.scores) and [r["val"] for r in b.log] == vals
+    with pytest.raises(UserError, match="select must be >= 0"):
+        DipgoConfig(select=-1).check()
+
+
+def test_restarts_keep_the_pruner_that_validates_best(tiny_digits_pipe, units, tmp_path):
+    r = train_dipgo(tiny_digits_pipe, _cfg(tmp_path / "r", 2, anneal=2, select=2, restarts=2), units)
+    # the same two pruners trained on their own, validated on the same batch (the first seed's)
+    alone = [train_dipgo(tiny_digits_pipe, _cfg(tmp_path / f"s{k}", 2, anneal=2, select=2, seed=k, val_seed=0), units)
+             for k in range(2)]
+    vals = [min(x["val"] for x in a.log) for a in alone]
+    k = int(np.argmin(vals))
+    assert r.restart == k and np.array_equal(r.scores, alone[k].scores) and np.array_equal(r.plan, alone[k].plan)
+    assert [x["val"] for x in r.log if x["restart"] == 1] == [x["val"] for x in alone[1].log]
+    assert (tmp_path / "r" / "restart_1" / "scores.npy").exists() and (tmp_path / "r" / "scores.npy").exists()
+    assert r.provenance()["kept_restart"] == k
+    with pytest.raises(UserError, match="needs select"):
+        DipgoConfig(restarts=2).check()

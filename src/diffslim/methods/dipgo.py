@@ -23,6 +23,14 @@ a binary search over the threshold, then topped up towards the budget pair by pa
 (:func:`plan_from_scores`); step 0 stays full. MACs shares are measured on the denoiser call the
 pipeline makes for the training inputs (``plan_units_at``), not at the config's sample size.
 
+Three training refinements, not in the paper, off in ``DipgoConfig``'s defaults and on in the bench's
+(``diffslim.bench.DEFAULT_DIPGO``), because on the zoo the paper's schedule is at the mercy of its
+seed: ``anneal`` lowers the sparsity floor from 1 to the target over N steps, so units are pruned in
+the order the consistency loss ranks them rather than all at once; ``select`` post-processes the
+scores of every step to a plan, scores it on a fixed validation batch (training inputs, unseen noise)
+and keeps the best; ``restarts`` trains several pruners from successive seeds and keeps the one that
+validates best.
+
 Baselines at the same evaluation budget: random search and a genetic algorithm over plans at the
 same MACs ratio (:func:`search_plan`).
 """
@@ -43,8 +51,8 @@ from torch import nn
 
 from diffslim.errors import UserError
 from diffslim.methods.skip_plan import (
-    PlanUnits, apply_skip_plan, check_scheduler, deepcache_plan, effective_plan_soft, full_plan, plan_macs_ratio,
-    plan_units, plan_units_at, remove_skip_plan,
+    PlanState, PlanUnits, apply_skip_plan, check_scheduler, deepcache_plan, effective_plan, effective_plan_soft, full_plan,
+    plan_macs_ratio, plan_units, plan_units_at, remove_skip_plan,
 )
 
 __all__ = ["Pruner", "DipgoConfig", "DipgoResult", "train_dipgo", "plan_from_scores", "search_plan",
@@ -154,7 +162,7 @@ class _HardGate(torch.autograd.Function):
 
 
 def straight_through_gates(logits: torch.Tensor, generator: Optional[torch.Generator] = None,
-                           tau: float = 1.0) -> torch.Tensor:
+                           tau: float = 1.0, scale: float = 1.0) -> torch.Tensor:
     """Hard 0/1 gates ``(T, U)`` from logits ``(T, U, 2)``, with the keep probability's gradient; step 0 is 1.
 
     The forward values are exactly 0 or 1 (not ``hard + p - p.detach()``, which rounds), so the gated
@@ -162,11 +170,12 @@ def straight_through_gates(logits: torch.Tensor, generator: Optional[torch.Gener
     logits first (straight-through Gumbel-softmax at temperature ``tau``): while every gate is still
     open, the consistency loss is exactly 0 with a zero gradient (the full model is its own optimum);
     sampled gates close a few units at random, so each unit's effect on the output is measured from
-    the first step.
+    the first step. ``scale`` multiplies the noise: 1 samples each gate with its keep probability, less
+    explores less (the hard values do not depend on ``tau``, only the gradient's slope does).
     """
     if generator is not None:
         u = torch.rand(logits.shape, generator=generator).clamp_(1e-9, 1 - 1e-9)
-        logits = (logits - torch.log(-torch.log(u)).to(logits.dtype)) / tau
+        logits = (logits - scale * torch.log(-torch.log(u)).to(logits.dtype)) / tau
     g = _HardGate.apply(logits.softmax(-1)[..., 1])
     return torch.cat([torch.ones_like(g[:1]), g[1:]], dim=0)
 
@@ -394,6 +403,20 @@ def consistency_loss(pred: torch.Tensor, ref: torch.Tensor, kind: str = "ssim") 
     raise UserError(f"unknown loss {kind!r}; accepted: {', '.join(LOSSES)}")
 
 
+def sparsity_floor(step: int, ratio: float, anneal: int = 0) -> float:
+    """The kept MACs share below which the sparsity loss stops acting, at optimizer step ``step`` (0-based).
+
+    ``anneal`` 0: the target ``1 - ratio`` from the start (the paper). ``anneal`` N > 0 (not in the paper):
+    the floor falls linearly from 1 to the target over the first N steps, so units are pruned gradually,
+    in the order the consistency loss ranks them, rather than all at once when the shared sparsity push
+    carries every gate across the threshold together.
+    """
+    target = 1.0 - ratio
+    if anneal <= 0:
+        return target
+    return max(target, 1.0 - ratio * min(1.0, (step + 1) / anneal))
+
+
 def kept_macs(eff: torch.Tensor, units: PlanUnits) -> torch.Tensor:
     """The MACs share ``(scalar)`` of the denoiser calls under effective gates ``eff`` ``(T, U)``
     (``effective_plan_soft`` of the gates: dependencies included)."""
@@ -425,6 +448,7 @@ class DipgoConfig:
     heads: int = 4
     self_attention: bool = True
     gumbel: bool = True
+    gumbel_scale: float = 1.0  # scale of the Gumbel noise on the gates (1: sampled with their keep probability)
     keep_bias: float = 3.0
     init: str = "keep"  # "keep" (the paper: every gate open), "steps" or "deepcache" (warm starts)
     objective: str = "unrolled"
@@ -434,6 +458,11 @@ class DipgoConfig:
     data: str = "zoo"
     call_kwargs: dict = field(default_factory=dict)  # extra pipeline arguments (e.g. guidance_scale)
     checkpoint_every: int = 20
+    anneal: int = 0  # optimizer steps over which the sparsity floor falls from 1 to 1 - ratio (0: at once)
+    average_scores: bool = False  # importance = keep probability averaged over the steps (else: the last step's)
+    select: int = 0  # > 0: validation inputs; the scores kept are those whose plan scored best on them
+    restarts: int = 1  # pruners trained from seeds seed, seed + 1, ...; the best on validation is kept
+    val_seed: Optional[int] = None  # the validation batch's seed (default: seed), shared by the restarts
     out: Optional[str] = None
     progress: bool = True
 
@@ -447,6 +476,15 @@ class DipgoConfig:
             raise UserError(f"unknown objective {self.objective!r}; accepted: {', '.join(OBJECTIVES)}")
         if self.iters < 1 or self.batch_size < 1 or self.num_inference_steps < 2 or self.lr <= 0:
             raise UserError("iters and batch size must be >= 1, steps >= 2, lr > 0")
+        if self.gumbel_scale < 0:
+            raise UserError(f"gumbel_scale must be >= 0 (the gates' Gumbel noise scale), got {self.gumbel_scale}")
+        if self.select < 0:
+            raise UserError(f"select must be >= 0 validation inputs (0: keep the last scores), got {self.select}")
+        if self.restarts < 1 or (self.restarts > 1 and self.select < 1):
+            raise UserError(f"restarts must be >= 1, and more than 1 needs select >= 1 validation inputs to choose "
+                            f"between them (got restarts={self.restarts}, select={self.select})")
+        if self.anneal < 0:
+            raise UserError(f"anneal must be >= 0 optimizer steps (0: the target floor at once), got {self.anneal}")
         return self
 
 
@@ -461,13 +499,15 @@ class DipgoResult:
     seconds: float
     log: list = field(default_factory=list)
     config: Optional[DipgoConfig] = None
+    restart: Optional[int] = None  # with restarts: which one was kept
 
     def provenance(self) -> dict:
         cfg = asdict(self.config) if self.config is not None else {}
         cfg.pop("progress", None)
         cfg.pop("out", None)
+        extra = {} if self.restart is None else {"kept_restart": self.restart}
         return {"method": "dipgo", "macs_ratio": round(self.macs_ratio, 6), "train_seconds": round(self.seconds, 1),
-                "final": self.log[-1] if self.log else None, **{k: v for k, v in cfg.items()}}
+                "final": self.log[-1] if self.log else None, **extra, **{k: v for k, v in cfg.items()}}
 
 
 class _FolderInputs:
@@ -588,6 +628,7 @@ def train_dipgo(pipe, cfg: DipgoConfig, units: Optional[PlanUnits] = None,
 
     cfg.check()
     den = denoiser_of(pipe)
+    given_pool = pool
     pool = _training_pool(pipe, cfg.data, cfg.seed) if pool is None else pool
     if units is None:  # MACs measured on the call the training inputs make (size, context, guidance batch)
         from diffslim.sample import SampleSpec
@@ -600,6 +641,8 @@ def train_dipgo(pipe, cfg: DipgoConfig, units: Optional[PlanUnits] = None,
 
         check_scheduler(make_scheduler(cfg.scheduler, pipe.scheduler.config), cfg.num_inference_steps,
                         cfg.num_inference_steps, cfg.scheduler)
+    if cfg.restarts > 1:
+        return _train_restarts(pipe, cfg, units, callback, given_pool)
     torch.manual_seed(cfg.seed)
     pruner = Pruner(cfg.num_inference_steps, len(units), cfg.width, cfg.heads, cfg.self_attention, cfg.keep_bias,
                     prior=prior_plan(cfg.init, units, cfg.num_inference_steps, cfg.ratio))
@@ -616,6 +659,8 @@ def train_dipgo(pipe, cfg: DipgoConfig, units: Optional[PlanUnits] = None,
     rt = apply_skip_plan(den, full_plan(cfg.num_inference_steps, len(units)), units)
     out = Path(cfg.out) if cfg.out else None
     start, log, seconds = 0, [], 0.0
+    score_sum = torch.zeros(cfg.num_inference_steps, len(units), dtype=torch.float64)
+    best = {"val": float("inf"), "scores": None, "step": 0}
     if out is not None:
         existing = _checkpoints(out)
         if existing:
@@ -623,13 +668,23 @@ def train_dipgo(pipe, cfg: DipgoConfig, units: Optional[PlanUnits] = None,
             raw.load_state_dict(ck["pruner"])
             opt.load_state_dict(ck["opt"])
             start, log, seconds = ck["step"], ck["log"], ck["seconds"]
+            score_sum = ck.get("score_sum", score_sum)
+            best = ck.get("best", best)
             acc.print(f"resumed from {existing[-1]} at step {start}")
     progress = None
     if cfg.progress and acc.is_local_main_process:
         from tqdm.auto import tqdm
 
         progress = tqdm(total=cfg.iters, initial=start, desc=f"dipgo R={cfg.ratio:g}", dynamic_ncols=True)
-    budget = 1.0 - cfg.ratio
+    val = None
+    if cfg.select:  # a fixed validation batch: training inputs with noise seeds no training step draws
+        vseed = cfg.seed if cfg.val_seed is None else cfg.val_seed
+        vpool = pool if given_pool is not None or vseed == cfg.seed else _training_pool(pipe, cfg.data, vseed)
+        rng = np.random.default_rng([vseed, 2**31])
+        val_traj = _trajectory(pipe, [vpool[i % len(vpool)] for i in range(cfg.select)],
+                               [int(x) for x in rng.integers(2**31, 2**32, size=cfg.select)], cfg)
+        with torch.no_grad():
+            val = (val_traj, val_traj.run(rt.state), {})
     t0 = time.perf_counter()
     try:
         for step in range(start, cfg.iters):
@@ -638,7 +693,7 @@ def train_dipgo(pipe, cfg: DipgoConfig, units: Optional[PlanUnits] = None,
             # the runtime runs the effective plan (units whose consumers are all skipped are skipped too),
             # so the gates that switch the units are the effective ones: same values as the hard plan
             noise = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step) if cfg.gumbel else None
-            gates, kept = _gates_and_kept(pruner(), noise, units)
+            gates, kept = _gates_and_kept(pruner(), noise, units, cfg.gumbel_scale)
             if cfg.objective == "unrolled":
                 with torch.no_grad():
                     ref = traj.run(rt.state)
@@ -646,15 +701,22 @@ def train_dipgo(pipe, cfg: DipgoConfig, units: Optional[PlanUnits] = None,
                 cons = consistency_loss(pred, ref, cfg.loss)
             else:
                 cons = _local_loss(traj, rt.state, gates)
-            sparse = kept if float(kept.detach()) > budget else kept.detach() * 0
+            floor = sparsity_floor(step, cfg.ratio, cfg.anneal)
+            sparse = kept if float(kept.detach()) > floor else kept.detach() * 0
             loss = cons + cfg.alpha * sparse
             opt.zero_grad(set_to_none=True)
             acc.backward(loss)
             opt.step()
             with torch.no_grad():
                 hard_kept = float(kept)
+                score_sum += raw.keep_prob().double()
             rec = {"step": step + 1, "loss": float(loss.detach()), "consistency": float(cons.detach()),
                    "kept_macs": hard_kept}
+            if val is not None:
+                cur = score_sum / (step + 1) if cfg.average_scores else raw.keep_prob().detach().double()
+                rec["val"] = _validation_loss(val, cur.numpy(), units, cfg, rt.state)
+                if rec["val"] < best["val"]:
+                    best = {"val": rec["val"], "scores": cur.clone(), "step": step + 1}
             log.append(rec)
             if callback is not None:
                 callback(step + 1, rec)
@@ -666,7 +728,8 @@ def train_dipgo(pipe, cfg: DipgoConfig, units: Optional[PlanUnits] = None,
                 (out / "checkpoints").mkdir(parents=True, exist_ok=True)
                 tmp = out / "checkpoints" / f".step_{step + 1}.tmp"
                 torch.save({"pruner": raw.state_dict(), "opt": opt.state_dict(), "step": step + 1, "log": log,
-                            "seconds": seconds + time.perf_counter() - t0}, tmp)
+                            "seconds": seconds + time.perf_counter() - t0, "score_sum": score_sum, "best": best},
+                           tmp)
                 tmp.rename(out / "checkpoints" / f"step_{step + 1}.pt")
     finally:
         if progress is not None:
@@ -676,18 +739,72 @@ def train_dipgo(pipe, cfg: DipgoConfig, units: Optional[PlanUnits] = None,
             p.requires_grad_(flag)
     seconds += time.perf_counter() - t0
     with torch.no_grad():
-        scores = raw.keep_prob().double().numpy()
+        if best["scores"] is not None:
+            scores = best["scores"].numpy()
+        else:
+            scores = (score_sum / cfg.iters if cfg.average_scores else raw.keep_prob().double()).numpy()
     plan = plan_from_scores(scores, units, cfg.ratio)
     res = DipgoResult(scores, plan, plan_macs_ratio(plan, units), units, seconds, log, cfg)
-    if out is not None and acc.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        np.save(out / "scores.npy", scores)
-        (out / "result.json").write_text(json.dumps({"provenance": res.provenance(), "units": list(units.names),
-                                                     "plan": plan.astype(int).tolist()}, default=str))
+    if acc.is_main_process:
+        _write_result(res, out)
     return res
 
 
-def _gates_and_kept(logits: torch.Tensor, noise, units: PlanUnits):
+def _write_result(res: DipgoResult, out: Optional[Path]) -> None:
+    if out is None:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    np.save(out / "scores.npy", res.scores)
+    (out / "result.json").write_text(json.dumps({"provenance": res.provenance(), "units": list(res.units.names),
+                                                 "plan": res.plan.astype(int).tolist()}, default=str))
+
+
+def _train_restarts(pipe, cfg: DipgoConfig, units: PlanUnits, callback, pool) -> DipgoResult:
+    """``cfg.restarts`` pruners from seeds ``seed + k``, each in ``out/restart_k`` (each resumes on its own),
+    all validated on the same batch; the one whose best plan has the lowest validation loss is kept."""
+    from dataclasses import replace
+
+    runs = []
+    for k in range(cfg.restarts):
+        sub = replace(cfg, restarts=1, seed=cfg.seed + k, val_seed=cfg.seed if cfg.val_seed is None else cfg.val_seed,
+                      out=str(Path(cfg.out) / f"restart_{k}") if cfg.out else None)
+        runs.append(train_dipgo(pipe, sub, units, callback, pool))
+    vals = [min(r["val"] for r in run.log) for run in runs]
+    k = int(np.argmin(vals))
+    best = runs[k]
+    log = [dict(r, restart=j) for j, run in enumerate(runs) for r in run.log]
+    res = DipgoResult(best.scores, best.plan, best.macs_ratio, units, sum(r.seconds for r in runs), log, cfg,
+                      restart=k)
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        _write_result(res, Path(cfg.out) if cfg.out else None)
+    return res
+
+
+def _validation_loss(val, scores: np.ndarray, units: PlanUnits, cfg: DipgoConfig, state) -> float:
+    """The consistency loss, on the validation batch, of the plan ``scores`` post-process to (memoized by plan)."""
+    traj, ref, seen = val
+    plan = effective_plan(plan_from_scores(scores, units, cfg.ratio), units)
+    key = plan.tobytes()
+    if key not in seen:
+        # the runtime's fast path under the hard plan (skipped units do not compute), then the full plan back
+        hard = PlanState(plan.tolist(), units)
+        fields = ("run", "any_run", "store", "store_output")
+        saved = [getattr(state, f) for f in fields]
+        for f in fields:
+            setattr(state, f, getattr(hard, f))
+        try:
+            with torch.no_grad():
+                pred = traj.run(state, checkpoint=False)
+        finally:
+            for f, v in zip(fields, saved):
+                setattr(state, f, v)
+        seen[key] = float(consistency_loss(pred, ref, cfg.loss))
+    return seen[key]
+
+
+def _gates_and_kept(logits: torch.Tensor, noise, units: PlanUnits, scale: float = 1.0):
     """The gates that switch the units ``(T, U)`` and the kept MACs share (scalar) of one training step.
 
     Values: the runtime runs the *effective* plan (a unit whose consumers are all skipped is skipped too),
@@ -697,7 +814,7 @@ def _gates_and_kept(logits: torch.Tensor, noise, units: PlanUnits):
     gradient comes from the dependency product on the keep probabilities, so a unit's share includes the
     units it forces to run.
     """
-    g = straight_through_gates(logits, noise)
+    g = straight_through_gates(logits, noise, scale=scale)
     eff = effective_plan_soft(g.detach(), units)  # exact 0/1 values
     gates = g + (eff - g).detach()  # exact: 0/1 arithmetic
     p = logits.softmax(-1)[..., 1]
