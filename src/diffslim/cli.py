@@ -667,10 +667,10 @@ def dipgo_cmd(
     data: str = typer.Option("zoo", help="'zoo'; a .txt file, one prompt (or class label) per line; a .jsonl file "
                                          "of pipeline inputs; or a folder of images (captions as prompts)"),
     guidance_scale: Optional[float] = typer.Option(None, help="passed to the pipeline (default: its own)"),
-    anneal: int = typer.Option(0, help="optimizer steps over which the sparsity floor falls from 1 to 1 - RATIO "
-                                       "(0: the target at once, as in the paper)"),
-    select: int = typer.Option(0, help="validation inputs: keep the scores whose plan validated best over the run "
-                                       "(0: the last scores)"),
+    anneal: Optional[int] = typer.Option(None, help="optimizer steps over which the sparsity floor falls from 1 to "
+                                                    "1 - RATIO (default: all of --iters; 0: the target at once)"),
+    select: int = typer.Option(8, help="validation inputs: keep the scores whose plan validated best over the run "
+                                       "(0: the last scores; --anneal 0 --select 0 is the paper's schedule)"),
     restarts: int = typer.Option(1, help="pruners trained from seeds SEED, SEED+1, ...; the one that validates best "
                                          "is kept (needs --select)"),
     checkpoint_every: int = typer.Option(20),
@@ -690,7 +690,7 @@ def dipgo_cmd(
         raise UserError(f"unknown --granularity {granularity!r}; accepted: {', '.join(GRANULARITIES)}")
     cfg = DipgoConfig(ratio=ratio, num_inference_steps=steps, scheduler=scheduler, loss=loss, alpha=alpha,
                       iters=iters, batch_size=batch_size, lr=lr, granularity=granularity, objective=objective,
-                      init=init, anneal=anneal, select=select, restarts=restarts,
+                      init=init, anneal=iters if anneal is None else anneal, select=select, restarts=restarts,
                       self_attention=self_attention, gradient_checkpointing=gradient_checkpointing, data=data,
                       call_kwargs={} if guidance_scale is None else {"guidance_scale": guidance_scale},
                       checkpoint_every=checkpoint_every, seed=seed,
