@@ -675,7 +675,8 @@ def train_dipgo(pipe, cfg: DipgoConfig, units: Optional[PlanUnits] = None,
     if cfg.progress and acc.is_local_main_process:
         from tqdm.auto import tqdm
 
-        progress = tqdm(total=cfg.iters, initial=start, desc=f"dipgo R={cfg.ratio:g}", dynamic_ncols=True)
+        progress = tqdm(total=cfg.iters, initial=start, desc=f"dipgo R={cfg.ratio:g} seed {cfg.seed}",
+                        dynamic_ncols=True)
     val = None
     if cfg.select:  # a fixed validation batch: training inputs with noise seeds no training step draws
         vseed = cfg.seed if cfg.val_seed is None else cfg.val_seed
@@ -722,7 +723,8 @@ def train_dipgo(pipe, cfg: DipgoConfig, units: Optional[PlanUnits] = None,
                 callback(step + 1, rec)
             if progress is not None:
                 progress.update(1)
-                progress.set_postfix(cons=f"{rec['consistency']:.4f}", kept=f"{hard_kept:.3f}")
+                progress.set_postfix(cons=f"{rec['consistency']:.4f}", kept=f"{hard_kept:.3f}",
+                                     **({"val": f"{rec['val']:.4f}"} if "val" in rec else {}))
             if out is not None and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.iters) \
                     and acc.is_main_process:
                 (out / "checkpoints").mkdir(parents=True, exist_ok=True)
