@@ -187,7 +187,8 @@ def timing(models, n: int, repeats: int = 5) -> dict:
     from diffslim.recipe import load_recipe
     from diffslim.sample import SampleSpec, _call_kwargs
 
-    out = {}
+    path = RESULTS / "dipgo_timing.json"
+    out = json.loads(path.read_text()) if path.exists() else {}  # other models' and batch sizes' entries kept
     for name in models:
         loaded = load(f"zoo:{name}")
         pipe, den = loaded.pipe, loaded.denoiser
@@ -219,12 +220,12 @@ def timing(models, n: int, repeats: int = 5) -> dict:
             for k, (st, p) in variants.items():
                 best[k] = min(best[k], run(st, p))
         r = plan_macs_ratio(plan, units)
-        out[name] = {"seconds": best, "plan_macs_ratio_denoiser": r,
+        out[name if n == 16 else f"{name}@n{n}"] = {"seconds": best, "plan_macs_ratio_denoiser": r,
                      "speedup_dipgo": best["full"] / best["dipgo plan"], "ideal_speedup": 1 / r,
                      "speedup_over_ideal": best["full"] / best["dipgo plan"] * r,
                      "hook_overhead": best["keep-all plan"] / best["full"] - 1, "batch": n}
-        print(name, out[name], flush=True)
-    (RESULTS / "dipgo_timing.json").write_text(json.dumps(out, indent=2))
+        print(name, n, out[name if n == 16 else f"{name}@n{n}"], flush=True)
+        path.write_text(json.dumps(out, indent=2))
     return out
 
 
