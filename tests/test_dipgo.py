@@ -321,9 +321,11 @@ def test_cli_dipgo_and_bench_on_a_stable_diffusion_folder(tiny_sd_pipe, tmp_path
     runner = CliRunner()
     r = runner.invoke(app, ["dipgo", str(folder), "--ratio", "0.5", "--steps", "4", "--iters", "2", "--batch-size",
                             "1", "--data", str(prompts), "--guidance-scale", "2.0", "--init", "steps",
-                            "--out", str(tmp_path / "r.json")])
+                            "--select", "2", "--restarts", "2", "--out", str(tmp_path / "r.json")])
     assert r.exit_code == 0, r.output
+    assert "validated best" in r.output and " of 2)" in r.output
     rec = load_recipe(tmp_path / "r.json")
+    assert rec.skip_plan.provenance["kept_restart"] in (0, 1) and rec.skip_plan.provenance["restarts"] == 2
     assert len(rec.skip_plan.plan) == 4 and rec.skip_plan.provenance["call_kwargs"] == {"guidance_scale": 2.0}
     assert rec.skip_plan.provenance["init"] == "steps"
     r = runner.invoke(app, ["bench", str(folder), "--methods", f"full,dipgo:@{tmp_path / 'r.json'},dipgo:0.5",

@@ -704,8 +704,11 @@ def dipgo_cmd(
            skip_plan=SkipPlan(granularity=granularity, units=list(units.names), plan=res.plan.tolist(),
                               scheduler=scheduler, provenance=res.provenance())).save(out)
     kept = int(res.plan.sum())
+    vals = [r["val"] for r in res.log if "val" in r and r.get("restart", res.restart) == res.restart]
+    chosen = (f"; kept the plan that validated best (loss {min(vals):.4g}"
+              + (f", seed {seed + res.restart} of {restarts}" if res.restart is not None else "") + ")") if vals else ""
     console.print(f"plan: {kept}/{res.plan.size} (step, unit) pairs kept, denoiser MACs ratio {res.macs_ratio:.3f} "
-                  f"(target <= {1 - ratio:.3f}); trained {res.seconds:.0f}s; recipe: {out}")
+                  f"(target <= {1 - ratio:.3f}); trained {res.seconds:.0f}s{chosen}; recipe: {out}")
 
 
 @app.command("recipe")
