@@ -166,7 +166,8 @@ def ablation(n: int, iters: int) -> dict:
     ref = sample(loaded.pipe, spec, show_progress=False)
     score = plan_psnr_fn(loaded.pipe, spec, ref, units)
     out = {}
-    settings = dict(DEFAULT_DIPGO, iters=iters, anneal=iters)  # the floor reaches the target at the last step
+    # one seed (no restarts); the floor reaches the target at the last step
+    settings = dict(DEFAULT_DIPGO, iters=iters, anneal=iters, restarts=1)
     for label, over in (("unrolled+SA", {}), ("unrolled, no SA", {"self_attention": False}),
                         ("local (L2C)+SA", {"objective": "local"})):
         cfg = DipgoConfig(ratio=0.8, num_inference_steps=STEPS, progress=False, **{**settings, **over})
