@@ -11,6 +11,7 @@ schedulers by step index) and, with --ablation, dipgo_ablation.json.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -202,9 +203,11 @@ def timing(models, n: int, repeats: int = 5) -> dict:
         steps_n = _steps_at_budget(RATIOS[name])
         kw = {**_call_kwargs(pipe, es.inputs), **es.call_kwargs}
 
-        def run(steps, p=None):
+        bare = dataclasses.replace(units, stem=(), stem_macs=0, tail=())
+
+        def run(steps, p=None, u=units):
             if p is not None:
-                apply_skip_plan(den, p, units)
+                apply_skip_plan(den, p, u)
             try:
                 t0 = time.perf_counter()
                 pipe(**kw, num_inference_steps=steps, generator=torch.Generator().manual_seed(0), output_type="pt")
@@ -215,17 +218,23 @@ def timing(models, n: int, repeats: int = 5) -> dict:
 
         variants = {"full": (STEPS, None), "keep-all plan": (STEPS, full_plan(STEPS, len(units))),
                     "dipgo plan": (STEPS, plan), f"steps:{steps_n}": (steps_n, None)}
+        if units.stem or units.tail:  # the same plan with the patch embedding and final norm run at every call
+            variants["dipgo plan, stem and tail always run"] = (STEPS, plan)
         best = {k: float("inf") for k in variants}
         run(STEPS)  # warm-up
         for _ in range(repeats):
             for k, (st, p) in variants.items():
-                best[k] = min(best[k], run(st, p))
+                best[k] = min(best[k], run(st, p, bare if "always run" in k else units))
         r = plan_macs_ratio(plan, units)
-        out[name if n == 16 else f"{name}@n{n}"] = {"seconds": best, "plan_macs_ratio_denoiser": r,
+        key = name if n == 16 else f"{name}@n{n}"
+        out[key] = {"seconds": best, "plan_macs_ratio_denoiser": r,
                      "speedup_dipgo": best["full"] / best["dipgo plan"], "ideal_speedup": 1 / r,
                      "speedup_over_ideal": best["full"] / best["dipgo plan"] * r,
-                     "hook_overhead": best["keep-all plan"] / best["full"] - 1, "batch": n}
-        print(name, n, out[name if n == 16 else f"{name}@n{n}"], flush=True)
+                     "hook_overhead": best["keep-all plan"] / best["full"] - 1, "batch": n, "repeats": repeats}
+        if bare != units:
+            out[key]["speedup_over_ideal_stem_and_tail_always_run"] = (
+                best["full"] / best["dipgo plan, stem and tail always run"] * plan_macs_ratio(plan, bare))
+        print(name, n, out[key], flush=True)
         path.write_text(json.dumps(out, indent=2))
     return out
 
@@ -239,13 +248,14 @@ def main():
     ap.add_argument("--ablation", action="store_true")
     ap.add_argument("--ablation-iters", type=int, default=24)
     ap.add_argument("--timing", action="store_true", help="only the interleaved wall-time comparison")
+    ap.add_argument("--repeats", type=int, default=10, help="--timing: best of this many interleaved runs")
     ap.add_argument("--no-warm", action="store_true", help="leave out the warm-started DiP-GO row (dipgo:R:steps)")
     a = ap.parse_args()
     _quiet()
     torch.manual_seed(0)
     RESULTS.mkdir(parents=True, exist_ok=True)
     if a.timing:
-        timing([m for m in a.models.split(",") if m], a.n, repeats=3)
+        timing([m for m in a.models.split(",") if m], a.n, repeats=a.repeats)
         return
     for m in [m for m in a.models.split(",") if m]:
         out = bench_model(m, a.n, a.batch, warm=not a.no_warm)

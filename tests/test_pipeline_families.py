@@ -109,3 +109,28 @@ def test_skip_plan_applies_to_pixart(tiny_sd_pipe):
     sparse = keep.copy()
     sparse[1:, 1] = False
     assert not torch.allclose(with_plan(sparse), full)
+
+
+def test_pixart_plan_skips_the_dead_patch_embedding_exactly(tiny_sd_pipe):
+    """PixArt's patch embedding (read by the first block only) and final LayerNorm: skipping the one and reusing
+    the other where the plan allows gives the same images as running both at every step."""
+    import dataclasses
+
+    import numpy as np
+
+    from diffslim.methods.skip_plan import apply_skip_plan, plan_units, remove_skip_plan
+
+    spec = SampleSpec([{"prompt": "a red square"}], [0], num_inference_steps=4, call_kwargs=PIXART_KW)
+    pipe = _tiny_pixart(tiny_sd_pipe, 3)
+    u = plan_units(pipe.transformer, "fine")
+    assert u.stem == ("pos_embed",) and u.tail == ("norm_out",)
+    plan = np.ones((4, 3), dtype=bool)
+    plan[1, 0] = plan[2, :] = plan[3, 2] = False
+    out = []
+    for units in (u, dataclasses.replace(u, stem=(), stem_macs=0, tail=())):
+        apply_skip_plan(pipe.transformer, plan, units)
+        try:
+            out.append(sample(pipe, spec))
+        finally:
+            remove_skip_plan(pipe.transformer)
+    assert torch.equal(out[0], out[1])

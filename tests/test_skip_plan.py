@@ -246,7 +246,10 @@ def test_transformers_never_reuse_the_output():
     assert not u.reuse_output  # the final adaLN reads the timestep
     plan = np.ones((3, len(u)), bool)
     plan[1] = False
-    assert plan_macs_ratio(plan, u) == pytest.approx((3 * u.total_macs - sum(u.macs)) / (3 * u.total_macs))
+    # the call still runs the embeddings and the final layer, but not the patch embedding the skipped first block
+    # alone reads
+    assert plan_macs_ratio(plan, u) == pytest.approx(
+        (3 * u.total_macs - sum(u.macs) - u.stem_macs) / (3 * u.total_macs))
 
 
 def test_units_measured_on_the_pipelines_own_call_give_the_counted_macs_ratio():
@@ -287,3 +290,115 @@ def test_units_measured_on_the_pipelines_own_call_give_the_counted_macs_ratio():
         remove_skip_plan(den)
     assert plan_macs_ratio(plan, at_call) == pytest.approx(measured, rel=1e-9)
     assert abs(plan_macs_ratio(plan, at_config) - measured) > 5e-3
+
+
+def _stemless(u):
+    import dataclasses
+
+    return dataclasses.replace(u, stem=(), stem_macs=0, tail=())
+
+
+def test_transformer_skips_a_dead_patch_embedding_and_reuses_its_final_norm():
+    """On a DiT, the patch embedding does not run where the first block is skipped, and the final norm is
+    not recomputed while the last block hands on its cache: the images equal those of the runtime that
+    runs both every call, the calls are counted, and the MACs FlopCounterMode counts over the run are
+    those ``plan_macs_ratio`` and the pruner's ``kept_macs`` give."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from diffslim.measure.macs import attention_flop_mapping
+    from diffslim.methods.dipgo import kept_macs
+    from diffslim.train.zoo import build_pipeline
+
+    torch.manual_seed(0)
+    pipe = build_pipeline("digits-dit")
+    pipe.denoiser.eval()
+    pipe.set_progress_bar_config(disable=True)
+    den = pipe.denoiser
+    u = plan_units(den, "fine")
+    assert u.stem == ("pos_embed",) and u.tail == ("norm_out",) and 0 < u.stem_macs < u.outside_macs
+    plan = np.ones((STEPS, len(u)), bool)
+    plan[1, :] = False  # nothing runs
+    plan[2, 0] = False  # the first block is skipped, the others run
+    plan[3, -1] = False  # the last block is skipped: so are all the others
+    plan[4, 0] = plan[4, -1] = False
+    eff = effective_plan(plan, u)
+    calls = {"pos_embed": 0, "norm_out": 0}
+
+    def counting(m):  # counts the module's own forward runs (a torch forward hook fires on every call)
+        forward = getattr(den, m).forward
+
+        def run_forward(*a, **k):
+            calls[m] += 1
+            return forward(*a, **k)
+        return run_forward
+
+    for m in calls:  # installed before the plan's hooks, which then wrap it
+        setattr(getattr(den, m), "forward", counting(m))
+
+    def run(units, count=False):
+        calls.update(pos_embed=0, norm_out=0)
+        rt = apply_skip_plan(den, plan, units)
+        try:
+            if not count:
+                return _gen(pipe), rt.peak_cache_bytes()
+            with FlopCounterMode(display=False, custom_mapping=attention_flop_mapping()) as fc:
+                _gen(pipe)
+            return sum(fc.get_flop_counts()[type(den).__name__].values()) // 2
+        finally:
+            remove_skip_plan(den)
+
+    try:
+        full = _gen(pipe)
+        per_step = calls["norm_out"] // STEPS  # denoiser calls per step
+        (slow, slow_bytes), (fast, fast_bytes) = run(_stemless(u)), run(u)
+        assert torch.equal(fast, slow) and not torch.equal(fast, full)
+        assert calls["pos_embed"] == per_step * int(eff[:, 0].sum())
+        assert calls["norm_out"] == per_step * int(eff[:, -1].sum())
+        assert fast_bytes > slow_bytes  # the reused norm output is counted as cache
+        with FlopCounterMode(display=False, custom_mapping=attention_flop_mapping()) as fc:
+            _gen(pipe)
+        full_macs = sum(fc.get_flop_counts()[type(den).__name__].values()) // 2
+        measured = run(u, count=True) / full_macs
+    finally:
+        for m in calls:
+            delattr(getattr(den, m), "forward")
+    assert plan_macs_ratio(plan, u) == pytest.approx(measured, rel=1e-9)
+    assert plan_macs_ratio(plan, u) < plan_macs_ratio(plan, _stemless(u))
+    gates = torch.as_tensor(plan, dtype=torch.float64)
+    assert float(kept_macs(effective_plan_soft(gates, u), u)) == pytest.approx(measured, rel=1e-9)
+    # keep-all: nothing is skipped, nothing is held
+    rt = apply_skip_plan(den, np.ones((STEPS, len(u)), bool), u)
+    try:
+        assert torch.equal(_gen(pipe), full) and rt.peak_cache_bytes() == 0
+    finally:
+        remove_skip_plan(den)
+
+
+def test_sd3_skip_layers_keeps_the_patch_embedding_running():
+    """SD3's own ``skip_layers`` bypasses a block without calling it, so the patch embedding's output reaches
+    the next block: with ``skip_layers`` the stem is not skipped, and the result equals the runtime's without it."""
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(0)
+    sd3 = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=8,
+                                num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
+                                pooled_projection_dim=16, out_channels=4, pos_embed_max_size=16).eval()
+    u = plan_units(sd3, "fine")
+    assert u.stem == ("pos_embed",) and u.tail == ()  # SD3's final norm reads the timestep embedding
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 4, 8, 8, generator=g)
+    cond = dict(encoder_hidden_states=torch.randn(1, 5, 16, generator=g),
+                pooled_projections=torch.randn(1, 16, generator=g))
+    plan = np.ones((3, len(u)), bool)
+    plan[1:, 0] = False
+
+    def run(units, **kw):
+        apply_skip_plan(sd3, plan, units)
+        try:
+            with torch.no_grad():
+                return [sd3(x, timestep=torch.tensor([t]), **cond, **kw).sample for t in (900, 600, 300)]
+        finally:
+            remove_skip_plan(sd3)
+
+    for kw in ({}, {"skip_layers": [0]}):
+        assert all(torch.equal(a, b) for a, b in zip(run(u, **kw), run(_stemless(u), **kw)))

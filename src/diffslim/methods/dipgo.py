@@ -424,6 +424,9 @@ def kept_macs(eff: torch.Tensor, units: PlanUnits) -> torch.Tensor:
     outside = torch.full_like(eff[:, 0], float(units.outside_macs))
     if units.reuse_output:  # a step with no unit running is not called at all (``plan_macs_ratio``)
         outside = outside * (1 - torch.prod(1 - eff, dim=1))
+    if units.stem:  # the patch embedding runs only where the first block does (``plan_macs_ratio``)
+        skip0 = torch.cat([torch.zeros_like(eff[:1, 0]), 1 - eff[1:, 0]])
+        outside = outside - float(units.stem_macs) * skip0
     per_step = (outside + (eff * macs).sum(1)) / units.total_macs
     return per_step.mean()
 

@@ -14,7 +14,13 @@ Runtime semantics (the DiP-GO SuperNet, also what DeepCache does):
   everything; what is outside the units (conv_in, embeddings, conv_out, patch embed, final norm)
   always runs.
 * *Dependencies*: a unit whose every consumer is skipped at a step is skipped too (its output would
-  go unused); :func:`effective_plan` applies this, and MACs are counted on the effective plan.
+  go unused); :func:`effective_plan` applies this, and MACs are counted on the effective plan. The same
+  holds for a transformer's patch embedding (``PlanUnits.stem``), read only by the first block: at a
+  step where that block is skipped it does not run either (and its MACs are not counted).
+* *Tail memo*: a transformer's final norm (DiT, PixArt: a LayerNorm of the last block's output and
+  nothing else, ``PlanUnits.tail``) is not recomputed while the last block hands on its cache: the
+  same tensor in gives the same tensor out. Both are exact; they keep the per-call cost of a step at
+  which few blocks run close to its MACs share on small models, where such fixed costs dominate.
 * *Step index*: a head hook on the denoiser root counts denoising steps by the timestep of each
   call: a call at a lower timestep than the previous one starts the next step, a call at the same
   timestep belongs to the same step (pipelines that call the denoiser twice per step for CFG, PLMS's
@@ -53,6 +59,8 @@ __all__ = [
 GRANULARITIES = ("coarse", "fine")
 _ROOT_HOOK = "diffslim_skip_plan_root"
 _UNIT_HOOK = "diffslim_skip_plan_unit"
+_STEM_HOOK = "diffslim_skip_plan_stem"
+_TAIL_HOOK = "diffslim_skip_plan_tail"
 OUTSIDE = -1  # consumer index meaning "outside the units": always runs
 _OUTPUT = "<denoiser output>"  # cache key of the whole denoiser's last output (see PlanUnits.reuse_output)
 
@@ -68,6 +76,10 @@ class PlanUnits:
     denoiser's output is a function of its last unit's output alone (a U-Net's tail is norm, activation
     and conv_out), so a step at which no unit runs returns the previous step's output without calling
     the denoiser at all, and costs no MACs. Not for transformers, whose final adaLN reads the timestep.
+    ``stem``: modules outside the units whose output only unit 0 reads (a transformer's patch
+    embedding), skipped at steps where unit 0 does not run; ``stem_macs``: their MACs (part of
+    ``outside_macs``). ``tail``: pure modules that read only the last unit's output (a DiT's or
+    PixArt's final LayerNorm), whose result is reused while that output is the same cached tensor.
     """
 
     granularity: str
@@ -78,6 +90,9 @@ class PlanUnits:
     consumers: tuple[tuple[int, ...], ...]
     family: str = "unet2d_condition"
     reuse_output: bool = False
+    stem: tuple[str, ...] = ()
+    stem_macs: int = 0
+    tail: tuple[str, ...] = ()
 
     def __len__(self) -> int:
         return len(self.names)
@@ -126,8 +141,21 @@ def plan_units(denoiser: nn.Module, granularity: str = "fine", anat=None) -> Pla
         # the main path since units are listed in forward order
     # UNet2DModel with Fourier time features divides its output by the timestep: not a function of the last unit
     reuse = anat.family != "transformer" and getattr(denoiser.config, "time_embedding_type", None) != "fourier"
+    stem, tail = _stem_and_tail(denoiser) if anat.family == "transformer" else ((), ())
+    stem_macs = sum(int((anat.module_macs or {}).get(m, 0)) for m in stem)
     return PlanUnits(granularity, names, modules, macs, outside, tuple(tuple(sorted(c)) for c in consumers),
-                     anat.family, reuse)
+                     anat.family, reuse, stem, stem_macs, tail)
+
+
+def _stem_and_tail(denoiser: nn.Module) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """A transformer denoiser's patch embedding (read by its first block only: DiT, PixArt and SD3's
+    ``pos_embed``, Flux's ``x_embedder``; Flux's ``pos_embed`` is the rotary embedding every block reads)
+    and its final norm when that is a plain LayerNorm of the last block's output (DiT, PixArt; SD3's and
+    Flux's final norm also reads the timestep embedding)."""
+    stem = "x_embedder" if isinstance(getattr(denoiser, "x_embedder", None), nn.Module) else "pos_embed"
+    stems = (stem,) if isinstance(getattr(denoiser, stem, None), nn.Module) else ()
+    tails = ("norm_out",) if isinstance(getattr(denoiser, "norm_out", None), nn.LayerNorm) else ()
+    return stems, tails
 
 
 def plan_units_at(pipe, spec, granularity: str = "fine") -> PlanUnits:
@@ -215,6 +243,8 @@ def plan_macs_ratio(plan, units: PlanUnits) -> float:
     macs = np.asarray(units.macs, dtype=np.float64)
     calls = int(eff.any(axis=1).sum()) if units.reuse_output else eff.shape[0]  # idle steps reuse the output
     run = units.outside_macs * calls + float((eff * macs).sum())
+    if units.stem:  # the patch embedding does not run where the first block does not
+        run -= units.stem_macs * int((~eff[1:, 0]).sum())
     return run / (units.total_macs * eff.shape[0])
 
 
@@ -320,6 +350,8 @@ class PlanState:
         self.step = -1
         self.last_t: Optional[float] = None
         self.caches: dict[str, Any] = {}
+        self.placeholders: dict[str, torch.Tensor] = {}  # a skipped stem's stand-in: one element, expanded
+        self.elide = True  # this call may skip the stem (not with SD3's own ``skip_layers``)
         self.generations = getattr(self, "generations", 0)
 
     def cache_bytes(self) -> int:
@@ -381,6 +413,9 @@ class _RootHook(ModelHook):
                 else:
                     st.caches.pop(_OUTPUT, None)
             else:
+                # SD3's ``skip_layers`` bypasses a block without calling it: the stem's output would then
+                # reach the next block, so it must run
+                st.elide = not kwargs.get("skip_layers")
                 out = self.fn_ref.original_forward(*args, **kwargs)
             st.peak_bytes = max(st.peak_bytes, st.cache_bytes())
             return out
@@ -434,6 +469,64 @@ class _UnitHook(ModelHook):
                 st.caches.pop(self.key, None)
             return out
         return st.caches[self.key]
+
+
+class _StemHook(ModelHook):
+    """The patch embedding: not run at a step where the first unit is skipped (its output would go unused).
+
+    It returns a stand-in of the right shape that holds one zero (expanded, so it costs no memory): the
+    skipped first unit ignores its input and returns its cache."""
+
+    def __init__(self, state: PlanState, key: str):
+        super().__init__()
+        self.state = state
+        self.key = key
+
+    def new_forward(self, module, *args, **kwargs):
+        st = self.state
+        if st.gates is not None or st.manual:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        if st.step > 0 and st.elide and not st.run[st.step][0] and self.key in st.placeholders:
+            return st.placeholders[self.key]
+        out = self.fn_ref.original_forward(*args, **kwargs)
+        if isinstance(out, torch.Tensor):
+            st.placeholders[self.key] = out.new_zeros(()).expand(out.shape)
+        return out
+
+
+def _version(t) -> Optional[int]:
+    """``t``'s in-place version counter; None where there is none (inference-mode tensors)."""
+    try:
+        return t._version if isinstance(t, torch.Tensor) else None
+    except RuntimeError:
+        return None
+
+
+class _TailHook(ModelHook):
+    """A pure module of the last unit's output (the final LayerNorm): while that output is the same
+    cached tensor, unchanged, the previous result is returned. Kept only when the next step skips the
+    last unit."""
+
+    def __init__(self, state: PlanState, key: str):
+        super().__init__()
+        self.state = state
+        self.key = key
+
+    def new_forward(self, module, *args, **kwargs):
+        st = self.state
+        if st.gates is not None or st.manual or torch.is_grad_enabled() or len(args) != 1 or kwargs:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        x = args[0]
+        version = _version(x)
+        memo = st.caches.get(self.key)
+        if memo is not None and memo[0] is x and version is not None and memo[1] == version:
+            return memo[2]
+        out = self.fn_ref.original_forward(x)
+        if st.store[st.step][-1] and version is not None:  # the next step hands on the last unit's cache
+            st.caches[self.key] = (x, version, out)
+        else:
+            st.caches.pop(self.key, None)
+        return out
 
 
 @dataclass
@@ -490,6 +583,10 @@ def apply_skip_plan(denoiser: nn.Module, plan, units: Optional[PlanUnits] = None
             sub = denoiser.get_submodule(m)
             HookRegistry.check_if_exists_or_initialize(sub).register_hook(_UnitHook(state, i, m), _UNIT_HOOK)
             hooked.append(m)
+    for names, make, hook_name in ((units.stem, _StemHook, _STEM_HOOK), (units.tail, _TailHook, _TAIL_HOOK)):
+        for m in names:
+            HookRegistry.check_if_exists_or_initialize(denoiser.get_submodule(m)).register_hook(
+                make(state, m), hook_name)
     rt = SkipPlanRuntime(denoiser, units, arr, eff, state, hooked)
     denoiser._diffslim_skip_plan = rt
     return rt
@@ -500,11 +597,11 @@ def remove_skip_plan(denoiser: nn.Module) -> None:
     rt = getattr(denoiser, "_diffslim_skip_plan", None)
     if rt is None:
         return
-    for m in rt.hooked:
-        sub = denoiser.get_submodule(m)
-        reg = getattr(sub, "_diffusers_hook", None)
-        if reg is not None and reg.get_hook(_UNIT_HOOK) is not None:
-            reg.remove_hook(_UNIT_HOOK, recurse=False)
+    for names, hook_name in ((rt.hooked, _UNIT_HOOK), (rt.units.stem, _STEM_HOOK), (rt.units.tail, _TAIL_HOOK)):
+        for m in names:
+            reg = getattr(denoiser.get_submodule(m), "_diffusers_hook", None)
+            if reg is not None and reg.get_hook(hook_name) is not None:
+                reg.remove_hook(hook_name, recurse=False)
     reg = getattr(denoiser, "_diffusers_hook", None)
     if reg is not None and reg.get_hook(_ROOT_HOOK) is not None:
         reg.remove_hook(_ROOT_HOOK, recurse=False)
