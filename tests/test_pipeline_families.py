@@ -1,6 +1,9 @@
 """diffusers' own pipelines of the families users bring (ControlNet, the x4 upscaler, PixArt-alpha), built tiny and
 offline, run through the sampling harness: the right output shape, seeds that decide the sample, batching that does not."""
 
+import json
+
+import pytest
 import torch
 
 from diffslim.sample import SampleSpec, sample
@@ -134,3 +137,117 @@ def test_pixart_plan_skips_the_dead_patch_embedding_exactly(tiny_sd_pipe):
         finally:
             remove_skip_plan(pipe.transformer)
     assert torch.equal(out[0], out[1])
+
+
+def _tiny_sd3(tiny_sd_pipe):
+    """A tiny StableDiffusion3Pipeline (two CLIP encoders with projections, T5, an MMDiT, flow matching)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=8,
+                                        num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16,
+                                        pooled_projection_dim=32, out_channels=4, pos_embed_max_size=16)
+
+    def clip():
+        return CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=1000, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+            max_position_embeddings=77, projection_dim=16, bos_token_id=0, eos_token_id=1, pad_token_id=1)).eval()
+
+    t5 = T5EncoderModel(T5Config(vocab_size=1000, d_model=32, d_kv=8, d_ff=32, num_layers=1, num_heads=2)).eval()
+    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 16), latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=8, sample_size=16, shift_factor=0.1)
+    tok = tiny_sd_pipe.tokenizer
+    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                                    vae=vae, text_encoder=clip(), tokenizer=tok, text_encoder_2=clip(), tokenizer_2=tok,
+                                    text_encoder_3=t5, tokenizer_3=tok)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _captioned_images(folder, n=3):
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir()
+    for i in range(n):
+        Image.fromarray(np.full((20, 16, 3), 60 * i + 10, np.uint8)).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text("a red cat" if i % 2 else "a blue dog")
+    return folder
+
+
+def test_flow_matching_noising_is_the_schedulers_own():
+    """SD3's rectified flow: the trainer's noisy input is the scheduler's ``scale_noise`` at the same timestep, the
+    target is noise - x0, and the stratified timesteps follow the scheduler's shifted sigmas."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from diffslim.train.distill import Noising
+
+    sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    sched.set_timesteps(10)
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 4, 8, 8, generator=g)
+    flow = Noising("flow", 1000, shift=3.0)
+    for t in sched.timesteps[[0, 4, 9]]:
+        xt, target = flow.noisy(x0, noise, t.reshape(1))
+        torch.testing.assert_close(xt, sched.scale_noise(x0, t.reshape(1), noise))
+        torch.testing.assert_close(target, noise - x0)
+    t = flow.timesteps(8, torch.Generator().manual_seed(1), stratified=True)
+    u = (torch.arange(8) + 0.5) / 8  # the bins' midpoints, shifted: each stratified timestep lies in its bin
+    lo, hi = [3 * v / (1 + 2 * v) * 1000 for v in (u - 0.5 / 8, u + 0.5 / 8)]
+    assert bool(((t >= lo - 1e-3) & (t <= hi + 1e-3)).all()) and bool((t[1:] > t[:-1]).all())
+
+
+@pytest.mark.parametrize("family", ["pixart", "sd3"])
+def test_output_loss_scoring_and_distillation_on_transformer_pipelines(family, tiny_sd_pipe, tmp_path):
+    """PixArt and SD3 pipelines get calibration triples from captioned images (DDPM noising for PixArt, flow
+    matching for SD3), the output-loss criterion scores their blocks, and a pruned student distils from them,
+    reproducibly, with the image stream of SD3's two-stream blocks as the feature."""
+    from diffslim.methods.layer_prune import calibration, candidates, output_loss, prune_layers, score_layers
+    from diffslim.train.data import make_dataset
+    from diffslim.train.distill import DistillConfig, distill, noising_for
+
+    pipe = _tiny_pixart(tiny_sd_pipe, 3) if family == "pixart" else _tiny_sd3(tiny_sd_pipe)
+    data = str(_captioned_images(tmp_path / "imgs"))
+    assert noising_for(pipe).kind == ("ddpm" if family == "pixart" else "flow")
+    calib, again = calibration(pipe, n=4, data=data), calibration(pipe, n=4, data=data)
+    assert torch.equal(calib.xt, again.xt) and torch.equal(calib.target, again.target)
+    assert calib.xt.shape == calib.target.shape == (4, 4, 8, 8)
+    den = pipe.transformer
+    assert calib.run(den).shape == calib.xt.shape  # PixArt's learned-variance half is dropped
+    scores = score_layers(den, candidates(den), "output-loss", calib)
+    assert sorted(scores) == [f"transformer_blocks.{i}" for i in range(3)] and all(v > 0 for v in scores.values())
+    assert output_loss(den, calib, []) == 0.0
+    before = {k: v.clone() for k, v in den.state_dict().items()}
+
+    def run(name):
+        student = prune_layers(den, ["transformer_blocks.1"])
+        cfg = DistillConfig(steps=2, batch_size=2, lr=1e-3, out=tmp_path / name, checkpoint_every=100, log_every=1,
+                            progress=False, warmup=0)
+        return distill(pipe, student, make_dataset(data, pipe), cfg)
+
+    a, b = run("a"), run("b")
+    assert a.final_losses == b.final_losses and all(torch.isfinite(torch.tensor(v)) for v in a.final_losses.values())
+    assert a.final_losses["feat"] > 0  # block 2 now reads block 0's output: its (image-stream) feature moved
+    assert set(json.loads((a.out_dir / "distill.json").read_text())["features"]) == {
+        "transformer_blocks.0", "transformer_blocks.2"}
+    assert all(torch.equal(before[k], v) for k, v in den.state_dict().items())
+
+
+def test_layer_prune_cli_scores_a_pixart_folder_with_captioned_images(tiny_sd_pipe, tmp_path):
+    from typer.testing import CliRunner
+
+    from diffslim.cli import app
+    from diffslim.models.load import load
+
+    _tiny_pixart(tiny_sd_pipe, 3).save_pretrained(str(tmp_path / "pixart"))
+    data = _captioned_images(tmp_path / "imgs")
+    res = CliRunner().invoke(app, ["layer-prune", str(tmp_path / "pixart"), "--ratio", "0.3", "--n", "4",
+                                   "--data", str(data), "--out", str(tmp_path / "out"), "--json"])
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "out" / "scores.json").read_text())
+    assert report["criterion"] == "output-loss" and report["removed"]
+    assert all(row["score"] > 0 for row in report["layers"])
+    pruned = load(str(tmp_path / "out" / "pipeline")).denoiser
+    assert sum(p.numel() for p in pruned.parameters()) == report["params_after"]

@@ -573,7 +573,8 @@ def layer_prune_cmd(
     out: Path = typer.Option(..., help="folder: model/ (the pruned denoiser), pipeline/ (for pipelines), "
                                        "scores.json, recipe.json"),
     n: int = typer.Option(32, help="calibration triples (output-loss, taylor, similarity, greedy)"),
-    data: str = typer.Option("zoo", help="calibration data: 'zoo' or an image folder (SD-style pipelines)"),
+    data: str = typer.Option("zoo", help="calibration data: 'zoo' or an image folder, captions optional (SD, SDXL, "
+                                                   "InstructPix2Pix, PixArt, SD3 pipelines)"),
     seed: int = typer.Option(0, help="seed of the calibration triples (and of the random criterion)"),
     inner: bool = typer.Option(False, help="score the transformer blocks inside deep attention layers (SDXL) "
                                            "instead of whole attention layers"),

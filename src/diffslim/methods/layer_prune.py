@@ -54,6 +54,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from torch import nn
 
 from diffslim.errors import UserError
+from diffslim.models.anatomy import TWO_STREAM_BLOCKS
 
 CRITERIA = ("output-loss", "random", "magnitude", "taylor", "similarity", "greedy")
 BK_SDM = ("base", "small", "tiny")
@@ -287,7 +288,7 @@ def stand_in(model: nn.Module, name: str) -> nn.Module:
 
 
 # transformer blocks that take and return both streams: ``(encoder_hidden_states, hidden_states)``
-JOINT_BLOCKS = ("JointTransformerBlock", "FluxTransformerBlock", "FluxSingleTransformerBlock")
+JOINT_BLOCKS = TWO_STREAM_BLOCKS
 
 
 def _is_block_entry(model: nn.Module, name: str) -> bool:
@@ -564,10 +565,8 @@ def calibration(pipe, n: int = 32, seed: int = 0, data: str = "zoo", batch_size:
     Samples, noise and timesteps are drawn with ``seed``; the timesteps are stratified over the
     training schedule (one in each of ``n`` equal bins), so every part of the schedule is seen.
     """
-    from diffusers import DDPMScheduler
-
     from diffslim.train.data import collate, make_dataset
-    from diffslim.train.distill import task_for
+    from diffslim.train.distill import noising_for, task_for
 
     if n < 1:
         raise UserError("calibration needs n >= 1 triples")
@@ -583,13 +582,10 @@ def calibration(pipe, n: int = 32, seed: int = 0, data: str = "zoo", batch_size:
     with torch.no_grad():
         x0, cond = task.encode(collate([dataset[i] for i in idx]), g, device)
     x0 = x0.float()
-    sched = DDPMScheduler.from_config(pipe.scheduler.config)
-    T = sched.config.num_train_timesteps
-    t = ((torch.arange(n) + torch.rand(n, generator=g)) * T / n).long().clamp(0, T - 1).to(device)
+    noising = noising_for(pipe)
+    t = noising.timesteps(n, g, stratified=True).to(device)
     noise = torch.randn(x0.shape, generator=g).to(device)
-    xt = sched.add_noise(x0, noise, t)
-    ptype = sched.config.prediction_type
-    target = noise if ptype == "epsilon" else sched.get_velocity(x0, noise, t) if ptype == "v_prediction" else x0
+    xt, target = noising.noisy(x0, noise, t)
     return Calibration(xt=xt, t=t, cond=cond, target=target, predict=task.predict, batch_size=batch_size)
 
 

@@ -46,6 +46,10 @@ __all__ = ["Unit", "DepthUnit", "Anatomy", "anatomy", "unet_families", "block_li
 FAMILIES = ("unet2d_condition", "unet2d", "transformer")
 _BLOCK_PARTS = ("resnets", "attentions", "downsamplers", "upsamplers")
 
+# Two-stream transformer blocks (SD3's MMDiT, Flux's double- and single-stream blocks): they take and return
+# ``(encoder_hidden_states, hidden_states)``, the image stream second.
+TWO_STREAM_BLOCKS = ("JointTransformerBlock", "FluxTransformerBlock", "FluxSingleTransformerBlock")
+
 
 @dataclass(frozen=True)
 class Unit:

@@ -108,16 +108,19 @@ class DistillResult:
 
 
 class FeatureTap(ModelHook):
-    """Records a block's output in ``store[name]``: the first element of a tuple, ``.sample`` of an output object."""
+    """Records a block's output in ``store[name]``: the first element of a tuple (the image stream, the
+    second, of a two-stream block: SD3, Flux), ``.sample`` of an output object."""
 
     def __init__(self, store: dict, name: str):
         super().__init__()
         self.store, self.name = store, name
 
     def post_forward(self, module, output):
+        from diffslim.models.anatomy import TWO_STREAM_BLOCKS
+
         feat = output
         if isinstance(feat, (tuple, list)):
-            feat = feat[0]
+            feat = feat[1] if type(module).__name__ in TWO_STREAM_BLOCKS and len(feat) == 2 else feat[0]
         if hasattr(feat, "sample"):
             feat = feat.sample
         self.store[self.name] = feat
@@ -299,6 +302,14 @@ class _ZooSRTask:
         return denoiser(x, t, encoder_hidden_states=cond["encoder_hidden_states"], return_dict=False)[0]
 
 
+def _vae_latents(vae, batch: dict, g: torch.Generator, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(image in [-1, 1], x0)``: the batch's images and their sampled VAE latents ``(z - shift) * scaling_factor``."""
+    img = batch["image"].to(device=device, dtype=vae.dtype) * 2 - 1
+    z = vae.encode(img).latent_dist.sample(generator=g)
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return img, ((z - shift) * vae.config.scaling_factor).float()
+
+
 class _LatentTextTask:
     """SD-style: VAE latents ``(z - shift) * scaling_factor`` of ``image * 2 - 1``; captions via the text encoder.
 
@@ -323,10 +334,7 @@ class _LatentTextTask:
 
     def encode(self, batch: dict, g: torch.Generator, device) -> tuple[torch.Tensor, dict]:
         pipe, vae = self.pipe, self.pipe.vae
-        img = batch["image"].to(device=device, dtype=vae.dtype) * 2 - 1
-        z = vae.encode(img).latent_dist.sample(generator=g)
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        x0 = ((z - shift) * vae.config.scaling_factor).float()
+        img, x0 = _vae_latents(vae, batch, g, device)
         captions = list(batch.get("text") or [""] * img.shape[0])
         emb, pooled = self._text(captions, device)
         cond = {"encoder_hidden_states": emb}
@@ -348,6 +356,47 @@ class _LatentTextTask:
         return denoiser(xt, t, **kwargs, return_dict=False)[0]
 
 
+class _LatentTransformerTask:
+    """PixArt-alpha/sigma and SD3: VAE latents as for SD; captions through the pipeline's ``encode_prompt``.
+
+    PixArt gets the T5 embeddings and their attention mask (and, for the 1024 px models that take them,
+    the resolution and aspect ratio); its learned-variance half of the output is dropped, as its pipeline
+    does. SD3 gets the joint CLIP+T5 embeddings and the pooled CLIP projections.
+    """
+
+    def __init__(self, pipe, family: str):
+        self.pipe, self.family = pipe, family
+
+    @torch.no_grad()
+    def encode(self, batch: dict, g: torch.Generator, device) -> tuple[torch.Tensor, dict]:
+        pipe = self.pipe
+        img, x0 = _vae_latents(pipe.vae, batch, g, device)
+        captions = list(batch.get("text") or [""] * img.shape[0])
+        if self.family == "pixart":
+            emb, mask = pipe.encode_prompt(captions, do_classifier_free_guidance=False, device=device,
+                                           num_images_per_prompt=1, clean_caption=False)[:2]
+            cond = {"encoder_hidden_states": emb, "encoder_attention_mask": mask}
+            if getattr(pipe.transformer, "use_additional_conditions", False):
+                h, w = img.shape[-2:]
+                b = img.shape[0]
+                cond["resolution"] = torch.tensor([[h, w]], dtype=emb.dtype, device=device).repeat(b, 1)
+                cond["aspect_ratio"] = torch.tensor([[h / w]], dtype=emb.dtype, device=device).repeat(b, 1)
+            return x0, cond
+        emb, _, pooled, _ = pipe.encode_prompt(prompt=captions, prompt_2=None, prompt_3=None, device=device,
+                                               num_images_per_prompt=1, do_classifier_free_guidance=False)
+        return x0, {"encoder_hidden_states": emb, "pooled_projections": pooled}
+
+    def predict(self, denoiser, xt, t, cond: dict) -> torch.Tensor:
+        if self.family == "pixart":
+            extra = {"resolution": cond.get("resolution"), "aspect_ratio": cond.get("aspect_ratio")}
+            out = denoiser(xt, encoder_hidden_states=cond["encoder_hidden_states"],
+                           encoder_attention_mask=cond["encoder_attention_mask"], timestep=t,
+                           added_cond_kwargs=extra, return_dict=False)[0]
+            return out[:, : xt.shape[1]] if out.shape[1] == 2 * xt.shape[1] else out  # learned variance
+        return denoiser(hidden_states=xt, timestep=t, encoder_hidden_states=cond["encoder_hidden_states"],
+                        pooled_projections=cond["pooled_projections"], return_dict=False)[0]
+
+
 def task_for(pipe, label_dropout: float = 0.1):
     """The task adapter of a pipeline: ``encode(batch, generator, device) -> (x0, cond)`` and
     ``predict(denoiser, x_t, t, cond) -> prediction`` (both ``(B, C, H, W)``). Raises ``UserError``
@@ -360,8 +409,69 @@ def task_for(pipe, label_dropout: float = 0.1):
         return _ZooClassTask(pipe, label_dropout)
     if all(getattr(pipe, n, None) is not None for n in ("vae", "text_encoder", "tokenizer", "unet")):
         return _LatentTextTask(pipe)
-    raise UserError(f"no distillation task for {type(pipe).__name__}: supported are the zoo pipelines and "
-                     "SD-style pipelines with unet, vae, text_encoder and tokenizer")
+    name = type(pipe).__name__
+    if getattr(pipe, "transformer", None) is not None and getattr(pipe, "vae", None) is not None:
+        if name.startswith("PixArt"):
+            return _LatentTransformerTask(pipe, "pixart")
+        if name.startswith("StableDiffusion3") and getattr(pipe, "text_encoder_3", None) is not None:
+            return _LatentTransformerTask(pipe, "sd3")
+    raise UserError(f"no distillation task for {name}: supported are the zoo pipelines, SD-style pipelines "
+                     "with unet, vae, text_encoder and tokenizer (SD, SDXL, InstructPix2Pix), PixArt-alpha/sigma "
+                     "and Stable Diffusion 3")
+
+
+@dataclass
+class Noising:
+    """How a pipeline's denoiser was trained to be noised: timesteps, noisy inputs and the target.
+
+    ``kind`` "ddpm": integer timesteps in ``[0, T)``, ``x_t = add_noise(x0, eps, t)`` with the pipeline's
+    noise schedule, the target by ``prediction_type`` (noise, velocity or sample). "flow": rectified flow
+    (SD3's FlowMatchEulerDiscreteScheduler): ``sigma`` in (0, 1), shifted as the scheduler shifts its
+    sampling sigmas (``shift * u / (1 + (shift - 1) * u)``), ``x_t = (1 - sigma) x0 + sigma eps``, the
+    target ``eps - x0`` and the denoiser's timestep ``sigma * T``.
+    """
+
+    kind: str
+    T: int
+    sched: object = None
+    shift: float = 1.0
+
+    def timesteps(self, n: int, g: torch.Generator, stratified: bool = False) -> torch.Tensor:
+        """``n`` denoiser timesteps: uniform, or stratified (one in each of ``n`` equal bins)."""
+        if self.kind == "ddpm":
+            if stratified:
+                return ((torch.arange(n) + torch.rand(n, generator=g)) * self.T / n).long().clamp(0, self.T - 1)
+            return torch.randint(0, self.T, (n,), generator=g)
+        u = (torch.arange(n) + torch.rand(n, generator=g)) / n if stratified else torch.rand(n, generator=g)
+        u = u.clamp(1e-4, 1.0)
+        return self.shift * u / (1 + (self.shift - 1) * u) * self.T
+
+    def noisy(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x_t, target)`` for clean ``x0``, ``noise`` and timesteps ``t``."""
+        if self.kind == "flow":
+            sigma = (t.float() / self.T).view(-1, *([1] * (x0.dim() - 1))).to(x0.dtype)
+            return (1 - sigma) * x0 + sigma * noise, noise - x0
+        xt = self.sched.add_noise(x0, noise, t)
+        ptype = self.sched.config.prediction_type
+        if ptype == "epsilon":
+            return xt, noise
+        if ptype == "v_prediction":
+            return xt, self.sched.get_velocity(x0, noise, t)
+        return xt, x0
+
+
+def noising_for(pipe) -> Noising:
+    """The :class:`Noising` of ``pipe``'s scheduler (flow matching for SD3's, DDPM-style otherwise)."""
+    from diffusers import DDPMScheduler
+
+    cfg = pipe.scheduler.config
+    if "FlowMatch" in type(pipe.scheduler).__name__:
+        if cfg.get("use_dynamic_shifting", False):
+            raise UserError(f"{type(pipe.scheduler).__name__} with use_dynamic_shifting (Flux) is not supported "
+                            "for training; supported are fixed-shift flow matching (SD3) and DDPM-style schedules")
+        return Noising("flow", int(cfg.get("num_train_timesteps", 1000)), shift=float(cfg.get("shift", 1.0)))
+    sched = DDPMScheduler.from_config(cfg)
+    return Noising("ddpm", int(sched.config.num_train_timesteps), sched)
 
 
 # ------------------------------------------------------------------------------------------
@@ -497,7 +607,6 @@ def distill(teacher_pipe, student: nn.Module, dataset, cfg: DistillConfig) -> Di
     """
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, set_seed
-    from diffusers import DDPMScheduler
 
     if cfg.log_with not in ("csv", "tensorboard"):
         raise UserError(f"log_with must be 'csv' or 'tensorboard', not {cfg.log_with!r}")
@@ -547,9 +656,7 @@ def distill(teacher_pipe, student: nn.Module, dataset, cfg: DistillConfig) -> Di
         add_feature_taps(teacher, list(features.values()), feats_t, keys=list(features))
         add_feature_taps(student, list(features), feats_s)
         task = task_for(teacher_pipe, cfg.label_dropout)
-        sched = DDPMScheduler.from_config(teacher_pipe.scheduler.config)
-        n_train_t = sched.config.num_train_timesteps
-        prediction_type = sched.config.prediction_type
+        noising = noising_for(teacher_pipe)
 
         # --- optimizer, schedule, EMA, run state; Accelerate prepares and checkpoints them
         opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -609,14 +716,8 @@ def distill(teacher_pipe, student: nn.Module, dataset, cfg: DistillConfig) -> Di
                 x0, cond = task.encode(batch, g, device)
             x0 = x0.float()
             noise = torch.randn(x0.shape, generator=g).to(device)
-            t = torch.randint(0, n_train_t, (x0.shape[0],), generator=g).to(device)
-            xt = sched.add_noise(x0, noise, t)
-            if prediction_type == "epsilon":
-                target = noise
-            elif prediction_type == "v_prediction":
-                target = sched.get_velocity(x0, noise, t)
-            else:
-                target = x0
+            t = noising.timesteps(x0.shape[0], g).to(device)
+            xt, target = noising.noisy(x0, noise, t)
 
             # --- teacher and student predictions, features captured by the taps
             feats_t.clear()
