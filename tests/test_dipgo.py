@@ -115,6 +115,15 @@ def test_training_is_deterministic_and_resumes_exactly(tiny_digits_pipe, units, 
     assert np.isfinite(loc.log[0]["consistency"])
 
 
+def test_local_objective_trains_the_gates(tiny_digits_pipe, units, tmp_path):
+    """Learning-to-Cache's local objective alone (no sparsity loss) moves the pruner: each step is run from the
+    full model's caches of the step before, so its loss depends on the gates."""
+    frozen = train_dipgo(tiny_digits_pipe, _cfg(tmp_path / "a", 1, objective="local", alpha=0.0, lr=1e-30), units)
+    moved = train_dipgo(tiny_digits_pipe, _cfg(tmp_path / "b", 1, objective="local", alpha=0.0), units)
+    assert frozen.log[0]["consistency"] == moved.log[0]["consistency"] > 0
+    assert not np.array_equal(frozen.scores, moved.scores)
+
+
 def test_searches_respect_budget_and_ratio(units):
     calls = []
 

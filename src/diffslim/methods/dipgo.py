@@ -832,7 +832,9 @@ def _gates_and_kept(logits: torch.Tensor, noise, units: PlanUnits, scale: float 
 def _local_loss(traj: _Trajectory, state, gates: torch.Tensor) -> torch.Tensor:
     """Learning-to-Cache's local objective: step k from the full model's state and caches at k - 1."""
     with torch.no_grad():
-        _, rec = traj.run(state, record=True)
+        # all-ones gates: every unit runs and leaves its output in the caches (the runtime's own path keeps
+        # only what the next step of the installed plan reads, which for the keep-all plan is nothing)
+        _, rec = traj.run(state, gates=torch.ones_like(gates), checkpoint=False, record=True)
     ts = traj.timesteps()
     state.manual = True
     state.gates = gates
