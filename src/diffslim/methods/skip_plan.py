@@ -471,16 +471,20 @@ class _UnitHook(ModelHook):
         return st.caches[self.key]
 
 
-class _StemHook(ModelHook):
-    """The patch embedding: not run at a step where the first unit is skipped (its output would go unused).
-
-    It returns a stand-in of the right shape that holds one zero (expanded, so it costs no memory): the
-    skipped first unit ignores its input and returns its cache."""
+class _OutsideHook(ModelHook):
+    """A hook on a module outside the units, sharing the plan's state; ``key``: the module's name."""
 
     def __init__(self, state: PlanState, key: str):
         super().__init__()
         self.state = state
         self.key = key
+
+
+class _StemHook(_OutsideHook):
+    """The patch embedding: not run at a step where the first unit is skipped (its output would go unused).
+
+    It returns a stand-in of the right shape that holds one zero (expanded, so it costs no memory): the
+    skipped first unit ignores its input and returns its cache."""
 
     def new_forward(self, module, *args, **kwargs):
         st = self.state
@@ -502,15 +506,10 @@ def _version(t) -> Optional[int]:
         return None
 
 
-class _TailHook(ModelHook):
+class _TailHook(_OutsideHook):
     """A pure module of the last unit's output (the final LayerNorm): while that output is the same
     cached tensor, unchanged, the previous result is returned. Kept only when the next step skips the
     last unit."""
-
-    def __init__(self, state: PlanState, key: str):
-        super().__init__()
-        self.state = state
-        self.key = key
 
     def new_forward(self, module, *args, **kwargs):
         st = self.state
