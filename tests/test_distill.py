@@ -117,6 +117,22 @@ def test_auto_features_exclude_stand_ins(tiny_digits_pipe):
         select_features(teacher, depth_skip(teacher, 7), ["down_blocks.9"])
 
 
+def test_transformer_features_are_matched_where_they_enter_the_residual_stream():
+    """A DiT with blocks removed: each kept block's output feeds what the teacher's last removed block after it
+    fed, so that is its teacher feature; U-Net blocks keep their own names."""
+    from diffslim.methods.layer_prune import prune_layers
+    from diffslim.train.zoo import build_pipeline
+
+    torch.manual_seed(0)
+    teacher = build_pipeline("digits-dit").denoiser
+    student = prune_layers(teacher, [f"transformer_blocks.{i}" for i in (1, 3, 4, 5)])
+    assert select_features(teacher, student) == {"transformer_blocks.0": "transformer_blocks.1",
+                                                 "transformer_blocks.2": "transformer_blocks.5"}
+    student = prune_layers(teacher, ["transformer_blocks.0", "transformer_blocks.2"])
+    assert select_features(teacher, student) == {"transformer_blocks.1": "transformer_blocks.2",
+                                                 **{f"transformer_blocks.{i}": f"transformer_blocks.{i}" for i in (3, 4, 5)}}
+
+
 def _png(path, color, size=(12, 10)):
     from PIL import Image
 

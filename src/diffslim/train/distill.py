@@ -194,8 +194,12 @@ def select_features(teacher: nn.Module, student: nn.Module,
     neither a stand-in (``Removed*``, ``Pruned*``) nor replaced (a different class than the teacher's),
     and whose output the student still computes (see ``_computes_feature``: a down block whose last
     layer was removed by depth-skip returns zeros, a block without its sampler has another size, a
-    block whose every layer was pruned is the identity; they are left out). A list names blocks present in both;
-    a dict maps student names to teacher names. Raises ``UserError`` (a ``ValueError``) for unknown names.
+    block whose every layer was pruned is the identity; they are left out). Each is matched with the
+    teacher's block of the same name, except that a transformer block followed by removed blocks
+    (identities) is matched with the last of those in the teacher, whose output reaches the same place in
+    the residual stream (DiT with blocks 1 and 2 removed: student block 0 against teacher block 2).
+    A list names blocks present in both; a dict maps student names to teacher names. Raises
+    ``UserError`` (a ``ValueError``) for unknown names.
     """
     def get(model, name):
         try:
@@ -207,11 +211,18 @@ def select_features(teacher: nn.Module, student: nn.Module,
         if features != "auto":
             raise UserError(f"features must be 'auto', a list of block names or a dict, not {features!r}")
         out = {}
-        for name in candidate_blocks(student):
+        names = candidate_blocks(student)
+        for i, name in enumerate(names):
             s, t = get(student, name), get(teacher, name)
             if t is None or _is_stand_in(s) or type(s) is not type(t) or not _computes_feature(s):
                 continue
-            out[name] = name
+            # a transformer block followed by removed (identity) blocks feeds the place the last of them feeds
+            # in the teacher: its output is matched with that block's
+            j = i
+            while (name.startswith("transformer_blocks.") and j + 1 < len(names)
+                   and names[j + 1].startswith("transformer_blocks.") and _is_stand_in(get(student, names[j + 1]))):
+                j += 1
+            out[name] = names[j]
         return out
     mapping = dict(features) if isinstance(features, Mapping) else {n: n for n in features}
     for s_name, t_name in mapping.items():
