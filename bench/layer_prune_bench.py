@@ -47,7 +47,7 @@ def _share(layers, names, total):
 
 
 def bench_model(model: str, n_calib: int, kd_steps: int, n_eval: int, figs: Path, seed_random=(0, 1, 2),
-                kd_seeds=(0,)) -> dict:
+                kd_seeds=(0,), kd_modes=("normalized", "plain"), normalized_lambda_feat: float = 1.0) -> dict:
     t_start = time.perf_counter()
     loaded = load(model)
     d = loaded.denoiser
@@ -125,7 +125,7 @@ def bench_model(model: str, n_calib: int, kd_steps: int, n_eval: int, figs: Path
     # 4. normalized vs plain distillation of the output-loss selection at 0.5
     if kd_steps > 0:
         out["distill"] = distill_compare(loaded, layers, scores["output-loss"], total, kd_steps, n_eval, figs, slug,
-                                         seeds=kd_seeds)
+                                         seeds=kd_seeds, modes=kd_modes, normalized_lambda_feat=normalized_lambda_feat)
     out["seconds"] = time.perf_counter() - t_start
     return out
 
@@ -153,7 +153,11 @@ def feature_terms(teacher, student, calib) -> dict:
     return out
 
 
-def distill_compare(loaded, layers, scores, total, steps, n_eval, figs, slug, ratio=0.5, seeds=(0,)):
+def distill_compare(loaded, layers, scores, total, steps, n_eval, figs, slug, ratio=0.5, seeds=(0,),
+                    modes=("normalized", "plain"), normalized_lambda_feat: float = 1.0):
+    """Distil the output-loss selection at ``ratio`` per seed and mode. ``normalized_lambda_feat``: the feature
+    weight of the normalized runs (1 as the plain runs; another value, e.g. the plain-to-normalized ratio of
+    the feature terms before training, compares the two at the same total feature weight)."""
     d = loaded.denoiser
     names = lp.select(layers, scores, ratio, total)
     es = eval_set_for(loaded, n_eval)
@@ -182,11 +186,12 @@ def distill_compare(loaded, layers, scores, total, steps, n_eval, figs, slug, ra
     logs = {}
     with tempfile.TemporaryDirectory() as tmp:
         for seed in seeds:
-            for mode in ("normalized", "plain"):
+            for mode in modes:
                 run = f"{mode}" if seed == seeds[0] else f"{mode}#seed{seed}"
                 student = lp.prune_layers(d, names)
                 cfg = DistillConfig(steps=steps, batch_size=32, lr=2e-4, out=Path(tmp) / run, checkpoint_every=steps,
-                                    log_every=10, normalized=mode == "normalized", progress=False, seed=seed)
+                                    log_every=10, normalized=mode == "normalized", progress=False, seed=seed,
+                                    lambda_feat=normalized_lambda_feat if mode == "normalized" else 1.0)
                 t0 = time.perf_counter()
                 r = lp.distill_pruned(loaded.pipe, student, cfg)
                 secs = time.perf_counter() - t0
@@ -210,10 +215,12 @@ def distill_compare(loaded, layers, scores, total, steps, n_eval, figs, slug, ra
     up = max(1, 64 // ref.shape[-1])
     for label, imgs in grids.items():
         image_grid(imgs[:k], nrow=8, upscale=up).save(figs / f"grid_{slug}_{label.replace(' ', '_').replace('+', '')}.png")
-    for mode in ("normalized", "plain"):
+    res["normalized_lambda_feat"] = normalized_lambda_feat
+    for mode in modes:
         runs = [v for k, v in res.items() if k.split("#")[0] == mode and isinstance(v, dict)]
         res[f"{mode}_mean_psnr"] = sum(v["psnr"] for v in runs) / len(runs)
-    res["normalized_beats_plain_psnr"] = res["normalized_mean_psnr"] > res["plain_mean_psnr"]
+    if len(modes) == 2:
+        res["normalized_beats_plain_psnr"] = res["normalized_mean_psnr"] > res["plain_mean_psnr"]
     return res
 
 
@@ -246,6 +253,9 @@ def main():
     ap.add_argument("--kd-steps", type=int, default=200)
     ap.add_argument("--n-eval", type=int, default=32)
     ap.add_argument("--kd-seeds", default="0,1", help="seeds of the distillation runs (each mode runs once per seed)")
+    ap.add_argument("--kd-modes", default="normalized,plain", help="distillation modes to run")
+    ap.add_argument("--normalized-lambda-feat", type=float, default=1.0,
+                    help="feature weight of the normalized runs (the plain runs keep 1)")
     ap.add_argument("--out", default="bench/results")
     a = ap.parse_args()
     out = Path(a.out)
@@ -254,10 +264,13 @@ def main():
     for model in a.models.split(","):
         t0 = time.perf_counter()
         seeds = tuple(int(x) for x in a.kd_seeds.split(","))
-        res = bench_model(model, a.n_calib, a.kd_steps, a.n_eval, figs, kd_seeds=seeds)
+        modes = tuple(a.kd_modes.split(","))
+        res = bench_model(model, a.n_calib, a.kd_steps, a.n_eval, figs, kd_seeds=seeds, kd_modes=modes,
+                          normalized_lambda_feat=a.normalized_lambda_feat)
         res["command"] = (f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} .venv/bin/python "
                           f"bench/layer_prune_bench.py --models {model} --n-calib {a.n_calib} --kd-steps {a.kd_steps} "
-                          f"--n-eval {a.n_eval} --kd-seeds {a.kd_seeds}")
+                          f"--n-eval {a.n_eval} --kd-seeds {a.kd_seeds} --kd-modes {a.kd_modes} "
+                          f"--normalized-lambda-feat {a.normalized_lambda_feat}")
         path = out / f"layer_prune_{model.replace(':', '_')}.json"
         path.write_text(json.dumps(res, indent=1, default=lambda o: None if isinstance(o, float) and math.isnan(o) else str(o)))
         print(f"== {model} ({time.perf_counter() - t0:.0f}s) -> {path}")
@@ -271,8 +284,8 @@ def main():
         print(f"additivity Pearson r = {res['additivity']['pearson']:.3f}")
         if "distill" in res:
             dd = res["distill"]
-            print("distill psnr before {:.2f}, normalized {:.2f}, plain {:.2f} (mean over kd seeds)".format(
-                dd["before"].get("psnr", float("nan")), dd["normalized_mean_psnr"], dd["plain_mean_psnr"]))
+            print("distill psnr before {:.2f}, ".format(dd["before"].get("psnr", float("nan")))
+                  + ", ".join(f"{m} {dd[m + '_mean_psnr']:.2f}" for m in modes) + " (mean over kd seeds)")
 
 
 if __name__ == "__main__":
