@@ -4,7 +4,8 @@ Used to fine-tune depth-skipped U-Nets (Kim and Cho, 2024) and for LAPTOP-Diff's
 feature distillation; with ``normalized=False`` the feature term is BK-SDM's plain sum of MSEs.
 The loss of one step, with ``x_t = add_noise(x0, eps, t)``, the student prediction ``eps_S`` and the
 teacher prediction ``eps_T`` (both ``(B, C, H, W)``; "eps" is the scheduler's prediction target,
-the noise for ``prediction_type="epsilon"``, the velocity for ``"v_prediction"``)::
+the noise for ``prediction_type="epsilon"``, the velocity for ``"v_prediction"``; for SD3's rectified flow
+``x_t = (1 - sigma) x0 + sigma eps`` and the target ``eps - x0``, see :class:`Noising`)::
 
     loss = lambda_task * task + lambda_out * out + lambda_feat * feat
     task = mean((target - eps_S)^2)          out = mean((eps_T - eps_S)^2)
@@ -424,7 +425,7 @@ def task_for(pipe, label_dropout: float = 0.1):
     if getattr(pipe, "transformer", None) is not None and getattr(pipe, "vae", None) is not None:
         if name.startswith("PixArt"):
             return _LatentTransformerTask(pipe, "pixart")
-        if name.startswith("StableDiffusion3") and getattr(pipe, "text_encoder_3", None) is not None:
+        if name.startswith("StableDiffusion3"):
             return _LatentTransformerTask(pipe, "sd3")
     raise UserError(f"no distillation task for {name}: supported are the zoo pipelines, SD-style pipelines "
                      "with unet, vae, text_encoder and tokenizer (SD, SDXL, InstructPix2Pix), PixArt-alpha/sigma "
