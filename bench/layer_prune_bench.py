@@ -47,7 +47,7 @@ def _share(layers, names, total):
 
 
 def bench_model(model: str, n_calib: int, kd_steps: int, n_eval: int, figs: Path, seed_random=(0, 1, 2),
-                kd_seeds=(0,), kd_modes=("normalized", "plain"), normalized_lambda_feat: float = 1.0) -> dict:
+                kd_seeds=(0,), kd_modes=("normalized", "plain"), normalized_lambda_feat="1.0", kd_ratio=0.5) -> dict:
     t_start = time.perf_counter()
     loaded = load(model)
     d = loaded.denoiser
@@ -122,9 +122,10 @@ def bench_model(model: str, n_calib: int, kd_steps: int, n_eval: int, figs: Path
     output_loss_figure(curves, model, {b["variant"]: (b["ratio"], b["bk_sdm_loss"]) for b in bk}).savefig(
         figs / f"output_loss_{slug}.png", dpi=110, bbox_inches="tight")
 
-    # 4. normalized vs plain distillation of the output-loss selection at 0.5
+    # 4. normalized vs plain distillation of the output-loss selection at kd_ratio (0.5)
     if kd_steps > 0:
-        out["distill"] = distill_compare(loaded, layers, scores["output-loss"], total, kd_steps, n_eval, figs, slug,
+        out["distill"] = distill_compare(loaded, layers, scores["output-loss"], total, kd_steps, n_eval, figs,
+                                         slug if kd_ratio == 0.5 else f"{slug}_r{kd_ratio:g}", ratio=kd_ratio,
                                          seeds=kd_seeds, modes=kd_modes, normalized_lambda_feat=normalized_lambda_feat)
     out["seconds"] = time.perf_counter() - t_start
     return out
@@ -154,10 +155,13 @@ def feature_terms(teacher, student, calib) -> dict:
 
 
 def distill_compare(loaded, layers, scores, total, steps, n_eval, figs, slug, ratio=0.5, seeds=(0,),
-                    modes=("normalized", "plain"), normalized_lambda_feat: float = 1.0):
+                    modes=("normalized", "plain"), normalized_lambda_feat="1.0"):
     """Distil the output-loss selection at ``ratio`` per seed and mode. ``normalized_lambda_feat``: the feature
     weight of the normalized runs (1 as the plain runs; another value, e.g. the plain-to-normalized ratio of
-    the feature terms before training, compares the two at the same total feature weight)."""
+    the feature terms before training, compares the two at the same total feature weight; ``"auto"``: the
+    trainer's ``match_plain_weight``, that ratio measured by each run on its first batches)."""
+    auto = str(normalized_lambda_feat) == "auto"
+    lam = 1.0 if auto else float(normalized_lambda_feat)
     d = loaded.denoiser
     names = lp.select(layers, scores, ratio, total)
     es = eval_set_for(loaded, n_eval)
@@ -191,14 +195,15 @@ def distill_compare(loaded, layers, scores, total, steps, n_eval, figs, slug, ra
                 student = lp.prune_layers(d, names)
                 cfg = DistillConfig(steps=steps, batch_size=32, lr=2e-4, out=Path(tmp) / run, checkpoint_every=steps,
                                     log_every=10, normalized=mode == "normalized", progress=False, seed=seed,
-                                    lambda_feat=normalized_lambda_feat if mode == "normalized" else 1.0)
+                                    lambda_feat=lam if mode == "normalized" else 1.0,
+                                    match_plain_weight=auto and mode == "normalized")
                 t0 = time.perf_counter()
                 r = lp.distill_pruned(loaded.pipe, student, cfg)
                 secs = time.perf_counter() - t0
                 trained = load(str(Path(tmp) / run / "student")).denoiser
                 after = sample(_with_denoiser(loaded.pipe, trained), spec)
                 res[run] = {**{k: finite(v) for k, v in metrics(after, ref).items()},
-                            "final_losses": r.final_losses, "seconds": secs, "seed": seed,
+                            "final_losses": r.final_losses, "seconds": secs, "seed": seed, "feat_scale": r.feat_scale,
                             "feature_terms_after": feature_terms(d, trained, one),
                             "features": json.loads((Path(tmp) / run / "distill.json").read_text())["features"]}
                 if seed == seeds[0]:
@@ -254,8 +259,10 @@ def main():
     ap.add_argument("--n-eval", type=int, default=32)
     ap.add_argument("--kd-seeds", default="0,1", help="seeds of the distillation runs (each mode runs once per seed)")
     ap.add_argument("--kd-modes", default="normalized,plain", help="distillation modes to run")
-    ap.add_argument("--normalized-lambda-feat", type=float, default=1.0,
-                    help="feature weight of the normalized runs (the plain runs keep 1)")
+    ap.add_argument("--normalized-lambda-feat", default="1.0",
+                    help="feature weight of the normalized runs (the plain runs keep 1), or 'auto': each normalized "
+                         "run scales its feature term to start at the plain sum's total (match_plain_weight)")
+    ap.add_argument("--kd-ratio", type=float, default=0.5, help="pruning ratio of the distilled model")
     ap.add_argument("--out", default="bench/results")
     a = ap.parse_args()
     out = Path(a.out)
@@ -266,11 +273,11 @@ def main():
         seeds = tuple(int(x) for x in a.kd_seeds.split(","))
         modes = tuple(a.kd_modes.split(","))
         res = bench_model(model, a.n_calib, a.kd_steps, a.n_eval, figs, kd_seeds=seeds, kd_modes=modes,
-                          normalized_lambda_feat=a.normalized_lambda_feat)
+                          normalized_lambda_feat=a.normalized_lambda_feat, kd_ratio=a.kd_ratio)
         res["command"] = (f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} .venv/bin/python "
                           f"bench/layer_prune_bench.py --models {model} --n-calib {a.n_calib} --kd-steps {a.kd_steps} "
                           f"--n-eval {a.n_eval} --kd-seeds {a.kd_seeds} --kd-modes {a.kd_modes} "
-                          f"--normalized-lambda-feat {a.normalized_lambda_feat}")
+                          f"--normalized-lambda-feat {a.normalized_lambda_feat} --kd-ratio {a.kd_ratio:g}")
         path = out / f"layer_prune_{model.replace(':', '_')}.json"
         path.write_text(json.dumps(res, indent=1, default=lambda o: None if isinstance(o, float) and math.isnan(o) else str(o)))
         print(f"== {model} ({time.perf_counter() - t0:.0f}s) -> {path}")

@@ -232,8 +232,42 @@ def test_two_processes_agree(tmp_path):
     assert got["num_processes"] == 2 and got["steps"] == 4
     digests = {d for _, d in got["digests"]}
     assert len(got["digests"]) == 2 and len(digests) == 1
+    # the feature scale is measured on both processes' batches: one value, not one per process
+    assert len(got["feat_scales"]) == 2 and got["feat_scales"][0] == got["feat_scales"][1] != 1.0
     ckpts = tmp_path / "run" / "checkpoints"
     assert (ckpts / "step_4" / "complete.json").is_file() and (ckpts / "step_3").is_dir()
     assert {p.name for p in (ckpts / "step_4").glob("random_states_*.pkl")} == {"random_states_0.pkl",
                                                                                   "random_states_1.pkl"}
     assert (tmp_path / "run" / "student" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def test_match_plain_weight_scales_the_normalized_term_to_the_plain_sum(tiny_digits_pipe, tmp_path):
+    """The scale is the plain-to-normalized ratio of the untrained student's feature terms; it is
+    checkpointed, so a resumed run keeps it rather than measuring the half-trained student."""
+    teacher = tiny_digits_pipe.denoiser
+    ds = ZooDigits()
+    # one step logged at step 1: its feat column is the term of the untrained student on batch 0
+    plain = distill(tiny_digits_pipe, depth_skip(teacher, 7), ds,
+                    _cfg(tmp_path / "plain", steps=1, log_every=1, normalized=False))
+    norm = distill(tiny_digits_pipe, depth_skip(teacher, 7), ds,
+                   _cfg(tmp_path / "norm", steps=1, log_every=1, match_plain_weight=True, weight_batches=1))
+    p, n = float(_rows(plain.log_path)[0]["feat"]), float(_rows(norm.log_path)[0]["feat"])
+    assert p > 0 and n > 0 and abs(p / n - 1) > 0.05  # the two sums differ, so the scale matters
+    assert norm.feat_scale == pytest.approx(p / n, rel=1e-4)
+    assert json.loads((tmp_path / "norm" / "distill.json").read_text())["feat_scale"] == norm.feat_scale
+    assert plain.feat_scale == 1.0
+
+    # the scale changes training: a normalized run without it ends elsewhere
+    cfg = _cfg(tmp_path / "a", match_plain_weight=True)
+    a = distill(tiny_digits_pipe, depth_skip(teacher, 7), ds, cfg)
+    unscaled = distill(tiny_digits_pipe, depth_skip(teacher, 7), ds, _cfg(tmp_path / "u"))
+    assert a.final_losses["loss"] != unscaled.final_losses["loss"]
+    # exact resume: measured again after 3 steps the scale would differ
+    b_cfg = replace(cfg, out=tmp_path / "b")
+    distill(tiny_digits_pipe, depth_skip(teacher, 7), ds, replace(b_cfg, stop_at=3))
+    b = distill(tiny_digits_pipe, depth_skip(teacher, 7), ds, b_cfg)
+    assert b.feat_scale == a.feat_scale and b.final_losses == a.final_losses
+
+    with pytest.raises(ValueError, match="match_plain_weight .* normalized=True"):
+        distill(tiny_digits_pipe, depth_skip(teacher, 7), ds, _cfg(tmp_path / "bad", normalized=False,
+                                                                   match_plain_weight=True))

@@ -355,3 +355,18 @@ def test_sd3_and_flux_blocks_are_removed_as_both_streams_passing_through(tmp_pat
             # same weights bit for bit; kernels may differ in the last bits with memory layout
             torch.testing.assert_close(back(**kw).sample, model(**kw).sample, atol=1e-5, rtol=1e-4)
     assert type(fpruned).__name__ == "LayerPrunedFluxTransformer2DModel"
+
+
+def test_cli_distill_the_pruned_model_with_matched_weight(tiny_digits_folder, tmp_path):
+    from diffslim.cli import app
+
+    r = _cli(tiny_digits_folder, "--ratio", "0.3", "--n", "4", "--out", tmp_path)
+    assert r.exit_code == 0, r.output
+    run = ["distill", str(tiny_digits_folder), str(tmp_path / "model"), "--steps", "2", "--batch-size", "4",
+           "--out", str(tmp_path / "kd")]
+    r = CliRunner().invoke(app, [*run, "--match-plain-weight"])
+    assert r.exit_code == 0, r.output
+    scale = json.loads((tmp_path / "kd" / "distill.json").read_text())["feat_scale"]
+    assert scale > 0 and f"feature weight x{scale:.4g}" in " ".join(r.output.split())
+    r = CliRunner().invoke(app, [*run, "--plain", "--match-plain-weight"])
+    assert r.exit_code == 2 and "use it with normalized=True" in r.output

@@ -432,7 +432,8 @@ def timesteps_cmd(
 
 
 def _distill_config(out, steps, batch_size, lr, checkpoint_every, log_every, ema_decay, mixed_precision,
-                    gradient_checkpointing, seed, log_with, normalized, lambda_task, lambda_out, lambda_feat):
+                    gradient_checkpointing, seed, log_with, normalized, lambda_task, lambda_out, lambda_feat,
+                    match_plain_weight=False):
     from diffslim.train.distill import DistillConfig
 
     if steps < 1 or batch_size < 1 or lr <= 0:
@@ -443,7 +444,7 @@ def _distill_config(out, steps, batch_size, lr, checkpoint_every, log_every, ema
                          log_every=log_every, ema_decay=ema_decay if ema_decay > 0 else None,
                          mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing, seed=seed,
                          log_with=log_with, normalized=normalized, lambda_task=lambda_task, lambda_out=lambda_out,
-                         lambda_feat=lambda_feat)
+                         lambda_feat=lambda_feat, match_plain_weight=match_plain_weight)
 
 
 _TRAIN_OPTS = dict(
@@ -507,6 +508,8 @@ def distill(
     log_with: str = _TRAIN_OPTS["log_with"],
     normalized: bool = typer.Option(True, "--normalized/--plain", help="LAPTOP-Diff's normalized feature loss (default) or BK-SDM's plain sum"),
     lambda_task: float = typer.Option(1.0), lambda_out: float = typer.Option(1.0), lambda_feat: float = typer.Option(1.0),
+    match_plain_weight: bool = typer.Option(False, help="with --normalized: scale the feature term so that it starts "
+                                            "with the plain sum's total weight (only the balance among layers changes)"),
 ):
     """Distil a teacher pipeline's denoiser into a student denoiser (task + output + feature losses)."""
     _quiet_libraries()
@@ -521,10 +524,12 @@ def distill(
     if not s.has_weights or s.pipe is not None:
         raise UserError(f"{student} must be a denoiser folder with safetensors weights")
     cfg = _distill_config(out, steps, batch_size, lr, checkpoint_every, log_every, ema_decay, mixed_precision,
-                          gradient_checkpointing, seed, log_with, normalized, lambda_task, lambda_out, lambda_feat)
+                          gradient_checkpointing, seed, log_with, normalized, lambda_task, lambda_out, lambda_feat,
+                          match_plain_weight)
     res = run(t.pipe, s.denoiser, make_dataset(data, t.pipe), cfg)
+    scale = f"; feature weight x{res.feat_scale:.4g} (matched to the plain sum)" if match_plain_weight else ""
     console.print(f"student: {Path(res.out_dir) / 'student'}; final losses: "
-                  + ", ".join(f"{k} {v:.4g}" for k, v in res.final_losses.items()))
+                  + ", ".join(f"{k} {v:.4g}" for k, v in res.final_losses.items()) + scale)
 
 
 @app.command("zoo-train")

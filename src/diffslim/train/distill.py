@@ -14,7 +14,11 @@ the noise for ``prediction_type="epsilon"``, the velocity for ``"v_prediction"``
 
 where ``mean`` runs over every element of the batch (batch, channels, positions), so the normalized
 term of a layer is ``||F^T - F^S||^2 / (||F^T||^2 + feat_eps * numel)`` with squared Frobenius
-norms over the whole batch, the teacher's norm detached. Features ``F_l`` are the outputs of the
+norms over the whole batch, the teacher's norm detached. With ``match_plain_weight`` the normalized
+term is multiplied by ``sum_l P_l / sum_l N_l``, the plain (``P_l``) and normalized (``N_l``) terms of the
+untrained student on the first batches, so that it starts with the plain sum's total weight and only
+redistributes it among the layers (``lambda_feat`` tuned for BK-SDM's loss then carries over).
+Features ``F_l`` are the outputs of the
 denoiser's blocks (``down_blocks.i`` (first element of its tuple), ``mid_block``, ``up_blocks.i``,
 ``transformer_blocks.i``), captured on teacher and student by diffusers ``ModelHook`` taps.
 
@@ -62,7 +66,9 @@ class DistillConfig:
     slice of a longer run; calling again with the same settings resumes). ``label_dropout``: the
     share of class labels replaced by the null label (classifier-free guidance), zoo class task only.
     ``find_unused_parameters``: for multi-process (DDP) runs of students with parameters the forward
-    does not use. User mistakes (unknown feature names, a checkpoint of other settings, an
+    does not use. ``match_plain_weight`` (normalized only): scale the normalized feature term so that
+    its total starts equal to the plain one's, measured before training on the batches of the first
+    ``weight_batches`` steps, summed over processes; the scale is checkpointed with the run. User mistakes (unknown feature names, a checkpoint of other settings, an
     unsupported pipeline) raise ``diffslim.errors.UserError``, a ``ValueError``.
     """
 
@@ -91,17 +97,21 @@ class DistillConfig:
     keep_checkpoints: int = 2
     stop_at: Optional[int] = None
     find_unused_parameters: bool = False
+    match_plain_weight: bool = False
+    weight_batches: int = 4
 
 
 @dataclass
 class DistillResult:
     """What a run left: ``out_dir/student`` (the exported student), the global step reached, the mean
-    of each loss term (``loss, task, out, feat``) over the last logged window, and the CSV log path."""
+    of each loss term (``loss, task, out, feat``) over the last logged window, and the CSV log path.
+    ``feat_scale``: the factor on ``lambda_feat * feat`` (1 unless ``match_plain_weight``)."""
 
     out_dir: Path
     steps: int
     final_losses: dict = field(default_factory=dict)
     log_path: Optional[Path] = None
+    feat_scale: float = 1.0
 
 
 # ------------------------------------------------------------------------------------------
@@ -549,11 +559,12 @@ class _RunState:
         self.sums = torch.zeros(len(_TERMS), dtype=torch.float64)
         self.count = 0
         self.last_logged: dict = {}
+        self.feat_scale: Optional[float] = None  # set once, before step 0, with match_plain_weight
         self.settings = {"seed": cfg.seed, "batch_size": cfg.batch_size, "num_processes": world, "steps": cfg.steps}
 
     def state_dict(self) -> dict:
         return {"step": self.step, "sums": self.sums.clone(), "count": self.count,
-                "last_logged": dict(self.last_logged), "settings": dict(self.settings)}
+                "last_logged": dict(self.last_logged), "settings": dict(self.settings), "feat_scale": self.feat_scale}
 
     def load_state_dict(self, state: dict) -> None:
         saved = state["settings"]
@@ -567,6 +578,30 @@ class _RunState:
         self.step, self.count = int(state["step"]), int(state["count"])
         self.sums = state["sums"].clone()
         self.last_logged = dict(state["last_logged"])
+        self.feat_scale = state.get("feat_scale")
+
+
+def _plain_to_normalized(inputs, task, teacher, student, feats_t, feats_s, cfg: DistillConfig, accelerator) -> float:
+    """``sum P_l / sum N_l`` of the untrained student over the batches of steps ``0 .. weight_batches-1`` (all processes)."""
+    sums = torch.zeros(2, dtype=torch.float64)
+    with torch.no_grad(), accelerator.autocast():
+        for step in range(min(cfg.weight_batches, cfg.steps)):
+            xt, t, cond, _ = inputs(step)
+            feats_t.clear()
+            feats_s.clear()
+            task.predict(teacher, xt, t, cond)
+            task.predict(student, xt, t, cond)
+            sums[0] += float(feature_loss(feats_t, feats_s, normalized=False))
+            sums[1] += float(feature_loss(feats_t, feats_s, normalized=True, eps=cfg.feat_eps))
+    feats_t.clear()
+    feats_s.clear()
+    plain, norm = accelerator.reduce(sums.to(accelerator.device), "sum").cpu().tolist()
+    if not norm > 0:
+        logger.warning("the student matches the teacher at every distilled feature: match_plain_weight keeps lambda_feat")
+        return 1.0
+    scale = plain / norm
+    logger.info("match_plain_weight: feature weight x%.4g (plain %.4g / normalized %.4g)", scale, plain, norm)
+    return scale
 
 
 def _checkpoints(root: Path) -> list[Path]:
@@ -620,6 +655,10 @@ def distill(teacher_pipe, student: nn.Module, dataset, cfg: DistillConfig) -> Di
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
+    if cfg.match_plain_weight and not cfg.normalized:
+        raise UserError("match_plain_weight scales the normalized feature loss: use it with normalized=True (--normalized)")
+    if cfg.weight_batches < 1:
+        raise UserError(f"weight_batches must be at least 1, not {cfg.weight_batches}")
     if cfg.log_with not in ("csv", "tensorboard"):
         raise UserError(f"log_with must be 'csv' or 'tensorboard', not {cfg.log_with!r}")
     out = Path(cfg.out)
@@ -690,6 +729,24 @@ def distill(teacher_pipe, student: nn.Module, dataset, cfg: DistillConfig) -> Di
         if existing:
             accelerator.load_state(str(existing[-1]))
             accelerator.print(f"resumed from {existing[-1]} at step {state.step}")
+        order = _EpochOrder(len(dataset), cfg.seed)
+
+        def inputs(step: int):
+            """The batch of ``step`` on this process, a pure function of (seed, step, process)."""
+            batch = collate([dataset[i] for i in batch_indices(order, step, cfg.batch_size, rank, world)])
+            g = torch.Generator().manual_seed(_seed_of(cfg.seed, 2, step, rank))
+            with torch.no_grad(), accelerator.autocast():
+                x0, cond = task.encode(batch, g, device)
+            x0 = x0.float()
+            noise = torch.randn(x0.shape, generator=g).to(device)
+            t = noising.timesteps(x0.shape[0], g).to(device)
+            xt, target = noising.noisy(x0, noise, t)
+            return xt, t, cond, target
+
+        if cfg.match_plain_weight and state.feat_scale is None:
+            state.feat_scale = _plain_to_normalized(inputs, task, teacher, unwrapped, feats_t, feats_s, cfg,
+                                                    accelerator) if features else 1.0
+        feat_weight = cfg.lambda_feat * (state.feat_scale if state.feat_scale is not None else 1.0)
         start = state.step
         end = min(cfg.steps, cfg.stop_at) if cfg.stop_at is not None else cfg.steps
 
@@ -706,14 +763,13 @@ def distill(teacher_pipe, student: nn.Module, dataset, cfg: DistillConfig) -> Di
                 w.writerows(rows)
             (out / "distill.json").write_text(json.dumps(
                 {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
-                 "features": features, "num_processes": world, "teacher": type(teacher).__name__,
+                 "features": features, "feat_scale": state.feat_scale, "num_processes": world, "teacher": type(teacher).__name__,
                  "student": type(unwrapped).__name__}, indent=2, default=str))
             if tensorboard:
                 accelerator.init_trackers("distill", config={k: v for k, v in asdict(cfg).items()
                                                              if isinstance(v, (int, float, str, bool))})
         accelerator.wait_for_everyone()
 
-        order = _EpochOrder(len(dataset), cfg.seed)
         progress = None
         if cfg.progress and accelerator.is_local_main_process:
             from tqdm.auto import tqdm
@@ -721,15 +777,7 @@ def distill(teacher_pipe, student: nn.Module, dataset, cfg: DistillConfig) -> Di
             progress = tqdm(total=end, initial=start, desc="distill", dynamic_ncols=True)
 
         for step in range(start, end):
-            # --- the batch of this step: a pure function of (seed, step, process)
-            batch = collate([dataset[i] for i in batch_indices(order, step, cfg.batch_size, rank, world)])
-            g = torch.Generator().manual_seed(_seed_of(cfg.seed, 2, step, rank))
-            with torch.no_grad(), accelerator.autocast():
-                x0, cond = task.encode(batch, g, device)
-            x0 = x0.float()
-            noise = torch.randn(x0.shape, generator=g).to(device)
-            t = noising.timesteps(x0.shape[0], g).to(device)
-            xt, target = noising.noisy(x0, noise, t)
+            xt, t, cond, target = inputs(step)
 
             # --- teacher and student predictions, features captured by the taps
             feats_t.clear()
@@ -743,7 +791,7 @@ def distill(teacher_pipe, student: nn.Module, dataset, cfg: DistillConfig) -> Di
             zero = task_l.new_zeros(())
             out_l = F.mse_loss(pred_s.float(), pred_t.float()) if need_teacher else zero
             feat_l = feature_loss(feats_t, feats_s, cfg.normalized, cfg.feat_eps).to(device) if features else zero
-            loss = cfg.lambda_task * task_l + cfg.lambda_out * out_l + cfg.lambda_feat * feat_l
+            loss = cfg.lambda_task * task_l + cfg.lambda_out * out_l + feat_weight * feat_l
 
             # --- update
             accelerator.backward(loss)
@@ -820,4 +868,5 @@ def distill(teacher_pipe, student: nn.Module, dataset, cfg: DistillConfig) -> Di
             m.train(training)
             for p, f in zip(m.parameters(), flags):
                 p.requires_grad_(f)
-    return DistillResult(out_dir=out, steps=state.step, final_losses=final, log_path=log_path)
+    return DistillResult(out_dir=out, steps=state.step, final_losses=final, log_path=log_path,
+                         feat_scale=state.feat_scale if state.feat_scale is not None else 1.0)
