@@ -370,3 +370,24 @@ def test_cli_distill_the_pruned_model_with_matched_weight(tiny_digits_folder, tm
     assert scale > 0 and f"feature weight x{scale:.4g}" in " ".join(r.output.split())
     r = CliRunner().invoke(app, [*run, "--plain", "--match-plain-weight"])
     assert r.exit_code == 2 and "use it with normalized=True" in r.output
+
+
+def test_bench_layers_kd_distils_once_and_caches(tmp_path, monkeypatch):
+    from diffslim import bench
+    from diffslim.cli import app
+
+    monkeypatch.setenv("DIFFSLIM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(bench, "DEFAULT_KD", {**bench.DEFAULT_KD, "steps": 2, "batch_size": 4})
+    monkeypatch.setattr(bench, "LAYER_CALIB", dict(n=8, seed=0))
+    args = ["bench", "zoo:digits-dit", "--methods", "layers:0.3,layers:0.3+kd", "--n", "2", "--steps", "3", "--json"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    rows = {x["method"]: x for x in json.loads(r.stdout)["rows"]}  # the training progress bar is on stderr
+    assert rows["layers:0.3+kd"]["params"] == rows["layers:0.3"]["params"] < rows["full"]["params"]
+    assert rows["layers:0.3+kd"]["psnr"] != rows["layers:0.3"]["psnr"]  # trained weights
+    assert "feature weight matched to the plain sum" in rows["layers:0.3+kd"]["notes"]
+    runs = list((tmp_path / "cache" / "layer_kd").glob("*/distill.json"))
+    assert len(runs) == 1 and json.loads(runs[0].read_text())["feat_scale"] > 0
+    stamp = runs[0].stat().st_mtime_ns
+    r = CliRunner().invoke(app, args)  # the second bench reuses the cached student
+    assert r.exit_code == 0 and runs[0].stat().st_mtime_ns == stamp

@@ -328,7 +328,7 @@ def _xue(arg, ctx: BenchContext) -> Variant:
 # ------------------------------------------------------------------------------------------
 # Layer pruning (LAPTOP-Diff) and BK-SDM: methods.layer_prune
 
-DEFAULT_KD = dict(steps=300, batch_size=32, lr=2e-4)
+DEFAULT_KD = dict(steps=300, batch_size=32, lr=2e-4, match_plain_weight=True)
 LAYER_CALIB = dict(n=32, seed=0)
 
 
@@ -366,7 +366,7 @@ def _default_layer_kd(ctx: BenchContext, ratio: float, names: list[str]):
         cfg = DistillConfig(out=root, checkpoint_every=100, log_every=25, normalized=True, **DEFAULT_KD)
         distill_pruned(ctx.loaded.pipe, prune_layers(ctx.loaded.denoiser, names), cfg)
     return folder, (f"normalized distillation {DEFAULT_KD['steps']} steps (batch {DEFAULT_KD['batch_size']}, "
-                    f"lr {DEFAULT_KD['lr']}); cached at {root}")
+                    f"lr {DEFAULT_KD['lr']}, feature weight matched to the plain sum); cached at {root}")
 
 
 @register_method("layers", "layers:R, one-shot layer pruning (LAPTOP-Diff output-loss criterion) removing a share R "
