@@ -251,3 +251,93 @@ def test_layer_prune_cli_scores_a_pixart_folder_with_captioned_images(tiny_sd_pi
     assert all(row["score"] > 0 for row in report["layers"])
     pruned = load(str(tmp_path / "out" / "pipeline")).denoiser
     assert sum(p.numel() for p in pruned.parameters()) == report["params_after"]
+
+
+def _tiny_flux(tiny_sd_pipe):
+    """A tiny FluxPipeline (CLIP + T5, double- and single-stream blocks, guidance embedding, dynamic shift)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2,
+                                         attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
+                                         pooled_projection_dim=16, guidance_embeds=True, axes_dims_rope=(2, 2, 4))
+    clip = CLIPTextModel(CLIPTextConfig(vocab_size=1000, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, max_position_embeddings=77, bos_token_id=0,
+                                        eos_token_id=1, pad_token_id=1)).eval()
+    t5 = T5EncoderModel(T5Config(vocab_size=1000, d_model=32, d_kv=8, d_ff=32, num_layers=1, num_heads=2)).eval()
+    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 16), latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=8, sample_size=16, shift_factor=0.1, scaling_factor=0.5)
+    sched = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_image_seq_len=4, max_image_seq_len=64)
+    tok = tiny_sd_pipe.tokenizer
+    pipe = FluxPipeline(transformer=transformer, scheduler=sched, vae=vae, text_encoder=clip, tokenizer=tok,
+                        text_encoder_2=t5, tokenizer_2=tok)
+    pipe.default_sample_size = 8  # 16 px images (8x8 latents, 16 tokens) instead of Flux's 1024 px
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_flux_noising_follows_the_dynamic_shift_of_the_scheduler(tiny_sd_pipe):
+    """Flux shifts its sigmas by mu, which grows with the image's token count: the trainer's flow sigmas are the
+    scheduler's own at each size, and the packed tokens are FluxPipeline's."""
+    import math
+
+    from diffusers import FluxPipeline
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    from diffslim.train.distill import noising_for, pack_latents, unpack_latents
+
+    pipe = _tiny_flux(tiny_sd_pipe)
+    noising = noising_for(pipe)
+    cfg = pipe.scheduler.config
+    shifts = []
+    for side in (8, 16):  # latents of 8x8 and 16x16: 16 and 64 tokens
+        mu = calculate_shift(side * side // 4, cfg.base_image_seq_len, cfg.max_image_seq_len, cfg.base_shift,
+                             cfg.max_shift)
+        pipe.scheduler.set_timesteps(sigmas=list(torch.linspace(1.0, 1 / 8, 8).tolist()), mu=mu)
+        mine = noising.shifted(torch.linspace(1.0, 1 / 8, 8), (1, 4, side, side))
+        torch.testing.assert_close(mine, pipe.scheduler.sigmas[:-1].float(), rtol=1e-5, atol=1e-6)
+        shifts.append(noising.shift_for((side, side)))
+    assert shifts[1] > shifts[0] > 1 and shifts[0] == pytest.approx(math.exp(0.5 + 0.65 * 12 / 60))
+    with pytest.raises(ValueError, match="shape"):
+        noising.timesteps(2, torch.Generator().manual_seed(0))
+    x = torch.randn(2, 4, 8, 6)
+    assert torch.equal(pack_latents(x), FluxPipeline._pack_latents(x, 2, 4, 8, 6))
+    assert torch.equal(unpack_latents(pack_latents(x), 8, 6), x)
+
+
+def test_flux_output_loss_scoring_and_distillation(tiny_sd_pipe, tmp_path):
+    """A Flux pipeline gets calibration triples from captioned images, the output-loss criterion scores its double-
+    and single-stream blocks, and a student without a single-stream block distils, reproducibly, with the stream
+    matched across the two block lists."""
+    from diffslim.methods.layer_prune import calibration, candidates, output_loss, prune_layers, score_layers
+    from diffslim.train.data import make_dataset
+    from diffslim.train.distill import DistillConfig, distill
+
+    pipe = _tiny_flux(tiny_sd_pipe)
+    data = str(_captioned_images(tmp_path / "imgs"))
+    calib, again = calibration(pipe, n=4, data=data), calibration(pipe, n=4, data=data)
+    assert torch.equal(calib.xt, again.xt) and torch.equal(calib.target, again.target)
+    assert calib.xt.shape == (4, 4, 8, 8) and bool((calib.t > 0).all() & (calib.t < 1000).all())
+    den = pipe.transformer
+    assert calib.run(den).shape == calib.xt.shape
+    scores = score_layers(den, candidates(den), "output-loss", calib)
+    assert sorted(scores) == ["single_transformer_blocks.0", "single_transformer_blocks.1", "transformer_blocks.0",
+                              "transformer_blocks.1"] and all(v > 0 for v in scores.values())
+    assert output_loss(den, calib, []) == 0.0
+    before = {k: v.clone() for k, v in den.state_dict().items()}
+
+    def run(name):
+        student = prune_layers(den, ["single_transformer_blocks.0"])
+        cfg = DistillConfig(steps=2, batch_size=2, lr=1e-3, out=tmp_path / name, checkpoint_every=100, log_every=1,
+                            progress=False, warmup=0)
+        return distill(pipe, student, make_dataset(data, pipe), cfg)
+
+    a, b = run("a"), run("b")
+    assert a.final_losses == b.final_losses and all(torch.isfinite(torch.tensor(v)) for v in a.final_losses.values())
+    assert a.final_losses["feat"] > 0
+    assert json.loads((a.out_dir / "distill.json").read_text())["features"] == {
+        "transformer_blocks.0": "transformer_blocks.0", "transformer_blocks.1": "single_transformer_blocks.0",
+        "single_transformer_blocks.1": "single_transformer_blocks.1"}
+    assert all(torch.equal(before[k], v) for k, v in den.state_dict().items())

@@ -583,7 +583,7 @@ def calibration(pipe, n: int = 32, seed: int = 0, data: str = "zoo", batch_size:
         x0, cond = task.encode(collate([dataset[i] for i in idx]), g, device)
     x0 = x0.float()
     noising = noising_for(pipe)
-    t = noising.timesteps(n, g, stratified=True).to(device)
+    t = noising.timesteps(n, g, stratified=True, shape=x0.shape).to(device)
     noise = torch.randn(x0.shape, generator=g).to(device)
     xt, target = noising.noisy(x0, noise, t)
     return Calibration(xt=xt, t=t, cond=cond, target=target, predict=task.predict, batch_size=batch_size)

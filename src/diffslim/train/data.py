@@ -262,7 +262,12 @@ def pipeline_image_size(pipe) -> int:
                None)
     if den is None:
         raise UserError(f"{type(pipe).__name__} has no unet, transformer or denoiser")
-    size = den.config.sample_size
+    size = getattr(den.config, "sample_size", None)
+    if size is None:  # Flux's transformer has none: its pipeline's default (128 latents: 1024 px)
+        size = getattr(pipe, "default_sample_size", None)
+        if size is None:
+            raise UserError(f"{type(den).__name__} has no sample_size and {type(pipe).__name__} no default_sample_size: "
+                             "the training image size is unknown")
     size = size[0] if isinstance(size, (list, tuple)) else int(size)
     vae = getattr(pipe, "vae", None)
     if vae is not None:

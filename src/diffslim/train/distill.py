@@ -184,9 +184,10 @@ def _output_module(block: nn.Module) -> nn.Module:
 
 
 def candidate_blocks(model: nn.Module) -> list[str]:
-    """Block names of a denoiser in forward order: ``down_blocks.i``, ``mid_block``, ``up_blocks.i``, ``transformer_blocks.i``."""
+    """Block names of a denoiser in forward order: ``down_blocks.i``, ``mid_block``, ``up_blocks.i``,
+    ``transformer_blocks.i``, ``single_transformer_blocks.i`` (Flux)."""
     names = []
-    for attr in ("down_blocks", "mid_block", "up_blocks", "transformer_blocks"):
+    for attr in ("down_blocks", "mid_block", "up_blocks", "transformer_blocks", "single_transformer_blocks"):
         mod = getattr(model, attr, None)
         if mod is None:
             continue
@@ -195,6 +196,10 @@ def candidate_blocks(model: nn.Module) -> list[str]:
         else:
             names += [f"{attr}.{i}" for i in range(len(mod))]
     return names
+
+
+# the transformer block lists that form one residual stream, in forward order (Flux: double, then single blocks)
+_STREAM = ("transformer_blocks.", "single_transformer_blocks.")
 
 
 def select_features(teacher: nn.Module, student: nn.Module,
@@ -208,7 +213,8 @@ def select_features(teacher: nn.Module, student: nn.Module,
     block whose every layer was pruned is the identity; they are left out). Each is matched with the
     teacher's block of the same name, except that a transformer block followed by removed blocks
     (identities) is matched with the last of those in the teacher, whose output reaches the same place in
-    the residual stream (DiT with blocks 1 and 2 removed: student block 0 against teacher block 2).
+    the residual stream (DiT with blocks 1 and 2 removed: student block 0 against teacher block 2; in Flux
+    the stream runs on from the double-stream into the single-stream blocks).
     A list names blocks present in both; a dict maps student names to teacher names. Raises
     ``UserError`` (a ``ValueError``) for unknown names.
     """
@@ -230,8 +236,8 @@ def select_features(teacher: nn.Module, student: nn.Module,
             # a transformer block followed by removed (identity) blocks feeds the place the last of them feeds
             # in the teacher: its output is matched with that block's
             j = i
-            while (name.startswith("transformer_blocks.") and j + 1 < len(names)
-                   and names[j + 1].startswith("transformer_blocks.") and _is_stand_in(get(student, names[j + 1]))):
+            while (name.startswith(_STREAM) and j + 1 < len(names)
+                   and names[j + 1].startswith(_STREAM) and _is_stand_in(get(student, names[j + 1]))):
                 j += 1
             out[name] = names[j]
         return out
@@ -378,12 +384,33 @@ class _LatentTextTask:
         return denoiser(xt, t, **kwargs, return_dict=False)[0]
 
 
+def pack_latents(x: torch.Tensor) -> torch.Tensor:
+    """Flux's packing: ``(B, C, H, W)`` latents to ``(B, H/2 * W/2, 4C)`` tokens of 2x2 patches (as ``FluxPipeline._pack_latents``)."""
+    b, c, h, w = x.shape
+    return x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """The inverse of :func:`pack_latents`: ``(B, H/2 * W/2, 4C)`` tokens to ``(B, C, H, W)`` latents."""
+    b, _, d = tokens.shape
+    c = d // 4
+    return tokens.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+
+
+# the guidance a guidance-distilled Flux (dev) is called with by default (FluxPipeline's guidance_scale)
+FLUX_GUIDANCE = 3.5
+
+
 class _LatentTransformerTask:
-    """PixArt-alpha/sigma and SD3: VAE latents as for SD; captions through the pipeline's ``encode_prompt``.
+    """PixArt-alpha/sigma, SD3 and Flux: VAE latents as for SD; captions through the pipeline's ``encode_prompt``.
 
     PixArt gets the T5 embeddings and their attention mask (and, for the 1024 px models that take them,
     the resolution and aspect ratio); its learned-variance half of the output is dropped, as its pipeline
-    does. SD3 gets the joint CLIP+T5 embeddings and the pooled CLIP projections.
+    does. SD3 gets the joint CLIP+T5 embeddings and the pooled CLIP projections. Flux gets the T5
+    embeddings and the pooled CLIP embedding; ``predict`` packs the ``(B, C, H, W)`` latents into 2x2
+    patch tokens with their position ids, calls the transformer with the timestep as a fraction
+    (``t / 1000``, as the pipeline does) and, for guidance-distilled models, ``FLUX_GUIDANCE``, and
+    unpacks the prediction, so the trainer and the criteria see ``(B, C, H, W)`` as for every other model.
     """
 
     def __init__(self, pipe, family: str):
@@ -404,6 +431,12 @@ class _LatentTransformerTask:
                 cond["resolution"] = torch.tensor([[h, w]], dtype=emb.dtype, device=device).repeat(b, 1)
                 cond["aspect_ratio"] = torch.tensor([[h / w]], dtype=emb.dtype, device=device).repeat(b, 1)
             return x0, cond
+        if self.family == "flux":
+            if x0.shape[-1] % 2 or x0.shape[-2] % 2:
+                raise UserError(f"Flux packs 2x2 latent patches: latents of {tuple(x0.shape[-2:])} do not divide; "
+                                f"use images whose sides are multiples of {2 * pipe.vae_scale_factor} px")
+            emb, pooled, _ = pipe.encode_prompt(prompt=captions, prompt_2=None, device=device, num_images_per_prompt=1)
+            return x0, {"encoder_hidden_states": emb, "pooled_projections": pooled}
         emb, _, pooled, _ = pipe.encode_prompt(prompt=captions, prompt_2=None, prompt_3=None, device=device,
                                                num_images_per_prompt=1, do_classifier_free_guidance=False)
         return x0, {"encoder_hidden_states": emb, "pooled_projections": pooled}
@@ -415,6 +448,17 @@ class _LatentTransformerTask:
                            encoder_attention_mask=cond["encoder_attention_mask"], timestep=t,
                            added_cond_kwargs=extra, return_dict=False)[0]
             return out[:, : xt.shape[1]] if out.shape[1] == 2 * xt.shape[1] else out  # learned variance
+        if self.family == "flux":
+            b, _, h, w = xt.shape
+            emb = cond["encoder_hidden_states"]
+            img_ids = self.pipe._prepare_latent_image_ids(b, h // 2, w // 2, xt.device, xt.dtype)
+            txt_ids = torch.zeros(emb.shape[1], 3, device=xt.device, dtype=xt.dtype)
+            guidance = (torch.full((b,), FLUX_GUIDANCE, device=xt.device, dtype=torch.float32)
+                        if denoiser.config.guidance_embeds else None)
+            out = denoiser(hidden_states=pack_latents(xt), timestep=t.to(xt.dtype) / 1000, guidance=guidance,
+                           pooled_projections=cond["pooled_projections"], encoder_hidden_states=emb,
+                           txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
+            return unpack_latents(out, h, w)
         return denoiser(hidden_states=xt, timestep=t, encoder_hidden_states=cond["encoder_hidden_states"],
                         pooled_projections=cond["pooled_projections"], return_dict=False)[0]
 
@@ -437,9 +481,11 @@ def task_for(pipe, label_dropout: float = 0.1):
             return _LatentTransformerTask(pipe, "pixart")
         if name.startswith("StableDiffusion3"):
             return _LatentTransformerTask(pipe, "sd3")
+        if name == "FluxPipeline":
+            return _LatentTransformerTask(pipe, "flux")
     raise UserError(f"no distillation task for {name}: supported are the zoo pipelines, SD-style pipelines "
-                     "with unet, vae, text_encoder and tokenizer (SD, SDXL, InstructPix2Pix), PixArt-alpha/sigma "
-                     "and Stable Diffusion 3")
+                     "with unet, vae, text_encoder and tokenizer (SD, SDXL, InstructPix2Pix), PixArt-alpha/sigma, "
+                     "Stable Diffusion 3 and Flux (FluxPipeline)")
 
 
 @dataclass
@@ -448,25 +494,48 @@ class Noising:
 
     ``kind`` "ddpm": integer timesteps in ``[0, T)``, ``x_t = add_noise(x0, eps, t)`` with the pipeline's
     noise schedule, the target by ``prediction_type`` (noise, velocity or sample). "flow": rectified flow
-    (SD3's FlowMatchEulerDiscreteScheduler): ``sigma`` in (0, 1), shifted as the scheduler shifts its
+    (FlowMatchEulerDiscreteScheduler: SD3, Flux): ``sigma`` in (0, 1), shifted as the scheduler shifts its
     sampling sigmas (``shift * u / (1 + (shift - 1) * u)``), ``x_t = (1 - sigma) x0 + sigma eps``, the
-    target ``eps - x0`` and the denoiser's timestep ``sigma * T``.
+    target ``eps - x0`` and the denoiser's timestep ``sigma * T``. With ``dynamic`` (Flux's
+    ``use_dynamic_shifting``: ``(base_seq_len, max_seq_len, base_shift, max_shift, time_shift_type)``) the
+    shift depends on the image's token count ``(H / patch) * (W / patch)`` of the latents, as the
+    pipeline computes ``mu``: ``exp(mu)`` for the exponential time shift, ``mu`` for the linear one (the
+    scheduler's ``time_shift`` is then exactly the fixed-shift formula).
     """
 
     kind: str
     T: int
     sched: object = None
     shift: float = 1.0
+    dynamic: Optional[tuple] = None
+    patch: int = 2
 
-    def timesteps(self, n: int, g: torch.Generator, stratified: bool = False) -> torch.Tensor:
-        """``n`` denoiser timesteps: uniform, or stratified (one in each of ``n`` equal bins)."""
+    def shift_for(self, shape: Optional[Sequence[int]] = None) -> float:
+        """The shift for latents of ``shape`` (``(..., H, W)``; needed with ``dynamic``)."""
+        if self.dynamic is None:
+            return self.shift
+        if shape is None:
+            raise ValueError("dynamic shifting needs the latents' shape")
+        base_seq, max_seq, base_shift, max_shift, kind = self.dynamic
+        seq = (int(shape[-2]) // self.patch) * (int(shape[-1]) // self.patch)
+        mu = base_shift + (max_shift - base_shift) * (seq - base_seq) / (max_seq - base_seq)
+        return math.exp(mu) if kind == "exponential" else mu
+
+    def shifted(self, u: torch.Tensor, shape: Optional[Sequence[int]] = None) -> torch.Tensor:
+        """Flow sigmas: uniform ``u`` in (0, 1] shifted as the scheduler shifts its sampling sigmas."""
+        shift = self.shift_for(shape)
+        return shift * u / (1 + (shift - 1) * u)
+
+    def timesteps(self, n: int, g: torch.Generator, stratified: bool = False,
+                  shape: Optional[Sequence[int]] = None) -> torch.Tensor:
+        """``n`` denoiser timesteps: uniform, or stratified (one in each of ``n`` equal bins); ``shape``: the
+        latents' shape, for dynamic shifting."""
         if self.kind == "ddpm":
             if stratified:
                 return ((torch.arange(n) + torch.rand(n, generator=g)) * self.T / n).long().clamp(0, self.T - 1)
             return torch.randint(0, self.T, (n,), generator=g)
         u = (torch.arange(n) + torch.rand(n, generator=g)) / n if stratified else torch.rand(n, generator=g)
-        u = u.clamp(1e-4, 1.0)
-        return self.shift * u / (1 + (self.shift - 1) * u) * self.T
+        return self.shifted(u.clamp(1e-4, 1.0), shape) * self.T
 
     def noisy(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x_t, target)`` for clean ``x0``, ``noise`` and timesteps ``t``."""
@@ -483,15 +552,23 @@ class Noising:
 
 
 def noising_for(pipe) -> Noising:
-    """The :class:`Noising` of ``pipe``'s scheduler (flow matching for SD3's, DDPM-style otherwise)."""
+    """The :class:`Noising` of ``pipe``'s scheduler (flow matching for SD3's and Flux's, DDPM-style otherwise)."""
     from diffusers import DDPMScheduler
 
     cfg = pipe.scheduler.config
     if "FlowMatch" in type(pipe.scheduler).__name__:
+        T = int(cfg.get("num_train_timesteps", 1000))
         if cfg.get("use_dynamic_shifting", False):
-            raise UserError(f"{type(pipe.scheduler).__name__} with use_dynamic_shifting (Flux) is not supported "
-                            "for training; supported are fixed-shift flow matching (SD3) and DDPM-style schedules")
-        return Noising("flow", int(cfg.get("num_train_timesteps", 1000)), shift=float(cfg.get("shift", 1.0)))
+            kind = cfg.get("time_shift_type", "exponential")
+            if kind not in ("exponential", "linear"):
+                raise UserError(f"time_shift_type {kind!r} is not supported for training: accepted exponential, linear")
+            # Flux packs 2x2 latent patches into a token; other transformers patch by their patch_size
+            den = getattr(pipe, "transformer", None)
+            patch = 2 if "Flux" in type(pipe).__name__ else int(getattr(getattr(den, "config", None), "patch_size", 2) or 2)
+            dyn = (int(cfg.get("base_image_seq_len", 256)), int(cfg.get("max_image_seq_len", 4096)),
+                   float(cfg.get("base_shift", 0.5)), float(cfg.get("max_shift", 1.15)), kind)
+            return Noising("flow", T, dynamic=dyn, patch=patch)
+        return Noising("flow", T, shift=float(cfg.get("shift", 1.0)))
     sched = DDPMScheduler.from_config(cfg)
     return Noising("ddpm", int(sched.config.num_train_timesteps), sched)
 
@@ -739,7 +816,7 @@ def distill(teacher_pipe, student: nn.Module, dataset, cfg: DistillConfig) -> Di
                 x0, cond = task.encode(batch, g, device)
             x0 = x0.float()
             noise = torch.randn(x0.shape, generator=g).to(device)
-            t = noising.timesteps(x0.shape[0], g).to(device)
+            t = noising.timesteps(x0.shape[0], g, shape=x0.shape).to(device)
             xt, target = noising.noisy(x0, noise, t)
             return xt, t, cond, target
 
