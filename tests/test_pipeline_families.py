@@ -199,39 +199,54 @@ def test_flow_matching_noising_is_the_schedulers_own():
     assert bool(((t >= lo - 1e-3) & (t <= hi + 1e-3)).all()) and bool((t[1:] > t[:-1]).all())
 
 
-@pytest.mark.parametrize("family", ["pixart", "sd3"])
+# per family: the blocks the criteria score, the block the student lacks, the features it distils
+# ({student block: teacher block}: a block followed by a removed one distils the removed one's output)
+_FAMILY_BLOCKS = {
+    "pixart": ([f"transformer_blocks.{i}" for i in range(3)], "transformer_blocks.1",
+               {"transformer_blocks.0": "transformer_blocks.1", "transformer_blocks.2": "transformer_blocks.2"}),
+    "sd3": ([f"transformer_blocks.{i}" for i in range(3)], "transformer_blocks.1",
+            {"transformer_blocks.0": "transformer_blocks.1", "transformer_blocks.2": "transformer_blocks.2"}),
+    # Flux: the stream runs on from the double-stream into the single-stream blocks
+    "flux": (["single_transformer_blocks.0", "single_transformer_blocks.1", "transformer_blocks.0", "transformer_blocks.1"],
+             "single_transformer_blocks.0",
+             {"transformer_blocks.0": "transformer_blocks.0", "transformer_blocks.1": "single_transformer_blocks.0",
+              "single_transformer_blocks.1": "single_transformer_blocks.1"}),
+}
+
+
+@pytest.mark.parametrize("family", ["pixart", "sd3", "flux"])
 def test_output_loss_scoring_and_distillation_on_transformer_pipelines(family, tiny_sd_pipe, tmp_path):
-    """PixArt and SD3 pipelines get calibration triples from captioned images (DDPM noising for PixArt, flow
-    matching for SD3), the output-loss criterion scores their blocks, and a pruned student distils from them,
-    reproducibly, with the image stream of SD3's two-stream blocks as the feature."""
+    """PixArt, SD3 and Flux pipelines get calibration triples from captioned images (DDPM noising for PixArt, flow
+    matching for SD3 and, with its dynamic shift, Flux), the output-loss criterion scores their blocks, and a pruned
+    student distils from them, reproducibly, with the image stream of two-stream blocks as the feature."""
     from diffslim.methods.layer_prune import calibration, candidates, output_loss, prune_layers, score_layers
     from diffslim.train.data import make_dataset
     from diffslim.train.distill import DistillConfig, distill, noising_for
 
-    pipe = _tiny_pixart(tiny_sd_pipe, 3) if family == "pixart" else _tiny_sd3(tiny_sd_pipe)
+    pipe = {"pixart": lambda p: _tiny_pixart(p, 3), "sd3": _tiny_sd3, "flux": _tiny_flux}[family](tiny_sd_pipe)
+    blocks, removed, features = _FAMILY_BLOCKS[family]
     data = str(_captioned_images(tmp_path / "imgs"))
     assert noising_for(pipe).kind == ("ddpm" if family == "pixart" else "flow")
     calib, again = calibration(pipe, n=4, data=data), calibration(pipe, n=4, data=data)
     assert torch.equal(calib.xt, again.xt) and torch.equal(calib.target, again.target)
     assert calib.xt.shape == calib.target.shape == (4, 4, 8, 8)
     den = pipe.transformer
-    assert calib.run(den).shape == calib.xt.shape  # PixArt's learned-variance half is dropped
+    assert calib.run(den).shape == calib.xt.shape  # PixArt's learned-variance half is dropped, Flux's tokens unpacked
     scores = score_layers(den, candidates(den), "output-loss", calib)
-    assert sorted(scores) == [f"transformer_blocks.{i}" for i in range(3)] and all(v > 0 for v in scores.values())
+    assert sorted(scores) == blocks and all(v > 0 for v in scores.values())
     assert output_loss(den, calib, []) == 0.0
     before = {k: v.clone() for k, v in den.state_dict().items()}
 
     def run(name):
-        student = prune_layers(den, ["transformer_blocks.1"])
+        student = prune_layers(den, [removed])
         cfg = DistillConfig(steps=2, batch_size=2, lr=1e-3, out=tmp_path / name, checkpoint_every=100, log_every=1,
                             progress=False, warmup=0)
         return distill(pipe, student, make_dataset(data, pipe), cfg)
 
     a, b = run("a"), run("b")
     assert a.final_losses == b.final_losses and all(torch.isfinite(torch.tensor(v)) for v in a.final_losses.values())
-    assert a.final_losses["feat"] > 0  # block 2 now reads block 0's output: its (image-stream) feature moved
-    assert set(json.loads((a.out_dir / "distill.json").read_text())["features"]) == {
-        "transformer_blocks.0", "transformer_blocks.2"}
+    assert a.final_losses["feat"] > 0  # the block after the removed one reads another input: its feature moved
+    assert json.loads((a.out_dir / "distill.json").read_text())["features"] == features
     assert all(torch.equal(before[k], v) for k, v in den.state_dict().items())
 
 
@@ -305,39 +320,3 @@ def test_flux_noising_follows_the_dynamic_shift_of_the_scheduler(tiny_sd_pipe):
     x = torch.randn(2, 4, 8, 6)
     assert torch.equal(pack_latents(x), FluxPipeline._pack_latents(x, 2, 4, 8, 6))
     assert torch.equal(unpack_latents(pack_latents(x), 8, 6), x)
-
-
-def test_flux_output_loss_scoring_and_distillation(tiny_sd_pipe, tmp_path):
-    """A Flux pipeline gets calibration triples from captioned images, the output-loss criterion scores its double-
-    and single-stream blocks, and a student without a single-stream block distils, reproducibly, with the stream
-    matched across the two block lists."""
-    from diffslim.methods.layer_prune import calibration, candidates, output_loss, prune_layers, score_layers
-    from diffslim.train.data import make_dataset
-    from diffslim.train.distill import DistillConfig, distill
-
-    pipe = _tiny_flux(tiny_sd_pipe)
-    data = str(_captioned_images(tmp_path / "imgs"))
-    calib, again = calibration(pipe, n=4, data=data), calibration(pipe, n=4, data=data)
-    assert torch.equal(calib.xt, again.xt) and torch.equal(calib.target, again.target)
-    assert calib.xt.shape == (4, 4, 8, 8) and bool((calib.t > 0).all() & (calib.t < 1000).all())
-    den = pipe.transformer
-    assert calib.run(den).shape == calib.xt.shape
-    scores = score_layers(den, candidates(den), "output-loss", calib)
-    assert sorted(scores) == ["single_transformer_blocks.0", "single_transformer_blocks.1", "transformer_blocks.0",
-                              "transformer_blocks.1"] and all(v > 0 for v in scores.values())
-    assert output_loss(den, calib, []) == 0.0
-    before = {k: v.clone() for k, v in den.state_dict().items()}
-
-    def run(name):
-        student = prune_layers(den, ["single_transformer_blocks.0"])
-        cfg = DistillConfig(steps=2, batch_size=2, lr=1e-3, out=tmp_path / name, checkpoint_every=100, log_every=1,
-                            progress=False, warmup=0)
-        return distill(pipe, student, make_dataset(data, pipe), cfg)
-
-    a, b = run("a"), run("b")
-    assert a.final_losses == b.final_losses and all(torch.isfinite(torch.tensor(v)) for v in a.final_losses.values())
-    assert a.final_losses["feat"] > 0
-    assert json.loads((a.out_dir / "distill.json").read_text())["features"] == {
-        "transformer_blocks.0": "transformer_blocks.0", "transformer_blocks.1": "single_transformer_blocks.0",
-        "single_transformer_blocks.1": "single_transformer_blocks.1"}
-    assert all(torch.equal(before[k], v) for k, v in den.state_dict().items())
