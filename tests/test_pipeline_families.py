@@ -90,38 +90,42 @@ def test_pixart_pipeline_through_harness(tiny_sd_pipe):
     assert out.shape == (2, 3, 16, 16) and float(out.min()) >= 0 and float(out.max()) <= 1
 
 
-def test_skip_plan_applies_to_pixart(tiny_sd_pipe):
-    """A DiP-GO skip plan on a live PixArt pipeline: keep-all reproduces it exactly, a sparse plan changes it."""
-    import numpy as np
-
+def _plan_applied(build, units, plan):
+    """A fresh pipeline from ``build()`` with the skip-plan recipe ``plan`` over ``units`` applied."""
     from diffslim.apply import apply
     from diffslim.recipe import parse_recipe
 
-    spec = SampleSpec([{"prompt": "a red square"}], [0], num_inference_steps=4, call_kwargs=PIXART_KW)
-    full = sample(_tiny_pixart(tiny_sd_pipe, 3), spec)
+    pipe = build()
+    apply(pipe, parse_recipe({"skip_plan": {"granularity": "fine", "units": units, "plan": plan.tolist()}}))
+    return pipe
 
-    def with_plan(plan):
-        pipe = _tiny_pixart(tiny_sd_pipe, 3)
-        units = [f"transformer_blocks.{i}" for i in range(3)]
-        recipe = parse_recipe({"skip_plan": {"granularity": "fine", "units": units, "plan": plan.tolist()}})
-        apply(pipe, recipe)
-        return sample(pipe, spec)
 
-    keep = np.ones((4, 3), dtype=bool)
-    assert torch.equal(with_plan(keep), full)
+def _check_plan_recipes(build, units, spec, col):
+    """A keep-all plan reproduces ``build()``'s images exactly; skipping unit ``col`` after step 0 changes them.
+    Returns ``(keep, sparse)``."""
+    import numpy as np
+
+    full = sample(build(), spec)
+    keep = np.ones((spec.num_inference_steps, len(units)), dtype=bool)
+    assert torch.equal(sample(_plan_applied(build, units, keep), spec), full)
     sparse = keep.copy()
-    sparse[1:, 1] = False
-    assert not torch.allclose(with_plan(sparse), full)
+    sparse[1:, col] = False
+    assert not torch.allclose(sample(_plan_applied(build, units, sparse), spec), full)
+    return keep, sparse
+
+
+def test_skip_plan_applies_to_pixart(tiny_sd_pipe):
+    """A DiP-GO skip plan on a live PixArt pipeline: keep-all reproduces it exactly, a sparse plan changes it."""
+    spec = SampleSpec([{"prompt": "a red square"}], [0], num_inference_steps=4, call_kwargs=PIXART_KW)
+    _check_plan_recipes(lambda: _tiny_pixart(tiny_sd_pipe, 3), [f"transformer_blocks.{i}" for i in range(3)], spec, 1)
 
 
 def test_pixart_plan_skips_the_dead_patch_embedding_exactly(tiny_sd_pipe):
     """PixArt's patch embedding (read by the first block only) and final LayerNorm: skipping the one and reusing
     the other where the plan allows gives the same images as running both at every step."""
-    import dataclasses
-
     import numpy as np
 
-    from diffslim.methods.skip_plan import apply_skip_plan, plan_units, remove_skip_plan
+    from diffslim.methods.skip_plan import plan_units
 
     spec = SampleSpec([{"prompt": "a red square"}], [0], num_inference_steps=4, call_kwargs=PIXART_KW)
     pipe = _tiny_pixart(tiny_sd_pipe, 3)
@@ -129,14 +133,24 @@ def test_pixart_plan_skips_the_dead_patch_embedding_exactly(tiny_sd_pipe):
     assert u.stem == ("pos_embed",) and u.tail == ("norm_out",)
     plan = np.ones((4, 3), dtype=bool)
     plan[1, 0] = plan[2, :] = plan[3, 2] = False
+    with_skips, without = _sample_with_and_without_outside_skips(pipe, spec, plan, u)
+    assert torch.equal(with_skips, without)
+
+
+def _sample_with_and_without_outside_skips(pipe, spec, plan, units):
+    """``pipe``'s images under ``plan`` with the runtime's stem/tail skips, and with both modules always run."""
+    import dataclasses
+
+    from diffslim.methods.skip_plan import apply_skip_plan, remove_skip_plan
+
     out = []
-    for units in (u, dataclasses.replace(u, stem=(), stem_macs=0, tail=())):
-        apply_skip_plan(pipe.transformer, plan, units)
+    for u in (units, dataclasses.replace(units, stem=(), stem_macs=0, tail=())):
+        apply_skip_plan(pipe.transformer, plan, u)
         try:
             out.append(sample(pipe, spec))
         finally:
             remove_skip_plan(pipe.transformer)
-    assert torch.equal(out[0], out[1])
+    return out
 
 
 def _tiny_sd3(tiny_sd_pipe):
@@ -320,3 +334,31 @@ def test_flux_noising_follows_the_dynamic_shift_of_the_scheduler(tiny_sd_pipe):
     x = torch.randn(2, 4, 8, 6)
     assert torch.equal(pack_latents(x), FluxPipeline._pack_latents(x, 2, 4, 8, 6))
     assert torch.equal(unpack_latents(pack_latents(x), 8, 6), x)
+
+
+def test_skip_plan_applies_to_flux(tiny_sd_pipe):
+    """A DiP-GO skip plan over Flux's double- and single-stream blocks on a live pipeline: keep-all reproduces it
+    exactly, skipping the patch embedding where the first block is skipped changes nothing, a sparse plan changes
+    the images."""
+    from diffslim.methods.skip_plan import plan_macs_ratio, plan_units, plan_units_at
+
+    kw = {"height": 16, "width": 16, "max_sequence_length": 16}
+    spec = SampleSpec([{"prompt": "a red cat"}], [0], num_inference_steps=4, call_kwargs=kw)
+    full = sample(_tiny_flux(tiny_sd_pipe), spec)
+    units = ["transformer_blocks.0", "transformer_blocks.1", "single_transformer_blocks.0", "single_transformer_blocks.1"]
+    keep, sparse = _check_plan_recipes(lambda: _tiny_flux(tiny_sd_pipe), units, spec, 2)
+    pipe = _plan_applied(lambda: _tiny_flux(tiny_sd_pipe), units, sparse)
+    with pytest.raises(ValueError, match="call it with num_inference_steps=4"):  # Flux passes sigmas for 6 steps
+        pipe("a red cat", num_inference_steps=6, **kw)
+
+    pipe = _tiny_flux(tiny_sd_pipe)
+    # Flux's transformer has no sample_size: its MACs are counted on the call the pipeline makes
+    with pytest.raises(ValueError, match="no sample_size"):
+        plan_units(pipe.transformer, "fine")
+    u = plan_units_at(pipe, spec)
+    assert list(u.names) == units and u.stem == ("x_embedder",) and 0 < u.stem_macs < u.outside_macs
+    assert 0 < plan_macs_ratio(sparse, u) < 1 and plan_macs_ratio(keep, u) == 1.0
+    plan = keep.copy()
+    plan[1, 0] = plan[2, :] = False
+    with_skips, without = _sample_with_and_without_outside_skips(pipe, spec, plan, u)
+    assert torch.equal(with_skips, without) and not torch.equal(with_skips, full)

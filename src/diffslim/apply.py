@@ -10,6 +10,7 @@ import inspect
 
 import torch
 
+from diffslim.errors import UserError
 from diffslim.recipe import Recipe, RecipeError, load_recipe
 
 
@@ -70,9 +71,15 @@ def pin_schedule(scheduler, num_inference_steps=None, timesteps=None):
     if getattr(base, "_diffslim_pinned", False):
         base = base.__mro__[1]
 
-    def set_timesteps(self, num_inference_steps_=None, device=None, **kwargs):
+    def set_timesteps(self, num_inference_steps_=None, device=None, sigmas=None, **kwargs):
         kwargs.pop("timesteps", None)
         kwargs.pop("num_inference_steps", None)
+        if sigmas is not None:  # Flux's pipeline passes its own sigmas, one per step it was asked for
+            if self._pinned_timesteps is not None or len(sigmas) != self._pinned_steps:
+                raise UserError(f"{type(self).__name__}: the pipeline passed {len(sigmas)} sigmas of its own, but the "
+                                f"recipe fixes the schedule ({self._pinned_steps or len(self._pinned_timesteps)} "
+                                f"steps); call it with num_inference_steps={self._pinned_steps or len(self._pinned_timesteps)}")
+            return base.set_timesteps(self, device=device, sigmas=sigmas, **kwargs)
         if self._pinned_timesteps is not None:
             return base.set_timesteps(self, device=device, timesteps=list(self._pinned_timesteps), **kwargs)
         return base.set_timesteps(self, self._pinned_steps, device=device, **kwargs)
@@ -108,7 +115,9 @@ def _install_skip_plan(pipe, section) -> None:
     from diffslim.methods.skip_plan import apply_skip_plan, check_scheduler, plan_units
 
     den = getattr(pipe, denoiser_attr(pipe))
-    units = plan_units(den, section.granularity)
+    # running a plan needs the units and their consumers, not their MACs: no profiled forward (which
+    # a denoiser without a sample_size, such as Flux's, could not even be given)
+    units = plan_units(den, section.granularity, count_macs=False)
     if list(units.names) != list(section.units):
         raise RecipeError(f"skip_plan.units: the plan names {len(section.units)} {section.granularity} units, this "
                           f"model has {len(units)} ({', '.join(units.names[:3])}, ...): a plan for another model")

@@ -102,23 +102,24 @@ class PlanUnits:
         return self.outside_macs + sum(self.macs)
 
 
-def plan_units(denoiser: nn.Module, granularity: str = "fine", anat=None) -> PlanUnits:
+def plan_units(denoiser: nn.Module, granularity: str = "fine", anat=None, count_macs: bool = True) -> PlanUnits:
     """The units of ``denoiser`` a plan switches, with MACs and the consumer graph.
 
     ``granularity``: "coarse" or "fine" (the same units for transformer denoisers). ``anat``: an
-    already computed anatomy (with MACs) to reuse.
+    already computed anatomy (with MACs) to reuse. ``count_macs=False``: no profiled forward (all
+    MACs 0): enough to install and run a plan, not to cost it (:func:`plan_macs_ratio` refuses).
     """
     from diffslim.models.anatomy import anatomy
 
     if granularity not in GRANULARITIES:
         raise UserError(f"unknown granularity {granularity!r}; accepted: {', '.join(GRANULARITIES)}")
-    if anat is None or anat.macs is None:
-        anat = anatomy(denoiser)
+    if anat is None or (count_macs and anat.macs is None):
+        anat = anatomy(denoiser, count_macs=count_macs)
     units = anat.blocks if granularity == "coarse" else anat.layers
     names = tuple(u.name for u in units)
     modules = tuple(tuple(u.modules) for u in units)
-    macs = tuple(int(u.macs or 0) for u in units)
-    outside = int(anat.macs) - sum(macs)
+    macs = tuple(int(u.macs or 0) for u in units) if count_macs else (0,) * len(units)
+    outside = int(anat.macs) - sum(macs) if count_macs else 0
     n = len(units)
     consumers: list[set[int]] = [set() for _ in range(n)]
     for i in range(n - 1):  # the main path: each unit feeds the next one
@@ -142,7 +143,7 @@ def plan_units(denoiser: nn.Module, granularity: str = "fine", anat=None) -> Pla
     # UNet2DModel with Fourier time features divides its output by the timestep: not a function of the last unit
     reuse = anat.family != "transformer" and getattr(denoiser.config, "time_embedding_type", None) != "fourier"
     stem, tail = _stem_and_tail(denoiser) if anat.family == "transformer" else ((), ())
-    stem_macs = sum(int((anat.module_macs or {}).get(m, 0)) for m in stem)
+    stem_macs = sum(int((anat.module_macs or {}).get(m, 0)) for m in stem) if count_macs else 0
     return PlanUnits(granularity, names, modules, macs, outside, tuple(tuple(sorted(c)) for c in consumers),
                      anat.family, reuse, stem, stem_macs, tail)
 
@@ -239,6 +240,9 @@ def plan_macs_ratio(plan, units: PlanUnits) -> float:
 
     With ``units.reuse_output``, a step at which no unit runs costs nothing (the runtime returns the
     previous output without calling the denoiser)."""
+    if units.total_macs <= 0:
+        raise UserError("these plan units were built without MACs (plan_units(count_macs=False)): "
+                        "build them with plan_units or plan_units_at to cost a plan")
     eff = effective_plan(np.asarray(plan, dtype=bool), units)
     macs = np.asarray(units.macs, dtype=np.float64)
     calls = int(eff.any(axis=1).sum()) if units.reuse_output else eff.shape[0]  # idle steps reuse the output
@@ -619,7 +623,8 @@ def denoiser_steps(scheduler, num_inference_steps: int) -> tuple[int, int]:
     second at the next step's timestep) and PNDM's Runge-Kutta warm-up do not fit.
     """
     s = type(scheduler).from_config(scheduler.config)
-    s.set_timesteps(num_inference_steps)
+    # dynamic shifting (Flux) needs the image-size dependent mu; the step count does not depend on it
+    s.set_timesteps(num_inference_steps, **({"mu": 1.0} if s.config.get("use_dynamic_shifting", False) else {}))
     ts = [float(t) for t in s.timesteps]
     steps = 1 + sum(1 for a, b in zip(ts, ts[1:]) if b < a)
     if any(b > a for a, b in zip(ts, ts[1:])):
