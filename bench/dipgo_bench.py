@@ -150,9 +150,16 @@ def transfer(n: int, batch: int) -> dict:
     return out
 
 
-def ablation(n: int, iters: int, seeds=(0,)) -> dict:
-    """digits-sd, R=0.8: self-attention on/off, unrolled vs Learning-to-Cache local objective, one pruner per
-    seed (pruners vary by seed by a few dB, so each setting's mean over ``seeds`` is what compares)."""
+# --ablation-settings key: (label in the JSON, DipgoConfig overrides)
+ABLATIONS = {"sa": ("unrolled+SA", {}), "no-sa": ("unrolled, no SA", {"self_attention": False}),
+             "local": ("local (L2C)+SA", {"objective": "local"})}
+
+
+def ablation(n: int, iters: int, seeds=(0,), model: str = "digits-sd", labels=tuple(ABLATIONS)) -> dict:
+    """``model`` at its bench ratio (digits-sd: R=0.8): self-attention on/off, unrolled vs Learning-to-Cache
+    local objective (``labels``: keys of ``ABLATIONS``), one pruner per seed (pruners vary by seed by a few dB, so each
+    setting's mean over ``seeds`` is what compares). Writes dipgo_ablation.json (digits-sd) or
+    dipgo_ablation_<model>.json."""
     from diffslim.bench import DEFAULT_DIPGO, calibration_spec  # noqa: F401
     from diffslim.methods.dipgo import DipgoConfig, plan_psnr_fn, train_dipgo
     from diffslim.methods.skip_plan import plan_units_at
@@ -160,28 +167,29 @@ def ablation(n: int, iters: int, seeds=(0,)) -> dict:
     from diffslim.sample import SampleSpec, sample
     from diffslim.evaluate import eval_set_for
 
-    loaded = load("zoo:digits-sd")
+    loaded = load(f"zoo:{model}")
     loaded.pipe.set_progress_bar_config(disable=True)
     es = eval_set_for(loaded, n, seed=0)
     spec = SampleSpec(es.inputs, es.seeds, num_inference_steps=STEPS, batch_size=n)
     units = plan_units_at(loaded.pipe, spec, "fine")
     ref = sample(loaded.pipe, spec, show_progress=False)
     score = plan_psnr_fn(loaded.pipe, spec, ref, units)
-    out = {"iters": iters, "seeds": list(seeds), "n": n}
+    out = {"model": model, "ratio": RATIOS[model], "iters": iters, "seeds": list(seeds), "n": n}
+    path = RESULTS / ("dipgo_ablation.json" if model == "digits-sd" else f"dipgo_ablation_{model}.json")
     # no restarts; the floor reaches the target at the last step
     settings = dict(DEFAULT_DIPGO, iters=iters, anneal=iters, restarts=1)
-    for label, over in (("unrolled+SA", {}), ("unrolled, no SA", {"self_attention": False}),
-                        ("local (L2C)+SA", {"objective": "local"})):
+    for key in labels:
+        label, over = ABLATIONS[key]
         runs = {}
         for seed in seeds:
-            cfg = DipgoConfig(ratio=0.8, num_inference_steps=STEPS, progress=False, seed=seed,
+            cfg = DipgoConfig(ratio=RATIOS[model], num_inference_steps=STEPS, progress=False, seed=seed,
                               **{**settings, **over})
             r = train_dipgo(loaded.pipe, cfg, units)
             runs[seed] = {"psnr": score(r.plan), "macs_ratio": r.macs_ratio, "train_seconds": r.seconds,
                           "final_kept_macs": r.log[-1]["kept_macs"], "final_consistency": r.log[-1]["consistency"]}
             print(label, seed, runs[seed], flush=True)
         out[label] = {"mean_psnr": float(np.mean([v["psnr"] for v in runs.values()])), "runs": runs}
-        (RESULTS / "dipgo_ablation.json").write_text(json.dumps(out, indent=2))
+        path.write_text(json.dumps(out, indent=2))
     return out
 
 
@@ -253,6 +261,9 @@ def main():
     ap.add_argument("--ablation", action="store_true")
     ap.add_argument("--ablation-iters", type=int, default=24)
     ap.add_argument("--ablation-seeds", default="0,1,2", help="--ablation: one pruner per seed and setting")
+    ap.add_argument("--ablation-model", default="digits-sd", choices=sorted(RATIOS))
+    ap.add_argument("--ablation-settings", default=",".join(ABLATIONS),
+                    help=f"--ablation: comma-separated, of: {', '.join(ABLATIONS)}")
     ap.add_argument("--timing", action="store_true", help="only the interleaved wall-time comparison")
     ap.add_argument("--repeats", type=int, default=10, help="--timing: best of this many interleaved runs")
     ap.add_argument("--no-warm", action="store_true", help="leave out the warm-started DiP-GO row (dipgo:R:steps)")
@@ -271,7 +282,11 @@ def main():
     if a.transfer:
         print(json.dumps(transfer(a.n, a.batch), indent=1), flush=True)
     if a.ablation:
-        ablation(a.n, a.ablation_iters, [int(x) for x in a.ablation_seeds.split(",")])
+        labels = [x for x in a.ablation_settings.split(",") if x]
+        bad = [x for x in labels if x not in ABLATIONS]
+        if bad:
+            ap.error(f"--ablation-settings: unknown {', '.join(bad)}; accepted: {', '.join(ABLATIONS)}")
+        ablation(a.n, a.ablation_iters, [int(x) for x in a.ablation_seeds.split(",")], a.ablation_model, labels)
 
 
 if __name__ == "__main__":
