@@ -264,16 +264,25 @@ def test_output_loss_scoring_and_distillation_on_transformer_pipelines(family, t
     assert all(torch.equal(before[k], v) for k, v in den.state_dict().items())
 
 
-def test_layer_prune_cli_scores_a_pixart_folder_with_captioned_images(tiny_sd_pipe, tmp_path):
+@pytest.mark.parametrize("family", ["pixart", "flux"])
+def test_layer_prune_cli_scores_a_pipeline_folder_with_captioned_images(family, tiny_sd_pipe, tmp_path):
+    """From a saved folder: PixArt at its own size; Flux (whose pipeline would train at 1024 px, 256 px for this
+    tiny VAE) at --resolution 16, which must be a multiple of 4 (VAE factor 2 x 2x2 packing)."""
     from typer.testing import CliRunner
 
     from diffslim.cli import app
     from diffslim.models.load import load
 
-    _tiny_pixart(tiny_sd_pipe, 3).save_pretrained(str(tmp_path / "pixart"))
+    (_tiny_pixart(tiny_sd_pipe, 3) if family == "pixart" else _tiny_flux(tiny_sd_pipe)).save_pretrained(
+        str(tmp_path / family))
     data = _captioned_images(tmp_path / "imgs")
-    res = CliRunner().invoke(app, ["layer-prune", str(tmp_path / "pixart"), "--ratio", "0.3", "--n", "4",
-                                   "--data", str(data), "--out", str(tmp_path / "out"), "--json"])
+    args = ["layer-prune", str(tmp_path / family), "--ratio", "0.3", "--n", "4", "--data", str(data),
+            "--out", str(tmp_path / "out"), "--json"]
+    if family == "flux":
+        res = CliRunner().invoke(app, [*args, "--resolution", "18"])
+        assert res.exit_code == 2 and "positive multiples of 4 px" in " ".join(res.output.split()), res.output
+        args += ["--resolution", "16"]
+    res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     report = json.loads((tmp_path / "out" / "scores.json").read_text())
     assert report["criterion"] == "output-loss" and report["removed"]

@@ -510,6 +510,8 @@ def distill(
     lambda_task: float = typer.Option(1.0), lambda_out: float = typer.Option(1.0), lambda_feat: float = typer.Option(1.0),
     match_plain_weight: bool = typer.Option(False, help="with --normalized: scale the feature term so that it starts "
                                             "with the plain sum's total weight (only the balance among layers changes)"),
+    resolution: Optional[int] = typer.Option(None, help="image size in px of the --data folder's training images "
+                                                         "(default: the pipeline's own, 1024 for Flux)"),
 ):
     """Distil a teacher pipeline's denoiser into a student denoiser (task + output + feature losses)."""
     _quiet_libraries()
@@ -526,7 +528,7 @@ def distill(
     cfg = _distill_config(out, steps, batch_size, lr, checkpoint_every, log_every, ema_decay, mixed_precision,
                           gradient_checkpointing, seed, log_with, normalized, lambda_task, lambda_out, lambda_feat,
                           match_plain_weight)
-    res = run(t.pipe, s.denoiser, make_dataset(data, t.pipe), cfg)
+    res = run(t.pipe, s.denoiser, make_dataset(data, t.pipe, resolution), cfg)
     scale = f"; feature weight x{res.feat_scale:.4g} (matched to the plain sum)" if match_plain_weight else ""
     console.print(f"student: {Path(res.out_dir) / 'student'}; final losses: "
                   + ", ".join(f"{k} {v:.4g}" for k, v in res.final_losses.items()) + scale)
@@ -579,10 +581,12 @@ def layer_prune_cmd(
                                        "scores.json, recipe.json"),
     n: int = typer.Option(32, help="calibration triples (output-loss, taylor, similarity, greedy)"),
     data: str = typer.Option("zoo", help="calibration data: 'zoo' or an image folder, captions optional (SD, SDXL, "
-                                                   "InstructPix2Pix, PixArt, SD3 pipelines)"),
+                                                   "InstructPix2Pix, PixArt, SD3, Flux pipelines)"),
     seed: int = typer.Option(0, help="seed of the calibration triples (and of the random criterion)"),
     inner: bool = typer.Option(False, help="score the transformer blocks inside deep attention layers (SDXL) "
                                            "instead of whole attention layers"),
+    resolution: Optional[int] = typer.Option(None, help="image size in px of the --data folder's calibration "
+                                                         "images (default: the pipeline's own, 1024 for Flux)"),
     as_json: bool = typer.Option(False, "--json"),
 ):
     """One-shot layer pruning (LAPTOP-Diff): score every layer, remove the least important at a ratio."""
@@ -613,7 +617,7 @@ def layer_prune_cmd(
     if not loaded.has_weights and criterion not in bk and criterion != "random":
         raise UserError(f"{model} is config-only (no weights): --criterion {criterion} needs weights; "
                         "use a bk-sdm-* criterion or random")
-    calib = calibration(loaded.pipe, n=n, seed=seed, data=data) if needs_calib else None
+    calib = calibration(loaded.pipe, n=n, seed=seed, data=data, size=resolution) if needs_calib else None
     res = layer_prune(loaded.denoiser, criterion, ratio, by=by, calib=calib, seed=seed, inner=inner)
     pruned = prune_layers(loaded.denoiser, res.removed)
     out.mkdir(parents=True, exist_ok=True)

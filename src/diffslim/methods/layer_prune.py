@@ -559,8 +559,10 @@ class Calibration:
         return torch.cat(outs)
 
 
-def calibration(pipe, n: int = 32, seed: int = 0, data: str = "zoo", batch_size: int = 64) -> Calibration:
-    """``n`` calibration triples for ``pipe``'s denoiser from ``data`` ("zoo" or an image folder).
+def calibration(pipe, n: int = 32, seed: int = 0, data: str = "zoo", batch_size: int = 64,
+                size: Optional[int] = None) -> Calibration:
+    """``n`` calibration triples for ``pipe``'s denoiser from ``data`` ("zoo" or an image folder, its images at
+    ``size`` pixels, default the pipeline's own).
 
     Samples, noise and timesteps are drawn with ``seed``; the timesteps are stratified over the
     training schedule (one in each of ``n`` equal bins), so every part of the schedule is seen.
@@ -571,7 +573,7 @@ def calibration(pipe, n: int = 32, seed: int = 0, data: str = "zoo", batch_size:
     if n < 1:
         raise UserError("calibration needs n >= 1 triples")
     task = task_for(pipe, label_dropout=0.0)
-    dataset = make_dataset(data, pipe)
+    dataset = make_dataset(data, pipe, size)
     g = torch.Generator().manual_seed(seed)
     idx = torch.randperm(len(dataset), generator=g)[:n].tolist()
     while len(idx) < n:
@@ -963,11 +965,11 @@ def matched_features(teacher: nn.Module, student: nn.Module) -> dict[str, str]:
     return select_features(teacher, student, "auto")
 
 
-def distill_pruned(pipe, student: nn.Module, cfg, data: str = "zoo"):
+def distill_pruned(pipe, student: nn.Module, cfg, data: str = "zoo", size: Optional[int] = None):
     """Distil ``pipe``'s denoiser into the pruned ``student`` with the shared trainer (task + output +
     feature loss at the blocks of :func:`matched_features`, normalized or plain as ``cfg`` says) on
     ``data``. Returns the trainer's ``DistillResult``."""
     from diffslim.train.data import make_dataset
     from diffslim.train.distill import distill
 
-    return distill(pipe, student, make_dataset(data, pipe), cfg)
+    return distill(pipe, student, make_dataset(data, pipe, size), cfg)

@@ -275,8 +275,26 @@ def pipeline_image_size(pipe) -> int:
     return int(size)
 
 
-def make_dataset(spec: str, pipe) -> torch.utils.data.Dataset:
-    """The training data named by ``spec`` for ``pipe``.
+def size_multiple(pipe) -> int:
+    """The pixel sizes a pipeline's denoiser takes are multiples of this: the VAE factor times the latent
+    size step (a U-Net's 2 ** (levels - 1), a transformer's patch, 2 for Flux's packed patches)."""
+    den = next((getattr(pipe, n) for n in ("unet", "transformer", "denoiser") if getattr(pipe, n, None) is not None),
+               None)
+    vae = getattr(pipe, "vae", None)
+    factor = getattr(pipe, "vae_scale_factor", 2 ** (len(vae.config.block_out_channels) - 1)) if vae is not None else 1
+    cfg = getattr(den, "config", None)
+    if "Flux" in type(pipe).__name__:
+        step = 2
+    elif getattr(cfg, "down_block_types", None):
+        step = 2 ** (len(cfg.down_block_types) - 1)
+    else:
+        step = int(getattr(cfg, "patch_size", None) or 1)
+    return int(factor) * step
+
+
+def make_dataset(spec: str, pipe, size: Optional[int] = None) -> torch.utils.data.Dataset:
+    """The training data named by ``spec`` for ``pipe``; ``size``: the image size in pixels for an image
+    folder (default the pipeline's own, :func:`pipeline_image_size`; a multiple of :func:`size_multiple`).
 
     ``"zoo"``: the zoo's own data for a zoo pipeline (``ZooClassPipeline`` -> ``ZooDigits`` at the
     denoiser's size; ``ZooSRPipeline`` -> ``ZooSRPatches`` of the denoiser's size). A folder with
@@ -288,6 +306,8 @@ def make_dataset(spec: str, pipe) -> torch.utils.data.Dataset:
 
     is_class, is_sr = isinstance(pipe, ZooClassPipeline), isinstance(pipe, ZooSRPipeline)
     if spec == "zoo":
+        if size is not None:
+            raise UserError("a resolution applies to image folders; the zoo's data has its model's own size")
         if is_class:
             return ZooDigits("all", size=int(pipe.denoiser.config.sample_size))
         if is_sr:
@@ -299,7 +319,11 @@ def make_dataset(spec: str, pipe) -> torch.utils.data.Dataset:
         raise UserError(f"data {spec!r} is neither 'zoo' nor an existing folder of images")
     if is_class:
         raise UserError("class-conditional zoo pipelines train on labelled digits: use data 'zoo'")
-    size = pipeline_image_size(pipe)
+    if size is None:
+        size = pipeline_image_size(pipe)
+    elif size < 1 or size % size_multiple(pipe):
+        raise UserError(f"resolution {size}: {type(pipe).__name__} takes images whose sides are positive multiples "
+                         f"of {size_multiple(pipe)} px")
     if (folder / "input").is_dir() and (folder / "target").is_dir():
         cond_size = size // int(pipe.config.upscale) if is_sr else size
         return ConditionPairs(folder, size=size, cond_size=cond_size)
