@@ -277,7 +277,8 @@ def pipeline_image_size(pipe) -> int:
 
 def size_multiple(pipe) -> int:
     """The pixel sizes a pipeline's denoiser takes are multiples of this: the VAE factor times the latent
-    size step (a U-Net's 2 ** (levels - 1), a transformer's patch, 2 for Flux's packed patches)."""
+    size step (a transformer's patch, 2 for Flux's packed patches; 1 for a U-Net, which diffusers
+    upsamples to the skip connection's size when a latent side does not halve evenly)."""
     den = next((getattr(pipe, n) for n in ("unet", "transformer", "denoiser") if getattr(pipe, n, None) is not None),
                None)
     vae = getattr(pipe, "vae", None)
@@ -286,7 +287,7 @@ def size_multiple(pipe) -> int:
     if "Flux" in type(pipe).__name__:
         step = 2
     elif getattr(cfg, "down_block_types", None):
-        step = 2 ** (len(cfg.down_block_types) - 1)
+        step = 1
     else:
         step = int(getattr(cfg, "patch_size", None) or 1)
     return int(factor) * step
