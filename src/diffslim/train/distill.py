@@ -820,8 +820,8 @@ def distill(teacher_pipe, student: nn.Module, dataset, cfg: DistillConfig) -> Di
             xt, target = noising.noisy(x0, noise, t)
             return xt, t, cond, target
 
-        if cfg.match_plain_weight and state.feat_scale is None:
-            state.feat_scale = _plain_to_normalized(inputs, task, teacher, unwrapped, feats_t, feats_s, cfg,
+        if cfg.match_plain_weight and state.feat_scale is None:  # the prepared model: FSDP gathers its shards
+            state.feat_scale = _plain_to_normalized(inputs, task, teacher, model, feats_t, feats_s, cfg,
                                                     accelerator) if features else 1.0
         feat_weight = cfg.lambda_feat * (state.feat_scale if state.feat_scale is not None else 1.0)
         start = state.step
