@@ -5,7 +5,8 @@
 
 Per model, in one process:
 1. scores of every candidate layer by each one-shot criterion on ``n_calib`` calibration triples
-   (seed 0), and the iterative greedy order;
+   (seed 0), the interactions of every pair of layers (output-loss-pairs, the second-order output loss)
+   and the iterative greedy order;
 2. at ratios 0.3, 0.5, 0.7 (share of the denoiser's params removed): each criterion's knapsack
    selection and its output loss on HELD-OUT triples (seed 1: other samples, noise and timesteps);
    random is the mean over 3 seeds; BK-SDM base/small/tiny (U-Nets) against the output-loss
@@ -16,7 +17,7 @@ Per model, in one process:
    sampled outputs vs the full model before and after, and each matched block's plain and normalized
    feature term (how the feature loss splits over the blocks).
 
-Writes ``OUT/layer_prune_<model>.json`` and PNG figures (``OUT/layer_prune_figures/``).
+Writes ``OUT/layer_prune_<model><--suffix>.json`` and PNG figures (``OUT/layer_prune_figures/``).
 """
 
 import argparse
@@ -69,6 +70,10 @@ def bench_model(model: str, n_calib: int, kd_steps: int, n_eval: int, figs: Path
             scores[key] = lp.score_layers(d, layers, crit, calib, seed=s, reference=ref_c)
             timing[key] = time.perf_counter() - t0
     t0 = time.perf_counter()
+    inter = lp.pair_interactions(d, layers, calib, scores["output-loss"], reference=ref_c, progress=True)
+    timing["output-loss-pairs (the pairs only)"] = time.perf_counter() - t0
+    out["interactions"] = [{"layers": list(k), "interaction": v} for k, v in inter.items()]
+    t0 = time.perf_counter()
     order = lp.greedy_order(d, layers, calib, lp.target_of(total, max(RATIOS)), reference=ref_c)
     timing["greedy (up to 0.7)"] = time.perf_counter() - t0
     out["score_seconds"] = timing
@@ -87,12 +92,19 @@ def bench_model(model: str, n_calib: int, kd_steps: int, n_eval: int, figs: Path
                 row["output-loss_calib"] = lp.output_loss(d, calib, names, ref_c)
                 row["output-loss_removed"] = names
         row["random"] = sum(row[f"random#{s}"] for s in seed_random) / len(seed_random)
+        q, check = lp.pairs_select(d, layers, calib, scores["output-loss"], inter, r, total, reference=ref_c)
+        row["output-loss-pairs"] = lp.output_loss(d, held, q, ref_h)
+        row["output-loss-pairs_share"] = _share(layers, q, total)
+        row["output-loss-pairs_removed"] = q
+        row["output-loss-pairs_check"] = check
+        row["second-order (unchecked)"] = lp.output_loss(d, held, check["second_order"]["removed"], ref_h)
         g = lp.greedy_select(order, layers, r, total)
         row["greedy"] = lp.output_loss(d, held, g, ref_h)
         row["greedy_share"] = _share(layers, g, total)
         others = [k for k in ("magnitude", "taylor", "similarity", "random")]
-        row["output_loss_best_one_shot"] = all(row["output-loss"] < row[k] for k in others) and all(
-            row["output-loss"] < row[f"random#{s}"] for s in seed_random)
+        for key, flag in (("output-loss", "output_loss_best_one_shot"), ("output-loss-pairs", "pairs_best_one_shot")):
+            row[flag] = all(row[key] < row[k] for k in others) and all(
+                row[key] < row[f"random#{s}"] for s in seed_random)
         rows.append(row)
     out["ratios"] = rows
 
@@ -105,20 +117,25 @@ def bench_model(model: str, n_calib: int, kd_steps: int, n_eval: int, figs: Path
             ratio = 1 - sum(p.numel() for p in pruned.parameters()) / total
             bk_loss = float((held.run(pruned) - ref_h).pow(2).mean())
             ol = lp.select(layers, scores["output-loss"], ratio, total)
+            q, _ = lp.pairs_select(d, layers, calib, scores["output-loss"], inter, ratio, total, reference=ref_c)
             bk.append({"variant": f"bk-sdm-{v}", "ratio": ratio, "bk_sdm_loss": bk_loss,
                        "output_loss_at_ratio": lp.output_loss(d, held, ol, ref_h),
-                       "output_loss_share": _share(layers, ol, total)})
+                       "output_loss_share": _share(layers, ol, total),
+                       "output_loss_pairs_at_ratio": lp.output_loss(d, held, q, ref_h)})
     out["bk_sdm"] = bk
 
     # 3. additivity
     single = scores["output-loss"]
     add = lp.additivity(d, layers, calib, single, n_sets=32, seed=0, reference=ref_c)
+    add["second_order"] = [lp.predicted_loss(st, single, inter) for st in add["sets"]]
+    add["pearson_second_order"] = lp.pearson(add["second_order"], add["measured"])
     out["additivity"] = add
     slug = model.replace(":", "_")
-    additivity_figure(add["summed"], add["measured"], add["pearson"], model).savefig(
+    additivity_figure(add["summed"], add["measured"], add["pearson"], model, add["second_order"],
+                      add["pearson_second_order"]).savefig(
         figs / f"additivity_{slug}.png", dpi=110, bbox_inches="tight")
-    curves = {k: [(row["ratio"], row[k]) for row in rows] for k in ("output-loss", "magnitude", "taylor",
-                                                                    "similarity", "random", "greedy")}
+    curves = {k: [(row["ratio"], row[k]) for row in rows] for k in ("output-loss", "output-loss-pairs", "magnitude",
+                                                                    "taylor", "similarity", "random", "greedy")}
     output_loss_figure(curves, model, {b["variant"]: (b["ratio"], b["bk_sdm_loss"]) for b in bk}).savefig(
         figs / f"output_loss_{slug}.png", dpi=110, bbox_inches="tight")
 
@@ -264,6 +281,7 @@ def main():
                          "run scales its feature term to start at the plain sum's total (match_plain_weight)")
     ap.add_argument("--kd-ratio", type=float, default=0.5, help="pruning ratio of the distilled model")
     ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--suffix", default="", help="written to layer_prune_<model><suffix>.json")
     a = ap.parse_args()
     out = Path(a.out)
     figs = out / "layer_prune_figures"
@@ -277,18 +295,21 @@ def main():
         res["command"] = (f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} .venv/bin/python "
                           f"bench/layer_prune_bench.py --models {model} --n-calib {a.n_calib} --kd-steps {a.kd_steps} "
                           f"--n-eval {a.n_eval} --kd-seeds {a.kd_seeds} --kd-modes {a.kd_modes} "
-                          f"--normalized-lambda-feat {a.normalized_lambda_feat} --kd-ratio {a.kd_ratio:g}")
-        path = out / f"layer_prune_{model.replace(':', '_')}.json"
+                          f"--normalized-lambda-feat {a.normalized_lambda_feat} --kd-ratio {a.kd_ratio:g}"
+                          + (f" --suffix {a.suffix}" if a.suffix else ""))
+        path = out / f"layer_prune_{model.replace(':', '_')}{a.suffix}.json"
         path.write_text(json.dumps(res, indent=1, default=lambda o: None if isinstance(o, float) and math.isnan(o) else str(o)))
         print(f"== {model} ({time.perf_counter() - t0:.0f}s) -> {path}")
-        keys = ("output-loss", "magnitude", "taylor", "similarity", "random", "greedy")
+        keys = ("output-loss", "output-loss-pairs", "second-order (unchecked)", "magnitude", "taylor", "similarity",
+                "random", "greedy")
         print("| ratio | " + " | ".join(keys) + " |")
         for r in res["ratios"]:
             print(f"| {r['ratio']} | " + " | ".join(f"{r[k]:.4g}" for k in keys) + " |")
         for b in res["bk_sdm"]:
             print(f"{b['variant']}: ratio {b['ratio']:.3f}, BK-SDM {b['bk_sdm_loss']:.4g} vs output-loss "
-                  f"{b['output_loss_at_ratio']:.4g}")
-        print(f"additivity Pearson r = {res['additivity']['pearson']:.3f}")
+                  f"{b['output_loss_at_ratio']:.4g}, output-loss-pairs {b['output_loss_pairs_at_ratio']:.4g}")
+        print(f"additivity Pearson r = {res['additivity']['pearson']:.3f} (second order: "
+              f"{res['additivity']['pearson_second_order']:.3f})")
         if "distill" in res:
             dd = res["distill"]
             print("distill psnr before {:.2f}, ".format(dd["before"].get("psnr", float("nan")))

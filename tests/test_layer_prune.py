@@ -165,6 +165,83 @@ def test_knapsack_is_exact_on_small_instances():
         lp.knapsack_min([1.0, 2.0], [3, 4], 8)
 
 
+def _layers(costs):
+    return [lp.Layer(name=f"l{i}", kind="resnet", params=c) for i, c in enumerate(costs)]
+
+
+def _quad(names, lin, inter):
+    return lp.predicted_loss(names, lin, inter)
+
+
+def test_quadratic_select_is_exact_small_and_its_local_search_never_loses_to_the_knapsack():
+    rng = random.Random(1)
+    for trial in range(25):
+        n = rng.randint(3, 10)
+        costs = [rng.randint(1, 30) for _ in range(n)]
+        layers = _layers(costs)
+        lin = {l.name: rng.random() for l in layers}
+        inter = {(a.name, b.name): rng.uniform(-0.3, 0.6) * min(lin[a.name], lin[b.name])
+                 for k, a in enumerate(layers) for b in layers[k + 1:]}
+        total = sum(costs) + rng.randint(0, 20)
+        ratio = rng.uniform(0.05, 0.95) * sum(costs) / total
+        target = lp.target_of(total, ratio)
+        best = min(_quad([layers[i].name for i in s], lin, inter) for k in range(n + 1)
+                   for s in itertools.combinations(range(n), k) if sum(costs[i] for i in s) >= target)
+        exact = lp.quadratic_select(layers, lin, inter, ratio, total)
+        local = lp.quadratic_select(layers, lin, inter, ratio, total, exact_up_to=0)
+        first = lp.select(layers, lin, ratio, total)
+        for names in (exact, local):
+            assert sum(l.params for l in layers if l.name in names) >= target
+        assert _quad(exact, lin, inter) == pytest.approx(best, abs=1e-12)
+        assert best - 1e-12 <= _quad(local, lin, inter) <= _quad(first, lin, inter) + 1e-12
+        # no interactions: the second-order selection is the knapsack's optimum
+        plain = lp.quadratic_select(layers, lin, {}, ratio, total, exact_up_to=0)
+        assert sum(lin[x] for x in plain) == pytest.approx(sum(lin[x] for x in first), abs=1e-12)
+    with pytest.raises(UserError, match="removable layers hold only"):
+        lp.quadratic_select(_layers([3, 4]), {"l0": 1.0, "l1": 1.0}, {}, 0.9, 10)
+
+
+def test_pair_interactions_predict_every_measured_pair_exactly(tiny_digits_pipe, calib):
+    unet = tiny_digits_pipe.denoiser
+    layers = lp.candidates(unet)[:6]
+    ref = calib.run(unet)
+    single = lp.score_layers(unet, layers, "output-loss", calib, reference=ref)
+    inter = lp.pair_interactions(unet, layers, calib, single, reference=ref)
+    assert len(inter) == 15 and any(abs(v) > 1e-6 for v in inter.values())
+    for a, b in [("down_blocks.0.resnets.0", "down_blocks.0.resnets.1"), (layers[1].name, layers[4].name)]:
+        assert lp.predicted_loss([b, a], single, inter) == pytest.approx(lp.output_loss(unet, calib, [a, b], ref),
+                                                                         rel=1e-12)
+    pooled = lp.pair_interactions(unet, layers, calib, single, pool=3, reference=ref)
+    cheapest = sorted(layers, key=lambda l: single[l.name] / l.params)[:3]
+    assert {n for pair in pooled for n in pair} == {l.name for l in cheapest} and len(pooled) == 3
+    assert all(pooled[k] == inter[k] for k in pooled)
+    with pytest.raises(UserError, match="at least 2"):
+        lp.pair_interactions(unet, layers, calib, single, pool=1, reference=ref)
+
+
+def test_second_order_output_loss_picks_a_lower_loss_set_on_the_few_block_dit():
+    """zoo:digits-dit at ratio 0.5 (four of six blocks): single losses are far from additive there, and the
+    first-order knapsack's set loses to the second-order one on held-out triples as well."""
+    loaded = load("zoo:digits-dit")
+    d = loaded.denoiser
+    calib = lp.calibration(loaded.pipe, n=32, seed=0)
+    held = lp.calibration(loaded.pipe, n=32, seed=1)
+    first = lp.layer_prune(d, "output-loss", 0.5, calib=calib)
+    second = lp.layer_prune(d, "output-loss-pairs", 0.5, calib=calib)
+    assert len(second.extra["interactions"]) == 15
+    assert second.params_removed >= 0.5 * second.params and set(second.removed) != set(first.removed)
+    measured = lp.output_loss(d, calib, second.removed)  # the second-order prediction is the nearer one
+    assert abs(second.extra["predicted_loss"] - measured) < abs(second.extra["summed_loss"] - measured)
+    assert second.extra["check"]["kept"] == "second_order"
+    ref = held.run(d)
+    assert lp.output_loss(d, held, second.removed, ref) < lp.output_loss(d, held, first.removed, ref)
+    # five of six blocks: the expansion over-counts and its set measures worse; the check keeps the first-order one
+    at7 = lp.layer_prune(d, "output-loss-pairs", 0.7, calib=calib)
+    check = at7.extra["check"]
+    assert check["kept"] == "first_order" and at7.removed == lp.layer_prune(d, "output-loss", 0.7, calib=calib).removed
+    assert check["first_order"]["measured"] < check["second_order"]["measured"]
+
+
 def test_output_loss_of_one_layer_is_the_measured_mse(tiny_digits_pipe, calib):
     unet = tiny_digits_pipe.denoiser
     ref = calib.run(unet)
@@ -258,6 +335,8 @@ def test_cli_errors(tmp_path):
         ((cfg, "--ratio", "0.5"), "pipeline folder or zoo:NAME"),
         ((cfg, "--ratio", "0.5", "--criterion", "magnitude"), "config-only"),
         ((cfg, "--criterion", "bk-sdm-base", "--ratio", "0.5"), "drop --ratio"),
+        (("zoo:digits-sd", "--ratio", "0.5", "--pair-pool", "8"), "output-loss-pairs only"),
+        (("zoo:digits-sd", "--ratio", "0.5", "--criterion", "output-loss-pairs", "--pair-pool", "1"), ">= 2"),
     ):
         r = _cli(*args, "--out", tmp_path / "x")
         assert r.exit_code == 2, (args, r.output)
@@ -282,6 +361,17 @@ def test_cli_output_loss_writes_a_loadable_model(tiny_digits_folder, tmp_path):
     assert report["params_removed_share"] >= 0.3
     assert _params(load(str(tmp_path / "model")).denoiser) == report["params_after"]
     assert type(load(str(tmp_path / "pipeline")).denoiser).__name__ == "LayerPrunedUNet2DConditionModel"
+
+
+def test_cli_output_loss_pairs_with_a_pool(tiny_digits_folder, tmp_path):
+    r = _cli(tiny_digits_folder, "--ratio", "0.3", "--n", "4", "--criterion", "output-loss-pairs", "--pair-pool", "4",
+             "--out", tmp_path)
+    assert r.exit_code == 0, r.output
+    assert "pairs measured" in r.output
+    report = json.loads((tmp_path / "scores.json").read_text())
+    assert len(report["interactions"]) == 6 and report["params_removed_share"] >= 0.3
+    assert report["check"]["kept"] in ("both", "first_order", "second_order")
+    assert _params(load(str(tmp_path / "model")).denoiser) == report["params_after"]
 
 
 def test_sdxl_inner_transformer_blocks_and_selection_by_macs(tiny_digits_pipe):

@@ -574,7 +574,8 @@ def layer_prune_cmd(
     model: str = typer.Argument(..., help="pipeline folder, model folder, config-only folder or zoo:NAME"),
     ratio: Optional[float] = typer.Option(None, help="share of params (or MACs, --by macs) to remove, in (0, 1); "
                                                      "not used by the bk-sdm-* criteria"),
-    criterion: str = typer.Option("output-loss", help="output-loss, magnitude, taylor, random, similarity, greedy, "
+    criterion: str = typer.Option("output-loss", help="output-loss, output-loss-pairs (second order: also every "
+                                                      "pair's loss), magnitude, taylor, random, similarity, greedy, "
                                                       "bk-sdm-base, bk-sdm-small or bk-sdm-tiny"),
     by: str = typer.Option("params", help="params or macs: what the ratio is a share of"),
     out: Path = typer.Option(..., help="folder: model/ (the pruned denoiser), pipeline/ (for pipelines), "
@@ -587,6 +588,8 @@ def layer_prune_cmd(
                                            "instead of whole attention layers"),
     resolution: Optional[int] = typer.Option(None, help="image size in px of the --data folder's calibration "
                                                          "images (default: the pipeline's own, 1024 for Flux)"),
+    pair_pool: Optional[int] = typer.Option(None, help="output-loss-pairs: measure pairs only among this many layers "
+                                                       "of least single loss per unit cost (default: all pairs)"),
     as_json: bool = typer.Option(False, "--json"),
 ):
     """One-shot layer pruning (LAPTOP-Diff): score every layer, remove the least important at a ratio."""
@@ -610,7 +613,9 @@ def layer_prune_cmd(
     if n < 1:
         raise UserError("--n must be at least 1")
     loaded = load(model)
-    needs_calib = criterion in ("output-loss", "taylor", "similarity", "greedy")
+    if pair_pool is not None and (criterion != "output-loss-pairs" or pair_pool < 2):
+        raise UserError(f"--pair-pool {pair_pool} applies to --criterion output-loss-pairs only, and must be >= 2")
+    needs_calib = criterion in ("output-loss", "output-loss-pairs", "taylor", "similarity", "greedy")
     if needs_calib and loaded.pipe is None:
         raise UserError(f"--criterion {criterion} samples the model on calibration data: give a pipeline folder or "
                         f"zoo:NAME (for a lone model or config use magnitude, random or a bk-sdm-* criterion)")
@@ -618,7 +623,8 @@ def layer_prune_cmd(
         raise UserError(f"{model} is config-only (no weights): --criterion {criterion} needs weights; "
                         "use a bk-sdm-* criterion or random")
     calib = calibration(loaded.pipe, n=n, seed=seed, data=data, size=resolution) if needs_calib else None
-    res = layer_prune(loaded.denoiser, criterion, ratio, by=by, calib=calib, seed=seed, inner=inner)
+    res = layer_prune(loaded.denoiser, criterion, ratio, by=by, calib=calib, seed=seed, inner=inner,
+                      pair_pool=pair_pool, progress=not as_json)
     pruned = prune_layers(loaded.denoiser, res.removed)
     out.mkdir(parents=True, exist_ok=True)
     if loaded.has_weights:
@@ -650,6 +656,9 @@ def layer_prune_cmd(
     console.print(f"removed {len(res.removed)} layers: {res.params_removed:,} of {res.params:,} params "
                   f"({res.params_removed / res.params:.3f}); {params_after:,} left"
                   + (f"; MACs removed {res.macs_removed / res.macs:.3f}" if res.macs else "")
+                  + (f"\npredicted output loss {res.extra['predicted_loss']:.4g} (sum of single losses "
+                     f"{res.extra['summed_loss']:.4g}; {len(res.extra['interactions'])} pairs measured)"
+                     if "predicted_loss" in res.extra else "")
                   + f"\npruned model: {out / 'model'}; scores: {out / 'scores.json'}")
 
 

@@ -34,6 +34,15 @@ output and its shortcut's output, i.e. of input and output for identity shortcut
 ``greedy`` (iterative re-scoring, not one-shot). Selection at a target ratio minimises the summed
 scores of the removed layers subject to the removed share of params (or MACs) reaching the ratio:
 a 0-1 knapsack solved by dynamic programming (:func:`knapsack_min`).
+
+``output-loss-pairs`` (ours, beyond the paper) is the output loss to second order: besides every L_i it
+measures L_ij for pairs of layers (all pairs, or those among the ``pair_pool`` layers of least L_i per
+unit cost) and predicts L(S) = sum L_i + sum_{i<j in S} (L_ij - L_i - L_j). It is still one-shot (one
+scoring pass, no re-scoring after a removal) and costs n(n-1)/2 more calibration runs. Where losses are
+far from additive (a DiT of few blocks: Pearson r 0.56 at four of six blocks) the prediction tracks the
+measured loss much better (r 0.96); selection minimises it under the same constraint
+(:func:`quadratic_select`: exact for up to 16 layers, a swap local search from the knapsack's set beyond),
+and the measured losses of that set and the first-order one decide between them (:func:`pairs_select`).
 """
 
 from __future__ import annotations
@@ -56,7 +65,7 @@ from torch import nn
 from diffslim.errors import UserError
 from diffslim.models.anatomy import TWO_STREAM_BLOCKS
 
-CRITERIA = ("output-loss", "random", "magnitude", "taylor", "similarity", "greedy")
+CRITERIA = ("output-loss", "output-loss-pairs", "random", "magnitude", "taylor", "similarity", "greedy")
 BK_SDM = ("base", "small", "tiny")
 _BYPASS_HOOK = "diffslim_layer_prune_bypass"
 
@@ -696,7 +705,7 @@ def score_layers(model: nn.Module, layers: Sequence[Layer], criterion: str, cali
         raise UserError(f"unknown criterion {criterion!r}; accepted: {', '.join(CRITERIA)}")
     if calib is None:
         raise UserError(f"criterion {criterion!r} needs calibration data (a model with weights and a pipeline)")
-    if criterion == "output-loss":
+    if criterion in ("output-loss", "output-loss-pairs"):  # (the pairs' interactions: pair_interactions)
         ref = calib.run(model) if reference is None else reference
         return {l.name: output_loss(model, calib, [l.name], ref) for l in layers}
     if criterion == "taylor":
@@ -704,6 +713,44 @@ def score_layers(model: nn.Module, layers: Sequence[Layer], criterion: str, cali
     if criterion == "similarity":
         return _similarity_scores(model, layers, calib)
     raise UserError(f"criterion {criterion!r} is iterative: use greedy_order")
+
+
+def pair_interactions(model: nn.Module, layers: Sequence[Layer], calib: Calibration, single: Mapping[str, float],
+                      pool: Optional[int] = None, by: str = "params", reference: Optional[torch.Tensor] = None,
+                      progress: bool = False) -> dict[tuple[str, str], float]:
+    """The second-order terms of the output loss, ``{(a, b): L({a, b}) - L_a - L_b}`` (``single``: the L_i),
+    for every pair of ``layers`` or, with ``pool``, every pair among the ``pool`` layers of least L_i per
+    unit of ``by`` (those a selection is likely to remove; pairs outside it count as additive)."""
+    if pool is not None and pool < 2:
+        raise UserError(f"pair pool {pool!r}: give at least 2 layers (or none for all pairs)")
+    ranked = sorted(layers, key=lambda l: single[l.name] / max(1, _cost(l, by)))
+    names = [l.name for l in (ranked if pool is None else ranked[:pool])]
+    order = {l.name: k for k, l in enumerate(layers)}
+    names.sort(key=order.__getitem__)
+    ref = calib.run(model) if reference is None else reference
+    pairs = [(a, b) for k, a in enumerate(names) for b in names[k + 1:]]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(pairs), desc="output loss of layer pairs", dynamic_ncols=True)
+    out = {}
+    for a, b in pairs:
+        out[(a, b)] = output_loss(model, calib, [a, b], ref) - single[a] - single[b]
+        if bar is not None:
+            bar.update()
+    if bar is not None:
+        bar.close()
+    return out
+
+
+def predicted_loss(names: Iterable[str], single: Mapping[str, float],
+                   interactions: Mapping[tuple[str, str], float]) -> float:
+    """The second-order prediction of L(S): sum of L_i plus the interaction of every pair in S."""
+    s = sorted(set(names))
+    inside = set(s)
+    return float(sum(single[n] for n in s)
+                 + sum(v for (a, b), v in interactions.items() if a in inside and b in inside))
 
 
 # ------------------------------------------------------------------------------------------
@@ -783,6 +830,97 @@ def select(layers: Sequence[Layer], scores: Mapping[str, float], ratio: float, t
                         f"{avail:,} ({avail / total:.3f} of the model); choose a ratio below {avail / total:.3f}")
     idx = knapsack_min([scores[l.name] for l in layers], [_cost(l, by) for l in layers], target)
     return [layers[i].name for i in idx]
+
+
+def quadratic_select(layers: Sequence[Layer], single: Mapping[str, float],
+                     interactions: Mapping[tuple[str, str], float], ratio: float, total: int, by: str = "params",
+                     exact_up_to: int = 16) -> list[str]:
+    """The layers to remove by the second-order output loss: least :func:`predicted_loss` with removed ``by`` >=
+    ratio * total. Exact (every subset) for up to ``exact_up_to`` layers; beyond, a local search from the
+    first-order knapsack's set and from a greedy build, by the best improving move (remove one, add one, or swap
+    one removed layer for a kept one) while the constraint holds, until none improves."""
+    if by not in ("params", "macs"):
+        raise UserError(f"--by {by!r}: accepted params, macs")
+    target = target_of(total, ratio)
+    n = len(layers)
+    cost = np.array([_cost(l, by) for l in layers], dtype=np.int64)
+    if cost.sum() < target:
+        avail = int(cost.sum())
+        raise UserError(f"ratio {ratio} asks to remove {target:,} {by} but the removable layers hold only "
+                        f"{avail:,} ({avail / total:.3f} of the model); choose a ratio below {avail / total:.3f}")
+    idx = {l.name: k for k, l in enumerate(layers)}
+    lin = np.array([single[l.name] for l in layers], dtype=np.float64)
+    M = np.zeros((n, n))
+    for (a, b), v in interactions.items():
+        M[idx[a], idx[b]] = M[idx[b], idx[a]] = v
+
+    def value(x: np.ndarray) -> float:
+        return float(lin @ x + 0.5 * x @ M @ x)
+
+    if n <= exact_up_to:
+        X = ((np.arange(2 ** n)[:, None] >> np.arange(n)) & 1).astype(np.float64)
+        feasible = X @ cost >= target
+        vals = X @ lin + 0.5 * np.einsum("si,ij,sj->s", X, M, X)
+        vals[~feasible] = np.inf
+        best = X[int(np.argmin(vals))]
+        return [layers[i].name for i in range(n) if best[i]]
+
+    def improve(x: np.ndarray) -> np.ndarray:
+        x = x.copy()
+        while True:
+            g = M @ x  # interaction of each layer with the removed set
+            removed_cost = int(cost @ x)
+            add = np.where(x == 0, lin + g, np.inf)  # change of the value on adding j
+            drop = np.where((x == 1) & (removed_cost - cost >= target), -(lin + g), np.inf)
+            swap = (lin + g)[None, :] - (lin + g)[:, None] - M  # swap[i, j]: remove i from the set, add j
+            ok = (x[:, None] == 1) & (x[None, :] == 0) & (removed_cost - cost[:, None] + cost[None, :] >= target)
+            swap = np.where(ok, swap, np.inf)
+            moves = [(add.min(), "add"), (drop.min(), "drop"), (swap.min(), "swap")]
+            delta, kind = min(moves, key=lambda m: m[0])
+            if not delta < -1e-15:
+                return x
+            if kind == "add":
+                x[int(np.argmin(add))] = 1
+            elif kind == "drop":
+                x[int(np.argmin(drop))] = 0
+            else:
+                i, j = np.unravel_index(int(np.argmin(swap)), swap.shape)
+                x[i], x[j] = 0, 1
+
+    starts = []
+    x = np.zeros(n)
+    x[knapsack_min(lin.tolist(), cost.tolist(), target)] = 1
+    starts.append(x)
+    x = np.zeros(n)  # greedy build: the least increase of the value per unit cost until the target is met
+    while cost @ x < target:
+        inc = np.where(x == 0, (lin + M @ x) / np.maximum(cost, 1), np.inf)
+        x[int(np.argmin(inc))] = 1
+    starts.append(x)
+    best = min((improve(s) for s in starts), key=value)
+    return [layers[i].name for i in range(n) if best[i]]
+
+
+def pairs_select(model: nn.Module, layers: Sequence[Layer], calib: Calibration, single: Mapping[str, float],
+                 interactions: Mapping[tuple[str, str], float], ratio: float, total: int, by: str = "params",
+                 reference: Optional[torch.Tensor] = None) -> tuple[list[str], dict]:
+    """The ``output-loss-pairs`` selection: the second-order set (:func:`quadratic_select`), checked against the
+    first-order knapsack set by their measured output loss on ``calib`` (two more runs when they differ; the lower
+    one is kept). A second-order expansion over-counts when many layers go at once (every pair's interaction is
+    added), so the check keeps it from doing worse than the first-order criterion on the calibration triples.
+    Returns ``(removed, info)``: info has each set with its measured loss and which was kept."""
+    second = quadratic_select(layers, single, interactions, ratio, total, by)
+    first = select(layers, single, ratio, total, by)
+    info = {"second_order": {"removed": second, "predicted": predicted_loss(second, single, interactions)},
+            "first_order": {"removed": first, "summed": float(sum(single[n] for n in first))}}
+    if set(first) == set(second):
+        info["kept"] = "both"
+        return second, info
+    ref = calib.run(model) if reference is None else reference
+    for key, names in (("second_order", second), ("first_order", first)):
+        info[key]["measured"] = output_loss(model, calib, names, ref)
+    keep_second = info["second_order"]["measured"] <= info["first_order"]["measured"]
+    info["kept"] = "second_order" if keep_second else "first_order"
+    return (second if keep_second else first), info
 
 
 def greedy_order(model: nn.Module, layers: Sequence[Layer], calib: Calibration, until: int, by: str = "params",
@@ -898,12 +1036,15 @@ class LayerPruneResult:
 
 def layer_prune(model: nn.Module, criterion: str = "output-loss", ratio: Optional[float] = None, by: str = "params",
                 calib: Optional[Calibration] = None, seed: int = 0, inner: bool = False,
-                count_macs: Optional[bool] = None) -> LayerPruneResult:
+                count_macs: Optional[bool] = None, pair_pool: Optional[int] = None,
+                progress: bool = False) -> LayerPruneResult:
     """Choose the layers of ``model`` to remove by ``criterion`` at ``ratio`` (of ``by``), or by a BK-SDM
     variant (``criterion="bk-sdm-base|small|tiny"``, no ratio, no weights needed).
 
     MACs are counted (one profiled forward of the anatomy) when ``by="macs"`` or ``count_macs``; on a
     meta-device model only BK-SDM criteria apply unless the MACs come from the meta forward too.
+    ``output-loss-pairs`` also measures the pairs' interactions (``pair_pool``: only among that many layers of
+    least L_i per unit cost; ``progress``: a bar over the pairs); they go to ``extra["interactions"]``.
     Returns a :class:`LayerPruneResult`; :func:`prune_layers` then builds the smaller model.
     """
     from diffslim.models.anatomy import anatomy
@@ -919,6 +1060,9 @@ def layer_prune(model: nn.Module, criterion: str = "output-loss", ratio: Optiona
         if ratio is None:
             raise UserError(f"criterion {criterion!r} needs a ratio in (0, 1)")
         check_ratio(ratio)
+    if pair_pool is not None and criterion != "output-loss-pairs":
+        raise UserError(f"a pair pool applies to criterion output-loss-pairs only, not {criterion!r}")
+    extra: dict = {}
     meta = any(p.device.type == "meta" for p in model.parameters())
     if meta and criterion not in ("random",) and not bk:
         raise UserError(f"criterion {criterion!r} needs weights; this model is config-only: use a bk-sdm-* "
@@ -941,6 +1085,18 @@ def layer_prune(model: nn.Module, criterion: str = "output-loss", ratio: Optiona
             order = greedy_order(model, layers, calib, target_of(total, ratio), by)
             removed = greedy_select(order, layers, ratio, total, by)
             scores = {name: loss for name, loss in order}
+        elif criterion == "output-loss-pairs":
+            if calib is None:
+                raise UserError("criterion 'output-loss-pairs' needs calibration data (a model with weights and a "
+                                "pipeline)")
+            ref = calib.run(model)
+            scores = score_layers(model, layers, criterion, calib, reference=ref)
+            inter = pair_interactions(model, layers, calib, scores, pool=pair_pool, by=by, reference=ref,
+                                      progress=progress)
+            removed, check = pairs_select(model, layers, calib, scores, inter, ratio, total, by, reference=ref)
+            extra = {"interactions": [{"layers": [a, b], "interaction": v} for (a, b), v in inter.items()],
+                     "predicted_loss": predicted_loss(removed, scores, inter),
+                     "summed_loss": float(sum(scores[n] for n in removed)), "check": check}
         else:
             scores = score_layers(model, layers, criterion, calib, seed=seed)
             removed = select(layers, scores, ratio, total, by)
@@ -949,7 +1105,8 @@ def layer_prune(model: nn.Module, criterion: str = "output-loss", ratio: Optiona
     macs_removed = sum(by_name[n].macs for n in removed) if module_macs is not None else None
     return LayerPruneResult(criterion=criterion, ratio=ratio, by=by, removed=list(removed), layers=list(layers),
                             scores=scores, params=an.params, params_removed=params_removed,
-                            macs=an.macs, macs_removed=macs_removed, seconds=time.perf_counter() - t0)
+                            macs=an.macs, macs_removed=macs_removed, seconds=time.perf_counter() - t0,
+                            extra=extra)
 
 
 # ------------------------------------------------------------------------------------------

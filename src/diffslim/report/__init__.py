@@ -207,16 +207,22 @@ def output_loss_figure(curves: dict, title: str = "", bk_points: Optional[dict] 
     return fig
 
 
-def additivity_figure(summed: Sequence[float], measured: Sequence[float], r: float, title: str = ""):
-    """Measured L(S) against sum_{i in S} L_i for random layer sets S, with their Pearson correlation."""
+def additivity_figure(summed: Sequence[float], measured: Sequence[float], r: float, title: str = "",
+                      second: Optional[Sequence[float]] = None, r_second: Optional[float] = None):
+    """Measured L(S) against sum_{i in S} L_i for random layer sets S, with their Pearson correlation;
+    ``second``: the second-order predictions of the same sets (sum L_i plus the pairs' interactions)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(4.2, 3.8))
-    ax.scatter(summed, measured, s=14)
-    hi = max(list(summed) + list(measured) + [1e-12]) * 1.05
-    ax.plot([0, hi], [0, hi], "k--", lw=0.8, label="L(S) = sum L_i")
-    ax.set_xlabel("sum of single-layer output losses")
+    ax.scatter(summed, measured, s=14, label="sum of single losses")
+    vals = list(summed) + list(measured) + list(second or [])
+    if second is not None:
+        ax.scatter(second, measured, s=14, marker="^", label="second order (+ pairs)")
+    hi = max(vals + [1e-12]) * 1.05
+    ax.plot([0, hi], [0, hi], "k--", lw=0.8, label="prediction = L(S)")
+    ax.set_xlabel("predicted output loss of the set")
     ax.set_ylabel("measured output loss of the set")
-    ax.set_title((title + ": " if title else "") + f"Pearson r = {r:.3f}", fontsize=10)
+    rs = f"Pearson r = {r:.3f}" + ("" if r_second is None else f", second order {r_second:.3f}")
+    ax.set_title((title + ": " if title else "") + rs, fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
