@@ -341,12 +341,13 @@ def _ratio_arg(text, form: str) -> float:
     return r
 
 
-def _layer_selection(ctx: BenchContext, ratio: float) -> list[str]:
-    """The output-loss criterion's layers at ``ratio`` of params, scored on the model's training data."""
+def _layer_selection(ctx: BenchContext, ratio: float, criterion: str = "output-loss") -> list[str]:
+    """The output-loss criterion's layers (``output-loss-pairs``: to second order) at ``ratio`` of params, scored
+    on the model's training data."""
     from diffslim.methods.layer_prune import calibration, layer_prune
 
     calib = calibration(ctx.loaded.pipe, **LAYER_CALIB)
-    return layer_prune(ctx.loaded.denoiser, "output-loss", ratio, calib=calib).removed
+    return layer_prune(ctx.loaded.denoiser, criterion, ratio, calib=calib).removed
 
 
 def _default_layer_kd(ctx: BenchContext, ratio: float, names: list[str]):
@@ -370,11 +371,17 @@ def _default_layer_kd(ctx: BenchContext, ratio: float, names: list[str]):
 
 
 @register_method("layers", "layers:R, one-shot layer pruning (LAPTOP-Diff output-loss criterion) removing a share R "
-                           "of params; layers:R+kd after a short normalized distillation (cached)")
+                           "of params; layers:R:pairs by the second-order output loss (output-loss-pairs); "
+                           "+kd after a short normalized distillation (cached), e.g. layers:0.5+kd")
 def _layers(arg, ctx: BenchContext) -> Variant:
     text = arg or ""
     kd = text.endswith("+kd")
-    ratio = _ratio_arg(text[:-3] if kd else text, "layers:R")
+    core = text[:-3] if kd else text
+    ratio_text, _, variant = core.partition(":")
+    if variant not in ("", "pairs"):
+        raise UserError(f"layers:R:{variant} is not a criterion; accepted: layers:R, layers:R:pairs (each +kd)")
+    ratio = _ratio_arg(ratio_text, "layers:R")
+    criterion, tag = ("output-loss-pairs", ":pairs") if variant else ("output-loss", "")
     if ctx.dry_run:
         if ctx.loaded.zoo is None:
             raise UserError("layers:R scores layers on the zoo's data; for other models run "
@@ -382,17 +389,18 @@ def _layers(arg, ctx: BenchContext) -> Variant:
         return None
     from diffslim.methods.layer_prune import prune_layers
 
-    names = _layer_selection(ctx, ratio)
-    note = f"{len(names)} layers removed (output loss, {LAYER_CALIB['n']} calibration triples)"
+    names = _layer_selection(ctx, ratio, criterion)
+    note = (f"{len(names)} layers removed (output loss{' to second order' if variant else ''}, "
+            f"{LAYER_CALIB['n']} calibration triples)")
     if not kd:
         pruned = prune_layers(ctx.loaded.denoiser, names)
-        return Variant(f"layers:{ratio:g}", _with_denoiser(ctx.loaded.pipe, pruned), ctx.base_spec,
+        return Variant(f"layers:{ratio:g}{tag}", _with_denoiser(ctx.loaded.pipe, pruned), ctx.base_spec,
                        _n_params(pruned), notes=note)
     from diffslim.methods.finetune import load_student
 
     folder, kd_note = _default_layer_kd(ctx, ratio, names)
     student = load_student(folder).to(next(ctx.loaded.denoiser.parameters()).device)
-    return Variant(f"layers:{ratio:g}+kd", _with_denoiser(ctx.loaded.pipe, student), ctx.base_spec,
+    return Variant(f"layers:{ratio:g}{tag}+kd", _with_denoiser(ctx.loaded.pipe, student), ctx.base_spec,
                    _n_params(student), notes=f"{note}; {kd_note}")
 
 
