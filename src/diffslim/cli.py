@@ -589,7 +589,8 @@ def layer_prune_cmd(
     resolution: Optional[int] = typer.Option(None, help="image size in px of the --data folder's calibration "
                                                          "images (default: the pipeline's own, 1024 for Flux)"),
     pair_pool: Optional[int] = typer.Option(None, help="output-loss-pairs: measure pairs only among this many layers "
-                                                       "of least single loss per unit cost (default: all pairs)"),
+                                                       "of least single loss per unit cost (default: all n(n-1)/2 "
+                                                       "pairs: 703 for SD-1.5's 38 layers, 3741 for SDXL --inner)"),
     as_json: bool = typer.Option(False, "--json"),
 ):
     """One-shot layer pruning (LAPTOP-Diff): score every layer, remove the least important at a ratio."""
