@@ -33,18 +33,13 @@ import torch
 from diffslim.bench import _with_denoiser
 from diffslim.evaluate import eval_set_for, finite, metrics_fn_for
 from diffslim.methods import layer_prune as lp
+from diffslim.methods.layer_compare import compare_criteria, curves_of
 from diffslim.models.load import load
 from diffslim.report import additivity_figure, image_grid, loss_balance_figure, output_loss_figure
 from diffslim.sample import SampleSpec, sample
 from diffslim.train.distill import DistillConfig
 
 RATIOS = (0.3, 0.5, 0.7)
-ONE_SHOT = ("output-loss", "magnitude", "taylor", "similarity", "random")
-
-
-def _share(layers, names, total):
-    p = {l.name: l.params for l in layers}
-    return sum(p[n] for n in names) / total
 
 
 def bench_model(model: str, n_calib: int, kd_steps: int, n_eval: int, figs: Path, seed_random=(0, 1, 2),
@@ -52,96 +47,21 @@ def bench_model(model: str, n_calib: int, kd_steps: int, n_eval: int, figs: Path
     t_start = time.perf_counter()
     loaded = load(model)
     d = loaded.denoiser
-    total = sum(p.numel() for p in d.parameters())
     calib = lp.calibration(loaded.pipe, n=n_calib, seed=0)
     held = lp.calibration(loaded.pipe, n=n_calib, seed=1)
-    ref_c, ref_h = calib.run(d), held.run(d)
-    layers = lp.candidates(d)
-    out = {"model": model, "params": total, "n_candidates": len(layers), "n_calib": n_calib,
-           "candidate_params_share": sum(l.params for l in layers) / total}
-
-    # 1. scores
-    scores, timing = {}, {}
-    for crit in ONE_SHOT:
-        seeds = seed_random if crit == "random" else (0,)
-        for s in seeds:
-            t0 = time.perf_counter()
-            key = crit if crit != "random" else f"random#{s}"
-            scores[key] = lp.score_layers(d, layers, crit, calib, seed=s, reference=ref_c)
-            timing[key] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    inter = lp.pair_interactions(d, layers, calib, scores["output-loss"], reference=ref_c, progress=True)
-    timing["output-loss-pairs (the pairs only)"] = time.perf_counter() - t0
-    out["interactions"] = [{"layers": list(k), "interaction": v} for k, v in inter.items()]
-    t0 = time.perf_counter()
-    order = lp.greedy_order(d, layers, calib, lp.target_of(total, max(RATIOS)), reference=ref_c)
-    timing["greedy (up to 0.7)"] = time.perf_counter() - t0
-    out["score_seconds"] = timing
-    out["scores"] = {k: v for k, v in scores.items() if not k.startswith("random#")}
-    out["greedy_order"] = order
-
-    # 2. selections at each ratio, judged on held-out triples
-    rows = []
-    for r in RATIOS:
-        row = {"ratio": r}
-        for key, sc in scores.items():
-            names = lp.select(layers, sc, r, total)
-            row[key] = lp.output_loss(d, held, names, ref_h)
-            row[f"{key}_share"] = _share(layers, names, total)
-            if key == "output-loss":
-                row["output-loss_calib"] = lp.output_loss(d, calib, names, ref_c)
-                row["output-loss_removed"] = names
-        row["random"] = sum(row[f"random#{s}"] for s in seed_random) / len(seed_random)
-        q, check = lp.pairs_select(d, layers, calib, scores["output-loss"], inter, r, total, reference=ref_c)
-        row["output-loss-pairs"] = lp.output_loss(d, held, q, ref_h)
-        row["output-loss-pairs_share"] = _share(layers, q, total)
-        row["output-loss-pairs_removed"] = q
-        row["output-loss-pairs_check"] = check
-        row["second-order (unchecked)"] = lp.output_loss(d, held, check["second_order"]["removed"], ref_h)
-        g = lp.greedy_select(order, layers, r, total)
-        row["greedy"] = lp.output_loss(d, held, g, ref_h)
-        row["greedy_share"] = _share(layers, g, total)
-        others = [k for k in ("magnitude", "taylor", "similarity", "random")]
-        for key, flag in (("output-loss", "output_loss_best_one_shot"), ("output-loss-pairs", "pairs_best_one_shot")):
-            row[flag] = all(row[key] < row[k] for k in others) and all(
-                row[key] < row[f"random#{s}"] for s in seed_random)
-        rows.append(row)
-    out["ratios"] = rows
-
-    # BK-SDM against the output-loss selection at the same ratio
-    bk = []
-    if lp.is_unet(d):
-        for v in lp.BK_SDM:
-            names = lp.bk_sdm_layers(d, v)
-            pruned = lp.prune_layers(d, names)
-            ratio = 1 - sum(p.numel() for p in pruned.parameters()) / total
-            bk_loss = float((held.run(pruned) - ref_h).pow(2).mean())
-            ol = lp.select(layers, scores["output-loss"], ratio, total)
-            q, _ = lp.pairs_select(d, layers, calib, scores["output-loss"], inter, ratio, total, reference=ref_c)
-            bk.append({"variant": f"bk-sdm-{v}", "ratio": ratio, "bk_sdm_loss": bk_loss,
-                       "output_loss_at_ratio": lp.output_loss(d, held, ol, ref_h),
-                       "output_loss_share": _share(layers, ol, total),
-                       "output_loss_pairs_at_ratio": lp.output_loss(d, held, q, ref_h)})
-    out["bk_sdm"] = bk
-
-    # 3. additivity
-    single = scores["output-loss"]
-    add = lp.additivity(d, layers, calib, single, n_sets=32, seed=0, reference=ref_c)
-    add["second_order"] = [lp.predicted_loss(st, single, inter) for st in add["sets"]]
-    add["pearson_second_order"] = lp.pearson(add["second_order"], add["measured"])
-    out["additivity"] = add
+    out = {"model": model, "n_calib": n_calib,
+           **compare_criteria(d, calib, held, RATIOS, random_seeds=seed_random, progress=True)}
+    layers, total, bk, add = lp.candidates(d), out["params"], out["bk_sdm"], out["additivity"]
     slug = model.replace(":", "_")
     additivity_figure(add["summed"], add["measured"], add["pearson"], model, add["second_order"],
                       add["pearson_second_order"]).savefig(
         figs / f"additivity_{slug}.png", dpi=110, bbox_inches="tight")
-    curves = {k: [(row["ratio"], row[k]) for row in rows] for k in ("output-loss", "output-loss-pairs", "magnitude",
-                                                                    "taylor", "similarity", "random", "greedy")}
-    output_loss_figure(curves, model, {b["variant"]: (b["ratio"], b["bk_sdm_loss"]) for b in bk}).savefig(
+    output_loss_figure(curves_of(out), model, {b["variant"]: (b["ratio"], b["bk_sdm_loss"]) for b in bk}).savefig(
         figs / f"output_loss_{slug}.png", dpi=110, bbox_inches="tight")
 
     # 4. normalized vs plain distillation of the output-loss selection at kd_ratio (0.5)
     if kd_steps > 0:
-        out["distill"] = distill_compare(loaded, layers, scores["output-loss"], total, kd_steps, n_eval, figs,
+        out["distill"] = distill_compare(loaded, layers, out["scores"]["output-loss"], total, kd_steps, n_eval, figs,
                                          slug if kd_ratio == 0.5 else f"{slug}_r{kd_ratio:g}", ratio=kd_ratio,
                                          seeds=kd_seeds, modes=kd_modes, normalized_lambda_feat=normalized_lambda_feat)
     out["seconds"] = time.perf_counter() - t_start
@@ -204,7 +124,7 @@ def distill_compare(loaded, layers, scores, total, steps, n_eval, figs, slug, ra
     one = lp.Calibration(calib.xt, calib.t, calib.cond, calib.target, calib.predict, batch_size=len(calib))
     res["feature_terms_before"] = feature_terms(d, pruned, one)
     grids = {"full": ref, "pruned": before}
-    logs = {}
+    logs, weights = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for seed in seeds:
             for mode in modes:
@@ -226,9 +146,10 @@ def distill_compare(loaded, layers, scores, total, steps, n_eval, figs, slug, ra
                 if seed == seeds[0]:
                     grids[f"+kd {mode}"] = after
                     logs[mode] = (Path(tmp) / run / "train_log.csv").read_text()
+                    weights[mode] = {"feat": cfg.lambda_feat * r.feat_scale}  # the log holds the unweighted term
         for mode, text in logs.items():
             (figs / f"train_log_{slug}_{mode}.csv").write_text(text)
-        loss_balance_figure({m: figs / f"train_log_{slug}_{m}.csv" for m in logs},
+        loss_balance_figure({m: figs / f"train_log_{slug}_{m}.csv" for m in logs}, weights,
                             title=f"{slug}: loss-term shares during distillation").savefig(
             figs / f"loss_balance_{slug}.png", dpi=110, bbox_inches="tight")
         feature_balance_figure(res["feature_terms_before"], slug).savefig(

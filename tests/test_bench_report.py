@@ -103,3 +103,34 @@ def test_finetune_recovery_figure_pairs_depth_rows():
     bars = [p.get_height() for p in fig.axes[0].patches]
     assert bars == [30.0, 35.0]  # only depth 7 has a fine-tuned row
     assert finetune_recovery_figure("m", rows[:3]) is None
+
+
+def test_layer_pruning_section_of_the_demo_report(tmp_path):
+    """The report's layer-pruning section on zoo:digits-dit: each criterion's held-out output loss at each ratio (what
+    layer_prune measures for its selection), BK-SDM left out on a DiT, the additivity figure with the second-order
+    prediction, and the loss-term balance of a normalized and a plain distillation."""
+    from diffslim.demo import LAYER_RATIOS, layer_pruning_section
+    from diffslim.methods import layer_prune as lp
+    from diffslim.models.load import load
+
+    loaded = load("zoo:digits-dit")
+    rep = Report("t")
+    res = layer_pruning_section(rep, loaded, "zoo:digits-dit", "digits-dit", greedy=True, pairs=True, kd_steps=2,
+                                work=tmp_path / "work")
+    d = loaded.denoiser
+    held = lp.calibration(loaded.pipe, n=32, seed=1)
+    calib = lp.calibration(loaded.pipe, n=32, seed=0)
+    for row in res["ratios"]:
+        picked = lp.layer_prune(d, "output-loss", row["ratio"], calib=calib).removed
+        assert row["output-loss_removed"] == picked
+        assert row["output-loss"] == lp.output_loss(d, held, picked)
+        assert row["greedy"] <= row["random"] and row["output-loss-pairs"] <= row["random"]
+    assert [r["ratio"] for r in res["ratios"]] == list(LAYER_RATIOS) and res["bk_sdm"] == []
+    assert len(res["additivity"]["second_order"]) == len(res["additivity"]["sets"]) == 32
+    out = rep.write(tmp_path / "report")
+    for name in ("output_loss_digits-dit.png", "additivity_digits-dit.png", "loss_balance_digits-dit.png"):
+        assert (out / name).stat().st_size > 1000
+    table = json.loads((out / "report.json").read_text())["tables"]["layer pruning: zoo:digits-dit (held-out output "
+                                                                    "loss, lower is better)"]
+    assert [r["ratio"] for r in table] == list(LAYER_RATIOS) and {"output-loss", "output-loss-pairs", "similarity",
+                                                                   "greedy"} <= set(table[0])

@@ -18,15 +18,20 @@ def _plan_method(key: str) -> str:
 
 
 # What the demo runs per zoo model: bench methods, inputs, and whether depth search applies (U-Nets).
+# ``layers``: the layer-pruning criteria compared on held-out output loss (greedy re-scoring and the pairs of
+# output-loss-pairs where cheap enough), and ``kd_steps`` of normalized and of plain distillation for the
+# loss-term balance (0: none).
 DEMO_PLAN = {
     "digits-sd": dict(n=50, methods="full,steps:25,steps:10,depth:9,depth:7,depth:7+ft,uniform:10,karras:10,ays:10,"
                                     "gamma:10,dpm:10,xue:10,deepcache:3,layers:0.3,bk-sdm:base" + _plan_method("digits-sd"),
-                      depth_search=dict(n=20, mode="linear")),
+                      depth_search=dict(n=20, mode="linear"), layers=dict(greedy=False, pairs=True, kd_steps=0)),
     "digits-dit": dict(n=50, methods="full,steps:25,steps:10,uniform:10,karras:10,ays:10,gamma:10,fbcache,layers:0.3"
-                                     + _plan_method("digits-dit"), depth_search=None),
+                                     + _plan_method("digits-dit"), depth_search=None,
+                       layers=dict(greedy=True, pairs=True, kd_steps=100)),
     "sr": dict(n=8, methods="full,steps:10,depth:9,depth:7,uniform:10,gamma:10,deepcache:3" + _plan_method("sr"),
-               depth_search=dict(n=8, mode="binary")),
+               depth_search=dict(n=8, mode="binary"), layers=None),
 }
+LAYER_RATIOS = (0.3, 0.5, 0.7)
 
 
 def schedules_figure(steps: int, found: dict[str, list[int]]):
@@ -73,6 +78,51 @@ def finetune_recovery_figure(model: str, rows: list[dict]):
     fig.suptitle(f"{model}: fine-tune recovery")
     fig.tight_layout()
     return fig
+
+
+def layer_pruning_section(rep, loaded, model: str, key: str, greedy: bool, pairs: bool, kd_steps: int,
+                          work: Path) -> dict:
+    """The criteria of layer pruning on ``loaded``'s denoiser (held-out output loss at each ratio, BK-SDM, the
+    additivity of single losses) and, with ``kd_steps``, the loss-term shares of a normalized and a plain
+    distillation of the output-loss selection at 0.5; figures and a table go to ``rep``. Returns the data."""
+    from diffslim.methods import layer_prune as lp
+    from diffslim.methods.layer_compare import compare_criteria, curves_of
+    from diffslim.report import additivity_figure, loss_balance_figure, output_loss_figure
+    from diffslim.train.distill import DistillConfig
+
+    d = loaded.denoiser
+    calib, held = lp.calibration(loaded.pipe, n=32, seed=0), lp.calibration(loaded.pipe, n=32, seed=1)
+    res = compare_criteria(d, calib, held, LAYER_RATIOS, greedy=greedy, pairs=pairs)
+    curves = curves_of(res)
+    rep.add_table(f"layer pruning: {model} (held-out output loss, lower is better)",
+                  [{"ratio": row["ratio"], **{k: row[k] for k in curves}} for row in res["ratios"]])
+    rep.add_figure(f"layer pruning criteria: {model}", f"output_loss_{key}.png",
+                   output_loss_figure(curves, model, {b["variant"]: (b["ratio"], b["bk_sdm_loss"])
+                                                      for b in res["bk_sdm"]}),
+                   "MSE of the noise prediction against the full model's on 32 held-out calibration triples, for the "
+                   "layers each criterion removes at each share of params (random: mean of 3 seeds; greedy: "
+                   "iterative re-scoring, not one-shot; crosses: BK-SDM's handcrafted removals)")
+    add = res["additivity"]
+    rep.add_figure(f"additivity of the output loss: {model}", f"additivity_{key}.png",
+                   additivity_figure(add["summed"], add["measured"], add["pearson"], model, add.get("second_order"),
+                                     add.get("pearson_second_order")),
+                   f"{len(add['sets'])} random layer sets: measured output loss against the sum of the single "
+                   "layers' (and the second-order prediction, which adds each pair's interaction)")
+    if kd_steps:
+        names = res["ratios"][LAYER_RATIOS.index(0.5)]["output-loss_removed"]
+        logs, weights = {}, {}
+        for mode in ("normalized", "plain"):
+            cfg = DistillConfig(steps=kd_steps, batch_size=32, lr=2e-4, out=work / f"layer_kd_{key}_{mode}",
+                                checkpoint_every=kd_steps, log_every=5, normalized=mode == "normalized",
+                                match_plain_weight=mode == "normalized", progress=False)
+            r = lp.distill_pruned(loaded.pipe, lp.prune_layers(d, names), cfg)
+            logs[mode] = Path(cfg.out) / "train_log.csv"
+            weights[mode] = {"feat": r.feat_scale}  # the log holds the unweighted feature term
+        rep.add_figure(f"loss-term balance during distillation: {model}", f"loss_balance_{key}.png",
+                       loss_balance_figure(logs, weights, title=f"{model}: ratio 0.5, {kd_steps} steps"),
+                       "each term's share of the loss (task, output, feature) while distilling the output-loss "
+                       "selection at 0.5, normalized (feature weight matched to the plain sum) and plain")
+    return res
 
 
 def run_demo(out: Path, n: int | None = None, methods: str | None = None, console: Console | None = None) -> Path:
@@ -124,7 +174,7 @@ def run_demo(out: Path, n: int | None = None, methods: str | None = None, consol
         rep.add_data("sd15_depths", rows)
         console.print("profiled SD-1.5 at every depth")
 
-    benches, searches = {}, {}
+    benches, searches, layer_results = {}, {}, {}
     for key, plan in DEMO_PLAN.items():
         model = f"zoo:{key}"
         try:
@@ -174,6 +224,14 @@ def run_demo(out: Path, n: int | None = None, methods: str | None = None, consol
                            f"{ds['mode']} search, {sres.sampling_runs} sampling runs; shallowest depth with PSNR >= 30 dB: "
                            f"{sres.depth}{shape}")
             console.print(f"depth search {model}: depth {sres.depth} ({sres.sampling_runs} runs)")
+        if plan.get("layers"):
+            import tempfile
+
+            with tempfile.TemporaryDirectory() as tmp:
+                layer_results[model] = layer_pruning_section(rep, loaded, model, key, work=Path(tmp), **plan["layers"])
+            console.print(f"layer pruning criteria {model}: additivity r = "
+                          f"{layer_results[model]['additivity']['pearson']:.3f}")
     rep.add_data("benches", benches)
     rep.add_data("depth_searches", searches)
+    rep.add_data("layer_pruning", layer_results)
     return rep.write(out)
