@@ -686,8 +686,27 @@ def _taylor_scores(model: nn.Module, layers: Sequence[Layer], calib: Calibration
             p.requires_grad_(f)
 
 
+class _Bar:
+    """A tqdm bar when ``on`` (on stderr, as diffusers' own), else nothing."""
+
+    def __init__(self, on: bool, total: Optional[int], desc: str):
+        self.bar = None
+        if on:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, dynamic_ncols=True)
+
+    def update(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def score_layers(model: nn.Module, layers: Sequence[Layer], criterion: str, calib: Optional[Calibration] = None,
-                 seed: int = 0, reference: Optional[torch.Tensor] = None) -> dict[str, float]:
+                 seed: int = 0, reference: Optional[torch.Tensor] = None, progress: bool = False) -> dict[str, float]:
     """One score per layer (larger = more important to keep) by a one-shot ``criterion``.
 
     "output-loss": L_i of :func:`output_loss`; "random": uniform in [0, 1) from ``seed``;
@@ -707,7 +726,12 @@ def score_layers(model: nn.Module, layers: Sequence[Layer], criterion: str, cali
         raise UserError(f"criterion {criterion!r} needs calibration data (a model with weights and a pipeline)")
     if criterion in ("output-loss", "output-loss-pairs"):  # (the pairs' interactions: pair_interactions)
         ref = calib.run(model) if reference is None else reference
-        return {l.name: output_loss(model, calib, [l.name], ref) for l in layers}
+        bar, out = _Bar(progress, len(layers), "output loss of each layer"), {}
+        for l in layers:
+            out[l.name] = output_loss(model, calib, [l.name], ref)
+            bar.update()
+        bar.close()
+        return out
     if criterion == "taylor":
         return _taylor_scores(model, layers, calib)
     if criterion == "similarity":
@@ -729,18 +753,11 @@ def pair_interactions(model: nn.Module, layers: Sequence[Layer], calib: Calibrat
     names.sort(key=order.__getitem__)
     ref = calib.run(model) if reference is None else reference
     pairs = [(a, b) for k, a in enumerate(names) for b in names[k + 1:]]
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(pairs), desc="output loss of layer pairs", dynamic_ncols=True)
-    out = {}
+    bar, out = _Bar(progress, len(pairs), "output loss of layer pairs"), {}
     for a, b in pairs:
         out[(a, b)] = output_loss(model, calib, [a, b], ref) - single[a] - single[b]
-        if bar is not None:
-            bar.update()
-    if bar is not None:
-        bar.close()
+        bar.update()
+    bar.close()
     return out
 
 
@@ -924,7 +941,7 @@ def pairs_select(model: nn.Module, layers: Sequence[Layer], calib: Calibration, 
 
 
 def greedy_order(model: nn.Module, layers: Sequence[Layer], calib: Calibration, until: int, by: str = "params",
-                 reference: Optional[torch.Tensor] = None) -> list[tuple[str, float]]:
+                 reference: Optional[torch.Tensor] = None, progress: bool = False) -> list[tuple[str, float]]:
     """Iterative greedy re-scoring: remove, one at a time, the layer whose removal (given those already
     removed) adds the least output loss per unit of cost, until the removed cost reaches ``until``.
     Returns ``[(name, L(removed so far)), ...]`` in removal order; the greedy set for any smaller
@@ -934,10 +951,12 @@ def greedy_order(model: nn.Module, layers: Sequence[Layer], calib: Calibration, 
     ref = calib.run(model) if reference is None else reference
     order, chosen, removed, current = [], [], 0, 0.0
     left = list(layers)
+    bar = _Bar(progress, None, "greedy re-scoring (calibration runs)")
     while removed < until:
         best, best_key, best_loss = None, None, None
         for l in left:
             loss = output_loss(model, calib, chosen + [l.name], ref)
+            bar.update()
             key = (loss - current) / max(1, _cost(l, by))
             if best_key is None or key < best_key:
                 best, best_key, best_loss = l, key, loss
@@ -946,6 +965,7 @@ def greedy_order(model: nn.Module, layers: Sequence[Layer], calib: Calibration, 
         removed += _cost(best, by)
         current = best_loss
         left.remove(best)
+    bar.close()
     return order
 
 
@@ -1044,7 +1064,7 @@ def layer_prune(model: nn.Module, criterion: str = "output-loss", ratio: Optiona
     MACs are counted (one profiled forward of the anatomy) when ``by="macs"`` or ``count_macs``; on a
     meta-device model only BK-SDM criteria apply unless the MACs come from the meta forward too.
     ``output-loss-pairs`` also measures the pairs' interactions (``pair_pool``: only among that many layers of
-    least L_i per unit cost; ``progress``: a bar over the pairs); they go to ``extra["interactions"]``.
+    least L_i per unit cost); they go to ``extra["interactions"]``. ``progress``: bars over the calibration runs.
     Returns a :class:`LayerPruneResult`; :func:`prune_layers` then builds the smaller model.
     """
     from diffslim.models.anatomy import anatomy
@@ -1082,7 +1102,7 @@ def layer_prune(model: nn.Module, criterion: str = "output-loss", ratio: Optiona
         if criterion == "greedy":
             if calib is None:
                 raise UserError("criterion 'greedy' needs calibration data (a model with weights and a pipeline)")
-            order = greedy_order(model, layers, calib, target_of(total, ratio), by)
+            order = greedy_order(model, layers, calib, target_of(total, ratio), by, progress=progress)
             removed = greedy_select(order, layers, ratio, total, by)
             scores = {name: loss for name, loss in order}
         elif criterion == "output-loss-pairs":
@@ -1090,7 +1110,7 @@ def layer_prune(model: nn.Module, criterion: str = "output-loss", ratio: Optiona
                 raise UserError("criterion 'output-loss-pairs' needs calibration data (a model with weights and a "
                                 "pipeline)")
             ref = calib.run(model)
-            scores = score_layers(model, layers, criterion, calib, reference=ref)
+            scores = score_layers(model, layers, criterion, calib, reference=ref, progress=progress)
             inter = pair_interactions(model, layers, calib, scores, pool=pair_pool, by=by, reference=ref,
                                       progress=progress)
             removed, check = pairs_select(model, layers, calib, scores, inter, ratio, total, by, reference=ref)
@@ -1098,7 +1118,7 @@ def layer_prune(model: nn.Module, criterion: str = "output-loss", ratio: Optiona
                      "predicted_loss": predicted_loss(removed, scores, inter),
                      "summed_loss": float(sum(scores[n] for n in removed)), "check": check}
         else:
-            scores = score_layers(model, layers, criterion, calib, seed=seed)
+            scores = score_layers(model, layers, criterion, calib, seed=seed, progress=progress)
             removed = select(layers, scores, ratio, total, by)
     by_name = {l.name: l for l in layers}
     params_removed = sum(by_name[n].params for n in removed)
