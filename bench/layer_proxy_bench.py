@@ -11,7 +11,9 @@ Per model and ratio, in one process:
 2. each set's output loss on 32 held-out triples (seed 1) and the quality of ``--n-eval`` sampled outputs of the
    pruned pipeline against the full one's (PSNR, SSIM and, for the digit models, digit accuracy), at the zoo's
    default sampling steps, before any retraining;
-3. the Spearman rank correlation of output loss and PSNR over all sets, and where each criterion's set ranks.
+3. the Spearman rank correlation of output loss and PSNR over all sets, and where each criterion's set ranks;
+4. each set's output loss in each fifth of the schedule's timesteps (160 more held-out triples, seed 3) and its
+   Spearman correlation with PSNR: where along the schedule the output loss tells the sets apart.
 
 Writes ``OUT/layer_proxy_<model>.json``.
 """
@@ -27,6 +29,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from diffslim.bench import _with_denoiser
 from diffslim.evaluate import eval_set_for, finite, metrics_fn_for
@@ -77,6 +80,11 @@ def bench_model(model: str, ratios, n_sets: int, n_eval: int) -> dict:
     calib = lp.calibration(loaded.pipe, n=32, seed=0)
     held = lp.calibration(loaded.pipe, n=32, seed=1)
     ref_c, ref_h = calib.run(d), held.run(d)
+    # where along the schedule the error of a set lies: 160 more held-out triples, split in 5 bins of timesteps
+    bins = lp.calibration(loaded.pipe, n=160, seed=3)
+    ref_b, t_b = bins.run(d), bins.t.float()
+    edges = torch.linspace(float(t_b.min()), float(t_b.max()) + 1e-3, 6)
+    in_bin = [(t_b >= a) & (t_b < b) for a, b in zip(edges[:-1], edges[1:])]
     layers = lp.candidates(d)
     single = lp.score_layers(d, layers, "output-loss", calib, reference=ref_c)
     inter = lp.pair_interactions(d, layers, calib, single, reference=ref_c)
@@ -105,14 +113,19 @@ def bench_model(model: str, ratios, n_sets: int, n_eval: int) -> dict:
             pruned = lp.prune_layers(d, s)
             imgs = sample(_with_denoiser(loaded.pipe, pruned), spec)
             m = {k: finite(v) for k, v in metrics(imgs, full).items() if k != "fid"}
+            with lp.layers_removed(d, s):
+                err = (bins.run(d) - ref_b).pow(2).flatten(1).mean(1)
             rows.append({"removed": s, "output_loss": lp.output_loss(d, held, s, ref_h),
+                         "output_loss_by_timestep": [float(err[m].mean()) for m in in_bin],
                          "share": sum(l.params for l in layers if l.name in key) / total, **m,
                          "picked_by": [c for c, p in picks.items() if frozenset(p) == key]})
         loss = [x["output_loss"] for x in rows]
         psnr = [x["psnr"] for x in rows]
         by_psnr = sorted(range(len(rows)), key=lambda i: -psnr[i])
         rank = {i: k + 1 for k, i in enumerate(by_psnr)}
+        by_bin = [_spearman([x["output_loss_by_timestep"][k] for x in rows], psnr) for k in range(5)]
         res = {"ratio": r, "n_sets": len(rows), "spearman_loss_psnr": _spearman(loss, psnr),
+               "spearman_by_timestep_bin": by_bin,
                "seconds": time.perf_counter() - t0, "sets": rows,
                "criteria": {c: {"output_loss": rows[i]["output_loss"], "psnr": rows[i]["psnr"],
                                 "psnr_rank": rank[i]}
@@ -142,7 +155,8 @@ def main():
         print(f"== {model} ({res['seconds']:.0f}s) -> {path}")
         for row in res["ratios"]:
             print(f"ratio {row['ratio']}: {row['n_sets']} sets, Spearman(output loss, PSNR) = "
-                  f"{row['spearman_loss_psnr']:.3f}")
+                  f"{row['spearman_loss_psnr']:.3f}; of each fifth of the schedule (low noise first): "
+                  + " ".join(f"{v:.3f}" for v in row["spearman_by_timestep_bin"]))
             for c, v in sorted(row["criteria"].items(), key=lambda kv: kv[1]["psnr_rank"]):
                 print(f"  {c:18s} output loss {v['output_loss']:.4g}  PSNR {v['psnr']:.2f} dB  "
                       f"(rank {v['psnr_rank']} of {row['n_sets']})")
