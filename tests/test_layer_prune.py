@@ -376,6 +376,31 @@ def test_cli_output_loss_pairs_with_a_pool(tiny_digits_folder, tmp_path):
     assert _params(load(str(tmp_path / "model")).denoiser) == report["params_after"]
 
 
+def test_cli_layer_compare_writes_the_comparison_and_its_figures(tiny_digits_folder, tmp_path):
+    from diffslim.cli import app
+
+    run = lambda *a: CliRunner().invoke(app, ["layer-compare", *map(str, a)])
+    for args, msg in ((("--ratios", "0.5,x"), "comma-separated numbers"), (("--ratios", "1.2"), "outside (0, 1)"),
+                      (("--n", "1"), "at least 2")):
+        r = run(tiny_digits_folder, *args, "--out", tmp_path / "x")
+        assert r.exit_code == 2 and msg in r.output, r.output
+    r = run(CONFIGS / "sd15-unet", "--out", tmp_path / "x")
+    assert r.exit_code == 2 and "pipeline folder with weights" in r.output
+    # (the pairs and greedy are what the demo-report test runs on zoo:digits-dit; 703 pairs here would be slow)
+    r = run(tiny_digits_folder, "--ratios", "0.5,0.3", "--n", "4", "--no-greedy", "--no-pairs", "--out",
+            tmp_path / "c", "--json")
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "c" / "compare.json").read_text())
+    assert [row["ratio"] for row in res["ratios"]] == [0.3, 0.5] and json.loads(r.stdout) == res
+    assert "greedy_order" not in res and "interactions" not in res
+    for row in res["ratios"]:
+        assert row["output-loss_share"] >= row["ratio"] and "output-loss-pairs" not in row
+        assert row["output-loss"] <= row["magnitude"] or row["output-loss"] <= row["similarity"]
+    assert [b["variant"] for b in res["bk_sdm"]] == ["bk-sdm-base", "bk-sdm-small", "bk-sdm-tiny"]
+    for name in ("output_loss.png", "additivity.png"):
+        assert (tmp_path / "c" / name).stat().st_size > 1000
+
+
 def test_sdxl_inner_transformer_blocks_and_selection_by_macs(tiny_digits_pipe):
     sdxl = load(str(CONFIGS / "sdxl-unet")).denoiser
     outer, inner = lp.candidate_names(sdxl), lp.candidate_names(sdxl, inner=True)

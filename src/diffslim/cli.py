@@ -663,6 +663,74 @@ def layer_prune_cmd(
                   + f"\npruned model: {out / 'model'}; scores: {out / 'scores.json'}")
 
 
+@app.command("layer-compare")
+@_guard
+def layer_compare_cmd(
+    model: str = typer.Argument(..., help="pipeline folder or zoo:NAME"),
+    ratios: str = typer.Option("0.3,0.5,0.7", help="comma-separated shares of params to remove, each in (0, 1)"),
+    out: Path = typer.Option(..., help="folder: compare.json, output_loss.png, additivity.png"),
+    n: int = typer.Option(32, help="calibration triples to score on, and as many held-out triples to judge on"),
+    greedy: bool = typer.Option(True, "--greedy/--no-greedy", help="also the iterative greedy re-scoring "
+                                                                   "(about n_layers calibration runs per removal)"),
+    pairs: bool = typer.Option(True, "--pairs/--no-pairs", help="also output-loss-pairs (n(n-1)/2 calibration runs)"),
+    data: str = typer.Option("zoo", help="calibration data: 'zoo' or an image folder, captions optional"),
+    resolution: Optional[int] = typer.Option(None, help="image size in px of the --data folder's images"),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """Compare every layer-pruning criterion on your model: held-out output loss of each one's selection at each
+    ratio, BK-SDM (U-Nets), and the additivity of the single-layer losses, with figures."""
+    _quiet_libraries()
+    from diffslim.methods import layer_prune as lp
+    from diffslim.methods.layer_compare import compare_criteria, curves_of
+    from diffslim.models.load import load
+    from diffslim.report import additivity_figure, output_loss_figure
+
+    try:
+        rs = sorted({float(x) for x in ratios.split(",")})
+    except ValueError:
+        raise UserError(f"--ratios {ratios!r}: give comma-separated numbers in (0, 1), e.g. 0.3,0.5,0.7") from None
+    for r in rs:
+        lp.check_ratio(r)
+    if n < 2:
+        raise UserError("--n must be at least 2")
+    loaded = load(model)
+    if loaded.pipe is None or not loaded.has_weights:
+        raise UserError(f"{model}: comparing criteria samples the model on calibration data; give a pipeline folder "
+                        "with weights or zoo:NAME")
+    calib = lp.calibration(loaded.pipe, n=n, seed=0, data=data, size=resolution)
+    held = lp.calibration(loaded.pipe, n=n, seed=1, data=data, size=resolution)
+    res = compare_criteria(loaded.denoiser, calib, held, rs, greedy=greedy, pairs=pairs, progress=not as_json)
+    res = {"model": model, "n_calib": n, **res}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "compare.json").write_text(json.dumps(res, indent=1, default=str) + "\n")
+    curves = curves_of(res)
+    output_loss_figure(curves, model, {b["variant"]: (b["ratio"], b["bk_sdm_loss"]) for b in res["bk_sdm"]}).savefig(
+        out / "output_loss.png", dpi=110, bbox_inches="tight")
+    add = res["additivity"]
+    additivity_figure(add["summed"], add["measured"], add["pearson"], model, add.get("second_order"),
+                      add.get("pearson_second_order")).savefig(out / "additivity.png", dpi=110, bbox_inches="tight")
+    if as_json:
+        _print_json(res)
+        return
+    t = Table(title=f"layer-compare {model}: held-out output loss (lower is better)")
+    t.add_column("ratio")
+    for c in curves:
+        t.add_column(c)
+    for row in res["ratios"]:
+        best = min(row[c] for c in curves if c not in ("greedy", "random"))
+        t.add_row(f"{row['ratio']:g}", *[("[bold]" if row[c] == best and c not in ("greedy", "random") else "")
+                                         + f"{row[c]:.3g}" for c in curves])
+    console.print(t)
+    for b in res["bk_sdm"]:
+        console.print(f"{b['variant']}: removes {b['ratio']:.3f} of params, output loss {b['bk_sdm_loss']:.3g} "
+                      f"(output-loss criterion at that ratio: {b['output_loss_at_ratio']:.3g})")
+    console.print(f"additivity over {len(add['sets'])} random layer sets: Pearson r = {add['pearson']:.3f}"
+                  + (f" (second order {add['pearson_second_order']:.3f})" if "pearson_second_order" in add else "")
+                  + f"\nwritten: {out / 'compare.json'}, {out / 'output_loss.png'}, {out / 'additivity.png'}"
+                  + "\nthe output loss is a proxy: before committing to a selection, compare its samples with the "
+                    "full model's (diffslim layer-prune ... --criterion C, then diffslim bench on the pruned folder)")
+
+
 @app.command("dipgo")
 @_guard
 def dipgo_cmd(
