@@ -107,6 +107,25 @@ def test_zoo_training_keeps_its_pipeline_settings_across_a_resume(tmp_path):
     assert load(str(tmp_path / "again")).pipe.config.blur_sigma == 1.6
 
 
+@pytest.mark.parametrize("name", ["digits-dit", "digits-sd"])
+def test_zoo_training_of_a_class_model_exports_and_resumes(tmp_path, name):
+    """The class models have no upsampler: their export must not ask for one (it crashed at the first
+    checkpoint). The exported folder reloads with the registry's architecture and a resume goes on."""
+    from diffslim.train.zoo import build_pipeline, train
+    from diffslim.zoo.registry import zoo_entry
+
+    run = tmp_path / name
+    folder = train(name, run, steps=1, batch_size=2, lr=1e-3, checkpoint_every=1, log_every=1)
+    pipe = load(str(folder)).pipe
+    assert type(pipe.denoiser).__name__ == zoo_entry(name).denoiser_class
+    assert getattr(pipe, "upsampler", None) is None
+    fresh = build_pipeline(name)
+    assert sum(p.numel() for p in pipe.denoiser.parameters()) == sum(p.numel() for p in fresh.denoiser.parameters())
+    train(name, run, steps=2, batch_size=2, lr=1e-3, checkpoint_every=1, log_every=1)
+    assert (run / "checkpoints" / "step_2").is_dir()
+    assert [l.split(",")[0] for l in (run / "train_log.csv").read_text().splitlines()] == ["step", "1", "2"]
+
+
 def test_linear_upsampler_starts_as_bicubic_and_its_fit_undoes_the_blur(tmp_path):
     """zoo:sr's upsampler: identity-initialised it is exactly bicubic; fitted by least squares on training
     crops it beats bicubic on the held-out photos; the fit is deterministic; pipelines save and reload it, and a

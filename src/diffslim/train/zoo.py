@@ -249,7 +249,7 @@ def export(name: str, trained: torch.nn.Module, folder: Path, pipeline_config: O
     if pipe.cond_encoder is not None:
         pipe.cond_encoder.load_state_dict(trained.cond_encoder.state_dict())
     pipe.to(torch.float16)
-    if pipe.upsampler is not None:
+    if getattr(pipe, "upsampler", None) is not None:  # SR only; the class pipelines have none
         pipe.register_modules(upsampler=upsampler if upsampler is not None else fitted_upsampler(name, pipeline_config))
     from diffslim.zoo.pipelines import save_zoo_pipeline
 
