@@ -83,6 +83,26 @@ def test_removing_nothing_is_bit_exact(tiny_digits_pipe, calib, tiny_dit):
         assert torch.equal(lp.prune_layers(tiny_dit, [])(x, t, class_labels=y).sample, tiny_dit(x, t, class_labels=y).sample)
 
 
+def test_pruning_a_pruned_unet_again_equals_pruning_the_union_at_once(tiny_digits_pipe, calib, tmp_path):
+    """Prune, then prune the result (as the workflow's stacked layer stages do): an up-block resnet whose
+    predecessor is already gone takes its channels from that stand-in. The two-step model is the one-step
+    model of the union, output for output, and the second scoring sees only the layers still there."""
+    unet = tiny_digits_pipe.denoiser
+    first = ["up_blocks.1.resnets.0", "down_blocks.1.attentions.0"]
+    second = ["up_blocks.1.resnets.1", "up_blocks.1.resnets.2", "mid_block.attentions.0"]
+    once = lp.prune_layers(unet, first)
+    left = lp.candidate_names(once)
+    assert not set(first) & set(left) and set(second) <= set(left)
+    assert {l.name for l in lp.candidates(once)} == set(left)
+    twice = lp.prune_layers(once, second)
+    union = lp.prune_layers(unet, first + second)
+    assert twice.config.removed_layers == first + second
+    assert _params(twice) == _params(union) < _params(once) < _params(unet)
+    assert torch.equal(calib.run(twice), calib.run(union))
+    twice.save_pretrained(tmp_path / "twice")
+    assert torch.equal(calib.run(load(str(tmp_path / "twice")).denoiser), calib.run(union))
+
+
 def test_export_reloads_with_identical_outputs(tiny_digits_pipe, calib, tiny_dit, tmp_path):
     unet = tiny_digits_pipe.denoiser
     pruned = lp.prune_layers(unet, ["down_blocks.0.resnets.1", "up_blocks.1.attentions.0", "down_blocks.2.resnets.0"])

@@ -83,6 +83,28 @@ def test_apply_explicit_timesteps(tiny_digits_pipe):
     assert pipe.scheduler.timesteps.tolist() == [999, 700, 300, 50]
 
 
+def test_a_sampling_section_and_a_skip_plan_apply_together(tiny_digits_pipe):
+    """A pinned schedule survives the copies that checks make with ``from_config`` (the skip-plan installer checks
+    the scheduler on one): sampling + skip_plan in one recipe, as the workflow writes them, used to fail."""
+    import copy
+
+    from diffslim.apply import pin_schedule
+    from diffslim.methods.skip_plan import plan_units
+
+    pinned = pin_schedule(tiny_digits_pipe.scheduler, 4)
+    again = type(pinned).from_config(pinned.config)
+    again.set_timesteps(50)
+    assert len(again.timesteps) == 4
+    units = plan_units(tiny_digits_pipe.denoiser, "fine", count_macs=False)
+    plan = [[True] * len(units)] + [[i % 2 == 0 for i in range(len(units))]] * 3
+    pipe = copy.deepcopy(tiny_digits_pipe)
+    apply(pipe, {"sampling": {"num_inference_steps": 4},
+                 "skip_plan": {"granularity": "fine", "units": list(units.names), "plan": plan}})
+    got = sample(pipe, _spec(n=2, steps=50))
+    assert len(pipe.scheduler.timesteps) == 4
+    assert not torch.equal(got, sample(copy.deepcopy(tiny_digits_pipe), _spec(n=2, steps=4)))
+
+
 def test_apply_timesteps_ddim_becomes_non_uniform_and_pndm_is_rejected(tiny_digits_pipe):
     import copy
 

@@ -84,11 +84,11 @@ def pin_schedule(scheduler, num_inference_steps=None, timesteps=None):
             return base.set_timesteps(self, device=device, timesteps=list(self._pinned_timesteps), **kwargs)
         return base.set_timesteps(self, self._pinned_steps, device=device, **kwargs)
 
-    pinned_cls = type(f"Pinned{base.__name__}", (base,), {"set_timesteps": set_timesteps, "_diffslim_pinned": True})
-    new = pinned_cls.from_config(scheduler.config)
-    new._pinned_steps = num_inference_steps
-    new._pinned_timesteps = list(timesteps) if timesteps is not None else None
-    return new
+    # the pin lives on the class, so that copies made by ``from_config`` (as schedule checks make) keep it
+    pinned_cls = type(f"Pinned{base.__name__}", (base,), {
+        "set_timesteps": set_timesteps, "_diffslim_pinned": True, "_pinned_steps": num_inference_steps,
+        "_pinned_timesteps": tuple(timesteps) if timesteps is not None else None})
+    return pinned_cls.from_config(scheduler.config)
 
 
 def _install_removed_layers(pipe, section) -> None:

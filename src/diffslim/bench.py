@@ -42,6 +42,9 @@ class Variant:
     params: int
     notes: str = ""
     cleanup: Optional[Callable[[], None]] = None
+    # the recipe sections that reproduce what the variant installs on the pipeline at run time (a skip plan);
+    # the sampling section follows from ``spec`` and a changed denoiser is a model folder of its own
+    recipe: dict = field(default_factory=dict)
 
 
 METHODS: dict[str, Callable[[Optional[str], BenchContext], Variant]] = {}
@@ -92,6 +95,17 @@ def _int_arg(arg, form: str, lo: int = 1) -> int:
     except (TypeError, ValueError, AssertionError):
         raise UserError(f"{form} needs an integer >= {lo}, got {arg!r}") from None
     return n
+
+
+def _ratio_arg(text, form: str) -> float:
+    """A share strictly between 0 and 1 (layers:R of params, dipgo:R, random:R and ga:R of MACs)."""
+    try:
+        r = float(text)
+    except (TypeError, ValueError):
+        raise UserError(f"{form} needs a number strictly between 0 and 1, got {text!r}") from None
+    if not 0 < r < 1:
+        raise UserError(f"{form} needs a share strictly between 0 and 1, e.g. 0.5, got {r:g}")
+    return r
 
 
 def _with_denoiser(pipe, module):
@@ -332,15 +346,6 @@ DEFAULT_KD = dict(steps=300, batch_size=32, lr=2e-4, match_plain_weight=True)
 LAYER_CALIB = dict(n=32, seed=0)
 
 
-def _ratio_arg(text, form: str) -> float:
-    try:
-        r = float(text)
-        assert 0 < r < 1
-    except (TypeError, ValueError, AssertionError):
-        raise UserError(f"{form} needs a ratio strictly between 0 and 1, got {text!r}") from None
-    return r
-
-
 def _layer_selection(ctx: BenchContext, ratio: float, criterion: str = "output-loss") -> list[str]:
     """The output-loss criterion's layers (``output-loss-pairs``: to second order) at ``ratio`` of params, scored
     on the model's training data."""
@@ -451,6 +456,8 @@ def _bench_units(ctx: BenchContext, granularity: str):
 
 def _plan_variant(method: str, ctx: BenchContext, plan, units, notes: str = "") -> Variant:
     """A variant that samples the loaded pipeline with ``plan`` installed (removed again after the row)."""
+    import numpy as np
+
     from diffslim.methods.skip_plan import apply_skip_plan, plan_macs_ratio, remove_skip_plan
 
     den = ctx.loaded.denoiser
@@ -460,17 +467,11 @@ def _plan_variant(method: str, ctx: BenchContext, plan, units, notes: str = "") 
     kib = rt.peak_cache_bytes() / 1024
     notes = (notes + "; " if notes else "") + (f"plan MACs ratio {plan_macs_ratio(plan, units):.3f} (denoiser); "
                                                f"caches {kib:.1f} KiB per sample")
+    section = {"granularity": units.granularity, "units": list(units.names),
+               "plan": np.asarray(plan, dtype=bool).tolist(), "scheduler": ctx.base_spec.scheduler,
+               "provenance": {"method": method}}
     return Variant(method, ctx.loaded.pipe, ctx.base_spec, _n_params(den), notes=notes,
-                   cleanup=lambda: remove_skip_plan(den))
-
-
-def _ratio_arg(text, form: str) -> float:
-    from diffslim.methods.dipgo import check_ratio
-
-    try:
-        return check_ratio(text)
-    except UserError as e:
-        raise UserError(f"{form}: {e}") from None
+                   cleanup=lambda: remove_skip_plan(den), recipe={"skip_plan": section})
 
 
 def _default_dipgo(ctx: BenchContext, ratio: float, **overrides):

@@ -260,21 +260,73 @@ def bench(
         console.print(f"report: {html / 'index.html'}")
 
 
-def _print_rows(title, rows) -> None:
+@app.command()
+@_guard
+def workflow(
+    model: str = typer.Argument(..., help="pipeline folder or zoo:NAME"),
+    stages: str = typer.Option(..., help="comma-separated stages, applied in order: model stages (layers:R[+kd], "
+                                         "bk-sdm:V, depth:N[+ft]), then one schedule stage (steps:N, dpm:N, gamma:N, "
+                                         "...), then one skip-plan stage (dipgo:R, deepcache:K, ...), "
+                                         "e.g. layers:0.3+kd,steps:20,dipgo:0.3"),
+    out: Path = typer.Option(..., help="folder: workflow.json, recipe.json, index.html, stages/ (model stages)"),
+    floor: Optional[str] = typer.Option(None, help="stop at the first stage below a floor and keep the stage before, "
+                                                   "e.g. psnr=20 or psnr=20,digit_accuracy=0.9 (against the "
+                                                   "original's outputs)"),
+    n: int = typer.Option(16, help="number of inputs every stage samples"),
+    steps: Optional[int] = typer.Option(None, help="steps of the original (default: the model's)"),
+    scheduler: Optional[str] = typer.Option(None, help="scheduler (default: the pipeline's)"),
+    seed: int = typer.Option(0),
+    prompts: Optional[Path] = typer.Option(None, help="text file, one prompt per line (text-to-image)"),
+    batch_size: int = typer.Option(16),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """Stack methods stage by stage, each judged against the original; write the final recipe and pipeline."""
+    _quiet_libraries()
+    from diffslim.evaluate import eval_set_for, finite, metrics_fn_for
+    from diffslim.models.load import load
+    from diffslim.report import Report, add_workflow_section
+    from diffslim.workflow import parse_floor, parse_stages, run_workflow
+
+    parse_stages(stages)  # reject bad stages before loading anything
+    floors = parse_floor(floor)
+    if n < 1:
+        raise UserError(f"--n must be >= 1, got {n}")
+    loaded = load(model)
+    es = eval_set_for(loaded, n, seed=seed, prompts_file=prompts)
+    default_steps = steps or (loaded.zoo.default_steps if loaded.zoo else 50)
+    res = run_workflow(loaded, stages, es, out, default_steps=default_steps, scheduler=scheduler,
+                       batch_size=batch_size, metrics_fn=metrics_fn_for(loaded, es), floor=floors,
+                       progress=not as_json, log=(lambda m: None) if as_json else
+                       (lambda m: console.print(m, highlight=False)))
+    rep = Report(f"diffslim workflow: {model}")
+    add_workflow_section(rep, model, res, floors)
+    rep.write(out)
+    if as_json:
+        _print_json({**res.to_json(), "rows": [{k: finite(v) for k, v in r.items()} for r in res.rows]})
+        return
+    _print_rows(f"workflow {model} ({n} inputs; every row against the original's outputs)",
+                [{k: finite(v) for k, v in r.items()} for r in res.rows], key="stage")
+    if res.stopped:
+        console.print(f"[yellow]{res.stopped}[/]", highlight=False)
+    console.print(f"recipe: {out / 'recipe.json'} (load {res.recipe.model}, then diffslim.apply(pipe, recipe)); "
+                  f"report: {out / 'index.html'}", highlight=False)
+
+
+def _print_rows(title, rows, key: str = "method") -> None:
     t = Table(title=title)
     hidden = ("skipped", "notes", "macs_per_sample", "seconds")
     cols = list(dict.fromkeys(k for r in rows for k in r if k not in hidden))
     for c in cols:
-        t.add_column(c, justify="left" if c == "method" else "right")
+        t.add_column(c, justify="left" if c == key else "right")
     for r in rows:
         t.add_row(*[(f"{r[c]:,}" if isinstance(r.get(c), int) else f"{r[c]:.4g}" if isinstance(r.get(c), float)
                      else str(r.get(c, ""))) for c in cols])
     console.print(t)
     for r in rows:
         if r.get("notes"):
-            console.print(f"[dim]{r['method']}: {r['notes']}[/]", highlight=False)
+            console.print(f"[dim]{r[key]}: {r['notes']}[/]", highlight=False)
         for k, why in (r.get("skipped") or {}).items():
-            console.print(f"[yellow]{r['method']}: {k} skipped: {why}[/]")
+            console.print(f"[yellow]{r[key]}: {k} skipped: {why}[/]")
 
 
 def _calibration(model: str, n: int, steps: Optional[int], seed: int, prompts: Optional[Path], batch_size: int,

@@ -198,6 +198,8 @@ def _hidden_channels(unet: nn.Module, name: str) -> Optional[int]:
 
 
 def _out_channels(m: nn.Module) -> int:
+    if isinstance(m, PrunedResnet):  # removed by an earlier pruning: it hands on ``keep`` channels or its shortcut's
+        return int(m.keep if m.keep is not None else m.conv_shortcut.out_channels)
     return int(m.out_channels if hasattr(m, "out_channels") else m.conv2.out_channels)
 
 

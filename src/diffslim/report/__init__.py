@@ -292,13 +292,71 @@ def pareto_figure(rows: Sequence[dict], metric: str = "psnr", title: str = ""):
         y = r.get(metric)
         if y is None or r.get("method") == "full" or not math.isfinite(float(y)):
             continue
-        fam = str(r["method"]).split(":")[0]
         ax.scatter(r["macs_ratio"], y, s=28)
         ax.annotate(str(r["method"]), (r["macs_ratio"], y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        del fam
     ax.set_xlabel("MACs of the sampling run / full")
     ax.set_ylabel(f"{metric} vs full")
     ax.grid(alpha=0.3)
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
     return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# The guided workflow: the path of the stacked stages in cost and quality
+
+
+def workflow_figure(rows: Sequence[dict], metric: str = "psnr", floor: Optional[float] = None, title: str = ""):
+    """The workflow's path: ``metric`` against the original's outputs vs MACs ratio, stage after stage.
+
+    Accepted stages are joined by arrows from the original (MACs ratio 1); a rejected stage is a red cross;
+    ``floor`` is drawn as a dashed line. The original's own PSNR is infinite and is drawn at the top."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    pts = [(r["macs_ratio"], float(r[metric]), r) for r in rows[1:] if r.get(metric) is not None
+           and math.isfinite(float(r[metric]))]
+    top = max([p[1] for p in pts] + ([floor] if floor is not None else []) + [0.0]) * 1.08 + 1e-9
+    path = [(1.0, top, rows[0])] + [p for p in pts if p[2].get("accepted", True)]
+    for (x0, y0, _), (x1, y1, _) in zip(path, path[1:]):
+        ax.annotate("", (x1, y1), (x0, y0), arrowprops=dict(arrowstyle="->", color="tab:blue", lw=1.2))
+    for x, y, r in path:
+        ax.scatter(x, y, color="tab:blue", s=30, zorder=3)
+        ax.annotate(str(r["stage"]), (x, y), fontsize=8, xytext=(4, 4), textcoords="offset points")
+    for x, y, r in pts:
+        if not r.get("accepted", True):
+            ax.scatter(x, y, color="tab:red", marker="x", s=50, zorder=3)
+            ax.annotate(f"{r['stage']} (rejected)", (x, y), fontsize=8, color="tab:red", xytext=(4, -10),
+                        textcoords="offset points")
+    if floor is not None:
+        ax.axhline(floor, color="tab:red", ls="--", lw=0.8, label=f"floor {floor:g}")
+        ax.legend(fontsize=8)
+    ax.set_xlabel("MACs of the sampling run / original")
+    ax.set_ylabel(f"{metric} vs the original (the original at the top)")
+    ax.set_xlim(0, 1.1)
+    ax.grid(alpha=0.3)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def add_workflow_section(rep, model: str, result, floor: Optional[dict] = None) -> None:
+    """The workflow's rows, its path in cost and quality, and one image grid per stage."""
+    slug = model.replace(":", "_").replace("/", "_")
+    rows = result.rows
+    cols = [c for c in ("stage", "kind", "params", "macs_ratio", "speedup", "psnr", "ssim", "digit_accuracy",
+                        "psnr_gt", "ssim_gt", "accepted", "notes") if any(c in r for r in rows)]
+    rep.add_table(f"workflow: {model}", rows, cols)
+    if result.stopped:
+        rep.add_text("stopped early", result.stopped)
+    metric = "psnr" if any("psnr" in r for r in rows[1:]) else None
+    if metric is not None:
+        rep.add_figure(f"the path of the stages: {model}", f"workflow_{slug}.png",
+                       workflow_figure(rows, metric, (floor or {}).get(metric), model),
+                       "each stage's PSNR against the original's outputs vs the MACs of its sampling run; arrows "
+                       "join the accepted stages in order")
+    for label, imgs in result.outputs.items():
+        k = min(16, len(imgs))
+        up = max(1, 64 // imgs.shape[-1])
+        name = "".join(c if c.isalnum() else "-" for c in label)
+        rep.add_figure(f"samples: {label}", f"grid_{slug}_{name}.png", image_grid(imgs[:k], nrow=8, upscale=up),
+                       f"first {k} outputs, same seeds and inputs as the original")

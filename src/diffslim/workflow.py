@@ -1,0 +1,252 @@
+"""The guided workflow: stack compression methods on one model, a stage at a time, each judged against the original.
+
+    diffslim workflow zoo:digits-sd --stages layers:0.3+kd,steps:20,dipgo:0.3 --floor psnr=20 --out DIR
+
+A stage is a bench method (:data:`diffslim.bench.METHODS`), applied to the result of the stage before it:
+
+* **model stages** (``layers``, ``bk-sdm``, ``depth``) change the denoiser. The stage's pipeline is saved under
+  ``OUT/stages/`` and reloaded from there, so that the next stage (and its caches, keyed by the weights) sees it as
+  a model of its own: ``layers:0.3+kd`` then ``layers:0.2+kd`` distils the second pruning from the first one's
+  student, not from the original;
+* one **schedule stage** (``steps:N``, ``dpm:N``, or the explicit timestep lists ``gamma``, ``uniform``,
+  ``karras``, ``ays``, ``xue``, ``evo``) changes how it samples;
+* one **skip-plan stage** (``dipgo``, ``deepcache``, ``random``, ``ga``) goes last: a plan is learned for the
+  denoiser and the step count before it. It cannot follow an explicit timestep list (plans are learned on the
+  scheduler's own steps; use ``steps:N`` before it).
+
+After each stage its outputs on the evaluation inputs are compared with the ORIGINAL model's outputs (same inputs,
+seeds and step count as the original's run): PSNR/SSIM and the task's metrics, MACs of a sampling run and wall time
+relative to the original's. ``floor`` (e.g. ``{"psnr": 20}``) makes it guided: the first stage that falls below a
+floor is rejected, the workflow stops, and the result is the stage before it.
+
+Writes ``OUT/workflow.json`` (the rows), ``OUT/recipe.json`` (its ``model`` names the pipeline folder to load: the
+last model stage's, or the original; its sections the schedule and the skip plan) and, from the CLI,
+``OUT/index.html`` with the cost/quality path and image grids. A model stage whose folder is complete is loaded,
+not rebuilt, when the same command runs again; training inside stages is cached as the bench caches it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from diffslim.bench import METHODS, BenchContext, count_run_macs, parse_methods
+from diffslim.errors import UserError
+from diffslim.recipe import Recipe
+from diffslim.sample import SampleSpec, model_fingerprint, run_pipeline, sample
+
+MODEL_STAGES = ("layers", "bk-sdm", "depth")
+SCHEDULE_STAGES = ("steps", "dpm", "gamma", "uniform", "karras", "ays", "xue", "evo")
+EXPLICIT_SCHEDULES = ("gamma", "uniform", "karras", "ays", "xue", "evo")
+PLAN_STAGES = ("dipgo", "deepcache", "random", "ga")
+# metrics a floor may hold, all higher-is-better
+FLOOR_METRICS = ("psnr", "ssim", "digit_accuracy", "psnr_gt", "ssim_gt", "clip_score")
+
+
+def stage_kind(name: str) -> str:
+    """``"model"``, ``"schedule"`` or ``"plan"``; a :class:`UserError` for a bench method that cannot be a stage."""
+    for kind, names in (("model", MODEL_STAGES), ("schedule", SCHEDULE_STAGES), ("plan", PLAN_STAGES)):
+        if name in names:
+            return kind
+    raise UserError(f"{name!r} cannot be a workflow stage; accepted: {', '.join(MODEL_STAGES + SCHEDULE_STAGES + PLAN_STAGES)}"
+                    " (diffusers' caches and full are bench-only)")
+
+
+def parse_stages(text: str) -> list[tuple[str, Optional[str]]]:
+    """``"layers:0.3+kd,steps:20,dipgo:0.3"`` -> ``[("layers", "0.3+kd"), ("steps", "20"), ("dipgo", "0.3")]``.
+
+    Checks the order: model stages, then at most one schedule stage, then at most one skip-plan stage."""
+    stages = parse_methods(text)
+    rank = {"model": 0, "schedule": 1, "plan": 2}
+    kinds = [stage_kind(n) for n, _ in stages]
+    for (a, ka), (b, kb) in zip(zip(stages, kinds), zip(stages[1:], kinds[1:])):
+        if rank[kb] < rank[ka]:
+            raise UserError(f"stage {_label(b)} ({kb}) after {_label(a)} ({ka}): give model stages first, then one "
+                            "schedule stage, then one skip-plan stage")
+    for kind in ("schedule", "plan"):
+        if kinds.count(kind) > 1:
+            raise UserError(f"{kinds.count(kind)} {kind} stages ({', '.join(_label(s) for s, k in zip(stages, kinds) if k == kind)}); "
+                            f"give at most one")
+    explicit = [s for s in stages if s[0] in EXPLICIT_SCHEDULES]
+    if explicit and "plan" in kinds:
+        raise UserError(f"a skip plan cannot follow {_label(explicit[0])}: plans are learned on the scheduler's own "
+                        "steps; use steps:N before the plan, or put the timestep schedule last without a plan")
+    return stages
+
+
+def parse_floor(text: Optional[str]) -> dict[str, float]:
+    """``"psnr=20,digit_accuracy=0.9"`` -> ``{"psnr": 20.0, "digit_accuracy": 0.9}`` (None or "" -> ``{}``)."""
+    out = {}
+    for item in [t.strip() for t in (text or "").split(",") if t.strip()]:
+        key, eq, value = item.partition("=")
+        if not eq or key not in FLOOR_METRICS:
+            raise UserError(f"floor {item!r}: give METRIC=VALUE with METRIC one of {', '.join(FLOOR_METRICS)}, "
+                            "e.g. psnr=20")
+        try:
+            out[key] = float(value)
+        except ValueError:
+            raise UserError(f"floor {item!r}: {value!r} is not a number") from None
+    return out
+
+
+def _label(stage) -> str:
+    name, arg = stage
+    return f"{name}:{arg}" if arg else name
+
+
+def _slug(i: int, stage) -> str:
+    return f"{i}-" + "".join(c if c.isalnum() or c in ".+-" else "-" for c in _label(stage))
+
+
+@dataclass
+class WorkflowResult:
+    """The rows (``original`` first, then one per stage run), the outputs of each, and the recipe of the result."""
+
+    rows: list[dict]
+    outputs: dict[str, torch.Tensor]
+    recipe: Recipe
+    stopped: Optional[str] = None  # why the workflow stopped early (a floor), None when every stage ran
+    stages_kept: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {"rows": self.rows, "stopped": self.stopped, "stages_kept": self.stages_kept,
+                "recipe": self.recipe.model_dump(exclude_none=True)}
+
+
+def _below_floor(row: dict, floor: dict[str, float]) -> list[str]:
+    bad = []
+    for key, value in floor.items():
+        if key not in row:
+            raise UserError(f"floor {key}: this model's metrics have no {key}; they are "
+                            f"{', '.join(k for k in FLOOR_METRICS if k in row)}")
+        if not row[key] >= value:
+            bad.append(f"{key} {row[key]:.4g} < {value:g}")
+    return bad
+
+
+def _model_stage(cur, variant, stage, folder: Path, log: Callable[[str], None]):
+    """Save the stage's pipeline to ``folder/pipeline`` and reload it from there."""
+    from diffslim.models.load import load
+
+    if folder.exists():  # a stale or half-written stage of an earlier run
+        shutil.rmtree(folder)
+    variant.pipe.save_pretrained(str(folder / "pipeline"), safe_serialization=True)
+    # written last: a folder without it is incomplete and is rebuilt
+    (folder / "stage.json").write_text(json.dumps({"stage": _label(stage), "input": model_fingerprint(cur.source)}))
+    log(f"  saved {folder / 'pipeline'}")
+    again = load(str(folder / "pipeline"))
+    # the zoo entry says which training data the later stages use: a pruned zoo model still learns its zoo task
+    return replace(again, zoo=cur.zoo)
+
+
+def _built_stage(cur, stage, folder: Path):
+    """A model stage completed by an earlier run of the same command, or None."""
+    from diffslim.models.load import load
+
+    meta = folder / "stage.json"
+    want = {"stage": _label(stage), "input": model_fingerprint(cur.source)}
+    if meta.exists() and json.loads(meta.read_text()) == want and (folder / "pipeline" / "model_index.json").exists():
+        return replace(load(str(folder / "pipeline")), zoo=cur.zoo)
+    return None
+
+
+def run_workflow(loaded, stages: str, evalset, out, default_steps: int = 50, scheduler: Optional[str] = None,
+                 batch_size: int = 16, metrics_fn: Optional[Callable] = None, floor: Optional[dict] = None,
+                 progress: bool = True, log: Callable[[str], None] = print) -> WorkflowResult:
+    """Run ``stages`` (see :func:`parse_stages`) on ``loaded`` in order; every row is judged against the original.
+
+    ``evalset``: the inputs and seeds every stage samples; ``metrics_fn(outputs, reference) -> dict`` as in
+    :func:`diffslim.bench.run_bench`; ``floor``: ``{metric: lowest accepted value}`` (see :func:`parse_floor`).
+    Rows hold ``stage``, ``kind``, ``params``, ``macs_per_sample``, ``macs_ratio`` and ``speedup`` (against the
+    original), the metrics, ``accepted`` and ``notes``.
+    """
+    if loaded.pipe is None:
+        raise UserError(f"{loaded.source} has no pipeline to sample; the workflow needs a pipeline folder or zoo:NAME")
+    parsed = parse_stages(stages)
+    floor = dict(floor or {})
+    out = Path(out)
+    spec = SampleSpec(inputs=evalset.inputs, seeds=evalset.seeds, num_inference_steps=default_steps,
+                      scheduler=scheduler, call_kwargs=dict(evalset.call_kwargs), batch_size=batch_size)
+    dry = BenchContext(loaded=loaded, base_spec=spec, default_steps=default_steps, dry_run=True)
+    for name, arg in parsed:  # every stage's argument is checked before anything runs
+        METHODS[name](arg, dry)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def timed(pipe, s, label):
+        run_pipeline(pipe, s.replace(inputs=s.inputs[:1], seeds=s.seeds[:1]), [0])  # warm-up
+        t0 = time.perf_counter()
+        images = sample(pipe, s, show_progress=progress, description=label)
+        return images, time.perf_counter() - t0, count_run_macs(pipe, s)
+
+    reference, t_full, macs_full = timed(loaded.pipe, spec, "original")
+    params0 = sum(p.numel() for p in loaded.denoiser.parameters())
+    rows = [{"stage": "original", "kind": "", "params": params0, "macs_per_sample": macs_full, "macs_ratio": 1.0,
+             "seconds": t_full, "speedup": 1.0, **(metrics_fn(reference, reference) if metrics_fn else {}),
+             "accepted": True}]
+    outputs = {"original": reference}
+    cur, steps, model_source = loaded, default_steps, loaded.source
+    sections: dict = {}
+    kept, stopped = [], None
+    for i, stage in enumerate(parsed, start=1):
+        name, arg = stage
+        kind = stage_kind(name)
+        label = _label(stage)
+        folder = out / "stages" / _slug(i, stage)
+        log(f"stage {i}/{len(parsed)}: {label} ({kind})")
+        built = _built_stage(cur, stage, folder) if kind == "model" else None
+        if built is not None:
+            from diffslim.bench import Variant
+
+            log(f"  loaded from {folder / 'pipeline'} (built by an earlier run)")
+            variant = Variant(label, built.pipe, spec, sum(p.numel() for p in built.denoiser.parameters()),
+                              notes=f"loaded from {folder / 'pipeline'}")
+        else:
+            ctx = BenchContext(loaded=cur, base_spec=spec, default_steps=steps)
+            variant = METHODS[name](arg, ctx)
+        try:
+            images, seconds, macs = timed(variant.pipe, variant.spec, label)
+        finally:
+            if variant.cleanup is not None:
+                variant.cleanup()
+        row = {"stage": label, "kind": kind, "params": variant.params, "macs_per_sample": macs,
+               "macs_ratio": macs / macs_full, "seconds": seconds, "speedup": t_full / seconds,
+               **(metrics_fn(images, reference) if metrics_fn else {})}
+        bad = _below_floor(row, floor)
+        row["accepted"] = not bad
+        if variant.notes:
+            row["notes"] = variant.notes
+        rows.append(row)
+        outputs[label] = images
+        log(f"  MACs {row['macs_ratio']:.3f} of the original" +
+            (f", PSNR {row['psnr']:.2f} dB" if "psnr" in row else "") + ("" if not bad else f": below the floor ({'; '.join(bad)})"))
+        if bad:
+            stopped = (f"stage {label} fell below the floor ({'; '.join(bad)}); the result is "
+                       f"{'the original' if not kept else 'the stage ' + kept[-1]}. Try a milder setting of it")
+            break
+        kept.append(label)
+        if kind == "model":
+            cur = built if built is not None else _model_stage(cur, variant, stage, folder, log)
+            model_source = str(folder / "pipeline")
+        elif kind == "schedule":
+            spec = variant.spec
+            steps = spec.num_inference_steps if spec.timesteps is None else len(spec.timesteps)
+            sampling = {"scheduler": spec.scheduler, "num_inference_steps": spec.num_inference_steps,
+                        "timesteps": spec.timesteps}
+            sections["sampling"] = {k: v for k, v in sampling.items() if v is not None}
+        else:
+            sections.update(variant.recipe)
+    recipe = Recipe.model_validate({"model": model_source, **sections,
+                                    "description": "diffslim workflow: " + (", ".join(kept) or "no stage kept")})
+    result = WorkflowResult(rows=rows, outputs=outputs, recipe=recipe, stopped=stopped, stages_kept=kept)
+    recipe.save(out / "recipe.json")
+    from diffslim.evaluate import finite
+
+    (out / "workflow.json").write_text(json.dumps(
+        {**result.to_json(), "rows": [{k: finite(v) for k, v in r.items()} for r in rows]}, indent=2) + "\n")
+    return result

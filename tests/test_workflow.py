@@ -1,0 +1,138 @@
+"""The guided workflow: stages stacked in order, each judged against the original, its recipe reproducing the result."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import diffslim
+from diffslim.cli import app
+from diffslim.errors import UserError
+from diffslim.evaluate import eval_set_for
+from diffslim.measure.quality import psnr
+from diffslim.sample import SampleSpec, sample
+from diffslim.workflow import parse_floor, parse_stages, run_workflow
+
+STAGES = "layers:0.3,steps:20,deepcache:2"
+
+
+@pytest.mark.parametrize("text,match", [
+    ("steps:20,layers:0.3", "model stages first"),
+    ("deepcache:2,steps:20", "model stages first"),
+    ("steps:20,steps:10", "2 schedule stages"),
+    ("deepcache:2,dipgo:0.3", "2 plan stages"),
+    ("gamma:10,dipgo:0.3", "cannot follow gamma:10"),
+    ("layers:0.3,fbcache", "'fbcache' cannot be a workflow stage"),
+    ("full", "'full' cannot be a workflow stage"),
+    ("layers:0.3,nosuch:1", "unknown bench method 'nosuch'"),
+])
+def test_stage_lists_that_cannot_stack_are_refused(text, match):
+    with pytest.raises(UserError, match=match):
+        parse_stages(text)
+
+
+def test_stage_and_floor_parsing():
+    assert parse_stages("layers:0.3+kd, bk-sdm:base ,steps:20,dipgo:0.3") == [
+        ("layers", "0.3+kd"), ("bk-sdm", "base"), ("steps", "20"), ("dipgo", "0.3")]
+    assert parse_stages("steps:10") == [("steps", "10")]
+    assert parse_floor("psnr=20, digit_accuracy=0.9") == {"psnr": 20.0, "digit_accuracy": 0.9}
+    assert parse_floor(None) == {}
+    for bad, match in (("fid=3", "METRIC one of"), ("psnr", "METRIC=VALUE"), ("psnr=high", "not a number")):
+        with pytest.raises(UserError, match=match):
+            parse_floor(bad)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    loaded = diffslim.load("zoo:digits-sd")
+    return loaded, eval_set_for(loaded, 4)
+
+
+def _spec(es, steps=50):
+    return SampleSpec(inputs=es.inputs, seeds=es.seeds, num_inference_steps=steps, call_kwargs=dict(es.call_kwargs))
+
+
+def test_stacked_stages_are_judged_against_the_original_and_the_recipe_reproduces_the_result(digits, tmp_path):
+    loaded, es = digits
+    res = run_workflow(loaded, STAGES, es, tmp_path / "wf", progress=False, log=lambda m: None,
+                       metrics_fn=lambda out, ref: {"psnr": float(psnr(out, ref).mean())})
+    assert [r["stage"] for r in res.rows] == ["original", "layers:0.3", "steps:20", "deepcache:2"]
+    assert res.stopped is None and res.stages_kept == ["layers:0.3", "steps:20", "deepcache:2"]
+    reference = sample(loaded.pipe, _spec(es))
+    assert torch.equal(res.outputs["original"], reference)
+    for r in res.rows[1:]:
+        assert r["psnr"] == pytest.approx(float(psnr(res.outputs[r["stage"]], reference).mean()))
+    # each stage stacks on the one before: the pruned params stay, the MACs keep falling
+    p = [r["params"] for r in res.rows]
+    assert p[1] == p[2] == p[3] and p[1] <= 0.7 * p[0] + 1
+    m = [r["macs_ratio"] for r in res.rows]
+    assert m[0] == 1.0 and m[0] > m[1] > m[2] > m[3]
+    # the steps stage samples the pruned model, not the original
+    pruned = diffslim.load(str(tmp_path / "wf" / "stages" / "1-layers-0.3" / "pipeline"))
+    assert torch.equal(res.outputs["steps:20"], sample(pruned.pipe, _spec(es, 20)))
+
+    # recipe.json: its model folder plus its sections give the last stage's outputs bit for bit, however called
+    rec = diffslim.recipe.load_recipe(tmp_path / "wf" / "recipe.json")
+    assert rec.model == str(tmp_path / "wf" / "stages" / "1-layers-0.3" / "pipeline")
+    assert rec.sampling.num_inference_steps == 20 and len(rec.skip_plan.plan) == 20
+    again = diffslim.load(rec.model)
+    diffslim.apply(again.pipe, rec)
+    assert torch.equal(sample(again.pipe, _spec(es)), res.outputs["deepcache:2"])
+    saved = json.loads((tmp_path / "wf" / "workflow.json").read_text())
+    assert [r["stage"] for r in saved["rows"]] == [r["stage"] for r in res.rows]
+
+    # the same command again loads the built model stage instead of rebuilding it, with the same outputs
+    res2 = run_workflow(loaded, STAGES, es, tmp_path / "wf", progress=False, log=lambda m: None)
+    assert res2.rows[1]["notes"].startswith("loaded from")
+    assert all(torch.equal(res.outputs[k], res2.outputs[k]) for k in res.outputs)
+
+    # a floor just above the third stage's PSNR: it is rejected, and the result is the second stage
+    floor = {"psnr": res.rows[3]["psnr"] + 0.01}
+    res3 = run_workflow(loaded, STAGES, es, tmp_path / "wf", floor=floor, progress=False, log=lambda m: None,
+                        metrics_fn=lambda out, ref: {"psnr": float(psnr(out, ref).mean())})
+    assert [r["accepted"] for r in res3.rows] == [True, True, True, False]
+    assert res3.stages_kept == ["layers:0.3", "steps:20"] and "deepcache:2 fell below the floor" in res3.stopped
+    assert res3.recipe.skip_plan is None and res3.recipe.sampling.num_inference_steps == 20
+
+
+def test_a_second_model_stage_prunes_the_first_ones_result(digits, tmp_path):
+    loaded, es = digits
+    res = run_workflow(loaded, "layers:0.3,layers:0.2", es, tmp_path, progress=False, log=lambda m: None)
+    p0, p1, p2 = (r["params"] for r in res.rows)
+    assert p1 <= 0.7 * p0 + 1 and p2 <= 0.8 * p1 + 1 and p2 > 0.3 * p0
+    assert res.recipe.model == str(tmp_path / "stages" / "2-layers-0.2" / "pipeline")
+    assert diffslim.load(res.recipe.model).denoiser.config.removed_layers  # a pruned model of its own
+
+
+def test_a_floor_that_the_first_stage_misses_leaves_the_original(digits, tmp_path):
+    loaded, es = digits
+    res = run_workflow(loaded, "steps:5", es, tmp_path, floor={"psnr": 1e6}, progress=False, log=lambda m: None,
+                       metrics_fn=lambda out, ref: {"psnr": float(psnr(out, ref).mean())})
+    assert res.stages_kept == [] and "the result is the original" in res.stopped
+    assert res.recipe.model == "zoo:digits-sd" and res.recipe.is_identity()
+    with pytest.raises(UserError, match="have no digit_accuracy"):
+        run_workflow(loaded, "steps:5", es, tmp_path, floor={"digit_accuracy": 0.5}, progress=False,
+                     log=lambda m: None, metrics_fn=lambda out, ref: {"psnr": 1.0})
+
+
+def test_workflow_cli_writes_the_report_and_refuses_bad_input(tmp_path):
+    run = lambda *a: CliRunner().invoke(app, ["workflow", *map(str, a)])
+    r = run("zoo:digits-sd", "--stages", "steps:10,deepcache:2", "--n", 4, "--out", tmp_path / "wf",
+            "--floor", "psnr=10")
+    assert r.exit_code == 0, r.output
+    for f in ("index.html", "workflow.json", "recipe.json", "workflow_zoo_digits-sd.png"):
+        assert (tmp_path / "wf" / f).is_file(), f
+    html = (tmp_path / "wf" / "index.html").read_text()
+    assert "steps:10" in html and "deepcache:2" in html and "the path of the stages" in html
+    rows = json.loads((tmp_path / "wf" / "workflow.json").read_text())["rows"]
+    assert [r["stage"] for r in rows] == ["original", "steps:10", "deepcache:2"]
+    assert all(r["digit_accuracy"] >= 0 for r in rows)
+    for args, match in ((("--stages", "deepcache:2,steps:10"), "model stages first"),
+                        (("--stages", "steps:10", "--floor", "lpips=0.1"), "METRIC one of"),
+                        (("--stages", "steps:10", "--n", 0), "--n must be >= 1")):
+        r = run("zoo:digits-sd", *args, "--out", tmp_path / "bad")
+        assert r.exit_code != 0 and match in r.output, r.output
+    assert not (tmp_path / "bad").exists()
