@@ -35,6 +35,7 @@ from diffslim.bench import _with_denoiser
 from diffslim.evaluate import eval_set_for, finite, metrics_fn_for
 from diffslim.methods import layer_prune as lp
 from diffslim.models.load import load
+from diffslim.report import slug
 from diffslim.sample import SampleSpec, sample
 
 
@@ -150,7 +151,7 @@ def main():
                           f"bench/layer_proxy_bench.py --models {model} --ratios {a.ratios} --n-sets {a.n_sets} "
                           f"--n-eval {a.n_eval}")
         res["seconds"] = time.perf_counter() - t0
-        path = Path(a.out) / f"layer_proxy_{model.replace(':', '_')}.json"
+        path = Path(a.out) / f"layer_proxy_{slug(model)}.json"
         path.write_text(json.dumps(res, indent=1))
         print(f"== {model} ({res['seconds']:.0f}s) -> {path}")
         for row in res["ratios"]:

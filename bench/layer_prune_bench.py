@@ -35,6 +35,7 @@ from diffslim.evaluate import eval_set_for, finite, metrics_fn_for
 from diffslim.methods import layer_prune as lp
 from diffslim.methods.layer_compare import compare_criteria, curves_of
 from diffslim.models.load import load
+from diffslim.report import slug as model_slug
 from diffslim.report import additivity_figure, image_grid, loss_balance_figure, output_loss_figure
 from diffslim.sample import SampleSpec, sample
 from diffslim.train.distill import DistillConfig
@@ -52,7 +53,7 @@ def bench_model(model: str, n_calib: int, kd_steps: int, n_eval: int, figs: Path
     out = {"model": model, "n_calib": n_calib,
            **compare_criteria(d, calib, held, RATIOS, random_seeds=seed_random, progress=True)}
     layers, total, bk, add = lp.candidates(d), out["params"], out["bk_sdm"], out["additivity"]
-    slug = model.replace(":", "_")
+    slug = model_slug(model)
     additivity_figure(add["summed"], add["measured"], add["pearson"], model, add["second_order"],
                       add["pearson_second_order"]).savefig(
         figs / f"additivity_{slug}.png", dpi=110, bbox_inches="tight")
@@ -218,7 +219,7 @@ def main():
                           f"--n-eval {a.n_eval} --kd-seeds {a.kd_seeds} --kd-modes {a.kd_modes} "
                           f"--normalized-lambda-feat {a.normalized_lambda_feat} --kd-ratio {a.kd_ratio:g}"
                           + (f" --suffix {a.suffix}" if a.suffix else ""))
-        path = out / f"layer_prune_{model.replace(':', '_')}{a.suffix}.json"
+        path = out / f"layer_prune_{model_slug(model)}{a.suffix}.json"
         path.write_text(json.dumps(res, indent=1, default=lambda o: None if isinstance(o, float) and math.isnan(o) else str(o)))
         print(f"== {model} ({time.perf_counter() - t0:.0f}s) -> {path}")
         keys = ("output-loss", "output-loss-pairs", "second-order (unchecked)", "magnitude", "taylor", "similarity",

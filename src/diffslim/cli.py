@@ -305,7 +305,8 @@ def workflow(
         _print_json({**res.to_json(), "rows": [{k: finite(v) for k, v in r.items()} for r in res.rows]})
         return
     _print_rows(f"workflow {model} ({n} inputs; every row against the original's outputs)",
-                [{k: finite(v) for k, v in r.items()} for r in res.rows], key="stage")
+                [{k: ("yes" if v else "no") if k == "accepted" else finite(v) for k, v in r.items()} for r in res.rows],
+                key="stage")
     if res.stopped:
         console.print(f"[yellow]{res.stopped}[/]", highlight=False)
     console.print(f"recipe: {out / 'recipe.json'} (load {res.recipe.model}, then diffslim.apply(pipe, recipe)); "

@@ -20,11 +20,12 @@ def _plan_method(key: str) -> str:
 # What the demo runs per zoo model: bench methods, inputs, and whether depth search applies (U-Nets).
 # ``layers``: the layer-pruning criteria compared on held-out output loss (greedy re-scoring and the pairs of
 # output-loss-pairs where cheap enough), and ``kd_steps`` of normalized and of plain distillation for the
-# loss-term balance (0: none).
+# loss-term balance (0: none). ``workflow``: stages stacked by the guided workflow, with its floor.
 DEMO_PLAN = {
     "digits-sd": dict(n=50, methods="full,steps:25,steps:10,depth:9,depth:7,depth:7+ft,uniform:10,karras:10,ays:10,"
                                     "gamma:10,dpm:10,xue:10,deepcache:3,layers:0.3,bk-sdm:base" + _plan_method("digits-sd"),
-                      depth_search=dict(n=20, mode="linear"), layers=dict(greedy=False, pairs=True, kd_steps=0)),
+                      depth_search=dict(n=20, mode="linear"), layers=dict(greedy=False, pairs=True, kd_steps=0),
+                      workflow=dict(n=16, stages="layers:0.3,steps:20,deepcache:2", floor={"psnr": 30.0})),
     "digits-dit": dict(n=50, methods="full,steps:25,steps:10,uniform:10,karras:10,ays:10,gamma:10,fbcache,layers:0.3"
                                      + _plan_method("digits-dit"), depth_search=None,
                        layers=dict(greedy=True, pairs=True, kd_steps=100)),
@@ -125,6 +126,26 @@ def layer_pruning_section(rep, loaded, model: str, key: str, greedy: bool, pairs
     return res
 
 
+def workflow_section(rep, loaded, model: str, steps: int, n: int, stages: str, floor: dict) -> dict:
+    """The guided workflow's stages on ``model`` (in a temporary folder) as a report section; its JSON."""
+    import tempfile
+
+    from diffslim.evaluate import eval_set_for, finite, metrics_fn_for
+    from diffslim.report import add_workflow_section
+    from diffslim.workflow import run_workflow
+
+    es = eval_set_for(loaded, n)
+    with tempfile.TemporaryDirectory() as tmp:
+        res = run_workflow(loaded, stages, es, Path(tmp), default_steps=steps, batch_size=n,
+                           metrics_fn=metrics_fn_for(loaded, es), floor=floor, progress=False, log=lambda m: None)
+    rep.add_text(f"workflow: {model}",
+                 f"`diffslim workflow {model} --stages {stages} --floor "
+                 + ",".join(f"{k}={v:g}" for k, v in floor.items()) + f" --n {n}`: each stage stacks on the one "
+                 "before and is judged against the original's outputs; a stage below the floor is rejected.")
+    add_workflow_section(rep, model, res, floor)
+    return {**res.to_json(), "rows": [{k: finite(v) for k, v in r.items()} for r in res.rows]}
+
+
 def run_demo(out: Path, n: int | None = None, methods: str | None = None, console: Console | None = None) -> Path:
     """Write ``out/index.html`` + ``report.json`` + figures; returns the folder.
 
@@ -174,7 +195,7 @@ def run_demo(out: Path, n: int | None = None, methods: str | None = None, consol
         rep.add_data("sd15_depths", rows)
         console.print("profiled SD-1.5 at every depth")
 
-    benches, searches, layer_results = {}, {}, {}
+    benches, searches, layer_results, workflows = {}, {}, {}, {}
     for key, plan in DEMO_PLAN.items():
         model = f"zoo:{key}"
         try:
@@ -231,7 +252,12 @@ def run_demo(out: Path, n: int | None = None, methods: str | None = None, consol
                 layer_results[model] = layer_pruning_section(rep, loaded, model, key, work=Path(tmp), **plan["layers"])
             console.print(f"layer pruning criteria {model}: additivity r = "
                           f"{layer_results[model]['additivity']['pearson']:.3f}")
+        if plan.get("workflow"):
+            workflows[model] = workflow_section(rep, loaded, model, ZOO[key].default_steps, **plan["workflow"])
+            console.print(f"workflow {model}: " + ", ".join(f"{r['stage']} {r['macs_ratio']:.3f} MACs"
+                                                           for r in workflows[model]["rows"]))
     rep.add_data("benches", benches)
+    rep.add_data("workflows", workflows)
     rep.add_data("depth_searches", searches)
     rep.add_data("layer_pruning", layer_results)
     return rep.write(out)

@@ -37,6 +37,13 @@ def image_grid(images: torch.Tensor, nrow: int = 8, upscale: int = 1, pad: int =
     return img
 
 
+def slug(model: str) -> str:
+    """A file-name part for a model argument: ``zoo:digits-sd`` -> ``zoo_digits-sd``, a path -> its parts joined."""
+    import re
+
+    return re.sub(r"[^A-Za-z0-9.+-]+", "_", str(model)).strip("_")
+
+
 def _fmt(v) -> str:
     if isinstance(v, float):
         if math.isnan(v):
@@ -155,17 +162,17 @@ def bench_figure(rows: Sequence[dict], title: str = ""):
 
 def add_bench_section(rep, model: str, rows, outputs) -> None:
     """Bench rows, the cost/quality figure and one image grid per method."""
-    slug = model.replace(":", "_").replace("/", "_")
+    tag = slug(model)
     cols = [c for c in ("method", "params", "macs_ratio", "speedup", "seconds", "psnr", "ssim", "digit_accuracy",
                         "psnr_gt", "ssim_gt") if any(c in r for r in rows)]
     rep.add_table(f"bench: {model}", rows, cols)
-    rep.add_figure(f"cost and quality: {model}", f"bench_{slug}.png", bench_figure(rows, model),
+    rep.add_figure(f"cost and quality: {model}", f"bench_{tag}.png", bench_figure(rows, model),
                    "left: PSNR against the full model's outputs vs relative MACs; right: measured speedup vs MACs "
                    "reduction (the dashed line is speedup = MACs reduction)")
     for method, imgs in outputs.items():
         k = min(16, len(imgs))
         up = max(1, 64 // imgs.shape[-1])
-        rep.add_figure(f"samples: {model} / {method}", f"grid_{slug}_{method.replace(':', '-')}.png",
+        rep.add_figure(f"samples: {model} / {method}", f"grid_{tag}_{method.replace(':', '-')}.png",
                        image_grid(imgs[:k], nrow=8, upscale=up), f"first {k} outputs, same seeds and inputs as full")
 
 
@@ -341,7 +348,7 @@ def workflow_figure(rows: Sequence[dict], metric: str = "psnr", floor: Optional[
 
 def add_workflow_section(rep, model: str, result, floor: Optional[dict] = None) -> None:
     """The workflow's rows, its path in cost and quality, and one image grid per stage."""
-    slug = model.replace(":", "_").replace("/", "_")
+    tag = slug(model)
     rows = result.rows
     cols = [c for c in ("stage", "kind", "params", "macs_ratio", "speedup", "psnr", "ssim", "digit_accuracy",
                         "psnr_gt", "ssim_gt", "accepted", "notes") if any(c in r for r in rows)]
@@ -350,7 +357,7 @@ def add_workflow_section(rep, model: str, result, floor: Optional[dict] = None) 
         rep.add_text("stopped early", result.stopped)
     metric = "psnr" if any("psnr" in r for r in rows[1:]) else None
     if metric is not None:
-        rep.add_figure(f"the path of the stages: {model}", f"workflow_{slug}.png",
+        rep.add_figure(f"the path of the stages: {model}", f"workflow_{tag}.png",
                        workflow_figure(rows, metric, (floor or {}).get(metric), model),
                        "each stage's PSNR against the original's outputs vs the MACs of its sampling run; arrows "
                        "join the accepted stages in order")
@@ -358,5 +365,5 @@ def add_workflow_section(rep, model: str, result, floor: Optional[dict] = None) 
         k = min(16, len(imgs))
         up = max(1, 64 // imgs.shape[-1])
         name = "".join(c if c.isalnum() else "-" for c in label)
-        rep.add_figure(f"samples: {label}", f"grid_{slug}_{name}.png", image_grid(imgs[:k], nrow=8, upscale=up),
+        rep.add_figure(f"workflow samples: {model} / {label}", f"workflow_grid_{tag}_{name}.png", image_grid(imgs[:k], nrow=8, upscale=up),
                        f"first {k} outputs, same seeds and inputs as the original")
