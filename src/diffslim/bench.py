@@ -99,13 +99,12 @@ def _int_arg(arg, form: str, lo: int = 1) -> int:
 
 def _ratio_arg(text, form: str) -> float:
     """A share strictly between 0 and 1 (layers:R of params, dipgo:R, random:R and ga:R of MACs)."""
+    from diffslim.methods.dipgo import check_ratio
+
     try:
-        r = float(text)
-    except (TypeError, ValueError):
-        raise UserError(f"{form} needs a number strictly between 0 and 1, got {text!r}") from None
-    if not 0 < r < 1:
-        raise UserError(f"{form} needs a share strictly between 0 and 1, e.g. 0.5, got {r:g}")
-    return r
+        return check_ratio(text)
+    except UserError as e:
+        raise UserError(f"{form}: {e}") from None
 
 
 def _with_denoiser(pipe, module):
