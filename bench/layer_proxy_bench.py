@@ -1,11 +1,11 @@
 """Is the output loss a good proxy for what users see? Layer sets at a pruning ratio, judged both ways.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/layer_proxy_bench.py [--models zoo:digits-dit,zoo:digits-sd]
-        [--ratios 0.5] [--n-sets 24] [--n-eval 16] [--out bench/results]
+        [--ratios 0.5] [--n-sets 24] [--max-sets 64] [--n-eval 16] [--out bench/results]
 
 Per model and ratio, in one process:
 1. the candidate sets: every set of layers whose removed params reach the ratio with no layer to spare (where
-   there are at most 16 candidates), else ``--n-sets`` random such sets (layers added in random order until the
+   there are at most 16 candidates; a random ``--max-sets`` of them where there are more), else ``--n-sets`` random such sets (layers added in random order until the
    ratio is reached); plus the set each criterion picks (output-loss, output-loss-pairs, similarity, taylor,
    magnitude, greedy), scored on 32 calibration triples (seed 0) as ``layer_prune_bench.py`` does;
 2. each set's output loss on 32 held-out triples (seed 1) and the quality of ``--n-eval`` sampled outputs of the
@@ -39,8 +39,9 @@ from diffslim.report import slug
 from diffslim.sample import SampleSpec, sample
 
 
-def _minimal_sets(layers, target, n_sets, seed):
-    """Sets whose params reach ``target`` and would not without any one of their layers."""
+def _minimal_sets(layers, target, n_sets, seed, max_sets=64):
+    """Sets whose params reach ``target`` and would not without any one of their layers: all of them for at most
+    16 layers (a random ``max_sets`` of them where there are more), else ``n_sets`` random ones."""
     cost = {l.name: l.params for l in layers}
     names = [l.name for l in layers]
 
@@ -48,9 +49,11 @@ def _minimal_sets(layers, target, n_sets, seed):
         c = sum(cost[n] for n in s)
         return c >= target and all(c - cost[n] < target for n in s)
 
-    if len(names) <= 16:
-        return [list(s) for k in range(1, len(names) + 1) for s in itertools.combinations(names, k) if minimal(s)]
     rng = random.Random(seed)
+    if len(names) <= 16:
+        every = [list(s) for k in range(1, len(names) + 1) for s in itertools.combinations(names, k) if minimal(s)]
+        # a 12-block DiT has 792 such sets at 0.5: a seeded sample of max_sets of them, in their enumeration order
+        return every if len(every) <= max_sets else [every[i] for i in sorted(rng.sample(range(len(every)), max_sets))]
     out, seen = [], set()
     for _ in range(50 * n_sets):
         order = rng.sample(names, len(names))
@@ -74,7 +77,7 @@ def _spearman(x, y) -> float:
     return float(np.corrcoef(rx, ry)[0, 1])
 
 
-def bench_model(model: str, ratios, n_sets: int, n_eval: int) -> dict:
+def bench_model(model: str, ratios, n_sets: int, n_eval: int, max_sets: int = 64) -> dict:
     loaded = load(model)
     d = loaded.denoiser
     total = sum(p.numel() for p in d.parameters())
@@ -104,7 +107,7 @@ def bench_model(model: str, ratios, n_sets: int, n_eval: int) -> dict:
                  "output-loss-pairs": lp.pairs_select(d, layers, calib, single, inter, r, total, reference=ref_c)[0],
                  "greedy": lp.greedy_select(order, layers, r, total)}
         picks.update({c: lp.select(layers, s, r, total) for c, s in scores.items()})
-        sets = _minimal_sets(layers, target, n_sets, seed=0)
+        sets = _minimal_sets(layers, target, n_sets, seed=0, max_sets=max_sets)
         keyed = {frozenset(s): s for s in sets}
         for s in picks.values():
             keyed.setdefault(frozenset(s), s)
@@ -140,16 +143,18 @@ def main():
     ap.add_argument("--models", default="zoo:digits-dit,zoo:digits-sd")
     ap.add_argument("--ratios", default="0.5")
     ap.add_argument("--n-sets", type=int, default=24, help="random sets per ratio, for models of over 16 layers")
+    ap.add_argument("--max-sets", type=int, default=64,
+                    help="models of at most 16 layers: every minimal set, or this many of them at random where more")
     ap.add_argument("--n-eval", type=int, default=16)
     ap.add_argument("--out", default="bench/results")
     a = ap.parse_args()
     ratios = [float(x) for x in a.ratios.split(",")]
     for model in a.models.split(","):
         t0 = time.perf_counter()
-        res = bench_model(model, ratios, a.n_sets, a.n_eval)
+        res = bench_model(model, ratios, a.n_sets, a.n_eval, a.max_sets)
         res["command"] = (f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} .venv/bin/python "
                           f"bench/layer_proxy_bench.py --models {model} --ratios {a.ratios} --n-sets {a.n_sets} "
-                          f"--n-eval {a.n_eval}")
+                          f"--max-sets {a.max_sets} --n-eval {a.n_eval}")
         res["seconds"] = time.perf_counter() - t0
         path = Path(a.out) / f"layer_proxy_{slug(model)}.json"
         path.write_text(json.dumps(res, indent=1))

@@ -144,13 +144,13 @@ def test_workflow_section_of_the_demo_report(tmp_path):
 
     loaded = load("zoo:digits-sd")
     rep = Report("t")
-    res = workflow_section(rep, loaded, "zoo:digits-sd", 50, n=4, stages="steps:10,deepcache:2", floor={"psnr": 0.0})
-    assert [r["stage"] for r in res["rows"]] == ["original", "steps:10", "deepcache:2"]
-    assert res["stopped"] is None and res["recipe"]["sampling"] == {"num_inference_steps": 10}
+    res = workflow_section(rep, loaded, "zoo:digits-sd", 10, n=4, stages="steps:5,deepcache:2", floor={"psnr": 0.0})
+    assert [r["stage"] for r in res["rows"]] == ["original", "steps:5", "deepcache:2"]
+    assert res["stopped"] is None and res["recipe"]["sampling"] == {"num_inference_steps": 5}
     out = rep.write(tmp_path / "r")
     html = (out / "index.html").read_text()
     assert "workflow: zoo:digits-sd" in html and (out / "workflow_zoo_digits-sd.png").is_file()
     assert (out / "workflow_grid_zoo_digits-sd_deepcache-2.png").is_file()
-    strict = workflow_section(Report("t"), loaded, "zoo:digits-sd", 50, n=4, stages="steps:10,deepcache:2",
+    strict = workflow_section(Report("t"), loaded, "zoo:digits-sd", 10, n=4, stages="steps:5,deepcache:2",
                               floor={"psnr": res["rows"][1]["psnr"] + 0.01})
     assert [r["accepted"] for r in strict["rows"]] == [True, False] and strict["stages_kept"] == []

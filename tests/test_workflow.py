@@ -16,7 +16,8 @@ from diffslim.measure.quality import psnr
 from diffslim.sample import SampleSpec, sample
 from diffslim.workflow import parse_floor, parse_stages, run_workflow
 
-STAGES = "layers:0.3,steps:20,deepcache:2"
+STAGES = "layers:0.3,steps:5,deepcache:2"
+STEPS = 10  # the original's step count: fewer than the zoo's 50, to keep the tests fast
 
 
 @pytest.mark.parametrize("text,match", [
@@ -51,16 +52,16 @@ def digits():
     return loaded, eval_set_for(loaded, 4)
 
 
-def _spec(es, steps=50):
+def _spec(es, steps=STEPS):
     return SampleSpec(inputs=es.inputs, seeds=es.seeds, num_inference_steps=steps, call_kwargs=dict(es.call_kwargs))
 
 
 def test_stacked_stages_are_judged_against_the_original_and_the_recipe_reproduces_the_result(digits, tmp_path):
     loaded, es = digits
-    res = run_workflow(loaded, STAGES, es, tmp_path / "wf", progress=False, log=lambda m: None,
+    res = run_workflow(loaded, STAGES, es, tmp_path / "wf", default_steps=STEPS, progress=False, log=lambda m: None,
                        metrics_fn=lambda out, ref: {"psnr": float(psnr(out, ref).mean())})
-    assert [r["stage"] for r in res.rows] == ["original", "layers:0.3", "steps:20", "deepcache:2"]
-    assert res.stopped is None and res.stages_kept == ["layers:0.3", "steps:20", "deepcache:2"]
+    assert [r["stage"] for r in res.rows] == ["original", "layers:0.3", "steps:5", "deepcache:2"]
+    assert res.stopped is None and res.stages_kept == ["layers:0.3", "steps:5", "deepcache:2"]
     reference = sample(loaded.pipe, _spec(es))
     assert torch.equal(res.outputs["original"], reference)
     for r in res.rows[1:]:
@@ -72,35 +73,37 @@ def test_stacked_stages_are_judged_against_the_original_and_the_recipe_reproduce
     assert m[0] == 1.0 and m[0] > m[1] > m[2] > m[3]
     # the steps stage samples the pruned model, not the original
     pruned = diffslim.load(str(tmp_path / "wf" / "stages" / "1-layers-0.3" / "pipeline"))
-    assert torch.equal(res.outputs["steps:20"], sample(pruned.pipe, _spec(es, 20)))
+    assert torch.equal(res.outputs["steps:5"], sample(pruned.pipe, _spec(es, 5)))
 
     # recipe.json: its model folder plus its sections give the last stage's outputs bit for bit, however called
     rec = diffslim.recipe.load_recipe(tmp_path / "wf" / "recipe.json")
     assert rec.model == str(tmp_path / "wf" / "stages" / "1-layers-0.3" / "pipeline")
-    assert rec.sampling.num_inference_steps == 20 and len(rec.skip_plan.plan) == 20
+    assert rec.sampling.num_inference_steps == 5 and len(rec.skip_plan.plan) == 5
     again = diffslim.load(rec.model)
     diffslim.apply(again.pipe, rec)
-    assert torch.equal(sample(again.pipe, _spec(es)), res.outputs["deepcache:2"])
+    assert torch.equal(sample(again.pipe, _spec(es, 50)), res.outputs["deepcache:2"])
     saved = json.loads((tmp_path / "wf" / "workflow.json").read_text())
     assert [r["stage"] for r in saved["rows"]] == [r["stage"] for r in res.rows]
 
     # the same command again loads the built model stage instead of rebuilding it, with the same outputs
-    res2 = run_workflow(loaded, STAGES, es, tmp_path / "wf", progress=False, log=lambda m: None)
+    res2 = run_workflow(loaded, STAGES, es, tmp_path / "wf", default_steps=STEPS, progress=False, log=lambda m: None)
     assert res2.rows[1]["notes"].startswith("loaded from")
     assert all(torch.equal(res.outputs[k], res2.outputs[k]) for k in res.outputs)
 
     # a floor just above the third stage's PSNR: it is rejected, and the result is the second stage
     floor = {"psnr": res.rows[3]["psnr"] + 0.01}
-    res3 = run_workflow(loaded, STAGES, es, tmp_path / "wf", floor=floor, progress=False, log=lambda m: None,
+    res3 = run_workflow(loaded, STAGES, es, tmp_path / "wf", default_steps=STEPS, floor=floor, progress=False,
+                        log=lambda m: None,
                         metrics_fn=lambda out, ref: {"psnr": float(psnr(out, ref).mean())})
     assert [r["accepted"] for r in res3.rows] == [True, True, True, False]
-    assert res3.stages_kept == ["layers:0.3", "steps:20"] and "deepcache:2 fell below the floor" in res3.stopped
-    assert res3.recipe.skip_plan is None and res3.recipe.sampling.num_inference_steps == 20
+    assert res3.stages_kept == ["layers:0.3", "steps:5"] and "deepcache:2 fell below the floor" in res3.stopped
+    assert res3.recipe.skip_plan is None and res3.recipe.sampling.num_inference_steps == 5
 
 
 def test_a_second_model_stage_prunes_the_first_ones_result(digits, tmp_path):
     loaded, es = digits
-    res = run_workflow(loaded, "layers:0.3,layers:0.2", es, tmp_path, progress=False, log=lambda m: None)
+    res = run_workflow(loaded, "layers:0.3,layers:0.2", es, tmp_path, default_steps=4, progress=False,
+                       log=lambda m: None)
     p0, p1, p2 = (r["params"] for r in res.rows)
     assert p1 <= 0.7 * p0 + 1 and p2 <= 0.8 * p1 + 1 and p2 > 0.3 * p0
     assert res.recipe.model == str(tmp_path / "stages" / "2-layers-0.2" / "pipeline")
@@ -109,26 +112,27 @@ def test_a_second_model_stage_prunes_the_first_ones_result(digits, tmp_path):
 
 def test_a_floor_that_the_first_stage_misses_leaves_the_original(digits, tmp_path):
     loaded, es = digits
-    res = run_workflow(loaded, "steps:5", es, tmp_path, floor={"psnr": 1e6}, progress=False, log=lambda m: None,
+    res = run_workflow(loaded, "steps:5", es, tmp_path, default_steps=STEPS, floor={"psnr": 1e6}, progress=False,
+                       log=lambda m: None,
                        metrics_fn=lambda out, ref: {"psnr": float(psnr(out, ref).mean())})
     assert res.stages_kept == [] and "the result is the original" in res.stopped
     assert res.recipe.model == "zoo:digits-sd" and res.recipe.is_identity()
     with pytest.raises(UserError, match="have no digit_accuracy"):
-        run_workflow(loaded, "steps:5", es, tmp_path, floor={"digit_accuracy": 0.5}, progress=False,
+        run_workflow(loaded, "steps:5", es, tmp_path, default_steps=STEPS, floor={"digit_accuracy": 0.5}, progress=False,
                      log=lambda m: None, metrics_fn=lambda out, ref: {"psnr": 1.0})
 
 
 def test_workflow_cli_writes_the_report_and_refuses_bad_input(tmp_path):
     run = lambda *a: CliRunner().invoke(app, ["workflow", *map(str, a)])
-    r = run("zoo:digits-sd", "--stages", "steps:10,deepcache:2", "--n", 4, "--out", tmp_path / "wf",
+    r = run("zoo:digits-sd", "--stages", "steps:5,deepcache:2", "--n", 4, "--steps", STEPS, "--out", tmp_path / "wf",
             "--floor", "psnr=10")
     assert r.exit_code == 0, r.output
     for f in ("index.html", "workflow.json", "recipe.json", "workflow_zoo_digits-sd.png"):
         assert (tmp_path / "wf" / f).is_file(), f
     html = (tmp_path / "wf" / "index.html").read_text()
-    assert "steps:10" in html and "deepcache:2" in html and "the path of the stages" in html
+    assert "steps:5" in html and "deepcache:2" in html and "the path of the stages" in html
     rows = json.loads((tmp_path / "wf" / "workflow.json").read_text())["rows"]
-    assert [r["stage"] for r in rows] == ["original", "steps:10", "deepcache:2"]
+    assert [r["stage"] for r in rows] == ["original", "steps:5", "deepcache:2"]
     assert all(r["digit_accuracy"] >= 0 for r in rows)
     for args, match in ((("--stages", "deepcache:2,steps:10"), "model stages first"),
                         (("--stages", "steps:10", "--floor", "lpips=0.1"), "METRIC one of"),
@@ -136,3 +140,32 @@ def test_workflow_cli_writes_the_report_and_refuses_bad_input(tmp_path):
         r = run("zoo:digits-sd", *args, "--out", tmp_path / "bad")
         assert r.exit_code != 0 and match in r.output, r.output
     assert not (tmp_path / "bad").exists()
+
+
+def test_workflow_on_a_user_pipeline_trains_on_its_data_folder(tiny_sd_pipe, tmp_path):
+    """A Stable Diffusion folder (not a zoo model): stages that score or train need --data, and with an image
+    folder the layer stage scores on it; the pruned stage is a StableDiffusionPipeline folder that reloads."""
+    import numpy as np
+    from PIL import Image
+
+    tiny_sd_pipe.save_pretrained(str(tmp_path / "sd"))
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((16, 16, 3), 50 * i + 20, np.uint8)).save(imgs / f"{i}.png")
+        (imgs / f"{i}.txt").write_text("a red cat" if i % 2 else "a blue dog")
+    run = lambda *a: CliRunner().invoke(app, ["workflow", str(tmp_path / "sd"), "--stages", "layers:0.3,steps:3",
+                                              "--n", "2", "--steps", "6", *map(str, a)])
+    r = run("--out", tmp_path / "no")
+    assert r.exit_code != 0 and "give --data FOLDER" in " ".join(r.output.split()), r.output
+    r = run("--data", tmp_path / "missing", "--out", tmp_path / "no")
+    assert r.exit_code != 0 and "neither 'zoo' nor an existing folder" in " ".join(r.output.split()), r.output
+    r = run("--data", imgs, "--out", tmp_path / "wf", "--json")
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "wf" / "workflow.json").read_text())
+    p = [row["params"] for row in res["rows"]]
+    assert [row["stage"] for row in res["rows"]] == ["original", "layers:0.3", "steps:3"]
+    assert p[1] == p[2] <= 0.7 * p[0] + 1
+    pruned = diffslim.load(res["recipe"]["model"])
+    assert type(pruned.pipe).__name__ == "StableDiffusionPipeline" and pruned.denoiser.config.removed_layers
+    assert res["recipe"]["sampling"] == {"num_inference_steps": 3}

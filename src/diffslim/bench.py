@@ -30,6 +30,28 @@ class BenchContext:
     default_steps: int
     reference: Optional[torch.Tensor] = None  # the full row's outputs, once it has run
     dry_run: bool = False  # builders only validate their argument and return None
+    # training data of the builders that score or train (layers, +kd, +ft): "zoo" (the zoo task's own) or an image
+    # folder (captions optional), its images at ``resolution`` px (default: the pipeline's own size)
+    data: str = "zoo"
+    resolution: Optional[int] = None
+
+    def needs_data(self, method: str) -> None:
+        """Refuse ``method`` (which scores or trains) on a model that has no zoo data when no ``data`` is given."""
+        from diffslim.zoo.pipelines import ZooClassPipeline, ZooSRPipeline
+
+        if self.data == "zoo" and self.loaded.zoo is None and not isinstance(self.loaded.pipe, (ZooClassPipeline,
+                                                                                                ZooSRPipeline)):
+            raise UserError(f"{method} scores or trains the model on data, and {self.loaded.source} is not a zoo "
+                            "model: give --data FOLDER (images, captions optional)")
+
+    def data_key(self) -> str:
+        """The training data for cache keys: "zoo", or the folder with its files' names, sizes and times."""
+        if self.data == "zoo":
+            return "zoo"
+        folder = Path(self.data)
+        files = sorted(f for f in folder.rglob("*") if f.is_file()) if folder.is_dir() else [folder]
+        return f"{folder.resolve()}|{self.resolution}|" + ",".join(
+            f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files if f.exists())
 
 
 @dataclass
@@ -134,6 +156,8 @@ def _depth(arg, ctx: BenchContext) -> Variant:
     removed_modules(ctx.loaded.denoiser, n)  # validates the depth
     if ft_path is not None and not Path(ft_path).is_dir():
         raise UserError(f"depth:{arg}: no fine-tuned student folder at {ft_path}")
+    if ft and ft_path is None:
+        ctx.needs_data(f"depth:{arg}")
     if ctx.dry_run:
         return None
     if not ft:
@@ -184,16 +208,15 @@ def _default_finetune(ctx: BenchContext, depth: int):
     from diffslim.sample import model_fingerprint
     from diffslim.train.distill import DistillConfig
 
-    if ctx.loaded.zoo is None:
-        raise UserError("depth:N+ft without @FOLDER trains on the zoo's data; for other models run "
-                        "`diffslim finetune MODEL --depth N --data FOLDER` and use depth:N+ft@OUT/student")
-    key = hashlib.sha256(f"{model_fingerprint(ctx.loaded.source)}|{depth}|{sorted(DEFAULT_FT.items())}".encode()
+    ctx.needs_data(f"depth:{depth}+ft")
+    data = "" if ctx.data == "zoo" else f"|{ctx.data_key()}"  # zoo keys as before, so earlier caches still hit
+    key = hashlib.sha256(f"{model_fingerprint(ctx.loaded.source)}|{depth}|{sorted(DEFAULT_FT.items())}{data}".encode()
                          ).hexdigest()[:16]
     root = Path(os.environ.get("DIFFSLIM_CACHE", Path.home() / ".cache" / "diffslim")) / "finetune" / key
     folder = root / "student"
     if not (folder / "config.json").exists():
         cfg = DistillConfig(out=root, checkpoint_every=100, log_every=25, normalized=False, **DEFAULT_FT)
-        finetune_depth(ctx.loaded.pipe, depth, "zoo", cfg)
+        finetune_depth(ctx.loaded.pipe, depth, ctx.data, cfg)
     return folder, (f"fine-tuned {DEFAULT_FT['steps']} steps (batch {DEFAULT_FT['batch_size']}, lr {DEFAULT_FT['lr']}) "
                     f"with task + output + feature distillation; cached at {root}")
 
@@ -350,7 +373,7 @@ def _layer_selection(ctx: BenchContext, ratio: float, criterion: str = "output-l
     on the model's training data."""
     from diffslim.methods.layer_prune import calibration, layer_prune
 
-    calib = calibration(ctx.loaded.pipe, **LAYER_CALIB)
+    calib = calibration(ctx.loaded.pipe, data=ctx.data, size=ctx.resolution, **LAYER_CALIB)
     return layer_prune(ctx.loaded.denoiser, criterion, ratio, calib=calib).removed
 
 
@@ -363,13 +386,15 @@ def _default_layer_kd(ctx: BenchContext, ratio: float, names: list[str]):
     from diffslim.sample import model_fingerprint
     from diffslim.train.distill import DistillConfig
 
-    key = hashlib.sha256(f"{model_fingerprint(ctx.loaded.source)}|{sorted(names)}|{sorted(DEFAULT_KD.items())}"
+    data = "" if ctx.data == "zoo" else f"|{ctx.data_key()}"  # zoo keys as before, so earlier caches still hit
+    key = hashlib.sha256(f"{model_fingerprint(ctx.loaded.source)}|{sorted(names)}|{sorted(DEFAULT_KD.items())}{data}"
                          .encode()).hexdigest()[:16]
     root = Path(os.environ.get("DIFFSLIM_CACHE", Path.home() / ".cache" / "diffslim")) / "layer_kd" / key
     folder = root / "student"
     if not (folder / "config.json").exists():
         cfg = DistillConfig(out=root, checkpoint_every=100, log_every=25, normalized=True, **DEFAULT_KD)
-        distill_pruned(ctx.loaded.pipe, prune_layers(ctx.loaded.denoiser, names), cfg)
+        distill_pruned(ctx.loaded.pipe, prune_layers(ctx.loaded.denoiser, names), cfg, data=ctx.data,
+                       size=ctx.resolution)
     return folder, (f"normalized distillation {DEFAULT_KD['steps']} steps (batch {DEFAULT_KD['batch_size']}, "
                     f"lr {DEFAULT_KD['lr']}, feature weight matched to the plain sum); cached at {root}")
 
@@ -387,9 +412,7 @@ def _layers(arg, ctx: BenchContext) -> Variant:
     ratio = _ratio_arg(ratio_text, "layers:R")
     criterion, tag = ("output-loss-pairs", ":pairs") if variant else ("output-loss", "")
     if ctx.dry_run:
-        if ctx.loaded.zoo is None:
-            raise UserError("layers:R scores layers on the zoo's data; for other models run "
-                            "`diffslim layer-prune MODEL --ratio R --out DIR` and bench the pruned folder")
+        ctx.needs_data(f"layers:{arg}")
         return None
     from diffslim.methods.layer_prune import prune_layers
 
@@ -672,10 +695,11 @@ class BenchResult:
 
 def run_bench(loaded, methods: str, evalset, default_steps: int = 50, scheduler: Optional[str] = None,
               batch_size: int = 16, metrics_fn: Optional[Callable] = None, progress: bool = True,
-              repeats: int = 1) -> BenchResult:
+              repeats: int = 1, data: str = "zoo", resolution: Optional[int] = None) -> BenchResult:
     """Run every method on ``evalset``'s inputs; ``full`` always runs first as the reference.
 
-    ``metrics_fn(outputs, reference) -> dict`` adds quality and task metrics to each row.
+    ``metrics_fn(outputs, reference) -> dict`` adds quality and task metrics to each row. ``data`` and
+    ``resolution``: what the methods that score or train use (see :class:`BenchContext`).
     Wall time is the best of ``repeats`` timed runs after one untimed warm-up batch.
     """
     if loaded.pipe is None:
@@ -687,10 +711,11 @@ def run_bench(loaded, methods: str, evalset, default_steps: int = 50, scheduler:
     base = SampleSpec(inputs=evalset.inputs, seeds=evalset.seeds, num_inference_steps=default_steps,
                       scheduler=scheduler, call_kwargs=dict(evalset.call_kwargs), batch_size=batch_size)
     # every method's argument is checked before anything is sampled
-    dry = BenchContext(loaded=loaded, base_spec=base, default_steps=default_steps, dry_run=True)
+    dry = BenchContext(loaded=loaded, base_spec=base, default_steps=default_steps, dry_run=True, data=data,
+                       resolution=resolution)
     for name, arg in parsed:
         METHODS[name](arg, dry)
-    ctx = BenchContext(loaded=loaded, base_spec=base, default_steps=default_steps)
+    ctx = BenchContext(loaded=loaded, base_spec=base, default_steps=default_steps, data=data, resolution=resolution)
     rows, outputs = [], {}
     full_time = full_macs = None
     for name, arg in parsed:

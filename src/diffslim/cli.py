@@ -231,6 +231,9 @@ def bench(
     inception: Optional[Path] = typer.Option(None, help="local FID Inception weights (torch-fidelity format)"),
     as_json: bool = typer.Option(False, "--json"),
     html: Optional[Path] = typer.Option(None, help="write an HTML report to this folder"),
+    data: str = typer.Option("zoo", help="training data of the methods that score or train (layers:R, +kd, +ft): "
+                                         "'zoo' or an image folder, captions optional"),
+    resolution: Optional[int] = typer.Option(None, help="image size in px of the --data folder's images"),
 ):
     """Compare compression methods on the same inputs in one run: MACs, speed and quality, one row each."""
     _quiet_libraries()
@@ -239,12 +242,13 @@ def bench(
     from diffslim.models.load import load
 
     parse_methods(methods)  # reject bad method names before loading anything
+    _check_data(data)
     loaded = load(model)
     es = eval_set_for(loaded, n, seed=seed, prompts_file=prompts)
     default_steps = steps or (loaded.zoo.default_steps if loaded.zoo else 50)
     res = run_bench(loaded, methods, es, default_steps=default_steps, scheduler=scheduler, batch_size=batch_size,
                     metrics_fn=metrics_fn_for(loaded, es, clip_path=clip, lpips_path=lpips, inception_path=inception),
-                    progress=not as_json, repeats=repeats)
+                    progress=not as_json, repeats=repeats, data=data, resolution=resolution)
     rows = [{k: finite(v) for k, v in r.items()} for r in res.rows]
     if html is not None:
         from diffslim.report import Report, add_bench_section
@@ -278,6 +282,9 @@ def workflow(
     seed: int = typer.Option(0),
     prompts: Optional[Path] = typer.Option(None, help="text file, one prompt per line (text-to-image)"),
     batch_size: int = typer.Option(16),
+    data: str = typer.Option("zoo", help="training data of the stages that score or train (layers:R, +kd, +ft): "
+                                         "'zoo' or an image folder, captions optional"),
+    resolution: Optional[int] = typer.Option(None, help="image size in px of the --data folder's images"),
     as_json: bool = typer.Option(False, "--json"),
 ):
     """Stack methods stage by stage, each judged against the original; write the final recipe and pipeline."""
@@ -288,6 +295,7 @@ def workflow(
     from diffslim.workflow import parse_floor, parse_stages, run_workflow
 
     parse_stages(stages)  # reject bad stages before loading anything
+    _check_data(data)
     floors = parse_floor(floor)
     if n < 1:
         raise UserError(f"--n must be >= 1, got {n}")
@@ -297,7 +305,7 @@ def workflow(
     res = run_workflow(loaded, stages, es, out, default_steps=default_steps, scheduler=scheduler,
                        batch_size=batch_size, metrics_fn=metrics_fn_for(loaded, es), floor=floors,
                        progress=not as_json, log=(lambda m: None) if as_json else
-                       (lambda m: console.print(m, highlight=False)))
+                       (lambda m: console.print(m, highlight=False)), data=data, resolution=resolution)
     rep = Report(f"diffslim workflow: {model}")
     add_workflow_section(rep, model, res, floors)
     rep.write(out)
@@ -311,6 +319,12 @@ def workflow(
         console.print(f"[yellow]{res.stopped}[/]", highlight=False)
     console.print(f"recipe: {out / 'recipe.json'} (load {res.recipe.model}, then diffslim.apply(pipe, recipe)); "
                   f"report: {out / 'index.html'}", highlight=False)
+
+
+def _check_data(data: str) -> None:
+    """Refuse a --data that is neither 'zoo' nor an existing path before anything loads or runs."""
+    if data != "zoo" and not Path(data).exists():
+        raise UserError(f"--data {data!r} is neither 'zoo' nor an existing folder of images (captions optional)")
 
 
 def _print_rows(title, rows, key: str = "method") -> None:

@@ -158,11 +158,13 @@ def _built_stage(cur, stage, folder: Path):
 
 def run_workflow(loaded, stages: str, evalset, out, default_steps: int = 50, scheduler: Optional[str] = None,
                  batch_size: int = 16, metrics_fn: Optional[Callable] = None, floor: Optional[dict] = None,
-                 progress: bool = True, log: Callable[[str], None] = print) -> WorkflowResult:
+                 progress: bool = True, log: Callable[[str], None] = print, data: str = "zoo",
+                 resolution: Optional[int] = None) -> WorkflowResult:
     """Run ``stages`` (see :func:`parse_stages`) on ``loaded`` in order; every row is judged against the original.
 
     ``evalset``: the inputs and seeds every stage samples; ``metrics_fn(outputs, reference) -> dict`` as in
-    :func:`diffslim.bench.run_bench`; ``floor``: ``{metric: lowest accepted value}`` (see :func:`parse_floor`).
+    :func:`diffslim.bench.run_bench`; ``floor``: ``{metric: lowest accepted value}`` (see :func:`parse_floor`);
+    ``data``/``resolution``: the training data of stages that score or train (see :class:`~diffslim.bench.BenchContext`).
     Rows hold ``stage``, ``kind``, ``params``, ``macs_per_sample``, ``macs_ratio`` and ``speedup`` (against the
     original), the metrics, ``accepted`` and ``notes``.
     """
@@ -173,7 +175,8 @@ def run_workflow(loaded, stages: str, evalset, out, default_steps: int = 50, sch
     out = Path(out)
     spec = SampleSpec(inputs=evalset.inputs, seeds=evalset.seeds, num_inference_steps=default_steps,
                       scheduler=scheduler, call_kwargs=dict(evalset.call_kwargs), batch_size=batch_size)
-    dry = BenchContext(loaded=loaded, base_spec=spec, default_steps=default_steps, dry_run=True)
+    dry = BenchContext(loaded=loaded, base_spec=spec, default_steps=default_steps, dry_run=True, data=data,
+                       resolution=resolution)
     for name, arg in parsed:  # every stage's argument is checked before anything runs
         METHODS[name](arg, dry)
     out.mkdir(parents=True, exist_ok=True)
@@ -207,7 +210,7 @@ def run_workflow(loaded, stages: str, evalset, out, default_steps: int = 50, sch
             variant = Variant(label, built.pipe, spec, sum(p.numel() for p in built.denoiser.parameters()),
                               notes=f"loaded from {folder / 'pipeline'}")
         else:
-            ctx = BenchContext(loaded=cur, base_spec=spec, default_steps=steps)
+            ctx = BenchContext(loaded=cur, base_spec=spec, default_steps=steps, data=data, resolution=resolution)
             variant = METHODS[name](arg, ctx)
         try:
             images, seconds, macs = timed(variant.pipe, variant.spec, label)
@@ -232,7 +235,7 @@ def run_workflow(loaded, stages: str, evalset, out, default_steps: int = 50, sch
         kept.append(label)
         if kind == "model":
             cur = built if built is not None else _model_stage(cur, variant, stage, folder, log)
-            model_source = str(folder / "pipeline")
+            model_source = str((folder / "pipeline").resolve())  # loadable from any working directory
         elif kind == "schedule":
             spec = variant.spec
             steps = spec.num_inference_steps if spec.timesteps is None else len(spec.timesteps)
