@@ -95,7 +95,7 @@ def bench_model(model: str, ratios, n_sets: int, n_eval: int, max_sets: int = 64
     scores = {c: lp.score_layers(d, layers, c, calib) for c in ("similarity", "taylor", "magnitude")}
     order = lp.greedy_order(d, layers, calib, lp.target_of(total, max(ratios)), reference=ref_c)
     es = eval_set_for(loaded, n_eval)
-    spec = SampleSpec(es.inputs, es.seeds, num_inference_steps=loaded.zoo.default_steps,
+    spec = SampleSpec(es.inputs, es.seeds, num_inference_steps=loaded.zoo.default_steps if loaded.zoo else 50,
                       call_kwargs=dict(es.call_kwargs), batch_size=n_eval)
     metrics = metrics_fn_for(loaded, es)
     full = sample(loaded.pipe, spec)
