@@ -28,6 +28,9 @@ STEPS = 10  # the original's step count: fewer than the zoo's 50, to keep the te
     ("gamma:10,dipgo:0.3", "cannot follow gamma:10"),
     ("layers:0.3,fbcache", "'fbcache' cannot be a workflow stage"),
     ("full", "'full' cannot be a workflow stage"),
+    ("depth:9,bk-sdm:base", "does not compose"),
+    ("layers:0.3,depth:9", "does not compose"),
+    ("depth:9,depth:7", "does not compose"),
     ("layers:0.3,nosuch:1", "unknown bench method 'nosuch'"),
 ])
 def test_stage_lists_that_cannot_stack_are_refused(text, match):
@@ -169,3 +172,16 @@ def test_workflow_on_a_user_pipeline_trains_on_its_data_folder(tiny_sd_pipe, tmp
     pruned = diffslim.load(res["recipe"]["model"])
     assert type(pruned.pipe).__name__ == "StableDiffusionPipeline" and pruned.denoiser.config.removed_layers
     assert res["recipe"]["sampling"] == {"num_inference_steps": 3}
+
+
+def test_an_explicit_timestep_stage_is_reproduced_by_its_recipe(digits, tmp_path):
+    """A depth-skip stage then an explicit timestep list: the recipe's timesteps (non-uniform DDIM, as the bench
+    samples them) on the saved depth-skipped folder give the stage's outputs bit for bit."""
+    loaded, es = digits
+    res = run_workflow(loaded, "depth:9,uniform:4", es, tmp_path, default_steps=STEPS, progress=False,
+                       log=lambda m: None)
+    assert res.recipe.sampling.timesteps == [999, 666, 333, 0]
+    again = diffslim.load(res.recipe.model)
+    assert again.denoiser.config.depth_skip == 9
+    diffslim.apply(again.pipe, res.recipe)
+    assert torch.equal(sample(again.pipe, _spec(es, 50)), res.outputs["uniform:4"])
