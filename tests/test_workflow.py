@@ -28,9 +28,6 @@ STEPS = 10  # the original's step count: fewer than the zoo's 50, to keep the te
     ("gamma:10,dipgo:0.3", "cannot follow gamma:10"),
     ("layers:0.3,fbcache", "'fbcache' cannot be a workflow stage"),
     ("full", "'full' cannot be a workflow stage"),
-    ("depth:9,bk-sdm:base", "does not compose"),
-    ("layers:0.3,depth:9", "does not compose"),
-    ("depth:9,depth:7", "does not compose"),
     ("layers:0.3,nosuch:1", "unknown bench method 'nosuch'"),
 ])
 def test_stage_lists_that_cannot_stack_are_refused(text, match):
@@ -185,3 +182,21 @@ def test_an_explicit_timestep_stage_is_reproduced_by_its_recipe(digits, tmp_path
     assert again.denoiser.config.depth_skip == 9
     diffslim.apply(again.pipe, res.recipe)
     assert torch.equal(sample(again.pipe, _spec(es, 50)), res.outputs["uniform:4"])
+
+
+@pytest.mark.parametrize("stages", ["depth:9,layers:0.3", "layers:0.3,depth:9"])
+def test_depth_skip_and_layer_pruning_stack_in_either_order(digits, tmp_path, stages):
+    """Each model stage prunes the one before; the saved last stage records both removals and reproduces the row."""
+    loaded, es = digits
+    res = run_workflow(loaded, stages, es, tmp_path, default_steps=STEPS, progress=False, log=lambda m: None)
+    assert res.stopped is None and res.stages_kept == stages.split(",")
+    p = [r["params"] for r in res.rows]
+    assert p[0] > p[1] > p[2]
+    assert res.rows[2]["macs_ratio"] < res.rows[1]["macs_ratio"] < 1.0
+    again = diffslim.load(res.recipe.model)
+    den = again.denoiser
+    assert type(den).__name__ == "DepthSkipLayerPrunedUNet2DConditionModel"
+    assert den.config.depth_skip == 9 and den.config.removed_layers
+    assert sum(q.numel() for q in den.parameters()) == p[2]
+    diffslim.apply(again.pipe, res.recipe)
+    assert torch.equal(sample(again.pipe, _spec(es)), res.outputs[stages.split(",")[-1]])

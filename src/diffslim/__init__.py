@@ -10,10 +10,12 @@ Public API::
 """
 
 from diffslim.apply import apply
+from diffslim.combined import DepthSkipLayerPrunedUNet2DConditionModel, DepthSkipLayerPrunedUNet2DModel
 from diffslim.measure.profile import profile_model as profile
 from diffslim.methods.depth_skip import DepthSkipUNet2DConditionModel, DepthSkipUNet2DModel
 from diffslim.models.load import LoadedModel, ModelLoadError, load
 from diffslim.recipe import Recipe, RecipeError, load_recipe
 
-__all__ = ["DepthSkipUNet2DConditionModel", "DepthSkipUNet2DModel", "apply", "profile", "load", "LoadedModel", "ModelLoadError", "Recipe", "RecipeError", "load_recipe"]
+__all__ = ["DepthSkipUNet2DConditionModel", "DepthSkipUNet2DModel", "DepthSkipLayerPrunedUNet2DConditionModel",
+           "DepthSkipLayerPrunedUNet2DModel", "apply", "profile", "load", "LoadedModel", "ModelLoadError", "Recipe", "RecipeError", "load_recipe"]
 __version__ = "0.1.0"

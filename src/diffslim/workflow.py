@@ -61,8 +61,8 @@ def stage_kind(name: str) -> str:
 def parse_stages(text: str) -> list[tuple[str, Optional[str]]]:
     """``"layers:0.3+kd,steps:20,dipgo:0.3"`` -> ``[("layers", "0.3+kd"), ("steps", "20"), ("dipgo", "0.3")]``.
 
-    Checks the order: model stages (one depth stage, or any number of layers/bk-sdm stages), then at most one
-    schedule stage, then at most one skip-plan stage."""
+    Checks the order: model stages (any number: depth-skip and layer pruning stack, see ``diffslim.combined``),
+    then at most one schedule stage, then at most one skip-plan stage."""
     stages = parse_methods(text)
     rank = {"model": 0, "schedule": 1, "plan": 2}
     kinds = [stage_kind(n) for n, _ in stages]
@@ -74,12 +74,6 @@ def parse_stages(text: str) -> list[tuple[str, Optional[str]]]:
         if kinds.count(kind) > 1:
             raise UserError(f"{kinds.count(kind)} {kind} stages ({', '.join(_label(s) for s, k in zip(stages, kinds) if k == kind)}); "
                             f"give at most one")
-    depth = [s for s in stages if s[0] == "depth"]
-    if depth and (len(depth) > 1 or any(s[0] in ("layers", "bk-sdm") for s in stages)):
-        others = [_label(s) for s in stages if s[0] in ("depth", "layers", "bk-sdm")]
-        raise UserError(f"{', '.join(others)}: a depth-skip stage does not compose with another depth-skip or layer "
-                        "pruning stage yet (neither exported model class takes the other's removal); keep one depth "
-                        "stage, or only layers/bk-sdm stages")
     explicit = [s for s in stages if s[0] in EXPLICIT_SCHEDULES]
     if explicit and "plan" in kinds:
         raise UserError(f"a skip plan cannot follow {_label(explicit[0])}: plans are learned on the scheduler's own "

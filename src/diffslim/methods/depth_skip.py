@@ -216,18 +216,30 @@ DepthSkipUNet2DConditionModel = _pruned_class(UNet2DConditionModel, "DepthSkipUN
 DepthSkipUNet2DModel = _pruned_class(UNet2DModel, "DepthSkipUNet2DModel")
 
 
-_PRUNED_CLASS = {UNet2DConditionModel: DepthSkipUNet2DConditionModel, UNet2DModel: DepthSkipUNet2DModel}
+def install_depth(model: nn.Module, depth: int) -> None:
+    """Depth-skip ``model`` in place (its modules must still be the original ones): what a class with a
+    ``depth_skip`` config runs at construction, also when another method's class extends it."""
+    _prune_in_place(model, int(depth))
+
+
+def is_removed(module: nn.Module) -> bool:
+    """Whether ``module`` is a depth-skip stand-in (a removed resnet, attention, sampler or mid block)."""
+    return isinstance(module, (RemovedResnet, RemovedAttention, RemovedDownsampler, RemovedUpsampler, RemovedMidBlock))
 
 
 def depth_skip(unet: nn.Module, depth: int) -> nn.Module:
     """A depth-``depth`` copy of ``unet`` that shares the kept weights (no copy, no change).
 
     Works on real weights and on the meta device. ``depth == max_depth(unet)`` gives a model whose
-    outputs equal the original's bit for bit.
+    outputs equal the original's bit for bit. A model changed by another method (a layer-pruned U-Net)
+    keeps that change when a class recording both is registered (``diffslim.combined``).
     """
-    base = next((b for cls, b in _PRUNED_CLASS.items() if type(unet) is cls or type(unet) is b), None)
+    from diffslim.models.derived import extension_of
+
+    base = extension_of(type(unet), "depth_skip")
     if base is None:
-        raise UserError(f"depth-skip supports UNet2DConditionModel and UNet2DModel, not {type(unet).__name__}")
+        raise UserError(f"depth-skip supports UNet2DConditionModel and UNet2DModel (and their layer-pruned "
+                        f"exports), not {type(unet).__name__}")
     config = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
     previous = config.pop("depth_skip", None)
     if previous is not None and depth > previous:

@@ -192,8 +192,7 @@ def _hidden_channels(unet: nn.Module, name: str) -> Optional[int]:
         return _out_channels(block.resnets[k - 1])
     if i > 0:
         return _out_channels(unet.up_blocks[i - 1].resnets[-1])
-    if getattr(unet, "mid_block", None) is not None:
-        return _out_channels(unet.mid_block.resnets[-1])
+    # the mid block (even a removed one) hands on the innermost level's channels
     return int(unet.config.block_out_channels[-1])
 
 
@@ -402,7 +401,7 @@ def _pruned_class(base: type, name: str) -> type:
     from diffslim.models.derived import config_extended_class
 
     return config_extended_class(
-        base, name, "removed_layers", lambda model, names: _remove_in_place(model, list(names)), __name__,
+        base, name, "removed_layers", lambda model, names: install_removed_layers(model, names), __name__,
         f"A ``{base.__name__}`` with the layers ``removed_layers`` removed (see ``diffslim.methods.layer_prune``).")
 
 
@@ -423,13 +422,21 @@ _PRUNED_CLASS = _make_classes()
 PRUNED_CLASS_NAMES = tuple(c.__name__ for c in _PRUNED_CLASS.values())
 
 
-def _base_and_pruned(model: nn.Module) -> tuple[type, type]:
-    for base, pruned in _PRUNED_CLASS.items():
-        if type(model) is base or type(model) is pruned:
-            return base, pruned
-    raise UserError(f"layer pruning exports UNet2DConditionModel, UNet2DModel, DiTTransformer2DModel, "
-                    f"PixArtTransformer2DModel, SD3Transformer2DModel and FluxTransformer2DModel, "
-                    f"not {type(model).__name__}")
+def install_removed_layers(model: nn.Module, names: Sequence[str]) -> None:
+    """Remove ``names`` from ``model`` in place: what a class with a ``removed_layers`` config runs at
+    construction, also when it extends another method's class."""
+    _remove_in_place(model, list(names))
+
+
+def _pruned_class_of(model: nn.Module) -> type:
+    from diffslim.models.derived import extension_of
+
+    pruned = extension_of(type(model), "removed_layers")
+    if pruned is None:
+        raise UserError(f"layer pruning exports UNet2DConditionModel, UNet2DModel, DiTTransformer2DModel, "
+                        f"PixArtTransformer2DModel, SD3Transformer2DModel and FluxTransformer2DModel (and "
+                        f"depth-skipped U-Nets), not {type(model).__name__}")
+    return pruned
 
 
 def validate_layers(model: nn.Module, names: Sequence[str]) -> None:
@@ -444,7 +451,12 @@ def validate_layers(model: nn.Module, names: Sequence[str]) -> None:
                             f"{', '.join(candidate_names(model)[:4])}") from None
         if isinstance(m, (PrunedResnet, PrunedAttention, PrunedTransformerBlock, PrunedSampler)):
             raise UserError(f"{name} is already removed")
-        stand_in(model, name)  # raises the message that says what is removable
+        try:
+            stand_in(model, name)  # raises the message that says what is removable
+        except UserError:
+            if not any(True for _ in m.parameters()):  # another method's stand-in (depth-skip's)
+                raise UserError(f"{name} is already removed ({type(m).__name__}, no weights)") from None
+            raise
 
 
 def prune_layers(model: nn.Module, names: Sequence[str]) -> nn.Module:
@@ -454,7 +466,7 @@ def prune_layers(model: nn.Module, names: Sequence[str]) -> nn.Module:
     union with the model's own, if it was pruned before). Works on real weights and on the meta device;
     ``names=[]`` gives a model whose outputs equal the original's bit for bit.
     """
-    base, pruned_cls = _base_and_pruned(model)
+    pruned_cls = _pruned_class_of(model)
     names = list(names)
     validate_layers(model, names)
     config = {k: v for k, v in dict(model.config).items() if not k.startswith("_")}

@@ -33,6 +33,9 @@ SUPPORTED_DENOISERS = (
     "LayerPrunedPixArtTransformer2DModel",
     "LayerPrunedSD3Transformer2DModel",
     "LayerPrunedFluxTransformer2DModel",
+    # both (diffslim.combined): a ``depth_skip`` and a ``removed_layers`` config
+    "DepthSkipLayerPrunedUNet2DConditionModel",
+    "DepthSkipLayerPrunedUNet2DModel",
 )
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 ACCEPTED = (
@@ -100,6 +103,10 @@ def _denoiser_class(name: str, where: Path):
         raise ModelLoadError(
             f"{where}: model class {name!r} is not supported; supported: {', '.join(SUPPORTED_DENOISERS)}"
         )
+    if name.startswith("DepthSkipLayerPruned"):
+        from diffslim import combined
+
+        return getattr(combined, name)
     if name.startswith("DepthSkip"):
         from diffslim.methods import depth_skip
 
