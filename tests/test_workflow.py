@@ -29,6 +29,8 @@ STEPS = 10  # the original's step count: fewer than the zoo's 50, to keep the te
     ("layers:0.3,fbcache", "'fbcache' cannot be a workflow stage"),
     ("full", "'full' cannot be a workflow stage"),
     ("layers:0.3,nosuch:1", "unknown bench method 'nosuch'"),
+    ("layers:auto+kd", "auto takes no suffix"),
+    ("bk-sdm:auto", "auto searches the setting of layers:auto"),
 ])
 def test_stage_lists_that_cannot_stack_are_refused(text, match):
     with pytest.raises(UserError, match=match):
@@ -200,3 +202,73 @@ def test_depth_skip_and_layer_pruning_stack_in_either_order(digits, tmp_path, st
     assert sum(q.numel() for q in den.parameters()) == p[2]
     diffslim.apply(again.pipe, res.recipe)
     assert torch.equal(sample(again.pipe, _spec(es)), res.outputs[stages.split(",")[-1]])
+
+
+def _psnr_metrics(out, ref):
+    return {"psnr": float(psnr(out, ref).mean())}
+
+
+def test_auto_bisects_to_the_most_aggressive_setting_that_meets_the_floor(digits):
+    """With quality falling as the setting grows more aggressive, the search keeps the last setting that meets the
+    floor, having measured its more aggressive neighbour miss it, in a logarithmic number of evaluations."""
+    from diffslim.bench import BenchContext
+    from diffslim.workflow import _auto_search
+
+    loaded, es = digits
+    ctx = BenchContext(loaded=loaded, base_spec=_spec(es, 50), default_steps=50)
+    seen = []
+
+    def evaluate(variant, label):  # a stand-in measurement: 20 dB plus one per step
+        n = variant.spec.num_inference_steps
+        seen.append(n)
+        return {"stage": label, "psnr": 20.0 + n, "macs_ratio": n / 50}, torch.zeros(1)
+
+    for floor, want in ((30.0, 10), (20.5, 1), (69.0, 49)):
+        seen.clear()
+        variant, row, _, trail = _auto_search("steps", ctx, evaluate, {"psnr": floor}, lambda m: None)
+        assert row["stage"] == f"steps:{want}" and variant.spec.num_inference_steps == want
+        assert [t["setting"] for t in trail] == [f"steps:{n}" for n in seen] and len(seen) <= 6
+        assert all(t["accepted"] == (t["psnr"] >= floor) for t in trail)
+        assert want == 1 or {"setting": f"steps:{want - 1}", "accepted": False}.items() <= next(
+            t for t in trail if t["setting"] == f"steps:{want - 1}").items()
+    # no setting meets it: the mildest is returned, measured to miss
+    _, row, _, trail = _auto_search("steps", ctx, evaluate, {"psnr": 100.0}, lambda m: None)
+    assert row["stage"] == "steps:49" and not any(t["accepted"] for t in trail)
+
+
+def test_auto_stages_search_in_the_workflow_and_a_rerun_loads_the_result(digits, tmp_path):
+    loaded, es = digits
+    floor = {"psnr": 30.0}  # layers:0.3 keeps about 54 dB: the search keeps 0.3 or more, and leaves steps some room
+    res = run_workflow(loaded, "layers:auto,steps:auto", es, tmp_path / "wf", default_steps=STEPS, floor=floor,
+                       progress=False, log=lambda m: None, metrics_fn=_psnr_metrics)
+    layers_row, steps_row = res.rows[1], res.rows[2]
+    ratio = float(layers_row["stage"].split(":")[1])
+    assert ratio >= 0.3 and layers_row["accepted"] and layers_row["psnr"] >= floor["psnr"]
+    tried = {t["setting"]: t["accepted"] for t in layers_row["search"]}
+    assert tried[layers_row["stage"]] and (ratio == 0.95 or tried[f"layers:{ratio + 0.05:g}"] is False)
+    k = int(steps_row["stage"].split(":")[1])
+    tried = {t["setting"]: t["accepted"] for t in steps_row["search"]}
+    assert k < STEPS and steps_row["psnr"] >= floor["psnr"] and (k == 1 or tried[f"steps:{k - 1}"] is False)
+    # the rows are what the kept settings give when run directly on the saved stage
+    pruned = diffslim.load(res.recipe.model)
+    assert sum(q.numel() for q in pruned.denoiser.parameters()) == layers_row["params"] <= (1 - ratio) * res.rows[0]["params"] + 1
+    assert torch.equal(sample(pruned.pipe, _spec(es, k)), res.outputs[steps_row["stage"]])
+    assert torch.equal(sample(pruned.pipe, _spec(es)), res.outputs[layers_row["stage"]])
+    assert res.stages_kept == [layers_row["stage"], steps_row["stage"]]
+    assert res.recipe.sampling.num_inference_steps == k
+    # the same command again loads the searched model stage: no search, the same label and outputs
+    logs = []
+    again = run_workflow(loaded, "layers:auto,steps:auto", es, tmp_path / "wf", default_steps=STEPS, floor=floor,
+                         progress=False, log=logs.append, metrics_fn=_psnr_metrics)
+    assert again.rows[1]["stage"] == layers_row["stage"] and again.rows[1]["search"] == layers_row["search"]
+    assert not any(m.startswith("  layers:") for m in logs) and any("loaded from" in m for m in logs)
+    assert torch.equal(again.outputs[layers_row["stage"]], res.outputs[layers_row["stage"]])
+    # another floor searches again
+    stricter = run_workflow(loaded, "steps:auto", es, tmp_path / "wf", default_steps=4,
+                            floor={"psnr": floor["psnr"] + 1000}, progress=False, log=lambda m: None,
+                            metrics_fn=_psnr_metrics)
+    assert stricter.stages_kept == [] and "no setting of steps:auto meets the floor" in stricter.stopped
+    assert stricter.rows[1]["stage"] == "steps:3" and not stricter.rows[1]["accepted"]
+    with pytest.raises(UserError, match="give one, e.g. --floor psnr=30"):
+        run_workflow(loaded, "steps:auto", es, tmp_path / "nofloor", default_steps=STEPS, progress=False,
+                     log=lambda m: None)

@@ -34,6 +34,8 @@ class BenchContext:
     # folder (captions optional), its images at ``resolution`` px (default: the pipeline's own size)
     data: str = "zoo"
     resolution: Optional[int] = None
+    # results a builder may reuse when called again on the same model (the layer scores of a ratio search)
+    memo: dict = field(default_factory=dict, repr=False)
 
     def needs_data(self, method: str) -> None:
         """Refuse ``method`` (which scores or trains) on a model that has no zoo data when no ``data`` is given."""
@@ -371,10 +373,16 @@ LAYER_CALIB = dict(n=32, seed=0)
 def _layer_selection(ctx: BenchContext, ratio: float, criterion: str = "output-loss") -> list[str]:
     """The output-loss criterion's layers (``output-loss-pairs``: to second order) at ``ratio`` of params, scored
     on the model's training data."""
-    from diffslim.methods.layer_prune import calibration, layer_prune
+    from diffslim.methods.layer_prune import calibration, layer_prune, select
 
+    first = ctx.memo.get(("layer_scores", criterion))
+    if first is not None:  # one-shot: the first-order scores of one pass serve every ratio
+        return select(first.layers, first.scores, ratio, first.params, first.by)
     calib = calibration(ctx.loaded.pipe, data=ctx.data, size=ctx.resolution, **LAYER_CALIB)
-    return layer_prune(ctx.loaded.denoiser, criterion, ratio, calib=calib).removed
+    result = layer_prune(ctx.loaded.denoiser, criterion, ratio, calib=calib)
+    if criterion == "output-loss":
+        ctx.memo[("layer_scores", criterion)] = result
+    return result.removed
 
 
 def _default_layer_kd(ctx: BenchContext, ratio: float, names: list[str]):

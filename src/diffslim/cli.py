@@ -271,7 +271,9 @@ def workflow(
     stages: str = typer.Option(..., help="comma-separated stages, applied in order: model stages (layers:R[+kd], "
                                          "bk-sdm:V, depth:N[+ft]), then one schedule stage (steps:N, dpm:N, gamma:N, "
                                          "...), then one skip-plan stage (dipgo:R, deepcache:K, ...), "
-                                         "e.g. layers:0.3+kd,steps:20,dipgo:0.3"),
+                                         "e.g. layers:0.3+kd,steps:20,dipgo:0.3; with --floor, layers:auto, "
+                                         "depth:auto, steps:auto, dpm:auto and deepcache:auto search for the most "
+                                         "aggressive setting that meets it"),
     out: Path = typer.Option(..., help="folder: workflow.json, recipe.json, index.html, stages/ (model stages)"),
     floor: Optional[str] = typer.Option(None, help="stop at the first stage below a floor and keep the stage before, "
                                                    "e.g. psnr=20 or psnr=20,digit_accuracy=0.9 (against the "
@@ -329,7 +331,7 @@ def _check_data(data: str) -> None:
 
 def _print_rows(title, rows, key: str = "method") -> None:
     t = Table(title=title)
-    hidden = ("skipped", "notes", "macs_per_sample", "seconds")
+    hidden = ("skipped", "notes", "macs_per_sample", "seconds", "search")
     cols = list(dict.fromkeys(k for r in rows for k in r if k not in hidden))
     for c in cols:
         t.add_column(c, justify="left" if c == key else "right")

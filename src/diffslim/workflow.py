@@ -17,7 +17,9 @@ A stage is a bench method (:data:`diffslim.bench.METHODS`), applied to the resul
 After each stage its outputs on the evaluation inputs are compared with the ORIGINAL model's outputs (same inputs,
 seeds and step count as the original's run): PSNR/SSIM and the task's metrics, MACs of a sampling run and wall time
 relative to the original's. ``floor`` (e.g. ``{"psnr": 20}``) makes it guided: the first stage that falls below a
-floor is rejected, the workflow stops, and the result is the stage before it.
+floor is rejected, the workflow stops, and the result is the stage before it. With a floor, ``auto`` in place of a
+stage's setting (``layers:auto``, ``depth:auto``, ``steps:auto``, ``dpm:auto``, ``deepcache:auto``) searches for
+the most aggressive setting that still meets the floor, by bisection over the setting's range (see :data:`AUTO`).
 
 Writes ``OUT/workflow.json`` (the rows), ``OUT/recipe.json`` (its ``model`` names the pipeline folder to load: the
 last model stage's, or the original; its sections the schedule and the skip plan) and, from the CLI,
@@ -47,6 +49,10 @@ EXPLICIT_SCHEDULES = ("gamma", "uniform", "karras", "ays", "xue", "evo")
 PLAN_STAGES = ("dipgo", "deepcache", "random", "ga")
 # metrics a floor may hold, all higher-is-better
 FLOOR_METRICS = ("psnr", "ssim", "digit_accuracy", "psnr_gt", "ssim_gt", "clip_score")
+# stages whose setting ``auto`` searches: a valid setting to check the stage with before anything runs
+AUTO = {"layers": "0.5", "depth": "1", "steps": "1", "dpm": "2", "deepcache": "2"}
+LAYER_RATIOS = tuple(round(0.05 * k, 2) for k in range(1, 20))  # the ratios layers:auto tries from
+MAX_DEEPCACHE_INTERVAL = 10
 
 
 def stage_kind(name: str) -> str:
@@ -74,6 +80,14 @@ def parse_stages(text: str) -> list[tuple[str, Optional[str]]]:
         if kinds.count(kind) > 1:
             raise UserError(f"{kinds.count(kind)} {kind} stages ({', '.join(_label(s) for s, k in zip(stages, kinds) if k == kind)}); "
                             f"give at most one")
+    for name, arg in stages:
+        if arg is not None and arg.startswith("auto"):
+            if name not in AUTO:
+                raise UserError(f"{name}:{arg}: auto searches the setting of {', '.join(f'{k}:auto' for k in AUTO)} "
+                                f"only")
+            if arg != "auto":
+                raise UserError(f"{name}:{arg}: auto takes no suffix (it searches without distillation or "
+                                f"fine-tuning); run {name}:auto, then {name}:SETTING{arg[4:]} with the setting it kept")
     explicit = [s for s in stages if s[0] in EXPLICIT_SCHEDULES]
     if explicit and "plan" in kinds:
         raise UserError(f"a skip plan cannot follow {_label(explicit[0])}: plans are learned on the scheduler's own "
@@ -131,7 +145,16 @@ def _below_floor(row: dict, floor: dict[str, float]) -> list[str]:
     return bad
 
 
-def _model_stage(cur, variant, stage, folder: Path, log: Callable[[str], None]):
+def _stage_key(cur, stage, floor: dict, n: int) -> dict:
+    """What makes a model stage's saved folder reusable: the stage, its input model, and for ``auto`` the floor and
+    the number of inputs the search judged by."""
+    key = {"stage": _label(stage), "input": model_fingerprint(cur.source)}
+    if stage[1] == "auto":
+        key.update(floor=dict(sorted(floor.items())), n=n)
+    return key
+
+
+def _model_stage(cur, variant, key: dict, label: str, search, folder: Path, log: Callable[[str], None]):
     """Save the stage's pipeline to ``folder/pipeline`` and reload it from there."""
     from diffslim.models.load import load
 
@@ -139,22 +162,76 @@ def _model_stage(cur, variant, stage, folder: Path, log: Callable[[str], None]):
         shutil.rmtree(folder)
     variant.pipe.save_pretrained(str(folder / "pipeline"), safe_serialization=True)
     # written last: a folder without it is incomplete and is rebuilt
-    (folder / "stage.json").write_text(json.dumps({"stage": _label(stage), "input": model_fingerprint(cur.source)}))
+    (folder / "stage.json").write_text(json.dumps({**key, "label": label, "search": search}))
     log(f"  saved {folder / 'pipeline'}")
     again = load(str(folder / "pipeline"))
     # the zoo entry says which training data the later stages use: a pruned zoo model still learns its zoo task
     return replace(again, zoo=cur.zoo)
 
 
-def _built_stage(cur, stage, folder: Path):
-    """A model stage completed by an earlier run of the same command, or None."""
+def _built_stage(cur, key: dict, folder: Path):
+    """``(loaded, label, search)`` of a model stage completed by an earlier run of the same command, or None."""
     from diffslim.models.load import load
 
     meta = folder / "stage.json"
-    want = {"stage": _label(stage), "input": model_fingerprint(cur.source)}
-    if meta.exists() and json.loads(meta.read_text()) == want and (folder / "pipeline" / "model_index.json").exists():
-        return replace(load(str(folder / "pipeline")), zoo=cur.zoo)
-    return None
+    if not (meta.exists() and (folder / "pipeline" / "model_index.json").exists()):
+        return None
+    saved = json.loads(meta.read_text())
+    label, search = saved.pop("label", key["stage"]), saved.pop("search", None)
+    if saved != key:
+        return None
+    return replace(load(str(folder / "pipeline")), zoo=cur.zoo), label, search
+
+
+def _auto_candidates(name: str, ctx: BenchContext) -> list[str]:
+    """The settings ``name:auto`` tries, mildest first (the stage's identity, where it has one, left out)."""
+    if name == "steps":
+        return [str(n) for n in range(ctx.default_steps - 1, 0, -1)]
+    if name == "dpm":
+        return [str(n) for n in range(ctx.default_steps, 1, -1)]
+    if name == "depth":
+        from diffslim.methods.depth_skip import max_depth
+
+        den = ctx.loaded.denoiser
+        full = getattr(den.config, "depth_skip", None) or max_depth(den)
+        return [str(d) for d in range(full - 1, 0, -1)]
+    if name == "deepcache":
+        return [str(k) for k in range(2, min(MAX_DEEPCACHE_INTERVAL, ctx.default_steps) + 1)]
+    return [f"{r:g}" for r in LAYER_RATIOS]
+
+
+def _auto_search(name: str, ctx: BenchContext, evaluate, floor: dict, log: Callable[[str], None]):
+    """The most aggressive setting of ``name`` whose outputs meet ``floor``, by bisection over
+    :func:`_auto_candidates` (quality is taken to fall as the setting grows more aggressive; every kept
+    setting was measured to meet the floor, but a more aggressive one past a setting that misses it is not tried).
+
+    Returns ``(variant, row, images, trail)`` of the kept setting, or of the mildest one, which then misses the
+    floor, when none meets it; ``trail``: every setting tried, in order, with its metrics and verdict.
+    """
+    from diffslim.evaluate import finite
+
+    cands = _auto_candidates(name, ctx)
+    if not cands:
+        raise UserError(f"{name}:auto: nothing to search on this model ({name} has no setting milder than none)")
+    trail, results = [], {}
+    lo, hi = -1, len(cands)  # cands[:lo + 1] meet the floor, cands[hi:] miss it (taken as monotone)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        setting = f"{name}:{cands[mid]}"
+        variant = METHODS[name](cands[mid], ctx)
+        row, images = evaluate(variant, setting)
+        bad = _below_floor(row, floor)
+        results[mid] = (variant, row, images)
+        trail.append({"setting": setting, "accepted": not bad,
+                      **{k: finite(row[k]) for k in floor if k in row}, "macs_ratio": row["macs_ratio"]})
+        log(f"  {setting}: " + ", ".join(f"{k} {row[k]:.4g}" for k in floor if k in row) +
+            (" meets the floor" if not bad else " misses the floor"))
+        if bad:
+            hi = mid
+        else:
+            lo = mid
+    variant, row, images = results[max(lo, 0)]
+    return variant, row, images, trail
 
 
 def run_workflow(loaded, stages: str, evalset, out, default_steps: int = 50, scheduler: Optional[str] = None,
@@ -179,7 +256,10 @@ def run_workflow(loaded, stages: str, evalset, out, default_steps: int = 50, sch
     dry = BenchContext(loaded=loaded, base_spec=spec, default_steps=default_steps, dry_run=True, data=data,
                        resolution=resolution)
     for name, arg in parsed:  # every stage's argument is checked before anything runs
-        METHODS[name](arg, dry)
+        METHODS[name](AUTO[name] if arg == "auto" else arg, dry)
+        if arg == "auto" and not floor:
+            raise UserError(f"{name}:auto searches for the most aggressive setting that meets a floor: give one, "
+                            "e.g. --floor psnr=30")
     out.mkdir(parents=True, exist_ok=True)
 
     def timed(pipe, s, label):
@@ -203,39 +283,62 @@ def run_workflow(loaded, stages: str, evalset, out, default_steps: int = 50, sch
         label = _label(stage)
         folder = out / "stages" / _slug(i, stage)
         log(f"stage {i}/{len(parsed)}: {label} ({kind})")
-        built = _built_stage(cur, stage, folder) if kind == "model" else None
+        want = _stage_key(cur, stage, floor, len(evalset.inputs))
+        built = _built_stage(cur, want, folder) if kind == "model" else None
+
+        def evaluate(variant, label):
+            """The row of ``variant`` (judged against the original) and its outputs."""
+            try:
+                images, seconds, macs = timed(variant.pipe, variant.spec, label)
+            finally:
+                if variant.cleanup is not None:
+                    variant.cleanup()
+            row = {"stage": label, "kind": kind, "params": variant.params, "macs_per_sample": macs,
+                   "macs_ratio": macs / macs_full, "seconds": seconds, "speedup": t_full / seconds,
+                   **(metrics_fn(images, reference) if metrics_fn else {})}
+            if variant.notes:
+                row["notes"] = variant.notes
+            return row, images
+
+        search = None
         if built is not None:
             from diffslim.bench import Variant
 
+            loaded_stage, label, search = built
             log(f"  loaded from {folder / 'pipeline'} (built by an earlier run)")
-            variant = Variant(label, built.pipe, spec, sum(p.numel() for p in built.denoiser.parameters()),
-                              notes=f"loaded from {folder / 'pipeline'}")
+            row, images = evaluate(Variant(label, loaded_stage.pipe, spec, sum(
+                p.numel() for p in loaded_stage.denoiser.parameters()), notes=f"loaded from {folder / 'pipeline'}"),
+                label)
+            built = loaded_stage
         else:
             ctx = BenchContext(loaded=cur, base_spec=spec, default_steps=steps, data=data, resolution=resolution)
-            variant = METHODS[name](arg, ctx)
-        try:
-            images, seconds, macs = timed(variant.pipe, variant.spec, label)
-        finally:
-            if variant.cleanup is not None:
-                variant.cleanup()
-        row = {"stage": label, "kind": kind, "params": variant.params, "macs_per_sample": macs,
-               "macs_ratio": macs / macs_full, "seconds": seconds, "speedup": t_full / seconds,
-               **(metrics_fn(images, reference) if metrics_fn else {})}
+            if arg == "auto":
+                variant, row, images, search = _auto_search(name, ctx, evaluate, floor, log)
+                label = row["stage"]
+            else:
+                variant = METHODS[name](arg, ctx)
+                row, images = evaluate(variant, label)
         bad = _below_floor(row, floor)
         row["accepted"] = not bad
-        if variant.notes:
-            row["notes"] = variant.notes
+        if search is not None:
+            row["search"] = search
+            tried = "; ".join(f"{t['setting']} {'meets' if t['accepted'] else 'misses'} it"
+                              for t in search)
+            row["notes"] = (row.get("notes", "") + "; " if row.get("notes") else "") + f"auto, tried: {tried}"
         rows.append(row)
         outputs[label] = images
         log(f"  MACs {row['macs_ratio']:.3f} of the original" +
             (f", PSNR {row['psnr']:.2f} dB" if "psnr" in row else "") + ("" if not bad else f": below the floor ({'; '.join(bad)})"))
         if bad:
-            stopped = (f"stage {label} fell below the floor ({'; '.join(bad)}); the result is "
-                       f"{'the original' if not kept else 'the stage ' + kept[-1]}. Try a milder setting of it")
+            result_is = 'the original' if not kept else 'the stage ' + kept[-1]
+            stopped = (f"no setting of {_label(stage)} meets the floor (the mildest, {label}: {'; '.join(bad)}); the "
+                       f"result is {result_is}" if search is not None else
+                       f"stage {label} fell below the floor ({'; '.join(bad)}); the result is {result_is}. Try a "
+                       "milder setting of it")
             break
         kept.append(label)
         if kind == "model":
-            cur = built if built is not None else _model_stage(cur, variant, stage, folder, log)
+            cur = built if built is not None else _model_stage(cur, variant, want, label, search, folder, log)
             model_source = str((folder / "pipeline").resolve())  # loadable from any working directory
         elif kind == "schedule":
             spec = variant.spec
