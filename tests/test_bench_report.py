@@ -154,3 +154,25 @@ def test_workflow_section_of_the_demo_report(tmp_path):
     strict = workflow_section(Report("t"), loaded, "zoo:digits-sd", 10, n=4, stages="steps:5,deepcache:2",
                               floor={"psnr": res["rows"][1]["psnr"] + 0.01})
     assert [r["accepted"] for r in strict["rows"]] == [True, False] and strict["stages_kept"] == []
+
+
+def test_workflow_figure_draws_the_path_the_rejected_stage_and_the_settings_auto_tried():
+    from diffslim.report import workflow_figure
+
+    rows = [{"stage": "original", "macs_ratio": 1.0, "psnr": 100.0},
+            {"stage": "layers:0.4", "macs_ratio": 0.9, "psnr": 38.0, "accepted": True,
+             "search": [{"setting": "layers:0.5", "accepted": False, "psnr": 29.0, "macs_ratio": 0.87},
+                        {"setting": "layers:0.25", "accepted": True, "psnr": 57.0, "macs_ratio": 0.97}]},
+            {"stage": "steps:6", "macs_ratio": 0.11, "psnr": 30.2, "accepted": True},
+            {"stage": "deepcache:2", "macs_ratio": 0.06, "psnr": 27.9, "accepted": False}]
+    ax = workflow_figure(rows, "psnr", 30.0).axes[0]
+    offsets = [c.get_offsets().tolist() for c in ax.collections]
+    assert [[0.97, 57.0]] in offsets and [[0.87, 29.0]] in offsets  # the tried settings, one marker each
+    assert [[0.06, 27.9]] in offsets  # the rejected stage
+    # the original is drawn above every point, tried ones included; the path joins the accepted stages
+    original = [o[0] for o in offsets if o[0][0] == 1.0]
+    assert len(original) == 1 and original[0][1] == pytest.approx(57.0 * 1.08)
+    labels = [t.get_text() for t in ax.texts]
+    assert {"original", "layers:0.4", "steps:6", "deepcache:2 (rejected)"} <= set(labels)
+    assert {t.get_text() for t in ax.get_legend().get_texts()} == {
+        "tried by auto, met the floor", "tried by auto, missed it", "floor 30"}

@@ -264,11 +264,13 @@ def test_auto_stages_search_in_the_workflow_and_a_rerun_loads_the_result(digits,
     assert not any(m.startswith("  layers:") for m in logs) and any("loaded from" in m for m in logs)
     assert torch.equal(again.outputs[layers_row["stage"]], res.outputs[layers_row["stage"]])
     # another floor searches again
-    stricter = run_workflow(loaded, "steps:auto", es, tmp_path / "wf", default_steps=4,
-                            floor={"psnr": floor["psnr"] + 1000}, progress=False, log=lambda m: None,
-                            metrics_fn=_psnr_metrics)
-    assert stricter.stages_kept == [] and "no setting of steps:auto meets the floor" in stricter.stopped
-    assert stricter.rows[1]["stage"] == "steps:3" and not stricter.rows[1]["accepted"]
+    # an auto stage that nothing lets meet the floor is skipped, and the next stage still runs
+    stricter = run_workflow(loaded, "steps:auto,deepcache:2", es, tmp_path / "wf", default_steps=4,
+                            floor={"psnr": 1000.0}, progress=False, log=lambda m: None, metrics_fn=_psnr_metrics)
+    assert [r["stage"] for r in stricter.rows] == ["original", "steps:3", "deepcache:2"]
+    assert [r["accepted"] for r in stricter.rows] == [True, False, False]
+    assert "no setting meets the floor" in stricter.rows[1]["notes"] and "deepcache:2 fell below" in stricter.stopped
+    assert stricter.stages_kept == [] and stricter.recipe.is_identity()
     with pytest.raises(UserError, match="give one, e.g. --floor psnr=30"):
         run_workflow(loaded, "steps:auto", es, tmp_path / "nofloor", default_steps=STEPS, progress=False,
                      log=lambda m: None)

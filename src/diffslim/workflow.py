@@ -19,7 +19,9 @@ seeds and step count as the original's run): PSNR/SSIM and the task's metrics, M
 relative to the original's. ``floor`` (e.g. ``{"psnr": 20}``) makes it guided: the first stage that falls below a
 floor is rejected, the workflow stops, and the result is the stage before it. With a floor, ``auto`` in place of a
 stage's setting (``layers:auto``, ``depth:auto``, ``steps:auto``, ``dpm:auto``, ``deepcache:auto``) searches for
-the most aggressive setting that still meets the floor, by bisection over the setting's range (see :data:`AUTO`).
+the most aggressive setting that still meets the floor, by bisection over the setting's range (see :data:`AUTO`);
+an auto stage that no setting lets meet the floor is skipped, and the workflow goes on. Auto stages spend the
+floor in the order given: the first takes all it can.
 
 Writes ``OUT/workflow.json`` (the rows), ``OUT/recipe.json`` (its ``model`` names the pipeline folder to load: the
 last model stage's, or the original; its sections the schedule and the skip plan) and, from the CLI,
@@ -329,12 +331,13 @@ def run_workflow(loaded, stages: str, evalset, out, default_steps: int = 50, sch
         outputs[label] = images
         log(f"  MACs {row['macs_ratio']:.3f} of the original" +
             (f", PSNR {row['psnr']:.2f} dB" if "psnr" in row else "") + ("" if not bad else f": below the floor ({'; '.join(bad)})"))
+        if bad and search is not None:  # nothing to keep of this stage: go on without it
+            row["notes"] += f"; no setting meets the floor (the mildest, {label}: {'; '.join(bad)}): stage skipped"
+            log(f"  no setting of {_label(stage)} meets the floor: the stage is skipped")
+            continue
         if bad:
-            result_is = 'the original' if not kept else 'the stage ' + kept[-1]
-            stopped = (f"no setting of {_label(stage)} meets the floor (the mildest, {label}: {'; '.join(bad)}); the "
-                       f"result is {result_is}" if search is not None else
-                       f"stage {label} fell below the floor ({'; '.join(bad)}); the result is {result_is}. Try a "
-                       "milder setting of it")
+            stopped = (f"stage {label} fell below the floor ({'; '.join(bad)}); the result is "
+                       f"{'the original' if not kept else 'the stage ' + kept[-1]}. Try a milder setting of it")
             break
         kept.append(label)
         if kind == "model":

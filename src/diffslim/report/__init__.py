@@ -316,19 +316,28 @@ def pareto_figure(rows: Sequence[dict], metric: str = "psnr", title: str = ""):
 def workflow_figure(rows: Sequence[dict], metric: str = "psnr", floor: Optional[float] = None, title: str = ""):
     """The workflow's path: ``metric`` against the original's outputs vs MACs ratio, stage after stage.
 
-    Accepted stages are joined by arrows from the original (MACs ratio 1); a rejected stage is a red cross;
+    Accepted stages are joined by arrows from the original (MACs ratio 1); a rejected stage is a red cross; the
+    settings an ``auto`` stage tried (its row's ``search``) are small grey dots, hollow where they missed the floor;
     ``floor`` is drawn as a dashed line. The original's own PSNR is infinite and is drawn at the top."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     pts = [(r["macs_ratio"], float(r[metric]), r) for r in rows[1:] if r.get(metric) is not None
            and math.isfinite(float(r[metric]))]
-    top = max([p[1] for p in pts] + ([floor] if floor is not None else []) + [0.0]) * 1.08 + 1e-9
+    tried = [(t["macs_ratio"], float(t[metric]), t["accepted"]) for r in rows[1:] for t in r.get("search") or []
+             if t.get(metric) is not None and math.isfinite(float(t[metric]))]
+    top = max([p[1] for p in pts] + [t[1] for t in tried] + ([floor] if floor is not None else []) + [0.0]) * 1.08 + 1e-9
     path = [(1.0, top, rows[0])] + [p for p in pts if p[2].get("accepted", True)]
     for (x0, y0, _), (x1, y1, _) in zip(path, path[1:]):
         ax.annotate("", (x1, y1), (x0, y0), arrowprops=dict(arrowstyle="->", color="tab:blue", lw=1.2))
     for x, y, r in path:
         ax.scatter(x, y, color="tab:blue", s=30, zorder=3)
         ax.annotate(str(r["stage"]), (x, y), fontsize=8, xytext=(4, 4), textcoords="offset points")
+    if tried:
+        for ok in (True, False):
+            xs = [(x, y) for x, y, a in tried if a == ok]
+            if xs:
+                ax.scatter(*zip(*xs), s=14, zorder=2, color="0.55", facecolors="0.55" if ok else "none",
+                           label="tried by auto, " + ("met the floor" if ok else "missed it"))
     for x, y, r in pts:
         if not r.get("accepted", True):
             ax.scatter(x, y, color="tab:red", marker="x", s=50, zorder=3)
@@ -336,6 +345,7 @@ def workflow_figure(rows: Sequence[dict], metric: str = "psnr", floor: Optional[
                         textcoords="offset points")
     if floor is not None:
         ax.axhline(floor, color="tab:red", ls="--", lw=0.8, label=f"floor {floor:g}")
+    if floor is not None or tried:
         ax.legend(fontsize=8)
     ax.set_xlabel("MACs of the sampling run / original")
     ax.set_ylabel(f"{metric} vs the original (the original at the top)")
