@@ -142,3 +142,16 @@ def test_the_first_up_resnet_after_a_removed_mid_block_can_be_removed(unet, call
     assert removed_modules(unet, max_depth(unet) - 1) == ["mid_block"]
     m = prune_layers(deep, ["up_blocks.0.resnets.0"])
     assert torch.equal(call(m), call(depth_skip(prune_layers(unet, ["up_blocks.0.resnets.0"]), max_depth(unet) - 1)))
+
+
+def test_multi_depth_on_a_layer_pruned_unet_keeps_the_layers_removed_at_every_step(unet):
+    from diffslim.methods.depth_skip import multi_depth
+
+    pruned = prune_layers(unet, LAYERS)
+    routed = multi_depth(depth_skip(pruned, max_depth(unet)), [(500, DEPTH)])
+    x, ctx = torch.randn(1, 1, 8, 8), torch.randn(1, 2, 32)
+    with torch.no_grad():
+        for t, want in ((900, depth_skip(pruned, DEPTH)), (100, pruned)):
+            tt = torch.tensor([t])
+            assert torch.equal(routed(x, tt, encoder_hidden_states=ctx).sample,
+                               want(x, tt, encoder_hidden_states=ctx).sample), t
