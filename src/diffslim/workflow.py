@@ -214,7 +214,8 @@ def _auto_search(name: str, ctx: BenchContext, evaluate, floor: dict, log: Calla
 
     cands = _auto_candidates(name, ctx)
     if not cands:
-        raise UserError(f"{name}:auto: nothing to search on this model ({name} has no setting milder than none)")
+        raise UserError(f"{name}:auto has no setting to try here: the stage before already left {name} at its most "
+                        "aggressive (e.g. 1 step, depth 1)")
     trail, results = [], {}
     lo, hi = -1, len(cands)  # cands[:lo + 1] meet the floor, cands[hi:] miss it (taken as monotone)
     while hi - lo > 1:
