@@ -155,3 +155,17 @@ def test_multi_depth_on_a_layer_pruned_unet_keeps_the_layers_removed_at_every_st
             tt = torch.tensor([t])
             assert torch.equal(routed(x, tt, encoder_hidden_states=ctx).sample,
                                want(x, tt, encoder_hidden_states=ctx).sample), t
+
+
+@pytest.mark.parametrize("variant", ["base", "small", "tiny"])
+def test_bk_sdm_on_a_depth_skipped_unet_removes_the_union(unet, call, variant):
+    from diffslim.methods.layer_prune import bk_sdm_layers
+
+    deep = depth_skip(unet, 9)
+    names = bk_sdm_layers(deep, variant)
+    full = bk_sdm_layers(unet, variant)
+    gone = removed_modules(unet, 9)
+    assert names == [n for n in full if not any(n == g or n.startswith(g + ".") for g in gone)] and names != full
+    a = prune_layers(deep, names)
+    b = depth_skip(prune_layers(unet, full), 9)
+    assert torch.equal(call(a), call(b)) and _n(a) == _n(b) < _n(deep)

@@ -505,7 +505,8 @@ def bk_sdm_layers(unet: nn.Module, variant: str) -> list[str]:
 
     base: the second resnet(+attention) of every down level and the middle resnet(+attention) of every
     up level; small: base and the whole mid block; tiny: small and the innermost level (its down and
-    up blocks, and the down/upsampler pair that leads to and from it).
+    up blocks, and the down/upsampler pair that leads to and from it). On a model pruned before (by layer
+    pruning or depth skipping) the layers already gone are left out: the result removes the union.
     """
     if variant not in BK_SDM:
         raise UserError(f"unknown BK-SDM variant {variant!r}; accepted: {', '.join(BK_SDM)}")
@@ -530,7 +531,7 @@ def bk_sdm_layers(unet: nn.Module, variant: str) -> list[str]:
         names += pair(f"up_blocks.{i}", 1)
     if variant in ("small", "tiny") and getattr(unet, "mid_block", None) is not None:
         mid = unet.mid_block
-        names += [f"mid_block.resnets.{k}" for k in range(len(mid.resnets))]
+        names += [f"mid_block.resnets.{k}" for k in range(len(getattr(mid, "resnets", []) or []))]
         names += [f"mid_block.attentions.{k}" for k in range(len(getattr(mid, "attentions", []) or []))]
     if variant == "tiny":
         last = len(unet.down_blocks) - 1
@@ -542,7 +543,20 @@ def bk_sdm_layers(unet: nn.Module, variant: str) -> list[str]:
                 names += [f"{bname}.{part}.{k}" for k in range(len(getattr(block, part, None) or []))]
         prev = unet.down_blocks[last - 1]
         names += [f"down_blocks.{last - 1}.downsamplers.{k}" for k in range(len(prev.downsamplers or []))]
-    return names
+    return [n for n in names if _still_there(unet, n)]
+
+
+def _still_there(model: nn.Module, name: str) -> bool:
+    """Whether layer ``name`` is still in ``model``: not removed by an earlier pruning (a layer-pruning stand-in)
+    nor inside or replaced by another method's stand-in (depth skipping's, which layer pruning cannot remove)."""
+    from diffusers.models.resnet import Downsample2D, Upsample2D
+
+    try:
+        m = model.get_submodule(name)
+    except AttributeError:  # a container on the way was replaced by a stand-in
+        return False
+    return _is_resnet(m) or _is_attention(m) or isinstance(m, (Downsample2D, Upsample2D)) or (
+        _is_block_entry(model, name) and not isinstance(m, PrunedTransformerBlock))
 
 
 # ------------------------------------------------------------------------------------------
