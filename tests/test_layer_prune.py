@@ -534,3 +534,13 @@ def test_bench_layers_kd_distils_once_and_caches(tmp_path, monkeypatch):
     stamp = runs[0].stat().st_mtime_ns
     r = CliRunner().invoke(app, args)  # the second bench reuses the cached student
     assert r.exit_code == 0 and runs[0].stat().st_mtime_ns == stamp
+    assert json.loads(runs[0].read_text())["config"]["lambda_task"] == 1.0
+    # without the task loss: another cached student, trained on output and feature distillation only
+    r = CliRunner().invoke(app, args + ["--kd-task-weight", "0"])
+    assert r.exit_code == 0, r.output
+    notask = {x["method"]: x for x in json.loads(r.stdout)["rows"]}["layers:0.3+kd"]
+    assert "(no task loss)" in notask["notes"] and notask["psnr"] != rows["layers:0.3+kd"]["psnr"]
+    runs = sorted((tmp_path / "cache" / "layer_kd").glob("*/distill.json"), key=lambda f: f.stat().st_mtime_ns)
+    assert len(runs) == 2 and json.loads(runs[1].read_text())["config"]["lambda_task"] == 0.0
+    r = CliRunner().invoke(app, args + ["--kd-task-weight", "-1"])
+    assert r.exit_code != 0 and "give a number >= 0" in r.output

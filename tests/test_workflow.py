@@ -274,3 +274,23 @@ def test_auto_stages_search_in_the_workflow_and_a_rerun_loads_the_result(digits,
     with pytest.raises(UserError, match="give one, e.g. --floor psnr=30"):
         run_workflow(loaded, "steps:auto", es, tmp_path / "nofloor", default_steps=STEPS, progress=False,
                      log=lambda m: None)
+
+
+def test_a_stage_trained_with_another_task_weight_is_not_reused():
+    from types import SimpleNamespace
+
+    from diffslim.workflow import _stage_key
+
+    cur = SimpleNamespace(source="zoo:digits-sd")
+    assert _stage_key(cur, ("layers", "0.3+kd"), {}, 4) == _stage_key(cur, ("layers", "0.3+kd"), {}, 4, 1.0)
+    assert _stage_key(cur, ("layers", "0.3+kd"), {}, 4, 0.0)["task_weight"] == 0.0
+    assert _stage_key(cur, ("depth", "7+ft"), {}, 4, 0.5)["task_weight"] == 0.5
+    assert "task_weight" not in _stage_key(cur, ("layers", "0.3"), {}, 4, 0.0)
+    auto = _stage_key(cur, ("layers", "auto"), {"psnr": 30.0}, 16)
+    assert auto["floor"] == {"psnr": 30.0} and auto["n"] == 16
+    from diffslim.bench import check_task_weight
+
+    assert check_task_weight(0) == 0.0
+    for bad in (float("nan"), -0.5, float("inf")):
+        with pytest.raises(UserError, match="give a number >= 0"):
+            check_task_weight(bad)

@@ -34,8 +34,22 @@ class BenchContext:
     # folder (captions optional), its images at ``resolution`` px (default: the pipeline's own size)
     data: str = "zoo"
     resolution: Optional[int] = None
+    # weight of the diffusion task loss in the distillation of ``+kd`` and the fine-tuning of ``+ft`` (1: the papers'
+    # loss; 0: output and feature distillation only, which keeps the student closer to the model it was pruned from)
+    task_weight: float = 1.0
     # results a builder may reuse when called again on the same model (the layer scores of a ratio search)
     memo: dict = field(default_factory=dict, repr=False)
+
+    def train_key(self) -> str:
+        """What the training settings add to a cache key: nothing for the defaults, so earlier caches still hit."""
+        return "" if self.task_weight == 1.0 else f"|task={self.task_weight:g}"
+
+    def train_note(self, what: str) -> str:
+        """The loss of a ``+kd``/``+ft`` run in words."""
+        if self.task_weight == 0.0:
+            return f"output + {what} distillation (no task loss)"
+        weight = "" if self.task_weight == 1.0 else f" x{self.task_weight:g}"
+        return f"task{weight} + output + {what} distillation"
 
     def needs_data(self, method: str) -> None:
         """Refuse ``method`` (which scores or trains) on a model that has no zoo data when no ``data`` is given."""
@@ -201,6 +215,15 @@ def _mdepth(arg, ctx: BenchContext) -> Variant:
 DEFAULT_FT = dict(steps=300, batch_size=32, lr=2e-4)
 
 
+def check_task_weight(weight: float) -> float:
+    """A task-loss weight for ``+kd``/``+ft`` training: a finite number >= 0, else a :class:`UserError`."""
+    import math
+
+    if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight >= 0):
+        raise UserError(f"--kd-task-weight {weight!r}: give a number >= 0 (1: the papers' loss; 0: distillation only)")
+    return float(weight)
+
+
 def _default_finetune(ctx: BenchContext, depth: int):
     """The short default fine-tuning run of ``depth:N+ft``, cached by model, depth and settings."""
     import hashlib
@@ -212,15 +235,16 @@ def _default_finetune(ctx: BenchContext, depth: int):
 
     ctx.needs_data(f"depth:{depth}+ft")
     data = "" if ctx.data == "zoo" else f"|{ctx.data_key()}"  # zoo keys as before, so earlier caches still hit
-    key = hashlib.sha256(f"{model_fingerprint(ctx.loaded.source)}|{depth}|{sorted(DEFAULT_FT.items())}{data}".encode()
-                         ).hexdigest()[:16]
+    key = hashlib.sha256(f"{model_fingerprint(ctx.loaded.source)}|{depth}|{sorted(DEFAULT_FT.items())}{data}"
+                         f"{ctx.train_key()}".encode()).hexdigest()[:16]
     root = Path(os.environ.get("DIFFSLIM_CACHE", Path.home() / ".cache" / "diffslim")) / "finetune" / key
     folder = root / "student"
     if not (folder / "config.json").exists():
-        cfg = DistillConfig(out=root, checkpoint_every=100, log_every=25, normalized=False, **DEFAULT_FT)
+        cfg = DistillConfig(out=root, checkpoint_every=100, log_every=25, normalized=False,
+                            lambda_task=ctx.task_weight, **DEFAULT_FT)
         finetune_depth(ctx.loaded.pipe, depth, ctx.data, cfg)
     return folder, (f"fine-tuned {DEFAULT_FT['steps']} steps (batch {DEFAULT_FT['batch_size']}, lr {DEFAULT_FT['lr']}) "
-                    f"with task + output + feature distillation; cached at {root}")
+                    f"with {ctx.train_note('feature')}; cached at {root}")
 
 
 def _explicit_schedule_variant(method: str, ctx: BenchContext, timesteps, notes: str = "") -> Variant:
@@ -396,15 +420,17 @@ def _default_layer_kd(ctx: BenchContext, ratio: float, names: list[str]):
 
     data = "" if ctx.data == "zoo" else f"|{ctx.data_key()}"  # zoo keys as before, so earlier caches still hit
     key = hashlib.sha256(f"{model_fingerprint(ctx.loaded.source)}|{sorted(names)}|{sorted(DEFAULT_KD.items())}{data}"
-                         .encode()).hexdigest()[:16]
+                         f"{ctx.train_key()}".encode()).hexdigest()[:16]
     root = Path(os.environ.get("DIFFSLIM_CACHE", Path.home() / ".cache" / "diffslim")) / "layer_kd" / key
     folder = root / "student"
     if not (folder / "config.json").exists():
-        cfg = DistillConfig(out=root, checkpoint_every=100, log_every=25, normalized=True, **DEFAULT_KD)
+        cfg = DistillConfig(out=root, checkpoint_every=100, log_every=25, normalized=True,
+                            lambda_task=ctx.task_weight, **DEFAULT_KD)
         distill_pruned(ctx.loaded.pipe, prune_layers(ctx.loaded.denoiser, names), cfg, data=ctx.data,
                        size=ctx.resolution)
-    return folder, (f"normalized distillation {DEFAULT_KD['steps']} steps (batch {DEFAULT_KD['batch_size']}, "
-                    f"lr {DEFAULT_KD['lr']}, feature weight matched to the plain sum); cached at {root}")
+    return folder, (f"{DEFAULT_KD['steps']} steps of {ctx.train_note('normalized feature')} (batch "
+                    f"{DEFAULT_KD['batch_size']}, lr {DEFAULT_KD['lr']}, feature weight matched to the plain sum); "
+                    f"cached at {root}")
 
 
 @register_method("layers", "layers:R, one-shot layer pruning (LAPTOP-Diff output-loss criterion) removing a share R "
@@ -703,11 +729,13 @@ class BenchResult:
 
 def run_bench(loaded, methods: str, evalset, default_steps: int = 50, scheduler: Optional[str] = None,
               batch_size: int = 16, metrics_fn: Optional[Callable] = None, progress: bool = True,
-              repeats: int = 1, data: str = "zoo", resolution: Optional[int] = None) -> BenchResult:
+              repeats: int = 1, data: str = "zoo", resolution: Optional[int] = None,
+              task_weight: float = 1.0) -> BenchResult:
     """Run every method on ``evalset``'s inputs; ``full`` always runs first as the reference.
 
     ``metrics_fn(outputs, reference) -> dict`` adds quality and task metrics to each row. ``data`` and
-    ``resolution``: what the methods that score or train use (see :class:`BenchContext`).
+    ``resolution``: what the methods that score or train use; ``task_weight``: the task loss's weight in their
+    training (see :class:`BenchContext`).
     Wall time is the best of ``repeats`` timed runs after one untimed warm-up batch.
     """
     if loaded.pipe is None:
@@ -723,7 +751,8 @@ def run_bench(loaded, methods: str, evalset, default_steps: int = 50, scheduler:
                        resolution=resolution)
     for name, arg in parsed:
         METHODS[name](arg, dry)
-    ctx = BenchContext(loaded=loaded, base_spec=base, default_steps=default_steps, data=data, resolution=resolution)
+    ctx = BenchContext(loaded=loaded, base_spec=base, default_steps=default_steps, data=data, resolution=resolution,
+                       task_weight=check_task_weight(task_weight))
     rows, outputs = [], {}
     full_time = full_macs = None
     for name, arg in parsed:

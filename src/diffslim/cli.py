@@ -234,21 +234,25 @@ def bench(
     data: str = typer.Option("zoo", help="training data of the methods that score or train (layers:R, +kd, +ft): "
                                          "'zoo' or an image folder, captions optional"),
     resolution: Optional[int] = typer.Option(None, help="image size in px of the --data folder's images"),
+    kd_task_weight: float = typer.Option(1.0, help="weight of the diffusion task loss when +kd distils and +ft "
+                                                    "fine-tunes (1: the papers' loss; 0: output and feature "
+                                                    "distillation only, which stays closer to the unpruned model)"),
 ):
     """Compare compression methods on the same inputs in one run: MACs, speed and quality, one row each."""
     _quiet_libraries()
-    from diffslim.bench import parse_methods, run_bench
+    from diffslim.bench import check_task_weight, parse_methods, run_bench
     from diffslim.evaluate import eval_set_for, finite, metrics_fn_for
     from diffslim.models.load import load
 
     parse_methods(methods)  # reject bad method names before loading anything
     _check_data(data)
+    check_task_weight(kd_task_weight)
     loaded = load(model)
     es = eval_set_for(loaded, n, seed=seed, prompts_file=prompts)
     default_steps = steps or (loaded.zoo.default_steps if loaded.zoo else 50)
     res = run_bench(loaded, methods, es, default_steps=default_steps, scheduler=scheduler, batch_size=batch_size,
                     metrics_fn=metrics_fn_for(loaded, es, clip_path=clip, lpips_path=lpips, inception_path=inception),
-                    progress=not as_json, repeats=repeats, data=data, resolution=resolution)
+                    progress=not as_json, repeats=repeats, data=data, resolution=resolution, task_weight=kd_task_weight)
     rows = [{k: finite(v) for k, v in r.items()} for r in res.rows]
     if html is not None:
         from diffslim.report import Report, add_bench_section
@@ -287,10 +291,14 @@ def workflow(
     data: str = typer.Option("zoo", help="training data of the stages that score or train (layers:R, +kd, +ft): "
                                          "'zoo' or an image folder, captions optional"),
     resolution: Optional[int] = typer.Option(None, help="image size in px of the --data folder's images"),
+    kd_task_weight: float = typer.Option(1.0, help="weight of the diffusion task loss when +kd distils and +ft "
+                                                    "fine-tunes (1: the papers' loss; 0: output and feature "
+                                                    "distillation only, which stays closer to the unpruned model)"),
     as_json: bool = typer.Option(False, "--json"),
 ):
     """Stack methods stage by stage, each judged against the original; write the final recipe and pipeline."""
     _quiet_libraries()
+    from diffslim.bench import check_task_weight
     from diffslim.evaluate import eval_set_for, finite, metrics_fn_for
     from diffslim.models.load import load
     from diffslim.report import Report, add_workflow_section
@@ -298,6 +306,7 @@ def workflow(
 
     parse_stages(stages)  # reject bad stages before loading anything
     _check_data(data)
+    check_task_weight(kd_task_weight)
     floors = parse_floor(floor)
     if n < 1:
         raise UserError(f"--n must be >= 1, got {n}")
@@ -307,7 +316,8 @@ def workflow(
     res = run_workflow(loaded, stages, es, out, default_steps=default_steps, scheduler=scheduler,
                        batch_size=batch_size, metrics_fn=metrics_fn_for(loaded, es), floor=floors,
                        progress=not as_json, log=(lambda m: None) if as_json else
-                       (lambda m: console.print(m, highlight=False)), data=data, resolution=resolution)
+                       (lambda m: console.print(m, highlight=False)), data=data, resolution=resolution,
+                       task_weight=kd_task_weight)
     rep = Report(f"diffslim workflow: {model}")
     add_workflow_section(rep, model, res, floors)
     rep.write(out)

@@ -40,7 +40,7 @@ from typing import Callable, Optional
 
 import torch
 
-from diffslim.bench import METHODS, BenchContext, count_run_macs, parse_methods
+from diffslim.bench import METHODS, BenchContext, check_task_weight, count_run_macs, parse_methods
 from diffslim.errors import UserError
 from diffslim.recipe import Recipe
 from diffslim.sample import SampleSpec, model_fingerprint, run_pipeline, sample
@@ -147,12 +147,14 @@ def _below_floor(row: dict, floor: dict[str, float]) -> list[str]:
     return bad
 
 
-def _stage_key(cur, stage, floor: dict, n: int) -> dict:
-    """What makes a model stage's saved folder reusable: the stage, its input model, and for ``auto`` the floor and
-    the number of inputs the search judged by."""
+def _stage_key(cur, stage, floor: dict, n: int, task_weight: float = 1.0) -> dict:
+    """What makes a model stage's saved folder reusable: the stage, its input model, for ``auto`` the floor and the
+    number of inputs the search judged by, and for ``+kd``/``+ft`` another task-loss weight than the default."""
     key = {"stage": _label(stage), "input": model_fingerprint(cur.source)}
     if stage[1] == "auto":
         key.update(floor=dict(sorted(floor.items())), n=n)
+    if task_weight != 1.0 and any(t in (stage[1] or "") for t in ("+kd", "+ft")):
+        key.update(task_weight=task_weight)
     return key
 
 
@@ -240,18 +242,20 @@ def _auto_search(name: str, ctx: BenchContext, evaluate, floor: dict, log: Calla
 def run_workflow(loaded, stages: str, evalset, out, default_steps: int = 50, scheduler: Optional[str] = None,
                  batch_size: int = 16, metrics_fn: Optional[Callable] = None, floor: Optional[dict] = None,
                  progress: bool = True, log: Callable[[str], None] = print, data: str = "zoo",
-                 resolution: Optional[int] = None) -> WorkflowResult:
+                 resolution: Optional[int] = None, task_weight: float = 1.0) -> WorkflowResult:
     """Run ``stages`` (see :func:`parse_stages`) on ``loaded`` in order; every row is judged against the original.
 
     ``evalset``: the inputs and seeds every stage samples; ``metrics_fn(outputs, reference) -> dict`` as in
     :func:`diffslim.bench.run_bench`; ``floor``: ``{metric: lowest accepted value}`` (see :func:`parse_floor`);
-    ``data``/``resolution``: the training data of stages that score or train (see :class:`~diffslim.bench.BenchContext`).
+    ``data``/``resolution``: the training data of stages that score or train, ``task_weight`` the task loss's weight in
+    their training (see :class:`~diffslim.bench.BenchContext`).
     Rows hold ``stage``, ``kind``, ``params``, ``macs_per_sample``, ``macs_ratio`` and ``speedup`` (against the
     original), the metrics, ``accepted`` and ``notes``.
     """
     if loaded.pipe is None:
         raise UserError(f"{loaded.source} has no pipeline to sample; the workflow needs a pipeline folder or zoo:NAME")
     parsed = parse_stages(stages)
+    check_task_weight(task_weight)
     floor = dict(floor or {})
     out = Path(out)
     spec = SampleSpec(inputs=evalset.inputs, seeds=evalset.seeds, num_inference_steps=default_steps,
@@ -286,7 +290,7 @@ def run_workflow(loaded, stages: str, evalset, out, default_steps: int = 50, sch
         label = _label(stage)
         folder = out / "stages" / _slug(i, stage)
         log(f"stage {i}/{len(parsed)}: {label} ({kind})")
-        want = _stage_key(cur, stage, floor, len(evalset.inputs))
+        want = _stage_key(cur, stage, floor, len(evalset.inputs), task_weight)
         built = _built_stage(cur, want, folder) if kind == "model" else None
 
         def evaluate(variant, label):
@@ -314,7 +318,8 @@ def run_workflow(loaded, stages: str, evalset, out, default_steps: int = 50, sch
                 label)
             built = loaded_stage
         else:
-            ctx = BenchContext(loaded=cur, base_spec=spec, default_steps=steps, data=data, resolution=resolution)
+            ctx = BenchContext(loaded=cur, base_spec=spec, default_steps=steps, data=data, resolution=resolution,
+                               task_weight=task_weight)
             if arg == "auto":
                 variant, row, images, search = _auto_search(name, ctx, evaluate, floor, log)
                 label = row["stage"]
