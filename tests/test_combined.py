@@ -169,3 +169,10 @@ def test_bk_sdm_on_a_depth_skipped_unet_removes_the_union(unet, call, variant):
     a = prune_layers(deep, names)
     b = depth_skip(prune_layers(unet, full), 9)
     assert torch.equal(call(a), call(b)) and _n(a) == _n(b) < _n(deep)
+
+
+def test_more_layers_pruned_from_a_stacked_model_add_to_its_removed_layers(unet, call):
+    a = prune_layers(depth_skip(unet, DEPTH), LAYERS[:2])
+    b = prune_layers(a, LAYERS[2:])
+    assert type(b) is DepthSkipLayerPrunedUNet2DConditionModel and list(b.config.removed_layers) == LAYERS
+    assert torch.equal(call(b), call(prune_layers(depth_skip(unet, DEPTH), LAYERS)))
