@@ -294,3 +294,19 @@ def test_a_stage_trained_with_another_task_weight_is_not_reused():
     for bad in (float("nan"), -0.5, float("inf")):
         with pytest.raises(UserError, match="give a number >= 0"):
             check_task_weight(bad)
+
+
+def test_without_stages_the_cli_runs_the_default_auto_stack_for_the_denoiser(tmp_path):
+    from diffslim.workflow import default_stages
+
+    run = lambda *a: CliRunner().invoke(app, ["workflow", *map(str, a)])
+    r = run("zoo:digits-dit", "--n", 2, "--steps", 4, "--floor", "psnr=20", "--out", tmp_path / "wf", "--json")
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    stages = [x["stage"].split(":")[0] for x in res["rows"][1:]]
+    assert stages == ["layers", "steps"] == [s.split(":")[0] for s in default_stages(
+        diffslim.load("zoo:digits-dit").denoiser).split(",")]
+    assert all(x["search"] for x in res["rows"][1:])
+    assert default_stages(diffslim.load("zoo:digits-sd").denoiser) == "layers:auto,steps:auto,deepcache:auto"
+    r = run("zoo:digits-dit", "--out", tmp_path / "bad")
+    assert r.exit_code != 0 and "give --stages, or a --floor" in r.output and not (tmp_path / "bad").exists()

@@ -272,12 +272,14 @@ def bench(
 @_guard
 def workflow(
     model: str = typer.Argument(..., help="pipeline folder or zoo:NAME"),
-    stages: str = typer.Option(..., help="comma-separated stages, applied in order: model stages (layers:R[+kd], "
+    stages: Optional[str] = typer.Option(None, help="comma-separated stages, applied in order: model stages (layers:R[+kd], "
                                          "bk-sdm:V, depth:N[+ft]), then one schedule stage (steps:N, dpm:N, gamma:N, "
                                          "...), then one skip-plan stage (dipgo:R, deepcache:K, ...), "
                                          "e.g. layers:0.3+kd,steps:20,dipgo:0.3; with --floor, layers:auto, "
                                          "depth:auto, steps:auto, dpm:auto and deepcache:auto search for the most "
-                                         "aggressive setting that meets it"),
+                                         "aggressive setting that meets it; without --stages, with a floor: "
+                                         "layers:auto,steps:auto,deepcache:auto on a U-Net, layers:auto,steps:auto "
+                                         "on a transformer"),
     out: Path = typer.Option(..., help="folder: workflow.json, recipe.json, index.html, stages/ (model stages)"),
     floor: Optional[str] = typer.Option(None, help="stop at the first stage below a floor and keep the stage before, "
                                                    "e.g. psnr=20 or psnr=20,digit_accuracy=0.9 (against the "
@@ -304,13 +306,22 @@ def workflow(
     from diffslim.report import Report, add_workflow_section
     from diffslim.workflow import parse_floor, parse_stages, run_workflow
 
-    parse_stages(stages)  # reject bad stages before loading anything
+    if stages is not None:
+        parse_stages(stages)  # reject bad stages before loading anything
     _check_data(data)
     check_task_weight(kd_task_weight)
     floors = parse_floor(floor)
+    if stages is None and not floors:
+        raise UserError("give --stages, or a --floor (e.g. psnr=30) for the default stack of auto stages")
     if n < 1:
         raise UserError(f"--n must be >= 1, got {n}")
     loaded = load(model)
+    if stages is None:
+        from diffslim.workflow import default_stages
+
+        stages = default_stages(loaded.denoiser)
+        if not as_json:
+            console.print(f"stages: {stages} (the default for a {type(loaded.denoiser).__name__})", highlight=False)
     es = eval_set_for(loaded, n, seed=seed, prompts_file=prompts)
     default_steps = steps or (loaded.zoo.default_steps if loaded.zoo else 50)
     res = run_workflow(loaded, stages, es, out, default_steps=default_steps, scheduler=scheduler,

@@ -57,6 +57,15 @@ LAYER_RATIOS = tuple(round(0.05 * k, 2) for k in range(1, 20))  # the ratios lay
 MAX_DEEPCACHE_INTERVAL = 10
 
 
+def default_stages(denoiser) -> str:
+    """The stack ``diffslim workflow`` runs when no stages are given (it needs a floor): every stage ``auto``, one of
+    each kind that applies to the denoiser. On a U-Net: layer pruning, fewer steps, then DeepCache; on a
+    transformer: layer pruning, then fewer steps. An auto stage that cannot meet the floor is skipped."""
+    if hasattr(denoiser, "down_blocks") and hasattr(denoiser, "up_blocks"):
+        return "layers:auto,steps:auto,deepcache:auto"
+    return "layers:auto,steps:auto"
+
+
 def stage_kind(name: str) -> str:
     """``"model"``, ``"schedule"`` or ``"plan"``; a :class:`UserError` for a bench method that cannot be a stage."""
     for kind, names in (("model", MODEL_STAGES), ("schedule", SCHEDULE_STAGES), ("plan", PLAN_STAGES)):
