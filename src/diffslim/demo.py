@@ -25,7 +25,7 @@ DEMO_PLAN = {
     "digits-sd": dict(n=50, methods="full,steps:25,steps:10,depth:9,depth:7,depth:7+ft,uniform:10,karras:10,ays:10,"
                                     "gamma:10,dpm:10,xue:10,deepcache:3,layers:0.3,bk-sdm:base" + _plan_method("digits-sd"),
                       depth_search=dict(n=20, mode="linear"), layers=dict(greedy=False, pairs=True, kd_steps=0),
-                      workflow=dict(n=16, stages="layers:auto,steps:auto,deepcache:2", floor={"psnr": 30.0})),
+                      workflow=dict(n=16, stages="layers:auto,steps:auto,deepcache:auto", floor={"psnr": 30.0})),
     "digits-dit": dict(n=50, methods="full,steps:25,steps:10,uniform:10,karras:10,ays:10,gamma:10,fbcache,layers:0.3"
                                      + _plan_method("digits-dit"), depth_search=None,
                        layers=dict(greedy=True, pairs=True, kd_steps=100)),
