@@ -30,6 +30,9 @@ STEPS = 10  # the original's step count: fewer than the zoo's 50, to keep the te
     ("full", "'full' cannot be a workflow stage"),
     ("layers:0.3,nosuch:1", "unknown bench method 'nosuch'"),
     ("layers:auto+kd", "auto takes no suffix"),
+    ("layers:auto@psnr", "METRIC=VALUE"),
+    ("layers:auto@fid=3", "METRIC one of"),
+    ("layers:auto@psnr=30,ssim=0.9", "unknown bench method 'ssim=0.9'"),
     ("bk-sdm:auto", "auto searches the setting of layers:auto"),
 ])
 def test_stage_lists_that_cannot_stack_are_refused(text, match):
@@ -310,3 +313,22 @@ def test_without_stages_the_cli_runs_the_default_auto_stack_for_the_denoiser(tmp
     assert default_stages(diffslim.load("zoo:digits-sd").denoiser) == "layers:auto,steps:auto,deepcache:auto"
     r = run("zoo:digits-dit", "--out", tmp_path / "bad")
     assert r.exit_code != 0 and "give --stages, or a --floor" in r.output and not (tmp_path / "bad").exists()
+
+
+def test_an_auto_stage_with_its_own_floor_keeps_quality_for_the_stages_after_it(digits, tmp_path):
+    loaded, es = digits
+    kw = dict(default_steps=STEPS, progress=False, log=lambda m: None, metrics_fn=_psnr_metrics)
+    own = run_workflow(loaded, "steps:auto@psnr=45", es, tmp_path / "b", floor={"psnr": 25.0}, **kw)
+    assert own.rows[1]["psnr"] >= 45.0 and own.rows[1]["accepted"]
+    trail = own.rows[1]["search"]
+    assert all(t["accepted"] == (t["psnr"] >= 45.0) for t in trail)
+    # the stage's floor was the binding one: a setting the workflow's floor alone would have kept was refused
+    assert any(25.0 <= t["psnr"] < 45.0 and not t["accepted"] for t in trail)
+    assert "its own floor: psnr 45" in own.rows[1]["notes"]
+    with pytest.raises(UserError, match="keeps more quality than the workflow's, not less"):
+        run_workflow(loaded, "steps:auto@psnr=20", es, tmp_path / "c", floor={"psnr": 25.0}, **kw)
+    from diffslim.workflow import stage_floor
+
+    assert stage_floor("auto@psnr=45", {}) == {"psnr": 45.0}  # an own floor is enough to search with
+    assert stage_floor("auto@ssim=0.99", {"psnr": 25.0}) == {"psnr": 25.0, "ssim": 0.99}
+    assert stage_floor("auto", {"psnr": 25.0}) == {"psnr": 25.0} and stage_floor("0.3", {"psnr": 25.0}) is None

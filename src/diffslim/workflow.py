@@ -96,9 +96,10 @@ def parse_stages(text: str) -> list[tuple[str, Optional[str]]]:
             if name not in AUTO:
                 raise UserError(f"{name}:{arg}: auto searches the setting of {', '.join(f'{k}:auto' for k in AUTO)} "
                                 f"only")
-            if arg != "auto":
+            if arg != "auto" and not arg.startswith("auto@"):
                 raise UserError(f"{name}:{arg}: auto takes no suffix (it searches without distillation or "
                                 f"fine-tuning); run {name}:auto, then {name}:SETTING{arg[4:]} with the setting it kept")
+            stage_floor(arg, {})  # checks an own floor's form
     explicit = [s for s in stages if s[0] in EXPLICIT_SCHEDULES]
     if explicit and "plan" in kinds:
         raise UserError(f"a skip plan cannot follow {_label(explicit[0])}: plans are learned on the scheduler's own "
@@ -119,6 +120,28 @@ def parse_floor(text: Optional[str]) -> dict[str, float]:
         except ValueError:
             raise UserError(f"floor {item!r}: {value!r} is not a number") from None
     return out
+
+
+def stage_floor(arg: Optional[str], floor: dict[str, float]) -> Optional[dict[str, float]]:
+    """The floor an ``auto`` stage searches against (None for a stage that is not auto): the workflow's ``floor``,
+    raised by the stage's own ``auto@METRIC=V`` (which keeps quality for the stages after it; it may not be lower
+    than the workflow's floor of that metric)."""
+    if arg is None or not arg.startswith("auto"):
+        return None
+    if arg == "auto":
+        return dict(floor)
+    own = parse_floor(arg[len("auto@"):])
+    if len(own) != 1:
+        raise UserError(f"auto@{arg[5:]}: give one METRIC=VALUE after auto@, e.g. layers:auto@psnr=40")
+    (key, value), = own.items()
+    if key in floor and value < floor[key]:
+        raise UserError(f"{arg}: a stage's own floor keeps more quality than the workflow's, not less "
+                        f"({key} {value:g} < {floor[key]:g})")
+    return {**floor, key: value}
+
+
+def _floor_text(floor: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:g}" for k, v in floor.items())
 
 
 def _label(stage) -> str:
@@ -160,7 +183,7 @@ def _stage_key(cur, stage, floor: dict, n: int, task_weight: float = 1.0) -> dic
     """What makes a model stage's saved folder reusable: the stage, its input model, for ``auto`` the floor and the
     number of inputs the search judged by, and for ``+kd``/``+ft`` another task-loss weight than the default."""
     key = {"stage": _label(stage), "input": model_fingerprint(cur.source)}
-    if stage[1] == "auto":
+    if (stage[1] or "").startswith("auto"):
         key.update(floor=dict(sorted(floor.items())), n=n)
     if task_weight != 1.0 and any(t in (stage[1] or "") for t in ("+kd", "+ft")):
         key.update(task_weight=task_weight)
@@ -272,8 +295,9 @@ def run_workflow(loaded, stages: str, evalset, out, default_steps: int = 50, sch
     dry = BenchContext(loaded=loaded, base_spec=spec, default_steps=default_steps, dry_run=True, data=data,
                        resolution=resolution)
     for name, arg in parsed:  # every stage's argument is checked before anything runs
-        METHODS[name](AUTO[name] if arg == "auto" else arg, dry)
-        if arg == "auto" and not floor:
+        own = stage_floor(arg, floor)
+        METHODS[name](AUTO[name] if own is not None else arg, dry)
+        if own is not None and not own:
             raise UserError(f"{name}:auto searches for the most aggressive setting that meets a floor: give one, "
                             "e.g. --floor psnr=30")
     out.mkdir(parents=True, exist_ok=True)
@@ -299,7 +323,8 @@ def run_workflow(loaded, stages: str, evalset, out, default_steps: int = 50, sch
         label = _label(stage)
         folder = out / "stages" / _slug(i, stage)
         log(f"stage {i}/{len(parsed)}: {label} ({kind})")
-        want = _stage_key(cur, stage, floor, len(evalset.inputs), task_weight)
+        own = stage_floor(arg, floor)  # an auto stage's floor (None for other stages)
+        want = _stage_key(cur, stage, own or floor, len(evalset.inputs), task_weight)
         built = _built_stage(cur, want, folder) if kind == "model" else None
 
         def evaluate(variant, label):
@@ -329,19 +354,20 @@ def run_workflow(loaded, stages: str, evalset, out, default_steps: int = 50, sch
         else:
             ctx = BenchContext(loaded=cur, base_spec=spec, default_steps=steps, data=data, resolution=resolution,
                                task_weight=task_weight)
-            if arg == "auto":
-                variant, row, images, search = _auto_search(name, ctx, evaluate, floor, log)
+            if own is not None:
+                variant, row, images, search = _auto_search(name, ctx, evaluate, own, log)
                 label = row["stage"]
             else:
                 variant = METHODS[name](arg, ctx)
                 row, images = evaluate(variant, label)
-        bad = _below_floor(row, floor)
+        bad = _below_floor(row, own or floor)
         row["accepted"] = not bad
         if search is not None:
             row["search"] = search
             tried = "; ".join(f"{t['setting']} {'meets' if t['accepted'] else 'misses'} it"
                               for t in search)
-            row["notes"] = (row.get("notes", "") + "; " if row.get("notes") else "") + f"auto, tried: {tried}"
+            mine = f" (its own floor: {_floor_text(own)})" if own != floor else ""
+            row["notes"] = (row.get("notes", "") + "; " if row.get("notes") else "") + f"auto{mine}, tried: {tried}"
         rows.append(row)
         outputs[label] = images
         log(f"  MACs {row['macs_ratio']:.3f} of the original" +
