@@ -175,4 +175,4 @@ def test_workflow_figure_draws_the_path_the_rejected_stage_and_the_settings_auto
     labels = [t.get_text() for t in ax.texts]
     assert {"original", "layers:0.4", "steps:6", "deepcache:2 (rejected)"} <= set(labels)
     assert {t.get_text() for t in ax.get_legend().get_texts()} == {
-        "tried by auto, met the floor", "tried by auto, missed it", "floor 30"}
+        "tried by auto, met its floor", "tried by auto, missed its floor", "floor 30"}

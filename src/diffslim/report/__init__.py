@@ -337,7 +337,7 @@ def workflow_figure(rows: Sequence[dict], metric: str = "psnr", floor: Optional[
             xs = [(x, y) for x, y, a in tried if a == ok]
             if xs:
                 ax.scatter(*zip(*xs), s=14, zorder=2, color="0.55", facecolors="0.55" if ok else "none",
-                           label="tried by auto, " + ("met the floor" if ok else "missed it"))
+                           label="tried by auto, " + ("met its floor" if ok else "missed its floor"))
     for x, y, r in pts:
         if not r.get("accepted", True):
             ax.scatter(x, y, color="tab:red", marker="x", s=50, zorder=3)
