@@ -176,3 +176,19 @@ def test_workflow_figure_draws_the_path_the_rejected_stage_and_the_settings_auto
     assert {"original", "layers:0.4", "steps:6", "deepcache:2 (rejected)"} <= set(labels)
     assert {t.get_text() for t in ax.get_legend().get_texts()} == {
         "tried by auto, met its floor", "tried by auto, missed its floor", "floor 30"}
+
+
+def test_a_report_renders_its_figures_when_added_and_keeps_none_open(tmp_path):
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
+    rep = Report("t")
+    for i in range(25):
+        fig, ax = plt.subplots()
+        ax.plot([0, i])
+        rep.add_figure(f"f{i}", f"f{i}.png", fig)
+    assert plt.get_fignums() == []
+    out = rep.write(tmp_path / "r")
+    from PIL import Image
+
+    assert Image.open(out / "f24.png").size[0] > 100 and "f24.png" in (out / "index.html").read_text()

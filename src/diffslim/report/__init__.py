@@ -73,7 +73,18 @@ class Report:
         self.sections.append(("table", heading, (cols, list(rows))))
 
     def add_figure(self, heading: str, name: str, figure, caption: str = "") -> None:
-        """``figure``: a matplotlib Figure or a PIL image; saved as ``name`` (PNG) beside index.html."""
+        """``figure``: a matplotlib Figure or a PIL image; saved as ``name`` (PNG) beside index.html.
+
+        A matplotlib figure is rendered now and closed, so that a long report does not keep dozens open."""
+        if hasattr(figure, "savefig"):
+            import io
+
+            import matplotlib.pyplot as plt
+
+            buf = io.BytesIO()
+            figure.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+            plt.close(figure)
+            figure = buf.getvalue()
         self._figures.append((name, figure))
         self.sections.append(("figure", heading, (name, caption)))
 
@@ -85,11 +96,8 @@ class Report:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         for name, fig in self._figures:
-            if hasattr(fig, "savefig"):
-                fig.savefig(out / name, dpi=110, bbox_inches="tight")
-                import matplotlib.pyplot as plt
-
-                plt.close(fig)
+            if isinstance(fig, bytes):
+                (out / name).write_bytes(fig)
             else:
                 fig.save(out / name)
         parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(self.title)}</title>",
