@@ -176,6 +176,12 @@ def test_workflow_figure_draws_the_path_the_rejected_stage_and_the_settings_auto
     assert {"original", "layers:0.4", "steps:6", "deepcache:2 (rejected)"} <= set(labels)
     assert {t.get_text() for t in ax.get_legend().get_texts()} == {
         "tried by auto, met its floor", "tried by auto, missed its floor", "floor 30"}
+    # a joint search's other stacks: their results as diamonds (the chosen one is the path itself)
+    branches = [{"stages": "layers:auto,steps:auto", "macs_ratio": 0.11, "psnr": 30.2, "chosen": True},
+                {"stages": "steps:auto", "macs_ratio": 0.12, "psnr": 30.6, "chosen": False}]
+    ax = workflow_figure(rows, "psnr", 30.0, branches=branches).axes[0]
+    assert [[0.12, 30.6]] in [c.get_offsets().tolist() for c in ax.collections]
+    assert "other stacks the joint search tried (their results)" in {t.get_text() for t in ax.get_legend().get_texts()}
 
 
 def test_a_report_renders_its_figures_when_added_and_keeps_none_open(tmp_path):

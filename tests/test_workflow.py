@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -141,7 +142,9 @@ def test_workflow_cli_writes_the_report_and_refuses_bad_input(tmp_path):
     assert all(r["digit_accuracy"] >= 0 for r in rows)
     for args, match in ((("--stages", "deepcache:2,steps:10"), "model stages first"),
                         (("--stages", "steps:10", "--floor", "lpips=0.1"), "METRIC one of"),
-                        (("--stages", "steps:10", "--n", 0), "--n must be >= 1")):
+                        (("--stages", "steps:10", "--n", 0), "--n must be >= 1"),
+                        (("--stages", "steps:auto", "--floor", "psnr=30", "--search", "all"), "accepted: greedy"),
+                        (("--stages", "steps:10", "--search", "joint", "--objective", "time"), "accepted: macs")):
         r = run("zoo:digits-sd", *args, "--out", tmp_path / "bad")
         assert r.exit_code != 0 and match in r.output, r.output
     assert not (tmp_path / "bad").exists()
@@ -332,3 +335,48 @@ def test_an_auto_stage_with_its_own_floor_keeps_quality_for_the_stages_after_it(
     assert stage_floor("auto@psnr=45", {}) == {"psnr": 45.0}  # an own floor is enough to search with
     assert stage_floor("auto@ssim=0.99", {"psnr": 25.0}) == {"psnr": 25.0, "ssim": 0.99}
     assert stage_floor("auto", {"psnr": 25.0}) == {"psnr": 25.0} and stage_floor("0.3", {"psnr": 25.0}) is None
+
+
+def test_the_joint_search_tries_milder_settings_and_no_stage_and_keeps_the_cheapest_stack(digits, tmp_path):
+    """Greedy auto stages spend the floor in order; the joint search also runs the stack with the first auto stage
+    at milder settings and without it, and returns the stack whose result is cheapest in the objective."""
+    from diffslim.workflow import JOINT_WIDTH, _final_row, cheapest
+
+    loaded, es = digits
+    floor = {"psnr": 30.0}
+    kw = dict(default_steps=6, progress=False, log=lambda m: None, metrics_fn=_psnr_metrics, floor=floor)
+    res = run_workflow(loaded, "depth:auto,steps:auto", es, tmp_path / "j", search="joint", **kw)
+    # the first stack is the greedy run, in the top folder
+    greedy = json.loads((tmp_path / "j" / "stages" / "1-depth-auto" / "stage.json").read_text())
+    cands, kept = greedy["candidates"], greedy["label"]
+    k = cands.index(kept)
+    milder = [cands[j] for j in sorted({round(k * w / (JOINT_WIDTH + 1)) for w in range(1, JOINT_WIDTH + 1)} - {k})]
+    depths = [int(c.split(":")[1]) for c in cands]
+    assert depths == sorted(depths, reverse=True) and k > 0 and milder  # mildest first
+    assert all(int(m.split(":")[1]) > int(kept.split(":")[1]) for m in milder)
+    stacks = [b["stages"] for b in res.branches]
+    assert stacks == ["depth:auto,steps:auto", *(f"{m},steps:auto" for m in milder), "steps:auto"]
+    assert res.branches[0]["kept"][0] == kept and res.branches[-1]["kept"][0].startswith("steps:")
+    assert all(b["psnr"] >= 30.0 for b in res.branches)  # every stack kept something above the floor
+    chosen = [b for b in res.branches if b["chosen"]]
+    assert len(chosen) == 1 and chosen[0]["macs_ratio"] == min(b["macs_ratio"] for b in res.branches)
+    assert chosen[0]["kept"] == res.stages_kept and _final_row(res)["macs_ratio"] == chosen[0]["macs_ratio"]
+    # each stack ran in its own folder; the top folder's recipe is the chosen one's and reproduces its outputs
+    saved = json.loads((tmp_path / "j" / "workflow.json").read_text())
+    assert saved["stages_kept"] == res.stages_kept and [b["stages"] for b in saved["branches"]] == stacks
+    for b in res.branches:
+        assert b["out"] == str(tmp_path / "j") or json.loads((Path(b["out"]) / "workflow.json").read_text())[
+            "stages_kept"] == b["kept"]
+    recipe = diffslim.load_recipe(tmp_path / "j" / "recipe.json")
+    again = diffslim.load(recipe.model)
+    diffslim.apply(again.pipe, recipe)
+    assert torch.equal(sample(again.pipe, _spec(es, recipe.sampling.num_inference_steps)),
+                       res.outputs[res.stages_kept[-1]])
+    # the objectives: the least MACs or parameters first, the other cost and then quality breaking ties
+    bs = [{"params": 5, "macs_ratio": 0.5, "psnr": 31.0}, {"params": 9, "macs_ratio": 0.3, "psnr": 30.5},
+          {"params": 5, "macs_ratio": 0.5, "psnr": 33.0}, {"params": 5, "macs_ratio": 0.6, "psnr": 40.0}]
+    assert cheapest(bs, "macs", floor) is bs[1] and cheapest(bs, "params", floor) is bs[2]
+    for bad, match in ((dict(search="best"), "accepted: greedy"), (dict(search="joint", objective="fid"),
+                                                                   "accepted: macs, params")):
+        with pytest.raises(UserError, match=match):
+            run_workflow(loaded, "depth:auto,steps:auto", es, tmp_path / "bad", **bad, **kw)

@@ -296,6 +296,12 @@ def workflow(
     kd_task_weight: float = typer.Option(1.0, help="weight of the diffusion task loss when +kd distils and +ft "
                                                     "fine-tunes (1: the papers' loss; 0: output and feature "
                                                     "distillation only, which stays closer to the unpruned model)"),
+    search: str = typer.Option("greedy", help="greedy: each auto stage takes all the floor it can, in order; joint: "
+                                              "also runs the stack with each auto stage that has another auto stage "
+                                              "after it milder (the settings its search found to meet the floor) "
+                                              "or left out, and keeps the cheapest result (--objective)"),
+    objective: str = typer.Option("macs", help="what --search joint makes smallest: macs (of a sampling run, then "
+                                               "params) or params (then macs)"),
     as_json: bool = typer.Option(False, "--json"),
 ):
     """Stack methods stage by stage, each judged against the original; write the final recipe and pipeline."""
@@ -304,10 +310,11 @@ def workflow(
     from diffslim.evaluate import eval_set_for, finite, metrics_fn_for
     from diffslim.models.load import load
     from diffslim.report import Report, add_workflow_section
-    from diffslim.workflow import parse_floor, parse_stages, run_workflow
+    from diffslim.workflow import check_search, parse_floor, parse_stages, run_workflow
 
     if stages is not None:
         parse_stages(stages)  # reject bad stages before loading anything
+    check_search(search, objective)
     _check_data(data)
     check_task_weight(kd_task_weight)
     floors = parse_floor(floor)
@@ -328,7 +335,7 @@ def workflow(
                        batch_size=batch_size, metrics_fn=metrics_fn_for(loaded, es), floor=floors,
                        progress=not as_json, log=(lambda m: None) if as_json else
                        (lambda m: console.print(m, highlight=False)), data=data, resolution=resolution,
-                       task_weight=kd_task_weight)
+                       task_weight=kd_task_weight, search=search, objective=objective)
     rep = Report(f"diffslim workflow: {model}")
     add_workflow_section(rep, model, res, floors)
     rep.write(out)
@@ -338,6 +345,11 @@ def workflow(
     _print_rows(f"workflow {model} ({n} inputs; every row against the original's outputs)",
                 [{k: ("yes" if v else "no") if k == "accepted" else finite(v) for k, v in r.items()} for r in res.rows],
                 key="stage")
+    if res.branches:
+        _print_rows(f"joint search: {len(res.branches)} stacks tried, the cheapest in {objective} chosen",
+                    [{"stages": b["stages"], "kept": ", ".join(b["kept"]) or "none",
+                      **{k: v for k, v in b.items() if k not in ("stages", "kept", "out", "chosen")},
+                      "chosen": "yes" if b["chosen"] else ""} for b in res.branches], key="stages")
     if res.stopped:
         console.print(f"[yellow]{res.stopped}[/]", highlight=False)
     console.print(f"recipe: {out / 'recipe.json'} (load {res.recipe.model}, then diffslim.apply(pipe, recipe)); "
@@ -352,7 +364,7 @@ def _check_data(data: str) -> None:
 
 def _print_rows(title, rows, key: str = "method") -> None:
     t = Table(title=title)
-    hidden = ("skipped", "notes", "macs_per_sample", "seconds", "search")
+    hidden = ("skipped", "notes", "macs_per_sample", "seconds", "search", "candidates")
     cols = list(dict.fromkeys(k for r in rows for k in r if k not in hidden))
     for c in cols:
         t.add_column(c, justify="left" if c == key else "right")

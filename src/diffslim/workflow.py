@@ -21,7 +21,8 @@ floor is rejected, the workflow stops, and the result is the stage before it. Wi
 stage's setting (``layers:auto``, ``depth:auto``, ``steps:auto``, ``dpm:auto``, ``deepcache:auto``) searches for
 the most aggressive setting that still meets the floor, by bisection over the setting's range (see :data:`AUTO`);
 an auto stage that no setting lets meet the floor is skipped, and the workflow goes on. Auto stages spend the
-floor in the order given: the first takes all it can.
+floor in the order given: the first takes all it can, unless ``search="joint"`` (``--search joint``) also tries
+milder settings of it, and the stack without it, and keeps the cheapest result (see :func:`run_workflow`).
 
 Writes ``OUT/workflow.json`` (the rows), ``OUT/recipe.json`` (its ``model`` names the pipeline folder to load: the
 last model stage's, or the original; its sections the schedule and the skip plan) and, from the CLI,
@@ -55,6 +56,10 @@ FLOOR_METRICS = ("psnr", "ssim", "digit_accuracy", "psnr_gt", "ssim_gt", "clip_s
 AUTO = {"layers": "0.5", "depth": "1", "steps": "1", "dpm": "2", "deepcache": "2"}
 LAYER_RATIOS = tuple(round(0.05 * k, 2) for k in range(1, 20))  # the ratios layers:auto tries from
 MAX_DEEPCACHE_INTERVAL = 10
+SEARCHES = ("greedy", "joint")
+JOINT_WIDTH = 3  # milder settings the joint search tries of an auto stage, spread evenly from the mildest to the kept
+# what the joint search minimises: the result's row key, then the key that breaks ties
+OBJECTIVES = {"macs": ("macs_ratio", "params"), "params": ("params", "macs_ratio")}
 
 
 def default_stages(denoiser) -> str:
@@ -162,10 +167,13 @@ class WorkflowResult:
     recipe: Recipe
     stopped: Optional[str] = None  # why the workflow stopped early (a floor), None when every stage ran
     stages_kept: list[str] = field(default_factory=list)
+    # the joint search's stacks tried: their stages, kept stages, folder, final cost and quality, the chosen one
+    branches: list[dict] = field(default_factory=list)
 
     def to_json(self) -> dict:
         return {"rows": self.rows, "stopped": self.stopped, "stages_kept": self.stages_kept,
-                "recipe": self.recipe.model_dump(exclude_none=True)}
+                "recipe": self.recipe.model_dump(exclude_none=True),
+                **({"branches": self.branches} if self.branches else {})}
 
 
 def _below_floor(row: dict, floor: dict[str, float]) -> list[str]:
@@ -190,15 +198,17 @@ def _stage_key(cur, stage, floor: dict, n: int, task_weight: float = 1.0) -> dic
     return key
 
 
-def _model_stage(cur, variant, key: dict, label: str, search, folder: Path, log: Callable[[str], None]):
-    """Save the stage's pipeline to ``folder/pipeline`` and reload it from there."""
+def _model_stage(cur, variant, key: dict, row: dict, folder: Path, log: Callable[[str], None]):
+    """Save the stage's pipeline to ``folder/pipeline`` and reload it from there; ``row``: its label and, of an auto
+    stage, its search trail and candidates, kept beside it."""
     from diffslim.models.load import load
 
     if folder.exists():  # a stale or half-written stage of an earlier run
         shutil.rmtree(folder)
     variant.pipe.save_pretrained(str(folder / "pipeline"), safe_serialization=True)
     # written last: a folder without it is incomplete and is rebuilt
-    (folder / "stage.json").write_text(json.dumps({**key, "label": label, "search": search}))
+    (folder / "stage.json").write_text(json.dumps({**key, "label": row["stage"], "search": row.get("search"),
+                                                   "candidates": row.get("candidates")}))
     log(f"  saved {folder / 'pipeline'}")
     again = load(str(folder / "pipeline"))
     # the zoo entry says which training data the later stages use: a pruned zoo model still learns its zoo task
@@ -206,17 +216,18 @@ def _model_stage(cur, variant, key: dict, label: str, search, folder: Path, log:
 
 
 def _built_stage(cur, key: dict, folder: Path):
-    """``(loaded, label, search)`` of a model stage completed by an earlier run of the same command, or None."""
+    """``(loaded, label, search, candidates)`` of a model stage completed by an earlier run of the same command, or
+    None."""
     from diffslim.models.load import load
 
     meta = folder / "stage.json"
     if not (meta.exists() and (folder / "pipeline" / "model_index.json").exists()):
         return None
     saved = json.loads(meta.read_text())
-    label, search = saved.pop("label", key["stage"]), saved.pop("search", None)
+    label, search, cands = saved.pop("label", key["stage"]), saved.pop("search", None), saved.pop("candidates", None)
     if saved != key:
         return None
-    return replace(load(str(folder / "pipeline")), zoo=cur.zoo), label, search
+    return replace(load(str(folder / "pipeline")), zoo=cur.zoo), label, search, cands
 
 
 def _auto_candidates(name: str, ctx: BenchContext) -> list[str]:
@@ -242,7 +253,8 @@ def _auto_search(name: str, ctx: BenchContext, evaluate, floor: dict, log: Calla
     setting was measured to meet the floor, but a more aggressive one past a setting that misses it is not tried).
 
     Returns ``(variant, row, images, trail)`` of the kept setting, or of the mildest one, which then misses the
-    floor, when none meets it; ``trail``: every setting tried, in order, with its metrics and verdict.
+    floor, when none meets it; ``trail``: every setting tried, in order, with its metrics and verdict. The row's
+    ``candidates`` are the settings searched, mildest first (the joint search picks milder ones from them).
     """
     from diffslim.evaluate import finite
 
@@ -268,13 +280,15 @@ def _auto_search(name: str, ctx: BenchContext, evaluate, floor: dict, log: Calla
         else:
             lo = mid
     variant, row, images = results[max(lo, 0)]
+    row["candidates"] = [f"{name}:{c}" for c in cands]
     return variant, row, images, trail
 
 
 def run_workflow(loaded, stages: str, evalset, out, default_steps: int = 50, scheduler: Optional[str] = None,
                  batch_size: int = 16, metrics_fn: Optional[Callable] = None, floor: Optional[dict] = None,
                  progress: bool = True, log: Callable[[str], None] = print, data: str = "zoo",
-                 resolution: Optional[int] = None, task_weight: float = 1.0) -> WorkflowResult:
+                 resolution: Optional[int] = None, task_weight: float = 1.0, search: str = "greedy",
+                 objective: str = "macs") -> WorkflowResult:
     """Run ``stages`` (see :func:`parse_stages`) on ``loaded`` in order; every row is judged against the original.
 
     ``evalset``: the inputs and seeds every stage samples; ``metrics_fn(outputs, reference) -> dict`` as in
@@ -283,7 +297,106 @@ def run_workflow(loaded, stages: str, evalset, out, default_steps: int = 50, sch
     their training (see :class:`~diffslim.bench.BenchContext`).
     Rows hold ``stage``, ``kind``, ``params``, ``macs_per_sample``, ``macs_ratio`` and ``speedup`` (against the
     original), the metrics, ``accepted`` and ``notes``.
+
+    ``search="greedy"``: each ``auto`` stage takes all the floor it can, in the order given. ``search="joint"``: an
+    auto stage followed by another auto stage may leave some of the floor to the stages after it: the stack is run
+    again with that stage at :data:`JOINT_WIDTH` milder settings (spread evenly from its mildest candidate to the
+    one it kept) and without the stage, recursively, and the stack whose result is cheapest in ``objective``
+    (``"macs"``: MACs of a sampling run, then parameters; ``"params"``: the other way round) is returned, every
+    stack tried in its ``branches`` (each run under ``out/joint/``). Its cost: with two auto stages about
+    ``1 + JOINT_WIDTH + 1`` runs of the workflow, with three about ``(JOINT_WIDTH + 2) ** 2`` (the original is
+    sampled once).
     """
+    check_search(search, objective)
+    if search == "joint":
+        return _run_joint(loaded, stages, evalset, out, objective, floor=floor, log=log, default_steps=default_steps,
+                          scheduler=scheduler, batch_size=batch_size, metrics_fn=metrics_fn, progress=progress,
+                          data=data, resolution=resolution, task_weight=task_weight)
+    return _run_stages(loaded, stages, evalset, out, default_steps=default_steps, scheduler=scheduler,
+                       batch_size=batch_size, metrics_fn=metrics_fn, floor=floor, progress=progress, log=log,
+                       data=data, resolution=resolution, task_weight=task_weight)
+
+
+def check_search(search: str, objective: str) -> None:
+    if search not in SEARCHES:
+        raise UserError(f"search {search!r}: accepted: greedy (each auto stage takes all the floor it can, in order) "
+                        "or joint (also tries the stack with each auto stage milder or left out, keeps the cheapest)")
+    if objective not in OBJECTIVES:
+        raise UserError(f"objective {objective!r}: accepted: {', '.join(OBJECTIVES)} (what the joint search makes "
+                        "smallest)")
+
+
+def _final_row(result: WorkflowResult) -> dict:
+    """The row of the workflow's result: its last accepted stage, or the original."""
+    return [r for r in result.rows if r.get("accepted")][-1]
+
+
+def cheapest(branches: list[dict], objective: str, floor: dict) -> dict:
+    """The branch the joint search keeps: the least ``objective``, then the other cost, then the most of the first
+    floor metric. ``branches``: dicts with ``params``, ``macs_ratio`` and the floor's metrics of a stack's result."""
+    first, second = OBJECTIVES[objective]
+    quality = next(iter(floor), None)
+    return min(branches, key=lambda b: (b[first], b[second], -b[quality] if quality in b else 0.0))
+
+
+def _branch_point(parsed: list, result: WorkflowResult) -> Optional[int]:
+    """Index of the first auto stage with a later auto stage, among the stages ``result`` ran, or None."""
+    autos = [i for i, (_, arg) in enumerate(parsed) if (arg or "").startswith("auto")]
+    ran = len(result.rows) - 1  # rows[1:] are parsed's stages in order, up to where the workflow stopped
+    return next((i for i in autos[:-1] if i < ran), None)
+
+
+def _run_joint(loaded, stages: str, evalset, out, objective: str, floor: Optional[dict], log, **kw) -> WorkflowResult:
+    """The joint search of :func:`run_workflow`: every stack tried, the cheapest returned with ``branches``."""
+    floor = dict(floor or {})
+    out = Path(out)
+    leaves: list[tuple[str, WorkflowResult, Path]] = []
+
+    def explore(parsed: list, where: Path, reference):
+        text = ",".join(_label(s) for s in parsed)
+        res = _run_stages(loaded, text, evalset, where, floor=floor, log=log, reference=reference, **kw)
+        leaves.append((text, res, where))
+        reference = reference or (res.outputs["original"], res.rows[0]["seconds"], res.rows[0]["macs_per_sample"])
+        i = _branch_point(parsed, res)
+        if i is None:
+            return
+        row, (name, _) = res.rows[i + 1], parsed[i]
+        if not row["accepted"]:  # the stage was skipped: this run is the stack without it
+            return
+        cands = row["candidates"]
+        k = cands.index(row["stage"])
+        alternatives = [cands[j] for j in sorted({round(k * w / (JOINT_WIDTH + 1)) for w in range(1, JOINT_WIDTH + 1)}
+                                                 - {k})]
+        alternatives.append(None)  # the stack without this stage
+        for alt in alternatives:
+            branch = parsed[:i] + ([tuple(alt.split(":", 1))] if alt else []) + parsed[i + 1:]
+            log(f"joint search: {','.join(_label(s) for s in branch) or 'no stage'} (instead of {row['stage']} "
+                f"at stage {i + 1})")
+            explore(branch, where / "joint" / (alt.replace(":", "-") if alt else f"no-{name}"), reference)
+
+    explore(parse_stages(stages), out, None)
+    from diffslim.evaluate import finite
+
+    branches = [{"stages": text, "kept": res.stages_kept, "out": str(where),
+                 **{k: finite(_final_row(res)[k]) for k in ("params", "macs_ratio", *floor) if k in _final_row(res)}}
+                for text, res, where in leaves]
+    best = cheapest(branches, objective, floor)
+    result = leaves[branches.index(best)][1]
+    result.branches = [{**b, "chosen": b is best} for b in branches]
+    first, _ = OBJECTIVES[objective]
+    log(f"joint search: {len(leaves)} stacks tried; the cheapest in {first}: "
+        f"{', '.join(result.stages_kept) or 'the original'} ({first} {_final_row(result)[first]:.4g})")
+    result.recipe.save(out / "recipe.json")
+    _write_rows(result, out)
+    return result
+
+
+def _run_stages(loaded, stages: str, evalset, out, default_steps: int = 50, scheduler: Optional[str] = None,
+                batch_size: int = 16, metrics_fn: Optional[Callable] = None, floor: Optional[dict] = None,
+                progress: bool = True, log: Callable[[str], None] = print, data: str = "zoo",
+                resolution: Optional[int] = None, task_weight: float = 1.0, reference=None) -> WorkflowResult:
+    """The greedy workflow of :func:`run_workflow`; ``reference``: ``(outputs, seconds, MACs)`` of the original's
+    run, when another run on the same inputs has made it."""
     if loaded.pipe is None:
         raise UserError(f"{loaded.source} has no pipeline to sample; the workflow needs a pipeline folder or zoo:NAME")
     parsed = parse_stages(stages)
@@ -308,7 +421,7 @@ def run_workflow(loaded, stages: str, evalset, out, default_steps: int = 50, sch
         images = sample(pipe, s, show_progress=progress, description=label)
         return images, time.perf_counter() - t0, count_run_macs(pipe, s)
 
-    reference, t_full, macs_full = timed(loaded.pipe, spec, "original")
+    reference, t_full, macs_full = reference or timed(loaded.pipe, spec, "original")
     params0 = sum(p.numel() for p in loaded.denoiser.parameters())
     rows = [{"stage": "original", "kind": "", "params": params0, "macs_per_sample": macs_full, "macs_ratio": 1.0,
              "seconds": t_full, "speedup": 1.0, **(metrics_fn(reference, reference) if metrics_fn else {}),
@@ -345,11 +458,13 @@ def run_workflow(loaded, stages: str, evalset, out, default_steps: int = 50, sch
         if built is not None:
             from diffslim.bench import Variant
 
-            loaded_stage, label, search = built
+            loaded_stage, label, search, cands = built
             log(f"  loaded from {folder / 'pipeline'} (built by an earlier run)")
             row, images = evaluate(Variant(label, loaded_stage.pipe, spec, sum(
                 p.numel() for p in loaded_stage.denoiser.parameters()), notes=f"loaded from {folder / 'pipeline'}"),
                 label)
+            if cands:
+                row["candidates"] = cands
             built = loaded_stage
         else:
             ctx = BenchContext(loaded=cur, base_spec=spec, default_steps=steps, data=data, resolution=resolution,
@@ -382,7 +497,7 @@ def run_workflow(loaded, stages: str, evalset, out, default_steps: int = 50, sch
             break
         kept.append(label)
         if kind == "model":
-            cur = built if built is not None else _model_stage(cur, variant, want, label, search, folder, log)
+            cur = built if built is not None else _model_stage(cur, variant, want, row, folder, log)
             model_source = str((folder / "pipeline").resolve())  # loadable from any working directory
         elif kind == "schedule":
             spec = variant.spec
@@ -396,8 +511,12 @@ def run_workflow(loaded, stages: str, evalset, out, default_steps: int = 50, sch
                                     "description": "diffslim workflow: " + (", ".join(kept) or "no stage kept")})
     result = WorkflowResult(rows=rows, outputs=outputs, recipe=recipe, stopped=stopped, stages_kept=kept)
     recipe.save(out / "recipe.json")
+    _write_rows(result, out)
+    return result
+
+
+def _write_rows(result: WorkflowResult, out: Path) -> None:
     from diffslim.evaluate import finite
 
     (out / "workflow.json").write_text(json.dumps(
-        {**result.to_json(), "rows": [{k: finite(v) for k, v in r.items()} for r in rows]}, indent=2) + "\n")
-    return result
+        {**result.to_json(), "rows": [{k: finite(v) for k, v in r.items()} for r in result.rows]}, indent=2) + "\n")

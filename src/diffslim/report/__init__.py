@@ -321,11 +321,13 @@ def pareto_figure(rows: Sequence[dict], metric: str = "psnr", title: str = ""):
 # The guided workflow: the path of the stacked stages in cost and quality
 
 
-def workflow_figure(rows: Sequence[dict], metric: str = "psnr", floor: Optional[float] = None, title: str = ""):
+def workflow_figure(rows: Sequence[dict], metric: str = "psnr", floor: Optional[float] = None, title: str = "",
+                    branches: Sequence[dict] = ()):
     """The workflow's path: ``metric`` against the original's outputs vs MACs ratio, stage after stage.
 
     Accepted stages are joined by arrows from the original (MACs ratio 1); a rejected stage is a red cross; the
     settings an ``auto`` stage tried (its row's ``search``) are small grey dots, hollow where they missed the floor;
+    the results of the other stacks a joint search tried (``branches`` not chosen) are orange diamonds;
     ``floor`` is drawn as a dashed line. The original's own PSNR is infinite and is drawn at the top."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
@@ -333,7 +335,10 @@ def workflow_figure(rows: Sequence[dict], metric: str = "psnr", floor: Optional[
            and math.isfinite(float(r[metric]))]
     tried = [(t["macs_ratio"], float(t[metric]), t["accepted"]) for r in rows[1:] for t in r.get("search") or []
              if t.get(metric) is not None and math.isfinite(float(t[metric]))]
-    top = max([p[1] for p in pts] + [t[1] for t in tried] + ([floor] if floor is not None else []) + [0.0]) * 1.08 + 1e-9
+    others = [(b["macs_ratio"], float(b[metric])) for b in branches if not b.get("chosen")
+              and b.get(metric) is not None and math.isfinite(float(b[metric]))]
+    top = max([p[1] for p in pts] + [t[1] for t in tried] + [o[1] for o in others] +
+              ([floor] if floor is not None else []) + [0.0]) * 1.08 + 1e-9
     path = [(1.0, top, rows[0])] + [p for p in pts if p[2].get("accepted", True)]
     for (x0, y0, _), (x1, y1, _) in zip(path, path[1:]):
         ax.annotate("", (x1, y1), (x0, y0), arrowprops=dict(arrowstyle="->", color="tab:blue", lw=1.2))
@@ -346,6 +351,9 @@ def workflow_figure(rows: Sequence[dict], metric: str = "psnr", floor: Optional[
             if xs:
                 ax.scatter(*zip(*xs), s=14, zorder=2, color="0.55", facecolors="0.55" if ok else "none",
                            label="tried by auto, " + ("met its floor" if ok else "missed its floor"))
+    if others:
+        ax.scatter(*zip(*others), marker="D", s=22, zorder=2, color="tab:orange",
+                   label="other stacks the joint search tried (their results)")
     for x, y, r in pts:
         if not r.get("accepted", True):
             ax.scatter(x, y, color="tab:red", marker="x", s=50, zorder=3)
@@ -353,7 +361,7 @@ def workflow_figure(rows: Sequence[dict], metric: str = "psnr", floor: Optional[
                         textcoords="offset points")
     if floor is not None:
         ax.axhline(floor, color="tab:red", ls="--", lw=0.8, label=f"floor {floor:g}")
-    if floor is not None or tried:
+    if floor is not None or tried or others:
         ax.legend(fontsize=8)
     ax.set_xlabel("MACs of the sampling run / original")
     ax.set_ylabel(f"{metric} vs the original (the original at the top)")
@@ -373,10 +381,16 @@ def add_workflow_section(rep, model: str, result, floor: Optional[dict] = None) 
     rep.add_table(f"workflow: {model}", rows, cols)
     if result.stopped:
         rep.add_text("stopped early", result.stopped)
+    branches = result.branches
+    if branches:
+        rep.add_table(f"joint search: every stack tried on {model} (the chosen one's stages above)",
+                      [{**b, "kept": ", ".join(b["kept"]) or "none"} for b in branches],
+                      [c for c in ("stages", "kept", "params", "macs_ratio", "psnr", "ssim", "digit_accuracy",
+                                   "psnr_gt", "ssim_gt", "chosen") if any(c in b for b in branches)])
     metric = "psnr" if any("psnr" in r for r in rows[1:]) else None
     if metric is not None:
         rep.add_figure(f"the path of the stages: {model}", f"workflow_{tag}.png",
-                       workflow_figure(rows, metric, (floor or {}).get(metric), model),
+                       workflow_figure(rows, metric, (floor or {}).get(metric), model, branches),
                        "each stage's PSNR against the original's outputs vs the MACs of its sampling run; arrows "
                        "join the accepted stages in order")
     for label, imgs in result.outputs.items():
