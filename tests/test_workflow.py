@@ -380,3 +380,56 @@ def test_the_joint_search_tries_milder_settings_and_no_stage_and_keeps_the_cheap
                                                                    "accepted: macs, params")):
         with pytest.raises(UserError, match=match):
             run_workflow(loaded, "depth:auto,steps:auto", es, tmp_path / "bad", **bad, **kw)
+
+
+def test_the_joint_search_runs_every_combination_of_kept_milder_and_left_out_settings(monkeypatch, tmp_path):
+    """With three auto stages the joint search branches at the first two: each takes its kept setting, one of
+    JOINT_WIDTH milder ones, or is left out, in every combination, (JOINT_WIDTH + 2) ** 2 stacks. A stand-in
+    workflow run keeps fixed settings, so the tree is checked exactly, and a stack other than the greedy one wins."""
+    import diffslim.workflow as wf
+    from diffslim.recipe import Recipe
+
+    cands = {"depth": [f"depth:{d}" for d in range(11, 0, -1)], "steps": [f"steps:{n}" for n in range(9, 0, -1)],
+             "deepcache": [f"deepcache:{k}" for k in range(2, 10)]}
+    runs = []
+
+    def run_stages(loaded, text, evalset, where, floor, log, reference, **kw):
+        runs.append(text)
+        rows = [{"stage": "original", "params": 100, "macs_ratio": 1.0, "psnr": 99.0, "accepted": True,
+                 "seconds": 1.0, "macs_per_sample": 1}]
+        params, macs, depth = 100, 1.0, 12
+        for name, arg in wf.parse_stages(text):
+            # depth 7 spends the floor: after it, steps:auto keeps 4 steps; after a milder depth, 3
+            setting = {"depth": "7", "steps": "4" if depth < 9 else "3", "deepcache": "2"}[name] if arg == "auto" \
+                else arg
+            if name == "depth":
+                depth = int(setting)
+                params, macs = params * depth // 12, macs * (0.5 + depth / 24)
+            elif name == "steps":
+                macs *= int(setting) / 10
+            else:
+                macs *= 0.9
+            rows.append({"stage": f"{name}:{setting}", "params": params, "macs_ratio": macs, "psnr": 31.0,
+                         "accepted": True, **({"candidates": cands[name]} if arg == "auto" else {})})
+        Path(where).mkdir(parents=True, exist_ok=True)
+        return wf.WorkflowResult(rows=rows, outputs={"original": torch.zeros(1)}, recipe=Recipe(),
+                                 stages_kept=[r["stage"] for r in rows[1:]])
+
+    monkeypatch.setattr(wf, "_run_stages", run_stages)
+    res = run_workflow(None, "depth:auto,steps:auto,deepcache:auto", None, tmp_path, floor={"psnr": 30.0},
+                       search="joint", log=lambda m: None)
+    assert wf.JOINT_WIDTH == 3 and len(runs) == len(set(runs)) == 25
+    # depth 7 is the 5th candidate: the milder ones lie 1/4, 2/4 and 3/4 of the way to it (rounded half to even);
+    # steps 4 is the 6th (milder: 8, 7, 5), steps 3 the 7th (milder: 7, 6, 5)
+    milder = {4: ["steps:8", "steps:7", "steps:5"], 3: ["steps:7", "steps:6", "steps:5"]}
+    want = {"depth:auto,steps:auto,deepcache:auto"}
+    for d in ("depth:7", "depth:10", "depth:9", "depth:8", None):
+        kept = 4 if d in ("depth:7", "depth:8") else 3
+        for t in ["steps:auto" if d != "depth:7" else None] + milder[kept] + ["no steps"]:
+            if t is not None:
+                want.add(",".join(s for s in (d, t, "deepcache:auto") if s and s != "no steps"))
+    assert set(runs) == want and runs[0] == "depth:auto,steps:auto,deepcache:auto"
+    assert "depth:7,steps:8,deepcache:auto" in runs  # the later stage branches with the earlier one as kept
+    best = min(res.branches, key=lambda b: (b["macs_ratio"], b["params"]))
+    assert [b for b in res.branches if b["chosen"]] == [best] and best["stages"] != runs[0]
+    assert res.stages_kept == best["kept"] and res.stages_kept[:2] == ["depth:9", "steps:3"]

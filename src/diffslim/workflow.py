@@ -339,11 +339,12 @@ def cheapest(branches: list[dict], objective: str, floor: dict) -> dict:
     return min(branches, key=lambda b: (b[first], b[second], -b[quality] if quality in b else 0.0))
 
 
-def _branch_point(parsed: list, result: WorkflowResult) -> Optional[int]:
-    """Index of the first auto stage with a later auto stage, among the stages ``result`` ran, or None."""
+def _branch_points(parsed: list, result: WorkflowResult) -> list[int]:
+    """Indices of the auto stages with a later auto stage, among the stages ``result`` ran: where the joint search
+    branches."""
     autos = [i for i, (_, arg) in enumerate(parsed) if (arg or "").startswith("auto")]
     ran = len(result.rows) - 1  # rows[1:] are parsed's stages in order, up to where the workflow stopped
-    return next((i for i in autos[:-1] if i < ran), None)
+    return [i for i in autos[:-1] if i < ran]
 
 
 def _run_joint(loaded, stages: str, evalset, out, objective: str, floor: Optional[dict], log, **kw) -> WorkflowResult:
@@ -353,26 +354,27 @@ def _run_joint(loaded, stages: str, evalset, out, objective: str, floor: Optiona
     leaves: list[tuple[str, WorkflowResult, Path]] = []
 
     def explore(parsed: list, where: Path, reference):
+        """Run ``parsed`` greedily, then each of its branch points' alternatives, the earlier ones at the settings
+        this run kept (every combination of one alternative or the kept setting per branch point is one run)."""
         text = ",".join(_label(s) for s in parsed)
         res = _run_stages(loaded, text, evalset, where, floor=floor, log=log, reference=reference, **kw)
         leaves.append((text, res, where))
         reference = reference or (res.outputs["original"], res.rows[0]["seconds"], res.rows[0]["macs_per_sample"])
-        i = _branch_point(parsed, res)
-        if i is None:
-            return
-        row, (name, _) = res.rows[i + 1], parsed[i]
-        if not row["accepted"]:  # the stage was skipped: this run is the stack without it
-            return
-        cands = row["candidates"]
-        k = cands.index(row["stage"])
-        alternatives = [cands[j] for j in sorted({round(k * w / (JOINT_WIDTH + 1)) for w in range(1, JOINT_WIDTH + 1)}
-                                                 - {k})]
-        alternatives.append(None)  # the stack without this stage
-        for alt in alternatives:
-            branch = parsed[:i] + ([tuple(alt.split(":", 1))] if alt else []) + parsed[i + 1:]
-            log(f"joint search: {','.join(_label(s) for s in branch) or 'no stage'} (instead of {row['stage']} "
-                f"at stage {i + 1})")
-            explore(branch, where / "joint" / (alt.replace(":", "-") if alt else f"no-{name}"), reference)
+        fixed: list = list(parsed)  # the stages as this run kept them, up to the branch point at hand
+        for i in _branch_points(parsed, res):
+            row, (name, _) = res.rows[i + 1], parsed[i]
+            if not row["accepted"]:  # the stage was skipped: this run already is the stack without it
+                fixed[i] = None
+                continue
+            cands = row["candidates"]
+            k = cands.index(row["stage"])
+            milder = sorted({round(k * w / (JOINT_WIDTH + 1)) for w in range(1, JOINT_WIDTH + 1)} - {k})
+            for alt in [cands[j] for j in milder] + [None]:  # None: the stack without this stage
+                branch = [s for s in fixed[:i] + [tuple(alt.split(":", 1)) if alt else None] + fixed[i + 1:] if s]
+                log(f"joint search: {','.join(_label(s) for s in branch)} (instead of {row['stage']} "
+                    f"at stage {i + 1})")
+                explore(branch, where / "joint" / (alt.replace(":", "-") if alt else f"no-{name}"), reference)
+            fixed[i] = tuple(row["stage"].split(":", 1))
 
     explore(parse_stages(stages), out, None)
     from diffslim.evaluate import finite
