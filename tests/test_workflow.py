@@ -144,7 +144,8 @@ def test_workflow_cli_writes_the_report_and_refuses_bad_input(tmp_path):
                         (("--stages", "steps:10", "--floor", "lpips=0.1"), "METRIC one of"),
                         (("--stages", "steps:10", "--n", 0), "--n must be >= 1"),
                         (("--stages", "steps:auto", "--floor", "psnr=30", "--search", "all"), "accepted: greedy"),
-                        (("--stages", "steps:10", "--search", "joint", "--objective", "time"), "accepted: macs")):
+                        (("--stages", "steps:10", "--search", "joint", "--objective", "time"), "accepted: macs"),
+                        (("--stages", "steps:10", "--search", "joint", "--joint-width", -1), "give 0 to 10")):
         r = run("zoo:digits-sd", *args, "--out", tmp_path / "bad")
         assert r.exit_code != 0 and match in r.output, r.output
     assert not (tmp_path / "bad").exists()
@@ -433,3 +434,7 @@ def test_the_joint_search_runs_every_combination_of_kept_milder_and_left_out_set
     best = min(res.branches, key=lambda b: (b["macs_ratio"], b["params"]))
     assert [b for b in res.branches if b["chosen"]] == [best] and best["stages"] != runs[0]
     assert res.stages_kept == best["kept"] and res.stages_kept[:2] == ["depth:9", "steps:3"]
+    runs.clear()  # one milder setting each, half way: (1 + 2) ** 2 stacks
+    run_workflow(None, "depth:auto,steps:auto,deepcache:auto", None, tmp_path / "w1", floor={"psnr": 30.0},
+                 search="joint", joint_width=1, log=lambda m: None)
+    assert len(runs) == 9 and "depth:9,steps:auto,deepcache:auto" in runs and "depth:7,steps:7,deepcache:auto" in runs

@@ -302,6 +302,9 @@ def workflow(
                                               "or left out, and keeps the cheapest result (--objective)"),
     objective: str = typer.Option("macs", help="what --search joint makes smallest: macs (of a sampling run, then "
                                                "params) or params (then macs)"),
+    joint_width: int = typer.Option(3, help="--search joint: milder settings tried of each auto stage that has "
+                                            "another after it (with the kept one and none: (W+2)^B workflow runs "
+                                            "for B such stages)"),
     as_json: bool = typer.Option(False, "--json"),
 ):
     """Stack methods stage by stage, each judged against the original; write the final recipe and pipeline."""
@@ -314,7 +317,7 @@ def workflow(
 
     if stages is not None:
         parse_stages(stages)  # reject bad stages before loading anything
-    check_search(search, objective)
+    check_search(search, objective, joint_width)
     _check_data(data)
     check_task_weight(kd_task_weight)
     floors = parse_floor(floor)
@@ -335,7 +338,8 @@ def workflow(
                        batch_size=batch_size, metrics_fn=metrics_fn_for(loaded, es), floor=floors,
                        progress=not as_json, log=(lambda m: None) if as_json else
                        (lambda m: console.print(m, highlight=False)), data=data, resolution=resolution,
-                       task_weight=kd_task_weight, search=search, objective=objective)
+                       task_weight=kd_task_weight, search=search, objective=objective,
+                       joint_width=joint_width)
     rep = Report(f"diffslim workflow: {model}")
     add_workflow_section(rep, model, res, floors)
     rep.write(out)

@@ -57,7 +57,7 @@ AUTO = {"layers": "0.5", "depth": "1", "steps": "1", "dpm": "2", "deepcache": "2
 LAYER_RATIOS = tuple(round(0.05 * k, 2) for k in range(1, 20))  # the ratios layers:auto tries from
 MAX_DEEPCACHE_INTERVAL = 10
 SEARCHES = ("greedy", "joint")
-JOINT_WIDTH = 3  # milder settings the joint search tries of an auto stage, spread evenly from the mildest to the kept
+JOINT_WIDTH = 3  # default number of milder settings the joint search tries of an auto stage
 # what the joint search minimises: the result's row key, then the key that breaks ties
 OBJECTIVES = {"macs": ("macs_ratio", "params"), "params": ("params", "macs_ratio")}
 
@@ -288,7 +288,7 @@ def run_workflow(loaded, stages: str, evalset, out, default_steps: int = 50, sch
                  batch_size: int = 16, metrics_fn: Optional[Callable] = None, floor: Optional[dict] = None,
                  progress: bool = True, log: Callable[[str], None] = print, data: str = "zoo",
                  resolution: Optional[int] = None, task_weight: float = 1.0, search: str = "greedy",
-                 objective: str = "macs") -> WorkflowResult:
+                 objective: str = "macs", joint_width: int = JOINT_WIDTH) -> WorkflowResult:
     """Run ``stages`` (see :func:`parse_stages`) on ``loaded`` in order; every row is judged against the original.
 
     ``evalset``: the inputs and seeds every stage samples; ``metrics_fn(outputs, reference) -> dict`` as in
@@ -300,16 +300,16 @@ def run_workflow(loaded, stages: str, evalset, out, default_steps: int = 50, sch
 
     ``search="greedy"``: each ``auto`` stage takes all the floor it can, in the order given. ``search="joint"``: an
     auto stage followed by another auto stage may leave some of the floor to the stages after it: the stack is run
-    again with that stage at :data:`JOINT_WIDTH` milder settings (spread evenly from its mildest candidate to the
+    again with that stage at ``joint_width`` milder settings (spread evenly from its mildest candidate to the
     one it kept) and without the stage, recursively, and the stack whose result is cheapest in ``objective``
     (``"macs"``: MACs of a sampling run, then parameters; ``"params"``: the other way round) is returned, every
-    stack tried in its ``branches`` (each run under ``out/joint/``). Its cost: with two auto stages about
-    ``1 + JOINT_WIDTH + 1`` runs of the workflow, with three about ``(JOINT_WIDTH + 2) ** 2`` (the original is
-    sampled once).
+    stack tried in its ``branches`` (each run under ``out/joint/``). Its cost: with two auto stages
+    ``joint_width + 2`` runs of the workflow, with three ``(joint_width + 2) ** 2`` (the original is sampled once).
     """
-    check_search(search, objective)
+    check_search(search, objective, joint_width)
     if search == "joint":
-        return _run_joint(loaded, stages, evalset, out, objective, floor=floor, log=log, default_steps=default_steps,
+        return _run_joint(loaded, stages, evalset, out, objective, joint_width, floor=floor, log=log,
+                          default_steps=default_steps,
                           scheduler=scheduler, batch_size=batch_size, metrics_fn=metrics_fn, progress=progress,
                           data=data, resolution=resolution, task_weight=task_weight)
     return _run_stages(loaded, stages, evalset, out, default_steps=default_steps, scheduler=scheduler,
@@ -317,13 +317,16 @@ def run_workflow(loaded, stages: str, evalset, out, default_steps: int = 50, sch
                        data=data, resolution=resolution, task_weight=task_weight)
 
 
-def check_search(search: str, objective: str) -> None:
+def check_search(search: str, objective: str, joint_width: int = JOINT_WIDTH) -> None:
     if search not in SEARCHES:
         raise UserError(f"search {search!r}: accepted: greedy (each auto stage takes all the floor it can, in order) "
                         "or joint (also tries the stack with each auto stage milder or left out, keeps the cheapest)")
     if objective not in OBJECTIVES:
         raise UserError(f"objective {objective!r}: accepted: {', '.join(OBJECTIVES)} (what the joint search makes "
                         "smallest)")
+    if not 0 <= joint_width <= 10:
+        raise UserError(f"joint width {joint_width}: give 0 to 10 milder settings per auto stage (0: the kept setting "
+                        "or none)")
 
 
 def _final_row(result: WorkflowResult) -> dict:
@@ -347,7 +350,8 @@ def _branch_points(parsed: list, result: WorkflowResult) -> list[int]:
     return [i for i in autos[:-1] if i < ran]
 
 
-def _run_joint(loaded, stages: str, evalset, out, objective: str, floor: Optional[dict], log, **kw) -> WorkflowResult:
+def _run_joint(loaded, stages: str, evalset, out, objective: str, width: int, floor: Optional[dict], log,
+               **kw) -> WorkflowResult:
     """The joint search of :func:`run_workflow`: every stack tried, the cheapest returned with ``branches``."""
     floor = dict(floor or {})
     out = Path(out)
@@ -368,7 +372,7 @@ def _run_joint(loaded, stages: str, evalset, out, objective: str, floor: Optiona
                 continue
             cands = row["candidates"]
             k = cands.index(row["stage"])
-            milder = sorted({round(k * w / (JOINT_WIDTH + 1)) for w in range(1, JOINT_WIDTH + 1)} - {k})
+            milder = sorted({round(k * w / (width + 1)) for w in range(1, width + 1)} - {k})
             for alt in [cands[j] for j in milder] + [None]:  # None: the stack without this stage
                 branch = [s for s in fixed[:i] + [tuple(alt.split(":", 1)) if alt else None] + fixed[i + 1:] if s]
                 log(f"joint search: {','.join(_label(s) for s in branch)} (instead of {row['stage']} "
@@ -376,14 +380,17 @@ def _run_joint(loaded, stages: str, evalset, out, objective: str, floor: Optiona
                 explore(branch, where / "joint" / (alt.replace(":", "-") if alt else f"no-{name}"), reference)
             fixed[i] = tuple(row["stage"].split(":", 1))
 
-    explore(parse_stages(stages), out, None)
+    parsed = parse_stages(stages)
+    if sum((arg or "").startswith("auto") for _, arg in parsed) < 2:
+        log("joint search: fewer than two auto stages, so no floor to share between them: one greedy run")
+    explore(parsed, out, None)
     from diffslim.evaluate import finite
 
     branches = [{"stages": text, "kept": res.stages_kept, "out": str(where),
                  **{k: finite(_final_row(res)[k]) for k in ("params", "macs_ratio", *floor) if k in _final_row(res)}}
                 for text, res, where in leaves]
     best = cheapest(branches, objective, floor)
-    result = leaves[branches.index(best)][1]
+    result = next(res for (_, res, _), b in zip(leaves, branches) if b is best)
     result.branches = [{**b, "chosen": b is best} for b in branches]
     first, _ = OBJECTIVES[objective]
     log(f"joint search: {len(leaves)} stacks tried; the cheapest in {first}: "
