@@ -145,7 +145,8 @@ def test_workflow_cli_writes_the_report_and_refuses_bad_input(tmp_path):
                         (("--stages", "steps:10", "--n", 0), "--n must be >= 1"),
                         (("--stages", "steps:auto", "--floor", "psnr=30", "--search", "all"), "accepted: greedy"),
                         (("--stages", "steps:10", "--search", "joint", "--objective", "time"), "accepted: macs"),
-                        (("--stages", "steps:10", "--search", "joint", "--joint-width", -1), "give 0 to 10")):
+                        (("--stages", "steps:10", "--search", "joint", "--joint-width", -1), "give 0 to 10"),
+                        (("--stages", "steps:10", "--objective", "params"), "steer search='joint'")):
         r = run("zoo:digits-sd", *args, "--out", tmp_path / "bad")
         assert r.exit_code != 0 and match in r.output, r.output
     assert not (tmp_path / "bad").exists()

@@ -324,6 +324,9 @@ def check_search(search: str, objective: str, joint_width: int = JOINT_WIDTH) ->
     if objective not in OBJECTIVES:
         raise UserError(f"objective {objective!r}: accepted: {', '.join(OBJECTIVES)} (what the joint search makes "
                         "smallest)")
+    if search == "greedy" and (objective, joint_width) != ("macs", JOINT_WIDTH):
+        raise UserError("an objective and a joint width steer search='joint' (--search joint) only; the greedy search "
+                        "keeps each auto stage's most aggressive setting")
     if not 0 <= joint_width <= 10:
         raise UserError(f"joint width {joint_width}: give 0 to 10 milder settings per auto stage (0: the kept setting "
                         "or none)")
