@@ -188,6 +188,7 @@ def test_full_plan_shape():
     assert full_plan(3, 2).all() and full_plan(3, 2).shape == (3, 2)
 
 
+@pytest.mark.xdist_group("accelerate-launch")  # one at a time: they share accelerate's port
 def test_two_processes_train_the_same_pruner(tmp_path):
     """Data parallel under `accelerate launch` (2 CPU processes over gloo): each process trains on its share of
     every batch, gradients are averaged, and both end with the same scores and plan."""

@@ -227,6 +227,7 @@ def test_other_zoo_tasks_run(name, tmp_path):
     assert float(first["out"]) == 0.0 and float(first["feat"]) == 0.0 and float(first["task"]) > 0
 
 
+@pytest.mark.xdist_group("accelerate-launch")  # one at a time: they share accelerate's port
 def test_two_processes_agree(tmp_path):
     script = Path(__file__).parent / "scripts" / "distill_mp.py"
     env = dict(os.environ, OMP_NUM_THREADS="1")

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -12,6 +13,7 @@ from diffslim.sample import SampleSpec, sample
 from diffslim.train.zoo import build_pipeline
 
 
+@pytest.mark.xdist_group("accelerate-launch")  # one at a time: they share accelerate's port
 def test_two_processes_agree_with_one(tmp_path):
     script = Path(__file__).parent / "scripts" / "sample_mp.py"
     out_file = tmp_path / "mp.safetensors"

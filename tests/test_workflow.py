@@ -374,6 +374,14 @@ def test_the_joint_search_tries_milder_settings_and_no_stage_and_keeps_the_cheap
     diffslim.apply(again.pipe, recipe)
     assert torch.equal(sample(again.pipe, _spec(es, recipe.sampling.num_inference_steps)),
                        res.outputs[res.stages_kept[-1]])
+    # run again after an "interruption" that lost one stack: the others load, that one and the chosen one run
+    (Path(res.branches[-1]["out"]) / "joint_run.json").unlink()
+    logs = []
+    again = run_workflow(loaded, "depth:auto,steps:auto", es, tmp_path / "j", search="joint", **{**kw, "log": logs.append})
+    assert f"joint search: {len(stacks) - 1} of {len(stacks)} stacks loaded from an earlier run" in "\n".join(logs)
+    assert sum(m.startswith("stage 1/") for m in logs) == 2  # the lost stack's run and the chosen one's again
+    assert again.branches == res.branches and again.stages_kept == res.stages_kept
+    assert torch.equal(again.outputs[again.stages_kept[-1]], res.outputs[res.stages_kept[-1]])
     # the objectives: the least MACs or parameters first, the other cost and then quality breaking ties
     bs = [{"params": 5, "macs_ratio": 0.5, "psnr": 31.0}, {"params": 9, "macs_ratio": 0.3, "psnr": 30.5},
           {"params": 5, "macs_ratio": 0.5, "psnr": 33.0}, {"params": 5, "macs_ratio": 0.6, "psnr": 40.0}]
@@ -418,7 +426,10 @@ def test_the_joint_search_runs_every_combination_of_kept_milder_and_left_out_set
                                  stages_kept=[r["stage"] for r in rows[1:]])
 
     monkeypatch.setattr(wf, "_run_stages", run_stages)
-    res = run_workflow(None, "depth:auto,steps:auto,deepcache:auto", None, tmp_path, floor={"psnr": 30.0},
+    from types import SimpleNamespace
+
+    model, inputs = SimpleNamespace(source="zoo:digits-sd"), SimpleNamespace(inputs=[{}], seeds=[0], call_kwargs={})
+    res = run_workflow(model, "depth:auto,steps:auto,deepcache:auto", inputs, tmp_path, floor={"psnr": 30.0},
                        search="joint", log=lambda m: None)
     assert wf.JOINT_WIDTH == 3 and len(runs) == len(set(runs)) == 25
     # depth 7 is the 5th candidate: the milder ones lie 1/4, 2/4 and 3/4 of the way to it (rounded half to even);
@@ -436,6 +447,6 @@ def test_the_joint_search_runs_every_combination_of_kept_milder_and_left_out_set
     assert [b for b in res.branches if b["chosen"]] == [best] and best["stages"] != runs[0]
     assert res.stages_kept == best["kept"] and res.stages_kept[:2] == ["depth:9", "steps:3"]
     runs.clear()  # one milder setting each, half way: (1 + 2) ** 2 stacks
-    run_workflow(None, "depth:auto,steps:auto,deepcache:auto", None, tmp_path / "w1", floor={"psnr": 30.0},
+    run_workflow(model, "depth:auto,steps:auto,deepcache:auto", inputs, tmp_path / "w1", floor={"psnr": 30.0},
                  search="joint", joint_width=1, log=lambda m: None)
     assert len(runs) == 9 and "depth:9,steps:auto,deepcache:auto" in runs and "depth:7,steps:7,deepcache:auto" in runs

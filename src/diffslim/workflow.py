@@ -33,6 +33,7 @@ not rebuilt, when the same command runs again; training inside stages is cached 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 from dataclasses import dataclass, field, replace
@@ -342,7 +343,12 @@ def cheapest(branches: list[dict], objective: str, floor: dict) -> dict:
     floor metric. ``branches``: dicts with ``params``, ``macs_ratio`` and the floor's metrics of a stack's result."""
     first, second = OBJECTIVES[objective]
     quality = next(iter(floor), None)
-    return min(branches, key=lambda b: (b[first], b[second], -b[quality] if quality in b else 0.0))
+
+    def key(b):
+        q = b.get(quality, 0.0)
+        return b[first], b[second], -(math.inf if q is None else q)  # None: the original's own, infinite PSNR
+
+    return min(branches, key=key)
 
 
 def _branch_points(parsed: list, result: WorkflowResult) -> list[int]:
@@ -360,13 +366,34 @@ def _run_joint(loaded, stages: str, evalset, out, objective: str, width: int, fl
     out = Path(out)
     leaves: list[tuple[str, WorkflowResult, Path]] = []
 
+    spec = SampleSpec(inputs=evalset.inputs, seeds=evalset.seeds, num_inference_steps=kw["default_steps"],
+                      scheduler=kw["scheduler"], call_kwargs=dict(evalset.call_kwargs))
+    # what makes a finished run of a stack reusable when the search runs again (after an interruption)
+    same = {"input": model_fingerprint(loaded.source), "inputs": spec.digest(), "floor": dict(sorted(floor.items())),
+            **{k: kw[k] for k in ("data", "resolution", "task_weight")}}
+    resumed = []
+
+    def run(text: str, where: Path, reference) -> WorkflowResult:
+        done = where / "joint_run.json"
+        key = {**same, "stages": text}
+        if done.exists():
+            saved = json.loads(done.read_text())
+            if saved["key"] == key:
+                resumed.append(text)
+                return WorkflowResult(rows=saved["rows"], outputs={}, recipe=Recipe.model_validate(saved["recipe"]),
+                                      stopped=saved["stopped"], stages_kept=saved["stages_kept"])
+        res = _run_stages(loaded, text, evalset, where, floor=floor, log=log, reference=reference, **kw)
+        done.write_text(json.dumps({"key": key, **res.to_json(), "rows": _json_rows(res)}))  # written last
+        return res
+
     def explore(parsed: list, where: Path, reference):
         """Run ``parsed`` greedily, then each of its branch points' alternatives, the earlier ones at the settings
         this run kept (every combination of one alternative or the kept setting per branch point is one run)."""
         text = ",".join(_label(s) for s in parsed)
-        res = _run_stages(loaded, text, evalset, where, floor=floor, log=log, reference=reference, **kw)
+        res = run(text, where, reference)
         leaves.append((text, res, where))
-        reference = reference or (res.outputs["original"], res.rows[0]["seconds"], res.rows[0]["macs_per_sample"])
+        if reference is None and res.outputs:
+            reference = (res.outputs["original"], res.rows[0]["seconds"], res.rows[0]["macs_per_sample"])
         fixed: list = list(parsed)  # the stages as this run kept them, up to the branch point at hand
         for i in _branch_points(parsed, res):
             row, (name, _) = res.rows[i + 1], parsed[i]
@@ -393,7 +420,12 @@ def _run_joint(loaded, stages: str, evalset, out, objective: str, width: int, fl
                  **{k: finite(_final_row(res)[k]) for k in ("params", "macs_ratio", *floor) if k in _final_row(res)}}
                 for text, res, where in leaves]
     best = cheapest(branches, objective, floor)
-    result = next(res for (_, res, _), b in zip(leaves, branches) if b is best)
+    text, result, where = next(leaf for leaf, b in zip(leaves, branches) if b is best)
+    if resumed:
+        log(f"joint search: {len(resumed)} of {len(leaves)} stacks loaded from an earlier run (joint_run.json in "
+            "their folders)")
+    if not result.outputs:  # loaded from an earlier run: run it again for its outputs (the same, deterministic)
+        result = _run_stages(loaded, text, evalset, where, floor=floor, log=log, **kw)
     result.branches = [{**b, "chosen": b is best} for b in branches]
     first, _ = OBJECTIVES[objective]
     log(f"joint search: {len(leaves)} stacks tried; the cheapest in {first}: "
@@ -527,8 +559,11 @@ def _run_stages(loaded, stages: str, evalset, out, default_steps: int = 50, sche
     return result
 
 
-def _write_rows(result: WorkflowResult, out: Path) -> None:
+def _json_rows(result: WorkflowResult) -> list[dict]:
     from diffslim.evaluate import finite
 
-    (out / "workflow.json").write_text(json.dumps(
-        {**result.to_json(), "rows": [{k: finite(v) for k, v in r.items()} for r in result.rows]}, indent=2) + "\n")
+    return [{k: finite(v) for k, v in r.items()} for r in result.rows]
+
+
+def _write_rows(result: WorkflowResult, out: Path) -> None:
+    (out / "workflow.json").write_text(json.dumps({**result.to_json(), "rows": _json_rows(result)}, indent=2) + "\n")
