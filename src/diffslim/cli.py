@@ -298,8 +298,8 @@ def workflow(
                                                     "distillation only, which stays closer to the unpruned model)"),
     search: str = typer.Option("greedy", help="greedy: each auto stage takes all the floor it can, in order; joint: "
                                               "also runs the stack with each auto stage that has another auto stage "
-                                              "after it milder (the settings its search found to meet the floor) "
-                                              "or left out, and keeps the cheapest result (--objective)"),
+                                              "after it at milder settings (--joint-width of them) or left out, and "
+                                              "keeps the cheapest result (--objective); a rerun resumes"),
     objective: str = typer.Option("macs", help="what --search joint makes smallest: macs (of a sampling run, then "
                                                "params) or params (then macs)"),
     joint_width: int = typer.Option(3, help="--search joint: milder settings tried of each auto stage that has "
