@@ -349,7 +349,7 @@ def test_the_joint_search_tries_milder_settings_and_no_stage_and_keeps_the_cheap
     kw = dict(default_steps=6, progress=False, log=lambda m: None, metrics_fn=_psnr_metrics, floor=floor)
     res = run_workflow(loaded, "depth:auto,steps:auto", es, tmp_path / "j", search="joint", **kw)
     # the first stack is the greedy run, in the top folder
-    greedy = json.loads((tmp_path / "j" / "stages" / "1-depth-auto" / "stage.json").read_text())
+    greedy = json.loads(next((tmp_path / "j" / "stages").glob("1-depth-auto-*/stage.json")).read_text())
     cands, kept = greedy["candidates"], greedy["label"]
     k = cands.index(kept)
     milder = [cands[j] for j in sorted({round(k * w / (JOINT_WIDTH + 1)) for w in range(1, JOINT_WIDTH + 1)} - {k})]
@@ -374,6 +374,10 @@ def test_the_joint_search_tries_milder_settings_and_no_stage_and_keeps_the_cheap
     diffslim.apply(again.pipe, recipe)
     assert torch.equal(sample(again.pipe, _spec(es, recipe.sampling.num_inference_steps)),
                        res.outputs[res.stages_kept[-1]])
+    # the stacks share their model stages: one folder per depth setting, none under joint/
+    assert sorted(f.name.rsplit("-", 1)[0] for f in (tmp_path / "j" / "stages").iterdir()) == sorted(
+        f"1-{c.replace(':', '-')}" for c in ["depth:auto", *milder])
+    assert not list((tmp_path / "j" / "joint").rglob("stages"))
     # run again after an "interruption" that lost one stack: the others load, that one and the chosen one run
     (Path(res.branches[-1]["out"]) / "joint_run.json").unlink()
     logs = []

@@ -32,6 +32,7 @@ not rebuilt, when the same command runs again; training inside stages is cached 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import shutil
@@ -304,7 +305,8 @@ def run_workflow(loaded, stages: str, evalset, out, default_steps: int = 50, sch
     again with that stage at ``joint_width`` milder settings (spread evenly from its mildest candidate to the
     one it kept) and without the stage, recursively, and the stack whose result is cheapest in ``objective``
     (``"macs"``: MACs of a sampling run, then parameters; ``"params"``: the other way round) is returned, every
-    stack tried in its ``branches`` (each run under ``out/joint/``). Its cost: with two auto stages
+    stack tried in its ``branches`` (each run's rows under ``out/joint/``; the model stages of all runs in
+    ``out/stages/``, where a stage built once on one model serves every run that has it). Its cost: with two auto stages
     ``joint_width + 2`` runs of the workflow, with three ``(joint_width + 2) ** 2`` (the original is sampled once).
     """
     check_search(search, objective, joint_width)
@@ -382,7 +384,8 @@ def _run_joint(loaded, stages: str, evalset, out, objective: str, width: int, fl
                 resumed.append(text)
                 return WorkflowResult(rows=saved["rows"], outputs={}, recipe=Recipe.model_validate(saved["recipe"]),
                                       stopped=saved["stopped"], stages_kept=saved["stages_kept"])
-        res = _run_stages(loaded, text, evalset, where, floor=floor, log=log, reference=reference, **kw)
+        res = _run_stages(loaded, text, evalset, where, floor=floor, log=log, reference=reference,
+                          shared_stages=out / "stages", **kw)
         done.write_text(json.dumps({"key": key, **res.to_json(), "rows": _json_rows(res)}))  # written last
         return res
 
@@ -425,7 +428,7 @@ def _run_joint(loaded, stages: str, evalset, out, objective: str, width: int, fl
         log(f"joint search: {len(resumed)} of {len(leaves)} stacks loaded from an earlier run (joint_run.json in "
             "their folders)")
     if not result.outputs:  # loaded from an earlier run: run it again for its outputs (the same, deterministic)
-        result = _run_stages(loaded, text, evalset, where, floor=floor, log=log, **kw)
+        result = _run_stages(loaded, text, evalset, where, floor=floor, log=log, shared_stages=out / "stages", **kw)
     result.branches = [{**b, "chosen": b is best} for b in branches]
     first, _ = OBJECTIVES[objective]
     log(f"joint search: {len(leaves)} stacks tried; the cheapest in {first}: "
@@ -438,9 +441,12 @@ def _run_joint(loaded, stages: str, evalset, out, objective: str, width: int, fl
 def _run_stages(loaded, stages: str, evalset, out, default_steps: int = 50, scheduler: Optional[str] = None,
                 batch_size: int = 16, metrics_fn: Optional[Callable] = None, floor: Optional[dict] = None,
                 progress: bool = True, log: Callable[[str], None] = print, data: str = "zoo",
-                resolution: Optional[int] = None, task_weight: float = 1.0, reference=None) -> WorkflowResult:
+                resolution: Optional[int] = None, task_weight: float = 1.0, reference=None,
+                shared_stages: Optional[Path] = None) -> WorkflowResult:
     """The greedy workflow of :func:`run_workflow`; ``reference``: ``(outputs, seconds, MACs)`` of the original's
-    run, when another run on the same inputs has made it."""
+    run, when another run on the same inputs has made it; ``shared_stages``: a folder of model stages shared by
+    several runs (the joint search's), each named by its position, label and a digest of its key (stage and input
+    model), so that runs building the same stage on the same model share it and no two stages share a folder."""
     if loaded.pipe is None:
         raise UserError(f"{loaded.source} has no pipeline to sample; the workflow needs a pipeline folder or zoo:NAME")
     parsed = parse_stages(stages)
@@ -478,10 +484,11 @@ def _run_stages(loaded, stages: str, evalset, out, default_steps: int = 50, sche
         name, arg = stage
         kind = stage_kind(name)
         label = _label(stage)
-        folder = out / "stages" / _slug(i, stage)
         log(f"stage {i}/{len(parsed)}: {label} ({kind})")
         own = stage_floor(arg, floor)  # an auto stage's floor (None for other stages)
         want = _stage_key(cur, stage, own or floor, len(evalset.inputs), task_weight)
+        folder = out / "stages" / _slug(i, stage) if shared_stages is None else shared_stages / (
+            _slug(i, stage) + "-" + hashlib.sha256(json.dumps(want, sort_keys=True).encode()).hexdigest()[:10])
         built = _built_stage(cur, want, folder) if kind == "model" else None
 
         def evaluate(variant, label):
