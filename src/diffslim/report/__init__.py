@@ -384,7 +384,8 @@ def add_workflow_section(rep, model: str, result, floor: Optional[dict] = None) 
     branches = result.branches
     if branches:
         rep.add_table(f"joint search: every stack tried on {model} (the chosen one's stages above)",
-                      [{**b, "kept": ", ".join(b["kept"]) or "none"} for b in branches],
+                      [{**b, "kept": ", ".join(b["kept"]) or "none", "chosen": "yes" if b["chosen"] else ""}
+                       for b in branches],
                       [c for c in ("stages", "kept", "params", "macs_ratio", "psnr", "ssim", "digit_accuracy",
                                    "psnr_gt", "ssim_gt", "chosen") if any(c in b for b in branches)])
     metric = "psnr" if any("psnr" in r for r in rows[1:]) else None
