@@ -386,6 +386,15 @@ def test_the_joint_search_tries_milder_settings_and_no_stage_and_keeps_the_cheap
     assert sum(m.startswith("stage 1/") for m in logs) == 2  # the lost stack's run and the chosen one's again
     assert again.branches == res.branches and again.stages_kept == res.stages_kept
     assert torch.equal(again.outputs[again.stages_kept[-1]], res.outputs[res.stages_kept[-1]])
+    # the report lists every stack, the chosen one marked
+    from diffslim.report import Report, add_workflow_section
+
+    rep = Report("t")
+    add_workflow_section(rep, "zoo:digits-sd", again, floor)
+    rep.write(tmp_path / "report")
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert "joint search: every stack tried" in page and all(b["stages"] in page for b in res.branches)
+    assert page.count("<td>yes</td>") == 1
     # the objectives: the least MACs or parameters first, the other cost and then quality breaking ties
     bs = [{"params": 5, "macs_ratio": 0.5, "psnr": 31.0}, {"params": 9, "macs_ratio": 0.3, "psnr": 30.5},
           {"params": 5, "macs_ratio": 0.5, "psnr": 33.0}, {"params": 5, "macs_ratio": 0.6, "psnr": 40.0}]
