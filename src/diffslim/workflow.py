@@ -374,8 +374,9 @@ def _run_joint(loaded, stages: str, evalset, out, objective: str, width: int, fl
     same = {"input": model_fingerprint(loaded.source), "inputs": spec.digest(), "floor": dict(sorted(floor.items())),
             **{k: kw[k] for k in ("data", "resolution", "task_weight")}}
     resumed = []
+    reference: list = []  # the original's (outputs, seconds, MACs), once a run has sampled it
 
-    def run(text: str, where: Path, reference) -> WorkflowResult:
+    def run(text: str, where: Path) -> WorkflowResult:
         done = where / "joint_run.json"
         key = {**same, "stages": text}
         if done.exists():
@@ -384,19 +385,19 @@ def _run_joint(loaded, stages: str, evalset, out, objective: str, width: int, fl
                 resumed.append(text)
                 return WorkflowResult(rows=saved["rows"], outputs={}, recipe=Recipe.model_validate(saved["recipe"]),
                                       stopped=saved["stopped"], stages_kept=saved["stages_kept"])
-        res = _run_stages(loaded, text, evalset, where, floor=floor, log=log, reference=reference,
-                          shared_stages=out / "stages", **kw)
+        res = _run_stages(loaded, text, evalset, where, floor=floor, log=log,
+                          reference=reference[0] if reference else None, shared_stages=out / "stages", **kw)
+        if not reference:
+            reference.append((res.outputs["original"], res.rows[0]["seconds"], res.rows[0]["macs_per_sample"]))
         done.write_text(json.dumps({"key": key, **res.to_json(), "rows": _json_rows(res)}))  # written last
         return res
 
-    def explore(parsed: list, where: Path, reference):
+    def explore(parsed: list, where: Path):
         """Run ``parsed`` greedily, then each of its branch points' alternatives, the earlier ones at the settings
         this run kept (every combination of one alternative or the kept setting per branch point is one run)."""
         text = ",".join(_label(s) for s in parsed)
-        res = run(text, where, reference)
+        res = run(text, where)
         leaves.append((text, res, where))
-        if reference is None and res.outputs:
-            reference = (res.outputs["original"], res.rows[0]["seconds"], res.rows[0]["macs_per_sample"])
         fixed: list = list(parsed)  # the stages as this run kept them, up to the branch point at hand
         for i in _branch_points(parsed, res):
             row, (name, _) = res.rows[i + 1], parsed[i]
@@ -410,13 +411,13 @@ def _run_joint(loaded, stages: str, evalset, out, objective: str, width: int, fl
                 branch = [s for s in fixed[:i] + [tuple(alt.split(":", 1)) if alt else None] + fixed[i + 1:] if s]
                 log(f"joint search: {','.join(_label(s) for s in branch)} (instead of {row['stage']} "
                     f"at stage {i + 1})")
-                explore(branch, where / "joint" / (alt.replace(":", "-") if alt else f"no-{name}"), reference)
+                explore(branch, where / "joint" / (alt.replace(":", "-") if alt else f"no-{name}"))
             fixed[i] = tuple(row["stage"].split(":", 1))
 
     parsed = parse_stages(stages)
     if sum((arg or "").startswith("auto") for _, arg in parsed) < 2:
         log("joint search: fewer than two auto stages, so no floor to share between them: one greedy run")
-    explore(parsed, out, None)
+    explore(parsed, out)
     from diffslim.evaluate import finite
 
     branches = [{"stages": text, "kept": res.stages_kept, "out": str(where),
@@ -428,7 +429,8 @@ def _run_joint(loaded, stages: str, evalset, out, objective: str, width: int, fl
         log(f"joint search: {len(resumed)} of {len(leaves)} stacks loaded from an earlier run (joint_run.json in "
             "their folders)")
     if not result.outputs:  # loaded from an earlier run: run it again for its outputs (the same, deterministic)
-        result = _run_stages(loaded, text, evalset, where, floor=floor, log=log, shared_stages=out / "stages", **kw)
+        result = _run_stages(loaded, text, evalset, where, floor=floor, log=log,
+                             reference=reference[0] if reference else None, shared_stages=out / "stages", **kw)
     result.branches = [{**b, "chosen": b is best} for b in branches]
     first, _ = OBJECTIVES[objective]
     log(f"joint search: {len(leaves)} stacks tried; the cheapest in {first}: "
