@@ -7,7 +7,7 @@ from diffslim.bench import METHODS, count_run_macs, parse_methods, register_meth
 from diffslim.errors import UserError
 from diffslim.evaluate import metrics_fn_for
 from diffslim.models.load import LoadedModel
-from diffslim.report import Report, image_grid
+from diffslim.report import Report, image_grid, slug
 from diffslim.sample import SampleSpec
 from diffslim.zoo.evalsets import EvalSet
 
@@ -147,10 +147,16 @@ def test_workflow_section_of_the_demo_report(tmp_path):
     res = workflow_section(rep, loaded, "zoo:digits-sd", 10, n=4, stages="steps:5,deepcache:2", floor={"psnr": 0.0})
     assert [r["stage"] for r in res["rows"]] == ["original", "steps:5", "deepcache:2"]
     assert res["stopped"] is None and res["recipe"]["sampling"] == {"num_inference_steps": 5}
+    # a joint search on the same model gets a section of its own, its files beside the first one's
+    joint = workflow_section(rep, loaded, "zoo:digits-sd", 10, n=4, stages="steps:auto,deepcache:auto",
+                             floor={"psnr": 25.0}, search="joint", joint_width=1)
+    assert len(joint["branches"]) == 3 and sum(b["chosen"] for b in joint["branches"]) == 1
     out = rep.write(tmp_path / "r")
     html = (out / "index.html").read_text()
     assert "workflow: zoo:digits-sd" in html and (out / "workflow_zoo_digits-sd.png").is_file()
     assert (out / "workflow_grid_zoo_digits-sd_deepcache-2.png").is_file()
+    assert "workflow: zoo:digits-sd (joint search)" in html and "--search joint --joint-width 1" in html
+    assert (out / f"workflow_{slug('zoo:digits-sd (joint search)')}.png").is_file()
     strict = workflow_section(Report("t"), loaded, "zoo:digits-sd", 10, n=4, stages="steps:5,deepcache:2",
                               floor={"psnr": res["rows"][1]["psnr"] + 0.01})
     assert [r["accepted"] for r in strict["rows"]] == [True, False] and strict["stages_kept"] == []

@@ -20,12 +20,15 @@ def _plan_method(key: str) -> str:
 # What the demo runs per zoo model: bench methods, inputs, and whether depth search applies (U-Nets).
 # ``layers``: the layer-pruning criteria compared on held-out output loss (greedy re-scoring and the pairs of
 # output-loss-pairs where cheap enough), and ``kd_steps`` of normalized and of plain distillation for the
-# loss-term balance (0: none). ``workflow``: stages stacked by the guided workflow, with its floor.
+# loss-term balance (0: none). ``workflow``: stages stacked by the guided workflow, with its floor;
+# ``workflow_joint``: a joint search of how auto stages share the floor (narrow, to stay quick).
 DEMO_PLAN = {
     "digits-sd": dict(n=50, methods="full,steps:25,steps:10,depth:9,depth:7,depth:7+ft,uniform:10,karras:10,ays:10,"
                                     "gamma:10,dpm:10,xue:10,deepcache:3,layers:0.3,bk-sdm:base" + _plan_method("digits-sd"),
                       depth_search=dict(n=20, mode="linear"), layers=dict(greedy=False, pairs=True, kd_steps=0),
-                      workflow=dict(n=16, stages="layers:auto,steps:auto,deepcache:auto", floor={"psnr": 30.0})),
+                      workflow=dict(n=16, stages="layers:auto,steps:auto,deepcache:auto", floor={"psnr": 30.0}),
+                      workflow_joint=dict(n=8, stages="depth:auto,steps:auto", floor={"psnr": 30.0}, search="joint",
+                                          joint_width=1)),
     "digits-dit": dict(n=50, methods="full,steps:25,steps:10,uniform:10,karras:10,ays:10,gamma:10,fbcache,layers:0.3"
                                      + _plan_method("digits-dit"), depth_search=None,
                        layers=dict(greedy=True, pairs=True, kd_steps=100)),
@@ -126,8 +129,10 @@ def layer_pruning_section(rep, loaded, model: str, key: str, greedy: bool, pairs
     return res
 
 
-def workflow_section(rep, loaded, model: str, steps: int, n: int, stages: str, floor: dict) -> dict:
-    """The guided workflow's stages on ``model`` (in a temporary folder) as a report section; its JSON."""
+def workflow_section(rep, loaded, model: str, steps: int, n: int, stages: str, floor: dict, search: str = "greedy",
+                     joint_width: int = 3) -> dict:
+    """The guided workflow's stages on ``model`` (in a temporary folder) as a report section; its JSON.
+    ``search="joint"``: the joint search (``joint_width`` milder settings per auto stage), in a section of its own."""
     import tempfile
 
     from diffslim.evaluate import eval_set_for, finite, metrics_fn_for
@@ -137,14 +142,19 @@ def workflow_section(rep, loaded, model: str, steps: int, n: int, stages: str, f
     es = eval_set_for(loaded, n)
     with tempfile.TemporaryDirectory() as tmp:
         res = run_workflow(loaded, stages, es, Path(tmp), default_steps=steps, batch_size=n,
-                           metrics_fn=metrics_fn_for(loaded, es), floor=floor, progress=False, log=lambda m: None)
-    rep.add_text(f"workflow: {model}",
+                           metrics_fn=metrics_fn_for(loaded, es), floor=floor, progress=False, log=lambda m: None,
+                           **(dict(search=search, joint_width=joint_width) if search == "joint" else {}))
+    joint = search == "joint"
+    title = f"{model} (joint search)" if joint else model
+    rep.add_text(f"workflow: {title}",
                  f"`diffslim workflow {model} --stages {stages} --floor "
-                 + ",".join(f"{k}={v:g}" for k, v in floor.items()) + f" --n {n}`: each stage stacks on the one "
-                 "before and is judged against the original's outputs; a stage below the floor is rejected, and an "
+                 + ",".join(f"{k}={v:g}" for k, v in floor.items()) + f" --n {n}"
+                 + (f" --search joint --joint-width {joint_width}" if joint else "") + "`: each stage stacks on the "
+                 "one before and is judged against the original's outputs; a stage below the floor is rejected, and an "
                  "auto stage keeps the most aggressive setting it finds above the floor (grey: the settings it "
-                 "tried).")
-    add_workflow_section(rep, model, res, floor)
+                 "tried)" + ("; the joint search also ran the stack with the first auto stage milder and without it, "
+                             "and kept the cheapest result in MACs (orange: the others)." if joint else "."))
+    add_workflow_section(rep, title, res, floor)
     return {**res.to_json(), "rows": [{k: finite(v) for k, v in r.items()} for r in res.rows]}
 
 
@@ -254,10 +264,12 @@ def run_demo(out: Path, n: int | None = None, methods: str | None = None, consol
                 layer_results[model] = layer_pruning_section(rep, loaded, model, key, work=Path(tmp), **plan["layers"])
             console.print(f"layer pruning criteria {model}: additivity r = "
                           f"{layer_results[model]['additivity']['pearson']:.3f}")
-        if plan.get("workflow"):
-            workflows[model] = workflow_section(rep, loaded, model, ZOO[key].default_steps, **plan["workflow"])
-            console.print(f"workflow {model}: " + ", ".join(f"{r['stage']} {r['macs_ratio']:.3f} MACs"
-                                                           for r in workflows[model]["rows"]))
+        for which in ("workflow", "workflow_joint"):
+            if plan.get(which):
+                title = model + (" (joint search)" if which == "workflow_joint" else "")
+                workflows[title] = workflow_section(rep, loaded, model, ZOO[key].default_steps, **plan[which])
+                console.print(f"workflow {title}: " + ", ".join(f"{r['stage']} {r['macs_ratio']:.3f} MACs"
+                                                               for r in workflows[title]["rows"]))
     rep.add_data("benches", benches)
     rep.add_data("workflows", workflows)
     rep.add_data("depth_searches", searches)
