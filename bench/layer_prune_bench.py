@@ -45,7 +45,7 @@ RATIOS = (0.3, 0.5, 0.7)
 
 def bench_model(model: str, n_calib: int, kd_steps: int, n_eval: int, figs: Path, seed_random=(0, 1, 2),
                 kd_seeds=(0,), kd_modes=("normalized", "plain"), normalized_lambda_feat="1.0", kd_ratio=0.5,
-                lambda_task=1.0) -> dict:
+                lambda_task=1.0, feat_norm="batch") -> dict:
     t_start = time.perf_counter()
     loaded = load(model)
     d = loaded.denoiser
@@ -66,7 +66,7 @@ def bench_model(model: str, n_calib: int, kd_steps: int, n_eval: int, figs: Path
         out["distill"] = distill_compare(loaded, layers, out["scores"]["output-loss"], total, kd_steps, n_eval, figs,
                                          slug if kd_ratio == 0.5 else f"{slug}_r{kd_ratio:g}", ratio=kd_ratio,
                                          seeds=kd_seeds, modes=kd_modes, normalized_lambda_feat=normalized_lambda_feat,
-                                         lambda_task=lambda_task)
+                                         lambda_task=lambda_task, feat_norm=feat_norm)
     out["seconds"] = time.perf_counter() - t_start
     return out
 
@@ -95,7 +95,7 @@ def feature_terms(teacher, student, calib) -> dict:
 
 
 def distill_compare(loaded, layers, scores, total, steps, n_eval, figs, slug, ratio=0.5, seeds=(0,),
-                    modes=("normalized", "plain"), normalized_lambda_feat="1.0", lambda_task=1.0):
+                    modes=("normalized", "plain"), normalized_lambda_feat="1.0", lambda_task=1.0, feat_norm="batch"):
     """Distil the output-loss selection at ``ratio`` per seed and mode. ``normalized_lambda_feat``: the feature
     weight of the normalized runs (1 as the plain runs; another value, e.g. the plain-to-normalized ratio of
     the feature terms before training, compares the two at the same total feature weight; ``"auto"``: the
@@ -136,7 +136,8 @@ def distill_compare(loaded, layers, scores, total, steps, n_eval, figs, slug, ra
                 cfg = DistillConfig(steps=steps, batch_size=32, lr=2e-4, out=Path(tmp) / run, checkpoint_every=steps,
                                     log_every=10, normalized=mode == "normalized", progress=False, seed=seed,
                                     lambda_feat=lam if mode == "normalized" else 1.0,
-                                    match_plain_weight=auto and mode == "normalized", lambda_task=lambda_task)
+                                    match_plain_weight=auto and mode == "normalized", lambda_task=lambda_task,
+                                    feat_norm=feat_norm if mode == "normalized" else "batch")
                 t0 = time.perf_counter()
                 r = lp.distill_pruned(loaded.pipe, student, cfg)
                 secs = time.perf_counter() - t0
@@ -162,6 +163,7 @@ def distill_compare(loaded, layers, scores, total, steps, n_eval, figs, slug, ra
     for label, imgs in grids.items():
         image_grid(imgs[:k], nrow=8, upscale=up).save(figs / f"grid_{slug}_{label.replace(' ', '_').replace('+', '')}.png")
     res["normalized_lambda_feat"] = normalized_lambda_feat
+    res["feat_norm"] = feat_norm
     for mode in modes:
         runs = [v for k, v in res.items() if k.split("#")[0] == mode and isinstance(v, dict)]
         res[f"{mode}_mean_psnr"] = sum(v["psnr"] for v in runs) / len(runs)
@@ -206,6 +208,8 @@ def main():
     ap.add_argument("--kd-ratio", type=float, default=0.5, help="pruning ratio of the distilled model")
     ap.add_argument("--lambda-task", type=float, default=1.0,
                     help="weight of the diffusion task loss in the distillations (0: distil only)")
+    ap.add_argument("--feat-norm", default="batch", choices=("batch", "sample"),
+                    help="normalized runs: divide by the teacher's feature norm over the batch or per sample")
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--suffix", default="", help="written to layer_prune_<model><suffix>.json")
     a = ap.parse_args()
@@ -218,12 +222,13 @@ def main():
         modes = tuple(a.kd_modes.split(","))
         res = bench_model(model, a.n_calib, a.kd_steps, a.n_eval, figs, kd_seeds=seeds, kd_modes=modes,
                           normalized_lambda_feat=a.normalized_lambda_feat, kd_ratio=a.kd_ratio,
-                          lambda_task=a.lambda_task)
+                          lambda_task=a.lambda_task, feat_norm=a.feat_norm)
         res["command"] = (f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} .venv/bin/python "
                           f"bench/layer_prune_bench.py --models {model} --n-calib {a.n_calib} --kd-steps {a.kd_steps} "
                           f"--n-eval {a.n_eval} --kd-seeds {a.kd_seeds} --kd-modes {a.kd_modes} "
                           f"--normalized-lambda-feat {a.normalized_lambda_feat} --kd-ratio {a.kd_ratio:g}"
                           + (f" --lambda-task {a.lambda_task:g}" if a.lambda_task != 1.0 else "")
+                          + (f" --feat-norm {a.feat_norm}" if a.feat_norm != "batch" else "")
                           + (f" --suffix {a.suffix}" if a.suffix else ""))
         path = out / f"layer_prune_{model_slug(model)}{a.suffix}.json"
         path.write_text(json.dumps(res, indent=1, default=lambda o: None if isinstance(o, float) and math.isnan(o) else str(o)))

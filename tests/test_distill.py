@@ -100,6 +100,47 @@ def test_feature_loss_formula():
     assert float(feature_loss({}, {})) == 0.0
 
 
+def test_feature_loss_per_sample():
+    """``per_sample``: each sample's error over its own teacher norm, averaged over the batch; a sample of
+    small features weighs as much as one of large features, which the batch norm does not give."""
+    g = torch.Generator().manual_seed(1)
+    t = {"a": torch.randn(3, 2, 4, 4, generator=g) * torch.tensor([0.1, 1.0, 10.0]).view(3, 1, 1, 1),
+         "b": torch.randn(3, 5, 8, generator=g)}
+    s = {k: v + 0.2 * torch.randn(v.shape, generator=g) for k, v in t.items()}
+    eps = 1e-6
+    want = 0.0
+    for k in t:
+        per = [((t[k][i] - s[k][i]) ** 2).mean() / ((t[k][i] ** 2).mean() + eps) for i in range(3)]
+        want = want + sum(per) / 3
+    got = feature_loss(t, s, normalized=True, eps=eps, per_sample=True)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    # the same error on a sample of 100x smaller features counts 10^4 times more than under the batch norm
+    assert float(got) > 2 * float(feature_loss(t, s, normalized=True, eps=eps))
+    # equal to the batch form when every sample has the same teacher norm and error
+    one = {k: v[:1].repeat(4, *([1] * (v.dim() - 1))) for k, v in t.items()}
+    one_s = {k: v[:1].repeat(4, *([1] * (v.dim() - 1))) for k, v in s.items()}
+    torch.testing.assert_close(feature_loss(one, one_s, eps=eps, per_sample=True), feature_loss(one, one_s, eps=eps),
+                               rtol=1e-6, atol=0)
+    # the plain sum has no norm to take per sample
+    assert float(feature_loss(t, s, normalized=False, per_sample=True)) == float(feature_loss(t, s, normalized=False))
+
+
+def test_feat_norm_sample_trains_differently_and_is_checked(tiny_digits_pipe, tmp_path):
+    teacher = tiny_digits_pipe.denoiser
+    ds = ZooDigits()
+    batch = distill(tiny_digits_pipe, depth_skip(teacher, 7), ds, _cfg(tmp_path / "b", steps=2, log_every=1))
+    sample = distill(tiny_digits_pipe, depth_skip(teacher, 7), ds,
+                     _cfg(tmp_path / "s", steps=2, log_every=1, feat_norm="sample"))
+    fb, fs = (float(_rows(r.log_path)[0]["feat"]) for r in (batch, sample))
+    assert fb > 0 and fs > 0 and fb != fs  # the first batch, untrained student: the two terms differ
+    assert json.loads((tmp_path / "s" / "distill.json").read_text())["config"]["feat_norm"] == "sample"
+    with pytest.raises(ValueError, match="feat_norm must be 'batch' or 'sample', not 'layer'"):
+        distill(tiny_digits_pipe, depth_skip(teacher, 7), ds, _cfg(tmp_path / "x", feat_norm="layer"))
+    with pytest.raises(ValueError, match="feat_norm='sample' .* normalized=True"):
+        distill(tiny_digits_pipe, depth_skip(teacher, 7), ds, _cfg(tmp_path / "y", feat_norm="sample",
+                                                                   normalized=False))
+
+
 def test_auto_features_exclude_stand_ins(tiny_digits_pipe):
     teacher = tiny_digits_pipe.denoiser
     blocks = [f"down_blocks.{i}" for i in range(4)] + ["mid_block"] + [f"up_blocks.{i}" for i in range(4)]

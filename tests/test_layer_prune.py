@@ -507,6 +507,11 @@ def test_cli_distill_the_pruned_model_with_matched_weight(tiny_digits_folder, tm
     assert scale > 0 and f"feature weight x{scale:.4g}" in " ".join(r.output.split())
     r = CliRunner().invoke(app, [*run, "--plain", "--match-plain-weight"])
     assert r.exit_code == 2 and "use it with normalized=True" in r.output
+    r = CliRunner().invoke(app, [*run[:-1], str(tmp_path / "kd_sample"), "--feat-norm", "sample"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "kd_sample" / "distill.json").read_text())["config"]["feat_norm"] == "sample"
+    r = CliRunner().invoke(app, [*run[:-1], str(tmp_path / "kd_bad"), "--feat-norm", "channel"])
+    assert r.exit_code == 2 and "feat_norm must be 'batch' or 'sample', not 'channel'" in r.output
 
 
 def test_bench_layers_kd_distils_once_and_caches(tmp_path, monkeypatch):

@@ -539,7 +539,7 @@ def timesteps_cmd(
 
 def _distill_config(out, steps, batch_size, lr, checkpoint_every, log_every, ema_decay, mixed_precision,
                     gradient_checkpointing, seed, log_with, normalized, lambda_task, lambda_out, lambda_feat,
-                    match_plain_weight=False):
+                    match_plain_weight=False, feat_norm="batch"):
     from diffslim.train.distill import DistillConfig
 
     if steps < 1 or batch_size < 1 or lr <= 0:
@@ -550,7 +550,7 @@ def _distill_config(out, steps, batch_size, lr, checkpoint_every, log_every, ema
                          log_every=log_every, ema_decay=ema_decay if ema_decay > 0 else None,
                          mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing, seed=seed,
                          log_with=log_with, normalized=normalized, lambda_task=lambda_task, lambda_out=lambda_out,
-                         lambda_feat=lambda_feat, match_plain_weight=match_plain_weight)
+                         lambda_feat=lambda_feat, match_plain_weight=match_plain_weight, feat_norm=feat_norm)
 
 
 _TRAIN_OPTS = dict(
@@ -616,6 +616,8 @@ def distill(
     lambda_task: float = typer.Option(1.0), lambda_out: float = typer.Option(1.0), lambda_feat: float = typer.Option(1.0),
     match_plain_weight: bool = typer.Option(False, help="with --normalized: scale the feature term so that it starts "
                                             "with the plain sum's total weight (only the balance among layers changes)"),
+    feat_norm: str = typer.Option("batch", help="with --normalized: divide each block's feature term by the teacher's "
+                                  "norm over the whole batch ('batch') or each sample's by its own ('sample')"),
     resolution: Optional[int] = typer.Option(None, help="image size in px of the --data folder's training images "
                                                          "(default: the pipeline's own, 1024 for Flux)"),
 ):
@@ -633,7 +635,7 @@ def distill(
         raise UserError(f"{student} must be a denoiser folder with safetensors weights")
     cfg = _distill_config(out, steps, batch_size, lr, checkpoint_every, log_every, ema_decay, mixed_precision,
                           gradient_checkpointing, seed, log_with, normalized, lambda_task, lambda_out, lambda_feat,
-                          match_plain_weight)
+                          match_plain_weight, feat_norm)
     res = run(t.pipe, s.denoiser, make_dataset(data, t.pipe, resolution), cfg)
     scale = f"; feature weight x{res.feat_scale:.4g} (matched to the plain sum)" if match_plain_weight else ""
     console.print(f"student: {Path(res.out_dir) / 'student'}; final losses: "

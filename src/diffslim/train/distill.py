@@ -68,7 +68,9 @@ class DistillConfig:
     ``find_unused_parameters``: for multi-process (DDP) runs of students with parameters the forward
     does not use. ``match_plain_weight`` (normalized only): scale the normalized feature term so that
     its total starts equal to the plain one's, measured before training on the batches of the first
-    ``weight_batches`` steps, summed over processes; the scale is checkpointed with the run. User mistakes (unknown feature names, a checkpoint of other settings, an
+    ``weight_batches`` steps, summed over processes; the scale is checkpointed with the run. ``feat_norm``
+    (normalized only): ``"batch"`` divides each block's term by the teacher's norm over the whole batch,
+    ``"sample"`` each sample's by its own (see :func:`feature_loss`). User mistakes (unknown feature names, a checkpoint of other settings, an
     unsupported pipeline) raise ``diffslim.errors.UserError``, a ``ValueError``.
     """
 
@@ -99,6 +101,7 @@ class DistillConfig:
     find_unused_parameters: bool = False
     match_plain_weight: bool = False
     weight_batches: int = 4
+    feat_norm: str = "batch"
 
 
 @dataclass
@@ -252,13 +255,16 @@ def select_features(teacher: nn.Module, student: nn.Module,
 
 
 def feature_loss(teacher_feats: Mapping[str, torch.Tensor], student_feats: Mapping[str, torch.Tensor],
-                 normalized: bool = True, eps: float = 1e-6) -> torch.Tensor:
+                 normalized: bool = True, eps: float = 1e-6, per_sample: bool = False) -> torch.Tensor:
     """The feature term: ``sum_l mean((T_l - S_l)^2) [/ (mean(T_l^2) + eps)]`` over the layers of ``teacher_feats``.
 
     ``teacher_feats[l]`` and ``student_feats[l]`` have the same shape (e.g. ``(B, C, H, W)``); means run
     over all elements; the teacher features are detached and everything is computed in float32.
-    ``normalized=True`` is LAPTOP-Diff's normalized feature loss, ``False`` BK-SDM's plain sum. Returns
-    a 0-dim tensor (0 when there are no layers).
+    ``normalized=True`` is LAPTOP-Diff's normalized feature loss, ``False`` BK-SDM's plain sum. With
+    ``per_sample=True`` (normalized only) each sample is divided by its own teacher norm and the ratios
+    are averaged over the batch, ``mean_b [mean((T_lb - S_lb)^2) / (mean(T_lb^2) + eps)]``: the loss as
+    an expectation over inputs and timesteps, which also evens out samples whose features are small
+    (e.g. some noise levels). Returns a 0-dim tensor (0 when there are no layers).
     """
     total = None
     for name, ft in teacher_feats.items():
@@ -267,9 +273,13 @@ def feature_loss(teacher_feats: Mapping[str, torch.Tensor], student_feats: Mappi
             raise UserError(f"feature {name}: student shape {tuple(fs.shape)} != teacher shape {tuple(ft.shape)}; "
                              "map student blocks to teacher blocks of the same shape (features={...})")
         ft = ft.detach().float()
-        term = F.mse_loss(fs.float(), ft)
-        if normalized:
-            term = term / (ft.pow(2).mean() + eps)
+        if normalized and per_sample:
+            dims = tuple(range(1, ft.dim()))
+            term = ((fs.float() - ft).pow(2).mean(dims) / (ft.pow(2).mean(dims) + eps)).mean()
+        else:
+            term = F.mse_loss(fs.float(), ft)
+            if normalized:
+                term = term / (ft.pow(2).mean() + eps)
         total = term if total is None else total + term
     if total is None:
         return torch.zeros(())
@@ -669,7 +679,8 @@ def _plain_to_normalized(inputs, task, teacher, student, feats_t, feats_s, cfg: 
             task.predict(teacher, xt, t, cond)
             task.predict(student, xt, t, cond)
             sums[0] += float(feature_loss(feats_t, feats_s, normalized=False))
-            sums[1] += float(feature_loss(feats_t, feats_s, normalized=True, eps=cfg.feat_eps))
+            sums[1] += float(feature_loss(feats_t, feats_s, normalized=True, eps=cfg.feat_eps,
+                                          per_sample=cfg.feat_norm == "sample"))
     feats_t.clear()
     feats_s.clear()
     plain, norm = accelerator.reduce(sums.to(accelerator.device), "sum").cpu().tolist()
@@ -734,6 +745,10 @@ def distill(teacher_pipe, student: nn.Module, dataset, cfg: DistillConfig) -> Di
 
     if cfg.match_plain_weight and not cfg.normalized:
         raise UserError("match_plain_weight scales the normalized feature loss: use it with normalized=True (--normalized)")
+    if cfg.feat_norm not in ("batch", "sample"):
+        raise UserError(f"feat_norm must be 'batch' or 'sample', not {cfg.feat_norm!r}")
+    if cfg.feat_norm == "sample" and not cfg.normalized:
+        raise UserError("feat_norm='sample' divides by each sample's teacher norm: use it with normalized=True (--normalized)")
     if cfg.weight_batches < 1:
         raise UserError(f"weight_batches must be at least 1, not {cfg.weight_batches}")
     if cfg.log_with not in ("csv", "tensorboard"):
@@ -867,7 +882,8 @@ def distill(teacher_pipe, student: nn.Module, dataset, cfg: DistillConfig) -> Di
             task_l = F.mse_loss(pred_s.float(), target.float())
             zero = task_l.new_zeros(())
             out_l = F.mse_loss(pred_s.float(), pred_t.float()) if need_teacher else zero
-            feat_l = feature_loss(feats_t, feats_s, cfg.normalized, cfg.feat_eps).to(device) if features else zero
+            feat_l = (feature_loss(feats_t, feats_s, cfg.normalized, cfg.feat_eps, cfg.feat_norm == "sample").to(device)
+                      if features else zero)
             loss = cfg.lambda_task * task_l + cfg.lambda_out * out_l + feat_weight * feat_l
 
             # --- update
