@@ -244,7 +244,7 @@ def test_auto_bisects_to_the_most_aggressive_setting_that_meets_the_floor(digits
     assert row["stage"] == "steps:49" and not any(t["accepted"] for t in trail)
 
 
-def test_auto_stages_search_in_the_workflow_and_a_rerun_loads_the_result(digits, tmp_path):
+def test_auto_stages_search_in_the_workflow_and_a_rerun_loads_the_result(digits, tmp_path, monkeypatch):
     loaded, es = digits
     floor = {"psnr": 30.0}  # layers:0.3 keeps about 54 dB: the search keeps 0.3 or more, and leaves steps some room
     res = run_workflow(loaded, "layers:auto,steps:auto", es, tmp_path / "wf", default_steps=STEPS, floor=floor,
@@ -264,13 +264,30 @@ def test_auto_stages_search_in_the_workflow_and_a_rerun_loads_the_result(digits,
     assert torch.equal(sample(pruned.pipe, _spec(es)), res.outputs[layers_row["stage"]])
     assert res.stages_kept == [layers_row["stage"], steps_row["stage"]]
     assert res.recipe.sampling.num_inference_steps == k
-    # the same command again loads the searched model stage: no search, the same label and outputs
+    # the same command again loads the searched model stage: no search, the same label and outputs, and samples
+    # nothing: every stage's outputs were kept in evals/ (one file per model, stage and schedule sampled)
+    import diffslim.workflow as wf
+
+    calls = []
+    monkeypatch.setattr(wf, "sample", lambda *a, **k: calls.append(k.get("description")) or sample(*a, **k))
     logs = []
     again = run_workflow(loaded, "layers:auto,steps:auto", es, tmp_path / "wf", default_steps=STEPS, floor=floor,
                          progress=False, log=logs.append, metrics_fn=_psnr_metrics)
     assert again.rows[1]["stage"] == layers_row["stage"] and again.rows[1]["search"] == layers_row["search"]
     assert not any(m.startswith("  layers:") for m in logs) and any("loaded from" in m for m in logs)
     assert torch.equal(again.outputs[layers_row["stage"]], res.outputs[layers_row["stage"]])
+    assert calls == [] and all("earlier sampling of the same stage" in r["notes"] for r in again.rows[1:])
+    assert [{k: r[k] for k in ("stage", "psnr", "macs_ratio", "seconds")} for r in again.rows] == [
+        {k: r[k] for k in ("stage", "psnr", "macs_ratio", "seconds")} for r in res.rows]
+    n_evals = len(list((tmp_path / "wf" / "evals").glob("*.pt")))
+    assert n_evals == 1 + len(layers_row["search"]) + len(steps_row["search"])  # the original and each setting tried
+    # a damaged file is sampled again, not trusted
+    first = sorted((tmp_path / "wf" / "evals").glob("*.pt"))[0]
+    first.write_bytes(first.read_bytes()[:100])
+    run_workflow(loaded, "layers:auto,steps:auto", es, tmp_path / "wf", default_steps=STEPS, floor=floor,
+                 progress=False, log=lambda m: None, metrics_fn=_psnr_metrics)
+    assert len(calls) == 1 and len(list((tmp_path / "wf" / "evals").glob("*.pt"))) == n_evals
+    monkeypatch.undo()
     # another floor searches again
     # an auto stage that nothing lets meet the floor is skipped, and the next stage still runs
     stricter = run_workflow(loaded, "steps:auto,deepcache:2", es, tmp_path / "wf", default_steps=4,
@@ -339,7 +356,8 @@ def test_an_auto_stage_with_its_own_floor_keeps_quality_for_the_stages_after_it(
     assert stage_floor("auto", {"psnr": 25.0}) == {"psnr": 25.0} and stage_floor("0.3", {"psnr": 25.0}) is None
 
 
-def test_the_joint_search_tries_milder_settings_and_no_stage_and_keeps_the_cheapest_stack(digits, tmp_path):
+def test_the_joint_search_tries_milder_settings_and_no_stage_and_keeps_the_cheapest_stack(digits, tmp_path,
+                                                                                           monkeypatch):
     """Greedy auto stages spend the floor in order; the joint search also runs the stack with the first auto stage
     at milder settings and without it, and returns the stack whose result is cheapest in the objective."""
     from diffslim.workflow import JOINT_WIDTH, _final_row, cheapest
@@ -347,7 +365,15 @@ def test_the_joint_search_tries_milder_settings_and_no_stage_and_keeps_the_cheap
     loaded, es = digits
     floor = {"psnr": 30.0}
     kw = dict(default_steps=6, progress=False, log=lambda m: None, metrics_fn=_psnr_metrics, floor=floor)
+    import diffslim.workflow as wf
+
+    calls = []
+    monkeypatch.setattr(wf, "sample", lambda *a, **k: calls.append(k.get("description")) or sample(*a, **k))
     res = run_workflow(loaded, "depth:auto,steps:auto", es, tmp_path / "j", search="joint", **kw)
+    # every model, stage and schedule is sampled once for all stacks: the milder depths that the greedy run's search
+    # tried are not sampled again in their own stacks
+    assert len(calls) == len(list((tmp_path / "j" / "evals").glob("*.pt")))
+    assert all(calls.count(c) == 1 for c in calls if not c.startswith("steps:"))  # the original and each depth
     # the first stack is the greedy run, in the top folder
     greedy = json.loads(next((tmp_path / "j" / "stages").glob("1-depth-auto-*/stage.json")).read_text())
     cands, kept = greedy["candidates"], greedy["label"]
@@ -384,6 +410,9 @@ def test_the_joint_search_tries_milder_settings_and_no_stage_and_keeps_the_cheap
     again = run_workflow(loaded, "depth:auto,steps:auto", es, tmp_path / "j", search="joint", **{**kw, "log": logs.append})
     assert f"joint search: {len(stacks) - 1} of {len(stacks)} stacks loaded from an earlier run" in "\n".join(logs)
     assert sum(m.startswith("stage 1/") for m in logs) == 2  # the lost stack's run and the chosen one's again
+    assert len(calls) == len(list((tmp_path / "j" / "evals").glob("*.pt")))  # both from evals/: nothing sampled
+    assert [{k: v for k, v in r.items() if k != "notes"} for r in again.rows] == [
+        {k: v for k, v in r.items() if k != "notes"} for r in res.rows]
     assert again.branches == res.branches and again.stages_kept == res.stages_kept
     assert torch.equal(again.outputs[again.stages_kept[-1]], res.outputs[res.stages_kept[-1]])
     # the report lists every stack, the chosen one marked

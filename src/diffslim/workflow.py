@@ -466,14 +466,33 @@ def _run_stages(loaded, stages: str, evalset, out, default_steps: int = 50, sche
             raise UserError(f"{name}:auto searches for the most aggressive setting that meets a floor: give one, "
                             "e.g. --floor psnr=30")
     out.mkdir(parents=True, exist_ok=True)
+    evals = (shared_stages.parent if shared_stages is not None else out) / "evals"
 
-    def timed(pipe, s, label):
+    def timed(pipe, s, label, model):
+        """``(outputs, seconds, MACs, reused)`` of ``pipe`` (``model``'s fingerprint, with stage ``label`` applied) on ``s``;
+        read from ``evals/`` when this model, stage, inputs and schedule were sampled before (by this command, an
+        earlier run of it, or another stack of a joint search: then ``reused``)."""
+        key = {"input": model, "stage": label, "spec": s.digest(), "data": data, "resolution": resolution,
+               "task_weight": task_weight}
+        path = evals / (hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20] + ".pt")
+        if path.exists():
+            try:
+                saved = torch.load(path, weights_only=True)
+                if saved["key"] == json.dumps(key, sort_keys=True):
+                    return saved["images"], saved["seconds"], saved["macs"], True
+            except Exception:  # a truncated file is sampled again, not trusted
+                pass
         run_pipeline(pipe, s.replace(inputs=s.inputs[:1], seeds=s.seeds[:1]), [0])  # warm-up
         t0 = time.perf_counter()
         images = sample(pipe, s, show_progress=progress, description=label)
-        return images, time.perf_counter() - t0, count_run_macs(pipe, s)
+        seconds, macs = time.perf_counter() - t0, count_run_macs(pipe, s)
+        evals.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save({"key": json.dumps(key, sort_keys=True), "images": images, "seconds": seconds, "macs": macs}, tmp)
+        tmp.replace(path)  # whole or absent
+        return images, seconds, macs, False
 
-    reference, t_full, macs_full = reference or timed(loaded.pipe, spec, "original")
+    reference, t_full, macs_full = reference or timed(loaded.pipe, spec, "original", model_fingerprint(loaded.source))[:3]
     params0 = sum(p.numel() for p in loaded.denoiser.parameters())
     rows = [{"stage": "original", "kind": "", "params": params0, "macs_per_sample": macs_full, "macs_ratio": 1.0,
              "seconds": t_full, "speedup": 1.0, **(metrics_fn(reference, reference) if metrics_fn else {}),
@@ -496,15 +515,18 @@ def _run_stages(loaded, stages: str, evalset, out, default_steps: int = 50, sche
         def evaluate(variant, label):
             """The row of ``variant`` (judged against the original) and its outputs."""
             try:
-                images, seconds, macs = timed(variant.pipe, variant.spec, label)
+                images, seconds, macs, reused = timed(variant.pipe, variant.spec, label, want["input"])
             finally:
                 if variant.cleanup is not None:
                     variant.cleanup()
             row = {"stage": label, "kind": kind, "params": variant.params, "macs_per_sample": macs,
                    "macs_ratio": macs / macs_full, "seconds": seconds, "speedup": t_full / seconds,
                    **(metrics_fn(images, reference) if metrics_fn else {})}
-            if variant.notes:
-                row["notes"] = variant.notes
+            notes = [variant.notes] if variant.notes else []
+            if reused:
+                notes.append(f"outputs and time from an earlier sampling of the same stage ({evals})")
+            if notes:
+                row["notes"] = "; ".join(notes)
             return row, images
 
         search = None
