@@ -27,7 +27,10 @@ milder settings of it, and the stack without it, and keeps the cheapest result (
 Writes ``OUT/workflow.json`` (the rows), ``OUT/recipe.json`` (its ``model`` names the pipeline folder to load: the
 last model stage's, or the original; its sections the schedule and the skip plan) and, from the CLI,
 ``OUT/index.html`` with the cost/quality path and image grids. A model stage whose folder is complete is loaded,
-not rebuilt, when the same command runs again; training inside stages is cached as the bench caches it.
+not rebuilt, when the same command runs again; training inside stages is cached as the bench caches it. Every
+sampling run is kept in ``OUT/evals/`` (outputs, wall time, MACs; one file per model, stage, schedule and inputs),
+so what one stack of a joint search or an earlier run has sampled is not sampled again (its row's notes say so and
+keep that first wall time; delete ``OUT/evals/`` to time afresh).
 """
 
 from __future__ import annotations
