@@ -38,6 +38,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass, field, replace
@@ -490,7 +491,7 @@ def _run_stages(loaded, stages: str, evalset, out, default_steps: int = 50, sche
         images = sample(pipe, s, show_progress=progress, description=label)
         seconds, macs = time.perf_counter() - t0, count_run_macs(pipe, s)
         evals.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
         torch.save({"key": json.dumps(key, sort_keys=True), "images": images, "seconds": seconds, "macs": macs}, tmp)
         tmp.replace(path)  # whole or absent
         return images, seconds, macs, False
