@@ -277,9 +277,11 @@ def test_auto_stages_search_in_the_workflow_and_a_rerun_loads_the_result(digits,
     assert not any(m.startswith("  layers:") for m in logs) and any("loaded from" in m for m in logs)
     assert torch.equal(again.outputs[layers_row["stage"]], res.outputs[layers_row["stage"]])
     assert calls == [] and all("earlier sampling of the same stage" in r["notes"] for r in again.rows[1:])
+    n_evals = len(list((tmp_path / "wf" / "evals").glob("*.pt")))
+    k = 2 + len(steps_row["search"])  # the original, the loaded layers stage, the steps search again
+    assert f"  {k} of {k} samplings read from {tmp_path / 'wf' / 'evals'}" in logs[-1]
     assert [{k: r[k] for k in ("stage", "psnr", "macs_ratio", "seconds")} for r in again.rows] == [
         {k: r[k] for k in ("stage", "psnr", "macs_ratio", "seconds")} for r in res.rows]
-    n_evals = len(list((tmp_path / "wf" / "evals").glob("*.pt")))
     assert n_evals == 1 + len(layers_row["search"]) + len(steps_row["search"])  # the original and each setting tried
     # a damaged file is sampled again, not trusted
     first = sorted((tmp_path / "wf" / "evals").glob("*.pt"))[0]

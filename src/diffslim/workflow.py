@@ -471,6 +471,7 @@ def _run_stages(loaded, stages: str, evalset, out, default_steps: int = 50, sche
                             "e.g. --floor psnr=30")
     out.mkdir(parents=True, exist_ok=True)
     evals = (shared_stages.parent if shared_stages is not None else out) / "evals"
+    count = {"sampled": 0, "read": 0}
 
     def timed(pipe, s, label, model):
         """``(outputs, seconds, MACs, reused)`` of ``pipe`` (``model``'s fingerprint, with stage ``label`` applied) on ``s``;
@@ -483,6 +484,7 @@ def _run_stages(loaded, stages: str, evalset, out, default_steps: int = 50, sche
             try:
                 saved = torch.load(path, weights_only=True)
                 if saved["key"] == json.dumps(key, sort_keys=True):
+                    count["read"] += 1
                     return saved["images"], saved["seconds"], saved["macs"], True
             except Exception:  # a truncated file is sampled again, not trusted
                 pass
@@ -494,6 +496,7 @@ def _run_stages(loaded, stages: str, evalset, out, default_steps: int = 50, sche
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         torch.save({"key": json.dumps(key, sort_keys=True), "images": images, "seconds": seconds, "macs": macs}, tmp)
         tmp.replace(path)  # whole or absent
+        count["sampled"] += 1
         return images, seconds, macs, False
 
     reference, t_full, macs_full = reference or timed(loaded.pipe, spec, "original", model_fingerprint(loaded.source))[:3]
@@ -589,6 +592,9 @@ def _run_stages(loaded, stages: str, evalset, out, default_steps: int = 50, sche
     recipe = Recipe.model_validate({"model": model_source, **sections,
                                     "description": "diffslim workflow: " + (", ".join(kept) or "no stage kept")})
     result = WorkflowResult(rows=rows, outputs=outputs, recipe=recipe, stopped=stopped, stages_kept=kept)
+    if count["read"]:
+        log(f"  {count['read']} of {count['read'] + count['sampled']} samplings read from {evals} (sampled before; "
+            "delete it to sample and time afresh)")
     recipe.save(out / "recipe.json")
     _write_rows(result, out)
     return result
