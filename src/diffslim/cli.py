@@ -583,6 +583,8 @@ def finetune(
     normalized: bool = typer.Option(False, "--normalized/--plain", help="feature loss normalized by the teacher's feature norm (LAPTOP-Diff) or plain (default)"),
     lambda_out: float = typer.Option(1.0, help="weight of the output distillation"),
     lambda_feat: float = typer.Option(1.0, help="weight of the feature distillation"),
+    feat_norm: str = typer.Option("batch", help="with --normalized: the teacher norm over the whole batch ('batch') "
+                                  "or each sample's own ('sample')"),
 ):
     """Fine-tune a depth-skipped model: diffusion loss + distillation from the unpruned teacher."""
     _quiet_libraries()
@@ -595,7 +597,8 @@ def finetune(
         raise UserError(f"{model} is not a pipeline; fine-tuning needs a pipeline folder or zoo:NAME")
     removed_modules(loaded.denoiser, depth)
     cfg = _distill_config(out, steps, batch_size, lr, checkpoint_every, log_every, ema_decay, mixed_precision,
-                          gradient_checkpointing, seed, log_with, normalized, 1.0, lambda_out, lambda_feat)
+                          gradient_checkpointing, seed, log_with, normalized, 1.0, lambda_out, lambda_feat,
+                          feat_norm=feat_norm)
     _, folder = finetune_depth(loaded.pipe, depth, data, cfg)
     console.print(f"fine-tuned student (depth {depth}): {folder}; log: {Path(out) / 'train_log.csv'}")
 
