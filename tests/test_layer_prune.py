@@ -419,6 +419,36 @@ def test_cli_layer_compare_writes_the_comparison_and_its_figures(tiny_digits_fol
     assert [b["variant"] for b in res["bk_sdm"]] == ["bk-sdm-base", "bk-sdm-small", "bk-sdm-tiny"]
     for name in ("output_loss.png", "additivity.png"):
         assert (tmp_path / "c" / name).stat().st_size > 1000
+    assert not (tmp_path / "c" / "sampled_psnr.png").exists() and "sampled" not in res
+    r = run(tiny_digits_folder, "--sample", "-1", "--out", tmp_path / "x")
+    assert r.exit_code == 2 and "--sample takes a count >= 0" in r.output
+
+    # --sample: every selection's samples judged against the full model's, the same as sampling it directly
+    r = run(tiny_digits_folder, "--ratios", "0.3,0.5", "--n", "4", "--no-greedy", "--no-pairs", "--sample", "3",
+            "--steps", "2", "--out", tmp_path / "s", "--json")
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "s" / "compare.json").read_text())
+    assert res["sampled"] == {"n": 3, "steps": 2} and (tmp_path / "s" / "sampled_psnr.png").stat().st_size > 1000
+    loaded = load(str(tiny_digits_folder))
+    from diffslim.bench import _with_denoiser
+    from diffslim.evaluate import eval_set_for, metrics_fn_for
+    from diffslim.sample import SampleSpec, sample
+
+    es = eval_set_for(loaded, 3)
+    spec = SampleSpec(es.inputs, es.seeds, num_inference_steps=2, call_kwargs=dict(es.call_kwargs), batch_size=3)
+    full = sample(loaded.pipe, spec)
+    metrics = metrics_fn_for(loaded, es)
+    for row in res["ratios"]:
+        for crit in ("output-loss", "magnitude", "taylor", "similarity", "random#0"):
+            assert 0 < row[f"{crit}_sampled"]["psnr"] < 100
+        seeds = [row[f"random#{s}_sampled"]["psnr"] for s in (0, 1, 2)]
+        assert row["random_sampled"]["psnr"] == pytest.approx(sum(seeds) / 3)
+        direct = metrics(sample(_with_denoiser(loaded.pipe, lp.prune_layers(loaded.denoiser, row["output-loss_removed"])),
+                                spec), full)
+        assert row["output-loss_sampled"]["psnr"] == pytest.approx(direct["psnr"], abs=1e-6)
+        same = [c for c in ("magnitude", "taylor", "similarity") if set(row[f"{c}_removed"]) == set(row["output-loss_removed"])]
+        assert all(row[f"{c}_sampled"] == row["output-loss_sampled"] for c in same)
+    assert all(0 < b["sampled"]["psnr"] < 100 for b in res["bk_sdm"])
 
 
 def test_sdxl_inner_transformer_blocks_and_selection_by_macs(tiny_digits_pipe):

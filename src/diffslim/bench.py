@@ -156,6 +156,30 @@ def _with_denoiser(pipe, module):
     return new
 
 
+def sample_layer_sets(pipe, sets: dict, spec: SampleSpec, metrics_fn: Callable, progress: bool = False) -> dict:
+    """The samples of ``pipe`` with each set of layers removed, judged against the full pipeline's on ``spec``.
+
+    ``sets``: ``{key: [layer names]}`` (e.g. each criterion's selection at each ratio); identical sets are sampled
+    once. ``metrics_fn(outputs, reference) -> dict`` as in :func:`run_bench`. Returns ``{key: metrics}``; the output
+    loss of a selection is a proxy, and this is what it stands for.
+    """
+    from diffslim.methods.layer_prune import prune_layers
+    from diffslim.models.load import denoiser_of
+
+    denoiser = denoiser_of(pipe)
+    reference = sample(pipe, spec, show_progress=progress, description="full model")
+    done: dict = {}
+    out = {}
+    for key, names in sets.items():
+        k = frozenset(names)
+        if k not in done:
+            pruned = prune_layers(denoiser, list(names))
+            done[k] = metrics_fn(sample(_with_denoiser(pipe, pruned), spec, show_progress=progress,
+                                        description=str(key)), reference)
+        out[key] = dict(done[k])
+    return out
+
+
 @register_method("depth", "depth:N, depth-skip pruning at depth N (Kim and Cho 2024); depth:N+ft fine-tuned by a "
                           "short default run (cached), depth:N+ft@FOLDER from a fine-tuned student folder")
 def _depth(arg, ctx: BenchContext) -> Variant:

@@ -786,10 +786,15 @@ def layer_compare_cmd(
     pairs: bool = typer.Option(True, "--pairs/--no-pairs", help="also output-loss-pairs (n(n-1)/2 calibration runs)"),
     data: str = typer.Option("zoo", help="calibration data: 'zoo' or an image folder, captions optional"),
     resolution: Optional[int] = typer.Option(None, help="image size in px of the --data folder's images"),
+    sample_n: int = typer.Option(0, "--sample", help="also sample every selection on N evaluation inputs and judge "
+                                 "its outputs against the full model's (PSNR, SSIM, the task's metrics): what the "
+                                 "output loss stands for; 0: off"),
+    steps: Optional[int] = typer.Option(None, help="sampling steps of --sample (default: the zoo model's, else 50)"),
     as_json: bool = typer.Option(False, "--json"),
 ):
     """Compare every layer-pruning criterion on your model: held-out output loss of each one's selection at each
-    ratio, BK-SDM (U-Nets), and the additivity of the single-layer losses, with figures."""
+    ratio, BK-SDM (U-Nets), and the additivity of the single-layer losses, with figures; with --sample N also
+    each selection's samples against the full model's."""
     _quiet_libraries()
     from diffslim.methods import layer_prune as lp
     from diffslim.methods.layer_compare import compare_criteria, curves_of
@@ -804,6 +809,8 @@ def layer_compare_cmd(
         lp.check_ratio(r)
     if n < 2:
         raise UserError("--n must be at least 2")
+    if sample_n < 0 or (steps is not None and steps < 1):
+        raise UserError(f"--sample {sample_n} / --steps {steps}: --sample takes a count >= 0 (0: off), --steps >= 1")
     loaded = load(model)
     if loaded.pipe is None or not loaded.has_weights:
         raise UserError(f"{model}: comparing criteria samples the model on calibration data; give a pipeline folder "
@@ -812,9 +819,13 @@ def layer_compare_cmd(
     held = lp.calibration(loaded.pipe, n=n, seed=1, data=data, size=resolution)
     res = compare_criteria(loaded.denoiser, calib, held, rs, greedy=greedy, pairs=pairs, progress=not as_json)
     res = {"model": model, "n_calib": n, **res}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "compare.json").write_text(json.dumps(res, indent=1, default=str) + "\n")
     curves = curves_of(res)
+    out.mkdir(parents=True, exist_ok=True)
+    if sample_n:
+        psnr_curves, bk_psnr = _sample_selections(loaded, res, curves, sample_n, steps, progress=not as_json)
+        output_loss_figure(psnr_curves, model, bk_psnr, ylabel="PSNR of samples vs the full model's (dB)",
+                           log=False).savefig(out / "sampled_psnr.png", dpi=110, bbox_inches="tight")
+    (out / "compare.json").write_text(json.dumps(res, indent=1, default=str) + "\n")
     output_loss_figure(curves, model, {b["variant"]: (b["ratio"], b["bk_sdm_loss"]) for b in res["bk_sdm"]}).savefig(
         out / "output_loss.png", dpi=110, bbox_inches="tight")
     add = res["additivity"]
@@ -832,14 +843,63 @@ def layer_compare_cmd(
         t.add_row(f"{row['ratio']:g}", *[("[bold]" if row[c] == best and c not in ("greedy", "random") else "")
                                          + f"{row[c]:.3g}" for c in curves])
     console.print(t)
+    if sample_n:
+        t = Table(title=f"sampled outputs against the full model's ({sample_n} inputs, {res['sampled']['steps']} "
+                        "steps): PSNR in dB (higher is better)")
+        t.add_column("ratio")
+        for c in curves:
+            t.add_column(c)
+        for row in res["ratios"]:
+            vals = {c: row[f"{c}_sampled"].get("psnr") for c in curves}
+            best = max((v for c, v in vals.items() if v is not None and c not in ("greedy", "random")), default=None)
+            t.add_row(f"{row['ratio']:g}", *[("-" if v is None else ("[bold]" if v == best and c not in (
+                "greedy", "random") else "") + f"{v:.2f}") for c, v in vals.items()])
+        console.print(t)
     for b in res["bk_sdm"]:
         console.print(f"{b['variant']}: removes {b['ratio']:.3f} of params, output loss {b['bk_sdm_loss']:.3g} "
-                      f"(output-loss criterion at that ratio: {b['output_loss_at_ratio']:.3g})")
+                      f"(output-loss criterion at that ratio: {b['output_loss_at_ratio']:.3g})"
+                      + (f"; samples {b['sampled']['psnr']:.2f} dB" if sample_n and b["sampled"].get("psnr") is not None
+                         else ""))
     console.print(f"additivity over {len(add['sets'])} random layer sets: Pearson r = {add['pearson']:.3f}"
                   + (f" (second order {add['pearson_second_order']:.3f})" if "pearson_second_order" in add else "")
                   + f"\nwritten: {out / 'compare.json'}, {out / 'output_loss.png'}, {out / 'additivity.png'}"
-                  + "\nthe output loss is a proxy: before committing to a selection, compare its samples with the "
-                    "full model's (diffslim layer-prune ... --criterion C, then diffslim bench on the pruned folder)")
+                  + (f", {out / 'sampled_psnr.png'}" if sample_n else
+                     "\nthe output loss is a proxy: before committing to a selection, compare its samples with the "
+                     "full model's (--sample 16)"))
+
+
+def _sample_selections(loaded, res: dict, curves: dict, n: int, steps: Optional[int], progress: bool):
+    """Sample every selection of a ``layer-compare`` result ``res`` on ``n`` evaluation inputs; adds
+    ``<criterion>_sampled`` (metrics against the full model's samples) to its rows (``random_sampled``: the mean PSNR
+    and SSIM over the random seeds) and ``sampled`` to its BK-SDM rows. Returns the PSNR curves and BK-SDM points
+    for the figure."""
+    from diffslim.bench import sample_layer_sets
+    from diffslim.evaluate import eval_set_for, finite, metrics_fn_for
+    from diffslim.sample import SampleSpec
+
+    es = eval_set_for(loaded, n)
+    steps = steps or (loaded.zoo.default_steps if loaded.zoo is not None else 50)
+    spec = SampleSpec(es.inputs, es.seeds, num_inference_steps=steps, call_kwargs=dict(es.call_kwargs),
+                      batch_size=min(16, n))
+    sets = {(i, k[: -len("_removed")]): v for i, row in enumerate(res["ratios"]) for k, v in row.items()
+            if k.endswith("_removed")}
+    sets.update({("bk", b["variant"]): b["removed"] for b in res["bk_sdm"]})
+    got = sample_layer_sets(loaded.pipe, sets, spec, metrics_fn_for(loaded, es), progress=progress)
+    for (i, key), m in got.items():
+        m = {k: finite(v) for k, v in m.items()}
+        if i == "bk":
+            next(b for b in res["bk_sdm"] if b["variant"] == key)["sampled"] = m
+        else:
+            res["ratios"][i][f"{key}_sampled"] = m
+    for row in res["ratios"]:
+        seeds = [row[k] for k in row if k.startswith("random#") and k.endswith("_sampled")]
+        row["random_sampled"] = {k: (sum(s[k] for s in seeds) / len(seeds) if all(s.get(k) is not None for s in seeds)
+                                     else None) for k in ("psnr", "ssim")}
+    res["sampled"] = {"n": n, "steps": steps}
+    psnr = {c: [(row["ratio"], row[f"{c}_sampled"]["psnr"]) for row in res["ratios"]
+                if row[f"{c}_sampled"].get("psnr") is not None] for c in curves}
+    bk = {b["variant"]: (b["ratio"], b["sampled"]["psnr"]) for b in res["bk_sdm"] if b["sampled"].get("psnr") is not None}
+    return psnr, bk
 
 
 @app.command("dipgo")

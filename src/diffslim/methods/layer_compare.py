@@ -31,7 +31,7 @@ def compare_criteria(d: nn.Module, calib: lp.Calibration, held: lp.Calibration, 
     Returns ``{"params", "n_candidates", "candidate_params_share", "scores", "score_seconds", "interactions",
     "greedy_order", "ratios", "bk_sdm", "additivity"}``. Each row of ``ratios`` holds each criterion's held-out
     output loss (``random``: the mean over ``random_seeds``, each also as ``random#S``), the share it removes
-    (``<criterion>_share``) and whether output-loss (``output_loss_best_one_shot``) and output-loss-pairs
+    (``<criterion>_share``), the layers it removes (``<criterion>_removed``) and whether output-loss (``output_loss_best_one_shot``) and output-loss-pairs
     (``pairs_best_one_shot``) are strictly below every other one-shot criterion. ``greedy`` (iterative
     re-scoring) and ``pairs`` (n(n-1)/2 calibration runs) can be left out on large models.
     """
@@ -71,9 +71,9 @@ def compare_criteria(d: nn.Module, calib: lp.Calibration, held: lp.Calibration, 
             names = lp.select(layers, sc, r, total)
             row[key] = lp.output_loss(d, held, names, ref_h)
             row[f"{key}_share"] = _share(layers, names, total)
+            row[f"{key}_removed"] = names
             if key == "output-loss":
                 row["output-loss_calib"] = lp.output_loss(d, calib, names, ref_c)
-                row["output-loss_removed"] = names
         row["random"] = sum(row[f"random#{s}"] for s in random_seeds) / len(random_seeds)
         if inter is not None:
             q, check = lp.pairs_select(d, layers, calib, single, inter, r, total, reference=ref_c)
@@ -86,6 +86,7 @@ def compare_criteria(d: nn.Module, calib: lp.Calibration, held: lp.Calibration, 
             g = lp.greedy_select(order, layers, r, total)
             row["greedy"] = lp.output_loss(d, held, g, ref_h)
             row["greedy_share"] = _share(layers, g, total)
+            row["greedy_removed"] = g
         others = ("magnitude", "taylor", "similarity", "random")
         for key, flag in (("output-loss", "output_loss_best_one_shot"), ("output-loss-pairs", "pairs_best_one_shot")):
             if key in row:
@@ -101,7 +102,8 @@ def compare_criteria(d: nn.Module, calib: lp.Calibration, held: lp.Calibration, 
             pruned = lp.prune_layers(d, names)
             ratio = 1 - sum(p.numel() for p in pruned.parameters()) / total
             ol = lp.select(layers, single, ratio, total)
-            row = {"variant": f"bk-sdm-{v}", "ratio": ratio, "bk_sdm_loss": float((held.run(pruned) - ref_h).pow(2).mean()),
+            row = {"variant": f"bk-sdm-{v}", "ratio": ratio, "removed": names,
+                   "bk_sdm_loss": float((held.run(pruned) - ref_h).pow(2).mean()),
                    "output_loss_at_ratio": lp.output_loss(d, held, ol, ref_h),
                    "output_loss_share": _share(layers, ol, total)}
             if inter is not None:

@@ -197,10 +197,13 @@ def _plt():
     return plt
 
 
-def output_loss_figure(curves: dict, title: str = "", bk_points: Optional[dict] = None):
+def output_loss_figure(curves: dict, title: str = "", bk_points: Optional[dict] = None,
+                       ylabel: str = "output loss (MSE vs full, held out)", log: bool = True):
     """Output loss (held-out MSE vs the full model) against the pruning ratio, one line per criterion.
 
     ``curves``: ``{criterion: [(ratio, loss), ...]}``; ``bk_points``: ``{label: (ratio, loss)}`` (BK-SDM).
+    Another measure of each selection (e.g. the PSNR of its samples) plots the same way with ``ylabel`` and
+    ``log=False``.
     """
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.2, 3.8))
@@ -211,9 +214,10 @@ def output_loss_figure(curves: dict, title: str = "", bk_points: Optional[dict] 
     for label, (r, loss) in (bk_points or {}).items():
         ax.scatter([r], [loss], marker="x", s=50, color="k")
         ax.annotate(label, (r, loss), fontsize=8, xytext=(3, 3), textcoords="offset points")
-    ax.set_yscale("log")
+    if log:
+        ax.set_yscale("log")
     ax.set_xlabel("pruning ratio (share of params removed)")
-    ax.set_ylabel("output loss (MSE vs full, held out)")
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     if title:
