@@ -116,7 +116,7 @@ def test_layer_pruning_section_of_the_demo_report(tmp_path):
     loaded = load("zoo:digits-dit")
     rep = Report("t")
     res = layer_pruning_section(rep, loaded, "zoo:digits-dit", "digits-dit", greedy=True, pairs=True, kd_steps=2,
-                                work=tmp_path / "work")
+                                work=tmp_path / "work", sample=4)
     d = loaded.denoiser
     held = lp.calibration(loaded.pipe, n=32, seed=1)
     calib = lp.calibration(loaded.pipe, n=32, seed=0)
@@ -128,8 +128,18 @@ def test_layer_pruning_section_of_the_demo_report(tmp_path):
     assert [r["ratio"] for r in res["ratios"]] == list(LAYER_RATIOS) and res["bk_sdm"] == []
     assert len(res["additivity"]["second_order"]) == len(res["additivity"]["sets"]) == 32
     out = rep.write(tmp_path / "report")
-    for name in ("output_loss_digits-dit.png", "additivity_digits-dit.png", "loss_balance_digits-dit.png"):
+    for name in ("output_loss_digits-dit.png", "additivity_digits-dit.png", "loss_balance_digits-dit.png",
+                 "sampled_psnr_digits-dit.png"):
         assert (out / name).stat().st_size > 1000
+    sampled = json.loads((out / "report.json").read_text())["tables"][
+        "layer pruning: zoo:digits-dit (PSNR of samples against the full model's, higher is better)"]
+    assert [r["output-loss"] for r in sampled] == [row["output-loss_sampled"]["psnr"] for row in res["ratios"]]
+    for row in res["ratios"]:  # a set picked by two criteria is sampled once: the same metrics
+        same = [c for c in ("greedy", "similarity", "output-loss-pairs")
+                if set(row[f"{c}_removed"]) == set(row["output-loss_removed"])]
+        assert all(row[f"{c}_sampled"] == row["output-loss_sampled"] for c in same)
+        assert all(0 < row[f"{c}_sampled"]["psnr"] < 60 for c in ("output-loss", "taylor", "magnitude", "random"))
+    assert res["sampled"] == {"n": 4, "steps": loaded.zoo.default_steps}
     table = json.loads((out / "report.json").read_text())["tables"]["layer pruning: zoo:digits-dit (held-out output "
                                                                     "loss, lower is better)"]
     assert [r["ratio"] for r in table] == list(LAYER_RATIOS) and {"output-loss", "output-loss-pairs", "similarity",

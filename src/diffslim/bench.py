@@ -180,6 +180,35 @@ def sample_layer_sets(pipe, sets: dict, spec: SampleSpec, metrics_fn: Callable, 
     return out
 
 
+def sample_layer_selections(pipe, res: dict, spec: SampleSpec, metrics_fn: Callable, progress: bool = False):
+    """Sample every selection of a criteria comparison ``res`` (:func:`diffslim.methods.layer_compare.compare_criteria`)
+    on ``spec`` and judge it against the full model's samples: adds ``<criterion>_sampled`` (the metrics) to its
+    rows, ``random_sampled`` (PSNR and SSIM, the mean over the random seeds), ``sampled`` to its BK-SDM rows and
+    ``res["sampled"] = {"n", "steps"}``. Returns ``(curves, bk_points)`` of the PSNR for
+    :func:`diffslim.report.output_loss_figure`."""
+    from diffslim.evaluate import finite
+    from diffslim.methods.layer_compare import curves_of
+
+    sets = {(i, k[: -len("_removed")]): v for i, row in enumerate(res["ratios"]) for k, v in row.items()
+            if k.endswith("_removed")}
+    sets.update({("bk", b["variant"]): b["removed"] for b in res["bk_sdm"]})
+    for (i, key), m in sample_layer_sets(pipe, sets, spec, metrics_fn, progress=progress).items():
+        m = {k: finite(v) for k, v in m.items()}
+        if i == "bk":
+            next(b for b in res["bk_sdm"] if b["variant"] == key)["sampled"] = m
+        else:
+            res["ratios"][i][f"{key}_sampled"] = m
+    for row in res["ratios"]:
+        seeds = [row[k] for k in row if k.startswith("random#") and k.endswith("_sampled")]
+        row["random_sampled"] = {k: (sum(s[k] for s in seeds) / len(seeds) if all(s.get(k) is not None for s in seeds)
+                                     else None) for k in ("psnr", "ssim")}
+    res["sampled"] = {"n": len(spec.inputs), "steps": spec.num_inference_steps}
+    curves = {c: [(row["ratio"], row[f"{c}_sampled"]["psnr"]) for row in res["ratios"]
+                  if row[f"{c}_sampled"].get("psnr") is not None] for c in curves_of(res)}
+    bk = {b["variant"]: (b["ratio"], b["sampled"]["psnr"]) for b in res["bk_sdm"] if b["sampled"].get("psnr") is not None}
+    return curves, bk
+
+
 @register_method("depth", "depth:N, depth-skip pruning at depth N (Kim and Cho 2024); depth:N+ft fine-tuned by a "
                           "short default run (cached), depth:N+ft@FOLDER from a fine-tuned student folder")
 def _depth(arg, ctx: BenchContext) -> Variant:

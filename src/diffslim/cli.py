@@ -822,7 +822,7 @@ def layer_compare_cmd(
     curves = curves_of(res)
     out.mkdir(parents=True, exist_ok=True)
     if sample_n:
-        psnr_curves, bk_psnr = _sample_selections(loaded, res, curves, sample_n, steps, progress=not as_json)
+        psnr_curves, bk_psnr = _sample_selections(loaded, res, sample_n, steps, progress=not as_json)
         output_loss_figure(psnr_curves, model, bk_psnr, ylabel="PSNR of samples vs the full model's (dB)",
                            log=False).savefig(out / "sampled_psnr.png", dpi=110, bbox_inches="tight")
     (out / "compare.json").write_text(json.dumps(res, indent=1, default=str) + "\n")
@@ -868,38 +868,18 @@ def layer_compare_cmd(
                      "full model's (--sample 16)"))
 
 
-def _sample_selections(loaded, res: dict, curves: dict, n: int, steps: Optional[int], progress: bool):
-    """Sample every selection of a ``layer-compare`` result ``res`` on ``n`` evaluation inputs; adds
-    ``<criterion>_sampled`` (metrics against the full model's samples) to its rows (``random_sampled``: the mean PSNR
-    and SSIM over the random seeds) and ``sampled`` to its BK-SDM rows. Returns the PSNR curves and BK-SDM points
-    for the figure."""
-    from diffslim.bench import sample_layer_sets
-    from diffslim.evaluate import eval_set_for, finite, metrics_fn_for
+def _sample_selections(loaded, res: dict, n: int, steps: Optional[int], progress: bool):
+    """``layer-compare --sample``: every selection of ``res`` sampled on ``n`` evaluation inputs (see
+    :func:`diffslim.bench.sample_layer_selections`)."""
+    from diffslim.bench import sample_layer_selections
+    from diffslim.evaluate import eval_set_for, metrics_fn_for
     from diffslim.sample import SampleSpec
 
     es = eval_set_for(loaded, n)
-    steps = steps or (loaded.zoo.default_steps if loaded.zoo is not None else 50)
-    spec = SampleSpec(es.inputs, es.seeds, num_inference_steps=steps, call_kwargs=dict(es.call_kwargs),
-                      batch_size=min(16, n))
-    sets = {(i, k[: -len("_removed")]): v for i, row in enumerate(res["ratios"]) for k, v in row.items()
-            if k.endswith("_removed")}
-    sets.update({("bk", b["variant"]): b["removed"] for b in res["bk_sdm"]})
-    got = sample_layer_sets(loaded.pipe, sets, spec, metrics_fn_for(loaded, es), progress=progress)
-    for (i, key), m in got.items():
-        m = {k: finite(v) for k, v in m.items()}
-        if i == "bk":
-            next(b for b in res["bk_sdm"] if b["variant"] == key)["sampled"] = m
-        else:
-            res["ratios"][i][f"{key}_sampled"] = m
-    for row in res["ratios"]:
-        seeds = [row[k] for k in row if k.startswith("random#") and k.endswith("_sampled")]
-        row["random_sampled"] = {k: (sum(s[k] for s in seeds) / len(seeds) if all(s.get(k) is not None for s in seeds)
-                                     else None) for k in ("psnr", "ssim")}
-    res["sampled"] = {"n": n, "steps": steps}
-    psnr = {c: [(row["ratio"], row[f"{c}_sampled"]["psnr"]) for row in res["ratios"]
-                if row[f"{c}_sampled"].get("psnr") is not None] for c in curves}
-    bk = {b["variant"]: (b["ratio"], b["sampled"]["psnr"]) for b in res["bk_sdm"] if b["sampled"].get("psnr") is not None}
-    return psnr, bk
+    spec = SampleSpec(es.inputs, es.seeds, num_inference_steps=steps or (loaded.zoo.default_steps if loaded.zoo
+                                                                         is not None else 50),
+                      call_kwargs=dict(es.call_kwargs), batch_size=min(16, n))
+    return sample_layer_selections(loaded.pipe, res, spec, metrics_fn_for(loaded, es), progress=progress)
 
 
 @app.command("dipgo")

@@ -31,7 +31,7 @@ DEMO_PLAN = {
                                           joint_width=1)),
     "digits-dit": dict(n=50, methods="full,steps:25,steps:10,uniform:10,karras:10,ays:10,gamma:10,fbcache,layers:0.3"
                                      + _plan_method("digits-dit"), depth_search=None,
-                       layers=dict(greedy=True, pairs=True, kd_steps=100)),
+                       layers=dict(greedy=True, pairs=True, kd_steps=100, sample=16)),
     "sr": dict(n=8, methods="full,steps:10,depth:9,depth:7,uniform:10,gamma:10,deepcache:3" + _plan_method("sr"),
                depth_search=dict(n=8, mode="binary"), layers=None),
 }
@@ -85,10 +85,11 @@ def finetune_recovery_figure(model: str, rows: list[dict]):
 
 
 def layer_pruning_section(rep, loaded, model: str, key: str, greedy: bool, pairs: bool, kd_steps: int,
-                          work: Path) -> dict:
+                          work: Path, sample: int = 0) -> dict:
     """The criteria of layer pruning on ``loaded``'s denoiser (held-out output loss at each ratio, BK-SDM, the
-    additivity of single losses) and, with ``kd_steps``, the loss-term shares of a normalized and a plain
-    distillation of the output-loss selection at 0.5; figures and a table go to ``rep``. Returns the data."""
+    additivity of single losses), with ``sample`` the PSNR of each selection's samples (that many inputs) against
+    the full model's, and, with ``kd_steps``, the loss-term shares of a normalized and a plain distillation of the
+    output-loss selection at 0.5; figures and tables go to ``rep``. Returns the data."""
     from diffslim.methods import layer_prune as lp
     from diffslim.methods.layer_compare import compare_criteria, curves_of
     from diffslim.report import additivity_figure, loss_balance_figure, output_loss_figure
@@ -106,6 +107,23 @@ def layer_pruning_section(rep, loaded, model: str, key: str, greedy: bool, pairs
                    "MSE of the noise prediction against the full model's on 32 held-out calibration triples, for the "
                    "layers each criterion removes at each share of params (random: mean of 3 seeds; greedy: "
                    "iterative re-scoring, not one-shot; crosses: BK-SDM's handcrafted removals)")
+    if sample:
+        from diffslim.bench import sample_layer_selections
+        from diffslim.evaluate import eval_set_for, metrics_fn_for
+        from diffslim.sample import SampleSpec
+
+        es = eval_set_for(loaded, sample)
+        spec = SampleSpec(es.inputs, es.seeds, num_inference_steps=loaded.zoo.default_steps,
+                          call_kwargs=dict(es.call_kwargs), batch_size=sample)
+        psnr, bk = sample_layer_selections(loaded.pipe, res, spec, metrics_fn_for(loaded, es))
+        rep.add_table(f"layer pruning: {model} (PSNR of samples against the full model's, higher is better)",
+                      [{"ratio": row["ratio"], **{k: row[f"{k}_sampled"]["psnr"] for k in curves}}
+                       for row in res["ratios"]])
+        rep.add_figure(f"what the output loss stands for: {model}", f"sampled_psnr_{key}.png",
+                       output_loss_figure(psnr, model, bk, ylabel="PSNR of samples vs the full model's (dB)", log=False),
+                       f"each criterion's selection sampled on {sample} evaluation inputs ({spec.num_inference_steps} "
+                       "steps, no retraining), its outputs against the full model's: the output loss is a proxy, and "
+                       "does not always rank selections as their samples do (`diffslim layer-compare MODEL --sample N`)")
     add = res["additivity"]
     rep.add_figure(f"additivity of the output loss: {model}", f"additivity_{key}.png",
                    additivity_figure(add["summed"], add["measured"], add["pearson"], model, add.get("second_order"),
