@@ -422,6 +422,8 @@ def test_cli_layer_compare_writes_the_comparison_and_its_figures(tiny_digits_fol
     assert not (tmp_path / "c" / "sampled_psnr.png").exists() and "sampled" not in res
     r = run(tiny_digits_folder, "--sample", "-1", "--out", tmp_path / "x")
     assert r.exit_code == 2 and "--sample takes a count >= 0" in r.output
+    r = run(tiny_digits_folder, "--steps", "4", "--out", tmp_path / "x")
+    assert r.exit_code == 2 and "give --sample too" in r.output
 
     # --sample: every selection's samples judged against the full model's, the same as sampling it directly
     r = run(tiny_digits_folder, "--ratios", "0.3,0.5", "--n", "4", "--no-greedy", "--no-pairs", "--sample", "3",

@@ -811,6 +811,8 @@ def layer_compare_cmd(
         raise UserError("--n must be at least 2")
     if sample_n < 0 or (steps is not None and steps < 1):
         raise UserError(f"--sample {sample_n} / --steps {steps}: --sample takes a count >= 0 (0: off), --steps >= 1")
+    if steps is not None and not sample_n:
+        raise UserError("--steps sets the sampling steps of --sample N: give --sample too (e.g. --sample 16)")
     loaded = load(model)
     if loaded.pipe is None or not loaded.has_weights:
         raise UserError(f"{model}: comparing criteria samples the model on calibration data; give a pipeline folder "
