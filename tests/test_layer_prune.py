@@ -334,8 +334,8 @@ def test_bench_methods_validate_arguments():
     for name, arg in (("layers", "1.5"), ("layers", "x+kd"), ("layers", None), ("layers", "x:pairs")):
         with pytest.raises(UserError, match="ratio"):
             METHODS[name](arg, dry)
-    with pytest.raises(UserError, match="accepted: layers:R, layers:R:pairs"):
-        METHODS["layers"]("0.5:taylor", dry)
+    with pytest.raises(UserError, match="accepted: layers:R, layers:R:pairs, layers:R:similarity, layers:R:taylor"):
+        METHODS["layers"]("0.5:fancy", dry)
     with pytest.raises(UserError, match="base, small, tiny"):
         METHODS["bk-sdm"]("huge", dry)
 
@@ -554,12 +554,15 @@ def test_bench_layers_kd_distils_once_and_caches(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "DEFAULT_KD", {**bench.DEFAULT_KD, "steps": 2, "batch_size": 4})
     monkeypatch.setattr(bench, "LAYER_CALIB", dict(n=8, seed=0))
     args = ["bench", "zoo:digits-dit", "--methods", "layers:0.3,layers:0.3+kd", "--n", "2", "--steps", "3", "--json"]
-    r = CliRunner().invoke(app, args[:3] + ["layers:0.5,layers:0.5:pairs"] + args[4:])
+    r = CliRunner().invoke(app, args[:3] + ["layers:0.5,layers:0.5:pairs,layers:0.5:similarity,layers:0.3:similarity"]
+                           + args[4:])
     assert r.exit_code == 0, r.output
     rows = {x["method"]: x for x in json.loads(r.stdout)["rows"]}
     assert rows["layers:0.5:pairs"]["params"] == rows["layers:0.5"]["params"]  # four of six equal blocks each
     assert rows["layers:0.5:pairs"]["psnr"] != rows["layers:0.5"]["psnr"] and "second order" in \
         rows["layers:0.5:pairs"]["notes"]
+    assert rows["layers:0.5:similarity"]["params"] == rows["layers:0.5"]["params"] < rows["layers:0.3:similarity"][
+        "params"] and "similarity criterion" in rows["layers:0.5:similarity"]["notes"]
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
     rows = {x["method"]: x for x in json.loads(r.stdout)["rows"]}  # the training progress bar is on stderr

@@ -447,17 +447,22 @@ DEFAULT_KD = dict(steps=300, batch_size=32, lr=2e-4, match_plain_weight=True)
 LAYER_CALIB = dict(n=32, seed=0)
 
 
+# the criterion a ``layers:R:NAME`` variant selects by (``layers:R`` alone: the paper's output loss)
+LAYER_VARIANTS = {"": "output-loss", "pairs": "output-loss-pairs", "similarity": "similarity", "taylor": "taylor",
+                  "magnitude": "magnitude", "random": "random", "greedy": "greedy"}
+
+
 def _layer_selection(ctx: BenchContext, ratio: float, criterion: str = "output-loss") -> list[str]:
-    """The output-loss criterion's layers (``output-loss-pairs``: to second order) at ``ratio`` of params, scored
-    on the model's training data."""
+    """The layers ``criterion`` removes at ``ratio`` of params, scored on the model's training data (one-shot
+    criteria score once for every ratio; ``output-loss-pairs`` and ``greedy`` select per ratio)."""
     from diffslim.methods.layer_prune import calibration, layer_prune, select
 
     first = ctx.memo.get(("layer_scores", criterion))
-    if first is not None:  # one-shot: the first-order scores of one pass serve every ratio
+    if first is not None:  # one-shot: the scores of one pass serve every ratio
         return select(first.layers, first.scores, ratio, first.params, first.by)
     calib = calibration(ctx.loaded.pipe, data=ctx.data, size=ctx.resolution, **LAYER_CALIB)
     result = layer_prune(ctx.loaded.denoiser, criterion, ratio, calib=calib)
-    if criterion == "output-loss":
+    if criterion not in ("output-loss-pairs", "greedy"):
         ctx.memo[("layer_scores", criterion)] = result
     return result.removed
 
@@ -487,25 +492,28 @@ def _default_layer_kd(ctx: BenchContext, ratio: float, names: list[str]):
 
 
 @register_method("layers", "layers:R, one-shot layer pruning (LAPTOP-Diff output-loss criterion) removing a share R "
-                           "of params; layers:R:pairs by the second-order output loss (output-loss-pairs); "
+                           "of params; layers:R:pairs by the second-order output loss (output-loss-pairs), "
+                           "layers:R:similarity|taylor|magnitude|random|greedy by the other criteria; "
                            "+kd after a short normalized distillation (cached), e.g. layers:0.5+kd")
 def _layers(arg, ctx: BenchContext) -> Variant:
     text = arg or ""
     kd = text.endswith("+kd")
     core = text[:-3] if kd else text
     ratio_text, _, variant = core.partition(":")
-    if variant not in ("", "pairs"):
-        raise UserError(f"layers:R:{variant} is not a criterion; accepted: layers:R, layers:R:pairs (each +kd)")
+    if variant not in LAYER_VARIANTS:
+        raise UserError(f"layers:R:{variant} is not a criterion; accepted: layers:R, "
+                        + ", ".join(f"layers:R:{v}" for v in LAYER_VARIANTS if v) + " (each +kd)")
     ratio = _ratio_arg(ratio_text, "layers:R")
-    criterion, tag = ("output-loss-pairs", ":pairs") if variant else ("output-loss", "")
+    criterion, tag = LAYER_VARIANTS[variant], f":{variant}" if variant else ""
     if ctx.dry_run:
         ctx.needs_data(f"layers:{arg}")
         return None
     from diffslim.methods.layer_prune import prune_layers
 
     names = _layer_selection(ctx, ratio, criterion)
-    note = (f"{len(names)} layers removed (output loss{' to second order' if variant else ''}, "
-            f"{LAYER_CALIB['n']} calibration triples)")
+    how = {"output-loss": "output loss", "output-loss-pairs": "output loss to second order"}.get(criterion,
+                                                                                                 f"{criterion} criterion")
+    note = f"{len(names)} layers removed ({how}, {LAYER_CALIB['n']} calibration triples)"
     if not kd:
         pruned = prune_layers(ctx.loaded.denoiser, names)
         return Variant(f"layers:{ratio:g}{tag}", _with_denoiser(ctx.loaded.pipe, pruned), ctx.base_spec,
