@@ -35,6 +35,10 @@ STEPS = 10  # the original's step count: fewer than the zoo's 50, to keep the te
     ("layers:auto@fid=3", "METRIC one of"),
     ("layers:auto@psnr=30,ssim=0.9", "unknown bench method 'ssim=0.9'"),
     ("bk-sdm:auto", "auto searches the setting of layers:auto"),
+    ("layers:auto:fancy", "'fancy' is not a criterion; accepted: layers:auto:pairs, layers:auto:similarity"),
+    ("layers:auto:pairs+kd", "auto takes no suffix"),
+    ("steps:auto:pairs", "only layers:auto takes a criterion"),
+    ("layers:auto:pairs@fid=3", "METRIC one of"),
 ])
 def test_stage_lists_that_cannot_stack_are_refused(text, match):
     with pytest.raises(UserError, match=match):
@@ -45,6 +49,11 @@ def test_stage_and_floor_parsing():
     assert parse_stages("layers:0.3+kd, bk-sdm:base ,steps:20,dipgo:0.3") == [
         ("layers", "0.3+kd"), ("bk-sdm", "base"), ("steps", "20"), ("dipgo", "0.3")]
     assert parse_stages("steps:10") == [("steps", "10")]
+    assert parse_stages("layers:auto:pairs@psnr=40,steps:auto") == [("layers", "auto:pairs@psnr=40"), ("steps", "auto")]
+    from diffslim.workflow import stage_floor
+
+    assert stage_floor("auto:pairs@psnr=40", {"psnr": 30.0}) == {"psnr": 40.0}
+    assert stage_floor("auto:pairs", {"psnr": 30.0}) == {"psnr": 30.0}
     assert parse_floor("psnr=20, digit_accuracy=0.9") == {"psnr": 20.0, "digit_accuracy": 0.9}
     assert parse_floor(None) == {}
     for bad, match in (("fid=3", "METRIC one of"), ("psnr", "METRIC=VALUE"), ("psnr=high", "not a number")):
@@ -303,6 +312,32 @@ def test_auto_stages_search_in_the_workflow_and_a_rerun_loads_the_result(digits,
     with pytest.raises(UserError, match="give one, e.g. --floor psnr=30"):
         run_workflow(loaded, "steps:auto", es, tmp_path / "nofloor", default_steps=STEPS, progress=False,
                      log=lambda m: None)
+
+
+def test_layers_auto_with_another_criterion_searches_the_ratio_with_its_selections(monkeypatch, tmp_path):
+    """``layers:auto:pairs`` bisects the ratio with the output-loss-pairs selections: the pair losses are measured
+    once for the whole search, and the kept stage removes what that criterion removes at the kept ratio."""
+    import diffslim.methods.layer_prune as lp
+    from diffslim.bench import LAYER_CALIB
+    from diffslim.workflow import LAYER_RATIOS
+
+    loaded = diffslim.load("zoo:digits-dit")
+    es = eval_set_for(loaded, 4)
+    calls = []
+    real = lp.pair_interactions
+    monkeypatch.setattr(lp, "pair_interactions", lambda *a, **k: calls.append(1) or real(*a, **k))
+    res = run_workflow(loaded, "layers:auto:pairs", es, tmp_path / "wf", default_steps=6, floor={"psnr": 10.0},
+                       progress=False, log=lambda m: None, metrics_fn=_psnr_metrics)
+    row = res.rows[1]
+    assert len(row["search"]) >= 3 and len(calls) == 1  # one pass of pair losses serves every ratio tried
+    assert all(t["setting"].endswith(":pairs") for t in row["search"])
+    assert row["candidates"] == [f"layers:{r:g}:pairs" for r in LAYER_RATIOS]
+    ratio = float(row["stage"].split(":")[1])
+    assert row["stage"].endswith(":pairs") and row["accepted"] and row["psnr"] >= 10.0
+    direct = lp.layer_prune(loaded.denoiser, "output-loss-pairs", ratio,
+                            calib=lp.calibration(loaded.pipe, **LAYER_CALIB)).removed
+    saved = diffslim.load(res.recipe.model)
+    assert sorted(saved.denoiser.config.removed_layers) == sorted(direct)
 
 
 def test_a_stage_trained_with_another_task_weight_is_not_reused():

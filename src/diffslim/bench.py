@@ -458,12 +458,21 @@ def _layer_selection(ctx: BenchContext, ratio: float, criterion: str = "output-l
     from diffslim.methods.layer_prune import calibration, layer_prune, select
 
     first = ctx.memo.get(("layer_scores", criterion))
+    if first is not None and criterion == "output-loss-pairs":  # the single and pair losses of one pass
+        from diffslim.methods.layer_prune import pairs_select
+
+        calib, ref = ctx.memo[("layer_calib", criterion)]
+        inter = {tuple(x["layers"]): x["interaction"] for x in first.extra["interactions"]}
+        return pairs_select(ctx.loaded.denoiser, first.layers, calib, first.scores, inter, ratio, first.params,
+                            first.by, reference=ref)[0]
     if first is not None:  # one-shot: the scores of one pass serve every ratio
         return select(first.layers, first.scores, ratio, first.params, first.by)
     calib = calibration(ctx.loaded.pipe, data=ctx.data, size=ctx.resolution, **LAYER_CALIB)
     result = layer_prune(ctx.loaded.denoiser, criterion, ratio, calib=calib)
-    if criterion not in ("output-loss-pairs", "greedy"):
+    if criterion != "greedy":  # greedy re-scores after each removal: its order depends on the ratio's target
         ctx.memo[("layer_scores", criterion)] = result
+    if criterion == "output-loss-pairs":
+        ctx.memo[("layer_calib", criterion)] = (calib, calib.run(ctx.loaded.denoiser))
     return result.removed
 
 

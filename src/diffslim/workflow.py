@@ -47,7 +47,7 @@ from typing import Callable, Optional
 
 import torch
 
-from diffslim.bench import METHODS, BenchContext, check_task_weight, count_run_macs, parse_methods
+from diffslim.bench import LAYER_VARIANTS, METHODS, BenchContext, check_task_weight, count_run_macs, parse_methods
 from diffslim.errors import UserError
 from diffslim.recipe import Recipe
 from diffslim.sample import SampleSpec, model_fingerprint, run_pipeline, sample
@@ -107,9 +107,16 @@ def parse_stages(text: str) -> list[tuple[str, Optional[str]]]:
             if name not in AUTO:
                 raise UserError(f"{name}:{arg}: auto searches the setting of {', '.join(f'{k}:auto' for k in AUTO)} "
                                 f"only")
-            if arg != "auto" and not arg.startswith("auto@"):
+            body, variant = arg.partition("@")[0], auto_variant(arg)
+            if "+" in body:
                 raise UserError(f"{name}:{arg}: auto takes no suffix (it searches without distillation or "
                                 f"fine-tuning); run {name}:auto, then {name}:SETTING{arg[4:]} with the setting it kept")
+            if body != "auto" and name != "layers":
+                raise UserError(f"{name}:{arg}: only layers:auto takes a criterion (layers:auto:pairs, ...); give "
+                                f"{name}:auto")
+            if body != "auto" and (not variant or variant not in LAYER_VARIANTS):
+                raise UserError(f"{name}:{arg}: {variant!r} is not a criterion; accepted: "
+                                + ", ".join(f"layers:auto:{v}" for v in LAYER_VARIANTS if v) + " (or layers:auto)")
             stage_floor(arg, {})  # checks an own floor's form
     explicit = [s for s in stages if s[0] in EXPLICIT_SCHEDULES]
     if explicit and "plan" in kinds:
@@ -139,16 +146,23 @@ def stage_floor(arg: Optional[str], floor: dict[str, float]) -> Optional[dict[st
     than the workflow's floor of that metric)."""
     if arg is None or not arg.startswith("auto"):
         return None
-    if arg == "auto":
+    body, at, text = arg.partition("@")
+    if not at:
         return dict(floor)
-    own = parse_floor(arg[len("auto@"):])
+    own = parse_floor(text)
     if len(own) != 1:
-        raise UserError(f"auto@{arg[5:]}: give one METRIC=VALUE after auto@, e.g. layers:auto@psnr=40")
+        raise UserError(f"{body}@{text}: give one METRIC=VALUE after auto@, e.g. layers:auto@psnr=40")
     (key, value), = own.items()
     if key in floor and value < floor[key]:
         raise UserError(f"{arg}: a stage's own floor keeps more quality than the workflow's, not less "
                         f"({key} {value:g} < {floor[key]:g})")
     return {**floor, key: value}
+
+
+def auto_variant(arg: Optional[str]) -> str:
+    """The criterion of ``layers:auto:CRITERION[@METRIC=V]`` (``"pairs"``, ``"similarity"``, ...; ``""`` for plain
+    ``auto``): the ratio is searched with the layers that criterion picks (see ``diffslim.bench.LAYER_VARIANTS``)."""
+    return (arg or "").partition("@")[0].partition(":")[2]
 
 
 def _floor_text(floor: dict[str, float]) -> str:
@@ -253,7 +267,7 @@ def _auto_candidates(name: str, ctx: BenchContext) -> list[str]:
     return [f"{r:g}" for r in LAYER_RATIOS]
 
 
-def _auto_search(name: str, ctx: BenchContext, evaluate, floor: dict, log: Callable[[str], None]):
+def _auto_search(name: str, ctx: BenchContext, evaluate, floor: dict, log: Callable[[str], None], criterion: str = ""):
     """The most aggressive setting of ``name`` whose outputs meet ``floor``, by bisection over
     :func:`_auto_candidates` (quality is taken to fall as the setting grows more aggressive; every kept
     setting was measured to meet the floor, but a more aggressive one past a setting that misses it is not tried).
@@ -261,10 +275,12 @@ def _auto_search(name: str, ctx: BenchContext, evaluate, floor: dict, log: Calla
     Returns ``(variant, row, images, trail)`` of the kept setting, or of the mildest one, which then misses the
     floor, when none meets it; ``trail``: every setting tried, in order, with its metrics and verdict. The row's
     ``candidates`` are the settings searched, mildest first (the joint search picks milder ones from them).
+    ``criterion``: a layer criterion other than the output loss (``pairs`` of ``layers:auto:pairs``), kept in every
+    setting.
     """
     from diffslim.evaluate import finite
 
-    cands = _auto_candidates(name, ctx)
+    cands = [c + (f":{criterion}" if criterion else "") for c in _auto_candidates(name, ctx)]
     if not cands:
         raise UserError(f"{name}:auto has no setting to try here: the stage before already left {name} at its most "
                         "aggressive (e.g. 1 step, depth 1)")
@@ -552,7 +568,7 @@ def _run_stages(loaded, stages: str, evalset, out, default_steps: int = 50, sche
             ctx = BenchContext(loaded=cur, base_spec=spec, default_steps=steps, data=data, resolution=resolution,
                                task_weight=task_weight)
             if own is not None:
-                variant, row, images, search = _auto_search(name, ctx, evaluate, own, log)
+                variant, row, images, search = _auto_search(name, ctx, evaluate, own, log, auto_variant(arg))
                 label = row["stage"]
             else:
                 variant = METHODS[name](arg, ctx)
