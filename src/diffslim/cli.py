@@ -702,6 +702,9 @@ def layer_prune_cmd(
     pair_pool: Optional[int] = typer.Option(None, help="output-loss-pairs: measure pairs only among this many layers "
                                                        "of least single loss per unit cost (default: all n(n-1)/2 "
                                                        "pairs: 703 for SD-1.5's 38 layers, 3741 for SDXL --inner)"),
+    stock: bool = typer.Option(False, help="write model/ and pipeline/ as stock diffusers classes (fewer "
+                                           "transformer blocks in the config; transformer denoisers, and U-Nets "
+                                           "pruned with --inner), loadable without diffslim"),
     as_json: bool = typer.Option(False, "--json"),
 ):
     """One-shot layer pruning (LAPTOP-Diff): score every layer, remove the least important at a ratio."""
@@ -725,6 +728,12 @@ def layer_prune_cmd(
     if n < 1:
         raise UserError("--n must be at least 1")
     loaded = load(model)
+    from diffslim.methods.layer_prune import is_unet
+
+    if stock and is_unet(loaded.denoiser) and (not inner or criterion in bk):
+        raise UserError("--stock on a U-Net needs --inner and a scored criterion: a stock UNet2DConditionModel "
+                        "config counts the transformer blocks inside attention layers, but not removed resnets or "
+                        "attention layers")
     if pair_pool is not None and (criterion != "output-loss-pairs" or pair_pool < 2):
         raise UserError(f"--pair-pool {pair_pool} applies to --criterion output-loss-pairs only, and must be >= 2")
     needs_calib = criterion in ("output-loss", "output-loss-pairs", "taylor", "similarity", "greedy")
@@ -738,22 +747,24 @@ def layer_prune_cmd(
     res = layer_prune(loaded.denoiser, criterion, ratio, by=by, calib=calib, seed=seed, inner=inner,
                       pair_pool=pair_pool, progress=not as_json)
     pruned = prune_layers(loaded.denoiser, res.removed)
-    out.mkdir(parents=True, exist_ok=True)
-    if loaded.has_weights:
-        pruned.save_pretrained(str(out / "model"), safe_serialization=True)
-        if loaded.pipe is not None:
-            from diffslim.apply import denoiser_attr
+    not_stock = None
+    if stock:
+        from diffslim.methods.layer_prune import stock_model
 
-            setattr(loaded.pipe, denoiser_attr(loaded.pipe), pruned)
-            loaded.pipe.save_pretrained(str(out / "pipeline"), safe_serialization=True)
-    else:
-        pruned.save_config(str(out / "model"))
+        try:
+            pruned = stock_model(pruned)
+        except UserError as e:  # keep the scoring's work: write the LayerPruned model, then say why
+            not_stock = str(e)
+    out.mkdir(parents=True, exist_ok=True)
+    _save_denoiser(loaded, pruned, out / "model", out / "pipeline")
     params_after = sum(p.numel() for p in pruned.parameters())
     report = {"model": model, **res.to_json(), "params_after": params_after, "out": str(out)}
     (out / "scores.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     Recipe(model=model, removed_layers=RemovedLayers(layers=res.removed, criterion=criterion, ratio=ratio, by=by),
            description=f"layer pruning by {criterion}: {len(res.removed)} layers, "
                        f"{res.params_removed / res.params:.3f} of params removed").save(out / "recipe.json")
+    if not_stock:
+        raise UserError(f"--stock: {not_stock}. Wrote the LayerPruned model, scores and recipe to {out} instead")
     if as_json:
         _print_json(report)
         return
@@ -772,6 +783,57 @@ def layer_prune_cmd(
                      f"{res.extra['summed_loss']:.4g}; {len(res.extra['interactions'])} pairs measured)"
                      if "predicted_loss" in res.extra else "")
                   + f"\npruned model: {out / 'model'}; scores: {out / 'scores.json'}")
+
+
+def _save_denoiser(loaded, denoiser, model_dir: Path, pipeline_dir: Optional[Path]) -> None:
+    """Write ``denoiser`` to ``model_dir`` (its config only when ``loaded`` has no weights) and, for a
+    pipeline, the pipeline with it in place to ``pipeline_dir``."""
+    if not loaded.has_weights:
+        denoiser.save_config(str(model_dir))
+        return
+    denoiser.save_pretrained(str(model_dir), safe_serialization=True)
+    if loaded.pipe is not None and pipeline_dir is not None:
+        from diffslim.apply import denoiser_attr
+
+        setattr(loaded.pipe, denoiser_attr(loaded.pipe), denoiser)
+        loaded.pipe.save_pretrained(str(pipeline_dir), safe_serialization=True)
+
+
+@app.command("stock")
+@_guard
+def stock_cmd(
+    model: str = typer.Argument(..., help="a layer-pruned model folder, pipeline folder or config-only folder "
+                                          "(what layer-prune, distill or workflow wrote)"),
+    out: Path = typer.Option(..., help="folder to write: the stock model (a pipeline folder for a pipeline)"),
+):
+    """Rewrite a layer-pruned model as its stock diffusers class, loadable with diffusers alone.
+
+    The removed blocks leave the block lists and the config counts the kept ones (num_layers,
+    num_single_layers; transformer_layers_per_block per attention layer for U-Nets pruned with --inner).
+    Same weights, same outputs. Refused, with the reason, where no stock config describes the model.
+    """
+    _quiet_libraries()
+    from diffslim.methods.layer_prune import removed_layers_of, stock_model
+    from diffslim.models.load import load
+
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a folder")
+    loaded = load(model)
+    removed = removed_layers_of(loaded.denoiser)
+    if not removed:
+        raise UserError(f"{model} has no removed layers (its config has no removed_layers): it is stock already")
+    stock = stock_model(loaded.denoiser)
+    out.mkdir(parents=True, exist_ok=True)
+    kind = "pipeline" if loaded.pipe is not None and loaded.has_weights else "model"
+    if kind == "pipeline":
+        from diffslim.apply import denoiser_attr
+
+        setattr(loaded.pipe, denoiser_attr(loaded.pipe), stock)
+        loaded.pipe.save_pretrained(str(out), safe_serialization=True)
+    else:
+        _save_denoiser(loaded, stock, out, None)
+    console.print(f"{type(stock).__name__} ({len(removed)} layers removed, "
+                  f"{sum(p.numel() for p in stock.parameters()):,} params): {kind} written to {out}")
 
 
 @app.command("layer-compare")

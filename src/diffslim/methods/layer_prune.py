@@ -497,6 +497,163 @@ def removed_layers_of(model: nn.Module) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------
+# Stock export: a pruned model as its plain diffusers class
+
+# the config key that counts each root-level block list of a stock transformer denoiser
+_LIST_LENGTH_KEY = {"transformer_blocks": "num_layers", "single_transformer_blocks": "num_single_layers"}
+_INNER = r"(down_blocks\.\d+|mid_block|up_blocks\.\d+)\.attentions\.\d+\.transformer_blocks\.\d+"
+
+
+def _kept(blocks: nn.ModuleList) -> list[int]:
+    return [k for k, b in enumerate(blocks) if not isinstance(b, PrunedTransformerBlock)]
+
+
+def _stock_base(model: nn.Module) -> type:
+    for base, pruned in _PRUNED_CLASS.items():
+        if type(model) in (base, pruned):
+            return base
+    raise UserError(f"a stock export takes a layer-pruned {', '.join(c.__name__ for c in _PRUNED_CLASS)}, "
+                    f"not {type(model).__name__}")
+
+
+def _stock_unet_config(model: nn.Module, config: dict) -> dict[str, list[int]]:
+    """Fill ``config``'s per-attention transformer depths from ``model``'s kept inner blocks; returns the
+    renaming ``{list prefix: kept indices}``. Raises ``UserError`` where the removal has no stock config."""
+    import re
+
+    for name in removed_layers_of(model):
+        if not re.fullmatch(_INNER, name):
+            raise UserError(f"{name} is removed: a removed resnet or attention layer has no count in "
+                            f"{_stock_base(model).__name__}'s config, so only transformer blocks inside "
+                            "attention layers (layer-prune --inner) export as stock; keep the LayerPruned folder, "
+                            "which loads wherever diffslim is installed")
+    rename, depth = {}, {}
+    for bname, block in _unet_blocks(model):
+        attentions = getattr(block, "attentions", None)
+        if not attentions:
+            continue
+        counts = []
+        for k, attn in enumerate(attentions):
+            if getattr(attn, "transformer_blocks", None) is None:  # UNet2DModel's plain Attention
+                break
+            kept = _kept(attn.transformer_blocks)
+            if len(kept) < len(attn.transformer_blocks):
+                rename[f"{bname}.attentions.{k}.transformer_blocks"] = kept
+            counts.append(len(kept))
+        else:
+            depth[bname] = counts
+    if not rename:
+        return rename
+    n_down = len(model.down_blocks)
+    per_block = config["layers_per_block"]
+    per_block = [per_block] * n_down if isinstance(per_block, int) else list(per_block)
+    orig = config["transformer_layers_per_block"]
+    orig = [orig] * n_down if isinstance(orig, int) else list(orig)
+
+    def as_list(v, n):
+        return [v] * n if isinstance(v, int) else list(v)
+
+    down = [depth.get(f"down_blocks.{i}", as_list(orig[i], per_block[i])) for i in range(n_down)]
+    up = [depth.get(f"up_blocks.{i}", as_list(orig[n_down - 1 - i], per_block[n_down - 1 - i] + 1))
+          for i in range(len(model.up_blocks))]
+    mid = depth.get("mid_block")
+    if mid:  # the mid block reads its depths from the last down block's entry
+        last = down[-1]
+        if "down_blocks.%d" % (n_down - 1) in depth:
+            if len(last) < len(mid) or last[:len(mid)] != mid:
+                raise UserError(f"the mid block keeps {mid} transformer blocks per attention layer and the last "
+                                f"down block {last}: a stock UNet2DConditionModel gives both the same depths")
+        else:
+            down[-1] = mid + last[len(mid):] if len(last) >= len(mid) else list(mid)
+    config["transformer_layers_per_block"] = down
+    config["reverse_transformer_layers_per_block"] = up
+    return rename
+
+
+def stock_model(model: nn.Module) -> nn.Module:
+    """The layer-pruned ``model`` as its stock diffusers class (``LayerPrunedFluxTransformer2DModel`` ->
+    ``FluxTransformer2DModel``), which loads with diffusers alone, without diffslim.
+
+    The removed blocks leave their block lists and the config counts the kept ones: ``num_layers``
+    (DiT, PixArt, SD3, Flux's double-stream blocks), ``num_single_layers`` (Flux), SD3's
+    ``dual_attention_layers`` renumbered, and for U-Nets pruned inside their attention layers (SDXL,
+    ``inner=True``) ``transformer_layers_per_block`` / ``reverse_transformer_layers_per_block`` per
+    attention layer. The kept weights are shared, not copied, and the outputs are the pruned model's bit
+    for bit. Works on the meta device (config-only models). A model with nothing removed comes back
+    as the stock class too.
+
+    Raises ``UserError`` where no stock config describes the model: a U-Net with removed resnets or
+    whole attention layers, DiT without its first block (its output layer reads that block's
+    embedding), SD3 without its last block (a stock SD3 builds the last block without the text
+    stream's output layers); the check is that every kept weight finds its place, shape for shape.
+    """
+    base = _stock_base(model)
+    config = {k: v for k, v in dict(model.config).items() if not k.startswith("_") and k != "removed_layers"}
+    if is_unet(model):
+        rename = _stock_unet_config(model, config)
+    else:
+        rename = {}
+        for ln in _transformer_lists(model):
+            blocks = getattr(model, ln)
+            kept = _kept(blocks)
+            if len(kept) == len(blocks):
+                continue
+            key = _LIST_LENGTH_KEY.get(ln)
+            if key is None or config.get(key) != len(blocks):
+                raise UserError(f"{base.__name__}'s config has no count of its {ln}, so blocks removed from "
+                                "it have no stock config")
+            config[key] = len(kept)
+            rename[ln] = kept
+            if ln == "transformer_blocks" and config.get("dual_attention_layers"):  # SD3.5
+                config["dual_attention_layers"] = [kept.index(i) for i in config["dual_attention_layers"]
+                                                   if i in kept]
+    with torch.device("meta"):
+        stock = base.from_config(config)
+
+    def source(key: str) -> str:
+        for prefix, kept in rename.items():
+            if key.startswith(prefix + "."):
+                idx, _, rest = key[len(prefix) + 1:].partition(".")
+                return f"{prefix}.{kept[int(idx)]}.{rest}"
+        return key
+
+    state = model.state_dict()
+    want = {k: source(k) for k in stock.state_dict()}
+    for k, src in want.items():
+        if src not in state or state[src].shape != stock.state_dict()[k].shape:
+            raise UserError(f"{base.__name__} with the layers {removed_layers_of(model)} removed has no stock "
+                            f"config: the stock model's {k} has no counterpart of its shape"
+                            + _stock_hint(model))
+    unused = sorted(set(state) - set(want.values()))
+    if unused:
+        raise UserError(f"{base.__name__} with the layers {removed_layers_of(model)} removed has no stock config: "
+                        f"the stock model has no place for {unused[0]}" + _stock_hint(model))
+    params = list(model.parameters())
+    device = params[0].device if params else torch.device("cpu")
+    if device.type == "meta":
+        return stock.eval()
+    stock.load_state_dict({k: state[src] for k, src in want.items()}, assign=True, strict=True)
+    buffers = dict(model.named_buffers())
+    for name, buf in list(stock.named_buffers()):  # non-persistent buffers (DiT's positional embedding)
+        if buf.device.type == "meta" and source(name) in buffers:
+            owner_name, _, attr = name.rpartition(".")
+            owner = stock.get_submodule(owner_name) if owner_name else stock
+            owner._buffers[attr] = buffers[source(name)]
+    return stock.to(device).eval()
+
+
+def _stock_hint(model: nn.Module) -> str:
+    removed = removed_layers_of(model)
+    name = type(model).__name__
+    if "DiT" in name and "transformer_blocks.0" in removed:
+        return " (DiT's output layer reads the first block's conditioning embedding: keep transformer_blocks.0)"
+    if "SD3" in name and f"transformer_blocks.{len(model.transformer_blocks) - 1}" in removed:
+        return (" (a stock SD3 builds its last block without the text stream's output layers: keep "
+                f"transformer_blocks.{len(model.transformer_blocks) - 1})")
+    return ""
+
+
+# ------------------------------------------------------------------------------------------
 # BK-SDM (Kim et al., 2023): handcrafted removals of an SD-shaped U-Net
 
 

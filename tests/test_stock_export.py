@@ -1,0 +1,223 @@
+"""Stock export: a layer-pruned model rewritten as its plain diffusers class (``stock_model``, ``diffslim stock``,
+``layer-prune --stock``): same weights, same outputs, a config that counts the kept blocks, loadable without diffslim."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from diffslim.errors import UserError
+from diffslim.methods import layer_prune as lp
+from diffslim.models.load import load
+
+CONFIGS = Path(__file__).resolve().parents[1] / "src" / "diffslim" / "configs"
+
+
+def _params(m) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+def _tiny_models():
+    from diffusers import DiTTransformer2DModel, FluxTransformer2DModel, PixArtTransformer2DModel, SD3Transformer2DModel
+
+    g = torch.Generator().manual_seed(1)
+    torch.manual_seed(0)
+    dit = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=1, out_channels=1, num_layers=3,
+                                sample_size=8, patch_size=2, num_embeds_ada_norm=10, norm_num_groups=1).eval()
+    dit_in = dict(hidden_states=torch.randn(2, 1, 8, 8, generator=g), timestep=torch.tensor([10, 700]),
+                  class_labels=torch.tensor([3, 7]))
+    pixart = PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
+                                      num_layers=3, sample_size=8, patch_size=2, cross_attention_dim=16,
+                                      caption_channels=16, norm_num_groups=None).eval()
+    pixart_in = dict(hidden_states=torch.randn(1, 4, 8, 8, generator=g), timestep=torch.tensor([300]),
+                     encoder_hidden_states=torch.randn(1, 5, 16, generator=g),
+                     added_cond_kwargs={"resolution": None, "aspect_ratio": None})
+    # SD3.5-style: the first two blocks also run a second image self-attention
+    sd3 = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=8,
+                                num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
+                                pooled_projection_dim=16, out_channels=4, pos_embed_max_size=16,
+                                dual_attention_layers=(0, 1)).eval()
+    sd3_in = dict(hidden_states=torch.randn(1, 4, 8, 8, generator=g), timestep=torch.tensor([500]),
+                  encoder_hidden_states=torch.randn(1, 5, 16, generator=g),
+                  pooled_projections=torch.randn(1, 16, generator=g))
+    flux = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=2, num_single_layers=3,
+                                  attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                  pooled_projection_dim=32, axes_dims_rope=(4, 6, 6)).eval()
+    flux_in = dict(hidden_states=torch.randn(1, 16, 16, generator=g), timestep=torch.tensor([0.5]),
+                   encoder_hidden_states=torch.randn(1, 5, 32, generator=g),
+                   pooled_projections=torch.randn(1, 32, generator=g), img_ids=torch.zeros(16, 3),
+                   txt_ids=torch.zeros(5, 3))
+    return {"dit": (dit, dit_in), "pixart": (pixart, pixart_in), "sd3": (sd3, sd3_in), "flux": (flux, flux_in)}
+
+
+def _tiny_unet():
+    """A U-Net with 1, 2 and 3 transformer blocks per attention layer in its three levels (SDXL's shape)."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16, 16), layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 3), cross_attention_dim=16, attention_head_dim=4, norm_num_groups=4).eval()
+    g = torch.Generator().manual_seed(1)
+    return unet, (torch.randn(1, 4, 8, 8, generator=g), torch.tensor([400]), torch.randn(1, 3, 16, generator=g))
+
+
+CASES = {  # model: (removed blocks, the stock config's counts)
+    "dit": (["transformer_blocks.1"], {"num_layers": 2}),
+    "pixart": (["transformer_blocks.0", "transformer_blocks.2"], {"num_layers": 1}),
+    "sd3": (["transformer_blocks.0"], {"num_layers": 2, "dual_attention_layers": [0]}),
+    "flux": (["transformer_blocks.1", "single_transformer_blocks.0", "single_transformer_blocks.2"],
+             {"num_layers": 1, "num_single_layers": 1}),
+}
+
+
+def test_transformer_denoisers_export_as_stock_bit_for_bit(tmp_path):
+    """DiT, PixArt, SD3 (with SD3.5's dual-attention layers renumbered) and Flux (both block lists): the stock
+    class, a config that counts the kept blocks, the same weights (shared) and the same outputs bit for bit."""
+    for key, (model, kw) in _tiny_models().items():
+        names, counts = CASES[key]
+        pruned = lp.prune_layers(model, names)
+        stock = lp.stock_model(pruned)
+        assert type(stock) is type(model), key
+        assert {k: stock.config[k] for k in counts} == counts and "removed_layers" not in stock.config, key
+        assert _params(stock) == _params(pruned) < _params(model)
+        shared = {p.data_ptr() for p in pruned.parameters()}
+        assert all(p.data_ptr() in shared for p in stock.parameters()), key  # no copy
+        with torch.no_grad():
+            want = pruned(**kw).sample
+            assert torch.equal(stock(**kw).sample, want), key
+            assert not torch.equal(want, model(**kw).sample), key
+        stock.save_pretrained(str(tmp_path / key), safe_serialization=True)
+        assert json.loads((tmp_path / key / "config.json").read_text())["_class_name"] == type(model).__name__
+        back = type(model).from_pretrained(str(tmp_path / key))
+        for (k, a), b in zip(stock.state_dict().items(), back.state_dict().values()):
+            assert torch.equal(a, b), (key, k)
+
+
+def test_nothing_removed_gives_the_stock_class_with_the_same_outputs():
+    model, kw = _tiny_models()["dit"]
+    for m in (model, lp.prune_layers(model, [])):
+        stock = lp.stock_model(m)
+        assert type(stock) is type(model) and stock.config.num_layers == 3
+        with torch.no_grad():
+            assert torch.equal(stock(**kw).sample, model(**kw).sample)
+
+
+def test_unet_pruned_inside_its_attention_layers_exports_per_attention_depths():
+    unet, args = _tiny_unet()
+    names = ["down_blocks.1.attentions.0.transformer_blocks.1", "up_blocks.0.attentions.2.transformer_blocks.0",
+             "up_blocks.0.attentions.2.transformer_blocks.2"]
+    pruned = lp.prune_layers(unet, names)
+    stock = lp.stock_model(pruned)
+    assert type(stock) is type(unet)
+    assert [list(x) for x in stock.config.transformer_layers_per_block] == [[1, 1], [1, 2], [3, 3]]
+    assert [list(x) for x in stock.config.reverse_transformer_layers_per_block] == [[3, 3, 1], [2, 2, 2], [1, 1, 1]]
+    assert _params(stock) == _params(pruned) < _params(unet)
+    with torch.no_grad():
+        assert torch.equal(stock(*args).sample, pruned(*args).sample)
+    # the mid block reads its depth from the last down block's entry: both must agree
+    both = lp.prune_layers(unet, ["down_blocks.2.attentions.0.transformer_blocks.1",
+                                  "mid_block.attentions.0.transformer_blocks.0"])
+    stock = lp.stock_model(both)
+    assert [list(x) for x in stock.config.transformer_layers_per_block][-1] == [2, 3]
+    with torch.no_grad():
+        assert torch.equal(stock(*args).sample, both(*args).sample)
+    with pytest.raises(UserError, match="the mid block keeps \\[2\\] .* and the last down block \\[3, 3\\]"):
+        lp.stock_model(lp.prune_layers(unet, ["mid_block.attentions.0.transformer_blocks.1"]))
+
+
+def test_real_configs_on_the_meta_device():
+    """SDXL pruned inside its deep attention layers, DiT-XL/2 and PixArt without some blocks: config only."""
+    sdxl = load(str(CONFIGS / "sdxl-unet")).denoiser
+    pruned = lp.prune_layers(sdxl, ["down_blocks.2.attentions.0.transformer_blocks.9",
+                                    "mid_block.attentions.0.transformer_blocks.9",
+                                    "up_blocks.0.attentions.1.transformer_blocks.3"])
+    stock = lp.stock_model(pruned)
+    assert type(stock).__name__ == "UNet2DConditionModel" and _params(stock) == _params(pruned) < _params(sdxl)
+    assert [list(x) for x in stock.config.transformer_layers_per_block] == [[1, 1], [2, 2], [9, 10]]
+    assert [list(x) for x in stock.config.reverse_transformer_layers_per_block][0] == [10, 9, 10]
+    for name in ("dit-xl-2-256", "pixart-alpha-1024"):
+        model = load(str(CONFIGS / name)).denoiser
+        pruned = lp.prune_layers(model, ["transformer_blocks.3", "transformer_blocks.27"])
+        stock = lp.stock_model(pruned)
+        assert stock.config.num_layers == 26 and _params(stock) == _params(pruned), name
+
+
+def test_what_no_stock_config_describes_is_refused_with_the_reason():
+    models = _tiny_models()
+    with pytest.raises(UserError, match="no place for transformer_blocks.0.norm1.emb.* keep transformer_blocks.0"):
+        lp.stock_model(lp.prune_layers(models["dit"][0], ["transformer_blocks.0"]))
+    with pytest.raises(UserError, match="last block without the text stream.* keep transformer_blocks.2"):
+        lp.stock_model(lp.prune_layers(models["sd3"][0], ["transformer_blocks.2"]))
+    unet, _ = _tiny_unet()
+    for name in ("down_blocks.1.resnets.1", "down_blocks.1.attentions.0"):
+        with pytest.raises(UserError, match=f"{name} is removed: a removed resnet or attention layer has no count"):
+            lp.stock_model(lp.prune_layers(unet, [name]))
+    with pytest.raises(UserError, match="a stock export takes a layer-pruned"):
+        lp.stock_model(torch.nn.Linear(2, 2))
+
+
+def _cli(*args):
+    from diffslim.cli import app
+
+    return CliRunner().invoke(app, list(map(str, args)))
+
+
+def test_cli_stock_export_loads_with_diffusers_alone(tmp_path):
+    """layer-prune --stock writes stock folders; a fresh Python without diffslim loads the model and gets the
+    LayerPruned model's outputs; `diffslim stock` turns the LayerPruned folder into the same weights."""
+    res = _cli("layer-prune", "zoo:digits-dit", "--ratio", "0.3", "--stock", "--out", tmp_path / "s", "--json")
+    assert res.exit_code == 0, res.output
+    removed = json.loads(res.output)["removed"]
+    assert "transformer_blocks.0" not in removed and len(removed) == 2
+    index = json.loads((tmp_path / "s" / "pipeline" / "model_index.json").read_text())
+    assert index["denoiser"] == ["diffusers", "DiTTransformer2DModel"]
+    assert _cli("layer-prune", "zoo:digits-dit", "--ratio", "0.3", "--out", tmp_path / "p").exit_code == 0
+    res = _cli("stock", tmp_path / "p" / "pipeline", "--out", tmp_path / "c")
+    assert res.exit_code == 0 and "DiTTransformer2DModel (2 layers removed" in res.output, res.output
+    a = load(str(tmp_path / "s" / "pipeline")).denoiser
+    b = load(str(tmp_path / "c")).denoiser
+    assert type(a) is type(b) and a.config.num_layers == b.config.num_layers == 4
+    for (k, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(x, y), k
+    code = ("import sys, torch; from diffusers import DiTTransformer2DModel; "
+            f"m = DiTTransformer2DModel.from_pretrained({str(tmp_path / 's' / 'model')!r}).eval(); "
+            "g = torch.Generator().manual_seed(0); x = torch.randn(2, 1, 8, 8, generator=g); "
+            "out = m(x, timestep=torch.tensor([10, 600]), class_labels=torch.tensor([2, 5])).sample; "
+            f"torch.save(out, {str(tmp_path / 'out.pt')!r}); assert 'diffslim' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    pruned = load(str(tmp_path / "p" / "model")).denoiser
+    assert type(pruned).__name__ == "LayerPrunedDiTTransformer2DModel"
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        want = pruned(torch.randn(2, 1, 8, 8, generator=g), timestep=torch.tensor([10, 600]),
+                      class_labels=torch.tensor([2, 5])).sample
+    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), want, atol=1e-5, rtol=1e-4)
+
+
+def test_cli_stock_refusals(tmp_path):
+    res = _cli("stock", "zoo:digits-dit", "--out", tmp_path / "x")
+    assert res.exit_code == 2 and "has no removed layers" in res.output and "stock already" in res.output
+    # a U-Net without --inner is refused before any scoring
+    res = _cli("layer-prune", "zoo:digits-sd", "--ratio", "0.3", "--stock", "--out", tmp_path / "u")
+    assert res.exit_code == 2 and "--stock on a U-Net needs --inner" in res.output and not (tmp_path / "u").exists()
+    res = _cli("layer-prune", CONFIGS / "sd15-unet", "--criterion", "bk-sdm-base", "--stock", "--out", tmp_path / "b")
+    assert res.exit_code == 2 and "--stock on a U-Net needs --inner" in res.output
+    # a selection with resnets: the scoring's work is written as the LayerPruned model, and the reason is given
+    res = _cli("layer-prune", "zoo:digits-sd", "--ratio", "0.3", "--inner", "--stock", "--n", "2", "--out",
+               tmp_path / "i")
+    assert res.exit_code == 2 and "has no count in UNet2DConditionModel's config" in res.output
+    assert "Wrote the LayerPruned model, scores and recipe" in res.output
+    assert json.loads((tmp_path / "i" / "model" / "config.json").read_text())["removed_layers"]
+    assert (tmp_path / "i" / "scores.json").exists() and (tmp_path / "i" / "recipe.json").exists()
+    res = _cli("stock", tmp_path / "i" / "model", "--out", tmp_path / "j")
+    assert res.exit_code == 2 and "is removed: a removed resnet" in res.output
+    (tmp_path / "f").write_text("x")
+    res = _cli("stock", tmp_path / "i" / "model", "--out", tmp_path / "f")
+    assert res.exit_code == 2 and "is a file; give a folder" in res.output
