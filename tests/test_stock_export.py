@@ -156,11 +156,58 @@ def test_what_no_stock_config_describes_is_refused_with_the_reason():
     with pytest.raises(UserError, match="last block without the text stream.* keep transformer_blocks.2"):
         lp.stock_model(lp.prune_layers(models["sd3"][0], ["transformer_blocks.2"]))
     unet, _ = _tiny_unet()
-    for name in ("down_blocks.1.resnets.1", "down_blocks.1.attentions.0"):
-        with pytest.raises(UserError, match=f"{name} is removed: a removed resnet or attention layer has no count"):
-            lp.stock_model(lp.prune_layers(unet, [name]))
+    with pytest.raises(UserError, match="down_blocks.1.resnets.1 is removed without its attention layer"):
+        lp.stock_model(lp.prune_layers(unet, ["down_blocks.1.resnets.1"]))
+    with pytest.raises(UserError, match="down_blocks.1.attentions.0 is removed without its resnet"):
+        lp.stock_model(lp.prune_layers(unet, ["down_blocks.1.attentions.0"]))
     with pytest.raises(UserError, match="a stock export takes a layer-pruned"):
         lp.stock_model(torch.nn.Linear(2, 2))
+
+
+@pytest.fixture(scope="module")
+def digits_sd():
+    z = load("zoo:digits-sd")
+    return z.denoiser, lp.calibration(z.pipe, n=4, seed=0)
+
+
+def test_bk_sdm_exports_as_the_stock_unets_of_its_checkpoints(digits_sd):
+    """BK-SDM Base, Small and Tiny on the SD-shaped zoo U-Net: one pair per down level and two per up level
+    (layers_per_block=1), no mid block (Small), three levels (Tiny); the outputs bit for bit. On SD-1.5's
+    config the stock models have BK-SDM's parameter counts."""
+    unet, calib = digits_sd
+    full = calib.run(unet)
+    for variant, levels, mid in (("base", 4, "UNetMidBlock2DCrossAttn"), ("small", 4, None), ("tiny", 3, None)):
+        pruned = lp.prune_layers(unet, lp.bk_sdm_layers(unet, variant))
+        stock = lp.stock_model(pruned)
+        assert type(stock) is type(unet) and stock.config.layers_per_block == 1, variant
+        assert len(stock.config.block_out_channels) == len(stock.down_blocks) == levels, variant
+        assert stock.config.mid_block_type == mid and (stock.mid_block is None) == (mid is None), variant
+        want = calib.run(pruned)
+        assert torch.equal(calib.run(stock), want) and not torch.equal(want, full), variant
+        assert _params(stock) == _params(pruned)
+    sd15 = load(str(CONFIGS / "sd15-unet")).denoiser
+    counts = {v: _params(lp.stock_model(lp.prune_layers(sd15, lp.bk_sdm_layers(sd15, v)))) for v in ("base", "small", "tiny")}
+    assert counts == {"base": 579_384_964, "small": 482_346_884, "tiny": 323_384_964}
+
+
+def test_unet_removals_are_checked_by_where_the_skip_connections_go(digits_sd):
+    """The innermost level keeps one pair: the up block must drop a skip connection that repeats another. Its
+    first or middle resnet does (the same model as the stock one, bit for bit); its last one would drop the
+    downsampler's output, which a stock U-Net reads, though every shape would fit."""
+    unet, calib = digits_sd
+    for up in ("up_blocks.0.resnets.0", "up_blocks.0.resnets.1"):
+        pruned = lp.prune_layers(unet, ["down_blocks.3.resnets.1", up])
+        stock = lp.stock_model(pruned)
+        assert list(stock.config.layers_per_block) == [2, 2, 2, 1]
+        assert torch.equal(calib.run(stock), calib.run(pruned)), up
+    with pytest.raises(UserError, match="skip connections route differently"):
+        lp.stock_model(lp.prune_layers(unet, ["down_blocks.3.resnets.1", "up_blocks.0.resnets.2"]))
+    with pytest.raises(UserError, match="up_blocks.2 keeps 3 resnets and down_blocks.1 1"):
+        lp.stock_model(lp.prune_layers(unet, ["down_blocks.1.resnets.1", "down_blocks.1.attentions.1"]))
+    with pytest.raises(UserError, match="part of the mid block is removed"):
+        lp.stock_model(lp.prune_layers(unet, ["mid_block.attentions.0"]))
+    with pytest.raises(UserError, match="down_blocks.3 is removed whole: .* only with up_blocks.0"):
+        lp.stock_model(lp.prune_layers(unet, ["down_blocks.3.resnets.0", "down_blocks.3.resnets.1"]))
 
 
 def _cli(*args):
@@ -204,20 +251,19 @@ def test_cli_stock_export_loads_with_diffusers_alone(tmp_path):
 def test_cli_stock_refusals(tmp_path):
     res = _cli("stock", "zoo:digits-dit", "--out", tmp_path / "x")
     assert res.exit_code == 2 and "has no removed layers" in res.output and "stock already" in res.output
-    # a U-Net without --inner is refused before any scoring
-    res = _cli("layer-prune", "zoo:digits-sd", "--ratio", "0.3", "--stock", "--out", tmp_path / "u")
-    assert res.exit_code == 2 and "--stock on a U-Net needs --inner" in res.output and not (tmp_path / "u").exists()
-    res = _cli("layer-prune", CONFIGS / "sd15-unet", "--criterion", "bk-sdm-base", "--stock", "--out", tmp_path / "b")
-    assert res.exit_code == 2 and "--stock on a U-Net needs --inner" in res.output
-    # a selection with resnets: the scoring's work is written as the LayerPruned model, and the reason is given
-    res = _cli("layer-prune", "zoo:digits-sd", "--ratio", "0.3", "--inner", "--stock", "--n", "2", "--out",
-               tmp_path / "i")
-    assert res.exit_code == 2 and "has no count in UNet2DConditionModel's config" in res.output
+    # BK-SDM from a config-only folder: the stock config
+    res = _cli("layer-prune", CONFIGS / "sd15-unet", "--criterion", "bk-sdm-small", "--stock", "--out", tmp_path / "b")
+    assert res.exit_code == 0, res.output
+    cfg = json.loads((tmp_path / "b" / "model" / "config.json").read_text())
+    assert cfg["_class_name"] == "UNet2DConditionModel" and cfg["layers_per_block"] == 1 and cfg["mid_block_type"] is None
+    # a selection with no stock config: the scoring's work is written as the LayerPruned model, and the reason given
+    res = _cli("layer-prune", "zoo:digits-sd", "--ratio", "0.3", "--stock", "--n", "2", "--out", tmp_path / "i")
+    assert res.exit_code == 2 and "--stock: " in res.output and "a stock UNet2DConditionModel" in res.output
     assert "Wrote the LayerPruned model, scores and recipe" in res.output
     assert json.loads((tmp_path / "i" / "model" / "config.json").read_text())["removed_layers"]
     assert (tmp_path / "i" / "scores.json").exists() and (tmp_path / "i" / "recipe.json").exists()
     res = _cli("stock", tmp_path / "i" / "model", "--out", tmp_path / "j")
-    assert res.exit_code == 2 and "is removed: a removed resnet" in res.output
+    assert res.exit_code == 2 and "a stock UNet2DConditionModel" in res.output
     (tmp_path / "f").write_text("x")
     res = _cli("stock", tmp_path / "i" / "model", "--out", tmp_path / "f")
     assert res.exit_code == 2 and "is a file; give a folder" in res.output

@@ -702,9 +702,9 @@ def layer_prune_cmd(
     pair_pool: Optional[int] = typer.Option(None, help="output-loss-pairs: measure pairs only among this many layers "
                                                        "of least single loss per unit cost (default: all n(n-1)/2 "
                                                        "pairs: 703 for SD-1.5's 38 layers, 3741 for SDXL --inner)"),
-    stock: bool = typer.Option(False, help="write model/ and pipeline/ as stock diffusers classes (fewer "
-                                           "transformer blocks in the config; transformer denoisers, and U-Nets "
-                                           "pruned with --inner), loadable without diffslim"),
+    stock: bool = typer.Option(False, help="write model/ and pipeline/ as stock diffusers classes, loadable "
+                                           "without diffslim, where a stock config describes the result (fewer "
+                                           "transformer blocks; U-Nets: BK-SDM-like pair removals, --inner blocks)"),
     as_json: bool = typer.Option(False, "--json"),
 ):
     """One-shot layer pruning (LAPTOP-Diff): score every layer, remove the least important at a ratio."""
@@ -728,12 +728,6 @@ def layer_prune_cmd(
     if n < 1:
         raise UserError("--n must be at least 1")
     loaded = load(model)
-    from diffslim.methods.layer_prune import is_unet
-
-    if stock and is_unet(loaded.denoiser) and (not inner or criterion in bk):
-        raise UserError("--stock on a U-Net needs --inner and a scored criterion: a stock UNet2DConditionModel "
-                        "config counts the transformer blocks inside attention layers, but not removed resnets or "
-                        "attention layers")
     if pair_pool is not None and (criterion != "output-loss-pairs" or pair_pool < 2):
         raise UserError(f"--pair-pool {pair_pool} applies to --criterion output-loss-pairs only, and must be >= 2")
     needs_calib = criterion in ("output-loss", "output-loss-pairs", "taylor", "similarity", "greedy")
@@ -809,8 +803,9 @@ def stock_cmd(
     """Rewrite a layer-pruned model as its stock diffusers class, loadable with diffusers alone.
 
     The removed blocks leave the block lists and the config counts the kept ones (num_layers,
-    num_single_layers; transformer_layers_per_block per attention layer for U-Nets pruned with --inner).
-    Same weights, same outputs. Refused, with the reason, where no stock config describes the model.
+    num_single_layers; for U-Nets layers_per_block, mid_block_type, the levels and the transformer depths
+    per attention layer, as BK-SDM's checkpoints have them). Same weights, same outputs. Refused, with the
+    reason, where no stock config describes the model.
     """
     _quiet_libraries()
     from diffslim.methods.layer_prune import removed_layers_of, stock_model

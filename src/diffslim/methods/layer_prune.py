@@ -501,9 +501,6 @@ def removed_layers_of(model: nn.Module) -> list[str]:
 
 # the config key that counts each root-level block list of a stock transformer denoiser
 _LIST_LENGTH_KEY = {"transformer_blocks": "num_layers", "single_transformer_blocks": "num_single_layers"}
-_INNER = r"(down_blocks\.\d+|mid_block|up_blocks\.\d+)\.attentions\.\d+\.transformer_blocks\.\d+"
-
-
 def _kept(blocks: nn.ModuleList) -> list[int]:
     return [k for k, b in enumerate(blocks) if not isinstance(b, PrunedTransformerBlock)]
 
@@ -516,76 +513,204 @@ def _stock_base(model: nn.Module) -> type:
                     f"not {type(model).__name__}")
 
 
-def _stock_unet_config(model: nn.Module, config: dict) -> dict[str, list[int]]:
-    """Fill ``config``'s per-attention transformer depths from ``model``'s kept inner blocks; returns the
-    renaming ``{list prefix: kept indices}``. Raises ``UserError`` where the removal has no stock config."""
-    import re
+def _gone(module: Optional[nn.Module]) -> bool:
+    return isinstance(module, (PrunedResnet, PrunedAttention, PrunedSampler))
 
-    for name in removed_layers_of(model):
-        if not re.fullmatch(_INNER, name):
-            raise UserError(f"{name} is removed: a removed resnet or attention layer has no count in "
-                            f"{_stock_base(model).__name__}'s config, so only transformer blocks inside "
-                            "attention layers (layer-prune --inner) export as stock; keep the LayerPruned folder, "
-                            "which loads wherever diffslim is installed")
-    rename, depth = {}, {}
+
+def _sampler(block: nn.Module, part: str) -> Optional[nn.Module]:
+    lst = getattr(block, part, None)
+    return lst[0] if lst else None
+
+
+def _level_kept(model: nn.Module, bname: str) -> list[int]:
+    """The kept (resnet, attention) positions of a U-Net block; raises where a resnet and its attention part."""
+    block = model.get_submodule(bname)
+    attentions = getattr(block, "attentions", None) or []
+    kept = []
+    for k, r in enumerate(block.resnets):
+        a = attentions[k] if k < len(attentions) else None
+        if a is not None and _gone(a) != _gone(r):
+            which = f"{bname}.attentions.{k}" if _gone(a) else f"{bname}.resnets.{k}"
+            raise UserError(f"{which} is removed without its {'resnet' if _gone(a) else 'attention layer'}: a stock "
+                            f"{_stock_base(model).__name__} config counts resnet and attention layers in pairs")
+        if not _gone(r):
+            kept.append(k)
+    return kept
+
+
+def _stock_unet_config(model: nn.Module, config: dict) -> dict[str, list[int]]:
+    """Rewrite ``config`` (a copy of ``model``'s) for the stock U-Net that computes what ``model`` does: fewer
+    (resnet, attention) pairs per block (``layers_per_block``; an up block keeps one more than its down
+    block), no mid block, the innermost level gone with the sampler pair around it (BK-SDM Small and Tiny),
+    and transformer depths per attention layer. Returns the renaming ``{source list: kept indices}``.
+    Raises ``UserError`` where the removal has no stock config."""
+    base = _stock_base(model).__name__
+    n_down, n_up = len(model.down_blocks), len(model.up_blocks)
+    down = [_level_kept(model, f"down_blocks.{i}") for i in range(n_down)]
+    up = [_level_kept(model, f"up_blocks.{i}") for i in range(n_up)]
+    rename: dict[str, list[int]] = {}
+    levels = list(range(n_down))
+    if not down[-1]:  # the innermost level, as BK-SDM Tiny removes it
+        if n_down < 2 or up[0] or not _gone(_sampler(model.down_blocks[-2], "downsamplers")) or \
+                not _gone(_sampler(model.up_blocks[0], "upsamplers")):
+            raise UserError(f"down_blocks.{n_down - 1} is removed whole: a stock {base} loses its innermost level "
+                            f"only with up_blocks.0 and the sampler pair around them (BK-SDM Tiny)")
+        levels = levels[:-1]
+        rename["down_blocks"], rename["up_blocks"] = levels, list(range(1, n_up))
+    for i in levels:
+        if not down[i]:
+            raise UserError(f"every layer of down_blocks.{i} is removed: a stock {base} keeps at least one")
+        up_i = n_up - 1 - i
+        if len(up[up_i]) != len(down[i]) + 1:
+            raise UserError(f"up_blocks.{up_i} keeps {len(up[up_i])} resnets and down_blocks.{i} {len(down[i])}: a "
+                            f"stock {base} has one more in the up block than in its down block")
+        for j, (bname, part) in enumerate(((f"down_blocks.{i}", "downsamplers"), (f"up_blocks.{up_i}", "upsamplers"))):
+            if _gone(_sampler(model.get_submodule(bname), part)) and not (
+                    len(levels) < n_down and ((j == 0 and i == n_down - 2) or (j == 1 and up_i == 0))):
+                raise UserError(f"{bname}.{part}.0 is removed: a stock {base} has it")
+    mid = getattr(model, "mid_block", None)
+    mid_layers = [] if mid is None else [*mid.resnets, *(a for a in (getattr(mid, "attentions", None) or [])
+                                                         if a is not None)]
+    mid_gone = bool(mid_layers) and all(_gone(m) for m in mid_layers)
+    if any(_gone(m) for m in mid_layers) and not mid_gone:
+        raise UserError(f"part of the mid block is removed: a stock {base} has the whole mid block or none "
+                        "(BK-SDM Small)")
+    if mid_gone:
+        config["mid_block_type"] = None
+    # transformer depth of each kept attention layer, in stock order
+    depth: dict[str, list[int]] = {}
+    inner = False
     for bname, block in _unet_blocks(model):
-        attentions = getattr(block, "attentions", None)
-        if not attentions:
+        if bname == "mid_block" and mid_gone:
             continue
+        attentions = getattr(block, "attentions", None)
+        if not attentions or getattr(attentions[0], "transformer_blocks", None) is None:
+            continue  # no attention, or UNet2DModel's plain Attention
         counts = []
         for k, attn in enumerate(attentions):
-            if getattr(attn, "transformer_blocks", None) is None:  # UNet2DModel's plain Attention
-                break
+            if _gone(attn):
+                continue
             kept = _kept(attn.transformer_blocks)
             if len(kept) < len(attn.transformer_blocks):
                 rename[f"{bname}.attentions.{k}.transformer_blocks"] = kept
+                inner = True
             counts.append(len(kept))
-        else:
-            depth[bname] = counts
-    if not rename:
-        return rename
-    n_down = len(model.down_blocks)
-    per_block = config["layers_per_block"]
-    per_block = [per_block] * n_down if isinstance(per_block, int) else list(per_block)
-    orig = config["transformer_layers_per_block"]
-    orig = [orig] * n_down if isinstance(orig, int) else list(orig)
+        depth[bname] = counts
+    for i in levels:
+        for bname, kept, full in ((f"down_blocks.{i}", down[i], len(model.down_blocks[i].resnets)),
+                                  (f"up_blocks.{n_up - 1 - i}", up[n_up - 1 - i], len(model.up_blocks[n_up - 1 - i].resnets))):
+            if len(kept) < full:
+                rename[f"{bname}.resnets"] = kept
+                if getattr(model.get_submodule(bname), "attentions", None):
+                    rename[f"{bname}.attentions"] = kept
+    n_layers = [len(down[i]) for i in levels]
+    if len(levels) < n_down:
+        for key in ("down_block_types", "block_out_channels", "layers_per_block", "attention_head_dim",
+                    "num_attention_heads", "cross_attention_dim", "only_cross_attention",
+                    "transformer_layers_per_block"):
+            if isinstance(config.get(key), (list, tuple)) and len(config[key]) == n_down:
+                config[key] = list(config[key])[:-1]
+        for key in ("up_block_types", "reverse_transformer_layers_per_block"):
+            if isinstance(config.get(key), (list, tuple)) and len(config[key]) == n_up:
+                config[key] = list(config[key])[1:]
+    if len(set(n_layers)) == 1:
+        config["layers_per_block"] = n_layers[0]
+    elif "transformer_layers_per_block" not in config:  # UNet2DModel: one count for every block
+        raise UserError(f"the down blocks keep {n_layers} resnets: a stock {base} keeps as many in each")
+    else:
+        config["layers_per_block"] = n_layers
+    if inner:
+        orig = config["transformer_layers_per_block"]
+        orig = [orig] * len(levels) if isinstance(orig, int) else list(orig)
 
-    def as_list(v, n):
-        return [v] * n if isinstance(v, int) else list(v)
+        def per_attention(bname: str, entry, n: int) -> list[int]:
+            if bname in depth:
+                return depth[bname]
+            return list(entry)[:n] if isinstance(entry, (list, tuple)) else [entry] * n
 
-    down = [depth.get(f"down_blocks.{i}", as_list(orig[i], per_block[i])) for i in range(n_down)]
-    up = [depth.get(f"up_blocks.{i}", as_list(orig[n_down - 1 - i], per_block[n_down - 1 - i] + 1))
-          for i in range(len(model.up_blocks))]
-    mid = depth.get("mid_block")
-    if mid:  # the mid block reads its depths from the last down block's entry
-        last = down[-1]
-        if "down_blocks.%d" % (n_down - 1) in depth:
-            if len(last) < len(mid) or last[:len(mid)] != mid:
-                raise UserError(f"the mid block keeps {mid} transformer blocks per attention layer and the last "
-                                f"down block {last}: a stock UNet2DConditionModel gives both the same depths")
-        else:
-            down[-1] = mid + last[len(mid):] if len(last) >= len(mid) else list(mid)
-    config["transformer_layers_per_block"] = down
-    config["reverse_transformer_layers_per_block"] = up
+        downs = [per_attention(f"down_blocks.{i}", orig[j], len(down[i])) for j, i in enumerate(levels)]
+        ups = [per_attention(f"up_blocks.{n_up - 1 - i}", orig[j], len(down[i]) + 1)
+               for j, i in reversed(list(enumerate(levels)))]
+        mid_depth = depth.get("mid_block")
+        if mid_depth:  # the mid block reads its depths from the last down block's entry
+            last = downs[-1]
+            if f"down_blocks.{levels[-1]}" in depth:
+                if len(last) < len(mid_depth) or last[:len(mid_depth)] != mid_depth:
+                    raise UserError(f"the mid block keeps {mid_depth} transformer blocks per attention layer and the "
+                                    f"last down block {last}: a stock {base} gives both the same depths")
+            else:
+                downs[-1] = mid_depth + last[len(mid_depth):] if len(last) >= len(mid_depth) else list(mid_depth)
+        config["transformer_layers_per_block"] = downs
+        config["reverse_transformer_layers_per_block"] = ups
     return rename
+
+
+def _unet_dataflow(model: nn.Module, name_of: Callable[[str], str]) -> dict[str, tuple]:
+    """What each module of a U-Net reads, ``{module: (its inputs)}``, values named by the module that computed
+    them (mapped by ``name_of``): the skip connections' routing, which shapes alone do not check."""
+    flow: dict[str, tuple] = {}
+    h = "conv_in"
+    skips = [h]
+
+    def run(name: str, module: nn.Module, *inputs: str) -> str:
+        if isinstance(module, PrunedResnet) and module.conv_shortcut is not None:
+            out = name_of(name) + "#shortcut"
+        elif _gone(module):
+            return inputs[0]
+        else:
+            out = name_of(name)
+        flow[out] = inputs
+        return out
+
+    for i, block in enumerate(model.down_blocks):
+        attentions = getattr(block, "attentions", None) or []
+        for k, r in enumerate(block.resnets):
+            h = run(f"down_blocks.{i}.resnets.{k}", r, h)
+            if k < len(attentions) and attentions[k] is not None:
+                h = run(f"down_blocks.{i}.attentions.{k}", attentions[k], h)
+            skips.append(h)
+        for k, d in enumerate(getattr(block, "downsamplers", None) or []):
+            h = run(f"down_blocks.{i}.downsamplers.{k}", d, h)
+            skips.append(h)
+    mid = getattr(model, "mid_block", None)
+    if mid is not None:
+        attentions = getattr(mid, "attentions", None) or []
+        h = run("mid_block.resnets.0", mid.resnets[0], h)
+        for k, r in enumerate(mid.resnets[1:]):
+            if k < len(attentions) and attentions[k] is not None:
+                h = run(f"mid_block.attentions.{k}", attentions[k], h)
+            h = run(f"mid_block.resnets.{k + 1}", r, h)
+    for i, block in enumerate(model.up_blocks):
+        attentions = getattr(block, "attentions", None) or []
+        for k, r in enumerate(block.resnets):
+            h = run(f"up_blocks.{i}.resnets.{k}", r, h, skips.pop())
+            if k < len(attentions) and attentions[k] is not None:
+                h = run(f"up_blocks.{i}.attentions.{k}", attentions[k], h)
+        for k, u in enumerate(getattr(block, "upsamplers", None) or []):
+            h = run(f"up_blocks.{i}.upsamplers.{k}", u, h)
+    flow["conv_norm_out"] = (h,)
+    return flow
 
 
 def stock_model(model: nn.Module) -> nn.Module:
     """The layer-pruned ``model`` as its stock diffusers class (``LayerPrunedFluxTransformer2DModel`` ->
     ``FluxTransformer2DModel``), which loads with diffusers alone, without diffslim.
 
-    The removed blocks leave their block lists and the config counts the kept ones: ``num_layers``
-    (DiT, PixArt, SD3, Flux's double-stream blocks), ``num_single_layers`` (Flux), SD3's
-    ``dual_attention_layers`` renumbered, and for U-Nets pruned inside their attention layers (SDXL,
-    ``inner=True``) ``transformer_layers_per_block`` / ``reverse_transformer_layers_per_block`` per
-    attention layer. The kept weights are shared, not copied, and the outputs are the pruned model's bit
-    for bit. Works on the meta device (config-only models). A model with nothing removed comes back
-    as the stock class too.
+    The removed layers leave the model and its config counts the kept ones: ``num_layers`` (DiT, PixArt,
+    SD3, Flux's double-stream blocks), ``num_single_layers`` (Flux), SD3.5's ``dual_attention_layers``
+    renumbered; for U-Nets ``layers_per_block`` (resnet and attention layers removed in pairs, an up block
+    keeping one more than its down block), ``mid_block_type=None`` (the whole mid block removed), the
+    innermost level gone with the sampler pair around it, and transformer depths per attention layer
+    (``inner=True``): BK-SDM Base, Small and Tiny come out as the stock U-Nets their checkpoints are.
+    The kept weights are shared, not copied, and the outputs are the pruned model's bit for bit. Works
+    on the meta device (config-only models). A model with nothing removed comes back as the stock class.
 
-    Raises ``UserError`` where no stock config describes the model: a U-Net with removed resnets or
-    whole attention layers, DiT without its first block (its output layer reads that block's
-    embedding), SD3 without its last block (a stock SD3 builds the last block without the text
-    stream's output layers); the check is that every kept weight finds its place, shape for shape.
+    Raises ``UserError`` where no stock config describes the model, for example a lone resnet removed,
+    part of a mid block, DiT without its first block (its output layer reads that block's embedding),
+    SD3 without its last block (a stock SD3 builds it without the text stream's output layers). The
+    checks are general: every weight of the stock model comes from the pruned one, shape for shape,
+    every kept weight finds a place, and in a U-Net every module reads the same values (the skip
+    connections' routing, :func:`_unet_dataflow`).
     """
     base = _stock_base(model)
     config = {k: v for k, v in dict(model.config).items() if not k.startswith("_") and k != "removed_layers"}
@@ -611,11 +736,12 @@ def stock_model(model: nn.Module) -> nn.Module:
         stock = base.from_config(config)
 
     def source(key: str) -> str:
-        for prefix, kept in rename.items():
-            if key.startswith(prefix + "."):
-                idx, _, rest = key[len(prefix) + 1:].partition(".")
-                return f"{prefix}.{kept[int(idx)]}.{rest}"
-        return key
+        """The pruned model's name of the stock model's ``key`` (renames nest: a level, then its layers)."""
+        out: list[str] = []
+        for part in key.split("."):
+            kept = rename.get(".".join(out))
+            out.append(str(kept[int(part)]) if kept is not None and part.isdigit() else part)
+        return ".".join(out)
 
     state = model.state_dict()
     want = {k: source(k) for k in stock.state_dict()}
@@ -628,6 +754,10 @@ def stock_model(model: nn.Module) -> nn.Module:
     if unused:
         raise UserError(f"{base.__name__} with the layers {removed_layers_of(model)} removed has no stock config: "
                         f"the stock model has no place for {unused[0]}" + _stock_hint(model))
+    if is_unet(model) and _unet_dataflow(stock, source) != _unet_dataflow(model, lambda n: n):
+        raise UserError(f"{base.__name__} with the layers {removed_layers_of(model)} removed has no stock config: "
+                        "its skip connections route differently from any stock U-Net's (keep the up blocks' "
+                        "removals in line with the down blocks', as BK-SDM does)")
     params = list(model.parameters())
     device = params[0].device if params else torch.device("cpu")
     if device.type == "meta":
