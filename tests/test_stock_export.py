@@ -267,3 +267,18 @@ def test_cli_stock_refusals(tmp_path):
     (tmp_path / "f").write_text("x")
     res = _cli("stock", tmp_path / "i" / "model", "--out", tmp_path / "f")
     assert res.exit_code == 2 and "is a file; give a folder" in res.output
+
+
+def test_distilling_a_stock_export_asks_for_the_layer_pruned_model():
+    """A stock student no longer records which blocks it lost: automatic feature matching refuses rather than pair
+    blocks by position; the LayerPruned model it came from matches by stream position, and named pairs still work."""
+    from diffslim.train.distill import select_features
+
+    model, _ = _tiny_models()["dit"]
+    pruned = lp.prune_layers(model, ["transformer_blocks.1"])
+    assert select_features(model, pruned)["transformer_blocks.0"] == "transformer_blocks.1"
+    stock = lp.stock_model(pruned)
+    with pytest.raises(UserError, match="the student has 2 transformer_blocks and the teacher 3 .*`diffslim stock`"):
+        select_features(model, stock)
+    assert select_features(model, stock, {"transformer_blocks.0": "transformer_blocks.1"}) == \
+        {"transformer_blocks.0": "transformer_blocks.1"}

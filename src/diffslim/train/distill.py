@@ -230,6 +230,16 @@ def select_features(teacher: nn.Module, student: nn.Module,
     if isinstance(features, str):
         if features != "auto":
             raise UserError(f"features must be 'auto', a list of block names or a dict, not {features!r}")
+        for attr in ("down_blocks", "up_blocks", "transformer_blocks", "single_transformer_blocks"):
+            s_list, t_list = getattr(student, attr, None), getattr(teacher, attr, None)
+            if s_list is not None and t_list is not None and len(s_list) != len(t_list):
+                # a pruned model exported as its stock class (diffslim stock) no longer records its removals
+                raise UserError(
+                    f"the student has {len(s_list)} {attr} and the teacher {len(t_list)} (a stock export of a pruned "
+                    "model?): nothing records which teacher block each student block stands for, and matching "
+                    "features by position would pair the wrong ones; distil the LayerPruned model (what layer-prune "
+                    "writes without --stock) and export it afterwards with `diffslim stock`, or name the pairs "
+                    "(features={student_block: teacher_block})")
         out = {}
         names = candidate_blocks(student)
         for i, name in enumerate(names):
