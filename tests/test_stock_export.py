@@ -248,6 +248,21 @@ def test_cli_stock_export_loads_with_diffusers_alone(tmp_path):
     torch.testing.assert_close(torch.load(tmp_path / "out.pt"), want, atol=1e-5, rtol=1e-4)
 
 
+def test_cli_stock_selects_among_the_blocks_a_stock_config_can_lose(tmp_path):
+    """DiT's first block is not a candidate under --stock (magnitude would remove it at 0.7)."""
+    removed = {}
+    for flag in ("", "--stock"):
+        res = _cli("layer-prune", "zoo:digits-dit", "--criterion", "magnitude", "--ratio", "0.7", *([flag] if flag else []),
+                   "--out", tmp_path / (flag or "plain"), "--json")
+        assert res.exit_code == 0, res.output
+        report = json.loads(res.output)
+        removed[flag] = report["removed"]
+        assert report["params_removed"] >= 0.7 * report["params"]
+    assert "transformer_blocks.0" in removed[""] and "transformer_blocks.0" not in removed["--stock"]
+    assert report["kept_for_stock"] == ["transformer_blocks.0"]
+    assert json.loads((tmp_path / "--stock" / "model" / "config.json").read_text())["num_layers"] == 1
+
+
 def test_cli_stock_refusals(tmp_path):
     res = _cli("stock", "zoo:digits-dit", "--out", tmp_path / "x")
     assert res.exit_code == 2 and "has no removed layers" in res.output and "stock already" in res.output

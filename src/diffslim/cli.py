@@ -709,7 +709,8 @@ def layer_prune_cmd(
 ):
     """One-shot layer pruning (LAPTOP-Diff): score every layer, remove the least important at a ratio."""
     _quiet_libraries()
-    from diffslim.methods.layer_prune import BK_SDM, CRITERIA, calibration, check_ratio, layer_prune, prune_layers
+    from diffslim.methods.layer_prune import (BK_SDM, CRITERIA, calibration, check_ratio, is_unet, layer_prune,
+                                              prune_layers)
     from diffslim.models.load import load
     from diffslim.recipe import Recipe, RemovedLayers
 
@@ -738,8 +739,13 @@ def layer_prune_cmd(
         raise UserError(f"{model} is config-only (no weights): --criterion {criterion} needs weights; "
                         "use a bk-sdm-* criterion or random")
     calib = calibration(loaded.pipe, n=n, seed=seed, data=data, size=resolution) if needs_calib else None
+    keep = []
+    if stock and not is_unet(loaded.denoiser):  # select only among blocks a stock config can lose
+        from diffslim.methods.layer_prune import stock_keeps
+
+        keep = stock_keeps(loaded.denoiser)
     res = layer_prune(loaded.denoiser, criterion, ratio, by=by, calib=calib, seed=seed, inner=inner,
-                      pair_pool=pair_pool, progress=not as_json)
+                      pair_pool=pair_pool, progress=not as_json, keep=keep)
     pruned = prune_layers(loaded.denoiser, res.removed)
     not_stock = None
     if stock:
@@ -753,6 +759,8 @@ def layer_prune_cmd(
     _save_denoiser(loaded, pruned, out / "model", out / "pipeline")
     params_after = sum(p.numel() for p in pruned.parameters())
     report = {"model": model, **res.to_json(), "params_after": params_after, "out": str(out)}
+    if keep:
+        report["kept_for_stock"] = keep
     (out / "scores.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     Recipe(model=model, removed_layers=RemovedLayers(layers=res.removed, criterion=criterion, ratio=ratio, by=by),
            description=f"layer pruning by {criterion}: {len(res.removed)} layers, "

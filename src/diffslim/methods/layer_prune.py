@@ -772,6 +772,17 @@ def stock_model(model: nn.Module) -> nn.Module:
     return stock.to(device).eval()
 
 
+def stock_keeps(model: nn.Module) -> list[str]:
+    """Blocks of a transformer denoiser that a stock export needs kept: DiT's first block (its output layer
+    reads that block's embedding), SD3's last (a stock SD3 builds it without the text stream's output layers)."""
+    base = _stock_base(model).__name__
+    if base == "DiTTransformer2DModel":
+        return ["transformer_blocks.0"]
+    if base == "SD3Transformer2DModel":
+        return [f"transformer_blocks.{len(model.transformer_blocks) - 1}"]
+    return []
+
+
 def _stock_hint(model: nn.Module) -> str:
     removed = removed_layers_of(model)
     name = type(model).__name__
@@ -1372,7 +1383,7 @@ class LayerPruneResult:
 def layer_prune(model: nn.Module, criterion: str = "output-loss", ratio: Optional[float] = None, by: str = "params",
                 calib: Optional[Calibration] = None, seed: int = 0, inner: bool = False,
                 count_macs: Optional[bool] = None, pair_pool: Optional[int] = None,
-                progress: bool = False) -> LayerPruneResult:
+                progress: bool = False, keep: Sequence[str] = ()) -> LayerPruneResult:
     """Choose the layers of ``model`` to remove by ``criterion`` at ``ratio`` (of ``by``), or by a BK-SDM
     variant (``criterion="bk-sdm-base|small|tiny"``, no ratio, no weights needed).
 
@@ -1380,6 +1391,7 @@ def layer_prune(model: nn.Module, criterion: str = "output-loss", ratio: Optiona
     meta-device model only BK-SDM criteria apply unless the MACs come from the meta forward too.
     ``output-loss-pairs`` also measures the pairs' interactions (``pair_pool``: only among that many layers of
     least L_i per unit cost); they go to ``extra["interactions"]``. ``progress``: bars over the calibration runs.
+    ``keep``: layers that are not candidates (e.g. :func:`stock_keeps`, for a selection a stock config describes).
     Returns a :class:`LayerPruneResult`; :func:`prune_layers` then builds the smaller model.
     """
     from diffslim.models.anatomy import anatomy
@@ -1410,7 +1422,8 @@ def layer_prune(model: nn.Module, criterion: str = "output-loss", ratio: Optiona
         layers = candidates(model, module_macs=module_macs, names=names)
         scores, removed = {}, names
     else:
-        layers = candidates(model, inner=inner, module_macs=module_macs)
+        names = [n for n in candidate_names(model, inner) if n not in set(keep)]
+        layers = candidates(model, inner=inner, module_macs=module_macs, names=names)
         total = an.params if by == "params" else an.macs
         if total is None:
             raise UserError("selection by MACs needs the MACs of the model: it cannot be counted here")
