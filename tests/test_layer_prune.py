@@ -354,7 +354,7 @@ def test_cli_errors(tmp_path):
         (("zoo:digits-sd", "--ratio", "0.5", "--criterion", "l1"), "unknown --criterion"),
         (("zoo:digits-sd", "--criterion", "output-loss"), "needs --ratio"),
         (("zoo:digits-sd", "--ratio", "0.5", "--by", "flops"), "unknown --by"),
-        ((cfg, "--ratio", "0.5"), "pipeline folder or zoo:NAME"),
+        ((cfg, "--ratio", "0.5"), "config-only (no weights): --criterion output-loss needs weights"),
         ((cfg, "--ratio", "0.5", "--criterion", "magnitude"), "config-only"),
         ((cfg, "--criterion", "bk-sdm-base", "--ratio", "0.5"), "drop --ratio"),
         (("zoo:digits-sd", "--ratio", "0.5", "--pair-pool", "8"), "output-loss-pairs only"),
@@ -421,7 +421,7 @@ def test_cli_layer_compare_writes_the_comparison_and_its_figures(tiny_digits_fol
         assert (tmp_path / "c" / name).stat().st_size > 1000
     assert not (tmp_path / "c" / "sampled_psnr.png").exists() and "sampled" not in res
     r = run(tiny_digits_folder, "--sample", "-1", "--out", tmp_path / "x")
-    assert r.exit_code == 2 and "--sample takes a count >= 0" in r.output
+    assert r.exit_code == 2 and "--sample takes a count of evaluation inputs >= 0" in r.output
     r = run(tiny_digits_folder, "--steps", "4", "--out", tmp_path / "x")
     assert r.exit_code == 2 and "give --sample too" in r.output
 

@@ -137,12 +137,14 @@ def _int_arg(arg, form: str, lo: int = 1) -> int:
 
 def _ratio_arg(text, form: str) -> float:
     """A share strictly between 0 and 1 (layers:R of params, dipgo:R, random:R and ga:R of MACs)."""
-    from diffslim.methods.dipgo import check_ratio
-
     try:
-        return check_ratio(text)
-    except UserError as e:
-        raise UserError(f"{form}: {e}") from None
+        r = float(text)
+    except (TypeError, ValueError):
+        raise UserError(f"{form}: the ratio R must be a number in (0, 1), got {text!r}") from None
+    if not 0 < r < 1:
+        of = "params" if form.startswith("layers") else "MACs"
+        raise UserError(f"{form}: the ratio R must lie in (0, 1), the share of {of} removed, e.g. 0.5; got {r:g}")
+    return r
 
 
 def _with_denoiser(pipe, module):

@@ -7,7 +7,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import typer
 from rich.console import Console
@@ -37,10 +37,54 @@ def _guard(fn):
             return fn(*args, **kwargs)
         except UserError as e:
             _fail(str(e))
-        except FileNotFoundError as e:
-            _fail(f"{e.strerror}: {e.filename}")
+        except OSError as e:  # a path that cannot be read or written: the system's reason and the path
+            _fail(f"{e.strerror}: {e.filename}" if e.filename and e.strerror else str(e))
 
     return wrapper
+
+
+def _out_folder(out: Path, option: str = "--out") -> Path:
+    """Check, before any work starts, that the output folder can be written: a file in its place, or a folder that
+    cannot be made or written, is a one-line error now rather than a traceback after the work. Leaves no trace:
+    folders made to find out are removed again (the command makes them when it writes)."""
+    import tempfile
+
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{option} {out} is a file; give a folder")
+    missing = []
+    p = out
+    while not p.exists() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise UserError(f"cannot write into {option} {out}: {e.strerror}") from None
+    finally:
+        for d in missing:  # deepest first
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+    return out
+
+
+def _out_file(path: Path, option: str = "--out", example: str = "recipe.json") -> Path:
+    """Check, before any work, that ``path`` can be written as a file (its folder is made now)."""
+    if path.is_dir():
+        raise UserError(f"{option} {path} is a folder; give a file name, e.g. {path / example}")
+    _out_folder(path.parent if str(path.parent) else Path("."), f"{option}'s folder")
+    path.parent.mkdir(parents=True, exist_ok=True)  # recipes and figures are saved into an existing folder
+    return path
+
+
+def _metric_weights(clip: Optional[Path], lpips: Optional[Path], inception: Optional[Path]) -> None:
+    """The local metric weights a user names must exist (a missing one is skipped only when not asked for)."""
+    for option, path in (("--clip", clip), ("--lpips", lpips), ("--inception", inception)):
+        if path is not None and not path.exists():
+            raise UserError(f"{option} {path}: no such file or folder (the metric's local weights)")
 
 
 def _print_json(data) -> None:
@@ -63,9 +107,9 @@ def _quiet_libraries() -> None:
 @_guard
 def profile(
     model: str = typer.Argument(..., help="pipeline folder, model folder, config-only folder or zoo:NAME"),
-    height: Optional[int] = typer.Option(None, help="image height in pixels (default: the model's sample size)"),
-    width: Optional[int] = typer.Option(None, help="image width in pixels"),
-    repeats: int = typer.Option(5, help="timed denoiser calls for the latency median"),
+    height: Optional[int] = typer.Option(None, min=1, help="image height in pixels (default: the model's sample size)"),
+    width: Optional[int] = typer.Option(None, min=1, help="image width in pixels"),
+    repeats: int = typer.Option(5, min=1, help="timed denoiser calls for the latency median"),
     depth: Optional[str] = typer.Option(None, help="profile the depth-skipped model at depth N, or 'all' for every depth"),
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
 ):
@@ -107,12 +151,27 @@ def profile(
         console.print("no weights loaded (config only): latency and memory not measured")
 
 
-def _load_with_recipe(model: str, recipe: Optional[Path]):
+def _recipe_steps(rec) -> Optional[int]:
+    """The number of steps a recipe fixes (its timesteps, step count or skip plan), or None."""
+    if rec.sampling is not None and rec.sampling.timesteps:
+        return len(rec.sampling.timesteps)
+    if rec.sampling is not None and rec.sampling.num_inference_steps:
+        return rec.sampling.num_inference_steps
+    if rec.skip_plan is not None:
+        return len(rec.skip_plan.plan)
+    return None
+
+
+def _load_with_recipe(model: str, recipe: Optional[Path], steps: Optional[int] = None):
     from diffslim.apply import apply
     from diffslim.models.load import load
     from diffslim.recipe import load_recipe
 
     rec = load_recipe(recipe) if recipe is not None else None
+    fixed = _recipe_steps(rec) if rec is not None else None
+    if fixed is not None and steps is not None and steps != fixed:
+        raise UserError(f"--steps {steps}: the recipe {recipe} samples {fixed} steps (its schedule or skip plan); "
+                        "drop --steps")
     loaded = load(model)
     if rec is not None:
         if loaded.pipe is None:
@@ -126,15 +185,16 @@ def _load_with_recipe(model: str, recipe: Optional[Path]):
 def sample_cmd(
     model: str = typer.Argument(..., help="pipeline folder or zoo:NAME"),
     out: Path = typer.Option(Path("samples"), help="output folder for PNGs"),
-    n: int = typer.Option(16, help="number of samples"),
-    steps: Optional[int] = typer.Option(None, help="inference steps (default: the model's)"),
+    n: int = typer.Option(16, min=1, help="number of samples"),
+    steps: Optional[int] = typer.Option(None, min=1, help="inference steps (default: the model's)"),
     scheduler: Optional[str] = typer.Option(None, help="ddim, euler, dpm++, ... (default: the pipeline's)"),
     seed: int = typer.Option(0, help="seed of the first sample; sample i uses seed+i"),
     recipe: Optional[Path] = typer.Option(None, help="a recipe JSON to apply first"),
     prompts: Optional[Path] = typer.Option(None, help="text file, one prompt per line (text-to-image)"),
-    batch_size: int = typer.Option(16, help="samples per pipeline call"),
+    batch_size: int = typer.Option(16, min=1, help="samples per pipeline call"),
 ):
     """Sample a model on fixed seeds and inputs; write PNGs and a grid."""
+    _out_folder(out)
     _quiet_libraries()
     from diffslim.evaluate import eval_set_for
     from diffslim.report import image_grid
@@ -142,7 +202,7 @@ def sample_cmd(
 
     if n < 1:
         raise UserError("--n must be at least 1")
-    loaded, rec = _load_with_recipe(model, recipe)
+    loaded, rec = _load_with_recipe(model, recipe, steps)
     es = eval_set_for(loaded, n, seed=seed, prompts_file=prompts)
     default_steps = loaded.zoo.default_steps if loaded.zoo else 50
     spec = SampleSpec(es.inputs, es.seeds, num_inference_steps=steps or default_steps, scheduler=scheduler,
@@ -160,17 +220,18 @@ def sample_cmd(
 def evaluate(
     model: str = typer.Argument(..., help="pipeline folder or zoo:NAME"),
     recipe: Optional[Path] = typer.Option(None, help="a recipe JSON to apply; metrics compare it to the full model"),
-    n: int = typer.Option(100, help="number of evaluation samples"),
-    steps: Optional[int] = typer.Option(None, help="inference steps of the full model (default: the model's)"),
+    n: int = typer.Option(100, min=1, help="number of evaluation samples"),
+    steps: Optional[int] = typer.Option(None, min=1, help="inference steps of the full model (default: the model's)"),
     seed: int = typer.Option(0),
     prompts: Optional[Path] = typer.Option(None, help="text file, one prompt per line (text-to-image)"),
-    batch_size: int = typer.Option(50),
+    batch_size: int = typer.Option(50, min=1),
     clip: Optional[Path] = typer.Option(None, help="local CLIP folder (transformers format) for clip_score"),
     lpips: Optional[Path] = typer.Option(None, help="local LPIPS backbone checkpoint for lpips"),
     inception: Optional[Path] = typer.Option(None, help="local FID Inception weights (torch-fidelity format)"),
     as_json: bool = typer.Option(False, "--json"),
 ):
     """The metrics that apply to the model (digit_accuracy, PSNR/SSIM to ground truth or to the full model)."""
+    _metric_weights(clip, lpips, inception)
     _quiet_libraries()
     from diffslim.evaluate import eval_set_for, finite, metrics_fn_for
     from diffslim.models.load import load
@@ -219,13 +280,13 @@ def evaluate(
 def bench(
     model: str = typer.Argument(..., help="pipeline folder or zoo:NAME"),
     methods: str = typer.Option("full,steps:25,steps:10", help="comma-separated methods, e.g. full,steps:10"),
-    n: int = typer.Option(50, help="number of inputs every variant samples"),
-    steps: Optional[int] = typer.Option(None, help="steps of the full model (default: the model's)"),
+    n: int = typer.Option(50, min=1, help="number of inputs every variant samples"),
+    steps: Optional[int] = typer.Option(None, min=1, help="steps of the full model (default: the model's)"),
     scheduler: Optional[str] = typer.Option(None, help="scheduler for every variant (default: the pipeline's)"),
     seed: int = typer.Option(0),
     prompts: Optional[Path] = typer.Option(None, help="text file, one prompt per line (text-to-image)"),
-    batch_size: int = typer.Option(50),
-    repeats: int = typer.Option(1, help="timed runs per variant; the best counts"),
+    batch_size: int = typer.Option(50, min=1),
+    repeats: int = typer.Option(1, min=1, help="timed runs per variant; the best counts"),
     clip: Optional[Path] = typer.Option(None, help="local CLIP folder (transformers format) for clip_score"),
     lpips: Optional[Path] = typer.Option(None, help="local LPIPS backbone checkpoint for lpips"),
     inception: Optional[Path] = typer.Option(None, help="local FID Inception weights (torch-fidelity format)"),
@@ -233,12 +294,15 @@ def bench(
     html: Optional[Path] = typer.Option(None, help="write an HTML report to this folder"),
     data: str = typer.Option("zoo", help="training data of the methods that score or train (layers:R, +kd, +ft): "
                                          "'zoo' or an image folder, captions optional"),
-    resolution: Optional[int] = typer.Option(None, help="image size in px of the --data folder's images"),
+    resolution: Optional[int] = typer.Option(None, min=1, help="image size in px of the --data folder's images"),
     kd_task_weight: float = typer.Option(1.0, help="weight of the diffusion task loss when +kd distils and +ft "
                                                     "fine-tunes (1: the papers' loss; 0: output and feature "
                                                     "distillation only, which stays closer to the unpruned model)"),
 ):
     """Compare compression methods on the same inputs in one run: MACs, speed and quality, one row each."""
+    _metric_weights(clip, lpips, inception)
+    if html is not None:
+        _out_folder(html, "--html")
     _quiet_libraries()
     from diffslim.bench import check_task_weight, parse_methods, run_bench
     from diffslim.evaluate import eval_set_for, finite, metrics_fn_for
@@ -284,15 +348,15 @@ def workflow(
     floor: Optional[str] = typer.Option(None, help="stop at the first stage below a floor and keep the stage before, "
                                                    "e.g. psnr=20 or psnr=20,digit_accuracy=0.9 (against the "
                                                    "original's outputs)"),
-    n: int = typer.Option(16, help="number of inputs every stage samples"),
-    steps: Optional[int] = typer.Option(None, help="steps of the original (default: the model's)"),
+    n: int = typer.Option(16, min=1, help="number of inputs every stage samples"),
+    steps: Optional[int] = typer.Option(None, min=1, help="steps of the original (default: the model's)"),
     scheduler: Optional[str] = typer.Option(None, help="scheduler (default: the pipeline's)"),
     seed: int = typer.Option(0),
     prompts: Optional[Path] = typer.Option(None, help="text file, one prompt per line (text-to-image)"),
-    batch_size: int = typer.Option(16),
+    batch_size: int = typer.Option(16, min=1),
     data: str = typer.Option("zoo", help="training data of the stages that score or train (layers:R, +kd, +ft): "
                                          "'zoo' or an image folder, captions optional"),
-    resolution: Optional[int] = typer.Option(None, help="image size in px of the --data folder's images"),
+    resolution: Optional[int] = typer.Option(None, min=1, help="image size in px of the --data folder's images"),
     kd_task_weight: float = typer.Option(1.0, help="weight of the diffusion task loss when +kd distils and +ft "
                                                     "fine-tunes (1: the papers' loss; 0: output and feature "
                                                     "distillation only, which stays closer to the unpruned model)"),
@@ -308,6 +372,7 @@ def workflow(
     as_json: bool = typer.Option(False, "--json"),
 ):
     """Stack methods stage by stage, each judged against the original; write the final recipe and pipeline."""
+    _out_folder(out)
     _quiet_libraries()
     from diffslim.bench import check_task_weight
     from diffslim.evaluate import eval_set_for, finite, metrics_fn_for
@@ -384,9 +449,10 @@ def _print_rows(title, rows, key: str = "method") -> None:
 
 
 def _calibration(model: str, n: int, steps: Optional[int], seed: int, prompts: Optional[Path], batch_size: int,
-                 depth: Optional[int] = None):
+                 depth: Optional[int] = None, check: Optional[Callable] = None):
     """Load ``model`` (depth-skipped to ``depth`` if given), build ``n`` calibration inputs and the
-    model's own full-step reference outputs (cached)."""
+    model's own full-step reference outputs (cached). ``check(loaded)`` runs before any sampling (it raises
+    ``UserError`` for a model the command cannot take)."""
     from diffslim.evaluate import eval_set_for
     from diffslim.models.load import load
     from diffslim.sample import ReferenceCache, SampleSpec, model_fingerprint, sample
@@ -396,6 +462,8 @@ def _calibration(model: str, n: int, steps: Optional[int], seed: int, prompts: O
     loaded = load(model)
     if loaded.pipe is None:
         raise UserError(f"{model} is not a pipeline; searches sample, so give a pipeline folder or zoo:NAME")
+    if check is not None:
+        check(loaded)
     es = eval_set_for(loaded, n, seed=seed, prompts_file=prompts)
     full_steps = steps or (loaded.zoo.default_steps if loaded.zoo else 50)
     spec = SampleSpec(es.inputs, es.seeds, num_inference_steps=full_steps, call_kwargs=es.call_kwargs,
@@ -418,11 +486,11 @@ def depth_search_cmd(
     threshold: float = typer.Option(30.0, help="minimum quality against the full model's outputs"),
     metric: str = typer.Option("psnr", help="psnr or ssim"),
     mode: str = typer.Option("binary", help="binary (log2 runs; assumes quality falls with depth) or linear (every depth)"),
-    n: int = typer.Option(100, help="calibration inputs (the paper uses 100)"),
-    steps: Optional[int] = typer.Option(None, help="sampling steps (default: the model's)"),
+    n: int = typer.Option(100, min=1, help="calibration inputs (the paper uses 100)"),
+    steps: Optional[int] = typer.Option(None, min=1, help="sampling steps (default: the model's)"),
     seed: int = typer.Option(10_000, help="seed of the first calibration input (kept apart from evaluation seeds)"),
     prompts: Optional[Path] = typer.Option(None, help="text file, one prompt per line (text-to-image)"),
-    batch_size: int = typer.Option(50),
+    batch_size: int = typer.Option(50, min=1),
     out: Optional[Path] = typer.Option(None, help="write a recipe with the chosen depth"),
     plot: Optional[Path] = typer.Option(None, help="write the quality-vs-depth plot (PNG)"),
     multi: bool = typer.Option(False, "--multi", help="also search a depth per timestep range (two ranges) and "
@@ -432,6 +500,10 @@ def depth_search_cmd(
     as_json: bool = typer.Option(False, "--json"),
 ):
     """Find the shallowest depth-skip depth whose quality stays at or above the threshold."""
+    if out is not None:
+        _out_file(out)
+    if plot is not None:
+        _out_file(plot, "--plot", "depth.png")
     _quiet_libraries()
     from diffslim.apply import denoiser_attr
     from diffslim.methods.depth_search import METRICS, depth_search_figure, search_depth
@@ -439,7 +511,17 @@ def depth_search_cmd(
 
     if metric not in METRICS:
         raise UserError(f"unknown metric {metric!r}; accepted: {', '.join(METRICS)}")
-    loaded, spec, ref = _calibration(model, n, steps, seed, prompts, batch_size)
+    if mode not in ("binary", "linear"):
+        raise UserError(f"unknown --mode {mode!r}; accepted: binary, linear")
+    if split is not None and not multi:
+        raise UserError("--split sets where the two timestep ranges of --multi meet: add --multi, or drop --split")
+
+    def needs_depth_units(loaded):
+        from diffslim.methods.depth_skip import max_depth
+
+        max_depth(loaded.denoiser)  # a UserError naming what depth skipping takes
+
+    loaded, spec, ref = _calibration(model, n, steps, seed, prompts, batch_size, check=needs_depth_units)
     say = (lambda d, q: None) if as_json else (lambda d, q: console.print(f"depth {d:2d}: {metric} {q:.3f}"))
     res = search_depth(loaded.pipe, denoiser_attr(loaded.pipe), spec, ref, threshold, metric, mode, progress=say)
     if plot is not None:
@@ -483,23 +565,28 @@ def depth_search_cmd(
 @_guard
 def timesteps_cmd(
     model: Optional[str] = typer.Argument(None, help="pipeline folder or zoo:NAME to search gamma on; omit to print a schedule"),
-    steps: int = typer.Option(..., help="number of sampling steps N"),
+    steps: int = typer.Option(..., min=1, help="number of sampling steps N"),
     gamma: Optional[float] = typer.Option(None, help="gamma of the schedule (without MODEL)"),
     coef: float = typer.Option(30.0, help="the schedule's offset c"),
     method: str = typer.Option("both", help="greedy (the paper's line search), bounded (scipy) or both"),
-    n: int = typer.Option(16, help="calibration inputs"),
-    full_steps: Optional[int] = typer.Option(None, help="steps of the reference outputs (default: the model's)"),
+    n: int = typer.Option(16, min=1, help="calibration inputs"),
+    full_steps: Optional[int] = typer.Option(None, min=1, help="steps of the reference outputs (default: the model's)"),
     seed: int = typer.Option(10_000),
     prompts: Optional[Path] = typer.Option(None, help="text file, one prompt per line (text-to-image)"),
-    batch_size: int = typer.Option(50),
+    batch_size: int = typer.Option(50, min=1),
     depth: Optional[int] = typer.Option(None, help="search for the depth-skipped model at this depth (against its own full-step outputs)"),
     out: Optional[Path] = typer.Option(None, help="write a recipe with the found schedule"),
     as_json: bool = typer.Option(False, "--json"),
 ):
     """Print a gamma-curve schedule, or find the gamma whose N-step outputs best match the full-step outputs."""
+    if out is not None:
+        _out_file(out)
     _quiet_libraries()
     from diffslim.methods.timesteps import gamma_timesteps
 
+    if model is not None and gamma is not None:
+        raise UserError("--gamma prints the schedule of one gamma (without MODEL); with a MODEL, gamma is searched: "
+                        "drop --gamma, or drop MODEL")
     if model is None:
         if gamma is None:
             raise UserError("give --gamma to print a schedule, or a MODEL to search gamma on")
@@ -555,11 +642,11 @@ def _distill_config(out, steps, batch_size, lr, checkpoint_every, log_every, ema
 
 _TRAIN_OPTS = dict(
     data=typer.Option("zoo", help="'zoo' (the zoo model's own data), an image folder, or a folder with input/ and target/"),
-    steps=typer.Option(500, help="optimizer steps"),
-    batch_size=typer.Option(32, help="batch size per process"),
+    steps=typer.Option(500, min=1, help="optimizer steps"),
+    batch_size=typer.Option(32, min=1, help="batch size per process"),
     lr=typer.Option(1e-4),
-    checkpoint_every=typer.Option(100, help="checkpoint every N steps; rerun the same command to resume exactly"),
-    log_every=typer.Option(10),
+    checkpoint_every=typer.Option(100, min=1, help="checkpoint every N steps; rerun the same command to resume exactly"),
+    log_every=typer.Option(10, min=1),
     ema_decay=typer.Option(0.999, help="EMA of the student; 0 disables it"),
     mixed_precision=typer.Option("no", help="no, fp16 or bf16 (GPU)"),
     gradient_checkpointing=typer.Option(False, help="trade compute for memory"),
@@ -587,6 +674,7 @@ def finetune(
                                   "or each sample's own ('sample')"),
 ):
     """Fine-tune a depth-skipped model: diffusion loss + distillation from the unpruned teacher."""
+    _out_folder(out)
     _quiet_libraries()
     from diffslim.methods.depth_skip import removed_modules
     from diffslim.methods.finetune import finetune_depth
@@ -621,10 +709,11 @@ def distill(
                                             "with the plain sum's total weight (only the balance among layers changes)"),
     feat_norm: str = typer.Option("batch", help="with --normalized: divide each block's feature term by the teacher's "
                                   "norm over the whole batch ('batch') or each sample's by its own ('sample')"),
-    resolution: Optional[int] = typer.Option(None, help="image size in px of the --data folder's training images "
+    resolution: Optional[int] = typer.Option(None, min=1, help="image size in px of the --data folder's training images "
                                                          "(default: the pipeline's own, 1024 for Flux)"),
 ):
     """Distil a teacher pipeline's denoiser into a student denoiser (task + output + feature losses)."""
+    _out_folder(out)
     _quiet_libraries()
     from diffslim.models.load import load
     from diffslim.train.data import make_dataset
@@ -650,15 +739,18 @@ def distill(
 def zoo_train(
     name: str = typer.Argument(..., help="zoo model name, or 'classifier'"),
     out: Path = typer.Option(Path("zoo_runs"), help="run folder (checkpoints, log); resumes from it"),
-    steps: int = typer.Option(3500),
-    batch_size: int = typer.Option(128),
+    steps: int = typer.Option(3500, min=1),
+    batch_size: int = typer.Option(128, min=1),
     lr: float = typer.Option(1e-3),
-    checkpoint_every: int = typer.Option(250),
+    checkpoint_every: int = typer.Option(250, min=1),
     install: bool = typer.Option(False, help="copy the trained pipeline into the package's zoo folder"),
     blur_sigma: Optional[float] = typer.Option(None, help="sr only: Gaussian blur sigma of the low-resolution "
                                                           "input before 2x decimation (0: box averaging, the default)"),
 ):
     """Train a reference zoo model (checkpoints every N steps; rerun the same command to resume)."""
+    _out_folder(out)
+    if lr <= 0:
+        raise UserError(f"--lr must be > 0, got {lr}")
     from diffslim.train import zoo as ztrain
     from diffslim.zoo.registry import WEIGHTS_DIR, ZOO
 
@@ -669,14 +761,25 @@ def zoo_train(
         raise UserError(f"no zoo model {name!r}; the zoo has: {', '.join(sorted(ZOO))}, classifier")
     if blur_sigma is not None and (ZOO[name].task != "sr" or blur_sigma < 0):
         raise UserError("--blur-sigma is for the sr model and must be >= 0")
+    _quiet_libraries()
     folder = ztrain.train(name, out / name, steps, batch_size, lr, checkpoint_every,
                           pipeline_config=None if blur_sigma is None else {"blur_sigma": blur_sigma})
+    console.print(f"pipeline written to {folder}")
     if install:
         import shutil
 
-        shutil.rmtree(ZOO[name].folder, ignore_errors=True)
-        shutil.copytree(folder, ZOO[name].folder)
-        console.print(f"installed {name} at {ZOO[name].folder}")
+        # copy first, then swap: the installed weights are never gone while the copy could still fail
+        target = Path(ZOO[name].folder)
+        staging = target.with_name(f".{target.name}.installing")
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(folder, staging)
+        old = target.with_name(f".{target.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        if target.exists():
+            target.rename(old)
+        staging.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+        console.print(f"installed {name} at {target}")
 
 
 @app.command("layer-prune")
@@ -691,13 +794,13 @@ def layer_prune_cmd(
     by: str = typer.Option("params", help="params or macs: what the ratio is a share of"),
     out: Path = typer.Option(..., help="folder: model/ (the pruned denoiser), pipeline/ (for pipelines), "
                                        "scores.json, recipe.json"),
-    n: int = typer.Option(32, help="calibration triples (output-loss, taylor, similarity, greedy)"),
+    n: int = typer.Option(32, min=1, help="calibration triples (output-loss, taylor, similarity, greedy)"),
     data: str = typer.Option("zoo", help="calibration data: 'zoo' or an image folder, captions optional (SD, SDXL, "
                                                    "InstructPix2Pix, PixArt, SD3, Flux pipelines)"),
     seed: int = typer.Option(0, help="seed of the calibration triples (and of the random criterion)"),
     inner: bool = typer.Option(False, help="score the transformer blocks inside deep attention layers (SDXL) "
                                            "instead of whole attention layers"),
-    resolution: Optional[int] = typer.Option(None, help="image size in px of the --data folder's calibration "
+    resolution: Optional[int] = typer.Option(None, min=1, help="image size in px of the --data folder's calibration "
                                                          "images (default: the pipeline's own, 1024 for Flux)"),
     pair_pool: Optional[int] = typer.Option(None, help="output-loss-pairs: measure pairs only among this many layers "
                                                        "of least single loss per unit cost (default: all n(n-1)/2 "
@@ -708,6 +811,7 @@ def layer_prune_cmd(
     as_json: bool = typer.Option(False, "--json"),
 ):
     """One-shot layer pruning (LAPTOP-Diff): score every layer, remove the least important at a ratio."""
+    _out_folder(out)
     _quiet_libraries()
     from diffslim.methods.layer_prune import (BK_SDM, CRITERIA, calibration, check_ratio, is_unet, layer_prune,
                                               prune_layers)
@@ -732,12 +836,15 @@ def layer_prune_cmd(
     if pair_pool is not None and (criterion != "output-loss-pairs" or pair_pool < 2):
         raise UserError(f"--pair-pool {pair_pool} applies to --criterion output-loss-pairs only, and must be >= 2")
     needs_calib = criterion in ("output-loss", "output-loss-pairs", "taylor", "similarity", "greedy")
-    if needs_calib and loaded.pipe is None:
-        raise UserError(f"--criterion {criterion} samples the model on calibration data: give a pipeline folder or "
-                        f"zoo:NAME (for a lone model or config use magnitude, random or a bk-sdm-* criterion)")
     if not loaded.has_weights and criterion not in bk and criterion != "random":
         raise UserError(f"{model} is config-only (no weights): --criterion {criterion} needs weights; "
                         "use a bk-sdm-* criterion or random")
+    if needs_calib and loaded.pipe is None:
+        raise UserError(f"--criterion {criterion} samples the model on calibration data: give a pipeline folder or "
+                        f"zoo:NAME (for a lone model use magnitude, random or a bk-sdm-* criterion)")
+    if inner and criterion in bk:
+        raise UserError(f"--inner scores the transformer blocks inside attention layers; {criterion} removes "
+                        "BK-SDM's fixed blocks: drop --inner")
     calib = calibration(loaded.pipe, n=n, seed=seed, data=data, size=resolution) if needs_calib else None
     keep = []
     if stock and not is_unet(loaded.denoiser):  # select only among blocks a stock config can lose
@@ -819,8 +926,7 @@ def stock_cmd(
     from diffslim.methods.layer_prune import removed_layers_of, stock_model
     from diffslim.models.load import load
 
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file; give a folder")
+    _out_folder(out)
     loaded = load(model)
     removed = removed_layers_of(loaded.denoiser)
     if not removed:
@@ -845,21 +951,22 @@ def layer_compare_cmd(
     model: str = typer.Argument(..., help="pipeline folder or zoo:NAME"),
     ratios: str = typer.Option("0.3,0.5,0.7", help="comma-separated shares of params to remove, each in (0, 1)"),
     out: Path = typer.Option(..., help="folder: compare.json, output_loss.png, additivity.png"),
-    n: int = typer.Option(32, help="calibration triples to score on, and as many held-out triples to judge on"),
+    n: int = typer.Option(32, min=1, help="calibration triples to score on, and as many held-out triples to judge on"),
     greedy: bool = typer.Option(True, "--greedy/--no-greedy", help="also the iterative greedy re-scoring "
                                                                    "(about n_layers calibration runs per removal)"),
     pairs: bool = typer.Option(True, "--pairs/--no-pairs", help="also output-loss-pairs (n(n-1)/2 calibration runs)"),
     data: str = typer.Option("zoo", help="calibration data: 'zoo' or an image folder, captions optional"),
-    resolution: Optional[int] = typer.Option(None, help="image size in px of the --data folder's images"),
+    resolution: Optional[int] = typer.Option(None, min=1, help="image size in px of the --data folder's images"),
     sample_n: int = typer.Option(0, "--sample", help="also sample every selection on N evaluation inputs and judge "
                                  "its outputs against the full model's (PSNR, SSIM, the task's metrics): what the "
                                  "output loss stands for; 0: off"),
-    steps: Optional[int] = typer.Option(None, help="sampling steps of --sample (default: the zoo model's, else 50)"),
+    steps: Optional[int] = typer.Option(None, min=1, help="sampling steps of --sample (default: the zoo model's, else 50)"),
     as_json: bool = typer.Option(False, "--json"),
 ):
     """Compare every layer-pruning criterion on your model: held-out output loss of each one's selection at each
     ratio, BK-SDM (U-Nets), and the additivity of the single-layer losses, with figures; with --sample N also
     each selection's samples against the full model's."""
+    _out_folder(out)
     _quiet_libraries()
     from diffslim.methods import layer_prune as lp
     from diffslim.methods.layer_compare import compare_criteria, curves_of
@@ -874,8 +981,8 @@ def layer_compare_cmd(
         lp.check_ratio(r)
     if n < 2:
         raise UserError("--n must be at least 2")
-    if sample_n < 0 or (steps is not None and steps < 1):
-        raise UserError(f"--sample {sample_n} / --steps {steps}: --sample takes a count >= 0 (0: off), --steps >= 1")
+    if sample_n < 0:
+        raise UserError(f"--sample takes a count of evaluation inputs >= 0 (0: off), got {sample_n}")
     if steps is not None and not sample_n:
         raise UserError("--steps sets the sampling steps of --sample N: give --sample too (e.g. --sample 16)")
     loaded = load(model)
@@ -961,8 +1068,8 @@ def dipgo_cmd(
     out: Path = typer.Option(..., help="recipe JSON file to write"),
     run_dir: Optional[Path] = typer.Option(None, help="checkpoints and scores (default: OUT without suffix + _run); "
                                                       "rerun the same command to resume exactly"),
-    iters: int = typer.Option(60, help="optimizer steps of the pruner"),
-    batch_size: int = typer.Option(4, help="inputs per step (per process under accelerate launch)"),
+    iters: int = typer.Option(60, min=1, help="optimizer steps of the pruner"),
+    batch_size: int = typer.Option(4, min=1, help="inputs per step (per process under accelerate launch)"),
     lr: float = typer.Option(1e-2),
     granularity: str = typer.Option("fine", help="coarse (blocks) or fine (resnet+attention pairs, samplers)"),
     objective: str = typer.Option("unrolled", help="unrolled (the whole trajectory) or local (Learning-to-Cache)"),
@@ -973,16 +1080,19 @@ def dipgo_cmd(
     data: str = typer.Option("zoo", help="'zoo'; a .txt file, one prompt (or class label) per line; a .jsonl file "
                                          "of pipeline inputs; or a folder of images (captions as prompts)"),
     guidance_scale: Optional[float] = typer.Option(None, help="passed to the pipeline (default: its own)"),
-    anneal: Optional[int] = typer.Option(None, help="optimizer steps over which the sparsity floor falls from 1 to "
+    anneal: Optional[int] = typer.Option(None, min=0, help="optimizer steps over which the sparsity floor falls from 1 to "
                                                     "1 - RATIO (default: all of --iters; 0: the target at once)"),
-    select: int = typer.Option(8, help="validation inputs: keep the scores whose plan validated best over the run "
+    select: int = typer.Option(8, min=0, help="validation inputs: keep the scores whose plan validated best over the run "
                                        "(0: the last scores; --anneal 0 --select 0 is the paper's schedule)"),
-    restarts: int = typer.Option(1, help="pruners trained from seeds SEED, SEED+1, ...; the one that validates best "
+    restarts: int = typer.Option(1, min=1, help="pruners trained from seeds SEED, SEED+1, ...; the one that validates best "
                                          "is kept (needs --select)"),
-    checkpoint_every: int = typer.Option(20),
+    checkpoint_every: int = typer.Option(20, min=1),
     seed: int = typer.Option(0),
 ):
     """Learn a skip plan with DiP-GO and write it as a recipe (skip_plan section)."""
+    _out_file(out)
+    if run_dir is not None:
+        _out_folder(run_dir, "--run-dir")
     _quiet_libraries()
     from diffslim.methods.dipgo import DipgoConfig, check_ratio, train_dipgo
     from diffslim.methods.skip_plan import GRANULARITIES
@@ -1031,10 +1141,11 @@ def recipe_cmd(path: Path = typer.Argument(..., help="recipe JSON file to valida
 @_guard
 def demo(
     out: Path = typer.Option(Path("report"), help="report folder"),
-    n: Optional[int] = typer.Option(None, help="inputs per bench (default: per model, see diffslim.demo.DEMO_PLAN)"),
+    n: Optional[int] = typer.Option(None, min=1, help="inputs per bench (default: per model, see diffslim.demo.DEMO_PLAN)"),
     methods: Optional[str] = typer.Option(None, help="bench methods (default: per model)"),
 ):
     """Profile, sample and bench the zoo models; write index.html + report.json + figures."""
+    _out_folder(out)
     _quiet_libraries()
     from diffslim.demo import run_demo
 

@@ -22,10 +22,11 @@ def eval_set_for(loaded, n: int, seed: int = 0, prompts_file: Optional[Path] = N
     """The evaluation inputs of ``loaded``: the zoo's fixed sets, or prompts for text-to-image pipelines."""
     from diffslim.zoo.evalsets import EvalSet, pipeline_eval_set, zoo_eval_set
 
-    if loaded.zoo is not None:
-        return zoo_eval_set(loaded.zoo.name, n, seed=seed)
-    zoo_like = pipeline_eval_set(loaded.pipe, n, seed=seed) if loaded.pipe is not None else None
+    zoo_like = zoo_eval_set(loaded.zoo.name, n, seed=seed) if loaded.zoo is not None else (
+        pipeline_eval_set(loaded.pipe, n, seed=seed) if loaded.pipe is not None else None)
     if zoo_like is not None:
+        if prompts_file is not None:
+            raise UserError(f"{loaded.source} takes no prompts (its inputs are class labels or images): drop --prompts")
         return zoo_like
     if loaded.pipe is None:
         raise UserError(f"{loaded.source} is a lone model, not a pipeline; sampling needs a pipeline folder or zoo:NAME")

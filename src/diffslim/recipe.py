@@ -263,10 +263,14 @@ def parse_recipe(data: dict, source: str = "recipe") -> Recipe:
 def load_recipe(path) -> Recipe:
     """Read and validate a recipe JSON file."""
     path = Path(path)
+    if path.is_dir():
+        raise RecipeError(f"{path} is a folder; give a recipe JSON file (e.g. {path / 'recipe.json'})")
     if not path.is_file():
         raise RecipeError(f"no recipe file at {path}")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise RecipeError(f"{path} is not a text file; a recipe is a JSON file") from None
     except json.JSONDecodeError as e:
         raise RecipeError(f"{path} is not valid JSON: {e}") from None
     return parse_recipe(data, source=str(path))

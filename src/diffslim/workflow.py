@@ -91,6 +91,9 @@ def parse_stages(text: str) -> list[tuple[str, Optional[str]]]:
 
     Checks the order: model stages (any number: depth-skip and layer pruning stack, see ``diffslim.combined``),
     then at most one schedule stage, then at most one skip-plan stage."""
+    for item in (t.strip() for t in text.split(",")):
+        if item and item.partition(":")[0] not in METHODS:
+            stage_kind(item.partition(":")[0])  # names the stages a workflow accepts
     stages = parse_methods(text)
     rank = {"model": 0, "schedule": 1, "plan": 2}
     kinds = [stage_kind(n) for n, _ in stages]

@@ -481,6 +481,8 @@ class DipgoConfig:
             raise UserError("iters and batch size must be >= 1, steps >= 2, lr > 0")
         if self.gumbel_scale < 0:
             raise UserError(f"gumbel_scale must be >= 0 (the gates' Gumbel noise scale), got {self.gumbel_scale}")
+        if self.checkpoint_every < 1:
+            raise UserError(f"checkpoint_every must be >= 1 optimizer steps, got {self.checkpoint_every}")
         if self.select < 0:
             raise UserError(f"select must be >= 0 validation inputs (0: keep the last scores), got {self.select}")
         if self.restarts < 1 or (self.restarts > 1 and self.select < 1):
@@ -615,6 +617,28 @@ def _checkpoints(out: Path) -> list[Path]:
     return sorted((out / "checkpoints").glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
 
 
+# settings a resumed run may change: how long it trains, how often it checkpoints, whether it shows a bar
+_RESUMABLE = ("iters", "checkpoint_every", "out", "progress", "gradient_checkpointing")
+
+
+def _resume_settings(cfg: DipgoConfig, n_units: int) -> str:
+    """What a checkpoint must have been trained with to be resumed by ``cfg`` (JSON, compared as text)."""
+    d = {k: v for k, v in asdict(cfg).items() if k not in _RESUMABLE}
+    return json.dumps({**d, "units": n_units}, sort_keys=True, default=str)
+
+
+def _check_resume(out: Path, saved: Optional[str], now: str) -> None:
+    """Refuse to resume the pruner in ``out`` with other settings (a ratio, steps, seed, loss ... of another run):
+    its checkpoint would continue another run's training, or not load."""
+    if saved is None or saved == now:  # checkpoints from before settings were recorded: nothing to compare
+        return
+    a, b = json.loads(saved), json.loads(now)
+    diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    raise UserError(f"{out} holds a pruner trained with " + ", ".join(f"{k}={a.get(k)}" for k in diff)
+                    + "; this run has " + ", ".join(f"{k}={b.get(k)}" for k in diff)
+                    + ": resume with the same settings, or give a fresh --out (or --run-dir)")
+
+
 def train_dipgo(pipe, cfg: DipgoConfig, units: Optional[PlanUnits] = None,
                 callback: Optional[Callable[[int, dict], None]] = None, pool=None) -> DipgoResult:
     """Train a DiP-GO pruner for ``pipe``'s denoiser and post-process its scores to a plan for ``cfg.ratio``.
@@ -661,6 +685,7 @@ def train_dipgo(pipe, cfg: DipgoConfig, units: Optional[PlanUnits] = None,
         p.requires_grad_(False)
     rt = apply_skip_plan(den, full_plan(cfg.num_inference_steps, len(units)), units)
     out = Path(cfg.out) if cfg.out else None
+    settings = _resume_settings(cfg, len(units))
     start, log, seconds = 0, [], 0.0
     score_sum = torch.zeros(cfg.num_inference_steps, len(units), dtype=torch.float64)
     best = {"val": float("inf"), "scores": None, "step": 0}
@@ -668,6 +693,7 @@ def train_dipgo(pipe, cfg: DipgoConfig, units: Optional[PlanUnits] = None,
         existing = _checkpoints(out)
         if existing:
             ck = torch.load(existing[-1], weights_only=True)  # tensors, numbers and lists only: no unpickling
+            _check_resume(out, ck.get("settings"), settings)
             raw.load_state_dict(ck["pruner"])
             opt.load_state_dict(ck["opt"])
             start, log, seconds = ck["step"], ck["log"], ck["seconds"]
@@ -733,8 +759,8 @@ def train_dipgo(pipe, cfg: DipgoConfig, units: Optional[PlanUnits] = None,
                 (out / "checkpoints").mkdir(parents=True, exist_ok=True)
                 tmp = out / "checkpoints" / f".step_{step + 1}.tmp"
                 torch.save({"pruner": raw.state_dict(), "opt": opt.state_dict(), "step": step + 1, "log": log,
-                            "seconds": seconds + time.perf_counter() - t0, "score_sum": score_sum, "best": best},
-                           tmp)
+                            "seconds": seconds + time.perf_counter() - t0, "score_sum": score_sum, "best": best,
+                            "settings": settings}, tmp)
                 tmp.rename(out / "checkpoints" / f"step_{step + 1}.pt")
     finally:
         if progress is not None:

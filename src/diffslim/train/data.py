@@ -147,7 +147,9 @@ class _SkippingDataset(torch.utils.data.Dataset):
                 self._bad.add(j)
                 logger.warning("skipping unreadable sample %s: %s (%d skipped so far)", self._describe(j), e,
                                len(self._bad))
-        raise RuntimeError(f"every sample of {type(self).__name__} is unreadable ({n} files)")
+        where = getattr(self, "root", None)
+        raise UserError(f"every sample of {type(self).__name__}{f' {where}' if where else ''} is unreadable ({n} files): "
+                        "give images PIL can open (PNG, JPEG, ...)")
 
 
 class ImageFolder(_SkippingDataset):

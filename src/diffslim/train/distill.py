@@ -734,6 +734,57 @@ def _tensorboard_available() -> bool:
 # The loop
 
 
+# settings a resumed run may change: how long it runs, how often it logs and checkpoints, how it reports
+_RESUMABLE = ("out", "steps", "stop_at", "checkpoint_every", "log_every", "keep_checkpoints", "progress", "log_with",
+              "gradient_checkpointing", "find_unused_parameters")
+
+
+def _diffusers_class(model: nn.Module) -> type:
+    """The diffusers class a (possibly pruned, diffslim-derived) denoiser is built on."""
+    return next((c for c in type(model).__mro__ if c.__module__.startswith("diffusers.")), type(model))
+
+
+def _check_student_fits(teacher: nn.Module, student: nn.Module) -> None:
+    """Refuse, before any training, a student of another kind than the teacher (its class or its input and output
+    channels differ): it could not take the teacher's inputs, or predict what the teacher predicts."""
+    t_cls, s_cls = _diffusers_class(teacher), _diffusers_class(student)
+    t_cfg, s_cfg = getattr(teacher, "config", {}), getattr(student, "config", {})
+    keys = ("in_channels", "out_channels", "cross_attention_dim", "num_embeds_ada_norm", "class_embed_type")
+    diff = [k for k in keys if k in t_cfg and t_cfg.get(k) != s_cfg.get(k)]
+    if t_cls is not s_cls or diff:
+        what = f"{s_cls.__name__}" if t_cls is not s_cls else ", ".join(f"{k}={s_cfg.get(k)}" for k in diff)
+        want = f"{t_cls.__name__}" if t_cls is not s_cls else ", ".join(f"{k}={t_cfg.get(k)}" for k in diff)
+        raise UserError(f"the student ({what}) does not fit the teacher ({want}): give a student made from this "
+                        "teacher (layer-prune, depth-skip, or a model of the same kind)")
+
+
+def _signature(model: nn.Module) -> str:
+    """A digest of ``model``'s parameter names and shapes: which student a run trains."""
+    import hashlib
+
+    text = ";".join(f"{k}:{tuple(v.shape)}" for k, v in model.state_dict().items())
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _check_resume(out: Path, cfg: DistillConfig, student: nn.Module) -> None:
+    """Refuse to resume the run in ``out`` with another student or other training settings (``distill.json`` of
+    its first start records them): its checkpoints would not load, or would continue another run's training."""
+    record = out / "distill.json"
+    if not record.is_file():
+        return
+    saved = json.loads(record.read_text())
+    if saved.get("student_signature") not in (None, _signature(student)):
+        raise UserError(f"{out} holds checkpoints of another student ({saved.get('student')}, other layers or shapes): "
+                        "resume it with the same student, or give a fresh out folder")
+    now = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
+    now = json.loads(json.dumps(now, default=str))  # the form distill.json stores (tuples as lists)
+    diff = [k for k, v in saved.get("config", {}).items() if k not in _RESUMABLE and k in now and now[k] != v]
+    if diff:
+        raise UserError(f"{out} was started with " + ", ".join(f"{k}={saved['config'][k]}" for k in diff)
+                        + "; this run has " + ", ".join(f"{k}={now[k]}" for k in diff)
+                        + ": resume it with the same settings, or give a fresh out folder")
+
+
 def distill(teacher_pipe, student: nn.Module, dataset, cfg: DistillConfig) -> DistillResult:
     """Train ``student`` to match the denoiser of ``teacher_pipe`` on ``dataset``; resumes from ``cfg.out``.
 
@@ -763,6 +814,11 @@ def distill(teacher_pipe, student: nn.Module, dataset, cfg: DistillConfig) -> Di
         raise UserError(f"weight_batches must be at least 1, not {cfg.weight_batches}")
     if cfg.log_with not in ("csv", "tensorboard"):
         raise UserError(f"log_with must be 'csv' or 'tensorboard', not {cfg.log_with!r}")
+    for key in ("steps", "batch_size", "checkpoint_every", "log_every", "keep_checkpoints"):
+        if getattr(cfg, key) < 1:
+            raise UserError(f"{key} must be at least 1, not {getattr(cfg, key)}")
+    if cfg.lr <= 0:
+        raise UserError(f"lr must be > 0, not {cfg.lr}")
     out = Path(cfg.out)
     ckpt_root = out / "checkpoints"
     tensorboard = cfg.log_with == "tensorboard" and _tensorboard_available()
@@ -778,6 +834,7 @@ def distill(teacher_pipe, student: nn.Module, dataset, cfg: DistillConfig) -> Di
 
     # --- models: a frozen teacher, a student with weights of its own
     teacher = _denoiser_of(teacher_pipe)
+    _check_student_fits(teacher, student)
     if student is teacher:
         student = copy.deepcopy(teacher)
     _untie(student, teacher)
@@ -829,6 +886,7 @@ def distill(teacher_pipe, student: nn.Module, dataset, cfg: DistillConfig) -> Di
 
         existing = _checkpoints(ckpt_root)
         if existing:
+            _check_resume(out, cfg, unwrapped)
             accelerator.load_state(str(existing[-1]))
             accelerator.print(f"resumed from {existing[-1]} at step {state.step}")
         order = _EpochOrder(len(dataset), cfg.seed)
@@ -866,7 +924,8 @@ def distill(teacher_pipe, student: nn.Module, dataset, cfg: DistillConfig) -> Di
             (out / "distill.json").write_text(json.dumps(
                 {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
                  "features": features, "feat_scale": state.feat_scale, "num_processes": world, "teacher": type(teacher).__name__,
-                 "student": type(unwrapped).__name__}, indent=2, default=str))
+                 "student": type(unwrapped).__name__, "student_signature": _signature(unwrapped)}, indent=2,
+                default=str))
             if tensorboard:
                 accelerator.init_trackers("distill", config={k: v for k, v in asdict(cfg).items()
                                                              if isinstance(v, (int, float, str, bool))})

@@ -12,6 +12,7 @@ import copy
 import functools
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Optional
@@ -145,6 +146,8 @@ def train(name: str, out: Path, steps: int, batch_size: int, lr: float, checkpoi
     out = Path(out)
     ckpt_root = out / "checkpoints"
     pipeline_config = _run_pipeline_config(out, pipeline_config)
+    _check_run_settings(out, {"batch_size": batch_size, "lr": lr, "seed": seed, "ema_decay": ema_decay,
+                              "num_processes": accelerator.num_processes})
     pipe = build_pipeline(name, **pipeline_config)
     upsampler = fitted_upsampler(name, pipeline_config)  # closed form, deterministic: refitted on resume
     if upsampler is not None:
@@ -206,6 +209,28 @@ def train(name: str, out: Path, steps: int, batch_size: int, lr: float, checkpoi
                 shutil.rmtree(old)
             export(name, ema, out / "pipeline", pipeline_config, upsampler)
     return out / "pipeline"
+
+
+def _check_run_settings(out: Path, settings: dict) -> None:
+    """Record the settings that shape run ``out``'s training on its first start; a resume must keep them (only
+    ``--steps`` and ``--checkpoint-every`` may change). Runs started before the record are not checked."""
+    from diffslim.errors import UserError
+
+    path = out / "train_settings.json"
+    if path.exists():
+        saved = json.loads(path.read_text())
+        diff = [k for k in settings if k in saved and saved[k] != settings[k]]
+        if diff:
+            raise UserError(f"{out} was started with " + ", ".join(f"{k}={saved[k]}" for k in diff) + "; this run has "
+                            + ", ".join(f"{k}={settings[k]}" for k in diff)
+                            + ": resume it with the same settings, or use another --out")
+        return
+    if any(out.glob("checkpoints/step_*")):
+        return  # a run from before the record: nothing to compare with
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")  # processes of one launch write the same: rename is atomic
+    tmp.write_text(json.dumps(settings))
+    tmp.replace(path)
 
 
 def _run_pipeline_config(out: Path, given: Optional[dict]) -> dict:

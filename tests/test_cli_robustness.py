@@ -1,0 +1,138 @@
+"""Bad input at the command line: a one-line error naming what is wrong and what is accepted, exit code 2, no
+traceback, and no lost work (checked before the work starts; a resume with other settings is refused)."""
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from diffslim.errors import UserError
+
+CONFIGS = Path(__file__).resolve().parents[1] / "src" / "diffslim" / "configs"
+
+
+def _cli(*args):
+    from diffslim.cli import app
+
+    return CliRunner().invoke(app, list(map(str, args)))
+
+
+def _refused(res, *needles):
+    assert res.exit_code == 2, res.output
+    assert res.exception is None or isinstance(res.exception, SystemExit), repr(res.exception)
+    text = " ".join(res.output.translate({ord(c): " " for c in "│╭╮╰╯─"}).split())  # rich's error box
+    for needle in needles:
+        assert needle in text, (needle, res.output)
+
+
+@pytest.mark.parametrize("args", [
+    ("sample", "zoo:digits-sd", "--steps", "-3"),
+    ("sample", "zoo:digits-sd", "--steps", "0"),
+    ("sample", "zoo:digits-sd", "--batch-size", "0"),
+    ("evaluate", "zoo:digits-sd", "--n", "0"),
+    ("bench", "zoo:digits-sd", "--methods", "full", "--steps", "-3"),
+    ("workflow", "zoo:digits-sd", "--stages", "steps:5", "--steps", "-1", "--out", "x"),
+    ("depth-search", "zoo:digits-sd", "--threshold", "20", "--batch-size", "0"),
+    ("timesteps", "zoo:digits-sd", "--steps", "5", "--full-steps", "-3"),
+    ("finetune", "zoo:digits-sd", "--depth", "5", "--checkpoint-every", "0"),
+    ("distill", "zoo:digits-dit", "x", "--log-every", "0"),
+    ("dipgo", "zoo:digits-sd", "--ratio", "0.5", "--checkpoint-every", "0", "--out", "r.json"),
+    ("zoo-train", "digits-dit", "--steps", "0"),
+    ("profile", "zoo:digits-sd", "--repeats", "0"),
+])
+def test_counts_below_one_are_refused_by_the_option_parser(args):
+    _refused(_cli(*args), "Invalid value for", "greater than or equal to")
+
+
+def test_outputs_that_cannot_be_written_are_refused_before_any_work(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for args in (("sample", "zoo:digits-sd", "--out", afile), ("layer-prune", "zoo:digits-dit", "--ratio", "0.3",
+                                                                  "--out", afile),
+                 ("workflow", "zoo:digits-sd", "--stages", "steps:5", "--out", afile),
+                 ("bench", "zoo:digits-sd", "--methods", "full", "--html", afile),
+                 ("zoo-train", "digits-dit", "--out", afile)):
+        _refused(_cli(*args), f"{afile} is a file; give a folder")
+    for args in (("dipgo", "zoo:digits-sd", "--ratio", "0.5", "--out", tmp_path),
+                 ("depth-search", "zoo:digits-sd", "--threshold", "20", "--out", tmp_path),
+                 ("timesteps", "zoo:digits-sd", "--steps", "5", "--out", tmp_path)):
+        _refused(_cli(*args), f"{tmp_path} is a folder; give a file name, e.g. {tmp_path / 'recipe.json'}")
+    _refused(_cli("depth-search", "zoo:digits-sd", "--threshold", "20", "--plot", tmp_path), "--plot", "is a folder")
+    _refused(_cli("sample", "zoo:digits-sd", "--out", "/proc/diffslim-x"), "cannot write into --out /proc/diffslim-x")
+    _refused(_cli("sample", "zoo:digits-sd", "--out", afile / "sub"), "cannot write into --out")
+    assert afile.read_text() == "x"
+
+
+def test_options_that_would_be_ignored_or_misread_are_refused(tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\n")
+    _refused(_cli("sample", "zoo:digits-sd", "--prompts", prompts, "--out", tmp_path / "s"), "takes no prompts")
+    recipe = tmp_path / "r.json"
+    recipe.write_text(json.dumps({"sampling": {"num_inference_steps": 10}}))
+    _refused(_cli("sample", "zoo:digits-sd", "--steps", "5", "--recipe", recipe, "--out", tmp_path / "s"),
+             "--steps 5: the recipe", "samples 10 steps", "drop --steps")
+    _refused(_cli("depth-search", "zoo:digits-sd", "--threshold", "20", "--split", "500"), "add --multi")
+    _refused(_cli("depth-search", "zoo:digits-sd", "--threshold", "20", "--mode", "binray"),
+             "unknown --mode 'binray'; accepted: binary, linear")
+    _refused(_cli("depth-search", "zoo:digits-dit", "--threshold", "20", "--n", "1"), "depth-skip needs an SD-style U-Net")
+    _refused(_cli("timesteps", "zoo:digits-sd", "--steps", "5", "--gamma", "0.5"), "drop --gamma, or drop MODEL")
+    _refused(_cli("layer-prune", CONFIGS / "sd15-unet", "--criterion", "bk-sdm-tiny", "--inner", "--out", tmp_path / "l"),
+             "drop --inner")
+    _refused(_cli("layer-prune", CONFIGS / "sd15-unet", "--ratio", "0.3", "--out", tmp_path / "l"),
+             "is config-only (no weights): --criterion output-loss needs weights; use a bk-sdm-* criterion or random")
+    _refused(_cli("evaluate", "zoo:digits-sd", "--clip", tmp_path / "nope"), "--clip", "no such file or folder")
+    _refused(_cli("workflow", "zoo:digits-sd", "--stages", "stesp:2", "--out", tmp_path / "w"),
+             "'stesp' cannot be a workflow stage; accepted: layers")
+    _refused(_cli("bench", "zoo:digits-sd", "--methods", "full,layers:1.5"), "layers:R: the ratio R must lie in (0, 1)",
+             "share of params")
+    _refused(_cli("layer-compare", "zoo:digits-dit", "--sample", "-1", "--out", tmp_path / "c"),
+             "--sample takes a count of evaluation inputs >= 0")
+
+
+def test_recipe_files_that_are_not_json_text(tmp_path):
+    png = tmp_path / "grid.png"
+    png.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
+    _refused(_cli("recipe", png), "is not a text file; a recipe is a JSON file")
+    _refused(_cli("recipe", tmp_path), "is a folder; give a recipe JSON file")
+
+
+def test_a_folder_of_unreadable_images_is_a_user_error(tmp_path):
+    from diffslim.train.data import ImageFolder
+
+    for i in range(3):
+        (tmp_path / f"{i}.png").write_bytes(b"not an image")
+    with pytest.raises(UserError, match="every sample of ImageFolder .* is unreadable \\(3 files\\)"):
+        ImageFolder(tmp_path, size=8)[0]
+
+
+def test_resuming_with_other_settings_is_refused(tmp_path):
+    """DiP-GO, distillation and zoo training keep what shaped their checkpoints; a rerun into the same folder
+    with another ratio, student, learning rate or batch size is refused instead of continuing another run."""
+    dipgo = ("dipgo", "zoo:digits-sd", "--steps", "4", "--select", "0", "--anneal", "1", "--out", tmp_path / "d" / "r.json")
+    res = _cli(*dipgo, "--ratio", "0.5", "--iters", "1")
+    assert res.exit_code == 0, res.output
+    _refused(_cli(*dipgo, "--ratio", "0.8", "--iters", "1"),
+             "holds a pruner trained with ratio=0.5; this run has ratio=0.8")
+    # more iterations of the same run resume
+    res = _cli(*dipgo, "--ratio", "0.5", "--iters", "2")
+    assert res.exit_code == 0 and "resumed from" in res.output, res.output
+
+    lp = _cli("layer-prune", "zoo:digits-dit", "--criterion", "magnitude", "--ratio", "0.3", "--out", tmp_path / "p")
+    assert lp.exit_code == 0, lp.output
+    lp2 = _cli("layer-prune", "zoo:digits-dit", "--criterion", "magnitude", "--ratio", "0.5", "--out", tmp_path / "p2")
+    assert lp2.exit_code == 0, lp2.output
+    run = ("distill", "zoo:digits-dit", tmp_path / "p" / "model", "--steps", "2", "--batch-size", "4",
+           "--checkpoint-every", "1", "--out", tmp_path / "k")
+    assert _cli(*run).exit_code == 0
+    _refused(_cli(*run[:-2], "--lr", "3e-4", "--out", tmp_path / "k"), "was started with lr=0.0001; this run has lr=0.0003")
+    _refused(_cli("distill", "zoo:digits-dit", tmp_path / "p2" / "model", *run[3:]), "holds checkpoints of another student")
+    res = _cli(*run[:4], "4", *run[5:])  # a longer run of the same settings resumes
+    assert res.exit_code == 0, res.output
+    _refused(_cli("distill", "zoo:sr", tmp_path / "p" / "model", "--steps", "1", "--out", tmp_path / "k2"),
+             "does not fit the teacher")
+    assert not (tmp_path / "k2" / "checkpoints").exists()
+
+    train = ("zoo-train", "digits-dit", "--steps", "1", "--checkpoint-every", "1", "--out", tmp_path / "z")
+    assert _cli(*train, "--batch-size", "4").exit_code == 0
+    _refused(_cli(*train, "--batch-size", "8"), "was started with batch_size=4; this run has batch_size=8")
