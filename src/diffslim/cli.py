@@ -914,6 +914,9 @@ def stock_cmd(
     model: str = typer.Argument(..., help="a layer-pruned model folder, pipeline folder or config-only folder "
                                           "(what layer-prune, distill or workflow wrote)"),
     out: Path = typer.Option(..., help="folder to write: the stock model (a pipeline folder for a pipeline)"),
+    lora: Optional[list[Path]] = typer.Option(None, help="a LoRA of the original model to adapt to the stock "
+                                                         "model too (repeat for several): written to "
+                                                         "OUT/loras/NAME.safetensors"),
 ):
     """Rewrite a layer-pruned model as its stock diffusers class, loadable with diffusers alone.
 
@@ -923,10 +926,15 @@ def stock_cmd(
     reason, where no stock config describes the model.
     """
     _quiet_libraries()
+    from diffslim.lora import lora_file
     from diffslim.methods.layer_prune import removed_layers_of, stock_model
     from diffslim.models.load import load
 
     _out_folder(out)
+    loras = [lora_file(p) for p in lora or []]  # missing or pickled LoRAs are refused before any work
+    names = [p.stem if p.name != "pytorch_lora_weights.safetensors" else p.parent.name for p in loras]
+    if len(set(names)) != len(names):
+        raise UserError(f"--lora: two LoRAs would be written as one name ({', '.join(names)})")
     loaded = load(model)
     removed = removed_layers_of(loaded.denoiser)
     if not removed:
@@ -943,6 +951,62 @@ def stock_cmd(
         _save_denoiser(loaded, stock, out, None)
     console.print(f"{type(stock).__name__} ({len(removed)} layers removed, "
                   f"{sum(p.numel() for p in stock.parameters()):,} params): {kind} written to {out}")
+    for path, name in zip(loras, names):
+        _print_lora(_write_lora(loaded, path, out / "loras" / f"{name}.safetensors", stock=True))
+
+
+def _denoiser_prefix(loaded) -> Optional[str]:
+    """The pipeline component name that prefixes the denoiser's keys in a LoRA file (None for a lone model)."""
+    if loaded.pipe is None:
+        return None
+    from diffslim.apply import denoiser_attr
+
+    return denoiser_attr(loaded.pipe)
+
+
+def _write_lora(loaded, lora: Path, out: Path, stock: bool) -> dict:
+    from diffslim.lora import adapt_lora_file
+
+    res = adapt_lora_file(loaded.denoiser, _denoiser_prefix(loaded), lora, out, stock=stock)
+    return {"lora": str(lora), "out": str(out), **res.summary()}
+
+
+def _print_lora(info: dict) -> None:
+    console.print(f"LoRA {info['lora']} -> {info['out']}: {info['kept_modules']} modules kept"
+                  + (f" ({info['renamed_modules']} renamed for the stock model)" if info["renamed_modules"] else "")
+                  + f", {info['dropped_modules']} dropped with {len(info['dropped_by_layer'])} removed layers")
+
+
+@app.command("lora")
+@_guard
+def lora_cmd(
+    model: str = typer.Argument(..., help="the pruned model or pipeline folder (what layer-prune, distill, "
+                                          "workflow or a depth-skip export wrote)"),
+    lora: Path = typer.Argument(..., help="a LoRA of the original model: a .safetensors file in diffusers' "
+                                          "format (save_lora_weights), or a folder holding one"),
+    out: Path = typer.Option(..., help="the adapted LoRA file to write (.safetensors)"),
+    stock: bool = typer.Option(False, "--stock", help="adapt it to the stock export of MODEL (diffslim stock, "
+                                                      "layer-prune --stock), whose blocks are renumbered"),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """Adapt a LoRA trained on the original model to a pruned one: keep the LoRA of every module the pruned
+    model still runs (under its stock name with --stock), drop the removed layers' LoRA, refuse a LoRA of
+    another model. The result loads with pipe.load_lora_weights(OUT) without unexpected keys."""
+    from diffslim.lora import lora_file
+
+    if out.suffix != ".safetensors":
+        raise UserError(f"--out {out}: the adapted LoRA is a .safetensors file; give a name ending in .safetensors")
+    _out_file(out, example="lora.safetensors")
+    lora_file(lora)  # a missing or pickled LoRA is refused before the model loads
+    _quiet_libraries()
+    from diffslim.models.load import load
+
+    loaded = load(model)
+    info = _write_lora(loaded, lora, out, stock)
+    if as_json:
+        _print_json(info)
+    else:
+        _print_lora(info)
 
 
 @app.command("layer-compare")

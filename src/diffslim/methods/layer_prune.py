@@ -712,6 +712,20 @@ def stock_model(model: nn.Module) -> nn.Module:
     every kept weight finds a place, and in a U-Net every module reads the same values (the skip
     connections' routing, :func:`_unet_dataflow`).
     """
+    return _stock(model)[0]
+
+
+def stock_names(model: nn.Module) -> dict[str, str]:
+    """Where each module of the layer-pruned ``model`` lives in its stock export (:func:`stock_model`):
+    ``{pruned model's module name: stock model's module name}`` for every module the stock model has (a
+    block list renumbered: ``transformer_blocks.5`` -> ``transformer_blocks.2``; a U-Net level gone:
+    ``up_blocks.1...`` -> ``up_blocks.0...``). Raises ``UserError`` where no stock config describes ``model``."""
+    stock, source = _stock(model)
+    return {source(name): name for name, _ in stock.named_modules() if name}
+
+
+def _stock(model: nn.Module) -> tuple[nn.Module, Callable[[str], str]]:
+    """The stock model of :func:`stock_model` and its naming: ``source(stock name) -> pruned model's name``."""
     base = _stock_base(model)
     config = {k: v for k, v in dict(model.config).items() if not k.startswith("_") and k != "removed_layers"}
     if is_unet(model):
@@ -761,7 +775,7 @@ def stock_model(model: nn.Module) -> nn.Module:
     params = list(model.parameters())
     device = params[0].device if params else torch.device("cpu")
     if device.type == "meta":
-        return stock.eval()
+        return stock.eval(), source
     stock.load_state_dict({k: state[src] for k, src in want.items()}, assign=True, strict=True)
     buffers = dict(model.named_buffers())
     for name, buf in list(stock.named_buffers()):  # non-persistent buffers (DiT's positional embedding)
@@ -769,7 +783,7 @@ def stock_model(model: nn.Module) -> nn.Module:
             owner_name, _, attr = name.rpartition(".")
             owner = stock.get_submodule(owner_name) if owner_name else stock
             owner._buffers[attr] = buffers[source(name)]
-    return stock.to(device).eval()
+    return stock.to(device).eval(), source
 
 
 def stock_keeps(model: nn.Module) -> list[str]:

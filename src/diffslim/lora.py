@@ -1,0 +1,275 @@
+"""LoRAs on pruned models: a LoRA trained on the original model, adapted to a pruned one.
+
+A LoRA names the modules it changes (``down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q``). On a
+pruned model some of them are gone with the layers that held them, and after a stock export
+(:func:`diffslim.methods.layer_prune.stock_model`) the kept blocks are renumbered, so the same name can mean
+another block. diffusers' ``load_lora_weights`` then warns about every key of a removed layer (a
+``LayerPruned`` or depth-skipped model), fails on shapes (a U-Net that lost a level), or, worst, loads a
+block's LoRA into the block that now has its number (DiT, PixArt, SD3, Flux with blocks removed: same
+shapes, no warning for the kept names, wrong outputs).
+
+:func:`adapt_lora` keeps the LoRA of every module the pruned model still runs, under the name it has there
+(the stock model's with ``stock=True``), drops the LoRA of the removed layers and says which, and refuses a
+LoRA whose modules the model never had or whose shapes differ (a LoRA for another model). The scale of every
+kept module stays what diffusers gives it on the original model: the result carries its LoRA config
+(diffusers' ``lora_adapter_metadata``: rank and alpha per module), computed on the whole LoRA. A removed
+resnet's kept 1x1 shortcut keeps its LoRA: the pruned model still runs it.
+
+This module sits on the floor above the methods (with ``apply`` and ``combined``): it asks layer pruning for
+the removed layers and the stock names, and depth skipping for its stand-ins.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Optional, Union
+
+import torch
+from torch import nn
+
+from diffslim.errors import UserError
+from diffslim.methods import depth_skip as _depth
+from diffslim.methods import layer_prune as _layers
+
+# a key of diffusers' (PEFT) LoRA format: ``<module>.lora_A.weight`` and the like
+_KEY = re.compile(r"^(?P<module>.+?)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_B\.bias"
+                  r"|lora_magnitude_vector(?:\.weight)?)$")
+METADATA_KEY = "lora_adapter_metadata"  # diffusers' safetensors header entry for the LoRA config
+WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' file name in a LoRA folder
+_CONVERT_HINT = ("load it into the original pipeline with load_lora_weights and save it with save_lora_weights "
+                 "(diffusers converts Kohya/A1111 and older formats), then adapt that file")
+
+
+@dataclass
+class LoraAdaptation:
+    """A LoRA adapted to a pruned denoiser.
+
+    ``state_dict``: its tensors (the same tensors as the input's, not copies), keyed in PEFT format by the
+    target model's module names. ``config``: the LoRA config (``LoraConfig`` keyword arguments, diffusers'
+    ``lora_adapter_metadata``). ``kept``: the target's names of the modules that keep their LoRA.
+    ``dropped``: ``{removed layer: [LoRA modules removed with it]}``. ``renamed``: ``{original name: stock
+    name}`` for the kept modules whose name changed (only with ``stock=True``).
+    """
+
+    state_dict: dict[str, torch.Tensor]
+    config: dict
+    kept: list[str]
+    dropped: dict[str, list[str]] = field(default_factory=dict)
+    renamed: dict[str, str] = field(default_factory=dict)
+
+    def summary(self) -> dict:
+        """Counts and names for a report (JSON-ready)."""
+        return {"kept_modules": len(self.kept), "dropped_modules": sum(len(v) for v in self.dropped.values()),
+                "dropped_by_layer": {k: len(v) for k, v in self.dropped.items()},
+                "renamed_modules": len(self.renamed)}
+
+
+def _peft_keys(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state_dict`` in PEFT key format (diffusers' older ``lora.down``/``lora.up`` keys are converted)."""
+    if state_dict and not all(_KEY.match(k) for k in state_dict):
+        from diffusers.utils import convert_unet_state_dict_to_peft
+
+        state_dict = convert_unet_state_dict_to_peft(dict(state_dict))
+    odd = [k for k in state_dict if not _KEY.match(k)]
+    if odd:
+        raise UserError(f"{odd[0]} is not a key of a LoRA in diffusers' format (<module>.lora_A.weight, "
+                        f"<module>.lora_B.weight): {_CONVERT_HINT}")
+    return dict(state_dict)
+
+
+def lora_config(state_dict: Mapping[str, torch.Tensor], metadata: Optional[Mapping] = None) -> dict:
+    """The LoRA config diffusers builds for ``state_dict`` (PEFT keys of one model) on the original model:
+    ``metadata`` when the file has it, else ranks read off the ``lora_B`` weights and an alpha equal to each
+    module's rank (scale 1, diffusers' convention for a file without alphas)."""
+    if metadata:
+        return dict(metadata)
+    from diffusers.utils import get_peft_kwargs
+
+    ranks = {f"^{k}": v.shape[1] for k, v in state_dict.items() if "lora_B" in k and v.ndim > 1}
+    if not ranks:
+        raise UserError("the LoRA has no lora_B weights: nothing to adapt")
+    return get_peft_kwargs(ranks, network_alpha_dict=None, peft_state_dict=dict(state_dict))
+
+
+def _removed_owner(model: nn.Module, module_name: str, removed: set[str]) -> Optional[str]:
+    """The removed layer (or depth-skip stand-in) that held ``module_name``, or None if none did."""
+    parts = module_name.split(".")
+    current: Optional[nn.Module] = model
+    for i in range(1, len(parts) + 1):
+        prefix = ".".join(parts[:i])
+        if prefix in removed:
+            return prefix
+        part = parts[i - 1]
+        if current is None:
+            return None
+        current = (current[int(part)] if part.isdigit() and isinstance(current, (nn.ModuleList, nn.Sequential))
+                   and int(part) < len(current) else getattr(current, part, None))
+        if isinstance(current, nn.Module) and _depth.is_removed(current):
+            return prefix
+    return None
+
+
+def _module(model: nn.Module, name: str) -> Optional[nn.Module]:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+def _rename_pattern(key: str, names: Mapping[str, str], dropped: set[str]) -> Optional[str]:
+    """A ``rank_pattern``/``alpha_pattern`` key for the target: an exact module name (``^name`` or ``name``) is
+    renamed, or None when its module is dropped; any other pattern (a suffix such as ``to_q``) stays."""
+    anchored = key.startswith("^")
+    name = key[1:] if anchored else key
+    if name in dropped:
+        return None
+    if name in names:
+        return ("^" if anchored else "") + names[name]
+    return key
+
+
+def adapt_lora(model: nn.Module, state_dict: Mapping[str, torch.Tensor], metadata: Optional[Mapping] = None,
+               stock: bool = False) -> LoraAdaptation:
+    """Adapt a LoRA of the original denoiser (``state_dict``: its keys without the pipeline prefix, PEFT or
+    diffusers' older format; ``metadata``: its LoRA config, if the file has one) to the pruned ``model``
+    (``LayerPruned``, depth-skipped, both, or the unpruned model itself, which keeps every key); with
+    ``stock=True`` to ``stock_model(model)``, the stock export of a layer-pruned ``model``.
+
+    Raises ``UserError`` for a LoRA whose modules ``model`` never had (outside its removed layers) or whose
+    shapes differ from the model's: a LoRA of another model.
+    """
+    sd = _peft_keys(state_dict)
+    config = lora_config(sd, metadata)
+    removed = set(_layers.removed_layers_of(model))
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for k, v in sd.items():
+        m = _KEY.match(k)
+        modules.setdefault(m["module"], {})[m["part"]] = v
+    kept: list[str] = []
+    dropped: dict[str, list[str]] = {}
+    foreign: list[str] = []
+    for name, parts in modules.items():
+        target = _module(model, name)
+        if target is None:
+            owner = _removed_owner(model, name, removed)
+            if owner is None:
+                foreign.append(name)
+            else:
+                dropped.setdefault(owner, []).append(name)
+            continue
+        weight = getattr(target, "weight", None)
+        a, b = parts.get("lora_A.weight"), parts.get("lora_B.weight")
+        if (not isinstance(weight, torch.Tensor) or weight.ndim < 2 or a is None or b is None
+                or a.shape[1] != weight.shape[1] or b.shape[0] != weight.shape[0]):
+            shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else "no weight"
+            raise UserError(f"the LoRA's {name} (in {None if a is None else a.shape[1]}, out "
+                            f"{None if b is None else b.shape[0]}) does not fit the model's ({shape}): "
+                            "a LoRA of another model")
+        kept.append(name)
+    if foreign:
+        raise UserError(f"the LoRA changes {foreign[0]}"
+                        + (f" and {len(foreign) - 1} more modules" if len(foreign) > 1 else "")
+                        + f" that {type(model).__name__} never had (not inside a removed layer either): "
+                        "a LoRA of another model")
+    names = {n: n for n in kept}
+    renamed: dict[str, str] = {}
+    if stock:
+        where = _layers.stock_names(model)
+        names = {n: where[n] for n in kept}
+        renamed = {n: s for n, s in names.items() if n != s}
+    out = {f"{names[n]}.{part}": v for n in kept for part, v in modules[n].items()}
+    gone = {n for ns in dropped.values() for n in ns}
+    config = dict(config)
+    config["target_modules"] = sorted(names.values())
+    for key in ("rank_pattern", "alpha_pattern"):
+        if config.get(key):
+            config[key] = {new: v for k, v in config[key].items()
+                           if (new := _rename_pattern(k, names, gone)) is not None}
+    return LoraAdaptation(out, config, sorted(names.values()), dropped, renamed)
+
+
+# ------------------------------------------------------------------------------------------
+# Files: diffusers' LoRA safetensors (what save_lora_weights writes)
+
+
+def lora_file(path: Union[str, Path]) -> Path:
+    """The safetensors file of a LoRA: ``path`` itself, or in a folder diffusers' ``pytorch_lora_weights.
+    safetensors`` or its only safetensors file. Pickled LoRAs (.bin, .pt, .ckpt) are refused."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / WEIGHT_NAME).is_file():
+            return path / WEIGHT_NAME
+        found = sorted(path.glob("*.safetensors"))
+        if len(found) != 1:
+            raise UserError(f"{path} holds {len(found)} safetensors files and no {WEIGHT_NAME}: give the LoRA file")
+        return found[0]
+    if not path.is_file():
+        raise UserError(f"LoRA {path}: no such file or folder")
+    if path.suffix != ".safetensors":
+        raise UserError(f"LoRA {path}: only .safetensors files are read (pickles are refused); "
+                        "save it with save_lora_weights(..., safe_serialization=True)")
+    return path
+
+
+def read_lora(path: Union[str, Path]) -> tuple[dict[str, torch.Tensor], Optional[dict]]:
+    """A LoRA file's tensors and its ``lora_adapter_metadata`` (the LoRA configs, keys prefixed by component,
+    e.g. ``unet.r``), or None when it has none."""
+    from safetensors import safe_open
+
+    file = lora_file(path)
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            header = f.metadata() or {}
+    except Exception as e:  # a damaged or foreign file: safetensors' own reason
+        raise UserError(f"LoRA {file} cannot be read as safetensors: {e}") from None
+    raw = header.get(METADATA_KEY)
+    return tensors, (json.loads(raw) if raw else None)
+
+
+def adapt_lora_file(model: nn.Module, prefix: Optional[str], lora: Union[str, Path], out: Union[str, Path],
+                    stock: bool = False) -> LoraAdaptation:
+    """Adapt the LoRA file ``lora`` to the pruned denoiser ``model`` and write it to ``out`` (a safetensors
+    file that ``pipe.load_lora_weights(out)`` or ``model.load_lora_adapter(out, prefix=prefix)`` loads).
+
+    ``prefix``: the denoiser's component name in the pipeline (``unet``, ``transformer``; the zoo's
+    ``denoiser``), which prefixes its keys in a pipeline LoRA; None for a LoRA of the model alone. Keys of
+    other components (text encoders) are written unchanged, with their metadata.
+    """
+    from safetensors.torch import save_file
+
+    tensors, metadata = read_lora(lora)
+    metadata = dict(metadata or {})
+    if prefix is None:  # a lone model: a pipeline LoRA's denoiser keys still carry their component name
+        components = {k.split(".", 1)[0] for k in tensors}
+        if len(components) == 1 and components <= {"unet", "transformer"}:
+            prefix = components.pop()
+    if prefix is not None and not any(k.startswith(f"{prefix}.") for k in tensors):
+        components = sorted({k.split(".", 1)[0] for k in tensors})
+        if set(components) & {"unet", "transformer", "denoiser", "text_encoder", "text_encoder_2"}:
+            raise UserError(f"the LoRA has no {prefix}.* keys (it has {', '.join(components)}): nothing to adapt "
+                            "for this model's denoiser")
+        prefix = None  # a LoRA of the denoiser alone: its keys carry no component prefix
+    mine = (lambda k: k.startswith(f"{prefix}.")) if prefix else (lambda k: True)
+    cut = len(prefix) + 1 if prefix else 0
+    own_meta = {k[cut:]: v for k, v in metadata.items() if mine(k)} or None
+    result = adapt_lora(model, {k[cut:]: v for k, v in tensors.items() if mine(k)}, own_meta, stock=stock)
+    pre = f"{prefix}." if prefix else ""
+    written = {k: v for k, v in tensors.items() if not mine(k)}
+    written.update({pre + k: v.contiguous() for k, v in result.state_dict.items()})
+    # The config goes in only where the file had one: without it diffusers gives every module scale 1 (alpha =
+    # rank), on the adapted LoRA as on the original, and a header with one component's config but not the
+    # others' would make diffusers read an empty config for them.
+    meta = {k: v for k, v in metadata.items() if not mine(k)}
+    if own_meta:
+        meta.update({pre + k: v for k, v in result.config.items()})
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    header = {"format": "pt"}
+    if meta:
+        header[METADATA_KEY] = json.dumps(meta, indent=2, sort_keys=True, default=list)
+    save_file(written, str(out), metadata=header)
+    return result
