@@ -241,6 +241,7 @@ def test_cli_adapts_a_pipeline_lora_and_keeps_the_text_encoders(tiny_sd_pipe, tm
         ([str(tmp_path / "pruned"), str(tmp_path / "missing.safetensors"), "--out", str(out)], "no such file"),
         ([str(tmp_path / "pruned"), str(tmp_path / "lora"), "--out", str(tmp_path / "x.json")], ".safetensors"),
         ([str(tmp_path / "pruned"), str(tmp_path / "lora"), "--out", str(out), "--stock"], "stock"),
+        (["zoo:digits-dit", str(tmp_path / "lora"), "--out", str(out)], "takes no LoRA"),
     ]:
         r = runner.invoke(app, ["lora", *args])
         assert r.exit_code == 2 and says in r.output, r.output

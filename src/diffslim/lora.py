@@ -241,6 +241,9 @@ def adapt_lora_file(model: nn.Module, prefix: Optional[str], lora: Union[str, Pa
     """
     from safetensors.torch import save_file
 
+    if not callable(getattr(model, "load_lora_adapter", None)):
+        raise UserError(f"{type(model).__name__} takes no LoRA in diffusers (its class has no load_lora_adapter): "
+                        "LoRAs load into U-Nets, SD3, Flux and the other PEFT-enabled denoisers")
     tensors, metadata = read_lora(lora)
     metadata = dict(metadata or {})
     if prefix is None:  # a lone model: a pipeline LoRA's denoiser keys still carry their component name
