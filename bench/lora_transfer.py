@@ -2,8 +2,9 @@
 
 The LoRA teaches zoo:digits-sd to draw every digit mirrored (left-right), trained on the full model only, on
 the mirrored training digits with the zoo's own task (diffusion loss, CFG label dropout). Then each pruned
-model gets that LoRA adapted by ``diffslim.lora.adapt_lora`` (the removed layers' LoRA dropped), and samples the
-same inputs with and without it. What it reports per model:
+model (built by the bench's own builders, so ``layers:0.5+kd`` and ``depth:7+ft`` are the bench's cached
+distilled / fine-tuned students, whose kept weights differ from the LoRA's base) gets that LoRA adapted by
+``diffslim.lora.adapt_lora`` (the removed layers' LoRA dropped), and samples the same inputs with and without it. What it reports per model:
 
 - ``mirrored_acc``: the share of samples that the zoo's digit classifier reads as the requested digit after
   mirroring them back: the LoRA's effect (the full model without the LoRA scores what symmetric digits give);
@@ -30,8 +31,6 @@ import torch
 import diffslim
 from diffslim.lora import adapt_lora
 from diffslim.measure import quality
-from diffslim.methods import layer_prune as lp
-from diffslim.methods.depth_skip import depth_skip
 from diffslim.sample import SampleSpec, sample
 from diffslim.train.data import ZooDigits
 from diffslim.train.distill import noising_for, task_for
@@ -76,17 +75,18 @@ def train_lora(steps: int, batch: int, lr: float, rank: int, seed: int) -> tuple
     return sd, losses
 
 
-def variants(calib_seed: int) -> dict:
-    """name -> a function building the pruned U-Net from a fresh full one."""
-    def layers(ratio):
-        def build(unet, pipe):
-            calib = lp.calibration(pipe, n=32, seed=calib_seed)
-            return lp.prune_layers(unet, lp.layer_prune(unet, "output-loss", ratio, calib=calib).removed)
-        return build
+def build(method: str, base_spec: SampleSpec):
+    """A fresh zoo:digits-sd pipeline with ``method``'s denoiser (a bench method: ``full``, ``layers:0.5+kd``,
+    ...), built by the bench's own builder; fresh because PEFT wraps the modules it adds a LoRA to, and a pruned
+    model shares its kept modules' weights with the model it came from."""
+    from diffslim.bench import METHODS, BenchContext, parse_methods
 
-    return {"full": lambda unet, pipe: unet,
-            "layers:0.3": layers(0.3), "layers:0.5": layers(0.5),
-            "depth:9": lambda unet, pipe: depth_skip(unet, 9), "depth:7": lambda unet, pipe: depth_skip(unet, 7)}
+    loaded = diffslim.load("zoo:digits-sd")
+    loaded.pipe.set_progress_bar_config(disable=True)
+    ((name, arg),) = parse_methods(method)
+    variant = METHODS[name](arg, BenchContext(loaded, base_spec, loaded.zoo.default_steps))
+    variant.pipe.set_progress_bar_config(disable=True)
+    return variant.pipe
 
 
 def main(argv=None) -> int:
@@ -96,8 +96,10 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--rank", type=int, default=8)
-    ap.add_argument("--n", type=int, default=100, help="evaluation inputs (labels cycle 0-9)")
+    ap.add_argument("--n", type=int, default=100, help="evaluation inputs (labels cycle 0-9), 50 DDIM steps")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--methods", default="full,layers:0.3,layers:0.5,layers:0.5+kd,depth:9,depth:7,depth:7+ft",
+                    help="bench methods whose models get the LoRA (full first: the reference)")
     args = ap.parse_args(argv)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -111,29 +113,24 @@ def main(argv=None) -> int:
     classifier = load_digit_classifier()
     es = zoo_eval_set("digits-sd", args.n, seed=0)
     labels = torch.tensor(es.labels)
+    spec = SampleSpec(es.inputs, es.seeds, num_inference_steps=50, call_kwargs=es.call_kwargs, batch_size=50)
     outputs, rows = {}, []
-    for name, build in variants(args.seed).items():
+    for method in args.methods.split(","):
         for with_lora in (False, True):
-            loaded = diffslim.load("zoo:digits-sd")
-            pipe = loaded.pipe
-            pipe.set_progress_bar_config(disable=True)
-            model = build(pipe.denoiser, pipe)
-            row = {"model": name, "lora": with_lora,
-                   "params": sum(p.numel() for p in model.parameters())}
+            pipe = build(method, spec)
+            model = pipe.denoiser
+            row = {"model": method, "lora": with_lora, "params": sum(p.numel() for p in model.parameters())}
             if with_lora:
                 res = adapt_lora(model, sd)
                 model.load_lora_adapter(res.state_dict, prefix=None, adapter_name="mirror", metadata=res.config)
                 row.update(res.summary())
                 row.pop("dropped_by_layer")
-            pipe.denoiser = model
-            spec = SampleSpec(es.inputs, es.seeds, num_inference_steps=loaded.zoo.default_steps,
-                              call_kwargs=es.call_kwargs, batch_size=50)
             out = sample(pipe, spec)
-            outputs[(name, with_lora)] = out
+            outputs[(method, with_lora)] = out
             row["plain_acc"] = quality.digit_accuracy(out, labels, classifier)
             row["mirrored_acc"] = quality.digit_accuracy(out.flip(-1), labels, classifier)
-            ref = outputs[("full", with_lora)]
-            if name != "full":
+            if method != "full":
+                ref = outputs[("full", with_lora)]
                 row["psnr_to_full_lora" if with_lora else "psnr_to_full"] = float(quality.psnr(out, ref).mean())
             rows.append(row)
             print(json.dumps(row), flush=True)
