@@ -99,6 +99,10 @@ def _quiet_libraries() -> None:
 
     dlog.set_verbosity_error()
     dlog.disable_progress_bar()
+    from transformers.utils import logging as tlog
+
+    tlog.set_verbosity_error()
+    tlog.disable_progress_bar()  # transformers draws a bar while it loads a pipeline's text encoders
     logging.getLogger("accelerate").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning)
 
