@@ -288,3 +288,49 @@ def test_cli_stock_writes_the_adapted_loras_beside_the_stock_model(tmp_path):
                              adapter_name="lora")
     inputs = _flux_input()
     assert torch.equal(_out(stock, inputs), _out(pruned, inputs))
+
+
+def test_cli_reads_a_kohya_lora_through_the_original_pipeline(tiny_sd_pipe, tmp_path):
+    """A Kohya/A1111 U-Net LoRA (what most shared SD LoRAs are) with alphas that are not the ranks: read through
+    --original's diffusers loader, adapted, and equal to diffusers' own loading of the Kohya file."""
+    from diffusers.utils import convert_state_dict_to_kohya
+    from safetensors.torch import save_file
+
+    from diffslim.cli import app
+    from diffslim.models.load import load
+
+    pipe = copy.deepcopy(tiny_sd_pipe)
+    kohya = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in _lora(pipe.unet, UNET_TARGETS).items()})
+    alphas = sorted(k for k in kohya if k.endswith(".alpha"))
+    assert alphas and all(k.startswith("lora_unet_") for k in kohya)
+    for i, k in enumerate(alphas):  # scales other than 1, and not all alike
+        kohya[k] = torch.tensor(float(1 + i % 5))
+    save_file({k: v.contiguous() for k, v in kohya.items()}, str(tmp_path / "kohya.safetensors"))
+    pipe.save_pretrained(str(tmp_path / "original"), safe_serialization=True)
+    pipe.unet = lp.prune_layers(pipe.unet, ["down_blocks.0.attentions.0", "up_blocks.1.resnets.1"])
+    pipe.save_pretrained(str(tmp_path / "pruned"), safe_serialization=True)
+
+    runner = CliRunner()
+    out = tmp_path / "adapted.safetensors"
+    r = runner.invoke(app, ["lora", str(tmp_path / "pruned"), str(tmp_path / "kohya.safetensors"), "--out", str(out)])
+    assert r.exit_code == 2 and "--original" in r.output  # not diffusers' format: the original pipeline reads it
+    r = runner.invoke(app, ["lora", str(tmp_path / "pruned"), str(tmp_path / "kohya.safetensors"), "--out", str(out),
+                            "--original", str(tmp_path / "original"), "--json"])
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.stdout)
+    assert info["dropped_by_layer"] == {"down_blocks.0.attentions.0": 9, "up_blocks.1.resnets.1": 3}
+    tensors, meta = read_lora(out)
+    assert all(k.startswith("unet.") and ".lora_" in k for k in tensors)
+    assert meta["unet.alpha_pattern"] and all(k.startswith("^") for k in meta["unet.alpha_pattern"])
+    adapted = load(str(tmp_path / "pruned")).pipe
+    with _Warnings() as w:
+        adapted.load_lora_weights(str(out))
+    assert not [m for m in w.messages if "unexpected keys" in m]
+    raw = load(str(tmp_path / "pruned")).pipe
+    raw.load_lora_weights(str(tmp_path / "kohya.safetensors"))  # diffusers' own conversion, on the pruned model
+    inputs = _unet_input(adapted.unet)
+    assert torch.equal(_out(adapted.unet, inputs), _out(raw.unet, inputs))
+    assert not torch.equal(_out(adapted.unet, inputs), _out(load(str(tmp_path / "pruned")).pipe.unet, inputs))
+    r = runner.invoke(app, ["lora", str(tmp_path / "pruned"), str(tmp_path / "kohya.safetensors"), "--out", str(out),
+                            "--original", str(tmp_path / "pruned" / "unet")])
+    assert r.exit_code == 2 and "not a pipeline" in r.output

@@ -968,10 +968,10 @@ def _denoiser_prefix(loaded) -> Optional[str]:
     return denoiser_attr(loaded.pipe)
 
 
-def _write_lora(loaded, lora: Path, out: Path, stock: bool) -> dict:
+def _write_lora(loaded, lora: Path, out: Path, stock: bool, original=None) -> dict:
     from diffslim.lora import adapt_lora_file
 
-    res = adapt_lora_file(loaded.denoiser, _denoiser_prefix(loaded), lora, out, stock=stock)
+    res = adapt_lora_file(loaded.denoiser, _denoiser_prefix(loaded), lora, out, stock=stock, original=original)
     return {"lora": str(lora), "out": str(out), **res.summary()}
 
 
@@ -991,6 +991,8 @@ def lora_cmd(
     out: Path = typer.Option(..., help="the adapted LoRA file to write (.safetensors)"),
     stock: bool = typer.Option(False, "--stock", help="adapt it to the stock export of MODEL (diffslim stock, "
                                                       "layer-prune --stock), whose blocks are renumbered"),
+    original: Optional[str] = typer.Option(None, help="the original pipeline folder: read the LoRA through its "
+                                                      "diffusers loader, for Kohya/A1111 and other formats"),
     as_json: bool = typer.Option(False, "--json"),
 ):
     """Adapt a LoRA trained on the original model to a pruned one: keep the LoRA of every module the pruned
@@ -1005,8 +1007,13 @@ def lora_cmd(
     _quiet_libraries()
     from diffslim.models.load import load
 
+    source = None
+    if original is not None:
+        source = load(original).pipe
+        if source is None:
+            raise UserError(f"--original {original} is not a pipeline folder: give the pipeline the LoRA was trained on")
     loaded = load(model)
-    info = _write_lora(loaded, lora, out, stock)
+    info = _write_lora(loaded, lora, out, stock, source)
     if as_json:
         _print_json(info)
     else:

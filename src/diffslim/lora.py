@@ -39,8 +39,8 @@ _KEY = re.compile(r"^(?P<module>.+?)\.(?P<part>lora_A\.weight|lora_B\.weight|lor
                   r"|lora_magnitude_vector(?:\.weight)?)$")
 METADATA_KEY = "lora_adapter_metadata"  # diffusers' safetensors header entry for the LoRA config
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' file name in a LoRA folder
-_CONVERT_HINT = ("load it into the original pipeline with load_lora_weights and save it with save_lora_weights "
-                 "(diffusers converts Kohya/A1111 and older formats), then adapt that file")
+_CONVERT_HINT = ("give the original pipeline (diffslim lora ... --original FOLDER), whose diffusers loader converts "
+                 "Kohya/A1111 and the other formats it knows")
 
 
 @dataclass
@@ -230,21 +230,78 @@ def read_lora(path: Union[str, Path]) -> tuple[dict[str, torch.Tensor], Optional
     return tensors, (json.loads(raw) if raw else None)
 
 
+def _loaded_config(module: nn.Module, adapter: str, config) -> dict:
+    """The LoRA config of ``adapter`` as it took effect in ``module``: the rank and the scale that PEFT gave each
+    wrapped module, written as explicit per-module ``rank_pattern``/``alpha_pattern`` (alpha = scale * rank)
+    around the most common ones. Exact whatever patterns the config was built from, including ones PEFT could
+    not match and left at the default."""
+    from collections import Counter
+
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    ranks, alphas = {}, {}
+    for name, layer in module.named_modules():
+        if isinstance(layer, BaseTunerLayer) and adapter in getattr(layer, "r", {}):
+            ranks[name] = int(layer.r[adapter])
+            alphas[name] = float(layer.scaling[adapter]) * ranks[name]
+    if not ranks:
+        return {}
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    alpha = Counter(alphas.values()).most_common(1)[0][0]
+    alpha = int(alpha) if float(alpha).is_integer() else alpha
+    return {"r": r, "lora_alpha": alpha, "target_modules": sorted(ranks),
+            "rank_pattern": {f"^{n}": v for n, v in ranks.items() if v != r},
+            "alpha_pattern": {f"^{n}": v for n, v in alphas.items() if v != alpha},
+            "use_dora": bool(config.use_dora), "lora_bias": bool(getattr(config, "lora_bias", False))}
+
+
+def lora_via_pipeline(pipe, lora: Union[str, Path]) -> tuple[dict[str, torch.Tensor], dict]:
+    """A LoRA in any format diffusers reads (Kohya/A1111 and the other trainers' formats it converts), as diffusers
+    loads it into the original ``pipe`` (which keeps it loaded: use a pipeline you discard): its PEFT tensors and
+    each component's LoRA config, keys prefixed by component (``unet.``, ``text_encoder.``). The configs carry
+    the rank and scale each module got there (:func:`_loaded_config`), so the scales stay exact."""
+    from peft.utils import get_peft_model_state_dict
+
+    file = lora_file(lora)
+    if not callable(getattr(pipe, "load_lora_weights", None)):
+        raise UserError(f"{type(pipe).__name__} loads no LoRA (no load_lora_weights): give the original pipeline "
+                        "folder the LoRA was trained on")
+    name = "diffslim_source"
+    try:
+        pipe.load_lora_weights(str(file), adapter_name=name)
+    except (ValueError, KeyError, RuntimeError) as e:  # diffusers' reason: a format it does not know, other shapes
+        raise UserError(f"diffusers could not load {file} into the original {type(pipe).__name__}: {e}") from None
+    tensors: dict[str, torch.Tensor] = {}
+    metadata: dict = {}
+    for component, module in pipe.components.items():
+        config = getattr(module, "peft_config", {}).get(name) if isinstance(module, nn.Module) else None
+        if config is None:
+            continue
+        sd = get_peft_model_state_dict(module, adapter_name=name)
+        tensors.update({f"{component}.{k}": v.detach().clone() for k, v in sd.items()})
+        metadata.update({f"{component}.{k}": v for k, v in _loaded_config(module, name, config).items()})
+    if not tensors:
+        raise UserError(f"diffusers loaded nothing of {file} into {type(pipe).__name__}: a LoRA of another model")
+    return tensors, metadata
+
+
 def adapt_lora_file(model: nn.Module, prefix: Optional[str], lora: Union[str, Path], out: Union[str, Path],
-                    stock: bool = False) -> LoraAdaptation:
+                    stock: bool = False, original=None) -> LoraAdaptation:
     """Adapt the LoRA file ``lora`` to the pruned denoiser ``model`` and write it to ``out`` (a safetensors
     file that ``pipe.load_lora_weights(out)`` or ``model.load_lora_adapter(out, prefix=prefix)`` loads).
 
     ``prefix``: the denoiser's component name in the pipeline (``unet``, ``transformer``; the zoo's
     ``denoiser``), which prefixes its keys in a pipeline LoRA; None for a LoRA of the model alone. Keys of
-    other components (text encoders) are written unchanged, with their metadata.
+    other components (text encoders) are written unchanged, with their metadata. ``original``: the original
+    pipeline, to read a LoRA that is not in diffusers' format through diffusers' own loader
+    (:func:`lora_via_pipeline`); the file written is then in diffusers' format, with every component's config.
     """
     from safetensors.torch import save_file
 
     if not callable(getattr(model, "load_lora_adapter", None)):
         raise UserError(f"{type(model).__name__} takes no LoRA in diffusers (its class has no load_lora_adapter): "
                         "LoRAs load into U-Nets, SD3, Flux and the other PEFT-enabled denoisers")
-    tensors, metadata = read_lora(lora)
+    tensors, metadata = lora_via_pipeline(original, lora) if original is not None else read_lora(lora)
     metadata = dict(metadata or {})
     if prefix is None:  # a lone model: a pipeline LoRA's denoiser keys still carry their component name
         components = {k.split(".", 1)[0] for k in tensors}
