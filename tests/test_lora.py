@@ -334,3 +334,51 @@ def test_cli_reads_a_kohya_lora_through_the_original_pipeline(tiny_sd_pipe, tmp_
     r = runner.invoke(app, ["lora", str(tmp_path / "pruned"), str(tmp_path / "kohya.safetensors"), "--out", str(out),
                             "--original", str(tmp_path / "pruned" / "unet")])
     assert r.exit_code == 2 and "not a pipeline" in r.output
+
+
+def _with_lora(model, sd, weight=None):
+    model.load_lora_adapter(dict(sd), prefix=None, adapter_name="style")
+    if weight is not None:
+        model.set_adapters(["style"], weights=[weight])
+    return model
+
+
+@pytest.mark.parametrize("prune", ["layers", "depth"])
+def test_pruning_a_model_with_a_lora_loaded_keeps_the_lora_on_the_kept_modules(prune):
+    """diffusers users load LoRAs first, then compress: the pruned model keeps the loaded LoRA layers (same
+    objects, same weight from set_adapters), as if the LoRA had been adapted and loaded after pruning."""
+    names = lp.bk_sdm_layers(_unet(), "base")
+    build = (lambda u: lp.prune_layers(u, names)) if prune == "layers" else (lambda u: depth_skip(u, 9))
+    sd = _lora(_unet(), UNET_TARGETS)
+    with_lora = _with_lora(_unet(), sd, weight=0.7)
+    pruned = build(with_lora)
+    after = build(_unet())
+    res = adapt_lora(after, sd)
+    after.load_lora_adapter(res.state_dict, prefix=None, adapter_name="style", metadata=res.config)
+    after.set_adapters(["style"], weights=[0.7])
+    inputs = _unet_input(pruned)
+    assert torch.equal(_out(pruned, inputs), _out(after, inputs))
+    assert not torch.equal(_out(pruned, inputs), _out(build(_unet()), inputs))
+    # the LoRA layers are the loaded model's own, and diffusers' adapter calls work on the pruned model
+    layers = dict(pruned.named_modules())
+    assert all(layers[n] is m for n, m in with_lora.named_modules() if n in layers and "lora" in type(m).__module__)
+    pruned.disable_lora()
+    assert torch.equal(_out(pruned, inputs), _out(build(_unet()), inputs))
+
+
+def test_a_recipe_applied_to_a_pipeline_with_a_lora_keeps_it(tiny_digits_pipe):
+    import diffslim
+
+    pipe = copy.deepcopy(tiny_digits_pipe)
+    sd = _lora(pipe.denoiser, UNET_TARGETS)
+    _with_lora(pipe.denoiser, sd)
+    diffslim.apply(pipe, {"depth": {"depth": 9}, "removed_layers": {"layers": ["up_blocks.3.resnets.1"]}})
+    reference = copy.deepcopy(tiny_digits_pipe)
+    diffslim.apply(reference, {"depth": {"depth": 9}, "removed_layers": {"layers": ["up_blocks.3.resnets.1"]}})
+    res = adapt_lora(reference.denoiser, sd)
+    reference.denoiser.load_lora_adapter(res.state_dict, prefix=None, adapter_name="style", metadata=res.config)
+    kw = dict(class_labels=[3, 1], num_inference_steps=4, output_type="pt")
+    out = pipe(generator=torch.Generator().manual_seed(0), **kw).images
+    assert torch.equal(out, reference(generator=torch.Generator().manual_seed(0), **kw).images)
+    with pytest.raises(UserError, match="LoRAs loaded"):
+        lp.stock_model(lp.prune_layers(_with_lora(_unet(), sd), lp.bk_sdm_layers(_unet(), "base")))

@@ -231,10 +231,10 @@ def depth_skip(unet: nn.Module, depth: int) -> nn.Module:
     """A depth-``depth`` copy of ``unet`` that shares the kept weights (no copy, no change).
 
     Works on real weights and on the meta device. ``depth == max_depth(unet)`` gives a model whose
-    outputs equal the original's bit for bit. A model changed by another method (a layer-pruned U-Net)
+    outputs equal the original's bit for bit. LoRAs loaded into ``unet`` stay on the kept modules. A model changed by another method (a layer-pruned U-Net)
     keeps that change when a class recording both is registered (``diffslim.combined``).
     """
-    from diffslim.models.derived import extension_of
+    from diffslim.models.derived import extension_of, share_weights
 
     base = extension_of(type(unet), "depth_skip")
     if base is None:
@@ -248,11 +248,9 @@ def depth_skip(unet: nn.Module, depth: int) -> nn.Module:
     param = next(unet.parameters())
     with torch.device("meta"):
         pruned = base.from_config({**config, "depth_skip": depth})
-    state = unet.state_dict()
-    kept = pruned.state_dict()
     if param.device.type == "meta":
         return pruned.eval()
-    pruned.load_state_dict({k: state[k] for k in kept}, assign=True, strict=True)
+    share_weights(unet, pruned)  # and the LoRAs loaded on the kept modules
     return pruned.to(param.device).eval()
 
 

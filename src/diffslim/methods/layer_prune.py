@@ -64,6 +64,7 @@ from torch import nn
 
 from diffslim.errors import UserError
 from diffslim.models.anatomy import TWO_STREAM_BLOCKS
+from diffslim.models.derived import share_weights
 
 CRITERIA = ("output-loss", "output-loss-pairs", "random", "magnitude", "taylor", "similarity", "greedy")
 BK_SDM = ("base", "small", "tiny")
@@ -464,7 +465,8 @@ def prune_layers(model: nn.Module, names: Sequence[str]) -> nn.Module:
 
     The result is a ``LayerPruned<Base>`` diffusers model with ``removed_layers`` in its config (the
     union with the model's own, if it was pruned before). Works on real weights and on the meta device;
-    ``names=[]`` gives a model whose outputs equal the original's bit for bit.
+    ``names=[]`` gives a model whose outputs equal the original's bit for bit. LoRAs loaded into ``model`` stay on
+    the kept modules (the same LoRA layers, see :func:`diffslim.models.derived.share_weights`).
     """
     pruned_cls = _pruned_class_of(model)
     names = list(names)
@@ -478,9 +480,7 @@ def prune_layers(model: nn.Module, names: Sequence[str]) -> nn.Module:
         pruned = pruned_cls.from_config({**config, "removed_layers": all_names or None})
     if device.type == "meta":
         return pruned.eval()
-    state = model.state_dict()
-    kept = pruned.state_dict()
-    pruned.load_state_dict({k: state[k] for k in kept}, assign=True, strict=True)
+    share_weights(model, pruned)  # and the LoRAs loaded on the kept modules
     # non-persistent buffers (DiT's positional embedding) are not in the state dict: share them too
     buffers = dict(model.named_buffers())
     for name, buf in list(pruned.named_buffers()):
@@ -727,6 +727,10 @@ def stock_names(model: nn.Module) -> dict[str, str]:
 def _stock(model: nn.Module) -> tuple[nn.Module, Callable[[str], str]]:
     """The stock model of :func:`stock_model` and its naming: ``source(stock name) -> pruned model's name``."""
     base = _stock_base(model)
+    if getattr(model, "peft_config", None):
+        raise UserError(f"{type(model).__name__} has LoRAs loaded ({', '.join(model.peft_config)}): export the model "
+                        "without them (unload_lora_weights) and adapt each LoRA to the stock model with "
+                        "diffslim lora --stock")
     config = {k: v for k, v in dict(model.config).items() if not k.startswith("_") and k != "removed_layers"}
     if is_unet(model):
         rename = _stock_unet_config(model, config)

@@ -56,3 +56,53 @@ def register_extension(model_class: type, key: str, extended: type) -> None:
 def extension_of(model_class: type, key: str) -> Optional[type]:
     """The class that records config ``key`` for a model of exactly ``model_class`` (None: none is registered)."""
     return _EXTENSIONS.get((model_class, key))
+
+
+# ------------------------------------------------------------------------------------------
+# A derived model takes its parent's weights, shared, and the LoRAs loaded on them
+
+
+def _adapter_layers(model) -> dict:
+    """The PEFT (LoRA) layers loaded into ``model`` by name; empty without adapters (PEFT is then not imported)."""
+    if not getattr(model, "peft_config", None):
+        return {}
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return {n: m for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)}
+
+
+def base_state_dict(model) -> dict:
+    """``model.state_dict()`` as the model has it without its loaded LoRAs: a wrapped module's base weights under
+    the module's own name (``to_q.base_layer.weight`` -> ``to_q.weight``), the adapters' own tensors left out."""
+    state = model.state_dict()
+    wrappers = _adapter_layers(model)
+    if not wrappers:
+        return state
+    out = {}
+    for k, v in state.items():
+        owner = next((w for w in wrappers if k.startswith(w + ".")), None)
+        if owner is None:
+            out[k] = v
+        elif k.startswith(owner + ".base_layer."):
+            out[owner + "." + k[len(owner + ".base_layer."):]] = v
+    return out
+
+
+def share_weights(source, target) -> None:
+    """Give ``target`` (built from a config on the meta device, a pruned copy of ``source``) ``source``'s
+    tensor for each of its weights, by name: shared, not copied (``strict``: every weight of ``target``
+    must come from ``source``). The LoRA layers loaded into ``source`` (diffusers' ``load_lora_weights``)
+    that wrap a module ``target`` keeps come along as the same objects, with the model's ``peft_config``: the
+    adapters' names, which are active, their weights and scales (``set_adapters``) stay as they were, and
+    diffusers' adapter calls (``set_adapters``, ``disable_lora``, ``unload_lora``) work on ``target``. The
+    removed modules' LoRA goes with them."""
+    state = base_state_dict(source)
+    target.load_state_dict({k: state[k] for k in target.state_dict()}, assign=True, strict=True)
+    wrappers = _adapter_layers(source)
+    kept = {n for n, _ in target.named_modules()}
+    for name, layer in wrappers.items():
+        if name in kept:
+            target.set_submodule(name, layer)
+    if wrappers:
+        target.peft_config = dict(source.peft_config)
+        target._hf_peft_config_loaded = True
