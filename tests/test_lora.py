@@ -81,11 +81,18 @@ class _Warnings(logging.Handler):
         self.messages.append(record.getMessage())
 
     def __enter__(self):
+        from diffusers.utils import logging as dlog
+
+        self.saved_verbosity = dlog.get_verbosity()  # other tests (and the CLI) set diffusers to errors only
+        dlog.set_verbosity_warning()
         logging.getLogger("diffusers").addHandler(self)
         return self
 
     def __exit__(self, *exc):
+        from diffusers.utils import logging as dlog
+
         logging.getLogger("diffusers").removeHandler(self)
+        dlog.set_verbosity(self.saved_verbosity)
 
 
 def _load(model, state_dict, config=None):
