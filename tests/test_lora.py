@@ -389,3 +389,30 @@ def test_a_recipe_applied_to_a_pipeline_with_a_lora_keeps_it(tiny_digits_pipe):
     assert torch.equal(out, reference(generator=torch.Generator().manual_seed(0), **kw).images)
     with pytest.raises(UserError, match="LoRAs loaded"):
         lp.stock_model(lp.prune_layers(_with_lora(_unet(), sd), lp.bk_sdm_layers(_unet(), "base")))
+
+
+def test_sd15_bk_sdm_small_stock_renaming_on_the_meta_device():
+    """SD-1.5's real structure (config only): a LoRA over every attention projection and resnet conv, adapted to
+    BK-SDM Small's stock U-Net, names modules the stock model has, with the shapes of the original's."""
+    from diffslim.models.load import load
+
+    CONFIGS = __import__("pathlib").Path(__file__).resolve().parents[1] / "src" / "diffslim" / "configs"
+    full = load(str(CONFIGS / "sd15-unet")).denoiser
+    names = lp.bk_sdm_layers(full, "small")
+    pruned = lp.prune_layers(full, names)
+    g = torch.Generator().manual_seed(0)
+    sd = {}
+    for name, m in full.named_modules():
+        if name.endswith(("to_q", "to_v", "conv1", "conv2")):
+            w = m.weight
+            sd[f"{name}.lora_A.weight"] = torch.randn(2, w.shape[1], *w.shape[2:], generator=g)
+            sd[f"{name}.lora_B.weight"] = torch.randn(w.shape[0], 2, *([1] * (w.dim() - 2)), generator=g)
+    res = adapt_lora(pruned, sd, stock=True)
+    stock = lp.stock_model(pruned)
+    modules = dict(stock.named_modules())
+    assert res.kept and all(n in modules for n in res.kept)
+    for old, new in res.renamed.items():
+        assert modules[new].weight.shape == dict(full.named_modules())[old].weight.shape
+    assert "mid_block" not in " ".join(res.kept) and any(k.startswith("mid_block") for k in res.dropped)
+    assert res.renamed and all(old.startswith("up_blocks.") for old in res.renamed)  # up blocks keep 2 of 3 pairs
+    assert len(res.kept) + sum(len(v) for v in res.dropped.values()) == len(sd) // 2
