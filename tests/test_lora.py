@@ -96,9 +96,15 @@ class _Warnings(logging.Handler):
 
 
 def _load(model, state_dict, config=None):
-    with _Warnings() as w:
+    """Load a LoRA; returns diffusers' warnings about keys the model has no place for, and PEFT's about config
+    patterns that match no module."""
+    import warnings
+
+    with _Warnings() as w, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         model.load_lora_adapter(dict(state_dict), prefix=None, adapter_name="lora", metadata=config)
-    return [m for m in w.messages if "unexpected keys" in m]
+    return ([m for m in w.messages if "unexpected keys" in m]
+            + [str(c.message) for c in caught if "did not match any targeted module" in str(c.message)])
 
 
 def _modules(state_dict):
