@@ -379,7 +379,7 @@ def test_pruning_a_model_with_a_lora_loaded_keeps_the_lora_on_the_kept_modules(p
     assert torch.equal(_out(pruned, inputs), _out(build(_unet()), inputs))
 
 
-def test_a_recipe_applied_to_a_pipeline_with_a_lora_keeps_it(tiny_digits_pipe):
+def test_a_recipe_applied_to_a_pipeline_with_a_lora_keeps_it(tiny_digits_pipe, tmp_path):
     import diffslim
 
     pipe = copy.deepcopy(tiny_digits_pipe)
@@ -395,6 +395,14 @@ def test_a_recipe_applied_to_a_pipeline_with_a_lora_keeps_it(tiny_digits_pipe):
     assert torch.equal(out, reference(generator=torch.Generator().manual_seed(0), **kw).images)
     with pytest.raises(UserError, match="LoRAs loaded"):
         lp.stock_model(lp.prune_layers(_with_lora(_unet(), sd), lp.bk_sdm_layers(_unet(), "base")))
+    # distillation would train the LoRA layers that the pruned student shares with its teacher: refused
+    from diffslim.train.distill import DistillConfig, distill
+
+    teacher = copy.deepcopy(tiny_digits_pipe)
+    _with_lora(teacher.denoiser, sd)
+    with pytest.raises(UserError, match="the teacher has LoRAs loaded"):
+        distill(teacher, lp.prune_layers(teacher.denoiser, ["up_blocks.3.resnets.1"]), None,
+                DistillConfig(steps=1, batch_size=2, lr=1e-4, out=tmp_path / "kd"))
 
 
 def test_sd15_bk_sdm_small_stock_renaming_on_the_meta_device():

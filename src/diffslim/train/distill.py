@@ -746,7 +746,14 @@ def _diffusers_class(model: nn.Module) -> type:
 
 def _check_student_fits(teacher: nn.Module, student: nn.Module) -> None:
     """Refuse, before any training, a student of another kind than the teacher (its class or its input and output
-    channels differ): it could not take the teacher's inputs, or predict what the teacher predicts."""
+    channels differ): it could not take the teacher's inputs, or predict what the teacher predicts; and a teacher
+    or student with LoRAs loaded."""
+    for who, model in (("teacher", teacher), ("student", student)):
+        # a pruned copy keeps the LoRA layers of the model it came from as the same objects: training one would
+        # train the other
+        if getattr(model, "peft_config", None):
+            raise UserError(f"the {who} has LoRAs loaded ({', '.join(model.peft_config)}): distil without them "
+                            "(pipe.unload_lora_weights()), then adapt each LoRA to the student with diffslim lora")
     t_cls, s_cls = _diffusers_class(teacher), _diffusers_class(student)
     t_cfg, s_cfg = getattr(teacher, "config", {}), getattr(student, "config", {})
     keys = ("in_channels", "out_channels", "cross_attention_dim", "num_embeds_ada_norm", "class_embed_type")
