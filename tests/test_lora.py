@@ -430,3 +430,36 @@ def test_sd15_bk_sdm_small_stock_renaming_on_the_meta_device():
     assert "mid_block" not in " ".join(res.kept) and any(k.startswith("mid_block") for k in res.dropped)
     assert res.renamed and all(old.startswith("up_blocks.") for old in res.renamed)  # up blocks keep 2 of 3 pairs
     assert len(res.kept) + sum(len(v) for v in res.dropped.values()) == len(sd) // 2
+
+
+def test_sdxl_shaped_unet_pruned_inside_its_attention_layers():
+    """SDXL's deep attention layers hold several transformer blocks; pruning inside them (--inner) renumbers the
+    kept blocks in the stock model: an SDXL LoRA must follow them."""
+    from diffusers import UNet2DConditionModel
+
+    def unet():
+        torch.manual_seed(0)
+        return UNet2DConditionModel(
+            sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16, 16), layers_per_block=2,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 2, 3), cross_attention_dim=16, attention_head_dim=4,
+            norm_num_groups=4).eval()
+
+    names = ["down_blocks.1.attentions.0.transformer_blocks.0", "up_blocks.0.attentions.2.transformer_blocks.0",
+             "up_blocks.0.attentions.2.transformer_blocks.2"]
+    sd = _lora(unet(), ["to_q", "to_k", "to_v", "to_out.0", "ff.net.2", "conv1"])
+    pruned = lp.prune_layers(unet(), names)
+    res = adapt_lora(pruned, sd, stock=True)
+    assert res.renamed["down_blocks.1.attentions.0.transformer_blocks.1.attn1.to_q"] == \
+        "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
+    assert res.renamed["up_blocks.0.attentions.2.transformer_blocks.1.attn2.to_k"] == \
+        "up_blocks.0.attentions.2.transformer_blocks.0.attn2.to_k"
+    on_pruned = adapt_lora(pruned, sd)
+    assert _load(pruned, on_pruned.state_dict, on_pruned.config) == []
+    stock = lp.stock_model(lp.prune_layers(unet(), names))
+    assert _load(stock, res.state_dict, res.config) == []
+    g = torch.Generator().manual_seed(1)
+    inputs = dict(sample=torch.randn(1, 4, 8, 8, generator=g), timestep=torch.tensor([400]),
+                  encoder_hidden_states=torch.randn(1, 3, 16, generator=g))
+    assert torch.equal(_out(stock, inputs), _out(pruned, inputs))
