@@ -29,9 +29,9 @@ from pathlib import Path
 import torch
 
 import diffslim
-from diffslim.lora import adapt_lora
+from diffslim.bench import sample_with_lora
 from diffslim.measure import quality
-from diffslim.sample import SampleSpec, sample
+from diffslim.sample import SampleSpec
 from diffslim.train.data import ZooDigits
 from diffslim.train.distill import noising_for, task_for
 from diffslim.zoo.classifier import load_digit_classifier
@@ -75,20 +75,6 @@ def train_lora(steps: int, batch: int, lr: float, rank: int, seed: int) -> tuple
     return sd, losses
 
 
-def build(method: str, base_spec: SampleSpec):
-    """A fresh zoo:digits-sd pipeline with ``method``'s denoiser (a bench method: ``full``, ``layers:0.5+kd``,
-    ...), built by the bench's own builder; fresh because PEFT wraps the modules it adds a LoRA to, and a pruned
-    model shares its kept modules' weights with the model it came from."""
-    from diffslim.bench import METHODS, BenchContext, parse_methods
-
-    loaded = diffslim.load("zoo:digits-sd")
-    loaded.pipe.set_progress_bar_config(disable=True)
-    ((name, arg),) = parse_methods(method)
-    variant = METHODS[name](arg, BenchContext(loaded, base_spec, loaded.zoo.default_steps))
-    variant.pipe.set_progress_bar_config(disable=True)
-    return variant.pipe
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path("bench/results/lora_transfer_digits-sd.json"))
@@ -115,20 +101,12 @@ def main(argv=None) -> int:
     labels = torch.tensor(es.labels)
     spec = SampleSpec(es.inputs, es.seeds, num_inference_steps=50, call_kwargs=es.call_kwargs, batch_size=50)
     outputs, rows = {}, []
-    for method in args.methods.split(","):
-        for with_lora in (False, True):
-            pipe = build(method, spec)
-            model = pipe.denoiser
-            row = {"model": method, "lora": with_lora, "params": sum(p.numel() for p in model.parameters())}
-            if with_lora:
-                res = adapt_lora(model, sd)
-                model.load_lora_adapter(res.state_dict, prefix=None, adapter_name="mirror", metadata=res.config)
-                row.update(res.summary())
-                row.pop("dropped_by_layer")
-            out = sample(pipe, spec)
-            outputs[(method, with_lora)] = out
-            row["plain_acc"] = quality.digit_accuracy(out, labels, classifier)
-            row["mirrored_acc"] = quality.digit_accuracy(out.flip(-1), labels, classifier)
+    for with_lora in (False, True):
+        for method, r in sample_with_lora("zoo:digits-sd", args.methods, sd if with_lora else None, spec).items():
+            out = outputs[(method, with_lora)] = r.pop("outputs")
+            row = {"model": method, "lora": with_lora, **r,
+                   "plain_acc": quality.digit_accuracy(out, labels, classifier),
+                   "mirrored_acc": quality.digit_accuracy(out.flip(-1), labels, classifier)}
             if method != "full":
                 ref = outputs[("full", with_lora)]
                 row["psnr_to_full_lora" if with_lora else "psnr_to_full"] = float(quality.psnr(out, ref).mean())
@@ -137,7 +115,7 @@ def main(argv=None) -> int:
 
     from diffslim.report import image_grid
 
-    grid = torch.cat([outputs[k][:10] for k in outputs])
+    grid = torch.cat([outputs[(m, lo)][:10] for m in args.methods.split(",") for lo in (False, True)])
     image_grid(grid, nrow=10, upscale=4).save(args.out.with_suffix(".png"))
     result = {"command": "OMP_NUM_THREADS=2 .venv/bin/python bench/lora_transfer.py " + " ".join(argv or sys.argv[1:]),
               "args": {k: str(v) for k, v in vars(args).items()}, "lora_targets": TARGETS,

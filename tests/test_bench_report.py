@@ -214,3 +214,22 @@ def test_a_report_renders_its_figures_when_added_and_keeps_none_open(tmp_path):
     from PIL import Image
 
     assert Image.open(out / "f24.png").size[0] > 100 and "f24.png" in (out / "index.html").read_text()
+
+
+def test_lora_section_of_the_demo_report(tmp_path):
+    """The demo's LoRA section: the mirroring LoRA of bench/lora_transfer.py, trained on the full zoo:digits-sd,
+    adapted to a pruned model; the full model with it draws mirrored digits, and the pruned one keeps fewer LoRA
+    modules and stays close to the full model with the LoRA."""
+    from diffslim.demo import LORA_FILE, lora_section
+
+    rep = Report("t")
+    res = lora_section(rep, LORA_FILE, "zoo:digits-sd", "full,depth:9", n=10)
+    full, pruned = res["rows"]
+    assert full["method"] == "full" and full["lora_modules_dropped"] == 0
+    assert full["mirrored_digit_accuracy"] >= 0.9  # the LoRA works: its digits read right once mirrored back
+    assert pruned["lora_modules_kept"] < full["lora_modules_kept"] and pruned["lora_modules_dropped"] > 0
+    assert pruned["lora_modules_kept"] + pruned["lora_modules_dropped"] == full["lora_modules_kept"]
+    assert pruned["psnr_vs_full_with_lora"] > 30 and pruned["mirrored_digit_accuracy"] >= 0.9
+    out = rep.write(tmp_path / "r")
+    assert "LoRAs on pruned models: zoo:digits-sd" in (out / "index.html").read_text()
+    assert (out / "lora_digits-sd.png").is_file()

@@ -211,6 +211,36 @@ def sample_layer_selections(pipe, res: dict, spec: SampleSpec, metrics_fn: Calla
     return curves, bk
 
 
+def sample_with_lora(model: str, methods: str, lora: Optional[dict], spec: SampleSpec) -> dict:
+    """Sample each bench method's model of ``model`` (a pipeline folder or ``zoo:NAME``) on ``spec``, with the LoRA
+    ``lora`` (a PEFT state dict of the original denoiser, keys without the pipeline prefix) adapted to it by
+    :func:`diffslim.lora.adapt_lora`, or without a LoRA (``lora=None``). Each model is built from a fresh load by
+    the method's own builder, as the bench builds it (a pruned model is selected and trained without the LoRA;
+    PEFT then wraps the modules of that model only). Returns ``{method: {"outputs": (N, C, H, W), "params",
+    "lora_modules_kept", "lora_modules_dropped"}}``."""
+    from diffslim.apply import denoiser_attr
+    from diffslim.lora import adapt_lora
+    from diffslim.models.load import load
+
+    out = {}
+    for name, arg in parse_methods(methods):
+        loaded = load(model)
+        loaded.pipe.set_progress_bar_config(disable=True)
+        default = loaded.zoo.default_steps if loaded.zoo else 50
+        variant = METHODS[name](arg, BenchContext(loaded, spec, default))
+        pipe = variant.pipe
+        pipe.set_progress_bar_config(disable=True)
+        den = getattr(pipe, denoiser_attr(pipe))
+        row = {"params": _n_params(den)}
+        if lora is not None:
+            res = adapt_lora(den, lora)
+            den.load_lora_adapter(res.state_dict, prefix=None, adapter_name="lora", metadata=res.config)
+            row.update(lora_modules_kept=len(res.kept), lora_modules_dropped=sum(len(v) for v in res.dropped.values()))
+        row["outputs"] = sample(pipe, variant.spec)
+        out[variant.method] = row
+    return out
+
+
 @register_method("depth", "depth:N, depth-skip pruning at depth N (Kim and Cho 2024); depth:N+ft fine-tuned by a "
                           "short default run (cached), depth:N+ft@FOLDER from a fine-tuned student folder")
 def _depth(arg, ctx: BenchContext) -> Variant:

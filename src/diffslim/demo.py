@@ -176,6 +176,53 @@ def workflow_section(rep, loaded, model: str, steps: int, n: int, stages: str, f
     return {**res.to_json(), "rows": [{k: finite(v) for k, v in r.items()} for r in res.rows]}
 
 
+# A LoRA of zoo:digits-sd that mirrors its digits, trained on the full model by bench/lora_transfer.py (in a source
+# checkout); the demo adapts it to pruned models, it does not train it.
+LORA_FILE = PLANS_DIR / "lora_transfer_digits-sd.lora.safetensors"
+LORA_PLAN = dict(model="zoo:digits-sd", methods="full,layers:0.3,depth:9,depth:7", n=20)
+
+
+def lora_section(rep, lora_file: Path, model: str, methods: str, n: int) -> dict:
+    """A LoRA of the full model, adapted to each method's pruned model (``diffslim lora``), as a report section:
+    the share of samples read as the requested digit once mirrored back (the LoRA draws mirrored digits), PSNR
+    against the full model with the LoRA, the LoRA modules kept and dropped, and a grid. Returns its rows."""
+    import torch
+
+    from diffslim.bench import sample_with_lora
+    from diffslim.lora import read_lora
+    from diffslim.measure import quality
+    from diffslim.report import image_grid
+    from diffslim.sample import SampleSpec
+    from diffslim.zoo.classifier import load_digit_classifier
+    from diffslim.zoo.evalsets import zoo_eval_set
+
+    tensors, _ = read_lora(lora_file)
+    lora = {k.split(".", 1)[1]: v.float() for k, v in tensors.items()}  # the pipeline's "denoiser." prefix
+    es = zoo_eval_set(model.split(":", 1)[1], n, seed=0)
+    spec = SampleSpec(es.inputs, es.seeds, num_inference_steps=50, call_kwargs=es.call_kwargs, batch_size=n)
+    samples = sample_with_lora(model, methods, lora, spec)
+    classifier = load_digit_classifier()
+    ref = samples["full"]["outputs"]
+    rows = []
+    for method, r in samples.items():
+        rows.append({"method": method, "params": r["params"], "lora_modules_kept": r["lora_modules_kept"],
+                     "lora_modules_dropped": r["lora_modules_dropped"],
+                     "mirrored_digit_accuracy": quality.digit_accuracy(r["outputs"].flip(-1), es.labels, classifier),
+                     "psnr_vs_full_with_lora": None if method == "full" else
+                     float(quality.psnr(r["outputs"], ref).mean())})
+    rep.add_text(f"LoRAs on pruned models: {model}",
+                 f"A LoRA trained on the full {model} only, to draw every digit mirrored (bench/lora_transfer.py), "
+                 "adapted to each pruned model by `diffslim lora` (the LoRA of the removed layers dropped) and "
+                 f"sampled on {n} inputs, 50 DDIM steps. Mirrored digit accuracy: the share of samples the digit "
+                 "classifier reads as the requested digit once mirrored back (the LoRA's effect carries over where "
+                 "it stays near the full model's); PSNR against the full model with the LoRA.")
+    rep.add_table(f"LoRA on pruned models: {model}", rows)
+    grid = torch.cat([samples[m]["outputs"][:10] for m in samples])
+    rep.add_figure(f"LoRA samples: {model}", "lora_digits-sd.png", image_grid(grid, nrow=10, upscale=4),
+                   "one row per model (" + ", ".join(samples) + "), each with the adapted LoRA; first 10 inputs")
+    return {"lora": str(lora_file), "n": n, "rows": rows}
+
+
 def run_demo(out: Path, n: int | None = None, methods: str | None = None, console: Console | None = None) -> Path:
     """Write ``out/index.html`` + ``report.json`` + figures; returns the folder.
 
@@ -288,6 +335,10 @@ def run_demo(out: Path, n: int | None = None, methods: str | None = None, consol
                 workflows[title] = workflow_section(rep, loaded, model, ZOO[key].default_steps, **plan[which])
                 console.print(f"workflow {title}: " + ", ".join(f"{r['stage']} {r['macs_ratio']:.3f} MACs"
                                                                for r in workflows[title]["rows"]))
+    if LORA_FILE.exists():
+        rep.add_data("lora", lora_section(rep, LORA_FILE, **LORA_PLAN))
+        console.print("LoRA on pruned models: " + ", ".join(
+            f"{r['method']} {r['mirrored_digit_accuracy']:.2f}" for r in rep.data["lora"]["rows"]))
     rep.add_data("benches", benches)
     rep.add_data("workflows", workflows)
     rep.add_data("depth_searches", searches)
