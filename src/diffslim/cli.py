@@ -930,13 +930,13 @@ def stock_cmd(
     reason, where no stock config describes the model.
     """
     _quiet_libraries()
-    from diffslim.lora import lora_file
+    from diffslim.lora import WEIGHT_NAME, lora_file
     from diffslim.methods.layer_prune import removed_layers_of, stock_model
     from diffslim.models.load import load
 
     _out_folder(out)
     loras = [lora_file(p) for p in lora or []]  # missing or pickled LoRAs are refused before any work
-    names = [p.stem if p.name != "pytorch_lora_weights.safetensors" else p.parent.name for p in loras]
+    names = [p.parent.name if p.name == WEIGHT_NAME else p.stem for p in loras]  # a LoRA folder: its name
     if len(set(names)) != len(names):
         raise UserError(f"--lora: two LoRAs would be written as one name ({', '.join(names)})")
     loaded = load(model)
