@@ -463,3 +463,30 @@ def test_sdxl_shaped_unet_pruned_inside_its_attention_layers():
     inputs = dict(sample=torch.randn(1, 4, 8, 8, generator=g), timestep=torch.tensor([400]),
                   encoder_hidden_states=torch.randn(1, 3, 16, generator=g))
     assert torch.equal(_out(stock, inputs), _out(pruned, inputs))
+
+
+def test_stock_sd3_gets_the_renaming_too():
+    from diffusers import SD3Transformer2DModel
+
+    def sd3():
+        torch.manual_seed(0)
+        return SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=8,
+                                     num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
+                                     pooled_projection_dim=16, out_channels=4, pos_embed_max_size=16,
+                                     dual_attention_layers=(0, 1)).eval()
+
+    sd = _lora(sd3(), ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "ff.net.2"])
+    pruned = lp.prune_layers(sd3(), ["transformer_blocks.0"])
+    res = adapt_lora(pruned, sd, stock=True)
+    assert res.renamed["transformer_blocks.2.attn.to_q"] == "transformer_blocks.1.attn.to_q"
+    on_pruned = adapt_lora(pruned, sd)
+    assert _load(pruned, on_pruned.state_dict, on_pruned.config) == []
+    stock = lp.stock_model(lp.prune_layers(sd3(), ["transformer_blocks.0"]))
+    assert _load(stock, res.state_dict, res.config) == []
+    g = torch.Generator().manual_seed(1)
+    inputs = dict(hidden_states=torch.randn(1, 4, 8, 8, generator=g), timestep=torch.tensor([500]),
+                  encoder_hidden_states=torch.randn(1, 5, 16, generator=g), pooled_projections=torch.randn(1, 16, generator=g))
+    assert torch.equal(_out(stock, inputs), _out(pruned, inputs))
+    wrong = lp.stock_model(lp.prune_layers(sd3(), ["transformer_blocks.0"]))
+    _load(wrong, sd)  # the raw LoRA: block 0's LoRA on what was block 1
+    assert not torch.allclose(_out(wrong, inputs), _out(pruned, inputs), atol=1e-4)
