@@ -921,16 +921,22 @@ def stock_cmd(
     lora: Optional[list[Path]] = typer.Option(None, help="a LoRA of the original model to adapt to the stock "
                                                          "model too (repeat for several): written to "
                                                          "OUT/loras/NAME.safetensors"),
+    ip_adapter: Optional[list[Path]] = typer.Option(None, "--ip-adapter", help="an IP-Adapter of the original "
+                                                    "model (.safetensors) to adapt to the stock model too (repeat "
+                                                    "for several): written to OUT/ip_adapters/NAME.safetensors"),
 ):
     """Rewrite a layer-pruned model as its stock diffusers class, loadable with diffusers alone.
 
     The removed blocks leave the block lists and the config counts the kept ones (num_layers,
     num_single_layers; for U-Nets layers_per_block, mid_block_type, the levels and the transformer depths
     per attention layer, as BK-SDM's checkpoints have them). Same weights, same outputs. Refused, with the
-    reason, where no stock config describes the model.
+    reason, where no stock config describes the model. LoRAs and IP-Adapters of the original model are renamed
+    and renumbered for it (the raw files would load into the wrong blocks, or fail on a shape).
     """
     _quiet_libraries()
+    from diffslim.ip_adapter import ip_adapter_file, read_ip_adapter
     from diffslim.lora import WEIGHT_NAME, lora_file
+    from diffslim.models.adapters import ip_adapter_parts
     from diffslim.methods.layer_prune import removed_layers_of, stock_model
     from diffslim.models.load import load
 
@@ -939,6 +945,13 @@ def stock_cmd(
     names = [p.parent.name if p.name == WEIGHT_NAME else p.stem for p in loras]  # a LoRA folder: its name
     if len(set(names)) != len(names):
         raise UserError(f"--lora: two LoRAs would be written as one name ({', '.join(names)})")
+    ips = [ip_adapter_file(p) for p in ip_adapter or []]
+    ip_states = [read_ip_adapter(p) for p in ips]
+    for st in ip_states:
+        ip_adapter_parts(st)  # not an IP-Adapter: refused before any work
+    if len({p.stem for p in ips}) != len(ips):
+        raise UserError(f"--ip-adapter: two IP-Adapters would be written as one name "
+                        f"({', '.join(p.stem for p in ips)})")
     loaded = load(model)
     removed = removed_layers_of(loaded.denoiser)
     if not removed:
@@ -957,6 +970,16 @@ def stock_cmd(
                   f"{sum(p.numel() for p in stock.parameters()):,} params): {kind} written to {out}")
     for path, name in zip(loras, names):
         _print_lora(_write_lora(loaded, path, out / "loras" / f"{name}.safetensors", stock=True))
+    if ips:
+        from diffslim.ip_adapter import adapt_ip_adapter, write_ip_adapter
+
+        for path, state in zip(ips, ip_states):
+            result = adapt_ip_adapter(loaded.denoiser, state)
+            target = write_ip_adapter(result, out / "ip_adapters" / f"{path.stem}.safetensors")
+            info = result.summary()
+            console.print(f"IP-Adapter {path} -> {target}: {info['kept_processors']} attention processors kept "
+                          f"({info['renumbered_processors']} renumbered for the stock model), "
+                          f"{info['dropped_processors']} dropped with the removed layers")
 
 
 def _denoiser_prefix(loaded) -> Optional[str]:

@@ -63,6 +63,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from torch import nn
 
 from diffslim.errors import UserError
+from diffslim.models.adapters import ip_adapter_loaded
 from diffslim.models.anatomy import TWO_STREAM_BLOCKS
 from diffslim.models.derived import share_weights
 
@@ -720,8 +721,14 @@ def stock_names(model: nn.Module) -> dict[str, str]:
     ``{pruned model's module name: stock model's module name}`` for every module the stock model has (a
     block list renumbered: ``transformer_blocks.5`` -> ``transformer_blocks.2``; a U-Net level gone:
     ``up_blocks.1...`` -> ``up_blocks.0...``). Raises ``UserError`` where no stock config describes ``model``."""
+    return stock_structure(model)[1]
+
+
+def stock_structure(model: nn.Module) -> tuple[nn.Module, dict[str, str]]:
+    """The stock export of the layer-pruned ``model`` (:func:`stock_model`) and :func:`stock_names`'
+    ``{pruned model's module name: stock model's module name}``."""
     stock, source = _stock(model)
-    return {source(name): name for name, _ in stock.named_modules() if name}
+    return stock, {source(name): name for name, _ in stock.named_modules() if name}
 
 
 def _stock(model: nn.Module) -> tuple[nn.Module, Callable[[str], str]]:
@@ -731,6 +738,10 @@ def _stock(model: nn.Module) -> tuple[nn.Module, Callable[[str], str]]:
         raise UserError(f"{type(model).__name__} has LoRAs loaded ({', '.join(model.peft_config)}): export the model "
                         "without them (unload_lora_weights) and adapt each LoRA to the stock model with "
                         "diffslim lora --stock")
+    if ip_adapter_loaded(model):
+        raise UserError(f"{type(model).__name__} has an IP-Adapter loaded: export the model without it "
+                        "(pipe.unload_ip_adapter()) and adapt the IP-Adapter file to the stock model with "
+                        "diffslim stock --ip-adapter")
     config = {k: v for k, v in dict(model.config).items() if not k.startswith("_") and k != "removed_layers"}
     if is_unet(model):
         rename = _stock_unet_config(model, config)

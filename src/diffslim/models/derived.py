@@ -16,6 +16,9 @@ from __future__ import annotations
 import inspect
 from typing import Any, Callable, Optional
 
+from diffslim.models.adapters import (carry_attention, diffusers_base, ip_adapter_loaded,  # noqa: F401 (re-exported)
+                                      ip_adapter_methods)
+
 # (model class, config key) -> the class whose config adds that key to that model class's
 _EXTENSIONS: dict[tuple[type, str], type] = {}
 
@@ -42,7 +45,9 @@ def config_extended_class(base: type, name: str, key: str, install: Callable[[An
     sig = inspect.signature(base.__init__)
     extra = inspect.Parameter(key, inspect.Parameter.KEYWORD_ONLY, default=None)
     __init__.__signature__ = sig.replace(parameters=[*sig.parameters.values(), extra])
-    cls = type(name, (base,), {"__init__": __init__, "__doc__": doc, "__module__": module})
+    # an IP-Adapter of the original model loads as it is: its numbering is mapped to the kept attention layers
+    cls = type(name, (base,), {"__init__": __init__, "__doc__": doc, "__module__": module,
+                               **ip_adapter_methods(base)})
     register_extension(base, key, cls)
     register_extension(cls, key, cls)
     return cls
@@ -95,7 +100,8 @@ def share_weights(source, target) -> None:
     that wrap a module ``target`` keeps come along as the same objects, with the model's ``peft_config``: the
     adapters' names, which are active, their weights and scales (``set_adapters``) stay as they were, and
     diffusers' adapter calls (``set_adapters``, ``disable_lora``, ``unload_lora``) work on ``target``. The
-    removed modules' LoRA goes with them."""
+    removed modules' LoRA goes with them. So do the attention processors of the kept attention layers, with a
+    loaded IP-Adapter (:func:`diffslim.models.adapters.carry_attention`)."""
     state = base_state_dict(source)
     target.load_state_dict({k: state[k] for k in target.state_dict()}, assign=True, strict=True)
     wrappers = _adapter_layers(source)
@@ -106,3 +112,4 @@ def share_weights(source, target) -> None:
     if wrappers:
         target.peft_config = dict(source.peft_config)
         target._hf_peft_config_loaded = True
+    carry_attention(source, target)

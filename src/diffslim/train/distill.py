@@ -46,6 +46,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from torch import nn
 
 from diffslim.errors import UserError
+from diffslim.models.derived import diffusers_base, ip_adapter_loaded
 from diffslim.train.data import collate
 
 logger = logging.getLogger(__name__)
@@ -739,22 +740,21 @@ _RESUMABLE = ("out", "steps", "stop_at", "checkpoint_every", "log_every", "keep_
               "gradient_checkpointing", "find_unused_parameters")
 
 
-def _diffusers_class(model: nn.Module) -> type:
-    """The diffusers class a (possibly pruned, diffslim-derived) denoiser is built on."""
-    return next((c for c in type(model).__mro__ if c.__module__.startswith("diffusers.")), type(model))
-
-
 def _check_student_fits(teacher: nn.Module, student: nn.Module) -> None:
     """Refuse, before any training, a student of another kind than the teacher (its class or its input and output
     channels differ): it could not take the teacher's inputs, or predict what the teacher predicts; and a teacher
-    or student with LoRAs loaded."""
+    or student with LoRAs or an IP-Adapter loaded."""
     for who, model in (("teacher", teacher), ("student", student)):
         # a pruned copy keeps the LoRA layers of the model it came from as the same objects: training one would
         # train the other
         if getattr(model, "peft_config", None):
             raise UserError(f"the {who} has LoRAs loaded ({', '.join(model.peft_config)}): distil without them "
                             "(pipe.unload_lora_weights()), then adapt each LoRA to the student with diffslim lora")
-    t_cls, s_cls = _diffusers_class(teacher), _diffusers_class(student)
+        # its processors would be shared the same way, and the trainer passes no image embeddings
+        if ip_adapter_loaded(model):
+            raise UserError(f"the {who} has an IP-Adapter loaded: distil without it (pipe.unload_ip_adapter()); "
+                            "the pruned student loads the original IP-Adapter afterwards")
+    t_cls, s_cls = diffusers_base(type(teacher)), diffusers_base(type(student))
     t_cfg, s_cfg = getattr(teacher, "config", {}), getattr(student, "config", {})
     keys = ("in_channels", "out_channels", "cross_attention_dim", "num_embeds_ada_norm", "class_embed_type")
     diff = [k for k in keys if k in t_cfg and t_cfg.get(k) != s_cfg.get(k)]
