@@ -311,3 +311,49 @@ def test_faceid_lora_weights_follow_their_attention_layers():
     assert len(loras) == 8 * len(kept) < 8 * len(names)
     for name in kept:  # the unet.<processor>.to_k_lora.down.weight of every kept processor is its own original tensor
         assert loras[f"unet.{name}.to_k_lora.down.weight"].item() == names.index(name)
+
+
+def test_sd3_pruned_and_stock_take_the_ip_adapter_renumbered():
+    """SD3's IP-Adapter (InstantX's layout) has weights for every attention processor: the stock SD3 with a block
+    removed fails on the missing number (KeyError), the pruned class and the adapted file load it right."""
+    from diffusers import SD3Transformer2DModel
+    from diffusers.models.attention_processor import SD3IPAdapterJointAttnProcessor2_0
+    from diffusers.models.embeddings import IPAdapterTimeImageProjection
+
+    def sd3():
+        torch.manual_seed(0)
+        return SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=8,
+                                     num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
+                                     pooled_projection_dim=16, out_channels=4, pos_embed_max_size=16).eval()
+
+    torch.manual_seed(5)
+    proj = IPAdapterTimeImageProjection(embed_dim=EMBED, output_dim=16, hidden_dim=64, depth=4, dim_head=64, heads=1,
+                                        num_queries=4, timestep_in_dim=32)
+    ip = {}
+    for i, _ in enumerate(sd3().attn_processors):
+        proc = SD3IPAdapterJointAttnProcessor2_0(hidden_size=16, ip_hidden_states_dim=16, head_dim=8,
+                                                 timesteps_emb_dim=64)
+        ip.update({f"{i}.{k}": torch.randn_like(v) * 0.2 for k, v in proc.state_dict().items()})
+    state = {"image_proj": dict(proj.state_dict()), "ip_adapter": ip}
+    g = torch.Generator().manual_seed(1)
+    plain = dict(hidden_states=torch.randn(1, 4, 8, 8, generator=g), timestep=torch.tensor([500.0]),
+                 encoder_hidden_states=torch.randn(1, 5, 16, generator=g),
+                 pooled_projections=torch.randn(1, 16, generator=g))
+    inputs = {**plain, "joint_attention_kwargs": {"ip_adapter_image_embeds": torch.randn(1, 1, EMBED, generator=g)}}
+
+    def load(model, st):  # diffusers' default (low_cpu_mem_usage) leaves a meta tensor in SD3's image projection
+        model._load_ip_adapter_weights(copy.deepcopy(st), low_cpu_mem_usage=False)
+        return model
+
+    removed = ["transformer_blocks.1"]
+    full = load(sd3(), state)
+    with lp.layers_removed(full, removed):
+        reference = _out(full, inputs)
+    assert torch.equal(_out(load(lp.prune_layers(sd3(), removed), state), inputs), reference)
+    assert not torch.equal(_out(lp.prune_layers(sd3(), removed), plain), reference)
+    with pytest.raises(KeyError):
+        load(lp.stock_model(lp.prune_layers(sd3(), removed)), state)
+    res = adapt_ip_adapter(lp.prune_layers(sd3(), removed), state)
+    assert res.dropped == ["transformer_blocks.1.attn.processor"]
+    stock = load(lp.stock_model(lp.prune_layers(sd3(), removed)), _nested(res.state_dict))
+    assert torch.equal(_out(stock, inputs), reference)
