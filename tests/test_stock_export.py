@@ -297,3 +297,49 @@ def test_distilling_a_stock_export_asks_for_the_layer_pruned_model():
         select_features(model, stock)
     assert select_features(model, stock, {"transformer_blocks.0": "transformer_blocks.1"}) == \
         {"transformer_blocks.0": "transformer_blocks.1"}
+
+
+def test_a_controlnet_of_the_original_model_drives_the_layer_pruned_unet_not_its_stock_export(tiny_sd_pipe, tmp_path):
+    """A ControlNet adds one residual per skip connection of the original U-Net. The layer-pruned U-Net keeps every
+    skip connection's place (its stand-ins still hand a feature on), so it takes the original ControlNet bit for bit
+    as the full model with the removed layers' stand-ins does; the stock export has fewer, diffusers pairs them by
+    position and fails on a shape, and `diffslim stock` refuses such a pipeline up front."""
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, UNet2DConditionModel
+
+    def unet():
+        torch.manual_seed(0)
+        return UNet2DConditionModel(
+            sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(16, 32),
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=16, attention_head_dim=2, norm_num_groups=8).eval()
+
+    torch.manual_seed(3)
+    controlnet = ControlNetModel.from_unet(unet(), conditioning_embedding_out_channels=(8, 16)).eval()
+    for p in [*controlnet.controlnet_down_blocks.parameters(), *controlnet.controlnet_mid_block.parameters()]:
+        torch.nn.init.normal_(p, std=0.1)  # ControlNet's zero convolutions, as training leaves them: not zero
+    g = torch.Generator().manual_seed(1)
+    x = dict(sample=torch.randn(2, 4, 8, 8, generator=g), timestep=torch.tensor([10, 600]),
+             encoder_hidden_states=torch.randn(2, 3, 16, generator=g))
+    with torch.no_grad():
+        down, mid = controlnet(**x, controlnet_cond=torch.randn(2, 3, 16, 16, generator=g), return_dict=False)
+    removed = lp.bk_sdm_layers(unet(), "base")
+
+    def run(model):
+        with torch.no_grad():
+            return model(**x, down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
+
+    full = unet()
+    with lp.layers_removed(full, removed):
+        reference = run(full)
+    assert torch.equal(run(lp.prune_layers(unet(), removed)), reference)
+    assert not torch.equal(run(unet()), reference)
+    with pytest.raises(RuntimeError, match="must match the size"):
+        run(lp.stock_model(lp.prune_layers(unet(), removed)))
+    pipe = StableDiffusionControlNetPipeline(
+        vae=tiny_sd_pipe.vae, text_encoder=tiny_sd_pipe.text_encoder, tokenizer=tiny_sd_pipe.tokenizer,
+        unet=lp.prune_layers(unet(), removed), controlnet=controlnet, scheduler=tiny_sd_pipe.scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(tmp_path / "pruned")
+    res = _cli("stock", tmp_path / "pruned", "--out", tmp_path / "stock")
+    assert res.exit_code == 2 and "ControlNet adds 6 residuals" in res.output and "stock U-Net has 4" in res.output
+    assert not (tmp_path / "stock").exists()

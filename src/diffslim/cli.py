@@ -957,6 +957,7 @@ def stock_cmd(
     if not removed:
         raise UserError(f"{model} has no removed layers (its config has no removed_layers): it is stock already")
     stock = stock_model(loaded.denoiser)
+    _check_controlnets(loaded.pipe, stock)
     out.mkdir(parents=True, exist_ok=True)
     kind = "pipeline" if loaded.pipe is not None and loaded.has_weights else "model"
     if kind == "pipeline":
@@ -980,6 +981,23 @@ def stock_cmd(
             console.print(f"IP-Adapter {path} -> {target}: {info['kept_processors']} attention processors kept "
                           f"({info['renumbered_processors']} renumbered for the stock model), "
                           f"{info['dropped_processors']} dropped with the removed layers")
+
+
+def _check_controlnets(pipe, stock) -> None:
+    """Refuse a stock export that the pipeline's ControlNet cannot feed: a ControlNet adds one residual per skip
+    connection of the original U-Net, and diffusers pairs them with the stock U-Net's fewer ones by position (the
+    first misplaced residual fails on a shape, or is added to the wrong feature)."""
+    controlnet = getattr(pipe, "controlnet", None) if pipe is not None else None
+    if controlnet is None or not hasattr(stock, "down_blocks"):
+        return
+    skips = 1 + sum(len(b.resnets) + (1 if getattr(b, "downsamplers", None) else 0) for b in stock.down_blocks)
+    for net in getattr(controlnet, "nets", [controlnet]):
+        residuals = len(getattr(net, "controlnet_down_blocks", []))
+        if residuals and residuals != skips:
+            raise UserError(f"the pipeline's ControlNet adds {residuals} residuals, one per skip connection of the "
+                            f"original U-Net; the stock U-Net has {skips}, so diffusers would add them to the wrong "
+                            "features: keep the layer-pruned pipeline for ControlNet (it takes the original "
+                            "ControlNet as it is)")
 
 
 def _denoiser_prefix(loaded) -> Optional[str]:
