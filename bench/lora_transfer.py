@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 import diffslim
-from diffslim.bench import sample_with_lora
+from diffslim.bench import sample_with_adapters
 from diffslim.measure import quality
 from diffslim.sample import SampleSpec
 from diffslim.train.data import ZooDigits
@@ -102,7 +102,7 @@ def main(argv=None) -> int:
     spec = SampleSpec(es.inputs, es.seeds, num_inference_steps=50, call_kwargs=es.call_kwargs, batch_size=50)
     outputs, rows = {}, []
     for with_lora in (False, True):
-        for method, r in sample_with_lora("zoo:digits-sd", args.methods, sd if with_lora else None, spec).items():
+        for method, r in sample_with_adapters("zoo:digits-sd", args.methods, spec, lora=sd if with_lora else None).items():
             out = outputs[(method, with_lora)] = r.pop("outputs")
             row = {"model": method, "lora": with_lora, **r,
                    "plain_acc": quality.digit_accuracy(out, labels, classifier),

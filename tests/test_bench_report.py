@@ -233,3 +233,21 @@ def test_lora_section_of_the_demo_report(tmp_path):
     out = rep.write(tmp_path / "r")
     assert "LoRAs on pruned models: zoo:digits-sd" in (out / "index.html").read_text()
     assert (out / "lora_digits-sd.png").is_file()
+
+
+def test_ip_adapter_section_of_the_demo_report(tmp_path):
+    """The demo's IP-Adapter section: the IP-Adapter of bench/ip_adapter_transfer.py, trained on the full
+    zoo:digits-sd, loaded as it is into a pruned model; the full model with it draws the prompt digits, the pruned
+    one has fewer IP layers and stays close to the full model with the IP-Adapter."""
+    from diffslim.demo import IP_ADAPTER_FILE, ip_adapter_section
+
+    rep = Report("t")
+    res = ip_adapter_section(rep, IP_ADAPTER_FILE, "zoo:digits-sd", "full,depth:9", n=10)
+    full, pruned = res["rows"]
+    assert full["method"] == "full" and full["ip_layers"] == 16
+    assert full["prompt_digit_accuracy"] >= 0.9  # the null label draws chance digits; the image prompt steers it
+    assert 0 < pruned["ip_layers"] < full["ip_layers"]
+    assert pruned["psnr_vs_full_with_ip_adapter"] > 30 and pruned["prompt_digit_accuracy"] >= 0.9
+    out = rep.write(tmp_path / "r")
+    assert "IP-Adapters on pruned models: zoo:digits-sd" in (out / "index.html").read_text()
+    assert (out / "ip_adapter_digits-sd.png").is_file()

@@ -357,3 +357,30 @@ def test_sd3_pruned_and_stock_take_the_ip_adapter_renumbered():
     assert res.dropped == ["transformer_blocks.1.attn.processor"]
     stock = load(lp.stock_model(lp.prune_layers(sd3(), removed)), _nested(res.state_dict))
     assert torch.equal(_out(stock, inputs), reference)
+
+
+def test_zoo_pipeline_samples_with_image_prompts_through_the_harness(tiny_digits_pipe):
+    """The zoo's class pipeline takes ``image_embeds`` for a loaded IP-Adapter (the bench's IP-Adapter measurement
+    uses it): per-sample inputs batch like the others, the unconditional half of CFG gets zero embeddings, and the
+    image prompt changes the samples; a pruned pipeline with the original file equals the stand-in reference."""
+    from diffslim.sample import SampleSpec, sample
+
+    pipe = copy.deepcopy(tiny_digits_pipe)
+    state = _ip_adapter(pipe.denoiser)
+    _loaded(pipe.denoiser, state)
+    g = torch.Generator().manual_seed(4)
+    embeds = [torch.randn(EMBED, generator=g) for _ in range(3)]
+    inputs = [{"class_label": y, "image_embeds": e} for y, e in zip((3, 1, 4), embeds)]
+    together = sample(pipe, SampleSpec(inputs, [0, 1, 2], num_inference_steps=3, batch_size=3))
+    alone = torch.cat([sample(pipe, SampleSpec([x], [i], num_inference_steps=3, batch_size=1))
+                       for i, x in enumerate(inputs)])
+    assert torch.allclose(together, alone, atol=1e-6)
+    zero = [{**x, "image_embeds": torch.zeros(EMBED)} for x in inputs]
+    assert not torch.allclose(sample(pipe, SampleSpec(zero, [0, 1, 2], num_inference_steps=3, batch_size=3)), together)
+    removed = ["down_blocks.1.attentions.1", "up_blocks.2.attentions.0"]
+    pruned = copy.deepcopy(tiny_digits_pipe)
+    pruned.denoiser = _loaded(lp.prune_layers(pruned.denoiser, removed), state)
+    spec = SampleSpec(inputs, [0, 1, 2], num_inference_steps=3, batch_size=3)
+    with lp.layers_removed(pipe.denoiser, removed):
+        reference = sample(pipe, spec)
+    assert torch.equal(sample(pruned, spec), reference)

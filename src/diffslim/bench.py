@@ -211,13 +211,15 @@ def sample_layer_selections(pipe, res: dict, spec: SampleSpec, metrics_fn: Calla
     return curves, bk
 
 
-def sample_with_lora(model: str, methods: str, lora: Optional[dict], spec: SampleSpec) -> dict:
+def sample_with_adapters(model: str, methods: str, spec: SampleSpec, lora: Optional[dict] = None,
+                         ip_adapter: Optional[dict] = None) -> dict:
     """Sample each bench method's model of ``model`` (a pipeline folder or ``zoo:NAME``) on ``spec``, with the LoRA
     ``lora`` (a PEFT state dict of the original denoiser, keys without the pipeline prefix) adapted to it by
-    :func:`diffslim.lora.adapt_lora`, or without a LoRA (``lora=None``). Each model is built from a fresh load by
-    the method's own builder, as the bench builds it (a pruned model is selected and trained without the LoRA;
-    PEFT then wraps the modules of that model only). Returns ``{method: {"outputs": (N, C, H, W), "params",
-    "lora_modules_kept", "lora_modules_dropped"}}``."""
+    :func:`diffslim.lora.adapt_lora`, and/or the IP-Adapter ``ip_adapter`` of the original denoiser (nested
+    ``{"image_proj", "ip_adapter"}``) loaded as it is (the pruned classes renumber it), or with neither. Each model
+    is built from a fresh load by the method's own builder, as the bench builds it (a pruned model is selected and
+    trained without the adapters; PEFT then wraps the modules of that model only). Returns ``{method: {"outputs":
+    (N, C, H, W), "params", "lora_modules_kept", "lora_modules_dropped", "ip_processors"}}``."""
     from diffslim.apply import denoiser_attr
     from diffslim.lora import adapt_lora
     from diffslim.models.load import load
@@ -236,6 +238,11 @@ def sample_with_lora(model: str, methods: str, lora: Optional[dict], spec: Sampl
             res = adapt_lora(den, lora)
             den.load_lora_adapter(res.state_dict, prefix=None, adapter_name="lora", metadata=res.config)
             row.update(lora_modules_kept=len(res.kept), lora_modules_dropped=sum(len(v) for v in res.dropped.values()))
+        if ip_adapter is not None:
+            import copy
+
+            den._load_ip_adapter_weights([copy.deepcopy(ip_adapter)], low_cpu_mem_usage=False)
+            row["ip_processors"] = sum(hasattr(p, "to_k_ip") for p in den.attn_processors.values())
         row["outputs"] = sample(pipe, variant.spec)
         out[variant.method] = row
     return out

@@ -188,7 +188,7 @@ def lora_section(rep, lora_file: Path, model: str, methods: str, n: int) -> dict
     against the full model with the LoRA, the LoRA modules kept and dropped, and a grid. Returns its rows."""
     import torch
 
-    from diffslim.bench import sample_with_lora
+    from diffslim.bench import sample_with_adapters
     from diffslim.lora import read_lora
     from diffslim.measure import quality
     from diffslim.report import image_grid
@@ -200,7 +200,7 @@ def lora_section(rep, lora_file: Path, model: str, methods: str, n: int) -> dict
     lora = {k.split(".", 1)[1]: v.float() for k, v in tensors.items()}  # the pipeline's "denoiser." prefix
     es = zoo_eval_set(model.split(":", 1)[1], n, seed=0)
     spec = SampleSpec(es.inputs, es.seeds, num_inference_steps=50, call_kwargs=es.call_kwargs, batch_size=n)
-    samples = sample_with_lora(model, methods, lora, spec)
+    samples = sample_with_adapters(model, methods, spec, lora=lora)
     classifier = load_digit_classifier()
     ref = samples["full"]["outputs"]
     rows = []
@@ -221,6 +221,51 @@ def lora_section(rep, lora_file: Path, model: str, methods: str, n: int) -> dict
     rep.add_figure(f"LoRA samples: {model}", "lora_digits-sd.png", image_grid(grid, nrow=10, upscale=4),
                    "one row per model (" + ", ".join(samples) + "), each with the adapted LoRA; first 10 inputs")
     return {"lora": str(lora_file), "n": n, "rows": rows}
+
+
+# An IP-Adapter of zoo:digits-sd (image prompt: a digit's pixels), trained on the full model by
+# bench/ip_adapter_transfer.py; the demo loads the original file into pruned models, it does not train it.
+IP_ADAPTER_FILE = PLANS_DIR / "ip_adapter_transfer_digits-sd.ip_adapter.safetensors"
+IP_ADAPTER_PLAN = dict(model="zoo:digits-sd", methods="full,layers:0.3,depth:9,depth:7", n=20)
+
+
+def ip_adapter_section(rep, ip_file: Path, model: str, methods: str, n: int) -> dict:
+    """An IP-Adapter of the full model, loaded as it is into each method's pruned model (the pruned classes renumber
+    it), as a report section: the share of samples read as the prompt digit's class (null label, a held-out digit as
+    the image prompt), PSNR against the full model with the IP-Adapter, the IP layers kept, and a grid."""
+    import torch
+
+    from diffslim.bench import sample_with_adapters
+    from diffslim.ip_adapter import read_ip_adapter
+    from diffslim.measure import quality
+    from diffslim.models.adapters import ip_adapter_parts
+    from diffslim.report import image_grid
+    from diffslim.sample import SampleSpec
+    from diffslim.zoo.classifier import load_digit_classifier
+    from diffslim.zoo.evalsets import image_prompt_eval_set
+    from diffslim.zoo.registry import zoo_entry
+
+    image_proj, ip, _ = ip_adapter_parts(read_ip_adapter(ip_file))
+    es = image_prompt_eval_set(n, null_label=zoo_entry(model.split(":", 1)[1]).cond_config["num_labels"])
+    spec = SampleSpec(es.inputs, es.seeds, num_inference_steps=50, batch_size=n)
+    samples = sample_with_adapters(model, methods, spec, ip_adapter={"image_proj": image_proj, "ip_adapter": ip})
+    classifier = load_digit_classifier()
+    ref = samples["full"]["outputs"]
+    rows = [{"method": m, "params": r["params"], "ip_layers": r["ip_processors"],
+             "prompt_digit_accuracy": quality.digit_accuracy(r["outputs"], es.labels, classifier),
+             "psnr_vs_full_with_ip_adapter": None if m == "full" else float(quality.psnr(r["outputs"], ref).mean())}
+            for m, r in samples.items()]
+    rep.add_text(f"IP-Adapters on pruned models: {model}",
+                 f"An IP-Adapter trained on the full {model} only, to draw the digit of an image prompt (a digit's "
+                 "pixels; bench/ip_adapter_transfer.py), loaded as it is into each pruned model (diffslim's pruned "
+                 "classes renumber its weights to the kept attention layers) and sampled with the null label and a "
+                 f"held-out digit as the prompt, {n} inputs, 50 DDIM steps. Prompt digit accuracy: the share of "
+                 "samples the digit classifier reads as the prompt's class; PSNR against the full model with it.")
+    rep.add_table(f"IP-Adapter on pruned models: {model}", rows)
+    grid = torch.cat([es.real_images[:10]] + [samples[m]["outputs"][:10] for m in samples])
+    rep.add_figure(f"IP-Adapter samples: {model}", "ip_adapter_digits-sd.png", image_grid(grid, nrow=10, upscale=4),
+                   "first row: the image prompts; then one row per model (" + ", ".join(samples) + ")")
+    return {"ip_adapter": str(ip_file), "n": n, "rows": rows}
 
 
 def run_demo(out: Path, n: int | None = None, methods: str | None = None, console: Console | None = None) -> Path:
@@ -339,6 +384,10 @@ def run_demo(out: Path, n: int | None = None, methods: str | None = None, consol
         rep.add_data("lora", lora_section(rep, LORA_FILE, **LORA_PLAN))
         console.print("LoRA on pruned models: " + ", ".join(
             f"{r['method']} {r['mirrored_digit_accuracy']:.2f}" for r in rep.data["lora"]["rows"]))
+    if IP_ADAPTER_FILE.exists():
+        rep.add_data("ip_adapter", ip_adapter_section(rep, IP_ADAPTER_FILE, **IP_ADAPTER_PLAN))
+        console.print("IP-Adapter on pruned models: " + ", ".join(
+            f"{r['method']} {r['prompt_digit_accuracy']:.2f}" for r in rep.data["ip_adapter"]["rows"]))
     rep.add_data("benches", benches)
     rep.add_data("workflows", workflows)
     rep.add_data("depth_searches", searches)

@@ -127,8 +127,8 @@ def _call_kwargs(pipe, batch: Sequence[dict]) -> dict:
         if key == "class_label":
             name = "class_labels"
             kw[name] = [int(v) for v in values]
-        elif key == "image" and all(isinstance(v, torch.Tensor) for v in values):
-            name = "image"
+        elif key in ("image", "image_embeds") and all(isinstance(v, torch.Tensor) for v in values):
+            name = key  # an image per sample, or an image prompt's embedding (the zoo's IP-Adapter input)
             kw[name] = torch.stack(values)
         else:
             name = key

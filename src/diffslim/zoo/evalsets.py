@@ -63,3 +63,16 @@ def task_eval_set(task: str, n: int, seed: int = 0, sample_size: int = 8, eval_p
 
     return EvalSet(inputs=[{"image": x} for x in lr], seeds=seeds, ground_truth=hr,
                    baseline=ZooSRPipeline.bicubic(lr, 2))
+
+
+def image_prompt_eval_set(n: int, null_label: int, seed: int = 0, sample_size: int = 8) -> EvalSet:
+    """``n`` image-prompt inputs of the digit models for an IP-Adapter whose image embedding is a digit's pixels:
+    the null label and a held-out test digit of class ``i % 10`` (the first of its class, then the second, ...) as
+    ``image_embeds``. ``labels``: the prompts' classes; ``real_images``: the prompt digits ``(N, 1, H, W)``."""
+    real, classes = zdata.digits("test", size=sample_size)
+    classes = torch.as_tensor(classes)
+    labels = [i % 10 for i in range(n)]
+    picked = [int(torch.nonzero(classes == y).flatten()[i // 10]) for i, y in enumerate(labels)]
+    refs = real[picked]
+    return EvalSet(inputs=[{"class_label": null_label, "image_embeds": r.flatten()} for r in refs],
+                   seeds=[seed + i for i in range(n)], labels=labels, real_images=refs)

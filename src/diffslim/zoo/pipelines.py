@@ -26,6 +26,8 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils.torch_utils import randn_tensor
 
+from diffslim.errors import UserError
+
 
 class LabelTokenEncoder(ModelMixin, ConfigMixin):
     """The miniature "text encoder": a label id -> a short sequence of token embeddings.
@@ -205,12 +207,17 @@ class ZooClassPipeline(_ZooPipelineIO, DiffusionPipeline):
             return self.cond_encoder.null_label
         return self.denoiser.config.num_embeds_ada_norm
 
-    def predict_noise(self, x: torch.Tensor, t, labels: torch.LongTensor) -> torch.Tensor:
-        """One denoiser call: ``x`` (B, C, H, W), ``labels`` (B,) -> epsilon (B, C, H, W)."""
+    def predict_noise(self, x: torch.Tensor, t, labels: torch.LongTensor,
+                      image_embeds: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """One denoiser call: ``x`` (B, C, H, W), ``labels`` (B,) -> epsilon (B, C, H, W). ``image_embeds`` (B, D):
+        the image prompts of an IP-Adapter loaded into the denoiser (``denoiser._load_ip_adapter_weights``)."""
         tt = torch.as_tensor(t, device=x.device).expand(x.shape[0])
         if self.cond_encoder is not None:
             ctx = self.cond_encoder(labels).to(x.dtype)
-            return self.denoiser(x, tt, encoder_hidden_states=ctx).sample
+            extra = {} if image_embeds is None else {"added_cond_kwargs": {"image_embeds": [image_embeds[:, None]]}}
+            return self.denoiser(x, tt, encoder_hidden_states=ctx, **extra).sample
+        if image_embeds is not None:
+            raise UserError("image_embeds need a cross-attention denoiser with an IP-Adapter loaded")
         return self.denoiser(x, tt, class_labels=labels).sample
 
     @torch.no_grad()
@@ -225,7 +232,11 @@ class ZooClassPipeline(_ZooPipelineIO, DiffusionPipeline):
         output_type: str = "pil",
         return_dict: bool = True,
         latents: Optional[torch.Tensor] = None,
+        image_embeds: Optional[torch.Tensor] = None,
     ):
+        """Sample digits ``class_labels``. ``image_embeds`` (B, D): image prompts for an IP-Adapter loaded into the
+        denoiser; classifier-free guidance then gives the unconditional half zero embeddings (diffusers'
+        negative image embedding) and the null label."""
         labels = [class_labels] if isinstance(class_labels, int) else list(class_labels)
         device = self._execution_device
         cfg = self.denoiser.config
@@ -247,11 +258,12 @@ class ZooClassPipeline(_ZooPipelineIO, DiffusionPipeline):
         for t in self.progress_bar(ts):
             xin = self.scheduler.scale_model_input(x, t)
             if use_cfg:
-                eps = self.predict_noise(torch.cat([xin, xin]), t, torch.cat([null, labels_t]))
+                emb = None if image_embeds is None else torch.cat([torch.zeros_like(image_embeds), image_embeds])
+                eps = self.predict_noise(torch.cat([xin, xin]), t, torch.cat([null, labels_t]), emb)
                 eps_u, eps_c = eps.chunk(2)
                 eps = eps_u + guidance_scale * (eps_c - eps_u)
             else:
-                eps = self.predict_noise(xin, t, labels_t)
+                eps = self.predict_noise(xin, t, labels_t, image_embeds)
             x = self.scheduler.step(eps, t, x, **step_kwargs).prev_sample
         images = _to_output((x + 1) / 2, output_type)
         if not return_dict:
