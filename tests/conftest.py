@@ -87,3 +87,21 @@ def _tiny_tokenizer():
     with open(f"{d}/merges.txt", "w") as f:
         f.write("#version: 0.2\n")
     return CLIPTokenizer(f"{d}/vocab.json", f"{d}/merges.txt", model_max_length=77)
+
+
+@pytest.fixture(scope="session")
+def sdxl_shaped_unet():
+    """A builder of a tiny U-Net with SDXL's layout (attention layers of 1, 2 and 3 transformer blocks), the same
+    random weights on every call."""
+    from diffusers import UNet2DConditionModel
+
+    def build():
+        torch.manual_seed(0)
+        return UNet2DConditionModel(
+            sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16, 16), layers_per_block=2,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 2, 3), cross_attention_dim=16, attention_head_dim=4,
+            norm_num_groups=4).eval()
+
+    return build

@@ -266,18 +266,10 @@ def test_cli_stock_writes_the_adapted_ip_adapter_beside_the_stock_model(tmp_path
     assert torch.equal(_out(stock, _unet_input()), _reference(_unet, removed, state, _unet_input()))
 
 
-def test_sdxl_shaped_unet_pruned_inside_its_attention_layers_and_its_stock_export():
+def test_sdxl_shaped_unet_pruned_inside_its_attention_layers_and_its_stock_export(sdxl_shaped_unet):
     """SDXL's deep attention layers hold several transformer blocks (self- and cross-attention alternate in each):
     pruning some of them (--inner) shifts the numbers inside a level, where every layer has one width."""
-    def unet():
-        torch.manual_seed(0)
-        return UNet2DConditionModel(
-            sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16, 16), layers_per_block=2,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-            transformer_layers_per_block=(1, 2, 3), cross_attention_dim=16, attention_head_dim=4,
-            norm_num_groups=4).eval()
-
+    unet = sdxl_shaped_unet
     names = ["down_blocks.1.attentions.0.transformer_blocks.0", "up_blocks.0.attentions.2.transformer_blocks.0",
              "up_blocks.0.attentions.2.transformer_blocks.2"]
     g = torch.Generator().manual_seed(1)

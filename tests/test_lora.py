@@ -432,20 +432,10 @@ def test_sd15_bk_sdm_small_stock_renaming_on_the_meta_device():
     assert len(res.kept) + sum(len(v) for v in res.dropped.values()) == len(sd) // 2
 
 
-def test_sdxl_shaped_unet_pruned_inside_its_attention_layers():
+def test_sdxl_shaped_unet_pruned_inside_its_attention_layers(sdxl_shaped_unet):
     """SDXL's deep attention layers hold several transformer blocks; pruning inside them (--inner) renumbers the
     kept blocks in the stock model: an SDXL LoRA must follow them."""
-    from diffusers import UNet2DConditionModel
-
-    def unet():
-        torch.manual_seed(0)
-        return UNet2DConditionModel(
-            sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16, 16), layers_per_block=2,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-            transformer_layers_per_block=(1, 2, 3), cross_attention_dim=16, attention_head_dim=4,
-            norm_num_groups=4).eval()
-
+    unet = sdxl_shaped_unet
     names = ["down_blocks.1.attentions.0.transformer_blocks.0", "up_blocks.0.attentions.2.transformer_blocks.0",
              "up_blocks.0.attentions.2.transformer_blocks.2"]
     sd = _lora(unet(), ["to_q", "to_k", "to_v", "to_out.0", "ff.net.2", "conv1"])

@@ -22,7 +22,8 @@ from torch import nn
 
 from diffslim.errors import UserError
 from diffslim.methods import layer_prune as _layers
-from diffslim.models.adapters import diffusers_base, ip_adapter_parts, original_processor_names, renumber_ip_adapter
+from diffslim.models.adapters import (diffusers_base, ip_adapter_parts, original_processor_names, read_safetensors,
+                                      renumber_ip_adapter, safetensors_file)
 
 _PROCESSOR = ".processor"
 
@@ -70,25 +71,14 @@ def adapt_ip_adapter(model: nn.Module, state_dict: Mapping) -> IPAdapterAdaptati
 
 def ip_adapter_file(path: Union[str, Path]) -> Path:
     """``path``, checked to be a safetensors file (pickled .bin files are refused)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"IP-Adapter {path}: no such file")
-    if path.suffix != ".safetensors":
-        raise UserError(f"IP-Adapter {path}: only .safetensors files are read (pickles are refused); diffusers' "
-                        "IP-Adapter repositories ship a .safetensors beside each .bin")
-    return path
+    return safetensors_file(Path(path), "IP-Adapter", "diffusers' IP-Adapter repositories ship a .safetensors "
+                                                      "beside each .bin")
 
 
 def read_ip_adapter(path: Union[str, Path]) -> dict[str, torch.Tensor]:
     """An IP-Adapter safetensors file's tensors (flat keys). Pickled files (.bin) are refused."""
-    from safetensors import safe_open
-
     path = ip_adapter_file(path)
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # a damaged or foreign file: safetensors' own reason
-        raise UserError(f"IP-Adapter {path} cannot be read as safetensors: {e}") from None
+    return read_safetensors(path, "IP-Adapter")[0]
 
 
 def write_ip_adapter(result: IPAdapterAdaptation, out: Union[str, Path]) -> Path:

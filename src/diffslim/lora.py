@@ -33,6 +33,7 @@ from torch import nn
 from diffslim.errors import UserError
 from diffslim.methods import depth_skip as _depth
 from diffslim.methods import layer_prune as _layers
+from diffslim.models.adapters import read_safetensors, safetensors_file
 
 # a key of diffusers' (PEFT) LoRA format: ``<module>.lora_A.weight`` and the like
 _KEY = re.compile(r"^(?P<module>.+?)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_B\.bias"
@@ -206,26 +207,16 @@ def lora_file(path: Union[str, Path]) -> Path:
         if len(found) != 1:
             raise UserError(f"{path} holds {len(found)} safetensors files and no {WEIGHT_NAME}: give the LoRA file")
         return found[0]
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"LoRA {path}: no such file or folder")
-    if path.suffix != ".safetensors":
-        raise UserError(f"LoRA {path}: only .safetensors files are read (pickles are refused); "
-                        "save it with save_lora_weights(..., safe_serialization=True)")
-    return path
+    return safetensors_file(path, "LoRA", "save it with save_lora_weights(..., safe_serialization=True)")
 
 
 def read_lora(path: Union[str, Path]) -> tuple[dict[str, torch.Tensor], Optional[dict]]:
     """A LoRA file's tensors and its ``lora_adapter_metadata`` (the LoRA configs, keys prefixed by component,
     e.g. ``unet.r``), or None when it has none."""
-    from safetensors import safe_open
-
     file = lora_file(path)
-    try:
-        with safe_open(str(file), framework="pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-            header = f.metadata() or {}
-    except Exception as e:  # a damaged or foreign file: safetensors' own reason
-        raise UserError(f"LoRA {file} cannot be read as safetensors: {e}") from None
+    tensors, header = read_safetensors(file, "LoRA")
     raw = header.get(METADATA_KEY)
     return tensors, (json.loads(raw) if raw else None)
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import inspect
 import re
+from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
 import torch
@@ -29,6 +30,27 @@ from diffslim.errors import UserError
 
 _IP_KEY = re.compile(r"^(?P<index>\d+)\.(?P<rest>.+)$")
 _PROJECTIONS = ("encoder_hid_proj", "text_encoder_hid_proj", "image_proj")  # where loaders put image projections
+
+
+def safetensors_file(path: Path, what: str, hint: str) -> Path:
+    """``path`` (a ``what``: "LoRA", "IP-Adapter"), checked to be a safetensors file; pickles are refused with
+    ``hint`` (how to get a safetensors file)."""
+    if not path.is_file():
+        raise UserError(f"{what} {path}: no such file")
+    if path.suffix != ".safetensors":
+        raise UserError(f"{what} {path}: only .safetensors files are read (pickles are refused); {hint}")
+    return path
+
+
+def read_safetensors(path: Path, what: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """A safetensors file's tensors and header metadata; a damaged or foreign file gets safetensors' own reason."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except Exception as e:  # noqa: BLE001 (whatever safetensors raises, the user gets its reason)
+        raise UserError(f"{what} {path} cannot be read as safetensors: {e}") from None
 
 
 def diffusers_base(cls: type) -> type:
