@@ -111,8 +111,8 @@ def renumber_ip_adapter(ip_adapter: Mapping[str, torch.Tensor], original: Sequen
     a processor in ``original``) numbered for the model whose processors are ``target``, and the original names of
     the processors whose weights were dropped (their layers are removed). ``rename``: original processor name ->
     its name in the target for every kept processor (a stock export's renumbered blocks; the others are dropped);
-    by default the names are the same. ``unet``: check
-    diffusers' U-Net numbering (self- and cross-attention alternate) on both lists.
+    by default the names are the same. ``unet``: check diffusers' U-Net numbering (self- and cross-attention
+    alternate) on both lists.
     """
     if unet:
         _check_unet_numbering(list(original), "original")
