@@ -343,3 +343,34 @@ def test_a_controlnet_of_the_original_model_drives_the_layer_pruned_unet_not_its
     res = _cli("stock", tmp_path / "pruned", "--out", tmp_path / "stock")
     assert res.exit_code == 2 and "ControlNet adds 6 residuals" in res.output and "stock U-Net has 4" in res.output
     assert not (tmp_path / "stock").exists()
+
+
+def test_a_t2i_adapter_of_the_original_model_drives_layer_pruned_and_stock_bk_sdm_unets(digits_sd):
+    """A T2I-Adapter adds one residual per U-Net level, after the level's last layer. A layer-pruned U-Net adds it
+    where the full model with the removed layers' stand-ins does, and so do the stock BK-SDM Base and Small exports,
+    bit for bit. Tiny loses the innermost level, whose residual then has no place (the README says how it differs)."""
+    from diffusers import T2IAdapter
+
+    unet, _ = digits_sd
+    torch.manual_seed(3)
+    adapter = T2IAdapter(in_channels=1, channels=[32, 64, 64, 64], num_res_blocks=1, downscale_factor=1,
+                         adapter_type="full_adapter").eval()
+    g = torch.Generator().manual_seed(1)
+    x = dict(sample=torch.randn(2, 1, 8, 8, generator=g), timestep=torch.tensor([10, 600]),
+             encoder_hidden_states=torch.randn(2, 1, 32, generator=g))
+    with torch.no_grad():
+        residuals = adapter(torch.randn(2, 1, 8, 8, generator=g))
+
+    def run(model):
+        with torch.no_grad():
+            return model(**x, down_intrablock_additional_residuals=[r.clone() for r in residuals]).sample
+
+    for variant in ("base", "small", "tiny"):
+        removed = lp.bk_sdm_layers(unet, variant)
+        with lp.layers_removed(unet, removed):
+            reference = run(unet)
+        pruned = lp.prune_layers(unet, removed)
+        assert torch.equal(run(pruned), reference), variant
+        with torch.no_grad():
+            assert not torch.equal(pruned(**x).sample, reference), variant  # the adapter acts
+        assert torch.equal(run(lp.stock_model(pruned)), reference) == (variant != "tiny"), variant
