@@ -131,12 +131,26 @@ def _install_skip_plan(pipe, section) -> None:
         pipe.scheduler = pin_schedule(pipe.scheduler, steps)
 
 
+_DENOISER_SECTIONS = ("depth", "removed_layers", "skip_plan")
+
+
+def _check_not_compiled(pipe) -> None:
+    """Refuse to change a compiled denoiser: its compiled code would not run the hooks or see the copy."""
+    den = getattr(pipe, denoiser_attr(pipe))
+    if isinstance(den, torch._dynamo.eval_frame.OptimizedModule) or getattr(den, "_compiled_call_impl", None) \
+            is not None or getattr(den, "_diffslim_compiled", None) is not None:
+        raise UserError("the pipeline's denoiser is compiled: apply the recipe to the eager pipeline, then compile "
+                        "(diffslim.compile(pipe)); diffslim.compiling.uncompile(pipe.unet) undoes diffslim.compile")
+
+
 def apply(pipe, recipe):
     """Apply ``recipe`` (a :class:`Recipe`, a dict or a path to a JSON file) to ``pipe`` in place; returns ``pipe``."""
     if not isinstance(recipe, Recipe):
         from diffslim.recipe import parse_recipe
 
         recipe = parse_recipe(recipe) if isinstance(recipe, dict) else load_recipe(recipe)
+    if any(getattr(recipe, s) is not None for s in _DENOISER_SECTIONS):
+        _check_not_compiled(pipe)
     for section in Recipe.section_names():
         value = getattr(recipe, section)
         if value is None:

@@ -815,6 +815,28 @@ def parse_methods(text: str) -> list[tuple[str, Optional[str]]]:
     return out
 
 
+def _compile_and_warm(variant: Variant, options: dict):
+    """Compile ``variant``'s denoiser with ``options`` (``torch.compile``'s arguments) and run one batch of
+    each size its spec samples in, so that the timed runs neither compile nor recompile. Returns the
+    denoiser, how it was compiled (:class:`diffslim.compiling.CompileInfo`'s ``how``) and the seconds this took."""
+    import torch._dynamo
+
+    from diffslim.apply import denoiser_attr
+    from diffslim.compiling import compile_denoiser
+
+    # each variant starts from empty compile caches: no variant pays for another's recompilations, and
+    # the code of one is not reused for the next (they are different modules of the same classes)
+    torch._dynamo.reset()
+    den = getattr(variant.pipe, denoiser_attr(variant.pipe))
+    t0 = time.perf_counter()
+    info = compile_denoiser(den, **options)
+    spec, n, bs = variant.spec, len(variant.spec.inputs), variant.spec.batch_size
+    for size in sorted({min(bs, n), n % bs} - {0}, reverse=True):
+        warm = spec.replace(inputs=spec.inputs[:size], seeds=spec.seeds[:size], batch_size=size)
+        run_pipeline(variant.pipe, warm, list(range(size)))
+    return den, info.how, time.perf_counter() - t0
+
+
 def count_run_macs(pipe, spec: SampleSpec) -> int:
     """MACs of sampling ONE input of ``spec`` with ``pipe`` (every module the pipeline runs), FLOPs/2."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -839,13 +861,17 @@ class BenchResult:
 def run_bench(loaded, methods: str, evalset, default_steps: int = 50, scheduler: Optional[str] = None,
               batch_size: int = 16, metrics_fn: Optional[Callable] = None, progress: bool = True,
               repeats: int = 1, data: str = "zoo", resolution: Optional[int] = None,
-              task_weight: float = 1.0) -> BenchResult:
+              task_weight: float = 1.0, compile: Optional[dict] = None) -> BenchResult:
     """Run every method on ``evalset``'s inputs; ``full`` always runs first as the reference.
 
     ``metrics_fn(outputs, reference) -> dict`` adds quality and task metrics to each row. ``data`` and
     ``resolution``: what the methods that score or train use; ``task_weight``: the task loss's weight in their
     training (see :class:`BenchContext`).
     Wall time is the best of ``repeats`` timed runs after one untimed warm-up batch.
+    ``compile``: ``torch.compile`` arguments (``{}`` for the defaults); every variant's denoiser is then
+    compiled as :func:`diffslim.compiling.compile_denoiser` does, after its MACs are counted, the warm-up
+    runs a batch of every size the timed runs use (it compiles; its time is the row's ``compile_seconds``),
+    and the variant goes back to eager afterwards.
     """
     if loaded.pipe is None:
         raise UserError(f"{loaded.source} has no pipeline to sample; bench needs a pipeline folder or zoo:NAME")
@@ -866,16 +892,26 @@ def run_bench(loaded, methods: str, evalset, default_steps: int = 50, scheduler:
     full_time = full_macs = None
     for name, arg in parsed:
         variant = METHODS[name](arg, ctx)
+        compiled = None
         try:
-            warm = variant.spec.replace(inputs=variant.spec.inputs[:1], seeds=variant.spec.seeds[:1])
-            run_pipeline(variant.pipe, warm, [0])
+            if compile is None:
+                warm = variant.spec.replace(inputs=variant.spec.inputs[:1], seeds=variant.spec.seeds[:1])
+                run_pipeline(variant.pipe, warm, [0])
+            else:
+                macs = count_run_macs(variant.pipe, variant.spec)  # eager: the flop counter does not see compiled code
+                compiled, how, compile_seconds = _compile_and_warm(variant, compile)
             best = float("inf")
             for _ in range(max(1, repeats)):
                 t0 = time.perf_counter()
                 out = sample(variant.pipe, variant.spec, show_progress=progress, description=variant.method)
                 best = min(best, time.perf_counter() - t0)
-            macs = count_run_macs(variant.pipe, variant.spec)
+            if compile is None:
+                macs = count_run_macs(variant.pipe, variant.spec)
         finally:
+            if compiled is not None:
+                from diffslim.compiling import uncompile
+
+                uncompile(compiled)
             if variant.cleanup is not None:
                 variant.cleanup()
         if full_time is None:
@@ -889,6 +925,9 @@ def run_bench(loaded, methods: str, evalset, default_steps: int = 50, scheduler:
             "seconds": best,
             "speedup": full_time / best,
         }
+        if compile is not None:
+            row["compiled"] = how
+            row["compile_seconds"] = compile_seconds
         if metrics_fn is not None:
             row.update(metrics_fn(out, reference))
         if variant.notes:

@@ -184,6 +184,10 @@ def _load_with_recipe(model: str, recipe: Optional[Path], steps: Optional[int] =
     return loaded, rec
 
 
+_COMPILE_HELP = ("torch.compile the denoiser after the recipe (a skip plan's or multi-depth schedule's per-step "
+                 "decisions stay eager, the modules they run are compiled); the first batch compiles")
+
+
 @app.command("sample")
 @_guard
 def sample_cmd(
@@ -196,9 +200,13 @@ def sample_cmd(
     recipe: Optional[Path] = typer.Option(None, help="a recipe JSON to apply first"),
     prompts: Optional[Path] = typer.Option(None, help="text file, one prompt per line (text-to-image)"),
     batch_size: int = typer.Option(16, min=1, help="samples per pipeline call"),
+    compile: bool = typer.Option(False, "--compile", help=_COMPILE_HELP),
+    compile_mode: Optional[str] = typer.Option(None, help="torch.compile mode (with --compile)"),
+    compile_backend: Optional[str] = typer.Option(None, help="torch.compile backend (with --compile; default inductor)"),
 ):
     """Sample a model on fixed seeds and inputs; write PNGs and a grid."""
     _out_folder(out)
+    compile_options = _compile_options(compile, compile_mode, compile_backend)
     _quiet_libraries()
     from diffslim.evaluate import eval_set_for
     from diffslim.report import image_grid
@@ -211,6 +219,10 @@ def sample_cmd(
     default_steps = loaded.zoo.default_steps if loaded.zoo else 50
     spec = SampleSpec(es.inputs, es.seeds, num_inference_steps=steps or default_steps, scheduler=scheduler,
                       call_kwargs=es.call_kwargs, batch_size=batch_size)
+    if compile_options is not None:
+        from diffslim.compiling import compile_pipeline
+
+        compile_pipeline(loaded.pipe, **compile_options)
     images = sample(loaded.pipe, spec, show_progress=True)
     out.mkdir(parents=True, exist_ok=True)
     for i, im in enumerate(images):
@@ -302,8 +314,14 @@ def bench(
     kd_task_weight: float = typer.Option(1.0, help="weight of the diffusion task loss when +kd distils and +ft "
                                                     "fine-tunes (1: the papers' loss; 0: output and feature "
                                                     "distillation only, which stays closer to the unpruned model)"),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile every variant's denoiser (a skip plan's or "
+                                 "multi-depth schedule's per-step decisions stay eager) and time it compiled; the "
+                                 "compile time is its own column"),
+    compile_mode: Optional[str] = typer.Option(None, help="torch.compile mode (with --compile)"),
+    compile_backend: Optional[str] = typer.Option(None, help="torch.compile backend (with --compile; default inductor)"),
 ):
     """Compare compression methods on the same inputs in one run: MACs, speed and quality, one row each."""
+    compile_options = _compile_options(compile, compile_mode, compile_backend)
     _metric_weights(clip, lpips, inception)
     if html is not None:
         _out_folder(html, "--html")
@@ -320,7 +338,8 @@ def bench(
     default_steps = steps or (loaded.zoo.default_steps if loaded.zoo else 50)
     res = run_bench(loaded, methods, es, default_steps=default_steps, scheduler=scheduler, batch_size=batch_size,
                     metrics_fn=metrics_fn_for(loaded, es, clip_path=clip, lpips_path=lpips, inception_path=inception),
-                    progress=not as_json, repeats=repeats, data=data, resolution=resolution, task_weight=kd_task_weight)
+                    progress=not as_json, repeats=repeats, data=data, resolution=resolution, task_weight=kd_task_weight,
+                    compile=compile_options)
     rows = [{k: finite(v) for k, v in r.items()} for r in res.rows]
     if html is not None:
         from diffslim.report import Report, add_bench_section
@@ -427,6 +446,20 @@ def workflow(
         console.print(f"[yellow]{res.stopped}[/]", highlight=False)
     console.print(f"recipe: {out / 'recipe.json'} (load {res.recipe.model}, then diffslim.apply(pipe, recipe)); "
                   f"report: {out / 'index.html'}", highlight=False)
+
+
+def _compile_options(compile: bool, mode: Optional[str], backend: Optional[str]) -> Optional[dict]:
+    """``torch.compile`` arguments from --compile, --compile-mode and --compile-backend, checked before any work;
+    None without --compile."""
+    if not compile:
+        given = [o for o, v in (("--compile-mode", mode), ("--compile-backend", backend)) if v is not None]
+        if given:
+            raise UserError(f"{' and '.join(given)} would be ignored without --compile")
+        return None
+    from diffslim.compiling import check_compile_options
+
+    check_compile_options(backend or "inductor", mode)
+    return {k: v for k, v in (("backend", backend), ("mode", mode)) if v is not None}
 
 
 def _check_data(data: str) -> None:

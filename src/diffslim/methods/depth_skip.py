@@ -22,7 +22,7 @@ writes only the kept weights and ``from_pretrained`` reloads them.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from diffusers import UNet2DConditionModel, UNet2DModel
@@ -272,6 +272,7 @@ class _MultiDepthRouter(ModelHook):
         super().__init__()
         self.ranges = ranges
         self.variants = variants
+        self.compiled: Optional[dict] = None  # set by compile_multi_depth: depth -> compiled callable
 
     def depth_for(self, t: float):
         for t_min, depth in self.ranges:
@@ -283,8 +284,27 @@ class _MultiDepthRouter(ModelHook):
         t = float(timestep.flatten()[0]) if torch.is_tensor(timestep) else float(timestep)
         depth = self.depth_for(t)
         if depth is None or depth not in self.variants:
-            return self.fn_ref.original_forward(sample, timestep, *args, **kwargs)
-        return self.variants[depth](sample, timestep, *args, **kwargs)
+            run = self.compiled.get(None) if self.compiled else None
+            return (run or self.fn_ref.original_forward)(sample, timestep, *args, **kwargs)
+        run = self.compiled.get(depth) if self.compiled else None
+        return (run or self.variants[depth])(sample, timestep, *args, **kwargs)
+
+
+def compile_multi_depth(unet: nn.Module, compile_fn: Optional[Callable[[Callable, str], Callable]]) -> int:
+    """Run each depth of an installed multi-depth schedule, and the full model, through
+    ``compile_fn(forward, name)`` (``None``: back to eager); returns how many it compiled. The routing by timestep stays in Python:
+    a compiled router would guard on the timestep and recompile at every step."""
+    reg = getattr(unet, "_diffusers_hook", None)
+    router = reg.get_hook(_ROUTER_HOOK) if reg is not None else None
+    if router is None:
+        raise ValueError("no multi-depth schedule is installed on this model")
+    if compile_fn is None:
+        router.compiled = None
+        return 0
+    # torch.compile is lazy: a wrapped forward that no timestep reaches costs nothing
+    router.compiled = {d: compile_fn(v.__call__, f"depth_{d}") for d, v in router.variants.items()}
+    router.compiled[None] = compile_fn(router.fn_ref.original_forward, "full_depth")
+    return len(router.compiled)
 
 
 def multi_depth(unet: nn.Module, ranges) -> nn.Module:

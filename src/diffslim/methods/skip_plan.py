@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -53,7 +53,7 @@ from diffslim.errors import UserError
 __all__ = [
     "GRANULARITIES", "PlanUnits", "plan_units", "effective_plan", "effective_plan_soft", "plan_macs_ratio",
     "PlanState", "SkipPlanRuntime", "apply_skip_plan", "remove_skip_plan", "deepcache_plan", "random_plan",
-    "validate_plan", "denoiser_steps", "check_scheduler", "full_plan", "plan_units_at",
+    "validate_plan", "denoiser_steps", "check_scheduler", "full_plan", "plan_units_at", "compile_skip_plan",
 ]
 
 GRANULARITIES = ("coarse", "fine")
@@ -453,6 +453,7 @@ class _UnitHook(ModelHook):
         self.state = state
         self.unit = unit
         self.key = key
+        self.compiled: Optional[Callable] = None  # set by compile_skip_plan: the module's forward, compiled
 
     def new_forward(self, module, *args, **kwargs):
         st = self.state
@@ -466,7 +467,7 @@ class _UnitHook(ModelHook):
             st.caches[self.key] = out
             return out
         if st.run[st.step][self.unit]:
-            out = self.fn_ref.original_forward(*args, **kwargs)
+            out = (self.compiled or self.fn_ref.original_forward)(*args, **kwargs)
             if st.store[st.step][self.unit]:
                 st.caches[self.key] = out
             else:
@@ -593,6 +594,28 @@ def apply_skip_plan(denoiser: nn.Module, plan, units: Optional[PlanUnits] = None
     rt = SkipPlanRuntime(denoiser, units, arr, eff, state, hooked)
     denoiser._diffslim_skip_plan = rt
     return rt
+
+
+def compile_skip_plan(denoiser: nn.Module, compile_fn: Optional[Callable[[Callable, str], Callable]]) -> int:
+    """Run each module of an installed plan's units through ``compile_fn(forward, name)`` (the module's
+    forward and its name; see ``diffslim.compiling``); ``None`` goes back to the eager forwards. Returns
+    how many modules it compiled.
+
+    The plan's decisions (which step this is, run or hand on the cache) stay in Python, outside every
+    compiled region: compiling the whole denoiser would instead guard on the step index, recompile at
+    each step until Dynamo's recompile limit, and then run the rest eagerly. Modules outside the units
+    (embeddings, conv_in, conv_out, the final norm) stay eager; with the training gates the hooks run
+    the eager forwards.
+    """
+    rt = getattr(denoiser, "_diffslim_skip_plan", None)
+    if rt is None:
+        raise ValueError("no skip plan is installed on this denoiser")
+    n = 0
+    for m in rt.hooked:
+        hook = denoiser.get_submodule(m)._diffusers_hook.get_hook(_UNIT_HOOK)
+        hook.compiled = None if compile_fn is None else compile_fn(hook.fn_ref.original_forward, m)
+        n += compile_fn is not None
+    return n
 
 
 def remove_skip_plan(denoiser: nn.Module) -> None:
