@@ -166,7 +166,39 @@ def _recipe_steps(rec) -> Optional[int]:
     return None
 
 
-def _load_with_recipe(model: str, recipe: Optional[Path], steps: Optional[int] = None):
+def _placed_id(model: str, device, dtype) -> str:
+    """The reference cache's model id: the weights' fingerprint, and where and in which dtype they ran when
+    that is not the CPU in float32 (other kernels give other outputs)."""
+    from diffslim.sample import model_fingerprint
+
+    fp = model_fingerprint(model)
+    if torch_device_type(device) == "cpu" and str(dtype) == "torch.float32":
+        return fp
+    return f"{fp}|{torch_device_type(device)}|{str(dtype).removeprefix('torch.')}"
+
+
+def torch_device_type(device) -> str:
+    return getattr(device, "type", str(device).split(":")[0])
+
+
+def _placement(device, dtype) -> dict:
+    """``load``'s keyword arguments for a device and dtype (None: its defaults)."""
+    return {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
+
+
+_DEVICE_HELP = ("device to load and sample on: auto (this process's GPU when torch sees one, else the CPU), cpu, "
+                "cuda, cuda:N, mps")
+_DTYPE_HELP = "weights and sampling dtype: float32, bfloat16 or float16"
+
+
+def _precision(device: str, dtype: str):
+    """(torch.device, torch.dtype) from --device and --dtype, refused with what is accepted."""
+    from diffslim.models.load import resolve_device, resolve_dtype
+
+    return resolve_device(device), resolve_dtype(dtype)
+
+
+def _load_with_recipe(model: str, recipe: Optional[Path], steps: Optional[int] = None, device=None, dtype=None):
     from diffslim.apply import apply
     from diffslim.models.load import load
     from diffslim.recipe import load_recipe
@@ -176,7 +208,7 @@ def _load_with_recipe(model: str, recipe: Optional[Path], steps: Optional[int] =
     if fixed is not None and steps is not None and steps != fixed:
         raise UserError(f"--steps {steps}: the recipe {recipe} samples {fixed} steps (its schedule or skip plan); "
                         "drop --steps")
-    loaded = load(model)
+    loaded = load(model, **_placement(device, dtype))
     if rec is not None:
         if loaded.pipe is None:
             raise UserError(f"{model} is not a pipeline; a recipe applies to a pipeline folder or zoo:NAME")
@@ -203,10 +235,13 @@ def sample_cmd(
     compile: bool = typer.Option(False, "--compile", help=_COMPILE_HELP),
     compile_mode: Optional[str] = typer.Option(None, help="torch.compile mode (with --compile)"),
     compile_backend: Optional[str] = typer.Option(None, help="torch.compile backend (with --compile; default inductor)"),
+    device: str = typer.Option("auto", help=_DEVICE_HELP),
+    dtype: str = typer.Option("float32", help=_DTYPE_HELP),
 ):
     """Sample a model on fixed seeds and inputs; write PNGs and a grid."""
     _out_folder(out)
     compile_options = _compile_options(compile, compile_mode, compile_backend)
+    dev, dt = _precision(device, dtype)
     _quiet_libraries()
     from diffslim.evaluate import eval_set_for
     from diffslim.report import image_grid
@@ -214,7 +249,7 @@ def sample_cmd(
 
     if n < 1:
         raise UserError("--n must be at least 1")
-    loaded, rec = _load_with_recipe(model, recipe, steps)
+    loaded, rec = _load_with_recipe(model, recipe, steps, device=dev, dtype=dt)
     es = eval_set_for(loaded, n, seed=seed, prompts_file=prompts)
     default_steps = loaded.zoo.default_steps if loaded.zoo else 50
     spec = SampleSpec(es.inputs, es.seeds, num_inference_steps=steps or default_steps, scheduler=scheduler,
@@ -245,23 +280,26 @@ def evaluate(
     lpips: Optional[Path] = typer.Option(None, help="local LPIPS backbone checkpoint for lpips"),
     inception: Optional[Path] = typer.Option(None, help="local FID Inception weights (torch-fidelity format)"),
     as_json: bool = typer.Option(False, "--json"),
+    device: str = typer.Option("auto", help=_DEVICE_HELP),
+    dtype: str = typer.Option("float32", help=_DTYPE_HELP + " (the full model's reference too)"),
 ):
     """The metrics that apply to the model (digit_accuracy, PSNR/SSIM to ground truth or to the full model)."""
     _metric_weights(clip, lpips, inception)
+    dev, dt = _precision(device, dtype)
     _quiet_libraries()
     from diffslim.evaluate import eval_set_for, finite, metrics_fn_for
     from diffslim.models.load import load
     from diffslim.sample import ReferenceCache, SampleSpec, model_fingerprint, sample
 
-    loaded, rec = _load_with_recipe(model, recipe)
+    loaded, rec = _load_with_recipe(model, recipe, device=dev, dtype=dt)
     es = eval_set_for(loaded, n, seed=seed, prompts_file=prompts)
     default_steps = loaded.zoo.default_steps if loaded.zoo else 50
     spec = SampleSpec(es.inputs, es.seeds, num_inference_steps=steps or default_steps,
                       call_kwargs=es.call_kwargs, batch_size=batch_size)
     reference = None
     if rec is not None:
-        full = load(model)
-        reference = sample(full.pipe, spec, cache=ReferenceCache(), model_id=model_fingerprint(model),
+        full = load(model, device=dev, dtype=dt)
+        reference = sample(full.pipe, spec, cache=ReferenceCache(), model_id=_placed_id(model, dev, dt),
                            show_progress=True, description="reference (full model)")
     outputs = sample(loaded.pipe, spec, show_progress=True, description="evaluating")
     metrics = metrics_fn_for(loaded, es, clip_path=clip, lpips_path=lpips, inception_path=inception)(outputs, reference)
@@ -319,9 +357,12 @@ def bench(
                                  "compile time is its own column"),
     compile_mode: Optional[str] = typer.Option(None, help="torch.compile mode (with --compile)"),
     compile_backend: Optional[str] = typer.Option(None, help="torch.compile backend (with --compile; default inductor)"),
+    device: str = typer.Option("auto", help=_DEVICE_HELP),
+    dtype: str = typer.Option("float32", help=_DTYPE_HELP + "; methods that train need float32"),
 ):
     """Compare compression methods on the same inputs in one run: MACs, speed and quality, one row each."""
     compile_options = _compile_options(compile, compile_mode, compile_backend)
+    dev, dt = _precision(device, dtype)
     _metric_weights(clip, lpips, inception)
     if html is not None:
         _out_folder(html, "--html")
@@ -330,10 +371,11 @@ def bench(
     from diffslim.evaluate import eval_set_for, finite, metrics_fn_for
     from diffslim.models.load import load
 
-    parse_methods(methods)  # reject bad method names before loading anything
+    parsed = parse_methods(methods)  # reject bad method names before loading anything
     _check_data(data)
     check_task_weight(kd_task_weight)
-    loaded = load(model)
+    _check_trains_in_float32(parsed, dtype, dt)
+    loaded = load(model, device=dev, dtype=dt)
     es = eval_set_for(loaded, n, seed=seed, prompts_file=prompts)
     default_steps = steps or (loaded.zoo.default_steps if loaded.zoo else 50)
     res = run_bench(loaded, methods, es, default_steps=default_steps, scheduler=scheduler, batch_size=batch_size,
@@ -460,6 +502,20 @@ def _compile_options(compile: bool, mode: Optional[str], backend: Optional[str])
 
     check_compile_options(backend or "inductor", mode)
     return {k: v for k, v in (("backend", backend), ("mode", mode)) if v is not None}
+
+
+def _check_trains_in_float32(parsed, name: str, dtype) -> None:
+    """Refuse bench methods that train (distillation, fine-tuning, the DiP-GO pruner) in another dtype than float32."""
+    import torch
+
+    if dtype == torch.float32:
+        return
+    train = [f"{m}:{a}" for m, a in parsed if a is not None and (("+kd" in a or ("+ft" in a and "+ft@" not in a))
+                                                                or (m == "dipgo" and not a.startswith("@")))]
+    if train:
+        raise UserError(f"--dtype {name}: {', '.join(train)} train{'s' if len(train) == 1 else ''} the model, which "
+                        "diffslim does in float32; bench them in float32, or train first and bench the result "
+                        "(dipgo:@RECIPE, depth:N+ft@FOLDER)")
 
 
 def _check_data(data: str) -> None:

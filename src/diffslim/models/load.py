@@ -126,6 +126,45 @@ def _zoo_pipeline_class(name: str):
     return getattr(pipelines, name, None)
 
 
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """``"float32"``, ``"bfloat16"``, ``"float16"`` (or ``fp32``, ``bf16``, ``fp16``) -> the torch dtype."""
+    if name not in DTYPES:
+        raise UserError(f"unknown dtype {name!r}; accepted: float32, bfloat16, float16 (or fp32, bf16, fp16)")
+    return DTYPES[name]
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """The device to load and sample on: ``"auto"`` is this process's GPU when torch sees one (under
+    ``accelerate launch`` each process its own), else Apple's ``mps`` when there is one, else the CPU;
+    ``"cpu"``, ``"cuda"``, ``"cuda:N"`` and ``"mps"`` name one. A device this machine does not have is refused.
+    """
+    accepted = "auto, cpu" + (", cuda, cuda:N" if torch.cuda.is_available() else "") + (
+        ", mps" if torch.backends.mps.is_available() else "")
+    if name == "auto":
+        if torch.cuda.is_available():
+            from accelerate import PartialState
+
+            return PartialState().device
+        return torch.device("mps") if torch.backends.mps.is_available() else torch.device("cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}; accepted here: {accepted}") from None
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        have = f"{torch.cuda.device_count()} CUDA devices" if torch.cuda.is_available() else \
+            f"no CUDA device (torch {torch.__version__})"
+        raise UserError(f"device {name!r}: this machine has {have}; accepted here: {accepted}")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"device {name!r}: this machine has no mps device; accepted here: {accepted}")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"device {name!r} is not supported; accepted here: {accepted}")
+    return dev
+
+
 def load_pipeline_folder(folder: Path, dtype=torch.float32, device="cpu"):
     """Load a pipeline folder (zoo pipelines included) from safetensors weights only."""
     index = _read_json(folder / "model_index.json")
