@@ -60,3 +60,25 @@ def test_the_reference_cache_keeps_precisions_apart():
     ids = {_placed_id("zoo:digits-sd", torch.device(d), t) for d, t in
            (("cpu", torch.float32), ("cpu", torch.bfloat16), ("cuda", torch.float32), ("cuda", torch.float16))}
     assert len(ids) == 4
+
+
+def test_load_takes_names_and_evaluate_compiled_matches_eager(tmp_path):
+    import json
+
+    import diffslim
+
+    loaded = diffslim.load("zoo:digits-dit", dtype="bf16", device="auto")
+    p = next(loaded.denoiser.parameters())
+    assert p.dtype is torch.bfloat16 and p.device == resolve_device("auto")
+    with pytest.raises(UserError, match="unknown dtype"):
+        diffslim.load("zoo:digits-dit", dtype="double")
+    args = ["evaluate", "zoo:digits-dit", "--n", "2", "--steps", "3", "--recipe"]
+    rec = {"sampling": {"scheduler": "ddim", "num_inference_steps": 3}, "removed_layers": {"layers": ["transformer_blocks.3"]}}
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(rec))
+    runs = []
+    for extra in ([], ["--compile", "--compile-backend", "eager"]):
+        res = _cli(*args, path, "--json", *extra)
+        assert res.exit_code == 0, res.output
+        runs.append(json.loads(res.output))
+    assert runs[0] == runs[1] and runs[0]["psnr"] < 100  # the pruned model, compiled, scores as it does eagerly

@@ -282,9 +282,13 @@ def evaluate(
     as_json: bool = typer.Option(False, "--json"),
     device: str = typer.Option("auto", help=_DEVICE_HELP),
     dtype: str = typer.Option("float32", help=_DTYPE_HELP + " (the full model's reference too)"),
+    compile: bool = typer.Option(False, "--compile", help=_COMPILE_HELP + " (the full model's reference stays eager)"),
+    compile_mode: Optional[str] = typer.Option(None, help="torch.compile mode (with --compile)"),
+    compile_backend: Optional[str] = typer.Option(None, help="torch.compile backend (with --compile; default inductor)"),
 ):
     """The metrics that apply to the model (digit_accuracy, PSNR/SSIM to ground truth or to the full model)."""
     _metric_weights(clip, lpips, inception)
+    compile_options = _compile_options(compile, compile_mode, compile_backend)
     dev, dt = _precision(device, dtype)
     _quiet_libraries()
     from diffslim.evaluate import eval_set_for, finite, metrics_fn_for
@@ -301,6 +305,10 @@ def evaluate(
         full = load(model, device=dev, dtype=dt)
         reference = sample(full.pipe, spec, cache=ReferenceCache(), model_id=_placed_id(model, dev, dt),
                            show_progress=True, description="reference (full model)")
+    if compile_options is not None:
+        from diffslim.compiling import compile_pipeline
+
+        compile_pipeline(loaded.pipe, **compile_options)
     outputs = sample(loaded.pipe, spec, show_progress=True, description="evaluating")
     metrics = metrics_fn_for(loaded, es, clip_path=clip, lpips_path=lpips, inception_path=inception)(outputs, reference)
     if es.baseline is not None and es.ground_truth is not None:

@@ -189,13 +189,18 @@ def load_pipeline_folder(folder: Path, dtype=torch.float32, device="cpu"):
     return pipe.to(device)
 
 
-def load(model: str, dtype=torch.float32, device: str = "cpu") -> LoadedModel:
+def load(model: str, dtype=torch.float32, device="cpu") -> LoadedModel:
     """Load ``model`` (a path or ``zoo:NAME``) into a :class:`LoadedModel`.
+
+    ``dtype``: a torch dtype or its name (``"bf16"``, see :func:`resolve_dtype`); ``device``: a torch device
+    or its name, ``"auto"`` included (see :func:`resolve_device`).
 
     Raises :class:`ModelLoadError` for a missing folder, an unsupported class, pickle weights or a
     corrupt file.
     """
     model = str(model)
+    dtype = resolve_dtype(dtype) if isinstance(dtype, str) else dtype
+    device = resolve_device(device) if isinstance(device, str) else device
     if model.startswith("zoo:"):
         from diffslim.zoo.registry import ZOO
 
