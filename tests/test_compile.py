@@ -166,8 +166,10 @@ def test_cli_bench_and_sample_compiled_give_the_eager_outputs(tmp_path):
     common = ["bench", "zoo:digits-dit", "--methods", "full,random:0.5", "--n", "3", "--batch-size", "2",
               "--steps", "4", "--json"]
     eager = json.loads(run(*common))["rows"]
-    compiled = json.loads(run(*common, "--compile", "--compile-backend", "eager"))["rows"]
+    compiled = json.loads(run(*common, "--compile", "--compile-backend", "eager", "--html", tmp_path / "rep"))["rows"]
     assert [r["compiled"] for r in compiled] == ["whole", "skip-plan units"]
+    html = (tmp_path / "rep" / "index.html").read_text()
+    assert "compile_seconds" in html and "skip-plan units" in html
     assert all(r["compile_seconds"] > 0 for r in compiled)
     for e, c in zip(eager, compiled):
         assert e["method"] == c["method"] and e["macs_per_sample"] == c["macs_per_sample"]

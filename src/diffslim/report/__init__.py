@@ -171,8 +171,8 @@ def bench_figure(rows: Sequence[dict], title: str = ""):
 def add_bench_section(rep, model: str, rows, outputs) -> None:
     """Bench rows, the cost/quality figure and one image grid per method."""
     tag = slug(model)
-    cols = [c for c in ("method", "params", "macs_ratio", "speedup", "seconds", "psnr", "ssim", "digit_accuracy",
-                        "psnr_gt", "ssim_gt") if any(c in r for r in rows)]
+    cols = [c for c in ("method", "params", "macs_ratio", "speedup", "seconds", "compiled", "compile_seconds", "psnr",
+                        "ssim", "digit_accuracy", "psnr_gt", "ssim_gt") if any(c in r for r in rows)]
     rep.add_table(f"bench: {model}", rows, cols)
     rep.add_figure(f"cost and quality: {model}", f"bench_{tag}.png", bench_figure(rows, model),
                    "left: PSNR against the full model's outputs vs relative MACs; right: measured speedup vs MACs "
