@@ -137,7 +137,8 @@ _DENOISER_SECTIONS = ("depth", "removed_layers", "skip_plan")
 def _check_not_compiled(pipe) -> None:
     """Refuse to change a compiled denoiser: its compiled code would not run the hooks or see the copy."""
     den = getattr(pipe, denoiser_attr(pipe))
-    if isinstance(den, torch._dynamo.eval_frame.OptimizedModule) or getattr(den, "_compiled_call_impl", None) \
+    # torch.compile(module) wraps it (the wrapper holds ``_orig_mod``); module.compile() sets ``_compiled_call_impl``
+    if isinstance(getattr(den, "_orig_mod", None), torch.nn.Module) or getattr(den, "_compiled_call_impl", None) \
             is not None or getattr(den, "_diffslim_compiled", None) is not None:
         raise UserError("the pipeline's denoiser is compiled: apply the recipe to the eager pipeline, then compile "
                         "(diffslim.compile(pipe)); diffslim.compiling.uncompile(pipe.unet) undoes diffslim.compile")

@@ -172,12 +172,12 @@ def _placed_id(model: str, device, dtype) -> str:
     from diffslim.sample import model_fingerprint
 
     fp = model_fingerprint(model)
-    if torch_device_type(device) == "cpu" and str(dtype) == "torch.float32":
+    if _device_type(device) == "cpu" and str(dtype) == "torch.float32":
         return fp
-    return f"{fp}|{torch_device_type(device)}|{str(dtype).removeprefix('torch.')}"
+    return f"{fp}|{_device_type(device)}|{str(dtype).removeprefix('torch.')}"
 
 
-def torch_device_type(device) -> str:
+def _device_type(device) -> str:
     return getattr(device, "type", str(device).split(":")[0])
 
 
