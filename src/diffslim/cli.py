@@ -365,7 +365,8 @@ def bench(
                                  "compile time is its own column"),
     compile_mode: Optional[str] = typer.Option(None, help="torch.compile mode (with --compile)"),
     compile_backend: Optional[str] = typer.Option(None, help="torch.compile backend (with --compile; default inductor)"),
-    device: str = typer.Option("auto", help=_DEVICE_HELP),
+    device: str = typer.Option("cpu", help="device every variant samples on: cpu (the default), auto, cuda, cuda:N, "
+                               "mps; dipgo:R trains its pruner on the CPU only"),
     dtype: str = typer.Option("float32", help=_DTYPE_HELP + "; methods that train need float32"),
 ):
     """Compare compression methods on the same inputs in one run: MACs, speed and quality, one row each."""
@@ -382,7 +383,7 @@ def bench(
     parsed = parse_methods(methods)  # reject bad method names before loading anything
     _check_data(data)
     check_task_weight(kd_task_weight)
-    _check_trains_in_float32(parsed, dtype, dt)
+    _check_training_methods(parsed, dtype, dt, dev)
     loaded = load(model, device=dev, dtype=dt)
     es = eval_set_for(loaded, n, seed=seed, prompts_file=prompts)
     default_steps = steps or (loaded.zoo.default_steps if loaded.zoo else 50)
@@ -512,18 +513,23 @@ def _compile_options(compile: bool, mode: Optional[str], backend: Optional[str])
     return {k: v for k, v in (("backend", backend), ("mode", mode)) if v is not None}
 
 
-def _check_trains_in_float32(parsed, name: str, dtype) -> None:
-    """Refuse bench methods that train (distillation, fine-tuning, the DiP-GO pruner) in another dtype than float32."""
+def _check_training_methods(parsed, name: str, dtype, device) -> None:
+    """Refuse bench methods that train (distillation, fine-tuning, the DiP-GO pruner) in another dtype than float32,
+    and DiP-GO's pruner training on another device than the CPU (its trajectory is built on the CPU)."""
     import torch
 
-    if dtype == torch.float32:
-        return
-    train = [f"{m}:{a}" for m, a in parsed if a is not None and (("+kd" in a or ("+ft" in a and "+ft@" not in a))
-                                                                or (m == "dipgo" and not a.startswith("@")))]
-    if train:
-        raise UserError(f"--dtype {name}: {', '.join(train)} train{'s' if len(train) == 1 else ''} the model, which "
-                        "diffslim does in float32; bench them in float32, or train first and bench the result "
-                        "(dipgo:@RECIPE, depth:N+ft@FOLDER)")
+    if dtype != torch.float32:
+        train = [f"{m}:{a}" for m, a in parsed if a is not None and (("+kd" in a or ("+ft" in a and "+ft@" not in a))
+                                                                    or (m == "dipgo" and not a.startswith("@")))]
+        if train:
+            raise UserError(f"--dtype {name}: {', '.join(train)} train{'s' if len(train) == 1 else ''} the model, "
+                            "which diffslim does in float32; bench them in float32, or train first and bench the "
+                            "result (dipgo:@RECIPE, depth:N+ft@FOLDER)")
+    if device.type != "cpu":
+        dipgo = [f"dipgo:{a}" for m, a in parsed if m == "dipgo" and a is not None and not a.startswith("@")]
+        if dipgo:
+            raise UserError(f"--device {device}: {', '.join(dipgo)} trains its pruner on the CPU only; train it with "
+                            "`diffslim dipgo MODEL --ratio R --out recipe.json` and bench dipgo:@recipe.json")
 
 
 def _check_data(data: str) -> None:

@@ -244,6 +244,8 @@ class ZooClassPipeline(_ZooPipelineIO, DiffusionPipeline):
         channels = cfg.in_channels
         dtype = self.denoiser.dtype
         labels_t = torch.tensor(labels, device=device, dtype=torch.long)
+        if image_embeds is not None:
+            image_embeds = image_embeds.to(device=device, dtype=dtype)
         if latents is None:
             latents = randn_tensor((len(labels), channels, size, size), generator=generator, device=device, dtype=dtype)
         x = latents * self.scheduler.init_noise_sigma
