@@ -52,11 +52,10 @@ def test_bench_refuses_training_methods_outside_float32_and_bad_values(tmp_path)
     from diffslim.cli import _check_training_methods
     from diffslim.bench import parse_methods
 
-    # DiP-GO builds its training trajectory on the CPU: refused on a GPU, before anything loads
-    methods = parse_methods("full,dipgo:0.5,dipgo:@r.json,layers:0.5+kd")
-    with pytest.raises(UserError, match="--device cuda: dipgo:0.5 trains its pruner on the CPU only"):
-        _check_training_methods(methods, "float32", torch.float32, torch.device("cuda"))
-    _check_training_methods(methods, "float32", torch.float32, torch.device("cpu"))
+    methods = parse_methods("full,dipgo:0.5,dipgo:@r.json,layers:0.5+kd,depth:3+ft@d")
+    _check_training_methods(methods, "float32", torch.float32)  # float32 trains anything
+    with pytest.raises(UserError, match="--dtype fp16: dipgo:0.5, layers:0.5\\+kd train the model"):
+        _check_training_methods(methods, "fp16", torch.float16)
 
 
 def test_the_reference_cache_keeps_precisions_apart():

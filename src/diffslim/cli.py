@@ -107,65 +107,6 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 
-@app.command()
-@_guard
-def profile(
-    model: str = typer.Argument(..., help="pipeline folder, model folder, config-only folder or zoo:NAME"),
-    height: Optional[int] = typer.Option(None, min=1, help="image height in pixels (default: the model's sample size)"),
-    width: Optional[int] = typer.Option(None, min=1, help="image width in pixels"),
-    repeats: int = typer.Option(5, min=1, help="timed denoiser calls for the latency median"),
-    depth: Optional[str] = typer.Option(None, help="profile the depth-skipped model at depth N, or 'all' for every depth"),
-    as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
-):
-    """Parameters, MACs, per-block breakdown, latency and memory of one denoiser call at batch 1."""
-    _quiet_libraries()
-    from diffslim.measure.profile import profile_depths, profile_model
-
-    if depth == "all":
-        rows = profile_depths(model, height, width)
-        if as_json:
-            _print_json({"model": model, "depths": rows})
-            return
-        _print_rows(f"depth-skip profile of {model}", rows)
-        return
-    if depth is not None and not depth.isdigit():
-        raise UserError(f"--depth {depth!r} is not a depth; give an integer N (1 = shallowest) or 'all'")
-    p = profile_model(model, height, width, repeats, depth=int(depth) if depth else None)
-    if as_json:
-        _print_json(p)
-        return
-    t = Table(title=f"{model}  ({p['class']}, input {p['sample_size'][0]}x{p['sample_size'][1]})")
-    t.add_column("block")
-    t.add_column("params", justify="right")
-    unit, div = ("GMACs", 1e9) if (p["macs"] or 0) >= 1e9 else ("MMACs", 1e6)
-    t.add_column(unit, justify="right")
-    t.add_column("share of MACs", justify="right")
-    for b in p["blocks"]:
-        share = f"{100 * b['macs'] / p['macs']:.1f}%" if p["macs"] and b["macs"] is not None else ""
-        t.add_row(b["name"], f"{b['params']:,}", f"{(b['macs'] or 0) / div:.3f}", share)
-    t.add_row("[bold]total[/]", f"[bold]{p['params']:,}[/]", f"[bold]{(p['macs'] or 0) / div:.3f}[/]", "100%")
-    console.print(t)
-    if p["macs_excl_attention"] is not None:
-        console.print(f"{unit} without attention products (the convention of BK-SDM and DeepCache): "
-                      f"{p['macs_excl_attention'] / div:.3f}")
-    if p["latency_s"] is not None:
-        console.print(f"latency (median of {repeats}): {p['latency_s'] * 1e3:.2f} ms; "
-                      f"peak memory ({p['memory_kind']}): {p['peak_memory_bytes'] / 2**20:.1f} MiB")
-    else:
-        console.print("no weights loaded (config only): latency and memory not measured")
-
-
-def _recipe_steps(rec) -> Optional[int]:
-    """The number of steps a recipe fixes (its timesteps, step count or skip plan), or None."""
-    if rec.sampling is not None and rec.sampling.timesteps:
-        return len(rec.sampling.timesteps)
-    if rec.sampling is not None and rec.sampling.num_inference_steps:
-        return rec.sampling.num_inference_steps
-    if rec.skip_plan is not None:
-        return len(rec.skip_plan.plan)
-    return None
-
-
 def _placed_id(model: str, device, dtype) -> str:
     """The reference cache's model id: the weights' fingerprint, and where and in which dtype they ran when
     that is not the CPU in float32 (other kernels give other outputs)."""
@@ -189,6 +130,8 @@ def _placement(device, dtype) -> dict:
 _DEVICE_HELP = ("device to load and sample on: auto (this process's GPU when torch sees one, else the CPU), cpu, "
                 "cuda, cuda:N, mps")
 _DTYPE_HELP = "weights and sampling dtype: float32, bfloat16 or float16"
+_SCORE_DEVICE_HELP = ("device the layers are scored on (in float32): auto (this process's GPU when torch sees one, "
+                      "else the CPU), cpu, cuda, cuda:N, mps")
 
 
 def _precision(device: str, dtype: str):
@@ -196,6 +139,91 @@ def _precision(device: str, dtype: str):
     from diffslim.models.load import resolve_device, resolve_dtype
 
     return resolve_device(device), resolve_dtype(dtype)
+
+
+@app.command()
+@_guard
+def profile(
+    model: str = typer.Argument(..., help="pipeline folder, model folder, config-only folder or zoo:NAME"),
+    height: Optional[int] = typer.Option(None, min=1, help="image height in pixels (default: the model's sample size)"),
+    width: Optional[int] = typer.Option(None, min=1, help="image width in pixels"),
+    repeats: int = typer.Option(5, min=1, help="timed denoiser calls for the latency median"),
+    depth: Optional[str] = typer.Option(None, help="profile the depth-skipped model at depth N, or 'all' for every depth"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
+    device: str = typer.Option("auto", help="device the timed calls run on: auto (this process's GPU when torch "
+                                            "sees one, else the CPU), cpu, cuda, cuda:N, mps"),
+    dtype: str = typer.Option("float32", help=_DTYPE_HELP),
+    batch_size: int = typer.Option(1, min=1, help="samples per timed denoiser call (the MACs stay batch 1's)"),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the denoiser before the timed calls (the "
+                                                          "first call, reported apart, compiles)"),
+    compile_mode: Optional[str] = typer.Option(None, help="torch.compile mode (with --compile)"),
+    compile_backend: Optional[str] = typer.Option(None, help="torch.compile backend (with --compile; default inductor)"),
+):
+    """Parameters, MACs and per-block breakdown of one denoiser call at batch 1; its latency and memory where
+    --device says, at --batch-size."""
+    compile_options = _compile_options(compile, compile_mode, compile_backend)
+    dev, dt = _precision(device, dtype)
+    _quiet_libraries()
+    from diffslim.measure.profile import profile_depths, profile_model
+
+    if depth == "all" and (compile_options is not None or batch_size != 1):
+        raise UserError("--depth all counts params and MACs at every depth and times nothing: drop --compile and "
+                        "--batch-size, or profile one depth (--depth N)")
+    if depth == "all":
+        rows = profile_depths(model, height, width)
+        if as_json:
+            _print_json({"model": model, "depths": rows})
+            return
+        _print_rows(f"depth-skip profile of {model}", rows)
+        return
+    if depth is not None and not depth.isdigit():
+        raise UserError(f"--depth {depth!r} is not a depth; give an integer N (1 = shallowest) or 'all'")
+    before = None
+    if compile_options is not None:
+        from diffslim.compiling import compile_denoiser
+
+        def before(den):
+            compile_denoiser(den, **compile_options)
+
+    p = profile_model(model, height, width, repeats, depth=int(depth) if depth else None, device=dev, dtype=dt,
+                      batch=batch_size, before_timing=before)
+    p["compiled"] = compile_options is not None
+    if as_json:
+        _print_json(p)
+        return
+    t = Table(title=f"{model}  ({p['class']}, input {p['sample_size'][0]}x{p['sample_size'][1]})")
+    t.add_column("block")
+    t.add_column("params", justify="right")
+    unit, div = ("GMACs", 1e9) if (p["macs"] or 0) >= 1e9 else ("MMACs", 1e6)
+    t.add_column(unit, justify="right")
+    t.add_column("share of MACs", justify="right")
+    for b in p["blocks"]:
+        share = f"{100 * b['macs'] / p['macs']:.1f}%" if p["macs"] and b["macs"] is not None else ""
+        t.add_row(b["name"], f"{b['params']:,}", f"{(b['macs'] or 0) / div:.3f}", share)
+    t.add_row("[bold]total[/]", f"[bold]{p['params']:,}[/]", f"[bold]{(p['macs'] or 0) / div:.3f}[/]", "100%")
+    console.print(t)
+    if p["macs_excl_attention"] is not None:
+        console.print(f"{unit} without attention products (the convention of BK-SDM and DeepCache): "
+                      f"{p['macs_excl_attention'] / div:.3f}")
+    if p["latency_s"] is not None:
+        how = f"{p['device']}, {p['dtype']}, batch {p['batch']}" + (", compiled" if p["compiled"] else "")
+        console.print(f"latency ({how}; median of {repeats}): {p['latency_s'] * 1e3:.2f} ms, "
+                      f"{p['samples_per_s']:.1f} samples/s; first call {p['first_call_s'] * 1e3:.1f} ms"
+                      + (" (compiling)" if p["compiled"] else "") + f"; weights {p['weights_bytes'] / 2**20:.1f} MiB; "
+                      f"peak memory ({p['memory_kind']}): {p['peak_memory_bytes'] / 2**20:.1f} MiB", highlight=False)
+    else:
+        console.print("no weights loaded (config only): latency and memory not measured")
+
+
+def _recipe_steps(rec) -> Optional[int]:
+    """The number of steps a recipe fixes (its timesteps, step count or skip plan), or None."""
+    if rec.sampling is not None and rec.sampling.timesteps:
+        return len(rec.sampling.timesteps)
+    if rec.sampling is not None and rec.sampling.num_inference_steps:
+        return rec.sampling.num_inference_steps
+    if rec.skip_plan is not None:
+        return len(rec.skip_plan.plan)
+    return None
 
 
 def _load_with_recipe(model: str, recipe: Optional[Path], steps: Optional[int] = None, device=None, dtype=None):
@@ -383,7 +411,7 @@ def bench(
     parsed = parse_methods(methods)  # reject bad method names before loading anything
     _check_data(data)
     check_task_weight(kd_task_weight)
-    _check_training_methods(parsed, dtype, dt, dev)
+    _check_training_methods(parsed, dtype, dt)
     loaded = load(model, device=dev, dtype=dt)
     es = eval_set_for(loaded, n, seed=seed, prompts_file=prompts)
     default_steps = steps or (loaded.zoo.default_steps if loaded.zoo else 50)
@@ -444,9 +472,13 @@ def workflow(
                                             "another after it (with the kept one and none: (W+2)^B workflow runs "
                                             "for B such stages)"),
     as_json: bool = typer.Option(False, "--json"),
+    device: str = typer.Option("cpu", help="device every stage samples on (in float32; its timings are measured "
+                                           "there): cpu (the default), auto, cuda, cuda:N, mps; the trainers use "
+                                           "the GPU when torch sees one"),
 ):
     """Stack methods stage by stage, each judged against the original; write the final recipe and pipeline."""
     _out_folder(out)
+    dev = _precision(device, "float32")[0]
     _quiet_libraries()
     from diffslim.bench import check_task_weight
     from diffslim.evaluate import eval_set_for, finite, metrics_fn_for
@@ -464,7 +496,7 @@ def workflow(
         raise UserError("give --stages, or a --floor (e.g. psnr=30) for the default stack of auto stages")
     if n < 1:
         raise UserError(f"--n must be >= 1, got {n}")
-    loaded = load(model)
+    loaded = load(model, device=dev)
     if stages is None:
         from diffslim.workflow import default_stages
 
@@ -513,9 +545,8 @@ def _compile_options(compile: bool, mode: Optional[str], backend: Optional[str])
     return {k: v for k, v in (("backend", backend), ("mode", mode)) if v is not None}
 
 
-def _check_training_methods(parsed, name: str, dtype, device) -> None:
-    """Refuse bench methods that train (distillation, fine-tuning, the DiP-GO pruner) in another dtype than float32,
-    and DiP-GO's pruner training on another device than the CPU (its trajectory is built on the CPU)."""
+def _check_training_methods(parsed, name: str, dtype) -> None:
+    """Refuse bench methods that train (distillation, fine-tuning, the DiP-GO pruner) in another dtype than float32."""
     import torch
 
     if dtype != torch.float32:
@@ -525,11 +556,6 @@ def _check_training_methods(parsed, name: str, dtype, device) -> None:
             raise UserError(f"--dtype {name}: {', '.join(train)} train{'s' if len(train) == 1 else ''} the model, "
                             "which diffslim does in float32; bench them in float32, or train first and bench the "
                             "result (dipgo:@RECIPE, depth:N+ft@FOLDER)")
-    if device.type != "cpu":
-        dipgo = [f"dipgo:{a}" for m, a in parsed if m == "dipgo" and a is not None and not a.startswith("@")]
-        if dipgo:
-            raise UserError(f"--device {device}: {', '.join(dipgo)} trains its pruner on the CPU only; train it with "
-                            "`diffslim dipgo MODEL --ratio R --out recipe.json` and bench dipgo:@recipe.json")
 
 
 def _check_data(data: str) -> None:
@@ -556,17 +582,20 @@ def _print_rows(title, rows, key: str = "method") -> None:
 
 
 def _calibration(model: str, n: int, steps: Optional[int], seed: int, prompts: Optional[Path], batch_size: int,
-                 depth: Optional[int] = None, check: Optional[Callable] = None):
-    """Load ``model`` (depth-skipped to ``depth`` if given), build ``n`` calibration inputs and the
-    model's own full-step reference outputs (cached). ``check(loaded)`` runs before any sampling (it raises
-    ``UserError`` for a model the command cannot take)."""
+                 depth: Optional[int] = None, check: Optional[Callable] = None, device=None, dtype=None):
+    """Load ``model`` (depth-skipped to ``depth`` if given) on ``device`` in ``dtype`` (None: the CPU, float32),
+    build ``n`` calibration inputs and the model's own full-step reference outputs (cached, by where and in which
+    dtype they ran). ``check(loaded)`` runs before any sampling (it raises ``UserError`` for a model the command
+    cannot take)."""
+    import torch
+
     from diffslim.evaluate import eval_set_for
     from diffslim.models.load import load
-    from diffslim.sample import ReferenceCache, SampleSpec, model_fingerprint, sample
+    from diffslim.sample import ReferenceCache, SampleSpec, sample
 
     if n < 1:
         raise UserError("--n must be at least 1")
-    loaded = load(model)
+    loaded = load(model, **_placement(device, dtype))
     if loaded.pipe is None:
         raise UserError(f"{model} is not a pipeline; searches sample, so give a pipeline folder or zoo:NAME")
     if check is not None:
@@ -575,7 +604,7 @@ def _calibration(model: str, n: int, steps: Optional[int], seed: int, prompts: O
     full_steps = steps or (loaded.zoo.default_steps if loaded.zoo else 50)
     spec = SampleSpec(es.inputs, es.seeds, num_inference_steps=full_steps, call_kwargs=es.call_kwargs,
                       batch_size=batch_size)
-    model_id = model_fingerprint(model)
+    model_id = _placed_id(model, device or torch.device("cpu"), dtype or torch.float32)
     if depth is not None:
         from diffslim.apply import apply
 
@@ -605,8 +634,11 @@ def depth_search_cmd(
     split: Optional[int] = typer.Option(None, help="with --multi: timesteps >= SPLIT form the first range "
                                                    "(default: the middle of the sampled steps)"),
     as_json: bool = typer.Option(False, "--json"),
+    device: str = typer.Option("auto", help=_DEVICE_HELP),
+    dtype: str = typer.Option("float32", help=_DTYPE_HELP + " (the reference outputs too)"),
 ):
     """Find the shallowest depth-skip depth whose quality stays at or above the threshold."""
+    dev, dt = _precision(device, dtype)
     if out is not None:
         _out_file(out)
     if plot is not None:
@@ -628,7 +660,8 @@ def depth_search_cmd(
 
         max_depth(loaded.denoiser)  # a UserError naming what depth skipping takes
 
-    loaded, spec, ref = _calibration(model, n, steps, seed, prompts, batch_size, check=needs_depth_units)
+    loaded, spec, ref = _calibration(model, n, steps, seed, prompts, batch_size, check=needs_depth_units,
+                                     device=dev, dtype=dt)
     say = (lambda d, q: None) if as_json else (lambda d, q: console.print(f"depth {d:2d}: {metric} {q:.3f}"))
     res = search_depth(loaded.pipe, denoiser_attr(loaded.pipe), spec, ref, threshold, metric, mode, progress=say)
     if plot is not None:
@@ -684,8 +717,11 @@ def timesteps_cmd(
     depth: Optional[int] = typer.Option(None, help="search for the depth-skipped model at this depth (against its own full-step outputs)"),
     out: Optional[Path] = typer.Option(None, help="write a recipe with the found schedule"),
     as_json: bool = typer.Option(False, "--json"),
+    device: str = typer.Option("auto", help=_DEVICE_HELP + " (with MODEL)"),
+    dtype: str = typer.Option("float32", help=_DTYPE_HELP + " (with MODEL; the reference outputs too)"),
 ):
     """Print a gamma-curve schedule, or find the gamma whose N-step outputs best match the full-step outputs."""
+    dev, dt = _precision(device, dtype)
     if out is not None:
         _out_file(out)
     _quiet_libraries()
@@ -714,7 +750,8 @@ def timesteps_cmd(
         raise UserError(f"unknown --method {method!r}; accepted: greedy, bounded, both")
     if steps < 2:
         raise UserError("--steps must be at least 2")
-    loaded, spec, ref = _calibration(model, n, full_steps, seed, prompts, batch_size, depth=depth)
+    loaded, spec, ref = _calibration(model, n, full_steps, seed, prompts, batch_size, depth=depth, device=dev,
+                                     dtype=dt)
     res = search_gamma(loaded.pipe, spec, ref, steps, methods=methods, coef=coef)
     if out is not None:
         from diffslim.recipe import Depth
@@ -916,9 +953,11 @@ def layer_prune_cmd(
                                            "without diffslim, where a stock config describes the result (fewer "
                                            "transformer blocks; U-Nets: BK-SDM-like pair removals, --inner blocks)"),
     as_json: bool = typer.Option(False, "--json"),
+    device: str = typer.Option("auto", help=_SCORE_DEVICE_HELP),
 ):
     """One-shot layer pruning (LAPTOP-Diff): score every layer, remove the least important at a ratio."""
     _out_folder(out)
+    dev = _precision(device, "float32")[0]
     _quiet_libraries()
     from diffslim.methods.layer_prune import (BK_SDM, CRITERIA, calibration, check_ratio, is_unet, layer_prune,
                                               prune_layers)
@@ -939,7 +978,7 @@ def layer_prune_cmd(
         check_ratio(ratio)
     if n < 1:
         raise UserError("--n must be at least 1")
-    loaded = load(model)
+    loaded = load(model, device=dev)
     if pair_pool is not None and (criterion != "output-loss-pairs" or pair_pool < 2):
         raise UserError(f"--pair-pool {pair_pool} applies to --criterion output-loss-pairs only, and must be >= 2")
     needs_calib = criterion in ("output-loss", "output-loss-pairs", "taylor", "similarity", "greedy")
@@ -1181,6 +1220,7 @@ def layer_compare_cmd(
                                  "output loss stands for; 0: off"),
     steps: Optional[int] = typer.Option(None, min=1, help="sampling steps of --sample (default: the zoo model's, else 50)"),
     as_json: bool = typer.Option(False, "--json"),
+    device: str = typer.Option("auto", help=_SCORE_DEVICE_HELP),
 ):
     """Compare every layer-pruning criterion on your model: held-out output loss of each one's selection at each
     ratio, BK-SDM (U-Nets), and the additivity of the single-layer losses, with figures; with --sample N also
@@ -1204,7 +1244,8 @@ def layer_compare_cmd(
         raise UserError(f"--sample takes a count of evaluation inputs >= 0 (0: off), got {sample_n}")
     if steps is not None and not sample_n:
         raise UserError("--steps sets the sampling steps of --sample N: give --sample too (e.g. --sample 16)")
-    loaded = load(model)
+    dev = _precision(device, "float32")[0]
+    loaded = load(model, device=dev)
     if loaded.pipe is None or not loaded.has_weights:
         raise UserError(f"{model}: comparing criteria samples the model on calibration data; give a pipeline folder "
                         "with weights or zoo:NAME")

@@ -233,7 +233,7 @@ def _model_stage(cur, variant, key: dict, row: dict, folder: Path, log: Callable
     (folder / "stage.json").write_text(json.dumps({**key, "label": row["stage"], "search": row.get("search"),
                                                    "candidates": row.get("candidates")}))
     log(f"  saved {folder / 'pipeline'}")
-    again = load(str(folder / "pipeline"))
+    again = load(str(folder / "pipeline"), device=_device_of(cur))
     # the zoo entry says which training data the later stages use: a pruned zoo model still learns its zoo task
     return replace(again, zoo=cur.zoo)
 
@@ -250,7 +250,19 @@ def _built_stage(cur, key: dict, folder: Path):
     label, search, cands = saved.pop("label", key["stage"]), saved.pop("search", None), saved.pop("candidates", None)
     if saved != key:
         return None
-    return replace(load(str(folder / "pipeline")), zoo=cur.zoo), label, search, cands
+    return replace(load(str(folder / "pipeline"), device=_device_of(cur)), zoo=cur.zoo), label, search, cands
+
+
+def _device_of(loaded):
+    """The device ``loaded``'s denoiser is on (stages reload their saved pipelines there)."""
+    return next(loaded.denoiser.parameters()).device
+
+
+def _placement_key(loaded) -> dict:
+    """What to add to a sampled run's cache key for where it ran: nothing on the CPU (the keys of earlier runs stay
+    valid), else the device type (other kernels give other outputs and timings)."""
+    dev = _device_of(loaded)
+    return {} if dev.type == "cpu" else {"device": dev.type}
 
 
 def _auto_candidates(name: str, ctx: BenchContext) -> list[str]:
@@ -395,7 +407,7 @@ def _run_joint(loaded, stages: str, evalset, out, objective: str, width: int, fl
                       scheduler=kw["scheduler"], call_kwargs=dict(evalset.call_kwargs))
     # what makes a finished run of a stack reusable when the search runs again (after an interruption)
     same = {"input": model_fingerprint(loaded.source), "inputs": spec.digest(), "floor": dict(sorted(floor.items())),
-            **{k: kw[k] for k in ("data", "resolution", "task_weight")}}
+            **{k: kw[k] for k in ("data", "resolution", "task_weight")}, **_placement_key(loaded)}
     resumed = []
     reference: list = []  # the original's (outputs, seconds, MACs), once a run has sampled it
 
@@ -490,6 +502,7 @@ def _run_stages(loaded, stages: str, evalset, out, default_steps: int = 50, sche
                             "e.g. --floor psnr=30")
     out.mkdir(parents=True, exist_ok=True)
     evals = (shared_stages.parent if shared_stages is not None else out) / "evals"
+    placed = _placement_key(loaded)
     count = {"sampled": 0, "read": 0}
 
     def timed(pipe, s, label, model):
@@ -497,7 +510,7 @@ def _run_stages(loaded, stages: str, evalset, out, default_steps: int = 50, sche
         read from ``evals/`` when this model, stage, inputs and schedule were sampled before (by this command, an
         earlier run of it, or another stack of a joint search: then ``reused``)."""
         key = {"input": model, "stage": label, "spec": s.digest(), "data": data, "resolution": resolution,
-               "task_weight": task_weight}
+               "task_weight": task_weight, **placed}
         path = evals / (hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20] + ".pt")
         if path.exists():
             try:

@@ -4,39 +4,46 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 from diffslim.errors import UserError
 
 
 def profile_model(model: str, height: Optional[int] = None, width: Optional[int] = None, repeats: int = 5,
-                  depth: Optional[int] = None) -> dict:
+                  depth: Optional[int] = None, device=None, dtype=None, batch: int = 1,
+                  before_timing: Optional[Callable] = None) -> dict:
     """Parameters, MACs (batch 1, one denoiser call), per-block table and, with real weights, latency and memory.
 
     ``height``/``width`` are image pixels; they are divided by the model's VAE scale factor.
     ``depth`` profiles the depth-skipped model instead (see ``diffslim.methods.depth_skip``).
+    ``device``/``dtype`` (torch objects or names, as :func:`diffslim.load` takes them; default the CPU, float32)
+    say where and in which precision the timed calls run; ``batch`` is their batch size (the MACs stay those of
+    batch 1). ``before_timing(denoiser)`` runs after the counting and before the first timed call (e.g. to
+    ``torch.compile`` it: the first call, reported as ``first_call_s``, then includes the compilation).
     """
     from diffslim.models.load import load
 
-    loaded = load(model)
+    loaded = load(model, **{k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None})
     den = loaded.denoiser
     if depth is not None:
         from diffslim.methods.depth_skip import depth_skip
 
         den = depth_skip(den, depth)
-    out = profile_denoiser(loaded, den, height, width, repeats=repeats)
+    out = profile_denoiser(loaded, den, height, width, repeats=repeats, batch=batch, before_timing=before_timing)
     out.update(model=model, depth=depth)
     return out
 
 
 def profile_denoiser(loaded, den, height: Optional[int] = None, width: Optional[int] = None, repeats: int = 5,
-                     timing: bool = True) -> dict:
+                     timing: bool = True, batch: int = 1, before_timing: Optional[Callable] = None) -> dict:
     """:func:`profile_model` for a denoiser already loaded (``loaded`` gives the VAE scale and whether weights are real)."""
     from diffusers import UNet2DConditionModel
 
     from diffslim.measure.macs import default_inputs, macs_by_kind
     from diffslim.models.anatomy import anatomy
 
+    if batch < 1:
+        raise UserError(f"--batch-size {batch}: give a positive number of samples per denoiser call")
     scale = loaded.vae_scale_factor
     h = None if height is None else _pixels_to_latent(height, scale, "height")
     w = None if width is None else _pixels_to_latent(width, scale, "width")
@@ -44,6 +51,7 @@ def profile_denoiser(loaded, den, height: Optional[int] = None, width: Optional[
     an = anatomy(den, height=h, width=w, **kw)
     args, kwargs = default_inputs(den, height=h, width=w, **kw)
     kinds = macs_by_kind(den, *args, **kwargs)
+    first = next(den.parameters(), None)
     out = {
         "class": type(den).__name__,
         "weights": loaded.has_weights,
@@ -55,12 +63,23 @@ def profile_denoiser(loaded, den, height: Optional[int] = None, width: Optional[
         "macs_excl_attention": an.macs - kinds.get("attention", 0),
         "macs_by_kind": kinds,
         "blocks": [{"name": b.name, "params": b.params, "macs": b.macs} for b in an.blocks],
+        "device": None if first is None else str(first.device),
+        "dtype": None if first is None else str(first.dtype).removeprefix("torch."),
+        "weights_bytes": sum(p.numel() * p.element_size() for p in den.parameters()),
+        "batch": batch,
         "latency_s": None,
+        "first_call_s": None,
+        "samples_per_s": None,
         "peak_memory_bytes": None,
     }
     if loaded.has_weights and timing:
-        lat, mem, kind = _latency_and_memory(den, args, kwargs, repeats)
-        out.update(latency_s=lat, peak_memory_bytes=mem, memory_kind=kind)
+        if batch != 1:
+            args, kwargs = default_inputs(den, height=h, width=w, batch=batch, **kw)
+        if before_timing is not None:
+            before_timing(den)
+        first_s, lat, mem, kind = _latency_and_memory(den, args, kwargs, repeats)
+        out.update(latency_s=lat, first_call_s=first_s, samples_per_s=batch / lat if lat > 0 else None,
+                   peak_memory_bytes=mem, memory_kind=kind)
     return out
 
 
@@ -94,7 +113,8 @@ def _pixels_to_latent(px: int, scale: int, what: str) -> int:
 
 
 def _latency_and_memory(den, args, kwargs, repeats: int):
-    """Median wall time of ``repeats`` denoiser calls after one warm-up; peak memory of one call."""
+    """Wall time of the first call (the warm-up), median wall time of ``repeats`` calls after it, and the peak
+    memory of those calls."""
     import resource
 
     import torch
@@ -102,9 +122,14 @@ def _latency_and_memory(den, args, kwargs, repeats: int):
     cuda = any(p.is_cuda for p in den.parameters())
     times = []
     with torch.no_grad():
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
         den(*args, **kwargs)
         if cuda:
             torch.cuda.synchronize()
+        first = time.perf_counter() - t0
+        if cuda:
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
         for _ in range(max(1, repeats)):
@@ -114,5 +139,7 @@ def _latency_and_memory(den, args, kwargs, repeats: int):
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
     if cuda:
-        return statistics.median(times), int(torch.cuda.max_memory_allocated() - base), "cuda_allocated_above_weights"
-    return statistics.median(times), int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "process_peak_rss"
+        return first, statistics.median(times), int(torch.cuda.max_memory_allocated() - base), \
+            "cuda_allocated_above_weights"
+    return first, statistics.median(times), int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, \
+        "process_peak_rss"

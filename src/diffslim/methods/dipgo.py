@@ -174,7 +174,7 @@ def straight_through_gates(logits: torch.Tensor, generator: Optional[torch.Gener
     explores less (the hard values do not depend on ``tau``, only the gradient's slope does).
     """
     if generator is not None:
-        u = torch.rand(logits.shape, generator=generator).clamp_(1e-9, 1 - 1e-9)
+        u = torch.rand(logits.shape, generator=generator).clamp_(1e-9, 1 - 1e-9).to(logits.device)
         logits = (logits - scale * torch.log(-torch.log(u)).to(logits.dtype)) / tau
     g = _HardGate.apply(logits.softmax(-1)[..., 1])
     return torch.cat([torch.ones_like(g[:1]), g[1:]], dim=0)
@@ -256,24 +256,26 @@ class _Trajectory:
         self.num_steps = num_steps
         den = pipe.denoiser
         dtype = den.dtype
+        self.device = device = den.device
+        # the noise is drawn on the CPU and moved, as the pipelines draw it: the same samples on every device
         gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
         with torch.no_grad():
             if isinstance(pipe, ZooClassPipeline):
                 self.kind = "class"
-                labels = torch.tensor([int(i["class_label"]) for i in inputs])
+                labels = torch.tensor([int(i["class_label"]) for i in inputs], device=device)
                 size, ch = den.config.sample_size, den.config.in_channels
-                lat = randn_tensor((len(labels), ch, size, size), generator=gens, device="cpu", dtype=dtype)
+                lat = randn_tensor((len(labels), ch, size, size), generator=gens, device=device, dtype=dtype)
                 self.guidance = float(kw.get("guidance_scale", 3.0))
                 null = torch.full_like(labels, pipe.null_label)
                 self.labels = torch.cat([null, labels]) if self.guidance > 1.0 else labels
                 self.ctx = pipe.cond_encoder(self.labels).to(dtype) if pipe.cond_encoder is not None else None
             elif isinstance(pipe, ZooSRPipeline):
                 self.kind = "sr"
-                lr = torch.stack([i["image"] for i in inputs]).float()
+                lr = torch.stack([i["image"] for i in inputs]).to(device=device, dtype=torch.float32)
                 self.up = pipe.upsample(lr, int(pipe.config.upscale))
                 self.cond = (self.up * 2 - 1).to(dtype)
-                lat = randn_tensor(tuple(self.cond.shape), generator=gens, device="cpu", dtype=dtype)
-                self.ctx = pipe.cond_encoder(torch.zeros(len(inputs), dtype=torch.long)).to(dtype)
+                lat = randn_tensor(tuple(self.cond.shape), generator=gens, device=device, dtype=dtype)
+                self.ctx = pipe.cond_encoder(torch.zeros(len(inputs), dtype=torch.long, device=device)).to(dtype)
             else:
                 raise UserError(f"DiP-GO training drives the zoo pipelines' sampling loop; {type(pipe).__name__} "
                                 "is not one (use a zoo:NAME model or a zoo pipeline folder)")
@@ -284,11 +286,11 @@ class _Trajectory:
         den = self.pipe.denoiser
         xin = self.sched.scale_model_input(x, t)
         if self.kind == "sr":
-            tt = torch.as_tensor(t).expand(x.shape[0])
+            tt = torch.as_tensor(t, device=x.device).expand(x.shape[0])
             return den(torch.cat([xin, self.cond], 1), tt, encoder_hidden_states=self.ctx).sample
         cfg = self.guidance > 1.0
         xx = torch.cat([xin, xin]) if cfg else xin
-        tt = torch.as_tensor(t).expand(xx.shape[0])
+        tt = torch.as_tensor(t, device=x.device).expand(xx.shape[0])
         if self.ctx is not None:
             e = den(xx, tt, encoder_hidden_states=self.ctx).sample
         else:
@@ -306,7 +308,7 @@ class _Trajectory:
         return ((x + 1) / 2).clamp(0, 1)
 
     def timesteps(self):
-        self.sched.set_timesteps(self.num_steps)
+        self.sched.set_timesteps(self.num_steps, device=self.device)
         return list(self.sched.timesteps)
 
     def run(self, state, gates: Optional[torch.Tensor] = None, checkpoint: bool = True,
@@ -420,7 +422,7 @@ def sparsity_floor(step: int, ratio: float, anneal: int = 0) -> float:
 def kept_macs(eff: torch.Tensor, units: PlanUnits) -> torch.Tensor:
     """The MACs share ``(scalar)`` of the denoiser calls under effective gates ``eff`` ``(T, U)``
     (``effective_plan_soft`` of the gates: dependencies included)."""
-    macs = torch.tensor(units.macs, dtype=eff.dtype)
+    macs = torch.tensor(units.macs, dtype=eff.dtype, device=eff.device)
     outside = torch.full_like(eff[:, 0], float(units.outside_macs))
     if units.reuse_output:  # a step with no unit running is not called at all (``plan_macs_ratio``)
         outside = outside * (1 - torch.prod(1 - eff, dim=1))
@@ -675,7 +677,10 @@ def train_dipgo(pipe, cfg: DipgoConfig, units: Optional[PlanUnits] = None,
                     prior=prior_plan(cfg.init, units, cfg.num_inference_steps, cfg.ratio))
     # low first-moment decay: the sparsity push stops at the budget, momentum should not carry it far below
     opt = torch.optim.Adam(pruner.parameters(), lr=cfg.lr, betas=(0.5, 0.999))
+    # like diffslim's other trainers: on this process's GPU when torch sees one, else on the CPU; the pipeline
+    # moves there for the training and back to where it was afterwards
     acc = Accelerator(cpu=not torch.cuda.is_available())
+    home = den.device
     pruner, opt = acc.prepare(pruner, opt)
     raw = acc.unwrap_model(pruner)
     # every model of the pipeline is frozen while the pruner trains (the gradient only needs to pass through)
@@ -692,7 +697,8 @@ def train_dipgo(pipe, cfg: DipgoConfig, units: Optional[PlanUnits] = None,
     if out is not None:
         existing = _checkpoints(out)
         if existing:
-            ck = torch.load(existing[-1], weights_only=True)  # tensors, numbers and lists only: no unpickling
+            # tensors, numbers and lists only: no unpickling; onto the CPU, so a run resumes on another device
+            ck = torch.load(existing[-1], weights_only=True, map_location="cpu")
             _check_resume(out, ck.get("settings"), settings)
             raw.load_state_dict(ck["pruner"])
             opt.load_state_dict(ck["opt"])
@@ -707,16 +713,18 @@ def train_dipgo(pipe, cfg: DipgoConfig, units: Optional[PlanUnits] = None,
         progress = tqdm(total=cfg.iters, initial=start, desc=f"dipgo R={cfg.ratio:g} seed {cfg.seed}",
                         dynamic_ncols=True)
     val = None
-    if cfg.select:  # a fixed validation batch: training inputs with noise seeds no training step draws
-        vseed = cfg.seed if cfg.val_seed is None else cfg.val_seed
-        vpool = pool if given_pool is not None or vseed == cfg.seed else _training_pool(pipe, cfg.data, vseed)
-        rng = np.random.default_rng([vseed, 2**31])
-        val_traj = _trajectory(pipe, [vpool[i % len(vpool)] for i in range(cfg.select)],
-                               [int(x) for x in rng.integers(2**31, 2**32, size=cfg.select)], cfg)
-        with torch.no_grad():
-            val = (val_traj, val_traj.run(rt.state), {})
-    t0 = time.perf_counter()
     try:
+        if home != acc.device:
+            pipe.to(acc.device)
+        if cfg.select:  # a fixed validation batch: training inputs with noise seeds no training step draws
+            vseed = cfg.seed if cfg.val_seed is None else cfg.val_seed
+            vpool = pool if given_pool is not None or vseed == cfg.seed else _training_pool(pipe, cfg.data, vseed)
+            rng = np.random.default_rng([vseed, 2**31])
+            val_traj = _trajectory(pipe, [vpool[i % len(vpool)] for i in range(cfg.select)],
+                                   [int(x) for x in rng.integers(2**31, 2**32, size=cfg.select)], cfg)
+            with torch.no_grad():
+                val = (val_traj, val_traj.run(rt.state), {})
+        t0 = time.perf_counter()
         for step in range(start, cfg.iters):
             inputs, seeds = _batch(pool, step, cfg.batch_size, cfg.seed, acc.process_index, acc.num_processes)
             traj = _trajectory(pipe, inputs, seeds, cfg)
@@ -739,11 +747,11 @@ def train_dipgo(pipe, cfg: DipgoConfig, units: Optional[PlanUnits] = None,
             opt.step()
             with torch.no_grad():
                 hard_kept = float(kept)
-                score_sum += raw.keep_prob().double()
+                score_sum += raw.keep_prob().double().cpu()
             rec = {"step": step + 1, "loss": float(loss.detach()), "consistency": float(cons.detach()),
                    "kept_macs": hard_kept}
             if val is not None:
-                cur = score_sum / (step + 1) if cfg.average_scores else raw.keep_prob().detach().double()
+                cur = score_sum / (step + 1) if cfg.average_scores else raw.keep_prob().detach().double().cpu()
                 rec["val"] = _validation_loss(val, cur.numpy(), units, cfg, rt.state)
                 if rec["val"] < best["val"]:
                     best = {"val": rec["val"], "scores": cur.clone(), "step": step + 1}
@@ -768,12 +776,14 @@ def train_dipgo(pipe, cfg: DipgoConfig, units: Optional[PlanUnits] = None,
         remove_skip_plan(den)
         for p, flag in frozen:
             p.requires_grad_(flag)
+        if den.device != home:
+            pipe.to(home)
     seconds += time.perf_counter() - t0
     with torch.no_grad():
         if best["scores"] is not None:
             scores = best["scores"].numpy()
         else:
-            scores = (score_sum / cfg.iters if cfg.average_scores else raw.keep_prob().double()).numpy()
+            scores = (score_sum / cfg.iters if cfg.average_scores else raw.keep_prob().double().cpu()).numpy()
     plan = plan_from_scores(scores, units, cfg.ratio)
     res = DipgoResult(scores, plan, plan_macs_ratio(plan, units), units, seconds, log, cfg)
     if acc.is_main_process:
