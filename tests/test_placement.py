@@ -89,3 +89,84 @@ def test_load_takes_names_and_evaluate_compiled_matches_eager(tmp_path):
         assert res.exit_code == 0, res.output
         runs.append(json.loads(res.output))
     assert runs[0] == runs[1] and runs[0]["psnr"] < 100  # the pruned model, compiled, scores as it does eagerly
+
+
+def test_profile_times_at_a_batch_size_in_a_dtype_and_compiled():
+    import json
+
+    runs = {}
+    for name, extra in (("b1", []), ("b4", ["--batch-size", "4"]), ("bf16", ["--dtype", "bf16"]),
+                        ("compiled", ["--compile", "--compile-backend", "eager"])):
+        res = _cli("profile", "zoo:digits-dit", "--json", "--repeats", "2", "--device", "cpu", *extra)
+        assert res.exit_code == 0, res.output
+        runs[name] = json.loads(res.output)
+    b1, b4, bf16, comp = runs["b1"], runs["b4"], runs["bf16"], runs["compiled"]
+    assert b1["macs"] == b4["macs"] == bf16["macs"]  # the MACs stay those of one call at batch 1
+    assert (b1["batch"], b4["batch"]) == (1, 4)
+    assert b4["samples_per_s"] == pytest.approx(4 / b4["latency_s"])
+    assert b1["first_call_s"] > 0 and b1["device"] == "cpu" and b1["dtype"] == "float32"
+    assert b1["weights_bytes"] == 4 * b1["params"] and bf16["weights_bytes"] == 2 * b1["params"]
+    assert bf16["dtype"] == "bfloat16" and (b1["compiled"], comp["compiled"]) == (False, True)
+    res = _cli("profile", "zoo:digits-dit", "--depth", "all", "--compile")
+    assert res.exit_code == 2 and "--depth all counts params and MACs at every depth and times nothing" in res.output
+
+
+def test_random_weights_time_a_config_only_architecture(tmp_path):
+    import json
+
+    import diffslim
+
+    real = diffslim.load("zoo:digits-dit").denoiser
+    folder = tmp_path / "dit-config"
+    real.save_config(str(folder))  # config.json only
+    assert diffslim.load(str(folder)).denoiser.device.type == "meta"
+    built = diffslim.load(str(folder), random_weights=True, dtype="bf16")
+    den = built.denoiser
+    assert not built.has_weights and built.extra["random_weights"]
+    assert {p.device.type for p in den.parameters()} == {"cpu"} and den.dtype is torch.bfloat16
+    assert sum(p.numel() for p in den.parameters()) == sum(p.numel() for p in real.parameters())
+    assert not all(torch.equal(a, b.to(torch.bfloat16)) for a, b in zip(den.parameters(), real.parameters()))
+    res = _cli("profile", folder, "--json", "--repeats", "1", "--random-weights")
+    assert res.exit_code == 0, res.output
+    d = json.loads(res.output)
+    assert d["random_weights"] and not d["weights"] and d["latency_s"] > 0
+    plain = json.loads(_cli("profile", folder, "--json").output)
+    assert plain["latency_s"] is None and plain["macs"] == d["macs"]  # config only: counted, not timed
+    for model in ("zoo:digits-dit", str(tmp_path / "nothing")):
+        res = _cli("profile", model, "--random-weights")
+        assert res.exit_code == 2 and "random weights are for a config-only model folder" in res.output
+
+
+def test_commands_that_run_a_model_take_a_device(tmp_path):
+    """--device on the scoring and search commands: refused before any work when the machine lacks it."""
+    import types
+
+    from diffslim.workflow import _placement_key
+
+    missing = "cuda" if not torch.cuda.is_available() else "cuda:99"
+    for args in (("layer-prune", "zoo:digits-dit", "--ratio", "0.5", "--out", tmp_path / "lp"),
+                 ("layer-compare", "zoo:digits-dit", "--out", tmp_path / "lc"),
+                 ("depth-search", "zoo:digits-sd"), ("timesteps", "zoo:sr", "--steps", "4"),
+                 ("workflow", "zoo:digits-sd", "--stages", "steps:5", "--out", tmp_path / "wf"),
+                 ("profile", "zoo:digits-dit")):
+        res = _cli(*args, "--device", missing)
+        assert res.exit_code == 2 and f"device '{missing}'" in res.output, (args, res.output)
+        assert not list(tmp_path.iterdir())  # nothing written
+    # the workflow's sampled runs are keyed by where they ran, except on the CPU (earlier caches stay valid)
+    on = lambda dev: types.SimpleNamespace(denoiser=torch.nn.Linear(2, 2, device=dev))  # noqa: E731
+    assert _placement_key(on("cpu")) == {} and _placement_key(on("meta")) == {"device": "meta"}
+
+
+def test_search_references_are_cached_per_dtype(tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.setenv("DIFFSLIM_CACHE", str(tmp_path / "cache"))
+    found = {}
+    for dtype in ("float32", "bf16"):
+        res = _cli("timesteps", "zoo:digits-dit", "--steps", "3", "--full-steps", "6", "--n", "2", "--method",
+                   "greedy", "--dtype", dtype, "--json")
+        assert res.exit_code == 0, res.output
+        found[dtype] = json.loads(res.output)
+    refs = list((tmp_path / "cache").rglob("*.safetensors"))
+    assert len(refs) == 2  # one full-step reference per dtype, none shared
+    assert found["float32"] != found["bf16"]  # the bfloat16 search ran in bfloat16

@@ -158,6 +158,9 @@ def profile(
                                                           "first call, reported apart, compiles)"),
     compile_mode: Optional[str] = typer.Option(None, help="torch.compile mode (with --compile)"),
     compile_backend: Optional[str] = typer.Option(None, help="torch.compile backend (with --compile; default inductor)"),
+    random_weights: bool = typer.Option(False, "--random-weights", help="a config-only folder: build the model with "
+                                        "random weights on --device and time it too (speed and memory do not "
+                                        "depend on the values)"),
 ):
     """Parameters, MACs and per-block breakdown of one denoiser call at batch 1; its latency and memory where
     --device says, at --batch-size."""
@@ -166,9 +169,9 @@ def profile(
     _quiet_libraries()
     from diffslim.measure.profile import profile_depths, profile_model
 
-    if depth == "all" and (compile_options is not None or batch_size != 1):
-        raise UserError("--depth all counts params and MACs at every depth and times nothing: drop --compile and "
-                        "--batch-size, or profile one depth (--depth N)")
+    if depth == "all" and (compile_options is not None or batch_size != 1 or random_weights):
+        raise UserError("--depth all counts params and MACs at every depth and times nothing: drop --compile, "
+                        "--batch-size and --random-weights, or profile one depth (--depth N)")
     if depth == "all":
         rows = profile_depths(model, height, width)
         if as_json:
@@ -186,12 +189,13 @@ def profile(
             compile_denoiser(den, **compile_options)
 
     p = profile_model(model, height, width, repeats, depth=int(depth) if depth else None, device=dev, dtype=dt,
-                      batch=batch_size, before_timing=before)
+                      batch=batch_size, before_timing=before, random_weights=random_weights)
     p["compiled"] = compile_options is not None
     if as_json:
         _print_json(p)
         return
-    t = Table(title=f"{model}  ({p['class']}, input {p['sample_size'][0]}x{p['sample_size'][1]})")
+    t = Table(title=f"{model}  ({p['class']}, input {p['sample_size'][0]}x{p['sample_size'][1]}"
+                    + (", random weights" if p["random_weights"] else "") + ")")
     t.add_column("block")
     t.add_column("params", justify="right")
     unit, div = ("GMACs", 1e9) if (p["macs"] or 0) >= 1e9 else ("MMACs", 1e6)
@@ -212,7 +216,8 @@ def profile(
                       + (" (compiling)" if p["compiled"] else "") + f"; weights {p['weights_bytes'] / 2**20:.1f} MiB; "
                       f"peak memory ({p['memory_kind']}): {p['peak_memory_bytes'] / 2**20:.1f} MiB", highlight=False)
     else:
-        console.print("no weights loaded (config only): latency and memory not measured")
+        console.print("no weights loaded (config only): latency and memory not measured (--random-weights times the "
+                      "architecture with random weights)")
 
 
 def _recipe_steps(rec) -> Optional[int]:

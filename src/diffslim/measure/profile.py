@@ -11,7 +11,7 @@ from diffslim.errors import UserError
 
 def profile_model(model: str, height: Optional[int] = None, width: Optional[int] = None, repeats: int = 5,
                   depth: Optional[int] = None, device=None, dtype=None, batch: int = 1,
-                  before_timing: Optional[Callable] = None) -> dict:
+                  before_timing: Optional[Callable] = None, random_weights: bool = False) -> dict:
     """Parameters, MACs (batch 1, one denoiser call), per-block table and, with real weights, latency and memory.
 
     ``height``/``width`` are image pixels; they are divided by the model's VAE scale factor.
@@ -20,10 +20,13 @@ def profile_model(model: str, height: Optional[int] = None, width: Optional[int]
     say where and in which precision the timed calls run; ``batch`` is their batch size (the MACs stay those of
     batch 1). ``before_timing(denoiser)`` runs after the counting and before the first timed call (e.g. to
     ``torch.compile`` it: the first call, reported as ``first_call_s``, then includes the compilation).
+    ``random_weights``: a config-only folder is built with random weights on ``device`` and timed too (speed and
+    memory do not depend on the values; see :func:`diffslim.load`).
     """
     from diffslim.models.load import load
 
-    loaded = load(model, **{k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None})
+    loaded = load(model, random_weights=random_weights,
+                  **{k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None})
     den = loaded.denoiser
     if depth is not None:
         from diffslim.methods.depth_skip import depth_skip
@@ -55,6 +58,7 @@ def profile_denoiser(loaded, den, height: Optional[int] = None, width: Optional[
     out = {
         "class": type(den).__name__,
         "weights": loaded.has_weights,
+        "random_weights": bool(loaded.extra.get("random_weights")),
         "sample_size": list(an.sample_size),
         "params": an.params,
         "macs": an.macs,
@@ -72,7 +76,7 @@ def profile_denoiser(loaded, den, height: Optional[int] = None, width: Optional[
         "samples_per_s": None,
         "peak_memory_bytes": None,
     }
-    if loaded.has_weights and timing:
+    if (loaded.has_weights or loaded.extra.get("random_weights")) and timing:
         if batch != 1:
             args, kwargs = default_inputs(den, height=h, width=w, batch=batch, **kw)
         if before_timing is not None:

@@ -189,11 +189,14 @@ def load_pipeline_folder(folder: Path, dtype=torch.float32, device="cpu"):
     return pipe.to(device)
 
 
-def load(model: str, dtype=torch.float32, device="cpu") -> LoadedModel:
+def load(model: str, dtype=torch.float32, device="cpu", random_weights: bool = False) -> LoadedModel:
     """Load ``model`` (a path or ``zoo:NAME``) into a :class:`LoadedModel`.
 
     ``dtype``: a torch dtype or its name (``"bf16"``, see :func:`resolve_dtype`); ``device``: a torch device
-    or its name, ``"auto"`` included (see :func:`resolve_device`).
+    or its name, ``"auto"`` included (see :func:`resolve_device`). ``random_weights``: build a config-only
+    folder's model with the class's own random initialisation on ``device`` instead of on the meta device, so
+    that it can run (for timing: speed and memory do not depend on the values); ``has_weights`` stays False and
+    ``extra["random_weights"]`` is True. Refused for anything but a config-only folder.
 
     Raises :class:`ModelLoadError` for a missing folder, an unsupported class, pickle weights or a
     corrupt file.
@@ -201,6 +204,12 @@ def load(model: str, dtype=torch.float32, device="cpu") -> LoadedModel:
     model = str(model)
     dtype = resolve_dtype(dtype) if isinstance(dtype, str) else dtype
     device = resolve_device(device) if isinstance(device, str) else device
+    if random_weights:
+        path = Path(model).expanduser()
+        if model.startswith("zoo:") or not (path / "config.json").exists() or (path / "model_index.json").exists() \
+                or any(path.glob("*.safetensors")):
+            raise ModelLoadError(f"random weights are for a config-only model folder (a config.json and no "
+                                 f"weights); {model} is not one: load it as it is")
     if model.startswith("zoo:"):
         from diffslim.zoo.registry import ZOO
 
@@ -249,7 +258,13 @@ def load(model: str, dtype=torch.float32, device="cpu") -> LoadedModel:
             denoiser = cls.from_config(config)
     except Exception as e:
         raise ModelLoadError(f"{path / 'config.json'} is not a valid {cls.__name__} config: {e}") from None
-    return LoadedModel(model, "config", denoiser.eval(), has_weights=False, vae_scale_factor=8 if latent else 1)
+    if random_weights:
+        with torch.device(device):
+            denoiser = cls.from_config(config)
+        if dtype != torch.float32:
+            denoiser = denoiser.to(dtype)
+    return LoadedModel(model, "config", denoiser.eval(), has_weights=False, vae_scale_factor=8 if latent else 1,
+                       extra={"random_weights": True} if random_weights else {})
 
 
 def _looks_latent(config: dict) -> bool:
