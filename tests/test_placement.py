@@ -170,3 +170,50 @@ def test_search_references_are_cached_per_dtype(tmp_path, monkeypatch):
     refs = list((tmp_path / "cache").rglob("*.safetensors"))
     assert len(refs) == 2  # one full-step reference per dtype, none shared
     assert found["float32"] != found["bf16"]  # the bfloat16 search ran in bfloat16
+
+
+def test_time_components_attributes_every_call_of_a_stable_diffusion_pipeline(tiny_sd_pipe):
+    from diffslim.measure.profile import time_components
+
+    pipe = tiny_sd_pipe
+
+    def run():
+        return pipe("a cat", num_inference_steps=3, guidance_scale=5.0, output_type="np",
+                    generator=torch.Generator().manual_seed(0)).images
+
+    plain = run()
+    with time_components(pipe) as tc:
+        timed = run()
+    assert np.array_equal(plain, timed)  # the hooks only watch
+    assert tc.entries["unet"] == 3  # one call per step (guidance batched into it)
+    assert tc.entries["text_encoder"] == 2  # the prompt and the empty negative prompt
+    assert tc.entries["vae"] == 2  # decoding enters post_quant_conv, then the decoder (never vae.forward)
+    assert all(tc.seconds[k] > 0 for k in ("unet", "text_encoder", "vae"))
+    assert sum(tc.seconds.values()) <= tc.total
+    rows = tc.rows(denoiser="unet")
+    assert [r["component"] for r in rows] == ["text_encoder", "unet", "vae", "other"]  # only what ran, then the rest
+    assert sum(r["share"] for r in rows) == pytest.approx(1.0)
+    assert [r["component"] for r in rows if r["denoiser"]] == ["unet"]
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for c in (pipe.unet, pipe.vae, pipe.text_encoder)
+               for m in [c, *c.children()])  # removed afterwards
+
+
+def test_profile_pipeline_breaks_sampling_time_down(tmp_path):
+    import json
+
+    res = _cli("profile", "zoo:digits-dit", "--pipeline", "--n", "2", "--steps", "3", "--repeats", "1", "--json")
+    assert res.exit_code == 0, res.output
+    d = json.loads(res.output)
+    rows = {r["component"]: r for r in d["components"]}
+    assert rows["denoiser"]["entries"] == 6 and rows["denoiser"]["denoiser"]  # 2 runs of batch 1, 3 steps each
+    assert 0 < d["denoiser_share"] < 1 and d["max_speedup_from_the_denoiser"] == pytest.approx(1 / (1 - d["denoiser_share"]))
+    rec = tmp_path / "r.json"
+    rec.write_text(json.dumps({"sampling": {"num_inference_steps": 2}}))
+    d2 = json.loads(_cli("profile", "zoo:digits-dit", "--pipeline", "--n", "2", "--batch-size", "2", "--recipe", rec,
+                         "--repeats", "1", "--json").output)
+    assert d2["steps"] == 2 and {r["component"]: r["entries"] for r in d2["components"]}["denoiser"] == 2
+    for args, needle in ((("--pipeline", "--depth", "3"), "--pipeline times sampling runs of the pipeline as it is"),
+                         (("--n", "2"), "--n sets the sampling runs of --pipeline"),
+                         (("--pipeline", "--steps", "4", "--recipe", rec), "--steps 4: the recipe")):
+        res = _cli("profile", "zoo:digits-dit", *args)
+        assert res.exit_code == 2 and needle in res.output, res.output

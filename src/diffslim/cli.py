@@ -161,13 +161,32 @@ def profile(
     random_weights: bool = typer.Option(False, "--random-weights", help="a config-only folder: build the model with "
                                         "random weights on --device and time it too (speed and memory do not "
                                         "depend on the values)"),
+    pipeline: bool = typer.Option(False, "--pipeline", help="time whole sampling runs instead: where the time goes "
+                                  "among the pipeline's components (text encoders, denoiser, VAE, the rest), on "
+                                  "--n inputs at --batch-size"),
+    n: int = typer.Option(4, min=1, help="--pipeline: inputs sampled"),
+    steps: Optional[int] = typer.Option(None, min=1, help="--pipeline: sampling steps (default: the model's)"),
+    recipe: Optional[Path] = typer.Option(None, help="--pipeline: a recipe to apply first"),
 ):
     """Parameters, MACs and per-block breakdown of one denoiser call at batch 1; its latency and memory where
-    --device says, at --batch-size."""
+    --device says, at --batch-size. With --pipeline: the sampling time of each pipeline component."""
     compile_options = _compile_options(compile, compile_mode, compile_backend)
     dev, dt = _precision(device, dtype)
     _quiet_libraries()
     from diffslim.measure.profile import profile_depths, profile_model
+
+    if pipeline:
+        given = [o for o, v in (("--depth", depth), ("--height", height), ("--width", width),
+                                ("--compile", compile_options), ("--random-weights", random_weights or None))
+                 if v is not None]
+        if given:
+            raise UserError(f"--pipeline times sampling runs of the pipeline as it is (hooks time each component, "
+                            f"which compiled code would trace): drop {', '.join(given)}")
+        return _profile_pipeline(model, n, steps, recipe, batch_size, repeats, dev, dt, as_json)
+    given = [o for o, v in (("--n", n if n != 4 else None), ("--steps", steps), ("--recipe", recipe)) if v is not None]
+    if given:
+        raise UserError(f"{', '.join(given)} set{'s' if len(given) == 1 else ''} the sampling runs of --pipeline: "
+                        "add --pipeline, or drop them")
 
     if depth == "all" and (compile_options is not None or batch_size != 1 or random_weights):
         raise UserError("--depth all counts params and MACs at every depth and times nothing: drop --compile, "
@@ -218,6 +237,59 @@ def profile(
     else:
         console.print("no weights loaded (config only): latency and memory not measured (--random-weights times the "
                       "architecture with random weights)")
+
+
+def _profile_pipeline(model: str, n: int, steps: Optional[int], recipe: Optional[Path], batch_size: int,
+                      repeats: int, device, dtype, as_json: bool) -> None:
+    """``profile --pipeline``: the wall time of each pipeline component over sampling runs (the best of
+    ``repeats``, after a warm-up run of one input), and the bound it puts on compressing the denoiser alone."""
+    from diffslim.apply import denoiser_attr
+    from diffslim.evaluate import eval_set_for
+    from diffslim.measure.profile import time_components
+    from diffslim.sample import SampleSpec, run_pipeline, sample
+
+    loaded, rec = _load_with_recipe(model, recipe, steps, device=device, dtype=dtype)
+    if loaded.pipe is None:
+        raise UserError(f"{model} is not a pipeline; --pipeline samples it: give a pipeline folder or zoo:NAME")
+    es = eval_set_for(loaded, n)
+    fixed = _recipe_steps(rec) if rec is not None else None
+    spec = SampleSpec(es.inputs, es.seeds, num_inference_steps=fixed or steps or (loaded.zoo.default_steps if
+                                                                                   loaded.zoo else 50),
+                      call_kwargs=es.call_kwargs, batch_size=batch_size)
+    loaded.pipe.set_progress_bar_config(disable=True)
+    run_pipeline(loaded.pipe, spec.replace(inputs=spec.inputs[:1], seeds=spec.seeds[:1]), [0])  # warm-up
+    best = None
+    for _ in range(repeats):
+        with time_components(loaded.pipe) as tc:
+            sample(loaded.pipe, spec)
+        if best is None or tc.total < best.total:
+            best = tc
+    den = denoiser_attr(loaded.pipe)
+    rows = best.rows(denoiser=den)
+    share = next((r["share"] for r in rows if r["denoiser"]), 0.0)
+    bound = 1 / (1 - share) if share < 1 else float("inf")
+    first = next(loaded.denoiser.parameters())
+    result = {"model": model, "recipe": str(recipe) if recipe else None, "n": n, "batch_size": batch_size,
+              "steps": spec.num_inference_steps, "device": str(first.device), "dtype": str(first.dtype).removeprefix(
+                  "torch."), "repeats": repeats, "total_s": best.total, "components": rows, "denoiser": den,
+              "denoiser_share": share, "max_speedup_from_the_denoiser": bound}
+    if as_json:
+        _print_json(result)
+        return
+    t = Table(title=f"{model}: {n} samples, {spec.num_inference_steps} steps, batch {batch_size}, "
+                    f"{result['device']} {result['dtype']}" + (f", recipe {recipe}" if recipe else "")
+                    + f" (best of {repeats})")
+    for c in ("component", "seconds", "share", "entries"):
+        t.add_column(c, justify="left" if c == "component" else "right")
+    for r in rows:
+        t.add_row(r["component"] + (" (denoiser)" if r["denoiser"] and r["component"] != "denoiser" else ""),
+                  f"{r['seconds']:.3f}",
+                  f"{100 * r['share']:.1f}%", "" if r["entries"] is None else str(r["entries"]))
+    t.add_row("[bold]total[/]", f"[bold]{best.total:.3f}[/]", "100%", "")
+    console.print(t)
+    console.print(f"the denoiser takes {100 * share:.1f}% of sampling: compressing it alone can make sampling at most "
+                  f"{bound:.2f}x faster (other: the scheduler, the pipeline's own code, image conversion)",
+                  highlight=False)
 
 
 def _recipe_steps(rec) -> Optional[int]:

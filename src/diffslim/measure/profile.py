@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from typing import Callable, Optional
@@ -147,3 +148,83 @@ def _latency_and_memory(den, args, kwargs, repeats: int):
             "cuda_allocated_above_weights"
     return first, statistics.median(times), int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, \
         "process_peak_rss"
+
+
+class ComponentTimes:
+    """What :func:`time_components` measured: ``seconds[name]`` and ``entries[name]`` per pipeline component, and
+    ``total`` (the wall time of the whole block)."""
+
+    def __init__(self, names):
+        self.seconds = {n: 0.0 for n in names}
+        self.entries = {n: 0 for n in names}
+        self.order: list[str] = []  # the components in the order they first ran
+        self.total = 0.0
+
+    def rows(self, denoiser: Optional[str] = None) -> list[dict]:
+        """One row per component that ran, in the order they first ran, then ``other`` (the scheduler, the
+        pipeline's own code, image conversion); ``share`` of the total."""
+        rows = [{"component": n, "seconds": self.seconds[n], "share": self.seconds[n] / self.total if self.total
+                 else 0.0, "entries": self.entries[n], "denoiser": n == denoiser} for n in self.order]
+        other = max(0.0, self.total - sum(self.seconds.values()))
+        rows.append({"component": "other", "seconds": other, "share": other / self.total if self.total else 0.0,
+                     "entries": None, "denoiser": False})
+        return rows
+
+
+@contextlib.contextmanager
+def time_components(pipe):
+    """Time each ``nn.Module`` component of a diffusers pipeline (text encoders, denoiser, VAE, ...) while the
+    block runs, by forward hooks on the component and its direct children (a VAE decodes through its ``decoder``
+    and ``post_quant_conv``, never its own ``forward``). Only the outermost entry into a component is timed, so
+    nested modules are not counted twice; on CUDA every entry and exit synchronises first. Yields a
+    :class:`ComponentTimes`, filled when the block ends. The hooks are removed afterwards."""
+    import torch
+    from torch import nn
+
+    comps = {n: m for n, m in pipe.components.items() if isinstance(m, nn.Module)}
+    times = ComponentTimes(comps)
+    active = {n: 0 for n in comps}
+    started = {n: 0.0 for n in comps}
+    handles = []
+
+    def sync(module):
+        p = next(module.parameters(), None)
+        if p is not None and p.is_cuda:
+            torch.cuda.synchronize(p.device)
+
+    def pre(name):
+        def hook(module, args):
+            if active[name] == 0:
+                sync(module)
+                started[name] = time.perf_counter()
+            active[name] += 1
+        return hook
+
+    def post(name):
+        def hook(module, args, output):
+            active[name] -= 1
+            if active[name] == 0:
+                sync(module)
+                times.seconds[name] += time.perf_counter() - started[name]
+                times.entries[name] += 1
+                if times.entries[name] == 1:
+                    times.order.append(name)
+        return hook
+
+    seen = set()
+    for name, comp in comps.items():
+        for m in [comp, *comp.children()]:
+            if id(m) in seen:  # a module shared by two components counts for the first
+                continue
+            seen.add(id(m))
+            handles.append(m.register_forward_pre_hook(pre(name)))
+            handles.append(m.register_forward_hook(post(name), always_call=True))
+    t0 = time.perf_counter()
+    try:
+        yield times
+    finally:
+        for m in comps.values():
+            sync(m)
+        times.total = time.perf_counter() - t0
+        for h in handles:
+            h.remove()
