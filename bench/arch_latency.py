@@ -61,6 +61,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--rounds", type=int, default=5, help="timed calls of each variant, interleaved")
     ap.add_argument("--compile", action="store_true", help="torch.compile (inductor) each variant first")
+    ap.add_argument("--no-plot", action="store_true", help="write the JSON only (no PNG beside it)")
     ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args(argv)
 
@@ -116,7 +117,8 @@ def main(argv=None) -> int:
               "rounds": a.rounds, "rows": rows}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=1) + "\n")
-    _figure(result).savefig(a.out.with_suffix(".png"), dpi=110, bbox_inches="tight")
+    if not a.no_plot:
+        _figure(result).savefig(a.out.with_suffix(".png"), dpi=110, bbox_inches="tight")
     for r in rows:
         print(f"{r['variant']:>14}: params {r['params_ratio']:.3f}, MACs {r['macs_ratio']:.3f}, "
               f"{r['latency_s'] * 1e3:8.1f} ms, speedup {r['speedup']:.2f} (ideal {1 / r['macs_ratio']:.2f})")

@@ -8,7 +8,8 @@
 #   here, the same commands on the CPU (to try the script): DEV=cpu PY=.venv/bin/python NO_WHEELS=1 ARCH=0 \
 #          OUT=/tmp/gc bash bench/gpu_check.sh run
 #
-# What comes back under $OUT: log.txt (every command's output) and the JSON files named below.
+# What comes back under $OUT (8 files at most): log.txt (every command's output), the JSON files named below and
+# one plot.
 set -uo pipefail
 mode=${1:-run}
 
@@ -62,8 +63,10 @@ step arch-sd15 $PY bench/arch_latency.py --config src/diffslim/configs/sd15-unet
     --height 512 --width 512 --batch 4 --rounds 10 --out "$OUT/arch_latency_sd15_h100_fp16.json"
 step arch-sd15-compiled $PY bench/arch_latency.py --config src/diffslim/configs/sd15-unet --device $DEV \
     --dtype float16 --height 512 --width 512 --batch 4 --rounds 10 --compile \
-    --variants full,bk-sdm:base,bk-sdm:tiny,depth:9 --out "$OUT/arch_latency_sd15_h100_fp16_compiled.json"
+    --variants full,bk-sdm:base,bk-sdm:tiny,depth:9 --no-plot --out "$OUT/arch_latency_sd15_h100_fp16_compiled.json"
+step pipeline-share $PY bench/pipeline_share.py --device $DEV --dtype float16 --size 512 --steps 25 --batch 4 \
+    --out "$OUT/pipeline_share_sd15_h100_fp16.json"
 step arch-dit $PY bench/arch_latency.py --config src/diffslim/configs/dit-xl-2-256 --device $DEV \
-    --dtype float16 --batch 16 --rounds 10 --out "$OUT/arch_latency_dit-xl-2_h100_fp16.json"
+    --dtype float16 --batch 16 --rounds 10 --no-plot --out "$OUT/arch_latency_dit-xl-2_h100_fp16.json"
 echo "$fails failed" | tee -a "$OUT/log.txt"
 exit $fails
