@@ -254,8 +254,12 @@ def _built_stage(cur, key: dict, folder: Path):
 
 
 def _device_of(loaded):
-    """The device ``loaded``'s denoiser is on (stages reload their saved pipelines there)."""
-    return next(loaded.denoiser.parameters()).device
+    """The device ``loaded``'s denoiser is on (stages reload their saved pipelines there); the CPU when it has none."""
+    import torch
+
+    den = getattr(loaded, "denoiser", None)
+    p = next(den.parameters(), None) if den is not None else None
+    return p.device if p is not None else torch.device("cpu")
 
 
 def _placement_key(loaded) -> dict:
