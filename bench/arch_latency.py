@@ -18,7 +18,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -66,7 +65,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
 
     from diffslim.measure.macs import default_inputs
-    from diffslim.measure.profile import profile_denoiser
+    from diffslim.measure.profile import profile_denoiser, timed_call
     from diffslim.methods.depth_skip import max_depth
     from diffslim.methods.layer_prune import is_unet
     from diffslim.models.load import load
@@ -91,13 +90,7 @@ def main(argv=None) -> int:
     cuda = torch.device(a.device).type == "cuda"
 
     def once(fn, args, kwargs) -> float:
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn(*args, **kwargs)
-        if cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter() - t0
+        return timed_call(fn, args, kwargs, cuda)
 
     times = [[] for _ in calls]
     with torch.no_grad():

@@ -117,6 +117,19 @@ def _pixels_to_latent(px: int, scale: int, what: str) -> int:
     return px // scale
 
 
+def timed_call(fn, args, kwargs, cuda: bool) -> float:
+    """Wall time of ``fn(*args, **kwargs)``; with ``cuda``, the GPU's queued work is waited for before and after."""
+    import torch
+
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn(*args, **kwargs)
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
 def _latency_and_memory(den, args, kwargs, repeats: int):
     """Wall time of the first call (the warm-up), median wall time of ``repeats`` calls after it, and the peak
     memory of those calls."""
@@ -125,24 +138,12 @@ def _latency_and_memory(den, args, kwargs, repeats: int):
     import torch
 
     cuda = any(p.is_cuda for p in den.parameters())
-    times = []
     with torch.no_grad():
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        den(*args, **kwargs)
-        if cuda:
-            torch.cuda.synchronize()
-        first = time.perf_counter() - t0
+        first = timed_call(den, args, kwargs, cuda)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
-        for _ in range(max(1, repeats)):
-            t0 = time.perf_counter()
-            den(*args, **kwargs)
-            if cuda:
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
+        times = [timed_call(den, args, kwargs, cuda) for _ in range(max(1, repeats))]
     if cuda:
         return first, statistics.median(times), int(torch.cuda.max_memory_allocated() - base), \
             "cuda_allocated_above_weights"
