@@ -850,6 +850,9 @@ def distill(teacher_pipe, student: nn.Module, dataset, cfg: DistillConfig) -> Di
     saved_flags = [(m, m.training, [p.requires_grad for p in m.parameters()]) for m in components]
     for m in components:
         m.requires_grad_(False).eval()
+    # the teacher's pipeline trains on the accelerator and goes back to its own device at the end (a bench on the
+    # CPU keeps sampling its other methods there)
+    home = next(teacher.parameters()).device
     teacher_pipe.to(device)
     save_dtype = next(student.parameters()).dtype
     if save_dtype != torch.float32:
@@ -1037,5 +1040,7 @@ def distill(teacher_pipe, student: nn.Module, dataset, cfg: DistillConfig) -> Di
             m.train(training)
             for p, f in zip(m.parameters(), flags):
                 p.requires_grad_(f)
+        if next(teacher.parameters()).device != home:
+            teacher_pipe.to(home)
     return DistillResult(out_dir=out, steps=state.step, final_losses=final, log_path=log_path,
                          feat_scale=state.feat_scale if state.feat_scale is not None else 1.0)
