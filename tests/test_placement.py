@@ -217,3 +217,36 @@ def test_profile_pipeline_breaks_sampling_time_down(tmp_path):
                          (("--pipeline", "--steps", "4", "--recipe", rec), "--steps 4: the recipe")):
         res = _cli("profile", "zoo:digits-dit", *args)
         assert res.exit_code == 2 and needle in res.output, res.output
+
+
+def test_layer_scoring_and_the_workflow_run_in_bfloat16(tmp_path, monkeypatch):
+    import json
+
+    import diffslim
+    from diffslim.methods.layer_prune import calibration, candidates, score_layers
+    from diffslim.workflow import _placement_key
+
+    monkeypatch.setenv("DIFFSLIM_CACHE", str(tmp_path / "cache"))
+    full = diffslim.load("zoo:digits-dit")
+    half = diffslim.load("zoo:digits-dit", dtype="bf16")
+    calib = calibration(full.pipe, n=4, seed=0)
+    a, b = calib.run(full.denoiser), calib.run(half.denoiser)  # float32 triples fed to a bfloat16 model
+    assert b.dtype is torch.float32 and not torch.equal(a, b)
+    assert ((a - b) ** 2).mean() < 1e-2 * (a ** 2).mean()  # the same predictions, to bfloat16's precision
+    layers = candidates(half.denoiser)
+    assert set(score_layers(half.denoiser, layers, "taylor", calib)) == {l.name for l in layers}
+    res = _cli("workflow", "zoo:digits-dit", "--stages", "layers:0.3+kd", "--dtype", "bf16", "--out", tmp_path / "w0")
+    assert res.exit_code == 2 and "--dtype bf16: layers:0.3+kd trains the model" in res.output
+    res = _cli("workflow", "zoo:digits-dit", "--stages", "layers:0.2,layers:0.2,steps:5", "--dtype", "bf16", "--n",
+               "2", "--out", tmp_path / "w", "--json")
+    assert res.exit_code == 0, res.output
+    assert [r["stage"] for r in json.loads(res.output)["rows"]] == ["original", "layers:0.2", "layers:0.2", "steps:5"]
+    from safetensors.torch import load_file
+
+    # the second stage pruned the first one's saved pipeline, reloaded in bfloat16: its weights are bfloat16 too
+    saved = sorted((tmp_path / "w" / "stages").iterdir())
+    assert len(saved) == 2
+    for folder in saved:
+        weights = load_file(str(next((folder / "pipeline" / "denoiser").glob("*.safetensors"))))
+        assert {t.dtype for t in weights.values()} == {torch.bfloat16}
+    assert _placement_key(half) == {"dtype": "bfloat16"} and _placement_key(full) == {}

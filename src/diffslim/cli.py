@@ -549,13 +549,14 @@ def workflow(
                                             "another after it (with the kept one and none: (W+2)^B workflow runs "
                                             "for B such stages)"),
     as_json: bool = typer.Option(False, "--json"),
-    device: str = typer.Option("cpu", help="device every stage samples on (in float32; its timings are measured "
-                                           "there): cpu (the default), auto, cuda, cuda:N, mps; the trainers use "
-                                           "the GPU when torch sees one"),
+    device: str = typer.Option("cpu", help="device every stage samples on (its timings are measured there): cpu "
+                                           "(the default), auto, cuda, cuda:N, mps; the trainers use the GPU when "
+                                           "torch sees one"),
+    dtype: str = typer.Option("float32", help=_DTYPE_HELP + "; stages that train (+kd, +ft, dipgo:R) need float32"),
 ):
     """Stack methods stage by stage, each judged against the original; write the final recipe and pipeline."""
     _out_folder(out)
-    dev = _precision(device, "float32")[0]
+    dev, dt = _precision(device, dtype)
     _quiet_libraries()
     from diffslim.bench import check_task_weight
     from diffslim.evaluate import eval_set_for, finite, metrics_fn_for
@@ -564,7 +565,7 @@ def workflow(
     from diffslim.workflow import check_search, parse_floor, parse_stages, run_workflow
 
     if stages is not None:
-        parse_stages(stages)  # reject bad stages before loading anything
+        _check_training_methods(parse_stages(stages), dtype, dt, "run")  # bad stages: refused before any loading
     check_search(search, objective, joint_width)
     _check_data(data)
     check_task_weight(kd_task_weight)
@@ -573,7 +574,7 @@ def workflow(
         raise UserError("give --stages, or a --floor (e.g. psnr=30) for the default stack of auto stages")
     if n < 1:
         raise UserError(f"--n must be >= 1, got {n}")
-    loaded = load(model, device=dev)
+    loaded = load(model, device=dev, dtype=dt)
     if stages is None:
         from diffslim.workflow import default_stages
 
@@ -622,8 +623,9 @@ def _compile_options(compile: bool, mode: Optional[str], backend: Optional[str])
     return {k: v for k, v in (("backend", backend), ("mode", mode)) if v is not None}
 
 
-def _check_training_methods(parsed, name: str, dtype) -> None:
-    """Refuse bench methods that train (distillation, fine-tuning, the DiP-GO pruner) in another dtype than float32."""
+def _check_training_methods(parsed, name: str, dtype, command: str = "bench") -> None:
+    """Refuse bench methods or workflow stages that train (distillation, fine-tuning, the DiP-GO pruner) in another
+    dtype than float32."""
     import torch
 
     if dtype != torch.float32:
@@ -631,8 +633,8 @@ def _check_training_methods(parsed, name: str, dtype) -> None:
                                                                     or (m == "dipgo" and not a.startswith("@")))]
         if train:
             raise UserError(f"--dtype {name}: {', '.join(train)} train{'s' if len(train) == 1 else ''} the model, "
-                            "which diffslim does in float32; bench them in float32, or train first and bench the "
-                            "result (dipgo:@RECIPE, depth:N+ft@FOLDER)")
+                            f"which diffslim does in float32; {command} them in float32, or train first and "
+                            f"{command} the result (dipgo:@RECIPE, depth:N+ft@FOLDER)")
 
 
 def _check_data(data: str) -> None:

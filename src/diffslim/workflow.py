@@ -233,7 +233,7 @@ def _model_stage(cur, variant, key: dict, row: dict, folder: Path, log: Callable
     (folder / "stage.json").write_text(json.dumps({**key, "label": row["stage"], "search": row.get("search"),
                                                    "candidates": row.get("candidates")}))
     log(f"  saved {folder / 'pipeline'}")
-    again = load(str(folder / "pipeline"), device=_device_of(cur))
+    again = load(str(folder / "pipeline"), **_placement_of(cur))
     # the zoo entry says which training data the later stages use: a pruned zoo model still learns its zoo task
     return replace(again, zoo=cur.zoo)
 
@@ -250,23 +250,31 @@ def _built_stage(cur, key: dict, folder: Path):
     label, search, cands = saved.pop("label", key["stage"]), saved.pop("search", None), saved.pop("candidates", None)
     if saved != key:
         return None
-    return replace(load(str(folder / "pipeline"), device=_device_of(cur)), zoo=cur.zoo), label, search, cands
+    return replace(load(str(folder / "pipeline"), **_placement_of(cur)), zoo=cur.zoo), label, search, cands
 
 
-def _device_of(loaded):
-    """The device ``loaded``'s denoiser is on (stages reload their saved pipelines there); the CPU when it has none."""
+def _placement_of(loaded) -> dict:
+    """``{"device", "dtype"}`` of ``loaded``'s denoiser (stages reload their saved pipelines so); the CPU in float32
+    when it has none."""
     import torch
 
     den = getattr(loaded, "denoiser", None)
     p = next(den.parameters(), None) if den is not None else None
-    return p.device if p is not None else torch.device("cpu")
+    return {"device": p.device, "dtype": p.dtype} if p is not None else {"device": torch.device("cpu"),
+                                                                          "dtype": torch.float32}
 
 
 def _placement_key(loaded) -> dict:
-    """What to add to a sampled run's cache key for where it ran: nothing on the CPU (the keys of earlier runs stay
-    valid), else the device type (other kernels give other outputs and timings)."""
-    dev = _device_of(loaded)
-    return {} if dev.type == "cpu" else {"device": dev.type}
+    """What to add to a sampled run's cache key for where and how it ran: nothing on the CPU in float32 (the keys
+    of earlier runs stay valid), else the device type and the dtype (other kernels give other outputs and
+    timings)."""
+    import torch
+
+    where = _placement_of(loaded)
+    key = {} if where["device"].type == "cpu" else {"device": where["device"].type}
+    if where["dtype"] != torch.float32:
+        key["dtype"] = str(where["dtype"]).removeprefix("torch.")
+    return key
 
 
 def _auto_candidates(name: str, ctx: BenchContext) -> list[str]:

@@ -913,13 +913,25 @@ class Calibration:
             return {k: self._slice(v, i, j) for k, v in value.items()}
         return value
 
+    def inputs(self, i: int, j: int, dtype: torch.dtype) -> tuple:
+        """``(x_t, t, cond)`` of triples ``i:j`` as a denoiser in ``dtype`` takes them: floating inputs and
+        conditioning in that dtype (the timesteps as they are)."""
+        def cast(v):
+            if torch.is_tensor(v):
+                return v.to(dtype) if v.is_floating_point() else v
+            if isinstance(v, dict):
+                return {k: cast(x) for k, x in v.items()}
+            return v
+
+        return cast(self.xt[i:j]), self.t[i:j], cast(self._slice(self.cond, i, j))
+
     @torch.no_grad()
     def run(self, denoiser: nn.Module) -> torch.Tensor:
-        """The denoiser's predictions on every triple, ``(N, C, H, W)`` (float32)."""
+        """The denoiser's predictions on every triple, ``(N, C, H, W)`` (float32, whatever the denoiser's dtype)."""
+        dtype = next(denoiser.parameters()).dtype
         outs = []
         for i in range(0, len(self), self.batch_size):
-            j = i + self.batch_size
-            outs.append(self.predict(denoiser, self.xt[i:j], self.t[i:j], self._slice(self.cond, i, j)).float())
+            outs.append(self.predict(denoiser, *self.inputs(i, i + self.batch_size, dtype)).float())
         return torch.cat(outs)
 
 
@@ -1024,7 +1036,7 @@ def _taylor_scores(model: nn.Module, layers: Sequence[Layer], calib: Calibration
         with torch.enable_grad():
             for i in range(0, len(calib), calib.batch_size):
                 j = i + calib.batch_size
-                pred = calib.predict(model, calib.xt[i:j], calib.t[i:j], calib._slice(calib.cond, i, j))
+                pred = calib.predict(model, *calib.inputs(i, j, next(model.parameters()).dtype))
                 loss = (pred.float() - calib.target[i:j].float()).pow(2).sum() / calib.target.numel()
                 loss.backward()
         scores = {}
