@@ -58,6 +58,9 @@ step dipgo $D dipgo zoo:digits-dit --ratio 0.5 --iters 4 --select 2 --out /tmp/g
 step bench-cuda sh -c "$D bench zoo:digits-sd --device $DEV --n 16 --methods full,steps:10,depth:9,layers:0.5,deepcache:3,dipgo:@bench/results/dipgo_digits-sd_recipe.json,dipgo:0.5 --json > $OUT/bench_digits-sd_cuda.json"
 step bench-cuda-compiled sh -c "$D bench zoo:digits-dit --device $DEV --compile --n 16 --methods full,layers:0.5,dipgo:@bench/results/dipgo_digits-dit_recipe.json --json > $OUT/bench_digits-dit_cuda_compiled.json"
 step workflow $D workflow zoo:digits-sd --device $DEV --stages layers:0.3,steps:20 --n 8 --out /tmp/gc/wf --json
+step workflow-bf16 $D workflow zoo:digits-dit --device $DEV --dtype bf16 --stages layers:0.3,steps:20 --n 8 \
+    --out /tmp/gc/wfb --json
+step profile-pipeline $D profile zoo:sr --device $DEV --pipeline --n 4 --batch-size 4 --json
 [ "${ARCH:-1}" = 0 ] && { echo "$fails failed" | tee -a "$OUT/log.txt"; exit $fails; }
 step arch-sd15 $PY bench/arch_latency.py --config src/diffslim/configs/sd15-unet --device $DEV --dtype float16 \
     --height 512 --width 512 --batch 4 --rounds 10 --out "$OUT/arch_latency_sd15_h100_fp16.json"
