@@ -196,6 +196,14 @@ def test_time_components_attributes_every_call_of_a_stable_diffusion_pipeline(ti
     assert [r["component"] for r in rows if r["denoiser"]] == ["unet"]
     assert all(not m._forward_hooks and not m._forward_pre_hooks for c in (pipe.unet, pipe.vae, pipe.text_encoder)
                for m in [c, *c.children()])  # removed afterwards
+    pipe.unet.compile(backend="eager")  # a compiled component is hooked at its own call only: its graph stays whole
+    try:
+        with time_components(pipe) as tc:
+            assert pipe.unet._forward_pre_hooks and not any(m._forward_pre_hooks for m in pipe.unet.children())
+            compiled = run()
+    finally:
+        pipe.unet._compiled_call_impl = None
+    assert tc.entries["unet"] == 3 and np.array_equal(compiled, plain)
 
 
 def test_profile_pipeline_breaks_sampling_time_down(tmp_path):
@@ -212,7 +220,12 @@ def test_profile_pipeline_breaks_sampling_time_down(tmp_path):
     d2 = json.loads(_cli("profile", "zoo:digits-dit", "--pipeline", "--n", "2", "--batch-size", "2", "--recipe", rec,
                          "--repeats", "1", "--json").output)
     assert d2["steps"] == 2 and {r["component"]: r["entries"] for r in d2["components"]}["denoiser"] == 2
-    for args, needle in ((("--pipeline", "--depth", "3"), "--pipeline times sampling runs of the pipeline as it is"),
+    res = _cli("profile", "zoo:digits-dit", "--pipeline", "--n", "2", "--steps", "3", "--repeats", "2", "--compile",
+               "--compile-backend", "eager", "--json")
+    assert res.exit_code == 0, res.output
+    d3 = json.loads(res.output)
+    assert d3["compiled"] and {r["component"]: r["entries"] for r in d3["components"]}["denoiser"] == 6
+    for args, needle in ((("--pipeline", "--depth", "3"), "--pipeline samples the pipeline as it is, at its own size"),
                          (("--n", "2"), "--n sets the sampling runs of --pipeline"),
                          (("--pipeline", "--steps", "4", "--recipe", rec), "--steps 4: the recipe")):
         res = _cli("profile", "zoo:digits-dit", *args)

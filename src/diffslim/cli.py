@@ -177,12 +177,10 @@ def profile(
 
     if pipeline:
         given = [o for o, v in (("--depth", depth), ("--height", height), ("--width", width),
-                                ("--compile", compile_options), ("--random-weights", random_weights or None))
-                 if v is not None]
+                                ("--random-weights", random_weights or None)) if v is not None]
         if given:
-            raise UserError(f"--pipeline times sampling runs of the pipeline as it is (hooks time each component, "
-                            f"which compiled code would trace): drop {', '.join(given)}")
-        return _profile_pipeline(model, n, steps, recipe, batch_size, repeats, dev, dt, as_json)
+            raise UserError(f"--pipeline samples the pipeline as it is, at its own size: drop {', '.join(given)}")
+        return _profile_pipeline(model, n, steps, recipe, batch_size, repeats, dev, dt, as_json, compile_options)
     given = [o for o, v in (("--n", n if n != 4 else None), ("--steps", steps), ("--recipe", recipe)) if v is not None]
     if given:
         raise UserError(f"{', '.join(given)} set{'s' if len(given) == 1 else ''} the sampling runs of --pipeline: "
@@ -240,9 +238,10 @@ def profile(
 
 
 def _profile_pipeline(model: str, n: int, steps: Optional[int], recipe: Optional[Path], batch_size: int,
-                      repeats: int, device, dtype, as_json: bool) -> None:
+                      repeats: int, device, dtype, as_json: bool, compile_options: Optional[dict] = None) -> None:
     """``profile --pipeline``: the wall time of each pipeline component over sampling runs (the best of
-    ``repeats``, after a warm-up run of one input), and the bound it puts on compressing the denoiser alone."""
+    ``repeats``, after a warm-up run of the first batch, which compiles with ``compile_options``), and the bound it
+    puts on compressing the denoiser alone."""
     from diffslim.apply import denoiser_attr
     from diffslim.evaluate import eval_set_for
     from diffslim.measure.profile import time_components
@@ -257,7 +256,11 @@ def _profile_pipeline(model: str, n: int, steps: Optional[int], recipe: Optional
                                                                                    loaded.zoo else 50),
                       call_kwargs=es.call_kwargs, batch_size=batch_size)
     loaded.pipe.set_progress_bar_config(disable=True)
-    run_pipeline(loaded.pipe, spec.replace(inputs=spec.inputs[:1], seeds=spec.seeds[:1]), [0])  # warm-up
+    if compile_options is not None:
+        from diffslim.compiling import compile_pipeline
+
+        compile_pipeline(loaded.pipe, **compile_options)
+    run_pipeline(loaded.pipe, spec, list(range(min(batch_size, n))))  # warm-up (and compilation): the first batch
     best = None
     for _ in range(repeats):
         with time_components(loaded.pipe) as tc:
@@ -269,7 +272,8 @@ def _profile_pipeline(model: str, n: int, steps: Optional[int], recipe: Optional
     share = next((r["share"] for r in rows if r["denoiser"]), 0.0)
     bound = 1 / (1 - share) if share < 1 else float("inf")
     first = next(loaded.denoiser.parameters())
-    result = {"model": model, "recipe": str(recipe) if recipe else None, "n": n, "batch_size": batch_size,
+    result = {"model": model, "recipe": str(recipe) if recipe else None, "compiled": compile_options is not None,
+              "n": n, "batch_size": batch_size,
               "steps": spec.num_inference_steps, "device": str(first.device), "dtype": str(first.dtype).removeprefix(
                   "torch."), "repeats": repeats, "total_s": best.total, "components": rows, "denoiser": den,
               "denoiser_share": share, "max_speedup_from_the_denoiser": bound}
@@ -278,6 +282,7 @@ def _profile_pipeline(model: str, n: int, steps: Optional[int], recipe: Optional
         return
     t = Table(title=f"{model}: {n} samples, {spec.num_inference_steps} steps, batch {batch_size}, "
                     f"{result['device']} {result['dtype']}" + (f", recipe {recipe}" if recipe else "")
+                    + (", compiled" if compile_options is not None else "")
                     + f" (best of {repeats})")
     for c in ("component", "seconds", "share", "entries"):
         t.add_column(c, justify="left" if c == "component" else "right")

@@ -177,8 +177,10 @@ def time_components(pipe):
     """Time each ``nn.Module`` component of a diffusers pipeline (text encoders, denoiser, VAE, ...) while the
     block runs, by forward hooks on the component and its direct children (a VAE decodes through its ``decoder``
     and ``post_quant_conv``, never its own ``forward``). Only the outermost entry into a component is timed, so
-    nested modules are not counted twice; on CUDA every entry and exit synchronises first. Yields a
-    :class:`ComponentTimes`, filled when the block ends. The hooks are removed afterwards."""
+    nested modules are not counted twice; on CUDA every entry and exit synchronises first. A compiled component
+    (``module.compile()`` or a ``torch.compile`` wrapper) is hooked at its own call only, and the hooks run
+    outside Dynamo, so that its graph is not split. Yields a :class:`ComponentTimes`, filled when the block ends.
+    The hooks are removed afterwards."""
     import torch
     from torch import nn
 
@@ -194,6 +196,7 @@ def time_components(pipe):
             torch.cuda.synchronize(p.device)
 
     def pre(name):
+        @torch.compiler.disable
         def hook(module, args):
             if active[name] == 0:
                 sync(module)
@@ -202,6 +205,7 @@ def time_components(pipe):
         return hook
 
     def post(name):
+        @torch.compiler.disable
         def hook(module, args, output):
             active[name] -= 1
             if active[name] == 0:
@@ -214,7 +218,8 @@ def time_components(pipe):
 
     seen = set()
     for name, comp in comps.items():
-        for m in [comp, *comp.children()]:
+        compiled = getattr(comp, "_compiled_call_impl", None) is not None or hasattr(comp, "_orig_mod")
+        for m in [comp] if compiled else [comp, *comp.children()]:
             if id(m) in seen:  # a module shared by two components counts for the first
                 continue
             seen.add(id(m))
