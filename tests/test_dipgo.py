@@ -99,8 +99,8 @@ def test_gated_trajectory_equals_pipeline_under_the_hard_plan(tiny_digits_pipe, 
 
 
 def _cfg(tmp_path, iters, **kw):
-    return DipgoConfig(ratio=0.5, num_inference_steps=STEPS, iters=iters, batch_size=1, width=16, heads=2,
-                       checkpoint_every=1, out=str(tmp_path), progress=False, **kw)
+    return DipgoConfig(**{**dict(ratio=0.5, num_inference_steps=STEPS, iters=iters, batch_size=1, width=16, heads=2,
+                                 checkpoint_every=1, out=str(tmp_path), progress=False), **kw})
 
 
 def test_training_is_deterministic_and_resumes_exactly(tiny_digits_pipe, units, tmp_path):
@@ -113,6 +113,48 @@ def test_training_is_deterministic_and_resumes_exactly(tiny_digits_pipe, units, 
     assert not hasattr(tiny_digits_pipe.denoiser, "_diffslim_skip_plan")  # runtime removed after training
     loc = train_dipgo(tiny_digits_pipe, _cfg(tmp_path / "c", 1, objective="local", loss="l1"), units)
     assert np.isfinite(loc.log[0]["consistency"])
+
+
+def test_sigterm_stops_after_the_step_with_a_checkpoint_and_resumes_exactly(tiny_digits_pipe, units, tmp_path):
+    """A scheduler's SIGTERM during step 2 of 4 (checkpoints every 10): a checkpoint at step 2, Interrupted, the
+    process's handler back; running again gives the uninterrupted run's scores. Without a folder to checkpoint into,
+    the trainer leaves the signals alone."""
+    import os
+    import signal
+    from dataclasses import replace
+
+    from diffslim.errors import Interrupted
+
+    straight = train_dipgo(tiny_digits_pipe, _cfg(tmp_path / "a", 4, checkpoint_every=10), units)
+
+    def trip(*_):
+        raise AssertionError("the signal reached the handler the test installed")
+
+    seen = []
+
+    def preempt(step, rec):
+        seen.append(signal.getsignal(signal.SIGTERM))
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, trip)
+    try:
+        with pytest.raises(Interrupted) as e:
+            train_dipgo(tiny_digits_pipe, _cfg(tmp_path / "b", 4, checkpoint_every=10), units, callback=preempt)
+        assert signal.getsignal(signal.SIGTERM) is trip and seen[0] is not trip
+        seen.clear()
+        train_dipgo(tiny_digits_pipe, replace(_cfg(tmp_path / "c", 1), out=None), units,
+                    callback=lambda step, rec: seen.append(signal.getsignal(signal.SIGTERM)))
+        assert seen == [trip]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    ckpts = tmp_path / "b" / "checkpoints"
+    assert (e.value.step, e.value.total, e.value.signum, e.value.exit_code) == (2, 4, signal.SIGTERM, 143)
+    assert e.value.checkpoint == ckpts / "step_2.pt" and sorted(p.name for p in ckpts.iterdir()) == ["step_2.pt"]
+    assert not hasattr(tiny_digits_pipe.denoiser, "_diffslim_skip_plan")  # the runtime is removed on the way out
+    resumed = train_dipgo(tiny_digits_pipe, _cfg(tmp_path / "b", 4, checkpoint_every=10), units)
+    assert [r["step"] for r in resumed.log] == [1, 2, 3, 4] and resumed.log == straight.log
+    assert np.array_equal(straight.scores, resumed.scores) and np.array_equal(straight.plan, resumed.plan)
 
 
 def test_local_objective_trains_the_gates(tiny_digits_pipe, units, tmp_path):

@@ -6,6 +6,7 @@ import csv
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import replace
@@ -83,6 +84,61 @@ def test_resume_is_exact(tiny_digits_pipe, tmp_path):
     ea, eb = (load_file(str(p / "student" / "diffusion_pytorch_model.safetensors")) for p in (tmp_path / "a", tmp_path / "b"))
     assert all(torch.equal(ea[k], eb[k]) for k in ea)
     assert _rows(a.log_path) == _rows(b.log_path)
+
+
+class _Tripped(Exception):
+    pass
+
+
+def _trip(*_):
+    raise _Tripped("a signal reached the handler the test installed: the trainer did not take it over")
+
+
+def _signal_at(model, call, signum):
+    """A forward hook that sends this process ``signum`` during ``model``'s ``call``-th training forward."""
+    calls = []
+
+    def hook(module, args, output):
+        if torch.is_grad_enabled():
+            calls.append(1)
+            if len(calls) == call:
+                os.kill(os.getpid(), signum)
+
+    return model.register_forward_hook(hook)
+
+
+def test_ctrl_c_stops_after_the_step_with_a_checkpoint_and_resumes_exactly(tiny_digits_pipe, tmp_path):
+    """SIGINT during step 4 of 6: the step ends, a checkpoint is written at step 4 (none was due: every 100),
+    Interrupted says where, the process's own handler is back, and running again ends where a run never stopped
+    ends, to the bit."""
+    from diffslim.errors import Interrupted
+
+    ds, teacher = ZooDigits(), tiny_digits_pipe.denoiser
+    straight = depth_skip(teacher, 7)
+    a = distill(tiny_digits_pipe, straight, ds, _cfg(tmp_path / "a"))
+
+    previous = signal.signal(signal.SIGINT, _trip)  # a signal the trainer does not take over fails the test
+    try:
+        student = depth_skip(teacher, 7)
+        handle = _signal_at(student, 4, signal.SIGINT)
+        with pytest.raises(Interrupted) as e:
+            distill(tiny_digits_pipe, student, ds, _cfg(tmp_path / "b"))
+        handle.remove()
+        assert signal.getsignal(signal.SIGINT) is _trip
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    ckpts = tmp_path / "b" / "checkpoints"
+    assert e.value.step == 4 and e.value.total == 6 and e.value.signum == signal.SIGINT
+    assert e.value.checkpoint == ckpts / "step_4" and e.value.exit_code == 130
+    assert "SIGINT after step 4 of 6" in str(e.value) and "run the same command again" in str(e.value)
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_4"] and (ckpts / "step_4" / "complete.json").is_file()
+    assert not (tmp_path / "b" / "student").exists()
+
+    resumed = depth_skip(teacher, 7)
+    b = distill(tiny_digits_pipe, resumed, ds, _cfg(tmp_path / "b"))
+    assert b.steps == 6 and b.final_losses == a.final_losses and _rows(a.log_path) == _rows(b.log_path)
+    sa, sb = straight.state_dict(), resumed.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
 def test_feature_loss_formula():
@@ -287,6 +343,16 @@ def test_two_processes_agree(tmp_path):
     assert {p.name for p in (ckpts / "step_4").glob("random_states_*.pkl")} == {"random_states_0.pkl",
                                                                                   "random_states_1.pkl"}
     assert (tmp_path / "run" / "student" / "diffusion_pytorch_model.safetensors").is_file()
+    # SIGTERM to process 1 alone during step 2: both stop after step 2, with one complete checkpoint there, and
+    # running again resumes to the weights of the uninterrupted run on both processes
+    stops = dict((rank, stop) for rank, stop in got["stops"])
+    assert stops[0]["step"] == stops[1]["step"] == 2
+    assert stops[1]["signum"] == signal.SIGTERM and stops[0]["signum"] is None
+    assert stops[0]["checkpoint"] == str(tmp_path / "stopped" / "checkpoints" / "step_2")
+    left = {Path(p).parts[2:] for p in got["left"]}  # (step_N, file) of what the stopped run left
+    assert {step for step, _ in left} == {"step_2"}
+    assert {f for _, f in left} >= {"complete.json", "random_states_0.pkl", "random_states_1.pkl"}
+    assert {d for _, d in got["resumed"]} == digests
 
 
 def test_match_plain_weight_scales_the_normalized_term_to_the_plain_sum(tiny_digits_pipe, tmp_path):

@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from diffslim.errors import UserError
+from diffslim.errors import Interrupted, UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Make diffusers models smaller and faster while keeping their outputs close.")
@@ -37,6 +37,9 @@ def _guard(fn):
             return fn(*args, **kwargs)
         except UserError as e:
             _fail(str(e))
+        except Interrupted as e:  # a long run stopped on Ctrl-C or SIGTERM after writing its checkpoint
+            err_console.print(f"[bold yellow]stopped:[/] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(e.exit_code)
         except OSError as e:  # a path that cannot be read or written: the system's reason and the path
             _fail(f"{e.strerror}: {e.filename}" if e.filename and e.strerror else str(e))
 

@@ -49,11 +49,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffslim.errors import UserError
+from diffslim.errors import Interrupted, UserError
 from diffslim.methods.skip_plan import (
     PlanState, PlanUnits, apply_skip_plan, check_scheduler, deepcache_plan, effective_plan, effective_plan_soft, full_plan,
     plan_macs_ratio, plan_units, plan_units_at, remove_skip_plan,
 )
+from diffslim.train.stop import StopOnSignal
 
 __all__ = ["Pruner", "DipgoConfig", "DipgoResult", "train_dipgo", "plan_from_scores", "search_plan",
            "plan_psnr_fn", "LOSSES", "OBJECTIVES", "check_ratio"]
@@ -725,51 +726,57 @@ def train_dipgo(pipe, cfg: DipgoConfig, units: Optional[PlanUnits] = None,
             with torch.no_grad():
                 val = (val_traj, val_traj.run(rt.state), {})
         t0 = time.perf_counter()
-        for step in range(start, cfg.iters):
-            inputs, seeds = _batch(pool, step, cfg.batch_size, cfg.seed, acc.process_index, acc.num_processes)
-            traj = _trajectory(pipe, inputs, seeds, cfg)
-            # the runtime runs the effective plan (units whose consumers are all skipped are skipped too),
-            # so the gates that switch the units are the effective ones: same values as the hard plan
-            noise = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step) if cfg.gumbel else None
-            gates, kept = _gates_and_kept(pruner(), noise, units, cfg.gumbel_scale)
-            if cfg.objective == "unrolled":
+        # Ctrl-C or SIGTERM: a checkpoint at this step, then Interrupted (only with a folder to resume from)
+        with StopOnSignal("dipgo", enabled=out is not None) as stop:
+            for step in range(start, cfg.iters):
+                inputs, seeds = _batch(pool, step, cfg.batch_size, cfg.seed, acc.process_index, acc.num_processes)
+                traj = _trajectory(pipe, inputs, seeds, cfg)
+                # the runtime runs the effective plan (units whose consumers are all skipped are skipped too),
+                # so the gates that switch the units are the effective ones: same values as the hard plan
+                noise = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step) if cfg.gumbel else None
+                gates, kept = _gates_and_kept(pruner(), noise, units, cfg.gumbel_scale)
+                if cfg.objective == "unrolled":
+                    with torch.no_grad():
+                        ref = traj.run(rt.state)
+                    pred = traj.run(rt.state, gates=gates, checkpoint=cfg.gradient_checkpointing)
+                    cons = consistency_loss(pred, ref, cfg.loss)
+                else:
+                    cons = _local_loss(traj, rt.state, gates)
+                floor = sparsity_floor(step, cfg.ratio, cfg.anneal)
+                sparse = kept if float(kept.detach()) > floor else kept.detach() * 0
+                loss = cons + cfg.alpha * sparse
+                opt.zero_grad(set_to_none=True)
+                acc.backward(loss)
+                opt.step()
                 with torch.no_grad():
-                    ref = traj.run(rt.state)
-                pred = traj.run(rt.state, gates=gates, checkpoint=cfg.gradient_checkpointing)
-                cons = consistency_loss(pred, ref, cfg.loss)
-            else:
-                cons = _local_loss(traj, rt.state, gates)
-            floor = sparsity_floor(step, cfg.ratio, cfg.anneal)
-            sparse = kept if float(kept.detach()) > floor else kept.detach() * 0
-            loss = cons + cfg.alpha * sparse
-            opt.zero_grad(set_to_none=True)
-            acc.backward(loss)
-            opt.step()
-            with torch.no_grad():
-                hard_kept = float(kept)
-                score_sum += raw.keep_prob().double().cpu()
-            rec = {"step": step + 1, "loss": float(loss.detach()), "consistency": float(cons.detach()),
-                   "kept_macs": hard_kept}
-            if val is not None:
-                cur = score_sum / (step + 1) if cfg.average_scores else raw.keep_prob().detach().double().cpu()
-                rec["val"] = _validation_loss(val, cur.numpy(), units, cfg, rt.state)
-                if rec["val"] < best["val"]:
-                    best = {"val": rec["val"], "scores": cur.clone(), "step": step + 1}
-            log.append(rec)
-            if callback is not None:
-                callback(step + 1, rec)
-            if progress is not None:
-                progress.update(1)
-                progress.set_postfix(cons=f"{rec['consistency']:.4f}", kept=f"{hard_kept:.3f}",
-                                     **({"val": f"{rec['val']:.4f}"} if "val" in rec else {}))
-            if out is not None and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.iters) \
-                    and acc.is_main_process:
-                (out / "checkpoints").mkdir(parents=True, exist_ok=True)
-                tmp = out / "checkpoints" / f".step_{step + 1}.tmp"
-                torch.save({"pruner": raw.state_dict(), "opt": opt.state_dict(), "step": step + 1, "log": log,
-                            "seconds": seconds + time.perf_counter() - t0, "score_sum": score_sum, "best": best,
-                            "settings": settings}, tmp)
-                tmp.rename(out / "checkpoints" / f"step_{step + 1}.pt")
+                    hard_kept = float(kept)
+                    score_sum += raw.keep_prob().double().cpu()
+                rec = {"step": step + 1, "loss": float(loss.detach()), "consistency": float(cons.detach()),
+                       "kept_macs": hard_kept}
+                if val is not None:
+                    cur = score_sum / (step + 1) if cfg.average_scores else raw.keep_prob().detach().double().cpu()
+                    rec["val"] = _validation_loss(val, cur.numpy(), units, cfg, rt.state)
+                    if rec["val"] < best["val"]:
+                        best = {"val": rec["val"], "scores": cur.clone(), "step": step + 1}
+                log.append(rec)
+                if callback is not None:
+                    callback(step + 1, rec)
+                if progress is not None:
+                    progress.update(1)
+                    progress.set_postfix(cons=f"{rec['consistency']:.4f}", kept=f"{hard_kept:.3f}",
+                                         **({"val": f"{rec['val']:.4f}"} if "val" in rec else {}))
+                stopped = stop.requested(acc) and step + 1 < cfg.iters
+                if out is not None and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.iters or stopped) \
+                        and acc.is_main_process:
+                    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+                    tmp = out / "checkpoints" / f".step_{step + 1}.tmp"
+                    torch.save({"pruner": raw.state_dict(), "opt": opt.state_dict(), "step": step + 1, "log": log,
+                                "seconds": seconds + time.perf_counter() - t0, "score_sum": score_sum, "best": best,
+                                "settings": settings}, tmp)
+                    tmp.rename(out / "checkpoints" / f"step_{step + 1}.pt")
+                if stopped:
+                    acc.wait_for_everyone()  # the checkpoint is written before any process raises
+                    raise Interrupted("dipgo", stop.signum, step + 1, cfg.iters, out / "checkpoints" / f"step_{step + 1}.pt")
     finally:
         if progress is not None:
             progress.close()

@@ -45,9 +45,10 @@ import torch.nn.functional as F
 from diffusers.hooks import HookRegistry, ModelHook
 from torch import nn
 
-from diffslim.errors import UserError
+from diffslim.errors import Interrupted, UserError
 from diffslim.models.derived import diffusers_base, ip_adapter_loaded
 from diffslim.train.data import collate
+from diffslim.train.stop import StopOnSignal
 
 logger = logging.getLogger(__name__)
 
@@ -947,67 +948,74 @@ def distill(teacher_pipe, student: nn.Module, dataset, cfg: DistillConfig) -> Di
 
             progress = tqdm(total=end, initial=start, desc="distill", dynamic_ncols=True)
 
-        for step in range(start, end):
-            xt, t, cond, target = inputs(step)
+        stopped = False
+        with StopOnSignal("distill") as stop:  # Ctrl-C or SIGTERM: a checkpoint at this step
+            for step in range(start, end):
+                xt, t, cond, target = inputs(step)
 
-            # --- teacher and student predictions, features captured by the taps
-            feats_t.clear()
-            feats_s.clear()
-            if need_teacher:
-                with torch.no_grad(), accelerator.autocast():
-                    pred_t = task.predict(teacher, xt, t, cond)
-            with accelerator.autocast():
-                pred_s = task.predict(model, xt, t, cond)
-            task_l = F.mse_loss(pred_s.float(), target.float())
-            zero = task_l.new_zeros(())
-            out_l = F.mse_loss(pred_s.float(), pred_t.float()) if need_teacher else zero
-            feat_l = (feature_loss(feats_t, feats_s, cfg.normalized, cfg.feat_eps, cfg.feat_norm == "sample").to(device)
-                      if features else zero)
-            loss = cfg.lambda_task * task_l + cfg.lambda_out * out_l + feat_weight * feat_l
+                # --- teacher and student predictions, features captured by the taps
+                feats_t.clear()
+                feats_s.clear()
+                if need_teacher:
+                    with torch.no_grad(), accelerator.autocast():
+                        pred_t = task.predict(teacher, xt, t, cond)
+                with accelerator.autocast():
+                    pred_s = task.predict(model, xt, t, cond)
+                task_l = F.mse_loss(pred_s.float(), target.float())
+                zero = task_l.new_zeros(())
+                out_l = F.mse_loss(pred_s.float(), pred_t.float()) if need_teacher else zero
+                feat_l = (feature_loss(feats_t, feats_s, cfg.normalized, cfg.feat_eps, cfg.feat_norm == "sample").to(device)
+                          if features else zero)
+                loss = cfg.lambda_task * task_l + cfg.lambda_out * out_l + feat_weight * feat_l
 
-            # --- update
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and cfg.max_grad_norm:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            lr_now = lr_sched.get_last_lr()[0]
-            opt.step()
-            lr_sched.step()
-            opt.zero_grad(set_to_none=True)
-            if ema is not None:
-                ema.update(unwrapped)
+                # --- update
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and cfg.max_grad_norm:
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                lr_now = lr_sched.get_last_lr()[0]
+                opt.step()
+                lr_sched.step()
+                opt.zero_grad(set_to_none=True)
+                if ema is not None:
+                    ema.update(unwrapped)
 
-            # --- log: every process holds the same window sums (reduced across processes each step)
-            terms = accelerator.reduce(torch.stack([loss, task_l, out_l, feat_l]).detach().float(), "mean")
-            state.sums += terms.cpu().double()
-            state.count += 1
-            state.step = step + 1
-            if state.step % cfg.log_every == 0 or state.step == cfg.steps:
-                means = (state.sums / state.count).tolist()
-                state.last_logged = dict(zip(_TERMS, means))
-                state.sums.zero_()
-                state.count = 0
-                if accelerator.is_main_process:
-                    with open(log_path, "a", newline="") as f:
-                        csv.writer(f).writerow([state.step, *(f"{v:.6g}" for v in means), f"{lr_now:.6g}"])
-                if tensorboard:
-                    accelerator.log({**state.last_logged, "lr": lr_now}, step=state.step)
+                # --- log: every process holds the same window sums (reduced across processes each step)
+                terms = accelerator.reduce(torch.stack([loss, task_l, out_l, feat_l]).detach().float(), "mean")
+                state.sums += terms.cpu().double()
+                state.count += 1
+                state.step = step + 1
+                if state.step % cfg.log_every == 0 or state.step == cfg.steps:
+                    means = (state.sums / state.count).tolist()
+                    state.last_logged = dict(zip(_TERMS, means))
+                    state.sums.zero_()
+                    state.count = 0
+                    if accelerator.is_main_process:
+                        with open(log_path, "a", newline="") as f:
+                            csv.writer(f).writerow([state.step, *(f"{v:.6g}" for v in means), f"{lr_now:.6g}"])
+                    if tensorboard:
+                        accelerator.log({**state.last_logged, "lr": lr_now}, step=state.step)
+                    if progress is not None:
+                        progress.set_postfix(loss=f"{means[0]:.4f}")
                 if progress is not None:
-                    progress.set_postfix(loss=f"{means[0]:.4f}")
-            if progress is not None:
-                progress.update(1)
+                    progress.update(1)
 
-            # --- checkpoint (always at the end of this call, so a stopped run resumes)
-            if state.step % cfg.checkpoint_every == 0 or state.step == end:
-                path = ckpt_root / f"step_{state.step}"
-                accelerator.save_state(str(path))
-                accelerator.wait_for_everyone()
-                if accelerator.is_main_process:
-                    (path / "complete.json").write_text(json.dumps({"step": state.step}))
-                    for old in _checkpoints(ckpt_root)[:-max(1, cfg.keep_checkpoints)]:
-                        shutil.rmtree(old, ignore_errors=True)
-                accelerator.wait_for_everyone()
+                # --- checkpoint (always at the end of this call, or on a signal, so a stopped run resumes)
+                stopped = stop.requested(accelerator) and state.step < end
+                if state.step % cfg.checkpoint_every == 0 or state.step == end or stopped:
+                    path = ckpt_root / f"step_{state.step}"
+                    accelerator.save_state(str(path))
+                    accelerator.wait_for_everyone()
+                    if accelerator.is_main_process:
+                        (path / "complete.json").write_text(json.dumps({"step": state.step}))
+                        for old in _checkpoints(ckpt_root)[:-max(1, cfg.keep_checkpoints)]:
+                            shutil.rmtree(old, ignore_errors=True)
+                    accelerator.wait_for_everyone()
+                if stopped:
+                    break
         if progress is not None:
             progress.close()
+        if stopped:
+            raise Interrupted("distill", stop.signum, state.step, cfg.steps, ckpt_root / f"step_{state.step}")
 
         if state.count:  # stopped inside a log window: report the partial window
             final = dict(zip(_TERMS, (state.sums / state.count).tolist()))

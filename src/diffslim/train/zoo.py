@@ -13,6 +13,7 @@ import functools
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -20,6 +21,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from diffslim.errors import Interrupted
+from diffslim.train.stop import StopOnSignal
 from diffslim.zoo import data as zdata
 from diffslim.zoo.registry import SD_DDIM_CONFIG, SD_NOISE_SCHEDULE, zoo_entry
 
@@ -182,32 +185,38 @@ def train(name: str, out: Path, steps: int, batch_size: int, lr: float, checkpoi
         log.write("step,loss,lr,seconds\n")
     unwrapped = accelerator.unwrap_model(model)
     t0 = time.time()
-    running = 0.0
-    for step in range(start, steps):
-        model.train()
-        loss = _loss(name, unwrapped, pipe, sched, _batch(name, step, batch_size, pool), residual_scale)
-        accelerator.backward(loss)
-        accelerator.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        lr_sched.step()
-        opt.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            d = min(ema_decay, (1 + step) / (10 + step))
-            for pe, pm in zip(ema.parameters(), unwrapped.parameters()):
-                pe.lerp_(pm.detach(), 1 - d)
-        running += loss.item()
-        if (step + 1) % log_every == 0:
-            log.write(f"{step + 1},{running / log_every:.5f},{lr_sched.get_last_lr()[0]:.2e},{time.time() - t0:.1f}\n")
-            log.flush()
-            accelerator.print(f"step {step + 1}/{steps} loss {running / log_every:.4f} ({time.time() - t0:.0f}s)")
-            running = 0.0
-        if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
-            accelerator.save_state(str(ckpt_root / f"step_{step + 1}"))
-            for old in sorted(ckpt_root.glob("step_*"), key=lambda p: int(p.name.split("_")[1]))[:-2]:
-                import shutil
+    running, window = 0.0, 0
+    with StopOnSignal(f"zoo-train {name}") as stop:  # Ctrl-C or SIGTERM: a checkpoint at this step
+        for step in range(start, steps):
+            model.train()
+            loss = _loss(name, unwrapped, pipe, sched, _batch(name, step, batch_size, pool), residual_scale)
+            accelerator.backward(loss)
+            accelerator.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            lr_sched.step()
+            opt.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                d = min(ema_decay, (1 + step) / (10 + step))
+                for pe, pm in zip(ema.parameters(), unwrapped.parameters()):
+                    pe.lerp_(pm.detach(), 1 - d)
+            running += loss.item()
+            window += 1
+            if (step + 1) % log_every == 0:  # the mean over the window's steps this process ran (fewer after a resume)
+                log.write(f"{step + 1},{running / window:.5f},{lr_sched.get_last_lr()[0]:.2e},{time.time() - t0:.1f}\n")
+                log.flush()
+                accelerator.print(f"step {step + 1}/{steps} loss {running / window:.4f} ({time.time() - t0:.0f}s)")
+                running, window = 0.0, 0
+            stopped = stop.requested(accelerator) and step + 1 < steps
+            if (step + 1) % checkpoint_every == 0 or step + 1 == steps or stopped:
+                accelerator.save_state(str(ckpt_root / f"step_{step + 1}"))
+                for old in sorted(ckpt_root.glob("step_*"), key=lambda p: int(p.name.split("_")[1]))[:-2]:
+                    import shutil
 
-                shutil.rmtree(old)
-            export(name, ema, out / "pipeline", pipeline_config, upsampler)
+                    shutil.rmtree(old)
+                export(name, ema, out / "pipeline", pipeline_config, upsampler)
+            if stopped:
+                log.close()
+                raise Interrupted(f"zoo-train {name}", stop.signum, step + 1, steps, ckpt_root / f"step_{step + 1}")
     return out / "pipeline"
 
 
@@ -343,8 +352,12 @@ def main(argv=None):
     if a.name == "classifier":
         print(train_classifier(a.out, seed=a.seed))
         return
-    train(a.name, a.out, a.steps, a.batch_size, a.lr, a.checkpoint_every, seed=a.seed,
-          pipeline_config=None if a.blur_sigma is None else {"blur_sigma": a.blur_sigma})
+    try:
+        train(a.name, a.out, a.steps, a.batch_size, a.lr, a.checkpoint_every, seed=a.seed,
+              pipeline_config=None if a.blur_sigma is None else {"blur_sigma": a.blur_sigma})
+    except Interrupted as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
 
 
 if __name__ == "__main__":
