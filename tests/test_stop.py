@@ -5,6 +5,7 @@ is signalled) and test_dipgo.py; here the signal handling itself, the zoo traine
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -114,6 +115,16 @@ def test_zoo_training_stops_with_a_checkpoint_and_resumes_exactly(tripwires, tmp
     rows = [(tmp_path / r / "train_log.csv").read_text().splitlines() for r in "ab"]
     assert [x.split(",")[:2] for x in rows[0]] == [x.split(",")[:2] for x in rows[1]]  # step and loss, not time
 
+    # a checkpoint cut short (killed while saving) is passed over: the run resumes from the complete one before it
+    cut = tmp_path / "b" / "checkpoints" / "step_5"
+    cut.mkdir()
+    (cut / "model.safetensors").write_bytes(b"")
+    ztrain.train("digits-sd", tmp_path / "b", steps=6, batch_size=2, lr=1e-3, checkpoint_every=100, log_every=1)
+    assert not cut.exists()  # removed once a later checkpoint is complete
+    assert json.loads((tmp_path / "b" / "checkpoints" / "step_6" / "complete.json").read_text()) == {"step": 6}
+    assert ztrain._checkpoints(tmp_path / "b" / "checkpoints")[-2:] == [tmp_path / "b" / "checkpoints" / "step_4",
+                                                                       tmp_path / "b" / "checkpoints" / "step_6"]
+
 
 def test_cli_ctrl_c_exits_130_with_one_line_and_the_rerun_resumes(tmp_path):
     out = tmp_path / "runs"
@@ -139,4 +150,4 @@ def test_cli_ctrl_c_exits_130_with_one_line_and_the_rerun_resumes(tmp_path):
     r = subprocess.run(cmd[:8] + [str(step + 2)] + cmd[9:], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"resumed from {ckpts / f'step_{step}'} at step {step}" in r.stdout + r.stderr
-    assert sorted(p.name for p in ckpts.iterdir()) == [f"step_{step}", f"step_{step + 2}"]
+    assert {p.name for p in ckpts.iterdir()} == {f"step_{step}", f"step_{step + 2}"}

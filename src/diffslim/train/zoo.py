@@ -11,8 +11,10 @@ import argparse
 import copy
 import functools
 import json
+import logging
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -174,15 +176,20 @@ def train(name: str, out: Path, steps: int, batch_size: int, lr: float, checkpoi
     residual_scale = float(pipe.config.get("residual_scale", 1.0)) if e.task == "sr" else 1.0
 
     start = 0
-    ckpts = sorted(ckpt_root.glob("step_*"), key=lambda p: int(p.name.split("_")[1])) if ckpt_root.exists() else []
+    ckpts = _checkpoints(ckpt_root)
     if ckpts:
         accelerator.load_state(str(ckpts[-1]))
         start = int(ckpts[-1].name.split("_")[1])
         accelerator.print(f"resumed from {ckpts[-1]} at step {start}")
     out.mkdir(parents=True, exist_ok=True)
-    log = open(out / "train_log.csv", "a")
-    if start == 0:
-        log.write("step,loss,lr,seconds\n")
+    log_path = out / "train_log.csv"
+    kept = []  # on a resume, the rows up to the checkpoint (rows a stopped run logged after it are dropped)
+    if start > 0 and log_path.is_file():
+        kept = [r for r in log_path.read_text().splitlines()[1:]
+                if r.split(",")[0].isdigit() and int(r.split(",")[0]) <= start]
+    accelerator.wait_for_everyone()  # every process has read the log before the main one rewrites it
+    log = open(log_path if accelerator.is_main_process else os.devnull, "w")
+    log.write("step,loss,lr,seconds\n" + "".join(r + "\n" for r in kept))
     unwrapped = accelerator.unwrap_model(model)
     t0 = time.time()
     running, window = 0.0, 0
@@ -208,16 +215,40 @@ def train(name: str, out: Path, steps: int, batch_size: int, lr: float, checkpoi
                 running, window = 0.0, 0
             stopped = stop.requested(accelerator) and step + 1 < steps
             if (step + 1) % checkpoint_every == 0 or step + 1 == steps or stopped:
-                accelerator.save_state(str(ckpt_root / f"step_{step + 1}"))
-                for old in sorted(ckpt_root.glob("step_*"), key=lambda p: int(p.name.split("_")[1]))[:-2]:
-                    import shutil
-
-                    shutil.rmtree(old)
+                path = ckpt_root / f"step_{step + 1}"
+                accelerator.save_state(str(path))
+                accelerator.wait_for_everyone()
+                if accelerator.is_main_process:  # written last: a checkpoint without it is never resumed from
+                    (path / "complete.json").write_text(json.dumps({"step": step + 1}))
+                    cut = []
+                    for old in _checkpoints(ckpt_root, cut)[:-2] + [p for p in cut if int(p.name[5:]) < step + 1]:
+                        shutil.rmtree(old)
+                accelerator.wait_for_everyone()
                 export(name, ema, out / "pipeline", pipeline_config, upsampler)
             if stopped:
                 log.close()
                 raise Interrupted(f"zoo-train {name}", stop.signum, step + 1, steps, ckpt_root / f"step_{step + 1}")
     return out / "pipeline"
+
+
+def _checkpoints(root: Path, cut: Optional[list] = None) -> list[Path]:
+    """The complete checkpoints under ``root``, oldest first. A checkpoint is complete once ``complete.json`` is
+    written after it; one from before that marker, once accelerate wrote the EMA (its last file). A
+    checkpoint cut short (a killed process, a full disk) is left out with a warning: resuming goes back to the one
+    before it, rather than failing to load. ``cut``: a list that receives the incomplete ones."""
+    if not root.is_dir():
+        return []
+    done, cut = [], ([] if cut is None else cut)
+    for p in root.glob("step_*"):
+        if not p.name[5:].isdigit():
+            continue
+        (done if (p / "complete.json").is_file() or (p / "custom_checkpoint_0.pkl").is_file() else cut).append(p)
+    done.sort(key=lambda p: int(p.name[5:]))
+    newest = int(done[-1].name[5:]) if done else -1
+    for p in cut:
+        if int(p.name[5:]) > newest:
+            logging.getLogger(__name__).warning("ignoring %s: the checkpoint was not completed", p)
+    return done
 
 
 def _check_run_settings(out: Path, settings: dict) -> None:
@@ -293,7 +324,7 @@ def export(name: str, trained: torch.nn.Module, folder: Path, pipeline_config: O
 def export_checkpoint(name: str, run_dir: Path, folder: Path) -> Path:
     """Export the EMA weights of the newest checkpoint in ``run_dir/checkpoints`` to ``folder``."""
     run_dir = Path(run_dir)
-    ckpts = sorted((run_dir / "checkpoints").glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
+    ckpts = _checkpoints(run_dir / "checkpoints")
     if not ckpts:
         raise FileNotFoundError(f"no checkpoints under {run_dir / 'checkpoints'}")
     config = _run_pipeline_config(run_dir, None)
