@@ -248,6 +248,14 @@ def test_two_processes_train_the_same_pruner(tmp_path):
     got = json.loads((tmp_path / "dipgo_mp.json").read_text())
     assert got["num_processes"] == 2 and got["steps"] == [1, 2]
     assert len(got["digests"]) == 2 and len({d for _, d in got["digests"]}) == 1
+    # SIGTERM to process 1 alone during step 2 of 3: both stop after step 2, the main process's checkpoint is
+    # there, and running again gives both the uninterrupted run's scores and plan
+    import signal
+
+    stops = dict((rank, stop) for rank, stop in got["stops"])
+    assert stops == {0: {"step": 2, "signum": None}, 1: {"step": 2, "signum": int(signal.SIGTERM)}}
+    assert got["left"] == ["step_2.pt"]
+    assert {d for _, d in got["resumed"]} == {got["straight"]}
 
 
 # ------------------------------------------------------------------------------------------------
