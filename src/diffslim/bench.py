@@ -16,6 +16,7 @@ from typing import Callable, Optional
 
 import torch
 
+from diffslim.cache import building, cache_root
 from diffslim.errors import UserError
 
 from diffslim.sample import SampleSpec, run_pipeline, sample
@@ -319,7 +320,6 @@ def check_task_weight(weight: float) -> float:
 def _default_finetune(ctx: BenchContext, depth: int):
     """The short default fine-tuning run of ``depth:N+ft``, cached by model, depth and settings."""
     import hashlib
-    import os
 
     from diffslim.methods.finetune import finetune_depth
     from diffslim.sample import model_fingerprint
@@ -329,12 +329,14 @@ def _default_finetune(ctx: BenchContext, depth: int):
     data = "" if ctx.data == "zoo" else f"|{ctx.data_key()}"  # zoo keys as before, so earlier caches still hit
     key = hashlib.sha256(f"{model_fingerprint(ctx.loaded.source)}|{depth}|{sorted(DEFAULT_FT.items())}{data}"
                          f"{ctx.train_key()}".encode()).hexdigest()[:16]
-    root = Path(os.environ.get("DIFFSLIM_CACHE", Path.home() / ".cache" / "diffslim")) / "finetune" / key
+    root = cache_root() / "finetune" / key
     folder = root / "student"
     if not (folder / "config.json").exists():
-        cfg = DistillConfig(out=root, checkpoint_every=100, log_every=25, normalized=False,
-                            lambda_task=ctx.task_weight, **DEFAULT_FT)
-        finetune_depth(ctx.loaded.pipe, depth, ctx.data, cfg)
+        with building(root, f"the depth:{depth}+ft fine-tune"):
+            if not (folder / "config.json").exists():  # another process may have built it while this one waited
+                cfg = DistillConfig(out=root, checkpoint_every=100, log_every=25, normalized=False,
+                                    lambda_task=ctx.task_weight, **DEFAULT_FT)
+                finetune_depth(ctx.loaded.pipe, depth, ctx.data, cfg)
     return folder, (f"fine-tuned {DEFAULT_FT['steps']} steps (batch {DEFAULT_FT['batch_size']}, lr {DEFAULT_FT['lr']}) "
                     f"with {ctx.train_note('feature')}; cached at {root}")
 
@@ -518,7 +520,6 @@ def _layer_selection(ctx: BenchContext, ratio: float, criterion: str = "output-l
 def _default_layer_kd(ctx: BenchContext, ratio: float, names: list[str]):
     """The short normalized distillation of ``layers:R+kd``, cached by model, layers and settings."""
     import hashlib
-    import os
 
     from diffslim.methods.layer_prune import distill_pruned, prune_layers
     from diffslim.sample import model_fingerprint
@@ -527,13 +528,15 @@ def _default_layer_kd(ctx: BenchContext, ratio: float, names: list[str]):
     data = "" if ctx.data == "zoo" else f"|{ctx.data_key()}"  # zoo keys as before, so earlier caches still hit
     key = hashlib.sha256(f"{model_fingerprint(ctx.loaded.source)}|{sorted(names)}|{sorted(DEFAULT_KD.items())}{data}"
                          f"{ctx.train_key()}".encode()).hexdigest()[:16]
-    root = Path(os.environ.get("DIFFSLIM_CACHE", Path.home() / ".cache" / "diffslim")) / "layer_kd" / key
+    root = cache_root() / "layer_kd" / key
     folder = root / "student"
     if not (folder / "config.json").exists():
-        cfg = DistillConfig(out=root, checkpoint_every=100, log_every=25, normalized=True,
-                            lambda_task=ctx.task_weight, **DEFAULT_KD)
-        distill_pruned(ctx.loaded.pipe, prune_layers(ctx.loaded.denoiser, names), cfg, data=ctx.data,
-                       size=ctx.resolution)
+        with building(root, "the layers+kd distillation"):
+            if not (folder / "config.json").exists():  # another process may have built it while this one waited
+                cfg = DistillConfig(out=root, checkpoint_every=100, log_every=25, normalized=True,
+                                    lambda_task=ctx.task_weight, **DEFAULT_KD)
+                distill_pruned(ctx.loaded.pipe, prune_layers(ctx.loaded.denoiser, names), cfg, data=ctx.data,
+                               size=ctx.resolution)
     return folder, (f"{DEFAULT_KD['steps']} steps of {ctx.train_note('normalized feature')} (batch "
                     f"{DEFAULT_KD['batch_size']}, lr {DEFAULT_KD['lr']}, feature weight matched to the plain sum); "
                     f"cached at {root}")
@@ -646,7 +649,6 @@ def _default_dipgo(ctx: BenchContext, ratio: float, **overrides):
     """
     import hashlib
     import json
-    import os
 
     import numpy as np
 
@@ -667,13 +669,15 @@ def _default_dipgo(ctx: BenchContext, ratio: float, **overrides):
     key = hashlib.sha256(f"{DIPGO_VERSION}|{model_fingerprint(ctx.loaded.source)}|{steps}|{sched}|"
                          f"{sorted(settings.items())}|{data_key}|{units.macs}|{units.outside_macs}".encode()
                          ).hexdigest()[:16]
-    root = Path(os.environ.get("DIFFSLIM_CACHE", Path.home() / ".cache" / "diffslim")) / "dipgo" / key
+    root = cache_root() / "dipgo" / key
     meta = root / "train.json"
     if not meta.exists():
-        cfg = DipgoConfig(ratio=ratio, num_inference_steps=steps, scheduler=sched, out=str(root), progress=False,
-                          call_kwargs=dict(ctx.base_spec.call_kwargs), **settings)
-        res = train_dipgo(ctx.loaded.pipe, cfg, units, pool=pool)
-        meta.write_text(json.dumps({"seconds": res.seconds, "log": res.log}))
+        with building(root, f"the dipgo:{ratio:g} training"):
+            if not meta.exists():  # another process may have built it while this one waited
+                cfg = DipgoConfig(ratio=ratio, num_inference_steps=steps, scheduler=sched, out=str(root),
+                                  progress=False, call_kwargs=dict(ctx.base_spec.call_kwargs), **settings)
+                res = train_dipgo(ctx.loaded.pipe, cfg, units, pool=pool)
+                meta.write_text(json.dumps({"seconds": res.seconds, "log": res.log}))
     info = json.loads(meta.read_text())
     scores = np.load(root / "scores.npy")
     plan = plan_from_scores(scores, units, ratio)

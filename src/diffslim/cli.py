@@ -1484,6 +1484,60 @@ def recipe_cmd(path: Path = typer.Argument(..., help="recipe JSON file to valida
     _print_json(json.loads(r.model_dump_json(exclude_none=True)))
 
 
+@app.command("cache")
+@_guard
+def cache_cmd(
+    clear: Optional[str] = typer.Option(None, help="remove entries: 'all' or kinds, comma-separated "
+                                                   "(refs, finetune, layer_kd, dipgo)"),
+    older_than: Optional[float] = typer.Option(None, help="with --clear: only entries last written more than this "
+                                                          "many days ago"),
+    as_json: bool = typer.Option(False, "--json", help="print the entries as JSON"),
+):
+    """List diffslim's cache ($DIFFSLIM_CACHE or ~/.cache/diffslim): reference samples and the bench's cached
+    training runs, with sizes and ages; --clear removes them (entries another process is building are kept)."""
+    from diffslim import cache
+
+    kinds = None
+    if clear is not None:
+        asked = [k.strip() for k in clear.split(",") if k.strip()]
+        wrong = [k for k in asked if k not in cache.KINDS and k != "all"]
+        if wrong or not asked:
+            raise UserError(f"--clear {clear!r}: unknown kind {', '.join(wrong) or '(none given)'}; accepted: all, "
+                            + ", ".join(cache.KINDS))
+        kinds = None if "all" in asked else asked
+    if older_than is not None:
+        if clear is None:
+            raise UserError("--older-than chooses what --clear removes: add --clear KINDS (or all)")
+        if older_than < 0:
+            raise UserError(f"--older-than must be >= 0 days, got {older_than:g}")
+    root = cache.cache_root()
+    if clear is not None:
+        removed, busy = cache.clear(root, kinds, older_than)
+        freed = sum(e.bytes for e in removed)
+        console.print(f"removed {len(removed)} entr{'y' if len(removed) == 1 else 'ies'} ({freed / 2**20:.1f} MiB) "
+                      f"from {root}" + (f"; kept {len(busy)} that another process is building" if busy else ""),
+                      highlight=False)
+        return
+    found = cache.entries(root)
+    if as_json:
+        _print_json({"root": str(root), "entries": [
+            {"kind": e.kind, "path": str(e.path), "bytes": e.bytes, "age_days": round(e.age_days, 3)} for e in found]})
+        return
+    from rich.table import Table
+
+    t = Table(title=f"diffslim cache: {root}")
+    for c in ("kind", "what", "entries", "size", "newest", "oldest"):
+        t.add_column(c, justify="right" if c in ("entries", "size", "newest", "oldest") else "left")
+    for kind, what in cache.KINDS.items():
+        es = [e for e in found if e.kind == kind]
+        ages = [e.age_days for e in es]
+        t.add_row(kind, what, str(len(es)), f"{sum(e.bytes for e in es) / 2**20:.1f} MiB",
+                  f"{min(ages):.1f} d" if es else "-", f"{max(ages):.1f} d" if es else "-")
+    t.add_section()
+    t.add_row("total", "", str(len(found)), f"{sum(e.bytes for e in found) / 2**20:.1f} MiB", "", "")
+    console.print(t)
+
+
 @app.command()
 @_guard
 def demo(

@@ -231,7 +231,9 @@ class ReferenceCache:
     """
 
     def __init__(self, folder=None):
-        self.folder = Path(folder or os.environ.get("DIFFSLIM_CACHE", Path.home() / ".cache" / "diffslim")) / "refs"
+        from diffslim.cache import cache_root
+
+        self.folder = Path(folder or cache_root()) / "refs"
 
     def path(self, model_id: str, spec: SampleSpec) -> Path:
         key = hashlib.sha256(f"{model_id}|{spec.digest()}".encode()).hexdigest()[:40]
@@ -253,7 +255,7 @@ class ReferenceCache:
 
         p = self.path(model_id, spec)
         p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_suffix(".tmp")
+        tmp = p.with_suffix(f".{os.getpid()}.tmp")  # one per process: two writing the same entry do not mix
         save_file({"images": images.contiguous()}, str(tmp))
         tmp.replace(p)
         return p
