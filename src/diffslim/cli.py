@@ -479,7 +479,8 @@ def bench(
     compile_mode: Optional[str] = typer.Option(None, help="torch.compile mode (with --compile)"),
     compile_backend: Optional[str] = typer.Option(None, help="torch.compile backend (with --compile; default inductor)"),
     device: str = typer.Option("cpu", help="device every variant samples on: cpu (the default), auto, cuda, cuda:N, "
-                               "mps; dipgo:R trains its pruner on the CPU only"),
+                               "mps; the methods that train (+kd, +ft, dipgo:R) train where Accelerate says: "
+                               "the GPU when torch sees one"),
     dtype: str = typer.Option("float32", help=_DTYPE_HELP + "; methods that train need float32"),
 ):
     """Compare compression methods on the same inputs in one run: MACs, speed and quality, one row each."""
