@@ -271,10 +271,13 @@ def test_cli_stock_refusals(tmp_path):
     assert res.exit_code == 0, res.output
     cfg = json.loads((tmp_path / "b" / "model" / "config.json").read_text())
     assert cfg["_class_name"] == "UNet2DConditionModel" and cfg["layers_per_block"] == 1 and cfg["mid_block_type"] is None
-    # a selection with no stock config: the scoring's work is written as the LayerPruned model, and the reason given
-    res = _cli("layer-prune", "zoo:digits-sd", "--ratio", "0.3", "--stock", "--n", "2", "--out", tmp_path / "i")
-    assert res.exit_code == 2 and "--stock: " in res.output and "a stock UNet2DConditionModel" in res.output
-    assert "Wrote the LayerPruned model, scores and recipe" in res.output
+    # a selection with no stock config (--inner selects lone resnets and parts of the mid block too): the scoring's
+    # work is written as the LayerPruned model, and the reason given
+    res = _cli("layer-prune", CONFIGS / "sdxl-unet", "--criterion", "random", "--inner", "--ratio", "0.2", "--stock",
+               "--out", tmp_path / "i")
+    said = " ".join(res.output.split())
+    assert res.exit_code == 2 and "--stock: part of the mid block is removed" in said, res.output
+    assert "Wrote the LayerPruned model, scores and recipe" in said
     assert json.loads((tmp_path / "i" / "model" / "config.json").read_text())["removed_layers"]
     assert (tmp_path / "i" / "scores.json").exists() and (tmp_path / "i" / "recipe.json").exists()
     res = _cli("stock", tmp_path / "i" / "model", "--out", tmp_path / "j")
@@ -282,6 +285,68 @@ def test_cli_stock_refusals(tmp_path):
     (tmp_path / "f").write_text("x")
     res = _cli("stock", tmp_path / "i" / "model", "--out", tmp_path / "f")
     assert res.exit_code == 2 and "is a file; give a folder" in res.output
+
+
+def test_stock_selection_on_a_unet_is_the_best_stock_describable_removal(digits_sd):
+    """--stock on a U-Net: the options are (resnet, attention) pairs in line in a level's down and up blocks, and the
+    whole mid block, each one a stock config describes (BK-SDM Base's pair among them at every level); the choice
+    is the least summed score among every combination that reaches the ratio and exports as a whole (checked here
+    by brute force); the stock export gives the LayerPruned model's outputs bit for bit, while the unconstrained
+    choice at the same ratio has no stock config."""
+    from itertools import product
+
+    unet, calib = digits_sd
+    names = lp.candidate_names(unet)
+    groups = lp.stock_groups(unet, names)
+    assert len(groups) == 5 and groups[-1] == [["mid_block.resnets.0", "mid_block.resnets.1", "mid_block.attentions.0"]]
+    base = set(lp.bk_sdm_layers(unet, "base"))
+    for i, options in enumerate(groups[:4]):
+        assert any(set(o) <= base for o in options), i
+        for o in options:
+            lp.stock_model(lp.prune_layers(unet, o))  # each one exports alone
+    layers = lp.candidates(unet, names=names)
+    scores = lp.score_layers(unet, layers, "output-loss", calib)
+    total = sum(p.numel() for p in unet.parameters())
+    by_name = {l.name: l for l in layers}
+    for ratio in (0.2, 0.4):
+        chosen = lp.stock_select(unet, layers, scores, ratio, total)
+        feasible = []
+        for pick in product(*[[None, *options] for options in groups]):
+            removed = [n for o in pick if o for n in o]
+            if sum(by_name[n].params for n in removed) >= lp.target_of(total, ratio):
+                feasible.append((sum(scores[n] for n in removed), removed))
+        best = next(f for f in sorted(feasible, key=lambda f: f[0]) if lp._stock_describes(unet, f[1]))
+        assert sorted(chosen) == sorted(best[1]), ratio
+        pruned = lp.prune_layers(unet, chosen)
+        assert torch.equal(calib.run(lp.stock_model(pruned)), calib.run(pruned))
+        free = lp.select(layers, scores, ratio, total)
+        assert sum(scores[n] for n in free) <= best[0]
+    assert not lp._stock_describes(unet, free)  # the unconstrained choice at 0.4
+    with pytest.raises(UserError, match=r"reach 0\.\d+ of the model at most: choose a ratio below that"):
+        lp.stock_select(unet, layers, scores, 0.9, total)
+
+
+def test_cli_stock_on_a_unet_writes_a_stock_unet_that_diffusers_loads(tmp_path):
+    res = _cli("layer-prune", "zoo:digits-sd", "--ratio", "0.3", "--stock", "--n", "2", "--out", tmp_path / "s",
+               "--json")
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.output)
+    assert report["params_removed"] >= 0.3 * report["params"]
+    cfg = json.loads((tmp_path / "s" / "model" / "config.json").read_text())
+    assert cfg["_class_name"] == "UNet2DConditionModel" and "removed_layers" not in cfg
+    from diffusers import UNet2DConditionModel
+
+    stock = UNet2DConditionModel.from_pretrained(str(tmp_path / "s" / "model")).eval()
+    pruned = lp.prune_layers(load("zoo:digits-sd").denoiser, report["removed"])
+    assert sum(p.numel() for p in stock.parameters()) == report["params_after"] == _params(pruned)
+    g = torch.Generator().manual_seed(0)
+    x, c = torch.randn(2, 1, 16, 16, generator=g), torch.randn(2, 1, stock.config.cross_attention_dim, generator=g)
+    with torch.no_grad():
+        assert torch.equal(stock(x, torch.tensor([10, 600]), c).sample, pruned(x, torch.tensor([10, 600]), c).sample)
+    res = _cli("layer-prune", "zoo:digits-sd", "--ratio", "0.3", "--stock", "--criterion", "greedy", "--out",
+               tmp_path / "g")
+    assert res.exit_code == 2 and "use output-loss, similarity, taylor, magnitude or random" in \
+        " ".join(res.output.split()) and not (tmp_path / "g").exists()
 
 
 def test_distilling_a_stock_export_asks_for_the_layer_pruned_model():

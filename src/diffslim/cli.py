@@ -1039,7 +1039,9 @@ def layer_prune_cmd(
                                                        "pairs: 703 for SD-1.5's 38 layers, 3741 for SDXL --inner)"),
     stock: bool = typer.Option(False, help="write model/ and pipeline/ as stock diffusers classes, loadable "
                                            "without diffslim, where a stock config describes the result (fewer "
-                                           "transformer blocks; U-Nets: BK-SDM-like pair removals, --inner blocks)"),
+                                           "transformer blocks; U-Nets: the selection is made among removals a stock "
+                                           "config describes: (resnet, attention) pairs in line in the down and up "
+                                           "blocks and the whole mid block, or --inner blocks)"),
     as_json: bool = typer.Option(False, "--json"),
     device: str = typer.Option("auto", help=_SCORE_DEVICE_HELP),
 ):
@@ -1079,6 +1081,10 @@ def layer_prune_cmd(
     if inner and criterion in bk:
         raise UserError(f"--inner scores the transformer blocks inside attention layers; {criterion} removes "
                         "BK-SDM's fixed blocks: drop --inner")
+    if stock:
+        from diffslim.methods.layer_prune import check_stock_selection
+
+        check_stock_selection(loaded.denoiser, criterion, inner)
     calib = calibration(loaded.pipe, n=n, seed=seed, data=data, size=resolution) if needs_calib else None
     keep = []
     if stock and not is_unet(loaded.denoiser):  # select only among blocks a stock config can lose
@@ -1086,7 +1092,7 @@ def layer_prune_cmd(
 
         keep = stock_keeps(loaded.denoiser)
     res = layer_prune(loaded.denoiser, criterion, ratio, by=by, calib=calib, seed=seed, inner=inner,
-                      pair_pool=pair_pool, progress=not as_json, keep=keep)
+                      pair_pool=pair_pool, progress=not as_json, keep=keep, stock=stock)
     pruned = prune_layers(loaded.denoiser, res.removed)
     not_stock = None
     if stock:

@@ -469,16 +469,11 @@ def prune_layers(model: nn.Module, names: Sequence[str]) -> nn.Module:
     ``names=[]`` gives a model whose outputs equal the original's bit for bit. LoRAs loaded into ``model`` stay on
     the kept modules (the same LoRA layers, see :func:`diffslim.models.derived.share_weights`).
     """
-    pruned_cls = _pruned_class_of(model)
     names = list(names)
     validate_layers(model, names)
-    config = {k: v for k, v in dict(model.config).items() if not k.startswith("_")}
-    previous = list(config.pop("removed_layers", None) or [])
-    all_names = previous + [n for n in names if n not in previous]
     params = list(model.parameters())
     device = params[0].device if params else torch.device("cpu")
-    with torch.device("meta"):
-        pruned = pruned_cls.from_config({**config, "removed_layers": all_names or None})
+    pruned = _pruned_on_meta(model, names)
     if device.type == "meta":
         return pruned.eval()
     share_weights(model, pruned)  # and the LoRAs loaded on the kept modules
@@ -490,6 +485,15 @@ def prune_layers(model: nn.Module, names: Sequence[str]) -> nn.Module:
             owner = pruned.get_submodule(owner_name) if owner_name else pruned
             owner._buffers[attr] = buffers[name]
     return pruned.to(device).eval()
+
+
+def _pruned_on_meta(model: nn.Module, names: Sequence[str]) -> nn.Module:
+    """The structure of ``prune_layers(model, names)`` on the meta device (no weights)."""
+    config = {k: v for k, v in dict(model.config).items() if not k.startswith("_")}
+    previous = list(config.pop("removed_layers", None) or [])
+    all_names = previous + [n for n in names if n not in previous]
+    with torch.device("meta"):
+        return _pruned_class_of(model).from_config({**config, "removed_layers": all_names or None}).eval()
 
 
 def removed_layers_of(model: nn.Module) -> list[str]:
@@ -772,10 +776,10 @@ def _stock(model: nn.Module) -> tuple[nn.Module, Callable[[str], str]]:
             out.append(str(kept[int(part)]) if kept is not None and part.isdigit() else part)
         return ".".join(out)
 
-    state = model.state_dict()
-    want = {k: source(k) for k in stock.state_dict()}
+    state, stock_state = model.state_dict(), stock.state_dict()
+    want = {k: source(k) for k in stock_state}
     for k, src in want.items():
-        if src not in state or state[src].shape != stock.state_dict()[k].shape:
+        if src not in state or state[src].shape != stock_state[k].shape:
             raise UserError(f"{base.__name__} with the layers {removed_layers_of(model)} removed has no stock "
                             f"config: the stock model's {k} has no counterpart of its shape"
                             + _stock_hint(model))
@@ -1216,6 +1220,102 @@ def select(layers: Sequence[Layer], scores: Mapping[str, float], ratio: float, t
     return [layers[i].name for i in idx]
 
 
+def _stock_describes(model: nn.Module, names: Sequence[str]) -> bool:
+    """Whether a stock config describes ``model`` without ``names`` (checked on the meta device)."""
+    try:
+        _stock(_pruned_on_meta(model, names))
+    except UserError:
+        return False
+    return True
+
+
+def stock_groups(model: nn.Module, candidates_: Iterable[str]) -> list[list[list[str]]]:
+    """The removals of a U-Net that a stock config describes, as groups of exclusive options: per level, r
+    (resnet, attention) pairs of the down block with r of its up block (keeping one down pair at least), each
+    option checked by :func:`stock_model`'s own rules with nothing else removed; and the whole mid block. Only
+    options whose layers are all in ``candidates_`` are offered."""
+    from itertools import combinations
+
+    allowed = set(candidates_)
+    n_down, n_up = len(model.down_blocks), len(model.up_blocks)
+
+    def pair(bname: str, k: int) -> list[str]:
+        block = model.get_submodule(bname)
+        attentions = getattr(block, "attentions", None) or []
+        a = attentions[k] if k < len(attentions) else None
+        return [f"{bname}.resnets.{k}"] + ([f"{bname}.attentions.{k}"] if a is not None else [])
+
+    def kept(bname: str) -> list[int]:
+        return [k for k, r in enumerate(model.get_submodule(bname).resnets) if not _gone(r)]
+
+    groups = []
+    for i in range(n_down):
+        down, up = f"down_blocks.{i}", f"up_blocks.{n_up - 1 - i}"
+        options = []
+        for r in range(1, len(kept(down))):
+            for d in combinations(kept(down), r):
+                for u in combinations(kept(up), r):
+                    names = [n for k in d for n in pair(down, k)] + [n for k in u for n in pair(up, k)]
+                    if set(names) <= allowed and _stock_describes(model, names):
+                        options.append(names)
+        if options:
+            groups.append(options)
+    mid = getattr(model, "mid_block", None)
+    if mid is not None:
+        names = [f"mid_block.resnets.{k}" for k, r in enumerate(mid.resnets) if not _gone(r)]
+        names += [f"mid_block.attentions.{k}" for k, a in enumerate(getattr(mid, "attentions", None) or [])
+                  if a is not None and not _gone(a)]
+        if names and set(names) <= allowed and _stock_describes(model, names):
+            groups.append([names])
+    return groups
+
+
+def check_stock_selection(model: nn.Module, criterion: str, inner: bool = False) -> None:
+    """Refuse, before any scoring, a stock selection :func:`stock_select` cannot make on a U-Net."""
+    if is_unet(model) and not inner and criterion in ("greedy", "output-loss-pairs"):
+        raise UserError(f"a stock selection on a U-Net removes whole (resnet, attention) pairs and the mid block, "
+                        f"chosen by each layer's own score: use output-loss, similarity, taylor, magnitude or random "
+                        f"(not {criterion}), or --inner to remove transformer blocks inside attention layers")
+
+
+def stock_select(model: nn.Module, layers: Sequence[Layer], scores: Mapping[str, float], ratio: float, total: int,
+                 by: str = "params", max_checks: int = 200) -> list[str]:
+    """Like :func:`select`, among the removals a stock config describes (:func:`stock_groups`): the options of
+    least summed score whose removed ``by`` reaches ``ratio * total``, at most one per group, the union checked
+    again as a whole (a stock config may tie the levels together). For U-Nets; the result exports with
+    :func:`stock_model` and loads with diffusers alone."""
+    if by not in ("params", "macs"):
+        raise UserError(f"--by {by!r}: accepted params, macs")
+    target = target_of(total, ratio)
+    by_name = {l.name: l for l in layers}
+    groups = stock_groups(model, by_name)
+    # every combination (one option or none per group), pruned to the cost/score Pareto front when it grows large
+    combos = [(0, 0.0, ())]
+    for options in groups:
+        scored = [(sum(_cost(by_name[n], by) for n in o), sum(scores[n] for n in o), tuple(o)) for o in options]
+        combos = combos + [(c + oc, v + ov, names + on) for c, v, names in combos for oc, ov, on in scored]
+        if len(combos) > 200_000:
+            combos.sort(key=lambda x: (-x[0], x[1]))
+            front, best = [], math.inf
+            for c in combos:
+                if c[1] < best:
+                    front.append(c)
+                    best = c[1]
+            combos = front
+    feasible = sorted((c for c in combos if c[0] >= target), key=lambda x: (x[1], -x[0]))
+    if not feasible:
+        most = max(c[0] for c in combos)
+        raise UserError(f"ratio {ratio} asks to remove {target:,} {by}, but the removals a stock "
+                        f"{_stock_base(model).__name__} config describes (resnet and attention pairs, in line in the "
+                        f"down and up blocks, and the whole mid block) reach {most / total:.3f} of the model at most: "
+                        f"choose a ratio below that, or drop --stock")
+    for _, _, names in feasible[:max_checks]:
+        if _stock_describes(model, names):
+            return list(names)
+    raise UserError(f"no removal of ratio {ratio} that a stock {_stock_base(model).__name__} config describes was "
+                    f"found among the {min(len(feasible), max_checks)} best: choose another ratio, or drop --stock")
+
+
 def quadratic_select(layers: Sequence[Layer], single: Mapping[str, float],
                      interactions: Mapping[tuple[str, str], float], ratio: float, total: int, by: str = "params",
                      exact_up_to: int = 16) -> list[str]:
@@ -1424,7 +1524,7 @@ class LayerPruneResult:
 def layer_prune(model: nn.Module, criterion: str = "output-loss", ratio: Optional[float] = None, by: str = "params",
                 calib: Optional[Calibration] = None, seed: int = 0, inner: bool = False,
                 count_macs: Optional[bool] = None, pair_pool: Optional[int] = None,
-                progress: bool = False, keep: Sequence[str] = ()) -> LayerPruneResult:
+                progress: bool = False, keep: Sequence[str] = (), stock: bool = False) -> LayerPruneResult:
     """Choose the layers of ``model`` to remove by ``criterion`` at ``ratio`` (of ``by``), or by a BK-SDM
     variant (``criterion="bk-sdm-base|small|tiny"``, no ratio, no weights needed).
 
@@ -1433,6 +1533,10 @@ def layer_prune(model: nn.Module, criterion: str = "output-loss", ratio: Optiona
     ``output-loss-pairs`` also measures the pairs' interactions (``pair_pool``: only among that many layers of
     least L_i per unit cost); they go to ``extra["interactions"]``. ``progress``: bars over the calibration runs.
     ``keep``: layers that are not candidates (e.g. :func:`stock_keeps`, for a selection a stock config describes).
+    ``stock``: on a U-Net (without ``inner``), select only among removals a stock config describes
+    (:func:`stock_select`), so that :func:`stock_model` exports the result (for transformers,
+    ``keep=stock_keeps(model)`` does it; transformer blocks inside attention layers need no constraint but the
+    mid block's, which the export checks).
     Returns a :class:`LayerPruneResult`; :func:`prune_layers` then builds the smaller model.
     """
     from diffslim.models.anatomy import anatomy
@@ -1450,6 +1554,8 @@ def layer_prune(model: nn.Module, criterion: str = "output-loss", ratio: Optiona
         check_ratio(ratio)
     if pair_pool is not None and criterion != "output-loss-pairs":
         raise UserError(f"a pair pool applies to criterion output-loss-pairs only, not {criterion!r}")
+    if stock:
+        check_stock_selection(model, criterion, inner)
     extra: dict = {}
     meta = any(p.device.type == "meta" for p in model.parameters())
     if meta and criterion not in ("random",) and not bk:
@@ -1488,7 +1594,8 @@ def layer_prune(model: nn.Module, criterion: str = "output-loss", ratio: Optiona
                      "summed_loss": float(sum(scores[n] for n in removed)), "check": check}
         else:
             scores = score_layers(model, layers, criterion, calib, seed=seed, progress=progress)
-            removed = select(layers, scores, ratio, total, by)
+            removed = (stock_select(model, layers, scores, ratio, total, by) if stock and is_unet(model) and not inner
+                       else select(layers, scores, ratio, total, by))
     by_name = {l.name: l for l in layers}
     params_removed = sum(by_name[n].params for n in removed)
     macs_removed = sum(by_name[n].macs for n in removed) if module_macs is not None else None
