@@ -531,3 +531,47 @@ def test_the_joint_search_runs_every_combination_of_kept_milder_and_left_out_set
     run_workflow(model, "depth:auto,steps:auto,deepcache:auto", inputs, tmp_path / "w1", floor={"psnr": 30.0},
                  search="joint", joint_width=1, log=lambda m: None)
     assert len(runs) == 9 and "depth:9,steps:auto,deepcache:auto" in runs and "depth:7,steps:7,deepcache:auto" in runs
+
+
+def test_a_stock_layer_stage_saves_the_stock_class_and_its_recipe_reproduces_it(digits, tmp_path):
+    """layers:R:stock selects among removals a stock config describes and its model is the stock diffusers class:
+    the saved stage is a UNet2DConditionModel with no removed_layers (tests/test_stock_export.py checks the stock
+    class against the LayerPruned model), and the recipe reproduces the last stage bit for bit."""
+    from diffusers import UNet2DConditionModel
+
+    loaded, es = digits
+    res = run_workflow(loaded, "layers:0.3:stock,steps:5", es, tmp_path / "wf", default_steps=STEPS, progress=False,
+                       log=lambda m: None)
+    assert [r["stage"] for r in res.rows] == ["original", "layers:0.3:stock", "steps:5"]
+    folder = tmp_path / "wf" / "stages" / "1-layers-0.3-stock" / "pipeline"
+    cfg = json.loads((folder / "denoiser" / "config.json").read_text())
+    assert cfg["_class_name"] == "UNet2DConditionModel" and "removed_layers" not in cfg
+    stage = UNet2DConditionModel.from_pretrained(str(folder / "denoiser"))
+    assert sum(p.numel() for p in stage.parameters()) == res.rows[1]["params"] <= 0.7 * res.rows[0]["params"] + 1
+    rec = diffslim.recipe.load_recipe(tmp_path / "wf" / "recipe.json")
+    again = diffslim.load(rec.model)
+    assert type(again.denoiser) is UNet2DConditionModel
+    diffslim.apply(again.pipe, rec)
+    assert torch.equal(sample(again.pipe, _spec(es, 50)), res.outputs["steps:5"])
+
+
+def test_layers_auto_stock_treats_ratios_past_the_stock_reach_as_missing(digits):
+    """layers:auto:stock bisects over the ratios; those no stock removal reaches are not made and count as misses,
+    so the search ends at a ratio a stock config describes."""
+    from diffslim.bench import BenchContext
+    from diffslim.workflow import _auto_search
+
+    loaded, es = digits
+    ctx = BenchContext(loaded=loaded, base_spec=_spec(es, STEPS), default_steps=STEPS)
+
+    def evaluate(variant, label):  # every ratio that can be made meets the floor
+        return {"stage": label, "psnr": 50.0, "macs_ratio": 0.5}, torch.zeros(1)
+
+    variant, row, _, trail = _auto_search("layers", ctx, evaluate, {"psnr": 30.0}, lambda m: None, criterion="stock")
+    made = [t for t in trail if "unavailable" not in t]
+    cut = [t for t in trail if "unavailable" in t]
+    assert cut and all(not t["accepted"] and "a stock UNet2DConditionModel config describes" in t["unavailable"]
+                       for t in cut)
+    best = max(float(t["setting"].split(":")[1]) for t in made)
+    assert row["stage"] == f"layers:{best:g}:stock" and min(float(t["setting"].split(":")[1]) for t in cut) > best
+    assert type(variant.pipe.denoiser).__name__ == "UNet2DConditionModel"

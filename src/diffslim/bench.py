@@ -490,13 +490,28 @@ LAYER_CALIB = dict(n=32, seed=0)
 
 # the criterion a ``layers:R:NAME`` variant selects by (``layers:R`` alone: the paper's output loss)
 LAYER_VARIANTS = {"": "output-loss", "pairs": "output-loss-pairs", "similarity": "similarity", "taylor": "taylor",
-                  "magnitude": "magnitude", "random": "random", "greedy": "greedy"}
+                  "magnitude": "magnitude", "random": "random", "greedy": "greedy", "stock": "output-loss"}
+# variants whose selection is made among the removals a stock config describes, and whose model is the stock class
+STOCK_VARIANTS = ("stock",)
 
 
-def _layer_selection(ctx: BenchContext, ratio: float, criterion: str = "output-loss") -> list[str]:
+def _layer_selection(ctx: BenchContext, ratio: float, criterion: str = "output-loss", stock: bool = False
+                     ) -> list[str]:
     """The layers ``criterion`` removes at ``ratio`` of params, scored on the model's training data (one-shot
-    criteria score once for every ratio; ``output-loss-pairs`` and ``greedy`` select per ratio)."""
-    from diffslim.methods.layer_prune import calibration, layer_prune, select
+    criteria score once for every ratio; ``output-loss-pairs`` and ``greedy`` select per ratio). ``stock``: among
+    the removals a stock config describes (on a U-Net; transformers keep what their stock config needs)."""
+    from diffslim.methods.layer_prune import calibration, is_unet, layer_prune, select, stock_keeps, stock_select
+
+    if stock:
+        first = ctx.memo.get(("layer_scores", criterion))
+        if first is None:
+            _layer_selection(ctx, ratio, criterion)  # scores every layer once, for every ratio and both selections
+            first = ctx.memo[("layer_scores", criterion)]
+        den = ctx.loaded.denoiser
+        if is_unet(den):
+            return stock_select(den, first.layers, first.scores, ratio, first.params, first.by)
+        keep = set(stock_keeps(den))
+        return select([l for l in first.layers if l.name not in keep], first.scores, ratio, first.params, first.by)
 
     first = ctx.memo.get(("layer_scores", criterion))
     if first is not None and criterion == "output-loss-pairs":  # the single and pair losses of one pass
@@ -545,7 +560,9 @@ def _default_layer_kd(ctx: BenchContext, ratio: float, names: list[str]):
 @register_method("layers", "layers:R, one-shot layer pruning (LAPTOP-Diff output-loss criterion) removing a share R "
                            "of params; layers:R:pairs by the second-order output loss (output-loss-pairs), "
                            "layers:R:similarity|taylor|magnitude|random|greedy by the other criteria; "
-                           "+kd after a short normalized distillation (cached), e.g. layers:0.5+kd")
+                           "layers:R:stock by output loss among removals a stock config describes (the model "
+                           "is the stock diffusers class); +kd after a short normalized distillation (cached), "
+                           "e.g. layers:0.5+kd")
 def _layers(arg, ctx: BenchContext) -> Variant:
     text = arg or ""
     kd = text.endswith("+kd")
@@ -556,23 +573,27 @@ def _layers(arg, ctx: BenchContext) -> Variant:
                         + ", ".join(f"layers:R:{v}" for v in LAYER_VARIANTS if v) + " (each +kd)")
     ratio = _ratio_arg(ratio_text, "layers:R")
     criterion, tag = LAYER_VARIANTS[variant], f":{variant}" if variant else ""
+    stock = variant in STOCK_VARIANTS
     if ctx.dry_run:
         ctx.needs_data(f"layers:{arg}")
         return None
-    from diffslim.methods.layer_prune import prune_layers
+    from diffslim.methods.layer_prune import prune_layers, stock_model
 
-    names = _layer_selection(ctx, ratio, criterion)
+    names = _layer_selection(ctx, ratio, criterion, stock=stock)
     how = {"output-loss": "output loss", "output-loss-pairs": "output loss to second order"}.get(criterion,
                                                                                                  f"{criterion} criterion")
-    note = f"{len(names)} layers removed ({how}, {LAYER_CALIB['n']} calibration triples)"
+    note = (f"{len(names)} layers removed ({how}{', among removals a stock config describes' if stock else ''}, "
+            f"{LAYER_CALIB['n']} calibration triples)")
+    # the stock class computes what the LayerPruned model does, bit for bit; a workflow saves it as that class
+    as_model = stock_model if stock else (lambda m: m)
     if not kd:
-        pruned = prune_layers(ctx.loaded.denoiser, names)
+        pruned = as_model(prune_layers(ctx.loaded.denoiser, names))
         return Variant(f"layers:{ratio:g}{tag}", _with_denoiser(ctx.loaded.pipe, pruned), ctx.base_spec,
-                       _n_params(pruned), notes=note)
+                       _n_params(pruned), notes=note + ("; the stock class" if stock else ""))
     from diffslim.methods.finetune import load_student
 
-    folder, kd_note = _default_layer_kd(ctx, ratio, names)
-    student = load_student(folder).to(next(ctx.loaded.denoiser.parameters()).device)
+    folder, kd_note = _default_layer_kd(ctx, ratio, names)  # distilled as the LayerPruned model, then exported
+    student = as_model(load_student(folder).to(next(ctx.loaded.denoiser.parameters()).device))
     return Variant(f"layers:{ratio:g}{tag}+kd", _with_denoiser(ctx.loaded.pipe, student), ctx.base_spec,
                    _n_params(student), notes=f"{note}; {kd_note}")
 

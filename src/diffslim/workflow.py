@@ -49,6 +49,7 @@ import torch
 
 from diffslim.bench import LAYER_VARIANTS, METHODS, BenchContext, check_task_weight, count_run_macs, parse_methods
 from diffslim.errors import UserError
+from diffslim.methods.layer_prune import StockUnreachable
 from diffslim.recipe import Recipe
 from diffslim.sample import SampleSpec, model_fingerprint, run_pipeline, sample
 
@@ -316,7 +317,13 @@ def _auto_search(name: str, ctx: BenchContext, evaluate, floor: dict, log: Calla
     while hi - lo > 1:
         mid = (lo + hi) // 2
         setting = f"{name}:{cands[mid]}"
-        variant = METHODS[name](cands[mid], ctx)
+        try:
+            variant = METHODS[name](cands[mid], ctx)
+        except StockUnreachable as e:  # layers:auto:stock past what a stock config can lose: as if it missed
+            trail.append({"setting": setting, "accepted": False, "unavailable": str(e)})
+            log(f"  {setting}: cannot be made ({e})")
+            hi = mid
+            continue
         row, images = evaluate(variant, setting)
         bad = _below_floor(row, floor)
         results[mid] = (variant, row, images)
@@ -328,6 +335,9 @@ def _auto_search(name: str, ctx: BenchContext, evaluate, floor: dict, log: Calla
             hi = mid
         else:
             lo = mid
+    if max(lo, 0) not in results:  # even the mildest setting cannot be made
+        raise UserError(f"{name}:auto{':' + criterion if criterion else ''}: no setting can be made here; "
+                        + trail[-1].get("unavailable", ""))
     variant, row, images = results[max(lo, 0)]
     row["candidates"] = [f"{name}:{c}" for c in cands]
     return variant, row, images, trail

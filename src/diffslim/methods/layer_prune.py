@@ -1270,6 +1270,10 @@ def stock_groups(model: nn.Module, candidates_: Iterable[str]) -> list[list[list
     return groups
 
 
+class StockUnreachable(UserError):
+    """The ratio asks for more than the removals a stock config describes hold."""
+
+
 def check_stock_selection(model: nn.Module, criterion: str, inner: bool = False) -> None:
     """Refuse, before any scoring, a stock selection :func:`stock_select` cannot make on a U-Net."""
     if is_unet(model) and not inner and criterion in ("greedy", "output-loss-pairs"):
@@ -1305,7 +1309,7 @@ def stock_select(model: nn.Module, layers: Sequence[Layer], scores: Mapping[str,
     feasible = sorted((c for c in combos if c[0] >= target), key=lambda x: (x[1], -x[0]))
     if not feasible:
         most = max(c[0] for c in combos)
-        raise UserError(f"ratio {ratio} asks to remove {target:,} {by}, but the removals a stock "
+        raise StockUnreachable(f"ratio {ratio} asks to remove {target:,} {by}, but the removals a stock "
                         f"{_stock_base(model).__name__} config describes (resnet and attention pairs, in line in the "
                         f"down and up blocks, and the whole mid block) reach {most / total:.3f} of the model at most: "
                         f"choose a ratio below that, or drop --stock")
