@@ -615,7 +615,8 @@ def _run_stages(loaded, stages: str, evalset, out, default_steps: int = 50, sche
         row["accepted"] = not bad
         if search is not None:
             row["search"] = search
-            tried = "; ".join(f"{t['setting']} {'meets' if t['accepted'] else 'misses'} it"
+            tried = "; ".join(f"{t['setting']} " + ("cannot be made" if "unavailable" in t
+                                                     else "meets it" if t["accepted"] else "misses it")
                               for t in search)
             mine = f" (its own floor: {_floor_text(own)})" if own != floor else ""
             row["notes"] = (row.get("notes", "") + "; " if row.get("notes") else "") + f"auto{mine}, tried: {tried}"
