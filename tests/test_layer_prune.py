@@ -417,6 +417,14 @@ def test_cli_layer_compare_writes_the_comparison_and_its_figures(tiny_digits_fol
         assert row["output-loss_share"] >= row["ratio"] and "output-loss-pairs" not in row
         assert row["output-loss"] <= row["magnitude"] or row["output-loss"] <= row["similarity"]
     assert [b["variant"] for b in res["bk_sdm"]] == ["bk-sdm-base", "bk-sdm-small", "bk-sdm-tiny"]
+    # the stock choice at each ratio: a stock config describes it, it reaches the ratio, and it costs at least the
+    # free choice's output loss on the calibration triples' scores (it is chosen from fewer sets)
+    assert "loss" in res["stock"][0] and "reach" in res["stock"][1]["unreachable"]  # 0.3 can be made, 0.5 not
+    for st, row in zip(res["stock"][:1], res["ratios"]):
+        assert st["ratio"] == row["ratio"] and st["share"] >= st["ratio"]
+        assert lp._stock_describes(load(str(tiny_digits_folder)).denoiser, st["removed"])
+        assert sum(res["scores"]["output-loss"][n] for n in st["removed"]) >= \
+            sum(res["scores"]["output-loss"][n] for n in row["output-loss_removed"])
     for name in ("output_loss.png", "additivity.png"):
         assert (tmp_path / "c" / name).stat().st_size > 1000
     assert not (tmp_path / "c" / "sampled_psnr.png").exists() and "sampled" not in res

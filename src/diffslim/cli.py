@@ -1388,6 +1388,10 @@ def layer_compare_cmd(
                       f"(output-loss criterion at that ratio: {b['output_loss_at_ratio']:.3g})"
                       + (f"; samples {b['sampled']['psnr']:.2f} dB" if sample_n and b["sampled"].get("psnr") is not None
                          else ""))
+    for row in res.get("stock", []):
+        console.print(f"--stock at {row['ratio']:g}: " + (
+            f"removes {row['share']:.3f} of params, output loss {row['loss']:.3g} (a stock diffusers config "
+            "describes it)" if "loss" in row else "no removal a stock config describes reaches it"), highlight=False)
     console.print(f"additivity over {len(add['sets'])} random layer sets: Pearson r = {add['pearson']:.3f}"
                   + (f" (second order {add['pearson_second_order']:.3f})" if "pearson_second_order" in add else "")
                   + f"\nwritten: {out / 'compare.json'}, {out / 'output_loss.png'}, {out / 'additivity.png'}"

@@ -29,7 +29,8 @@ def compare_criteria(d: nn.Module, calib: lp.Calibration, held: lp.Calibration, 
     """Criteria of denoiser ``d`` compared at ``ratios`` (share of params removed).
 
     Returns ``{"params", "n_candidates", "candidate_params_share", "scores", "score_seconds", "interactions",
-    "greedy_order", "ratios", "bk_sdm", "additivity"}``. Each row of ``ratios`` holds each criterion's held-out
+    "greedy_order", "ratios", "bk_sdm", "stock", "additivity"}`` (``stock``: on U-Nets, the output-loss choice among
+    the removals a stock config describes at each ratio, its held-out loss and share, or why none reaches it). Each row of ``ratios`` holds each criterion's held-out
     output loss (``random``: the mean over ``random_seeds``, each also as ``random#S``), the share it removes
     (``<criterion>_share``), the layers it removes (``<criterion>_removed``) and whether output-loss (``output_loss_best_one_shot``) and output-loss-pairs
     (``pairs_best_one_shot``) are strictly below every other one-shot criterion. ``greedy`` (iterative
@@ -111,6 +112,18 @@ def compare_criteria(d: nn.Module, calib: lp.Calibration, held: lp.Calibration, 
                 row["output_loss_pairs_at_ratio"] = lp.output_loss(d, held, q, ref_h)
             bk.append(row)
     out["bk_sdm"] = bk
+
+    stock = []  # U-Nets: what a selection a stock config describes (layer-prune --stock) costs at each ratio
+    if lp.is_unet(d):
+        for r in ratios:
+            try:
+                names = lp.stock_select(d, layers, single, r, total)
+            except lp.StockUnreachable as e:
+                stock.append({"ratio": r, "unreachable": str(e)})
+                continue
+            stock.append({"ratio": r, "loss": lp.output_loss(d, held, names, ref_h), "share": _share(layers, names, total),
+                          "removed": names})
+    out["stock"] = stock
 
     add = lp.additivity(d, layers, calib, single, n_sets=n_sets, seed=0, reference=ref_c)
     if inter is not None:
