@@ -151,3 +151,19 @@ def test_cli_ctrl_c_exits_130_with_one_line_and_the_rerun_resumes(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"resumed from {ckpts / f'step_{step}'} at step {step}" in r.stdout + r.stderr
     assert {p.name for p in ckpts.iterdir()} == {f"step_{step}", f"step_{step + 2}"}
+
+
+def test_ctrl_c_in_a_command_without_checkpoints_is_one_line_and_exit_130(monkeypatch, tmp_path):
+    """A KeyboardInterrupt in the middle of a command's work (here the layer scoring's calibration) ends it with
+    one line and the shell's exit code for SIGINT, not a traceback."""
+    from typer.testing import CliRunner
+
+    from diffslim.cli import app
+    from diffslim.methods import layer_prune as lp
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lp, "calibration", interrupted)
+    r = CliRunner().invoke(app, ["layer-prune", "zoo:digits-sd", "--ratio", "0.3", "--out", str(tmp_path / "o")])
+    assert r.exit_code == 130 and "interrupted (Ctrl-C)" in r.output and "Traceback" not in r.output, r.output

@@ -40,6 +40,10 @@ def _guard(fn):
         except Interrupted as e:  # a long run stopped on Ctrl-C or SIGTERM after writing its checkpoint
             err_console.print(f"[bold yellow]stopped:[/] {e}", highlight=False, soft_wrap=True)
             raise typer.Exit(e.exit_code)
+        except KeyboardInterrupt:  # Ctrl-C in a command that keeps no checkpoint: one line, not a traceback
+            err_console.print("[bold yellow]interrupted[/] (Ctrl-C): files this command had finished writing are "
+                              "kept; cached runs resume when it runs again", highlight=False, soft_wrap=True)
+            raise typer.Exit(130)
         except OSError as e:  # a path that cannot be read or written: the system's reason and the path
             _fail(f"{e.strerror}: {e.filename}" if e.filename and e.strerror else str(e))
 
