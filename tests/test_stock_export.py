@@ -271,17 +271,12 @@ def test_cli_stock_refusals(tmp_path):
     assert res.exit_code == 0, res.output
     cfg = json.loads((tmp_path / "b" / "model" / "config.json").read_text())
     assert cfg["_class_name"] == "UNet2DConditionModel" and cfg["layers_per_block"] == 1 and cfg["mid_block_type"] is None
-    # a selection with no stock config (--inner selects lone resnets and parts of the mid block too): the scoring's
-    # work is written as the LayerPruned model, and the reason given
-    res = _cli("layer-prune", CONFIGS / "sdxl-unet", "--criterion", "random", "--inner", "--ratio", "0.2", "--stock",
-               "--out", tmp_path / "i")
-    said = " ".join(res.output.split())
-    assert res.exit_code == 2 and "--stock: part of the mid block is removed" in said, res.output
-    assert "Wrote the LayerPruned model, scores and recipe" in said
+    # a pruned model no stock config describes: `diffslim stock` says why
+    res = _cli("layer-prune", "zoo:digits-sd", "--criterion", "magnitude", "--ratio", "0.3", "--out", tmp_path / "i")
+    assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "i" / "model" / "config.json").read_text())["removed_layers"]
-    assert (tmp_path / "i" / "scores.json").exists() and (tmp_path / "i" / "recipe.json").exists()
     res = _cli("stock", tmp_path / "i" / "model", "--out", tmp_path / "j")
-    assert res.exit_code == 2 and "a stock UNet2DConditionModel" in res.output
+    assert res.exit_code == 2 and "a stock UNet2DConditionModel" in res.output and not (tmp_path / "j").exists()
     (tmp_path / "f").write_text("x")
     res = _cli("stock", tmp_path / "i" / "model", "--out", tmp_path / "f")
     assert res.exit_code == 2 and "is a file; give a folder" in res.output
@@ -324,6 +319,53 @@ def test_stock_selection_on_a_unet_is_the_best_stock_describable_removal(digits_
     assert not lp._stock_describes(unet, free)  # the unconstrained choice at 0.4
     with pytest.raises(UserError, match=r"reach 0\.\d+ of the model at most: choose a ratio below that"):
         lp.stock_select(unet, layers, scores, 0.9, total)
+
+
+def test_stock_selection_inside_attention_layers(tmp_path):
+    """--inner --stock (SDXL's way, as SSD-1B and KOALA remove blocks): per attention layer, its j blocks of least
+    score; the mid block's attention tied to the last down block's first one (one depth in a stock config); the
+    choice is the best valid combination (brute force) and exports bit for bit."""
+    from itertools import product
+
+    unet, args = _tiny_unet()
+    names = lp.candidate_names(unet, inner=True)
+    layers = lp.candidates(unet, inner=True, names=names)
+    scores = lp.score_layers(unet, layers, "random", None, seed=3)
+    groups = lp.stock_groups(unet, names, scores)
+    tied = [g for g in groups if any(n.startswith("mid_block.") for o in g for n in o)]
+    assert len(tied) == 1 and all(sum(n.startswith("mid_block.") for n in o) ==
+                                  sum(n.startswith("down_blocks.2.attentions.0.") for n in o) for o in tied[0])
+    inner_heads = {n.rpartition(".transformer_blocks.")[0] for g in groups for o in g for n in o
+                   if ".transformer_blocks." in n}
+    assert inner_heads == {"down_blocks.1.attentions.0", "down_blocks.1.attentions.1", "down_blocks.2.attentions.0",
+                           "down_blocks.2.attentions.1", "mid_block.attentions.0", "up_blocks.0.attentions.0",
+                           "up_blocks.0.attentions.1", "up_blocks.0.attentions.2", "up_blocks.1.attentions.0",
+                           "up_blocks.1.attentions.1", "up_blocks.1.attentions.2"}
+    total = _params(unet)
+    by_name = {l.name: l for l in layers}
+    for ratio in (0.1, 0.25):
+        chosen = lp.stock_select(unet, layers, scores, ratio, total)
+        feasible = []
+        for pick in product(*[[None, *g] for g in groups]):
+            removed = [n for o in pick if o for n in o]
+            if sum(by_name[n].params for n in removed) >= lp.target_of(total, ratio):
+                feasible.append((sum(scores[n] for n in removed), removed))
+        feasible.sort(key=lambda f: f[0])
+        best = next(f for f in feasible if lp._stock_describes(unet, f[1]))
+        assert sum(scores[n] for n in chosen) == pytest.approx(best[0]), ratio
+        pruned = lp.prune_layers(unet, chosen)
+        stock = lp.stock_model(pruned)
+        with torch.no_grad():
+            assert torch.equal(stock(*args).sample, pruned(*args).sample), ratio
+    res = _cli("layer-prune", CONFIGS / "sdxl-unet", "--criterion", "random", "--inner", "--ratio", "0.3", "--stock",
+               "--out", tmp_path / "x", "--json")
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.output)
+    assert report["params_removed"] >= 0.3 * report["params"]
+    cfg = json.loads((tmp_path / "x" / "model" / "config.json").read_text())
+    assert cfg["_class_name"] == "UNet2DConditionModel" and "removed_layers" not in cfg
+    assert any(len(set(depths)) > 1 or depths[0] < 10 for depths in cfg["transformer_layers_per_block"][1:])
+    assert _params(load(str(tmp_path / "x" / "model")).denoiser) == report["params_after"]  # diffusers' config
 
 
 def test_cli_stock_on_a_unet_writes_a_stock_unet_that_diffusers_loads(tmp_path):

@@ -1229,11 +1229,17 @@ def _stock_describes(model: nn.Module, names: Sequence[str]) -> bool:
     return True
 
 
-def stock_groups(model: nn.Module, candidates_: Iterable[str]) -> list[list[list[str]]]:
+def stock_groups(model: nn.Module, candidates_: Iterable[str], scores: Optional[Mapping[str, float]] = None
+                 ) -> list[list[list[str]]]:
     """The removals of a U-Net that a stock config describes, as groups of exclusive options: per level, r
     (resnet, attention) pairs of the down block with r of its up block (keeping one down pair at least), each
     option checked by :func:`stock_model`'s own rules with nothing else removed; and the whole mid block. Only
-    options whose layers are all in ``candidates_`` are offered."""
+    options whose layers are all in ``candidates_`` are offered.
+
+    With transformer blocks inside attention layers among the candidates (``inner``, SDXL), also: per attention
+    layer of n blocks, its j blocks of least ``scores`` for j = 1 .. n - 1 (a stock config counts the blocks of each
+    attention layer; which ones go does not matter to it), the mid block's attention layer tied to the last down
+    block's first one (a stock config gives both one depth: the same j from each)."""
     from itertools import combinations
 
     allowed = set(candidates_)
@@ -1267,6 +1273,36 @@ def stock_groups(model: nn.Module, candidates_: Iterable[str]) -> list[list[list
                   if a is not None and not _gone(a)]
         if names and set(names) <= allowed and _stock_describes(model, names):
             groups.append([names])
+    groups += _inner_groups(model, allowed, scores or {})
+    return groups
+
+
+def _inner_groups(model: nn.Module, allowed: set, scores: Mapping[str, float]) -> list[list[list[str]]]:
+    """:func:`stock_groups`' options inside attention layers: the j blocks of least score of each (1 <= j < n)."""
+    attn = {}  # attention layer -> its kept blocks' names, least score first
+    for name in allowed:
+        head, sep, k = name.rpartition(".transformer_blocks.")
+        if sep and k.isdigit():
+            attn.setdefault(head, []).append(name)
+    if not attn:
+        return []
+    for head in attn:
+        attn[head].sort(key=lambda n: (scores.get(n, 0.0), int(n.rpartition(".")[2])))
+    ties = []
+    mid, last = "mid_block.attentions.0", f"down_blocks.{len(model.down_blocks) - 1}.attentions.0"
+    if mid in attn and last in attn and len(attn[mid]) == len(attn[last]):
+        ties.append((mid, last))
+    tied = {h for t in ties for h in t}
+    groups = []
+    for heads in [*ties, *((h,) for h in sorted(attn) if h not in tied)]:
+        n = min(len(attn[h]) for h in heads)
+        options = []
+        for j in range(1, n):
+            names = [b for h in heads for b in attn[h][:j]]
+            if _stock_describes(model, names):
+                options.append(names)
+        if options:
+            groups.append(options)
     return groups
 
 
@@ -1276,10 +1312,10 @@ class StockUnreachable(UserError):
 
 def check_stock_selection(model: nn.Module, criterion: str, inner: bool = False) -> None:
     """Refuse, before any scoring, a stock selection :func:`stock_select` cannot make on a U-Net."""
-    if is_unet(model) and not inner and criterion in ("greedy", "output-loss-pairs"):
-        raise UserError(f"a stock selection on a U-Net removes whole (resnet, attention) pairs and the mid block, "
-                        f"chosen by each layer's own score: use output-loss, similarity, taylor, magnitude or random "
-                        f"(not {criterion}), or --inner to remove transformer blocks inside attention layers")
+    if is_unet(model) and criterion in ("greedy", "output-loss-pairs"):
+        raise UserError(f"a stock selection on a U-Net removes whole (resnet, attention) pairs, the mid block and "
+                        f"(--inner) transformer blocks inside attention layers, chosen by each layer's own score: use "
+                        f"output-loss, similarity, taylor, magnitude or random (not {criterion})")
 
 
 def stock_select(model: nn.Module, layers: Sequence[Layer], scores: Mapping[str, float], ratio: float, total: int,
@@ -1292,13 +1328,13 @@ def stock_select(model: nn.Module, layers: Sequence[Layer], scores: Mapping[str,
         raise UserError(f"--by {by!r}: accepted params, macs")
     target = target_of(total, ratio)
     by_name = {l.name: l for l in layers}
-    groups = stock_groups(model, by_name)
+    groups = stock_groups(model, by_name, scores)
     # every combination (one option or none per group), pruned to the cost/score Pareto front when it grows large
     combos = [(0, 0.0, ())]
     for options in groups:
         scored = [(sum(_cost(by_name[n], by) for n in o), sum(scores[n] for n in o), tuple(o)) for o in options]
         combos = combos + [(c + oc, v + ov, names + on) for c, v, names in combos for oc, ov, on in scored]
-        if len(combos) > 200_000:
+        if len(combos) > 20_000:
             combos.sort(key=lambda x: (-x[0], x[1]))
             front, best = [], math.inf
             for c in combos:
@@ -1537,10 +1573,9 @@ def layer_prune(model: nn.Module, criterion: str = "output-loss", ratio: Optiona
     ``output-loss-pairs`` also measures the pairs' interactions (``pair_pool``: only among that many layers of
     least L_i per unit cost); they go to ``extra["interactions"]``. ``progress``: bars over the calibration runs.
     ``keep``: layers that are not candidates (e.g. :func:`stock_keeps`, for a selection a stock config describes).
-    ``stock``: on a U-Net (without ``inner``), select only among removals a stock config describes
-    (:func:`stock_select`), so that :func:`stock_model` exports the result (for transformers,
-    ``keep=stock_keeps(model)`` does it; transformer blocks inside attention layers need no constraint but the
-    mid block's, which the export checks).
+    ``stock``: on a U-Net, select only among removals a stock config describes (:func:`stock_select`, with
+    ``inner`` also transformer blocks inside attention layers), so that :func:`stock_model` exports the result (for
+    transformers, ``keep=stock_keeps(model)`` does it).
     Returns a :class:`LayerPruneResult`; :func:`prune_layers` then builds the smaller model.
     """
     from diffslim.models.anatomy import anatomy
@@ -1598,7 +1633,7 @@ def layer_prune(model: nn.Module, criterion: str = "output-loss", ratio: Optiona
                      "summed_loss": float(sum(scores[n] for n in removed)), "check": check}
         else:
             scores = score_layers(model, layers, criterion, calib, seed=seed, progress=progress)
-            removed = (stock_select(model, layers, scores, ratio, total, by) if stock and is_unet(model) and not inner
+            removed = (stock_select(model, layers, scores, ratio, total, by) if stock and is_unet(model)
                        else select(layers, scores, ratio, total, by))
     by_name = {l.name: l for l in layers}
     params_removed = sum(by_name[n].params for n in removed)
