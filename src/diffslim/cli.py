@@ -1045,7 +1045,8 @@ def layer_prune_cmd(
                                            "without diffslim, where a stock config describes the result (fewer "
                                            "transformer blocks; U-Nets: the selection is made among removals a stock "
                                            "config describes: (resnet, attention) pairs in line in the down and up "
-                                           "blocks and the whole mid block, or --inner blocks)"),
+                                           "blocks, the whole mid block and, with --inner, blocks inside "
+                                           "attention layers)"),
     as_json: bool = typer.Option(False, "--json"),
     device: str = typer.Option("auto", help=_SCORE_DEVICE_HELP),
 ):
