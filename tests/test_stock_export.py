@@ -282,14 +282,26 @@ def test_cli_stock_refusals(tmp_path):
     assert res.exit_code == 2 and "is a file; give a folder" in res.output
 
 
+def _best_stock_by_brute_force(unet, groups, layers, scores, total, ratio):
+    """(summed score, layers) of the best combination of ``groups``' options (one or none each) that reaches
+    ``ratio`` of ``total`` params and exports as a whole: every combination enumerated."""
+    from itertools import product
+
+    by_name = {l.name: l for l in layers}
+    feasible = []
+    for pick in product(*[[None, *options] for options in groups]):
+        removed = [n for o in pick if o for n in o]
+        if sum(by_name[n].params for n in removed) >= lp.target_of(total, ratio):
+            feasible.append((sum(scores[n] for n in removed), removed))
+    return next(f for f in sorted(feasible, key=lambda f: f[0]) if lp._stock_describes(unet, f[1]))
+
+
 def test_stock_selection_on_a_unet_is_the_best_stock_describable_removal(digits_sd):
     """--stock on a U-Net: the options are (resnet, attention) pairs in line in a level's down and up blocks, and the
     whole mid block, each one a stock config describes (BK-SDM Base's pair among them at every level); the choice
     is the least summed score among every combination that reaches the ratio and exports as a whole (checked here
     by brute force); the stock export gives the LayerPruned model's outputs bit for bit, while the unconstrained
     choice at the same ratio has no stock config."""
-    from itertools import product
-
     unet, calib = digits_sd
     names = lp.candidate_names(unet)
     groups = lp.stock_groups(unet, names)
@@ -302,15 +314,9 @@ def test_stock_selection_on_a_unet_is_the_best_stock_describable_removal(digits_
     layers = lp.candidates(unet, names=names)
     scores = lp.score_layers(unet, layers, "output-loss", calib)
     total = sum(p.numel() for p in unet.parameters())
-    by_name = {l.name: l for l in layers}
     for ratio in (0.2, 0.4):
         chosen = lp.stock_select(unet, layers, scores, ratio, total)
-        feasible = []
-        for pick in product(*[[None, *options] for options in groups]):
-            removed = [n for o in pick if o for n in o]
-            if sum(by_name[n].params for n in removed) >= lp.target_of(total, ratio):
-                feasible.append((sum(scores[n] for n in removed), removed))
-        best = next(f for f in sorted(feasible, key=lambda f: f[0]) if lp._stock_describes(unet, f[1]))
+        best = _best_stock_by_brute_force(unet, groups, layers, scores, total, ratio)
         assert sorted(chosen) == sorted(best[1]), ratio
         pruned = lp.prune_layers(unet, chosen)
         assert torch.equal(calib.run(lp.stock_model(pruned)), calib.run(pruned))
@@ -325,8 +331,6 @@ def test_stock_selection_inside_attention_layers(tmp_path):
     """--inner --stock (SDXL's way, as SSD-1B and KOALA remove blocks): per attention layer, its j blocks of least
     score; the mid block's attention tied to the last down block's first one (one depth in a stock config); the
     choice is the best valid combination (brute force) and exports bit for bit."""
-    from itertools import product
-
     unet, args = _tiny_unet()
     names = lp.candidate_names(unet, inner=True)
     layers = lp.candidates(unet, inner=True, names=names)
@@ -342,30 +346,24 @@ def test_stock_selection_inside_attention_layers(tmp_path):
                            "up_blocks.0.attentions.1", "up_blocks.0.attentions.2", "up_blocks.1.attentions.0",
                            "up_blocks.1.attentions.1", "up_blocks.1.attentions.2"}
     total = _params(unet)
-    by_name = {l.name: l for l in layers}
     for ratio in (0.1, 0.25):
         chosen = lp.stock_select(unet, layers, scores, ratio, total)
-        feasible = []
-        for pick in product(*[[None, *g] for g in groups]):
-            removed = [n for o in pick if o for n in o]
-            if sum(by_name[n].params for n in removed) >= lp.target_of(total, ratio):
-                feasible.append((sum(scores[n] for n in removed), removed))
-        feasible.sort(key=lambda f: f[0])
-        best = next(f for f in feasible if lp._stock_describes(unet, f[1]))
+        best = _best_stock_by_brute_force(unet, groups, layers, scores, total, ratio)
         assert sum(scores[n] for n in chosen) == pytest.approx(best[0]), ratio
         pruned = lp.prune_layers(unet, chosen)
         stock = lp.stock_model(pruned)
         with torch.no_grad():
             assert torch.equal(stock(*args).sample, pruned(*args).sample), ratio
-    res = _cli("layer-prune", CONFIGS / "sdxl-unet", "--criterion", "random", "--inner", "--ratio", "0.3", "--stock",
+    # the CLI writes the stock config (SDXL's config on the meta device takes 35 s: the README quotes that run)
+    unet.save_pretrained(str(tmp_path / "tiny"))
+    res = _cli("layer-prune", tmp_path / "tiny", "--criterion", "random", "--inner", "--ratio", "0.25", "--stock",
                "--out", tmp_path / "x", "--json")
     assert res.exit_code == 0, res.output
     report = json.loads(res.output)
-    assert report["params_removed"] >= 0.3 * report["params"]
+    assert report["params_removed"] >= 0.25 * report["params"]
     cfg = json.loads((tmp_path / "x" / "model" / "config.json").read_text())
     assert cfg["_class_name"] == "UNet2DConditionModel" and "removed_layers" not in cfg
-    assert any(len(set(depths)) > 1 or depths[0] < 10 for depths in cfg["transformer_layers_per_block"][1:])
-    assert _params(load(str(tmp_path / "x" / "model")).denoiser) == report["params_after"]  # diffusers' config
+    assert _params(load(str(tmp_path / "x" / "model")).denoiser) == report["params_after"]
 
 
 def test_cli_stock_on_a_unet_writes_a_stock_unet_that_diffusers_loads(tmp_path):
