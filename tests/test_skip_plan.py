@@ -205,6 +205,89 @@ def test_diffusers_cache_on_a_dit_resets_per_generation_and_removes():
     assert torch.equal(_gen(pipe), full)
 
 
+def test_magcache_ratios_are_diffusers_own_and_calibrated_magcache_skips_by_them(tiny_digits_pipe):
+    """Our MagCache calibration gives the ratios diffusers' ``calibrate=True`` mode prints, averages them over
+    generations, and MagCache run on them is exact at threshold 0 and skips steps (the blocks do not run) above."""
+    import ast
+    import contextlib
+    import io
+
+    from diffusers import hooks as H
+
+    from diffslim.methods.skip_plan import apply_diffusers_cache, magcache_ratios, remove_diffusers_cache
+    from diffslim.train.zoo import build_pipeline
+
+    torch.manual_seed(0)
+    pipe = build_pipeline("digits-dit")
+    pipe.denoiser.eval()
+    pipe.set_progress_bar_config(disable=True)
+    den = pipe.denoiser
+    full = _gen(pipe)
+    ours = magcache_ratios(den, lambda: _gen(pipe))
+    H.apply_mag_cache(den, H.MagCacheConfig(calibrate=True, num_inference_steps=STEPS))
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            _gen(pipe)
+    finally:
+        remove_diffusers_cache(den, "magcache")
+    theirs = ast.literal_eval(printed.getvalue().strip().splitlines()[-1])
+    assert len(ours) == STEPS and ours[0] == 1.0 and ours == pytest.approx(theirs, rel=1e-6, abs=0)
+    assert len(set(ours[1:])) == STEPS - 1  # real measurements, not a constant
+
+    other = magcache_ratios(den, lambda: _gen(pipe, seed=5))
+    both = magcache_ratios(den, lambda: (_gen(pipe), _gen(pipe, seed=5)))  # two generations: their mean
+    assert both == pytest.approx([(a + b) / 2 for a, b in zip(ours, other)], rel=1e-6)
+    assert torch.equal(_gen(pipe), full)  # calibration leaves no hook behind
+
+    calls = []
+    h = den.transformer_blocks[1].attn1.register_forward_hook(lambda *a: calls.append(1))  # runs only if the block does
+    try:
+        apply_diffusers_cache(den, "magcache", "0", STEPS, mag_ratios=ours)
+        try:
+            exact = _gen(pipe)
+            n_exact = len(calls)
+        finally:
+            remove_diffusers_cache(den, "magcache")
+        calls.clear()
+        apply_diffusers_cache(den, "magcache", "1e9:2", STEPS, mag_ratios=ours)
+        try:
+            skipping = _gen(pipe)
+        finally:
+            remove_diffusers_cache(den, "magcache")
+    finally:
+        h.remove()
+    assert torch.equal(exact, full) and n_exact == STEPS
+    # retention 0.2 of 6 steps keeps the first one; then at most 2 skipped in a row: run 0, 3 (skip 1-2, 4-5)
+    assert len(calls) == 2 and not torch.equal(skipping, full)
+    with pytest.raises(UserError, match=r"threshold must be >= 0"):
+        apply_diffusers_cache(den, "magcache", "-1", STEPS, mag_ratios=ours)
+    with pytest.raises(UserError, match="no transformer blocks"):
+        magcache_ratios(tiny_digits_pipe.denoiser, lambda: None)
+
+
+def test_bench_magcache_rows_calibrate_first():
+    """The bench's magcache rows run on ratios measured on its calibration inputs: threshold 0 is the full
+    model (every step runs), an unbounded threshold with K=2 runs 2 of 6 steps; the rows say so."""
+    from diffslim.bench import run_bench
+    from diffslim.evaluate import metrics_fn_for
+    from diffslim.models.load import LoadedModel
+    from diffslim.train.zoo import build_pipeline
+    from diffslim.zoo.evalsets import EvalSet
+
+    torch.manual_seed(0)
+    pipe = build_pipeline("digits-dit")
+    pipe.denoiser.eval()
+    loaded = LoadedModel("tiny-dit", "pipeline", pipe.denoiser, pipe=pipe)
+    es = EvalSet(inputs=[{"class_label": i} for i in range(3)], seeds=list(range(3)))
+    rows = {r["method"]: r for r in run_bench(loaded, "magcache:0,magcache:1e9:2", es, default_steps=STEPS,
+                                              batch_size=3, metrics_fn=metrics_fn_for(loaded, es),
+                                              progress=False).rows}
+    assert rows["magcache:0"]["psnr"] == 100.0 and rows["magcache:0"]["macs_ratio"] == pytest.approx(1.0)
+    assert rows["magcache:1e9:2"]["macs_ratio"] < 0.5 and rows["magcache:1e9:2"]["psnr"] < 100
+    assert "ratios calibrated on 3 calibration inputs" in rows["magcache:1e9:2"]["notes"]
+
+
 def test_idle_steps_reuse_the_unet_output_without_calling_it(digits):
     """A step at which no unit runs returns the previous output without the call: same images as the
     per-unit path, the denoiser's conv_in does not run at those steps, and they cost no MACs."""

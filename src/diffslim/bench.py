@@ -816,14 +816,25 @@ def _diffusers_cache_variant(name: str, arg, ctx: BenchContext) -> Variant:
                         f"{type(den).__name__} has none (U-Nets: use deepcache or dipgo)")
     if ctx.dry_run:
         return None
-    info = apply_diffusers_cache(den, name, arg, ctx.default_steps)
+    ratios, calib_note = None, ""
+    if name == "magcache":  # MagCache's skips follow the model's own magnitude ratios: measure them first
+        from diffslim.methods.skip_plan import magcache_ratios
+
+        calib = calibration_spec(ctx)
+        t0 = time.perf_counter()
+        ratios = magcache_ratios(den, lambda: run_pipeline(ctx.loaded.pipe, calib, list(range(len(calib.inputs)))))
+        calib_note = f" on {len(calib.inputs)} calibration inputs ({time.perf_counter() - t0:.0f}s)"
+    info = apply_diffusers_cache(den, name, arg, ctx.default_steps, mag_ratios=ratios) + calib_note
     return Variant(f"{name}" + (f":{arg}" if arg else ""), ctx.loaded.pipe, ctx.base_spec, _n_params(den),
                    notes=info, cleanup=lambda: remove_diffusers_cache(den, name))
 
 
+_CACHE_ARGS = {"fbcache": "[:THRESHOLD]", "fastercache": "[:K]", "taylorseer": "[:INTERVAL]", "pab": "[:K]",
+               "magcache": "[:THRESHOLD[:K]] (its magnitude ratios calibrated on the bench's calibration inputs first)"}
+
 for _name, _cls in _DIFFUSERS_CACHES.items():
-    register_method(_name, f"{_name}[:ARG], diffusers' {_cls} hook on the denoiser (transformers; a row note "
-                           "says why where a family cannot take it)")(
+    register_method(_name, f"{_name}{_CACHE_ARGS[_name]}, diffusers' {_cls} hook on the denoiser (transformers; a "
+                           "row note says why where a family cannot take it)")(
         lambda arg, ctx, _n=_name: _diffusers_cache_variant(_n, arg, ctx))
 
 

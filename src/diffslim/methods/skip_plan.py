@@ -54,6 +54,7 @@ __all__ = [
     "GRANULARITIES", "PlanUnits", "plan_units", "effective_plan", "effective_plan_soft", "plan_macs_ratio",
     "PlanState", "SkipPlanRuntime", "apply_skip_plan", "remove_skip_plan", "deepcache_plan", "random_plan",
     "validate_plan", "denoiser_steps", "check_scheduler", "full_plan", "plan_units_at", "compile_skip_plan",
+    "apply_diffusers_cache", "remove_diffusers_cache", "magcache_ratios",
 ]
 
 GRANULARITIES = ("coarse", "fine")
@@ -702,8 +703,12 @@ class _CacheContextHook(ModelHook):
         return self.last_t if self.last_t is not None else 999.0
 
 
-def apply_diffusers_cache(denoiser: nn.Module, name: str, arg: Optional[str], num_steps: int) -> str:
+def apply_diffusers_cache(denoiser: nn.Module, name: str, arg: Optional[str], num_steps: int,
+                          mag_ratios: Optional[Sequence[float]] = None) -> str:
     """Apply diffusers' cache ``name`` (see ``DIFFUSERS_CACHES``) to ``denoiser``; returns a note of its settings.
+
+    ``mag_ratios``: MagCache's per-step magnitude ratios, from :func:`magcache_ratios` (one per denoiser call of a
+    generation); without them MagCache runs on flat ratios, which make it skip as many steps as its limit allows.
 
     Raises :class:`UserError` saying why when the cache cannot take this model family.
     """
@@ -742,10 +747,17 @@ def apply_diffusers_cache(denoiser: nn.Module, name: str, arg: Optional[str], nu
             note = (f"FasterCache: attention reused every {k} calls for t < 681 (guidance-distilled mode: "
                     "the zoo pipeline batches CFG in one call)")
         else:  # magcache
-            thr = float(arg) if arg else 0.06
-            H.apply_mag_cache(denoiser, H.MagCacheConfig(threshold=thr, num_inference_steps=num_steps,
-                                                         mag_ratios=[1.0] * num_steps))
-            note = f"MagCache threshold {thr:g}, uncalibrated (flat magnitude ratios)"
+            thr, _, k = (arg or "").partition(":")
+            thr, k = float(thr) if thr else 0.06, int(k) if k else 3
+            if thr < 0 or k < 1:
+                raise UserError(f"magcache:{arg}: the threshold must be >= 0 and the most consecutive skipped steps "
+                                ">= 1 (magcache[:THRESHOLD[:K]], e.g. magcache:0.06:3)")
+            ratios = list(mag_ratios) if mag_ratios is not None else [1.0] * num_steps
+            H.apply_mag_cache(denoiser, H.MagCacheConfig(threshold=thr, max_skip_steps=k,
+                                                         num_inference_steps=len(ratios), mag_ratios=ratios))
+            note = (f"MagCache threshold {thr:g}, at most {k} steps skipped in a row, "
+                    + ("magnitude ratios calibrated" if mag_ratios is not None
+                       else "uncalibrated (flat magnitude ratios: a skip every step the limit allows)"))
     except UserError:
         raise
     except Exception as e:  # the hook rejects this family: say why in one line
@@ -767,3 +779,72 @@ def remove_diffusers_cache(denoiser: nn.Module, name: str) -> None:
         for hook_name in list(r._hook_order):
             if hook_name.startswith(("fbc", "taylorseer", "pyramid", "faster_cache", "mag_cache")):
                 r.remove_hook(hook_name, recurse=False)
+
+
+def magcache_ratios(denoiser: nn.Module, run: Callable[[], Any]) -> list[float]:
+    """MagCache's magnitude ratios of ``denoiser``, measured while ``run()`` samples with it (calibration inputs).
+
+    The ratio at call i of a generation is MagCache's: the mean over tokens (and the batch) of
+    ``|r_i| / |r_(i-1)|``, where ``r`` is the residual the transformer block stack adds (the last block's
+    output minus the first block's input), and 1 at the first call. Generations are told apart by the
+    timestep rule of the skip plans (a call at a higher timestep starts a new one); the ratios are averaged
+    over the generations ``run`` makes, which must all make the same number of denoiser calls.
+    Nothing is skipped meanwhile: the outputs are the model's own. Same ratios as diffusers'
+    ``MagCacheConfig(calibrate=True)`` prints for one generation (``tests/test_skip_plan.py``).
+    """
+    from diffusers.hooks._helpers import TransformerBlockRegistry
+
+    from diffslim.models.anatomy import block_lists
+
+    lists = block_lists(denoiser)
+    if not lists:
+        raise UserError(f"magcache: {type(denoiser).__name__} has no transformer blocks to calibrate "
+                        "(U-Nets: use deepcache or dipgo)")
+    head, tail = getattr(denoiser, lists[0])[0], getattr(denoiser, lists[-1])[-1]
+    head_meta, tail_meta = (TransformerBlockRegistry.get(type(b)) for b in (head, tail))
+    t_index = _timestep_index(denoiser)
+    gens: list[list[float]] = []
+    st: dict[str, Any] = {"t": None, "input": None, "prev": None}
+
+    def on_root(module, args, kwargs):
+        t = kwargs.get("timestep", args[t_index] if len(args) > t_index else None)
+        tf = float(t.flatten()[0]) if torch.is_tensor(t) else float(t)
+        if st["t"] is None or tf > st["t"]:
+            gens.append([])
+            st["prev"] = None
+        st["t"] = tf
+
+    def on_head(module, args, kwargs):
+        st["input"] = head_meta._get_parameter_from_args_kwargs(head_meta.hidden_states_argument_name, args, kwargs)
+
+    def on_tail(module, args, kwargs, output):
+        out = output[tail_meta.return_hidden_states_index] if isinstance(output, tuple) else output
+        inp = st["input"]
+        if out.shape == inp.shape:
+            res = out - inp
+        elif out.ndim == 3 and inp.ndim == 3 and out.shape[2] == inp.shape[2]:
+            res = out[:, -inp.shape[1]:] - inp  # the tail returned text + image tokens: the image ones are last
+        else:
+            res = out
+        res = res.detach().float()
+        prev = st["prev"]
+        gens[-1].append(1.0 if prev is None else
+                        float((torch.linalg.norm(res, dim=-1) / (torch.linalg.norm(prev, dim=-1) + 1e-8)).mean()))
+        st["prev"] = res
+
+    handles = [denoiser.register_forward_pre_hook(on_root, with_kwargs=True),
+               head.register_forward_pre_hook(on_head, with_kwargs=True),
+               tail.register_forward_hook(on_tail, with_kwargs=True)]
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for h in handles:
+            h.remove()
+    gens = [g for g in gens if g]
+    if not gens:
+        raise UserError("magcache: the calibration run never called the denoiser's transformer blocks")
+    if len({len(g) for g in gens}) != 1:
+        raise UserError(f"magcache: the calibration generations made {sorted({len(g) for g in gens})} denoiser calls; "
+                        "MagCache needs the same number in every generation")
+    return [float(np.mean(col)) for col in zip(*gens)]
