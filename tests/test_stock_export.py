@@ -288,11 +288,18 @@ def _best_stock_by_brute_force(unet, groups, layers, scores, total, ratio):
     from itertools import product
 
     by_name = {l.name: l for l in layers}
-    feasible = []
-    for pick in product(*[[None, *options] for options in groups]):
-        removed = [n for o in pick if o for n in o]
-        if sum(by_name[n].params for n in removed) >= lp.target_of(total, ratio):
-            feasible.append((sum(scores[n] for n in removed), removed))
+
+    def attentions(option):  # the attention layers an option removes whole or in part
+        return {n.partition(".transformer_blocks.")[0] for n in option if ".attentions." in n}
+
+    opts = [[None, *[(sum(by_name[n].params for n in o), sum(scores[n] for n in o), o, attentions(o))
+                     for o in options]] for options in groups]
+    target, feasible = lp.target_of(total, ratio), []
+    for pick in product(*opts):
+        pick = [p for p in pick if p]
+        touched = [a for p in pick for a in p[3]]
+        if sum(p[0] for p in pick) >= target and len(touched) == len(set(touched)):  # no attention touched twice
+            feasible.append((sum(p[1] for p in pick), [n for p in pick for n in p[2]]))
     return next(f for f in sorted(feasible, key=lambda f: f[0]) if lp._stock_describes(unet, f[1]))
 
 
@@ -364,6 +371,44 @@ def test_stock_selection_inside_attention_layers(tmp_path):
     cfg = json.loads((tmp_path / "x" / "model" / "config.json").read_text())
     assert cfg["_class_name"] == "UNet2DConditionModel" and "removed_layers" not in cfg
     assert _params(load(str(tmp_path / "x" / "model")).denoiser) == report["params_after"]
+
+
+def test_inner_stock_selection_also_removes_pairs_and_the_mid_block_in_multi_block_levels():
+    """--inner --stock also scores the whole attention layers that hold several blocks, so the (resnet, attention)
+    pair options and the whole mid block are offered in those levels too (KOALA's and BK-SDM's removals next to
+    SSD-1B's); no combination touches one attention layer twice, the choice is the brute force's, it reaches ratios
+    that inner blocks alone cannot, and it exports bit for bit."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 3), cross_attention_dim=16, attention_head_dim=4, norm_num_groups=4).eval()
+    g = torch.Generator().manual_seed(1)
+    args = (torch.randn(1, 4, 8, 8, generator=g), torch.tensor([400]), torch.randn(1, 3, 16, generator=g))
+    names = lp.stock_candidate_names(unet, inner=True)
+    assert {"down_blocks.1.attentions.0", "mid_block.attentions.0", "up_blocks.0.attentions.2",
+            "down_blocks.1.attentions.0.transformer_blocks.2"} <= set(names)
+    assert lp.stock_candidate_names(unet) == lp.candidate_names(unet)
+    layers = lp.candidates(unet, inner=True, names=names)
+    scores = lp.score_layers(unet, layers, "random", None, seed=3)
+    groups = lp.stock_groups(unet, names, scores)
+    whole = {n for gr in groups for o in gr for n in o if n.endswith(("attentions.0", "attentions.1", "attentions.2"))}
+    assert {"down_blocks.1.attentions.1", "mid_block.attentions.0"} <= whole and any("up_blocks.0" in n for n in whole)
+    total = _params(unet)
+    only_inner = lp.candidates(unet, inner=True, names=lp.candidate_names(unet, inner=True))
+    ratio = 0.45
+    with pytest.raises(lp.StockUnreachable):  # what --inner --stock offered before: inner blocks and level 0's pairs
+        lp.stock_select(unet, only_inner, scores, ratio, total)
+    chosen = lp.stock_select(unet, layers, scores, ratio, total)
+    best = _best_stock_by_brute_force(unet, groups, layers, scores, total, ratio)
+    assert sum(scores[n] for n in chosen) == pytest.approx(best[0])
+    assert set(chosen) & whole  # a whole multi-block attention layer goes, with its resnet or in the mid block
+    assert not [(a, n) for a in chosen for n in chosen if n.startswith(a + ".")]  # no block of a removed layer too
+    pruned = lp.prune_layers(unet, chosen)
+    with torch.no_grad():
+        assert torch.equal(lp.stock_model(pruned)(*args).sample, pruned(*args).sample)
 
 
 def test_cli_stock_on_a_unet_writes_a_stock_unet_that_diffusers_loads(tmp_path):

@@ -49,8 +49,10 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import json
 import math
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping, Optional, Sequence
 
@@ -1220,13 +1222,25 @@ def select(layers: Sequence[Layer], scores: Mapping[str, float], ratio: float, t
     return [layers[i].name for i in idx]
 
 
+# _stock_describes' answers per model: building two models on the meta device per check is what a stock selection
+# spends its time on, and the selections at several ratios (layer-compare, layers:auto:stock) ask the same questions
+_DESCRIBES: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
 def _stock_describes(model: nn.Module, names: Sequence[str]) -> bool:
-    """Whether a stock config describes ``model`` without ``names`` (checked on the meta device)."""
-    try:
-        _stock(_pruned_on_meta(model, names))
-    except UserError:
-        return False
-    return True
+    """Whether a stock config describes ``model`` without ``names`` (checked on the meta device; remembered per
+    model, config and names: the answer depends on the structure only, which the config and a loaded LoRA or
+    IP-Adapter, both refused by the export, decide)."""
+    key = (frozenset(names), json.dumps(dict(model.config), sort_keys=True, default=str),
+           bool(getattr(model, "peft_config", None)), ip_adapter_loaded(model))
+    memo = _DESCRIBES.setdefault(model, {})
+    if key not in memo:
+        try:
+            _stock(_pruned_on_meta(model, names))
+            memo[key] = True
+        except UserError:
+            memo[key] = False
+    return memo[key]
 
 
 def stock_groups(model: nn.Module, candidates_: Iterable[str], scores: Optional[Mapping[str, float]] = None
@@ -1306,6 +1320,24 @@ def _inner_groups(model: nn.Module, allowed: set, scores: Mapping[str, float]) -
     return groups
 
 
+def _attention_of(name: str) -> Optional[str]:
+    """The attention layer a candidate is or lies in (``...attentions.k``), else None."""
+    head, sep, _ = name.partition(".transformer_blocks.")
+    head = head if sep else name
+    return head if ".attentions." in head else None
+
+
+def stock_candidate_names(model: nn.Module, inner: bool = False) -> list[str]:
+    """The candidates a stock selection scores: :func:`candidate_names`, and with ``inner`` on a U-Net also the
+    whole attention layers that hold several blocks, which the (resnet, attention) pair options and the mid block
+    remove whole (:func:`stock_groups`)."""
+    names = candidate_names(model, inner)
+    if inner and is_unet(model):
+        have = set(names)
+        names = names + [n for n in candidate_names(model, False) if n not in have]
+    return names
+
+
 class StockUnreachable(UserError):
     """The ratio asks for more than the removals a stock config describes hold."""
 
@@ -1329,11 +1361,15 @@ def stock_select(model: nn.Module, layers: Sequence[Layer], scores: Mapping[str,
     target = target_of(total, ratio)
     by_name = {l.name: l for l in layers}
     groups = stock_groups(model, by_name, scores)
-    # every combination (one option or none per group), pruned to the cost/score Pareto front when it grows large
-    combos = [(0, 0.0, ())]
+    # every combination (one option or none per group), pruned to the cost/score Pareto front when it grows large;
+    # with --inner an attention layer can be in a pair option (whole) and in an inner option (some of its blocks):
+    # combinations that touch one attention layer twice are not made
+    combos = [(0, 0.0, (), frozenset())]
     for options in groups:
-        scored = [(sum(_cost(by_name[n], by) for n in o), sum(scores[n] for n in o), tuple(o)) for o in options]
-        combos = combos + [(c + oc, v + ov, names + on) for c, v, names in combos for oc, ov, on in scored]
+        scored = [(sum(_cost(by_name[n], by) for n in o), sum(scores[n] for n in o), tuple(o),
+                   frozenset(_attention_of(n) for n in o) - {None}) for o in options]
+        combos = combos + [(c + oc, v + ov, names + on, t | ot) for c, v, names, t in combos
+                           for oc, ov, on, ot in scored if not t & ot]
         if len(combos) > 20_000:
             combos.sort(key=lambda x: (-x[0], x[1]))
             front, best = [], math.inf
@@ -1349,7 +1385,7 @@ def stock_select(model: nn.Module, layers: Sequence[Layer], scores: Mapping[str,
                         f"{_stock_base(model).__name__} config describes (resnet and attention pairs, in line in the "
                         f"down and up blocks, and the whole mid block) reach {most / total:.3f} of the model at most: "
                         f"choose a ratio below that, or drop --stock")
-    for _, _, names in feasible[:max_checks]:
+    for _, _, names, _ in feasible[:max_checks]:
         if _stock_describes(model, names):
             return list(names)
     raise UserError(f"no removal of ratio {ratio} that a stock {_stock_base(model).__name__} config describes was "
@@ -1608,7 +1644,8 @@ def layer_prune(model: nn.Module, criterion: str = "output-loss", ratio: Optiona
         layers = candidates(model, module_macs=module_macs, names=names)
         scores, removed = {}, names
     else:
-        names = [n for n in candidate_names(model, inner) if n not in set(keep)]
+        pool = stock_candidate_names(model, inner) if stock and is_unet(model) else candidate_names(model, inner)
+        names = [n for n in pool if n not in set(keep)]
         layers = candidates(model, inner=inner, module_macs=module_macs, names=names)
         total = an.params if by == "params" else an.macs
         if total is None:
