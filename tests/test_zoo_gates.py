@@ -16,10 +16,10 @@ from diffslim.zoo.evalsets import zoo_eval_set
 from diffslim.zoo.registry import ZOO
 
 
-def _run(name, n):
+def _run(name, n, steps=50):
     loaded = load(f"zoo:{name}")
     es = zoo_eval_set(name, n, seed=0)
-    spec = SampleSpec(es.inputs, es.seeds, num_inference_steps=50, batch_size=n)
+    spec = SampleSpec(es.inputs, es.seeds, num_inference_steps=steps, batch_size=n)
     assert type(loaded.pipe.scheduler).__name__ == "DDIMScheduler"
     return es, sample(loaded.pipe, spec)
 
@@ -33,8 +33,11 @@ def test_digit_models_draw_the_requested_digit(name):
 
 def test_sr_beats_bicubic_on_held_out_photos():
     """The gate on the README's 64 held-out crops (16 are too few to tell SSIMs 0.01 apart: on the first 16 the
-    shipped model is 0.008 below bicubic in SSIM while 0.3 dB above in PSNR)."""
-    es, out = _run("sr", 64)
+    shipped model is 0.008 below bicubic in SSIM while 0.3 dB above in PSNR), sampled with 20 DDIM steps: 40 s
+    instead of the 50 steps' 130 s. The margin is wider there (20 steps: 31.77 dB / SSIM 0.808; 50 steps, the
+    README's figures from bench/zoo_gates.py: 31.32 dB / 0.792; bicubic 30.29 / 0.776), so this guards the weights
+    and the sampling code, and the README's 50-step gate is measured by the bench."""
+    es, out = _run("sr", 64, steps=20)
     gt, bic = es.ground_truth, es.baseline
     assert float(quality.psnr(out, gt).mean()) > float(quality.psnr(bic, gt).mean())
     assert float(quality.ssim(out, gt).mean()) > float(quality.ssim(bic, gt).mean())

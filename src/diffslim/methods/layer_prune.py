@@ -52,7 +52,6 @@ import inspect
 import json
 import math
 import time
-import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping, Optional, Sequence
 
@@ -1222,25 +1221,29 @@ def select(layers: Sequence[Layer], scores: Mapping[str, float], ratio: float, t
     return [layers[i].name for i in idx]
 
 
-# _stock_describes' answers per model: building two models on the meta device per check is what a stock selection
-# spends its time on, and the selections at several ratios (layer-compare, layers:auto:stock) ask the same questions
-_DESCRIBES: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+# _stock_describes' answers: building two models on the meta device per check is what a stock selection spends its
+# time on, and the selections at several ratios (layer-compare, layers:auto:stock) and of several runs on one model ask
+# the same questions. The answer depends on the structure only: the class, the config (removed layers included), the
+# parameter tensors (a fused QKV projection adds some) and a loaded LoRA or IP-Adapter (both refused by the export).
+_DESCRIBES: dict = {}
 
 
 def _stock_describes(model: nn.Module, names: Sequence[str]) -> bool:
-    """Whether a stock config describes ``model`` without ``names`` (checked on the meta device; remembered per
-    model, config and names: the answer depends on the structure only, which the config and a loaded LoRA or
-    IP-Adapter, both refused by the export, decide)."""
-    key = (frozenset(names), json.dumps(dict(model.config), sort_keys=True, default=str),
-           bool(getattr(model, "peft_config", None)), ip_adapter_loaded(model))
-    memo = _DESCRIBES.setdefault(model, {})
-    if key not in memo:
+    """Whether a stock config describes ``model`` without ``names`` (checked on the meta device, remembered by
+    structure)."""
+    params = list(model.parameters())
+    key = (type(model).__module__, type(model).__qualname__, json.dumps(dict(model.config), sort_keys=True, default=str),
+           len(params), sum(p.numel() for p in params), bool(getattr(model, "peft_config", None)),
+           ip_adapter_loaded(model), frozenset(names))
+    if key not in _DESCRIBES:
+        if len(_DESCRIBES) >= 50_000:
+            _DESCRIBES.clear()
         try:
             _stock(_pruned_on_meta(model, names))
-            memo[key] = True
+            _DESCRIBES[key] = True
         except UserError:
-            memo[key] = False
-    return memo[key]
+            _DESCRIBES[key] = False
+    return _DESCRIBES[key]
 
 
 def stock_groups(model: nn.Module, candidates_: Iterable[str], scores: Optional[Mapping[str, float]] = None
