@@ -460,3 +460,31 @@ def test_compiled_skip_plans_on_stable_diffusion_and_flux_match_eager(tiny_sd_pi
     diffslim.compile(pipe, backend="eager", fullgraph=True)
     assert compiled_info(pipe.transformer).how == "skip-plan units"
     assert torch.equal(sample(pipe, spec), eager)
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_magcache_ratios_match_diffusers_calibration_on_two_stream_models(tiny_sd_pipe, family):
+    """The bench's MagCache calibration on Flux (double- and single-stream blocks: the residual spans both lists)
+    and SD3 (the last block returns the image stream only) gives the ratios diffusers' calibrate mode prints."""
+    import ast
+    import contextlib
+    import io
+
+    from diffusers import hooks as H
+
+    from diffslim.methods.skip_plan import magcache_ratios, remove_diffusers_cache
+
+    pipe = (_tiny_flux if family == "flux" else _tiny_sd3)(tiny_sd_pipe)
+    pipe.set_progress_bar_config(disable=True)
+    run = lambda: pipe(prompt=["a cat"], num_inference_steps=4, height=32, width=32, output_type="pt",
+                       generator=torch.Generator().manual_seed(0))
+    ours = magcache_ratios(pipe.transformer, run)
+    H.apply_mag_cache(pipe.transformer, H.MagCacheConfig(calibrate=True, num_inference_steps=4))
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            run()
+    finally:
+        remove_diffusers_cache(pipe.transformer, "magcache")
+    assert len(ours) == 4 and len(set(ours[1:])) == 3
+    assert ours == pytest.approx(ast.literal_eval(printed.getvalue().strip().splitlines()[-1]), rel=1e-6, abs=0)
