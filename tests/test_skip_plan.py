@@ -288,6 +288,79 @@ def test_bench_magcache_rows_calibrate_first():
     assert "ratios calibrated on 3 calibration inputs" in rows["magcache:1e9:2"]["notes"]
 
 
+def test_bench_counts_first_block_cache_macs_over_the_batches_it_ran():
+    """FirstBlockCache decides per batch, by the features, whether to reuse its cache: the bench's row costs what
+    the batched run cost (here 4 inputs in one batch), not what sampling the first input alone would."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from diffslim.bench import count_run_macs, run_bench
+    from diffslim.measure.macs import attention_flop_mapping
+    from diffslim.methods.skip_plan import apply_diffusers_cache, remove_diffusers_cache
+    from diffslim.models.load import LoadedModel
+    from diffslim.sample import SampleSpec, run_pipeline
+    from diffslim.train.zoo import build_pipeline
+    from diffslim.zoo.evalsets import EvalSet
+
+    torch.manual_seed(0)
+    pipe = build_pipeline("digits-dit")
+    pipe.denoiser.eval()
+    pipe.set_progress_bar_config(disable=True)
+    spec = SampleSpec([{"class_label": i} for i in range(4)], [0, 1, 2, 3], num_inference_steps=8, batch_size=4)
+    full = count_run_macs(pipe, spec)
+    apply_diffusers_cache(pipe.denoiser, "fbcache", "0.2", 8)
+    try:
+        alone = count_run_macs(pipe, spec)
+        with FlopCounterMode(display=False, custom_mapping=attention_flop_mapping()) as fc:
+            run_pipeline(pipe, spec, [0, 1, 2, 3])
+        batched = fc.get_total_flops() // 2 / 4
+    finally:
+        remove_diffusers_cache(pipe.denoiser, "fbcache")
+    assert batched < full and abs(batched - alone) > 0.05 * full  # the first input alone skips other steps
+    loaded = LoadedModel("tiny-dit", "pipeline", pipe.denoiser, pipe=pipe)
+    es = EvalSet(inputs=spec.inputs, seeds=spec.seeds)
+    row = run_bench(loaded, "fbcache:0.2", es, default_steps=8, batch_size=4, progress=False).rows[1]
+    assert row["macs_per_sample"] == int(batched) and "counted over the whole run" in row["notes"]
+
+
+def test_every_diffusers_cache_acts_on_a_dit_and_one_that_finds_nothing_is_refused():
+    """Each cache the bench offers changes a DiT's outputs and costs fewer MACs (TaylorSeer's own patterns miss
+    DiT's attn1/attn2, which went unnoticed as a row equal to the full model); a cache that hooks nothing is refused."""
+    from diffslim.bench import count_run_macs
+    from diffslim.methods.skip_plan import (DIFFUSERS_CACHES, apply_diffusers_cache, magcache_ratios,
+                                            remove_diffusers_cache)
+    from diffslim.sample import SampleSpec
+    from diffslim.train.zoo import build_pipeline
+
+    torch.manual_seed(0)
+    pipe = build_pipeline("digits-dit")
+    pipe.denoiser.eval()
+    pipe.set_progress_bar_config(disable=True)
+    den, steps = pipe.denoiser, 8
+    spec = SampleSpec([{"class_label": 3}], [0], num_inference_steps=steps)
+    full, full_macs = _gen(pipe, steps=steps), count_run_macs(pipe, spec)
+    ratios = magcache_ratios(den, lambda: _gen(pipe, steps=steps))
+    args = {"fbcache": "1e9", "taylorseer": "2", "pab": "2", "fastercache": "2", "magcache": "1e9"}
+    for name in DIFFUSERS_CACHES:
+        apply_diffusers_cache(den, name, args[name], steps, mag_ratios=ratios)
+        try:
+            out, macs = _gen(pipe, steps=steps), count_run_macs(pipe, spec)
+        finally:
+            remove_diffusers_cache(den, name)
+        assert not torch.equal(out, full) and macs < full_macs, name
+    assert torch.equal(_gen(pipe, steps=steps), full)
+
+    class NoAttention(torch.nn.Module):  # transformer blocks by name, no attention layer in them
+        def __init__(self):
+            super().__init__()
+            self.transformer_blocks = torch.nn.ModuleList([torch.nn.Linear(2, 2)])
+
+        def forward(self, x, timestep=None):
+            return self.transformer_blocks[0](x)
+
+    with pytest.raises(UserError, match="taylorseer found no module of NoAttention to act on"):
+        apply_diffusers_cache(NoAttention(), "taylorseer", None, steps)
+
+
 def test_idle_steps_reuse_the_unet_output_without_calling_it(digits):
     """A step at which no unit runs returns the previous output without the call: same images as the
     per-unit path, the denoiser's conv_in does not run at those steps, and they cost no MACs."""

@@ -84,6 +84,9 @@ class Variant:
     # the recipe sections that reproduce what the variant installs on the pipeline at run time (a skip plan);
     # the sampling section follows from ``spec`` and a changed denoiser is a model folder of its own
     recipe: dict = field(default_factory=dict)
+    # the cost depends on the inputs and their batching (a cache that decides by the features): MACs are counted
+    # over the whole run, not on one input
+    input_dependent: bool = False
 
 
 METHODS: dict[str, Callable[[Optional[str], BenchContext], Variant]] = {}
@@ -825,8 +828,11 @@ def _diffusers_cache_variant(name: str, arg, ctx: BenchContext) -> Variant:
         ratios = magcache_ratios(den, lambda: run_pipeline(ctx.loaded.pipe, calib, list(range(len(calib.inputs)))))
         calib_note = f" on {len(calib.inputs)} calibration inputs ({time.perf_counter() - t0:.0f}s)"
     info = apply_diffusers_cache(den, name, arg, ctx.default_steps, mag_ratios=ratios) + calib_note
+    dynamic = name == "fbcache"  # reuses its cache where the first block's output changed little: per batch
+    if dynamic:
+        info += "; MACs counted over the whole run (the cache decides per batch, by the features)"
     return Variant(f"{name}" + (f":{arg}" if arg else ""), ctx.loaded.pipe, ctx.base_spec, _n_params(den),
-                   notes=info, cleanup=lambda: remove_diffusers_cache(den, name))
+                   notes=info, cleanup=lambda: remove_diffusers_cache(den, name), input_dependent=dynamic)
 
 
 _CACHE_ARGS = {"fbcache": "[:THRESHOLD]", "fastercache": "[:K]", "taylorseer": "[:INTERVAL]", "pab": "[:K]",
@@ -873,16 +879,20 @@ def _compile_and_warm(variant: Variant, options: dict):
     return den, info.how, time.perf_counter() - t0
 
 
-def count_run_macs(pipe, spec: SampleSpec) -> int:
-    """MACs of sampling ONE input of ``spec`` with ``pipe`` (every module the pipeline runs), FLOPs/2."""
+def count_run_macs(pipe, spec: SampleSpec, whole_run: bool = False) -> int:
+    """MACs of sampling ONE input of ``spec`` with ``pipe`` (every module the pipeline runs), FLOPs/2.
+
+    ``whole_run``: the mean per input over sampling every input of ``spec`` in its batches, for variants whose
+    cost depends on the inputs and the batching (FirstBlockCache decides per batch whether to reuse its cache)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from diffslim.measure.macs import attention_flop_mapping
 
-    one = spec.replace(inputs=spec.inputs[:1], seeds=spec.seeds[:1], batch_size=1)
+    n = len(spec.inputs) if whole_run else 1
+    run = spec if whole_run else spec.replace(inputs=spec.inputs[:1], seeds=spec.seeds[:1], batch_size=1)
     with FlopCounterMode(display=False, custom_mapping=attention_flop_mapping()) as fc:
-        run_pipeline(pipe, one, [0])
-    return int(fc.get_total_flops()) // 2
+        run_pipeline(pipe, run, list(range(n)))
+    return int(fc.get_total_flops()) // (2 * n)
 
 
 @dataclass
@@ -934,7 +944,8 @@ def run_bench(loaded, methods: str, evalset, default_steps: int = 50, scheduler:
                 warm = variant.spec.replace(inputs=variant.spec.inputs[:1], seeds=variant.spec.seeds[:1])
                 run_pipeline(variant.pipe, warm, [0])
             else:
-                macs = count_run_macs(variant.pipe, variant.spec)  # eager: the flop counter does not see compiled code
+                # eager: the flop counter does not see compiled code
+                macs = count_run_macs(variant.pipe, variant.spec, whole_run=variant.input_dependent)
                 compiled, how, compile_seconds = _compile_and_warm(variant, compile)
             best = float("inf")
             for _ in range(max(1, repeats)):
@@ -942,7 +953,7 @@ def run_bench(loaded, methods: str, evalset, default_steps: int = 50, scheduler:
                 out = sample(variant.pipe, variant.spec, show_progress=progress, description=variant.method)
                 best = min(best, time.perf_counter() - t0)
             if compile is None:
-                macs = count_run_macs(variant.pipe, variant.spec)
+                macs = count_run_macs(variant.pipe, variant.spec, whole_run=variant.input_dependent)
         finally:
             if compiled is not None:
                 from diffslim.compiling import uncompile

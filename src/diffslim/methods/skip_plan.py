@@ -729,9 +729,13 @@ def apply_diffusers_cache(denoiser: nn.Module, name: str, arg: Optional[str], nu
             note = f"FirstBlockCache threshold {thr:g}"
         elif name == "taylorseer":
             k = int(arg) if arg else 5
+            # diffusers' default patterns match attention modules named "attn" (Flux, SD3) but not DiT's and
+            # PixArt's "attn1"/"attn2": name the block lists' attention modules, whatever their number
+            attn = [rf"{ln}\.\d+\.attn\d*" for ln in block_lists(denoiser)]
             H.apply_taylorseer_cache(denoiser, H.TaylorSeerCacheConfig(cache_interval=k, disable_cache_before_step=3,
-                                                                       taylor_factors_dtype=torch.float32))
-            note = f"TaylorSeer cache interval {k}, order 1"
+                                                                       taylor_factors_dtype=torch.float32,
+                                                                       cache_identifiers=attn))
+            note = f"TaylorSeer cache interval {k}, order 1, on the attention layers"
         elif name == "pab":
             k = int(arg) if arg else 2
             H.apply_pyramid_attention_broadcast(denoiser, H.PyramidAttentionBroadcastConfig(
@@ -763,8 +767,36 @@ def apply_diffusers_cache(denoiser: nn.Module, name: str, arg: Optional[str], nu
     except Exception as e:  # the hook rejects this family: say why in one line
         remove_diffusers_cache(denoiser, name)
         raise UserError(f"{name} cannot be applied to {type(denoiser).__name__}: {type(e).__name__}: {e}") from None
-    HookRegistry.check_if_exists_or_initialize(denoiser).register_hook(ctx_hook, _CTX_HOOK)
+    root = getattr(denoiser, "_diffusers_hook", None)
+    if not [n for r, n in _cache_hooks(denoiser) if r is not root]:  # acting on nothing: the full model's outputs
+        remove_diffusers_cache(denoiser, name)
+        raise UserError(f"{name} found no module of {type(denoiser).__name__} to act on (diffusers' hook looks for "
+                        "transformer blocks and attention layers by name)")
+    reg = HookRegistry.check_if_exists_or_initialize(denoiser)
+    _forget_child_registries(reg)
+    reg.register_hook(ctx_hook, _CTX_HOOK)
     return note
+
+
+def _forget_child_registries(reg: HookRegistry) -> None:
+    """Drop the root registry's cached list of its children's registries: diffusers builds it once, so a cache applied
+    after another one (the bench's rows, one after the other) would otherwise get no cache context on the modules
+    it hooks anew."""
+    if getattr(reg, "_child_registries_cache", None) is not None:
+        reg._child_registries_cache = None
+
+
+_CACHE_HOOK_PREFIXES = ("fbc", "taylorseer", "pyramid", "faster_cache", "mag_cache")
+
+
+def _cache_hooks(denoiser: nn.Module) -> list[tuple[HookRegistry, str]]:
+    """The diffusers cache hooks installed in ``denoiser``, as (registry, hook name)."""
+    out = []
+    for mod in denoiser.modules():
+        r = getattr(mod, "_diffusers_hook", None)
+        if r is not None:
+            out += [(r, n) for n in r._hook_order if n.startswith(_CACHE_HOOK_PREFIXES)]
+    return out
 
 
 def remove_diffusers_cache(denoiser: nn.Module, name: str) -> None:
@@ -772,13 +804,9 @@ def remove_diffusers_cache(denoiser: nn.Module, name: str) -> None:
     reg = HookRegistry.check_if_exists_or_initialize(denoiser)
     if reg.get_hook(_CTX_HOOK) is not None:
         reg.remove_hook(_CTX_HOOK, recurse=False)
-    for mod in denoiser.modules():
-        r = getattr(mod, "_diffusers_hook", None)
-        if r is None:
-            continue
-        for hook_name in list(r._hook_order):
-            if hook_name.startswith(("fbc", "taylorseer", "pyramid", "faster_cache", "mag_cache")):
-                r.remove_hook(hook_name, recurse=False)
+    for r, hook_name in _cache_hooks(denoiser):
+        r.remove_hook(hook_name, recurse=False)
+    _forget_child_registries(reg)
 
 
 def magcache_ratios(denoiser: nn.Module, run: Callable[[], Any]) -> list[float]:
