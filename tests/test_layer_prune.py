@@ -327,6 +327,49 @@ def test_recipe_section_applies(tiny_digits_folder):
         parse_recipe({"removed_layers": {"layers": [], "ratio": 2}})
 
 
+def test_bench_bk_sdm_kd_distils_the_bk_sdm_removal_as_layers_kd_does(tmp_path, monkeypatch):
+    """bk-sdm:VARIANT+kd: BK-SDM's removal after the same cached distillation as layers:R+kd (so the rows compare
+    the removals under one retraining); the student is the BK-SDM model with trained weights."""
+    from diffslim import bench
+    from diffslim.cli import app
+    from diffslim.methods.finetune import load_student
+
+    monkeypatch.setenv("DIFFSLIM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(bench, "DEFAULT_KD", {**bench.DEFAULT_KD, "steps": 2, "batch_size": 4})
+    r = CliRunner().invoke(app, ["bench", "zoo:digits-sd", "--methods", "bk-sdm:base,bk-sdm:base+kd", "--n", "2",
+                                 "--steps", "3", "--json"])
+    assert r.exit_code == 0, r.output
+    rows = {x["method"]: x for x in json.loads(r.stdout)["rows"]}
+    assert rows["bk-sdm:base+kd"]["params"] == rows["bk-sdm:base"]["params"] < rows["full"]["params"]
+    assert rows["bk-sdm:base+kd"]["psnr"] != rows["bk-sdm:base"]["psnr"]  # trained weights
+    assert "feature weight matched to the plain sum" in rows["bk-sdm:base+kd"]["notes"]
+    runs = list((tmp_path / "cache" / "layer_kd").glob("*/student"))
+    assert len(runs) == 1
+    unet = load("zoo:digits-sd").denoiser
+    assert sorted(lp.removed_layers_of(load_student(runs[0]))) == sorted(lp.bk_sdm_layers(unet, "base"))
+    r = CliRunner().invoke(app, ["bench", "zoo:digits-sd", "--methods", "bk-sdm:huge+kd", "--n", "2"])
+    assert r.exit_code != 0 and "base, small, tiny (each +kd)" in r.output
+
+
+def test_bench_layers_by_macs_removes_a_share_of_the_macs(monkeypatch):
+    """layers:R:macs: the output-loss scores selected by the MACs each removal saves in the pipeline's own denoiser
+    call; on the zoo U-Net the params selection removes the deep layers (much of the params, few MACs), the MACs
+    selection cuts the run's cost by R."""
+    from diffslim import bench
+    from diffslim.cli import app
+
+    monkeypatch.setattr(bench, "LAYER_CALIB", dict(n=8, seed=0))
+    r = CliRunner().invoke(app, ["bench", "zoo:digits-sd", "--methods", "layers:0.3,layers:0.3:macs", "--n", "2",
+                                 "--steps", "3", "--json"])
+    assert r.exit_code == 0, r.output
+    rows = {x["method"]: x for x in json.loads(r.stdout)["rows"]}
+    by_params, by_macs = rows["layers:0.3"], rows["layers:0.3:macs"]
+    assert by_params["macs_ratio"] > 0.9 and by_params["params"] <= 0.7 * rows["full"]["params"]
+    # the denoiser's MACs drop by 0.3 at least; the run's other MACs (the label encoder) are under 1 %
+    assert 0.6 < by_macs["macs_ratio"] <= 0.71 and by_macs["params"] < rows["full"]["params"]
+    assert "a share of the MACs" in by_macs["notes"]
+
+
 def test_bench_methods_validate_arguments():
     from diffslim.bench import METHODS, BenchContext
 

@@ -493,17 +493,38 @@ LAYER_CALIB = dict(n=32, seed=0)
 
 # the criterion a ``layers:R:NAME`` variant selects by (``layers:R`` alone: the paper's output loss)
 LAYER_VARIANTS = {"": "output-loss", "pairs": "output-loss-pairs", "similarity": "similarity", "taylor": "taylor",
-                  "magnitude": "magnitude", "random": "random", "greedy": "greedy", "stock": "output-loss"}
+                  "magnitude": "magnitude", "random": "random", "greedy": "greedy", "stock": "output-loss",
+                  "macs": "output-loss"}
 # variants whose selection is made among the removals a stock config describes, and whose model is the stock class
 STOCK_VARIANTS = ("stock",)
+# variants whose ratio is a share of the MACs (the denoiser's, as the anatomy counts them) instead of the params
+MACS_VARIANTS = ("macs",)
 
 
-def _layer_selection(ctx: BenchContext, ratio: float, criterion: str = "output-loss", stock: bool = False
-                     ) -> list[str]:
-    """The layers ``criterion`` removes at ``ratio`` of params, scored on the model's training data (one-shot
-    criteria score once for every ratio; ``output-loss-pairs`` and ``greedy`` select per ratio). ``stock``: among
-    the removals a stock config describes (on a U-Net; transformers keep what their stock config needs)."""
+def _layer_selection(ctx: BenchContext, ratio: float, criterion: str = "output-loss", stock: bool = False,
+                     by: str = "params") -> list[str]:
+    """The layers ``criterion`` removes at ``ratio`` of ``by`` (params or MACs), scored on the model's training
+    data (one-shot criteria score once for every ratio; ``output-loss-pairs`` and ``greedy`` select per ratio).
+    ``stock``: among the removals a stock config describes (on a U-Net; transformers keep what their stock config
+    needs)."""
     from diffslim.methods.layer_prune import calibration, is_unet, layer_prune, select, stock_keeps, stock_select
+
+    if by == "macs":  # one-shot scores, selected by the MACs each layer's removal saves in the pipeline's own call
+        from diffslim.methods.layer_prune import candidates
+        from diffslim.models.anatomy import anatomy
+        from diffslim.sample import first_denoiser_call
+
+        first = ctx.memo.get(("layer_scores", criterion))
+        if first is None:
+            _layer_selection(ctx, ratio, criterion)
+            first = ctx.memo[("layer_scores", criterion)]
+        den = ctx.loaded.denoiser
+        if ("layer_macs",) not in ctx.memo:  # attention grows with the tokens: count at the size the pipeline uses
+            an = anatomy(den, inputs=first_denoiser_call(ctx.loaded.pipe, ctx.base_spec))
+            ctx.memo[("layer_macs",)] = (candidates(den, module_macs=an.module_macs,
+                                                    names=[l.name for l in first.layers]), an.macs)
+        layers, total = ctx.memo[("layer_macs",)]
+        return select(layers, first.scores, ratio, total, "macs")
 
     if stock:
         first = ctx.memo.get(("layer_scores", criterion))
@@ -535,7 +556,7 @@ def _layer_selection(ctx: BenchContext, ratio: float, criterion: str = "output-l
     return result.removed
 
 
-def _default_layer_kd(ctx: BenchContext, ratio: float, names: list[str]):
+def _default_layer_kd(ctx: BenchContext, names: list[str]):
     """The short normalized distillation of ``layers:R+kd``, cached by model, layers and settings."""
     import hashlib
 
@@ -564,7 +585,8 @@ def _default_layer_kd(ctx: BenchContext, ratio: float, names: list[str]):
                            "of params; layers:R:pairs by the second-order output loss (output-loss-pairs), "
                            "layers:R:similarity|taylor|magnitude|random|greedy by the other criteria; "
                            "layers:R:stock by output loss among removals a stock config describes (the model "
-                           "is the stock diffusers class); +kd after a short normalized distillation (cached), "
+                           "is the stock diffusers class); layers:R:macs by output loss, R a share of the MACs "
+                           "instead of the params; +kd after a short normalized distillation (cached), "
                            "e.g. layers:0.5+kd")
 def _layers(arg, ctx: BenchContext) -> Variant:
     text = arg or ""
@@ -577,16 +599,17 @@ def _layers(arg, ctx: BenchContext) -> Variant:
     ratio = _ratio_arg(ratio_text, "layers:R")
     criterion, tag = LAYER_VARIANTS[variant], f":{variant}" if variant else ""
     stock = variant in STOCK_VARIANTS
+    by = "macs" if variant in MACS_VARIANTS else "params"
     if ctx.dry_run:
         ctx.needs_data(f"layers:{arg}")
         return None
     from diffslim.methods.layer_prune import prune_layers, stock_model
 
-    names = _layer_selection(ctx, ratio, criterion, stock=stock)
+    names = _layer_selection(ctx, ratio, criterion, stock=stock, by=by)
     how = {"output-loss": "output loss", "output-loss-pairs": "output loss to second order"}.get(criterion,
                                                                                                  f"{criterion} criterion")
-    note = (f"{len(names)} layers removed ({how}{', among removals a stock config describes' if stock else ''}, "
-            f"{LAYER_CALIB['n']} calibration triples)")
+    note = (f"{len(names)} layers removed ({how}{', among removals a stock config describes' if stock else ''}"
+            f"{', a share of the MACs' if by == 'macs' else ''}, {LAYER_CALIB['n']} calibration triples)")
     # the stock class computes what the LayerPruned model does, bit for bit; a workflow saves it as that class
     as_model = stock_model if stock else (lambda m: m)
     if not kd:
@@ -595,25 +618,40 @@ def _layers(arg, ctx: BenchContext) -> Variant:
                        _n_params(pruned), notes=note + ("; the stock class" if stock else ""))
     from diffslim.methods.finetune import load_student
 
-    folder, kd_note = _default_layer_kd(ctx, ratio, names)  # distilled as the LayerPruned model, then exported
+    folder, kd_note = _default_layer_kd(ctx, names)  # distilled as the LayerPruned model, then exported
     student = as_model(load_student(folder).to(next(ctx.loaded.denoiser.parameters()).device))
     return Variant(f"layers:{ratio:g}{tag}+kd", _with_denoiser(ctx.loaded.pipe, student), ctx.base_spec,
                    _n_params(student), notes=f"{note}; {kd_note}")
 
 
 @register_method("bk-sdm", "bk-sdm:base|small|tiny, BK-SDM's handcrafted block removal (SD-shaped U-Nets), "
-                           "before retraining")
+                           "before retraining; +kd after the same distillation as layers:R+kd (cached), "
+                           "e.g. bk-sdm:base+kd")
 def _bk_sdm(arg, ctx: BenchContext) -> Variant:
     from diffslim.methods.layer_prune import BK_SDM, bk_sdm_layers, prune_layers
 
-    if arg not in BK_SDM:
-        raise UserError(f"bk-sdm:VARIANT needs one of {', '.join(BK_SDM)}, got {arg!r}")
-    names = bk_sdm_layers(ctx.loaded.denoiser, arg)  # validates the U-Net's shape
+    text = arg or ""
+    kd = text.endswith("+kd")
+    variant = text[:-3] if kd else text
+    if variant not in BK_SDM:
+        raise UserError(f"bk-sdm:VARIANT needs one of {', '.join(BK_SDM)} (each +kd), got {arg!r}")
+    names = bk_sdm_layers(ctx.loaded.denoiser, variant)  # validates the U-Net's shape
     if ctx.dry_run:
+        if kd:
+            ctx.needs_data(f"bk-sdm:{arg}")
         return None
-    pruned = prune_layers(ctx.loaded.denoiser, names)
-    return Variant(f"bk-sdm:{arg}", _with_denoiser(ctx.loaded.pipe, pruned), ctx.base_spec, _n_params(pruned),
-                   notes=f"{len(names)} modules removed")
+    note = f"{len(names)} modules removed"
+    if not kd:
+        pruned = prune_layers(ctx.loaded.denoiser, names)
+        return Variant(f"bk-sdm:{variant}", _with_denoiser(ctx.loaded.pipe, pruned), ctx.base_spec,
+                       _n_params(pruned), notes=note)
+    from diffslim.methods.finetune import load_student
+
+    # the same trainer, loss and steps as layers:R+kd: the rows compare the removals, not the retraining
+    folder, kd_note = _default_layer_kd(ctx, names)
+    student = load_student(folder).to(next(ctx.loaded.denoiser.parameters()).device)
+    return Variant(f"bk-sdm:{variant}+kd", _with_denoiser(ctx.loaded.pipe, student), ctx.base_spec,
+                   _n_params(student), notes=f"{note}; {kd_note}")
 
 
 # ---------------------------------------------------------------------------------------------------
