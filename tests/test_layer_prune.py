@@ -389,6 +389,26 @@ def _cli(*args):
     return CliRunner().invoke(app, ["layer-prune", *map(str, args)])
 
 
+def test_cli_by_macs_counts_the_pipelines_own_denoiser_call(tmp_path):
+    """layer-prune --by macs on a pipeline: the MACs are the denoiser call the pipeline makes (the zoo U-Net samples
+    at another context than the anatomy's dummy call), and the removed share of them reaches the ratio."""
+    from diffslim.evaluate import eval_set_for
+    from diffslim.models.anatomy import anatomy
+    from diffslim.sample import SampleSpec, first_denoiser_call
+
+    res = _cli("zoo:digits-sd", "--criterion", "magnitude", "--by", "macs", "--ratio", "0.3", "--out",
+               tmp_path / "m", "--json")
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.output)
+    loaded = load("zoo:digits-sd")
+    es = eval_set_for(loaded, 1)
+    own = anatomy(loaded.denoiser, inputs=first_denoiser_call(loaded.pipe, SampleSpec(es.inputs, es.seeds,
+                                                                                      call_kwargs=es.call_kwargs)))
+    dummy = anatomy(loaded.denoiser)
+    assert report["macs"] == own.macs != dummy.macs
+    assert report["macs_removed"] >= 0.3 * own.macs
+
+
 def test_cli_errors(tmp_path):
     cfg = CONFIGS / "sd15-unet"
     for args, msg in (

@@ -1027,7 +1027,8 @@ def layer_prune_cmd(
     criterion: str = typer.Option("output-loss", help="output-loss, output-loss-pairs (second order: also every "
                                                       "pair's loss), magnitude, taylor, random, similarity, greedy, "
                                                       "bk-sdm-base, bk-sdm-small or bk-sdm-tiny"),
-    by: str = typer.Option("params", help="params or macs: what the ratio is a share of"),
+    by: str = typer.Option("params", help="params or macs: what the ratio is a share of (a pipeline's MACs are "
+                                          "counted on the denoiser call it makes to sample)"),
     out: Path = typer.Option(..., help="folder: model/ (the pruned denoiser), pipeline/ (for pipelines), "
                                        "scores.json, recipe.json"),
     n: int = typer.Option(32, min=1, help="calibration triples (output-loss, taylor, similarity, greedy)"),
@@ -1096,8 +1097,15 @@ def layer_prune_cmd(
         from diffslim.methods.layer_prune import stock_keeps
 
         keep = stock_keeps(loaded.denoiser)
+    macs_inputs = None
+    if by == "macs" and loaded.pipe is not None and criterion not in bk:  # the MACs of the call the pipeline makes
+        from diffslim.evaluate import eval_set_for
+        from diffslim.sample import SampleSpec, first_denoiser_call
+
+        es = eval_set_for(loaded, 1)
+        macs_inputs = first_denoiser_call(loaded.pipe, SampleSpec(es.inputs, es.seeds, call_kwargs=dict(es.call_kwargs)))
     res = layer_prune(loaded.denoiser, criterion, ratio, by=by, calib=calib, seed=seed, inner=inner,
-                      pair_pool=pair_pool, progress=not as_json, keep=keep, stock=stock)
+                      pair_pool=pair_pool, progress=not as_json, keep=keep, stock=stock, macs_inputs=macs_inputs)
     pruned = prune_layers(loaded.denoiser, res.removed)
     not_stock = None
     if stock:

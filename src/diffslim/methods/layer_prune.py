@@ -1603,11 +1603,14 @@ class LayerPruneResult:
 def layer_prune(model: nn.Module, criterion: str = "output-loss", ratio: Optional[float] = None, by: str = "params",
                 calib: Optional[Calibration] = None, seed: int = 0, inner: bool = False,
                 count_macs: Optional[bool] = None, pair_pool: Optional[int] = None,
-                progress: bool = False, keep: Sequence[str] = (), stock: bool = False) -> LayerPruneResult:
+                progress: bool = False, keep: Sequence[str] = (), stock: bool = False,
+                macs_inputs: Optional[tuple[tuple, dict]] = None) -> LayerPruneResult:
     """Choose the layers of ``model`` to remove by ``criterion`` at ``ratio`` (of ``by``), or by a BK-SDM
     variant (``criterion="bk-sdm-base|small|tiny"``, no ratio, no weights needed).
 
-    MACs are counted (one profiled forward of the anatomy) when ``by="macs"`` or ``count_macs``; on a
+    MACs are counted (one profiled forward of the anatomy) when ``by="macs"`` or ``count_macs``, on
+    ``macs_inputs`` (``(args, kwargs)`` of a denoiser call, e.g. :func:`diffslim.sample.first_denoiser_call`'s: the
+    size and context length the pipeline really uses) or else on dummy inputs at the config's ``sample_size``; on a
     meta-device model only BK-SDM criteria apply unless the MACs come from the meta forward too.
     ``output-loss-pairs`` also measures the pairs' interactions (``pair_pool``: only among that many layers of
     least L_i per unit cost); they go to ``extra["interactions"]``. ``progress``: bars over the calibration runs.
@@ -1640,7 +1643,7 @@ def layer_prune(model: nn.Module, criterion: str = "output-loss", ratio: Optiona
         raise UserError(f"criterion {criterion!r} needs weights; this model is config-only: use a bk-sdm-* "
                         "criterion or random")
     want_macs = by == "macs" if count_macs is None else count_macs
-    an = anatomy(model, count_macs=want_macs)
+    an = anatomy(model, count_macs=want_macs, **({"inputs": macs_inputs} if want_macs and macs_inputs else {}))
     module_macs = an.module_macs
     if bk:
         names = bk_sdm_layers(model, criterion[len("bk-sdm-"):])
