@@ -361,6 +361,46 @@ def test_every_diffusers_cache_acts_on_a_dit_and_one_that_finds_nothing_is_refus
         apply_diffusers_cache(NoAttention(), "taylorseer", None, steps)
 
 
+def test_bench_threshold_caches_search_the_least_threshold_for_a_macs_budget():
+    """fbcache:macs=M: the least threshold whose run on the calibration inputs costs at most M of the MACs (a
+    slightly smaller one costs more); the settings are checked before anything runs."""
+    import re
+
+    from diffslim.bench import METHODS, BenchContext, calibration_spec, count_run_macs, run_bench
+    from diffslim.methods.skip_plan import apply_diffusers_cache, remove_diffusers_cache
+    from diffslim.models.load import LoadedModel
+    from diffslim.sample import SampleSpec
+    from diffslim.train.zoo import build_pipeline
+    from diffslim.zoo.evalsets import EvalSet
+
+    torch.manual_seed(0)
+    pipe = build_pipeline("digits-dit")
+    pipe.denoiser.eval()
+    pipe.set_progress_bar_config(disable=True)
+    loaded = LoadedModel("tiny-dit", "pipeline", pipe.denoiser, pipe=pipe)
+    es = EvalSet(inputs=[{"class_label": i} for i in range(4)], seeds=list(range(4)))
+    row = run_bench(loaded, "fbcache:macs=0.6", es, default_steps=8, batch_size=4, progress=False).rows[1]
+    assert row["method"] == "fbcache:macs=0.6"
+    thr = float(re.search(r"threshold ([0-9.e+-]+) searched for at most 0.6 of the MACs", row["notes"]).group(1))
+    ctx = BenchContext(loaded=loaded, base_spec=SampleSpec(es.inputs, es.seeds, num_inference_steps=8, batch_size=4),
+                       default_steps=8)
+    calib = calibration_spec(ctx)
+    full = count_run_macs(pipe, calib, whole_run=True)
+
+    def share(t):
+        apply_diffusers_cache(pipe.denoiser, "fbcache", f"{t:.6g}", 8)
+        try:
+            return count_run_macs(pipe, calib, whole_run=True) / full
+        finally:
+            remove_diffusers_cache(pipe.denoiser, "fbcache")
+
+    assert share(thr) <= 0.6 < share(thr / 1.01)
+    dry = BenchContext(loaded=loaded, base_spec=None, default_steps=8, dry_run=True)
+    for name, arg, msg in (("fbcache", "macs=1.5", "0 < M < 1"), ("pab", "macs=0.5", "only the threshold caches")):
+        with pytest.raises(UserError, match=msg):
+            METHODS[name](arg, dry)
+
+
 def test_idle_steps_reuse_the_unet_output_without_calling_it(digits):
     """A step at which no unit runs returns the previous output without the call: same images as the
     per-unit path, the denoiser's conv_in does not run at those steps, and they cost no MACs."""

@@ -9,6 +9,7 @@ run relative to ``full``), ``speedup`` (wall time of ``full`` over this row's, s
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from dataclasses import dataclass, field
@@ -855,26 +856,93 @@ def _diffusers_cache_variant(name: str, arg, ctx: BenchContext) -> Variant:
     if not block_lists(den):
         raise UserError(f"{name}: diffusers' cache hooks find transformer blocks by name; "
                         f"{type(den).__name__} has none (U-Nets: use deepcache or dipgo)")
+    budget, rest = _cache_budget(name, arg)
     if ctx.dry_run:
         return None
     ratios, calib_note = None, ""
+    calib = calibration_spec(ctx)
     if name == "magcache":  # MagCache's skips follow the model's own magnitude ratios: measure them first
         from diffslim.methods.skip_plan import magcache_ratios
 
-        calib = calibration_spec(ctx)
         t0 = time.perf_counter()
         ratios = magcache_ratios(den, lambda: run_pipeline(ctx.loaded.pipe, calib, list(range(len(calib.inputs)))))
         calib_note = f" on {len(calib.inputs)} calibration inputs ({time.perf_counter() - t0:.0f}s)"
+    if budget is not None:
+        arg, search_note = _threshold_for_macs(ctx, name, budget, rest, calib, ratios)
+        calib_note += f"; {search_note}"
     info = apply_diffusers_cache(den, name, arg, ctx.default_steps, mag_ratios=ratios) + calib_note
     dynamic = name == "fbcache"  # reuses its cache where the first block's output changed little: per batch
     if dynamic:
         info += "; MACs counted over the whole run (the cache decides per batch, by the features)"
-    return Variant(f"{name}" + (f":{arg}" if arg else ""), ctx.loaded.pipe, ctx.base_spec, _n_params(den),
+    label = f"{name}:macs={budget:g}" + (f":{rest}" if rest else "") if budget is not None else \
+        f"{name}" + (f":{arg}" if arg else "")
+    return Variant(label, ctx.loaded.pipe, ctx.base_spec, _n_params(den),
                    notes=info, cleanup=lambda: remove_diffusers_cache(den, name), input_dependent=dynamic)
 
 
-_CACHE_ARGS = {"fbcache": "[:THRESHOLD]", "fastercache": "[:K]", "taylorseer": "[:INTERVAL]", "pab": "[:K]",
-               "magcache": "[:THRESHOLD[:K]] (its magnitude ratios calibrated on the bench's calibration inputs first)"}
+def _cache_budget(name: str, arg: Optional[str]) -> tuple[Optional[float], str]:
+    """``macs=M[:K]`` of a threshold cache: (M, the rest of the argument), else (None, arg)."""
+    if not arg or not arg.startswith("macs="):
+        return None, arg or ""
+    if name not in ("fbcache", "magcache"):
+        raise UserError(f"{name}:{arg}: only the threshold caches (fbcache, magcache) search their threshold for a "
+                        "MACs budget; give this one its setting")
+    text, _, rest = arg[len("macs="):].partition(":")
+    try:
+        budget = float(text)
+    except ValueError:
+        budget = -1.0
+    if not 0 < budget < 1:
+        raise UserError(f"{name}:{arg}: macs=M keeps at most a share M of the MACs, with 0 < M < 1 (e.g. "
+                        f"{name}:macs=0.5)")
+    return budget, rest
+
+
+def _threshold_for_macs(ctx: BenchContext, name: str, budget: float, rest: str, calib: SampleSpec,
+                        ratios) -> tuple[str, str]:
+    """The least threshold of cache ``name`` whose run on the calibration inputs costs at most ``budget`` of the
+    full model's MACs (geometric bisection; a larger threshold reuses the cache more). Returns the cache's argument
+    and a note."""
+    from diffslim.methods.skip_plan import apply_diffusers_cache, remove_diffusers_cache
+
+    den, pipe = ctx.loaded.denoiser, ctx.loaded.pipe
+    full = count_run_macs(pipe, calib, whole_run=True)
+    runs = 0
+
+    def share(thr: float) -> float:
+        nonlocal runs
+        runs += 1
+        apply_diffusers_cache(den, name, f"{thr:.6g}" + (f":{rest}" if rest else ""), ctx.default_steps,
+                              mag_ratios=ratios)
+        try:
+            return count_run_macs(pipe, calib, whole_run=True) / full
+        finally:
+            remove_diffusers_cache(den, name)
+
+    t0 = time.perf_counter()
+    lo, hi = 1e-4, 1e3
+    least = share(hi)
+    if least > budget:
+        more = " or a longer run of skipped steps (magcache:macs=M:K, K > 3 by default)" if name == "magcache" else ""
+        raise UserError(f"{name}:macs={budget:g}: even with an unbounded threshold the cache costs {least:.3f} of the "
+                        f"MACs on the calibration inputs (it always runs some steps in full); give a larger share{more}")
+    for _ in range(14):
+        mid = math.sqrt(lo * hi)
+        if share(mid) <= budget:
+            hi = mid
+        else:
+            lo = mid
+    got = share(hi)
+    return (f"{hi:.6g}" + (f":{rest}" if rest else ""),
+            f"threshold {hi:.4g} searched for at most {budget:g} of the MACs on {len(calib.inputs)} calibration "
+            f"inputs ({got:.3f} there; {runs} runs, {time.perf_counter() - t0:.0f}s)")
+
+
+_CACHE_ARGS = {"fbcache": "[:THRESHOLD|:macs=M] (macs=M: the least threshold that keeps at most a share M of the MACs "
+                          "on the calibration inputs)",
+               "fastercache": "[:K]", "taylorseer": "[:INTERVAL]", "pab": "[:K]",
+               "magcache": "[:THRESHOLD[:K]|:macs=M[:K]] (its magnitude ratios calibrated on the bench's calibration "
+                           "inputs first)"}
 
 for _name, _cls in _DIFFUSERS_CACHES.items():
     register_method(_name, f"{_name}{_CACHE_ARGS[_name]}, diffusers' {_cls} hook on the denoiser (transformers; a "
