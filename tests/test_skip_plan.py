@@ -399,6 +399,18 @@ def test_bench_threshold_caches_search_the_least_threshold_for_a_macs_budget():
     for name, arg, msg in (("fbcache", "macs=1.5", "0 < M < 1"), ("pab", "macs=0.5", "only the threshold caches")):
         with pytest.raises(UserError, match=msg):
             METHODS[name](arg, dry)
+    # a budget no threshold reaches stops the bench before any row is sampled (no sampling lost)
+    import diffslim.bench as bench_module
+
+    sampled = []
+    real_sample = bench_module.sample
+    bench_module.sample = lambda *a, **k: sampled.append(1) or real_sample(*a, **k)
+    try:
+        with pytest.raises(UserError, match=r"magcache:macs=0.01: even with an unbounded threshold"):
+            run_bench(loaded, "steps:4,magcache:macs=0.01", es, default_steps=8, batch_size=4, progress=False)
+    finally:
+        bench_module.sample = real_sample
+    assert sampled == []
 
 
 def test_idle_steps_reuse_the_unet_output_without_calling_it(digits):

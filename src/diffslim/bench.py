@@ -859,18 +859,8 @@ def _diffusers_cache_variant(name: str, arg, ctx: BenchContext) -> Variant:
     budget, rest = _cache_budget(name, arg)
     if ctx.dry_run:
         return None
-    ratios, calib_note = None, ""
-    calib = calibration_spec(ctx)
-    if name == "magcache":  # MagCache's skips follow the model's own magnitude ratios: measure them first
-        from diffslim.methods.skip_plan import magcache_ratios
-
-        t0 = time.perf_counter()
-        ratios = magcache_ratios(den, lambda: run_pipeline(ctx.loaded.pipe, calib, list(range(len(calib.inputs)))))
-        calib_note = f" on {len(calib.inputs)} calibration inputs ({time.perf_counter() - t0:.0f}s)"
-    if budget is not None:
-        arg, search_note = _threshold_for_macs(ctx, name, budget, rest, calib, ratios)
-        calib_note += f"; {search_note}"
-    info = apply_diffusers_cache(den, name, arg, ctx.default_steps, mag_ratios=ratios) + calib_note
+    setting, ratios, calib_note = _cache_setting(name, arg, ctx)
+    info = apply_diffusers_cache(den, name, setting, ctx.default_steps, mag_ratios=ratios) + calib_note
     dynamic = name == "fbcache"  # reuses its cache where the first block's output changed little: per batch
     if dynamic:
         info += "; MACs counted over the whole run (the cache decides per batch, by the features)"
@@ -878,6 +868,31 @@ def _diffusers_cache_variant(name: str, arg, ctx: BenchContext) -> Variant:
         f"{name}" + (f":{arg}" if arg else "")
     return Variant(label, ctx.loaded.pipe, ctx.base_spec, _n_params(den),
                    notes=info, cleanup=lambda: remove_diffusers_cache(den, name), input_dependent=dynamic)
+
+
+def _cache_setting(name: str, arg: Optional[str], ctx: BenchContext) -> tuple[Optional[str], Optional[list], str]:
+    """What a cache row runs with, measured on the calibration inputs and kept in ``ctx.memo``: the cache's argument
+    (the threshold searched for a ``macs=M`` budget), MagCache's magnitude ratios, and a note. :func:`run_bench`
+    asks for the budgets' settings before it samples any row, so that a budget no threshold reaches stops the bench
+    before any work."""
+    key = ("cache_setting", name, arg)
+    if key in ctx.memo:
+        return ctx.memo[key]
+    budget, rest = _cache_budget(name, arg)
+    den = ctx.loaded.denoiser
+    ratios, note, setting = None, "", arg
+    calib = calibration_spec(ctx)
+    if name == "magcache":  # MagCache's skips follow the model's own magnitude ratios: measure them first
+        from diffslim.methods.skip_plan import magcache_ratios
+
+        t0 = time.perf_counter()
+        ratios = magcache_ratios(den, lambda: run_pipeline(ctx.loaded.pipe, calib, list(range(len(calib.inputs)))))
+        note = f" on {len(calib.inputs)} calibration inputs ({time.perf_counter() - t0:.0f}s)"
+    if budget is not None:
+        setting, search_note = _threshold_for_macs(ctx, name, budget, rest, calib, ratios)
+        note += f"; {search_note}"
+    ctx.memo[key] = (setting, ratios, note)
+    return ctx.memo[key]
 
 
 def _cache_budget(name: str, arg: Optional[str]) -> tuple[Optional[float], str]:
@@ -1040,6 +1055,9 @@ def run_bench(loaded, methods: str, evalset, default_steps: int = 50, scheduler:
         METHODS[name](arg, dry)
     ctx = BenchContext(loaded=loaded, base_spec=base, default_steps=default_steps, data=data, resolution=resolution,
                        task_weight=check_task_weight(task_weight))
+    for name, arg in parsed:  # a cache's MACs budget that no threshold reaches stops the bench before any sampling
+        if name in _DIFFUSERS_CACHES and _cache_budget(name, arg)[0] is not None:
+            _cache_setting(name, arg, ctx)
     rows, outputs = [], {}
     full_time = full_macs = None
     for name, arg in parsed:
