@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import random
 from pathlib import Path
 
@@ -185,8 +186,59 @@ def test_knapsack_is_exact_on_small_instances():
         lp.knapsack_min([1.0, 2.0], [3, 4], 8)
 
 
+def _brute_capped(values, costs, target, caps, cap):
+    best = None
+    for k in range(len(values) + 1):
+        for s in itertools.combinations(range(len(values)), k):
+            if sum(costs[i] for i in s) >= target and sum(caps[i] for i in s) <= cap:
+                v = sum(values[i] for i in s)
+                best = v if best is None or v < best else best
+    return best
+
+
+def test_capped_knapsack_is_exact_on_small_instances():
+    """Two constraints (MACs removed >= target, params removed <= cap): the optimum equals a brute force's, and an
+    impossible pair gives None."""
+    rng = random.Random(3)
+    infeasible = 0
+    for _ in range(60):
+        n = rng.randint(1, 9)
+        values = [rng.random() - 0.1 for _ in range(n)]  # a negative score (e.g. similarity) too
+        costs = [rng.randint(0, 50) for _ in range(n)]
+        caps = [rng.randint(1, 50) for _ in range(n)]
+        target, cap = rng.randint(0, sum(costs)), rng.randint(0, sum(caps))
+        best = _brute_capped(values, costs, target, caps, cap)
+        picked = lp.knapsack_min_capped(values, costs, target, caps, cap)
+        if best is None:
+            infeasible += 1
+            assert picked is None
+            continue
+        assert sum(costs[i] for i in picked) >= target and sum(caps[i] for i in picked) <= cap
+        assert sum(values[i] for i in picked) == pytest.approx(best, abs=1e-9)
+    assert 0 < infeasible < 60
+
+
 def _layers(costs):
     return [lp.Layer(name=f"l{i}", kind="resnet", params=c) for i, c in enumerate(costs)]
+
+
+def test_select_by_macs_with_a_params_cap():
+    """A selection by MACs removes what is cheap to lose whatever its params; the cap keeps the params it removes
+    under a share, at a higher summed score, and applies to MACs selections only."""
+    def layer(name, params, macs):
+        return lp.Layer(name=name, kind="resnet", params=params, macs=macs)
+
+    layers = [layer("deep", 60, 10), layer("deep2", 60, 10), layer("hi", 10, 30), layer("hi2", 10, 30)]
+    scores = {"deep": 0.01, "deep2": 0.01, "hi": 0.5, "hi2": 0.2}
+    total_macs, params = 100, 140
+    assert sorted(lp.select(layers, scores, 0.45, total_macs, "macs")) == ["deep", "deep2", "hi2"]  # 130 params
+    assert sorted(lp.select(layers, scores, 0.45, total_macs, "macs", max_params=(0.5, params))) == ["hi", "hi2"]
+    with pytest.raises(UserError, match=r"at most 0.1 of the params removed \(at most 0.300 of the MACs then\)"):
+        lp.select(layers, scores, 0.45, total_macs, "macs", max_params=(0.1, params))
+    with pytest.raises(UserError, match="--by macs"):
+        lp.select(layers, scores, 0.45, params, "params", max_params=(0.5, params))
+    with pytest.raises(UserError, match="outside"):
+        lp.select(layers, scores, 0.45, total_macs, "macs", max_params=(1.0, params))
 
 
 def _quad(names, lin, inter):
@@ -219,6 +271,42 @@ def test_quadratic_select_is_exact_small_and_its_local_search_never_loses_to_the
         assert sum(lin[x] for x in plain) == pytest.approx(sum(lin[x] for x in first), abs=1e-12)
     with pytest.raises(UserError, match="removable layers hold only"):
         lp.quadratic_select(_layers([3, 4]), {"l0": 1.0, "l1": 1.0}, {}, 0.9, 10)
+
+
+def test_quadratic_select_with_a_params_cap_is_exact_small_and_keeps_the_cap_in_its_local_search():
+    """By MACs with a cap on the params removed: the exact path equals a brute force over both constraints, the
+    local search keeps both and never loses to the capped knapsack's set, and an unreachable cap is refused."""
+    rng = random.Random(2)
+    checked = 0
+    for trial in range(40):
+        n = rng.randint(3, 10)
+        macs = [rng.randint(1, 30) for _ in range(n)]
+        params = [rng.randint(1, 30) for _ in range(n)]
+        layers = [lp.Layer(name=f"l{i}", kind="resnet", params=p, macs=m) for i, (p, m) in enumerate(zip(params, macs))]
+        lin = {l.name: rng.random() for l in layers}
+        inter = {(a.name, b.name): rng.uniform(-0.3, 0.6) * min(lin[a.name], lin[b.name])
+                 for k, a in enumerate(layers) for b in layers[k + 1:]}
+        total = sum(macs)
+        ratio, share = rng.uniform(0.1, 0.6), rng.uniform(0.3, 0.9)
+        target, cap = lp.target_of(total, ratio), math.floor(share * sum(params))
+        sets = [s for k in range(n + 1) for s in itertools.combinations(range(n), k)
+                if sum(macs[i] for i in s) >= target and sum(params[i] for i in s) <= cap]
+        if not sets:
+            with pytest.raises(lp.SelectionUnreachable, match="with at most"):
+                lp.quadratic_select(layers, lin, inter, ratio, total, "macs", max_params=(share, sum(params)))
+            continue
+        checked += 1
+        best = min(_quad([layers[i].name for i in s], lin, inter) for s in sets)
+        exact = lp.quadratic_select(layers, lin, inter, ratio, total, "macs", max_params=(share, sum(params)))
+        local = lp.quadratic_select(layers, lin, inter, ratio, total, "macs", exact_up_to=0,
+                                    max_params=(share, sum(params)))
+        first = lp.select(layers, lin, ratio, total, "macs", max_params=(share, sum(params)))
+        for names in (exact, local):
+            chosen = [l for l in layers if l.name in names]
+            assert sum(l.macs for l in chosen) >= target and sum(l.params for l in chosen) <= cap
+        assert _quad(exact, lin, inter) == pytest.approx(best, abs=1e-12)
+        assert best - 1e-12 <= _quad(local, lin, inter) <= _quad(first, lin, inter) + 1e-12
+    assert checked >= 20
 
 
 def test_pair_interactions_predict_every_measured_pair_exactly(tiny_digits_pipe, calib):
@@ -359,15 +447,43 @@ def test_bench_layers_by_macs_removes_a_share_of_the_macs(monkeypatch):
     from diffslim.cli import app
 
     monkeypatch.setattr(bench, "LAYER_CALIB", dict(n=8, seed=0))
-    r = CliRunner().invoke(app, ["bench", "zoo:digits-sd", "--methods", "layers:0.3,layers:0.3:macs", "--n", "2",
-                                 "--steps", "3", "--json"])
+    r = CliRunner().invoke(app, ["bench", "zoo:digits-sd", "--methods", "layers:0.3,layers:0.3:macs,layers:0.3:macs:0.25",
+                                 "--n", "2", "--steps", "3", "--json"])
     assert r.exit_code == 0, r.output
     rows = {x["method"]: x for x in json.loads(r.stdout)["rows"]}
-    by_params, by_macs = rows["layers:0.3"], rows["layers:0.3:macs"]
-    assert by_params["macs_ratio"] > 0.9 and by_params["params"] <= 0.7 * rows["full"]["params"]
+    by_params, by_macs, capped = rows["layers:0.3"], rows["layers:0.3:macs"], rows["layers:0.3:macs:0.25"]
+    full = rows["full"]["params"]
+    assert by_params["macs_ratio"] > 0.9 and by_params["params"] <= 0.7 * full
     # the denoiser's MACs drop by 0.3 at least; the run's other MACs (the label encoder) are under 1 %
-    assert 0.6 < by_macs["macs_ratio"] <= 0.71 and by_macs["params"] < rows["full"]["params"]
+    assert 0.6 < by_macs["macs_ratio"] <= 0.71 and by_macs["params"] < 0.75 * full
     assert "a share of the MACs" in by_macs["notes"]
+    # the cap binds: the same MACs go with at most a quarter of the params
+    assert 0.6 < capped["macs_ratio"] <= 0.71 and capped["params"] >= 0.75 * full
+    assert "at most 0.25 of the params" in capped["notes"]
+
+
+def test_a_params_cap_out_of_reach_is_refused_before_scoring():
+    """layer_prune checks that the cap can be met before it scores (here there is no calibration data at all, so
+    reaching the scoring would fail otherwise)."""
+    den = load("zoo:digits-sd").denoiser
+    with pytest.raises(UserError, match=r"at most 0.01 of the params removed \(at most 0.0"):
+        lp.layer_prune(den, "output-loss", 0.3, by="macs", max_params=0.01)
+    with pytest.raises(UserError, match="one-shot criterion"):
+        lp.layer_prune(den, "output-loss", 0.3, by="params", max_params=0.3)
+
+
+def test_the_bench_refuses_an_unreachable_params_cap_before_sampling_any_row(monkeypatch):
+    from diffslim import bench
+    from diffslim.cli import app
+
+    def no_sampling(*a, **k):
+        raise AssertionError("the bench sampled a row before refusing the cap")
+
+    monkeypatch.setattr(bench, "run_pipeline", no_sampling)
+    r = CliRunner().invoke(app, ["bench", "zoo:digits-sd", "--methods", "steps:5,layers:0.5:pairs:macs:0.02+kd",
+                                 "--n", "2", "--steps", "3"])
+    assert r.exit_code == 2, r.output
+    assert "no set of layers removes 0.5 of the MACs with at most 0.02 of the params removed" in r.output
 
 
 def test_bench_methods_validate_arguments():
@@ -381,6 +497,14 @@ def test_bench_methods_validate_arguments():
         METHODS["layers"]("0.5:fancy", dry)
     with pytest.raises(UserError, match="base, small, tiny"):
         METHODS["bk-sdm"]("huge", dry)
+    with pytest.raises(UserError, match="must be a number in"):
+        METHODS["layers"]("0.3:macs:lots", dry)
+    with pytest.raises(UserError, match="outside"):
+        METHODS["layers"]("0.3:macs:1.5", dry)
+    with pytest.raises(UserError, match=r"layers:R:\[CRITERION:\]macs\[:P\]"):
+        METHODS["layers"]("0.3:pairs:0.2", dry)
+    with pytest.raises(UserError, match="a selection by MACs takes the criteria"):
+        METHODS["layers"]("0.3:greedy:macs", dry)
 
 
 def _cli(*args):
@@ -422,6 +546,10 @@ def test_cli_errors(tmp_path):
         ((cfg, "--criterion", "bk-sdm-base", "--ratio", "0.5"), "drop --ratio"),
         (("zoo:digits-sd", "--ratio", "0.5", "--pair-pool", "8"), "output-loss-pairs only"),
         (("zoo:digits-sd", "--ratio", "0.5", "--criterion", "output-loss-pairs", "--pair-pool", "1"), ">= 2"),
+        (("zoo:digits-sd", "--ratio", "0.5", "--max-params", "0.3"), "needs --by macs"),
+        (("zoo:digits-sd", "--ratio", "0.5", "--by", "macs", "--max-params", "1.2"), "outside (0, 1)"),
+        (("zoo:digits-sd", "--ratio", "0.5", "--by", "macs", "--max-params", "0.3", "--criterion", "greedy"),
+         "one-shot criterion"),
     ):
         r = _cli(*args, "--out", tmp_path / "x")
         assert r.exit_code == 2, (args, r.output)

@@ -35,7 +35,8 @@ STEPS = 10  # the original's step count: fewer than the zoo's 50, to keep the te
     ("layers:auto@fid=3", "METRIC one of"),
     ("layers:auto@psnr=30,ssim=0.9", "'ssim=0.9' cannot be a workflow stage"),
     ("bk-sdm:auto", "auto searches the setting of layers:auto"),
-    ("layers:auto:fancy", "'fancy' is not a criterion; accepted: layers:auto:pairs, layers:auto:similarity"),
+    ("layers:auto:fancy", "layers:auto:fancy is not a criterion; accepted: layers:auto, layers:auto:pairs, layers:auto:similarity"),
+    ("layers:auto:macs:2", "cap on the params removed of 2.0 is outside"),
     ("layers:auto:pairs+kd", "auto takes no suffix"),
     ("steps:auto:pairs", "only layers:auto takes a criterion"),
     ("layers:auto:pairs@fid=3", "METRIC one of"),
@@ -575,3 +576,29 @@ def test_layers_auto_stock_treats_ratios_past_the_stock_reach_as_missing(digits)
     best = max(float(t["setting"].split(":")[1]) for t in made)
     assert row["stage"] == f"layers:{best:g}:stock" and min(float(t["setting"].split(":")[1]) for t in cut) > best
     assert type(variant.pipe.denoiser).__name__ == "UNet2DConditionModel"
+
+
+def test_layers_auto_with_a_params_cap_treats_ratios_past_its_reach_as_missing(digits, monkeypatch):
+    """layers:auto:macs:P searches the share of the MACs with at most P of the params removed; ratios the cap cannot
+    reach are refused before any scoring and count as misses, so the search ends at a ratio the cap allows."""
+    from diffslim import bench
+    from diffslim.bench import BenchContext
+    from diffslim.workflow import _auto_search
+
+    monkeypatch.setattr(bench, "LAYER_CALIB", dict(n=8, seed=0))
+    loaded, es = digits
+    full = sum(p.numel() for p in loaded.denoiser.parameters())
+    ctx = BenchContext(loaded=loaded, base_spec=_spec(es, STEPS), default_steps=STEPS)
+
+    def evaluate(variant, label):  # every ratio that can be made meets the floor
+        return {"stage": label, "psnr": 50.0, "macs_ratio": 0.5}, torch.zeros(1)
+
+    variant, row, _, trail = _auto_search("layers", ctx, evaluate, {"psnr": 30.0}, lambda m: None,
+                                          criterion="macs:0.2")
+    made = [t for t in trail if "unavailable" not in t]
+    cut = [t for t in trail if "unavailable" in t]
+    assert made and cut and all(not t["accepted"] and "with at most 0.2 of the params removed" in t["unavailable"]
+                                for t in cut)
+    best = max(float(t["setting"].split(":")[1]) for t in made)
+    assert row["stage"] == f"layers:{best:g}:macs:0.2" and min(float(t["setting"].split(":")[1]) for t in cut) > best
+    assert variant.params >= 0.8 * full

@@ -494,38 +494,98 @@ LAYER_CALIB = dict(n=32, seed=0)
 
 # the criterion a ``layers:R:NAME`` variant selects by (``layers:R`` alone: the paper's output loss)
 LAYER_VARIANTS = {"": "output-loss", "pairs": "output-loss-pairs", "similarity": "similarity", "taylor": "taylor",
-                  "magnitude": "magnitude", "random": "random", "greedy": "greedy", "stock": "output-loss",
-                  "macs": "output-loss"}
+                  "magnitude": "magnitude", "random": "random", "greedy": "greedy", "stock": "output-loss"}
 # variants whose selection is made among the removals a stock config describes, and whose model is the stock class
 STOCK_VARIANTS = ("stock",)
-# variants whose ratio is a share of the MACs (the denoiser's, as the anatomy counts them) instead of the params
-MACS_VARIANTS = ("macs",)
+# the criteria a ``layers:R:[CRITERION:]macs[:P]`` variant selects by, R a share of the MACs (the denoiser's, counted on
+# the pipeline's own call) instead of the params, P a cap on the share of params removed
+MACS_CRITERIA = ("", "pairs", "similarity", "taylor", "magnitude", "random")
 
 
-def _layer_selection(ctx: BenchContext, ratio: float, criterion: str = "output-loss", stock: bool = False,
-                     by: str = "params") -> list[str]:
-    """The layers ``criterion`` removes at ``ratio`` of ``by`` (params or MACs), scored on the model's training
-    data (one-shot criteria score once for every ratio; ``output-loss-pairs`` and ``greedy`` select per ratio).
-    ``stock``: among the removals a stock config describes (on a U-Net; transformers keep what their stock config
-    needs)."""
-    from diffslim.methods.layer_prune import calibration, is_unet, layer_prune, select, stock_keeps, stock_select
+def layer_variant(text: str, ratio: str = "R") -> tuple[str, str, Optional[float]]:
+    """``(criterion key, by, max_params)`` of the ``VARIANT`` in ``layers:R:VARIANT`` (``ratio``: what stands for R
+    in messages, e.g. ``auto``): ``CRITERION`` (a key of :data:`LAYER_VARIANTS`), or ``[CRITERION:]macs[:P]``: R a
+    share of the MACs, at most a share P of the params removed."""
+    tokens = text.split(":")
+    by, max_params, key = "params", None, text
+    if "macs" in tokens:
+        at = tokens.index("macs")
+        key, cap, by = ":".join(tokens[:at]), ":".join(tokens[at + 1:]), "macs"
+        if key not in MACS_CRITERIA:
+            raise UserError(f"layers:{ratio}:{text}: a selection by MACs takes the criteria "
+                            f"{', '.join(repr(k) for k in MACS_CRITERIA)} (layers:{ratio}:macs, "
+                            f"layers:{ratio}:pairs:macs, ...), not {key!r}")
+        if cap:
+            from diffslim.methods.layer_prune import check_max_params
 
-    if by == "macs":  # one-shot scores, selected by the MACs each layer's removal saves in the pipeline's own call
-        from diffslim.methods.layer_prune import candidates
+            try:
+                max_params = float(cap)
+            except ValueError:
+                raise UserError(f"layers:{ratio}:{text}: the cap on the params removed must be a number in (0, 1), "
+                                f"e.g. layers:{ratio}:macs:0.35") from None
+            check_max_params(max_params)
+    if key not in LAYER_VARIANTS:
+        raise UserError(f"layers:{ratio}:{key} is not a criterion; accepted: layers:{ratio}, "
+                        + ", ".join(f"layers:{ratio}:{v}" for v in LAYER_VARIANTS if v)
+                        + f", layers:{ratio}:[CRITERION:]macs[:P] (each +kd)")
+    return key, by, max_params
+
+
+def _layer_macs(ctx: BenchContext) -> tuple[list, int, int]:
+    """The denoiser's removable layers with the MACs each one's removal saves, the MACs and the params of the
+    denoiser, counted on the pipeline's own denoiser call (attention grows with the tokens: at the size the pipeline
+    uses). Counted once per bench."""
+    if ("layer_macs",) not in ctx.memo:
+        from diffslim.methods.layer_prune import candidate_names, candidates
         from diffslim.models.anatomy import anatomy
         from diffslim.sample import first_denoiser_call
 
+        den = ctx.loaded.denoiser
+        an = anatomy(den, inputs=first_denoiser_call(ctx.loaded.pipe, ctx.base_spec))
+        ctx.memo[("layer_macs",)] = (candidates(den, module_macs=an.module_macs, names=candidate_names(den)),
+                                     an.macs, an.params)
+    return ctx.memo[("layer_macs",)]
+
+
+def _check_layer_cap(arg: Optional[str], ctx: BenchContext) -> None:
+    """Refuse a ``layers:R:...macs:P`` whose cap no set of layers meets at R, before the bench samples any row (the
+    reach depends on the layers' costs only, not on their scores)."""
+    from diffslim.methods.layer_prune import select
+
+    core = (arg or "").removesuffix("+kd")
+    ratio_text, _, variant = core.partition(":")
+    _, by, max_params = layer_variant(variant)
+    if max_params is None or ratio_text == "auto":
+        return
+    layers, total, params = _layer_macs(ctx)
+    select(layers, dict.fromkeys((l.name for l in layers), 0.0), _ratio_arg(ratio_text, "layers:R"), total, by,
+           (max_params, params))
+
+
+def _layer_selection(ctx: BenchContext, ratio: float, criterion: str = "output-loss", stock: bool = False,
+                     by: str = "params", max_params: Optional[float] = None) -> list[str]:
+    """The layers ``criterion`` removes at ``ratio`` of ``by`` (params or MACs), scored on the model's training
+    data (one-shot criteria score once for every ratio; ``output-loss-pairs`` and ``greedy`` select per ratio).
+    ``stock``: among the removals a stock config describes (on a U-Net; transformers keep what their stock config
+    needs). ``max_params`` (by MACs): remove at most that share of the params too."""
+    from diffslim.methods.layer_prune import calibration, is_unet, layer_prune, select, stock_keeps, stock_select
+
+    if by == "macs":  # one-shot scores, selected by the MACs each layer's removal saves in the pipeline's own call
         first = ctx.memo.get(("layer_scores", criterion))
         if first is None:
             _layer_selection(ctx, ratio, criterion)
             first = ctx.memo[("layer_scores", criterion)]
         den = ctx.loaded.denoiser
-        if ("layer_macs",) not in ctx.memo:  # attention grows with the tokens: count at the size the pipeline uses
-            an = anatomy(den, inputs=first_denoiser_call(ctx.loaded.pipe, ctx.base_spec))
-            ctx.memo[("layer_macs",)] = (candidates(den, module_macs=an.module_macs,
-                                                    names=[l.name for l in first.layers]), an.macs)
-        layers, total = ctx.memo[("layer_macs",)]
-        return select(layers, first.scores, ratio, total, "macs")
+        layers, total, _ = _layer_macs(ctx)  # the same candidates as the scores' (the default pool)
+        cap = None if max_params is None else (max_params, first.params)
+        if criterion == "output-loss-pairs":  # the single and pair losses of one pass, selected by MACs
+            from diffslim.methods.layer_prune import pairs_select
+
+            calib, ref = ctx.memo[("layer_calib", criterion)]
+            inter = {tuple(x["layers"]): x["interaction"] for x in first.extra["interactions"]}
+            return pairs_select(den, layers, calib, first.scores, inter, ratio, total, "macs", reference=ref,
+                                max_params=cap)[0]
+        return select(layers, first.scores, ratio, total, "macs", max_params=cap)
 
     if stock:
         first = ctx.memo.get(("layer_scores", criterion))
@@ -587,30 +647,32 @@ def _default_layer_kd(ctx: BenchContext, names: list[str]):
                            "layers:R:similarity|taylor|magnitude|random|greedy by the other criteria; "
                            "layers:R:stock by output loss among removals a stock config describes (the model "
                            "is the stock diffusers class); layers:R:macs by output loss, R a share of the MACs "
-                           "instead of the params; +kd after a short normalized distillation (cached), "
-                           "e.g. layers:0.5+kd")
+                           "instead of the params (layers:R:macs:P: removing at most a share P of the params; "
+                           "layers:R:CRITERION:macs[:P] by another criterion); +kd after a short normalized "
+                           "distillation (cached), e.g. layers:0.5+kd")
 def _layers(arg, ctx: BenchContext) -> Variant:
     text = arg or ""
     kd = text.endswith("+kd")
     core = text[:-3] if kd else text
     ratio_text, _, variant = core.partition(":")
-    if variant not in LAYER_VARIANTS:
-        raise UserError(f"layers:R:{variant} is not a criterion; accepted: layers:R, "
-                        + ", ".join(f"layers:R:{v}" for v in LAYER_VARIANTS if v) + " (each +kd)")
+    variant, by, max_params = layer_variant(variant, "R")
     ratio = _ratio_arg(ratio_text, "layers:R")
-    criterion, tag = LAYER_VARIANTS[variant], f":{variant}" if variant else ""
+    criterion = LAYER_VARIANTS[variant]
+    tag = "".join(f":{t}" for t in (variant, "macs" if by == "macs" else "",
+                                     "" if max_params is None else f"{max_params:g}") if t)
     stock = variant in STOCK_VARIANTS
-    by = "macs" if variant in MACS_VARIANTS else "params"
     if ctx.dry_run:
         ctx.needs_data(f"layers:{arg}")
         return None
     from diffslim.methods.layer_prune import prune_layers, stock_model
 
-    names = _layer_selection(ctx, ratio, criterion, stock=stock, by=by)
+    names = _layer_selection(ctx, ratio, criterion, stock=stock, by=by, max_params=max_params)
     how = {"output-loss": "output loss", "output-loss-pairs": "output loss to second order"}.get(criterion,
                                                                                                  f"{criterion} criterion")
     note = (f"{len(names)} layers removed ({how}{', among removals a stock config describes' if stock else ''}"
-            f"{', a share of the MACs' if by == 'macs' else ''}, {LAYER_CALIB['n']} calibration triples)")
+            f"{', a share of the MACs' if by == 'macs' else ''}"
+            f"{'' if max_params is None else f', at most {max_params:g} of the params'}, {LAYER_CALIB['n']} "
+            "calibration triples)")
     # the stock class computes what the LayerPruned model does, bit for bit; a workflow saves it as that class
     as_model = stock_model if stock else (lambda m: m)
     if not kd:
@@ -1055,9 +1117,12 @@ def run_bench(loaded, methods: str, evalset, default_steps: int = 50, scheduler:
         METHODS[name](arg, dry)
     ctx = BenchContext(loaded=loaded, base_spec=base, default_steps=default_steps, data=data, resolution=resolution,
                        task_weight=check_task_weight(task_weight))
-    for name, arg in parsed:  # a cache's MACs budget that no threshold reaches stops the bench before any sampling
+    for name, arg in parsed:  # a cache's MACs budget that no threshold reaches, or a layer selection's params cap that
+        # no set of layers meets, stops the bench before any sampling
         if name in _DIFFUSERS_CACHES and _cache_budget(name, arg)[0] is not None:
             _cache_setting(name, arg, ctx)
+        if name == "layers":
+            _check_layer_cap(arg, ctx)
     rows, outputs = [], {}
     full_time = full_macs = None
     for name, arg in parsed:

@@ -1029,6 +1029,10 @@ def layer_prune_cmd(
                                                       "bk-sdm-base, bk-sdm-small or bk-sdm-tiny"),
     by: str = typer.Option("params", help="params or macs: what the ratio is a share of (a pipeline's MACs are "
                                           "counted on the denoiser call it makes to sample)"),
+    max_params: Optional[float] = typer.Option(None, help="with --by macs: also remove at most this share of the "
+                                                          "params, in (0, 1) (a selection by MACs alone removes "
+                                                          "what is cheap to lose, often most of the params, which "
+                                                          "a distillation afterwards then lacks)"),
     out: Path = typer.Option(..., help="folder: model/ (the pruned denoiser), pipeline/ (for pipelines), "
                                        "scores.json, recipe.json"),
     n: int = typer.Option(32, min=1, help="calibration triples (output-loss, taylor, similarity, greedy)"),
@@ -1055,8 +1059,8 @@ def layer_prune_cmd(
     _out_folder(out)
     dev = _precision(device, "float32")[0]
     _quiet_libraries()
-    from diffslim.methods.layer_prune import (BK_SDM, CRITERIA, calibration, check_ratio, is_unet, layer_prune,
-                                              prune_layers)
+    from diffslim.methods.layer_prune import (BK_SDM, CRITERIA, calibration, check_max_params, check_ratio, is_unet,
+                                              layer_prune, prune_layers)
     from diffslim.models.load import load
     from diffslim.recipe import Recipe, RemovedLayers
 
@@ -1072,6 +1076,12 @@ def layer_prune_cmd(
         if ratio is None:
             raise UserError(f"--criterion {criterion} needs --ratio R with 0 < R < 1")
         check_ratio(ratio)
+    if max_params is not None:
+        check_max_params(max_params)
+        if by != "macs" or criterion in bk or stock or criterion == "greedy":
+            raise UserError("--max-params caps the params a selection by MACs removes: it needs --by macs and a "
+                            "one-shot criterion (output-loss, output-loss-pairs, similarity, taylor, magnitude, "
+                            "random), without --stock")
     if n < 1:
         raise UserError("--n must be at least 1")
     loaded = load(model, device=dev)
@@ -1105,7 +1115,8 @@ def layer_prune_cmd(
         es = eval_set_for(loaded, 1)
         macs_inputs = first_denoiser_call(loaded.pipe, SampleSpec(es.inputs, es.seeds, call_kwargs=dict(es.call_kwargs)))
     res = layer_prune(loaded.denoiser, criterion, ratio, by=by, calib=calib, seed=seed, inner=inner,
-                      pair_pool=pair_pool, progress=not as_json, keep=keep, stock=stock, macs_inputs=macs_inputs)
+                      pair_pool=pair_pool, progress=not as_json, keep=keep, stock=stock, macs_inputs=macs_inputs,
+                      max_params=max_params)
     pruned = prune_layers(loaded.denoiser, res.removed)
     not_stock = None
     if stock:
@@ -1122,7 +1133,8 @@ def layer_prune_cmd(
     if keep:
         report["kept_for_stock"] = keep
     (out / "scores.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    Recipe(model=model, removed_layers=RemovedLayers(layers=res.removed, criterion=criterion, ratio=ratio, by=by),
+    Recipe(model=model, removed_layers=RemovedLayers(layers=res.removed, criterion=criterion, ratio=ratio, by=by,
+                                                     max_params=max_params),
            description=f"layer pruning by {criterion}: {len(res.removed)} layers, "
                        f"{res.params_removed / res.params:.3f} of params removed").save(out / "recipe.json")
     if not_stock:
@@ -1130,7 +1142,8 @@ def layer_prune_cmd(
     if as_json:
         _print_json(report)
         return
-    t = Table(title=f"layer-prune {model} ({criterion}{'' if ratio is None else f', ratio {ratio} of {by}'})")
+    t = Table(title=f"layer-prune {model} ({criterion}{'' if ratio is None else f', ratio {ratio} of {by}'}"
+                    f"{'' if max_params is None else f', at most {max_params} of params'})")
     for c in ("layer", "kind", "params", "score", "removed"):
         t.add_column(c)
     for row in report["layers"]:

@@ -141,6 +141,7 @@ class RemovedLayers(_Strict):
     criterion: Optional[str] = None
     ratio: Optional[float] = None
     by: Optional[Literal["params", "macs"]] = None
+    max_params: Optional[float] = None  # with by="macs": the cap on the share of params removed
 
     @field_validator("layers")
     @classmethod
@@ -149,7 +150,7 @@ class RemovedLayers(_Strict):
             raise ValueError("repeats a layer name")
         return v
 
-    @field_validator("ratio")
+    @field_validator("ratio", "max_params")
     @classmethod
     def _in_unit(cls, v):
         if v is not None and not 0 < v < 1:

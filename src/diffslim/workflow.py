@@ -47,9 +47,9 @@ from typing import Callable, Optional
 
 import torch
 
-from diffslim.bench import LAYER_VARIANTS, METHODS, BenchContext, check_task_weight, count_run_macs, parse_methods
+from diffslim.bench import METHODS, BenchContext, check_task_weight, count_run_macs, layer_variant, parse_methods
 from diffslim.errors import UserError
-from diffslim.methods.layer_prune import StockUnreachable
+from diffslim.methods.layer_prune import SelectionUnreachable
 from diffslim.recipe import Recipe
 from diffslim.sample import SampleSpec, model_fingerprint, run_pipeline, sample
 
@@ -118,9 +118,8 @@ def parse_stages(text: str) -> list[tuple[str, Optional[str]]]:
             if body != "auto" and name != "layers":
                 raise UserError(f"{name}:{arg}: only layers:auto takes a criterion (layers:auto:pairs, ...); give "
                                 f"{name}:auto")
-            if body != "auto" and (not variant or variant not in LAYER_VARIANTS):
-                raise UserError(f"{name}:{arg}: {variant!r} is not a criterion; accepted: "
-                                + ", ".join(f"layers:auto:{v}" for v in LAYER_VARIANTS if v) + " (or layers:auto)")
+            if body != "auto":
+                layer_variant(variant, "auto")
             stage_floor(arg, {})  # checks an own floor's form
     explicit = [s for s in stages if s[0] in EXPLICIT_SCHEDULES]
     if explicit and "plan" in kinds:
@@ -319,7 +318,7 @@ def _auto_search(name: str, ctx: BenchContext, evaluate, floor: dict, log: Calla
         setting = f"{name}:{cands[mid]}"
         try:
             variant = METHODS[name](cands[mid], ctx)
-        except StockUnreachable as e:  # layers:auto:stock past what a stock config can lose: as if it missed
+        except SelectionUnreachable as e:  # past what a stock config or a params cap allows: as if it missed
             trail.append({"setting": setting, "accepted": False, "unavailable": str(e)})
             log(f"  {setting}: cannot be made ({e})")
             hi = mid

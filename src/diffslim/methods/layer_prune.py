@@ -1187,6 +1187,41 @@ def knapsack_min(values: Sequence[float], costs: Sequence[int], target: int, max
     return [i for i in range(n) if i not in kept]
 
 
+def knapsack_min_capped(values: Sequence[float], costs: Sequence[int], target: int, caps: Sequence[int], cap: int
+                        ) -> Optional[list[int]]:
+    """Indices of a subset with ``sum(costs) >= target``, ``sum(caps) <= cap`` and the least ``sum(values)`` (a 0-1
+    knapsack with two constraints), or None when no subset meets both.
+
+    Solved exactly as a small integer program (scipy's HiGHS): a dynamic program over both constraints needs a grid of
+    (cap / gcd) x (target / gcd) cells, billions on a real U-Net, and rounding it coarse enough to fit lost up to 45 %
+    of the optimum in our checks. The constraints are checked again in integers on the solution.
+    """
+    from scipy.optimize import Bounds, LinearConstraint, milp
+
+    n = len(values)
+    costs, caps = [int(c) for c in costs], [int(c) for c in caps]
+    target, cap = max(int(target), 0), int(cap)
+    if cap < 0 or sum(costs) < target:
+        return None
+    if n == 0:
+        return [] if target == 0 else None
+    v = np.asarray(values, dtype=float)
+    shift = max(1.0, float(np.abs(v).max()))  # scaled to order 1, so that the solver's tolerances are relative
+    c = np.asarray(costs, dtype=float) / max(target, 1)
+    k = np.asarray(caps, dtype=float) / max(cap, 1)
+    lo, hi = (1.0 if target else 0.0), (1.0 if cap else 0.0)
+    for margin in (0.0, 1e-6, 1e-4):  # tighten a little where the float solution misses in integers
+        res = milp(v / shift, integrality=np.ones(n), bounds=Bounds(0, 1),
+                   constraints=[LinearConstraint(c[None], lb=lo + margin), LinearConstraint(k[None], ub=hi - margin)],
+                   options={"mip_rel_gap": 0.0, "time_limit": 120.0})
+        if res.x is None:
+            return None
+        taken = [i for i in range(n) if res.x[i] > 0.5]
+        if sum(costs[i] for i in taken) >= target and sum(caps[i] for i in taken) <= cap:
+            return taken
+    return None
+
+
 def _cost(layer: Layer, by: str) -> int:
     if by == "params":
         return layer.params
@@ -1201,15 +1236,26 @@ def target_of(total: int, ratio: float) -> int:
     return math.ceil(ratio * total)
 
 
+def check_max_params(share: float) -> float:
+    if not (isinstance(share, (int, float)) and 0 < share < 1):
+        raise UserError(f"a cap on the params removed of {share!r} is outside (0, 1); e.g. 0.35 removes at most 35% "
+                        "of the parameters")
+    return float(share)
+
+
 def check_ratio(ratio: float) -> float:
     if not (isinstance(ratio, (int, float)) and 0 < ratio < 1):
         raise UserError(f"pruning ratio {ratio!r} is outside (0, 1); e.g. 0.5 removes half the parameters")
     return float(ratio)
 
 
-def select(layers: Sequence[Layer], scores: Mapping[str, float], ratio: float, total: int, by: str = "params"
-           ) -> list[str]:
-    """The layers to remove: least summed score with removed ``by`` ("params" or "macs") >= ratio * total."""
+def select(layers: Sequence[Layer], scores: Mapping[str, float], ratio: float, total: int, by: str = "params",
+           max_params: Optional[tuple[float, int]] = None) -> list[str]:
+    """The layers to remove: least summed score with removed ``by`` ("params" or "macs") >= ratio * total.
+
+    ``max_params``: ``(share, params of the model)``, with ``by="macs"`` only: also remove at most that share of the
+    params (a selection by MACs alone removes whatever is cheap to lose, often most of the params, which a
+    distillation afterwards then lacks)."""
     if by not in ("params", "macs"):
         raise UserError(f"--by {by!r}: accepted params, macs")
     target = target_of(total, ratio)
@@ -1217,6 +1263,22 @@ def select(layers: Sequence[Layer], scores: Mapping[str, float], ratio: float, t
     if avail < target:
         raise UserError(f"ratio {ratio} asks to remove {target:,} {by} but the removable layers hold only "
                         f"{avail:,} ({avail / total:.3f} of the model); choose a ratio below {avail / total:.3f}")
+    if max_params is not None:
+        share, params = max_params
+        if by != "macs":
+            raise UserError("a cap on the params removed applies to a selection by MACs (--by macs) only")
+        check_max_params(share)
+        idx = knapsack_min_capped([scores[l.name] for l in layers], [_cost(l, by) for l in layers], target,
+                                  [l.params for l in layers], math.floor(share * params))
+        if idx is None:
+            cap = math.floor(share * params)
+            most = knapsack_min_capped([-_cost(l, by) for l in layers], [0] * len(layers), 0,
+                                       [l.params for l in layers], cap) or []
+            reach = sum(_cost(layers[i], by) for i in most) / total
+            raise SelectionUnreachable(f"no set of layers removes {ratio} of the MACs with at most {share} of the "
+                                       f"params removed (at most {reach:.3f} of the MACs then); allow more params (a "
+                                       f"larger cap) or ask for fewer MACs (a ratio below {reach:.3f})")
+        return [layers[i].name for i in idx]
     idx = knapsack_min([scores[l.name] for l in layers], [_cost(l, by) for l in layers], target)
     return [layers[i].name for i in idx]
 
@@ -1341,7 +1403,11 @@ def stock_candidate_names(model: nn.Module, inner: bool = False) -> list[str]:
     return names
 
 
-class StockUnreachable(UserError):
+class SelectionUnreachable(UserError):
+    """The ratio asks for more than the selection's options allow (a stock config's removals, a params cap)."""
+
+
+class StockUnreachable(SelectionUnreachable):
     """The ratio asks for more than the removals a stock config describes hold."""
 
 
@@ -1397,20 +1463,20 @@ def stock_select(model: nn.Module, layers: Sequence[Layer], scores: Mapping[str,
 
 def quadratic_select(layers: Sequence[Layer], single: Mapping[str, float],
                      interactions: Mapping[tuple[str, str], float], ratio: float, total: int, by: str = "params",
-                     exact_up_to: int = 16) -> list[str]:
+                     exact_up_to: int = 16, max_params: Optional[tuple[float, int]] = None) -> list[str]:
     """The layers to remove by the second-order output loss: least :func:`predicted_loss` with removed ``by`` >=
-    ratio * total. Exact (every subset) for up to ``exact_up_to`` layers; beyond, a local search from the
-    first-order knapsack's set and from a greedy build, by the best improving move (remove one, add one, or swap
-    one removed layer for a kept one) while the constraint holds, until none improves."""
+    ratio * total (and, with ``max_params=(share, params)`` and ``by="macs"``, removed params <= share * params).
+    Exact (every subset) for up to ``exact_up_to`` layers; beyond, a local search from the first-order knapsack's
+    set and from a greedy build, by the best improving move (remove one, add one, or swap one removed layer for a
+    kept one) while the constraints hold, until none improves."""
     if by not in ("params", "macs"):
         raise UserError(f"--by {by!r}: accepted params, macs")
+    first = select(layers, single, ratio, total, by, max_params)  # checks the ratio, the cap and their reach
     target = target_of(total, ratio)
     n = len(layers)
     cost = np.array([_cost(l, by) for l in layers], dtype=np.int64)
-    if cost.sum() < target:
-        avail = int(cost.sum())
-        raise UserError(f"ratio {ratio} asks to remove {target:,} {by} but the removable layers hold only "
-                        f"{avail:,} ({avail / total:.3f} of the model); choose a ratio below {avail / total:.3f}")
+    pcost = np.array([l.params for l in layers], dtype=np.int64)
+    cap = math.floor(max_params[0] * max_params[1]) if max_params is not None else int(pcost.sum())
     idx = {l.name: k for k, l in enumerate(layers)}
     lin = np.array([single[l.name] for l in layers], dtype=np.float64)
     M = np.zeros((n, n))
@@ -1422,7 +1488,7 @@ def quadratic_select(layers: Sequence[Layer], single: Mapping[str, float],
 
     if n <= exact_up_to:
         X = ((np.arange(2 ** n)[:, None] >> np.arange(n)) & 1).astype(np.float64)
-        feasible = X @ cost >= target
+        feasible = (X @ cost >= target) & (X @ pcost <= cap)
         vals = X @ lin + 0.5 * np.einsum("si,ij,sj->s", X, M, X)
         vals[~feasible] = np.inf
         best = X[int(np.argmin(vals))]
@@ -1432,11 +1498,12 @@ def quadratic_select(layers: Sequence[Layer], single: Mapping[str, float],
         x = x.copy()
         while True:
             g = M @ x  # interaction of each layer with the removed set
-            removed_cost = int(cost @ x)
-            add = np.where(x == 0, lin + g, np.inf)  # change of the value on adding j
+            removed_cost, removed_params = int(cost @ x), int(pcost @ x)
+            add = np.where((x == 0) & (removed_params + pcost <= cap), lin + g, np.inf)  # the value's change on adding j
             drop = np.where((x == 1) & (removed_cost - cost >= target), -(lin + g), np.inf)
             swap = (lin + g)[None, :] - (lin + g)[:, None] - M  # swap[i, j]: remove i from the set, add j
-            ok = (x[:, None] == 1) & (x[None, :] == 0) & (removed_cost - cost[:, None] + cost[None, :] >= target)
+            ok = ((x[:, None] == 1) & (x[None, :] == 0) & (removed_cost - cost[:, None] + cost[None, :] >= target)
+                  & (removed_params - pcost[:, None] + pcost[None, :] <= cap))
             swap = np.where(ok, swap, np.inf)
             moves = [(add.min(), "add"), (drop.min(), "drop"), (swap.min(), "swap")]
             delta, kind = min(moves, key=lambda m: m[0])
@@ -1451,28 +1518,34 @@ def quadratic_select(layers: Sequence[Layer], single: Mapping[str, float],
                 x[i], x[j] = 0, 1
 
     starts = []
+    pos = {l.name: k for k, l in enumerate(layers)}
     x = np.zeros(n)
-    x[knapsack_min(lin.tolist(), cost.tolist(), target)] = 1
+    x[[pos[name] for name in first]] = 1
     starts.append(x)
     x = np.zeros(n)  # greedy build: the least increase of the value per unit cost until the target is met
     while cost @ x < target:
-        inc = np.where(x == 0, (lin + M @ x) / np.maximum(cost, 1), np.inf)
+        inc = np.where((x == 0) & (pcost @ x + pcost <= cap), (lin + M @ x) / np.maximum(cost, 1), np.inf)
+        if not np.isfinite(inc).any():  # the cap stops it: only the knapsack's start
+            break
         x[int(np.argmin(inc))] = 1
-    starts.append(x)
+    if cost @ x >= target:
+        starts.append(x)
     best = min((improve(s) for s in starts), key=value)
     return [layers[i].name for i in range(n) if best[i]]
 
 
 def pairs_select(model: nn.Module, layers: Sequence[Layer], calib: Calibration, single: Mapping[str, float],
                  interactions: Mapping[tuple[str, str], float], ratio: float, total: int, by: str = "params",
-                 reference: Optional[torch.Tensor] = None) -> tuple[list[str], dict]:
+                 reference: Optional[torch.Tensor] = None, max_params: Optional[tuple[float, int]] = None
+                 ) -> tuple[list[str], dict]:
     """The ``output-loss-pairs`` selection: the second-order set (:func:`quadratic_select`), checked against the
     first-order knapsack set by their measured output loss on ``calib`` (two more runs when they differ; the lower
     one is kept). A second-order expansion over-counts when many layers go at once (every pair's interaction is
     added), so the check keeps it from doing worse than the first-order criterion on the calibration triples.
-    Returns ``(removed, info)``: info has each set with its measured loss and which was kept."""
-    second = quadratic_select(layers, single, interactions, ratio, total, by)
-    first = select(layers, single, ratio, total, by)
+    ``max_params``: as for :func:`select`, for both sets. Returns ``(removed, info)``: info has each set with its
+    measured loss and which was kept."""
+    second = quadratic_select(layers, single, interactions, ratio, total, by, max_params=max_params)
+    first = select(layers, single, ratio, total, by, max_params)
     info = {"second_order": {"removed": second, "predicted": predicted_loss(second, single, interactions)},
             "first_order": {"removed": first, "summed": float(sum(single[n] for n in first))}}
     if set(first) == set(second):
@@ -1585,10 +1658,12 @@ class LayerPruneResult:
     macs_removed: Optional[int] = None
     seconds: float = 0.0
     extra: dict = field(default_factory=dict)
+    max_params: Optional[float] = None  # the cap on the share of params removed (a selection by MACs), if any
 
     def to_json(self) -> dict:
         return {
-            "criterion": self.criterion, "ratio": self.ratio, "by": self.by, "removed": list(self.removed),
+            "criterion": self.criterion, "ratio": self.ratio, "by": self.by,
+            **({"max_params": self.max_params} if self.max_params is not None else {}), "removed": list(self.removed),
             "params": self.params, "params_removed": self.params_removed,
             "params_removed_share": self.params_removed / self.params if self.params else None,
             "macs": self.macs, "macs_removed": self.macs_removed,
@@ -1604,7 +1679,8 @@ def layer_prune(model: nn.Module, criterion: str = "output-loss", ratio: Optiona
                 calib: Optional[Calibration] = None, seed: int = 0, inner: bool = False,
                 count_macs: Optional[bool] = None, pair_pool: Optional[int] = None,
                 progress: bool = False, keep: Sequence[str] = (), stock: bool = False,
-                macs_inputs: Optional[tuple[tuple, dict]] = None) -> LayerPruneResult:
+                macs_inputs: Optional[tuple[tuple, dict]] = None, max_params: Optional[float] = None
+                ) -> LayerPruneResult:
     """Choose the layers of ``model`` to remove by ``criterion`` at ``ratio`` (of ``by``), or by a BK-SDM
     variant (``criterion="bk-sdm-base|small|tiny"``, no ratio, no weights needed).
 
@@ -1618,6 +1694,8 @@ def layer_prune(model: nn.Module, criterion: str = "output-loss", ratio: Optiona
     ``stock``: on a U-Net, select only among removals a stock config describes (:func:`stock_select`, with
     ``inner`` also transformer blocks inside attention layers), so that :func:`stock_model` exports the result (for
     transformers, ``keep=stock_keeps(model)`` does it).
+    ``max_params``: with ``by="macs"`` and a one-shot criterion or ``output-loss-pairs`` (not stock), remove at most
+    this share of the params as well (:func:`select`).
     Returns a :class:`LayerPruneResult`; :func:`prune_layers` then builds the smaller model.
     """
     from diffslim.models.anatomy import anatomy
@@ -1637,6 +1715,13 @@ def layer_prune(model: nn.Module, criterion: str = "output-loss", ratio: Optiona
         raise UserError(f"a pair pool applies to criterion output-loss-pairs only, not {criterion!r}")
     if stock:
         check_stock_selection(model, criterion, inner)
+    if max_params is not None:
+        check_max_params(max_params)
+        if by != "macs" or bk or stock or criterion == "greedy":
+            raise UserError("a cap on the params removed (--max-params) applies to a selection by MACs (--by macs) "
+                            f"with a one-shot criterion or output-loss-pairs and without --stock, not to {criterion} "
+                            f"by {by}"
+                            f"{' with --stock' if stock else ''}")
     extra: dict = {}
     meta = any(p.device.type == "meta" for p in model.parameters())
     if meta and criterion not in ("random",) and not bk:
@@ -1656,6 +1741,8 @@ def layer_prune(model: nn.Module, criterion: str = "output-loss", ratio: Optiona
         total = an.params if by == "params" else an.macs
         if total is None:
             raise UserError("selection by MACs needs the MACs of the model: it cannot be counted here")
+        if max_params is not None:  # an unreachable cap is refused before any scoring
+            select(layers, dict.fromkeys((l.name for l in layers), 0.0), ratio, total, by, (max_params, an.params))
         if criterion == "greedy":
             if calib is None:
                 raise UserError("criterion 'greedy' needs calibration data (a model with weights and a pipeline)")
@@ -1670,21 +1757,23 @@ def layer_prune(model: nn.Module, criterion: str = "output-loss", ratio: Optiona
             scores = score_layers(model, layers, criterion, calib, reference=ref, progress=progress)
             inter = pair_interactions(model, layers, calib, scores, pool=pair_pool, by=by, reference=ref,
                                       progress=progress)
-            removed, check = pairs_select(model, layers, calib, scores, inter, ratio, total, by, reference=ref)
+            removed, check = pairs_select(model, layers, calib, scores, inter, ratio, total, by, reference=ref,
+                                          max_params=None if max_params is None else (max_params, an.params))
             extra = {"interactions": [{"layers": [a, b], "interaction": v} for (a, b), v in inter.items()],
                      "predicted_loss": predicted_loss(removed, scores, inter),
                      "summed_loss": float(sum(scores[n] for n in removed)), "check": check}
         else:
             scores = score_layers(model, layers, criterion, calib, seed=seed, progress=progress)
             removed = (stock_select(model, layers, scores, ratio, total, by) if stock and is_unet(model)
-                       else select(layers, scores, ratio, total, by))
+                       else select(layers, scores, ratio, total, by,
+                                   max_params=None if max_params is None else (max_params, an.params)))
     by_name = {l.name: l for l in layers}
     params_removed = sum(by_name[n].params for n in removed)
     macs_removed = sum(by_name[n].macs for n in removed) if module_macs is not None else None
     return LayerPruneResult(criterion=criterion, ratio=ratio, by=by, removed=list(removed), layers=list(layers),
                             scores=scores, params=an.params, params_removed=params_removed,
                             macs=an.macs, macs_removed=macs_removed, seconds=time.perf_counter() - t0,
-                            extra=extra)
+                            extra=extra, max_params=max_params)
 
 
 # ------------------------------------------------------------------------------------------
