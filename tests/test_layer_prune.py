@@ -283,7 +283,7 @@ def test_quadratic_select_with_a_params_cap_is_exact_small_and_keeps_the_cap_in_
         macs = [rng.randint(1, 30) for _ in range(n)]
         params = [rng.randint(1, 30) for _ in range(n)]
         layers = [lp.Layer(name=f"l{i}", kind="resnet", params=p, macs=m) for i, (p, m) in enumerate(zip(params, macs))]
-        lin = {l.name: rng.random() for l in layers}
+        lin = {l.name: rng.uniform(-0.3, 1.0) for l in layers}  # some negative (similarity can be): adding pays
         inter = {(a.name, b.name): rng.uniform(-0.3, 0.6) * min(lin[a.name], lin[b.name])
                  for k, a in enumerate(layers) for b in layers[k + 1:]}
         total = sum(macs)
