@@ -951,20 +951,27 @@ def _cache_setting(name: str, arg: Optional[str], ctx: BenchContext) -> tuple[Op
         ratios = magcache_ratios(den, lambda: run_pipeline(ctx.loaded.pipe, calib, list(range(len(calib.inputs)))))
         note = f" on {len(calib.inputs)} calibration inputs ({time.perf_counter() - t0:.0f}s)"
     if budget is not None:
-        setting, search_note = _threshold_for_macs(ctx, name, budget, rest, calib, ratios)
+        search = _threshold_for_macs if name in _THRESHOLD_CACHES else _interval_for_macs
+        setting, search_note = search(ctx, name, budget, rest, calib, ratios)
         note += f"; {search_note}"
     ctx.memo[key] = (setting, ratios, note)
     return ctx.memo[key]
 
 
+# caches whose setting is a threshold (searched for a MACs budget by bisection over reals) and those whose setting is
+# an interval in steps (searched over integers)
+_THRESHOLD_CACHES = ("fbcache", "magcache")
+_INTERVAL_CACHES = ("taylorseer", "pab", "fastercache")
+
+
 def _cache_budget(name: str, arg: Optional[str]) -> tuple[Optional[float], str]:
-    """``macs=M[:K]`` of a threshold cache: (M, the rest of the argument), else (None, arg)."""
+    """``macs=M[:K]`` of a cache: (M, the rest of the argument), else (None, arg)."""
     if not arg or not arg.startswith("macs="):
         return None, arg or ""
-    if name not in ("fbcache", "magcache"):
-        raise UserError(f"{name}:{arg}: only the threshold caches (fbcache, magcache) search their threshold for a "
-                        "MACs budget; give this one its setting")
     text, _, rest = arg[len("macs="):].partition(":")
+    if rest and name not in ("magcache",):
+        raise UserError(f"{name}:{arg}: macs=M takes nothing after it for {name} (the search sets its "
+                        f"{'threshold' if name in _THRESHOLD_CACHES else 'interval'}); give {name}:macs=M")
     try:
         budget = float(text)
     except ValueError:
@@ -1015,9 +1022,47 @@ def _threshold_for_macs(ctx: BenchContext, name: str, budget: float, rest: str, 
             f"inputs ({got:.3f} there; {runs} runs, {time.perf_counter() - t0:.0f}s)")
 
 
+def _interval_for_macs(ctx: BenchContext, name: str, budget: float, rest: str, calib: SampleSpec,
+                       ratios=None) -> tuple[str, str]:
+    """The least interval (in steps, 2 to the step count) of cache ``name`` whose run on the calibration inputs costs
+    at most ``budget`` of the full model's MACs (bisection over the integers; a longer interval reuses the cache
+    more). Returns the cache's argument and a note."""
+    from diffslim.methods.skip_plan import apply_diffusers_cache, remove_diffusers_cache
+
+    den, pipe = ctx.loaded.denoiser, ctx.loaded.pipe
+    full = count_run_macs(pipe, calib, whole_run=True)
+    seen: dict[int, float] = {}
+
+    def share(k: int) -> float:
+        if k not in seen:
+            apply_diffusers_cache(den, name, str(k), ctx.default_steps)
+            try:
+                seen[k] = count_run_macs(pipe, calib, whole_run=True) / full
+            finally:
+                remove_diffusers_cache(den, name)
+        return seen[k]
+
+    t0 = time.perf_counter()
+    lo, hi = 1, max(ctx.default_steps, 2)  # share(lo) is taken to exceed the budget, share(hi) is checked
+    least = share(hi)
+    if least > budget:
+        raise UserError(f"{name}:macs={budget:g}: even at its longest interval ({hi} steps) the cache costs "
+                        f"{least:.3f} of the MACs on the calibration inputs; give a larger share")
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if share(mid) <= budget:
+            hi = mid
+        else:
+            lo = mid
+    return (str(hi), f"interval {hi} searched for at most {budget:g} of the MACs on {len(calib.inputs)} calibration "
+                     f"inputs ({seen[hi]:.3f} there; {len(seen)} runs, {time.perf_counter() - t0:.0f}s)")
+
+
 _CACHE_ARGS = {"fbcache": "[:THRESHOLD|:macs=M] (macs=M: the least threshold that keeps at most a share M of the MACs "
                           "on the calibration inputs)",
-               "fastercache": "[:K]", "taylorseer": "[:INTERVAL]", "pab": "[:K]",
+               "fastercache": "[:K|:macs=M]", "taylorseer": "[:INTERVAL|:macs=M]",
+               "pab": "[:K|:macs=M] (macs=M: the least interval that keeps at most a share M of the MACs on the "
+                      "calibration inputs)",
                "magcache": "[:THRESHOLD[:K]|:macs=M[:K]] (its magnitude ratios calibrated on the bench's calibration "
                            "inputs first)"}
 
