@@ -37,6 +37,7 @@ STEPS = 10  # the original's step count: fewer than the zoo's 50, to keep the te
     ("bk-sdm:auto", "auto searches the setting of layers:auto"),
     ("layers:auto:fancy", "layers:auto:fancy is not a criterion; accepted: layers:auto, layers:auto:pairs, layers:auto:similarity"),
     ("layers:auto:macs:2", "cap on the params removed of 2.0 is outside"),
+    ("layers:auto:greedy:macs", "a selection by MACs takes the criteria"),
     ("layers:auto:pairs+kd", "auto takes no suffix"),
     ("steps:auto:pairs", "only layers:auto takes a criterion"),
     ("layers:auto:pairs@fid=3", "METRIC one of"),
@@ -51,6 +52,8 @@ def test_stage_and_floor_parsing():
         ("layers", "0.3+kd"), ("bk-sdm", "base"), ("steps", "20"), ("dipgo", "0.3")]
     assert parse_stages("steps:10") == [("steps", "10")]
     assert parse_stages("layers:auto:pairs@psnr=40,steps:auto") == [("layers", "auto:pairs@psnr=40"), ("steps", "auto")]
+    assert parse_stages("layers:auto:pairs:macs:0.34@psnr=30,layers:0.3:macs:0.2+kd") == [
+        ("layers", "auto:pairs:macs:0.34@psnr=30"), ("layers", "0.3:macs:0.2+kd")]
     from diffslim.workflow import stage_floor
 
     assert stage_floor("auto:pairs@psnr=40", {"psnr": 30.0}) == {"psnr": 40.0}
