@@ -361,14 +361,10 @@ def test_every_diffusers_cache_acts_on_a_dit_and_one_that_finds_nothing_is_refus
         apply_diffusers_cache(NoAttention(), "taylorseer", None, steps)
 
 
-@pytest.mark.parametrize("name,budget", [("taylorseer", 0.85), ("pab", 0.8), ("fastercache", 0.8)])
-def test_bench_interval_caches_search_the_least_interval_for_a_macs_budget(name, budget):
-    """taylorseer|pab|fastercache:macs=M: the least interval whose run on the calibration inputs costs at most M of
-    the MACs (one step shorter costs more); a budget no interval reaches stops the bench before any sampling."""
-    import re
-
-    import diffslim.bench as bench_module
-    from diffslim.bench import BenchContext, calibration_spec, count_run_macs, run_bench
+def _tiny_dit_budget_bench():
+    """A fresh 8-step digits DiT pipeline, 4 inputs, and ``share(name, setting)``: the MACs a cache setting costs
+    on the bench's calibration inputs, as a share of the full model's."""
+    from diffslim.bench import BenchContext, calibration_spec, count_run_macs
     from diffslim.methods.skip_plan import apply_diffusers_cache, remove_diffusers_cache
     from diffslim.models.load import LoadedModel
     from diffslim.sample import SampleSpec
@@ -381,31 +377,52 @@ def test_bench_interval_caches_search_the_least_interval_for_a_macs_budget(name,
     pipe.set_progress_bar_config(disable=True)
     loaded = LoadedModel("tiny-dit", "pipeline", pipe.denoiser, pipe=pipe)
     es = EvalSet(inputs=[{"class_label": i} for i in range(4)], seeds=list(range(4)))
-    row = run_bench(loaded, f"{name}:macs={budget}", es, default_steps=8, batch_size=4, progress=False).rows[1]
-    assert row["method"] == f"{name}:macs={budget}"
-    k = int(re.search(rf"interval (\d+) searched for at most {budget} of the MACs", row["notes"]).group(1))
     ctx = BenchContext(loaded=loaded, base_spec=SampleSpec(es.inputs, es.seeds, num_inference_steps=8, batch_size=4),
                        default_steps=8)
     calib = calibration_spec(ctx)
     full = count_run_macs(pipe, calib, whole_run=True)
 
-    def share(interval):
-        apply_diffusers_cache(pipe.denoiser, name, str(interval), 8)
+    def share(name, setting):
+        apply_diffusers_cache(pipe.denoiser, name, setting, 8)
         try:
             return count_run_macs(pipe, calib, whole_run=True) / full
         finally:
             remove_diffusers_cache(pipe.denoiser, name)
 
-    assert share(k) <= budget and (k == 2 or share(k - 1) > budget)
+    return loaded, es, share
+
+
+def _refused_before_sampling(loaded, es, methods, match):
+    """``methods`` stop the bench with ``match`` before any row is sampled (no sampling lost)."""
+    import diffslim.bench as bench_module
+    from diffslim.bench import run_bench
+
     sampled = []
     real_sample = bench_module.sample
     bench_module.sample = lambda *a, **k: sampled.append(1) or real_sample(*a, **k)
     try:
-        with pytest.raises(UserError, match=rf"{name}:macs=0.01: even at its longest interval \(8 steps\)"):
-            run_bench(loaded, f"steps:4,{name}:macs=0.01", es, default_steps=8, batch_size=4, progress=False)
+        with pytest.raises(UserError, match=match):
+            run_bench(loaded, methods, es, default_steps=8, batch_size=4, progress=False)
     finally:
         bench_module.sample = real_sample
     assert sampled == []
+
+
+@pytest.mark.parametrize("name,budget", [("taylorseer", 0.85), ("pab", 0.8), ("fastercache", 0.8)])
+def test_bench_interval_caches_search_the_least_interval_for_a_macs_budget(name, budget):
+    """taylorseer|pab|fastercache:macs=M: the least interval whose run on the calibration inputs costs at most M of
+    the MACs (one step shorter costs more); a budget no interval reaches stops the bench before any sampling."""
+    import re
+
+    from diffslim.bench import run_bench
+
+    loaded, es, share = _tiny_dit_budget_bench()
+    row = run_bench(loaded, f"{name}:macs={budget}", es, default_steps=8, batch_size=4, progress=False).rows[1]
+    assert row["method"] == f"{name}:macs={budget}"
+    k = int(re.search(rf"interval (\d+) searched for at most {budget} of the MACs", row["notes"]).group(1))
+    assert share(name, str(k)) <= budget and (k == 2 or share(name, str(k - 1)) > budget)
+    _refused_before_sampling(loaded, es, f"steps:4,{name}:macs=0.01",
+                             rf"{name}:macs=0.01: even at its longest interval \(8 steps\)")
 
 
 def test_bench_threshold_caches_search_the_least_threshold_for_a_macs_budget():
@@ -413,33 +430,15 @@ def test_bench_threshold_caches_search_the_least_threshold_for_a_macs_budget():
     slightly smaller one costs more); the settings are checked before anything runs."""
     import re
 
-    from diffslim.bench import METHODS, BenchContext, calibration_spec, count_run_macs, run_bench
-    from diffslim.methods.skip_plan import apply_diffusers_cache, remove_diffusers_cache
-    from diffslim.models.load import LoadedModel
-    from diffslim.sample import SampleSpec
-    from diffslim.train.zoo import build_pipeline
-    from diffslim.zoo.evalsets import EvalSet
+    from diffslim.bench import METHODS, BenchContext, run_bench
 
-    torch.manual_seed(0)
-    pipe = build_pipeline("digits-dit")
-    pipe.denoiser.eval()
-    pipe.set_progress_bar_config(disable=True)
-    loaded = LoadedModel("tiny-dit", "pipeline", pipe.denoiser, pipe=pipe)
-    es = EvalSet(inputs=[{"class_label": i} for i in range(4)], seeds=list(range(4)))
+    loaded, es, share_of = _tiny_dit_budget_bench()
     row = run_bench(loaded, "fbcache:macs=0.6", es, default_steps=8, batch_size=4, progress=False).rows[1]
     assert row["method"] == "fbcache:macs=0.6"
     thr = float(re.search(r"threshold ([0-9.e+-]+) searched for at most 0.6 of the MACs", row["notes"]).group(1))
-    ctx = BenchContext(loaded=loaded, base_spec=SampleSpec(es.inputs, es.seeds, num_inference_steps=8, batch_size=4),
-                       default_steps=8)
-    calib = calibration_spec(ctx)
-    full = count_run_macs(pipe, calib, whole_run=True)
 
     def share(t):
-        apply_diffusers_cache(pipe.denoiser, "fbcache", f"{t:.6g}", 8)
-        try:
-            return count_run_macs(pipe, calib, whole_run=True) / full
-        finally:
-            remove_diffusers_cache(pipe.denoiser, "fbcache")
+        return share_of("fbcache", f"{t:.6g}")
 
     assert share(thr) <= 0.6 < share(thr / 1.01)
     dry = BenchContext(loaded=loaded, base_spec=None, default_steps=8, dry_run=True)
@@ -448,17 +447,8 @@ def test_bench_threshold_caches_search_the_least_threshold_for_a_macs_budget():
         with pytest.raises(UserError, match=msg):
             METHODS[name](arg, dry)
     # a budget no threshold reaches stops the bench before any row is sampled (no sampling lost)
-    import diffslim.bench as bench_module
-
-    sampled = []
-    real_sample = bench_module.sample
-    bench_module.sample = lambda *a, **k: sampled.append(1) or real_sample(*a, **k)
-    try:
-        with pytest.raises(UserError, match=r"magcache:macs=0.01: even with an unbounded threshold"):
-            run_bench(loaded, "steps:4,magcache:macs=0.01", es, default_steps=8, batch_size=4, progress=False)
-    finally:
-        bench_module.sample = real_sample
-    assert sampled == []
+    _refused_before_sampling(loaded, es, "steps:4,magcache:macs=0.01", r"magcache:macs=0.01: even with an unbounded "
+                                                                         "threshold")
 
 
 def test_idle_steps_reuse_the_unet_output_without_calling_it(digits):
