@@ -652,6 +652,52 @@ def test_cli_layer_compare_writes_the_comparison_and_its_figures(tiny_digits_fol
     assert all(0 < b["sampled"]["psnr"] < 100 for b in res["bk_sdm"])
 
 
+def test_cli_layer_compare_by_macs_with_a_cap(tiny_digits_folder, tmp_path):
+    from diffslim.cli import app
+
+    run = lambda *a: CliRunner().invoke(app, ["layer-compare", str(tiny_digits_folder), *map(str, a)])
+    for args, msg in ((("--by", "flops"), "accepted params, macs"), (("--max-params", "0.4"), "give --by macs too"),
+                      (("--by", "macs", "--max-params", "1.5"), "outside (0, 1)")):
+        r = run(*args, "--out", tmp_path / "x")
+        assert r.exit_code == 2 and msg in r.output, r.output
+    # a cap no set of layers meets at a ratio is refused before any scoring, naming the MACs share it allows
+    r = run("--by", "macs", "--max-params", "0.01", "--ratios", "0.2,0.5", "--n", "4", "--out", tmp_path / "u")
+    assert r.exit_code == 2 and "no set of layers removes 0.2 of the MACs with at most 0.01" in r.output, r.output
+    assert not (tmp_path / "u" / "compare.json").exists()
+
+    r = run("--by", "macs", "--max-params", "0.4", "--ratios", "0.35,0.2", "--n", "4", "--no-pairs", "--sample", "2",
+            "--steps", "2", "--out", tmp_path / "c", "--json")
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "c" / "compare.json").read_text())
+    assert res["by"] == "macs" and res["max_params"] == 0.4 and "greedy_order" not in res and res["stock"] == []
+    assert [row["ratio"] for row in res["ratios"]] == [0.2, 0.35]
+    for row in res["ratios"]:  # every criterion's set reaches the MACs share and keeps under the cap
+        for crit in ("output-loss", "magnitude", "taylor", "similarity", "random#0"):
+            assert row[f"{crit}_macs_share"] >= row["ratio"] and row[f"{crit}_share"] <= 0.4, (crit, row["ratio"])
+    # the same selection as layer-prune --by macs --max-params makes on its own (magnitude needs no calibration)
+    r = _cli(tiny_digits_folder, "--criterion", "magnitude", "--by", "macs", "--ratio", "0.35", "--max-params", "0.4",
+             "--out", tmp_path / "p", "--json")
+    assert r.exit_code == 0, r.output
+    assert sorted(json.loads((tmp_path / "p" / "scores.json").read_text())["removed"]) == \
+        sorted(res["ratios"][1]["magnitude_removed"])
+    # BK-SDM by MACs: the output-loss set at its MACs removes at least its MACs and at most its params, and is the
+    # least-summed-loss such set by the exact capped knapsack
+    d = load(str(tiny_digits_folder)).denoiser
+    for b in res["bk_sdm"]:
+        assert 0 < b["macs_ratio"] < 1 and 0 < b["ratio"] < 1
+        if b["output_loss_at_macs"] is None:
+            assert "no set of layers" in b["at_macs_unreachable"]
+            continue
+        assert b["output_loss_at_macs_share"] <= b["ratio"] + 1e-12
+        assert b["output_loss_at_macs_macs_share"] >= b["macs_ratio"] - 1e-12
+        single = res["scores"]["output-loss"]
+        if set(b["removed"]) <= set(single):  # BK-SDM's own set qualifies (Tiny's samplers are no candidates)
+            assert sum(single[n] for n in b["output_loss_at_macs_removed"]) <= sum(single[n] for n in b["removed"])
+        assert 0 < b["output_loss_at_macs_sampled"]["psnr"] < 100 and 0 < b["sampled"]["psnr"] < 100
+    assert res["bk_sdm"][0]["output_loss_at_macs"] is not None and set(res["bk_sdm"][0]["removed"]) <= set(single)
+    assert lp.is_unet(d) and (tmp_path / "c" / "sampled_psnr.png").stat().st_size > 1000
+
+
 def test_sdxl_inner_transformer_blocks_and_selection_by_macs(tiny_digits_pipe):
     sdxl = load(str(CONFIGS / "sdxl-unet")).denoiser
     outer, inner = lp.candidate_names(sdxl), lp.candidate_names(sdxl, inner=True)

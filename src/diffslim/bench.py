@@ -191,7 +191,8 @@ def sample_layer_selections(pipe, res: dict, spec: SampleSpec, metrics_fn: Calla
     """Sample every selection of a criteria comparison ``res`` (:func:`diffslim.methods.layer_compare.compare_criteria`)
     on ``spec`` and judge it against the full model's samples: adds ``<criterion>_sampled`` (the metrics) to its
     rows, ``random_sampled`` (PSNR and SSIM, the mean over the random seeds), ``sampled`` to its BK-SDM rows and
-    ``res["sampled"] = {"n", "steps"}``. Returns ``(curves, bk_points)`` of the PSNR for
+    ``res["sampled"] = {"n", "steps"}`` (by MACs, also ``output_loss_at_macs_sampled`` and
+    ``output_loss_pairs_at_macs_sampled`` to the BK-SDM rows that have those sets). Returns ``(curves, bk_points)`` of the PSNR for
     :func:`diffslim.report.output_loss_figure`."""
     from diffslim.evaluate import finite
     from diffslim.methods.layer_compare import curves_of
@@ -199,10 +200,15 @@ def sample_layer_selections(pipe, res: dict, spec: SampleSpec, metrics_fn: Calla
     sets = {(i, k[: -len("_removed")]): v for i, row in enumerate(res["ratios"]) for k, v in row.items()
             if k.endswith("_removed")}
     sets.update({("bk", b["variant"]): b["removed"] for b in res["bk_sdm"]})
+    # by MACs: the output-loss selections at BK-SDM's MACs and params too
+    sets.update({(f"bk:{k}", b["variant"]): b[f"{k}_removed"] for b in res["bk_sdm"]
+                 for k in ("output_loss_at_macs", "output_loss_pairs_at_macs") if f"{k}_removed" in b})
     for (i, key), m in sample_layer_sets(pipe, sets, spec, metrics_fn, progress=progress).items():
         m = {k: finite(v) for k, v in m.items()}
         if i == "bk":
             next(b for b in res["bk_sdm"] if b["variant"] == key)["sampled"] = m
+        elif isinstance(i, str):
+            next(b for b in res["bk_sdm"] if b["variant"] == key)[f"{i[3:]}_sampled"] = m
         else:
             res["ratios"][i][f"{key}_sampled"] = m
     for row in res["ratios"]:
@@ -212,7 +218,8 @@ def sample_layer_selections(pipe, res: dict, spec: SampleSpec, metrics_fn: Calla
     res["sampled"] = {"n": len(spec.inputs), "steps": spec.num_inference_steps}
     curves = {c: [(row["ratio"], row[f"{c}_sampled"]["psnr"]) for row in res["ratios"]
                   if row[f"{c}_sampled"].get("psnr") is not None] for c in curves_of(res)}
-    bk = {b["variant"]: (b["ratio"], b["sampled"]["psnr"]) for b in res["bk_sdm"] if b["sampled"].get("psnr") is not None}
+    x = "macs_ratio" if res.get("by") == "macs" else "ratio"
+    bk = {b["variant"]: (b[x], b["sampled"]["psnr"]) for b in res["bk_sdm"] if b["sampled"].get("psnr") is not None}
     return curves, bk
 
 

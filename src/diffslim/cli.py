@@ -1327,8 +1327,13 @@ def lora_cmd(
 @_guard
 def layer_compare_cmd(
     model: str = typer.Argument(..., help="pipeline folder or zoo:NAME"),
-    ratios: str = typer.Option("0.3,0.5,0.7", help="comma-separated shares of params to remove, each in (0, 1)"),
+    ratios: str = typer.Option("0.3,0.5,0.7", help="comma-separated shares of params (--by macs: of MACs) to remove, "
+                                                   "each in (0, 1)"),
     out: Path = typer.Option(..., help="folder: compare.json, output_loss.png, additivity.png"),
+    by: str = typer.Option("params", help="what the ratios are shares of: params, or macs (of the denoiser call the "
+                                          "pipeline makes); by macs BK-SDM is also compared at its own MACs and params"),
+    max_params: Optional[float] = typer.Option(None, help="with --by macs: every selection also removes at most this "
+                                                          "share of the params, in (0, 1); greedy is left out"),
     n: int = typer.Option(32, min=1, help="calibration triples to score on, and as many held-out triples to judge on"),
     greedy: bool = typer.Option(True, "--greedy/--no-greedy", help="also the iterative greedy re-scoring "
                                                                    "(about n_layers calibration runs per removal)"),
@@ -1364,31 +1369,54 @@ def layer_compare_cmd(
         raise UserError(f"--sample takes a count of evaluation inputs >= 0 (0: off), got {sample_n}")
     if steps is not None and not sample_n:
         raise UserError("--steps sets the sampling steps of --sample N: give --sample too (e.g. --sample 16)")
+    if by not in ("params", "macs"):
+        raise UserError(f"--by {by!r}: accepted params, macs")
+    if max_params is not None:
+        lp.check_max_params(max_params)
+        if by != "macs":
+            raise UserError("--max-params caps the params a selection by MACs removes: give --by macs too")
     dev = _precision(device, "float32")[0]
     loaded = load(model, device=dev)
     if loaded.pipe is None or not loaded.has_weights:
         raise UserError(f"{model}: comparing criteria samples the model on calibration data; give a pipeline folder "
                         "with weights or zoo:NAME")
+    macs_inputs = None
+    if by == "macs":  # the MACs of the call the pipeline makes, as layer-prune --by macs counts them
+        from diffslim.evaluate import eval_set_for
+        from diffslim.sample import SampleSpec, first_denoiser_call
+
+        es = eval_set_for(loaded, 1)
+        macs_inputs = first_denoiser_call(loaded.pipe, SampleSpec(es.inputs, es.seeds, call_kwargs=dict(es.call_kwargs)))
+    if max_params is not None and greedy:
+        greedy = False
+        if not as_json:
+            console.print("greedy re-scoring has no cap on the params removed: left out with --max-params")
     calib = lp.calibration(loaded.pipe, n=n, seed=0, data=data, size=resolution)
     held = lp.calibration(loaded.pipe, n=n, seed=1, data=data, size=resolution)
-    res = compare_criteria(loaded.denoiser, calib, held, rs, greedy=greedy, pairs=pairs, progress=not as_json)
+    res = compare_criteria(loaded.denoiser, calib, held, rs, greedy=greedy, pairs=pairs, progress=not as_json, by=by,
+                           max_params=max_params, macs_inputs=macs_inputs)
     res = {"model": model, "n_calib": n, **res}
     curves = curves_of(res)
+    share = "params" if by == "params" else "MACs"
+    xlabel = f"pruning ratio (share of {share} removed)" + ("" if max_params is None else
+                                                            f", at most {max_params:g} of params")
+    x = "macs_ratio" if by == "macs" else "ratio"
     out.mkdir(parents=True, exist_ok=True)
     if sample_n:
         psnr_curves, bk_psnr = _sample_selections(loaded, res, sample_n, steps, progress=not as_json)
         output_loss_figure(psnr_curves, model, bk_psnr, ylabel="PSNR of samples vs the full model's (dB)",
-                           log=False).savefig(out / "sampled_psnr.png", dpi=110, bbox_inches="tight")
+                           log=False, xlabel=xlabel).savefig(out / "sampled_psnr.png", dpi=110, bbox_inches="tight")
     (out / "compare.json").write_text(json.dumps(res, indent=1, default=str) + "\n")
-    output_loss_figure(curves, model, {b["variant"]: (b["ratio"], b["bk_sdm_loss"]) for b in res["bk_sdm"]}).savefig(
-        out / "output_loss.png", dpi=110, bbox_inches="tight")
+    output_loss_figure(curves, model, {b["variant"]: (b[x], b["bk_sdm_loss"]) for b in res["bk_sdm"]},
+                       xlabel=xlabel).savefig(out / "output_loss.png", dpi=110, bbox_inches="tight")
     add = res["additivity"]
     additivity_figure(add["summed"], add["measured"], add["pearson"], model, add.get("second_order"),
                       add.get("pearson_second_order")).savefig(out / "additivity.png", dpi=110, bbox_inches="tight")
     if as_json:
         _print_json(res)
         return
-    t = Table(title=f"layer-compare {model}: held-out output loss (lower is better)")
+    t = Table(title=f"layer-compare {model}: held-out output loss (lower is better), ratio = share of {share} removed"
+                    + ("" if max_params is None else f", at most {max_params:g} of params"))
     t.add_column("ratio")
     for c in curves:
         t.add_column(c)
@@ -1410,10 +1438,21 @@ def layer_compare_cmd(
                 "greedy", "random") else "") + f"{v:.2f}") for c, v in vals.items()])
         console.print(t)
     for b in res["bk_sdm"]:
-        console.print(f"{b['variant']}: removes {b['ratio']:.3f} of params, output loss {b['bk_sdm_loss']:.3g} "
-                      f"(output-loss criterion at that ratio: {b['output_loss_at_ratio']:.3g})"
+        console.print(f"{b['variant']}: removes {b['ratio']:.3f} of params"
+                      + (f" and {b['macs_ratio']:.3f} of MACs" if by == "macs" else "")
+                      + f", output loss {b['bk_sdm_loss']:.3g} "
+                      f"(output-loss criterion at that share of params: {b['output_loss_at_ratio']:.3g})"
                       + (f"; samples {b['sampled']['psnr']:.2f} dB" if sample_n and b["sampled"].get("psnr") is not None
-                         else ""))
+                         else ""), highlight=False)
+        if by == "macs":
+            console.print("  at its MACs with at most its params removed: " + (
+                "no set of candidate layers gets there" if b["output_loss_at_macs"] is None else
+                f"output loss {b['output_loss_at_macs']:.3g} ({b['output_loss_at_macs_share']:.3f} of params)"
+                + (f", output-loss-pairs {b['output_loss_pairs_at_macs']:.3g} ({b['output_loss_pairs_at_macs_share']:.3f})"
+                   if "output_loss_pairs_at_macs" in b else "")
+                + "".join(f"; {lab} samples {b[k]['psnr']:.2f} dB" for k, lab in (
+                    ("output_loss_at_macs_sampled", "output loss"), ("output_loss_pairs_at_macs_sampled", "pairs"))
+                    if b.get(k, {}).get("psnr") is not None)), highlight=False)
     for row in res.get("stock", []):
         console.print(f"--stock at {row['ratio']:g}: " + (
             f"removes {row['share']:.3f} of params, output loss {row['loss']:.3g} (a stock diffusers config "

@@ -198,12 +198,13 @@ def _plt():
 
 
 def output_loss_figure(curves: dict, title: str = "", bk_points: Optional[dict] = None,
-                       ylabel: str = "output loss (MSE vs full, held out)", log: bool = True):
+                       ylabel: str = "output loss (MSE vs full, held out)", log: bool = True,
+                       xlabel: str = "pruning ratio (share of params removed)"):
     """Output loss (held-out MSE vs the full model) against the pruning ratio, one line per criterion.
 
     ``curves``: ``{criterion: [(ratio, loss), ...]}``; ``bk_points``: ``{label: (ratio, loss)}`` (BK-SDM).
     Another measure of each selection (e.g. the PSNR of its samples) plots the same way with ``ylabel`` and
-    ``log=False``.
+    ``log=False``; a comparison by MACs with ``xlabel``.
     """
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.2, 3.8))
@@ -216,7 +217,7 @@ def output_loss_figure(curves: dict, title: str = "", bk_points: Optional[dict] 
         ax.annotate(label, (r, loss), fontsize=8, xytext=(3, 3), textcoords="offset points")
     if log:
         ax.set_yscale("log")
-    ax.set_xlabel("pruning ratio (share of params removed)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
