@@ -1402,13 +1402,19 @@ def layer_compare_cmd(
                                                             f", at most {max_params:g} of params")
     x = "macs_ratio" if by == "macs" else "ratio"
     out.mkdir(parents=True, exist_ok=True)
+    def matched(key):  # by MACs: the output-loss selection at each BK-SDM variant's MACs and params
+        return {b["variant"]: (b["macs_ratio"], v) for b in res["bk_sdm"]
+                if (v := (b.get(key) if key == "output_loss_at_macs" else b.get(key, {}).get("psnr"))) is not None}
+
     if sample_n:
         psnr_curves, bk_psnr = _sample_selections(loaded, res, sample_n, steps, progress=not as_json)
         output_loss_figure(psnr_curves, model, bk_psnr, ylabel="PSNR of samples vs the full model's (dB)",
-                           log=False, xlabel=xlabel).savefig(out / "sampled_psnr.png", dpi=110, bbox_inches="tight")
+                           log=False, xlabel=xlabel, matched=matched("output_loss_at_macs_sampled")).savefig(
+            out / "sampled_psnr.png", dpi=110, bbox_inches="tight")
     (out / "compare.json").write_text(json.dumps(res, indent=1, default=str) + "\n")
     output_loss_figure(curves, model, {b["variant"]: (b[x], b["bk_sdm_loss"]) for b in res["bk_sdm"]},
-                       xlabel=xlabel).savefig(out / "output_loss.png", dpi=110, bbox_inches="tight")
+                       xlabel=xlabel, matched=matched("output_loss_at_macs")).savefig(
+        out / "output_loss.png", dpi=110, bbox_inches="tight")
     add = res["additivity"]
     additivity_figure(add["summed"], add["measured"], add["pearson"], model, add.get("second_order"),
                       add.get("pearson_second_order")).savefig(out / "additivity.png", dpi=110, bbox_inches="tight")

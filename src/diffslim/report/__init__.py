@@ -199,28 +199,33 @@ def _plt():
 
 def output_loss_figure(curves: dict, title: str = "", bk_points: Optional[dict] = None,
                        ylabel: str = "output loss (MSE vs full, held out)", log: bool = True,
-                       xlabel: str = "pruning ratio (share of params removed)"):
+                       xlabel: str = "pruning ratio (share of params removed)", matched: Optional[dict] = None):
     """Output loss (held-out MSE vs the full model) against the pruning ratio, one line per criterion.
 
     ``curves``: ``{criterion: [(ratio, loss), ...]}``; ``bk_points``: ``{label: (ratio, loss)}`` (BK-SDM).
     Another measure of each selection (e.g. the PSNR of its samples) plots the same way with ``ylabel`` and
-    ``log=False``; a comparison by MACs with ``xlabel``.
+    ``log=False``; a comparison by MACs with ``xlabel``, and ``matched``: ``{label: (ratio, value)}`` of the
+    output-loss selections at each BK-SDM variant's MACs and params (stars).
     """
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(5.2, 3.8))
+    fig, ax = plt.subplots(figsize=(7.6, 3.8))
     for crit, pts in curves.items():
         pts = sorted(pts)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=crit,
                 lw=2.2 if crit == "output-loss" else 1.2)
-    for label, (r, loss) in (bk_points or {}).items():
-        ax.scatter([r], [loss], marker="x", s=50, color="k")
-        ax.annotate(label, (r, loss), fontsize=8, xytext=(3, 3), textcoords="offset points")
+    for i, (label, (r, loss)) in enumerate((bk_points or {}).items()):
+        ax.scatter([r], [loss], marker="x", s=50, color="k")  # labels staggered: the variants often sit close
+        ax.annotate(label, (r, loss), fontsize=8, xytext=(4, 3 + 9 * i), textcoords="offset points")
+    if matched:
+        pts = list(matched.values())
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker="*", s=90, color="k",
+                   label="output loss at BK-SDM's MACs and params")
     if log:
         ax.set_yscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))  # outside: the curves fill the axes
     if title:
         ax.set_title(title)
     fig.tight_layout()
