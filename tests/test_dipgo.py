@@ -314,35 +314,35 @@ def test_training_on_a_diffusers_pipeline_from_a_prompt_file(tiny_sd_pipe, tmp_p
 def test_training_pool_reads_prompts_jsonl_and_image_folders(tiny_sd_pipe, tiny_digits_pipe, tmp_path):
     from PIL import Image
 
-    from diffslim.methods.dipgo import _training_pool
+    from diffslim.train.data import pipeline_inputs
 
     (tmp_path / "p.txt").write_text("one\ntwo\n")
-    assert _training_pool(tiny_sd_pipe, str(tmp_path / "p.txt"), 0) == [{"prompt": "one"}, {"prompt": "two"}]
+    assert pipeline_inputs(tiny_sd_pipe, str(tmp_path / "p.txt"), 0) == [{"prompt": "one"}, {"prompt": "two"}]
     (tmp_path / "l.txt").write_text("3\n7\n")
-    assert _training_pool(tiny_digits_pipe, str(tmp_path / "l.txt"), 0) == [{"class_label": 3}, {"class_label": 7}]
+    assert pipeline_inputs(tiny_digits_pipe, str(tmp_path / "l.txt"), 0) == [{"class_label": 3}, {"class_label": 7}]
     with pytest.raises(UserError, match="integer class label"):
-        _training_pool(tiny_digits_pipe, str(tmp_path / "p.txt"), 0)
+        pipeline_inputs(tiny_digits_pipe, str(tmp_path / "p.txt"), 0)
     imgs = tmp_path / "imgs"
     imgs.mkdir()
     Image.new("RGB", (20, 24), (255, 0, 0)).save(imgs / "a.png")
     (imgs / "a.txt").write_text("a red square")
     (tmp_path / "in.jsonl").write_text('{"prompt": "x", "image": "imgs/a.png"}\n')
-    rows = _training_pool(tiny_sd_pipe, str(tmp_path / "in.jsonl"), 0)
+    rows = pipeline_inputs(tiny_sd_pipe, str(tmp_path / "in.jsonl"), 0)
     assert rows[0]["prompt"] == "x" and rows[0]["image"].shape == (3, 16, 16)
     # StableDiffusionPipeline takes no image: a folder is refused with what to give instead
     with pytest.raises(UserError, match="takes no image input"):
-        _training_pool(tiny_sd_pipe, str(imgs), 0)
+        pipeline_inputs(tiny_sd_pipe, str(imgs), 0)
     from diffusers import StableDiffusionImg2ImgPipeline
 
     i2i = StableDiffusionImg2ImgPipeline(**tiny_sd_pipe.components)
-    pool = _training_pool(i2i, str(imgs), 0)
+    pool = pipeline_inputs(i2i, str(imgs), 0)
     item = pool[0]
     assert len(pool) == 1 and item["prompt"] == "a red square" and item["image"].shape == (3, 16, 16)
     assert torch.allclose(item["image"][0], torch.ones(16, 16))
     (tmp_path / "bad.jsonl").write_text("[1, 2]\n")
     for bad, msg in ((tmp_path / "bad.jsonl", "object of pipeline inputs"), (tmp_path / "nope.txt", "does not exist")):
         with pytest.raises(UserError, match=msg):
-            _training_pool(tiny_sd_pipe, str(bad), 0)
+            pipeline_inputs(tiny_sd_pipe, str(bad), 0)
 
 
 def test_pipelines_that_cannot_give_gradients_are_refused():

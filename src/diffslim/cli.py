@@ -1018,6 +1018,39 @@ def zoo_train(
         console.print(f"installed {name} at {target}")
 
 
+_CALIBRATION_HELP = ("data: the --data images noised to timesteps across the schedule (the paper's); sampling: the "
+                     "calls the pipeline makes to its denoiser while sampling the --data inputs ('zoo', a .txt file "
+                     "of prompts or class labels, a .jsonl file of pipeline inputs, an image folder): no training "
+                     "images needed, prompts are enough; the taylor criterion needs data")
+
+
+def _check_calibration(kind: str, calib_steps: Optional[int], resolution: Optional[int]) -> None:
+    from diffslim.methods.layer_prune import CALIBRATIONS
+
+    if kind not in CALIBRATIONS:
+        raise UserError(f"unknown --calibration {kind!r}; accepted: {', '.join(CALIBRATIONS)}")
+    if calib_steps is not None and kind != "sampling":
+        raise UserError("--calib-steps sets the sampling steps of --calibration sampling: give that too")
+    if resolution is not None and kind == "sampling":
+        raise UserError("--resolution sets the size of --calibration data's images; sampling calibration samples "
+                        "at the pipeline's own size: drop --resolution")
+
+
+def _layer_calibration(loaded, kind: str, n: int, seed: int, data: str, resolution: Optional[int],
+                       calib_steps: Optional[int]):
+    """The calibration triples of layer-prune and layer-compare: noised ``data`` or the pipeline's own denoiser calls
+    while sampling it (at ``calib_steps``, default the model's sampling steps)."""
+    from diffslim.methods import layer_prune as lp
+
+    if kind == "data":
+        return lp.calibration(loaded.pipe, n=n, seed=seed, data=data, size=resolution)
+    from diffslim.evaluate import eval_set_for
+
+    steps = calib_steps or (loaded.zoo.default_steps if loaded.zoo is not None else 50)
+    return lp.sampling_calibration(loaded.pipe, n=n, seed=seed, data=data, steps=steps,
+                                   call_kwargs=dict(eval_set_for(loaded, 1).call_kwargs))
+
+
 @app.command("layer-prune")
 @_guard
 def layer_prune_cmd(
@@ -1037,7 +1070,12 @@ def layer_prune_cmd(
                                        "scores.json, recipe.json"),
     n: int = typer.Option(32, min=1, help="calibration triples (output-loss, taylor, similarity, greedy)"),
     data: str = typer.Option("zoo", help="calibration data: 'zoo' or an image folder, captions optional (SD, SDXL, "
-                                                   "InstructPix2Pix, PixArt, SD3, Flux pipelines)"),
+                                                   "InstructPix2Pix, PixArt, SD3, Flux pipelines); with "
+                                                   "--calibration sampling also prompts or class labels (.txt) "
+                                                   "or pipeline inputs (.jsonl)"),
+    calibration_kind: str = typer.Option("data", "--calibration", help=_CALIBRATION_HELP),
+    calib_steps: Optional[int] = typer.Option(None, min=1, help="--calibration sampling: sampling steps (default: "
+                                                                "the zoo model's, else 50)"),
     seed: int = typer.Option(0, help="seed of the calibration triples (and of the random criterion)"),
     inner: bool = typer.Option(False, help="score the transformer blocks inside deep attention layers (SDXL) "
                                            "instead of whole attention layers"),
@@ -1059,8 +1097,8 @@ def layer_prune_cmd(
     _out_folder(out)
     dev = _precision(device, "float32")[0]
     _quiet_libraries()
-    from diffslim.methods.layer_prune import (BK_SDM, CRITERIA, calibration, check_max_params, check_ratio, is_unet,
-                                              layer_prune, prune_layers)
+    from diffslim.methods.layer_prune import (BK_SDM, CRITERIA, check_max_params, check_ratio, is_unet, layer_prune,
+                                              prune_layers)
     from diffslim.models.load import load
     from diffslim.recipe import Recipe, RemovedLayers
 
@@ -1084,6 +1122,10 @@ def layer_prune_cmd(
                             "random), without --stock")
     if n < 1:
         raise UserError("--n must be at least 1")
+    _check_calibration(calibration_kind, calib_steps, resolution)
+    if calibration_kind == "sampling" and criterion == "taylor":
+        raise UserError("--criterion taylor needs the diffusion loss, which sampling trajectories have no target "
+                        "for: use --calibration data")
     loaded = load(model, device=dev)
     if pair_pool is not None and (criterion != "output-loss-pairs" or pair_pool < 2):
         raise UserError(f"--pair-pool {pair_pool} applies to --criterion output-loss-pairs only, and must be >= 2")
@@ -1101,7 +1143,8 @@ def layer_prune_cmd(
         from diffslim.methods.layer_prune import check_stock_selection
 
         check_stock_selection(loaded.denoiser, criterion, inner)
-    calib = calibration(loaded.pipe, n=n, seed=seed, data=data, size=resolution) if needs_calib else None
+    calib = (_layer_calibration(loaded, calibration_kind, n, seed, data, resolution, calib_steps) if needs_calib
+             else None)
     keep = []
     if stock and not is_unet(loaded.denoiser):  # select only among blocks a stock config can lose
         from diffslim.methods.layer_prune import stock_keeps
@@ -1338,8 +1381,14 @@ def layer_compare_cmd(
     greedy: bool = typer.Option(True, "--greedy/--no-greedy", help="also the iterative greedy re-scoring "
                                                                    "(about n_layers calibration runs per removal)"),
     pairs: bool = typer.Option(True, "--pairs/--no-pairs", help="also output-loss-pairs (n(n-1)/2 calibration runs)"),
-    data: str = typer.Option("zoo", help="calibration data: 'zoo' or an image folder, captions optional"),
+    data: str = typer.Option("zoo", help="calibration data: 'zoo' or an image folder, captions optional; with "
+                                         "--calibration sampling also a .txt file of prompts or class labels or a "
+                                         ".jsonl file of pipeline inputs"),
     resolution: Optional[int] = typer.Option(None, min=1, help="image size in px of the --data folder's images"),
+    calibration_kind: str = typer.Option("data", "--calibration", help=_CALIBRATION_HELP + " (held-out triples "
+                                         "alike, with other inputs, seeds and steps; taylor is left out)"),
+    calib_steps: Optional[int] = typer.Option(None, min=1, help="--calibration sampling: sampling steps (default: "
+                                                                "the zoo model's, else 50)"),
     sample_n: int = typer.Option(0, "--sample", help="also sample every selection on N evaluation inputs and judge "
                                  "its outputs against the full model's (PSNR, SSIM, the task's metrics): what the "
                                  "output loss stands for; 0: off"),
@@ -1375,6 +1424,7 @@ def layer_compare_cmd(
         lp.check_max_params(max_params)
         if by != "macs":
             raise UserError("--max-params caps the params a selection by MACs removes: give --by macs too")
+    _check_calibration(calibration_kind, calib_steps, resolution)
     dev = _precision(device, "float32")[0]
     loaded = load(model, device=dev)
     if loaded.pipe is None or not loaded.has_weights:
@@ -1391,11 +1441,11 @@ def layer_compare_cmd(
         greedy = False
         if not as_json:
             console.print("greedy re-scoring has no cap on the params removed: left out with --max-params")
-    calib = lp.calibration(loaded.pipe, n=n, seed=0, data=data, size=resolution)
-    held = lp.calibration(loaded.pipe, n=n, seed=1, data=data, size=resolution)
+    calib = _layer_calibration(loaded, calibration_kind, n, 0, data, resolution, calib_steps)
+    held = _layer_calibration(loaded, calibration_kind, n, 1, data, resolution, calib_steps)
     res = compare_criteria(loaded.denoiser, calib, held, rs, greedy=greedy, pairs=pairs, progress=not as_json, by=by,
                            max_params=max_params, macs_inputs=macs_inputs)
-    res = {"model": model, "n_calib": n, **res}
+    res = {"model": model, "n_calib": n, "calibration": calibration_kind, **res}
     curves = curves_of(res)
     share = "params" if by == "params" else "MACs"
     xlabel = f"pruning ratio (share of {share} removed)" + ("" if max_params is None else

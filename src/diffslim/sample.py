@@ -224,6 +224,64 @@ def first_denoiser_call(pipe, spec: SampleSpec) -> tuple[tuple, dict]:
     return seen["call"]
 
 
+class _Enough(Exception):
+    """Raised by :func:`denoiser_calls`' hook once a batch's last wanted call is recorded."""
+
+
+def denoiser_calls(pipe, spec: SampleSpec, at: Sequence[int]) -> list[tuple[dict, list[int]]]:
+    """What ``pipe``'s denoiser is called with while sampling ``spec``: for input ``i``, its call number ``at[i]``
+    (0-based, in sampling order: one call per step for most pipelines). Returns, per input, ``(arguments, rows)``:
+    the call's arguments by name (positional ones bound to the denoiser's ``forward``; the inputs sampled together
+    share one call) and the rows of its batch that belong to input ``i``. A pipeline batches its inputs' rows as
+    diffusers' pipelines do: with classifier-free guidance ``[uncond; cond]``, so input ``j`` of ``b`` holds rows
+    ``j, j + b, ...``. A batch stops at its last wanted call (nothing after it is denoised)."""
+    from diffslim.models.load import denoiser_of
+
+    if len(at) != len(spec.inputs):
+        raise UserError(f"{len(at)} call numbers for {len(spec.inputs)} inputs; give one per input")
+    den = denoiser_of(pipe)
+    sig = inspect.signature(den.forward)
+    out: list = [None] * len(spec.inputs)
+    for start in range(0, len(spec.inputs), spec.batch_size):
+        idx = list(range(start, min(start + spec.batch_size, len(spec.inputs))))
+        wanted = {at[i] for i in idx}
+        count = [0]
+
+        def capture(module, args, kwargs, idx=idx, wanted=wanted, count=count):
+            k = count[0]
+            count[0] += 1
+            if k not in wanted:
+                return None
+            named = dict(sig.bind(*args, **kwargs).arguments)
+            if "kwargs" in named and isinstance(named["kwargs"], dict) and "kwargs" not in kwargs:
+                named.update(named.pop("kwargs"))
+            first = next(iter(named.values()))
+            b, m = len(idx), first.shape[0]
+            if m % b:
+                raise UserError(f"{type(pipe).__name__} calls its denoiser with a batch of {m} rows for {b} inputs; "
+                                "its rows cannot be told apart by input")
+            named = {key: (v.detach().clone() if torch.is_tensor(v) else v) for key, v in named.items()}
+            for j, i in enumerate(idx):
+                if at[i] == k:
+                    out[i] = (named, [j + r * b for r in range(m // b)])
+            if k == max(wanted):
+                raise _Enough
+            return None
+
+        handle = den.register_forward_pre_hook(capture, with_kwargs=True)
+        try:
+            run_pipeline(pipe, spec.replace(batch_size=len(idx)), idx)
+        except _Enough:
+            pass
+        finally:
+            handle.remove()
+        missing = [at[i] for i in idx if out[i] is None]
+        if missing:
+            raise UserError(f"{type(pipe).__name__} called its denoiser {count[0]} times for a run of "
+                            f"{spec.num_inference_steps} steps; call number {min(missing)} was asked for")
+    return out
+
+
 class ReferenceCache:
     """Reference outputs on disk, keyed by model, inputs, scheduler and steps (safetensors files).
 

@@ -54,6 +54,7 @@ from diffslim.methods.skip_plan import (
     PlanState, PlanUnits, apply_skip_plan, check_scheduler, deepcache_plan, effective_plan, effective_plan_soft, full_plan,
     plan_macs_ratio, plan_units, plan_units_at, remove_skip_plan,
 )
+from diffslim.train.data import pipeline_inputs
 from diffslim.train.stop import StopOnSignal
 
 __all__ = ["Pruner", "DipgoConfig", "DipgoResult", "train_dipgo", "plan_from_scores", "search_plan",
@@ -518,96 +519,6 @@ class DipgoResult:
                 "final": self.log[-1] if self.log else None, **extra, **{k: v for k, v in cfg.items()}}
 
 
-class _FolderInputs:
-    """Pipeline inputs from an image folder (``ImageFolder``/``ConditionPairs``), read when a batch needs them."""
-
-    def __init__(self, ds, with_prompt: bool):
-        self.ds, self.with_prompt = ds, with_prompt
-
-    def __len__(self) -> int:
-        return len(self.ds)
-
-    def __getitem__(self, i: int) -> dict:
-        item = self.ds[i]
-        out = {"image": item.get("cond", item["image"])}
-        if self.with_prompt:
-            out["prompt"] = item.get("text", "")
-        return out
-
-
-def _training_pool(pipe, data: str, seed: int, n: int = 64):
-    """Training inputs, indexable (one dict of pipeline inputs per sample).
-
-    ``"zoo"``: the zoo task's own inputs (other seeds than evaluation's). A ``.txt`` file, one input per
-    line: class labels (integers) for class-conditional pipelines, prompts for the others. A ``.jsonl``
-    file: one JSON object of pipeline inputs per line (``{"prompt": ..., "image": PATH}``; an image path
-    is relative to the file). A folder of images (``diffslim.train.data.ImageFolder``, captions as there;
-    a folder with ``input/`` and ``target/`` gives its input images): ``image``, plus the caption as
-    ``prompt`` when the pipeline takes one.
-    """
-    import inspect
-
-    from diffslim.train.data import ConditionPairs, ImageFolder, load_image, pipeline_image_size
-    from diffslim.zoo.evalsets import pipeline_eval_set
-    from diffslim.zoo.pipelines import ZooClassPipeline, ZooSRPipeline
-
-    params = inspect.signature(pipe.__call__).parameters
-    is_class = isinstance(pipe, ZooClassPipeline) or "class_labels" in params
-    accepted = ("'zoo', a .txt file (class labels or prompts, one per line), a .jsonl file of pipeline inputs, "
-                "or a folder of images")
-    if data == "zoo":
-        es = pipeline_eval_set(pipe, n, seed=50_000 + seed)
-        if es is None:
-            raise UserError(f"--data zoo needs a zoo pipeline, not {type(pipe).__name__}; give {accepted}")
-        rng = np.random.default_rng(seed)
-        inputs = list(es.inputs)
-        if "class_label" in inputs[0]:
-            inputs = [{"class_label": int(v)} for v in rng.integers(0, 10, size=n)]
-        return inputs
-    p = Path(data)
-    size = pipeline_image_size(pipe)
-    if isinstance(pipe, ZooSRPipeline):
-        size //= int(pipe.config.upscale)
-    if p.is_dir():
-        if is_class:
-            raise UserError(f"{type(pipe).__name__} is class-conditional: give a .txt file of class labels")
-        both = (p / "input").is_dir() and (p / "target").is_dir()
-        ds = ConditionPairs(p, size=size, cond_size=size) if both else ImageFolder(p, size)
-        if "image" not in params:
-            raise UserError(f"{type(pipe).__name__} takes no image input; give a .txt file of prompts")
-        return _FolderInputs(ds, "prompt" in params)
-    if not p.is_file():
-        raise UserError(f"--data {data!r} does not exist; give {accepted}")
-    if p.suffix == ".jsonl":
-        rows = []
-        for k, line in enumerate(p.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{p}:{k}: not JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{p}:{k}: give an object of pipeline inputs, e.g. {{\"prompt\": \"a cat\"}}")
-            if isinstance(row.get("image"), str):
-                row["image"] = load_image(p.parent / row["image"], size)
-            rows.append(row)
-        if not rows:
-            raise UserError(f"{p} holds no inputs")
-        return rows
-    lines = [ln.strip() for ln in p.read_text().splitlines() if ln.strip()]
-    if not lines:
-        raise UserError(f"{p} holds no inputs (one per line)")
-    if is_class:
-        try:
-            return [{"class_label": int(x)} for x in lines]
-        except ValueError:
-            raise UserError(f"{p}: every line must be an integer class label for {type(pipe).__name__}") from None
-    if "prompt" not in params:
-        raise UserError(f"{type(pipe).__name__} takes no prompt; give {accepted}")
-    return [{"prompt": x} for x in lines]
-
-
 def _batch(pool: list, step: int, size: int, seed: int, rank: int = 0, world: int = 1):
     """The inputs and noise seeds of optimizer step ``step`` (a function of the step: exact resume)."""
     rng = np.random.default_rng([seed, step])
@@ -659,7 +570,7 @@ def train_dipgo(pipe, cfg: DipgoConfig, units: Optional[PlanUnits] = None,
     cfg.check()
     den = denoiser_of(pipe)
     given_pool = pool
-    pool = _training_pool(pipe, cfg.data, cfg.seed) if pool is None else pool
+    pool = pipeline_inputs(pipe, cfg.data, cfg.seed) if pool is None else pool
     if units is None:  # MACs measured on the call the training inputs make (size, context, guidance batch)
         from diffslim.sample import SampleSpec
 
@@ -719,7 +630,7 @@ def train_dipgo(pipe, cfg: DipgoConfig, units: Optional[PlanUnits] = None,
             pipe.to(acc.device)
         if cfg.select:  # a fixed validation batch: training inputs with noise seeds no training step draws
             vseed = cfg.seed if cfg.val_seed is None else cfg.val_seed
-            vpool = pool if given_pool is not None or vseed == cfg.seed else _training_pool(pipe, cfg.data, vseed)
+            vpool = pool if given_pool is not None or vseed == cfg.seed else pipeline_inputs(pipe, cfg.data, vseed)
             rng = np.random.default_rng([vseed, 2**31])
             val_traj = _trajectory(pipe, [vpool[i % len(vpool)] for i in range(cfg.select)],
                                    [int(x) for x in rng.integers(2**31, 2**32, size=cfg.select)], cfg)

@@ -37,7 +37,8 @@ def compare_criteria(d: nn.Module, calib: lp.Calibration, held: lp.Calibration, 
     the removals a stock config describes at each ratio, its held-out loss and share, or why none reaches it). Each row of ``ratios`` holds each criterion's held-out
     output loss (``random``: the mean over ``random_seeds``, each also as ``random#S``), the share it removes
     (``<criterion>_share``), the layers it removes (``<criterion>_removed``) and whether output-loss (``output_loss_best_one_shot``) and output-loss-pairs
-    (``pairs_best_one_shot``) are strictly below every other one-shot criterion. ``greedy`` (iterative
+    (``pairs_best_one_shot``) are strictly below every other one-shot criterion (Taylor is left out on a
+    calibration without a target, :func:`~diffslim.methods.layer_prune.sampling_calibration`). ``greedy`` (iterative
     re-scoring) and ``pairs`` (n(n-1)/2 calibration runs) can be left out on large models.
 
     By MACs, each row also holds ``<criterion>_macs_share``, and each BK-SDM row the share of the MACs BK-SDM removes
@@ -81,6 +82,8 @@ def compare_criteria(d: nn.Module, calib: lp.Calibration, held: lp.Calibration, 
 
     scores, timing = {}, {}
     for crit in ONE_SHOT:
+        if crit == "taylor" and calib.target is None:  # sampling calibration: no diffusion loss to take gradients of
+            continue
         for s in (random_seeds if crit == "random" else (0,)):
             t0 = time.perf_counter()
             key = crit if crit != "random" else f"random#{s}"
@@ -126,7 +129,7 @@ def compare_criteria(d: nn.Module, calib: lp.Calibration, held: lp.Calibration, 
             row["second-order (unchecked)"] = lp.output_loss(d, held, check["second_order"]["removed"], ref_h)
         if order is not None:
             put(row, "greedy", lp.greedy_select(order, layers, r, sel_total, by))
-        others = ("magnitude", "taylor", "similarity", "random")
+        others = [k for k in ("magnitude", "taylor", "similarity", "random") if k in row]
         for key, flag in (("output-loss", "output_loss_best_one_shot"), ("output-loss-pairs", "pairs_best_one_shot")):
             if key in row:
                 row[flag] = all(row[key] < row[k] for k in others) and all(

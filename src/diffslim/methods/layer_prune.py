@@ -899,12 +899,14 @@ def _still_there(model: nn.Module, name: str) -> bool:
 class Calibration:
     """N calibration triples for a denoiser: noisy inputs ``x_t`` ``(N, C, H, W)``, timesteps ``t``
     ``(N,)`` spread across the schedule, conditioning ``cond`` (tensors with batch N), the diffusion
-    ``target`` ``(N, C, H, W)`` and ``predict(denoiser, x_t, t, cond)`` (the trainer's task adapter)."""
+    ``target`` ``(N, C, H, W)`` and ``predict(denoiser, x_t, t, cond)`` (the trainer's task adapter).
+    :func:`calibration` noises data; :func:`sampling_calibration` records the pipeline's own denoiser calls
+    (``target`` None there)."""
 
     xt: torch.Tensor
     t: torch.Tensor
     cond: dict
-    target: torch.Tensor
+    target: Optional[torch.Tensor]
     predict: Callable
     batch_size: int = 64
 
@@ -970,6 +972,112 @@ def calibration(pipe, n: int = 32, seed: int = 0, data: str = "zoo", batch_size:
     noise = torch.randn(x0.shape, generator=g).to(device)
     xt, target = noising.noisy(x0, noise, t)
     return Calibration(xt=xt, t=t, cond=cond, target=target, predict=task.predict, batch_size=batch_size)
+
+
+CALIBRATIONS = ("data", "sampling")
+
+
+def _split(named: dict, rows: list[int], m: int) -> tuple[dict, dict]:
+    """A denoiser call's arguments split into the rows ``rows`` of those with one row per batch row (of ``m``) and
+    the shared rest (a position-id table, a flag, None), nested dicts split alike."""
+    batched, shared = {}, {}
+    for k, v in named.items():
+        if isinstance(v, dict):
+            b, sh = _split(v, rows, m)
+            if b:
+                batched[k] = b
+            if sh or not b:
+                shared[k] = sh
+        elif torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == m:
+            batched[k] = v[rows]
+        else:
+            shared[k] = v
+    return batched, shared
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if torch.is_tensor(a) and torch.is_tensor(b):
+        return a.shape == b.shape and bool(torch.equal(a, b))
+    return type(a) is type(b) and not torch.is_tensor(a) and a == b
+
+
+def _cat(parts: list):
+    if isinstance(parts[0], dict):
+        return {k: _cat([p[k] for p in parts]) for k in parts[0]}
+    return torch.cat(parts)
+
+
+def _merged(shared: dict, batched: dict) -> dict:
+    out = dict(shared)
+    for k, v in batched.items():
+        out[k] = _merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def sampling_calibration(pipe, n: int = 32, seed: int = 0, data: str = "zoo", steps: int = 50,
+                         call_kwargs: Optional[dict] = None, batch_size: int = 64, sample_batch: int = 16
+                         ) -> Calibration:
+    """Calibration where the pipeline's denoiser really works: the calls it makes while sampling ``n`` inputs
+    from ``data`` (:func:`diffslim.train.data.pipeline_inputs`: "zoo", a .txt file of prompts or class labels, a
+    .jsonl file of pipeline inputs, an image folder) with ``steps`` steps and ``call_kwargs`` (e.g. the guidance
+    scale). Input k contributes its call at one step, the steps stratified over the run (one in each of ``n``
+    equal bins, drawn with ``seed`` and shuffled over the inputs). No training images are needed, only what the
+    pipeline takes: prompts are enough for a text-to-image model. A call holds every row the pipeline batches for
+    its input (with classifier-free guidance the unconditional and the conditional one), so there are n times
+    that many triples. ``target`` is None: a sampling trajectory has no ground truth, so the Taylor criterion,
+    which needs the diffusion loss, refuses this calibration."""
+    from diffslim.models.load import denoiser_of
+    from diffslim.sample import SampleSpec, denoiser_calls
+    from diffslim.train.data import pipeline_inputs
+
+    if n < 1:
+        raise UserError("calibration needs n >= 1 triples")
+    if steps < 1:
+        raise UserError(f"sampling calibration needs steps >= 1, got {steps}")
+    pool = pipeline_inputs(pipe, data, seed, n)
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(pool), generator=g).tolist()
+    inputs = [pool[order[k % len(pool)]] for k in range(n)]
+    seeds = [int(x) for x in torch.randint(0, 2**31 - 1, (n,), generator=g)]
+    at = ((torch.arange(n) + torch.rand(n, generator=g)) * steps / n).floor().long().clamp(max=steps - 1)
+    at = at[torch.randperm(n, generator=g)].tolist()
+    spec = SampleSpec(inputs, seeds, num_inference_steps=steps, call_kwargs=dict(call_kwargs or {}),
+                      batch_size=sample_batch)
+    den = denoiser_of(pipe)
+    names = list(inspect.signature(den.forward).parameters)
+    x_name = names[0]
+    if "timestep" not in names:
+        raise UserError(f"{type(den).__name__}.forward takes no 'timestep': sampling calibration cannot tell its "
+                        "timestep apart")
+    calls = denoiser_calls(pipe, spec, at)
+    xs, ts, conds, shared = [], [], [], None
+    for named, rows in calls:
+        x = named[x_name]
+        m = x.shape[0]
+        t = torch.as_tensor(named["timestep"], device=x.device)
+        ts.append(t.reshape(-1).expand(m)[rows] if t.numel() == 1 else t[rows])
+        xs.append(x[rows].float())
+        batched, static = _split({k: v for k, v in named.items() if k not in (x_name, "timestep")}, rows, m)
+        conds.append(batched)
+        if shared is None:
+            shared = static
+        elif not _same(static, shared):
+            raise UserError(f"{type(pipe).__name__}'s denoiser calls differ in an argument that has no row per "
+                            "input; sampling calibration cannot batch them")
+    cond = _cat(conds)
+    in_ch = getattr(getattr(den, "config", None), "in_channels", None)
+    out_ch = getattr(getattr(den, "config", None), "out_channels", None)
+    learned_sigma = in_ch is not None and out_ch == 2 * in_ch  # DiT, PixArt: the pipeline keeps the first half
+
+    def predict(denoiser, xt, t, c):
+        out = denoiser(**{x_name: xt, "timestep": t}, **_merged(shared, c))
+        out = out[0] if isinstance(out, tuple) else getattr(out, "sample", out)
+        return out[:, :in_ch] if learned_sigma else out
+
+    return Calibration(xt=torch.cat(xs), t=torch.cat(ts), cond=cond, target=None, predict=predict,
+                       batch_size=batch_size)
 
 
 def output_loss(model: nn.Module, calib: Calibration, names: Sequence[str],
@@ -1105,6 +1213,9 @@ def score_layers(model: nn.Module, layers: Sequence[Layer], criterion: str, cali
         bar.close()
         return out
     if criterion == "taylor":
+        if calib.target is None:
+            raise UserError("the taylor criterion needs the diffusion loss, which calibration on sampling "
+                            "trajectories has no target for: calibrate on data (--calibration data)")
         return _taylor_scores(model, layers, calib)
     if criterion == "similarity":
         return _similarity_scores(model, layers, calib)

@@ -331,3 +331,93 @@ def make_dataset(spec: str, pipe, size: Optional[int] = None) -> torch.utils.dat
         cond_size = size // int(pipe.config.upscale) if is_sr else size
         return ConditionPairs(folder, size=size, cond_size=cond_size)
     return ImageFolder(folder, size)
+
+
+class FolderInputs:
+    """Pipeline inputs from an image folder (``ImageFolder``/``ConditionPairs``), read when a batch needs them."""
+
+    def __init__(self, ds, with_prompt: bool):
+        self.ds, self.with_prompt = ds, with_prompt
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> dict:
+        item = self.ds[i]
+        out = {"image": item.get("cond", item["image"])}
+        if self.with_prompt:
+            out["prompt"] = item.get("text", "")
+        return out
+
+
+def pipeline_inputs(pipe, data: str, seed: int, n: int = 64):
+    """Pipeline inputs to sample with, indexable (one dict of pipeline inputs per sample): what DiP-GO trains on
+    and what calibration on the sampling trajectories (``layer-prune --calibration sampling``) samples.
+
+    ``"zoo"``: the zoo task's own inputs (other seeds than evaluation's). A ``.txt`` file, one input per
+    line: class labels (integers) for class-conditional pipelines, prompts for the others. A ``.jsonl``
+    file: one JSON object of pipeline inputs per line (``{"prompt": ..., "image": PATH}``; an image path
+    is relative to the file). A folder of images (``diffslim.train.data.ImageFolder``, captions as there;
+    a folder with ``input/`` and ``target/`` gives its input images): ``image``, plus the caption as
+    ``prompt`` when the pipeline takes one.
+    """
+    import inspect
+
+    from diffslim.zoo.evalsets import pipeline_eval_set
+    from diffslim.zoo.pipelines import ZooClassPipeline, ZooSRPipeline
+
+    params = inspect.signature(pipe.__call__).parameters
+    is_class = isinstance(pipe, ZooClassPipeline) or "class_labels" in params
+    accepted = ("'zoo', a .txt file (class labels or prompts, one per line), a .jsonl file of pipeline inputs, "
+                "or a folder of images")
+    if data == "zoo":
+        es = pipeline_eval_set(pipe, n, seed=50_000 + seed)
+        if es is None:
+            raise UserError(f"--data zoo needs a zoo pipeline, not {type(pipe).__name__}; give {accepted}")
+        rng = np.random.default_rng(seed)
+        inputs = list(es.inputs)
+        if "class_label" in inputs[0]:
+            inputs = [{"class_label": int(v)} for v in rng.integers(0, 10, size=n)]
+        return inputs
+    p = Path(data)
+    size = pipeline_image_size(pipe)
+    if isinstance(pipe, ZooSRPipeline):
+        size //= int(pipe.config.upscale)
+    if p.is_dir():
+        if is_class:
+            raise UserError(f"{type(pipe).__name__} is class-conditional: give a .txt file of class labels")
+        both = (p / "input").is_dir() and (p / "target").is_dir()
+        ds = ConditionPairs(p, size=size, cond_size=size) if both else ImageFolder(p, size)
+        if "image" not in params:
+            raise UserError(f"{type(pipe).__name__} takes no image input; give a .txt file of prompts")
+        return FolderInputs(ds, "prompt" in params)
+    if not p.is_file():
+        raise UserError(f"--data {data!r} does not exist; give {accepted}")
+    if p.suffix == ".jsonl":
+        rows = []
+        for k, line in enumerate(p.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{p}:{k}: not JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{p}:{k}: give an object of pipeline inputs, e.g. {{\"prompt\": \"a cat\"}}")
+            if isinstance(row.get("image"), str):
+                row["image"] = load_image(p.parent / row["image"], size)
+            rows.append(row)
+        if not rows:
+            raise UserError(f"{p} holds no inputs")
+        return rows
+    lines = [ln.strip() for ln in p.read_text().splitlines() if ln.strip()]
+    if not lines:
+        raise UserError(f"{p} holds no inputs (one per line)")
+    if is_class:
+        try:
+            return [{"class_label": int(x)} for x in lines]
+        except ValueError:
+            raise UserError(f"{p}: every line must be an integer class label for {type(pipe).__name__}") from None
+    if "prompt" not in params:
+        raise UserError(f"{type(pipe).__name__} takes no prompt; give {accepted}")
+    return [{"prompt": x} for x in lines]
