@@ -311,7 +311,7 @@ def test_training_on_a_diffusers_pipeline_from_a_prompt_file(tiny_sd_pipe, tmp_p
     assert not hasattr(tiny_sd_pipe.unet, "_diffslim_skip_plan")
 
 
-def test_training_pool_reads_prompts_jsonl_and_image_folders(tiny_sd_pipe, tiny_digits_pipe, tmp_path):
+def test_pipeline_inputs_read_prompts_jsonl_and_image_folders(tiny_sd_pipe, tiny_digits_pipe, tmp_path):
     from PIL import Image
 
     from diffslim.train.data import pipeline_inputs

@@ -829,3 +829,141 @@ def test_bench_layers_kd_distils_once_and_caches(tmp_path, monkeypatch):
     assert len(runs) == 2 and json.loads(runs[1].read_text())["config"]["lambda_task"] == 0.0
     r = CliRunner().invoke(app, args + ["--kd-task-weight", "-1"])
     assert r.exit_code != 0 and "give a number >= 0" in r.output
+
+
+def _calls_alone(pipe, inputs, seeds, steps):
+    """Every denoiser call's (named arguments, output) when each input is sampled alone, by hooks."""
+    import inspect
+
+    from diffslim.models.load import denoiser_of
+    from diffslim.sample import SampleSpec, run_pipeline
+
+    den = denoiser_of(pipe)
+    sig = inspect.signature(den.forward)
+    runs = []
+    for inp, seed in zip(inputs, seeds):
+        calls = []
+        pre = den.register_forward_pre_hook(lambda m, a, k: calls.append([dict(sig.bind(*a, **k).arguments)]),
+                                            with_kwargs=True)
+        post = den.register_forward_hook(lambda m, a, o: calls[-1].append(o[0] if isinstance(o, tuple) else o.sample))
+        try:
+            run_pipeline(pipe, SampleSpec([inp], [seed], num_inference_steps=steps, batch_size=1), [0])
+        finally:
+            pre.remove()
+            post.remove()
+        runs.append(calls)
+    return runs
+
+
+def test_denoiser_calls_record_each_inputs_call_and_stop_early(tiny_digits_pipe):
+    from diffslim.models.load import denoiser_of
+    from diffslim.sample import SampleSpec, denoiser_calls
+
+    inputs, seeds = [{"class_label": 3}, {"class_label": 5}, {"class_label": 7}], [11, 12, 13]
+    spec = SampleSpec(inputs, seeds, num_inference_steps=4, batch_size=2)
+    count = [0]
+    h = denoiser_of(tiny_digits_pipe).register_forward_pre_hook(lambda m, a: count.__setitem__(0, count[0] + 1))
+    try:
+        got = denoiser_calls(tiny_digits_pipe, spec, [0, 3, 2])
+    finally:
+        h.remove()
+    assert count[0] == 4 + 3  # the first batch stops at its call 3, the second at its call 2 (of 4 each)
+    alone = _calls_alone(tiny_digits_pipe, inputs, seeds, 4)
+    for i, (named, rows) in enumerate(got):
+        assert rows == ([i, i + 2] if i < 2 else [0, 1])  # classifier-free guidance: [uncond; cond] per batch
+        ref = alone[i][[0, 3, 2][i]][0]
+        assert torch.allclose(named["sample"][rows], ref["sample"], atol=1e-5)
+        assert torch.equal(named["encoder_hidden_states"][rows], ref["encoder_hidden_states"])
+    assert torch.equal(got[0][0]["sample"][[0, 2]], alone[0][0][0]["sample"])  # call 0: the initial noise, exact
+    with pytest.raises(UserError, match="call number 4 was asked for"):
+        denoiser_calls(tiny_digits_pipe, spec, [4, 0, 0])
+    with pytest.raises(UserError, match="one per input"):
+        denoiser_calls(tiny_digits_pipe, spec, [0])
+
+
+def test_sampling_calibration_is_the_pipelines_own_calls(tiny_digits_pipe):
+    from diffslim.models.load import denoiser_of
+
+    den = denoiser_of(tiny_digits_pipe)
+    calib = lp.sampling_calibration(tiny_digits_pipe, n=6, seed=0, steps=6, sample_batch=4)
+    src = calib.source
+    assert len(calib) == 12 and src["rows"] == [2] * 6 and src["steps"] == 6
+    assert sorted(src["calls"]) == list(range(6))  # n == steps: one call in each step's bin
+    assert calib.target is None and calib.t.shape == (12,)
+    again = lp.sampling_calibration(tiny_digits_pipe, n=6, seed=0, steps=6, sample_batch=2)  # batching changes nothing
+    assert again.source == src and torch.allclose(again.xt, calib.xt, atol=1e-5)
+    assert not torch.allclose(lp.sampling_calibration(tiny_digits_pipe, n=6, seed=1, steps=6).xt, calib.xt)
+    # the calibration's predictions are the denoiser's outputs on the pipeline's own calls, input by input
+    pred = calib.run(den)
+    alone = _calls_alone(tiny_digits_pipe, src["inputs"], src["seeds"], 6)
+    for k, call in enumerate(src["calls"]):
+        named, out = alone[k][call]
+        assert torch.allclose(calib.t[2 * k:2 * k + 2], named["timestep"].reshape(-1).expand(2).to(calib.t.dtype))
+        assert torch.allclose(pred[2 * k:2 * k + 2], out, atol=1e-5)
+    with pytest.raises(UserError, match="taylor criterion needs the diffusion loss"):
+        lp.score_layers(den, lp.candidates(den), "taylor", calib)
+    # the criteria run on it: the output-loss selection reaches the ratio and removing nothing costs nothing
+    res = lp.layer_prune(den, "output-loss", 0.3, calib=calib)
+    assert res.params_removed >= 0.3 * res.params and lp.output_loss(den, calib, []) == 0.0
+
+
+def test_sampling_calibration_keeps_a_learned_sigma_models_noise_half(tmp_path):
+    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+
+    torch.manual_seed(0)
+    dit = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
+                                num_layers=2, sample_size=4, patch_size=2, num_embeds_ada_norm=1000, norm_num_groups=4)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 8), latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=4, sample_size=8)
+    pipe = DiTPipeline(transformer=dit.eval(), vae=vae.eval(), scheduler=DDIMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    (tmp_path / "labels.txt").write_text("1\n4\n")
+    calib = lp.sampling_calibration(pipe, n=2, seed=0, steps=3, data=str(tmp_path / "labels.txt"))
+    pred = calib.run(dit)
+    assert pred.shape == (4, 4, 4, 4) and calib.source["rows"] == [2, 2]
+    alone = _calls_alone(pipe, calib.source["inputs"], calib.source["seeds"], 3)
+    for k, call in enumerate(calib.source["calls"]):
+        out = alone[k][call][1]
+        assert out.shape[1] == 8 and torch.allclose(pred[2 * k:2 * k + 2], out[:, :4], atol=1e-5)
+
+
+def test_cli_layer_prune_calibrated_on_prompts_alone(tiny_sd_pipe, tmp_path):
+    folder = tmp_path / "sd"
+    tiny_sd_pipe.save_pretrained(str(folder))
+    (tmp_path / "prompts.txt").write_text("a red cube\na blue ball\n")
+    for args, msg in ((("--calibration", "noise"), "accepted: data, sampling"),
+                      (("--calib-steps", "3"), "give that too"),
+                      (("--calibration", "sampling", "--resolution", "16"), "drop --resolution"),
+                      (("--calibration", "sampling", "--criterion", "taylor"), "use --calibration data")):
+        r = _cli(folder, "--ratio", "0.3", *args, "--out", tmp_path / "x")
+        assert r.exit_code == 2 and msg in r.output, r.output
+    r = _cli(folder, "--ratio", "0.3", "--n", "3", "--calibration", "sampling", "--data", tmp_path / "prompts.txt",
+             "--calib-steps", "3", "--out", tmp_path / "p", "--json")
+    assert r.exit_code == 0, r.output
+    report = json.loads((tmp_path / "p" / "scores.json").read_text())
+    assert report["params_removed_share"] >= 0.3 and all(l["score"] >= 0 for l in report["layers"])
+    assert report["calibration"] == {"kind": "sampling", "n": 3, "seed": 0, "data": str(tmp_path / "prompts.txt"),
+                                     "steps": 3}
+    assert _params(load(str(tmp_path / "p" / "model")).denoiser) == report["params_after"]
+    # the data calibration cannot take prompts alone, and says what it takes
+    r = _cli(folder, "--ratio", "0.3", "--n", "3", "--data", tmp_path / "prompts.txt", "--out", tmp_path / "d")
+    assert r.exit_code == 2, r.output
+
+
+def test_cli_layer_compare_on_sampling_calibration(tiny_digits_folder, tmp_path):
+    from diffslim.cli import app
+
+    r = CliRunner().invoke(app, ["layer-compare", str(tiny_digits_folder), "--calibration", "sampling",
+                                 "--calib-steps", "4", "--ratios", "0.3", "--n", "4", "--no-pairs", "--no-greedy",
+                                 "--out", str(tmp_path / "c"), "--json"])
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "c" / "compare.json").read_text())
+    row = res["ratios"][0]
+    assert res["calibration"] == "sampling" and "taylor" not in row and "taylor" not in res["scores"]
+    assert row["output-loss_share"] >= 0.3
+    # judged on held-out sampling calls: other inputs, seeds and steps (seed 1), the same the library makes
+    loaded = load(str(tiny_digits_folder))
+    held = lp.sampling_calibration(loaded.pipe, n=4, seed=1, steps=4)
+    assert row["output-loss"] == pytest.approx(lp.output_loss(loaded.denoiser, held, row["output-loss_removed"]),
+                                               rel=1e-6)

@@ -1175,6 +1175,9 @@ def layer_prune_cmd(
     report = {"model": model, **res.to_json(), "params_after": params_after, "out": str(out)}
     if keep:
         report["kept_for_stock"] = keep
+    if calib is not None:
+        report["calibration"] = {"kind": calibration_kind, "n": n, "seed": seed, "data": data,
+                                 **({"steps": calib.source["steps"]} if "steps" in calib.source else {})}
     (out / "scores.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     Recipe(model=model, removed_layers=RemovedLayers(layers=res.removed, criterion=criterion, ratio=ratio, by=by,
                                                      max_params=max_params),

@@ -901,7 +901,8 @@ class Calibration:
     ``(N,)`` spread across the schedule, conditioning ``cond`` (tensors with batch N), the diffusion
     ``target`` ``(N, C, H, W)`` and ``predict(denoiser, x_t, t, cond)`` (the trainer's task adapter).
     :func:`calibration` noises data; :func:`sampling_calibration` records the pipeline's own denoiser calls
-    (``target`` None there)."""
+    (``target`` None there; ``source`` says which: the pipeline inputs, their seeds, the steps and each input's
+    call)."""
 
     xt: torch.Tensor
     t: torch.Tensor
@@ -909,6 +910,7 @@ class Calibration:
     target: Optional[torch.Tensor]
     predict: Callable
     batch_size: int = 64
+    source: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
         return self.xt.shape[0]
@@ -1077,7 +1079,8 @@ def sampling_calibration(pipe, n: int = 32, seed: int = 0, data: str = "zoo", st
         return out[:, :in_ch] if learned_sigma else out
 
     return Calibration(xt=torch.cat(xs), t=torch.cat(ts), cond=cond, target=None, predict=predict,
-                       batch_size=batch_size)
+                       batch_size=batch_size, source={"inputs": inputs, "seeds": seeds, "steps": steps, "calls": at,
+                                                      "rows": [len(r) for _, r in calls]})
 
 
 def output_loss(model: nn.Module, calib: Calibration, names: Sequence[str],
