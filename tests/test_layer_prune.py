@@ -967,3 +967,20 @@ def test_cli_layer_compare_on_sampling_calibration(tiny_digits_folder, tmp_path)
     held = lp.sampling_calibration(loaded.pipe, n=4, seed=1, steps=4)
     assert row["output-loss"] == pytest.approx(lp.output_loss(loaded.denoiser, held, row["output-loss_removed"]),
                                                rel=1e-6)
+
+
+def test_bench_layers_on_a_pipeline_without_data_calibrate_on_its_own_calls(tiny_sd_pipe, tmp_path):
+    from diffslim.bench import LAYER_CALIB, run_bench
+    from diffslim.evaluate import eval_set_for
+
+    tiny_sd_pipe.save_pretrained(str(tmp_path / "sd"))
+    loaded = load(str(tmp_path / "sd"))
+    es = eval_set_for(loaded, 2)
+    with pytest.raises(UserError, match="give --data FOLDER"):  # distillation still needs training images
+        run_bench(loaded, "layers:0.3+kd", es, default_steps=4, batch_size=2, progress=False)
+    row = run_bench(loaded, "layers:0.3", es, default_steps=4, batch_size=2, progress=False).rows[1]
+    assert "pipeline's own denoiser calls" in row["notes"]
+    # the selection the library makes on the bench's calibration prompts (other seeds than evaluation's)
+    calib = lp.sampling_calibration(loaded.pipe, inputs=es.inputs, steps=4, call_kwargs=es.call_kwargs, **LAYER_CALIB)
+    direct = lp.layer_prune(loaded.denoiser, "output-loss", 0.3, calib=calib)
+    assert row["params"] == direct.params - direct.params_removed < direct.params

@@ -53,13 +53,17 @@ class BenchContext:
         weight = "" if self.task_weight == 1.0 else f" x{self.task_weight:g}"
         return f"task{weight} + output + {what} distillation"
 
-    def needs_data(self, method: str) -> None:
-        """Refuse ``method`` (which scores or trains) on a model that has no zoo data when no ``data`` is given."""
+    def has_data(self) -> bool:
+        """Whether there is training data: a ``data`` folder, or the zoo task's own for a zoo model."""
         from diffslim.zoo.pipelines import ZooClassPipeline, ZooSRPipeline
 
-        if self.data == "zoo" and self.loaded.zoo is None and not isinstance(self.loaded.pipe, (ZooClassPipeline,
-                                                                                                ZooSRPipeline)):
-            raise UserError(f"{method} scores or trains the model on data, and {self.loaded.source} is not a zoo "
+        return self.data != "zoo" or self.loaded.zoo is not None or isinstance(self.loaded.pipe, (
+            ZooClassPipeline, ZooSRPipeline))
+
+    def needs_data(self, method: str) -> None:
+        """Refuse ``method`` (which trains) on a model that has no zoo data when no ``data`` is given."""
+        if not self.has_data():
+            raise UserError(f"{method} trains the model on data, and {self.loaded.source} is not a zoo "
                             "model: give --data FOLDER (images, captions optional)")
 
     def data_key(self) -> str:
@@ -575,7 +579,7 @@ def _layer_selection(ctx: BenchContext, ratio: float, criterion: str = "output-l
     data (one-shot criteria score once for every ratio; ``output-loss-pairs`` and ``greedy`` select per ratio).
     ``stock``: among the removals a stock config describes (on a U-Net; transformers keep what their stock config
     needs). ``max_params`` (by MACs): remove at most that share of the params too."""
-    from diffslim.methods.layer_prune import calibration, is_unet, layer_prune, select, stock_keeps, stock_select
+    from diffslim.methods.layer_prune import is_unet, layer_prune, select, stock_keeps, stock_select
 
     if by == "macs":  # one-shot scores, selected by the MACs each layer's removal saves in the pipeline's own call
         first = ctx.memo.get(("layer_scores", criterion))
@@ -615,13 +619,32 @@ def _layer_selection(ctx: BenchContext, ratio: float, criterion: str = "output-l
                             first.by, reference=ref)[0]
     if first is not None:  # one-shot: the scores of one pass serve every ratio
         return select(first.layers, first.scores, ratio, first.params, first.by)
-    calib = calibration(ctx.loaded.pipe, data=ctx.data, size=ctx.resolution, **LAYER_CALIB)
+    calib = _layer_calibration(ctx)
     result = layer_prune(ctx.loaded.denoiser, criterion, ratio, calib=calib)
     if criterion != "greedy":  # greedy re-scores after each removal: its order depends on the ratio's target
         ctx.memo[("layer_scores", criterion)] = result
     if criterion == "output-loss-pairs":
         ctx.memo[("layer_calib", criterion)] = (calib, calib.run(ctx.loaded.denoiser))
     return result.removed
+
+
+def _layer_calibration(ctx: BenchContext):
+    """The layer criteria's calibration triples: the training data noised (the paper's), or, on a model without
+    data (a user's text-to-image pipeline and no --data), the calls the pipeline makes to its denoiser while sampling
+    the bench's calibration inputs (its prompts with other seeds than evaluation's)."""
+    from diffslim.methods.layer_prune import calibration, sampling_calibration
+
+    if ctx.has_data():
+        return calibration(ctx.loaded.pipe, data=ctx.data, size=ctx.resolution, **LAYER_CALIB)
+    spec = calibration_spec(ctx, n=LAYER_CALIB["n"])
+    return sampling_calibration(ctx.loaded.pipe, inputs=spec.inputs, steps=spec.num_inference_steps or ctx.default_steps,
+                                call_kwargs=spec.call_kwargs, sample_batch=spec.batch_size, **LAYER_CALIB)
+
+
+def _layer_calibration_note(ctx: BenchContext) -> str:
+    return (f"{LAYER_CALIB['n']} calibration triples" if ctx.has_data() else
+            f"calibrated on {LAYER_CALIB['n']} of the pipeline's own denoiser calls while sampling its prompts "
+            "(no --data)")
 
 
 def _default_layer_kd(ctx: BenchContext, names: list[str]):
@@ -669,7 +692,8 @@ def _layers(arg, ctx: BenchContext) -> Variant:
                                      "" if max_params is None else f"{max_params:g}") if t)
     stock = variant in STOCK_VARIANTS
     if ctx.dry_run:
-        ctx.needs_data(f"layers:{arg}")
+        if kd:
+            ctx.needs_data(f"layers:{arg}")
         return None
     from diffslim.methods.layer_prune import prune_layers, stock_model
 
@@ -678,8 +702,8 @@ def _layers(arg, ctx: BenchContext) -> Variant:
                                                                                                  f"{criterion} criterion")
     note = (f"{len(names)} layers removed ({how}{', among removals a stock config describes' if stock else ''}"
             f"{', a share of the MACs' if by == 'macs' else ''}"
-            f"{'' if max_params is None else f', at most {max_params:g} of the params'}, {LAYER_CALIB['n']} "
-            "calibration triples)")
+            f"{'' if max_params is None else f', at most {max_params:g} of the params'}, "
+            f"{_layer_calibration_note(ctx)})")
     # the stock class computes what the LayerPruned model does, bit for bit; a workflow saves it as that class
     as_model = stock_model if stock else (lambda m: m)
     if not kd:

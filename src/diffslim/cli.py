@@ -472,7 +472,9 @@ def bench(
     as_json: bool = typer.Option(False, "--json"),
     html: Optional[Path] = typer.Option(None, help="write an HTML report to this folder"),
     data: str = typer.Option("zoo", help="training data of the methods that score or train (layers:R, +kd, +ft): "
-                                         "'zoo' or an image folder, captions optional"),
+                                         "'zoo' or an image folder, captions optional; without it a non-zoo "
+                                         "pipeline's layers:R scores on its own denoiser calls while sampling the "
+                                         "prompts, and +kd/+ft are refused"),
     resolution: Optional[int] = typer.Option(None, min=1, help="image size in px of the --data folder's images"),
     kd_task_weight: float = typer.Option(1.0, help="weight of the diffusion task loss when +kd distils and +ft "
                                                     "fine-tunes (1: the papers' loss; 0: output and feature "
@@ -547,7 +549,9 @@ def workflow(
     prompts: Optional[Path] = typer.Option(None, help="text file, one prompt per line (text-to-image)"),
     batch_size: int = typer.Option(16, min=1),
     data: str = typer.Option("zoo", help="training data of the stages that score or train (layers:R, +kd, +ft): "
-                                         "'zoo' or an image folder, captions optional"),
+                                         "'zoo' or an image folder, captions optional; without it a non-zoo "
+                                         "pipeline's layers:R scores on its own denoiser calls while sampling the "
+                                         "prompts, and +kd/+ft are refused"),
     resolution: Optional[int] = typer.Option(None, min=1, help="image size in px of the --data folder's images"),
     kd_task_weight: float = typer.Option(1.0, help="weight of the diffusion task loss when +kd distils and +ft "
                                                     "fine-tunes (1: the papers' loss; 0: output and feature "

@@ -1019,8 +1019,8 @@ def _merged(shared: dict, batched: dict) -> dict:
 
 
 def sampling_calibration(pipe, n: int = 32, seed: int = 0, data: str = "zoo", steps: int = 50,
-                         call_kwargs: Optional[dict] = None, batch_size: int = 64, sample_batch: int = 16
-                         ) -> Calibration:
+                         call_kwargs: Optional[dict] = None, batch_size: int = 64, sample_batch: int = 16,
+                         inputs: Optional[Sequence[dict]] = None) -> Calibration:
     """Calibration where the pipeline's denoiser really works: the calls it makes while sampling ``n`` inputs
     from ``data`` (:func:`diffslim.train.data.pipeline_inputs`: "zoo", a .txt file of prompts or class labels, a
     .jsonl file of pipeline inputs, an image folder) with ``steps`` steps and ``call_kwargs`` (e.g. the guidance
@@ -1029,7 +1029,8 @@ def sampling_calibration(pipe, n: int = 32, seed: int = 0, data: str = "zoo", st
     pipeline takes: prompts are enough for a text-to-image model. A call holds every row the pipeline batches for
     its input (with classifier-free guidance the unconditional and the conditional one), so there are n times
     that many triples. ``target`` is None: a sampling trajectory has no ground truth, so the Taylor criterion,
-    which needs the diffusion loss, refuses this calibration."""
+    which needs the diffusion loss, refuses this calibration. ``inputs``: pipeline inputs to sample instead of
+    ``data``'s (cycled to ``n``; the bench passes its own prompts)."""
     from diffslim.models.load import denoiser_of
     from diffslim.sample import SampleSpec, denoiser_calls
     from diffslim.train.data import pipeline_inputs
@@ -1038,7 +1039,9 @@ def sampling_calibration(pipe, n: int = 32, seed: int = 0, data: str = "zoo", st
         raise UserError("calibration needs n >= 1 triples")
     if steps < 1:
         raise UserError(f"sampling calibration needs steps >= 1, got {steps}")
-    pool = pipeline_inputs(pipe, data, seed, n)
+    pool = list(inputs) if inputs is not None else pipeline_inputs(pipe, data, seed, n)
+    if not pool:
+        raise UserError("sampling calibration needs at least one pipeline input")
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(pool), generator=g).tolist()
     inputs = [pool[order[k % len(pool)]] for k in range(n)]
