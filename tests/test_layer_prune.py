@@ -984,3 +984,33 @@ def test_bench_layers_on_a_pipeline_without_data_calibrate_on_its_own_calls(tiny
     calib = lp.sampling_calibration(loaded.pipe, inputs=es.inputs, steps=4, call_kwargs=es.call_kwargs, **LAYER_CALIB)
     direct = lp.layer_prune(loaded.denoiser, "output-loss", 0.3, calib=calib)
     assert row["params"] == direct.params - direct.params_removed < direct.params
+
+
+def test_sampling_calibration_of_a_controlnet_pipelines_unet(tiny_sd_pipe):
+    """A ControlNet pipeline has no training task here, but its U-Net calls record the ControlNet's residuals (a list,
+    one per skip connection), which a pruned U-Net takes as they are: the output loss runs on them."""
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+
+    torch.manual_seed(0)
+    controlnet = ControlNetModel.from_unet(tiny_sd_pipe.unet, conditioning_embedding_out_channels=(8, 16)).eval()
+    for p in controlnet.controlnet_down_blocks.parameters():
+        torch.nn.init.normal_(p, std=0.1)  # not the zero convolutions of an untrained ControlNet
+    pipe = StableDiffusionControlNetPipeline(
+        vae=tiny_sd_pipe.vae, text_encoder=tiny_sd_pipe.text_encoder, tokenizer=tiny_sd_pipe.tokenizer,
+        unet=tiny_sd_pipe.unet, controlnet=controlnet, scheduler=tiny_sd_pipe.scheduler, safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(0)
+    inputs = [{"prompt": p, "image": torch.rand(3, 16, 16, generator=g)} for p in ("a cat", "a dog")]
+    calib = lp.sampling_calibration(pipe, n=3, steps=3, inputs=inputs, call_kwargs={"height": 16, "width": 16})
+    pred = calib.run(pipe.unet)
+    alone = _calls_alone(pipe, calib.source["inputs"], calib.source["seeds"], 3)
+    n_res = len(alone[0][0][0]["down_block_additional_residuals"])
+    assert len(calib) == 6 and len(calib.cond["down_block_additional_residuals"]) == n_res > 1
+    assert calib.cond["mid_block_additional_residual"].shape[0] == 6
+    for k, call in enumerate(calib.source["calls"]):
+        named, out = alone[k][call]
+        assert isinstance(named["down_block_additional_residuals"], (list, tuple))
+        assert torch.allclose(pred[2 * k:2 * k + 2], out, atol=1e-5)
+    res = lp.layer_prune(pipe.unet, "output-loss", 0.3, calib=calib)
+    assert res.params_removed >= 0.3 * res.params and lp.output_loss(pipe.unet, calib, []) == 0.0

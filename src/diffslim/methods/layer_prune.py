@@ -1000,6 +1000,8 @@ def _split(named: dict, rows: list[int], m: int) -> tuple[dict, dict]:
 def _same(a, b) -> bool:
     if isinstance(a, dict) and isinstance(b, dict):
         return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
     if torch.is_tensor(a) and torch.is_tensor(b):
         return a.shape == b.shape and bool(torch.equal(a, b))
     return type(a) is type(b) and not torch.is_tensor(a) and a == b
@@ -1057,14 +1059,23 @@ def sampling_calibration(pipe, n: int = 32, seed: int = 0, data: str = "zoo", st
         raise UserError(f"{type(den).__name__}.forward takes no 'timestep': sampling calibration cannot tell its "
                         "timestep apart")
     calls = denoiser_calls(pipe, spec, at)
-    xs, ts, conds, shared = [], [], [], None
+    xs, ts, conds, shared, seqs = [], [], [], None, {}
     for named, rows in calls:
         x = named[x_name]
         m = x.shape[0]
         t = torch.as_tensor(named["timestep"], device=x.device)
         ts.append(t.reshape(-1).expand(m)[rows] if t.numel() == 1 else t[rows])
         xs.append(x[rows].float())
-        batched, static = _split({k: v for k, v in named.items() if k not in (x_name, "timestep")}, rows, m)
+        rest = {}
+        for k, v in named.items():
+            if k in (x_name, "timestep"):
+                continue
+            if isinstance(v, (list, tuple)) and v and all(torch.is_tensor(e) and e.dim() > 0 and e.shape[0] == m
+                                                          for e in v):
+                seqs[k] = (type(v), len(v))  # e.g. a ControlNet's residuals, one tensor per skip connection
+                v = {str(i): e for i, e in enumerate(v)}
+            rest[k] = v
+        batched, static = _split(rest, rows, m)
         conds.append(batched)
         if shared is None:
             shared = static
@@ -1077,6 +1088,7 @@ def sampling_calibration(pipe, n: int = 32, seed: int = 0, data: str = "zoo", st
     learned_sigma = in_ch is not None and out_ch == 2 * in_ch  # DiT, PixArt: the pipeline keeps the first half
 
     def predict(denoiser, xt, t, c):
+        c = {k: (seqs[k][0](v[str(i)] for i in range(seqs[k][1])) if k in seqs else v) for k, v in c.items()}
         out = denoiser(**{x_name: xt, "timestep": t}, **_merged(shared, c))
         out = out[0] if isinstance(out, tuple) else getattr(out, "sample", out)
         return out[:, :in_ch] if learned_sigma else out
