@@ -70,6 +70,24 @@ def tiny_sd_pipe():
     return pipe
 
 
+@pytest.fixture(scope="session")
+def tiny_controlnet_pipe(tiny_sd_pipe):
+    """tiny_sd_pipe's parts with a ControlNet made from its U-Net, its output convolutions not zero (as training
+    leaves them)."""
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+
+    torch.manual_seed(0)
+    controlnet = ControlNetModel.from_unet(tiny_sd_pipe.unet, conditioning_embedding_out_channels=(8, 16)).eval()
+    for p in list(controlnet.controlnet_down_blocks.parameters()) + list(controlnet.controlnet_mid_block.parameters()):
+        torch.nn.init.normal_(p, std=0.1)
+    pipe = StableDiffusionControlNetPipeline(
+        vae=tiny_sd_pipe.vae, text_encoder=tiny_sd_pipe.text_encoder, tokenizer=tiny_sd_pipe.tokenizer,
+        unet=tiny_sd_pipe.unet, controlnet=controlnet, scheduler=tiny_sd_pipe.scheduler, safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def _tiny_tokenizer():
     """A CLIP tokenizer with a tiny made-up vocabulary (no download)."""
     import json

@@ -986,20 +986,10 @@ def test_bench_layers_on_a_pipeline_without_data_calibrate_on_its_own_calls(tiny
     assert row["params"] == direct.params - direct.params_removed < direct.params
 
 
-def test_sampling_calibration_of_a_controlnet_pipelines_unet(tiny_sd_pipe):
+def test_sampling_calibration_of_a_controlnet_pipelines_unet(tiny_controlnet_pipe):
     """A ControlNet pipeline has no training task here, but its U-Net calls record the ControlNet's residuals (a list,
     one per skip connection), which a pruned U-Net takes as they are: the output loss runs on them."""
-    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
-
-    torch.manual_seed(0)
-    controlnet = ControlNetModel.from_unet(tiny_sd_pipe.unet, conditioning_embedding_out_channels=(8, 16)).eval()
-    for p in controlnet.controlnet_down_blocks.parameters():
-        torch.nn.init.normal_(p, std=0.1)  # not the zero convolutions of an untrained ControlNet
-    pipe = StableDiffusionControlNetPipeline(
-        vae=tiny_sd_pipe.vae, text_encoder=tiny_sd_pipe.text_encoder, tokenizer=tiny_sd_pipe.tokenizer,
-        unet=tiny_sd_pipe.unet, controlnet=controlnet, scheduler=tiny_sd_pipe.scheduler, safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = tiny_controlnet_pipe
     g = torch.Generator().manual_seed(0)
     inputs = [{"prompt": p, "image": torch.rand(3, 16, 16, generator=g)} for p in ("a cat", "a dog")]
     calib = lp.sampling_calibration(pipe, n=3, steps=3, inputs=inputs, call_kwargs={"height": 16, "width": 16})

@@ -21,16 +21,8 @@ def _same_regardless_of_batching(pipe, inputs, **kw):
     return a
 
 
-def test_controlnet_pipeline_through_harness(tiny_sd_pipe):
-    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
-
-    torch.manual_seed(0)
-    controlnet = ControlNetModel.from_unet(tiny_sd_pipe.unet, conditioning_embedding_out_channels=(8, 16))
-    pipe = StableDiffusionControlNetPipeline(
-        vae=tiny_sd_pipe.vae, text_encoder=tiny_sd_pipe.text_encoder, tokenizer=tiny_sd_pipe.tokenizer,
-        unet=tiny_sd_pipe.unet, controlnet=controlnet, scheduler=tiny_sd_pipe.scheduler, safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
+def test_controlnet_pipeline_through_harness(tiny_controlnet_pipe):
+    pipe = tiny_controlnet_pipe
     g = torch.Generator().manual_seed(0)
     inputs = [{"prompt": p, "image": torch.rand(3, 16, 16, generator=g)} for p in ("a cat", "a dog")]
     out = _same_regardless_of_batching(pipe, inputs, num_inference_steps=2,
