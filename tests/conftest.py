@@ -123,3 +123,35 @@ def sdxl_shaped_unet():
             norm_num_groups=4).eval()
 
     return build
+
+
+def _calls_alone(pipe, inputs, seeds, steps, call_kwargs=None):
+    """Every denoiser call's (named arguments, output) when each input is sampled alone, by hooks."""
+    import inspect
+
+    from diffslim.models.load import denoiser_of
+    from diffslim.sample import SampleSpec, run_pipeline
+
+    den = denoiser_of(pipe)
+    sig = inspect.signature(den.forward)
+    runs = []
+    for inp, seed in zip(inputs, seeds):
+        calls = []
+        pre = den.register_forward_pre_hook(lambda m, a, k: calls.append([dict(sig.bind(*a, **k).arguments)]),
+                                            with_kwargs=True)
+        post = den.register_forward_hook(lambda m, a, o: calls[-1].append(o[0] if isinstance(o, tuple) else o.sample))
+        try:
+            run_pipeline(pipe, SampleSpec([inp], [seed], num_inference_steps=steps, batch_size=1,
+                                          call_kwargs=dict(call_kwargs or {})), [0])
+        finally:
+            pre.remove()
+            post.remove()
+        runs.append(calls)
+    return runs
+
+
+@pytest.fixture
+def calls_alone():
+    """``calls_alone(pipe, inputs, seeds, steps, call_kwargs=None)``: each input's denoiser calls when sampled alone (see
+    :func:`_calls_alone`), to check what is recorded from a batched run against."""
+    return _calls_alone

@@ -831,31 +831,7 @@ def test_bench_layers_kd_distils_once_and_caches(tmp_path, monkeypatch):
     assert r.exit_code != 0 and "give a number >= 0" in r.output
 
 
-def _calls_alone(pipe, inputs, seeds, steps):
-    """Every denoiser call's (named arguments, output) when each input is sampled alone, by hooks."""
-    import inspect
-
-    from diffslim.models.load import denoiser_of
-    from diffslim.sample import SampleSpec, run_pipeline
-
-    den = denoiser_of(pipe)
-    sig = inspect.signature(den.forward)
-    runs = []
-    for inp, seed in zip(inputs, seeds):
-        calls = []
-        pre = den.register_forward_pre_hook(lambda m, a, k: calls.append([dict(sig.bind(*a, **k).arguments)]),
-                                            with_kwargs=True)
-        post = den.register_forward_hook(lambda m, a, o: calls[-1].append(o[0] if isinstance(o, tuple) else o.sample))
-        try:
-            run_pipeline(pipe, SampleSpec([inp], [seed], num_inference_steps=steps, batch_size=1), [0])
-        finally:
-            pre.remove()
-            post.remove()
-        runs.append(calls)
-    return runs
-
-
-def test_denoiser_calls_record_each_inputs_call_and_stop_early(tiny_digits_pipe):
+def test_denoiser_calls_record_each_inputs_call_and_stop_early(tiny_digits_pipe, calls_alone):
     from diffslim.models.load import denoiser_of
     from diffslim.sample import SampleSpec, denoiser_calls
 
@@ -868,7 +844,7 @@ def test_denoiser_calls_record_each_inputs_call_and_stop_early(tiny_digits_pipe)
     finally:
         h.remove()
     assert count[0] == 4 + 3  # the first batch stops at its call 3, the second at its call 2 (of 4 each)
-    alone = _calls_alone(tiny_digits_pipe, inputs, seeds, 4)
+    alone = calls_alone(tiny_digits_pipe, inputs, seeds, 4)
     for i, (named, rows) in enumerate(got):
         assert rows == ([i, i + 2] if i < 2 else [0, 1])  # classifier-free guidance: [uncond; cond] per batch
         ref = alone[i][[0, 3, 2][i]][0]
@@ -881,7 +857,7 @@ def test_denoiser_calls_record_each_inputs_call_and_stop_early(tiny_digits_pipe)
         denoiser_calls(tiny_digits_pipe, spec, [0])
 
 
-def test_sampling_calibration_is_the_pipelines_own_calls(tiny_digits_pipe):
+def test_sampling_calibration_is_the_pipelines_own_calls(tiny_digits_pipe, calls_alone):
     from diffslim.models.load import denoiser_of
 
     den = denoiser_of(tiny_digits_pipe)
@@ -895,7 +871,7 @@ def test_sampling_calibration_is_the_pipelines_own_calls(tiny_digits_pipe):
     assert not torch.allclose(lp.sampling_calibration(tiny_digits_pipe, n=6, seed=1, steps=6).xt, calib.xt)
     # the calibration's predictions are the denoiser's outputs on the pipeline's own calls, input by input
     pred = calib.run(den)
-    alone = _calls_alone(tiny_digits_pipe, src["inputs"], src["seeds"], 6)
+    alone = calls_alone(tiny_digits_pipe, src["inputs"], src["seeds"], 6)
     for k, call in enumerate(src["calls"]):
         named, out = alone[k][call]
         assert torch.allclose(calib.t[2 * k:2 * k + 2], named["timestep"].reshape(-1).expand(2).to(calib.t.dtype))
@@ -907,7 +883,7 @@ def test_sampling_calibration_is_the_pipelines_own_calls(tiny_digits_pipe):
     assert res.params_removed >= 0.3 * res.params and lp.output_loss(den, calib, []) == 0.0
 
 
-def test_sampling_calibration_keeps_a_learned_sigma_models_noise_half(tmp_path):
+def test_sampling_calibration_keeps_a_learned_sigma_models_noise_half(tmp_path, calls_alone):
     from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
 
     torch.manual_seed(0)
@@ -922,7 +898,7 @@ def test_sampling_calibration_keeps_a_learned_sigma_models_noise_half(tmp_path):
     calib = lp.sampling_calibration(pipe, n=2, seed=0, steps=3, data=str(tmp_path / "labels.txt"))
     pred = calib.run(dit)
     assert pred.shape == (4, 4, 4, 4) and calib.source["rows"] == [2, 2]
-    alone = _calls_alone(pipe, calib.source["inputs"], calib.source["seeds"], 3)
+    alone = calls_alone(pipe, calib.source["inputs"], calib.source["seeds"], 3)
     for k, call in enumerate(calib.source["calls"]):
         out = alone[k][call][1]
         assert out.shape[1] == 8 and torch.allclose(pred[2 * k:2 * k + 2], out[:, :4], atol=1e-5)
@@ -986,7 +962,7 @@ def test_bench_layers_on_a_pipeline_without_data_calibrate_on_its_own_calls(tiny
     assert row["params"] == direct.params - direct.params_removed < direct.params
 
 
-def test_sampling_calibration_of_a_controlnet_pipelines_unet(tiny_controlnet_pipe):
+def test_sampling_calibration_of_a_controlnet_pipelines_unet(tiny_controlnet_pipe, calls_alone):
     """A ControlNet pipeline has no training task here, but its U-Net calls record the ControlNet's residuals (a list,
     one per skip connection), which a pruned U-Net takes as they are: the output loss runs on them."""
     pipe = tiny_controlnet_pipe
@@ -994,7 +970,7 @@ def test_sampling_calibration_of_a_controlnet_pipelines_unet(tiny_controlnet_pip
     inputs = [{"prompt": p, "image": torch.rand(3, 16, 16, generator=g)} for p in ("a cat", "a dog")]
     calib = lp.sampling_calibration(pipe, n=3, steps=3, inputs=inputs, call_kwargs={"height": 16, "width": 16})
     pred = calib.run(pipe.unet)
-    alone = _calls_alone(pipe, calib.source["inputs"], calib.source["seeds"], 3)
+    alone = calls_alone(pipe, calib.source["inputs"], calib.source["seeds"], 3, {"height": 16, "width": 16})
     n_res = len(alone[0][0][0]["down_block_additional_residuals"])
     assert len(calib) == 6 and len(calib.cond["down_block_additional_residuals"]) == n_res > 1
     assert calib.cond["mid_block_additional_residual"].shape[0] == 6

@@ -480,3 +480,24 @@ def test_magcache_ratios_match_diffusers_calibration_on_two_stream_models(tiny_s
         remove_diffusers_cache(pipe.transformer, "magcache")
     assert len(ours) == 4 and len(set(ours[1:])) == 3
     assert ours == pytest.approx(ast.literal_eval(printed.getvalue().strip().splitlines()[-1]), rel=1e-6, abs=0)
+
+
+@pytest.mark.parametrize("family", ["pixart", "sd3"])
+def test_sampling_calibration_on_pixart_and_sd3(tiny_sd_pipe, calls_alone, family):
+    """Calibration on the pipelines' own denoiser calls needs no training images: PixArt (T5 mask, learned variance:
+    the noise half) and SD3 (pooled projections, flow matching). Its predictions are what the denoiser gave each
+    input when sampled alone, and the output-loss criterion scores on it."""
+    from diffslim.methods import layer_prune as lp
+
+    pipe, kw = (_tiny_pixart(tiny_sd_pipe, 3), PIXART_KW) if family == "pixart" else (_tiny_sd3(tiny_sd_pipe), {})
+    den = pipe.transformer
+    calib = lp.sampling_calibration(pipe, n=3, steps=3, inputs=[{"prompt": "a red square"}, {"prompt": "a cat"}],
+                                    call_kwargs=kw)
+    pred = calib.run(den)
+    assert pred.shape == (6, 4, 8, 8) and calib.source["rows"] == [2, 2, 2]
+    alone = calls_alone(pipe, calib.source["inputs"], calib.source["seeds"], 3, kw)
+    for k, call in enumerate(calib.source["calls"]):
+        out = alone[k][call][1]
+        torch.testing.assert_close(pred[2 * k:2 * k + 2], out[:, :4], atol=1e-5, rtol=0)
+    scores = lp.score_layers(den, lp.candidates(den), "output-loss", calib)
+    assert len(scores) == 3 and all(v > 0 for v in scores.values())
