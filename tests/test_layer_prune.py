@@ -980,3 +980,48 @@ def test_sampling_calibration_of_a_controlnet_pipelines_unet(tiny_controlnet_pip
         assert torch.allclose(pred[2 * k:2 * k + 2], out, atol=1e-5)
     res = lp.layer_prune(pipe.unet, "output-loss", 0.3, calib=calib)
     assert res.params_removed >= 0.3 * res.params and lp.output_loss(pipe.unet, calib, []) == 0.0
+
+
+def test_cli_distill_on_teacher_samples_from_prompts(tiny_sd_pipe, tmp_path):
+    """Prompts alone: the layer-pruned student is scored on the pipeline's calls and distilled on images the teacher
+    samples from the prompts (captioned, resumable, refused when made for other settings)."""
+    import numpy as np
+    from PIL import Image
+
+    from diffslim.cli import app
+    from diffslim.sample import SampleSpec, sample
+
+    tiny_sd_pipe.save_pretrained(str(tmp_path / "sd"))
+    (tmp_path / "prompts.txt").write_text("a red cube\na blue ball\n")
+    r = _cli(tmp_path / "sd", "--ratio", "0.3", "--n", "3", "--calibration", "sampling", "--data",
+             tmp_path / "prompts.txt", "--calib-steps", "2", "--out", tmp_path / "p")
+    assert r.exit_code == 0, r.output
+    run = ["distill", str(tmp_path / "sd"), str(tmp_path / "p" / "model"), "--data", str(tmp_path / "prompts.txt"),
+           "--teacher-samples", "3", "--sample-steps", "2", "--steps", "2", "--batch-size", "2",
+           "--out", str(tmp_path / "kd")]
+    r = CliRunner().invoke(app, run)
+    assert r.exit_code == 0, r.output
+    folder = tmp_path / "kd" / "teacher_samples"
+    assert sorted(f.name for f in folder.iterdir()) == ["00000.png", "00000.txt", "00001.png", "00001.txt",
+                                                         "00002.png", "00002.txt", "samples.json"]
+    assert [(folder / f"0000{i}.txt").read_text() for i in range(3)] == ["a red cube", "a blue ball", "a red cube"]
+    # the images are the teacher's samples at those seeds, to the 8-bit rounding of a PNG
+    ref = sample(tiny_sd_pipe, SampleSpec([{"prompt": "a red cube"}, {"prompt": "a blue ball"}], [300_000, 300_001],
+                                          num_inference_steps=2))
+    for i in range(2):
+        png = torch.from_numpy(np.asarray(Image.open(folder / f"0000{i}.png"), dtype=np.float32) / 255).permute(2, 0, 1)
+        assert (png - ref[i]).abs().max() <= 0.5 / 255 + 1e-6
+    assert (tmp_path / "kd" / "student" / "config.json").exists()
+    # an interrupted sampling resumes: only the missing image is sampled again, the others are kept as they are
+    (folder / "00001.png").unlink()
+    kept = (folder / "00000.png").stat().st_mtime_ns
+    r = CliRunner().invoke(app, [*run[:-1], str(tmp_path / "kd2")])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(app, [*run[:-1], str(tmp_path / "kd")])  # same run folder: the checkpoint resumes too
+    assert r.exit_code == 0, r.output
+    assert (folder / "00001.png").exists() and (folder / "00000.png").stat().st_mtime_ns == kept
+    r = CliRunner().invoke(app, [*run[:8], "3", *run[9:]])  # other sampling steps into the same folder
+    assert r.exit_code == 2 and "other prompts, seeds or steps" in r.output, r.output
+    (tmp_path / "prompts.csv").write_text("x\n")
+    r = CliRunner().invoke(app, [*run[:3], "--data", str(tmp_path / "prompts.csv"), *run[5:]])
+    assert r.exit_code == 2 and "a .txt file of prompts" in r.output, r.output

@@ -931,13 +931,48 @@ def finetune(
     console.print(f"fine-tuned student (depth {depth}): {folder}; log: {Path(out) / 'train_log.csv'}")
 
 
+def _teacher_samples(teacher, prompts: Path, n: int, steps: Optional[int], folder: Path) -> Path:
+    """``distill --data PROMPTS.txt``: ``n`` images the teacher samples from the prompts (cycled), with the prompts as
+    captions, in ``folder`` (resumed if there): training data for a user who has prompts but no images."""
+    import inspect
+
+    from diffslim.evaluate import eval_set_for
+    from diffslim.sample import SampleSpec, write_samples
+
+    params = inspect.signature(teacher.pipe.__call__).parameters
+    if prompts.suffix != ".txt":
+        raise UserError(f"--data {prompts}: give 'zoo', an image folder, or a .txt file of prompts (one per line)")
+    if "prompt" not in params or "image" in params:
+        raise UserError(f"{type(teacher.pipe).__name__} is not a text-to-image pipeline: the teacher cannot make its "
+                        "training pairs from prompts alone; give an image folder (input/ and target/ for image to "
+                        "image)")
+    lines = [ln.strip() for ln in prompts.read_text().splitlines() if ln.strip()]
+    if not lines:
+        raise UserError(f"{prompts} holds no prompts; give one per line")
+    es = eval_set_for(teacher, 1)
+    spec = SampleSpec([{"prompt": lines[i % len(lines)]} for i in range(n)], [300_000 + i for i in range(n)],
+                      num_inference_steps=steps or (teacher.zoo.default_steps if teacher.zoo is not None else 50),
+                      call_kwargs=dict(es.call_kwargs), batch_size=8)
+    write_samples(teacher.pipe, spec, folder, progress=True)
+    console.print(f"{n} teacher samples of {len(lines)} prompts ({spec.num_inference_steps} steps) in {folder}")
+    return folder
+
+
 @app.command()
 @_guard
 def distill(
     teacher: str = typer.Argument(..., help="pipeline folder or zoo:NAME"),
     student: Path = typer.Argument(..., help="a denoiser folder (config.json + safetensors), e.g. a pruned model"),
     out: Path = typer.Option(Path("distill"), help="run folder"),
-    data: str = _TRAIN_OPTS["data"], steps: int = _TRAIN_OPTS["steps"], batch_size: int = _TRAIN_OPTS["batch_size"],
+    data: str = typer.Option("zoo", help="'zoo' (the zoo model's own data), an image folder, a folder with input/ "
+                                         "and target/, or a .txt file of prompts: the teacher samples its own "
+                                         "training images from them (text-to-image pipelines)"),
+    teacher_samples: int = typer.Option(256, min=1, help="with --data PROMPTS.txt: how many images the teacher "
+                                                         "samples (the prompts cycled; written to OUT/teacher_samples, "
+                                                         "resumed if interrupted)"),
+    sample_steps: Optional[int] = typer.Option(None, min=1, help="with --data PROMPTS.txt: the teacher's sampling "
+                                                                 "steps (default: the zoo model's, else 50)"),
+    steps: int = _TRAIN_OPTS["steps"], batch_size: int = _TRAIN_OPTS["batch_size"],
     lr: float = _TRAIN_OPTS["lr"], checkpoint_every: int = _TRAIN_OPTS["checkpoint_every"],
     log_every: int = _TRAIN_OPTS["log_every"], ema_decay: float = _TRAIN_OPTS["ema_decay"],
     mixed_precision: str = _TRAIN_OPTS["mixed_precision"],
@@ -968,6 +1003,8 @@ def distill(
     cfg = _distill_config(out, steps, batch_size, lr, checkpoint_every, log_every, ema_decay, mixed_precision,
                           gradient_checkpointing, seed, log_with, normalized, lambda_task, lambda_out, lambda_feat,
                           match_plain_weight, feat_norm)
+    if data != "zoo" and Path(data).is_file():
+        data = str(_teacher_samples(t, Path(data), teacher_samples, sample_steps, Path(out) / "teacher_samples"))
     res = run(t.pipe, s.denoiser, make_dataset(data, t.pipe, resolution), cfg)
     scale = f"; feature weight x{res.feat_scale:.4g} (matched to the plain sum)" if match_plain_weight else ""
     console.print(f"student: {Path(res.out_dir) / 'student'}; final losses: "

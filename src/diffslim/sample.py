@@ -282,6 +282,43 @@ def denoiser_calls(pipe, spec: SampleSpec, at: Sequence[int]) -> list[tuple[dict
     return out
 
 
+def write_samples(pipe, spec: SampleSpec, folder: Path, progress: bool = False) -> Path:
+    """Sample ``spec`` with ``pipe`` into ``folder`` as an image folder the trainer reads (``00000.png`` with its
+    prompt in ``00000.txt``): training data made by the teacher itself, for a user who has prompts but no images.
+    Resumable: a batch whose images are all there is not sampled again, each file is written whole (a temporary
+    name, then renamed), and ``samples.json`` records what was asked for; a folder made for other inputs, seeds or
+    steps is refused rather than mixed."""
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest = {"n": len(spec.inputs), "digest": spec.digest()}
+    mf = folder / "samples.json"
+    if mf.exists() and json.loads(mf.read_text()) != manifest:
+        raise UserError(f"{folder} holds teacher samples of other prompts, seeds or steps; remove it or give another "
+                        "run folder")
+    mf.write_text(json.dumps(manifest) + "\n")
+    todo = [i for i in range(len(spec.inputs)) if not (folder / f"{i:05d}.png").exists()]
+    bar = (_progress(f"teacher samples ({spec.num_inference_steps} steps)", len(todo)) if progress and todo
+           else contextlib.nullcontext(None))
+    with bar as advance:
+        for start in range(0, len(todo), spec.batch_size):
+            idx = todo[start:start + spec.batch_size]
+            for i, img in zip(idx, run_pipeline(pipe, spec, idx)):
+                arr = (img.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+                prompt = spec.inputs[i].get("prompt")
+                if prompt is not None:  # the caption first: an image is there only once its caption is
+                    tmp = folder / f".{i:05d}.txt.tmp"
+                    tmp.write_text(str(prompt))
+                    os.replace(tmp, folder / f"{i:05d}.txt")
+                tmp = folder / f".{i:05d}.png.tmp"
+                Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).save(tmp, format="PNG")
+                os.replace(tmp, folder / f"{i:05d}.png")
+            if advance is not None:
+                advance(len(idx))
+    return folder
+
+
 class ReferenceCache:
     """Reference outputs on disk, keyed by model, inputs, scheduler and steps (safetensors files).
 
