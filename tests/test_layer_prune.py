@@ -945,17 +945,33 @@ def test_cli_layer_compare_on_sampling_calibration(tiny_digits_folder, tmp_path)
                                                rel=1e-6)
 
 
-def test_bench_layers_on_a_pipeline_without_data_calibrate_on_its_own_calls(tiny_sd_pipe, tmp_path):
+def test_bench_layers_on_a_pipeline_without_data(tiny_sd_pipe, tiny_controlnet_pipe, tmp_path, monkeypatch):
+    """A text-to-image pipeline without --data: layers:R scores on the pipeline's own denoiser calls, and +kd trains on
+    images the full pipeline samples from the prompts; a pipeline that also takes images needs --data to train."""
+    from diffslim import bench
     from diffslim.bench import LAYER_CALIB, run_bench
     from diffslim.evaluate import eval_set_for
 
+    monkeypatch.setenv("DIFFSLIM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(bench, "DEFAULT_KD", {**bench.DEFAULT_KD, "steps": 2, "batch_size": 2})
+    monkeypatch.setattr(bench, "TEACHER_SAMPLES", 3)
     tiny_sd_pipe.save_pretrained(str(tmp_path / "sd"))
     loaded = load(str(tmp_path / "sd"))
     es = eval_set_for(loaded, 2)
-    with pytest.raises(UserError, match="give --data FOLDER"):  # distillation still needs training images
-        run_bench(loaded, "layers:0.3+kd", es, default_steps=4, batch_size=2, progress=False)
-    row = run_bench(loaded, "layers:0.3", es, default_steps=4, batch_size=2, progress=False).rows[1]
+    rows = run_bench(loaded, "layers:0.3,layers:0.3+kd", es, default_steps=4, batch_size=2, progress=False).rows
+    row = rows[1]
     assert "pipeline's own denoiser calls" in row["notes"]
+    assert "3 images the full pipeline sampled from the prompts" in rows[2]["notes"]
+    (folder,) = (tmp_path / "cache" / "teacher_samples").iterdir()
+    assert sorted(f.name for f in folder.glob("*.png")) == ["00000.png", "00001.png", "00002.png"]
+    assert (folder / "00002.txt").read_text() == es.inputs[0]["prompt"]  # the bench's prompts, cycled
+    assert rows[2]["params"] == row["params"]
+    cn = tmp_path / "cn"
+    tiny_controlnet_pipe.save_pretrained(str(cn))
+    cloaded = load(str(cn))
+    ces = eval_set_for(cloaded, 1)
+    with pytest.raises(UserError, match="neither a zoo model nor a text-to-image pipeline: give --data FOLDER"):
+        run_bench(cloaded, "layers:0.3+kd", ces, default_steps=2, batch_size=1, progress=False)
     # the selection the library makes on the bench's calibration prompts (other seeds than evaluation's)
     calib = lp.sampling_calibration(loaded.pipe, inputs=es.inputs, steps=4, call_kwargs=es.call_kwargs, **LAYER_CALIB)
     direct = lp.layer_prune(loaded.denoiser, "output-loss", 0.3, calib=calib)

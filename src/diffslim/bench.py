@@ -61,10 +61,38 @@ class BenchContext:
             ZooClassPipeline, ZooSRPipeline))
 
     def needs_data(self, method: str) -> None:
-        """Refuse ``method`` (which trains) on a model that has no zoo data when no ``data`` is given."""
-        if not self.has_data():
-            raise UserError(f"{method} trains the model on data, and {self.loaded.source} is not a zoo "
-                            "model: give --data FOLDER (images, captions optional)")
+        """Refuse ``method`` (which trains) on a model that has no zoo data when no ``data`` is given, unless it is a
+        text-to-image pipeline, which samples its own training images from the prompts (:meth:`train_data`)."""
+        if not self.has_data() and not _text_to_image(self.loaded.pipe):
+            raise UserError(f"{method} trains the model on data, and {self.loaded.source} is neither a zoo model nor "
+                            "a text-to-image pipeline: give --data FOLDER (images, captions optional)")
+
+    def train_data(self, method: str) -> tuple[str, str]:
+        """``(data, cache key part)`` of a method that trains: the given data, or, for a text-to-image pipeline without
+        it, ``TEACHER_SAMPLES`` images the full pipeline samples from the bench's prompts (seeds apart from
+        evaluation's and calibration's; cached, resumed if interrupted)."""
+        self.needs_data(method)
+        if self.has_data():
+            return self.data, ("" if self.data == "zoo" else f"|{self.data_key()}")  # zoo keys as before
+        import hashlib
+
+        from diffslim.sample import model_fingerprint, write_samples
+
+        if ("teacher_samples",) not in self.memo:
+            base = self.base_spec
+            spec = base.replace(inputs=[base.inputs[i % len(base.inputs)] for i in range(TEACHER_SAMPLES)],
+                                seeds=[300_000 + i for i in range(TEACHER_SAMPLES)],
+                                num_inference_steps=base.num_inference_steps or self.default_steps)
+            digest = spec.digest()
+            key = hashlib.sha256(f"{model_fingerprint(self.loaded.source)}|{digest}".encode()).hexdigest()[:16]
+            folder = write_samples(self.loaded.pipe, spec, cache_root() / "teacher_samples" / key,
+                                   progress=True)
+            self.memo[("teacher_samples",)] = (str(folder), f"|teacher:{digest}")
+        return self.memo[("teacher_samples",)]
+
+    def train_data_note(self) -> str:
+        return "" if self.has_data() else (f"; trained on {TEACHER_SAMPLES} images the full pipeline sampled from "
+                                           "the prompts (no --data)")
 
     def data_key(self) -> str:
         """The training data for cache keys: "zoo", or the folder with its files' names, sizes and times."""
@@ -74,6 +102,14 @@ class BenchContext:
         files = sorted(f for f in folder.rglob("*") if f.is_file()) if folder.is_dir() else [folder]
         return f"{folder.resolve()}|{self.resolution}|" + ",".join(
             f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files if f.exists())
+
+
+def _text_to_image(pipe) -> bool:
+    """A pipeline that makes images from prompts alone (its training images can be its own samples)."""
+    import inspect
+
+    params = inspect.signature(pipe.__call__).parameters
+    return "prompt" in params and "image" not in params
 
 
 @dataclass
@@ -340,8 +376,7 @@ def _default_finetune(ctx: BenchContext, depth: int):
     from diffslim.sample import model_fingerprint
     from diffslim.train.distill import DistillConfig
 
-    ctx.needs_data(f"depth:{depth}+ft")
-    data = "" if ctx.data == "zoo" else f"|{ctx.data_key()}"  # zoo keys as before, so earlier caches still hit
+    train_data, data = ctx.train_data(f"depth:{depth}+ft")
     key = hashlib.sha256(f"{model_fingerprint(ctx.loaded.source)}|{depth}|{sorted(DEFAULT_FT.items())}{data}"
                          f"{ctx.train_key()}".encode()).hexdigest()[:16]
     root = cache_root() / "finetune" / key
@@ -351,9 +386,9 @@ def _default_finetune(ctx: BenchContext, depth: int):
             if not (folder / "config.json").exists():  # another process may have built it while this one waited
                 cfg = DistillConfig(out=root, checkpoint_every=100, log_every=25, normalized=False,
                                     lambda_task=ctx.task_weight, **DEFAULT_FT)
-                finetune_depth(ctx.loaded.pipe, depth, ctx.data, cfg)
+                finetune_depth(ctx.loaded.pipe, depth, train_data, cfg)
     return folder, (f"fine-tuned {DEFAULT_FT['steps']} steps (batch {DEFAULT_FT['batch_size']}, lr {DEFAULT_FT['lr']}) "
-                    f"with {ctx.train_note('feature')}; cached at {root}")
+                    f"with {ctx.train_note('feature')}{ctx.train_data_note()}; cached at {root}")
 
 
 def _explicit_schedule_variant(method: str, ctx: BenchContext, timesteps, notes: str = "") -> Variant:
@@ -500,6 +535,8 @@ def _xue(arg, ctx: BenchContext) -> Variant:
 # Layer pruning (LAPTOP-Diff) and BK-SDM: methods.layer_prune
 
 DEFAULT_KD = dict(steps=300, batch_size=32, lr=2e-4, match_plain_weight=True)
+# images a text-to-image pipeline without --data samples from the bench's prompts to train +kd and +ft on
+TEACHER_SAMPLES = 64
 LAYER_CALIB = dict(n=32, seed=0)
 
 
@@ -655,7 +692,7 @@ def _default_layer_kd(ctx: BenchContext, names: list[str]):
     from diffslim.sample import model_fingerprint
     from diffslim.train.distill import DistillConfig
 
-    data = "" if ctx.data == "zoo" else f"|{ctx.data_key()}"  # zoo keys as before, so earlier caches still hit
+    train_data, data = ctx.train_data("layers+kd")
     key = hashlib.sha256(f"{model_fingerprint(ctx.loaded.source)}|{sorted(names)}|{sorted(DEFAULT_KD.items())}{data}"
                          f"{ctx.train_key()}".encode()).hexdigest()[:16]
     root = cache_root() / "layer_kd" / key
@@ -665,11 +702,11 @@ def _default_layer_kd(ctx: BenchContext, names: list[str]):
             if not (folder / "config.json").exists():  # another process may have built it while this one waited
                 cfg = DistillConfig(out=root, checkpoint_every=100, log_every=25, normalized=True,
                                     lambda_task=ctx.task_weight, **DEFAULT_KD)
-                distill_pruned(ctx.loaded.pipe, prune_layers(ctx.loaded.denoiser, names), cfg, data=ctx.data,
-                               size=ctx.resolution)
+                distill_pruned(ctx.loaded.pipe, prune_layers(ctx.loaded.denoiser, names), cfg, data=train_data,
+                               size=ctx.resolution if ctx.has_data() else None)
     return folder, (f"{DEFAULT_KD['steps']} steps of {ctx.train_note('normalized feature')} (batch "
-                    f"{DEFAULT_KD['batch_size']}, lr {DEFAULT_KD['lr']}, feature weight matched to the plain sum); "
-                    f"cached at {root}")
+                    f"{DEFAULT_KD['batch_size']}, lr {DEFAULT_KD['lr']}, feature weight matched to the plain sum)"
+                    f"{ctx.train_data_note()}; cached at {root}")
 
 
 @register_method("layers", "layers:R, one-shot layer pruning (LAPTOP-Diff output-loss criterion) removing a share R "
