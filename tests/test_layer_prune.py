@@ -1041,3 +1041,28 @@ def test_cli_distill_on_teacher_samples_from_prompts(tiny_sd_pipe, tmp_path):
     (tmp_path / "prompts.csv").write_text("x\n")
     r = CliRunner().invoke(app, [*run[:3], "--data", str(tmp_path / "prompts.csv"), *run[5:]])
     assert r.exit_code == 2 and "a .txt file of prompts" in r.output, r.output
+
+
+def test_cli_distill_a_class_conditional_student_on_teacher_samples_of_labels(tiny_digits_folder, tmp_path):
+    """Class labels instead of prompts: the teacher samples each label, the caption is the label, and the trainer
+    reads the folder as labelled grey images (a folder without integer captions is refused)."""
+    from diffslim.cli import app
+    from diffslim.train.data import LabelledFolder, make_dataset
+
+    r = _cli(tiny_digits_folder, "--ratio", "0.3", "--criterion", "magnitude", "--out", tmp_path / "p")
+    assert r.exit_code == 0, r.output
+    (tmp_path / "labels.txt").write_text("3\n7\n")
+    r = CliRunner().invoke(app, ["distill", str(tiny_digits_folder), str(tmp_path / "p" / "model"), "--data",
+                                 str(tmp_path / "labels.txt"), "--teacher-samples", "3", "--sample-steps", "2",
+                                 "--steps", "2", "--batch-size", "2", "--out", str(tmp_path / "kd")])
+    assert r.exit_code == 0, r.output
+    folder = tmp_path / "kd" / "teacher_samples"
+    assert [(folder / f"0000{i}.txt").read_text() for i in range(3)] == ["3", "7", "3"]
+    pipe = load(str(tiny_digits_folder)).pipe
+    ds = make_dataset(str(folder), pipe)
+    assert isinstance(ds, LabelledFolder) and len(ds) == 3
+    item = ds[1]
+    assert item["label"] == 7 and item["image"].shape == (1, 8, 8) and 0 <= float(item["image"].min())
+    (folder / "00001.txt").write_text("a seven")
+    with pytest.raises(UserError, match="no integer class label"):
+        make_dataset(str(folder), pipe)

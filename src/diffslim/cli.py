@@ -939,22 +939,22 @@ def _teacher_samples(teacher, prompts: Path, n: int, steps: Optional[int], folde
     from diffslim.evaluate import eval_set_for
     from diffslim.sample import SampleSpec, write_samples
 
+    from diffslim.train.data import pipeline_inputs
+
     params = inspect.signature(teacher.pipe.__call__).parameters
     if prompts.suffix != ".txt":
-        raise UserError(f"--data {prompts}: give 'zoo', an image folder, or a .txt file of prompts (one per line)")
-    if "prompt" not in params or "image" in params:
-        raise UserError(f"{type(teacher.pipe).__name__} is not a text-to-image pipeline: the teacher cannot make its "
-                        "training pairs from prompts alone; give an image folder (input/ and target/ for image to "
-                        "image)")
-    lines = [ln.strip() for ln in prompts.read_text().splitlines() if ln.strip()]
-    if not lines:
-        raise UserError(f"{prompts} holds no prompts; give one per line")
+        raise UserError(f"--data {prompts}: give 'zoo', an image folder, or a .txt file of prompts or class labels "
+                        "(one per line)")
+    if "image" in params:
+        raise UserError(f"{type(teacher.pipe).__name__} takes images: the teacher cannot make its training pairs "
+                        "from prompts alone; give an image folder (input/ and target/ for image to image)")
+    lines = pipeline_inputs(teacher.pipe, str(prompts), 0)  # prompts, or class labels for class-conditional pipelines
     es = eval_set_for(teacher, 1)
-    spec = SampleSpec([{"prompt": lines[i % len(lines)]} for i in range(n)], [300_000 + i for i in range(n)],
+    spec = SampleSpec([dict(lines[i % len(lines)]) for i in range(n)], [300_000 + i for i in range(n)],
                       num_inference_steps=steps or (teacher.zoo.default_steps if teacher.zoo is not None else 50),
                       call_kwargs=dict(es.call_kwargs), batch_size=8)
     write_samples(teacher.pipe, spec, folder, progress=True)
-    console.print(f"{n} teacher samples of {len(lines)} prompts ({spec.num_inference_steps} steps) in {folder}")
+    console.print(f"{n} teacher samples of {len(lines)} inputs ({spec.num_inference_steps} steps) in {folder}")
     return folder
 
 
@@ -965,8 +965,9 @@ def distill(
     student: Path = typer.Argument(..., help="a denoiser folder (config.json + safetensors), e.g. a pruned model"),
     out: Path = typer.Option(Path("distill"), help="run folder"),
     data: str = typer.Option("zoo", help="'zoo' (the zoo model's own data), an image folder, a folder with input/ "
-                                         "and target/, or a .txt file of prompts: the teacher samples its own "
-                                         "training images from them (text-to-image pipelines)"),
+                                         "and target/, or a .txt file of prompts (or class labels): the teacher "
+                                         "samples its own training images from them (text-to-image and "
+                                         "class-conditional pipelines)"),
     teacher_samples: int = typer.Option(256, min=1, help="with --data PROMPTS.txt: how many images the teacher "
                                                          "samples (the prompts cycled; written to OUT/teacher_samples, "
                                                          "resumed if interrupted)"),

@@ -284,7 +284,7 @@ def denoiser_calls(pipe, spec: SampleSpec, at: Sequence[int]) -> list[tuple[dict
 
 def write_samples(pipe, spec: SampleSpec, folder: Path, progress: bool = False) -> Path:
     """Sample ``spec`` with ``pipe`` into ``folder`` as an image folder the trainer reads (``00000.png`` with its
-    prompt in ``00000.txt``): training data made by the teacher itself, for a user who has prompts but no images.
+    prompt, or class label, in ``00000.txt``): training data made by the teacher itself, for a user who has prompts but no images.
     Resumable: a batch whose images are all there is not sampled again, each file is written whole (a temporary
     name, then renamed), and ``samples.json`` records what was asked for; a folder made for other inputs, seeds or
     steps is refused rather than mixed."""
@@ -306,7 +306,7 @@ def write_samples(pipe, spec: SampleSpec, folder: Path, progress: bool = False) 
             idx = todo[start:start + spec.batch_size]
             for i, img in zip(idx, run_pipeline(pipe, spec, idx)):
                 arr = (img.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-                prompt = spec.inputs[i].get("prompt")
+                prompt = spec.inputs[i].get("prompt", spec.inputs[i].get("class_label"))
                 if prompt is not None:  # the caption first: an image is there only once its caption is
                     tmp = folder / f".{i:05d}.txt.tmp"
                     tmp.write_text(str(prompt))

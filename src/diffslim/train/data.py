@@ -193,6 +193,27 @@ class ImageFolder(_SkippingDataset):
         return {"image": load_image(self.files[i], self.size), "text": self.caption(i)}
 
 
+class LabelledFolder(ImageFolder):
+    """A folder of images with an integer class label as each one's caption (``00000.png`` + ``00000.txt`` holding
+    ``7``), for class-conditional pipelines: what ``distill --data LABELS.txt`` has the teacher sample.
+
+    Sample: ``{"image": (channels, size, size) float32 in [0, 1], "label": int}`` (one channel: the grey level)."""
+
+    def __init__(self, path: Union[str, Path], size: Optional[int], channels: int = 3):
+        super().__init__(path, size)
+        self.channels = channels
+        bad = next((f.name for i, f in enumerate(self.files) if not self.caption(i).lstrip("-").isdigit()), None)
+        if bad is not None:
+            raise UserError(f"{self.root}: {bad} has no integer class label as its caption; a class-conditional "
+                            "pipeline trains on labelled images")
+
+    def _read(self, i: int) -> dict:
+        image = load_image(self.files[i], self.size)
+        if self.channels == 1:
+            image = image.mean(0, keepdim=True)
+        return {"image": image, "label": int(self.caption(i))}
+
+
 class ConditionPairs(_SkippingDataset):
     """Image-to-image pairs: ``folder/input/NAME`` (the condition) and ``folder/target/NAME`` (the output).
 
@@ -320,8 +341,10 @@ def make_dataset(spec: str, pipe, size: Optional[int] = None) -> torch.utils.dat
     folder = Path(spec)
     if not folder.is_dir():
         raise UserError(f"data {spec!r} is neither 'zoo' nor an existing folder of images")
-    if is_class:
-        raise UserError("class-conditional zoo pipelines train on labelled digits: use data 'zoo'")
+    if is_class:  # images labelled by their captions (e.g. the teacher's own samples of class labels)
+        den = pipe.denoiser
+        return LabelledFolder(folder, size=size or int(den.config.sample_size),
+                              channels=int(getattr(den.config, "out_channels", None) or den.config.in_channels))
     if size is None:
         size = pipeline_image_size(pipe)
     elif size < 1 or size % size_multiple(pipe):
