@@ -25,6 +25,17 @@ from diffslim.models.load import load
 METRICS = ("psnr", "ssim", "digit_accuracy", "psnr_gt", "ssim_gt")  # those the model's metrics have
 
 
+def seed_means(per_seed: dict, seeds: list, method: str, metrics) -> dict:
+    """``{metric: [value per seed], metric_mean: mean}`` of ``method`` for each metric every seed has."""
+    out = {}
+    for k in metrics:
+        vals = [per_seed[s][method].get(k) for s in seeds]
+        if all(v is not None for v in vals):
+            out[k] = vals
+            out[f"{k}_mean"] = statistics.fmean(vals)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("model")
@@ -57,12 +68,7 @@ def main(argv=None) -> int:
     rows = []
     for m in methods:
         row = {"method": m, "params": per_seed[seeds[0]][m]["params"], "macs_ratio": per_seed[seeds[0]][m]["macs_ratio"]}
-        for k in METRICS:
-            vals = [per_seed[s][m].get(k) for s in seeds]
-            if all(v is not None for v in vals):
-                row[k] = vals
-                row[f"{k}_mean"] = statistics.fmean(vals)
-        rows.append(row)
+        rows.append(row | seed_means(per_seed, seeds, m, METRICS))
         print(f"{m:36s} " + " / ".join(f"{v:.2f}" for v in row["psnr"]) + f"  mean {row['psnr_mean']:.2f} dB")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"command": "OMP_NUM_THREADS=2 .venv/bin/python bench/kd_seeds.py "

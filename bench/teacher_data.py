@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ from diffslim.cache import cache_root
 from diffslim.evaluate import eval_set_for, finite, metrics_fn_for
 from diffslim.models.load import load
 from diffslim.sample import SampleSpec, write_samples
+from kd_seeds import seed_means  # bench/, beside this script
 
 METRICS = ("psnr", "ssim", "digit_accuracy")
 
@@ -72,13 +72,8 @@ def main(argv=None) -> int:
     summary = []
     for label, per_seed in results.items():
         for m in per_seed[seeds[0]]:
-            row = {"data": label, "method": m, "params": per_seed[seeds[0]][m]["params"]}
-            for k in METRICS:
-                vals = [per_seed[s][m].get(k) for s in seeds]
-                if all(v is not None for v in vals):
-                    row[k] = vals
-                    row[f"{k}_mean"] = statistics.fmean(vals)
-            summary.append(row)
+            summary.append({"data": label, "method": m, "params": per_seed[seeds[0]][m]["params"]}
+                           | seed_means(per_seed, seeds, m, METRICS))
     out = {"command": "OMP_NUM_THREADS=2 .venv/bin/python bench/teacher_data.py " + " ".join(sys.argv[1:]),
            "model": args.model, "samples": args.samples, "sample_steps": steps, "seeds": seeds, "n_eval": args.n,
            "seconds": time.perf_counter() - t0, "rows": summary, "per_seed": results}
