@@ -35,6 +35,8 @@ def main(argv=None) -> int:
     ap.add_argument("--samples", type=int, default=1797, help="teacher samples (the digits set has 1797 images)")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--n", type=int, default=16)
+    ap.add_argument("--task-weight", type=float, default=1.0,
+                    help="weight of the diffusion task loss in the distillation (the bench's --kd-task-weight)")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
     try:
@@ -60,7 +62,8 @@ def main(argv=None) -> int:
         for seed in seeds:
             bench.DEFAULT_KD = base_kd if seed == 0 else {**base_kd, "seed": seed}
             res = bench.run_bench(loaded, args.methods, es, default_steps=steps, batch_size=args.n,
-                                  metrics_fn=metrics_fn_for(loaded, es), progress=False, data=data)
+                                  metrics_fn=metrics_fn_for(loaded, es), progress=False, data=data,
+                                  task_weight=args.task_weight)
             results.setdefault(label, {})[seed] = {
                 r["method"]: {k: finite(r[k]) for k in METRICS if k in r} | {"params": r["params"],
                                                                             "notes": r.get("notes", "")}
@@ -75,7 +78,7 @@ def main(argv=None) -> int:
             summary.append({"data": label, "method": m, "params": per_seed[seeds[0]][m]["params"]}
                            | seed_means(per_seed, seeds, m, METRICS))
     out = {"command": "OMP_NUM_THREADS=2 .venv/bin/python bench/teacher_data.py " + " ".join(sys.argv[1:]),
-           "model": args.model, "samples": args.samples, "sample_steps": steps, "seeds": seeds, "n_eval": args.n,
+           "model": args.model, "task_weight": args.task_weight, "samples": args.samples, "sample_steps": steps, "seeds": seeds, "n_eval": args.n,
            "seconds": time.perf_counter() - t0, "rows": summary, "per_seed": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1) + "\n")
