@@ -966,6 +966,16 @@ def test_bench_layers_on_a_pipeline_without_data(tiny_sd_pipe, tiny_controlnet_p
     assert sorted(f.name for f in folder.glob("*.png")) == ["00000.png", "00001.png", "00002.png"]
     assert (folder / "00002.txt").read_text() == es.inputs[0]["prompt"]  # the bench's prompts, cycled
     assert rows[2]["params"] == row["params"]
+    # on the teacher's own samples the default is no task loss (it only repeats the output term there); a weight
+    # given is kept, in a cached run of its own
+    assert "(no task loss)" in rows[2]["notes"]
+    assert bench.default_task_weight(loaded) == 0.0 and bench.default_task_weight(loaded, str(tmp_path)) == 1.0
+    runs = list((tmp_path / "cache" / "layer_kd").glob("*/distill.json"))
+    assert [json.loads(f.read_text())["config"]["lambda_task"] for f in runs] == [0.0]
+    rows1 = run_bench(loaded, "layers:0.3+kd", es, default_steps=4, batch_size=2, progress=False, task_weight=1).rows
+    assert "task + output" in rows1[1]["notes"]
+    runs = list((tmp_path / "cache" / "layer_kd").glob("*/distill.json"))
+    assert sorted(json.loads(f.read_text())["config"]["lambda_task"] for f in runs) == [0.0, 1.0]
     cn = tmp_path / "cn"
     tiny_controlnet_pipe.save_pretrained(str(cn))
     cloaded = load(str(cn))
@@ -1028,11 +1038,15 @@ def test_cli_distill_on_teacher_samples_from_prompts(tiny_sd_pipe, tmp_path):
         png = torch.from_numpy(np.asarray(Image.open(folder / f"0000{i}.png"), dtype=np.float32) / 255).permute(2, 0, 1)
         assert (png - ref[i]).abs().max() <= 0.5 / 255 + 1e-6
     assert (tmp_path / "kd" / "student" / "config.json").exists()
+    assert json.loads((tmp_path / "kd" / "distill.json").read_text())["config"]["lambda_task"] == 0.0  # the default
+    assert "(the default here)" not in r.output
     # an interrupted sampling resumes: only the missing image is sampled again, the others are kept as they are
     (folder / "00001.png").unlink()
     kept = (folder / "00000.png").stat().st_mtime_ns
-    r = CliRunner().invoke(app, [*run[:-1], str(tmp_path / "kd2")])
+    r = CliRunner().invoke(app, [*run[:-1], str(tmp_path / "kd2"), "--lambda-task", "1"])
     assert r.exit_code == 0, r.output
+    assert "without it (the default here)" in " ".join(r.output.split())  # the task loss, asked for: a hint
+    assert json.loads((tmp_path / "kd2" / "distill.json").read_text())["config"]["lambda_task"] == 1.0
     r = CliRunner().invoke(app, [*run[:-1], str(tmp_path / "kd")])  # same run folder: the checkpoint resumes too
     assert r.exit_code == 0, r.output
     assert (folder / "00001.png").exists() and (folder / "00000.png").stat().st_mtime_ns == kept

@@ -474,11 +474,13 @@ def bench(
     data: str = typer.Option("zoo", help="training data of the methods that score or train (layers:R, +kd, +ft): "
                                          "'zoo' or an image folder, captions optional; without it a non-zoo "
                                          "pipeline's layers:R scores on its own denoiser calls while sampling the "
-                                         "prompts, and +kd/+ft are refused"),
+                                         "prompts, and +kd/+ft train on images the full pipeline samples from "
+                                         "them (text-to-image pipelines)"),
     resolution: Optional[int] = typer.Option(None, min=1, help="image size in px of the --data folder's images"),
-    kd_task_weight: float = typer.Option(1.0, help="weight of the diffusion task loss when +kd distils and +ft "
-                                                    "fine-tunes (1: the papers' loss; 0: output and feature "
-                                                    "distillation only, which stays closer to the unpruned model)"),
+    kd_task_weight: Optional[float] = typer.Option(None, help="weight of the diffusion task loss when +kd distils "
+                                                   "and +ft fine-tunes (1: the papers' loss; 0: output and feature "
+                                                   "distillation only, which stays closer to the unpruned model); "
+                                                   "default 1 on training data, 0 on the pipeline's own samples"),
     compile: bool = typer.Option(False, "--compile", help="torch.compile every variant's denoiser (a skip plan's or "
                                  "multi-depth schedule's per-step decisions stay eager) and time it compiled; the "
                                  "compile time is its own column"),
@@ -551,11 +553,13 @@ def workflow(
     data: str = typer.Option("zoo", help="training data of the stages that score or train (layers:R, +kd, +ft): "
                                          "'zoo' or an image folder, captions optional; without it a non-zoo "
                                          "pipeline's layers:R scores on its own denoiser calls while sampling the "
-                                         "prompts, and +kd/+ft are refused"),
+                                         "prompts, and +kd/+ft train on images the full pipeline samples from "
+                                         "them (text-to-image pipelines)"),
     resolution: Optional[int] = typer.Option(None, min=1, help="image size in px of the --data folder's images"),
-    kd_task_weight: float = typer.Option(1.0, help="weight of the diffusion task loss when +kd distils and +ft "
-                                                    "fine-tunes (1: the papers' loss; 0: output and feature "
-                                                    "distillation only, which stays closer to the unpruned model)"),
+    kd_task_weight: Optional[float] = typer.Option(None, help="weight of the diffusion task loss when +kd distils "
+                                                   "and +ft fine-tunes (1: the papers' loss; 0: output and feature "
+                                                   "distillation only, which stays closer to the unpruned model); "
+                                                   "default 1 on training data, 0 on the pipeline's own samples"),
     search: str = typer.Option("greedy", help="greedy: each auto stage takes all the floor it can, in order; joint: "
                                               "also runs the stack with each auto stage that has another auto stage "
                                               "after it at milder settings (--joint-width of them) or left out, and "
@@ -980,7 +984,10 @@ def distill(
     gradient_checkpointing: bool = _TRAIN_OPTS["gradient_checkpointing"], seed: int = _TRAIN_OPTS["seed"],
     log_with: str = _TRAIN_OPTS["log_with"],
     normalized: bool = typer.Option(True, "--normalized/--plain", help="LAPTOP-Diff's normalized feature loss (default) or BK-SDM's plain sum"),
-    lambda_task: float = typer.Option(1.0), lambda_out: float = typer.Option(1.0), lambda_feat: float = typer.Option(1.0),
+    lambda_task: Optional[float] = typer.Option(None, help="weight of the diffusion task loss; default 1, and 0 with "
+                                                "--data PROMPTS.txt, where the teacher's own samples make it repeat "
+                                                "the output term"),
+    lambda_out: float = typer.Option(1.0), lambda_feat: float = typer.Option(1.0),
     match_plain_weight: bool = typer.Option(False, help="with --normalized: scale the feature term so that it starts "
                                             "with the plain sum's total weight (only the balance among layers changes)"),
     feat_norm: str = typer.Option("batch", help="with --normalized: divide each block's feature term by the teacher's "
@@ -1001,14 +1008,17 @@ def distill(
     s = load(str(student))
     if not s.has_weights or s.pipe is not None:
         raise UserError(f"{student} must be a denoiser folder with safetensors weights")
+    own_samples = data != "zoo" and Path(data).is_file()
+    if lambda_task is None:
+        lambda_task = 0.0 if own_samples else 1.0
     cfg = _distill_config(out, steps, batch_size, lr, checkpoint_every, log_every, ema_decay, mixed_precision,
                           gradient_checkpointing, seed, log_with, normalized, lambda_task, lambda_out, lambda_feat,
                           match_plain_weight, feat_norm)
-    if data != "zoo" and Path(data).is_file():
+    if own_samples:
         data = str(_teacher_samples(t, Path(data), teacher_samples, sample_steps, Path(out) / "teacher_samples"))
         if lambda_task != 0:
             console.print("[dim]on the teacher's own samples the task loss repeats the output term: without it "
-                          "(--lambda-task 0) the zoo's digits model distilled as well as on its real images, with it "
+                          "(the default here) the zoo's digits U-Net distilled as well as on its real images, with it "
                           "4 dB worse (README, 'Calibration without training images')[/]", highlight=False)
     res = run(t.pipe, s.denoiser, make_dataset(data, t.pipe, resolution), cfg)
     scale = f"; feature weight x{res.feat_scale:.4g} (matched to the plain sum)" if match_plain_weight else ""

@@ -47,7 +47,8 @@ from typing import Callable, Optional
 
 import torch
 
-from diffslim.bench import METHODS, BenchContext, check_task_weight, count_run_macs, layer_variant, parse_methods
+from diffslim.bench import (METHODS, BenchContext, check_task_weight, count_run_macs, default_task_weight, layer_variant,
+                            parse_methods)
 from diffslim.errors import UserError
 from diffslim.methods.layer_prune import SelectionUnreachable
 from diffslim.recipe import Recipe
@@ -345,14 +346,15 @@ def _auto_search(name: str, ctx: BenchContext, evaluate, floor: dict, log: Calla
 def run_workflow(loaded, stages: str, evalset, out, default_steps: int = 50, scheduler: Optional[str] = None,
                  batch_size: int = 16, metrics_fn: Optional[Callable] = None, floor: Optional[dict] = None,
                  progress: bool = True, log: Callable[[str], None] = print, data: str = "zoo",
-                 resolution: Optional[int] = None, task_weight: float = 1.0, search: str = "greedy",
+                 resolution: Optional[int] = None, task_weight: Optional[float] = None, search: str = "greedy",
                  objective: str = "macs", joint_width: int = JOINT_WIDTH) -> WorkflowResult:
     """Run ``stages`` (see :func:`parse_stages`) on ``loaded`` in order; every row is judged against the original.
 
     ``evalset``: the inputs and seeds every stage samples; ``metrics_fn(outputs, reference) -> dict`` as in
     :func:`diffslim.bench.run_bench`; ``floor``: ``{metric: lowest accepted value}`` (see :func:`parse_floor`);
     ``data``/``resolution``: the training data of stages that score or train, ``task_weight`` the task loss's weight in
-    their training (see :class:`~diffslim.bench.BenchContext`).
+    their training (None: :func:`~diffslim.bench.default_task_weight`, 1 on training data, 0 on the images the
+    original samples itself when there is none; see :class:`~diffslim.bench.BenchContext`).
     Rows hold ``stage``, ``kind``, ``params``, ``macs_per_sample``, ``macs_ratio`` and ``speedup`` (against the
     original), the metrics, ``accepted`` and ``notes``.
 
@@ -366,6 +368,8 @@ def run_workflow(loaded, stages: str, evalset, out, default_steps: int = 50, sch
     ``joint_width + 2`` runs of the workflow, with three ``(joint_width + 2) ** 2`` (the original is sampled once).
     """
     check_search(search, objective, joint_width)
+    if check_task_weight(task_weight) is None:
+        task_weight = default_task_weight(loaded, data)
     if search == "joint":
         return _run_joint(loaded, stages, evalset, out, objective, joint_width, floor=floor, log=log,
                           default_steps=default_steps,
