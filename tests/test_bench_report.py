@@ -54,8 +54,15 @@ def test_parse_methods_and_registry():
     assert parse_methods("full, steps:10") == [("full", None), ("steps", "10")]
     with pytest.raises(UserError, match="unknown bench method 'x'"):
         parse_methods("x:1")
-    with pytest.raises(UserError, match="no bench methods"):
+    with pytest.raises(UserError, match="--methods is empty"):
         parse_methods(" , ")
+    with pytest.raises(UserError, match="has an empty entry"):
+        parse_methods("full,,steps:2")
+    with pytest.raises(UserError, match="lists 'steps:2' twice"):
+        parse_methods("full,steps:2, steps:2")
+    assert parse_methods("steps:2,steps:3") == [("steps", "2"), ("steps", "3")]
+    with pytest.raises(UserError, match="--stages 'steps:2,' has an empty entry"):
+        parse_methods("steps:2,", "--stages")
 
     @register_method("testonly", "a method registered by a test")
     def _m(arg, ctx):

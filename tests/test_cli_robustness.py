@@ -21,7 +21,9 @@ def _cli(*args):
 def _refused(res, *needles):
     assert res.exit_code == 2, res.output
     assert res.exception is None or isinstance(res.exception, SystemExit), repr(res.exception)
-    text = " ".join(res.output.translate({ord(c): " " for c in "│╭╮╰╯─"}).split())  # rich's error box
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.output  # one line, also for the parser's errors
+    text = " ".join(res.output.split())
     for needle in needles:
         assert needle in text, (needle, res.output)
 
@@ -136,3 +138,64 @@ def test_resuming_with_other_settings_is_refused(tmp_path):
     train = ("zoo-train", "digits-dit", "--steps", "1", "--checkpoint-every", "1", "--out", tmp_path / "z")
     assert _cli(*train, "--batch-size", "4").exit_code == 0
     _refused(_cli(*train, "--batch-size", "8"), "was started with batch_size=4; this run has batch_size=8")
+
+
+def test_mistakes_found_by_a_sweep_are_one_line_errors_before_any_work(tmp_path):
+    """Session 23's sweep of bad input over every command: each of these once ran work first, printed a traceback,
+    or exited 0. Each is now refused in one line with exit code 2, before the model is sampled or trained."""
+    import torch
+
+    _refused(_cli("sample", "zoo:digits-sd", "--seed", "99999999999999999999999", "--out", tmp_path / "s"),
+             "Invalid value for '--seed'", "less than or equal to")
+    _refused(_cli("depth-search", "zoo:digits-sd", "--plot", tmp_path / "d.txt"), "matplotlib writes no .txt figures")
+    _refused(_cli("depth-search", "zoo:digits-sd", "--multi", "--split", "5000"), "must be a timestep in 1..999")
+    _refused(_cli("depth-search", "zoo:digits-sd", "--metric", "ssim", "--threshold", "30"), "SSIM is at most 1")
+    _refused(_cli("timesteps", "--steps", "10", "--gamma", "1.5", "--n", "3", "--depth", "2"),
+             "--n, --depth set up the search of gamma on a MODEL")
+    for spec, needle in (("fbcache:abc", "'abc' is not a valid setting; fbcache[:THRESHOLD]"),
+                         ("fbcache:-1", "'-1' is not a valid setting"),
+                         ("fbcache:0.05:extra", "too many parts"),
+                         ("magcache:macs=0.5:0", "magcache:macs=0.5:0: '0' is not a valid setting")):
+        _refused(_cli("bench", "zoo:digits-dit", "--methods", f"full,{spec}"), needle)
+    _refused(_cli("bench", "zoo:digits-sd", "--methods", "full,,steps:2"), "has an empty entry")
+    _refused(_cli("bench", "zoo:digits-sd", "--methods", "full,full"), "lists 'full' twice")
+    train = ("finetune", "zoo:digits-sd", "--depth", "5", "--steps", "2", "--out", tmp_path / "f")
+    _refused(_cli(*train, "--ema-decay", "1.5"), "ema_decay (--ema-decay) must be in [0, 1)")
+    _refused(_cli(*train, "--lambda-out", "-1"), "lambda_out (--lambda-out) must be a number >= 0")
+    _refused(_cli(*train, "--lr", "-1"), "lr (--lr) must be a number > 0")
+    if not torch.cuda.is_available():  # Accelerate would otherwise train in float32 without a word
+        _refused(_cli(*train, "--mixed-precision", "fp16"), "'fp16' needs a CUDA GPU")
+    assert not (tmp_path / "f" / "checkpoints").exists()
+    dipgo = ("dipgo", "zoo:digits-sd", "--ratio", "0.5", "--out", tmp_path / "r.json")
+    _refused(_cli(*dipgo, "--alpha", "-1"), "alpha (--alpha, the sparsity loss's weight) must be a number >= 0")
+    _refused(_cli(*dipgo, "--lr", "0"), "lr (--lr) must be a number > 0")
+    _refused(_cli(*dipgo, "--steps", "1"), "Invalid value for '--steps'", "greater than or equal to 2")
+    wf = ("workflow", "zoo:digits-sd", "--out", tmp_path / "w")
+    _refused(_cli(*wf, "--stages", ""), "--stages is empty")
+    _refused(_cli(*wf, "--stages", "steps:2,"), "has an empty entry")
+    _refused(_cli(*wf, "--stages", "steps:2", "--floor", "ssim=30"), "ssim is at most 1")
+    _refused(_cli(*wf, "--stages", "steps:2", "--floor", "psnr=20,psnr=30"), "sets psnr twice")
+    (tmp_path / "data.csv").write_text("x\n")
+    (tmp_path / "empty").mkdir()
+    bench = ("bench", "zoo:digits-sd", "--methods", "full")
+    _refused(_cli(*bench, "--resolution", "64"), "--resolution sets the size of a --data folder's images")
+    _refused(_cli(*bench, "--data", tmp_path / "data.csv"), "is a file; give 'zoo' or a folder of images")
+    _refused(_cli(*bench, "--data", tmp_path / "empty"), "holds no images")
+    _refused(_cli("distill", "zoo:digits-dit", tmp_path, "--teacher-samples", "5", "--out", tmp_path / "k"),
+             "--teacher-samples sets how the teacher samples")
+    _refused(_cli("profile", ""), "MODEL is empty")
+    _refused(_cli("demo", "--methods", "full,bogus", "--out", tmp_path / "demo"), "unknown bench method 'bogus'")
+    _refused(_cli("bench", "zoo:digits-sd", "--methods", "full", "--bogus"), "No such option: --bogus",
+             "bench --help lists what it takes")
+    assert not (tmp_path / "demo" / "index.html").exists()
+
+
+def test_timesteps_without_a_model_writes_the_recipe_of_its_schedule(tmp_path):
+    from diffslim.methods.timesteps import gamma_timesteps
+    from diffslim.recipe import load_recipe
+
+    res = _cli("timesteps", "--steps", "10", "--gamma", "1.5", "--coef", "20", "--out", tmp_path / "g.json")
+    assert res.exit_code == 0, res.output
+    rec = load_recipe(tmp_path / "g.json")
+    assert rec.model is None and rec.sampling.timesteps == gamma_timesteps(10, 1.5, 20)
+    assert (rec.sampling.gamma, rec.sampling.coef) == (1.5, 20.0)

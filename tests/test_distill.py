@@ -190,9 +190,9 @@ def test_feat_norm_sample_trains_differently_and_is_checked(tiny_digits_pipe, tm
     fb, fs = (float(_rows(r.log_path)[0]["feat"]) for r in (batch, sample))
     assert fb > 0 and fs > 0 and fb != fs  # the first batch, untrained student: the two terms differ
     assert json.loads((tmp_path / "s" / "distill.json").read_text())["config"]["feat_norm"] == "sample"
-    with pytest.raises(ValueError, match="feat_norm must be 'batch' or 'sample', not 'layer'"):
+    with pytest.raises(ValueError, match=r"feat_norm \(--feat-norm\) 'layer': accepted 'batch' or 'sample'"):
         distill(tiny_digits_pipe, depth_skip(teacher, 7), ds, _cfg(tmp_path / "x", feat_norm="layer"))
-    with pytest.raises(ValueError, match="feat_norm='sample' .* normalized=True"):
+    with pytest.raises(ValueError, match=r"feat_norm \(--feat-norm\) 'sample' .* normalized=True"):
         distill(tiny_digits_pipe, depth_skip(teacher, 7), ds, _cfg(tmp_path / "y", feat_norm="sample",
                                                                    normalized=False))
 

@@ -180,7 +180,7 @@ def test_workflow_on_a_user_pipeline_trains_on_its_data_folder(tiny_sd_pipe, tmp
     run = lambda *a: CliRunner().invoke(app, ["workflow", str(tmp_path / "sd"), "--stages", "layers:0.3,steps:3",
                                               "--n", "2", "--steps", "6", *map(str, a)])
     r = run("--data", tmp_path / "missing", "--out", tmp_path / "no")
-    assert r.exit_code != 0 and "neither 'zoo' nor an existing folder" in " ".join(r.output.split()), r.output
+    assert r.exit_code != 0 and "is no such folder; give 'zoo' or a folder of images" in " ".join(r.output.split()), r.output
     r = run("--data", imgs, "--out", tmp_path / "wf", "--json")
     assert r.exit_code == 0, r.output
     res = json.loads((tmp_path / "wf" / "workflow.json").read_text())

@@ -998,8 +998,7 @@ _DIFFUSERS_CACHES = {
 
 
 def _diffusers_cache_variant(name: str, arg, ctx: BenchContext) -> Variant:
-    from diffslim.methods.skip_plan import apply_diffusers_cache, remove_diffusers_cache
-
+    from diffslim.methods.skip_plan import apply_diffusers_cache, diffusers_cache_setting, remove_diffusers_cache
     from diffslim.models.anatomy import block_lists
 
     den = ctx.loaded.denoiser
@@ -1007,6 +1006,7 @@ def _diffusers_cache_variant(name: str, arg, ctx: BenchContext) -> Variant:
         raise UserError(f"{name}: diffusers' cache hooks find transformer blocks by name; "
                         f"{type(den).__name__} has none (U-Nets: use deepcache or dipgo)")
     budget, rest = _cache_budget(name, arg)
+    diffusers_cache_setting(name, arg if budget is None else (f"0:{rest}" if rest else None), arg)  # syntax, now
     if ctx.dry_run:
         return None
     setting, ratios, calib_note = _cache_setting(name, arg, ctx)
@@ -1160,16 +1160,23 @@ for _name, _cls in _DIFFUSERS_CACHES.items():
         lambda arg, ctx, _n=_name: _diffusers_cache_variant(_n, arg, ctx))
 
 
-def parse_methods(text: str) -> list[tuple[str, Optional[str]]]:
-    """``"full,steps:10"`` -> ``[("full", None), ("steps", "10")]``; unknown names raise ``ValueError``."""
+def parse_methods(text: str, option: str = "--methods") -> list[tuple[str, Optional[str]]]:
+    """``"full,steps:10"`` -> ``[("full", None), ("steps", "10")]``; unknown names, empty entries and (for the
+    bench's ``--methods``) a method listed twice raise ``UserError`` (a ``ValueError``) naming ``option``."""
+    example = "--methods full,steps:10" if option == "--methods" else "--stages layers:0.3,steps:20"
+    items = [t.strip() for t in text.split(",")]
+    if not any(items):
+        raise UserError(f"{option} is empty; give a comma-separated list, e.g. {example}")
     out = []
-    for item in [t.strip() for t in text.split(",") if t.strip()]:
+    for item in items:
+        if not item:
+            raise UserError(f"{option} {text!r} has an empty entry (two commas, or one at an end); e.g. {example}")
         name, _, arg = item.partition(":")
         if name not in METHODS:
             raise UserError(f"unknown bench method {name!r}; accepted: {', '.join(sorted(METHODS))}")
+        if option == "--methods" and (name, arg or None) in out:
+            raise UserError(f"{option} lists {item!r} twice; each method runs once (full always runs, first)")
         out.append((name, arg or None))
-    if not out:
-        raise UserError("no bench methods given; e.g. --methods full,steps:10")
     return out
 
 

@@ -11,15 +11,47 @@ from typing import Callable, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
+from typer.core import TyperGroup
 from rich.table import Table
 
 from diffslim.errors import Interrupted, UserError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+class _OneLineErrors(TyperGroup):
+    """The command group, with click's usage errors (a bad option value, an unknown option, a missing argument) as
+    one line and exit code 2, like the commands' own errors, instead of click's usage, hint and boxed message."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except typer.Abort:
+            err_console.print("[bold yellow]aborted[/]", highlight=False)
+            sys.exit(1)
+        except typer.TyperException as e:  # typer's click exceptions (its own copy of click's, hence by duck type)
+            if type(e).__name__ == "NoArgsIsHelpError" or not hasattr(e, "format_message"):
+                e.show()  # bare `diffslim`: the help
+                sys.exit(getattr(e, "exit_code", 2))
+            ctx = getattr(e, "ctx", None)
+            hint = f" ({ctx.command_path} --help lists what it takes)" if ctx is not None else ""
+            message = " ".join(e.format_message().split())
+            err_console.print(f"[bold red]error:[/] {escape(message)}{escape(hint)}", highlight=False,
+                              soft_wrap=True)
+            sys.exit(e.exit_code)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, cls=_OneLineErrors,
                   help="Make diffusers models smaller and faster while keeping their outputs close.")
 # rich assumes 80 columns when stdout is not a terminal; bench tables need more
-console = Console(width=None if sys.stdout.isatty() else 140)
-err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
+console = Console(width=None if sys.stdout.isatty() else 140, emoji=False)  # no emoji: "fbcache:-1:" stays text
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 140, emoji=False)
+
+
+# seeds are offset per sample and per purpose (calibration, validation, teacher samples) and must stay in the range
+# torch.Generator.manual_seed takes
+_SEED_MAX = 2 ** 62
 
 
 def _fail(msg: str, code: int = 2):
@@ -87,11 +119,27 @@ def _out_file(path: Path, option: str = "--out", example: str = "recipe.json") -
     return path
 
 
+def _figure_file(path: Path, option: str, example: str) -> Path:
+    """``_out_file`` for a figure: also its format, which matplotlib takes from the suffix (none: PNG)."""
+    from matplotlib.figure import Figure
+
+    kinds = Figure().canvas.get_supported_filetypes()
+    if path.suffix and path.suffix[1:].lower() not in kinds:
+        raise UserError(f"{option} {path}: matplotlib writes no {path.suffix} figures; give one of "
+                        + ", ".join("." + k for k in sorted(kinds)))
+    return _out_file(path, option, example)
+
+
 def _metric_weights(clip: Optional[Path], lpips: Optional[Path], inception: Optional[Path]) -> None:
     """The local metric weights a user names must exist (a missing one is skipped only when not asked for)."""
+    import importlib.util
+
     for option, path in (("--clip", clip), ("--lpips", lpips), ("--inception", inception)):
         if path is not None and not path.exists():
             raise UserError(f"{option} {path}: no such file or folder (the metric's local weights)")
+    if lpips is not None and importlib.util.find_spec("torchvision") is None:  # asked for, it must not be skipped
+        raise UserError("--lpips: torchmetrics builds the LPIPS backbone with torchvision, which is not installed "
+                        "(pip install torchvision, the build matching your torch)")
 
 
 def _print_json(data) -> None:
@@ -345,7 +393,7 @@ def sample_cmd(
     n: int = typer.Option(16, min=1, help="number of samples"),
     steps: Optional[int] = typer.Option(None, min=1, help="inference steps (default: the model's)"),
     scheduler: Optional[str] = typer.Option(None, help="ddim, euler, dpm++, ... (default: the pipeline's)"),
-    seed: int = typer.Option(0, help="seed of the first sample; sample i uses seed+i"),
+    seed: int = typer.Option(0, min=0, max=_SEED_MAX, help="seed of the first sample; sample i uses seed+i"),
     recipe: Optional[Path] = typer.Option(None, help="a recipe JSON to apply first"),
     prompts: Optional[Path] = typer.Option(None, help="text file, one prompt per line (text-to-image)"),
     batch_size: int = typer.Option(16, min=1, help="samples per pipeline call"),
@@ -390,7 +438,7 @@ def evaluate(
     recipe: Optional[Path] = typer.Option(None, help="a recipe JSON to apply; metrics compare it to the full model"),
     n: int = typer.Option(100, min=1, help="number of evaluation samples"),
     steps: Optional[int] = typer.Option(None, min=1, help="inference steps of the full model (default: the model's)"),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, min=0, max=_SEED_MAX),
     prompts: Optional[Path] = typer.Option(None, help="text file, one prompt per line (text-to-image)"),
     batch_size: int = typer.Option(50, min=1),
     clip: Optional[Path] = typer.Option(None, help="local CLIP folder (transformers format) for clip_score"),
@@ -462,7 +510,7 @@ def bench(
     n: int = typer.Option(50, min=1, help="number of inputs every variant samples"),
     steps: Optional[int] = typer.Option(None, min=1, help="steps of the full model (default: the model's)"),
     scheduler: Optional[str] = typer.Option(None, help="scheduler for every variant (default: the pipeline's)"),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, min=0, max=_SEED_MAX),
     prompts: Optional[Path] = typer.Option(None, help="text file, one prompt per line (text-to-image)"),
     batch_size: int = typer.Option(50, min=1),
     repeats: int = typer.Option(1, min=1, help="timed runs per variant; the best counts"),
@@ -503,7 +551,7 @@ def bench(
     from diffslim.models.load import load
 
     parsed = parse_methods(methods)  # reject bad method names before loading anything
-    _check_data(data)
+    _check_data(data, resolution)
     check_task_weight(kd_task_weight)
     _check_training_methods(parsed, dtype, dt)
     loaded = load(model, device=dev, dtype=dt)
@@ -547,7 +595,7 @@ def workflow(
     n: int = typer.Option(16, min=1, help="number of inputs every stage samples"),
     steps: Optional[int] = typer.Option(None, min=1, help="steps of the original (default: the model's)"),
     scheduler: Optional[str] = typer.Option(None, help="scheduler (default: the pipeline's)"),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, min=0, max=_SEED_MAX),
     prompts: Optional[Path] = typer.Option(None, help="text file, one prompt per line (text-to-image)"),
     batch_size: int = typer.Option(16, min=1),
     data: str = typer.Option("zoo", help="training data of the stages that score or train (layers:R, +kd, +ft): "
@@ -588,7 +636,7 @@ def workflow(
     if stages is not None:
         _check_training_methods(parse_stages(stages), dtype, dt, "run")  # bad stages: refused before any loading
     check_search(search, objective, joint_width)
-    _check_data(data)
+    _check_data(data, resolution)
     check_task_weight(kd_task_weight)
     floors = parse_floor(floor)
     if stages is None and not floors:
@@ -658,10 +706,17 @@ def _check_training_methods(parsed, name: str, dtype, command: str = "bench") ->
                             f"{command} the result (dipgo:@RECIPE, depth:N+ft@FOLDER)")
 
 
-def _check_data(data: str) -> None:
-    """Refuse a --data that is neither 'zoo' nor an existing path before anything loads or runs."""
-    if data != "zoo" and not Path(data).exists():
-        raise UserError(f"--data {data!r} is neither 'zoo' nor an existing folder of images (captions optional)")
+def _check_data(data: str, resolution: Optional[int] = None) -> None:
+    """Refuse, before anything loads or runs, a --data that is neither 'zoo' nor a folder of training images, and a
+    --resolution without such a folder."""
+    if data == "zoo":
+        if resolution is not None:
+            raise UserError("--resolution sets the size of a --data folder's images: give --data FOLDER, or drop "
+                            "--resolution (the zoo's data has its model's own size)")
+        return
+    from diffslim.train.data import check_image_folder
+
+    check_image_folder(data)
 
 
 def _print_rows(title, rows, key: str = "method") -> None:
@@ -719,16 +774,19 @@ def _calibration(model: str, n: int, steps: Optional[int], seed: int, prompts: O
 @_guard
 def depth_search_cmd(
     model: str = typer.Argument(..., help="pipeline folder or zoo:NAME (a U-Net denoiser)"),
-    threshold: float = typer.Option(30.0, help="minimum quality against the full model's outputs"),
+    threshold: Optional[float] = typer.Option(None, help="minimum quality against the full model's outputs "
+                                              "(default: 30 dB for psnr, 0.95 for ssim)"),
     metric: str = typer.Option("psnr", help="psnr or ssim"),
     mode: str = typer.Option("binary", help="binary (log2 runs; assumes quality falls with depth) or linear (every depth)"),
     n: int = typer.Option(100, min=1, help="calibration inputs (the paper uses 100)"),
     steps: Optional[int] = typer.Option(None, min=1, help="sampling steps (default: the model's)"),
-    seed: int = typer.Option(10_000, help="seed of the first calibration input (kept apart from evaluation seeds)"),
+    seed: int = typer.Option(10_000, min=0, max=_SEED_MAX,
+                             help="seed of the first calibration input (kept apart from evaluation seeds)"),
     prompts: Optional[Path] = typer.Option(None, help="text file, one prompt per line (text-to-image)"),
     batch_size: int = typer.Option(50, min=1),
     out: Optional[Path] = typer.Option(None, help="write a recipe with the chosen depth"),
-    plot: Optional[Path] = typer.Option(None, help="write the quality-vs-depth plot (PNG)"),
+    plot: Optional[Path] = typer.Option(None, help="write the quality-vs-depth plot (PNG, or another format "
+                                         "matplotlib writes: .pdf, .svg, ...)"),
     multi: bool = typer.Option(False, "--multi", help="also search a depth per timestep range (two ranges) and "
                                                       "compare its MACs with the single depth's"),
     split: Optional[int] = typer.Option(None, help="with --multi: timesteps >= SPLIT form the first range "
@@ -742,18 +800,24 @@ def depth_search_cmd(
     if out is not None:
         _out_file(out)
     if plot is not None:
-        _out_file(plot, "--plot", "depth.png")
+        _figure_file(plot, "--plot", "depth.png")
     _quiet_libraries()
     from diffslim.apply import denoiser_attr
-    from diffslim.methods.depth_search import METRICS, depth_search_figure, search_depth
+    from diffslim.methods.depth_search import METRICS, check_split, depth_search_figure, search_depth
     from diffslim.recipe import Depth, Recipe
 
     if metric not in METRICS:
         raise UserError(f"unknown metric {metric!r}; accepted: {', '.join(METRICS)}")
+    if threshold is None:
+        threshold = {"psnr": 30.0, "ssim": 0.95}[metric]
+    if metric == "ssim" and not threshold <= 1:
+        raise UserError(f"--threshold {threshold:g} with --metric ssim: SSIM is at most 1; give e.g. 0.95")
     if mode not in ("binary", "linear"):
         raise UserError(f"unknown --mode {mode!r}; accepted: binary, linear")
     if split is not None and not multi:
         raise UserError("--split sets where the two timestep ranges of --multi meet: add --multi, or drop --split")
+    if split is not None:
+        check_split(split)
 
     def needs_depth_units(loaded):
         from diffslim.methods.depth_skip import max_depth
@@ -804,6 +868,7 @@ def depth_search_cmd(
 @app.command("timesteps")
 @_guard
 def timesteps_cmd(
+    ctx: typer.Context,
     model: Optional[str] = typer.Argument(None, help="pipeline folder or zoo:NAME to search gamma on; omit to print a schedule"),
     steps: int = typer.Option(..., min=1, help="number of sampling steps N"),
     gamma: Optional[float] = typer.Option(None, help="gamma of the schedule (without MODEL)"),
@@ -811,11 +876,12 @@ def timesteps_cmd(
     method: str = typer.Option("both", help="greedy (the paper's line search), bounded (scipy) or both"),
     n: int = typer.Option(16, min=1, help="calibration inputs"),
     full_steps: Optional[int] = typer.Option(None, min=1, help="steps of the reference outputs (default: the model's)"),
-    seed: int = typer.Option(10_000),
+    seed: int = typer.Option(10_000, min=0, max=_SEED_MAX),
     prompts: Optional[Path] = typer.Option(None, help="text file, one prompt per line (text-to-image)"),
     batch_size: int = typer.Option(50, min=1),
     depth: Optional[int] = typer.Option(None, help="search for the depth-skipped model at this depth (against its own full-step outputs)"),
-    out: Optional[Path] = typer.Option(None, help="write a recipe with the found schedule"),
+    out: Optional[Path] = typer.Option(None, help="write a recipe with the schedule (the one found, or without MODEL "
+                                                  "the one of --gamma)"),
     as_json: bool = typer.Option(False, "--json"),
     device: str = typer.Option("auto", help=_DEVICE_HELP + " (with MODEL)"),
     dtype: str = typer.Option("float32", help=_DTYPE_HELP + " (with MODEL; the reference outputs too)"),
@@ -833,10 +899,21 @@ def timesteps_cmd(
     if model is None:
         if gamma is None:
             raise UserError("give --gamma to print a schedule, or a MODEL to search gamma on")
+        searching = [p.opts[0] for p in ctx.command.params if p.name in (
+            "method", "n", "full_steps", "seed", "prompts", "batch_size", "depth", "device", "dtype")
+            and ctx.get_parameter_source(p.name).name == "COMMANDLINE"]
+        if searching:
+            raise UserError(f"{', '.join(searching)} set{'s' if len(searching) == 1 else ''} up the search of gamma "
+                            "on a MODEL; without MODEL only --steps, --gamma, --coef, --out and --json apply")
         try:
             ts = gamma_timesteps(steps, gamma, coef)
         except ValueError as e:
-            raise UserError(str(e)) from None
+            raise UserError(f"--gamma/--coef: {e}".replace("gamma_timesteps: ", "")) from None
+        if out is not None:
+            from diffslim.recipe import Recipe, Sampling
+
+            Recipe(sampling=Sampling(timesteps=ts, gamma=gamma, coef=coef),
+                   description=f"gamma-curve {steps}-step schedule, gamma {gamma:g}, c {coef:g}").save(out)
         if as_json:
             _print_json({"steps": steps, "gamma": gamma, "coef": coef, "timesteps": ts})
         else:
@@ -873,15 +950,11 @@ def _distill_config(out, steps, batch_size, lr, checkpoint_every, log_every, ema
                     match_plain_weight=False, feat_norm="batch"):
     from diffslim.train.distill import DistillConfig
 
-    if steps < 1 or batch_size < 1 or lr <= 0:
-        raise UserError("--steps and --batch-size must be >= 1 and --lr > 0")
-    if mixed_precision not in ("no", "fp16", "bf16"):
-        raise UserError(f"--mixed-precision {mixed_precision!r}: accepted no, fp16, bf16")
     return DistillConfig(steps=steps, batch_size=batch_size, lr=lr, out=out, checkpoint_every=checkpoint_every,
-                         log_every=log_every, ema_decay=ema_decay if ema_decay > 0 else None,
+                         log_every=log_every, ema_decay=ema_decay if ema_decay != 0 else None,
                          mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing, seed=seed,
                          log_with=log_with, normalized=normalized, lambda_task=lambda_task, lambda_out=lambda_out,
-                         lambda_feat=lambda_feat, match_plain_weight=match_plain_weight, feat_norm=feat_norm)
+                         lambda_feat=lambda_feat, match_plain_weight=match_plain_weight, feat_norm=feat_norm).check()
 
 
 _TRAIN_OPTS = dict(
@@ -892,9 +965,9 @@ _TRAIN_OPTS = dict(
     checkpoint_every=typer.Option(100, min=1, help="checkpoint every N steps; rerun the same command to resume exactly"),
     log_every=typer.Option(10, min=1),
     ema_decay=typer.Option(0.999, help="EMA of the student; 0 disables it"),
-    mixed_precision=typer.Option("no", help="no, fp16 or bf16 (GPU)"),
+    mixed_precision=typer.Option("no", help="no, fp16 (CUDA GPUs) or bf16"),
     gradient_checkpointing=typer.Option(False, help="trade compute for memory"),
-    seed=typer.Option(0),
+    seed=typer.Option(0, min=0, max=_SEED_MAX),
     log_with=typer.Option("csv", help="csv or tensorboard"),
 )
 
@@ -924,13 +997,13 @@ def finetune(
     from diffslim.methods.finetune import finetune_depth
     from diffslim.models.load import load
 
+    cfg = _distill_config(out, steps, batch_size, lr, checkpoint_every, log_every, ema_decay, mixed_precision,
+                          gradient_checkpointing, seed, log_with, normalized, 1.0, lambda_out, lambda_feat,
+                          feat_norm=feat_norm)  # settings refused before the model loads
     loaded = load(model)
     if loaded.pipe is None:
         raise UserError(f"{model} is not a pipeline; fine-tuning needs a pipeline folder or zoo:NAME")
     removed_modules(loaded.denoiser, depth)
-    cfg = _distill_config(out, steps, batch_size, lr, checkpoint_every, log_every, ema_decay, mixed_precision,
-                          gradient_checkpointing, seed, log_with, normalized, 1.0, lambda_out, lambda_feat,
-                          feat_norm=feat_norm)
     _, folder = finetune_depth(loaded.pipe, depth, data, cfg)
     console.print(f"fine-tuned student (depth {depth}): {folder}; log: {Path(out) / 'train_log.csv'}")
 
@@ -965,6 +1038,7 @@ def _teacher_samples(teacher, prompts: Path, n: int, steps: Optional[int], folde
 @app.command()
 @_guard
 def distill(
+    ctx: typer.Context,
     teacher: str = typer.Argument(..., help="pipeline folder or zoo:NAME"),
     student: Path = typer.Argument(..., help="a denoiser folder (config.json + safetensors), e.g. a pruned model"),
     out: Path = typer.Option(Path("distill"), help="run folder"),
@@ -997,6 +1071,19 @@ def distill(
 ):
     """Distil a teacher pipeline's denoiser into a student denoiser (task + output + feature losses)."""
     _out_folder(out)
+    own_samples = data != "zoo" and Path(data).is_file()
+    if not own_samples:
+        given = [o for o, name in (("--teacher-samples", "teacher_samples"), ("--sample-steps", "sample_steps"))
+                 if ctx.get_parameter_source(name).name == "COMMANDLINE"]
+        if given:
+            raise UserError(f"{' and '.join(given)} set{'s' if len(given) == 1 else ''} how the teacher samples its "
+                            "own training images from --data PROMPTS.txt; with an image folder or 'zoo' drop "
+                            f"{'it' if len(given) == 1 else 'them'}")
+    if lambda_task is None:
+        lambda_task = 0.0 if own_samples else 1.0
+    cfg = _distill_config(out, steps, batch_size, lr, checkpoint_every, log_every, ema_decay, mixed_precision,
+                          gradient_checkpointing, seed, log_with, normalized, lambda_task, lambda_out, lambda_feat,
+                          match_plain_weight, feat_norm)
     _quiet_libraries()
     from diffslim.models.load import load
     from diffslim.train.data import make_dataset
@@ -1008,12 +1095,6 @@ def distill(
     s = load(str(student))
     if not s.has_weights or s.pipe is not None:
         raise UserError(f"{student} must be a denoiser folder with safetensors weights")
-    own_samples = data != "zoo" and Path(data).is_file()
-    if lambda_task is None:
-        lambda_task = 0.0 if own_samples else 1.0
-    cfg = _distill_config(out, steps, batch_size, lr, checkpoint_every, log_every, ema_decay, mixed_precision,
-                          gradient_checkpointing, seed, log_with, normalized, lambda_task, lambda_out, lambda_feat,
-                          match_plain_weight, feat_norm)
     if own_samples:
         data = str(_teacher_samples(t, Path(data), teacher_samples, sample_steps, Path(out) / "teacher_samples"))
         if lambda_task != 0:
@@ -1132,7 +1213,8 @@ def layer_prune_cmd(
     calibration_kind: str = typer.Option("data", "--calibration", help=_CALIBRATION_HELP),
     calib_steps: Optional[int] = typer.Option(None, min=1, help="--calibration sampling: sampling steps (default: "
                                                                 "the zoo model's, else 50)"),
-    seed: int = typer.Option(0, help="seed of the calibration triples (and of the random criterion)"),
+    seed: int = typer.Option(0, min=0, max=_SEED_MAX,
+                             help="seed of the calibration triples (and of the random criterion)"),
     inner: bool = typer.Option(False, help="score the transformer blocks inside deep attention layers (SDXL) "
                                            "instead of whole attention layers"),
     resolution: Optional[int] = typer.Option(None, min=1, help="image size in px of the --data folder's calibration "
@@ -1414,6 +1496,8 @@ def lora_cmd(
 
     source = None
     if original is not None:
+        if not original.startswith("zoo:") and not Path(original).exists():
+            raise UserError(f"--original {original}: no such folder; give the pipeline folder the LoRA was trained on")
         source = load(original).pipe
         if source is None:
             raise UserError(f"--original {original} is not a pipeline folder: give the pipeline the LoRA was trained on")
@@ -1599,7 +1683,7 @@ def _sample_selections(loaded, res: dict, n: int, steps: Optional[int], progress
 def dipgo_cmd(
     model: str = typer.Argument(..., help="zoo:NAME or a diffusers pipeline folder"),
     ratio: float = typer.Option(..., help="share of the MACs to remove, in (0, 1): 0.8 keeps <= 20%"),
-    steps: int = typer.Option(50, help="denoising steps the plan is made for"),
+    steps: int = typer.Option(50, min=2, help="denoising steps the plan is made for"),
     scheduler: Optional[str] = typer.Option(None, help="scheduler to train with (default: the pipeline's)"),
     loss: str = typer.Option("ssim", help="consistency loss: ssim, l1, l2 or ssim+l1"),
     alpha: float = typer.Option(1.0, help="weight of the sparsity loss"),
@@ -1625,7 +1709,7 @@ def dipgo_cmd(
     restarts: int = typer.Option(1, min=1, help="pruners trained from seeds SEED, SEED+1, ...; the one that validates best "
                                          "is kept (needs --select)"),
     checkpoint_every: int = typer.Option(20, min=1),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, min=0, max=_SEED_MAX),
 ):
     """Learn a skip plan with DiP-GO and write it as a recipe (skip_plan section)."""
     _out_file(out)

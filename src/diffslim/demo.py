@@ -284,6 +284,10 @@ def run_demo(out: Path, n: int | None = None, methods: str | None = None, consol
     from diffslim.sample import SampleSpec, sample
     from diffslim.zoo.registry import ZOO
 
+    if methods is not None:
+        from diffslim.bench import parse_methods
+
+        parse_methods(methods)  # a bad method name is refused before the first model is profiled
     console = console or Console()
     rep = Report("diffslim demo: the reference zoo")
     rep.add_text("what this is",

@@ -430,10 +430,13 @@ def sample(pipe, spec: SampleSpec, *, cache: Optional[ReferenceCache] = None, mo
 
 @contextlib.contextmanager
 def _progress(description: str, total: int):
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
+    console = Console()
+    # off the terminal (a log file, a pipe) a transient bar would only leave an empty line behind
     with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), transient=True) as p:
+                  TimeElapsedColumn(), transient=True, console=console, disable=not console.is_terminal) as p:
         task = p.add_task(description, total=total)
         yield lambda k: p.advance(task, k)
 

@@ -60,6 +60,7 @@ EXPLICIT_SCHEDULES = ("gamma", "uniform", "karras", "ays", "xue", "evo")
 PLAN_STAGES = ("dipgo", "deepcache", "random", "ga")
 # metrics a floor may hold, all higher-is-better
 FLOOR_METRICS = ("psnr", "ssim", "digit_accuracy", "psnr_gt", "ssim_gt", "clip_score")
+BOUNDED_METRICS = ("ssim", "digit_accuracy", "ssim_gt")  # at most 1
 # stages whose setting ``auto`` searches: a valid setting to check the stage with before anything runs
 AUTO = {"layers": "0.5", "depth": "1", "steps": "1", "dpm": "2", "deepcache": "2"}
 LAYER_RATIOS = tuple(round(0.05 * k, 2) for k in range(1, 20))  # the ratios layers:auto tries from
@@ -96,7 +97,7 @@ def parse_stages(text: str) -> list[tuple[str, Optional[str]]]:
     for item in (t.strip() for t in text.split(",")):
         if item and item.partition(":")[0] not in METHODS:
             stage_kind(item.partition(":")[0])  # names the stages a workflow accepts
-    stages = parse_methods(text)
+    stages = parse_methods(text, "--stages")
     rank = {"model": 0, "schedule": 1, "plan": 2}
     kinds = [stage_kind(n) for n, _ in stages]
     for (a, ka), (b, kb) in zip(zip(stages, kinds), zip(stages[1:], kinds[1:])):
@@ -137,10 +138,14 @@ def parse_floor(text: Optional[str]) -> dict[str, float]:
         if not eq or key not in FLOOR_METRICS:
             raise UserError(f"floor {item!r}: give METRIC=VALUE with METRIC one of {', '.join(FLOOR_METRICS)}, "
                             "e.g. psnr=20")
+        if key in out:
+            raise UserError(f"floor {text!r} sets {key} twice; give each metric once")
         try:
             out[key] = float(value)
         except ValueError:
             raise UserError(f"floor {item!r}: {value!r} is not a number") from None
+        if key in BOUNDED_METRICS and not out[key] <= 1:
+            raise UserError(f"floor {item!r}: {key} is at most 1, so no stage could meet it; e.g. {key}=0.95")
     return out
 
 

@@ -207,6 +207,13 @@ def multi_depth_quality(pipe, attr: str, spec: SampleSpec, reference: torch.Tens
     return METRICS[metric](sample(variant, spec), reference)
 
 
+def check_split(split: int) -> int:
+    """A ``--split`` between the two timestep ranges of a multi-depth search: a timestep in 1..999."""
+    if not 0 < split <= 999:
+        raise UserError(f"--split {split} must be a timestep in 1..999")
+    return split
+
+
 def search_multi_depth(pipe, attr: str, spec: SampleSpec, reference: torch.Tensor, threshold: float,
                        split: Optional[int] = None, metric: str = "psnr",
                        progress: Optional[Callable[[int, int, float], None]] = None) -> MultiDepthResult:
@@ -224,8 +231,7 @@ def search_multi_depth(pipe, attr: str, spec: SampleSpec, reference: torch.Tenso
     ts = spec_timesteps(pipe, spec)
     if split is None:
         split = ts[len(ts) // 2 - 1] if len(ts) > 1 else 0
-    if not 0 < split <= 999:
-        raise UserError(f"--split {split} must be a timestep in 1..999")
+    check_split(split)
     n_high = sum(t >= split for t in ts)
     n_low = len(ts) - n_high
     # priced on the call the pipeline makes for these inputs (SR works at its input's size, not sample_size)

@@ -481,8 +481,14 @@ class DipgoConfig:
             raise UserError(f"unknown init {self.init!r}; accepted: {', '.join(INITS)}")
         if self.objective not in OBJECTIVES:
             raise UserError(f"unknown objective {self.objective!r}; accepted: {', '.join(OBJECTIVES)}")
-        if self.iters < 1 or self.batch_size < 1 or self.num_inference_steps < 2 or self.lr <= 0:
-            raise UserError("iters and batch size must be >= 1, steps >= 2, lr > 0")
+        for key, option, low in (("iters", "--iters", 1), ("batch_size", "--batch-size", 1),
+                                 ("num_inference_steps", "--steps", 2)):
+            if getattr(self, key) < low:
+                raise UserError(f"{key} ({option}) must be at least {low}, not {getattr(self, key)}")
+        if not self.lr > 0 or not math.isfinite(self.lr):
+            raise UserError(f"lr (--lr) must be a number > 0, not {self.lr}")
+        if not self.alpha >= 0 or not math.isfinite(self.alpha):
+            raise UserError(f"alpha (--alpha, the sparsity loss's weight) must be a number >= 0, not {self.alpha}")
         if self.gumbel_scale < 0:
             raise UserError(f"gumbel_scale must be >= 0 (the gates' Gumbel noise scale), got {self.gumbel_scale}")
         if self.checkpoint_every < 1:

@@ -40,6 +40,7 @@ composes with diffusers' own hooks and is removed by :func:`remove_skip_plan`.
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
@@ -671,6 +672,39 @@ def check_scheduler(scheduler, num_inference_steps: int, plan_steps: int, name: 
 
 _CTX_HOOK = "diffslim_cache_context"
 DIFFUSERS_CACHES = ("fbcache", "fastercache", "taylorseer", "magcache", "pab")
+# each cache's argument: (syntax, the default setting), a threshold (float >= 0) and/or a count of steps (int >= 1)
+_CACHE_SYNTAX = {"fbcache": ("fbcache[:THRESHOLD], THRESHOLD >= 0 (e.g. fbcache:0.05)", (0.05,)),
+                 "taylorseer": ("taylorseer[:INTERVAL], INTERVAL >= 1 steps (e.g. taylorseer:5)", (5,)),
+                 "pab": ("pab[:K], K >= 1 calls (e.g. pab:2)", (2,)),
+                 "fastercache": ("fastercache[:K], K >= 1 calls (e.g. fastercache:2)", (2,)),
+                 "magcache": ("magcache[:THRESHOLD[:K]], THRESHOLD >= 0 and K >= 1 steps (e.g. magcache:0.06:3)",
+                              (0.06, 3))}
+
+
+def diffusers_cache_setting(name: str, arg: Optional[str], shown: Optional[str] = None) -> tuple:
+    """The setting of diffusers' cache ``name`` from its argument text (None or "": the default): ``(threshold,)``,
+    ``(interval,)`` or MagCache's ``(threshold, K)``; a :class:`UserError` naming the syntax otherwise (and the
+    argument as ``shown``, by default ``arg``)."""
+    shown = arg if shown is None else shown
+    if name not in _CACHE_SYNTAX:
+        raise UserError(f"unknown diffusers cache {name!r}; accepted: {', '.join(DIFFUSERS_CACHES)}")
+    syntax, default = _CACHE_SYNTAX[name]
+    parts = (arg or "").split(":") if arg else []
+    if len(parts) > len(default):
+        raise UserError(f"{name}:{shown}: too many parts; {syntax}")
+    out = []
+    for text, fallback in zip(parts + [""] * (len(default) - len(parts)), default):
+        if not text:
+            out.append(fallback)
+            continue
+        try:
+            value = type(fallback)(text)
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or value < (0 if isinstance(fallback, float) else 1):
+            raise UserError(f"{name}:{shown}: {text!r} is not a valid setting; {syntax}")
+        out.append(value)
+    return tuple(out)
 
 
 class _CacheContextHook(ModelHook):
@@ -716,19 +750,18 @@ def apply_diffusers_cache(denoiser: nn.Module, name: str, arg: Optional[str], nu
 
     from diffslim.models.anatomy import block_lists
 
-    if name not in DIFFUSERS_CACHES:
-        raise UserError(f"unknown diffusers cache {name!r}; accepted: {', '.join(DIFFUSERS_CACHES)}")
+    setting = diffusers_cache_setting(name, arg)
     if not block_lists(denoiser):
         raise UserError(f"{name}: diffusers' cache hooks find transformer blocks by name (transformer_blocks, ...); "
                         f"{type(denoiser).__name__} has none (U-Nets: use deepcache or dipgo)")
     ctx_hook = _CacheContextHook(_timestep_index(denoiser), num_steps)
     try:
         if name == "fbcache":
-            thr = float(arg) if arg else 0.05
+            (thr,) = setting
             H.apply_first_block_cache(denoiser, H.FirstBlockCacheConfig(threshold=thr))
             note = f"FirstBlockCache threshold {thr:g}"
         elif name == "taylorseer":
-            k = int(arg) if arg else 5
+            (k,) = setting
             # diffusers' default patterns match attention modules named "attn" (Flux, SD3) but not DiT's and
             # PixArt's "attn1"/"attn2": name the block lists' attention modules, whatever their number
             attn = [rf"{ln}\.\d+\.attn\d*" for ln in block_lists(denoiser)]
@@ -737,13 +770,13 @@ def apply_diffusers_cache(denoiser: nn.Module, name: str, arg: Optional[str], nu
                                                                        cache_identifiers=attn))
             note = f"TaylorSeer cache interval {k}, order 1, on the attention layers"
         elif name == "pab":
-            k = int(arg) if arg else 2
+            (k,) = setting
             H.apply_pyramid_attention_broadcast(denoiser, H.PyramidAttentionBroadcastConfig(
                 spatial_attention_block_skip_range=k, spatial_attention_timestep_skip_range=(100, 800),
                 current_timestep_callback=ctx_hook.current_timestep))
             note = f"PAB: self-attention reused for {k - 1} of every {k} calls in t in (100, 800)"
         elif name == "fastercache":
-            k = int(arg) if arg else 2
+            (k,) = setting
             H.apply_faster_cache(denoiser, H.FasterCacheConfig(
                 spatial_attention_block_skip_range=k, spatial_attention_timestep_skip_range=(-1, 681),
                 current_timestep_callback=ctx_hook.current_timestep, attention_weight_callback=lambda _: 0.5,
@@ -751,11 +784,7 @@ def apply_diffusers_cache(denoiser: nn.Module, name: str, arg: Optional[str], nu
             note = (f"FasterCache: attention reused every {k} calls for t < 681 (guidance-distilled mode: "
                     "the zoo pipeline batches CFG in one call)")
         else:  # magcache
-            thr, _, k = (arg or "").partition(":")
-            thr, k = float(thr) if thr else 0.06, int(k) if k else 3
-            if thr < 0 or k < 1:
-                raise UserError(f"magcache:{arg}: the threshold must be >= 0 and the most consecutive skipped steps "
-                                ">= 1 (magcache[:THRESHOLD[:K]], e.g. magcache:0.06:3)")
+            thr, k = setting
             ratios = list(mag_ratios) if mag_ratios is not None else [1.0] * num_steps
             H.apply_mag_cache(denoiser, H.MagCacheConfig(threshold=thr, max_skip_steps=k,
                                                          num_inference_steps=len(ratios), mag_ratios=ratios))

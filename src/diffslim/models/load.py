@@ -225,6 +225,8 @@ def load(model: str, dtype=torch.float32, device="cpu", random_weights: bool = F
         pipe = load_pipeline_folder(entry.folder, dtype=dtype, device=device)
         return LoadedModel(model, "pipeline", denoiser_of(pipe), pipe=pipe, zoo=entry, vae_scale_factor=1)
 
+    if not str(model).strip():
+        raise ModelLoadError(f"MODEL is empty; {ACCEPTED}")
     path = Path(model).expanduser()
     if not path.exists():
         raise ModelLoadError(f"no such file or folder: {model}; {ACCEPTED}")

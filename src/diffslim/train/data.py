@@ -93,6 +93,20 @@ def _list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
+def check_image_folder(folder: Union[str, Path], option: str = "--data") -> Path:
+    """Before any work: ``folder`` is a folder with images, or with ``input/`` and ``target/`` subfolders (image to
+    image pairs); else a :class:`UserError` saying what it takes."""
+    root = Path(folder)
+    if not root.is_dir():
+        what = "a file" if root.is_file() else "no such folder"
+        raise UserError(f"{option} {str(folder)!r} is {what}; give 'zoo' or a folder of images (captions optional, "
+                        "or input/ and target/ subfolders for image to image)")
+    if not _list_images(root) and not ((root / "input").is_dir() and (root / "target").is_dir()):
+        raise UserError(f"{option} {root} holds no images ({', '.join(IMAGE_EXTENSIONS)}) and no input/ and "
+                        "target/ subfolders")
+    return root
+
+
 def _read_jsonl_captions(path: Path) -> dict[str, str]:
     """``{"file": NAME, "text": CAPTION}`` per line (``file_name`` accepted as in HF imagefolder)."""
     out = {}

@@ -105,6 +105,42 @@ class DistillConfig:
     weight_batches: int = 4
     feat_norm: str = "batch"
 
+    def check(self) -> "DistillConfig":
+        """Raise a :class:`UserError` naming the setting (and its command-line option) that is out of range."""
+        import math
+
+        def name(key):
+            return f"{key} (--{key.replace('_', '-')})"
+
+        if self.match_plain_weight and not self.normalized:
+            raise UserError(f"{name('match_plain_weight')} scales the normalized feature loss: use it with "
+                            "normalized=True (--normalized)")
+        if self.feat_norm not in ("batch", "sample"):
+            raise UserError(f"{name('feat_norm')} {self.feat_norm!r}: accepted 'batch' or 'sample'")
+        if self.feat_norm == "sample" and not self.normalized:
+            raise UserError(f"{name('feat_norm')} 'sample' divides by each sample's teacher norm: use it with "
+                            "normalized=True (--normalized)")
+        if self.log_with not in ("csv", "tensorboard"):
+            raise UserError(f"{name('log_with')} {self.log_with!r}: accepted 'csv' or 'tensorboard'")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise UserError(f"{name('mixed_precision')} {self.mixed_precision!r}: accepted 'no', 'fp16' or 'bf16'")
+        for key in ("steps", "batch_size", "checkpoint_every", "log_every", "keep_checkpoints", "weight_batches"):
+            if getattr(self, key) < 1:
+                raise UserError(f"{name(key)} must be at least 1, not {getattr(self, key)}")
+        for key in ("lr", "feat_eps"):
+            if not getattr(self, key) > 0 or not math.isfinite(getattr(self, key)):
+                raise UserError(f"{name(key)} must be a number > 0, not {getattr(self, key)}")
+        for key in ("lambda_task", "lambda_out", "lambda_feat", "max_grad_norm", "weight_decay"):
+            if not getattr(self, key) >= 0 or not math.isfinite(getattr(self, key)):
+                raise UserError(f"{name(key)} must be a number >= 0, not {getattr(self, key)}")
+        if self.ema_decay is not None and not 0 <= self.ema_decay < 1:
+            raise UserError(f"{name('ema_decay')} must be in [0, 1) (0 or None: no EMA), not {self.ema_decay}")
+        if not 0 <= self.label_dropout < 1:
+            raise UserError(f"{name('label_dropout')} must be in [0, 1), not {self.label_dropout}")
+        if self.warmup is not None and self.warmup < 0:
+            raise UserError(f"{name('warmup')} must be >= 0 steps, not {self.warmup}")
+        return self
+
 
 @dataclass
 class DistillResult:
@@ -812,21 +848,10 @@ def distill(teacher_pipe, student: nn.Module, dataset, cfg: DistillConfig) -> Di
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
-    if cfg.match_plain_weight and not cfg.normalized:
-        raise UserError("match_plain_weight scales the normalized feature loss: use it with normalized=True (--normalized)")
-    if cfg.feat_norm not in ("batch", "sample"):
-        raise UserError(f"feat_norm must be 'batch' or 'sample', not {cfg.feat_norm!r}")
-    if cfg.feat_norm == "sample" and not cfg.normalized:
-        raise UserError("feat_norm='sample' divides by each sample's teacher norm: use it with normalized=True (--normalized)")
-    if cfg.weight_batches < 1:
-        raise UserError(f"weight_batches must be at least 1, not {cfg.weight_batches}")
-    if cfg.log_with not in ("csv", "tensorboard"):
-        raise UserError(f"log_with must be 'csv' or 'tensorboard', not {cfg.log_with!r}")
-    for key in ("steps", "batch_size", "checkpoint_every", "log_every", "keep_checkpoints"):
-        if getattr(cfg, key) < 1:
-            raise UserError(f"{key} must be at least 1, not {getattr(cfg, key)}")
-    if cfg.lr <= 0:
-        raise UserError(f"lr must be > 0, not {cfg.lr}")
+    cfg.check()
+    if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():  # Accelerate would train in float32, silently
+        raise UserError("mixed_precision (--mixed-precision) 'fp16' needs a CUDA GPU and torch sees none: give 'no', "
+                        "or 'bf16' (which CPUs run)")
     out = Path(cfg.out)
     ckpt_root = out / "checkpoints"
     tensorboard = cfg.log_with == "tensorboard" and _tensorboard_available()
