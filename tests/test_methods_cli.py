@@ -133,7 +133,7 @@ def test_finetune_cli_then_bench_the_student(tiny_digits_folder, tmp_path):
     r = _run("finetune", tiny_digits_folder, "--depth", "30", "--steps", "1")
     assert r.exit_code == 2 and "depth 30 is outside" in r.output
     r = _run("finetune", tiny_digits_folder, "--depth", "7", "--steps", "1", "--feat-norm", "sample", "--out", tmp_path / "x")
-    assert r.exit_code == 2 and "feat_norm='sample' divides by each sample's teacher norm" in " ".join(r.output.split())
+    assert r.exit_code == 2 and "feat_norm (--feat-norm) 'sample' divides by each sample's teacher norm" in " ".join(r.output.split())
 
 
 def test_timesteps_search_for_a_depth_skipped_model(tiny_digits_folder, tmp_path):

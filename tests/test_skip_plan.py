@@ -260,7 +260,7 @@ def test_magcache_ratios_are_diffusers_own_and_calibrated_magcache_skips_by_them
     assert torch.equal(exact, full) and n_exact == STEPS
     # retention 0.2 of 6 steps keeps the first one; then at most 2 skipped in a row: run 0, 3 (skip 1-2, 4-5)
     assert len(calls) == 2 and not torch.equal(skipping, full)
-    with pytest.raises(UserError, match=r"threshold must be >= 0"):
+    with pytest.raises(UserError, match=r"magcache:-1: .-1. is not a valid setting; .*THRESHOLD >= 0"):
         apply_diffusers_cache(den, "magcache", "-1", STEPS, mag_ratios=ours)
     with pytest.raises(UserError, match="no transformer blocks"):
         magcache_ratios(tiny_digits_pipe.denoiser, lambda: None)
