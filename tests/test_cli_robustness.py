@@ -199,3 +199,15 @@ def test_timesteps_without_a_model_writes_the_recipe_of_its_schedule(tmp_path):
     rec = load_recipe(tmp_path / "g.json")
     assert rec.model is None and rec.sampling.timesteps == gamma_timesteps(10, 1.5, 20)
     assert (rec.sampling.gamma, rec.sampling.coef) == (1.5, 20.0)
+
+
+def test_version_names_the_versions_a_bug_report_needs():
+    from importlib.metadata import version
+
+    import diffusers
+    import torch
+
+    res = _cli("--version")
+    assert res.exit_code == 0, res.output
+    assert res.output.startswith(f"diffslim {version('diffslim')} (torch {torch.__version__}, diffusers "
+                                 f"{diffusers.__version__}, python ")

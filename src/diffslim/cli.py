@@ -49,6 +49,24 @@ console = Console(width=None if sys.stdout.isatty() else 140, emoji=False)  # no
 err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 140, emoji=False)
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        import diffusers
+        import torch
+
+        console.print(f"diffslim {version('diffslim')} (torch {torch.__version__}, diffusers {diffusers.__version__}, "
+                      f"python {sys.version.split()[0]})", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="print the versions of diffslim, torch, diffusers and python, and exit")):
+    """Make diffusers models smaller and faster while keeping their outputs close."""
+
+
 # seeds are offset per sample and per purpose (calibration, validation, teacher samples) and must stay in the range
 # torch.Generator.manual_seed takes
 _SEED_MAX = 2 ** 62
