@@ -159,6 +159,8 @@ def test_mistakes_found_by_a_sweep_are_one_line_errors_before_any_work(tmp_path)
         _refused(_cli("bench", "zoo:digits-dit", "--methods", f"full,{spec}"), needle)
     _refused(_cli("bench", "zoo:digits-sd", "--methods", "full,,steps:2"), "has an empty entry")
     _refused(_cli("bench", "zoo:digits-sd", "--methods", "full,full"), "lists 'full' twice")
+    for spec in ("layers:0.5+kd+kd", "layers:0.5+ft"):
+        _refused(_cli("bench", "zoo:digits-sd", "--methods", f"full,{spec}"), "the only suffix layers:R takes is one +kd")
     train = ("finetune", "zoo:digits-sd", "--depth", "5", "--steps", "2", "--out", tmp_path / "f")
     _refused(_cli(*train, "--ema-decay", "1.5"), "ema_decay (--ema-decay) must be in [0, 1)")
     _refused(_cli(*train, "--lambda-out", "-1"), "lambda_out (--lambda-out) must be a number >= 0")

@@ -741,6 +741,9 @@ def _layers(arg, ctx: BenchContext) -> Variant:
     text = arg or ""
     kd = text.endswith("+kd")
     core = text[:-3] if kd else text
+    if "+" in core:
+        raise UserError(f"layers:{text}: the only suffix layers:R takes is one +kd (a short distillation), at the end; "
+                        "e.g. layers:0.5+kd or layers:0.5:macs+kd")
     ratio_text, _, variant = core.partition(":")
     variant, by, max_params = layer_variant(variant, "R")
     ratio = _ratio_arg(ratio_text, "layers:R")
