@@ -8,6 +8,8 @@
 #   here, the same commands on the CPU (to try the script): DEV=cpu PY=.venv/bin/python NO_WHEELS=1 ARCH=0 \
 #          OUT=/tmp/gc bash bench/gpu_check.sh run
 #
+# The image's own huggingface_hub (1.33) serves diffusers and transformers: 2.x would need httpx2, which it lacks.
+#
 # What comes back under $OUT (8 files at most): log.txt (every command's output), the JSON files named below and
 # one plot.
 set -uo pipefail
@@ -17,7 +19,7 @@ if [ "$mode" = prepare ]; then
     grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
     mkdir -p .whl
     for spec in diffusers==0.42.1 pydantic==2.14.3 pydantic_core==2.50.4 annotated-types==0.8.0 \
-                typing-inspection==0.4.5 huggingface_hub==2.4.0 transformers==5.23.0 typer==0.29.1 rich==15.0.0; do
+                typing-inspection==0.4.5 typing_extensions==4.16.0 regex==2026.12.2 transformers==5.23.0 typer==0.29.1 rich==15.0.0; do
         python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
             --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
             -d .whl "$spec" || echo "could not fetch $spec"
@@ -37,12 +39,15 @@ fi
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1 DIFFSLIM_CACHE=${DIFFSLIM_CACHE:-/tmp/diffslim-cache}
 D="$PY -m diffslim.cli"
 fails=0
+BUDGET=${BUDGET:-450}  # seconds: a step that would start later is skipped, so the call ends inside its limit
+STEP_LIMIT=${STEP_LIMIT:-150}  # seconds one step may take
 step() {  # step NAME COMMAND...: run it, log it, count a failure, go on
     local name=$1; shift
+    if [ $SECONDS -ge $BUDGET ]; then echo "=== $name: skipped (budget of $BUDGET s spent)" | tee -a "$OUT/log.txt"; return; fi
     echo "=== $name: $*" | tee -a "$OUT/log.txt"
     local t0=$SECONDS
-    if "$@" >> "$OUT/log.txt" 2>&1; then echo "ok ($((SECONDS - t0)) s)" | tee -a "$OUT/log.txt"
-    else echo "FAILED ($((SECONDS - t0)) s)" | tee -a "$OUT/log.txt"; fails=$((fails + 1)); fi
+    if timeout $STEP_LIMIT "$@" >> "$OUT/log.txt" 2>&1; then echo "ok ($((SECONDS - t0)) s)" | tee -a "$OUT/log.txt"
+    else echo "FAILED rc $? ($((SECONDS - t0)) s)" | tee -a "$OUT/log.txt"; fails=$((fails + 1)); fi
 }
 nvidia-smi --query-gpu=name,memory.total --format=csv >> "$OUT/log.txt" 2>&1
 $PY -c "import torch, diffusers; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'diffusers', diffusers.__version__)" 2>&1 | tee -a "$OUT/log.txt"

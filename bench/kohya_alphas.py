@@ -2,10 +2,10 @@
 
 Builds the tests' tiny random-weight SD pipeline and a random LoRA of its U-Net, writes it in Kohya's format with
 per-module alphas 1..5 (cycled, so not all alike), loads the file with diffusers' ``load_lora_weights``, and compares
-each wrapped module's scaling with the Kohya file's ``alpha / rank``. ``diffslim lora --original`` takes the scales
-diffusers gives, so a module diffusers scales wrongly is scaled the same way in the adapted file.
+each wrapped module's scaling with the Kohya file's ``alpha / rank``. Until session 24 ``diffslim lora --original``
+took the scales diffusers gives; it now takes the file's alphas (the last line counts the modules that get them).
 
-    .venv/bin/python bench/kohya_alphas.py
+    .venv/bin/python bench/kohya_alphas.py > bench/results/kohya_alphas.txt
 """
 import copy, sys, warnings
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "tests"))
@@ -45,3 +45,11 @@ for name, mod in p.unet.named_modules():
             good += 1
             print("same:   ", name, "rank", r, "scaling", got)
 print(f"{good} modules scaled as the Kohya file asks, {bad} not")
+
+# diffslim lora --original (session 24): the alphas it writes for the adapted LoRA, taken from the file itself
+from diffslim.lora import lora_via_pipeline
+_, meta = lora_via_pipeline(copy.deepcopy(pipe), out)
+base, pattern = meta["unet.lora_alpha"], meta["unet.alpha_pattern"]
+right = sum(abs(pattern.get(f"^{m}", base) - float(kohya["lora_unet_" + m.replace(".", "_") + ".alpha"])) < 1e-6
+            for m in meta["unet.target_modules"])
+print(f"diffslim lora --original: {right} of {len(meta['unet.target_modules'])} modules with the Kohya file's alpha")

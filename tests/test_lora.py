@@ -304,20 +304,34 @@ def test_cli_stock_writes_the_adapted_loras_beside_the_stock_model(tmp_path):
 
 
 def test_cli_reads_a_kohya_lora_through_the_original_pipeline(tiny_sd_pipe, tmp_path):
-    """A Kohya/A1111 U-Net LoRA (what most shared SD LoRAs are) with alphas that are not the ranks: read through
-    --original's diffusers loader, adapted, and equal to diffusers' own loading of the Kohya file."""
+    """A Kohya/A1111 LoRA of the U-Net and the text encoder (what most shared SD LoRAs are) with alphas that are not
+    the ranks: read through --original's diffusers loader and adapted, every module with the scale its own alpha
+    in the file gives it. diffusers' own loading gives the attention projections the file's most common alpha
+    instead (bench/kohya_alphas.py): the adapted LoRA equals it once those scales are set right."""
     from diffusers.utils import convert_state_dict_to_kohya
+    from peft import LoraConfig, get_peft_model_state_dict
     from safetensors.torch import save_file
 
     from diffslim.cli import app
     from diffslim.models.load import load
 
     pipe = copy.deepcopy(tiny_sd_pipe)
-    kohya = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in _lora(pipe.unet, UNET_TARGETS).items()})
+    text_encoder = copy.deepcopy(pipe.text_encoder)
+    text_encoder.add_adapter(LoraConfig(r=2, target_modules=["q_proj", "v_proj", "out_proj", "fc1"],
+                                        init_lora_weights=False), adapter_name="make")
+    peft_sd = {f"unet.{k}": v for k, v in _lora(pipe.unet, UNET_TARGETS).items()}
+    peft_sd.update({f"text_encoder.{k}": v.detach().clone()
+                    for k, v in get_peft_model_state_dict(text_encoder, adapter_name="make").items()})
+    kohya = convert_state_dict_to_kohya(peft_sd)
     alphas = sorted(k for k in kohya if k.endswith(".alpha"))
-    assert alphas and all(k.startswith("lora_unet_") for k in kohya)
+    assert {k.split("_")[1] for k in kohya} == {"unet", "te1"}
     for i, k in enumerate(alphas):  # scales other than 1, and not all alike
         kohya[k] = torch.tensor(float(1 + i % 5))
+
+    def file_scale(component, name, rank):  # what the Kohya file asks for: the module's alpha over its rank
+        prefix = {"unet": "lora_unet_", "text_encoder": "lora_te1_"}[component]
+        return float(kohya[prefix + name.replace(".", "_") + ".alpha"]) / rank
+
     save_file({k: v.contiguous() for k, v in kohya.items()}, str(tmp_path / "kohya.safetensors"))
     pipe.save_pretrained(str(tmp_path / "original"), safe_serialization=True)
     pipe.unet = lp.prune_layers(pipe.unet, ["down_blocks.0.attentions.0", "up_blocks.1.resnets.1"])
@@ -333,16 +347,33 @@ def test_cli_reads_a_kohya_lora_through_the_original_pipeline(tiny_sd_pipe, tmp_
     info = json.loads(r.stdout)
     assert info["dropped_by_layer"] == {"down_blocks.0.attentions.0": 9, "up_blocks.1.resnets.1": 3}
     tensors, meta = read_lora(out)
-    assert all(k.startswith("unet.") and ".lora_" in k for k in tensors)
+    assert {k.split(".")[0] for k in tensors} == {"unet", "text_encoder"} and all(".lora_" in k for k in tensors)
     assert meta["unet.alpha_pattern"] and all(k.startswith("^") for k in meta["unet.alpha_pattern"])
     adapted = load(str(tmp_path / "pruned")).pipe
     with _Warnings() as w:
         adapted.load_lora_weights(str(out))
-    assert not [m for m in w.messages if "unexpected keys" in m]
+    assert not [m for m in w.messages if "unexpected keys" in m or "alpha_pattern" in m]
+    wrapped = {(c, n): m for c in ("unet", "text_encoder") for n, m in getattr(adapted, c).named_modules()
+               if hasattr(m, "scaling") and m.scaling}
+    assert len(wrapped) == len(alphas) - sum(info["dropped_by_layer"].values())  # the removed layers' dropped
+    for (component, name), m in wrapped.items():
+        (scaling,), (rank,) = m.scaling.values(), m.r.values()
+        assert scaling == pytest.approx(file_scale(component, name, rank)), name
     raw = load(str(tmp_path / "pruned")).pipe
     raw.load_lora_weights(str(tmp_path / "kohya.safetensors"))  # diffusers' own conversion, on the pruned model
-    inputs = _unet_input(adapted.unet)
-    assert torch.equal(_out(adapted.unet, inputs), _out(raw.unet, inputs))
+    inputs, ids = _unet_input(adapted.unet), torch.tensor([[1, 5, 9, 2]])
+
+    def outputs(p):
+        with torch.no_grad():
+            return _out(p.unet, inputs), p.text_encoder(ids)[0]
+
+    assert not any(torch.equal(a, b) for a, b in zip(outputs(adapted), outputs(raw)))  # attention scales differ
+    for component in ("unet", "text_encoder"):
+        for name, m in getattr(raw, component).named_modules():
+            if hasattr(m, "scaling") and m.scaling:
+                (adapter,), (rank,) = m.scaling.keys(), m.r.values()
+                m.scaling[adapter] = file_scale(component, name, rank)
+    assert all(torch.equal(a, b) for a, b in zip(outputs(adapted), outputs(raw)))
     assert not torch.equal(_out(adapted.unet, inputs), _out(load(str(tmp_path / "pruned")).pipe.unet, inputs))
     r = runner.invoke(app, ["lora", str(tmp_path / "pruned"), str(tmp_path / "kohya.safetensors"), "--out", str(out),
                             "--original", str(tmp_path / "pruned" / "unet")])

@@ -221,20 +221,54 @@ def read_lora(path: Union[str, Path]) -> tuple[dict[str, torch.Tensor], Optional
     return tensors, (json.loads(raw) if raw else None)
 
 
-def _loaded_config(module: nn.Module, adapter: str, config) -> dict:
+# diffusers' old attention-processor naming, which its Kohya conversion still gives the alphas of attention
+# projections, for the module PEFT wraps: a U-Net's ``attn1.processor.to_q_lora`` is ``attn1.to_q``, a text
+# encoder's ``self_attn.to_q_lora`` is ``self_attn.q_proj``
+_PROCESSOR_NAME = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)_lora$")
+_TEXT_PROCESSOR_NAME = re.compile(r"\.self_attn\.to_(q|k|v|out)_lora$")
+
+
+def _file_alphas(pipe, file: Path) -> dict[str, dict[str, float]]:
+    """The alphas a LoRA file gives its modules, as diffusers' own converter reads them
+    (``pipe.lora_state_dict``), by component and PEFT module name; empty for a format without alphas.
+
+    diffusers 0.42 keys the alphas of a Kohya file's attention projections (U-Net and text encoders) in its old
+    processor naming, which PEFT then matches to no module: those modules got the file's most common alpha
+    instead of their own. Taking
+    the alphas from here corrects that (``bench/kohya_alphas.py``)."""
+    try:
+        read = pipe.lora_state_dict(str(file))
+    except (ValueError, KeyError, RuntimeError, TypeError, AttributeError):
+        return {}
+    alphas = read[1] if isinstance(read, tuple) and len(read) > 1 and isinstance(read[1], dict) else None
+    found: dict[str, dict[str, float]] = {}
+    for key, alpha in (alphas or {}).items():
+        component, _, name = key.partition(".")
+        name = name.removesuffix(".alpha")
+        for tail in (".lora.down.weight", ".lora_linear_layer.down.weight", ".down.weight"):
+            name = name.removesuffix(tail)
+        name = _PROCESSOR_NAME.sub(lambda m: "." + ("to_out.0" if m[1] == "to_out" else m[1]), name)
+        name = _TEXT_PROCESSOR_NAME.sub(lambda m: f".self_attn.{m[1]}_proj", name)
+        found.setdefault(component, {})[name] = float(alpha)
+    return found
+
+
+def _loaded_config(module: nn.Module, adapter: str, config, alphas: Optional[Mapping[str, float]] = None) -> dict:
     """The LoRA config of ``adapter`` as it took effect in ``module``: the rank and the scale that PEFT gave each
     wrapped module, written as explicit per-module ``rank_pattern``/``alpha_pattern`` (alpha = scale * rank)
     around the most common ones. Exact whatever patterns the config was built from, including ones PEFT could
-    not match and left at the default."""
+    not match and left at the default. ``alphas``: the file's own alpha of a module, which wins over the one
+    PEFT gave it (:func:`_file_alphas`)."""
     from collections import Counter
 
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    ranks, alphas = {}, {}
+    ranks, alphas_in = {}, {}
     for name, layer in module.named_modules():
         if isinstance(layer, BaseTunerLayer) and adapter in getattr(layer, "r", {}):
             ranks[name] = int(layer.r[adapter])
-            alphas[name] = float(layer.scaling[adapter]) * ranks[name]
+            alphas_in[name] = (alphas or {}).get(name, float(layer.scaling[adapter]) * ranks[name])
+    alphas = alphas_in
     if not ranks:
         return {}
     r = Counter(ranks.values()).most_common(1)[0][0]
@@ -250,7 +284,8 @@ def lora_via_pipeline(pipe, lora: Union[str, Path]) -> tuple[dict[str, torch.Ten
     """A LoRA in any format diffusers reads (Kohya/A1111 and the other trainers' formats it converts), as diffusers
     loads it into the original ``pipe`` (which keeps it loaded: use a pipeline you discard): its PEFT tensors and
     each component's LoRA config, keys prefixed by component (``unet.``, ``text_encoder.``). The configs carry
-    the rank and scale each module got there (:func:`_loaded_config`), so the scales stay exact."""
+    the rank each module got there and the alpha the file gives it (:func:`_loaded_config`,
+    :func:`_file_alphas`), so the scales stay exact, also where diffusers' own loading gets them wrong."""
     from peft.utils import get_peft_model_state_dict
 
     file = lora_file(lora)
@@ -264,13 +299,14 @@ def lora_via_pipeline(pipe, lora: Union[str, Path]) -> tuple[dict[str, torch.Ten
         raise UserError(f"diffusers could not load {file} into the original {type(pipe).__name__}: {e}") from None
     tensors: dict[str, torch.Tensor] = {}
     metadata: dict = {}
+    file_alphas = _file_alphas(pipe, file)
     for component, module in pipe.components.items():
         config = getattr(module, "peft_config", {}).get(name) if isinstance(module, nn.Module) else None
         if config is None:
             continue
         sd = get_peft_model_state_dict(module, adapter_name=name)
         tensors.update({f"{component}.{k}": v.detach().clone() for k, v in sd.items()})
-        metadata.update({f"{component}.{k}": v for k, v in _loaded_config(module, name, config).items()})
+        metadata.update({f"{component}.{k}": v for k, v in _loaded_config(module, name, config, file_alphas.get(component)).items()})
     if not tensors:
         raise UserError(f"diffusers loaded nothing of {file} into {type(pipe).__name__}: a LoRA of another model")
     return tensors, metadata
