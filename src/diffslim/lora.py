@@ -306,7 +306,8 @@ def lora_via_pipeline(pipe, lora: Union[str, Path]) -> tuple[dict[str, torch.Ten
             continue
         sd = get_peft_model_state_dict(module, adapter_name=name)
         tensors.update({f"{component}.{k}": v.detach().clone() for k, v in sd.items()})
-        metadata.update({f"{component}.{k}": v for k, v in _loaded_config(module, name, config, file_alphas.get(component)).items()})
+        loaded = _loaded_config(module, name, config, file_alphas.get(component))
+        metadata.update({f"{component}.{k}": v for k, v in loaded.items()})
     if not tensors:
         raise UserError(f"diffusers loaded nothing of {file} into {type(pipe).__name__}: a LoRA of another model")
     return tensors, metadata
