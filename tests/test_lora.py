@@ -322,14 +322,15 @@ def test_cli_reads_a_kohya_lora_through_the_original_pipeline(tiny_sd_pipe, tmp_
     peft_sd = {f"unet.{k}": v for k, v in _lora(pipe.unet, UNET_TARGETS).items()}
     peft_sd.update({f"text_encoder.{k}": v.detach().clone()
                     for k, v in get_peft_model_state_dict(text_encoder, adapter_name="make").items()})
-    kohya = convert_state_dict_to_kohya(peft_sd)
+    # sd-scripts' names: lora_te_text_model_..., a level that transformers 5's CLIPTextModel no longer has
+    kohya = {k.replace("lora_te1_", "lora_te_text_model_"): v for k, v in convert_state_dict_to_kohya(peft_sd).items()}
     alphas = sorted(k for k in kohya if k.endswith(".alpha"))
-    assert {k.split("_")[1] for k in kohya} == {"unet", "te1"}
+    assert {k.split("_")[1] for k in kohya} == {"unet", "te"}
     for i, k in enumerate(alphas):  # scales other than 1, and not all alike
         kohya[k] = torch.tensor(float(1 + i % 5))
 
     def file_scale(component, name, rank):  # what the Kohya file asks for: the module's alpha over its rank
-        prefix = {"unet": "lora_unet_", "text_encoder": "lora_te1_"}[component]
+        prefix = {"unet": "lora_unet_", "text_encoder": "lora_te_text_model_"}[component]
         return float(kohya[prefix + name.replace(".", "_") + ".alpha"]) / rank
 
     save_file({k: v.contiguous() for k, v in kohya.items()}, str(tmp_path / "kohya.safetensors"))

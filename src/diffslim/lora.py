@@ -267,7 +267,9 @@ def _loaded_config(module: nn.Module, adapter: str, config, alphas: Optional[Map
     for name, layer in module.named_modules():
         if isinstance(layer, BaseTunerLayer) and adapter in getattr(layer, "r", {}):
             ranks[name] = int(layer.r[adapter])
-            alphas_in[name] = (alphas or {}).get(name, float(layer.scaling[adapter]) * ranks[name])
+            # transformers 5's CLIP text models lost the ``text_model.`` level that sd-scripts' keys still name
+            file_alpha = (alphas or {}).get(name, (alphas or {}).get(f"text_model.{name}"))
+            alphas_in[name] = float(layer.scaling[adapter]) * ranks[name] if file_alpha is None else file_alpha
     alphas = alphas_in
     if not ranks:
         return {}
