@@ -481,3 +481,41 @@ def test_restarts_keep_the_pruner_that_validates_best(tiny_digits_pipe, units, t
     assert r.provenance()["kept_restart"] == k
     with pytest.raises(UserError, match="needs select"):
         DipgoConfig(restarts=2).check()
+
+
+def test_bench_dipgo_runs_are_cached_per_ratio(monkeypatch):
+    """dipgo:0.3 and dipgo:0.6 train a pruner each (the ratio sets its sparsity floor and validation): the
+    cache gives each its own run, and a rerun of a ratio reuses its own, saying so."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    import diffslim.methods.dipgo as dipgo_mod
+    from diffslim.bench import BenchContext, _default_dipgo
+    from diffslim.models.load import load
+    from diffslim.sample import SampleSpec
+
+    trained = []
+
+    def fake_train(pipe, cfg, units, pool=None):  # the training is not under test: its inputs and cache are
+        trained.append(cfg.ratio)
+        out = Path(cfg.out)
+        out.mkdir(parents=True, exist_ok=True)
+        scores = np.random.default_rng(0).random((cfg.num_inference_steps, len(units.names)))
+        np.save(out / "scores.npy", scores)
+        return SimpleNamespace(seconds=1.0, log=[])
+
+    monkeypatch.setattr(dipgo_mod, "train_dipgo", fake_train)
+    loaded = load("zoo:digits-sd")
+    ctx = BenchContext(loaded=loaded, base_spec=SampleSpec([{"class_label": 1}], [0], num_inference_steps=10),
+                       default_steps=10)
+    plans, notes = {}, {}
+    for ratio in (0.3, 0.6, 0.3):
+        plan, units, note, _ = _default_dipgo(ctx, ratio)
+        plans.setdefault(ratio, []).append(plan)
+        notes.setdefault(ratio, []).append(note)
+    assert trained == [0.3, 0.6]
+    roots = {r: {n.rsplit("cached at ", 1)[1] for n in ns} for r, ns in notes.items()}
+    assert len(roots[0.3]) == 1 and roots[0.3] != roots[0.6]
+    assert "reused" not in notes[0.3][0] and "reused" in notes[0.3][1] and "reused" not in notes[0.6][0]
+    assert np.array_equal(plans[0.3][0], plans[0.3][1])
+    assert plan_macs_ratio(plans[0.6][0], units) <= 0.4 + 1e-9 < plan_macs_ratio(plans[0.3][0], units)

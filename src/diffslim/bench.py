@@ -882,11 +882,13 @@ def _default_dipgo(ctx: BenchContext, ratio: float, **overrides):
     data_key = "zoo" if zoo else ctx.base_spec.digest()
     # DIPGO_VERSION changes whenever the training changes, so that no stale cached run is reused
     units = _bench_units(ctx, settings.get("granularity", "fine"))
-    key = hashlib.sha256(f"{DIPGO_VERSION}|{model_fingerprint(ctx.loaded.source)}|{steps}|{sched}|"
+    # the ratio is in the key: it sets the pruner's sparsity floor, its starting plan and its validation
+    key = hashlib.sha256(f"{DIPGO_VERSION}|{model_fingerprint(ctx.loaded.source)}|{ratio!r}|{steps}|{sched}|"
                          f"{sorted(settings.items())}|{data_key}|{units.macs}|{units.outside_macs}".encode()
                          ).hexdigest()[:16]
     root = cache_root() / "dipgo" / key
     meta = root / "train.json"
+    reused = meta.exists()
     if not meta.exists():
         with building(root, f"the dipgo:{ratio:g} training"):
             if not meta.exists():  # another process may have built it while this one waited
@@ -901,7 +903,8 @@ def _default_dipgo(ctx: BenchContext, ratio: float, **overrides):
     notes = (f"DiP-GO pruner trained {settings['iters']} steps (batch {settings['batch_size']}, "
              f"{settings.get('objective', 'unrolled')}" + (f", best of {runs} seeds" if runs > 1 else "") +
              (f" on {settings['select']} validation inputs" if settings.get("select") else "") +
-             f") in {info['seconds']:.0f}s; cached at {root}")
+             f") in {info['seconds']:.0f}s" + (" (an earlier run, reused)" if reused else "") +
+             f"; cached at {root}")
     return plan, units, notes, info["seconds"]
 
 
