@@ -782,6 +782,14 @@ def test_cli_distill_the_pruned_model_with_matched_weight(tiny_digits_folder, tm
     assert r.exit_code == 0, r.output
     scale = json.loads((tmp_path / "kd" / "distill.json").read_text())["feat_scale"]
     assert scale > 0 and f"feature weight x{scale:.4g}" in " ".join(r.output.split())
+    # the teacher's pipeline with the distilled student in place, which sample and evaluate take
+    from diffslim.models.load import load
+
+    assert f"(sample, evaluate and bench take it): {tmp_path / 'kd' / 'pipeline'}" in " ".join(r.output.split())
+    piped, student = load(str(tmp_path / "kd" / "pipeline")), load(str(tmp_path / "kd" / "student")).denoiser
+    assert piped.pipe is not None and type(piped.denoiser) is type(student)
+    sd = [m.state_dict() for m in (piped.denoiser, student)]
+    assert sd[0].keys() == sd[1].keys() and all(torch.equal(sd[0][k], sd[1][k]) for k in sd[0])
     r = CliRunner().invoke(app, [*run, "--plain", "--match-plain-weight"])
     assert r.exit_code == 2 and "use it with normalized=True" in r.output
     r = CliRunner().invoke(app, [*run[:-1], str(tmp_path / "kd_sample"), "--feat-norm", "sample"])

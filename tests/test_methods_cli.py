@@ -122,6 +122,18 @@ def test_finetune_cli_then_bench_the_student(tiny_digits_folder, tmp_path):
     student = out / "student"
     assert (student / "config.json").exists()
     assert json.loads((student / "config.json").read_text())["depth_skip"] == 7
+    # the teacher's pipeline with the student in place: what sample and evaluate take (the student alone is a model)
+    from diffslim.models.load import load
+
+    assert f"pipeline with the student (sample, evaluate and bench take it): {out / 'pipeline'}" in \
+        " ".join(r.output.split())
+    both = load(str(out / "pipeline")).denoiser, load(str(student)).denoiser
+    assert all(json.loads((f / "config.json").read_text())["depth_skip"] == 7 for f in (student, out / "pipeline" /
+                                                                                        "denoiser"))
+    sd = [m.state_dict() for m in both]
+    assert sd[0].keys() == sd[1].keys() and all(torch.equal(sd[0][k], sd[1][k]) for k in sd[0])
+    r = _run("sample", out / "pipeline", "--n", "2", "--steps", "2", "--out", tmp_path / "s")
+    assert r.exit_code == 0 and (tmp_path / "s" / "grid.png").exists(), r.output
     r = _run("bench", tiny_digits_folder, "--methods", f"depth:7,depth:7+ft@{student}", "--n", "2", "--steps", "3",
              "--json")
     assert r.exit_code == 0, r.output

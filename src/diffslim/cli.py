@@ -43,10 +43,43 @@ class _OneLineErrors(TyperGroup):
 
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, cls=_OneLineErrors,
+                  rich_markup_mode=None,  # plain help: rich's panels cut long option names on narrow terminals
                   help="Make diffusers models smaller and faster while keeping their outputs close.")
 # rich assumes 80 columns when stdout is not a terminal; bench tables need more
-console = Console(width=None if sys.stdout.isatty() else 140, emoji=False)  # no emoji: "fbcache:-1:" stays text
-err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 140, emoji=False)
+# off a terminal (a log file, a pipe) lines are not wrapped either, so that grep finds a whole line
+console = Console(width=None if sys.stdout.isatty() else 140, soft_wrap=not sys.stdout.isatty(),
+                  emoji=False)  # no emoji: "fbcache:-1:" stays text
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 140, soft_wrap=not sys.stderr.isatty(),
+                      emoji=False)
+
+
+def _wrote(path, what: str, as_json: bool = False) -> None:
+    """Say that ``what`` was written to ``path``: on stdout, or on stderr where stdout holds the JSON."""
+    (err_console if as_json else console).print(f"wrote {what}: {path}", highlight=False, markup=False)
+
+
+def _print_table(t: Table) -> None:
+    """Print a result table that stays whole on a narrow terminal: each column is at least as wide as its widest
+    number or name, and what still does not fit (a long header, a note) folds onto more lines instead of ending
+    in an ellipsis; a table still too wide breaks its headers at underscores and drops its vertical rules."""
+    from rich.text import Text
+
+    def need() -> int:
+        return sum(max(c.min_width, *(len(w) for w in str(c.header).split())) + 3 for c in t.columns) + 1
+
+    for column in t.columns:
+        column.overflow = "fold"
+        widths = [Text.from_markup(c).cell_len if isinstance(c, str) else getattr(c, "cell_len", 0)
+                  for c in column.cells]
+        column.min_width = min(max(widths, default=0), 40)  # a long free-text cell still folds
+    if need() > console.width:
+        from rich import box
+
+        for column in t.columns:
+            if isinstance(column.header, str):
+                column.header = column.header.replace("_", " ")
+        t.box, t.show_edge = box.SIMPLE_HEAD, False
+    console.print(t)
 
 
 def _version(value: bool) -> None:
@@ -295,7 +328,7 @@ def profile(
         share = f"{100 * b['macs'] / p['macs']:.1f}%" if p["macs"] and b["macs"] is not None else ""
         t.add_row(b["name"], f"{b['params']:,}", f"{(b['macs'] or 0) / div:.3f}", share)
     t.add_row("[bold]total[/]", f"[bold]{p['params']:,}[/]", f"[bold]{(p['macs'] or 0) / div:.3f}[/]", "100%")
-    console.print(t)
+    _print_table(t)
     if p["macs_excl_attention"] is not None:
         console.print(f"{unit} without attention products (the convention of BK-SDM and DeepCache): "
                       f"{p['macs_excl_attention'] / div:.3f}")
@@ -364,7 +397,7 @@ def _profile_pipeline(model: str, n: int, steps: Optional[int], recipe: Optional
                   f"{r['seconds']:.3f}",
                   f"{100 * r['share']:.1f}%", "" if r["entries"] is None else str(r["entries"]))
     t.add_row("[bold]total[/]", f"[bold]{best.total:.3f}[/]", "100%", "")
-    console.print(t)
+    _print_table(t)
     console.print(f"the denoiser takes {100 * share:.1f}% of sampling: compressing it alone can make sampling at most "
                   f"{bound:.2f}x faster (other: the scheduler, the pipeline's own code, image conversion)",
                   highlight=False)
@@ -517,7 +550,7 @@ def evaluate(
     t.add_column("value", justify="right")
     for k, v in result.items():
         t.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
-    console.print(t)
+    _print_table(t)
 
 
 @app.command()
@@ -746,7 +779,7 @@ def _print_rows(title, rows, key: str = "method") -> None:
     for r in rows:
         t.add_row(*[(f"{r[c]:,}" if isinstance(r.get(c), int) else f"{r[c]:.4g}" if isinstance(r.get(c), float)
                      else str(r.get(c, ""))) for c in cols])
-    console.print(t)
+    _print_table(t)
     for r in rows:
         if r.get("notes"):
             console.print(f"[dim]{r[key]}: {r['notes']}[/]", highlight=False)
@@ -846,15 +879,19 @@ def depth_search_cmd(
                                      device=dev, dtype=dt)
     say = (lambda d, q: None) if as_json else (lambda d, q: console.print(f"depth {d:2d}: {metric} {q:.3f}"))
     res = search_depth(loaded.pipe, denoiser_attr(loaded.pipe), spec, ref, threshold, metric, mode, progress=say)
+    if res.reached and not as_json:
+        console.print(f"shallowest depth with {metric} >= {threshold}: [bold]{res.depth}[/] of {res.full_depth} "
+                      f"({res.sampling_runs} sampling runs of {n} inputs, {res.seconds:.1f}s)")
     if plot is not None:
         depth_search_figure(res, f"{model}: depth search ({mode})").savefig(plot, dpi=110, bbox_inches="tight")
+        _wrote(plot, "plot", as_json)
     mres = None
     if multi:
         from diffslim.methods.depth_search import search_multi_depth
         from diffslim.recipe import DepthRange
 
         say2 = (lambda h, lo, q: None) if as_json else \
-            (lambda h, lo, q: console.print(f"depths {h:2d} (t >= split) / {lo:2d}: {metric} {q:.3f}"))
+            (lambda h, lo, q: console.print(f"depth {h:2d} for t >= split, {lo:2d} below: {metric} {q:.3f}"))
         mres = search_multi_depth(loaded.pipe, denoiser_attr(loaded.pipe), spec, ref, threshold, split, metric,
                                   progress=say2)
         single_ratio = mres.depth_macs[res.depth] / mres.depth_macs[res.full_depth]
@@ -863,24 +900,24 @@ def depth_search_cmd(
                description=f"multi-depth {mres.depth_high} (t >= {mres.split}) / {mres.depth_low}: "
                            f"{metric} {mres.evaluations.get((mres.depth_high, mres.depth_low), float('inf')):.3f} "
                            f">= {threshold} at {mres.macs_ratio:.3f} of the MACs").save(out)
+        _wrote(out, "recipe (the multi-depth schedule)", as_json)
     elif out is not None and res.reached:
         Recipe(model=model, depth=Depth(depth=res.depth),
                description=f"depth-skip at {res.depth}: {metric} {res.evaluations[res.depth]:.3f} >= {threshold}"
                ).save(out)
+        _wrote(out, f"recipe (depth {res.depth})", as_json)
     if mres is not None and not as_json:
         console.print(f"single depth {res.depth}: {single_ratio:.3f} of the MACs; multi-depth {mres.depth_high} "
-                      f"(t >= {mres.split}, {mres.steps_high} steps) / {mres.depth_low} ({mres.steps_low} steps): "
-                      f"{mres.macs_ratio:.3f} of the MACs ({mres.sampling_runs} sampling runs, {mres.seconds:.1f}s)")
+                      f"for t >= {mres.split} ({mres.steps_high} steps), {mres.depth_low} below ({mres.steps_low} "
+                      f"steps): {mres.macs_ratio:.3f} of the MACs ({mres.sampling_runs} sampling runs, "
+                      f"{mres.seconds:.1f}s)")
     if as_json:
         extra = {"multi": {**mres.to_json(), "single_macs_ratio": single_ratio}} if mres is not None else {}
         _print_json({"model": model, **res.to_json(), **extra})
-    elif res.reached:
-        console.print(f"shallowest depth with {metric} >= {threshold}: [bold]{res.depth}[/] of {res.full_depth} "
-                      f"({res.sampling_runs} sampling runs of {n} inputs, {res.seconds:.1f}s)")
     if not res.reached:
         best = res.best_pruned
         _fail(f"no pruned depth reaches {metric} >= {threshold}; the best found is depth {best} with "
-              f"{res.evaluations[best]:.3f}; lower --threshold", code=1)
+              f"{res.evaluations[best]:.3f}; lower --threshold" + (" (no recipe written)" if out else ""), code=1)
 
 
 @app.command("timesteps")
@@ -932,6 +969,7 @@ def timesteps_cmd(
 
             Recipe(sampling=Sampling(timesteps=ts, gamma=gamma, coef=coef),
                    description=f"gamma-curve {steps}-step schedule, gamma {gamma:g}, c {coef:g}").save(out)
+            _wrote(out, "recipe", as_json)
         if as_json:
             _print_json({"steps": steps, "gamma": gamma, "coef": coef, "timesteps": ts})
         else:
@@ -955,6 +993,7 @@ def timesteps_cmd(
                depth=Depth(depth=depth) if depth is not None else None,
                description=f"gamma-curve {steps}-step schedule, PSNR {res.best.best_score:.3f} vs {spec.num_inference_steps} steps"
                ).save(out)
+        _wrote(out, "recipe", as_json)
     if as_json:
         _print_json({"model": model, "depth": depth, **res.to_json()})
         return
@@ -1022,8 +1061,24 @@ def finetune(
     if loaded.pipe is None:
         raise UserError(f"{model} is not a pipeline; fine-tuning needs a pipeline folder or zoo:NAME")
     removed_modules(loaded.denoiser, depth)
-    _, folder = finetune_depth(loaded.pipe, depth, data, cfg)
-    console.print(f"fine-tuned student (depth {depth}): {folder}; log: {Path(out) / 'train_log.csv'}")
+    student, folder = finetune_depth(loaded.pipe, depth, data, cfg)
+    pipeline = _student_pipeline(loaded, student, Path(out) / "pipeline")
+    console.print(f"fine-tuned student (depth {depth}): {folder}; log: {Path(out) / 'train_log.csv'}"
+                  + (f"\npipeline with the student (sample, evaluate and bench take it): {pipeline}"
+                     if pipeline else ""))
+
+
+def _student_pipeline(teacher, student, folder: Path) -> Optional[Path]:
+    """The teacher's pipeline with the trained ``student`` in its denoiser's place, written to ``folder``: what
+    ``sample``, ``evaluate``, ``bench`` and ``diffusers`` load (a lone student folder is a model, not a pipeline).
+    None for a teacher without weights."""
+    if teacher.pipe is None or not teacher.has_weights:
+        return None
+    from diffslim.apply import denoiser_attr
+
+    setattr(teacher.pipe, denoiser_attr(teacher.pipe), student)
+    teacher.pipe.save_pretrained(str(folder), safe_serialization=True)
+    return folder
 
 
 def _teacher_samples(teacher, prompts: Path, n: int, steps: Optional[int], folder: Path) -> Path:
@@ -1121,8 +1176,12 @@ def distill(
                           "4 dB worse (README, 'Calibration without training images')[/]", highlight=False)
     res = run(t.pipe, s.denoiser, make_dataset(data, t.pipe, resolution), cfg)
     scale = f"; feature weight x{res.feat_scale:.4g} (matched to the plain sum)" if match_plain_weight else ""
-    console.print(f"student: {Path(res.out_dir) / 'student'}; final losses: "
-                  + ", ".join(f"{k} {v:.4g}" for k, v in res.final_losses.items()) + scale)
+    folder = Path(res.out_dir) / "student"
+    pipeline = _student_pipeline(t, load(str(folder)).denoiser, Path(out) / "pipeline")
+    console.print(f"student: {folder}; final losses: "
+                  + ", ".join(f"{k} {v:.4g}" for k, v in res.final_losses.items()) + scale
+                  + (f"\npipeline with the student (sample, evaluate and bench take it): {pipeline}"
+                     if pipeline else ""))
 
 
 @app.command("zoo-train")
@@ -1136,7 +1195,8 @@ def zoo_train(
     checkpoint_every: int = typer.Option(250, min=1),
     install: bool = typer.Option(False, help="copy the trained pipeline into the package's zoo folder"),
     blur_sigma: Optional[float] = typer.Option(None, help="sr only: Gaussian blur sigma of the low-resolution "
-                                                          "input before 2x decimation (0: box averaging, the default)"),
+                                                          "input before 2x decimation (default 1.6, the shipped "
+                                                          "zoo:sr's; 0: box averaging)"),
 ):
     """Train a reference zoo model (checkpoints every N steps; rerun the same command to resume)."""
     _out_folder(out)
@@ -1352,14 +1412,17 @@ def layer_prune_cmd(
         score = row["score"]
         t.add_row(row["name"], row["kind"], f"{row['params']:,}", "" if score is None else f"{score:.4g}",
                   "yes" if row["removed"] else "")
-    console.print(t)
+    _print_table(t)
     console.print(f"removed {len(res.removed)} layers: {res.params_removed:,} of {res.params:,} params "
                   f"({res.params_removed / res.params:.3f}); {params_after:,} left"
                   + (f"; MACs removed {res.macs_removed / res.macs:.3f}" if res.macs else "")
                   + (f"\npredicted output loss {res.extra['predicted_loss']:.4g} (sum of single losses "
                      f"{res.extra['summed_loss']:.4g}; {len(res.extra['interactions'])} pairs measured)"
                      if "predicted_loss" in res.extra else "")
-                  + f"\npruned model: {out / 'model'}; scores: {out / 'scores.json'}")
+                  + f"\npruned model: {out / 'model'}"
+                  + (f"; pipeline (sample, evaluate and bench take it): {out / 'pipeline'}"
+                     if (out / "pipeline" / "model_index.json").exists() else "")
+                  + f"; recipe (for the original model): {out / 'recipe.json'}; scores: {out / 'scores.json'}")
 
 
 def _save_denoiser(loaded, denoiser, model_dir: Path, pipeline_dir: Optional[Path]) -> None:
@@ -1641,7 +1704,7 @@ def layer_compare_cmd(
         best = min(row[c] for c in curves if c not in ("greedy", "random"))
         t.add_row(f"{row['ratio']:g}", *[("[bold]" if row[c] == best and c not in ("greedy", "random") else "")
                                          + f"{row[c]:.3g}" for c in curves])
-    console.print(t)
+    _print_table(t)
     if sample_n:
         t = Table(title=f"sampled outputs against the full model's ({sample_n} inputs, {res['sampled']['steps']} "
                         "steps): PSNR in dB (higher is better)")
@@ -1653,7 +1716,7 @@ def layer_compare_cmd(
             best = max((v for c, v in vals.items() if v is not None and c not in ("greedy", "random")), default=None)
             t.add_row(f"{row['ratio']:g}", *[("-" if v is None else ("[bold]" if v == best and c not in (
                 "greedy", "random") else "") + f"{v:.2f}") for c, v in vals.items()])
-        console.print(t)
+        _print_table(t)
     for b in res["bk_sdm"]:
         console.print(f"{b['variant']}: removes {b['ratio']:.3f} of params"
                       + (f" and {b['macs_ratio']:.3f} of MACs" if by == "macs" else "")
@@ -1764,7 +1827,8 @@ def dipgo_cmd(
     chosen = (f"; kept the plan that validated best (loss {min(vals):.4g}"
               + (f", seed {seed + res.restart} of {restarts}" if res.restart is not None else "") + ")") if vals else ""
     console.print(f"plan: {kept}/{res.plan.size} (step, unit) pairs kept, denoiser MACs ratio {res.macs_ratio:.3f} "
-                  f"(target <= {1 - ratio:.3f}); trained {res.seconds:.0f}s{chosen}; recipe: {out}")
+                  f"(target <= {1 - ratio:.3f}); trained {res.seconds:.0f}s{chosen}; recipe: {out}; run folder "
+                  f"(checkpoints, scores; the same command resumes from it): {cfg.out}")
 
 
 @app.command("recipe")
@@ -1828,7 +1892,7 @@ def cache_cmd(
                   f"{min(ages):.1f} d" if es else "-", f"{max(ages):.1f} d" if es else "-")
     t.add_section()
     t.add_row("total", "", str(len(found)), f"{sum(e.bytes for e in found) / 2**20:.1f} MiB", "", "")
-    console.print(t)
+    _print_table(t)
 
 
 @app.command()

@@ -20,7 +20,7 @@ def finetune_depth(pipe, depth: int, data: str, cfg) -> tuple[object, Path]:
 
     teacher = getattr(pipe, denoiser_attr(pipe))
     student = depth_skip(teacher, depth)
-    res = distill(pipe, student, make_dataset(data, pipe), cfg)
+    res = distill(pipe, student, make_dataset(data, pipe), cfg, label="finetune")
     folder = Path(res.out_dir) / "student"
     return load_student(folder), folder
 

@@ -829,8 +829,9 @@ def _check_resume(out: Path, cfg: DistillConfig, student: nn.Module) -> None:
                         + ": resume it with the same settings, or give a fresh out folder")
 
 
-def distill(teacher_pipe, student: nn.Module, dataset, cfg: DistillConfig) -> DistillResult:
+def distill(teacher_pipe, student: nn.Module, dataset, cfg: DistillConfig, label: str = "distill") -> DistillResult:
     """Train ``student`` to match the denoiser of ``teacher_pipe`` on ``dataset``; resumes from ``cfg.out``.
+    ``label``: the progress bar's (``finetune`` for depth-skip fine-tuning).
 
     ``teacher_pipe``: a zoo pipeline or an SD-style pipeline; its denoiser (``unet``/``transformer``/
     ``denoiser``) is the frozen teacher and its other components encode the data (see ``task_for``).
@@ -971,7 +972,7 @@ def distill(teacher_pipe, student: nn.Module, dataset, cfg: DistillConfig) -> Di
         if cfg.progress and accelerator.is_local_main_process:
             from tqdm.auto import tqdm
 
-            progress = tqdm(total=end, initial=start, desc="distill", dynamic_ncols=True)
+            progress = tqdm(total=end, initial=start, desc=label, dynamic_ncols=True)
 
         stopped = False
         with StopOnSignal("distill") as stop:  # Ctrl-C or SIGTERM: a checkpoint at this step
