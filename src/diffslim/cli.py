@@ -414,12 +414,40 @@ def _recipe_steps(rec) -> Optional[int]:
     return None
 
 
+def _same_model(a: str, b: str) -> bool:
+    """Whether two MODEL arguments name one model: the same zoo name, or the same folder."""
+    if a == b:
+        return True
+    if a.startswith("zoo:") or b.startswith("zoo:"):
+        return False
+    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+
+
+def _model_for(model: Optional[str], recipe: Optional[Path]) -> str:
+    """MODEL, or where it is left out the model the --recipe names (its ``model``)."""
+    if model is not None:
+        return model
+    if recipe is not None:
+        from diffslim.recipe import load_recipe
+
+        named = load_recipe(recipe).model
+        if named:
+            return named
+        raise UserError(f"MODEL is missing, and {recipe} names no model (its \"model\" is empty): give MODEL, a "
+                        "pipeline folder or zoo:NAME")
+    raise UserError("MODEL is missing: give a pipeline folder or zoo:NAME (or a --recipe that names its model)")
+
+
 def _load_with_recipe(model: str, recipe: Optional[Path], steps: Optional[int] = None, device=None, dtype=None):
     from diffslim.apply import apply
     from diffslim.models.load import load
     from diffslim.recipe import load_recipe
 
     rec = load_recipe(recipe) if recipe is not None else None
+    if rec is not None and rec.model and not _same_model(model, rec.model):
+        err_console.print(f"[yellow]warning:[/] {escape(str(recipe))} was made for {escape(rec.model)} (its "
+                          f"\"model\"), not {escape(model)}; applying it to {escape(model)} as asked (leave MODEL out "
+                          "to use the recipe's)", highlight=False)
     fixed = _recipe_steps(rec) if rec is not None else None
     if fixed is not None and steps is not None and steps != fixed:
         raise UserError(f"--steps {steps}: the recipe {recipe} samples {fixed} steps (its schedule or skip plan); "
@@ -439,7 +467,7 @@ _COMPILE_HELP = ("torch.compile the denoiser after the recipe (a skip plan's or 
 @app.command("sample")
 @_guard
 def sample_cmd(
-    model: str = typer.Argument(..., help="pipeline folder or zoo:NAME"),
+    model: Optional[str] = typer.Argument(None, help="pipeline folder or zoo:NAME (default: the --recipe's model)"),
     out: Path = typer.Option(Path("samples"), help="output folder for PNGs"),
     n: int = typer.Option(16, min=1, help="number of samples"),
     steps: Optional[int] = typer.Option(None, min=1, help="inference steps (default: the model's)"),
@@ -465,6 +493,7 @@ def sample_cmd(
 
     if n < 1:
         raise UserError("--n must be at least 1")
+    model = _model_for(model, recipe)
     loaded, rec = _load_with_recipe(model, recipe, steps, device=dev, dtype=dt)
     es = eval_set_for(loaded, n, seed=seed, prompts_file=prompts)
     default_steps = loaded.zoo.default_steps if loaded.zoo else 50
@@ -485,8 +514,11 @@ def sample_cmd(
 @app.command()
 @_guard
 def evaluate(
-    model: str = typer.Argument(..., help="pipeline folder or zoo:NAME"),
+    model: Optional[str] = typer.Argument(None, help="pipeline folder or zoo:NAME (default: the --recipe's model)"),
     recipe: Optional[Path] = typer.Option(None, help="a recipe JSON to apply; metrics compare it to the full model"),
+    reference: Optional[str] = typer.Option(None, help="with --recipe: the full model the outputs are compared with "
+                                            "(default: the model the recipe started from, e.g. the original of a "
+                                            "workflow's pruned stage, else MODEL)"),
     n: int = typer.Option(100, min=1, help="number of evaluation samples"),
     steps: Optional[int] = typer.Option(None, min=1, help="inference steps of the full model (default: the model's)"),
     seed: int = typer.Option(0, min=0, max=_SEED_MAX),
@@ -511,22 +543,29 @@ def evaluate(
     from diffslim.models.load import load
     from diffslim.sample import ReferenceCache, SampleSpec, model_fingerprint, sample
 
+    if reference is not None and recipe is None:
+        raise UserError("--reference is the full model a --recipe's outputs are compared with: add --recipe")
+    model = _model_for(model, recipe)
     loaded, rec = _load_with_recipe(model, recipe, device=dev, dtype=dt)
     es = eval_set_for(loaded, n, seed=seed, prompts_file=prompts)
     default_steps = loaded.zoo.default_steps if loaded.zoo else 50
     spec = SampleSpec(es.inputs, es.seeds, num_inference_steps=steps or default_steps,
                       call_kwargs=es.call_kwargs, batch_size=batch_size)
-    reference = None
+    ref_outputs, ref_model = None, None
     if rec is not None:
-        full = load(model, device=dev, dtype=dt)
-        reference = sample(full.pipe, spec, cache=ReferenceCache(), model_id=_placed_id(model, dev, dt),
-                           show_progress=True, description="reference (full model)")
+        ref_model = reference or rec.original or model
+        full = load(ref_model, device=dev, dtype=dt)
+        if full.pipe is None:
+            raise UserError(f"--reference {ref_model} is not a pipeline: give the original pipeline folder or zoo:NAME")
+        ref_outputs = sample(full.pipe, spec, cache=ReferenceCache(), model_id=_placed_id(ref_model, dev, dt),
+                             show_progress=True, description="reference (full model)")
     if compile_options is not None:
         from diffslim.compiling import compile_pipeline
 
         compile_pipeline(loaded.pipe, **compile_options)
     outputs = sample(loaded.pipe, spec, show_progress=True, description="evaluating")
-    metrics = metrics_fn_for(loaded, es, clip_path=clip, lpips_path=lpips, inception_path=inception)(outputs, reference)
+    metrics = metrics_fn_for(loaded, es, clip_path=clip, lpips_path=lpips, inception_path=inception)(outputs,
+                                                                                                     ref_outputs)
     if es.baseline is not None and es.ground_truth is not None:
         import torch
 
@@ -538,8 +577,11 @@ def evaluate(
             base = loaded.pipe.upsample(torch.stack([i["image"] for i in es.inputs]))
             metrics["upsampler_psnr_gt"] = float(quality.psnr(base, es.ground_truth).mean())
             metrics["upsampler_ssim_gt"] = float(quality.ssim(base, es.ground_truth).mean())
+    fixed = _recipe_steps(rec) if rec is not None else None  # the steps the recipe samples, where it sets them
     result = {"model": model, "recipe": str(recipe) if recipe else None, "n": n,
-              "steps": spec.num_inference_steps, **{k: finite(v) for k, v in metrics.items()}}
+              "steps": fixed or spec.num_inference_steps,
+              **({"reference": ref_model, "reference_steps": spec.num_inference_steps} if rec is not None else {}),
+              **{k: finite(v) for k, v in metrics.items()}}
     for k, why in (result.get("skipped") or {}).items():
         err_console.print(f"[yellow]{k} skipped: {why}[/]", highlight=False)
     if as_json:
@@ -727,6 +769,11 @@ def workflow(
         console.print(f"[yellow]{res.stopped}[/]", highlight=False)
     console.print(f"recipe: {out / 'recipe.json'} (load {res.recipe.model}, then diffslim.apply(pipe, recipe)); "
                   f"report: {out / 'index.html'}", highlight=False)
+    check = " ".join([f"diffslim evaluate --recipe {out / 'recipe.json'} --n {n}"]
+                     + [f"--{o.replace('_', '-')} {v}" for o, v in (("steps", steps), ("seed", seed or None),
+                                                                     ("prompts", prompts)) if v is not None])
+    console.print(f"[dim]to check the last row on other inputs or more of them: {escape(check)} (against "
+                  f"{escape(res.recipe.original or model)})[/]", highlight=False)
 
 
 def _compile_options(compile: bool, mode: Optional[str], backend: Optional[str]) -> Optional[dict]:
@@ -780,11 +827,15 @@ def _print_rows(title, rows, key: str = "method") -> None:
         t.add_row(*[(f"{r[c]:,}" if isinstance(r.get(c), int) else f"{r[c]:.4g}" if isinstance(r.get(c), float)
                      else str(r.get(c, ""))) for c in cols])
     _print_table(t)
+    skips: dict = {}  # (metric, reason) -> the rows it was skipped in: one line for a reason every row shares
     for r in rows:
         if r.get("notes"):
             console.print(f"[dim]{r[key]}: {r['notes']}[/]", highlight=False)
         for k, why in (r.get("skipped") or {}).items():
-            console.print(f"[yellow]{r[key]}: {k} skipped: {why}[/]")
+            skips.setdefault((k, why), []).append(str(r[key]))
+    for (k, why), where in skips.items():
+        console.print(f"[yellow]{'' if len(where) == len(rows) > 1 else ', '.join(where) + ': '}{k} skipped: "
+                      f"{escape(why)}[/]", highlight=False)
 
 
 def _calibration(model: str, n: int, steps: Optional[int], seed: int, prompts: Optional[Path], batch_size: int,

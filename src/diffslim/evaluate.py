@@ -64,6 +64,8 @@ def metrics_fn_for(loaded, evalset, *, clip_path=None, lpips_path=None, inceptio
             if evalset.real_images is not None:
                 fid = quality.FeatureFID(classifier.features)
                 fid.update(evalset.real_images, real=True)
+                with torch.no_grad():
+                    fid_dim = classifier.features(evalset.real_images[:1]).shape[1]
     optional = {}
     prompts = [inp.get("prompt") for inp in evalset.inputs]
     for name, path, make in (("clip_score", clip_path, quality.clip_score_metric),
@@ -87,8 +89,10 @@ def metrics_fn_for(loaded, evalset, *, clip_path=None, lpips_path=None, inceptio
                 skipped["digit_accuracy"] = "digit classifier weights missing; run `diffslim zoo-train classifier`"
             else:
                 row["digit_accuracy"] = quality.digit_accuracy(outputs, torch.tensor(evalset.labels), classifier)
-            if fid is not None and len(outputs) < 2:
-                skipped["fid"] = "needs at least 2 samples"
+            if fid is not None and len(outputs) <= fid_dim:
+                # fewer samples than features: a singular covariance, and a distance that mostly measures n
+                skipped["fid"] = (f"needs more samples than its {fid_dim} classifier features (n >= {fid_dim + 1}), "
+                                  f"got {len(outputs)}")
             elif fid is not None:
                 fid.reset(real=False)
                 fid.update(outputs, real=False)

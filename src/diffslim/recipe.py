@@ -196,6 +196,9 @@ class Recipe(_Strict):
 
     schema_version: Literal[1] = SCHEMA_VERSION
     model: Optional[str] = None
+    # where ``model`` is an intermediate model (a workflow's last pruned stage): the model the compression started
+    # from, which the outputs are judged against (``diffslim evaluate``'s default reference)
+    original: Optional[str] = None
     description: Optional[str] = None
     depth: Optional[Depth] = None
     sampling: Optional[Sampling] = None
@@ -208,7 +211,7 @@ class Recipe(_Strict):
     @classmethod
     def section_names(cls) -> list[str]:
         """The method sections (everything but the metadata fields)."""
-        return [k for k in cls.model_fields if k not in ("schema_version", "model", "description")]
+        return [k for k in cls.model_fields if k not in ("schema_version", "model", "original", "description")]
 
     def save(self, path) -> Path:
         path = Path(path)

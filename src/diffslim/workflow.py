@@ -652,7 +652,9 @@ def _run_stages(loaded, stages: str, evalset, out, default_steps: int = 50, sche
             sections["sampling"] = {k: v for k, v in sampling.items() if v is not None}
         else:
             sections.update(variant.recipe)
+    original = loaded.source if loaded.source.startswith("zoo:") else str(Path(loaded.source).resolve())
     recipe = Recipe.model_validate({"model": model_source, **sections,
+                                    **({"original": original} if model_source != loaded.source else {}),
                                     "description": "diffslim workflow: " + (", ".join(kept) or "no stage kept")})
     result = WorkflowResult(rows=rows, outputs=outputs, recipe=recipe, stopped=stopped, stages_kept=kept)
     if count["read"]:
