@@ -62,7 +62,7 @@ def test_cache_lists_and_clears_by_kind_and_age(tmp_path, monkeypatch):
 
     r = run.invoke(app, ["cache", "--json"])
     assert r.exit_code == 0, r.output
-    got = json.loads(r.output)
+    got = json.loads(r.stdout)
     assert got["root"] == str(tmp_path)
     assert [(e["kind"], os.path.basename(e["path"]), e["bytes"]) for e in got["entries"]] == [
         ("refs", "a.safetensors", 100), ("refs", "b.safetensors", 50), ("finetune", "old", 1000),

@@ -523,7 +523,7 @@ def test_cli_by_macs_counts_the_pipelines_own_denoiser_call(tmp_path):
     res = _cli("zoo:digits-sd", "--criterion", "magnitude", "--by", "macs", "--ratio", "0.3", "--out",
                tmp_path / "m", "--json")
     assert res.exit_code == 0, res.output
-    report = json.loads(res.output)
+    report = json.loads(res.stdout)
     loaded = load("zoo:digits-sd")
     es = eval_set_for(loaded, 1)
     own = anatomy(loaded.denoiser, inputs=first_denoiser_call(loaded.pipe, SampleSpec(es.inputs, es.seeds,

@@ -102,7 +102,7 @@ def test_bad_bench_method_and_recipe(tmp_path):
 def test_profile_json_on_config_only_folder():
     res = _run("profile", CONFIGS / "sd15-unet", "--json")
     assert res.exit_code == 0, res.output
-    d = json.loads(res.output)
+    d = json.loads(res.stdout)
     assert {"params", "macs", "blocks", "latency_s"} <= set(d)
     assert d["params"] == 859_520_964
     assert d["latency_s"] is None  # no weights, no timing

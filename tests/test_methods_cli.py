@@ -51,7 +51,7 @@ def test_depth_search_cli_writes_recipe_and_plot(tiny_digits_folder, tmp_path):
     r = _run("depth-search", tiny_digits_folder, "--threshold", "-5", "--n", "2", "--steps", "3", "--json",
              "--out", out, "--plot", plot)
     assert r.exit_code == 0, r.output
-    d = json.loads(r.output)
+    d = json.loads(r.stdout)
     assert d["depth"] == 1 and d["reached"] and d["sampling_runs"] >= 1
     assert load_recipe(out).depth.depth == 1 and plot.stat().st_size > 1000
     r = _run("depth-search", tiny_digits_folder, "--threshold", "1000", "--n", "2", "--steps", "3")
@@ -60,7 +60,7 @@ def test_depth_search_cli_writes_recipe_and_plot(tiny_digits_folder, tmp_path):
 
 def test_timesteps_cli_prints_schedule():
     r = _run("timesteps", "--steps", "5", "--gamma", "1", "--json")
-    assert json.loads(r.output)["timesteps"] == [999, 749, 499, 249, 0]
+    assert json.loads(r.stdout)["timesteps"] == [999, 749, 499, 249, 0]
     r = _run("timesteps", "--steps", "5")
     assert r.exit_code == 2 and "give --gamma" in r.output
 
@@ -73,7 +73,7 @@ def test_timesteps_cli_search_writes_applicable_recipe(tiny_digits_folder, tmp_p
     r = _run("timesteps", tiny_digits_folder, "--steps", "3", "--method", "greedy", "--n", "2", "--full-steps", "6",
              "--json", "--out", out)
     assert r.exit_code == 0, r.output
-    d = json.loads(r.output)
+    d = json.loads(r.stdout)
     assert len(d["timesteps"]) == 3 and d["methods"]["greedy"]["evaluations"] >= 3
     rec = load_recipe(out)
     pipe = load(str(tiny_digits_folder)).pipe
@@ -98,7 +98,7 @@ def test_bench_issue4_methods(tiny_digits_folder):
     r = _run("bench", tiny_digits_folder, "--methods", "depth:7,uniform:3,karras:3,ays:3,gamma:3:1.2",
              "--n", "3", "--steps", "6", "--json")
     assert r.exit_code == 0, r.output
-    rows = {x["method"]: x for x in json.loads(r.output)["rows"]}
+    rows = {x["method"]: x for x in json.loads(r.stdout)["rows"]}
     assert set(rows) == {"full", "depth:7", "uniform:3", "karras:3", "ays:3", "gamma:3:1.2"}
     assert rows["depth:7"]["params"] < rows["full"]["params"] and rows["depth:7"]["macs_ratio"] < 1
     for k in ("uniform:3", "karras:3", "ays:3", "gamma:3:1.2"):
@@ -137,7 +137,7 @@ def test_finetune_cli_then_bench_the_student(tiny_digits_folder, tmp_path):
     r = _run("bench", tiny_digits_folder, "--methods", f"depth:7,depth:7+ft@{student}", "--n", "2", "--steps", "3",
              "--json")
     assert r.exit_code == 0, r.output
-    rows = {x["method"]: x for x in json.loads(r.output)["rows"]}
+    rows = {x["method"]: x for x in json.loads(r.stdout)["rows"]}
     assert rows["depth:7+ft"]["params"] == rows["depth:7"]["params"]
     assert rows["depth:7+ft"]["psnr"] != rows["depth:7"]["psnr"]  # trained weights, different outputs
     r = _run("bench", tiny_digits_folder, "--methods", f"depth:6+ft@{student}", "--n", "1", "--steps", "2")
@@ -153,7 +153,7 @@ def test_timesteps_search_for_a_depth_skipped_model(tiny_digits_folder, tmp_path
     r = _run("timesteps", tiny_digits_folder, "--steps", "3", "--method", "greedy", "--n", "2", "--full-steps", "6",
              "--depth", "7", "--json", "--out", out)
     assert r.exit_code == 0, r.output
-    d = json.loads(r.output)
+    d = json.loads(r.stdout)
     assert d["depth"] == 7 and len(d["timesteps"]) == 3
     rec = load_recipe(out)
     assert rec.depth.depth == 7 and rec.sampling.timesteps == d["timesteps"]  # depth + schedule in one recipe
@@ -188,7 +188,7 @@ def test_depth_search_cli_multi(tiny_digits_folder, tmp_path):
     r = _run("depth-search", tiny_digits_folder, "--threshold", "-5", "--n", "2", "--steps", "4", "--multi",
              "--json", "--out", tmp_path / "r.json")
     assert r.exit_code == 0, r.output
-    data = json.loads(r.output)
+    data = json.loads(r.stdout)
     multi = data["multi"]
     # any quality passes a threshold of -5 dB: the shallowest pair wins, cheaper than or equal to depth 1
     assert (multi["depth_high"], multi["depth_low"]) == (1, 1)

@@ -87,7 +87,7 @@ def test_load_takes_names_and_evaluate_compiled_matches_eager(tmp_path):
     for extra in ([], ["--compile", "--compile-backend", "eager"]):
         res = _cli(*args, path, "--json", *extra)
         assert res.exit_code == 0, res.output
-        runs.append(json.loads(res.output))
+        runs.append(json.loads(res.stdout))
     assert runs[0] == runs[1] and runs[0]["psnr"] < 100  # the pruned model, compiled, scores as it does eagerly
 
 
@@ -99,7 +99,7 @@ def test_profile_times_at_a_batch_size_in_a_dtype_and_compiled():
                         ("compiled", ["--compile", "--compile-backend", "eager"])):
         res = _cli("profile", "zoo:digits-dit", "--json", "--repeats", "2", "--device", "cpu", *extra)
         assert res.exit_code == 0, res.output
-        runs[name] = json.loads(res.output)
+        runs[name] = json.loads(res.stdout)
     b1, b4, bf16, comp = runs["b1"], runs["b4"], runs["bf16"], runs["compiled"]
     assert b1["macs"] == b4["macs"] == bf16["macs"]  # the MACs stay those of one call at batch 1
     assert (b1["batch"], b4["batch"]) == (1, 4)
@@ -128,7 +128,7 @@ def test_random_weights_time_a_config_only_architecture(tmp_path):
     assert not all(torch.equal(a, b.to(torch.bfloat16)) for a, b in zip(den.parameters(), real.parameters()))
     res = _cli("profile", folder, "--json", "--repeats", "1", "--random-weights")
     assert res.exit_code == 0, res.output
-    d = json.loads(res.output)
+    d = json.loads(res.stdout)
     assert d["random_weights"] and not d["weights"] and d["latency_s"] > 0
     plain = json.loads(_cli("profile", folder, "--json").output)
     assert plain["latency_s"] is None and plain["macs"] == d["macs"]  # config only: counted, not timed
@@ -166,7 +166,7 @@ def test_search_references_are_cached_per_dtype(tmp_path, monkeypatch):
         res = _cli("timesteps", "zoo:digits-dit", "--steps", "3", "--full-steps", "6", "--n", "2", "--method",
                    "greedy", "--dtype", dtype, "--json")
         assert res.exit_code == 0, res.output
-        found[dtype] = json.loads(res.output)
+        found[dtype] = json.loads(res.stdout)
     refs = list((tmp_path / "cache").rglob("*.safetensors"))
     assert len(refs) == 2  # one full-step reference per dtype, none shared
     assert found["float32"] != found["bf16"]  # the bfloat16 search ran in bfloat16
@@ -211,7 +211,7 @@ def test_profile_pipeline_breaks_sampling_time_down(tmp_path):
 
     res = _cli("profile", "zoo:digits-dit", "--pipeline", "--n", "2", "--steps", "3", "--repeats", "1", "--json")
     assert res.exit_code == 0, res.output
-    d = json.loads(res.output)
+    d = json.loads(res.stdout)
     rows = {r["component"]: r for r in d["components"]}
     assert rows["denoiser"]["entries"] == 6 and rows["denoiser"]["denoiser"]  # 2 runs of batch 1, 3 steps each
     assert 0 < d["denoiser_share"] < 1 and d["max_speedup_from_the_denoiser"] == pytest.approx(1 / (1 - d["denoiser_share"]))
@@ -223,7 +223,7 @@ def test_profile_pipeline_breaks_sampling_time_down(tmp_path):
     res = _cli("profile", "zoo:digits-dit", "--pipeline", "--n", "2", "--steps", "3", "--repeats", "2", "--compile",
                "--compile-backend", "eager", "--json")
     assert res.exit_code == 0, res.output
-    d3 = json.loads(res.output)
+    d3 = json.loads(res.stdout)
     assert d3["compiled"] and {r["component"]: r["entries"] for r in d3["components"]}["denoiser"] == 6
     for args, needle in ((("--pipeline", "--depth", "3"), "--pipeline samples the pipeline as it is, at its own size"),
                          (("--n", "2"), "--n sets the sampling runs of --pipeline"),
@@ -253,7 +253,7 @@ def test_layer_scoring_and_the_workflow_run_in_bfloat16(tmp_path, monkeypatch):
     res = _cli("workflow", "zoo:digits-dit", "--stages", "layers:0.2,layers:0.2,steps:5", "--dtype", "bf16", "--n",
                "2", "--out", tmp_path / "w", "--json")
     assert res.exit_code == 0, res.output
-    assert [r["stage"] for r in json.loads(res.output)["rows"]] == ["original", "layers:0.2", "layers:0.2", "steps:5"]
+    assert [r["stage"] for r in json.loads(res.stdout)["rows"]] == ["original", "layers:0.2", "layers:0.2", "steps:5"]
     from safetensors.torch import load_file
 
     # the second stage pruned the first one's saved pipeline, reloaded in bfloat16: its weights are bfloat16 too

@@ -221,7 +221,7 @@ def test_cli_stock_export_loads_with_diffusers_alone(tmp_path):
     LayerPruned model's outputs; `diffslim stock` turns the LayerPruned folder into the same weights."""
     res = _cli("layer-prune", "zoo:digits-dit", "--ratio", "0.3", "--stock", "--out", tmp_path / "s", "--json")
     assert res.exit_code == 0, res.output
-    removed = json.loads(res.output)["removed"]
+    removed = json.loads(res.stdout)["removed"]
     assert "transformer_blocks.0" not in removed and len(removed) == 2
     index = json.loads((tmp_path / "s" / "pipeline" / "model_index.json").read_text())
     assert index["denoiser"] == ["diffusers", "DiTTransformer2DModel"]
@@ -255,7 +255,7 @@ def test_cli_stock_selects_among_the_blocks_a_stock_config_can_lose(tmp_path):
         res = _cli("layer-prune", "zoo:digits-dit", "--criterion", "magnitude", "--ratio", "0.7", *([flag] if flag else []),
                    "--out", tmp_path / (flag or "plain"), "--json")
         assert res.exit_code == 0, res.output
-        report = json.loads(res.output)
+        report = json.loads(res.stdout)
         removed[flag] = report["removed"]
         assert report["params_removed"] >= 0.7 * report["params"]
     assert "transformer_blocks.0" in removed[""] and "transformer_blocks.0" not in removed["--stock"]
@@ -366,7 +366,7 @@ def test_stock_selection_inside_attention_layers(tmp_path):
     res = _cli("layer-prune", tmp_path / "tiny", "--criterion", "random", "--inner", "--ratio", "0.25", "--stock",
                "--out", tmp_path / "x", "--json")
     assert res.exit_code == 0, res.output
-    report = json.loads(res.output)
+    report = json.loads(res.stdout)
     assert report["params_removed"] >= 0.25 * report["params"]
     cfg = json.loads((tmp_path / "x" / "model" / "config.json").read_text())
     assert cfg["_class_name"] == "UNet2DConditionModel" and "removed_layers" not in cfg
@@ -415,7 +415,7 @@ def test_cli_stock_on_a_unet_writes_a_stock_unet_that_diffusers_loads(tmp_path):
     res = _cli("layer-prune", "zoo:digits-sd", "--ratio", "0.3", "--stock", "--n", "2", "--out", tmp_path / "s",
                "--json")
     assert res.exit_code == 0, res.output
-    report = json.loads(res.output)
+    report = json.loads(res.stdout)
     assert report["params_removed"] >= 0.3 * report["params"]
     cfg = json.loads((tmp_path / "s" / "model" / "config.json").read_text())
     assert cfg["_class_name"] == "UNet2DConditionModel" and "removed_layers" not in cfg

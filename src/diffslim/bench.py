@@ -893,7 +893,7 @@ def _default_dipgo(ctx: BenchContext, ratio: float, **overrides):
         with building(root, f"the dipgo:{ratio:g} training"):
             if not meta.exists():  # another process may have built it while this one waited
                 cfg = DipgoConfig(ratio=ratio, num_inference_steps=steps, scheduler=sched, out=str(root),
-                                  progress=False, call_kwargs=dict(ctx.base_spec.call_kwargs), **settings)
+                                  progress=True, call_kwargs=dict(ctx.base_spec.call_kwargs), **settings)
                 res = train_dipgo(ctx.loaded.pipe, cfg, units, pool=pool)
                 meta.write_text(json.dumps({"seconds": res.seconds, "log": res.log}))
     info = json.loads(meta.read_text())

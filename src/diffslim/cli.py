@@ -317,8 +317,9 @@ def profile(
     if as_json:
         _print_json(p)
         return
-    t = Table(title=f"{model}  ({p['class']}, input {p['sample_size'][0]}x{p['sample_size'][1]}"
-                    + (", random weights" if p["random_weights"] else "") + ")")
+    (sh, sw), scale = p["sample_size"], p.get("vae_scale_factor") or 1
+    size = f"input {sh}x{sw}" if scale == 1 else f"latent {sh}x{sw}, {sh * scale}x{sw * scale} px"
+    t = Table(title=f"{model}  ({p['class']}, {size}" + (", random weights" if p["random_weights"] else "") + ")")
     t.add_column("block")
     t.add_column("params", justify="right")
     unit, div = ("GMACs", 1e9) if (p["macs"] or 0) >= 1e9 else ("MMACs", 1e6)
@@ -658,7 +659,7 @@ def bench(
     if html is not None:
         from diffslim.report import Report, add_bench_section
 
-        rep = Report(f"diffslim bench: {model}")
+        rep = Report(f"diffslim bench: {model} ({n} inputs, {default_steps} steps full)")
         add_bench_section(rep, model, rows, res.outputs)
         rep.write(html)
     if as_json:
@@ -747,8 +748,8 @@ def workflow(
     default_steps = steps or (loaded.zoo.default_steps if loaded.zoo else 50)
     res = run_workflow(loaded, stages, es, out, default_steps=default_steps, scheduler=scheduler,
                        batch_size=batch_size, metrics_fn=metrics_fn_for(loaded, es), floor=floors,
-                       progress=not as_json, log=(lambda m: None) if as_json else
-                       (lambda m: console.print(m, highlight=False)), data=data, resolution=resolution,
+                       progress=not as_json, log=lambda m: (err_console if as_json else console).print(
+                           m, highlight=False), data=data, resolution=resolution,  # with --json, on stderr
                        task_weight=kd_task_weight, search=search, objective=objective,
                        joint_width=joint_width)
     rep = Report(f"diffslim workflow: {model}")

@@ -61,6 +61,7 @@ def profile_denoiser(loaded, den, height: Optional[int] = None, width: Optional[
         "weights": loaded.has_weights,
         "random_weights": bool(loaded.extra.get("random_weights")),
         "sample_size": list(an.sample_size),
+        "vae_scale_factor": scale,  # the denoiser's input is sample_size x this in pixels (1: pixel space)
         "params": an.params,
         "macs": an.macs,
         # BK-SDM, DeepCache and most U-Net papers count convolutions and linear layers only; DiT's

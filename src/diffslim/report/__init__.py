@@ -45,6 +45,8 @@ def slug(model: str) -> str:
 
 
 def _fmt(v) -> str:
+    if isinstance(v, bool):  # as the terminal's tables say it
+        return "yes" if v else "no"
     if isinstance(v, float):
         if math.isnan(v):
             return "n/a"
@@ -109,7 +111,7 @@ class Report:
         for kind, heading, body in self.sections:
             parts.append(f"<h2>{html.escape(heading)}</h2>")
             if kind == "text":
-                parts.append(f"<p>{html.escape(body)}</p>")
+                parts.append("<p>" + "<br>".join(html.escape(line) for line in body.split("\n")) + "</p>")
             elif kind == "table":
                 cols, rows = body
                 parts.append("<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in cols) + "</tr>")
@@ -146,13 +148,17 @@ def bench_figure(rows: Sequence[dict], title: str = ""):
     import matplotlib.pyplot as plt
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for r in rows:
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, r in enumerate(rows):  # one colour per method, the same in both panels
+        c = colors[i % len(colors)]
         psnr = r.get("psnr")
         if psnr is not None and r["method"] != "full":
-            a.scatter(r["macs_ratio"], psnr)
-            a.annotate(r["method"], (r["macs_ratio"], psnr), fontsize=8, xytext=(3, 3), textcoords="offset points")
-        b.scatter(1 / r["macs_ratio"], r["speedup"])
-        b.annotate(r["method"], (1 / r["macs_ratio"], r["speedup"]), fontsize=8, xytext=(3, 3), textcoords="offset points")
+            a.scatter(r["macs_ratio"], psnr, color=c)
+            a.annotate(r["method"], (r["macs_ratio"], psnr), fontsize=8, xytext=(3, 3), textcoords="offset points",
+                       color=c)
+        b.scatter(1 / r["macs_ratio"], r["speedup"], color=c)
+        b.annotate(r["method"], (1 / r["macs_ratio"], r["speedup"]), fontsize=8, xytext=(3, 3),
+                   textcoords="offset points", color=c)
     a.set_xlabel("MACs of the sampling run / full")
     a.set_ylabel("PSNR vs full (dB)")
     a.grid(alpha=0.3)
@@ -171,9 +177,18 @@ def bench_figure(rows: Sequence[dict], title: str = ""):
 def add_bench_section(rep, model: str, rows, outputs) -> None:
     """Bench rows, the cost/quality figure and one image grid per method."""
     tag = slug(model)
-    cols = [c for c in ("method", "params", "macs_ratio", "speedup", "seconds", "compiled", "compile_seconds", "psnr",
-                        "ssim", "digit_accuracy", "psnr_gt", "ssim_gt") if any(c in r for r in rows)]
+    # the terminal table's columns (every metric a row has, clip_score, lpips and fid included), and the seconds
+    hidden = ("skipped", "notes", "macs_per_sample", "search", "candidates")
+    cols = [c for c in dict.fromkeys(k for r in rows for k in r) if c not in hidden]
     rep.add_table(f"bench: {model}", rows, cols)
+    notes = [f"{r['method']}: {r['notes']}" for r in rows if r.get("notes")]
+    skips: dict = {}
+    for r in rows:
+        for k, why in (r.get("skipped") or {}).items():
+            skips.setdefault(f"{k} skipped: {why}", []).append(r["method"])
+    notes += [f"{', '.join(m)}: {text}" if len(m) < len(rows) else text for text, m in skips.items()]
+    if notes:
+        rep.add_text(f"notes: {model}", "\n".join(notes))
     rep.add_figure(f"cost and quality: {model}", f"bench_{tag}.png", bench_figure(rows, model),
                    "left: PSNR against the full model's outputs vs relative MACs; right: measured speedup vs MACs "
                    "reduction (the dashed line is speedup = MACs reduction)")
