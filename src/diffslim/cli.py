@@ -461,6 +461,7 @@ def _load_with_recipe(model: str, recipe: Optional[Path], steps: Optional[int] =
     return loaded, rec
 
 
+_JSON_HELP = "print the result as JSON on stdout (progress and notes go to stderr)"
 _COMPILE_HELP = ("torch.compile the denoiser after the recipe (a skip plan's or multi-depth schedule's per-step "
                  "decisions stay eager, the modules they run are compiled); the first batch compiles")
 
@@ -522,13 +523,13 @@ def evaluate(
                                             "workflow's pruned stage, else MODEL)"),
     n: int = typer.Option(100, min=1, help="number of evaluation samples"),
     steps: Optional[int] = typer.Option(None, min=1, help="inference steps of the full model (default: the model's)"),
-    seed: int = typer.Option(0, min=0, max=_SEED_MAX),
+    seed: int = typer.Option(0, min=0, max=_SEED_MAX, help="seed of the first input; input i uses seed+i"),
     prompts: Optional[Path] = typer.Option(None, help="text file, one prompt per line (text-to-image)"),
-    batch_size: int = typer.Option(50, min=1),
+    batch_size: int = typer.Option(50, min=1, help="inputs per pipeline call"),
     clip: Optional[Path] = typer.Option(None, help="local CLIP folder (transformers format) for clip_score"),
     lpips: Optional[Path] = typer.Option(None, help="local LPIPS backbone checkpoint for lpips"),
     inception: Optional[Path] = typer.Option(None, help="local FID Inception weights (torch-fidelity format)"),
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = typer.Option(False, "--json", help=_JSON_HELP),
     device: str = typer.Option("auto", help=_DEVICE_HELP),
     dtype: str = typer.Option("float32", help=_DTYPE_HELP + " (the full model's reference too)"),
     compile: bool = typer.Option(False, "--compile", help=_COMPILE_HELP + " (the full model's reference stays eager)"),
@@ -604,14 +605,14 @@ def bench(
     n: int = typer.Option(50, min=1, help="number of inputs every variant samples"),
     steps: Optional[int] = typer.Option(None, min=1, help="steps of the full model (default: the model's)"),
     scheduler: Optional[str] = typer.Option(None, help="scheduler for every variant (default: the pipeline's)"),
-    seed: int = typer.Option(0, min=0, max=_SEED_MAX),
+    seed: int = typer.Option(0, min=0, max=_SEED_MAX, help="seed of the first input; input i uses seed+i"),
     prompts: Optional[Path] = typer.Option(None, help="text file, one prompt per line (text-to-image)"),
-    batch_size: int = typer.Option(50, min=1),
+    batch_size: int = typer.Option(50, min=1, help="inputs per pipeline call"),
     repeats: int = typer.Option(1, min=1, help="timed runs per variant; the best counts"),
     clip: Optional[Path] = typer.Option(None, help="local CLIP folder (transformers format) for clip_score"),
     lpips: Optional[Path] = typer.Option(None, help="local LPIPS backbone checkpoint for lpips"),
     inception: Optional[Path] = typer.Option(None, help="local FID Inception weights (torch-fidelity format)"),
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = typer.Option(False, "--json", help=_JSON_HELP),
     html: Optional[Path] = typer.Option(None, help="write an HTML report to this folder"),
     data: str = typer.Option("zoo", help="training data of the methods that score or train (layers:R, +kd, +ft): "
                                          "'zoo' or an image folder, captions optional; without it a non-zoo "
@@ -689,9 +690,9 @@ def workflow(
     n: int = typer.Option(16, min=1, help="number of inputs every stage samples"),
     steps: Optional[int] = typer.Option(None, min=1, help="steps of the original (default: the model's)"),
     scheduler: Optional[str] = typer.Option(None, help="scheduler (default: the pipeline's)"),
-    seed: int = typer.Option(0, min=0, max=_SEED_MAX),
+    seed: int = typer.Option(0, min=0, max=_SEED_MAX, help="seed of the first input; input i uses seed+i"),
     prompts: Optional[Path] = typer.Option(None, help="text file, one prompt per line (text-to-image)"),
-    batch_size: int = typer.Option(16, min=1),
+    batch_size: int = typer.Option(16, min=1, help="inputs per pipeline call"),
     data: str = typer.Option("zoo", help="training data of the stages that score or train (layers:R, +kd, +ft): "
                                          "'zoo' or an image folder, captions optional; without it a non-zoo "
                                          "pipeline's layers:R scores on its own denoiser calls while sampling the "
@@ -711,7 +712,7 @@ def workflow(
     joint_width: int = typer.Option(3, help="--search joint: milder settings tried of each auto stage that has "
                                             "another after it (with the kept one and none: (W+2)^B workflow runs "
                                             "for B such stages)"),
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = typer.Option(False, "--json", help=_JSON_HELP),
     device: str = typer.Option("cpu", help="device every stage samples on (its timings are measured there): cpu "
                                            "(the default), auto, cuda, cuda:N, mps; the trainers use the GPU when "
                                            "torch sees one"),
@@ -886,7 +887,7 @@ def depth_search_cmd(
     seed: int = typer.Option(10_000, min=0, max=_SEED_MAX,
                              help="seed of the first calibration input (kept apart from evaluation seeds)"),
     prompts: Optional[Path] = typer.Option(None, help="text file, one prompt per line (text-to-image)"),
-    batch_size: int = typer.Option(50, min=1),
+    batch_size: int = typer.Option(50, min=1, help="inputs per pipeline call"),
     out: Optional[Path] = typer.Option(None, help="write a recipe with the chosen depth"),
     plot: Optional[Path] = typer.Option(None, help="write the quality-vs-depth plot (PNG, or another format "
                                          "matplotlib writes: .pdf, .svg, ...)"),
@@ -894,7 +895,7 @@ def depth_search_cmd(
                                                       "compare its MACs with the single depth's"),
     split: Optional[int] = typer.Option(None, help="with --multi: timesteps >= SPLIT form the first range "
                                                    "(default: the middle of the sampled steps)"),
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = typer.Option(False, "--json", help=_JSON_HELP),
     device: str = typer.Option("auto", help=_DEVICE_HELP),
     dtype: str = typer.Option("float32", help=_DTYPE_HELP + " (the reference outputs too)"),
 ):
@@ -983,13 +984,14 @@ def timesteps_cmd(
     method: str = typer.Option("both", help="greedy (the paper's line search), bounded (scipy) or both"),
     n: int = typer.Option(16, min=1, help="calibration inputs"),
     full_steps: Optional[int] = typer.Option(None, min=1, help="steps of the reference outputs (default: the model's)"),
-    seed: int = typer.Option(10_000, min=0, max=_SEED_MAX),
+    seed: int = typer.Option(10_000, min=0, max=_SEED_MAX,
+                             help="seed of the first calibration input (kept apart from evaluation seeds)"),
     prompts: Optional[Path] = typer.Option(None, help="text file, one prompt per line (text-to-image)"),
-    batch_size: int = typer.Option(50, min=1),
+    batch_size: int = typer.Option(50, min=1, help="inputs per pipeline call"),
     depth: Optional[int] = typer.Option(None, help="search for the depth-skipped model at this depth (against its own full-step outputs)"),
     out: Optional[Path] = typer.Option(None, help="write a recipe with the schedule (the one found, or without MODEL "
                                                   "the one of --gamma)"),
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = typer.Option(False, "--json", help=_JSON_HELP),
     device: str = typer.Option("auto", help=_DEVICE_HELP + " (with MODEL)"),
     dtype: str = typer.Option("float32", help=_DTYPE_HELP + " (with MODEL; the reference outputs too)"),
 ):
@@ -1358,7 +1360,7 @@ def layer_prune_cmd(
                                            "config describes: (resnet, attention) pairs in line in the down and up "
                                            "blocks, the whole mid block and, with --inner, blocks inside "
                                            "attention layers)"),
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = typer.Option(False, "--json", help=_JSON_HELP),
     device: str = typer.Option("auto", help=_SCORE_DEVICE_HELP),
 ):
     """One-shot layer pruning (LAPTOP-Diff): score every layer, remove the least important at a ratio."""
@@ -1419,7 +1421,7 @@ def layer_prune_cmd(
 
         keep = stock_keeps(loaded.denoiser)
     macs_inputs = None
-    if by == "macs" and loaded.pipe is not None and criterion not in bk:  # the MACs of the call the pipeline makes
+    if loaded.pipe is not None and criterion not in bk:  # the MACs of the call the pipeline makes
         from diffslim.evaluate import eval_set_for
         from diffslim.sample import SampleSpec, first_denoiser_call
 
@@ -1427,7 +1429,7 @@ def layer_prune_cmd(
         macs_inputs = first_denoiser_call(loaded.pipe, SampleSpec(es.inputs, es.seeds, call_kwargs=dict(es.call_kwargs)))
     res = layer_prune(loaded.denoiser, criterion, ratio, by=by, calib=calib, seed=seed, inner=inner,
                       pair_pool=pair_pool, progress=not as_json, keep=keep, stock=stock, macs_inputs=macs_inputs,
-                      max_params=max_params)
+                      max_params=max_params, count_macs=True)  # the MACs removed are reported whatever --by is
     pruned = prune_layers(loaded.denoiser, res.removed)
     not_stock = None
     if stock:
@@ -1613,7 +1615,7 @@ def lora_cmd(
                                                       "layer-prune --stock), whose blocks are renumbered"),
     original: Optional[str] = typer.Option(None, help="the original pipeline folder: read the LoRA through its "
                                                       "diffusers loader, for Kohya/A1111 and other formats"),
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = typer.Option(False, "--json", help=_JSON_HELP),
 ):
     """Adapt a LoRA trained on the original model to a pruned one: keep the LoRA of every module the pruned
     model still runs (under its stock name with --stock), drop the removed layers' LoRA, refuse a LoRA of
@@ -1669,7 +1671,7 @@ def layer_compare_cmd(
                                  "its outputs against the full model's (PSNR, SSIM, the task's metrics): what the "
                                  "output loss stands for; 0: off"),
     steps: Optional[int] = typer.Option(None, min=1, help="sampling steps of --sample (default: the zoo model's, else 50)"),
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = typer.Option(False, "--json", help=_JSON_HELP),
     device: str = typer.Option("auto", help=_SCORE_DEVICE_HELP),
 ):
     """Compare every layer-pruning criterion on your model: held-out output loss of each one's selection at each
@@ -1842,7 +1844,8 @@ def dipgo_cmd(
     restarts: int = typer.Option(1, min=1, help="pruners trained from seeds SEED, SEED+1, ...; the one that validates best "
                                          "is kept (needs --select)"),
     checkpoint_every: int = typer.Option(20, min=1),
-    seed: int = typer.Option(0, min=0, max=_SEED_MAX),
+    seed: int = typer.Option(0, min=0, max=_SEED_MAX,
+                             help="seed of the pruner's training (and of the first restart)"),
 ):
     """Learn a skip plan with DiP-GO and write it as a recipe (skip_plan section)."""
     _out_file(out)
