@@ -213,3 +213,30 @@ def test_version_names_the_versions_a_bug_report_needs():
     assert res.exit_code == 0, res.output
     assert res.output.startswith(f"diffslim {version('diffslim')} (torch {torch.__version__}, diffusers "
                                  f"{diffusers.__version__}, python ")
+
+
+def test_help_and_tables_keep_whole_names_and_numbers_on_80_columns(monkeypatch):
+    """Help lists every option name whole (rich's panels cut them to '--checkpoint-ev…' on 80 columns), and a
+    result table too wide for the terminal folds its headers and drops its rules instead of cutting numbers."""
+    import io
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from diffslim import cli
+
+    r = CliRunner().invoke(cli.app, ["finetune", "--help"], terminal_width=80)
+    assert r.exit_code == 0
+    assert "--gradient-checkpointing / --no-gradient-checkpointing" in r.output and "--checkpoint-every" in r.output
+    assert "…" not in r.output
+    buf = io.StringIO()
+    monkeypatch.setattr(cli, "console", Console(width=80, file=buf, soft_wrap=False))
+    t = Table(title="bench")
+    for c in ("method", "params", "macs_ratio", "speedup", "psnr", "ssim", "digit_accuracy", "fid", "clip_score"):
+        t.add_column(c)
+    t.add_row("layers:0.3+kd", "3,220,961", "0.9629", "1.183", "55.36", "0.9991", "1", "682.5", "31.07")
+    cli._print_table(t)
+    lines = buf.getvalue().splitlines()
+    assert all(len(line) <= 80 for line in lines) and "…" not in buf.getvalue()
+    row = next(line for line in lines if "layers:0.3+kd" in line)
+    assert all(v in row for v in ("3,220,961", "0.9629", "682.5", "31.07"))

@@ -103,6 +103,29 @@ def test_stacked_stages_are_judged_against_the_original_and_the_recipe_reproduce
     assert torch.equal(sample(again.pipe, _spec(es, 50)), res.outputs["deepcache:2"])
     saved = json.loads((tmp_path / "wf" / "workflow.json").read_text())
     assert [r["stage"] for r in saved["rows"]] == [r["stage"] for r in res.rows]
+    # the recipe records the original, so `diffslim evaluate --recipe` alone gives the last row again: the pruned
+    # stage's pipeline (the recipe's model) with its schedule and plan, against the original's outputs
+    assert rec.original == "zoo:digits-sd"
+    recipe = str(tmp_path / "wf" / "recipe.json")
+    r = CliRunner().invoke(app, ["evaluate", "--recipe", recipe, "--n", "4", "--steps", str(STEPS), "--json"])
+    assert r.exit_code == 0, r.output
+    got = json.loads(r.stdout)
+    assert got["model"] == rec.model and got["reference"] == "zoo:digits-sd"
+    assert got["steps"] == 5 and got["reference_steps"] == STEPS  # the recipe's steps, and the reference's
+    assert got["psnr"] == pytest.approx(res.rows[3]["psnr"], abs=1e-4)
+    assert "fid" not in got and "more samples than its 64 classifier features" in got["skipped"]["fid"]
+    # against another full model when asked; and a warning when MODEL is not the recipe's model
+    r = CliRunner().invoke(app, ["evaluate", "--recipe", recipe, "--reference", rec.model, "--n", "4", "--steps",
+                                 str(STEPS), "--json"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["psnr"] != got["psnr"], r.output
+    r = CliRunner().invoke(app, ["sample", "zoo:digits-sd", "--recipe", recipe, "--n", "2", "--out",
+                                 str(tmp_path / "s")])
+    assert r.exit_code == 0 and "was made for" in " ".join(r.stderr.split()) and rec.model in r.stderr.replace(
+        "\n", ""), r.output
+    for args, says in ((["evaluate", "--n", "2"], "MODEL is missing"),
+                       (["evaluate", "zoo:digits-sd", "--reference", "zoo:digits-sd"], "add --recipe")):
+        r = CliRunner().invoke(app, args)
+        assert r.exit_code == 2 and says in r.output, r.output
 
     # the same command again loads the built model stage instead of rebuilding it, with the same outputs
     res2 = run_workflow(loaded, STAGES, es, tmp_path / "wf", default_steps=STEPS, progress=False, log=lambda m: None)
@@ -464,7 +487,8 @@ def test_the_joint_search_tries_milder_settings_and_no_stage_and_keeps_the_cheap
     rep.write(tmp_path / "report")
     page = (tmp_path / "report" / "index.html").read_text()
     assert "joint search: every stack tried" in page and all(b["stages"] in page for b in res.branches)
-    assert page.count("<td>yes</td>") == 1
+    joint = page[page.index("joint search: every stack tried"):]
+    assert joint[:joint.index("</table>")].count("<td>yes</td>") == 1  # one stack chosen
     # the objectives: the least MACs or parameters first, the other cost and then quality breaking ties
     bs = [{"params": 5, "macs_ratio": 0.5, "psnr": 31.0}, {"params": 9, "macs_ratio": 0.3, "psnr": 30.5},
           {"params": 5, "macs_ratio": 0.5, "psnr": 33.0}, {"params": 5, "macs_ratio": 0.6, "psnr": 40.0}]

@@ -73,12 +73,19 @@ def _print_table(t: Table) -> None:
                   for c in column.cells]
         column.min_width = min(max(widths, default=0), 40)  # a long free-text cell still folds
     if need() > console.width:
+        import textwrap
+
         from rich import box
 
-        for column in t.columns:
+        t.box, t.show_edge, t.pad_edge, t.collapse_padding = box.SIMPLE_HEAD, False, False, True
+        for column in t.columns:  # headers broken at underscores
             if isinstance(column.header, str):
                 column.header = column.header.replace("_", " ")
-        t.box, t.show_edge = box.SIMPLE_HEAD, False
+        if need() - len(t.columns) > console.width:  # and still too wide: to the width of the column's values
+            for column in t.columns:
+                if isinstance(column.header, str):
+                    column.header = "\n".join(textwrap.wrap(column.header, max(column.min_width, 4),
+                                                             break_long_words=True))
     console.print(t)
 
 
@@ -1421,7 +1428,7 @@ def layer_prune_cmd(
 
         keep = stock_keeps(loaded.denoiser)
     macs_inputs = None
-    if loaded.pipe is not None and criterion not in bk:  # the MACs of the call the pipeline makes
+    if by == "macs" and loaded.pipe is not None and criterion not in bk:  # the MACs of the call the pipeline makes
         from diffslim.evaluate import eval_set_for
         from diffslim.sample import SampleSpec, first_denoiser_call
 
@@ -1429,8 +1436,10 @@ def layer_prune_cmd(
         macs_inputs = first_denoiser_call(loaded.pipe, SampleSpec(es.inputs, es.seeds, call_kwargs=dict(es.call_kwargs)))
     res = layer_prune(loaded.denoiser, criterion, ratio, by=by, calib=calib, seed=seed, inner=inner,
                       pair_pool=pair_pool, progress=not as_json, keep=keep, stock=stock, macs_inputs=macs_inputs,
-                      max_params=max_params, count_macs=True)  # the MACs removed are reported whatever --by is
+                      max_params=max_params)
     pruned = prune_layers(loaded.denoiser, res.removed)
+    if not res.macs:  # selected by params: the MACs removed too, where one forward on dummy inputs counts them
+        res.macs, res.macs_removed = _macs_removed(loaded.denoiser, pruned)
     not_stock = None
     if stock:
         from diffslim.methods.layer_prune import stock_model
@@ -1477,6 +1486,18 @@ def layer_prune_cmd(
                   + (f"; pipeline (sample, evaluate and bench take it): {out / 'pipeline'}"
                      if (out / "pipeline" / "model_index.json").exists() else "")
                   + f"; recipe (for the original model): {out / 'recipe.json'}; scores: {out / 'scores.json'}")
+
+
+def _macs_removed(full, pruned) -> tuple[Optional[int], Optional[int]]:
+    """The MACs of ``full`` and how many of them ``pruned`` no longer spends (one counted forward of each, on dummy
+    inputs at the config's sample size); ``(None, None)`` where the denoiser's forward takes no dummy inputs."""
+    from diffslim.models.anatomy import anatomy
+
+    try:
+        before, after = anatomy(full).macs, anatomy(pruned).macs
+    except (ValueError, RuntimeError, TypeError, IndexError, KeyError):
+        return None, None
+    return before, before - after
 
 
 def _save_denoiser(loaded, denoiser, model_dir: Path, pipeline_dir: Optional[Path]) -> None:
