@@ -832,9 +832,16 @@ def _print_rows(title, rows, key: str = "method") -> None:
     cols = list(dict.fromkeys(k for r in rows for k in r if k not in hidden))
     for c in cols:
         t.add_column(c, justify="left" if c == key else "right")
+    against_reference = ("psnr", "ssim", "lpips")  # the reference row itself is what these compare with
+
+    def cell(r, c):
+        if r.get(key) in ("full", "original") and c in against_reference and c in r:
+            return "ref"
+        v = r.get(c)
+        return f"{v:,}" if isinstance(v, int) else f"{v:.4g}" if isinstance(v, float) else str(r.get(c, ""))
+
     for r in rows:
-        t.add_row(*[(f"{r[c]:,}" if isinstance(r.get(c), int) else f"{r[c]:.4g}" if isinstance(r.get(c), float)
-                     else str(r.get(c, ""))) for c in cols])
+        t.add_row(*[cell(r, c) for c in cols])
     _print_table(t)
     skips: dict = {}  # (metric, reason) -> the rows it was skipped in: one line for a reason every row shares
     for r in rows:
