@@ -147,18 +147,14 @@ def bench_figure(rows: Sequence[dict], title: str = ""):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, r in enumerate(rows):  # one colour per method, the same in both panels
-        c = colors[i % len(colors)]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11.5, 3.8))
+    colors, markers = plt.get_cmap("tab20").colors, "osD^vPX*<>"
+    for i, r in enumerate(rows):  # one colour and marker per method, the same in both panels, named in the legend
+        style = dict(color=colors[(2 * i) % 20 + (2 * i) // 20 % 2], marker=markers[i % len(markers)], s=36)
         psnr = r.get("psnr")
         if psnr is not None and r["method"] != "full":
-            a.scatter(r["macs_ratio"], psnr, color=c)
-            a.annotate(r["method"], (r["macs_ratio"], psnr), fontsize=8, xytext=(3, 3), textcoords="offset points",
-                       color=c)
-        b.scatter(1 / r["macs_ratio"], r["speedup"], color=c)
-        b.annotate(r["method"], (1 / r["macs_ratio"], r["speedup"]), fontsize=8, xytext=(3, 3),
-                   textcoords="offset points", color=c)
+            a.scatter(r["macs_ratio"], psnr, **style)
+        b.scatter(1 / r["macs_ratio"], r["speedup"], label=r["method"], **style)
     a.set_xlabel("MACs of the sampling run / full")
     a.set_ylabel("PSNR vs full (dB)")
     a.grid(alpha=0.3)
@@ -166,7 +162,8 @@ def bench_figure(rows: Sequence[dict], title: str = ""):
     b.plot([0, lim], [0, lim], "k--", lw=0.8, label="speedup = MACs reduction")
     b.set_xlabel("MACs reduction (x)")
     b.set_ylabel("measured speedup (x)")
-    b.legend(fontsize=8)
+    b.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0,
+             ncol=1 if len(rows) <= 14 else 2)
     b.grid(alpha=0.3)
     if title:
         fig.suptitle(title)
