@@ -194,3 +194,5 @@ def test_depth_search_cli_multi(tiny_digits_folder, tmp_path):
     assert (multi["depth_high"], multi["depth_low"]) == (1, 1)
     assert multi["macs_ratio"] == pytest.approx(multi["single_macs_ratio"])
     assert load_recipe(tmp_path / "r.json").depth.depth == data["depth"] == 1
+    assert data["seconds_total"] == pytest.approx(data["seconds"] + multi["seconds"])  # both searches' time
+    assert "wrote recipe (depth 1)" in r.stderr  # stdout holds the JSON alone

@@ -913,7 +913,8 @@ def depth_search_cmd(
     device: str = typer.Option("auto", help=_DEVICE_HELP),
     dtype: str = typer.Option("float32", help=_DTYPE_HELP + " (the reference outputs too)"),
 ):
-    """Find the shallowest depth-skip depth whose quality stays at or above the threshold."""
+    """Find the shallowest depth-skip depth whose quality stays at or above the threshold (U-Nets: depth skipping
+    keeps the outer levels and drops the inner ones with their skip connections; layer-prune serves transformers)."""
     dev, dt = _precision(device, dtype)
     if out is not None:
         _out_file(out)
@@ -979,7 +980,8 @@ def depth_search_cmd(
                       f"steps): {mres.macs_ratio:.3f} of the MACs ({mres.sampling_runs} sampling runs, "
                       f"{mres.seconds:.1f}s)")
     if as_json:
-        extra = {"multi": {**mres.to_json(), "single_macs_ratio": single_ratio}} if mres is not None else {}
+        extra = {"multi": {**mres.to_json(), "single_macs_ratio": single_ratio},
+                 "seconds_total": res.seconds + mres.seconds} if mres is not None else {}
         _print_json({"model": model, **res.to_json(), **extra})
     if not res.reached:
         best = res.best_pruned
