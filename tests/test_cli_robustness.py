@@ -41,6 +41,7 @@ def _refused(res, *needles):
     ("distill", "zoo:digits-dit", "x", "--log-every", "0"),
     ("dipgo", "zoo:digits-sd", "--ratio", "0.5", "--checkpoint-every", "0", "--out", "r.json"),
     ("zoo-train", "digits-dit", "--steps", "0"),
+    ("distill", "zoo:digits-dit", "x", "--iters", "0"),  # --iters: the optimizer steps' other name, as in dipgo
     ("profile", "zoo:digits-sd", "--repeats", "0"),
 ])
 def test_counts_below_one_are_refused_by_the_option_parser(args):

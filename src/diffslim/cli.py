@@ -1086,7 +1086,8 @@ def _distill_config(out, steps, batch_size, lr, checkpoint_every, log_every, ema
 
 _TRAIN_OPTS = dict(
     data=typer.Option("zoo", help="'zoo' (the zoo model's own data), an image folder, or a folder with input/ and target/"),
-    steps=typer.Option(500, min=1, help="optimizer steps"),
+    steps=typer.Option(500, "--steps", "--iters", min=1, help="optimizer steps (--iters, as dipgo calls them; not "
+                                                               "sampling steps)"),
     batch_size=typer.Option(32, min=1, help="batch size per process"),
     lr=typer.Option(1e-4),
     checkpoint_every=typer.Option(100, min=1, help="checkpoint every N steps; rerun the same command to resume exactly"),
@@ -1259,7 +1260,8 @@ def distill(
 def zoo_train(
     name: str = typer.Argument(..., help="zoo model name, or 'classifier'"),
     out: Path = typer.Option(Path("zoo_runs"), help="run folder (checkpoints, log); resumes from it"),
-    steps: int = typer.Option(3500, min=1),
+    steps: int = typer.Option(3500, "--steps", "--iters", min=1, help="optimizer steps (--iters, as dipgo calls "
+                                                                      "them)"),
     batch_size: int = typer.Option(128, min=1),
     lr: float = typer.Option(1e-3),
     checkpoint_every: int = typer.Option(250, min=1),
