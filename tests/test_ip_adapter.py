@@ -19,6 +19,8 @@ from diffslim.errors import UserError
 from diffslim.ip_adapter import adapt_ip_adapter, read_ip_adapter, write_ip_adapter
 from diffslim.methods import layer_prune as lp
 from diffslim.methods.depth_skip import depth_skip
+
+from conftest import own_memory
 from diffslim.models.adapters import ip_adapter_loaded, original_processor_names
 
 EMBED = 12  # the image embedding's width (a CLIP image encoder's projection)
@@ -261,7 +263,7 @@ def test_cli_stock_writes_the_adapted_ip_adapter_beside_the_stock_model(tmp_path
                               "--ip-adapter", str(tmp_path / "style.safetensors")])
     assert res.exit_code == 0, res.output
     assert "9 attention processors kept" in res.output and "7 dropped" in res.output
-    stock = UNet2DConditionModel.from_pretrained(tmp_path / "stock").eval()  # diffusers alone
+    stock = own_memory(UNet2DConditionModel.from_pretrained(tmp_path / "stock").eval())  # diffusers alone
     _loaded(stock, _nested(read_ip_adapter(tmp_path / "stock" / "ip_adapters" / "style.safetensors")))
     assert torch.equal(_out(stock, _unet_input()), _reference(_unet, removed, state, _unet_input()))
 
