@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -101,6 +102,14 @@ def test_stacked_stages_are_judged_against_the_original_and_the_recipe_reproduce
     again = diffslim.load(rec.model)
     diffslim.apply(again.pipe, rec)
     assert torch.equal(sample(again.pipe, _spec(es, 50)), res.outputs["deepcache:2"])
+    # the file names the stage relative to itself: a copy of the folder elsewhere loads its own copy of the stage
+    assert json.loads((tmp_path / "wf" / "recipe.json").read_text())["model"] == "stages/1-layers-0.3/pipeline"
+    shutil.copytree(tmp_path / "wf", tmp_path / "moved")
+    moved = diffslim.from_recipe(tmp_path / "moved" / "recipe.json")
+    assert moved._diffslim_recipe.model == str((tmp_path / "moved" / "stages" / "1-layers-0.3" / "pipeline").resolve())
+    assert torch.equal(sample(moved, _spec(es, 50)), res.outputs["deepcache:2"])
+    with pytest.raises(diffslim.RecipeError, match="names no model"):
+        diffslim.from_recipe({"sampling": {"num_inference_steps": 5}})
     saved = json.loads((tmp_path / "wf" / "workflow.json").read_text())
     assert [r["stage"] for r in saved["rows"]] == [r["stage"] for r in res.rows]
     # the recipe records the original, so `diffslim evaluate --recipe` alone gives the last row again: the pruned

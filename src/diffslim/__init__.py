@@ -7,12 +7,13 @@ Public API::
     info = diffslim.profile("zoo:digits-sd")         # params, MACs, per-block table, latency
     recipe = diffslim.Recipe.model_validate({"sampling": {"num_inference_steps": 10}})
     diffslim.apply(loaded.pipe, recipe)              # still an ordinary diffusers pipeline
+    pipe = diffslim.from_recipe("slim/recipe.json")  # a recipe's model, loaded, with the recipe applied
     diffslim.compile(loaded.pipe)                    # torch.compile, with a skip plan's decisions left eager
     adapted = diffslim.adapt_lora(pruned_unet, lora_state_dict)  # a LoRA of the original, for the pruned model
     stock_ip = diffslim.adapt_ip_adapter(pruned_unet, ip_state_dict)  # an IP-Adapter, for the stock export
 """
 
-from diffslim.apply import apply
+from diffslim.apply import apply, from_recipe
 from diffslim.compiling import compile_pipeline as compile
 from diffslim.combined import DepthSkipLayerPrunedUNet2DConditionModel, DepthSkipLayerPrunedUNet2DModel
 from diffslim.ip_adapter import adapt_ip_adapter
@@ -22,6 +23,6 @@ from diffslim.methods.depth_skip import DepthSkipUNet2DConditionModel, DepthSkip
 from diffslim.models.load import LoadedModel, ModelLoadError, load
 from diffslim.recipe import Recipe, RecipeError, load_recipe
 
-__all__ = ["adapt_ip_adapter", "adapt_lora", "compile", "DepthSkipUNet2DConditionModel", "DepthSkipUNet2DModel", "DepthSkipLayerPrunedUNet2DConditionModel",
+__all__ = ["from_recipe", "adapt_ip_adapter", "adapt_lora", "compile", "DepthSkipUNet2DConditionModel", "DepthSkipUNet2DModel", "DepthSkipLayerPrunedUNet2DConditionModel",
            "DepthSkipLayerPrunedUNet2DModel", "apply", "profile", "load", "LoadedModel", "ModelLoadError", "Recipe", "RecipeError", "load_recipe"]
 __version__ = "0.1.0"

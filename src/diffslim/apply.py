@@ -161,3 +161,26 @@ def apply(pipe, recipe):
         INSTALLERS[section](pipe, value)
     pipe._diffslim_recipe = recipe
     return pipe
+
+
+def from_recipe(recipe, device="cpu", dtype=torch.float32):
+    """The pipeline a recipe describes, ready to call: its ``model`` loaded (a pipeline folder or ``zoo:NAME``; a
+    workflow's recipe names its last pruned stage, relative to the recipe file) and the recipe applied.
+
+    ``recipe``: a path to a recipe JSON file, a dict or a :class:`Recipe`; ``device``/``dtype`` as for
+    :func:`diffslim.load`. Equivalent to ``apply(load(recipe.model, device, dtype).pipe, recipe)``.
+    """
+    from diffslim.models.load import load
+
+    if not isinstance(recipe, Recipe):
+        from diffslim.recipe import parse_recipe
+
+        recipe = parse_recipe(recipe) if isinstance(recipe, dict) else load_recipe(recipe)
+    if not recipe.model:
+        raise RecipeError("the recipe names no model (its \"model\" is empty): load the model yourself and call "
+                          "diffslim.apply(pipe, recipe)")
+    loaded = load(recipe.model, dtype=dtype, device=device)
+    if loaded.pipe is None:
+        raise RecipeError(f"the recipe's model {recipe.model} is a lone {loaded.kind} folder, not a pipeline: "
+                          "load a pipeline with it and call diffslim.apply(pipe, recipe)")
+    return apply(loaded.pipe, recipe)

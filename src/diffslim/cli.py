@@ -776,8 +776,9 @@ def workflow(
                       "chosen": "yes" if b["chosen"] else ""} for b in res.branches], key="stages")
     if res.stopped:
         console.print(f"[yellow]{res.stopped}[/]", highlight=False)
-    console.print(f"recipe: {out / 'recipe.json'} (load {res.recipe.model}, then diffslim.apply(pipe, recipe)); "
-                  f"report: {out / 'index.html'}", highlight=False)
+    console.print(f"recipe: {out / 'recipe.json'} (diffslim.from_recipe(\"{out / 'recipe.json'}\") loads "
+                  f"{res.recipe.model} and applies it; move or copy {out} as a whole); report: {out / 'index.html'}",
+                  highlight=False)
     check = " ".join([f"diffslim evaluate --recipe {out / 'recipe.json'} --n {n}"]
                      + [f"--{o.replace('_', '-')} {v}" for o, v in (("steps", steps), ("seed", seed or None),
                                                                      ("prompts", prompts)) if v is not None])

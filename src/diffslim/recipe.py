@@ -214,8 +214,15 @@ class Recipe(_Strict):
         return [k for k in cls.model_fields if k not in ("schema_version", "model", "original", "description")]
 
     def save(self, path) -> Path:
+        """Write the recipe as JSON. A ``model`` or ``original`` folder inside the recipe's own folder (a workflow's
+        pruned stage) is written relative to it, so that the folder can be moved or copied to another machine as a
+        whole; :func:`load_recipe` reads such paths back against the file's folder."""
         path = Path(path)
-        path.write_text(self.model_dump_json(indent=2, exclude_none=True) + "\n")
+        data = self.model_dump(mode="json", exclude_none=True)
+        for key in _PATH_FIELDS:
+            if key in data:
+                data[key] = _relative_to(data[key], path.parent)
+        path.write_text(json.dumps(data, indent=2) + "\n")
         return path
 
     def compose(self, other: "Recipe") -> "Recipe":
@@ -264,8 +271,33 @@ def parse_recipe(data: dict, source: str = "recipe") -> Recipe:
         raise RecipeError(f"{source}: {_describe(e)}") from None
 
 
+_PATH_FIELDS = ("model", "original")
+
+
+def _relative_to(name: str, folder: Path) -> str:
+    """``name`` relative to ``folder`` where it is an absolute path inside it; other names (zoo:, hub ids, paths
+    elsewhere) as they are."""
+    p = Path(name)
+    if not p.is_absolute():
+        return name
+    try:
+        return p.relative_to(folder.resolve()).as_posix()
+    except ValueError:
+        return name
+
+
+def _resolved_against(name: str, folder: Path) -> str:
+    """A relative ``name`` that exists in ``folder`` (the recipe's): its absolute path; else ``name`` as it is
+    (a zoo name, a hub id, or a path the user gave relative to the working directory)."""
+    if name.startswith("zoo:") or Path(name).is_absolute():
+        return name
+    there = folder / name
+    return str(there.resolve()) if there.exists() else name
+
+
 def load_recipe(path) -> Recipe:
-    """Read and validate a recipe JSON file."""
+    """Read and validate a recipe JSON file. A relative ``model``/``original`` path is read against the file's folder
+    where it exists there (as :meth:`Recipe.save` writes a folder's own stages), else as given."""
     path = Path(path)
     if path.is_dir():
         raise RecipeError(f"{path} is a folder; give a recipe JSON file (e.g. {path / 'recipe.json'})")
@@ -277,4 +309,7 @@ def load_recipe(path) -> Recipe:
         raise RecipeError(f"{path} is not a text file; a recipe is a JSON file") from None
     except json.JSONDecodeError as e:
         raise RecipeError(f"{path} is not valid JSON: {e}") from None
+    if isinstance(data, dict):
+        data = {k: _resolved_against(v, path.parent) if k in _PATH_FIELDS and isinstance(v, str) else v
+                for k, v in data.items()}
     return parse_recipe(data, source=str(path))
