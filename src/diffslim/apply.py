@@ -11,7 +11,7 @@ import inspect
 import torch
 
 from diffslim.errors import UserError
-from diffslim.recipe import Recipe, RecipeError, load_recipe
+from diffslim.recipe import Recipe, RecipeError, load_recipe, parse_recipe
 
 
 def _install_sampling(pipe, sampling) -> None:
@@ -144,12 +144,16 @@ def _check_not_compiled(pipe) -> None:
                         "(diffslim.compile(pipe)); diffslim.compiling.uncompile(pipe.unet) undoes diffslim.compile")
 
 
+def _as_recipe(recipe) -> Recipe:
+    """A :class:`Recipe` from a Recipe, a dict or the path of a JSON file."""
+    if isinstance(recipe, Recipe):
+        return recipe
+    return parse_recipe(recipe) if isinstance(recipe, dict) else load_recipe(recipe)
+
+
 def apply(pipe, recipe):
     """Apply ``recipe`` (a :class:`Recipe`, a dict or a path to a JSON file) to ``pipe`` in place; returns ``pipe``."""
-    if not isinstance(recipe, Recipe):
-        from diffslim.recipe import parse_recipe
-
-        recipe = parse_recipe(recipe) if isinstance(recipe, dict) else load_recipe(recipe)
+    recipe = _as_recipe(recipe)
     if any(getattr(recipe, s) is not None for s in _DENOISER_SECTIONS):
         _check_not_compiled(pipe)
     for section in Recipe.section_names():
@@ -172,10 +176,7 @@ def from_recipe(recipe, device="cpu", dtype=torch.float32):
     """
     from diffslim.models.load import load
 
-    if not isinstance(recipe, Recipe):
-        from diffslim.recipe import parse_recipe
-
-        recipe = parse_recipe(recipe) if isinstance(recipe, dict) else load_recipe(recipe)
+    recipe = _as_recipe(recipe)
     if not recipe.model:
         raise RecipeError("the recipe names no model (its \"model\" is empty): load the model yourself and call "
                           "diffslim.apply(pipe, recipe)")
