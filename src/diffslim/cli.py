@@ -469,6 +469,21 @@ def _load_with_recipe(model: str, recipe: Optional[Path], steps: Optional[int] =
 
 
 _JSON_HELP = "print the result as JSON on stdout (progress and notes go to stderr)"
+# options that several commands share, defined once (typer reuses an option's definition across commands)
+_SEED_OPT = typer.Option(0, min=0, max=_SEED_MAX, help="seed of the first input; input i uses seed+i")
+_PROMPTS_OPT = typer.Option(None, help="text file, one prompt per line (text-to-image)")
+_RESOLUTION_OPT = typer.Option(None, min=1, help="image size in px of the --data folder's images")
+_KD_TASK_WEIGHT_OPT = typer.Option(None, help="weight of the diffusion task loss when +kd distils and +ft fine-tunes "
+                                   "(1: the papers' loss; 0: output and feature distillation only, which stays closer "
+                                   "to the unpruned model); default 1 on training data, 0 on the pipeline's own samples")
+
+
+def _data_option(what: str):
+    """bench's and workflow's --data: the training data of the ``what`` (methods, stages) that score or train."""
+    return typer.Option("zoo", help=f"training data of the {what} that score or train (layers:R, +kd, +ft): 'zoo' or "
+                                    "an image folder, captions optional; without it a non-zoo pipeline's layers:R "
+                                    "scores on its own denoiser calls while sampling the prompts, and +kd/+ft train "
+                                    "on images the full pipeline samples from them (text-to-image pipelines)")
 _COMPILE_HELP = ("torch.compile the denoiser after the recipe (a skip plan's or multi-depth schedule's per-step "
                  "decisions stay eager, the modules they run are compiled); the first batch compiles")
 
@@ -483,7 +498,7 @@ def sample_cmd(
     scheduler: Optional[str] = typer.Option(None, help="ddim, euler, dpm++, ... (default: the pipeline's)"),
     seed: int = typer.Option(0, min=0, max=_SEED_MAX, help="seed of the first sample; sample i uses seed+i"),
     recipe: Optional[Path] = typer.Option(None, help="a recipe JSON to apply first"),
-    prompts: Optional[Path] = typer.Option(None, help="text file, one prompt per line (text-to-image)"),
+    prompts: Optional[Path] = _PROMPTS_OPT,
     batch_size: int = typer.Option(16, min=1, help="samples per pipeline call"),
     compile: bool = typer.Option(False, "--compile", help=_COMPILE_HELP),
     compile_mode: Optional[str] = typer.Option(None, help="torch.compile mode (with --compile)"),
@@ -530,8 +545,8 @@ def evaluate(
                                             "workflow's pruned stage, else MODEL)"),
     n: int = typer.Option(100, min=1, help="number of evaluation samples"),
     steps: Optional[int] = typer.Option(None, min=1, help="inference steps of the full model (default: the model's)"),
-    seed: int = typer.Option(0, min=0, max=_SEED_MAX, help="seed of the first input; input i uses seed+i"),
-    prompts: Optional[Path] = typer.Option(None, help="text file, one prompt per line (text-to-image)"),
+    seed: int = _SEED_OPT,
+    prompts: Optional[Path] = _PROMPTS_OPT,
     batch_size: int = typer.Option(50, min=1, help="inputs per pipeline call"),
     clip: Optional[Path] = typer.Option(None, help="local CLIP folder (transformers format) for clip_score"),
     lpips: Optional[Path] = typer.Option(None, help="local LPIPS backbone checkpoint for lpips"),
@@ -612,8 +627,8 @@ def bench(
     n: int = typer.Option(50, min=1, help="number of inputs every variant samples"),
     steps: Optional[int] = typer.Option(None, min=1, help="steps of the full model (default: the model's)"),
     scheduler: Optional[str] = typer.Option(None, help="scheduler for every variant (default: the pipeline's)"),
-    seed: int = typer.Option(0, min=0, max=_SEED_MAX, help="seed of the first input; input i uses seed+i"),
-    prompts: Optional[Path] = typer.Option(None, help="text file, one prompt per line (text-to-image)"),
+    seed: int = _SEED_OPT,
+    prompts: Optional[Path] = _PROMPTS_OPT,
     batch_size: int = typer.Option(50, min=1, help="inputs per pipeline call"),
     repeats: int = typer.Option(1, min=1, help="timed runs per variant; the best counts"),
     clip: Optional[Path] = typer.Option(None, help="local CLIP folder (transformers format) for clip_score"),
@@ -621,16 +636,9 @@ def bench(
     inception: Optional[Path] = typer.Option(None, help="local FID Inception weights (torch-fidelity format)"),
     as_json: bool = typer.Option(False, "--json", help=_JSON_HELP),
     html: Optional[Path] = typer.Option(None, help="write an HTML report to this folder"),
-    data: str = typer.Option("zoo", help="training data of the methods that score or train (layers:R, +kd, +ft): "
-                                         "'zoo' or an image folder, captions optional; without it a non-zoo "
-                                         "pipeline's layers:R scores on its own denoiser calls while sampling the "
-                                         "prompts, and +kd/+ft train on images the full pipeline samples from "
-                                         "them (text-to-image pipelines)"),
-    resolution: Optional[int] = typer.Option(None, min=1, help="image size in px of the --data folder's images"),
-    kd_task_weight: Optional[float] = typer.Option(None, help="weight of the diffusion task loss when +kd distils "
-                                                   "and +ft fine-tunes (1: the papers' loss; 0: output and feature "
-                                                   "distillation only, which stays closer to the unpruned model); "
-                                                   "default 1 on training data, 0 on the pipeline's own samples"),
+    data: str = _data_option("methods"),
+    resolution: Optional[int] = _RESOLUTION_OPT,
+    kd_task_weight: Optional[float] = _KD_TASK_WEIGHT_OPT,
     compile: bool = typer.Option(False, "--compile", help="torch.compile every variant's denoiser (a skip plan's or "
                                  "multi-depth schedule's per-step decisions stay eager) and time it compiled; the "
                                  "compile time is its own column"),
@@ -697,19 +705,12 @@ def workflow(
     n: int = typer.Option(16, min=1, help="number of inputs every stage samples"),
     steps: Optional[int] = typer.Option(None, min=1, help="steps of the original (default: the model's)"),
     scheduler: Optional[str] = typer.Option(None, help="scheduler (default: the pipeline's)"),
-    seed: int = typer.Option(0, min=0, max=_SEED_MAX, help="seed of the first input; input i uses seed+i"),
-    prompts: Optional[Path] = typer.Option(None, help="text file, one prompt per line (text-to-image)"),
+    seed: int = _SEED_OPT,
+    prompts: Optional[Path] = _PROMPTS_OPT,
     batch_size: int = typer.Option(16, min=1, help="inputs per pipeline call"),
-    data: str = typer.Option("zoo", help="training data of the stages that score or train (layers:R, +kd, +ft): "
-                                         "'zoo' or an image folder, captions optional; without it a non-zoo "
-                                         "pipeline's layers:R scores on its own denoiser calls while sampling the "
-                                         "prompts, and +kd/+ft train on images the full pipeline samples from "
-                                         "them (text-to-image pipelines)"),
-    resolution: Optional[int] = typer.Option(None, min=1, help="image size in px of the --data folder's images"),
-    kd_task_weight: Optional[float] = typer.Option(None, help="weight of the diffusion task loss when +kd distils "
-                                                   "and +ft fine-tunes (1: the papers' loss; 0: output and feature "
-                                                   "distillation only, which stays closer to the unpruned model); "
-                                                   "default 1 on training data, 0 on the pipeline's own samples"),
+    data: str = _data_option("stages"),
+    resolution: Optional[int] = _RESOLUTION_OPT,
+    kd_task_weight: Optional[float] = _KD_TASK_WEIGHT_OPT,
     search: str = typer.Option("greedy", help="greedy: each auto stage takes all the floor it can, in order; joint: "
                                               "also runs the stack with each auto stage that has another auto stage "
                                               "after it at milder settings (--joint-width of them) or left out, and "
@@ -901,7 +902,7 @@ def depth_search_cmd(
     steps: Optional[int] = typer.Option(None, min=1, help="sampling steps (default: the model's)"),
     seed: int = typer.Option(10_000, min=0, max=_SEED_MAX,
                              help="seed of the first calibration input (kept apart from evaluation seeds)"),
-    prompts: Optional[Path] = typer.Option(None, help="text file, one prompt per line (text-to-image)"),
+    prompts: Optional[Path] = _PROMPTS_OPT,
     batch_size: int = typer.Option(50, min=1, help="inputs per pipeline call"),
     out: Optional[Path] = typer.Option(None, help="write a recipe with the chosen depth"),
     plot: Optional[Path] = typer.Option(None, help="write the quality-vs-depth plot (PNG, or another format "
@@ -1003,7 +1004,7 @@ def timesteps_cmd(
     full_steps: Optional[int] = typer.Option(None, min=1, help="steps of the reference outputs (default: the model's)"),
     seed: int = typer.Option(10_000, min=0, max=_SEED_MAX,
                              help="seed of the first calibration input (kept apart from evaluation seeds)"),
-    prompts: Optional[Path] = typer.Option(None, help="text file, one prompt per line (text-to-image)"),
+    prompts: Optional[Path] = _PROMPTS_OPT,
     batch_size: int = typer.Option(50, min=1, help="inputs per pipeline call"),
     depth: Optional[int] = typer.Option(None, help="search for the depth-skipped model at this depth (against its own full-step outputs)"),
     out: Optional[Path] = typer.Option(None, help="write a recipe with the schedule (the one found, or without MODEL "
@@ -1695,7 +1696,7 @@ def layer_compare_cmd(
     data: str = typer.Option("zoo", help="calibration data: 'zoo' or an image folder, captions optional; with "
                                          "--calibration sampling also a .txt file of prompts or class labels or a "
                                          ".jsonl file of pipeline inputs"),
-    resolution: Optional[int] = typer.Option(None, min=1, help="image size in px of the --data folder's images"),
+    resolution: Optional[int] = _RESOLUTION_OPT,
     calibration_kind: str = typer.Option("data", "--calibration", help=_CALIBRATION_HELP + " (held-out triples "
                                          "alike, with other inputs, seeds and steps; taylor is left out)"),
     calib_steps: Optional[int] = typer.Option(None, min=1, help="--calibration sampling: sampling steps (default: "
