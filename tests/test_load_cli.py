@@ -57,6 +57,8 @@ def test_sd15_config_is_latent():
     (lambda d: d / "nope", "no such file or folder"),
     (lambda d: (d / "empty").mkdir() or d / "empty", "has neither model_index.json nor config.json"),
     (lambda d: (d / "w.ckpt").write_bytes(b"x") and d / "w.ckpt", "pickle checkpoint"),
+    (lambda d: (d / "v1-5.safetensors").write_bytes(b"x") and d / "v1-5.safetensors", "from_single_file(PATH)"),
+    (lambda d: (d / "notes.txt").write_text("x") and d / "notes.txt", "is a single file"),
     (lambda d: _folder(d, {"_class_name": "VQModel"}), "model class 'VQModel' is not supported"),
     (lambda d: _folder(d, {"_class_name": "UNet2DModel"}, pickle=True), "pickle checkpoint"),
     (lambda d: _folder(d, None, text="{broken"), "is not valid JSON"),

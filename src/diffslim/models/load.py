@@ -233,6 +233,10 @@ def load(model: str, dtype=torch.float32, device="cpu", random_weights: bool = F
     if path.is_file():
         if path.suffix in PICKLE_SUFFIXES:
             raise ModelLoadError(f"{model} is a pickle checkpoint, which diffslim never unpickles; {ACCEPTED}")
+        if path.suffix == ".safetensors":  # a single-file checkpoint, as A1111 and ComfyUI keep them
+            raise ModelLoadError(f"{model} is a single-file checkpoint; convert it to a pipeline folder once with "
+                                 "diffusers (StableDiffusionPipeline.from_single_file(PATH).save_pretrained(FOLDER), "
+                                 "StableDiffusionXLPipeline for SDXL) and give FOLDER; " + ACCEPTED)
         raise ModelLoadError(f"{model} is a single file; {ACCEPTED}")
     if (path / "model_index.json").exists():
         pipe = load_pipeline_folder(path, dtype=dtype, device=device)
