@@ -126,3 +126,74 @@ def test_identity_recipe_reproduces_full_model_bit_for_bit(tiny_digits_pipe):
     before = sample(pipe, _spec())
     apply(pipe, Recipe())
     assert torch.equal(sample(pipe, _spec()), before)
+
+
+def test_a_pipeline_with_a_recipe_saves_and_plain_diffusers_loads_it_back(tiny_sd_pipe, tmp_path):
+    """save_pretrained writes a pinned scheduler as its base class, which diffusers loads back (unpinned: the steps
+    live in the recipe); a non-uniform DDIM loads through its diffslim module. Pinned, the pipeline refuses
+    timesteps of its own instead of diffusers' 'does not support custom timestep schedules'."""
+    import copy
+
+    from diffusers import DiffusionPipeline, EulerDiscreteScheduler
+
+    from diffslim.errors import UserError
+    from diffslim.methods.timesteps import NonUniformDDIMScheduler
+
+    pipe = copy.deepcopy(tiny_sd_pipe)
+    apply(pipe, {"sampling": {"scheduler": "euler", "num_inference_steps": 3}})
+    assert type(pipe.scheduler) is not EulerDiscreteScheduler and isinstance(pipe.scheduler, EulerDiscreteScheduler)
+    pipe.save_pretrained(tmp_path / "euler")
+    assert json.loads((tmp_path / "euler" / "model_index.json").read_text())["scheduler"] == \
+        ["diffusers", "EulerDiscreteScheduler"]
+    assert type(DiffusionPipeline.from_pretrained(tmp_path / "euler").scheduler) is EulerDiscreteScheduler
+    with pytest.raises(UserError, match="the recipe fixes the schedule"):
+        pipe("a cat", timesteps=[999, 500], height=32, width=32, output_type="pt")
+
+    pipe = copy.deepcopy(tiny_sd_pipe)
+    apply(pipe, {"sampling": {"scheduler": "ddim", "timesteps": [999, 500, 1]}})
+    pipe("a cat", num_inference_steps=2, timesteps=[999, 500, 1], height=32, width=32, output_type="pt")  # its own
+    assert pipe.scheduler.timesteps.tolist() == [999, 500, 1]
+    pipe.save_pretrained(tmp_path / "ddim")
+    assert type(DiffusionPipeline.from_pretrained(tmp_path / "ddim").scheduler) is NonUniformDDIMScheduler
+
+
+def test_apply_checks_its_arguments_adds_to_what_is_installed_and_leaves_a_pipeline_as_it_was_on_failure(
+        tiny_digits_pipe):
+    import copy
+
+    import diffslim
+    from diffslim.errors import UserError
+    from diffslim.methods.skip_plan import plan_units
+
+    pipe = copy.deepcopy(tiny_digits_pipe)
+    recipe = {"sampling": {"num_inference_steps": 4}}
+    for args, says in (((pipe.denoiser, recipe), "apply takes a diffusers pipeline"),
+                       ((recipe, pipe), "apply takes a diffusers pipeline"),
+                       ((pipe, None), "a recipe is a diffslim.Recipe, a dict, a JSON text or the path"),
+                       ((pipe, '{"sampling": '), "the recipe text is not valid JSON")):
+        with pytest.raises((UserError, RecipeError), match=says):
+            apply(*args)
+    # a JSON text, then a section with only a scheduler: the pinned steps stay, and the record holds both
+    apply(pipe, json.dumps(recipe))
+    apply(pipe, {"sampling": {"scheduler": "euler"}})
+    sample(pipe, _spec(n=1, steps=50))
+    assert type(pipe.scheduler).__name__ == "EulerDiscreteScheduler" and len(pipe.scheduler.timesteps) == 4
+    assert pipe._diffslim_recipe.sampling.model_dump(exclude_none=True) == {"scheduler": "euler",
+                                                                            "num_inference_steps": 4}
+    # a skip plan, then a recipe whose later section does not fit: the scheduler, the denoiser and its plan stay
+    units = plan_units(pipe.denoiser, "fine", count_macs=False)
+    plan = [[True] * len(units)] + [[i % 2 == 0 for i in range(len(units))]] * 3
+    apply(pipe, {"skip_plan": {"granularity": "fine", "units": list(units.names), "plan": plan}})
+    before = sample(pipe, _spec(n=2, steps=4))
+    scheduler, den, runtime = pipe.scheduler, pipe.denoiser, pipe.denoiser._diffslim_skip_plan
+    with pytest.raises(UserError, match="down_blocks.9.resnets.0 is not a module"):
+        apply(pipe, {"sampling": {"scheduler": "ddim", "num_inference_steps": 4},
+                     "removed_layers": {"layers": ["down_blocks.9.resnets.0"]}})
+    assert pipe.scheduler is scheduler and pipe.denoiser is den and den._diffslim_skip_plan is runtime
+    assert torch.equal(sample(pipe, _spec(n=2, steps=4)), before)
+    # what diffslim.load returns: its pipeline gets the recipe, and its denoiser follows
+    loaded = diffslim.load("zoo:digits-sd")
+    assert "UNet2DConditionModel(" not in repr(loaded)  # no whole model in a notebook's output
+    got = apply(loaded, {"removed_layers": {"layers": ["up_blocks.3.resnets.1"]}})
+    assert got is loaded.pipe and loaded.denoiser is loaded.pipe.denoiser
+    assert type(loaded.denoiser).__name__ == "LayerPrunedUNet2DConditionModel"

@@ -7,6 +7,9 @@ result is still an ordinary diffusers pipeline that a user calls as before.
 from __future__ import annotations
 
 import inspect
+import json
+import os
+from typing import Optional
 
 import torch
 
@@ -15,19 +18,29 @@ from diffslim.recipe import Recipe, RecipeError, load_recipe, parse_recipe
 
 
 def _install_sampling(pipe, sampling) -> None:
-    """Swap the scheduler and pin the step count / timesteps, so that ``pipe(...)`` samples the recipe's schedule."""
+    """Swap the scheduler and pin the step count / timesteps, so that ``pipe(...)`` samples the recipe's schedule.
+    A section that names only a scheduler keeps the steps an earlier recipe pinned (a skip plan's among them)."""
     from diffslim.sample import make_scheduler
 
-    sched = make_scheduler(sampling.scheduler, pipe.scheduler.config) if sampling.scheduler else pipe.scheduler
-    if sampling.timesteps is not None:
+    current = pipe.scheduler
+    sched = make_scheduler(sampling.scheduler, current.config) if sampling.scheduler else current
+    steps, timesteps = sampling.num_inference_steps, sampling.timesteps
+    if steps is None and timesteps is None and getattr(type(current), "_diffslim_pinned", False):
+        steps, timesteps = type(current)._pinned_steps, type(current)._pinned_timesteps
+    if timesteps is not None:
         sched = scheduler_for_timesteps(sched)
-    if sampling.timesteps is not None and "timesteps" not in inspect.signature(sched.set_timesteps).parameters:
+    if timesteps is not None and "timesteps" not in inspect.signature(_unpinned(type(sched)).set_timesteps).parameters:
         raise RecipeError(
-            f"sampling.timesteps: {type(sched).__name__} accepts no explicit timesteps; "
+            f"sampling.timesteps: {_unpinned(type(sched)).__name__} accepts no explicit timesteps; "
             "choose a scheduler that does (ddim, euler, dpm++, unipc, ddpm, lms, heun)")
-    if sampling.num_inference_steps is not None or sampling.timesteps is not None:
-        sched = pin_schedule(sched, sampling.num_inference_steps, sampling.timesteps)
+    if steps is not None or timesteps is not None:
+        sched = pin_schedule(sched, steps, timesteps)
     pipe.scheduler = sched
+
+
+def _unpinned(cls):
+    """The scheduler class a pinned one (see :func:`pin_schedule`) derives from; other classes as they are."""
+    return cls.__mro__[1] if getattr(cls, "_diffslim_pinned", False) else cls
 
 
 def scheduler_for_timesteps(scheduler):
@@ -37,7 +50,7 @@ def scheduler_for_timesteps(scheduler):
 
     from diffslim.methods.timesteps import NonUniformDDIMScheduler
 
-    if type(scheduler) is DDIMScheduler:
+    if _unpinned(type(scheduler)) is DDIMScheduler:
         return NonUniformDDIMScheduler.from_config(scheduler.config)
     return scheduler
 
@@ -64,30 +77,35 @@ def _install_depth(pipe, depth) -> None:
 def pin_schedule(scheduler, num_inference_steps=None, timesteps=None):
     """A copy of ``scheduler`` whose ``set_timesteps`` always uses the given steps or timesteps.
 
-    Pipelines call ``scheduler.set_timesteps(num_inference_steps, device=...)``; the pinned copy
-    ignores the requested count, so a recipe's schedule holds however the pipeline is called.
+    Pipelines call ``scheduler.set_timesteps(num_inference_steps, device=...)``; the pinned copy ignores the
+    requested count, so a recipe's schedule holds however the pipeline is called (explicit ``timesteps=`` or
+    ``sigmas=`` other than the recipe's are refused). The pinned class bears its base class's name and module, so
+    that ``save_pretrained`` writes the base scheduler, which diffusers loads back (unpinned: the recipe keeps the
+    schedule).
     """
-    base = type(scheduler)
-    if getattr(base, "_diffslim_pinned", False):
-        base = base.__mro__[1]
+    base = _unpinned(type(scheduler))
+    pinned_steps = num_inference_steps or len(timesteps)
 
-    def set_timesteps(self, num_inference_steps_=None, device=None, sigmas=None, **kwargs):
-        kwargs.pop("timesteps", None)
-        kwargs.pop("num_inference_steps", None)
+    def set_timesteps(self, num_inference_steps=None, device=None, timesteps=None, sigmas=None, **kwargs):
+        if timesteps is not None:  # a pipeline called with timesteps=[...]
+            if [int(t) for t in timesteps] != list(self._pinned_timesteps or ()):
+                raise UserError(f"{base.__name__}: the pipeline was asked for {len(timesteps)} timesteps of its own, "
+                                f"but the recipe fixes the schedule ({pinned_steps} steps); call it without timesteps")
         if sigmas is not None:  # Flux's pipeline passes its own sigmas, one per step it was asked for
             if self._pinned_timesteps is not None or len(sigmas) != self._pinned_steps:
-                raise UserError(f"{type(self).__name__}: the pipeline passed {len(sigmas)} sigmas of its own, but the "
-                                f"recipe fixes the schedule ({self._pinned_steps or len(self._pinned_timesteps)} "
-                                f"steps); call it with num_inference_steps={self._pinned_steps or len(self._pinned_timesteps)}")
+                raise UserError(f"{base.__name__}: the pipeline passed {len(sigmas)} sigmas of its own, but the "
+                                f"recipe fixes the schedule ({pinned_steps} steps); call it with "
+                                f"num_inference_steps={pinned_steps}")
             return base.set_timesteps(self, device=device, sigmas=sigmas, **kwargs)
         if self._pinned_timesteps is not None:
             return base.set_timesteps(self, device=device, timesteps=list(self._pinned_timesteps), **kwargs)
         return base.set_timesteps(self, self._pinned_steps, device=device, **kwargs)
 
     # the pin lives on the class, so that copies made by ``from_config`` (as schedule checks make) keep it
-    pinned_cls = type(f"Pinned{base.__name__}", (base,), {
+    pinned_cls = type(base.__name__, (base,), {
         "set_timesteps": set_timesteps, "_diffslim_pinned": True, "_pinned_steps": num_inference_steps,
-        "_pinned_timesteps": tuple(timesteps) if timesteps is not None else None})
+        "_pinned_timesteps": tuple(timesteps) if timesteps is not None else None,
+        "__module__": base.__module__, "__qualname__": base.__qualname__})
     return pinned_cls.from_config(scheduler.config)
 
 
@@ -145,26 +163,126 @@ def _check_not_compiled(pipe) -> None:
 
 
 def _as_recipe(recipe) -> Recipe:
-    """A :class:`Recipe` from a Recipe, a dict or the path of a JSON file."""
+    """A :class:`Recipe` from a Recipe, a dict, a JSON text or the path of a JSON file."""
     if isinstance(recipe, Recipe):
         return recipe
-    return parse_recipe(recipe) if isinstance(recipe, dict) else load_recipe(recipe)
+    if isinstance(recipe, dict):
+        return parse_recipe(recipe)
+    if isinstance(recipe, str) and recipe.lstrip().startswith("{"):
+        try:
+            return parse_recipe(json.loads(recipe), source="the recipe text")
+        except json.JSONDecodeError as e:
+            raise RecipeError(f"the recipe text is not valid JSON: {e}") from None
+    if isinstance(recipe, (str, os.PathLike)):
+        return load_recipe(recipe)
+    raise RecipeError(f"a recipe is a diffslim.Recipe, a dict, a JSON text or the path of a JSON file; got "
+                      f"{type(recipe).__name__}" + (" (the pipeline comes first: apply(pipe, recipe))"
+                                                    if hasattr(recipe, "scheduler") else ""))
+
+
+def _pipeline_of(pipe):
+    """The pipeline to install a recipe on: ``pipe`` itself, or a :class:`~diffslim.LoadedModel`'s ``pipe``."""
+    from diffslim.models.load import LoadedModel
+
+    if isinstance(pipe, LoadedModel):
+        if pipe.pipe is None:
+            raise UserError(f"{pipe.source} is a lone {pipe.kind} folder: a recipe is applied to a pipeline (load "
+                            "a pipeline folder or zoo:NAME)")
+        return pipe.pipe
+    if isinstance(pipe, torch.nn.Module) or not hasattr(pipe, "scheduler"):
+        raise UserError(f"apply takes a diffusers pipeline (or what diffslim.load returns); got "
+                        f"{type(pipe).__name__}" + (": give the pipeline that holds this model"
+                                                     if isinstance(pipe, torch.nn.Module) else ""))
+    return pipe
+
+
+def _restorer(pipe):
+    """A function that puts back ``pipe``'s scheduler, its denoiser and the skip plan or multi-depth schedule installed
+    on that denoiser as they are now, so that a recipe that fails half way leaves the pipeline as it was."""
+    from diffslim.methods.depth_skip import multi_depth, multi_depth_router, remove_multi_depth
+    from diffslim.methods.skip_plan import apply_skip_plan, remove_skip_plan
+
+    scheduler = pipe.scheduler
+    try:
+        name = denoiser_attr(pipe)
+    except RecipeError:  # no denoiser: only a sampling section can apply, and only the scheduler changes
+        name = None
+    den = getattr(pipe, name) if name else None
+    plan, router = getattr(den, "_diffslim_skip_plan", None), multi_depth_router(den) if name else None
+
+    def restore():
+        pipe.scheduler = scheduler
+        if name is None:
+            return
+        setattr(pipe, name, den)
+        if getattr(den, "_diffslim_skip_plan", None) is not plan:
+            remove_skip_plan(den)
+            if plan is not None:
+                apply_skip_plan(den, plan.plan, plan.units)
+        if multi_depth_router(den) is not router:
+            remove_multi_depth(den)
+            if router is not None:
+                multi_depth(den, router.ranges)
+
+    return restore
 
 
 def apply(pipe, recipe):
-    """Apply ``recipe`` (a :class:`Recipe`, a dict or a path to a JSON file) to ``pipe`` in place; returns ``pipe``."""
+    """Apply ``recipe`` to ``pipe`` in place and return the pipeline, still an ordinary diffusers pipeline.
+
+    ``pipe``: a diffusers pipeline (or :func:`diffslim.load`'s result, whose ``pipe`` and ``denoiser`` are updated);
+    ``recipe``: a :class:`Recipe`, a dict, a JSON text or the path of a recipe file. Each section installs itself:
+    ``depth`` and ``removed_layers`` replace the denoiser attribute (``unet``/``transformer``) with a smaller model
+    that shares the kept weights (a reference to the old denoiser still runs the full model); ``sampling`` swaps the
+    scheduler for one pinned to the recipe's steps or timesteps, whatever ``num_inference_steps`` the pipeline is
+    called with; ``skip_plan`` hooks the denoiser and pins the step count to the plan's rows. A later ``apply`` adds
+    to what is installed (a sampling section with only a scheduler keeps the pinned steps), and
+    ``pipe._diffslim_recipe`` records all of it.
+
+    ``save_pretrained`` keeps what is a model: a depth-skipped or layer-pruned denoiser (its class loads with
+    diffslim installed) and the base scheduler; the pinned steps, a skip plan and a multi-depth schedule live in
+    the recipe: load them back with :func:`from_recipe`.
+
+    Raises :class:`RecipeError` (a ``ValueError``) for a recipe that does not fit this pipeline, with the pipeline
+    left as it was, and :class:`~diffslim.errors.UserError` for a compiled denoiser or an argument that is not a
+    pipeline.
+    """
+    target = _pipeline_of(pipe)
     recipe = _as_recipe(recipe)
     if any(getattr(recipe, s) is not None for s in _DENOISER_SECTIONS):
-        _check_not_compiled(pipe)
-    for section in Recipe.section_names():
-        value = getattr(recipe, section)
-        if value is None:
-            continue
-        if section not in INSTALLERS:
-            raise RecipeError(f"{section}: this diffslim cannot apply this section yet")
-        INSTALLERS[section](pipe, value)
-    pipe._diffslim_recipe = recipe
-    return pipe
+        _check_not_compiled(target)
+    restore = _restorer(target)
+    try:
+        for section in Recipe.section_names():
+            value = getattr(recipe, section)
+            if value is None:
+                continue
+            if section not in INSTALLERS:
+                raise RecipeError(f"{section}: this diffslim cannot apply this section yet")
+            INSTALLERS[section](target, value)
+    except BaseException:
+        restore()
+        raise
+    target._diffslim_recipe = _recorded(getattr(target, "_diffslim_recipe", None), recipe)
+    if target is not pipe:
+        pipe.denoiser = getattr(target, denoiser_attr(target))
+    return target
+
+
+def _recorded(before: Optional[Recipe], recipe: Recipe) -> Recipe:
+    """What is installed after ``recipe`` is applied on top of ``before``: the sections of both, ``recipe``'s where
+    both set one (a sampling section that names only a scheduler keeps the steps ``before`` pinned)."""
+    if before is None:
+        return recipe
+    data, new = before.model_dump(exclude_none=True), recipe.model_dump(exclude_none=True)
+    old_sampling, new_sampling = data.get("sampling", {}), new.get("sampling")
+    if new_sampling is not None and not {"num_inference_steps", "timesteps"} & set(new_sampling):
+        new["sampling"] = {**old_sampling, **new_sampling}
+    data.update(new)
+    try:
+        return Recipe.model_validate(data)
+    except ValueError:  # sections that one recipe could not hold together: the newest is still what was applied
+        return recipe
 
 
 def from_recipe(recipe, device="cpu", dtype=torch.float32):

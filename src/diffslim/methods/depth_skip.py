@@ -290,12 +290,24 @@ class _MultiDepthRouter(ModelHook):
         return (run or self.variants[depth])(sample, timestep, *args, **kwargs)
 
 
+def multi_depth_router(unet: nn.Module):
+    """The multi-depth router :func:`multi_depth` installed on ``unet`` (its ``ranges``: ``[(t_min, depth), ...]``),
+    or None."""
+    reg = getattr(unet, "_diffusers_hook", None)
+    return reg.get_hook(_ROUTER_HOOK) if reg is not None else None
+
+
+def remove_multi_depth(unet: nn.Module) -> None:
+    """Remove an installed multi-depth router (no-op when none is installed): ``unet`` runs at full depth again."""
+    if multi_depth_router(unet) is not None:
+        unet._diffusers_hook.remove_hook(_ROUTER_HOOK, recurse=False)
+
+
 def compile_multi_depth(unet: nn.Module, compile_fn: Optional[Callable[[Callable, str], Callable]]) -> int:
     """Run each depth of an installed multi-depth schedule, and the full model, through
     ``compile_fn(forward, name)`` (``None``: back to eager); returns how many it compiled. The routing by timestep stays in Python:
     a compiled router would guard on the timestep and recompile at every step."""
-    reg = getattr(unet, "_diffusers_hook", None)
-    router = reg.get_hook(_ROUTER_HOOK) if reg is not None else None
+    router = multi_depth_router(unet)
     if router is None:
         raise ValueError("no multi-depth schedule is installed on this model")
     if compile_fn is None:
@@ -323,8 +335,6 @@ def multi_depth(unet: nn.Module, ranges) -> nn.Module:
     for _, d in ranges:
         removed_modules(unet, d)  # validates each depth
     variants = {d: depth_skip(unet, d) for _, d in ranges if d < full}
-    registry = HookRegistry.check_if_exists_or_initialize(unet)
-    if registry.get_hook(_ROUTER_HOOK) is not None:
-        registry.remove_hook(_ROUTER_HOOK, recurse=False)
-    registry.register_hook(_MultiDepthRouter(ranges, variants), _ROUTER_HOOK)
+    remove_multi_depth(unet)
+    HookRegistry.check_if_exists_or_initialize(unet).register_hook(_MultiDepthRouter(ranges, variants), _ROUTER_HOOK)
     return unet

@@ -32,6 +32,9 @@ from typing import Callable, Optional, Sequence, Union
 import numpy as np
 import torch
 from diffusers import DDIMScheduler
+# diffusers loads a pipeline folder's component of a custom module (NonUniformDDIMScheduler, saved with a
+# pipeline that had an explicit-timestep recipe applied) only if that module also holds the base class it checks
+from diffusers import SchedulerMixin  # noqa: F401
 from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 from diffusers.utils.torch_utils import randn_tensor
 

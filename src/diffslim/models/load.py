@@ -60,10 +60,10 @@ class LoadedModel:
 
     source: str
     kind: str  # "pipeline" | "model" | "config"
-    denoiser: torch.nn.Module
-    pipe: Optional[object] = None
+    denoiser: torch.nn.Module = field(repr=False)  # a whole U-Net's repr fills a notebook
+    pipe: Optional[object] = field(default=None, repr=False)
     has_weights: bool = True
-    zoo: Optional[object] = None
+    zoo: Optional[object] = field(default=None, repr=False)
     vae_scale_factor: int = 1
     extra: dict = field(default_factory=dict)
 
