@@ -125,3 +125,31 @@ def test_profile_pipeline_with_weights_times_it(tiny_digits_folder):
     d = json.loads(_run("profile", tiny_digits_folder, "--json", "--repeats", "2").output)
     assert d["latency_s"] > 0 and d["peak_memory_bytes"] > 0
     assert d["params"] == 3_220_961
+
+
+def test_profile_takes_what_a_user_holds(tiny_digits_folder):
+    """diffslim.profile on a path, the LoadedModel, its pipeline (after apply too) and its denoiser: the same
+    counts where nothing changed, the pruned ones after apply; live objects take no device/dtype, bad input is
+    refused in one line."""
+    import diffslim
+    from diffslim.errors import UserError
+
+    by_path = diffslim.profile(str(tiny_digits_folder), repeats=1)
+    loaded = diffslim.load(str(tiny_digits_folder))
+    for obj in (loaded, loaded.pipe, loaded.denoiser):
+        got = diffslim.profile(obj, repeats=1)
+        assert (got["params"], got["macs"], got["sample_size"]) == (by_path["params"], by_path["macs"],
+                                                                    by_path["sample_size"])
+        assert got["latency_s"] > 0
+    meta = diffslim.profile(diffslim.load(str(CONFIGS / "sd15-unet")).denoiser)
+    assert meta["params"] == 859_520_964 and meta["sample_size"] == [64, 64] and meta["latency_s"] is None
+    diffslim.apply(loaded.pipe, {"removed_layers": {"layers": ["up_blocks.3.resnets.1"]}})
+    pruned = diffslim.profile(loaded.pipe, repeats=1)
+    assert pruned["class"] == "LayerPrunedUNet2DConditionModel" and pruned["params"] < by_path["params"]
+    for kwargs, says in (({"device": "cpu"}, "a live ZooClassPipeline is used where it lies"),
+                         ({"repeats": 0}, "repeats 0: give a positive number"),
+                         ({"batch": 0}, "batch size 0")):
+        with pytest.raises(UserError, match=says):
+            diffslim.profile(loaded.pipe, **kwargs)
+    with pytest.raises(UserError, match="MODEL is a path, zoo:NAME, a diffusers pipeline or a denoiser"):
+        diffslim.profile(3)

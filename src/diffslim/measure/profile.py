@@ -10,11 +10,13 @@ from typing import Callable, Optional
 from diffslim.errors import UserError
 
 
-def profile_model(model: str, height: Optional[int] = None, width: Optional[int] = None, repeats: int = 5,
+def profile_model(model, height: Optional[int] = None, width: Optional[int] = None, repeats: int = 5,
                   depth: Optional[int] = None, device=None, dtype=None, batch: int = 1,
                   before_timing: Optional[Callable] = None, random_weights: bool = False) -> dict:
     """Parameters, MACs (batch 1, one denoiser call), per-block table and, with real weights, latency and memory.
 
+    ``model``: a path or ``zoo:NAME`` (loaded as :func:`diffslim.load` does), or what a user holds: a pipeline
+    (after ``diffslim.apply`` too), a denoiser module or a :class:`~diffslim.LoadedModel`, profiled where it lies.
     ``height``/``width`` are image pixels; they are divided by the model's VAE scale factor.
     ``depth`` profiles the depth-skipped model instead (see ``diffslim.methods.depth_skip``).
     ``device``/``dtype`` (torch objects or names, as :func:`diffslim.load` takes them; default the CPU, float32)
@@ -23,18 +25,26 @@ def profile_model(model: str, height: Optional[int] = None, width: Optional[int]
     ``torch.compile`` it: the first call, reported as ``first_call_s``, then includes the compilation).
     ``random_weights``: a config-only folder is built with random weights on ``device`` and timed too (speed and
     memory do not depend on the values; see :func:`diffslim.load`).
-    """
-    from diffslim.models.load import load
 
-    loaded = load(model, random_weights=random_weights,
-                  **{k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None})
+    Returns a dict: ``class``, ``params``, ``macs`` (multiply-accumulates of one call at batch 1),
+    ``macs_excl_attention``, ``macs_by_kind``, ``blocks`` (``name``, ``params``, ``macs`` per top-level block),
+    ``sample_size`` (the denoiser's input, latent pixels), ``vae_scale_factor``, ``weights``/``random_weights``,
+    ``device``, ``dtype``, ``weights_bytes``, ``batch``, and with weights ``latency_s`` (median of ``repeats``
+    calls), ``first_call_s``, ``samples_per_s``, ``peak_memory_bytes`` and ``memory_kind`` (else None).
+    """
+    from diffslim.models.load import as_loaded
+
+    if repeats < 1:
+        raise UserError(f"repeats {repeats}: give a positive number of timed calls")
+    loaded = as_loaded(model, random_weights=random_weights,
+                       **{k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None})
     den = loaded.denoiser
     if depth is not None:
         from diffslim.methods.depth_skip import depth_skip
 
         den = depth_skip(den, depth)
     out = profile_denoiser(loaded, den, height, width, repeats=repeats, batch=batch, before_timing=before_timing)
-    out.update(model=model, depth=depth)
+    out.update(model=model if isinstance(model, str) else loaded.source, depth=depth)
     return out
 
 
@@ -47,7 +57,7 @@ def profile_denoiser(loaded, den, height: Optional[int] = None, width: Optional[
     from diffslim.models.anatomy import anatomy
 
     if batch < 1:
-        raise UserError(f"--batch-size {batch}: give a positive number of samples per denoiser call")
+        raise UserError(f"batch size {batch}: give a positive number of samples per denoiser call")
     scale = loaded.vae_scale_factor
     h = None if height is None else _pixels_to_latent(height, scale, "height")
     w = None if width is None else _pixels_to_latent(width, scale, "width")

@@ -239,11 +239,7 @@ def load(model: str, dtype=torch.float32, device="cpu", random_weights: bool = F
                                  "StableDiffusionXLPipeline for SDXL) and give FOLDER; " + ACCEPTED)
         raise ModelLoadError(f"{model} is a single file; {ACCEPTED}")
     if (path / "model_index.json").exists():
-        pipe = load_pipeline_folder(path, dtype=dtype, device=device)
-        vae = getattr(pipe, "vae", None)
-        scale = getattr(pipe, "vae_scale_factor", None) or (
-            2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1)
-        return LoadedModel(model, "pipeline", denoiser_of(pipe), pipe=pipe, vae_scale_factor=int(scale))
+        return _pipeline_loaded(model, load_pipeline_folder(path, dtype=dtype, device=device))
     if not (path / "config.json").exists():
         raise ModelLoadError(f"{model} has neither model_index.json nor config.json; {ACCEPTED}")
     config = _read_json(path / "config.json")
@@ -271,6 +267,40 @@ def load(model: str, dtype=torch.float32, device="cpu", random_weights: bool = F
             denoiser = denoiser.to(dtype)
     return LoadedModel(model, "config", denoiser.eval(), has_weights=False, vae_scale_factor=8 if latent else 1,
                        extra={"random_weights": True} if random_weights else {})
+
+
+def _pipeline_loaded(source: str, pipe) -> LoadedModel:
+    vae = getattr(pipe, "vae", None)
+    scale = getattr(pipe, "vae_scale_factor", None) or (
+        2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1)
+    return LoadedModel(source, "pipeline", denoiser_of(pipe), pipe=pipe, vae_scale_factor=int(scale))
+
+
+def as_loaded(model, **load_kwargs) -> LoadedModel:
+    """``model`` as a :class:`LoadedModel`: a path or ``zoo:NAME`` loaded by :func:`load` (with ``load_kwargs``), a
+    LoadedModel as it is, and a live pipeline or denoiser (``torch.nn.Module``) wrapped where it lies, so that the
+    functions that take a MODEL also take what a user already holds (a pipeline after ``diffslim.apply``)."""
+    if isinstance(model, (str, Path)):
+        return load(str(model), **load_kwargs)
+    given = [k for k, v in load_kwargs.items() if v not in (None, False)]
+    if given:
+        raise UserError(f"{', '.join(given)} apply to a MODEL that is loaded from a path; a live "
+                        f"{type(model).__name__} is used where it lies (move it first, e.g. pipe.to('cuda'))")
+    if isinstance(model, LoadedModel):
+        return model
+    if isinstance(model, torch.nn.Module):
+        meta = any(p.is_meta for p in model.parameters())
+        config = dict(getattr(model, "config", {}) or {})
+        return LoadedModel(type(model).__name__, "model", model, has_weights=not meta,
+                           vae_scale_factor=8 if _looks_latent(config) else 1)
+    if hasattr(model, "scheduler") and hasattr(model, "components"):
+        from diffslim.zoo.registry import ZOO
+
+        loaded = _pipeline_loaded(getattr(model, "name_or_path", None) or type(model).__name__, model)
+        folder = Path(str(getattr(model, "name_or_path", "") or "")).expanduser()
+        loaded.zoo = next((e for e in ZOO.values() if folder.name and e.folder.resolve() == folder.resolve()), None)
+        return loaded
+    raise UserError(f"MODEL is a path, zoo:NAME, a diffusers pipeline or a denoiser module; got {type(model).__name__}")
 
 
 def _looks_latent(config: dict) -> bool:
