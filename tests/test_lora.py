@@ -138,6 +138,11 @@ def test_keep_all_adapts_to_the_same_lora():
     res = adapt_lora(unet, sd)
     assert res.dropped == {} and res.renamed == {}
     assert res.state_dict.keys() == sd.keys() and all(res.state_dict[k] is sd[k] for k in sd)
+    # the keys as a pipeline LoRA file stores them ("unet." first) give the same; with a text encoder's, refused
+    prefixed = adapt_lora(unet, {f"unet.{k}": v for k, v in sd.items()})
+    assert prefixed.state_dict.keys() == sd.keys() and all(prefixed.state_dict[k] is sd[k] for k in sd)
+    with pytest.raises(UserError, match=r"several pipeline components \(text_encoder, unet\).*the keys after 'unet.'"):
+        adapt_lora(unet, {**{f"unet.{k}": v for k, v in sd.items()}, "text_encoder.x.lora_A.weight": torch.zeros(1)})
 
 
 def test_depth_skipped_unet_drops_the_lora_inside_the_removed_depth():

@@ -81,6 +81,26 @@ def _peft_keys(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor
     return dict(state_dict)
 
 
+_COMPONENTS = ("unet", "transformer", "denoiser")
+
+
+def _denoiser_keys(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+    """``state_dict`` without the component name a pipeline LoRA file puts before the denoiser's keys (``unet.``),
+    where every key has it and ``model`` has no submodule of that name; a file with other components' keys too
+    (text encoders) is refused, naming them."""
+    first = {k.split(".", 1)[0] for k in state_dict}
+    ours = first & set(_COMPONENTS)
+    if not ours or any(hasattr(model, c) for c in ours):
+        return state_dict
+    if len(first) > 1:
+        others = sorted(first - ours)
+        raise UserError(f"the LoRA holds the keys of several pipeline components ({', '.join(sorted(first))}): give "
+                        f"the denoiser's alone (the keys after '{sorted(ours)[0]}.'), or adapt the whole file with "
+                        f"diffslim.lora.adapt_lora_file / `diffslim lora`, which keeps {others[0]}'s keys as they are")
+    prefix = ours.pop() + "."
+    return {k[len(prefix):]: v for k, v in state_dict.items()}
+
+
 def lora_config(state_dict: Mapping[str, torch.Tensor], metadata: Optional[Mapping] = None) -> dict:
     """The LoRA config diffusers builds for ``state_dict`` (PEFT keys of one model) on the original model:
     ``metadata`` when the file has it, else ranks read off the ``lora_B`` weights and an alpha equal to each
@@ -142,7 +162,7 @@ def adapt_lora(model: nn.Module, state_dict: Mapping[str, torch.Tensor], metadat
     Raises ``UserError`` for a LoRA whose modules ``model`` never had (outside its removed layers) or whose
     shapes differ from the model's: a LoRA of another model.
     """
-    sd = _peft_keys(state_dict)
+    sd = _peft_keys(_denoiser_keys(model, state_dict))
     config = lora_config(sd, metadata)
     removed = set(_layers.removed_layers_of(model))
     modules: dict[str, dict[str, torch.Tensor]] = {}

@@ -7,6 +7,7 @@ Every path a user gives goes through :func:`load`, which turns mistakes into :cl
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -229,6 +230,10 @@ def load(model: str, dtype=torch.float32, device="cpu", random_weights: bool = F
         raise ModelLoadError(f"MODEL is empty; {ACCEPTED}")
     path = Path(model).expanduser()
     if not path.exists():
+        if re.fullmatch(r"[\w.-]+/[\w.-]+", model) and not model.startswith("."):
+            raise ModelLoadError(f"no such folder: {model}, which looks like a Hugging Face Hub id; diffslim reads "
+                                 f"local folders: download it first (hf download {model} --local-dir DIR, or "
+                                 "huggingface_hub.snapshot_download) and give DIR")
         raise ModelLoadError(f"no such file or folder: {model}; {ACCEPTED}")
     if path.is_file():
         if path.suffix in PICKLE_SUFFIXES:
