@@ -129,3 +129,38 @@ def test_instruct_pix2pix_pipeline_through_harness(tiny_sd_pipe):
                       num_inference_steps=2, scheduler="euler_a")
     out = sample(pipe, spec)
     assert out.shape == (2, 3, 16, 16)
+
+
+def test_zoo_pipelines_take_what_diffusers_users_pass_and_refuse_the_rest(tiny_digits_pipe):
+    """Digit strings and num_images_per_prompt (each label repeated in a row, as diffusers orders them), PIL and
+    unbatched inputs for SR; out-of-range or non-digit labels and misshapen images get one-line errors."""
+    import numpy as np
+    from PIL import Image
+
+    from diffslim.errors import UserError
+    from diffslim.train.zoo import build_pipeline
+    from diffslim.zoo.pipelines import ZooSRPipeline
+
+    def run(pipe, inp, seed=0, **kw):
+        return pipe(inp, num_inference_steps=2, generator=torch.Generator().manual_seed(seed), output_type="pt",
+                    **kw).images
+
+    p = tiny_digits_pipe
+    assert torch.equal(run(p, "3"), run(p, 3))
+    many = run(p, [1, "2"], num_images_per_prompt=2)
+    labels = torch.tensor([1, 1, 2, 2])
+    assert many.shape[0] == 4 and torch.equal(many, run(p, labels))
+    for bad in ("a 3", 10, [1.5], True):
+        with pytest.raises(UserError, match="class_labels: give classes 0..9"):
+            run(p, bad)
+    lr = torch.rand(3, 4, 4, generator=torch.Generator().manual_seed(0))
+    pil = Image.fromarray((lr.permute(1, 2, 0).numpy() * 255).round().astype("uint8"))
+    torch.manual_seed(0)
+    sr = build_pipeline("sr")
+    sr.set_progress_bar_config(disable=True)
+    assert isinstance(sr, ZooSRPipeline)
+    quantized = torch.from_numpy(np.asarray(pil, dtype="float32") / 255).permute(2, 0, 1)
+    assert torch.equal(run(sr, pil), run(sr, quantized[None]))
+    assert torch.equal(run(sr, lr, num_images_per_prompt=2), run(sr, lr[None].repeat(2, 1, 1, 1)))
+    with pytest.raises(UserError, match=r"image: give low-resolution RGB images .* got \(4, 4\)"):
+        run(sr, lr[0])

@@ -187,6 +187,41 @@ def _to_output(images: torch.Tensor, output_type: str):
     raise ValueError(f"output_type {output_type!r} is not one of 'pt', 'np', 'pil'")
 
 
+def _class_labels(class_labels, null_label: int, repeat: int) -> list[int]:
+    """``class_labels`` (an int, a digit string such as ``"3"``, a tensor or a sequence of them) as a list of ints in
+    ``0 .. null_label - 1``, each ``repeat`` times in a row."""
+    if torch.is_tensor(class_labels):
+        items = class_labels.flatten().tolist()
+    elif isinstance(class_labels, (int, str, np.integer)):
+        items = [class_labels]
+    else:
+        items = list(class_labels)
+    labels = []
+    for c in items:
+        c = int(c) if isinstance(c, str) and c.strip().isdigit() else c
+        if isinstance(c, bool) or not isinstance(c, (int, np.integer)) or not 0 <= int(c) < null_label:
+            raise UserError(f"class_labels: give classes 0..{null_label - 1} (an int, a digit string such as '3', "
+                            f"or a list of them); got {c!r}")
+        labels += [int(c)] * repeat
+    return labels
+
+
+def _lr_images(image) -> torch.Tensor:
+    """The SR pipeline's input as a (B, 3, h, w) tensor in [0, 1]: such a tensor, a (3, h, w) one, or PIL images."""
+    from PIL import Image
+
+    if isinstance(image, Image.Image) or (isinstance(image, (list, tuple)) and image
+                                          and all(isinstance(i, Image.Image) for i in image)):
+        images = [image] if isinstance(image, Image.Image) else list(image)
+        return torch.stack([torch.from_numpy(np.asarray(i.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)
+                            for i in images])
+    if torch.is_tensor(image) and image.ndim in (3, 4) and image.shape[-3] == 3:
+        return image[None] if image.ndim == 3 else image
+    shape = tuple(image.shape) if torch.is_tensor(image) else type(image).__name__
+    raise UserError(f"image: give low-resolution RGB images as a (B, 3, h, w) or (3, h, w) tensor in [0, 1] or as PIL "
+                    f"images; got {shape}")
+
+
 class ZooClassPipeline(_ZooPipelineIO, DiffusionPipeline):
     """Class-conditional pixel-space diffusion with classifier-free guidance.
 
@@ -233,11 +268,15 @@ class ZooClassPipeline(_ZooPipelineIO, DiffusionPipeline):
         return_dict: bool = True,
         latents: Optional[torch.Tensor] = None,
         image_embeds: Optional[torch.Tensor] = None,
+        num_images_per_prompt: int = 1,
     ):
-        """Sample digits ``class_labels``. ``image_embeds`` (B, D): image prompts for an IP-Adapter loaded into the
+        """Sample digits ``class_labels`` (an int, a digit string such as ``"3"`` or a list of them; each
+        ``num_images_per_prompt`` times). ``image_embeds`` (B, D): image prompts for an IP-Adapter loaded into the
         denoiser; classifier-free guidance then gives the unconditional half zero embeddings (diffusers'
         negative image embedding) and the null label."""
-        labels = [class_labels] if isinstance(class_labels, int) else list(class_labels)
+        labels = _class_labels(class_labels, self.null_label, num_images_per_prompt)
+        if image_embeds is not None and num_images_per_prompt > 1:
+            image_embeds = image_embeds.repeat_interleave(num_images_per_prompt, dim=0)
         device = self._execution_device
         cfg = self.denoiser.config
         size = cfg.sample_size
@@ -323,7 +362,7 @@ class ZooSRPipeline(_ZooPipelineIO, DiffusionPipeline):
     @torch.no_grad()
     def __call__(
         self,
-        image: torch.Tensor,
+        image,
         num_inference_steps: int = 50,
         timesteps: Optional[Sequence[int]] = None,
         generator: Optional[Union[torch.Generator, list]] = None,
@@ -331,7 +370,13 @@ class ZooSRPipeline(_ZooPipelineIO, DiffusionPipeline):
         output_type: str = "pil",
         return_dict: bool = True,
         latents: Optional[torch.Tensor] = None,
+        num_images_per_prompt: int = 1,
     ):
+        """Upscale ``image``: low-resolution RGB images, a (B, 3, h, w) or (3, h, w) tensor in [0, 1] or PIL images
+        (each ``num_images_per_prompt`` times)."""
+        image = _lr_images(image)
+        if num_images_per_prompt > 1:
+            image = image.repeat_interleave(num_images_per_prompt, dim=0)
         device = self._execution_device
         dtype = self.denoiser.dtype
         scale = int(self.config.upscale)
