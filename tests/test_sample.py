@@ -150,8 +150,8 @@ def test_zoo_pipelines_take_what_diffusers_users_pass_and_refuse_the_rest(tiny_d
     many = run(p, [1, "2"], num_images_per_prompt=2)
     labels = torch.tensor([1, 1, 2, 2])
     assert many.shape[0] == 4 and torch.equal(many, run(p, labels))
-    for bad in ("a 3", 10, [1.5], True):
-        with pytest.raises(UserError, match="class_labels: give classes 0..9"):
+    for bad in ("a 3", 11, [1.5], True):
+        with pytest.raises(UserError, match="class_labels: give classes 0..9, or 10 for none"):
             run(p, bad)
     lr = torch.rand(3, 4, 4, generator=torch.Generator().manual_seed(0))
     pil = Image.fromarray((lr.permute(1, 2, 0).numpy() * 255).round().astype("uint8"))

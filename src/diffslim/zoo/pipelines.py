@@ -189,7 +189,7 @@ def _to_output(images: torch.Tensor, output_type: str):
 
 def _class_labels(class_labels, null_label: int, repeat: int) -> list[int]:
     """``class_labels`` (an int, a digit string such as ``"3"``, a tensor or a sequence of them) as a list of ints in
-    ``0 .. null_label - 1``, each ``repeat`` times in a row."""
+    ``0 .. null_label`` (``null_label``: no class, as an image prompt alone samples), each ``repeat`` times in a row."""
     if torch.is_tensor(class_labels):
         items = class_labels.flatten().tolist()
     elif isinstance(class_labels, (int, str, np.integer)):
@@ -199,9 +199,9 @@ def _class_labels(class_labels, null_label: int, repeat: int) -> list[int]:
     labels = []
     for c in items:
         c = int(c) if isinstance(c, str) and c.strip().isdigit() else c
-        if isinstance(c, bool) or not isinstance(c, (int, np.integer)) or not 0 <= int(c) < null_label:
-            raise UserError(f"class_labels: give classes 0..{null_label - 1} (an int, a digit string such as '3', "
-                            f"or a list of them); got {c!r}")
+        if isinstance(c, bool) or not isinstance(c, (int, np.integer)) or not 0 <= int(c) <= null_label:
+            raise UserError(f"class_labels: give classes 0..{null_label - 1}, or {null_label} for none (an int, a "
+                            f"digit string such as '3', or a list of them); got {c!r}")
         labels += [int(c)] * repeat
     return labels
 
