@@ -86,6 +86,14 @@ def test_report_writes_html_json_and_pngs(bench_result, tmp_path):
     assert "&lt;b&gt;escaped" in html and "steps:2" in html
     data = json.loads((out / "report.json").read_text())
     assert data["tables"]["bench: zoo:tiny"][0]["method"] == "full"
+    # as in the terminal: the full row's PSNR/SSIM compare it with itself ("ref"), the seconds say what they time
+    table = html[html.index("<h2>bench: zoo:tiny</h2>"):]
+    table = table[:table.index("</table>")]
+    full = table[table.index("<td>full</td>"):]
+    full = full[:full.index("</tr>")]
+    assert full.count("<td>ref</td>") == sum(c in res.rows[0] for c in ("psnr", "ssim", "lpips")) >= 2
+    assert "<td>ref</td>" not in table.replace(full, "")
+    assert f"seconds (sampling all {len(res.outputs['full'])} inputs)" in table
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert "bench_zoo_tiny.png" in pngs and "grid_zoo_tiny_steps-2.png" in pngs
     for name in pngs:
@@ -192,11 +200,13 @@ def test_workflow_figure_draws_the_path_the_rejected_stage_and_the_settings_auto
     offsets = [c.get_offsets().tolist() for c in ax.collections]
     assert [[0.97, 57.0]] in offsets and [[0.87, 29.0]] in offsets  # the tried settings, one marker each
     assert [[0.06, 27.9]] in offsets  # the rejected stage
-    # the original is drawn above every point, tried ones included; the path joins the accepted stages
-    original = [o[0] for o in offsets if o[0][0] == 1.0]
-    assert len(original) == 1 and original[0][1] == pytest.approx(57.0 * 1.08)
+    # the original (no PSNR of its own) is drawn on the top edge, off the scale, above every point, tried ones
+    # included; the path joins the accepted stages
+    original = [(c, o[0]) for c, o in zip(ax.collections, offsets) if o[0] == [1.0, 1.0]]
+    assert len(original) == 1 and original[0][0].get_offset_transform() == ax.get_xaxis_transform()
+    assert ax.get_ylim()[1] > 57.0 and ax.get_ylim()[0] < 27.9
     labels = [t.get_text() for t in ax.texts]
-    assert {"original", "layers:0.4", "steps:6", "deepcache:2 (rejected)"} <= set(labels)
+    assert {"original (the reference: psnr infinite)", "layers:0.4", "steps:6", "deepcache:2 (rejected)"} <= set(labels)
     assert {t.get_text() for t in ax.get_legend().get_texts()} == {
         "tried by auto, met its floor", "tried by auto, missed its floor", "floor 30"}
     # a joint search's other stacks: their results as diamonds (the chosen one is the path itself)

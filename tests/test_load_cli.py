@@ -126,6 +126,11 @@ def test_profile_pipeline_with_weights_times_it(tiny_digits_folder):
     d = json.loads(_run("profile", tiny_digits_folder, "--json", "--repeats", "2").output)
     assert d["latency_s"] > 0 and d["peak_memory_bytes"] > 0
     assert d["params"] == 3_220_961
+    # the table's rows add up to its total: what no block holds is a row of its own
+    rest = d["params"] - sum(b["params"] for b in d["blocks"])
+    other = [line for line in _run("profile", tiny_digits_folder, "--repeats", "1").output.splitlines()
+             if "other (embeddings, stem, head)" in line]
+    assert rest > 0 and len(other) == 1 and f"{rest:,}" in other[0]
 
 
 def test_profile_takes_what_a_user_holds(tiny_digits_folder):

@@ -182,6 +182,10 @@ def test_workflow_cli_writes_the_report_and_refuses_bad_input(tmp_path):
         assert (tmp_path / "wf" / f).is_file(), f
     html = (tmp_path / "wf" / "index.html").read_text()
     assert "steps:5" in html and "deepcache:2" in html and "the path of the stages" in html
+    read = html[html.index("how to read it"):]
+    read = read[:read.index("</p>")]
+    assert "the same 4 inputs and seeds" in read and "floor: psnr &gt;= 10" in read
+    assert "diffslim.from_recipe(&quot;recipe.json&quot;) loads zoo:digits-sd" in read
     rows = json.loads((tmp_path / "wf" / "workflow.json").read_text())["rows"]
     assert [r["stage"] for r in rows] == ["original", "steps:5", "deepcache:2"]
     assert all(r["digit_accuracy"] >= 0 for r in rows)

@@ -769,7 +769,8 @@ def _layers(arg, ctx: BenchContext) -> Variant:
     if not kd:
         pruned = as_model(prune_layers(ctx.loaded.denoiser, names))
         return Variant(f"layers:{ratio:g}{tag}", _with_denoiser(ctx.loaded.pipe, pruned), ctx.base_spec,
-                       _n_params(pruned), notes=note + ("; the stock class" if stock else ""))
+                       _n_params(pruned), notes=note + ("; the stock class" if stock else "")
+                       + f"; not retrained (layers:{ratio:g}{tag}+kd distils it)")
     from diffslim.methods.finetune import load_student
 
     folder, kd_note = _default_layer_kd(ctx, names)  # distilled as the LayerPruned model, then exported
@@ -798,7 +799,8 @@ def _bk_sdm(arg, ctx: BenchContext) -> Variant:
     if not kd:
         pruned = prune_layers(ctx.loaded.denoiser, names)
         return Variant(f"bk-sdm:{variant}", _with_denoiser(ctx.loaded.pipe, pruned), ctx.base_spec,
-                       _n_params(pruned), notes=note)
+                       _n_params(pruned), notes=f"{note}; removal only, not retrained (BK-SDM retrains: "
+                                                f"bk-sdm:{variant}+kd distils it)")
     from diffslim.methods.finetune import load_student
 
     # the same trainer, loss and steps as layers:R+kd: the rows compare the removals, not the retraining

@@ -335,6 +335,11 @@ def profile(
     for b in p["blocks"]:
         share = f"{100 * b['macs'] / p['macs']:.1f}%" if p["macs"] and b["macs"] is not None else ""
         t.add_row(b["name"], f"{b['params']:,}", f"{(b['macs'] or 0) / div:.3f}", share)
+    rest_params = p["params"] - sum(b["params"] for b in p["blocks"])
+    rest_macs = (p["macs"] or 0) - sum(b["macs"] or 0 for b in p["blocks"])
+    if rest_params > 0 or rest_macs > 0:  # so that the rows add up to the total
+        t.add_row("other (embeddings, stem, head)", f"{rest_params:,}", f"{rest_macs / div:.3f}",
+                  f"{100 * rest_macs / p['macs']:.1f}%" if p["macs"] else "")
     t.add_row("[bold]total[/]", f"[bold]{p['params']:,}[/]", f"[bold]{(p['macs'] or 0) / div:.3f}[/]", "100%")
     _print_table(t)
     if p["macs_excl_attention"] is not None:
@@ -762,7 +767,7 @@ def workflow(
                        task_weight=kd_task_weight, search=search, objective=objective,
                        joint_width=joint_width)
     rep = Report(f"diffslim workflow: {model}")
-    add_workflow_section(rep, model, res, floors)
+    add_workflow_section(rep, model, res, floors, recipe_file="recipe.json")
     rep.write(out)
     if as_json:
         _print_json({**res.to_json(), "rows": [{k: finite(v) for k, v in r.items()} for r in res.rows]})
@@ -834,10 +839,10 @@ def _print_rows(title, rows, key: str = "method") -> None:
     cols = list(dict.fromkeys(k for r in rows for k in r if k not in hidden))
     for c in cols:
         t.add_column(c, justify="left" if c == key else "right")
-    against_reference = ("psnr", "ssim", "lpips")  # the reference row itself is what these compare with
+    from diffslim.report import is_reference_cell
 
     def cell(r, c):
-        if r.get(key) in ("full", "original") and c in against_reference and c in r:
+        if is_reference_cell(r, c, key):  # the reference row itself is what these compare with
             return "ref"
         v = r.get(c)
         return f"{v:,}" if isinstance(v, int) else f"{v:.4g}" if isinstance(v, float) else str(r.get(c, ""))
@@ -1684,7 +1689,8 @@ def layer_compare_cmd(
     model: str = typer.Argument(..., help="pipeline folder or zoo:NAME"),
     ratios: str = typer.Option("0.3,0.5,0.7", help="comma-separated shares of params (--by macs: of MACs) to remove, "
                                                    "each in (0, 1)"),
-    out: Path = typer.Option(..., help="folder: compare.json, output_loss.png, additivity.png"),
+    out: Path = typer.Option(..., help="folder: compare.json, output_loss.png, additivity.png (with --sample: "
+                                       "sampled_psnr.png too)"),
     by: str = typer.Option("params", help="what the ratios are shares of: params, or macs (of the denoiser call the "
                                           "pipeline makes); by macs BK-SDM is also compared at its own MACs and params"),
     max_params: Optional[float] = typer.Option(None, help="with --by macs: every selection also removes at most this "
@@ -1760,7 +1766,7 @@ def layer_compare_cmd(
     res = {"model": model, "n_calib": n, "calibration": calibration_kind, **res}
     curves = curves_of(res)
     share = "params" if by == "params" else "MACs"
-    xlabel = f"pruning ratio (share of {share} removed)" + ("" if max_params is None else
+    xlabel = f"target ratio (the least share of {share} removed; whole layers go)" + ("" if max_params is None else
                                                             f", at most {max_params:g} of params")
     x = "macs_ratio" if by == "macs" else "ratio"
     out.mkdir(parents=True, exist_ok=True)
@@ -1783,15 +1789,23 @@ def layer_compare_cmd(
     if as_json:
         _print_json(res)
         return
-    t = Table(title=f"layer-compare {model}: held-out output loss (lower is better), ratio = share of {share} removed"
+    t = Table(title=f"layer-compare {model}: held-out output loss (lower is better), ratio = the least share of "
+                    f"{share} to remove (whole layers go: 'removed' is the share the selections removed)"
                     + ("" if max_params is None else f", at most {max_params:g} of params"))
     t.add_column("ratio")
+    t.add_column("removed")
     for c in curves:
         t.add_column(c)
+
+    def removed(row) -> str:
+        shares = [v for k, v in row.items() if k.endswith("_share") and isinstance(v, float)]
+        lo, hi = (min(shares), max(shares)) if shares else (None, None)
+        return "" if lo is None else f"{lo:.3f}" if f"{lo:.3f}" == f"{hi:.3f}" else f"{lo:.3f}-{hi:.3f}"
+
     for row in res["ratios"]:
         best = min(row[c] for c in curves if c not in ("greedy", "random"))
-        t.add_row(f"{row['ratio']:g}", *[("[bold]" if row[c] == best and c not in ("greedy", "random") else "")
-                                         + f"{row[c]:.3g}" for c in curves])
+        t.add_row(f"{row['ratio']:g}", removed(row), *[("[bold]" if row[c] == best and c not in ("greedy", "random")
+                                                        else "") + f"{row[c]:.3g}" for c in curves])
     _print_table(t)
     if sample_n:
         t = Table(title=f"sampled outputs against the full model's ({sample_n} inputs, {res['sampled']['steps']} "

@@ -115,12 +115,15 @@ def depth_search_figure(res: DepthSearchResult, title: str = ""):
 
     fig, ax = plt.subplots(figsize=(6, 3.6))
     ds = sorted(res.evaluations)
-    ax.plot(ds, [res.evaluations[d] for d in ds], "o-", label=f"{res.metric} vs full model")
+    # depths are whole numbers and only these were sampled: markers, no line through the depths in between
+    ax.scatter(ds, [res.evaluations[d] for d in ds], zorder=3, label=f"{res.metric} vs the full model (evaluated)")
     ax.axhline(res.threshold, color="r", ls="--", lw=1, label=f"threshold {res.threshold:g}")
     if res.reached:
         ax.axvline(res.depth, color="g", ls=":", lw=1, label=f"chosen depth {res.depth}")
+    ax.set_xticks(range(1, res.full_depth + 1))
+    ax.set_xlim(0.5, res.full_depth + 0.5)
     ax.set_xlabel(f"depth (full = {res.full_depth})")
-    ax.set_ylabel(res.metric)
+    ax.set_ylabel("PSNR (dB)" if res.metric == "psnr" else res.metric.upper())
     ax.set_title(title or f"depth search ({res.mode}, {res.sampling_runs} sampling runs)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

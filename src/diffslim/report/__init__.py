@@ -58,6 +58,15 @@ def _fmt(v) -> str:
     return "" if v is None else str(v)
 
 
+REFERENCE_ROWS = ("full", "original")  # the rows the others are compared with
+AGAINST_REFERENCE = ("psnr", "ssim", "lpips")  # their own value is no measurement: the terminal and HTML say "ref"
+
+
+def is_reference_cell(row: dict, column: str, key: str) -> bool:
+    """Whether ``row[column]`` compares the reference row (``row[key]`` full or original) with itself."""
+    return row.get(key) in REFERENCE_ROWS and column in AGAINST_REFERENCE and column in row
+
+
 class Report:
     """An HTML + JSON report built section by section."""
 
@@ -70,9 +79,13 @@ class Report:
     def add_text(self, heading: str, text: str) -> None:
         self.sections.append(("text", heading, text))
 
-    def add_table(self, heading: str, rows: Sequence[dict], columns: Optional[Sequence[str]] = None) -> None:
+    def add_table(self, heading: str, rows: Sequence[dict], columns: Optional[Sequence[str]] = None,
+                  key: Optional[str] = None, headers: Optional[dict] = None) -> None:
+        """A table of ``rows`` (``columns``: default every key); ``key``: the column that names a row, whose
+        reference row (full, original) reads "ref" where it is compared with itself (PSNR, SSIM, LPIPS);
+        ``headers``: what a column's header says where it is not its key (e.g. with its unit)."""
         cols = list(columns) if columns else list(dict.fromkeys(k for r in rows for k in r))
-        self.sections.append(("table", heading, (cols, list(rows))))
+        self.sections.append(("table", heading, (cols, list(rows), key, dict(headers or {}))))
 
     def add_figure(self, heading: str, name: str, figure, caption: str = "") -> None:
         """``figure``: a matplotlib Figure or a PIL image; saved as ``name`` (PNG) beside index.html.
@@ -113,10 +126,12 @@ class Report:
             if kind == "text":
                 parts.append("<p>" + "<br>".join(html.escape(line) for line in body.split("\n")) + "</p>")
             elif kind == "table":
-                cols, rows = body
-                parts.append("<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in cols) + "</tr>")
+                cols, rows, key, headers = body
+                parts.append("<table><tr>" + "".join(f"<th>{html.escape(headers.get(c, c))}</th>" for c in cols)
+                             + "</tr>")
                 for r in rows:
-                    parts.append("<tr>" + "".join(f"<td>{html.escape(_fmt(r.get(c)))}</td>" for c in cols) + "</tr>")
+                    cells = ("ref" if key and is_reference_cell(r, c, key) else _fmt(r.get(c)) for c in cols)
+                    parts.append("<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in cells) + "</tr>")
                 parts.append("</table>")
             else:
                 name, caption = body
@@ -177,7 +192,10 @@ def add_bench_section(rep, model: str, rows, outputs) -> None:
     # the terminal table's columns (every metric a row has, clip_score, lpips and fid included), and the seconds
     hidden = ("skipped", "notes", "macs_per_sample", "search", "candidates")
     cols = [c for c in dict.fromkeys(k for r in rows for k in r) if c not in hidden]
-    rep.add_table(f"bench: {model}", rows, cols)
+    n = len(next(iter(outputs.values()))) if outputs else None
+    rep.add_table(f"bench: {model}", rows, cols, key="method",
+                  headers={"seconds": f"seconds (sampling all {n} inputs)" if n else "seconds (sampling run)",
+                           "compile_seconds": "compile seconds"})
     notes = [f"{r['method']}: {r['notes']}" for r in rows if r.get("notes")]
     skips: dict = {}
     for r in rows:
@@ -221,10 +239,18 @@ def output_loss_figure(curves: dict, title: str = "", bk_points: Optional[dict] 
     """
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7.6, 3.8))
-    for crit, pts in curves.items():
-        pts = sorted(pts)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=crit,
-                lw=2.2 if crit == "output-loss" else 1.2)
+    # criteria often pick the same layers: each line gets its own marker and dash, drawn widest first, so that a
+    # line under another still shows
+    markers, dashes = "osD^vP*X<>", ["-", "--", "-.", ":"]
+    order = sorted(curves, key=lambda c: c != "output-loss")
+    for i, crit in enumerate(order):
+        pts = sorted(curves[crit])
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=markers[i % len(markers)], ls=dashes[i % 4],
+                label=crit, lw=2.6 if crit == "output-loss" else 1.3, ms=9 - 5 * i / max(1, len(order) - 1),
+                zorder=2 + i)
+    ratios = sorted({p[0] for pts in curves.values() for p in pts})
+    if 0 < len(ratios) <= 8:
+        ax.set_xticks(ratios)
     for i, (label, (r, loss)) in enumerate((bk_points or {}).items()):
         ax.scatter([r], [loss], marker="x", s=50, color="k")  # labels staggered: the variants often sit close
         ax.annotate(label, (r, loss), fontsize=8, xytext=(4, 3 + 9 * i), textcoords="offset points")
@@ -234,6 +260,10 @@ def output_loss_figure(curves: dict, title: str = "", bk_points: Optional[dict] 
                    label="output loss at BK-SDM's MACs and params")
     if log:
         ax.set_yscale("log")
+        from matplotlib.ticker import LogFormatter
+
+        ax.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))
+        ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.4)))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3, which="both")
@@ -350,7 +380,8 @@ def workflow_figure(rows: Sequence[dict], metric: str = "psnr", floor: Optional[
     Accepted stages are joined by arrows from the original (MACs ratio 1); a rejected stage is a red cross; the
     settings an ``auto`` stage tried (its row's ``search``) are small grey dots, hollow where they missed the floor;
     the results of the other stacks a joint search tried (``branches`` not chosen) are orange diamonds;
-    ``floor`` is drawn as a dashed line. The original's own PSNR is infinite and is drawn at the top."""
+    ``floor`` is drawn as a dashed line. The original's own PSNR is infinite: it is a hollow triangle on the plot's
+    top edge, joined to the first stage by a dotted line, so that no drop from it reads as measured."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     pts = [(r["macs_ratio"], float(r[metric]), r) for r in rows[1:] if r.get(metric) is not None
@@ -359,14 +390,26 @@ def workflow_figure(rows: Sequence[dict], metric: str = "psnr", floor: Optional[
              if t.get(metric) is not None and math.isfinite(float(t[metric]))]
     others = [(b["macs_ratio"], float(b[metric])) for b in branches if not b.get("chosen")
               and b.get(metric) is not None and math.isfinite(float(b[metric]))]
-    top = max([p[1] for p in pts] + [t[1] for t in tried] + [o[1] for o in others] +
-              ([floor] if floor is not None else []) + [0.0]) * 1.08 + 1e-9
-    path = [(1.0, top, rows[0])] + [p for p in pts if p[2].get("accepted", True)]
+    values = [p[1] for p in pts] + [t[1] for t in tried] + [o[1] for o in others] + ([floor] if floor is not None
+                                                                                      else [])
+    if values:  # room under the top edge for the original's label
+        lo, hi = min(values), max(values)
+        span = max(hi - lo, 0.5)
+        ax.set_ylim(lo - 0.1 * span, hi + 0.3 * span)
+    path = [p for p in pts if p[2].get("accepted", True)]
+    edge = ax.get_xaxis_transform()  # x in data, y in axes fractions: the original sits on the top edge, off the scale
+    ax.scatter([1.0], [1.0], transform=edge, marker="^", s=60, zorder=3, facecolors="none", edgecolors="tab:blue",
+               clip_on=False)
+    ax.annotate(f"{rows[0]['stage']} (the reference: {metric} infinite)", (1.0, 1.0), xycoords=edge, fontsize=8,
+                ha="right", va="bottom", xytext=(-6, 3), textcoords="offset points")
+    if path:
+        ax.annotate("", path[0][:2], (1.0, 1.0), textcoords=edge, arrowprops=dict(
+            arrowstyle="->", color="tab:blue", lw=1.2, ls=":", shrinkA=4, shrinkB=5))
     for (x0, y0, _), (x1, y1, _) in zip(path, path[1:]):
-        ax.annotate("", (x1, y1), (x0, y0), arrowprops=dict(arrowstyle="->", color="tab:blue", lw=1.2))
+        ax.annotate("", (x1, y1), (x0, y0), arrowprops=dict(arrowstyle="->", color="tab:blue", lw=1.2, shrinkB=5))
     for x, y, r in path:
         ax.scatter(x, y, color="tab:blue", s=30, zorder=3)
-        ax.annotate(str(r["stage"]), (x, y), fontsize=8, xytext=(4, 4), textcoords="offset points")
+        ax.annotate(str(r["stage"]), (x, y), fontsize=8, xytext=(6, -10), textcoords="offset points")
     if tried:
         for ok in (True, False):
             xs = [(x, y) for x, y, a in tried if a == ok]
@@ -386,21 +429,35 @@ def workflow_figure(rows: Sequence[dict], metric: str = "psnr", floor: Optional[
     if floor is not None or tried or others:
         ax.legend(fontsize=8)
     ax.set_xlabel("MACs of the sampling run / original")
-    ax.set_ylabel(f"{metric} vs the original (the original at the top)")
+    ax.set_ylabel(f"{metric.upper() + ' (dB)' if metric == 'psnr' else metric} vs the original's outputs")
     ax.set_xlim(0, 1.1)
     ax.grid(alpha=0.3)
-    ax.set_title(title, fontsize=10)
+    ax.set_title(title, fontsize=10, loc="left")
     fig.tight_layout()
     return fig
 
 
-def add_workflow_section(rep, model: str, result, floor: Optional[dict] = None) -> None:
-    """The workflow's rows, its path in cost and quality, and one image grid per stage."""
+def add_workflow_section(rep, model: str, result, floor: Optional[dict] = None, recipe_file: Optional[str] = None) -> None:
+    """The workflow's rows, how to read them (inputs, floor, skipped metrics; ``recipe_file``: the result's recipe,
+    relative to the report, and how to load it), its path in cost and quality, and one image grid per stage."""
     tag = slug(model)
     rows = result.rows
     cols = [c for c in ("stage", "kind", "params", "macs_ratio", "speedup", "psnr", "ssim", "digit_accuracy",
                         "psnr_gt", "ssim_gt", "accepted", "notes") if any(c in r for r in rows)]
-    rep.add_table(f"workflow: {model}", rows, cols)
+    rep.add_table(f"workflow: {model}", rows, cols, key="stage")
+    n = len(next(iter(result.outputs.values()))) if result.outputs else 0
+    floors = ", ".join(f"{k} >= {v:g}" for k, v in (floor or {}).items())
+    lines = [f"every stage samples the same {n} inputs and seeds as the original and is judged against the "
+             f"original's outputs; " + (f"floor: {floors}" if floors else "no floor: every stage is kept")]
+    if recipe_file:
+        lines.append(f"{recipe_file} (beside this page) is the result: diffslim.from_recipe(\"{recipe_file}\") loads "
+                     f"{result.recipe.model or 'its model'} and applies its schedule and skip plan")
+    skips: dict = {}
+    for r in rows:
+        for k, why in (r.get("skipped") or {}).items():
+            skips.setdefault(f"{k} skipped: {why}", []).append(str(r["stage"]))
+    lines += [text if len(where) == len(rows) else f"{', '.join(where)}: {text}" for text, where in skips.items()]
+    rep.add_text(f"how to read it: {model}", "\n".join(lines))
     if result.stopped:
         rep.add_text("stopped early", result.stopped)
     branches = result.branches
