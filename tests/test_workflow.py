@@ -186,6 +186,8 @@ def test_workflow_cli_writes_the_report_and_refuses_bad_input(tmp_path):
     read = read[:read.index("</p>")]
     assert "the same 4 inputs and seeds" in read and "floor: psnr &gt;= 10" in read
     assert "diffslim.from_recipe(&quot;recipe.json&quot;) loads zoo:digits-sd" in read
+    run_info = html[html.index("how it was run"):]
+    assert "ran on cpu, float32" in run_info[:run_info.index("</p>")] and "diffusers " in run_info
     rows = json.loads((tmp_path / "wf" / "workflow.json").read_text())["rows"]
     assert [r["stage"] for r in rows] == ["original", "steps:5", "deepcache:2"]
     assert all(r["digit_accuracy"] >= 0 for r in rows)

@@ -89,16 +89,32 @@ def _print_table(t: Table) -> None:
     console.print(t)
 
 
+def _versions() -> str:
+    from importlib.metadata import version
+
+    import diffusers
+    import torch
+
+    return (f"diffslim {version('diffslim')} (torch {torch.__version__}, diffusers {diffusers.__version__}, "
+            f"python {sys.version.split()[0]})")
+
+
 def _version(value: bool) -> None:
     if value:
-        from importlib.metadata import version
-
-        import diffusers
-        import torch
-
-        console.print(f"diffslim {version('diffslim')} (torch {torch.__version__}, diffusers {diffusers.__version__}, "
-                      f"python {sys.version.split()[0]})", highlight=False)
+        console.print(_versions(), highlight=False)
         raise typer.Exit()
+
+
+def _run_info(device, dtype=None) -> str:
+    """How a report's numbers were made: the command, where it ran, the versions (reports quote their command)."""
+    import shlex
+
+    import torch
+
+    where = f"{device or 'cpu'}" + (f", {str(dtype).removeprefix('torch.')}" if dtype else "") + (
+        f", {torch.get_num_threads()} CPU threads" if str(device or "cpu").startswith("cpu") else "")
+    return (f"command: diffslim {' '.join(shlex.quote(a) for a in sys.argv[1:])}\nran on {where}; "
+            f"{_versions()}; {time.strftime('%Y-%m-%d %H:%M')}")
 
 
 @app.callback()
@@ -681,6 +697,7 @@ def bench(
         from diffslim.report import Report, add_bench_section
 
         rep = Report(f"diffslim bench: {model} ({n} inputs, {default_steps} steps full)")
+        rep.add_text("how it was run", _run_info(dev, dt))
         add_bench_section(rep, model, rows, res.outputs)
         rep.write(html)
     if as_json:
@@ -767,6 +784,7 @@ def workflow(
                        task_weight=kd_task_weight, search=search, objective=objective,
                        joint_width=joint_width)
     rep = Report(f"diffslim workflow: {model}")
+    rep.add_text("how it was run", _run_info(dev, dt))
     add_workflow_section(rep, model, res, floors, recipe_file="recipe.json")
     rep.write(out)
     if as_json:

@@ -194,8 +194,7 @@ def add_bench_section(rep, model: str, rows, outputs) -> None:
     cols = [c for c in dict.fromkeys(k for r in rows for k in r) if c not in hidden]
     n = len(next(iter(outputs.values()))) if outputs else None
     rep.add_table(f"bench: {model}", rows, cols, key="method",
-                  headers={"seconds": f"seconds (sampling all {n} inputs)" if n else "seconds (sampling run)",
-                           "compile_seconds": "compile seconds"})
+                  headers={"seconds": f"seconds (sampling all {n} inputs)" if n else "seconds (sampling run)"})
     notes = [f"{r['method']}: {r['notes']}" for r in rows if r.get("notes")]
     skips: dict = {}
     for r in rows:
