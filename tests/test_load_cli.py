@@ -159,3 +159,16 @@ def test_profile_takes_what_a_user_holds(tiny_digits_folder):
             diffslim.profile(loaded.pipe, **kwargs)
     with pytest.raises(UserError, match="MODEL is a path, zoo:NAME, a diffusers pipeline or a denoiser"):
         diffslim.profile(3)
+
+
+def test_profile_every_depth_of_a_unet():
+    """--depth all: params and MACs of the depth-skipped U-Net at every depth, growing to the full model's; the
+    table in the profile's units."""
+    d = json.loads(_run("profile", "zoo:digits-sd", "--depth", "all", "--json").stdout)["depths"]
+    full = json.loads(_run("profile", "zoo:digits-sd", "--json", "--repeats", "1").stdout)
+    assert [r["depth"] for r in d] == list(range(1, len(d) + 1)) and len(d) > 5
+    assert all(a["params"] < b["params"] and a["macs"] < b["macs"] for a, b in zip(d, d[1:]))
+    assert (d[-1]["params"], d[-1]["macs"], d[-1]["params_ratio"], d[-1]["macs_ratio"]) == (
+        full["params"], full["macs"], 1.0, 1.0)
+    table = _run("profile", "zoo:digits-sd", "--depth", "all").output
+    assert "MMACs excl. attention" in table and f"{full['macs'] / 1e6:.4g}" in table

@@ -323,7 +323,11 @@ def profile(
         if as_json:
             _print_json({"model": model, "depths": rows})
             return
-        _print_rows(f"depth-skip profile of {model}", rows)
+        unit, div = ("GMACs", 1e9) if rows and rows[-1]["macs"] >= 1e9 else ("MMACs", 1e6)
+        shown = [{"depth": r["depth"], "params": r["params"], unit: round(r["macs"] / div, 3),
+                  f"{unit} excl. attention": round(r["macs_excl_attention"] / div, 3),
+                  "params_ratio": round(r["params_ratio"], 4), "macs_ratio": round(r["macs_ratio"], 4)} for r in rows]
+        _print_rows(f"depth-skip profile of {model} (one denoiser call, batch 1)", shown, key="depth")
         return
     if depth is not None and not depth.isdigit():
         raise UserError(f"--depth {depth!r} is not a depth; give an integer N (1 = shallowest) or 'all'")
