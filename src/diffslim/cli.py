@@ -1841,6 +1841,18 @@ def layer_compare_cmd(
             t.add_row(f"{row['ratio']:g}", *[("-" if v is None else ("[bold]" if v == best and c not in (
                 "greedy", "random") else "") + f"{v:.2f}") for c, v in vals.items()])
         _print_table(t)
+        for row in res["ratios"]:  # where the proxy and the samples disagree, say so: the samples decide
+            one_shot = [c for c in curves if c not in ("greedy", "random") and row[f"{c}_sampled"].get("psnr")
+                        is not None]
+            if not one_shot:
+                continue
+            by_loss = min(one_shot, key=lambda c: row[c])
+            by_psnr = max(one_shot, key=lambda c: row[f"{c}_sampled"]["psnr"])
+            if row[f"{by_psnr}_sampled"]["psnr"] > row[f"{by_loss}_sampled"]["psnr"]:
+                console.print(f"[yellow]at {row['ratio']:g} the lowest output loss ({by_loss}, {row[by_loss]:.3g}) "
+                              f"samples at {row[f'{by_loss}_sampled']['psnr']:.2f} dB, below {by_psnr}'s "
+                              f"{row[f'{by_psnr}_sampled']['psnr']:.2f} dB (output loss {row[by_psnr]:.3g}): the "
+                              "output loss is a proxy, the samples decide[/]", highlight=False)
     for b in res["bk_sdm"]:
         console.print(f"{b['variant']}: removes {b['ratio']:.3f} of params"
                       + (f" and {b['macs_ratio']:.3f} of MACs" if by == "macs" else "")
