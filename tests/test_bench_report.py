@@ -100,6 +100,23 @@ def test_report_writes_html_json_and_pngs(bench_result, tmp_path):
         assert f"src='{name}'" in html
 
 
+def test_labelled_grid_puts_each_method_in_a_row_of_its_own_with_its_label():
+    import numpy as np
+
+    from diffslim.report import labelled_grid
+
+    outs = {"full": torch.ones(5, 1, 8, 8), "steps:2": torch.zeros(5, 1, 8, 8)}
+    g = np.asarray(labelled_grid(outs, k=4, height=16))
+    row_h, row_w = (8 + 2) * 2, (4 * 9 + 1) * 2  # 4 tiles of 8 px and a 1 px border each, upscaled twice
+    assert g.shape[0] == 2 * row_h and g.shape[1] > row_w
+    tiles_x = g.shape[1] - row_w  # the tiles sit right of the labels
+    first, second = g[:row_h, tiles_x:], g[row_h:, tiles_x:]
+    assert first.mean() == 255 and second.mean() < 100  # the rows keep their order: white tiles, then black ones
+    assert (g[:, :tiles_x] < 128).any(axis=-1).sum() > 10  # the labels are written in the left margin
+    with pytest.raises(ValueError, match="no images"):
+        labelled_grid({})
+
+
 def test_image_grid_layout():
     imgs = torch.zeros(5, 1, 4, 4)
     imgs[1] = 1.0

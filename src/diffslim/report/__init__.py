@@ -37,6 +37,28 @@ def image_grid(images: torch.Tensor, nrow: int = 8, upscale: int = 1, pad: int =
     return img
 
 
+def labelled_grid(outputs: dict, k: int = 8, height: int = 64):
+    """A PIL image with one row per entry of ``outputs`` (``{label: (N, C, H, W) in [0, 1]}``, the same inputs in
+    the same order in each), its first ``k`` images nearest-upscaled to about ``height`` px, and the label at the
+    row's left: the methods side by side, input by input."""
+    from PIL import Image, ImageDraw
+
+    rows = [(str(label), imgs[:k]) for label, imgs in outputs.items() if len(imgs)]
+    if not rows:
+        raise ValueError("labelled_grid: no images")
+    tiles = [image_grid(imgs, nrow=k, upscale=max(1, height // imgs.shape[-2])) for _, imgs in rows]
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    label_w = max(int(draw.textlength(label)) for label, _ in rows) + 12
+    width = label_w + max(t.width for t in tiles)
+    out = Image.new("RGB", (width, sum(t.height for t in tiles)), "white")
+    pen, y = ImageDraw.Draw(out), 0
+    for (label, _), tile in zip(rows, tiles):
+        out.paste(tile, (label_w, y))
+        pen.text((4, y + tile.height // 2 - 5), label, fill="black")
+        y += tile.height
+    return out
+
+
 def slug(model: str) -> str:
     """A file-name part for a model argument: ``zoo:digits-sd`` -> ``zoo_digits-sd``, a path -> its parts joined."""
     import re
@@ -206,6 +228,10 @@ def add_bench_section(rep, model: str, rows, outputs) -> None:
     rep.add_figure(f"cost and quality: {model}", f"bench_{tag}.png", bench_figure(rows, model),
                    "left: PSNR against the full model's outputs vs relative MACs; right: measured speedup vs MACs "
                    "reduction (the dashed line is speedup = MACs reduction)")
+    if len(outputs) > 1:
+        k = min(8, min(len(v) for v in outputs.values()))
+        rep.add_figure(f"samples side by side: {model}", f"grid_{tag}_all.png", labelled_grid(outputs, k),
+                       f"one row per method, the first {k} inputs in the same order (same seeds and inputs)")
     for method, imgs in outputs.items():
         k = min(16, len(imgs))
         up = max(1, 64 // imgs.shape[-1])
@@ -472,6 +498,10 @@ def add_workflow_section(rep, model: str, result, floor: Optional[dict] = None, 
                        workflow_figure(rows, metric, (floor or {}).get(metric), model, branches),
                        "each stage's PSNR against the original's outputs vs the MACs of its sampling run; arrows "
                        "join the accepted stages in order")
+    if len(result.outputs) > 1:
+        k = min(8, min(len(v) for v in result.outputs.values()))
+        rep.add_figure(f"workflow samples side by side: {model}", f"workflow_grid_{tag}_all.png",
+                       labelled_grid(result.outputs, k), f"one row per stage, the first {k} inputs in the same order")
     for label, imgs in result.outputs.items():
         k = min(16, len(imgs))
         up = max(1, 64 // imgs.shape[-1])
