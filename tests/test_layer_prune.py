@@ -620,6 +620,9 @@ def test_cli_layer_compare_writes_the_comparison_and_its_figures(tiny_digits_fol
             sum(res["scores"]["output-loss"][n] for n in row["output-loss_removed"])
     for name in ("output_loss.png", "additivity.png"):
         assert (tmp_path / "c" / name).stat().st_size > 1000
+    page = (tmp_path / "c" / "index.html").read_text()  # the tables and figures on one page, with what they show
+    assert "held-out output loss" in page and "src='output_loss.png'" in page and "src='additivity.png'" in page
+    assert f"<td>{res['ratios'][0]['output-loss']:.4g}</td>" in page
     assert not (tmp_path / "c" / "sampled_psnr.png").exists() and "sampled" not in res
     r = run(tiny_digits_folder, "--sample", "-1", "--out", tmp_path / "x")
     assert r.exit_code == 2 and "--sample takes a count of evaluation inputs >= 0" in r.output

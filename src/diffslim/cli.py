@@ -1711,8 +1711,8 @@ def layer_compare_cmd(
     model: str = typer.Argument(..., help="pipeline folder or zoo:NAME"),
     ratios: str = typer.Option("0.3,0.5,0.7", help="comma-separated shares of params (--by macs: of MACs) to remove, "
                                                    "each in (0, 1)"),
-    out: Path = typer.Option(..., help="folder: compare.json, output_loss.png, additivity.png (with --sample: "
-                                       "sampled_psnr.png too)"),
+    out: Path = typer.Option(..., help="folder: index.html, compare.json, output_loss.png, additivity.png (with "
+                                       "--sample: sampled_psnr.png too)"),
     by: str = typer.Option("params", help="what the ratios are shares of: params, or macs (of the denoiser call the "
                                           "pipeline makes); by macs BK-SDM is also compared at its own MACs and params"),
     max_params: Optional[float] = typer.Option(None, help="with --by macs: every selection also removes at most this "
@@ -1796,18 +1796,41 @@ def layer_compare_cmd(
         return {b["variant"]: (b["macs_ratio"], v) for b in res["bk_sdm"]
                 if (v := (b.get(key) if key == "output_loss_at_macs" else b.get(key, {}).get("psnr"))) is not None}
 
+    from diffslim.report import Report
+
+    def removed(row) -> str:  # the shares the selections at a ratio removed (whole layers go)
+        shares = [v for k, v in row.items() if k.endswith("_share") and isinstance(v, float)]
+        lo, hi = (min(shares), max(shares)) if shares else (None, None)
+        return "" if lo is None else f"{lo:.3f}" if f"{lo:.3f}" == f"{hi:.3f}" else f"{lo:.3f}-{hi:.3f}"
+
+    # index.html beside the JSON and figures: the tables, the figures with what they show, how it was run
+    rep = Report(f"diffslim layer-compare: {model}")
+    rep.add_text("how it was run", _run_info(dev))
+    rep.add_table(f"held-out output loss (MSE of the noise prediction against the full model's; lower is better); "
+                  f"ratio: the least share of {share} to remove, removed: what the selections removed",
+                  [{"ratio": row["ratio"], "removed": removed(row), **{c: row[c] for c in curves}}
+                   for row in res["ratios"]])
+    add = res["additivity"]
     if sample_n:
         psnr_curves, bk_psnr = _sample_selections(loaded, res, sample_n, steps, progress=not as_json)
-        output_loss_figure(psnr_curves, model, bk_psnr, ylabel="PSNR of samples vs the full model's (dB)",
-                           log=False, xlabel=xlabel, matched=matched("output_loss_at_macs_sampled")).savefig(
-            out / "sampled_psnr.png", dpi=110, bbox_inches="tight")
+        rep.add_table(f"PSNR (dB) of each selection's samples against the full model's ({sample_n} inputs; higher is "
+                      "better)", [{"ratio": row["ratio"], **{c: row[f"{c}_sampled"].get("psnr") for c in curves}}
+                                  for row in res["ratios"]])
+        rep.add_figure("sampled PSNR", "sampled_psnr.png", output_loss_figure(
+            psnr_curves, model, bk_psnr, ylabel="PSNR of samples vs the full model's (dB)", log=False, xlabel=xlabel,
+            matched=matched("output_loss_at_macs_sampled")), "what users see: each selection sampled, against the "
+                                                              "full model's samples")
     (out / "compare.json").write_text(json.dumps(res, indent=1, default=str) + "\n")
-    output_loss_figure(curves, model, {b["variant"]: (b[x], b["bk_sdm_loss"]) for b in res["bk_sdm"]},
-                       xlabel=xlabel, matched=matched("output_loss_at_macs")).savefig(
-        out / "output_loss.png", dpi=110, bbox_inches="tight")
-    add = res["additivity"]
-    additivity_figure(add["summed"], add["measured"], add["pearson"], model, add.get("second_order"),
-                      add.get("pearson_second_order")).savefig(out / "additivity.png", dpi=110, bbox_inches="tight")
+    rep.add_figure("output loss", "output_loss.png", output_loss_figure(
+        curves, model, {b["variant"]: (b[x], b["bk_sdm_loss"]) for b in res["bk_sdm"]}, xlabel=xlabel,
+        matched=matched("output_loss_at_macs")), "each criterion's selection at each ratio (crosses: BK-SDM's "
+                                                 "handcrafted removals at their own share); random is the mean of 3 draws")
+    rep.add_figure("additivity", "additivity.png", additivity_figure(
+        add["summed"], add["measured"], add["pearson"], model, add.get("second_order"),
+        add.get("pearson_second_order")), f"{len(add['sets'])} random layer sets: their measured output loss against "
+                                          "the sum of their layers' single losses (the one-shot criterion's "
+                                          "assumption); second order adds each pair's interaction")
+    rep.write(out)
     if as_json:
         _print_json(res)
         return
@@ -1818,12 +1841,6 @@ def layer_compare_cmd(
     t.add_column("removed")
     for c in curves:
         t.add_column(c)
-
-    def removed(row) -> str:
-        shares = [v for k, v in row.items() if k.endswith("_share") and isinstance(v, float)]
-        lo, hi = (min(shares), max(shares)) if shares else (None, None)
-        return "" if lo is None else f"{lo:.3f}" if f"{lo:.3f}" == f"{hi:.3f}" else f"{lo:.3f}-{hi:.3f}"
-
     for row in res["ratios"]:
         best = min(row[c] for c in curves if c not in ("greedy", "random"))
         t.add_row(f"{row['ratio']:g}", removed(row), *[("[bold]" if row[c] == best and c not in ("greedy", "random")
@@ -1875,7 +1892,8 @@ def layer_compare_cmd(
             "describes it)" if "loss" in row else "no removal a stock config describes reaches it"), highlight=False)
     console.print(f"additivity over {len(add['sets'])} random layer sets: Pearson r = {add['pearson']:.3f}"
                   + (f" (second order {add['pearson_second_order']:.3f})" if "pearson_second_order" in add else "")
-                  + f"\nwritten: {out / 'compare.json'}, {out / 'output_loss.png'}, {out / 'additivity.png'}"
+                  + f"\nwritten: {out / 'index.html'}, {out / 'compare.json'}, {out / 'output_loss.png'}, "
+                    f"{out / 'additivity.png'}"
                   + (f", {out / 'sampled_psnr.png'}" if sample_n else
                      "\nthe output loss is a proxy: before committing to a selection, compare its samples with the "
                      "full model's (--sample 16)"))
