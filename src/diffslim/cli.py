@@ -861,7 +861,7 @@ def _print_rows(title, rows, key: str = "method") -> None:
     cols = list(dict.fromkeys(k for r in rows for k in r if k not in hidden))
     for c in cols:
         t.add_column(c, justify="left" if c == key else "right")
-    from diffslim.report import is_reference_cell
+    from diffslim.report import is_reference_cell, skip_lines
 
     def cell(r, c):
         if is_reference_cell(r, c, key):  # the reference row itself is what these compare with
@@ -872,15 +872,11 @@ def _print_rows(title, rows, key: str = "method") -> None:
     for r in rows:
         t.add_row(*[cell(r, c) for c in cols])
     _print_table(t)
-    skips: dict = {}  # (metric, reason) -> the rows it was skipped in: one line for a reason every row shares
     for r in rows:
         if r.get("notes"):
             console.print(f"[dim]{r[key]}: {r['notes']}[/]", highlight=False)
-        for k, why in (r.get("skipped") or {}).items():
-            skips.setdefault((k, why), []).append(str(r[key]))
-    for (k, why), where in skips.items():
-        console.print(f"[yellow]{'' if len(where) == len(rows) > 1 else ', '.join(where) + ': '}{k} skipped: "
-                      f"{escape(why)}[/]", highlight=False)
+    for line in skip_lines(rows, key):  # one line for a reason every row shares
+        console.print(f"[yellow]{escape(line)}[/]", highlight=False)
 
 
 def _calibration(model: str, n: int, steps: Optional[int], seed: int, prompts: Optional[Path], batch_size: int,

@@ -208,6 +208,16 @@ def bench_figure(rows: Sequence[dict], title: str = ""):
     return fig
 
 
+def skip_lines(rows: Sequence[dict], key: str) -> list[str]:
+    """One line per reason a metric was skipped (``row["skipped"]``), naming the rows (by ``row[key]``) unless every
+    row shares it."""
+    skips: dict = {}
+    for r in rows:
+        for k, why in (r.get("skipped") or {}).items():
+            skips.setdefault(f"{k} skipped: {why}", []).append(str(r[key]))
+    return [text if len(where) == len(rows) > 1 else f"{', '.join(where)}: {text}" for text, where in skips.items()]
+
+
 def add_bench_section(rep, model: str, rows, outputs) -> None:
     """Bench rows, the cost/quality figure and one image grid per method."""
     tag = slug(model)
@@ -217,12 +227,7 @@ def add_bench_section(rep, model: str, rows, outputs) -> None:
     n = len(next(iter(outputs.values()))) if outputs else None
     rep.add_table(f"bench: {model}", rows, cols, key="method",
                   headers={"seconds": f"seconds (sampling all {n} inputs)" if n else "seconds (sampling run)"})
-    notes = [f"{r['method']}: {r['notes']}" for r in rows if r.get("notes")]
-    skips: dict = {}
-    for r in rows:
-        for k, why in (r.get("skipped") or {}).items():
-            skips.setdefault(f"{k} skipped: {why}", []).append(r["method"])
-    notes += [f"{', '.join(m)}: {text}" if len(m) < len(rows) else text for text, m in skips.items()]
+    notes = [f"{r['method']}: {r['notes']}" for r in rows if r.get("notes")] + skip_lines(rows, "method")
     if notes:
         rep.add_text(f"notes: {model}", "\n".join(notes))
     rep.add_figure(f"cost and quality: {model}", f"bench_{tag}.png", bench_figure(rows, model),
@@ -477,11 +482,7 @@ def add_workflow_section(rep, model: str, result, floor: Optional[dict] = None, 
     if recipe_file:
         lines.append(f"{recipe_file} (beside this page) is the result: diffslim.from_recipe(\"{recipe_file}\") loads "
                      f"{result.recipe.model or 'its model'} and applies its schedule and skip plan")
-    skips: dict = {}
-    for r in rows:
-        for k, why in (r.get("skipped") or {}).items():
-            skips.setdefault(f"{k} skipped: {why}", []).append(str(r["stage"]))
-    lines += [text if len(where) == len(rows) else f"{', '.join(where)}: {text}" for text, where in skips.items()]
+    lines += skip_lines(rows, "stage")
     rep.add_text(f"how to read it: {model}", "\n".join(lines))
     if result.stopped:
         rep.add_text("stopped early", result.stopped)
