@@ -86,6 +86,11 @@ def test_report_writes_html_json_and_pngs(bench_result, tmp_path):
     assert "&lt;b&gt;escaped" in html and "steps:2" in html
     data = json.loads((out / "report.json").read_text())
     assert data["tables"]["bench: zoo:tiny"][0]["method"] == "full"
+    # the reference cells are null in the JSON (no measurement), the other rows keep their values
+    ref_cols = [c for c in ("psnr", "ssim", "lpips") if c in res.rows[0]]
+    assert [data["tables"]["bench: zoo:tiny"][0][c] for c in ref_cols] == [None] * len(ref_cols)
+    assert [data["tables"]["bench: zoo:tiny"][1][c] for c in ref_cols] == pytest.approx(
+        [res.rows[1][c] for c in ref_cols])
     # as in the terminal: the full row's PSNR/SSIM compare it with itself ("ref"), the seconds say what they time
     table = html[html.index("<h2>bench: zoo:tiny</h2>"):]
     table = table[:table.index("</table>")]
@@ -285,3 +290,20 @@ def test_ip_adapter_section_of_the_demo_report(tmp_path):
     out = rep.write(tmp_path / "r")
     assert "IP-Adapters on pruned models: zoo:digits-sd" in (out / "index.html").read_text()
     assert (out / "ip_adapter_digits-sd.png").is_file()
+
+
+def test_bench_figure_puts_both_panels_on_one_macs_axis(bench_result):
+    """Both panels of the cost/quality figure share one x convention, the MACs reduction (full / method): a method
+    sits at the same x in both, right of 1 when it saves MACs."""
+    from diffslim.report import bench_figure
+
+    _, _, res = bench_result
+    fig = bench_figure(res.rows)
+    left, right = fig.axes[:2]
+    xs_left = [float(c.get_offsets()[0][0]) for c in left.collections]
+    xs_right = [float(c.get_offsets()[0][0]) for c in right.collections]
+    expected = [1 / r["macs_ratio"] for r in res.rows]
+    assert xs_right == pytest.approx(expected)
+    assert xs_left == pytest.approx([x for x, r in zip(expected, res.rows) if r["method"] != "full"])
+    assert left.get_xlabel() == right.get_xlabel() == "MACs reduction (x): full / sampling run"
+    assert any(x > 1 for x in xs_left)

@@ -197,3 +197,25 @@ def test_apply_checks_its_arguments_adds_to_what_is_installed_and_leaves_a_pipel
     got = apply(loaded, {"removed_layers": {"layers": ["up_blocks.3.resnets.1"]}})
     assert got is loaded.pipe and loaded.denoiser is loaded.pipe.denoiser
     assert type(loaded.denoiser).__name__ == "LayerPrunedUNet2DConditionModel"
+
+
+def test_a_pinned_pipeline_asked_for_other_steps_says_so_once(tiny_digits_pipe, caplog):
+    """A pinned pipeline samples the recipe's steps whatever it is asked: a count other than the recipe's and than
+    the pipeline's own default (which a caller gets without asking) logs one warning per count, naming both."""
+    import copy
+    import logging
+
+    pipe = apply(copy.deepcopy(tiny_digits_pipe), {"sampling": {"num_inference_steps": 3}})
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    with caplog.at_level(logging.WARNING, logger="diffslim.apply"):
+        plain = pipe([1], generator=gen(), output_type="np").images
+        assert caplog.records == []  # the pipeline's default count, 50: nothing asked
+        pipe([1], num_inference_steps=3, generator=gen(), output_type="np")
+        assert caplog.records == []  # the recipe's own count
+        asked = pipe([1], num_inference_steps=7, generator=gen(), output_type="np").images
+        pipe([1], num_inference_steps=7, generator=gen(), output_type="np")
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{type(pipe.scheduler).__name__}: asked for num_inference_steps=7, but the recipe fixes the schedule at 3 "
+        "steps; sampling 3 (diffslim.apply pinned them)"]
+    assert len(pipe.scheduler.timesteps) == 3
+    assert (plain == asked).all()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 import os
 from typing import Optional
 
@@ -15,6 +16,8 @@ import torch
 
 from diffslim.errors import UserError
 from diffslim.recipe import Recipe, RecipeError, load_recipe, parse_recipe
+
+logger = logging.getLogger(__name__)
 
 
 def _install_sampling(pipe, sampling) -> None:
@@ -34,8 +37,15 @@ def _install_sampling(pipe, sampling) -> None:
             f"sampling.timesteps: {_unpinned(type(sched)).__name__} accepts no explicit timesteps; "
             "choose a scheduler that does (ddim, euler, dpm++, unipc, ddpm, lms, heun)")
     if steps is not None or timesteps is not None:
-        sched = pin_schedule(sched, steps, timesteps)
+        sched = pin_schedule(sched, steps, timesteps, quiet_steps=_default_steps(pipe))
     pipe.scheduler = sched
+
+
+def _default_steps(pipe) -> Optional[int]:
+    """The ``num_inference_steps`` a pipeline's ``__call__`` uses when not given one (50 in diffusers' pipelines):
+    a pinned scheduler asked for that count does not warn, since the caller most likely asked for nothing."""
+    param = inspect.signature(type(pipe).__call__).parameters.get("num_inference_steps")
+    return param.default if param is not None and isinstance(param.default, int) else None
 
 
 def _unpinned(cls):
@@ -74,12 +84,14 @@ def _install_depth(pipe, depth) -> None:
     setattr(pipe, name, depth_skip(getattr(pipe, name), depth.depth))
 
 
-def pin_schedule(scheduler, num_inference_steps=None, timesteps=None):
+def pin_schedule(scheduler, num_inference_steps=None, timesteps=None, quiet_steps=None):
     """A copy of ``scheduler`` whose ``set_timesteps`` always uses the given steps or timesteps.
 
     Pipelines call ``scheduler.set_timesteps(num_inference_steps, device=...)``; the pinned copy ignores the
     requested count, so a recipe's schedule holds however the pipeline is called (explicit ``timesteps=`` or
-    ``sigmas=`` other than the recipe's are refused). The pinned class bears its base class's name and module, so
+    ``sigmas=`` other than the recipe's are refused). A requested count other than the pinned one and than
+    ``quiet_steps`` (the pipeline's default, which a caller gets without asking) logs a warning, once per count:
+    the pipeline samples the recipe's steps, not the ones asked for. The pinned class bears its base class's name and module, so
     that ``save_pretrained`` writes the base scheduler, which diffusers loads back (unpinned: the recipe keeps the
     schedule).
     """
@@ -97,6 +109,12 @@ def pin_schedule(scheduler, num_inference_steps=None, timesteps=None):
                                 f"recipe fixes the schedule ({pinned_steps} steps); call it with "
                                 f"num_inference_steps={pinned_steps}")
             return base.set_timesteps(self, device=device, sigmas=sigmas, **kwargs)
+        if num_inference_steps is not None and num_inference_steps not in (pinned_steps, quiet_steps) \
+                and num_inference_steps not in self._warned_steps:
+            self._warned_steps.add(num_inference_steps)
+            logger.warning("%s: asked for num_inference_steps=%s, but the recipe fixes the schedule at %d steps; "
+                           "sampling %d (diffslim.apply pinned them)", base.__name__, num_inference_steps,
+                           pinned_steps, pinned_steps)
         if self._pinned_timesteps is not None:
             return base.set_timesteps(self, device=device, timesteps=list(self._pinned_timesteps), **kwargs)
         return base.set_timesteps(self, self._pinned_steps, device=device, **kwargs)
@@ -104,6 +122,7 @@ def pin_schedule(scheduler, num_inference_steps=None, timesteps=None):
     # the pin lives on the class, so that copies made by ``from_config`` (as schedule checks make) keep it
     pinned_cls = type(base.__name__, (base,), {
         "set_timesteps": set_timesteps, "_diffslim_pinned": True, "_pinned_steps": num_inference_steps,
+        "_warned_steps": set(),
         "_pinned_timesteps": tuple(timesteps) if timesteps is not None else None,
         "__module__": base.__module__, "__qualname__": base.__qualname__})
     return pinned_cls.from_config(scheduler.config)
@@ -146,7 +165,7 @@ def _install_skip_plan(pipe, section) -> None:
         raise RecipeError(f"skip_plan: {e}") from None
     apply_skip_plan(den, np.asarray(section.plan, dtype=bool), units)
     if not getattr(type(pipe.scheduler), "_diffslim_pinned", False):
-        pipe.scheduler = pin_schedule(pipe.scheduler, steps)
+        pipe.scheduler = pin_schedule(pipe.scheduler, steps, quiet_steps=_default_steps(pipe))
 
 
 _DENOISER_SECTIONS = ("depth", "removed_layers", "skip_plan")

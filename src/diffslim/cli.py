@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 import sys
@@ -612,7 +613,10 @@ def evaluate(
         from diffslim.compiling import compile_pipeline
 
         compile_pipeline(loaded.pipe, **compile_options)
-    outputs = sample(loaded.pipe, spec, show_progress=True, description="evaluating")
+    fixed = _recipe_steps(rec) if rec is not None else None  # the steps the recipe samples, where it sets them
+    # the recipe's pipeline is asked for the steps it samples (the reference's --steps would only be overridden)
+    outputs = sample(loaded.pipe, dataclasses.replace(spec, num_inference_steps=fixed) if fixed else spec,
+                     show_progress=True, description="evaluating")
     metrics = metrics_fn_for(loaded, es, clip_path=clip, lpips_path=lpips, inception_path=inception)(outputs,
                                                                                                      ref_outputs)
     if es.baseline is not None and es.ground_truth is not None:
@@ -626,7 +630,6 @@ def evaluate(
             base = loaded.pipe.upsample(torch.stack([i["image"] for i in es.inputs]))
             metrics["upsampler_psnr_gt"] = float(quality.psnr(base, es.ground_truth).mean())
             metrics["upsampler_ssim_gt"] = float(quality.ssim(base, es.ground_truth).mean())
-    fixed = _recipe_steps(rec) if rec is not None else None  # the steps the recipe samples, where it sets them
     result = {"model": model, "recipe": str(recipe) if recipe else None, "n": n,
               "steps": fixed or spec.num_inference_steps,
               **({"reference": ref_model, "reference_steps": spec.num_inference_steps} if rec is not None else {}),

@@ -161,7 +161,9 @@ class Report:
                              f"<figcaption>{html.escape(caption)}</figcaption></figure>")
         parts.append("</body></html>")
         (out / "index.html").write_text("\n".join(parts))
-        tables = {h: rows for kind, h, body in self.sections if kind == "table" for rows in [body[1]]}
+        # a reference cell is no measurement (its PSNR is a cap, 100): null in the JSON, as "ref" in the HTML
+        tables = {h: [{c: None if key and is_reference_cell(r, c, key) else v for c, v in r.items()} for r in rows]
+                  for kind, h, body in self.sections if kind == "table" for _, rows, key, _ in [body]}
         (out / "report.json").write_text(json.dumps({"title": self.title, "tables": tables, **self.data},
                                                     indent=2, default=_json_default))
         return out
@@ -178,7 +180,8 @@ def _json_default(o):
 
 
 def bench_figure(rows: Sequence[dict], title: str = ""):
-    """Quality against cost: PSNR vs MACs ratio (left) and measured speedup vs MACs reduction (right)."""
+    """Quality against cost, both panels over the MACs reduction (full / the method's sampling run, so more
+    compression lies to the right in both): PSNR (left) and measured speedup (right)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -190,14 +193,14 @@ def bench_figure(rows: Sequence[dict], title: str = ""):
         style = dict(color=colors[(2 * i) % 20 + (2 * i) // 20 % 2], marker=markers[i % len(markers)], s=36)
         psnr = r.get("psnr")
         if psnr is not None and r["method"] != "full":
-            a.scatter(r["macs_ratio"], psnr, **style)
+            a.scatter(1 / r["macs_ratio"], psnr, **style)
         b.scatter(1 / r["macs_ratio"], r["speedup"], label=r["method"], **style)
-    a.set_xlabel("MACs of the sampling run / full")
+    a.set_xlabel("MACs reduction (x): full / sampling run")
     a.set_ylabel("PSNR vs full (dB)")
     a.grid(alpha=0.3)
     lim = max([1.0] + [1 / r["macs_ratio"] for r in rows] + [r["speedup"] for r in rows]) * 1.1
     b.plot([0, lim], [0, lim], "k--", lw=0.8, label="speedup = MACs reduction")
-    b.set_xlabel("MACs reduction (x)")
+    b.set_xlabel("MACs reduction (x): full / sampling run")
     b.set_ylabel("measured speedup (x)")
     b.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0,
              ncol=1 if len(rows) <= 14 else 2)
@@ -231,8 +234,9 @@ def add_bench_section(rep, model: str, rows, outputs) -> None:
     if notes:
         rep.add_text(f"notes: {model}", "\n".join(notes))
     rep.add_figure(f"cost and quality: {model}", f"bench_{tag}.png", bench_figure(rows, model),
-                   "left: PSNR against the full model's outputs vs relative MACs; right: measured speedup vs MACs "
-                   "reduction (the dashed line is speedup = MACs reduction)")
+                   "both panels over the MACs reduction (the full model's MACs over the method's, for the whole "
+                   "sampling run; more compression to the right): left, PSNR against the full model's outputs; right, "
+                   "the measured speedup (the dashed line is speedup = MACs reduction)")
     if len(outputs) > 1:
         k = min(8, min(len(v) for v in outputs.values()))
         rep.add_figure(f"samples side by side: {model}", f"grid_{tag}_all.png", labelled_grid(outputs, k),
