@@ -964,6 +964,7 @@ def test_bench_layers_on_a_pipeline_without_data(tiny_sd_pipe, tiny_controlnet_p
     from diffslim import bench
     from diffslim.bench import LAYER_CALIB, run_bench
     from diffslim.evaluate import eval_set_for
+    from diffslim.zoo.evalsets import EvalSet
 
     monkeypatch.setenv("DIFFSLIM_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(bench, "DEFAULT_KD", {**bench.DEFAULT_KD, "steps": 2, "batch_size": 2})
@@ -992,7 +993,9 @@ def test_bench_layers_on_a_pipeline_without_data(tiny_sd_pipe, tiny_controlnet_p
     cn = tmp_path / "cn"
     tiny_controlnet_pipe.save_pretrained(str(cn))
     cloaded = load(str(cn))
-    ces = eval_set_for(cloaded, 1)
+    with pytest.raises(UserError, match="samples from input images"):  # and no inputs file gives them
+        eval_set_for(cloaded, 1)
+    ces = EvalSet(inputs=[{"prompt": "a cat", "image": torch.rand(3, 16, 16)}], seeds=[0])
     with pytest.raises(UserError, match="neither a zoo model nor a text-to-image pipeline: give --data FOLDER"):
         run_bench(cloaded, "layers:0.3+kd", ces, default_steps=2, batch_size=1, progress=False)
     # the selection the library makes on the bench's calibration prompts (other seeds than evaluation's)

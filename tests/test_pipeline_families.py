@@ -30,8 +30,9 @@ def test_controlnet_pipeline_through_harness(tiny_controlnet_pipe):
     assert out.shape == (2, 3, 16, 16) and float(out.min()) >= 0 and float(out.max()) <= 1
 
 
-def test_x4_upscaler_pipeline_through_harness(tiny_sd_pipe):
-    """The x4 upscaler: 7 input channels (4 latent + 3 low-res image), noise level through a class embedding."""
+def tiny_upscaler(tiny_sd_pipe):
+    """diffusers' x4 upscaler, tiny: 7 input channels (4 latent + 3 low-res image), the noise level through a class
+    embedding; 8 px inputs give 32 px outputs."""
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionUpscalePipeline, UNet2DConditionModel
 
     torch.manual_seed(0)
@@ -48,6 +49,11 @@ def test_x4_upscaler_pipeline_through_harness(tiny_sd_pipe):
         vae=vae, text_encoder=tiny_sd_pipe.text_encoder, tokenizer=tiny_sd_pipe.tokenizer, unet=unet,
         low_res_scheduler=DDPMScheduler(), scheduler=tiny_sd_pipe.scheduler, max_noise_level=350)
     pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_x4_upscaler_pipeline_through_harness(tiny_sd_pipe):
+    pipe = tiny_upscaler(tiny_sd_pipe)
     g = torch.Generator().manual_seed(1)
     inputs = [{"prompt": "", "image": torch.rand(3, 8, 8, generator=g)} for _ in range(2)]
     out = _same_regardless_of_batching(pipe, inputs, num_inference_steps=2, call_kwargs={"noise_level": 20})

@@ -268,6 +268,7 @@ def apply(pipe, recipe):
     """
     target = _pipeline_of(pipe)
     recipe = _as_recipe(recipe)
+    _warn_if_original(target, recipe)
     if any(getattr(recipe, s) is not None for s in _DENOISER_SECTIONS):
         _check_not_compiled(target)
     restore = _restorer(target)
@@ -286,6 +287,22 @@ def apply(pipe, recipe):
     if target is not pipe:
         pipe.denoiser = getattr(target, denoiser_attr(target))
     return target
+
+
+def _warn_if_original(pipe, recipe: Recipe) -> None:
+    """Warn where ``pipe`` was loaded from the folder a recipe names as its ``original``: a workflow's recipe holds
+    the sections after its model stages (the schedule, a skip plan), and its pruned model is its ``model``, so
+    applying it to the original installs those sections on the unpruned denoiser."""
+    loaded_from = getattr(getattr(pipe, "config", None), "_name_or_path", None)
+    if not (recipe.original and recipe.model and loaded_from) or recipe.original.startswith("zoo:"):
+        return
+    from pathlib import Path
+
+    if os.path.isdir(loaded_from) and Path(loaded_from).resolve() == Path(recipe.original).resolve() \
+            and Path(recipe.model).resolve() != Path(loaded_from).resolve():
+        logger.warning("this pipeline is the recipe's original (%s), not its model (%s): apply installs the recipe's "
+                       "sections on the unpruned pipeline; diffslim.from_recipe(path) loads the pruned model with "
+                       "them", recipe.original, recipe.model)
 
 
 def _recorded(before: Optional[Recipe], recipe: Recipe) -> Recipe:

@@ -497,7 +497,9 @@ def _load_with_recipe(model: str, recipe: Optional[Path], steps: Optional[int] =
 _JSON_HELP = "print the result as JSON on stdout (progress and notes go to stderr)"
 # options that several commands share, defined once (typer reuses an option's definition across commands)
 _SEED_OPT = typer.Option(0, min=0, max=_SEED_MAX, help="seed of the first input; input i uses seed+i")
-_PROMPTS_OPT = typer.Option(None, help="text file, one prompt per line (text-to-image)")
+_PROMPTS_OPT = typer.Option(None, help="the inputs: a text file, one prompt per line (class labels for DiT), or a "
+                            ".jsonl file of pipeline inputs, e.g. {\"prompt\": \"make it red\", \"image\": "
+                            "\"cat.png\"} per line (ControlNet, img2img, InstructPix2Pix, upscalers)")
 _RESOLUTION_OPT = typer.Option(None, min=1, help="image size in px of the --data folder's images")
 _KD_TASK_WEIGHT_OPT = typer.Option(None, help="weight of the diffusion task loss when +kd distils and +ft fine-tunes "
                                    "(1: the papers' loss; 0: output and feature distillation only, which stays closer "
@@ -1484,7 +1486,9 @@ def layer_prune_cmd(
         from diffslim.methods.layer_prune import stock_model
 
         try:
-            pruned = stock_model(pruned)
+            stocked = stock_model(pruned)
+            _check_controlnets(loaded.pipe, stocked)  # a ControlNet feeds the original's skips, not the stock's
+            pruned = stocked
         except UserError as e:  # keep the scoring's work: write the LayerPruned model, then say why
             not_stock = str(e)
     out.mkdir(parents=True, exist_ok=True)
@@ -1597,7 +1601,11 @@ def stock_cmd(
     removed = removed_layers_of(loaded.denoiser)
     if not removed:
         raise UserError(f"{model} has no removed layers (its config has no removed_layers): it is stock already")
-    stock = stock_model(loaded.denoiser)
+    try:
+        stock = stock_model(loaded.denoiser)
+    except UserError as e:  # say how to get a removal that a stock config describes
+        raise UserError(f"{e}; layer-prune --stock (or the bench's and workflow's layers:R:stock) chooses among the "
+                        "removals a stock config can describe") from None
     _check_controlnets(loaded.pipe, stock)
     out.mkdir(parents=True, exist_ok=True)
     kind = "pipeline" if loaded.pipe is not None and loaded.has_weights else "model"

@@ -18,8 +18,18 @@ DEFAULT_PROMPTS = (
 )
 
 
-def eval_set_for(loaded, n: int, seed: int = 0, prompts_file: Optional[Path] = None):
-    """The evaluation inputs of ``loaded``: the zoo's fixed sets, or prompts for text-to-image pipelines."""
+def eval_set_for(loaded, n: int, seed: int = 0, prompts_file: Optional[Path] = None, require_inputs: bool = True):
+    """The evaluation inputs of ``loaded``: the zoo's fixed sets, or the pipeline's inputs from ``prompts_file``.
+
+    ``prompts_file``: a ``.txt`` file, one prompt per line (class labels for class-conditional pipelines such as
+    DiT's), a ``.jsonl`` file of pipeline inputs (``{"prompt": "make it red", "image": "cat.png"}``, image paths
+    relative to the file: InstructPix2Pix, ControlNet, img2img, upscalers) or a folder of images (captions as
+    prompts); its inputs are cycled to ``n``. Without one: a few default prompts, or class labels 0..9 in turn; a
+    pipeline that samples from input images has no default and raises :class:`UserError` naming the format, unless
+    ``require_inputs`` is False (callers that only want ``call_kwargs``).
+    """
+    import inspect
+
     from diffslim.zoo.evalsets import EvalSet, pipeline_eval_set, zoo_eval_set
 
     zoo_like = zoo_eval_set(loaded.zoo.name, n, seed=seed) if loaded.zoo is not None else (
@@ -30,16 +40,26 @@ def eval_set_for(loaded, n: int, seed: int = 0, prompts_file: Optional[Path] = N
         return zoo_like
     if loaded.pipe is None:
         raise UserError(f"{loaded.source} is a lone model, not a pipeline; sampling needs a pipeline folder or zoo:NAME")
-    prompts = list(DEFAULT_PROMPTS)
+    pipe, seeds = loaded.pipe, [seed + i for i in range(n)]
     if prompts_file is not None:
+        from diffslim.train.data import pipeline_inputs
+
         p = Path(prompts_file)
-        if not p.is_file():
-            raise UserError(f"no prompts file at {p}; give a text file with one prompt per line")
-        prompts = [line.strip() for line in p.read_text().splitlines() if line.strip()]
-        if not prompts:
-            raise UserError(f"{p} holds no prompts; give one prompt per line")
-    inputs = [{"prompt": prompts[i % len(prompts)]} for i in range(n)]
-    return EvalSet(inputs=inputs, seeds=[seed + i for i in range(n)])
+        if not (p.is_file() or p.is_dir()):
+            raise UserError(f"no prompts file at {p}; give a text file with one prompt per line (class labels for a "
+                            "class-conditional pipeline) or a .jsonl file of pipeline inputs")
+        pool = pipeline_inputs(pipe, str(p), seed, option="--prompts")
+        return EvalSet(inputs=[dict(pool[i % len(pool)]) for i in range(n)], seeds=seeds)
+    params = inspect.signature(pipe.__call__).parameters
+    if "class_labels" in params:  # DiT: labels in turn, within the classes the model has
+        classes = getattr(getattr(getattr(pipe, "transformer", None), "config", None), "num_embeds_ada_norm", None)
+        labels = [i % min(10, int(classes or 10)) for i in range(n)]
+        return EvalSet(inputs=[{"class_label": y} for y in labels], seeds=seeds)
+    if "image" in params and require_inputs:
+        raise UserError(f"{type(pipe).__name__} samples from input images and has no default inputs: give --prompts "
+                        "inputs.jsonl, one JSON object of pipeline inputs per line, e.g. "
+                        "{\"prompt\": \"make it red\", \"image\": \"photo.png\"} (paths relative to the file)")
+    return EvalSet(inputs=[{"prompt": DEFAULT_PROMPTS[i % len(DEFAULT_PROMPTS)]} for i in range(n)], seeds=seeds)
 
 
 def metrics_fn_for(loaded, evalset, *, clip_path=None, lpips_path=None, inception_path=None

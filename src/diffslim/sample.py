@@ -130,6 +130,12 @@ def _call_kwargs(pipe, batch: Sequence[dict]) -> dict:
         elif key in ("image", "image_embeds") and all(isinstance(v, torch.Tensor) for v in values):
             name = key  # an image per sample, or an image prompt's embedding (the zoo's IP-Adapter input)
             kw[name] = torch.stack(values)
+        elif all(isinstance(v, (bool, int, float)) for v in values):  # a per-call setting (strength, guidance)
+            name = key
+            if any(v != values[0] for v in values):
+                raise UserError(f"{key}: the inputs of one pipeline call give {sorted(set(values))}; "
+                                f"{type(pipe).__name__} takes one {key} per call: give every input the same")
+            kw[name] = values[0]
         else:
             name = key
             kw[name] = values

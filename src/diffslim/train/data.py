@@ -350,11 +350,14 @@ def make_dataset(spec: str, pipe, size: Optional[int] = None) -> torch.utils.dat
             return ZooDigits("all", size=int(pipe.denoiser.config.sample_size))
         if is_sr:
             return ZooSRPatches(20000, patch=int(pipe.denoiser.config.sample_size), seed=0)
-        raise UserError(f"data 'zoo' is only for zoo pipelines, not {type(pipe).__name__}; "
-                         "give a folder of images (optionally with captions) instead")
+        raise UserError(f"data 'zoo' is only for zoo pipelines, not {type(pipe).__name__}; give a folder of images "
+                         "(optionally with captions), or, to score layers without images, layer-prune --calibration "
+                         "sampling --data prompts.txt")
     folder = Path(spec)
     if not folder.is_dir():
-        raise UserError(f"data {spec!r} is neither 'zoo' nor an existing folder of images")
+        hint = (" (prompts or pipeline inputs calibrate layer-prune with --calibration sampling)"
+                if folder.suffix in (".txt", ".jsonl") else "")
+        raise UserError(f"data {spec!r} is neither 'zoo' nor an existing folder of images{hint}")
     if is_class:  # images labelled by their captions (e.g. the teacher's own samples of class labels)
         den = pipe.denoiser
         return LabelledFolder(folder, size=size or int(den.config.sample_size),
@@ -387,7 +390,21 @@ class FolderInputs:
         return out
 
 
-def pipeline_inputs(pipe, data: str, seed: int, n: int = 64):
+def pipeline_input_size(pipe) -> int:
+    """The pixel size of the images a pipeline takes as input: its output size (:func:`pipeline_image_size`), except
+    for upscalers, whose inputs are smaller by their factor (the zoo's SR by its ``upscale``; diffusers' x4 upscaler
+    concatenates the low-resolution image with its latents, so by the VAE factor)."""
+    from diffslim.zoo.pipelines import ZooSRPipeline
+
+    size = pipeline_image_size(pipe)
+    if isinstance(pipe, ZooSRPipeline):
+        return size // int(pipe.config.upscale)
+    if getattr(pipe, "low_res_scheduler", None) is not None:
+        return size // int(getattr(pipe, "vae_scale_factor", 4))
+    return size
+
+
+def pipeline_inputs(pipe, data: str, seed: int, n: int = 64, option: str = "--data"):
     """Pipeline inputs to sample with, indexable (one dict of pipeline inputs per sample): what DiP-GO trains on
     and what calibration on the sampling trajectories (``layer-prune --calibration sampling``) samples.
 
@@ -396,30 +413,29 @@ def pipeline_inputs(pipe, data: str, seed: int, n: int = 64):
     file: one JSON object of pipeline inputs per line (``{"prompt": ..., "image": PATH}``; an image path
     is relative to the file). A folder of images (``diffslim.train.data.ImageFolder``, captions as there;
     a folder with ``input/`` and ``target/`` gives its input images): ``image``, plus the caption as
-    ``prompt`` when the pipeline takes one.
+    ``prompt`` when the pipeline takes one. Images are read at the size the pipeline takes
+    (:func:`pipeline_input_size`). ``option``: the command-line option that gave ``data``, for the errors.
     """
     import inspect
 
     from diffslim.zoo.evalsets import pipeline_eval_set
-    from diffslim.zoo.pipelines import ZooClassPipeline, ZooSRPipeline
+    from diffslim.zoo.pipelines import ZooClassPipeline
 
     params = inspect.signature(pipe.__call__).parameters
     is_class = isinstance(pipe, ZooClassPipeline) or "class_labels" in params
-    accepted = ("'zoo', a .txt file (class labels or prompts, one per line), a .jsonl file of pipeline inputs, "
-                "or a folder of images")
+    files = "a .txt file (class labels or prompts, one per line), a .jsonl file of pipeline inputs, or a folder of images"
+    accepted = f"'zoo', {files}"
     if data == "zoo":
         es = pipeline_eval_set(pipe, n, seed=50_000 + seed)
         if es is None:
-            raise UserError(f"--data zoo needs a zoo pipeline, not {type(pipe).__name__}; give {accepted}")
+            raise UserError(f"{option} zoo needs a zoo pipeline, not {type(pipe).__name__}; give {files}")
         rng = np.random.default_rng(seed)
         inputs = list(es.inputs)
         if "class_label" in inputs[0]:
             inputs = [{"class_label": int(v)} for v in rng.integers(0, 10, size=n)]
         return inputs
     p = Path(data)
-    size = pipeline_image_size(pipe)
-    if isinstance(pipe, ZooSRPipeline):
-        size //= int(pipe.config.upscale)
+    size = pipeline_input_size(pipe)
     if p.is_dir():
         if is_class:
             raise UserError(f"{type(pipe).__name__} is class-conditional: give a .txt file of class labels")
@@ -429,7 +445,7 @@ def pipeline_inputs(pipe, data: str, seed: int, n: int = 64):
             raise UserError(f"{type(pipe).__name__} takes no image input; give a .txt file of prompts")
         return FolderInputs(ds, "prompt" in params)
     if not p.is_file():
-        raise UserError(f"--data {data!r} does not exist; give {accepted}")
+        raise UserError(f"{option} {data!r} does not exist; give {accepted}")
     if p.suffix == ".jsonl":
         rows = []
         for k, line in enumerate(p.read_text().splitlines(), 1):

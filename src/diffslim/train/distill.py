@@ -430,6 +430,10 @@ class _LatentTextTask:
                                          text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
             cond["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": ids.to(device).repeat(img.shape[0], 1)}
         den = _denoiser_of(pipe)
+        if "cond" not in batch and den.config.in_channels > x0.shape[1]:
+            raise UserError(f"{type(den).__name__} takes {den.config.in_channels} input channels, the latents "
+                            f"{x0.shape[1]} and a conditioning image ({type(self.pipe).__name__}): give a folder "
+                            "with input/ and target/ subfolders of image pairs (the same file names)")
         if "cond" in batch and den.config.in_channels > x0.shape[1]:
             c = batch["cond"].to(device=device, dtype=vae.dtype) * 2 - 1
             cond["concat"] = vae.encode(c).latent_dist.mode()
@@ -531,6 +535,10 @@ def task_for(pipe, label_dropout: float = 0.1):
         return _ZooSRTask(pipe)
     if isinstance(pipe, ZooClassPipeline):
         return _ZooClassTask(pipe, label_dropout)
+    if getattr(pipe, "low_res_scheduler", None) is not None:  # the x4 upscaler: its U-Net takes a noise level
+        raise UserError(f"no distillation task for {type(pipe).__name__} (its U-Net takes the low-resolution image and "
+                        "its noise level): score its layers on its own sampling with --calibration sampling "
+                        "--data inputs.jsonl")
     if all(getattr(pipe, n, None) is not None for n in ("vae", "text_encoder", "tokenizer", "unet")):
         return _LatentTextTask(pipe)
     name = type(pipe).__name__
@@ -543,7 +551,8 @@ def task_for(pipe, label_dropout: float = 0.1):
             return _LatentTransformerTask(pipe, "flux")
     raise UserError(f"no distillation task for {name}: supported are the zoo pipelines, SD-style pipelines "
                      "with unet, vae, text_encoder and tokenizer (SD, SDXL, InstructPix2Pix), PixArt-alpha/sigma, "
-                     "Stable Diffusion 3 and Flux (FluxPipeline)")
+                     "Stable Diffusion 3 and Flux (FluxPipeline); layer-prune scores any pipeline's layers on its own "
+                     "sampling instead: --calibration sampling --data FILE")
 
 
 @dataclass

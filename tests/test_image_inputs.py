@@ -1,0 +1,155 @@
+"""Pipelines that sample from input images (ControlNet, img2img, InstructPix2Pix, the x4 upscaler) and
+class-conditional DiT pipelines get their evaluation inputs from ``--prompts`` files (a ``.jsonl`` of pipeline
+inputs, or class labels), read at the size each pipeline takes; without them a clear error, not diffusers' traceback."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffslim.errors import UserError
+from diffslim.evaluate import eval_set_for
+from diffslim.models.load import LoadedModel
+from diffslim.sample import SampleSpec, sample
+
+
+def _loaded(pipe):
+    den = getattr(pipe, "unet", None) or getattr(pipe, "transformer")
+    return LoadedModel("tiny", "pipeline", den, pipe=pipe)
+
+
+def _inputs_file(folder, rows, size):
+    """A .jsonl of pipeline inputs beside two PNGs of ``size`` px (paths relative to the file)."""
+    rng = np.random.default_rng(0)
+    for k in range(2):
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"im{k}.png")
+    path = folder / "inputs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_controlnet_samples_from_a_jsonl_of_inputs_and_refuses_to_guess(tiny_controlnet_pipe, tmp_path):
+    loaded = _loaded(tiny_controlnet_pipe)
+    with pytest.raises(UserError, match=r"samples from input images .* --prompts inputs.jsonl") as e:
+        eval_set_for(loaded, 2)
+    assert "\n" not in str(e.value)
+    path = _inputs_file(tmp_path, [{"prompt": "a cat", "image": "im0.png"}, {"prompt": "a dog", "image": "im1.png"}],
+                        size=40)
+    es = eval_set_for(loaded, 3, prompts_file=path)
+    assert [i["prompt"] for i in es.inputs] == ["a cat", "a dog", "a cat"] and es.seeds == [0, 1, 2]
+    # read at the size the pipeline takes (its U-Net's sample_size times the VAE factor), not the file's 40 px
+    from diffslim.train.data import pipeline_image_size
+
+    side = pipeline_image_size(tiny_controlnet_pipe)
+    assert tuple(es.inputs[0]["image"].shape) == (3, side, side) != (3, 40, 40)
+    out = sample(tiny_controlnet_pipe, SampleSpec(es.inputs, es.seeds, num_inference_steps=2, batch_size=3))
+    assert out.shape == (3, 3, side, side)
+    alone = sample(tiny_controlnet_pipe, SampleSpec(es.inputs[:1], [0], num_inference_steps=2))
+    torch.testing.assert_close(out[:1], alone, atol=1e-4, rtol=0)
+
+
+def test_the_x4_upscaler_reads_its_inputs_at_a_quarter_of_its_output(tiny_sd_pipe, tmp_path):
+    from test_pipeline_families import tiny_upscaler
+
+    from diffslim.train.data import pipeline_image_size, pipeline_input_size
+    from diffslim.train.distill import task_for
+
+    pipe = tiny_upscaler(tiny_sd_pipe)
+    assert (pipeline_image_size(pipe), pipeline_input_size(pipe)) == (32, 8)
+    path = _inputs_file(tmp_path, [{"prompt": "", "image": "im0.png", "noise_level": 20}], size=32)
+    es = eval_set_for(_loaded(pipe), 2, prompts_file=path)
+    assert tuple(es.inputs[0]["image"].shape) == (3, 8, 8)
+    assert sample(pipe, SampleSpec(es.inputs, es.seeds, num_inference_steps=2)).shape == (2, 3, 32, 32)
+    with pytest.raises(UserError, match="--calibration sampling"):  # its U-Net takes a noise level: no task
+        task_for(pipe)
+
+
+def test_per_call_settings_in_the_inputs_pass_as_one_value(tiny_sd_pipe, tmp_path):
+    """img2img at strength 1.0 from the inputs file: one value per call, as the pipeline takes it (a list crashed
+    in diffusers); inputs of one call that disagree are refused."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    pipe = StableDiffusionImg2ImgPipeline(**tiny_sd_pipe.components)
+    pipe.set_progress_bar_config(disable=True)
+    path = _inputs_file(tmp_path, [{"prompt": "a cat", "image": "im0.png", "strength": 1.0},
+                                   {"prompt": "a dog", "image": "im1.png", "strength": 1.0}], size=16)
+    es = eval_set_for(_loaded(pipe), 2, prompts_file=path)
+    calls = []
+    pipe.unet.register_forward_hook(lambda *a: calls.append(1))
+    out = sample(pipe, SampleSpec(es.inputs, es.seeds, num_inference_steps=4, batch_size=2))
+    assert out.shape[0] == 2 and len(calls) == 4  # strength 1.0: every one of the 4 steps runs
+    es.inputs[1]["strength"] = 0.5
+    with pytest.raises(UserError, match=r"strength: the inputs of one pipeline call give \[0.5, 1.0\]"):
+        sample(pipe, SampleSpec(es.inputs, es.seeds, num_inference_steps=4, batch_size=2))
+
+
+def test_a_dit_pipeline_samples_class_labels_by_default_and_from_a_labels_file(tiny_sd_pipe, tmp_path):
+    from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+
+    torch.manual_seed(0)
+    transformer = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
+                                        num_layers=1, sample_size=4, patch_size=2, num_embeds_ada_norm=1000)
+    pipe = DiTPipeline(transformer=transformer, vae=tiny_sd_pipe.vae, scheduler=DDIMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    es = eval_set_for(_loaded(pipe), 12)
+    assert [i["class_label"] for i in es.inputs] == list(range(10)) + [0, 1]
+    labels = tmp_path / "labels.txt"
+    labels.write_text("3\n1\n")
+    es = eval_set_for(_loaded(pipe), 3, prompts_file=labels)
+    assert [i["class_label"] for i in es.inputs] == [3, 1, 3]
+    out = sample(pipe, SampleSpec(es.inputs, es.seeds, num_inference_steps=2, batch_size=3))
+    assert out.shape[:2] == (3, 3) and not torch.equal(out[0], out[1])
+
+
+def test_layer_prune_stock_on_a_controlnet_pipeline_writes_the_layer_pruned_model_and_says_why(
+        tiny_sd_pipe, tmp_path):
+    """A stock U-Net with a resnet fewer per down block has fewer skip connections than the ControlNet's residuals:
+    layer-prune --stock keeps the layer-pruned model (which takes the original ControlNet) and says so, as
+    ``diffslim stock`` refuses (it used to write a stock pipeline that failed on a shape in diffusers)."""
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, UNet2DConditionModel
+    from typer.testing import CliRunner
+
+    from diffslim.cli import app
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(  # two resnets per down block, so that a stock config can drop one
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16, attention_head_dim=2, norm_num_groups=8)
+    parts = {k: v for k, v in tiny_sd_pipe.components.items() if k != "unet"}
+    pipe = StableDiffusionControlNetPipeline(
+        unet=unet, controlnet=ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16)), **parts)
+    folder = tmp_path / "cn"
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    r = CliRunner().invoke(app, ["layer-prune", str(folder), "--ratio", "0.5", "--criterion", "magnitude", "--stock",
+                                 "--out", str(tmp_path / "out")])
+    assert r.exit_code == 2, r.output
+    assert "ControlNet adds" in r.output and "Wrote the LayerPruned model" in r.output
+    config = json.loads((tmp_path / "out" / "pipeline" / "unet" / "config.json").read_text())
+    assert config["_class_name"] == "LayerPrunedUNet2DConditionModel" or config.get("removed_layers")
+
+
+def test_applying_a_workflow_recipe_to_its_original_warns(tiny_digits_pipe, tmp_path, caplog):
+    """A workflow's recipe names its pruned stage as ``model`` and the unpruned pipeline as ``original``; applied
+    to the original it installs only the schedule: a warning says so and names from_recipe."""
+    import copy
+
+    from diffslim import apply
+
+    original = tmp_path / "original"
+    tiny_digits_pipe.save_pretrained(str(original), safe_serialization=True)
+    pipe = copy.deepcopy(tiny_digits_pipe)
+    pipe.register_to_config(_name_or_path=str(original))
+    recipe = {"model": str(tmp_path / "stages" / "1-layers"), "original": str(original),
+              "sampling": {"num_inference_steps": 3}}
+    with caplog.at_level(logging.WARNING, logger="diffslim.apply"):
+        apply(pipe, recipe)
+        apply(copy.deepcopy(tiny_digits_pipe), recipe)  # loaded from elsewhere: no warning
+    assert len(caplog.records) == 1
+    assert "the recipe's original" in caplog.records[0].getMessage()
+    assert "from_recipe" in caplog.records[0].getMessage()
