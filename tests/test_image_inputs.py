@@ -153,3 +153,33 @@ def test_applying_a_workflow_recipe_to_its_original_warns(tiny_digits_pipe, tmp_
     assert len(caplog.records) == 1
     assert "the recipe's original" in caplog.records[0].getMessage()
     assert "from_recipe" in caplog.records[0].getMessage()
+
+
+def test_the_commands_take_an_inputs_file_on_an_img2img_folder(tiny_sd_pipe, tmp_path):
+    """sample, profile --pipeline and layer-prune (sampling calibration, MACs of the call the pipeline makes) on a
+    saved img2img pipeline with a .jsonl of inputs; without one, sample says what to give in one line."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+    from typer.testing import CliRunner
+
+    from diffslim.cli import app
+
+    folder = tmp_path / "i2i"
+    StableDiffusionImg2ImgPipeline(**tiny_sd_pipe.components).save_pretrained(str(folder), safe_serialization=True)
+    path = _inputs_file(tmp_path, [{"prompt": "a cat", "image": "im0.png", "strength": 1.0},
+                                   {"prompt": "a dog", "image": "im1.png", "strength": 1.0}], size=16)
+    run = CliRunner().invoke
+    r = run(app, ["sample", str(folder), "--n", "3", "--steps", "2", "--device", "cpu", "--out", str(tmp_path / "s")])
+    assert r.exit_code == 2 and "samples from input images" in r.output and "--prompts inputs.jsonl" in r.output
+    r = run(app, ["sample", str(folder), "--prompts", str(path), "--n", "3", "--steps", "2", "--device", "cpu",
+                  "--out", str(tmp_path / "s")])
+    assert r.exit_code == 0, r.output
+    assert len(list((tmp_path / "s").glob("[0-9]*.png"))) == 3
+    r = run(app, ["profile", str(folder), "--pipeline", "--prompts", str(path), "--n", "2", "--steps", "2",
+                  "--device", "cpu", "--json"])
+    assert r.exit_code == 0, r.output
+    r = run(app, ["layer-prune", str(folder), "--ratio", "0.3", "--by", "macs", "--calibration", "sampling", "--data",
+                  str(path), "--n", "2", "--calib-steps", "2", "--device", "cpu", "--out", str(tmp_path / "lp"),
+                  "--json"])
+    assert r.exit_code == 0, r.output
+    scores = json.loads((tmp_path / "lp" / "scores.json").read_text())
+    assert scores["calibration"]["kind"] == "sampling" and scores["removed"]

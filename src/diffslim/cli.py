@@ -271,6 +271,11 @@ def _precision(device: str, dtype: str):
     return resolve_device(device), resolve_dtype(dtype)
 
 
+_INPUTS_HELP = ("a text file, one prompt per line (class labels for DiT), or a .jsonl file of pipeline inputs, e.g. "
+                "{\"prompt\": \"make it red\", \"image\": \"cat.png\"} per line (ControlNet, img2img, InstructPix2Pix, "
+                "upscalers)")
+
+
 @app.command()
 @_guard
 def profile(
@@ -297,6 +302,7 @@ def profile(
     n: int = typer.Option(4, min=1, help="--pipeline: inputs sampled"),
     steps: Optional[int] = typer.Option(None, min=1, help="--pipeline: sampling steps (default: the model's)"),
     recipe: Optional[Path] = typer.Option(None, help="--pipeline: a recipe to apply first"),
+    prompts: Optional[Path] = typer.Option(None, help="--pipeline: the inputs: " + _INPUTS_HELP),
 ):
     """Parameters, MACs and per-block breakdown of one denoiser call at batch 1; its latency and memory where
     --device says, at --batch-size. With --pipeline: the sampling time of each pipeline component."""
@@ -310,8 +316,10 @@ def profile(
                                 ("--random-weights", random_weights or None)) if v is not None]
         if given:
             raise UserError(f"--pipeline samples the pipeline as it is, at its own size: drop {', '.join(given)}")
-        return _profile_pipeline(model, n, steps, recipe, batch_size, repeats, dev, dt, as_json, compile_options)
-    given = [o for o, v in (("--n", n if n != 4 else None), ("--steps", steps), ("--recipe", recipe)) if v is not None]
+        return _profile_pipeline(model, n, steps, recipe, batch_size, repeats, dev, dt, as_json, compile_options,
+                                 prompts)
+    given = [o for o, v in (("--n", n if n != 4 else None), ("--steps", steps), ("--recipe", recipe),
+                            ("--prompts", prompts)) if v is not None]
     if given:
         raise UserError(f"{', '.join(given)} set{'s' if len(given) == 1 else ''} the sampling runs of --pipeline: "
                         "add --pipeline, or drop them")
@@ -378,7 +386,8 @@ def profile(
 
 
 def _profile_pipeline(model: str, n: int, steps: Optional[int], recipe: Optional[Path], batch_size: int,
-                      repeats: int, device, dtype, as_json: bool, compile_options: Optional[dict] = None) -> None:
+                      repeats: int, device, dtype, as_json: bool, compile_options: Optional[dict] = None,
+                      prompts: Optional[Path] = None) -> None:
     """``profile --pipeline``: the wall time of each pipeline component over sampling runs (the best of
     ``repeats``, after a warm-up run of the first batch, which compiles with ``compile_options``), and the bound it
     puts on compressing the denoiser alone."""
@@ -390,7 +399,7 @@ def _profile_pipeline(model: str, n: int, steps: Optional[int], recipe: Optional
     loaded, rec = _load_with_recipe(model, recipe, steps, device=device, dtype=dtype)
     if loaded.pipe is None:
         raise UserError(f"{model} is not a pipeline; --pipeline samples it: give a pipeline folder or zoo:NAME")
-    es = eval_set_for(loaded, n)
+    es = eval_set_for(loaded, n, prompts_file=prompts)
     fixed = _recipe_steps(rec) if rec is not None else None
     spec = SampleSpec(es.inputs, es.seeds, num_inference_steps=fixed or steps or (loaded.zoo.default_steps if
                                                                                    loaded.zoo else 50),
@@ -497,9 +506,7 @@ def _load_with_recipe(model: str, recipe: Optional[Path], steps: Optional[int] =
 _JSON_HELP = "print the result as JSON on stdout (progress and notes go to stderr)"
 # options that several commands share, defined once (typer reuses an option's definition across commands)
 _SEED_OPT = typer.Option(0, min=0, max=_SEED_MAX, help="seed of the first input; input i uses seed+i")
-_PROMPTS_OPT = typer.Option(None, help="the inputs: a text file, one prompt per line (class labels for DiT), or a "
-                            ".jsonl file of pipeline inputs, e.g. {\"prompt\": \"make it red\", \"image\": "
-                            "\"cat.png\"} per line (ControlNet, img2img, InstructPix2Pix, upscalers)")
+_PROMPTS_OPT = typer.Option(None, help="the inputs: " + _INPUTS_HELP)
 _RESOLUTION_OPT = typer.Option(None, min=1, help="image size in px of the --data folder's images")
 _KD_TASK_WEIGHT_OPT = typer.Option(None, help="weight of the diffusion task loss when +kd distils and +ft fine-tunes "
                                    "(1: the papers' loss; 0: output and feature distillation only, which stays closer "
@@ -1365,7 +1372,7 @@ def _layer_calibration(loaded, kind: str, n: int, seed: int, data: str, resoluti
 
     steps = calib_steps or (loaded.zoo.default_steps if loaded.zoo is not None else 50)
     return lp.sampling_calibration(loaded.pipe, n=n, seed=seed, data=data, steps=steps,
-                                   call_kwargs=dict(eval_set_for(loaded, 1).call_kwargs))
+                                   call_kwargs=dict(eval_set_for(loaded, 1, require_inputs=False).call_kwargs))
 
 
 @app.command("layer-prune")
@@ -1470,11 +1477,7 @@ def layer_prune_cmd(
         keep = stock_keeps(loaded.denoiser)
     macs_inputs = None
     if by == "macs" and loaded.pipe is not None and criterion not in bk:  # the MACs of the call the pipeline makes
-        from diffslim.evaluate import eval_set_for
-        from diffslim.sample import SampleSpec, first_denoiser_call
-
-        es = eval_set_for(loaded, 1)
-        macs_inputs = first_denoiser_call(loaded.pipe, SampleSpec(es.inputs, es.seeds, call_kwargs=dict(es.call_kwargs)))
+        macs_inputs = _first_call(loaded, data)
     res = layer_prune(loaded.denoiser, criterion, ratio, by=by, calib=calib, seed=seed, inner=inner,
                       pair_pool=pair_pool, progress=not as_json, keep=keep, stock=stock, macs_inputs=macs_inputs,
                       max_params=max_params)
@@ -1740,6 +1743,7 @@ def layer_compare_cmd(
                                  "its outputs against the full model's (PSNR, SSIM, the task's metrics): what the "
                                  "output loss stands for; 0: off"),
     steps: Optional[int] = typer.Option(None, min=1, help="sampling steps of --sample (default: the zoo model's, else 50)"),
+    prompts: Optional[Path] = typer.Option(None, help="--sample's inputs: " + _INPUTS_HELP),
     as_json: bool = typer.Option(False, "--json", help=_JSON_HELP),
     device: str = typer.Option("auto", help=_SCORE_DEVICE_HELP),
 ):
@@ -1765,6 +1769,8 @@ def layer_compare_cmd(
         raise UserError(f"--sample takes a count of evaluation inputs >= 0 (0: off), got {sample_n}")
     if steps is not None and not sample_n:
         raise UserError("--steps sets the sampling steps of --sample N: give --sample too (e.g. --sample 16)")
+    if prompts is not None and not sample_n:
+        raise UserError("--prompts gives the inputs of --sample N: give --sample too (e.g. --sample 16)")
     if by not in ("params", "macs"):
         raise UserError(f"--by {by!r}: accepted params, macs")
     if max_params is not None:
@@ -1779,11 +1785,7 @@ def layer_compare_cmd(
                         "with weights or zoo:NAME")
     macs_inputs = None
     if by == "macs":  # the MACs of the call the pipeline makes, as layer-prune --by macs counts them
-        from diffslim.evaluate import eval_set_for
-        from diffslim.sample import SampleSpec, first_denoiser_call
-
-        es = eval_set_for(loaded, 1)
-        macs_inputs = first_denoiser_call(loaded.pipe, SampleSpec(es.inputs, es.seeds, call_kwargs=dict(es.call_kwargs)))
+        macs_inputs = _first_call(loaded, data)
     if max_params is not None and greedy:
         greedy = False
         if not as_json:
@@ -1819,7 +1821,7 @@ def layer_compare_cmd(
                    for row in res["ratios"]])
     add = res["additivity"]
     if sample_n:
-        psnr_curves, bk_psnr = _sample_selections(loaded, res, sample_n, steps, progress=not as_json)
+        psnr_curves, bk_psnr = _sample_selections(loaded, res, sample_n, steps, progress=not as_json, prompts=prompts)
         rep.add_table(f"PSNR (dB) of each selection's samples against the full model's ({sample_n} inputs; higher is "
                       "better)", [{"ratio": row["ratio"], **{c: row[f"{c}_sampled"].get("psnr") for c in curves}}
                                   for row in res["ratios"]])
@@ -1906,14 +1908,34 @@ def layer_compare_cmd(
                      "full model's (--sample 16)"))
 
 
-def _sample_selections(loaded, res: dict, n: int, steps: Optional[int], progress: bool):
+def _first_call(loaded, data: Optional[str]):
+    """The first denoiser call of ``loaded``'s pipeline on one input, whose MACs ``--by macs`` counts: an evaluation
+    input, or for a pipeline that samples from images the first input of the calibration ``data`` (a .jsonl file of
+    pipeline inputs or an image folder)."""
+    import inspect
+
+    from diffslim.evaluate import eval_set_for
+    from diffslim.sample import SampleSpec, first_denoiser_call
+
+    takes_images = loaded.zoo is None and "image" in inspect.signature(loaded.pipe.__call__).parameters
+    if takes_images and data not in (None, "zoo"):
+        from diffslim.train.data import pipeline_inputs
+
+        inputs = [dict(pipeline_inputs(loaded.pipe, data, 0)[0])]
+        return first_denoiser_call(loaded.pipe, SampleSpec(inputs, [0]))
+    es = eval_set_for(loaded, 1)
+    return first_denoiser_call(loaded.pipe, SampleSpec(es.inputs, es.seeds, call_kwargs=dict(es.call_kwargs)))
+
+
+def _sample_selections(loaded, res: dict, n: int, steps: Optional[int], progress: bool,
+                       prompts: Optional[Path] = None):
     """``layer-compare --sample``: every selection of ``res`` sampled on ``n`` evaluation inputs (see
     :func:`diffslim.bench.sample_layer_selections`)."""
     from diffslim.bench import sample_layer_selections
     from diffslim.evaluate import eval_set_for, metrics_fn_for
     from diffslim.sample import SampleSpec
 
-    es = eval_set_for(loaded, n)
+    es = eval_set_for(loaded, n, prompts_file=prompts)
     spec = SampleSpec(es.inputs, es.seeds, num_inference_steps=steps or (loaded.zoo.default_steps if loaded.zoo
                                                                          is not None else 50),
                       call_kwargs=dict(es.call_kwargs), batch_size=min(16, n))

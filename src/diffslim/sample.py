@@ -283,8 +283,11 @@ def denoiser_calls(pipe, spec: SampleSpec, at: Sequence[int]) -> list[tuple[dict
             handle.remove()
         missing = [at[i] for i in idx if out[i] is None]
         if missing:
+            hint = ("; an image-to-image pipeline runs only its strength's share of the steps: give \"strength\": 1.0 "
+                    "with every input (a .jsonl file of pipeline inputs)"
+                    if "strength" in inspect.signature(pipe.__call__).parameters else "")
             raise UserError(f"{type(pipe).__name__} called its denoiser {count[0]} times for a run of "
-                            f"{spec.num_inference_steps} steps; call number {min(missing)} was asked for")
+                            f"{spec.num_inference_steps} steps; call number {min(missing)} was asked for{hint}")
     return out
 
 
