@@ -183,3 +183,18 @@ def test_the_commands_take_an_inputs_file_on_an_img2img_folder(tiny_sd_pipe, tmp
     assert r.exit_code == 0, r.output
     scores = json.loads((tmp_path / "lp" / "scores.json").read_text())
     assert scores["calibration"]["kind"] == "sampling" and scores["removed"]
+
+
+def test_a_pixart_of_a_size_without_resolution_bins_samples_unbinned(tiny_sd_pipe):
+    """PixArt's resolution binning raises for a sample_size other than its released ones: the eval set asks such a
+    pipeline for unbinned sampling (and leaves a released size alone)."""
+    from test_pipeline_families import _tiny_pixart
+
+    pipe = _tiny_pixart(tiny_sd_pipe, 1)
+    es = eval_set_for(_loaded(pipe), 2)
+    assert es.call_kwargs == {"use_resolution_binning": False}
+    out = sample(pipe, SampleSpec(es.inputs, es.seeds, num_inference_steps=2, call_kwargs={
+        **es.call_kwargs, "max_sequence_length": 16, "clean_caption": False}))
+    assert out.shape == (2, 3, 16, 16)
+    pipe.transformer.register_to_config(sample_size=32)
+    assert eval_set_for(_loaded(pipe), 2).call_kwargs == {}

@@ -26,11 +26,10 @@ def eval_set_for(loaded, n: int, seed: int = 0, prompts_file: Optional[Path] = N
     relative to the file: InstructPix2Pix, ControlNet, img2img, upscalers) or a folder of images (captions as
     prompts); its inputs are cycled to ``n``. Without one: a few default prompts, or class labels 0..9 in turn; a
     pipeline that samples from input images has no default and raises :class:`UserError` naming the format, unless
-    ``require_inputs`` is False (callers that only want ``call_kwargs``).
+    ``require_inputs`` is False (callers that only want ``call_kwargs``). ``call_kwargs``: what every call needs
+    (see :func:`_call_settings`).
     """
-    import inspect
-
-    from diffslim.zoo.evalsets import EvalSet, pipeline_eval_set, zoo_eval_set
+    from diffslim.zoo.evalsets import pipeline_eval_set, zoo_eval_set
 
     zoo_like = zoo_eval_set(loaded.zoo.name, n, seed=seed) if loaded.zoo is not None else (
         pipeline_eval_set(loaded.pipe, n, seed=seed) if loaded.pipe is not None else None)
@@ -41,6 +40,29 @@ def eval_set_for(loaded, n: int, seed: int = 0, prompts_file: Optional[Path] = N
     if loaded.pipe is None:
         raise UserError(f"{loaded.source} is a lone model, not a pipeline; sampling needs a pipeline folder or zoo:NAME")
     pipe, seeds = loaded.pipe, [seed + i for i in range(n)]
+    es = _eval_inputs(pipe, n, seed, seeds, prompts_file, require_inputs)
+    es.call_kwargs.update(_call_settings(pipe))
+    return es
+
+
+def _call_settings(pipe) -> dict:
+    """Settings every call of ``pipe`` needs: PixArt's resolution binning knows only its released sizes (a
+    ``sample_size`` of 32, 64, 128 or 256 latents) and raises on any other, so such a pipeline samples unbinned."""
+    import inspect
+
+    params = inspect.signature(pipe.__call__).parameters
+    size = getattr(getattr(getattr(pipe, "transformer", None), "config", None), "sample_size", None)
+    if "use_resolution_binning" in params and size not in (32, 64, 128, 256):
+        return {"use_resolution_binning": False}
+    return {}
+
+
+def _eval_inputs(pipe, n, seed, seeds, prompts_file, require_inputs):
+    """:func:`eval_set_for`'s inputs of a pipeline that is not a zoo one."""
+    import inspect
+
+    from diffslim.zoo.evalsets import EvalSet
+
     if prompts_file is not None:
         from diffslim.train.data import pipeline_inputs
 
