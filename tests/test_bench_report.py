@@ -307,3 +307,31 @@ def test_bench_figure_puts_both_panels_on_one_macs_axis(bench_result):
     assert xs_left == pytest.approx([x for x, r in zip(expected, res.rows) if r["method"] != "full"])
     assert left.get_xlabel() == right.get_xlabel() == "MACs reduction (x): full / sampling run"
     assert any(x > 1 for x in xs_left)
+
+
+def test_side_by_side_grids_show_the_inputs_and_ground_truth_above_the_methods(bench_result, tmp_path):
+    """Image-to-image and super-resolution reports show each input (and the ground truth where there is one) above
+    the methods' samples; a class-conditional set has neither."""
+    from PIL import Image
+
+    from diffslim.evaluate import reference_images
+    from diffslim.report import add_bench_section
+    from diffslim.zoo.evalsets import task_eval_set
+
+    _, es, res = bench_result
+    assert reference_images(es) == {}
+    sr = task_eval_set("sr", 3, eval_patch=16)
+    refs = reference_images(sr)
+    assert list(refs) == ["input", "ground truth"]
+    assert refs["input"].shape == (3, 3, 8, 8) and torch.equal(refs["ground truth"], sr.ground_truth)
+    plain, with_refs = Report("a"), Report("b")
+    add_bench_section(plain, "zoo:tiny", res.rows, res.outputs)
+    add_bench_section(with_refs, "zoo:tiny", res.rows, res.outputs,
+                      references={"input": torch.rand(6, 3, 4, 4), "ground truth": torch.rand(6, 3, 8, 8)})
+    heights = []
+    for rep, name in ((plain, "plain"), (with_refs, "refs")):
+        out = rep.write(tmp_path / name)
+        with Image.open(out / "grid_zoo_tiny_all.png") as im:
+            heights.append(im.height)
+    assert heights[1] - heights[0] >= 2 * 64  # two more rows, each about 64 px high
+    assert "above them: input and ground truth" in (tmp_path / "refs" / "index.html").read_text()

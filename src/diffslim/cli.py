@@ -694,7 +694,7 @@ def bench(
         _out_folder(html, "--html")
     _quiet_libraries()
     from diffslim.bench import check_task_weight, parse_methods, run_bench
-    from diffslim.evaluate import eval_set_for, finite, metrics_fn_for
+    from diffslim.evaluate import eval_set_for, finite, metrics_fn_for, reference_images
     from diffslim.models.load import load
 
     parsed = parse_methods(methods)  # reject bad method names before loading anything
@@ -714,7 +714,7 @@ def bench(
 
         rep = Report(f"diffslim bench: {model} ({n} inputs, {default_steps} steps full)")
         rep.add_text("how it was run", _run_info(dev, dt))
-        add_bench_section(rep, model, rows, res.outputs)
+        add_bench_section(rep, model, rows, res.outputs, references=reference_images(es))
         rep.write(html)
     if as_json:
         _print_json({"rows": rows})
@@ -769,7 +769,7 @@ def workflow(
     dev, dt = _precision(device, dtype)
     _quiet_libraries()
     from diffslim.bench import check_task_weight
-    from diffslim.evaluate import eval_set_for, finite, metrics_fn_for
+    from diffslim.evaluate import eval_set_for, finite, metrics_fn_for, reference_images
     from diffslim.models.load import load
     from diffslim.report import Report, add_workflow_section
     from diffslim.workflow import check_search, parse_floor, parse_stages, run_workflow
@@ -801,7 +801,7 @@ def workflow(
                        joint_width=joint_width)
     rep = Report(f"diffslim workflow: {model}")
     rep.add_text("how it was run", _run_info(dev, dt))
-    add_workflow_section(rep, model, res, floors, recipe_file="recipe.json")
+    add_workflow_section(rep, model, res, floors, recipe_file="recipe.json", references=reference_images(es))
     rep.write(out)
     if as_json:
         _print_json({**res.to_json(), "rows": [{k: finite(v) for k, v in r.items()} for r in res.rows]})

@@ -153,7 +153,7 @@ def workflow_section(rep, loaded, model: str, steps: int, n: int, stages: str, f
     ``search="joint"``: the joint search (``joint_width`` milder settings per auto stage), in a section of its own."""
     import tempfile
 
-    from diffslim.evaluate import eval_set_for, finite, metrics_fn_for
+    from diffslim.evaluate import eval_set_for, finite, metrics_fn_for, reference_images
     from diffslim.report import add_workflow_section
     from diffslim.workflow import run_workflow
 
@@ -172,7 +172,7 @@ def workflow_section(rep, loaded, model: str, steps: int, n: int, stages: str, f
                  "auto stage keeps the most aggressive setting it finds above the floor (grey: the settings it "
                  "tried)" + ("; the joint search also ran the stack with the first auto stage milder and without it, "
                              "and kept the cheapest result in MACs (orange: the others)." if joint else "."))
-    add_workflow_section(rep, title, res, floor)
+    add_workflow_section(rep, title, res, floor, references=reference_images(es))
     return {**res.to_json(), "rows": [{k: finite(v) for k, v in r.items()} for r in res.rows]}
 
 
@@ -275,7 +275,7 @@ def run_demo(out: Path, n: int | None = None, methods: str | None = None, consol
     """
     from diffslim.apply import denoiser_attr
     from diffslim.bench import run_bench
-    from diffslim.evaluate import eval_set_for, finite, metrics_fn_for
+    from diffslim.evaluate import eval_set_for, finite, metrics_fn_for, reference_images
     from diffslim.measure.profile import profile_depths, profile_model
     from diffslim.methods.depth_search import depth_search_figure, search_depth
     from diffslim.models.load import ModelLoadError, load
@@ -335,7 +335,7 @@ def run_demo(out: Path, n: int | None = None, methods: str | None = None, consol
                         metrics_fn=metrics_fn_for(loaded, es), progress=True)
         rows = [{kk: finite(v) for kk, v in r.items()} for r in res.rows]
         benches[model] = rows
-        add_bench_section(rep, model, rows, res.outputs)
+        add_bench_section(rep, model, rows, res.outputs, references=reference_images(es))
         console.print(f"benched {model}: " + ", ".join(f"{r['method']} x{r['speedup']:.2f}" for r in rows))
         rep.add_figure(f"quality against MACs: {model}", f"pareto_{key}.png",
                        pareto_figure(rows, "psnr", f"{model}: PSNR vs the full model against run MACs"),

@@ -84,6 +84,18 @@ def _eval_inputs(pipe, n, seed, seeds, prompts_file, require_inputs):
     return EvalSet(inputs=[{"prompt": DEFAULT_PROMPTS[i % len(DEFAULT_PROMPTS)]} for i in range(n)], seeds=seeds)
 
 
+def reference_images(evalset) -> dict:
+    """What a report shows above the samples: the input images, where every input has one as a tensor (image to
+    image, super-resolution, ControlNet: ``(N, C, h, w)`` in [0, 1]), and the ground truth where the task has one."""
+    refs = {}
+    images = [inp.get("image") for inp in evalset.inputs]
+    if images and all(torch.is_tensor(x) and x.dim() == 3 for x in images) and len({x.shape for x in images}) == 1:
+        refs["input"] = torch.stack(images).float().clamp(0, 1)
+    if evalset.ground_truth is not None:
+        refs["ground truth"] = evalset.ground_truth
+    return refs
+
+
 def metrics_fn_for(loaded, evalset, *, clip_path=None, lpips_path=None, inception_path=None
                    ) -> Callable[[torch.Tensor, Optional[torch.Tensor]], dict]:
     """``fn(outputs, reference) -> dict``: PSNR/SSIM against the reference outputs, plus the task's metrics.

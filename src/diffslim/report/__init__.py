@@ -221,8 +221,10 @@ def skip_lines(rows: Sequence[dict], key: str) -> list[str]:
     return [text if len(where) == len(rows) > 1 else f"{', '.join(where)}: {text}" for text, where in skips.items()]
 
 
-def add_bench_section(rep, model: str, rows, outputs) -> None:
-    """Bench rows, the cost/quality figure and one image grid per method."""
+def add_bench_section(rep, model: str, rows, outputs, references: Optional[dict] = None) -> None:
+    """Bench rows, the cost/quality figure and one image grid per method; ``references``: rows shown above the
+    methods in the side-by-side grid (``{"input": (N, C, h, w), "ground truth": ...}``, see
+    :func:`diffslim.evaluate.reference_images`)."""
     tag = slug(model)
     # the terminal table's columns (every metric a row has, clip_score, lpips and fid included), and the seconds
     hidden = ("skipped", "notes", "macs_per_sample", "search", "candidates")
@@ -239,8 +241,10 @@ def add_bench_section(rep, model: str, rows, outputs) -> None:
                    "the measured speedup (the dashed line is speedup = MACs reduction)")
     if len(outputs) > 1:
         k = min(8, min(len(v) for v in outputs.values()))
-        rep.add_figure(f"samples side by side: {model}", f"grid_{tag}_all.png", labelled_grid(outputs, k),
-                       f"one row per method, the first {k} inputs in the same order (same seeds and inputs)")
+        rep.add_figure(f"samples side by side: {model}", f"grid_{tag}_all.png",
+                       labelled_grid({**(references or {}), **outputs}, k),
+                       f"one row per method, the first {k} inputs in the same order (same seeds and inputs)"
+                       + _reference_caption(references))
     for method, imgs in outputs.items():
         k = min(16, len(imgs))
         up = max(1, 64 // imgs.shape[-1])
@@ -471,7 +475,12 @@ def workflow_figure(rows: Sequence[dict], metric: str = "psnr", floor: Optional[
     return fig
 
 
-def add_workflow_section(rep, model: str, result, floor: Optional[dict] = None, recipe_file: Optional[str] = None) -> None:
+def _reference_caption(references: Optional[dict]) -> str:
+    return f"; above them: {' and '.join(references)}" if references else ""
+
+
+def add_workflow_section(rep, model: str, result, floor: Optional[dict] = None, recipe_file: Optional[str] = None,
+                         references: Optional[dict] = None) -> None:
     """The workflow's rows, how to read them (inputs, floor, skipped metrics; ``recipe_file``: the result's recipe,
     relative to the report, and how to load it), its path in cost and quality, and one image grid per stage."""
     tag = slug(model)
@@ -506,7 +515,8 @@ def add_workflow_section(rep, model: str, result, floor: Optional[dict] = None, 
     if len(result.outputs) > 1:
         k = min(8, min(len(v) for v in result.outputs.values()))
         rep.add_figure(f"workflow samples side by side: {model}", f"workflow_grid_{tag}_all.png",
-                       labelled_grid(result.outputs, k), f"one row per stage, the first {k} inputs in the same order")
+                       labelled_grid({**(references or {}), **result.outputs}, k),
+                       f"one row per stage, the first {k} inputs in the same order" + _reference_caption(references))
     for label, imgs in result.outputs.items():
         k = min(16, len(imgs))
         up = max(1, 64 // imgs.shape[-1])
