@@ -80,8 +80,11 @@ def test_per_call_settings_in_the_inputs_pass_as_one_value(tiny_sd_pipe, tmp_pat
                                    {"prompt": "a dog", "image": "im1.png", "strength": 1.0}], size=16)
     es = eval_set_for(_loaded(pipe), 2, prompts_file=path)
     calls = []
-    pipe.unet.register_forward_hook(lambda *a: calls.append(1))
-    out = sample(pipe, SampleSpec(es.inputs, es.seeds, num_inference_steps=4, batch_size=2))
+    handle = pipe.unet.register_forward_hook(lambda *a: calls.append(1))  # the session's shared U-Net: removed after
+    try:
+        out = sample(pipe, SampleSpec(es.inputs, es.seeds, num_inference_steps=4, batch_size=2))
+    finally:
+        handle.remove()
     assert out.shape[0] == 2 and len(calls) == 4  # strength 1.0: every one of the 4 steps runs
     es.inputs[1]["strength"] = 0.5
     with pytest.raises(UserError, match=r"strength: the inputs of one pipeline call give \[0.5, 1.0\]"):
