@@ -642,3 +642,23 @@ def test_layers_auto_with_a_params_cap_treats_ratios_past_its_reach_as_missing(d
     best = max(float(t["setting"].split(":")[1]) for t in made)
     assert row["stage"] == f"layers:{best:g}:macs:0.2" and min(float(t["setting"].split(":")[1]) for t in cut) > best
     assert variant.params >= 0.8 * full
+
+
+def test_repeats_time_each_stage_that_many_times_and_keep_the_fastest(digits, tmp_path, monkeypatch):
+    """--repeats R: each stage is sampled once for its outputs and R-1 more times for its timing, the fastest run
+    counting; the outputs judged are the first run's, the same as with one timed run."""
+    import diffslim.workflow as wf
+
+    loaded, es = digits
+    runs = []
+    real = wf.sample
+    monkeypatch.setattr(wf, "sample", lambda pipe, s, **kw: runs.append(s.num_inference_steps) or real(pipe, s, **kw))
+    once = run_workflow(loaded, "steps:5", es, tmp_path / "once", default_steps=STEPS, progress=False,
+                        log=lambda m: None, batch_size=4)
+    assert runs == [STEPS, 5]
+    runs.clear()
+    thrice = run_workflow(loaded, "steps:5", es, tmp_path / "thrice", default_steps=STEPS, progress=False,
+                          log=lambda m: None, batch_size=4, repeats=3)
+    assert runs == [STEPS] * 3 + [5] * 3
+    assert all(torch.equal(once.outputs[k], thrice.outputs[k]) for k in once.outputs)
+    assert [r["stage"] for r in thrice.rows] == ["original", "steps:5"] and thrice.rows[1]["speedup"] > 0

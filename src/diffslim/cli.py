@@ -758,6 +758,8 @@ def workflow(
     joint_width: int = typer.Option(3, help="--search joint: milder settings tried of each auto stage that has "
                                             "another after it (with the kept one and none: (W+2)^B workflow runs "
                                             "for B such stages)"),
+    repeats: int = typer.Option(1, min=1, help="timed sampling runs per stage; the fastest counts (the speedup "
+                                "column; the stages are judged on the first)"),
     as_json: bool = typer.Option(False, "--json", help=_JSON_HELP),
     device: str = typer.Option("cpu", help="device every stage samples on (its timings are measured there): cpu "
                                            "(the default), auto, cuda, cuda:N, mps; the trainers use the GPU when "
@@ -798,7 +800,7 @@ def workflow(
                        progress=not as_json, log=lambda m: (err_console if as_json else console).print(
                            m, highlight=False), data=data, resolution=resolution,  # with --json, on stderr
                        task_weight=kd_task_weight, search=search, objective=objective,
-                       joint_width=joint_width)
+                       joint_width=joint_width, repeats=repeats)
     rep = Report(f"diffslim workflow: {model}")
     rep.add_text("how it was run", _run_info(dev, dt))
     add_workflow_section(rep, model, res, floors, recipe_file="recipe.json", references=reference_images(es))

@@ -352,7 +352,7 @@ def run_workflow(loaded, stages: str, evalset, out, default_steps: int = 50, sch
                  batch_size: int = 16, metrics_fn: Optional[Callable] = None, floor: Optional[dict] = None,
                  progress: bool = True, log: Callable[[str], None] = print, data: str = "zoo",
                  resolution: Optional[int] = None, task_weight: Optional[float] = None, search: str = "greedy",
-                 objective: str = "macs", joint_width: int = JOINT_WIDTH) -> WorkflowResult:
+                 objective: str = "macs", joint_width: int = JOINT_WIDTH, repeats: int = 1) -> WorkflowResult:
     """Run ``stages`` (see :func:`parse_stages`) on ``loaded`` in order; every row is judged against the original.
 
     ``evalset``: the inputs and seeds every stage samples; ``metrics_fn(outputs, reference) -> dict`` as in
@@ -360,6 +360,7 @@ def run_workflow(loaded, stages: str, evalset, out, default_steps: int = 50, sch
     ``data``/``resolution``: the training data of stages that score or train, ``task_weight`` the task loss's weight in
     their training (None: :func:`~diffslim.bench.default_task_weight`, 1 on training data, 0 on the images the
     original samples itself when there is none; see :class:`~diffslim.bench.BenchContext`).
+    ``repeats``: timed sampling runs per stage, the fastest counts (the first one's outputs are judged).
     Rows hold ``stage``, ``kind``, ``params``, ``macs_per_sample``, ``macs_ratio`` and ``speedup`` (against the
     original), the metrics, ``accepted`` and ``notes``.
 
@@ -379,10 +380,10 @@ def run_workflow(loaded, stages: str, evalset, out, default_steps: int = 50, sch
         return _run_joint(loaded, stages, evalset, out, objective, joint_width, floor=floor, log=log,
                           default_steps=default_steps,
                           scheduler=scheduler, batch_size=batch_size, metrics_fn=metrics_fn, progress=progress,
-                          data=data, resolution=resolution, task_weight=task_weight)
+                          data=data, resolution=resolution, task_weight=task_weight, repeats=repeats)
     return _run_stages(loaded, stages, evalset, out, default_steps=default_steps, scheduler=scheduler,
                        batch_size=batch_size, metrics_fn=metrics_fn, floor=floor, progress=progress, log=log,
-                       data=data, resolution=resolution, task_weight=task_weight)
+                       data=data, resolution=resolution, task_weight=task_weight, repeats=repeats)
 
 
 def check_search(search: str, objective: str, joint_width: int = JOINT_WIDTH) -> None:
@@ -509,7 +510,7 @@ def _run_stages(loaded, stages: str, evalset, out, default_steps: int = 50, sche
                 batch_size: int = 16, metrics_fn: Optional[Callable] = None, floor: Optional[dict] = None,
                 progress: bool = True, log: Callable[[str], None] = print, data: str = "zoo",
                 resolution: Optional[int] = None, task_weight: float = 1.0, reference=None,
-                shared_stages: Optional[Path] = None) -> WorkflowResult:
+                shared_stages: Optional[Path] = None, repeats: int = 1) -> WorkflowResult:
     """The greedy workflow of :func:`run_workflow`; ``reference``: ``(outputs, seconds, MACs)`` of the original's
     run, when another run on the same inputs has made it; ``shared_stages``: a folder of model stages shared by
     several runs (the joint search's), each named by its position, label and a digest of its key (stage and input
@@ -540,7 +541,7 @@ def _run_stages(loaded, stages: str, evalset, out, default_steps: int = 50, sche
         read from ``evals/`` when this model, stage, inputs and schedule were sampled before (by this command, an
         earlier run of it, or another stack of a joint search: then ``reused``)."""
         key = {"input": model, "stage": label, "spec": s.digest(), "data": data, "resolution": resolution,
-               "task_weight": task_weight, **placed}
+               "task_weight": task_weight, **placed, **({"repeats": repeats} if repeats > 1 else {})}
         path = evals / (hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20] + ".pt")
         if path.exists():
             try:
@@ -553,7 +554,12 @@ def _run_stages(loaded, stages: str, evalset, out, default_steps: int = 50, sche
         run_pipeline(pipe, s.replace(inputs=s.inputs[:1], seeds=s.seeds[:1]), [0])  # warm-up
         t0 = time.perf_counter()
         images = sample(pipe, s, show_progress=progress, description=label)
-        seconds, macs = time.perf_counter() - t0, count_run_macs(pipe, s)
+        seconds = time.perf_counter() - t0
+        for _ in range(repeats - 1):  # the fastest run counts: the others waited on something else
+            t0 = time.perf_counter()
+            sample(pipe, s)
+            seconds = min(seconds, time.perf_counter() - t0)
+        macs = count_run_macs(pipe, s)
         evals.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         torch.save({"key": json.dumps(key, sort_keys=True), "images": images, "seconds": seconds, "macs": macs}, tmp)
