@@ -201,3 +201,56 @@ def test_a_pixart_of_a_size_without_resolution_bins_samples_unbinned(tiny_sd_pip
     assert out.shape == (2, 3, 16, 16)
     pipe.transformer.register_to_config(sample_size=32)
     assert eval_set_for(_loaded(pipe), 2).call_kwargs == {}
+
+
+def test_an_img2img_pipeline_with_a_pinned_schedule_must_be_called_with_its_steps(tiny_sd_pipe):
+    """img2img keeps int(num_inference_steps * strength) of the schedule counted with the steps it was called with:
+    with a recipe's 2 pinned steps and the default 50 it kept none and failed in the VAE. It is refused in one line
+    naming the count to call it with; called with that count it runs those steps."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    from diffslim import apply
+
+    pipe = StableDiffusionImg2ImgPipeline(**tiny_sd_pipe.components)
+    pipe.set_progress_bar_config(disable=True)
+    apply(pipe, {"sampling": {"num_inference_steps": 2}})
+    image = torch.rand(1, 3, 16, 16)
+    with pytest.raises(UserError, match=r"call it with num_inference_steps=2$"):
+        pipe("a cat", image=image, strength=1.0, output_type="np")
+    calls = []
+    handle = pipe.unet.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        out = pipe("a cat", image=image, strength=1.0, num_inference_steps=2, output_type="np").images
+    finally:
+        handle.remove()
+    assert out.shape == (1, 16, 16, 3) and len(calls) == 2
+
+
+def test_inputs_files_that_do_not_fit_the_pipeline_are_refused_in_one_line(tiny_controlnet_pipe, tiny_sd_pipe,
+                                                                          tmp_path):
+    from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\n")
+    with pytest.raises(UserError, match="a text file gives only prompts; give a .jsonl file"):
+        eval_set_for(_loaded(tiny_controlnet_pipe), 2, prompts_file=prompts)
+    missing = tmp_path / "missing.jsonl"
+    missing.write_text('{"prompt": "a cat", "image": "im0.png"}\n{"prompt": "a dog", "image": "nope.png"}\n')
+    _inputs_file(tmp_path, [{"prompt": "x", "image": "im0.png"}], size=16)
+    with pytest.raises(UserError, match=r"missing.jsonl:2: image 'nope.png' cannot be read .*relative to") as e:
+        eval_set_for(_loaded(tiny_controlnet_pipe), 2, prompts_file=missing)
+    assert "\n" not in str(e.value)
+    torch.manual_seed(0)
+    dit = DiTPipeline(transformer=DiTTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=1, sample_size=4,
+        patch_size=2, num_embeds_ada_norm=1000), vae=tiny_sd_pipe.vae, scheduler=DDIMScheduler())
+    labels = tmp_path / "labels.txt"
+    labels.write_text("3\n1000\n")
+    with pytest.raises(UserError, match="class label 1000 is outside 0..999"):
+        eval_set_for(_loaded(dit), 2, prompts_file=labels)
+    plural = tmp_path / "labels.jsonl"  # diffusers' own argument name, one label per input
+    plural.write_text('{"class_labels": 1}\n{"class_labels": 2}\n')
+    from diffslim.sample import _call_kwargs
+
+    es = eval_set_for(_loaded(dit), 2, prompts_file=plural)
+    assert _call_kwargs(dit, es.inputs) == {"class_labels": [1, 2]}  # one per input, not one per call

@@ -37,8 +37,15 @@ def _install_sampling(pipe, sampling) -> None:
             f"sampling.timesteps: {_unpinned(type(sched)).__name__} accepts no explicit timesteps; "
             "choose a scheduler that does (ddim, euler, dpm++, unipc, ddpm, lms, heun)")
     if steps is not None or timesteps is not None:
-        sched = pin_schedule(sched, steps, timesteps, quiet_steps=_default_steps(pipe))
+        sched = pin_schedule(sched, steps, timesteps, quiet_steps=_default_steps(pipe), exact_for=_strength_slicer(pipe))
     pipe.scheduler = sched
+
+
+def _strength_slicer(pipe) -> Optional[str]:
+    """The pipeline's class name where its ``__call__`` takes a ``strength`` (img2img, inpainting): such a pipeline
+    keeps the last ``int(num_inference_steps * strength)`` of the schedule it set, counting with the step count it
+    was called with, so a pinned schedule of another length would be cut wrongly (or to nothing)."""
+    return type(pipe).__name__ if "strength" in inspect.signature(type(pipe).__call__).parameters else None
 
 
 def _default_steps(pipe) -> Optional[int]:
@@ -84,14 +91,16 @@ def _install_depth(pipe, depth) -> None:
     setattr(pipe, name, depth_skip(getattr(pipe, name), depth.depth))
 
 
-def pin_schedule(scheduler, num_inference_steps=None, timesteps=None, quiet_steps=None):
+def pin_schedule(scheduler, num_inference_steps=None, timesteps=None, quiet_steps=None, exact_for=None):
     """A copy of ``scheduler`` whose ``set_timesteps`` always uses the given steps or timesteps.
 
     Pipelines call ``scheduler.set_timesteps(num_inference_steps, device=...)``; the pinned copy ignores the
     requested count, so a recipe's schedule holds however the pipeline is called (explicit ``timesteps=`` or
     ``sigmas=`` other than the recipe's are refused). A requested count other than the pinned one and than
     ``quiet_steps`` (the pipeline's default, which a caller gets without asking) logs a warning, once per count:
-    the pipeline samples the recipe's steps, not the ones asked for. The pinned class bears its base class's name and module, so
+    the pipeline samples the recipe's steps, not the ones asked for. ``exact_for``: the name of a pipeline that
+    cuts the schedule by ``strength`` (img2img), which must be called with the pinned count: another count is
+    refused. The pinned class bears its base class's name and module, so
     that ``save_pretrained`` writes the base scheduler, which diffusers loads back (unpinned: the recipe keeps the
     schedule).
     """
@@ -109,6 +118,10 @@ def pin_schedule(scheduler, num_inference_steps=None, timesteps=None, quiet_step
                                 f"recipe fixes the schedule ({pinned_steps} steps); call it with "
                                 f"num_inference_steps={pinned_steps}")
             return base.set_timesteps(self, device=device, sigmas=sigmas, **kwargs)
+        if exact_for is not None and num_inference_steps is not None and num_inference_steps != pinned_steps:
+            raise UserError(f"{exact_for} takes strength x num_inference_steps of its schedule, counted with the "
+                            f"num_inference_steps it is called with ({num_inference_steps}), and the recipe fixes the "
+                            f"schedule at {pinned_steps} steps: call it with num_inference_steps={pinned_steps}")
         if num_inference_steps is not None and num_inference_steps not in (pinned_steps, quiet_steps) \
                 and num_inference_steps not in self._warned_steps:
             self._warned_steps.add(num_inference_steps)
@@ -165,7 +178,8 @@ def _install_skip_plan(pipe, section) -> None:
         raise RecipeError(f"skip_plan: {e}") from None
     apply_skip_plan(den, np.asarray(section.plan, dtype=bool), units)
     if not getattr(type(pipe.scheduler), "_diffslim_pinned", False):
-        pipe.scheduler = pin_schedule(pipe.scheduler, steps, quiet_steps=_default_steps(pipe))
+        pipe.scheduler = pin_schedule(pipe.scheduler, steps, quiet_steps=_default_steps(pipe),
+                                      exact_for=_strength_slicer(pipe))
 
 
 _DENOISER_SECTIONS = ("depth", "removed_layers", "skip_plan")

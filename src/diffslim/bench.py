@@ -1277,9 +1277,9 @@ def run_bench(loaded, methods: str, evalset, default_steps: int = 50, scheduler:
         variant = METHODS[name](arg, ctx)
         compiled = None
         try:
-            if compile is None:
-                warm = variant.spec.replace(inputs=variant.spec.inputs[:1], seeds=variant.spec.seeds[:1])
-                run_pipeline(variant.pipe, warm, [0])
+            if compile is None:  # warm up at the timed batch's shape: a first call at a new shape costs more
+                run_pipeline(variant.pipe, variant.spec, list(range(min(len(variant.spec.inputs),
+                                                                        variant.spec.batch_size))))
             else:
                 # eager: the flop counter does not see compiled code
                 macs = count_run_macs(variant.pipe, variant.spec, whole_run=variant.input_dependent)

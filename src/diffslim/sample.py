@@ -124,7 +124,7 @@ def _call_kwargs(pipe, batch: Sequence[dict]) -> dict:
     kw: dict[str, Any] = {}
     for key in keys:
         values = [b[key] for b in batch]
-        if key == "class_label":
+        if key in ("class_label", "class_labels"):  # one label per input (the pipeline's own name accepted too)
             name = "class_labels"
             kw[name] = [int(v) for v in values]
         elif key in ("image", "image_embeds") and all(isinstance(v, torch.Tensor) for v in values):

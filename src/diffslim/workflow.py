@@ -551,7 +551,7 @@ def _run_stages(loaded, stages: str, evalset, out, default_steps: int = 50, sche
                     return saved["images"], saved["seconds"], saved["macs"], True
             except Exception:  # a truncated file is sampled again, not trusted
                 pass
-        run_pipeline(pipe, s.replace(inputs=s.inputs[:1], seeds=s.seeds[:1]), [0])  # warm-up
+        run_pipeline(pipe, s, list(range(min(len(s.inputs), s.batch_size))))  # warm-up at the timed batch's shape
         t0 = time.perf_counter()
         images = sample(pipe, s, show_progress=progress, description=label)
         seconds = time.perf_counter() - t0

@@ -454,11 +454,16 @@ def pipeline_inputs(pipe, data: str, seed: int, n: int = 64, option: str = "--da
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise UserError(f"{p}:{k}: not JSON ({e.msg})") from None
+                raise UserError(f"{p}:{k}: not JSON ({e.msg}); give one JSON object of pipeline inputs per line, "
+                                "e.g. {\"prompt\": \"a cat\", \"image\": \"cat.png\"}") from None
             if not isinstance(row, dict):
                 raise UserError(f"{p}:{k}: give an object of pipeline inputs, e.g. {{\"prompt\": \"a cat\"}}")
             if isinstance(row.get("image"), str):
-                row["image"] = load_image(p.parent / row["image"], size)
+                try:
+                    row["image"] = load_image(p.parent / row["image"], size)
+                except (OSError, ValueError) as e:
+                    raise UserError(f"{p}:{k}: image {row['image']!r} cannot be read ({getattr(e, 'strerror', None) or e}); "
+                                    f"image paths are relative to {p.parent}") from None
             rows.append(row)
         if not rows:
             raise UserError(f"{p} holds no inputs")
@@ -468,9 +473,19 @@ def pipeline_inputs(pipe, data: str, seed: int, n: int = 64, option: str = "--da
         raise UserError(f"{p} holds no inputs (one per line)")
     if is_class:
         try:
-            return [{"class_label": int(x)} for x in lines]
+            labels = [int(x) for x in lines]
         except ValueError:
             raise UserError(f"{p}: every line must be an integer class label for {type(pipe).__name__}") from None
+        classes = getattr(getattr(getattr(pipe, "transformer", None), "config", None), "num_embeds_ada_norm", None)
+        bad = [y for y in labels if classes and not 0 <= y < int(classes)]
+        if bad:
+            raise UserError(f"{p}: class label {bad[0]} is outside 0..{int(classes) - 1}, the classes "
+                            f"{type(pipe).__name__} has")
+        return [{"class_label": y} for y in labels]
     if "prompt" not in params:
         raise UserError(f"{type(pipe).__name__} takes no prompt; give {accepted}")
+    if "image" in params:
+        raise UserError(f"{p}: {type(pipe).__name__} samples from input images, and a text file gives only prompts; "
+                        "give a .jsonl file of pipeline inputs, e.g. {\"prompt\": \"make it red\", \"image\": "
+                        "\"cat.png\"} per line")
     return [{"prompt": x} for x in lines]
