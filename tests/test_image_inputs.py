@@ -254,3 +254,29 @@ def test_inputs_files_that_do_not_fit_the_pipeline_are_refused_in_one_line(tiny_
 
     es = eval_set_for(_loaded(dit), 2, prompts_file=plural)
     assert _call_kwargs(dit, es.inputs) == {"class_labels": [1, 2]}  # one per input, not one per call
+
+
+def test_sampling_calibration_of_img2img_below_strength_one_scores_the_calls_it_makes(tiny_sd_pipe, tmp_path,
+                                                                                      calls_alone):
+    """An img2img run at strength 0.5 of 8 steps makes 4 denoiser calls: the calibration is stratified over those
+    (it asked for calls up to 7 and failed), and each recorded call is the one the pipeline makes sampling alone."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    from diffslim.methods import layer_prune as lp
+
+    pipe = StableDiffusionImg2ImgPipeline(**tiny_sd_pipe.components)
+    pipe.set_progress_bar_config(disable=True)
+    path = _inputs_file(tmp_path, [{"prompt": "a cat", "image": "im0.png", "strength": 0.5},
+                                   {"prompt": "a dog", "image": "im1.png", "strength": 0.5}], size=16)
+    calib = lp.sampling_calibration(pipe, n=4, seed=0, steps=8, data=str(path), sample_batch=2)
+    src = calib.source
+    assert sorted(src["calls"]) == [0, 1, 2, 3] and src["steps"] == 8  # one call in each quarter of the 4 made
+    alone = calls_alone(pipe, src["inputs"], src["seeds"], 8)
+    assert all(len(run) == 4 for run in alone)
+    pred = calib.run(pipe.unet)
+    for k, call in enumerate(src["calls"]):
+        named, out = alone[k][call]
+        assert torch.equal(calib.t[2 * k:2 * k + 2], named["timestep"].reshape(-1).expand(2).to(calib.t.dtype))
+        torch.testing.assert_close(pred[2 * k:2 * k + 2], out, atol=1e-5, rtol=0)
+    res = lp.layer_prune(pipe.unet, "output-loss", 0.3, calib=calib)
+    assert res.params_removed >= 0.3 * res.params

@@ -858,7 +858,8 @@ def test_denoiser_calls_record_each_inputs_call_and_stop_early(tiny_digits_pipe,
         h.remove()
     assert count[0] == 4 + 3  # the first batch stops at its call 3, the second at its call 2 (of 4 each)
     alone = calls_alone(tiny_digits_pipe, inputs, seeds, 4)
-    for i, (named, rows) in enumerate(got):
+    for i, (named, rows, call) in enumerate(got):
+        assert call == [0, 3, 2][i]
         assert rows == ([i, i + 2] if i < 2 else [0, 1])  # classifier-free guidance: [uncond; cond] per batch
         ref = alone[i][[0, 3, 2][i]][0]
         assert torch.allclose(named["sample"][rows], ref["sample"], atol=1e-5)

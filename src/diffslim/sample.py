@@ -18,7 +18,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -234,28 +234,50 @@ class _Enough(Exception):
     """Raised by :func:`denoiser_calls`' hook once a batch's last wanted call is recorded."""
 
 
-def denoiser_calls(pipe, spec: SampleSpec, at: Sequence[int]) -> list[tuple[dict, list[int]]]:
+class DenoiserCall(NamedTuple):
+    """One input's denoiser call, recorded by :func:`denoiser_calls`."""
+
+    arguments: dict  # the call's arguments by name (positional ones bound to the denoiser's ``forward``)
+    rows: list  # the rows of its batch that belong to the input
+    call: int  # its call number in the run (0-based)
+
+
+def calls_in_run(pipe, spec: SampleSpec) -> int:
+    """How many denoiser calls ``pipe``'s current run makes: diffusers' pipelines store it as
+    ``_num_timesteps`` before their loop (an image-to-image run at strength s makes ``int(steps * s)``); a
+    pipeline that does not is taken to make one per step of ``spec``. Valid from its first denoiser call on."""
+    n = getattr(pipe, "_num_timesteps", None)
+    return int(n) if isinstance(n, int) and n > 0 else spec.num_inference_steps
+
+
+def denoiser_calls(pipe, spec: SampleSpec, at) -> list[DenoiserCall]:
     """What ``pipe``'s denoiser is called with while sampling ``spec``: for input ``i``, its call number ``at[i]``
-    (0-based, in sampling order: one call per step for most pipelines). Returns, per input, ``(arguments, rows)``:
-    the call's arguments by name (positional ones bound to the denoiser's ``forward``; the inputs sampled together
-    share one call) and the rows of its batch that belong to input ``i``. A pipeline batches its inputs' rows as
+    (0-based, in sampling order: one call per step for most pipelines). ``at`` may also be a function of the
+    number of calls a run makes (:func:`calls_in_run`, known at its first call) returning those call numbers:
+    an image-to-image run at strength s < 1 makes only ``int(steps * s)`` calls. Returns, per input, a
+    :class:`DenoiserCall`: the call's arguments by name (the inputs sampled together share one call), the rows of
+    its batch that belong to input ``i`` and its call number. A pipeline batches its inputs' rows as
     diffusers' pipelines do: with classifier-free guidance ``[uncond; cond]``, so input ``j`` of ``b`` holds rows
     ``j, j + b, ...``. A batch stops at its last wanted call (nothing after it is denoised)."""
     from diffslim.models.load import denoiser_of
 
-    if len(at) != len(spec.inputs):
+    if not callable(at) and len(at) != len(spec.inputs):
         raise UserError(f"{len(at)} call numbers for {len(spec.inputs)} inputs; give one per input")
     den = denoiser_of(pipe)
     sig = inspect.signature(den.forward)
     out: list = [None] * len(spec.inputs)
     for start in range(0, len(spec.inputs), spec.batch_size):
         idx = list(range(start, min(start + spec.batch_size, len(spec.inputs))))
-        wanted = {at[i] for i in idx}
-        count = [0]
+        state = {"count": 0, "at": None if callable(at) else list(at)}
 
-        def capture(module, args, kwargs, idx=idx, wanted=wanted, count=count):
-            k = count[0]
-            count[0] += 1
+        def capture(module, args, kwargs, idx=idx, state=state):
+            k = state["count"]
+            state["count"] += 1
+            if state["at"] is None:
+                state["at"] = [int(c) for c in at(calls_in_run(pipe, spec))]
+                if len(state["at"]) != len(spec.inputs):
+                    raise UserError(f"{len(state['at'])} call numbers for {len(spec.inputs)} inputs; give one per input")
+            wanted = {state["at"][i] for i in idx}
             if k not in wanted:
                 return None
             named = dict(sig.bind(*args, **kwargs).arguments)
@@ -268,8 +290,8 @@ def denoiser_calls(pipe, spec: SampleSpec, at: Sequence[int]) -> list[tuple[dict
                                 "its rows cannot be told apart by input")
             named = {key: (v.detach().clone() if torch.is_tensor(v) else v) for key, v in named.items()}
             for j, i in enumerate(idx):
-                if at[i] == k:
-                    out[i] = (named, [j + r * b for r in range(m // b)])
+                if state["at"][i] == k:
+                    out[i] = DenoiserCall(named, [j + r * b for r in range(m // b)], k)
             if k == max(wanted):
                 raise _Enough
             return None
@@ -281,12 +303,12 @@ def denoiser_calls(pipe, spec: SampleSpec, at: Sequence[int]) -> list[tuple[dict
             pass
         finally:
             handle.remove()
-        missing = [at[i] for i in idx if out[i] is None]
+        missing = [state["at"][i] for i in idx if out[i] is None] if state["at"] is not None else [0]
         if missing:
             hint = ("; an image-to-image pipeline runs only its strength's share of the steps: give \"strength\": 1.0 "
                     "with every input (a .jsonl file of pipeline inputs)"
                     if "strength" in inspect.signature(pipe.__call__).parameters else "")
-            raise UserError(f"{type(pipe).__name__} called its denoiser {count[0]} times for a run of "
+            raise UserError(f"{type(pipe).__name__} called its denoiser {state['count']} times for a run of "
                             f"{spec.num_inference_steps} steps; call number {min(missing)} was asked for{hint}")
     return out
 

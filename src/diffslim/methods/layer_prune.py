@@ -1027,7 +1027,8 @@ def sampling_calibration(pipe, n: int = 32, seed: int = 0, data: str = "zoo", st
     from ``data`` (:func:`diffslim.train.data.pipeline_inputs`: "zoo", a .txt file of prompts or class labels, a
     .jsonl file of pipeline inputs, an image folder) with ``steps`` steps and ``call_kwargs`` (e.g. the guidance
     scale). Input k contributes its call at one step, the steps stratified over the run (one in each of ``n``
-    equal bins, drawn with ``seed`` and shuffled over the inputs). No training images are needed, only what the
+    equal bins of the calls a run makes, drawn with ``seed`` and shuffled over the inputs; an image-to-image run
+    at strength s < 1 makes only its ``int(steps * s)`` calls, and they are the ones scored). No training images are needed, only what the
     pipeline takes: prompts are enough for a text-to-image model. A call holds every row the pipeline batches for
     its input (with classifier-free guidance the unconditional and the conditional one), so there are n times
     that many triples. ``target`` is None: a sampling trajectory has no ground truth, so the Taylor criterion,
@@ -1048,8 +1049,11 @@ def sampling_calibration(pipe, n: int = 32, seed: int = 0, data: str = "zoo", st
     order = torch.randperm(len(pool), generator=g).tolist()
     inputs = [pool[order[k % len(pool)]] for k in range(n)]
     seeds = [int(x) for x in torch.randint(0, 2**31 - 1, (n,), generator=g)]
-    at = ((torch.arange(n) + torch.rand(n, generator=g)) * steps / n).floor().long().clamp(max=steps - 1)
-    at = at[torch.randperm(n, generator=g)].tolist()
+    u, perm = torch.arange(n) + torch.rand(n, generator=g), torch.randperm(n, generator=g)
+
+    def at(calls: int) -> list[int]:  # stratified over the calls the run really makes (img2img: its strength's share)
+        return ((u * calls / n).floor().long().clamp(max=calls - 1))[perm].tolist()
+
     spec = SampleSpec(inputs, seeds, num_inference_steps=steps, call_kwargs=dict(call_kwargs or {}),
                       batch_size=sample_batch)
     den = denoiser_of(pipe)
@@ -1060,7 +1064,7 @@ def sampling_calibration(pipe, n: int = 32, seed: int = 0, data: str = "zoo", st
                         "timestep apart")
     calls = denoiser_calls(pipe, spec, at)
     xs, ts, conds, shared, seqs = [], [], [], None, {}
-    for named, rows in calls:
+    for named, rows, _ in calls:
         x = named[x_name]
         m = x.shape[0]
         t = torch.as_tensor(named["timestep"], device=x.device)
@@ -1094,8 +1098,9 @@ def sampling_calibration(pipe, n: int = 32, seed: int = 0, data: str = "zoo", st
         return out[:, :in_ch] if learned_sigma else out
 
     return Calibration(xt=torch.cat(xs), t=torch.cat(ts), cond=cond, target=None, predict=predict,
-                       batch_size=batch_size, source={"inputs": inputs, "seeds": seeds, "steps": steps, "calls": at,
-                                                      "rows": [len(r) for _, r in calls]})
+                       batch_size=batch_size, source={"inputs": inputs, "seeds": seeds, "steps": steps,
+                                                      "calls": [c.call for c in calls],
+                                                      "rows": [len(c.rows) for c in calls]})
 
 
 def output_loss(model: nn.Module, calib: Calibration, names: Sequence[str],
