@@ -397,6 +397,8 @@ def test_cli_dipgo_and_bench_on_a_stable_diffusion_folder(tiny_sd_pipe, tmp_path
     u = plan_units(tiny_sd_pipe.unet, "fine")
     assert plan_macs_ratio(np.asarray(rec.skip_plan.plan), u) <= 0.5
     assert rows["full"]["macs_ratio"] == 1.0 and rows["dipgo:0.5"]["macs_ratio"] < 1.0
+    assert rows["full"]["psnr"] is None and rows["full"]["ssim"] is None  # "ref": no measurement, not PSNR 100
+    assert 0 < rows["dipgo:0.5"]["psnr"] < 100
     assert "plan MACs ratio" in rows["dipgo:0.5"]["notes"]
     r = runner.invoke(app, ["dipgo", str(folder), "--ratio", "0.5", "--data", str(tmp_path / "none.txt"),
                             "--out", str(tmp_path / "x.json")])

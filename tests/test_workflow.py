@@ -411,6 +411,7 @@ def test_without_stages_the_cli_runs_the_default_auto_stack_for_the_denoiser(tmp
     assert stages == ["layers", "steps"] == [s.split(":")[0] for s in default_stages(
         diffslim.load("zoo:digits-dit").denoiser).split(",")]
     assert all(x["search"] for x in res["rows"][1:])
+    assert res["rows"][0]["psnr"] is None and all(0 < x["psnr"] < 100 for x in res["rows"][1:])  # original: "ref"
     assert default_stages(diffslim.load("zoo:digits-sd").denoiser) == "layers:auto,steps:auto,deepcache:auto"
     r = run("zoo:digits-dit", "--out", tmp_path / "bad")
     assert r.exit_code != 0 and "give --stages, or a --floor" in r.output and not (tmp_path / "bad").exists()

@@ -717,7 +717,9 @@ def bench(
         add_bench_section(rep, model, rows, res.outputs, references=reference_images(es))
         rep.write(html)
     if as_json:
-        _print_json({"rows": rows})
+        from diffslim.report import json_rows
+
+        _print_json({"rows": json_rows(rows, "method")})  # the full row's PSNR, SSIM, LPIPS: null ("ref")
         return
     _print_rows(f"bench {model} ({n} inputs, {default_steps} steps full)", rows)
     if html is not None:
@@ -773,7 +775,7 @@ def workflow(
     from diffslim.bench import check_task_weight
     from diffslim.evaluate import eval_set_for, finite, metrics_fn_for, reference_images
     from diffslim.models.load import load
-    from diffslim.report import Report, add_workflow_section
+    from diffslim.report import Report, add_workflow_section, json_rows
     from diffslim.workflow import check_search, parse_floor, parse_stages, run_workflow
 
     if stages is not None:
@@ -806,7 +808,8 @@ def workflow(
     add_workflow_section(rep, model, res, floors, recipe_file="recipe.json", references=reference_images(es))
     rep.write(out)
     if as_json:
-        _print_json({**res.to_json(), "rows": [{k: finite(v) for k, v in r.items()} for r in res.rows]})
+        _print_json({**res.to_json(), "rows": json_rows([{k: finite(v) for k, v in r.items()} for r in res.rows],
+                                                        "stage")})
         return
     _print_rows(f"workflow {model} ({n} inputs; every row against the original's outputs)",
                 [{k: ("yes" if v else "no") if k == "accepted" else finite(v) for k, v in r.items()} for r in res.rows],

@@ -89,6 +89,12 @@ def is_reference_cell(row: dict, column: str, key: str) -> bool:
     return row.get(key) in REFERENCE_ROWS and column in AGAINST_REFERENCE and column in row
 
 
+def json_rows(rows: list, key: str) -> list:
+    """``rows`` as JSON gives them: a reference cell is no measurement (its PSNR is a cap, 100), so it is null, as
+    the terminal and HTML say "ref"."""
+    return [{c: None if key and is_reference_cell(r, c, key) else v for c, v in r.items()} for r in rows]
+
+
 class Report:
     """An HTML + JSON report built section by section."""
 
@@ -161,9 +167,8 @@ class Report:
                              f"<figcaption>{html.escape(caption)}</figcaption></figure>")
         parts.append("</body></html>")
         (out / "index.html").write_text("\n".join(parts))
-        # a reference cell is no measurement (its PSNR is a cap, 100): null in the JSON, as "ref" in the HTML
-        tables = {h: [{c: None if key and is_reference_cell(r, c, key) else v for c, v in r.items()} for r in rows]
-                  for kind, h, body in self.sections if kind == "table" for _, rows, key, _ in [body]}
+        tables = {h: json_rows(rows, key) for kind, h, body in self.sections if kind == "table"
+                  for _, rows, key, _ in [body]}
         (out / "report.json").write_text(json.dumps({"title": self.title, "tables": tables, **self.data},
                                                     indent=2, default=_json_default))
         return out
