@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from diffslim.bench import METHODS, count_run_macs, parse_methods, register_method, run_bench
+from diffslim.bench import METHODS, count_run_macs, parse_methods, register_method, run_bench, timing_note
 from diffslim.errors import UserError
 from diffslim.evaluate import metrics_fn_for
 from diffslim.models.load import LoadedModel
@@ -36,6 +36,11 @@ def test_rows_shape_and_relations(bench_result):
     assert rows[2]["psnr"] < 100 and rows[2]["ssim"] < 1
     assert json.loads(json.dumps(res.to_json()))["rows"][1]["method"] == "steps:4"
     assert res.outputs["steps:2"].shape == (6, 1, 8, 8)
+    # the full model timed again after the methods: the first time is its row's, the drift their relative gap
+    t = res.to_json()["timing"]
+    assert t["first"] == rows[0]["seconds"] and t["last"] > 0
+    assert t["drift"] == pytest.approx(abs(t["last"] - t["first"]) / t["first"])
+    assert f"{100 * t['drift']:.0f} % apart" in timing_note(t)
 
 
 def test_run_macs_counts_every_denoiser_call(tiny_digits_pipe):

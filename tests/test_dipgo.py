@@ -311,6 +311,35 @@ def test_training_on_a_diffusers_pipeline_from_a_prompt_file(tiny_sd_pipe, tmp_p
     assert not hasattr(tiny_sd_pipe.unet, "_diffslim_skip_plan")
 
 
+def test_an_img2img_run_below_strength_one_is_planned_over_the_calls_it_makes(tiny_sd_pipe, tmp_path):
+    """At strength 0.5 a 4-step img2img run makes 2 denoiser calls: the pruner is trained for those 2 rows, the
+    budget is theirs (it was of all 4, so the 2 rows no run reaches could pay for it), and the plan has a row per
+    step, the last 2 keeping every unit; installed, it samples."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+    from test_image_inputs import _inputs_file
+
+    from diffslim.sample import SampleSpec, denoiser_calls_per_run, sample
+    from diffslim.train.data import pipeline_inputs
+
+    pipe = StableDiffusionImg2ImgPipeline(**tiny_sd_pipe.components)
+    pipe.set_progress_bar_config(disable=True)
+    path = _inputs_file(tmp_path, [{"prompt": "a cat", "image": "im0.png", "strength": 0.5},
+                                   {"prompt": "a dog", "image": "im1.png", "strength": 0.5}], size=16)
+    pool = pipeline_inputs(pipe, str(path), 0)
+    assert denoiser_calls_per_run(pipe, SampleSpec(pool[:1], [0], num_inference_steps=STEPS)) == 2
+    u = plan_units(pipe.unet, "fine")
+    res = train_dipgo(pipe, DipgoConfig(ratio=0.5, num_inference_steps=STEPS, iters=2, batch_size=2, width=16,
+                                        heads=2, progress=False), u, pool=pool)
+    assert res.scores.shape == (2, len(u)) and res.plan.shape == (STEPS, len(u)) and res.plan[2:].all()
+    assert res.macs_ratio == plan_macs_ratio(res.plan[:2], u) <= 0.5 < plan_macs_ratio(res.plan, u)
+    apply_skip_plan(pipe.unet, res.plan, u)  # the session's shared U-Net: removed after
+    try:
+        out = sample(pipe, SampleSpec(pool, [0, 1], num_inference_steps=STEPS, batch_size=2))
+    finally:
+        remove_skip_plan(pipe.unet)
+    assert out.shape == (2, 3, 16, 16) and torch.isfinite(out).all()
+
+
 def test_pipeline_inputs_read_prompts_jsonl_and_image_folders(tiny_sd_pipe, tiny_digits_pipe, tmp_path):
     from PIL import Image
 
@@ -398,6 +427,8 @@ def test_cli_dipgo_and_bench_on_a_stable_diffusion_folder(tiny_sd_pipe, tmp_path
     assert plan_macs_ratio(np.asarray(rec.skip_plan.plan), u) <= 0.5
     assert rows["full"]["macs_ratio"] == 1.0 and rows["dipgo:0.5"]["macs_ratio"] < 1.0
     assert rows["full"]["psnr"] is None and rows["full"]["ssim"] is None  # "ref": no measurement, not PSNR 100
+    timing = json.loads(r.output[r.output.index("{"):])["timing"]
+    assert timing["first"] == rows["full"]["seconds"] and timing["last"] > 0
     assert 0 < rows["dipgo:0.5"]["psnr"] < 100
     assert "plan MACs ratio" in rows["dipgo:0.5"]["notes"]
     r = runner.invoke(app, ["dipgo", str(folder), "--ratio", "0.5", "--data", str(tmp_path / "none.txt"),

@@ -20,7 +20,7 @@ import torch
 from diffslim.cache import building, cache_root
 from diffslim.errors import UserError
 
-from diffslim.sample import SampleSpec, run_pipeline, sample
+from diffslim.sample import SampleSpec, calls_in_run, denoiser_calls_per_run, run_pipeline, sample
 
 
 @dataclass
@@ -851,8 +851,10 @@ def _plan_variant(method: str, ctx: BenchContext, plan, units, notes: str = "") 
     one = ctx.base_spec.replace(inputs=ctx.base_spec.inputs[:1], seeds=ctx.base_spec.seeds[:1], batch_size=1)
     run_pipeline(ctx.loaded.pipe, one, [0])
     kib = rt.peak_cache_bytes() / 1024
-    notes = (notes + "; " if notes else "") + (f"plan MACs ratio {plan_macs_ratio(plan, units):.3f} (denoiser); "
-                                               f"caches {kib:.1f} KiB per sample")
+    calls = min(len(plan), calls_in_run(ctx.loaded.pipe, one))  # img2img below strength 1: the first rows run
+    share = f" over the {calls} of its {len(plan)} steps the run makes" if calls < len(plan) else ""
+    notes = (notes + "; " if notes else "") + (f"plan MACs ratio {plan_macs_ratio(plan, units, calls):.3f} "
+                                               f"(denoiser{share}); caches {kib:.1f} KiB per sample")
     section = {"granularity": units.granularity, "units": list(units.names),
                "plan": np.asarray(plan, dtype=bool).tolist(), "scheduler": ctx.base_spec.scheduler,
                "provenance": {"method": method}}
@@ -971,6 +973,7 @@ def _deepcache(arg, ctx: BenchContext) -> Variant:
 
 def _search_variant(method: str, arg, ctx: BenchContext) -> Variant:
     from diffslim.methods.dipgo import plan_psnr_fn, search_plan
+    from diffslim.methods.skip_plan import pad_plan
 
     r_s, _, b_s = (arg or "").partition(":")
     ratio = _ratio_arg(r_s, f"{method}:R")
@@ -981,9 +984,10 @@ def _search_variant(method: str, arg, ctx: BenchContext) -> Variant:
     units = _bench_units(ctx, "fine")
     calib = calibration_spec(ctx, n=SEARCH_INPUTS)
     ref = sample(ctx.loaded.pipe, calib)
-    res = search_plan(plan_psnr_fn(ctx.loaded.pipe, calib, ref, units), units, ctx.default_steps, ratio, budget,
+    rows = min(ctx.default_steps, denoiser_calls_per_run(ctx.loaded.pipe, ctx.base_spec))  # img2img: its share
+    res = search_plan(plan_psnr_fn(ctx.loaded.pipe, calib, ref, units), units, rows, ratio, budget,
                       method=method, seed=0)
-    return _plan_variant(f"{method}:{ratio:g}", ctx, res.plan, units,
+    return _plan_variant(f"{method}:{ratio:g}", ctx, pad_plan(res.plan, ctx.default_steps), units,
                          f"{method} search: {res.n_evals} evaluations on {len(calib.inputs)} calibration inputs "
                          f"({res.seconds:.0f}s), best calibration PSNR {res.score:.2f}")
 
@@ -1230,9 +1234,32 @@ def count_run_macs(pipe, spec: SampleSpec, whole_run: bool = False) -> int:
 class BenchResult:
     rows: list[dict]
     outputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    # the full model timed again after every method: ``{"first": s, "last": s, "drift": |last - first| / first}``
+    # (None with --compile or without other methods); how far the machine's speed moved during the run
+    timing: Optional[dict] = None
 
     def to_json(self) -> dict:
-        return {"rows": self.rows}
+        return {"rows": self.rows, **({"timing": self.timing} if self.timing else {})}
+
+
+def timing_note(timing: Optional[dict]) -> Optional[str]:
+    """One line on the run's timing noise from :attr:`BenchResult.timing`."""
+    if not timing:
+        return None
+    return (f"timing: the full model sampled in {timing['first']:.3g} s first and {timing['last']:.3g} s again after "
+            f"the other methods ({100 * timing['drift']:.0f} % apart): differences in speedup smaller than that are "
+            "this machine's noise" + (" (more --repeats, or a quieter machine, narrow it)"
+                                             if timing["drift"] > 0.05 else ""))
+
+
+def _time_best(variant: "Variant", repeats: int, progress: bool) -> tuple[float, torch.Tensor]:
+    """The best wall time of ``repeats`` samplings of ``variant`` (warmed up already) and the last outputs."""
+    best = float("inf")
+    for _ in range(max(1, repeats)):
+        t0 = time.perf_counter()
+        out = sample(variant.pipe, variant.spec, show_progress=progress, description=variant.method)
+        best = min(best, time.perf_counter() - t0)
+    return best, out
 
 
 def run_bench(loaded, methods: str, evalset, default_steps: int = 50, scheduler: Optional[str] = None,
@@ -1244,7 +1271,8 @@ def run_bench(loaded, methods: str, evalset, default_steps: int = 50, scheduler:
     ``metrics_fn(outputs, reference) -> dict`` adds quality and task metrics to each row. ``data`` and
     ``resolution``: what the methods that score or train use; ``task_weight``: the task loss's weight in their
     training (None: :func:`default_task_weight`; see :class:`BenchContext`).
-    Wall time is the best of ``repeats`` timed runs after one untimed warm-up batch.
+    Wall time is the best of ``repeats`` timed runs after one untimed warm-up batch; after every method the full
+    model is timed again (``BenchResult.timing``), which shows how much of a speedup is the machine's noise.
     ``compile``: ``torch.compile`` arguments (``{}`` for the defaults); every variant's denoiser is then
     compiled as :func:`diffslim.compiling.compile_denoiser` does, after its MACs are counted, the warm-up
     runs a batch of every size the timed runs use (it compiles; its time is the row's ``compile_seconds``),
@@ -1284,11 +1312,7 @@ def run_bench(loaded, methods: str, evalset, default_steps: int = 50, scheduler:
                 # eager: the flop counter does not see compiled code
                 macs = count_run_macs(variant.pipe, variant.spec, whole_run=variant.input_dependent)
                 compiled, how, compile_seconds = _compile_and_warm(variant, compile)
-            best = float("inf")
-            for _ in range(max(1, repeats)):
-                t0 = time.perf_counter()
-                out = sample(variant.pipe, variant.spec, show_progress=progress, description=variant.method)
-                best = min(best, time.perf_counter() - t0)
+            best, out = _time_best(variant, repeats, progress)
             if compile is None:
                 macs = count_run_macs(variant.pipe, variant.spec, whole_run=variant.input_dependent)
         finally:
@@ -1318,4 +1342,8 @@ def run_bench(loaded, methods: str, evalset, default_steps: int = 50, scheduler:
             row["notes"] = variant.notes
         rows.append(row)
         outputs[variant.method] = out
-    return BenchResult(rows=rows, outputs=outputs)
+    timing = None
+    if compile is None and len(rows) > 1:  # the full model once more: how far the machine's speed moved
+        again, _ = _time_best(METHODS["full"](None, ctx), repeats, progress)
+        timing = {"first": full_time, "last": again, "drift": abs(again - full_time) / full_time}
+    return BenchResult(rows=rows, outputs=outputs, timing=timing)

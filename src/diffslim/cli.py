@@ -693,7 +693,7 @@ def bench(
     if html is not None:
         _out_folder(html, "--html")
     _quiet_libraries()
-    from diffslim.bench import check_task_weight, parse_methods, run_bench
+    from diffslim.bench import check_task_weight, parse_methods, run_bench, timing_note
     from diffslim.evaluate import eval_set_for, finite, metrics_fn_for, reference_images
     from diffslim.models.load import load
 
@@ -713,15 +713,18 @@ def bench(
         from diffslim.report import Report, add_bench_section
 
         rep = Report(f"diffslim bench: {model} ({n} inputs, {default_steps} steps full)")
-        rep.add_text("how it was run", _run_info(dev, dt))
+        rep.add_text("how it was run", _run_info(dev, dt) + (f"\n{timing_note(res.timing)}" if res.timing else ""))
         add_bench_section(rep, model, rows, res.outputs, references=reference_images(es))
         rep.write(html)
     if as_json:
         from diffslim.report import json_rows
 
-        _print_json({"rows": json_rows(rows, "method")})  # the full row's PSNR, SSIM, LPIPS: null ("ref")
+        # the full row's PSNR, SSIM, LPIPS: null ("ref")
+        _print_json({"rows": json_rows(rows, "method"), **({"timing": res.timing} if res.timing else {})})
         return
     _print_rows(f"bench {model} ({n} inputs, {default_steps} steps full)", rows)
+    if res.timing:
+        console.print(timing_note(res.timing), highlight=False)
     if html is not None:
         console.print(f"report: {html / 'index.html'}")
 

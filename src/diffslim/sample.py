@@ -208,16 +208,28 @@ def first_denoiser_call(pipe, spec: SampleSpec) -> tuple[tuple, dict]:
     pipeline really works at, the context length, the guidance batch) is what MACs counts should
     use: a denoiser's config ``sample_size`` and dummy conditioning may differ from it.
     """
+    return _stop_at_first_call(pipe, spec)["call"]
+
+
+def denoiser_calls_per_run(pipe, spec: SampleSpec) -> int:
+    """How many denoiser calls ``pipe`` makes sampling ``spec``'s first input (:func:`calls_in_run`): the step
+    count, or fewer for an image-to-image run at strength < 1. Runs the pipeline up to its first denoiser call."""
+    return _stop_at_first_call(pipe, spec)["calls"]
+
+
+def _stop_at_first_call(pipe, spec: SampleSpec) -> dict:
+    """``{"call": (args, kwargs), "calls": calls_in_run}`` of ``spec``'s first input, the run stopped there."""
     from diffslim.models.load import denoiser_of
 
     den = denoiser_of(pipe)
     seen: dict = {}
+    one = spec.replace(inputs=spec.inputs[:1], seeds=spec.seeds[:1], batch_size=1)
 
     def capture(module, args, kwargs):
         seen["call"] = (args, kwargs)
+        seen["calls"] = calls_in_run(pipe, one)
         raise _FirstCall
 
-    one = spec.replace(inputs=spec.inputs[:1], seeds=spec.seeds[:1], batch_size=1)
     handle = den.register_forward_pre_hook(capture, with_kwargs=True)
     try:
         run_pipeline(pipe, one, [0])
@@ -227,7 +239,7 @@ def first_denoiser_call(pipe, spec: SampleSpec) -> tuple[tuple, dict]:
         handle.remove()
     if "call" not in seen:
         raise UserError(f"{type(pipe).__name__} did not call its denoiser")
-    return seen["call"]
+    return seen
 
 
 class _Enough(Exception):

@@ -51,7 +51,7 @@ from torch import nn
 
 from diffslim.errors import Interrupted, UserError
 from diffslim.methods.skip_plan import (
-    PlanState, PlanUnits, apply_skip_plan, check_scheduler, deepcache_plan, effective_plan, effective_plan_soft, full_plan,
+    PlanState, PlanUnits, apply_skip_plan, check_scheduler, deepcache_plan, effective_plan, effective_plan_soft, full_plan, pad_plan,
     plan_macs_ratio, plan_units, plan_units_at, remove_skip_plan,
 )
 from diffslim.train.data import pipeline_inputs
@@ -577,12 +577,12 @@ def train_dipgo(pipe, cfg: DipgoConfig, units: Optional[PlanUnits] = None,
     den = denoiser_of(pipe)
     given_pool = pool
     pool = pipeline_inputs(pipe, cfg.data, cfg.seed) if pool is None else pool
-    if units is None:  # MACs measured on the call the training inputs make (size, context, guidance batch)
-        from diffslim.sample import SampleSpec
+    from diffslim.sample import SampleSpec, denoiser_calls_per_run
 
-        units = plan_units_at(pipe, SampleSpec([pool[0]], [cfg.seed], num_inference_steps=cfg.num_inference_steps,
-                                               scheduler=cfg.scheduler, call_kwargs=dict(cfg.call_kwargs),
-                                               batch_size=1), cfg.granularity)
+    first = SampleSpec([pool[0]], [cfg.seed], num_inference_steps=cfg.num_inference_steps, scheduler=cfg.scheduler,
+                       call_kwargs=dict(cfg.call_kwargs), batch_size=1)
+    if units is None:  # MACs measured on the call the training inputs make (size, context, guidance batch)
+        units = plan_units_at(pipe, first, cfg.granularity)
     if cfg.scheduler is not None:
         from diffslim.sample import make_scheduler
 
@@ -590,9 +590,12 @@ def train_dipgo(pipe, cfg: DipgoConfig, units: Optional[PlanUnits] = None,
                         cfg.num_inference_steps, cfg.scheduler)
     if cfg.restarts > 1:
         return _train_restarts(pipe, cfg, units, callback, given_pool)
+    # the plan's rows are the denoiser calls a run makes: an image-to-image run at strength s < 1 makes only
+    # int(steps * s) of them (its first rows); the budget is of those, and the rows after them keep every unit
+    rows = min(cfg.num_inference_steps, denoiser_calls_per_run(pipe, first))
     torch.manual_seed(cfg.seed)
-    pruner = Pruner(cfg.num_inference_steps, len(units), cfg.width, cfg.heads, cfg.self_attention, cfg.keep_bias,
-                    prior=prior_plan(cfg.init, units, cfg.num_inference_steps, cfg.ratio))
+    pruner = Pruner(rows, len(units), cfg.width, cfg.heads, cfg.self_attention, cfg.keep_bias,
+                    prior=prior_plan(cfg.init, units, rows, cfg.ratio))
     # low first-moment decay: the sparsity push stops at the budget, momentum should not carry it far below
     opt = torch.optim.Adam(pruner.parameters(), lr=cfg.lr, betas=(0.5, 0.999))
     # like diffslim's other trainers: on this process's GPU when torch sees one, else on the CPU; the pipeline
@@ -610,7 +613,7 @@ def train_dipgo(pipe, cfg: DipgoConfig, units: Optional[PlanUnits] = None,
     out = Path(cfg.out) if cfg.out else None
     settings = _resume_settings(cfg, len(units))
     start, log, seconds = 0, [], 0.0
-    score_sum = torch.zeros(cfg.num_inference_steps, len(units), dtype=torch.float64)
+    score_sum = torch.zeros(rows, len(units), dtype=torch.float64)
     best = {"val": float("inf"), "scores": None, "step": 0}
     if out is not None:
         existing = _checkpoints(out)
@@ -624,6 +627,10 @@ def train_dipgo(pipe, cfg: DipgoConfig, units: Optional[PlanUnits] = None,
             score_sum = ck.get("score_sum", score_sum)
             best = ck.get("best", best)
             acc.print(f"resumed from {existing[-1]} at step {start}")
+    if rows < cfg.num_inference_steps:
+        acc.print(f"dipgo: a run of {cfg.num_inference_steps} steps makes {rows} denoiser calls (its strength's "
+                  f"share): the plan is trained for those, the budget is theirs, and its last "
+                  f"{cfg.num_inference_steps - rows} rows, which never run, keep every unit")
     progress = None
     if cfg.progress and acc.is_local_main_process:
         from tqdm.auto import tqdm
@@ -708,8 +715,8 @@ def train_dipgo(pipe, cfg: DipgoConfig, units: Optional[PlanUnits] = None,
             scores = best["scores"].numpy()
         else:
             scores = (score_sum / cfg.iters if cfg.average_scores else raw.keep_prob().double().cpu()).numpy()
-    plan = plan_from_scores(scores, units, cfg.ratio)
-    res = DipgoResult(scores, plan, plan_macs_ratio(plan, units), units, seconds, log, cfg)
+    plan = pad_plan(plan_from_scores(scores, units, cfg.ratio), cfg.num_inference_steps)
+    res = DipgoResult(scores, plan, plan_macs_ratio(plan, units, rows), units, seconds, log, cfg)
     if acc.is_main_process:
         _write_result(res, out)
     return res

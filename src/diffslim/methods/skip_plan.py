@@ -52,7 +52,7 @@ from torch import nn
 from diffslim.errors import UserError
 
 __all__ = [
-    "GRANULARITIES", "PlanUnits", "plan_units", "effective_plan", "effective_plan_soft", "plan_macs_ratio",
+    "GRANULARITIES", "PlanUnits", "plan_units", "effective_plan", "effective_plan_soft", "plan_macs_ratio", "pad_plan",
     "PlanState", "SkipPlanRuntime", "apply_skip_plan", "remove_skip_plan", "deepcache_plan", "random_plan",
     "validate_plan", "denoiser_steps", "check_scheduler", "full_plan", "plan_units_at", "compile_skip_plan",
     "apply_diffusers_cache", "remove_diffusers_cache", "magcache_ratios",
@@ -187,6 +187,14 @@ def full_plan(num_steps: int, n_units: int) -> np.ndarray:
     return np.ones((num_steps, n_units), dtype=bool)
 
 
+def pad_plan(plan, num_steps: int) -> np.ndarray:
+    """``plan`` for the denoiser calls a run makes, as a plan of ``num_steps`` rows: the rows after it keep every
+    unit. An image-to-image run at strength s < 1 makes only its first ``int(steps * s)`` calls; the plan a
+    pipeline is pinned to has a row per step."""
+    plan = np.asarray(plan, dtype=bool)
+    return np.concatenate([plan, full_plan(num_steps - len(plan), plan.shape[1])]) if len(plan) < num_steps else plan
+
+
 def validate_plan(plan, units: PlanUnits, num_steps: Optional[int] = None) -> np.ndarray:
     """``plan`` as a ``(steps, units)`` bool array, checked against ``units`` (and ``num_steps``).
 
@@ -237,15 +245,17 @@ def effective_plan_soft(gates: torch.Tensor, units: PlanUnits) -> torch.Tensor:
     return torch.stack(cols, dim=1)
 
 
-def plan_macs_ratio(plan, units: PlanUnits) -> float:
+def plan_macs_ratio(plan, units: PlanUnits, calls: Optional[int] = None) -> float:
     """MACs of the denoiser calls under ``plan`` (after dependencies) over the full model's, in [0, 1].
 
     With ``units.reuse_output``, a step at which no unit runs costs nothing (the runtime returns the
-    previous output without calling the denoiser)."""
+    previous output without calling the denoiser). ``calls``: the run makes only that many denoiser calls,
+    the plan's first rows (an image-to-image run at strength < 1); the rest never run and do not count."""
     if units.total_macs <= 0:
         raise UserError("these plan units were built without MACs (plan_units(count_macs=False)): "
                         "build them with plan_units or plan_units_at to cost a plan")
-    eff = effective_plan(np.asarray(plan, dtype=bool), units)
+    plan = np.asarray(plan, dtype=bool)
+    eff = effective_plan(plan[:calls] if calls else plan, units)
     macs = np.asarray(units.macs, dtype=np.float64)
     calls = int(eff.any(axis=1).sum()) if units.reuse_output else eff.shape[0]  # idle steps reuse the output
     run = units.outside_macs * calls + float((eff * macs).sum())
