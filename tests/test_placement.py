@@ -188,6 +188,7 @@ def test_time_components_attributes_every_call_of_a_stable_diffusion_pipeline(ti
     assert tc.entries["unet"] == 3  # one call per step (guidance batched into it)
     assert tc.entries["text_encoder"] == 2  # the prompt and the empty negative prompt
     assert tc.entries["vae"] == 2  # decoding enters post_quant_conv, then the decoder (never vae.forward)
+    assert tc.calls == {**{k: 0 for k in tc.calls}, "unet": 3, "text_encoder": 2, "vae": 1}  # one decode is 1 call
     assert all(tc.seconds[k] > 0 for k in ("unet", "text_encoder", "vae"))
     assert sum(tc.seconds.values()) <= tc.total
     rows = tc.rows(denoiser="unet")
@@ -213,7 +214,7 @@ def test_profile_pipeline_breaks_sampling_time_down(tmp_path):
     assert res.exit_code == 0, res.output
     d = json.loads(res.stdout)
     rows = {r["component"]: r for r in d["components"]}
-    assert rows["denoiser"]["entries"] == 6 and rows["denoiser"]["denoiser"]  # 2 runs of batch 1, 3 steps each
+    assert rows["denoiser"]["entries"] == rows["denoiser"]["calls"] == 6 and rows["denoiser"]["denoiser"]  # 2 runs of batch 1, 3 steps each
     assert 0 < d["denoiser_share"] < 1 and d["max_speedup_from_the_denoiser"] == pytest.approx(1 / (1 - d["denoiser_share"]))
     rec = tmp_path / "r.json"
     rec.write_text(json.dumps({"sampling": {"num_inference_steps": 2}}))

@@ -433,12 +433,12 @@ def _profile_pipeline(model: str, n: int, steps: Optional[int], recipe: Optional
                     f"{result['device']} {result['dtype']}" + (f", recipe {recipe}" if recipe else "")
                     + (", compiled" if compile_options is not None else "")
                     + f" (best of {repeats})")
-    for c in ("component", "seconds", "share", "entries"):
+    for c in ("component", "seconds", "share", "calls"):
         t.add_column(c, justify="left" if c == "component" else "right")
     for r in rows:
         t.add_row(r["component"] + (" (denoiser)" if r["denoiser"] and r["component"] != "denoiser" else ""),
                   f"{r['seconds']:.3f}",
-                  f"{100 * r['share']:.1f}%", "" if r["entries"] is None else str(r["entries"]))
+                  f"{100 * r['share']:.1f}%", "" if r["calls"] is None else str(r["calls"]))
     t.add_row("[bold]total[/]", f"[bold]{best.total:.3f}[/]", "100%", "")
     _print_table(t)
     console.print(f"the denoiser takes {100 * share:.1f}% of sampling: compressing it alone can make sampling at most "

@@ -163,23 +163,32 @@ def _latency_and_memory(den, args, kwargs, repeats: int):
 
 
 class ComponentTimes:
-    """What :func:`time_components` measured: ``seconds[name]`` and ``entries[name]`` per pipeline component, and
-    ``total`` (the wall time of the whole block)."""
+    """What :func:`time_components` measured per pipeline component: ``seconds[name]``, ``entries[name]`` (outermost
+    entries into any of its hooked modules: a VAE decode enters ``post_quant_conv``, then ``decoder``: 2) and
+    ``calls[name]`` (the most outermost entries into any one of those modules: that decode is 1 call, a U-Net's
+    forward once per step), and ``total`` (the wall time of the whole block)."""
 
     def __init__(self, names):
         self.seconds = {n: 0.0 for n in names}
         self.entries = {n: 0 for n in names}
+        self.by_module: dict[str, dict[int, int]] = {n: {} for n in names}  # outermost entries per hooked module
         self.order: list[str] = []  # the components in the order they first ran
         self.total = 0.0
+
+    @property
+    def calls(self) -> dict[str, int]:
+        return {n: max(c.values(), default=0) for n, c in self.by_module.items()}
 
     def rows(self, denoiser: Optional[str] = None) -> list[dict]:
         """One row per component that ran, in the order they first ran, then ``other`` (the scheduler, the
         pipeline's own code, image conversion); ``share`` of the total."""
+        calls = self.calls
         rows = [{"component": n, "seconds": self.seconds[n], "share": self.seconds[n] / self.total if self.total
-                 else 0.0, "entries": self.entries[n], "denoiser": n == denoiser} for n in self.order]
+                 else 0.0, "calls": calls[n], "entries": self.entries[n], "denoiser": n == denoiser}
+                for n in self.order]
         other = max(0.0, self.total - sum(self.seconds.values()))
         rows.append({"component": "other", "seconds": other, "share": other / self.total if self.total else 0.0,
-                     "entries": None, "denoiser": False})
+                     "calls": None, "entries": None, "denoiser": False})
         return rows
 
 
@@ -212,6 +221,8 @@ def time_components(pipe):
             if active[name] == 0:
                 sync(module)
                 started[name] = time.perf_counter()
+                per = times.by_module[name]
+                per[id(module)] = per.get(id(module), 0) + 1
             active[name] += 1
         return hook
 
