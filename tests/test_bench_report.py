@@ -85,10 +85,11 @@ def test_report_writes_html_json_and_pngs(bench_result, tmp_path):
     _, _, res = bench_result
     rep = Report("t")
     rep.add_text("hello", "<b>escaped</b>")
-    add_bench_section(rep, "zoo:tiny", res.rows, res.outputs)
+    add_bench_section(rep, "zoo:tiny", res.rows, res.outputs, timing=timing_note(res.timing))
     out = rep.write(tmp_path / "rep")
     html = (out / "index.html").read_text()
     assert "&lt;b&gt;escaped" in html and "steps:2" in html
+    assert "again after the other methods" in html[html.index("notes: zoo:tiny"):]  # the timing-noise line
     data = json.loads((out / "report.json").read_text())
     assert data["tables"]["bench: zoo:tiny"][0]["method"] == "full"
     # the reference cells are null in the JSON (no measurement), the other rows keep their values

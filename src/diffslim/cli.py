@@ -713,8 +713,9 @@ def bench(
         from diffslim.report import Report, add_bench_section
 
         rep = Report(f"diffslim bench: {model} ({n} inputs, {default_steps} steps full)")
-        rep.add_text("how it was run", _run_info(dev, dt) + (f"\n{timing_note(res.timing)}" if res.timing else ""))
-        add_bench_section(rep, model, rows, res.outputs, references=reference_images(es))
+        rep.add_text("how it was run", _run_info(dev, dt))
+        add_bench_section(rep, model, rows, res.outputs, references=reference_images(es),
+                          timing=timing_note(res.timing))
         rep.write(html)
     if as_json:
         from diffslim.report import json_rows

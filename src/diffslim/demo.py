@@ -274,7 +274,7 @@ def run_demo(out: Path, n: int | None = None, methods: str | None = None, consol
     ``n`` and ``methods`` override the per-model plan (``DEMO_PLAN``).
     """
     from diffslim.apply import denoiser_attr
-    from diffslim.bench import run_bench
+    from diffslim.bench import run_bench, timing_note
     from diffslim.evaluate import eval_set_for, finite, metrics_fn_for, reference_images
     from diffslim.measure.profile import profile_depths, profile_model
     from diffslim.methods.depth_search import depth_search_figure, search_depth
@@ -335,8 +335,11 @@ def run_demo(out: Path, n: int | None = None, methods: str | None = None, consol
                         metrics_fn=metrics_fn_for(loaded, es), progress=True)
         rows = [{kk: finite(v) for kk, v in r.items()} for r in res.rows]
         benches[model] = rows
-        add_bench_section(rep, model, rows, res.outputs, references=reference_images(es))
+        add_bench_section(rep, model, rows, res.outputs, references=reference_images(es),
+                          timing=timing_note(res.timing))
         console.print(f"benched {model}: " + ", ".join(f"{r['method']} x{r['speedup']:.2f}" for r in rows))
+        if res.timing:
+            console.print(f"  {timing_note(res.timing)}", highlight=False)
         rep.add_figure(f"quality against MACs: {model}", f"pareto_{key}.png",
                        pareto_figure(rows, "psnr", f"{model}: PSNR vs the full model against run MACs"),
                        "every bench row above; up and to the left is better")

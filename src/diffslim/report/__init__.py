@@ -226,10 +226,12 @@ def skip_lines(rows: Sequence[dict], key: str) -> list[str]:
     return [text if len(where) == len(rows) > 1 else f"{', '.join(where)}: {text}" for text, where in skips.items()]
 
 
-def add_bench_section(rep, model: str, rows, outputs, references: Optional[dict] = None) -> None:
+def add_bench_section(rep, model: str, rows, outputs, references: Optional[dict] = None,
+                      timing: Optional[str] = None) -> None:
     """Bench rows, the cost/quality figure and one image grid per method; ``references``: rows shown above the
     methods in the side-by-side grid (``{"input": (N, C, h, w), "ground truth": ...}``, see
-    :func:`diffslim.evaluate.reference_images`)."""
+    :func:`diffslim.evaluate.reference_images`); ``timing``: the run's timing-noise line
+    (:func:`diffslim.bench.timing_note`), shown under the table."""
     tag = slug(model)
     # the terminal table's columns (every metric a row has, clip_score, lpips and fid included), and the seconds
     hidden = ("skipped", "notes", "macs_per_sample", "search", "candidates")
@@ -238,6 +240,7 @@ def add_bench_section(rep, model: str, rows, outputs, references: Optional[dict]
     rep.add_table(f"bench: {model}", rows, cols, key="method",
                   headers={"seconds": f"seconds (sampling all {n} inputs)" if n else "seconds (sampling run)"})
     notes = [f"{r['method']}: {r['notes']}" for r in rows if r.get("notes")] + skip_lines(rows, "method")
+    notes += [timing] if timing else []
     if notes:
         rep.add_text(f"notes: {model}", "\n".join(notes))
     rep.add_figure(f"cost and quality: {model}", f"bench_{tag}.png", bench_figure(rows, model),
