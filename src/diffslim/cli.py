@@ -667,7 +667,9 @@ def bench(
     seed: int = _SEED_OPT,
     prompts: Optional[Path] = _PROMPTS_OPT,
     batch_size: int = typer.Option(50, min=1, help="inputs per pipeline call"),
-    repeats: int = typer.Option(1, min=1, help="timed runs per variant; the best counts"),
+    repeats: int = typer.Option(1, min=1, help="timed runs per variant; the best counts (the full model is timed "
+                                "again after the methods, and the gap between its two timings is printed: the "
+                                "run's noise)"),
     clip: Optional[Path] = typer.Option(None, help="local CLIP folder (transformers format) for clip_score"),
     lpips: Optional[Path] = typer.Option(None, help="local LPIPS backbone checkpoint for lpips"),
     inception: Optional[Path] = typer.Option(None, help="local FID Inception weights (torch-fidelity format)"),
