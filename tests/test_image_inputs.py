@@ -280,3 +280,42 @@ def test_sampling_calibration_of_img2img_below_strength_one_scores_the_calls_it_
         torch.testing.assert_close(pred[2 * k:2 * k + 2], out, atol=1e-5, rtol=0)
     res = lp.layer_prune(pipe.unet, "output-loss", 0.3, calib=calib)
     assert res.params_removed >= 0.3 * res.params
+
+
+def test_a_skip_plan_recipe_starts_every_pipeline_call_at_its_first_row(tiny_sd_pipe):
+    """The plan runtime tells a new run by a timestep that does not fall; an img2img call at strength 0.25 (one
+    call, at the schedule's last timestep) right after a call that ended on that timestep ran on as its next row,
+    with the last image's caches, and so did any call after an interrupted one. A recipe's pinned scheduler now
+    starts the plan afresh whenever a pipeline call sets its timesteps."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    from diffslim import apply
+    from diffslim.methods.skip_plan import deepcache_plan, plan_units, remove_skip_plan
+
+    pipe = StableDiffusionImg2ImgPipeline(**tiny_sd_pipe.components)
+    pipe.set_progress_bar_config(disable=True)
+    image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+
+    def run(strength, **kw):
+        return pipe("a cat", image=image, strength=strength, num_inference_steps=4, output_type="np",
+                    generator=torch.Generator().manual_seed(0), **kw).images
+
+    full = run(0.25)
+    units = plan_units(pipe.unet, "fine")
+    plan = deepcache_plan(units, 4, 4, 0)  # row 0 runs every unit, rows 1-3 reuse the deep ones
+    apply(pipe, {"skip_plan": {"granularity": "fine", "units": list(units.names), "plan": plan.tolist()}})
+    try:
+        fresh = run(0.25)
+        assert np.array_equal(fresh, full)  # one call: the plan's row 0, which runs every unit
+        half = run(0.5)
+        run(0.8)  # 3 calls, ending on the last timestep
+        assert np.array_equal(run(0.25), fresh)
+
+        def stop(p, i, t, kw):
+            p._interrupt = i == 1
+            return kw
+
+        run(1.0, callback_on_step_end=stop)  # stops after the second of 4 calls
+        assert np.array_equal(run(0.5), half)  # its 2 calls start below where that one stopped
+    finally:
+        remove_skip_plan(pipe.unet)  # the session's shared U-Net

@@ -1,4 +1,8 @@
 import json
+import subprocess
+import sys
+
+import numpy as np
 
 import pytest
 import torch
@@ -155,6 +159,40 @@ def test_a_pipeline_with_a_recipe_saves_and_plain_diffusers_loads_it_back(tiny_s
     assert pipe.scheduler.timesteps.tolist() == [999, 500, 1]
     pipe.save_pretrained(tmp_path / "ddim")
     assert type(DiffusionPipeline.from_pretrained(tmp_path / "ddim").scheduler) is NonUniformDDIMScheduler
+    # in a fresh process ``import diffslim`` is enough (diffusers loads only modules that are imported already)
+    code = ("import diffslim; from diffusers import DiffusionPipeline; "
+            f"print(type(DiffusionPipeline.from_pretrained({str(tmp_path / 'ddim')!r}).scheduler).__name__)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("NonUniformDDIMScheduler"), r.stderr[-500:]
+
+
+def test_pinned_schedulers_that_set_their_timesteps_while_constructed(tiny_sd_pipe, caplog):
+    """Heun's and LMS's constructors call set_timesteps themselves (Heun with a third positional argument that is
+    not timesteps): pinned, Heun failed to construct and LMS warned of a count nobody asked for. Heun now samples
+    its pinned steps (two calls per step but the last) and timesteps, and LMS pins without a word."""
+    import copy
+    import logging
+
+    seen = []
+
+    def record(pipe, i, t, kw):
+        seen.append(int(t))
+        return kw
+
+    for section, want in (({"scheduler": "heun", "num_inference_steps": 3}, 3),
+                          ({"scheduler": "heun", "timesteps": [999, 500, 1]}, [999, 500, 500, 1, 1])):
+        pipe = apply(copy.deepcopy(tiny_sd_pipe), {"sampling": section})
+        seen.clear()
+        out = pipe("a cat", num_inference_steps=7, height=32, width=32, output_type="np", callback_on_step_end=record,
+                   generator=torch.Generator().manual_seed(0)).images
+        assert out.shape == (1, 32, 32, 3) and np.isfinite(out).all()
+        assert (len(set(seen)) == want if isinstance(want, int) else seen == want), seen
+    caplog.clear()  # (Heun was asked for 7 steps above: one warning each)
+    with caplog.at_level(logging.WARNING, logger="diffslim.apply"):
+        pipe = apply(copy.deepcopy(tiny_sd_pipe), {"sampling": {"scheduler": "lms", "num_inference_steps": 3}})
+    assert caplog.records == [] and type(pipe.scheduler).__name__ == "LMSDiscreteScheduler"
+    pipe("a cat", num_inference_steps=3, height=32, width=32, output_type="np")
+    assert len(pipe.scheduler.timesteps) == 3
 
 
 def test_apply_checks_its_arguments_adds_to_what_is_installed_and_leaves_a_pipeline_as_it_was_on_failure(

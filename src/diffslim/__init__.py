@@ -21,10 +21,11 @@ from diffslim.ip_adapter import adapt_ip_adapter
 from diffslim.lora import adapt_lora
 from diffslim.measure.profile import profile_model as profile
 from diffslim.methods.depth_skip import DepthSkipUNet2DConditionModel, DepthSkipUNet2DModel
+from diffslim.methods.timesteps import NonUniformDDIMScheduler  # a saved pipeline's scheduler: diffusers loads it
 from diffslim.models.load import LoadedModel, ModelLoadError, load
 from diffslim.recipe import Recipe, RecipeError, load_recipe, parse_recipe
 
 __all__ = ["from_recipe", "adapt_ip_adapter", "adapt_lora", "compile", "DepthSkipUNet2DConditionModel", "DepthSkipUNet2DModel", "DepthSkipLayerPrunedUNet2DConditionModel",
-           "DepthSkipLayerPrunedUNet2DModel", "apply", "profile", "load", "LoadedModel", "ModelLoadError", "Recipe", "RecipeError", "load_recipe",
+           "DepthSkipLayerPrunedUNet2DModel", "NonUniformDDIMScheduler", "apply", "profile", "load", "LoadedModel", "ModelLoadError", "Recipe", "RecipeError", "load_recipe",
            "parse_recipe", "UserError"]
 __version__ = "0.1.0"

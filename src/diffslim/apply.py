@@ -6,6 +6,7 @@ result is still an ordinary diffusers pipeline that a user calls as before.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import logging
@@ -32,13 +33,20 @@ def _install_sampling(pipe, sampling) -> None:
         steps, timesteps = type(current)._pinned_steps, type(current)._pinned_timesteps
     if timesteps is not None:
         sched = scheduler_for_timesteps(sched)
-    if timesteps is not None and "timesteps" not in inspect.signature(_unpinned(type(sched)).set_timesteps).parameters:
-        raise RecipeError(
-            f"sampling.timesteps: {_unpinned(type(sched)).__name__} accepts no explicit timesteps; "
-            "choose a scheduler that does (ddim, euler, dpm++, unipc, ddpm, lms, heun)")
+    if timesteps is not None and not _takes_timesteps(sched):
+        from diffslim.recipe import SCHEDULERS
+
+        able = [n for n in SCHEDULERS if _takes_timesteps(scheduler_for_timesteps(make_scheduler(n, current.config)))]
+        raise RecipeError(f"sampling.timesteps: {_unpinned(type(sched)).__name__} accepts no explicit timesteps; "
+                          f"choose a scheduler that does ({', '.join(able)})")
     if steps is not None or timesteps is not None:
         sched = pin_schedule(sched, steps, timesteps, quiet_steps=_default_steps(pipe), exact_for=_strength_slicer(pipe))
     pipe.scheduler = sched
+
+
+def _takes_timesteps(scheduler) -> bool:
+    """Whether the scheduler's ``set_timesteps`` takes an explicit timestep list (in this diffusers version)."""
+    return "timesteps" in inspect.signature(_unpinned(type(scheduler)).set_timesteps).parameters
 
 
 def _strength_slicer(pipe) -> Optional[str]:
@@ -106,8 +114,33 @@ def pin_schedule(scheduler, num_inference_steps=None, timesteps=None, quiet_step
     """
     base = _unpinned(type(scheduler))
     pinned_steps = num_inference_steps or len(timesteps)
+    # the base's own signature, with timesteps= and sigmas= where it lacks them: diffusers passes a pipeline's own
+    # timesteps only to a scheduler whose signature names them, and the pin refuses them in its own words
+    signature = inspect.signature(base.set_timesteps)
+    params = list(signature.parameters.values())
+    tail = [q for q in params if q.kind is inspect.Parameter.VAR_KEYWORD]
+    params = [q for q in params if q.kind is not inspect.Parameter.VAR_KEYWORD]
+    params += [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=None) for n in ("timesteps", "sigmas")
+               if n not in signature.parameters]
+    signature = signature.replace(parameters=params + tail)
 
-    def set_timesteps(self, num_inference_steps=None, device=None, timesteps=None, sigmas=None, **kwargs):
+    @functools.wraps(base.__init__)  # diffusers reads the config's keys from this signature
+    def __init__(self, *args, **kwargs):
+        self.__dict__["_pinned_constructing"] = True  # Heun's and LMS's __init__ call set_timesteps themselves
+        try:
+            base.__init__(self, *args, **kwargs)
+        finally:
+            self.__dict__.pop("_pinned_constructing", None)
+
+    def set_timesteps(self, *args, **kwargs):
+        if self.__dict__.get("_pinned_constructing"):  # the base's own set-up, with its own positional arguments
+            return base.set_timesteps(self, *args, **kwargs)
+        # bound by the base's own signature: (num_inference_steps, device, ...) differs in its later positions
+        kwargs = dict(signature.bind(self, *args, **kwargs).arguments)
+        kwargs.pop("self")
+        kwargs.update(kwargs.pop("kwargs", {}))
+        num_inference_steps, device = kwargs.pop("num_inference_steps", None), kwargs.pop("device", None)
+        timesteps, sigmas = kwargs.pop("timesteps", None), kwargs.pop("sigmas", None)
         if timesteps is not None:  # a pipeline called with timesteps=[...]
             if [int(t) for t in timesteps] != list(self._pinned_timesteps or ()):
                 raise UserError(f"{base.__name__}: the pipeline was asked for {len(timesteps)} timesteps of its own, "
@@ -128,13 +161,17 @@ def pin_schedule(scheduler, num_inference_steps=None, timesteps=None, quiet_step
             logger.warning("%s: asked for num_inference_steps=%s, but the recipe fixes the schedule at %d steps; "
                            "sampling %d (diffslim.apply pinned them)", base.__name__, num_inference_steps,
                            pinned_steps, pinned_steps)
+        for new_run in self.__dict__.get("_diffslim_on_new_run", ()):  # a pipeline call starts: see _install_skip_plan
+            new_run()
         if self._pinned_timesteps is not None:
             return base.set_timesteps(self, device=device, timesteps=list(self._pinned_timesteps), **kwargs)
         return base.set_timesteps(self, self._pinned_steps, device=device, **kwargs)
 
     # the pin lives on the class, so that copies made by ``from_config`` (as schedule checks make) keep it
+    set_timesteps.__signature__ = signature
     pinned_cls = type(base.__name__, (base,), {
-        "set_timesteps": set_timesteps, "_diffslim_pinned": True, "_pinned_steps": num_inference_steps,
+        "__init__": __init__, "set_timesteps": set_timesteps, "_diffslim_pinned": True,
+        "_pinned_steps": num_inference_steps,
         "_warned_steps": set(),
         "_pinned_timesteps": tuple(timesteps) if timesteps is not None else None,
         "__module__": base.__module__, "__qualname__": base.__qualname__})
@@ -180,6 +217,13 @@ def _install_skip_plan(pipe, section) -> None:
     if not getattr(type(pipe.scheduler), "_diffslim_pinned", False):
         pipe.scheduler = pin_schedule(pipe.scheduler, steps, quiet_steps=_default_steps(pipe),
                                       exact_for=_strength_slicer(pipe))
+
+    def new_run(den=den):  # a pipeline call sets its timesteps first: the plan starts at its row 0, caches empty
+        rt = getattr(den, "_diffslim_skip_plan", None)
+        if rt is not None:
+            rt.state.reset()
+
+    pipe.scheduler.__dict__.setdefault("_diffslim_on_new_run", []).append(new_run)
 
 
 _DENOISER_SECTIONS = ("depth", "removed_layers", "skip_plan")
