@@ -257,3 +257,30 @@ def test_a_pinned_pipeline_asked_for_other_steps_says_so_once(tiny_digits_pipe, 
         "steps; sampling 3 (diffslim.apply pinned them)"]
     assert len(pipe.scheduler.timesteps) == 3
     assert (plain == asked).all()
+
+
+def test_a_pipeline_with_fused_projections_prunes_and_samples_as_the_unfused_one(tiny_sd_pipe):
+    """fuse_qkv_projections() before apply: the pruned copy got the fused processors but not the fused projections
+    they read ('Attention' object has no attribute 'to_qkv'). It shares them now, samples what the unfused pruned
+    pipeline samples, and unfuse_qkv_projections() gives back the kept layers' processors."""
+    import copy
+
+    from diffslim.methods.layer_prune import candidate_names
+
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    for recipe in ({"depth": {"depth": 2}}, {"removed_layers": {"layers": candidate_names(tiny_sd_pipe.unet)[-2:]}}):
+        plain = apply(copy.deepcopy(tiny_sd_pipe), recipe)
+        want = plain("a cat", num_inference_steps=2, height=32, width=32, output_type="np", generator=gen()).images
+        fused = copy.deepcopy(tiny_sd_pipe)
+        fused.fuse_qkv_projections()
+        apply(fused, recipe)
+        attn = [m for m in fused.unet.modules() if type(m).__name__ == "Attention"]
+        assert attn and all(m.fused_projections and hasattr(m, "to_qkv" if not m.is_cross_attention else "to_kv")
+                            for m in attn)
+        got = fused("a cat", num_inference_steps=2, height=32, width=32, output_type="np", generator=gen()).images
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+        fused.unfuse_qkv_projections()
+        assert {type(p).__name__ for p in fused.unet.attn_processors.values()} == \
+            {type(p).__name__ for p in plain.unet.attn_processors.values()}
+        back = fused("a cat", num_inference_steps=2, height=32, width=32, output_type="np", generator=gen()).images
+        np.testing.assert_allclose(back, want, atol=1e-5, rtol=0)

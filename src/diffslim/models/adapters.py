@@ -187,14 +187,36 @@ def _processors(model: nn.Module) -> dict:
         return {}
 
 
+_FUSED = ("to_qkv", "to_kv", "to_added_qkv")  # what diffusers' Attention.fuse_projections adds
+
+
+def _carry_fused_projections(source: nn.Module, target: nn.Module) -> None:
+    """The fused projections of ``source``'s attention layers, on ``target``'s same layers (the same modules)."""
+    kept = dict(target.named_modules())
+    for name, module in source.named_modules():
+        if not getattr(module, "fused_projections", False) or type(kept.get(name)) is not type(module):
+            continue
+        for attr in _FUSED:
+            if isinstance(getattr(module, attr, None), nn.Module):
+                setattr(kept[name], attr, getattr(module, attr))
+        kept[name].fused_projections = True
+    original = getattr(source, "original_attn_processors", None)
+    if original is not None:  # what unfuse_qkv_projections sets back: the layers the target keeps
+        names = set(_processors(target))
+        target.original_attn_processors = {n: p for n, p in original.items() if n in names}
+
+
 def carry_attention(source: nn.Module, target: nn.Module) -> None:
     """Give ``target`` (a pruned copy of ``source`` that shares its weights) ``source``'s attention processors for
     the attention layers it keeps, as the same objects (an IP-Adapter's ``to_k_ip``/``to_v_ip`` live there, as do
     custom processors set with ``set_attn_processor``), and ``source``'s loaded image projection (an IP-Adapter's
-    ``encoder_hid_proj`` or SD3's ``image_proj``, with the config flag diffusers sets beside it)."""
+    ``encoder_hid_proj`` or SD3's ``image_proj``, with the config flag diffusers sets beside it). Projections fused
+    by ``fuse_qkv_projections`` (which the fused processors read) are shared too, and ``unfuse_qkv_projections``
+    restores the kept layers' processors."""
     procs = _processors(source)
     if not procs:
         return
+    _carry_fused_projections(source, target)
     mine = _processors(target)
     if any(procs.get(n) is not p and n in procs for n, p in mine.items()):
         target.set_attn_processor({n: procs.get(n, p) for n, p in mine.items()})
