@@ -317,5 +317,8 @@ def test_a_skip_plan_recipe_starts_every_pipeline_call_at_its_first_row(tiny_sd_
 
         run(1.0, callback_on_step_end=stop)  # stops after the second of 4 calls
         assert np.array_equal(run(0.5), half)  # its 2 calls start below where that one stopped
+        apply(pipe, {"sampling": {"scheduler": "ddim"}})  # a scheduler swapped in later keeps the restart
+        run(0.8)
+        assert np.array_equal(run(0.25), fresh)
     finally:
         remove_skip_plan(pipe.unet)  # the session's shared U-Net

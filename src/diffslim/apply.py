@@ -41,6 +41,8 @@ def _install_sampling(pipe, sampling) -> None:
                           f"choose a scheduler that does ({', '.join(able)})")
     if steps is not None or timesteps is not None:
         sched = pin_schedule(sched, steps, timesteps, quiet_steps=_default_steps(pipe), exact_for=_strength_slicer(pipe))
+    if sched is not current and current.__dict__.get("_diffslim_on_new_run"):  # an installed skip plan's restart
+        sched.__dict__["_diffslim_on_new_run"] = list(current.__dict__["_diffslim_on_new_run"])
     pipe.scheduler = sched
 
 
