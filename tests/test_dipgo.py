@@ -340,6 +340,38 @@ def test_an_img2img_run_below_strength_one_is_planned_over_the_calls_it_makes(ti
     assert out.shape == (2, 3, 16, 16) and torch.isfinite(out).all()
 
 
+def test_the_benchs_dipgo_plan_on_img2img_below_strength_one_has_a_row_per_step(tiny_sd_pipe, tmp_path,
+                                                                                 monkeypatch):
+    """dipgo:R re-derives its plan from the cached scores, which have a row per call the run makes (2 of 4 at
+    strength 0.5): the plan it installs and records has a row per step again, the last ones keeping every unit
+    (a 2-row plan in a recipe would pin the schedule at 2 steps, of which img2img then runs 1)."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+    from test_image_inputs import _inputs_file
+
+    import diffslim.bench as bench
+    from diffslim.models.load import LoadedModel
+    from diffslim.sample import SampleSpec
+    from diffslim.train.data import pipeline_inputs
+
+    monkeypatch.setenv("DIFFSLIM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(bench, "DEFAULT_DIPGO", dict(iters=2, batch_size=2, lr=2e-3, gradient_checkpointing=False))
+    pipe = StableDiffusionImg2ImgPipeline(**tiny_sd_pipe.components)
+    pipe.set_progress_bar_config(disable=True)
+    path = _inputs_file(tmp_path, [{"prompt": "a cat", "image": "im0.png", "strength": 0.5},
+                                   {"prompt": "a dog", "image": "im1.png", "strength": 0.5}], size=16)
+    inputs = pipeline_inputs(pipe, str(path), 0)
+    ctx = bench.BenchContext(loaded=LoadedModel("tiny-i2i", "pipeline", pipe.unet, pipe=pipe),
+                             base_spec=SampleSpec(inputs, [0, 1], num_inference_steps=STEPS, batch_size=2),
+                             default_steps=STEPS, task_weight=1.0)
+    variant = bench.METHODS["dipgo"]("0.5", ctx)
+    try:
+        plan = np.asarray(variant.recipe["skip_plan"]["plan"])
+        assert plan.shape[0] == STEPS and plan[2:].all() and not plan[:2].all()
+        assert "over the 2 of its 4 steps the run makes" in variant.notes
+    finally:
+        variant.cleanup()  # the session's shared U-Net
+
+
 def test_pipeline_inputs_read_prompts_jsonl_and_image_folders(tiny_sd_pipe, tiny_digits_pipe, tmp_path):
     from PIL import Image
 

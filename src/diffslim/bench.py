@@ -873,6 +873,7 @@ def _default_dipgo(ctx: BenchContext, ratio: float, **overrides):
     import numpy as np
 
     from diffslim.methods.dipgo import DipgoConfig, plan_from_scores, train_dipgo
+    from diffslim.methods.skip_plan import pad_plan
     from diffslim.sample import model_fingerprint
 
     from diffslim.zoo.pipelines import ZooClassPipeline, ZooSRPipeline
@@ -902,7 +903,7 @@ def _default_dipgo(ctx: BenchContext, ratio: float, **overrides):
                 meta.write_text(json.dumps({"seconds": res.seconds, "log": res.log}))
     info = json.loads(meta.read_text())
     scores = np.load(root / "scores.npy")
-    plan = plan_from_scores(scores, units, ratio)
+    plan = pad_plan(plan_from_scores(scores, units, ratio), steps)  # img2img below strength 1: rows no call reaches
     runs = settings.get("restarts", 1)
     notes = (f"DiP-GO pruner trained {settings['iters']} steps (batch {settings['batch_size']}, "
              f"{settings.get('objective', 'unrolled')}" + (f", best of {runs} seeds" if runs > 1 else "") +
