@@ -700,7 +700,7 @@ def _layer_calibration(ctx: BenchContext):
 
 def _layer_calibration_note(ctx: BenchContext) -> str:
     return (f"{LAYER_CALIB['n']} calibration triples" if ctx.has_data() else
-            f"calibrated on {LAYER_CALIB['n']} of the pipeline's own denoiser calls while sampling its prompts "
+            f"calibrated on {LAYER_CALIB['n']} of the pipeline's own denoiser calls while sampling its inputs "
             "(no --data)")
 
 
