@@ -332,6 +332,12 @@ def test_an_img2img_run_below_strength_one_is_planned_over_the_calls_it_makes(ti
                                         heads=2, progress=False), u, pool=pool)
     assert res.scores.shape == (2, len(u)) and res.plan.shape == (STEPS, len(u)) and res.plan[2:].all()
     assert res.macs_ratio == plan_macs_ratio(res.plan[:2], u) <= 0.5 < plan_macs_ratio(res.plan, u)
+    # inputs of their own strengths: the plan covers the longest run (its first input's 2 calls crashed at call 2)
+    mixed = [dict(pool[0], strength=0.5), dict(pool[1], strength=1.0)]
+    assert denoiser_calls_per_run(pipe, SampleSpec(mixed, [0, 1], num_inference_steps=STEPS)) == STEPS
+    res = train_dipgo(pipe, DipgoConfig(ratio=0.5, num_inference_steps=STEPS, iters=2, batch_size=1, width=16,
+                                        heads=2, progress=False), u, pool=mixed)
+    assert res.scores.shape == (STEPS, len(u))
     apply_skip_plan(pipe.unet, res.plan, u)  # the session's shared U-Net: removed after
     try:
         out = sample(pipe, SampleSpec(pool, [0, 1], num_inference_steps=STEPS, batch_size=2))

@@ -287,7 +287,7 @@ def test_a_skip_plan_recipe_starts_every_pipeline_call_at_its_first_row(tiny_sd_
     call, at the schedule's last timestep) right after a call that ended on that timestep ran on as its next row,
     with the last image's caches, and so did any call after an interrupted one. A recipe's pinned scheduler now
     starts the plan afresh whenever a pipeline call sets its timesteps."""
-    from diffusers import StableDiffusionImg2ImgPipeline
+    from diffusers import EulerDiscreteScheduler, StableDiffusionImg2ImgPipeline
 
     from diffslim import apply
     from diffslim.methods.skip_plan import deepcache_plan, plan_units, remove_skip_plan
@@ -320,5 +320,13 @@ def test_a_skip_plan_recipe_starts_every_pipeline_call_at_its_first_row(tiny_sd_
         apply(pipe, {"sampling": {"scheduler": "ddim"}})  # a scheduler swapped in later keeps the restart
         run(0.8)
         assert np.array_equal(run(0.25), fresh)
+        # a pipeline that passes sigmas of its own (Flux always does) restarts the plan too
+        apply(pipe, {"sampling": {"scheduler": "euler"}})
+        ref = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+        ref.set_timesteps(4)
+        sigmas = ref.sigmas[:-1].tolist()
+        half = run(0.5, sigmas=sigmas)
+        run(1.0, sigmas=sigmas, callback_on_step_end=stop)
+        assert np.array_equal(run(0.5, sigmas=sigmas), half)
     finally:
         remove_skip_plan(pipe.unet)  # the session's shared U-Net

@@ -284,3 +284,24 @@ def test_a_pipeline_with_fused_projections_prunes_and_samples_as_the_unfused_one
             {type(p).__name__ for p in plain.unet.attn_processors.values()}
         back = fused("a cat", num_inference_steps=2, height=32, width=32, output_type="np", generator=gen()).images
         np.testing.assert_allclose(back, want, atol=1e-5, rtol=0)
+
+
+def test_a_denoiser_replaced_after_a_skip_plan_is_freed(tiny_sd_pipe):
+    """The restart a skip plan registers on the pinned scheduler holds its denoiser weakly: a later recipe that
+    replaces the denoiser (layer pruning) frees the old one, weights of the removed layers with it."""
+    import copy
+    import gc
+    import weakref
+
+    from diffslim.methods.layer_prune import candidate_names
+    from diffslim.methods.skip_plan import full_plan, plan_units
+
+    pipe = copy.deepcopy(tiny_sd_pipe)
+    units = plan_units(pipe.unet, "fine")
+    apply(pipe, {"skip_plan": {"granularity": "fine", "units": list(units.names),
+                               "plan": full_plan(3, len(units)).tolist()}})
+    old = weakref.ref(pipe.unet)
+    apply(pipe, {"removed_layers": {"layers": candidate_names(pipe.unet)[-1:]}})
+    gc.collect()
+    assert old() is None and pipe.scheduler.__dict__["_diffslim_on_new_run"]
+    pipe("a cat", num_inference_steps=3, height=32, width=32, output_type="np")  # the stale restart is a no-op

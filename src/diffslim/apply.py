@@ -11,6 +11,7 @@ import inspect
 import json
 import logging
 import os
+import weakref
 from typing import Optional
 
 import torch
@@ -143,6 +144,8 @@ def pin_schedule(scheduler, num_inference_steps=None, timesteps=None, quiet_step
         kwargs.update(kwargs.pop("kwargs", {}))
         num_inference_steps, device = kwargs.pop("num_inference_steps", None), kwargs.pop("device", None)
         timesteps, sigmas = kwargs.pop("timesteps", None), kwargs.pop("sigmas", None)
+        for new_run in self.__dict__.get("_diffslim_on_new_run", ()):  # a pipeline call starts: see _install_skip_plan
+            new_run()
         if timesteps is not None:  # a pipeline called with timesteps=[...]
             if [int(t) for t in timesteps] != list(self._pinned_timesteps or ()):
                 raise UserError(f"{base.__name__}: the pipeline was asked for {len(timesteps)} timesteps of its own, "
@@ -163,8 +166,6 @@ def pin_schedule(scheduler, num_inference_steps=None, timesteps=None, quiet_step
             logger.warning("%s: asked for num_inference_steps=%s, but the recipe fixes the schedule at %d steps; "
                            "sampling %d (diffslim.apply pinned them)", base.__name__, num_inference_steps,
                            pinned_steps, pinned_steps)
-        for new_run in self.__dict__.get("_diffslim_on_new_run", ()):  # a pipeline call starts: see _install_skip_plan
-            new_run()
         if self._pinned_timesteps is not None:
             return base.set_timesteps(self, device=device, timesteps=list(self._pinned_timesteps), **kwargs)
         return base.set_timesteps(self, self._pinned_steps, device=device, **kwargs)
@@ -220,8 +221,8 @@ def _install_skip_plan(pipe, section) -> None:
         pipe.scheduler = pin_schedule(pipe.scheduler, steps, quiet_steps=_default_steps(pipe),
                                       exact_for=_strength_slicer(pipe))
 
-    def new_run(den=den):  # a pipeline call sets its timesteps first: the plan starts at its row 0, caches empty
-        rt = getattr(den, "_diffslim_skip_plan", None)
+    def new_run(ref=weakref.ref(den)):  # a pipeline call sets its timesteps first: the plan starts at its row 0,
+        rt = getattr(ref(), "_diffslim_skip_plan", None)  # caches empty (weak: a denoiser replaced later is freed)
         if rt is not None:
             rt.state.reset()
 

@@ -888,9 +888,11 @@ def _default_dipgo(ctx: BenchContext, ratio: float, **overrides):
     # DIPGO_VERSION changes whenever the training changes, so that no stale cached run is reused
     units = _bench_units(ctx, settings.get("granularity", "fine"))
     # the ratio is in the key: it sets the pruner's sparsity floor, its starting plan and its validation
+    # a run of fewer calls than steps (img2img below strength 1) trains a plan of those rows since session 27
+    calls = steps if zoo else min(steps, denoiser_calls_per_run(ctx.loaded.pipe, ctx.base_spec))
     key = hashlib.sha256(f"{DIPGO_VERSION}|{model_fingerprint(ctx.loaded.source)}|{ratio!r}|{steps}|{sched}|"
-                         f"{sorted(settings.items())}|{data_key}|{units.macs}|{units.outside_macs}".encode()
-                         ).hexdigest()[:16]
+                         f"{sorted(settings.items())}|{data_key}|{units.macs}|{units.outside_macs}"
+                         f"{'' if calls == steps else f'|rows={calls}'}".encode()).hexdigest()[:16]
     root = cache_root() / "dipgo" / key
     meta = root / "train.json"
     reused = meta.exists()

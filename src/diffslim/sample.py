@@ -212,9 +212,16 @@ def first_denoiser_call(pipe, spec: SampleSpec) -> tuple[tuple, dict]:
 
 
 def denoiser_calls_per_run(pipe, spec: SampleSpec) -> int:
-    """How many denoiser calls ``pipe`` makes sampling ``spec``'s first input (:func:`calls_in_run`): the step
-    count, or fewer for an image-to-image run at strength < 1. Runs the pipeline up to its first denoiser call."""
-    return _stop_at_first_call(pipe, spec)["calls"]
+    """The most denoiser calls ``pipe`` makes sampling an input of ``spec`` (:func:`calls_in_run`): the step count,
+    or fewer for an image-to-image run at strength < 1. Inputs differ in it only by their per-call settings (a
+    ``strength`` of their own), so one input of each setting is run, up to its first denoiser call."""
+    firsts = {}
+    for i, inp in enumerate(spec.inputs):
+        settings = tuple(sorted((k, v) for k, v in inp.items() if isinstance(v, (bool, int, float))
+                                and k not in ("class_label", "class_labels")))
+        firsts.setdefault(settings, i)
+    return max(_stop_at_first_call(pipe, spec.replace(inputs=[spec.inputs[i]], seeds=[spec.seeds[i]]))["calls"]
+               for i in firsts.values())
 
 
 def _stop_at_first_call(pipe, spec: SampleSpec) -> dict:

@@ -166,7 +166,8 @@ class ComponentTimes:
     """What :func:`time_components` measured per pipeline component: ``seconds[name]``, ``entries[name]`` (outermost
     entries into any of its hooked modules: a VAE decode enters ``post_quant_conv``, then ``decoder``: 2) and
     ``calls[name]`` (the most outermost entries into any one of those modules: that decode is 1 call, a U-Net's
-    forward once per step), and ``total`` (the wall time of the whole block)."""
+    forward once per step; an img2img run's encode and decode, each module entered once, also show 1), and
+    ``total`` (the wall time of the whole block)."""
 
     def __init__(self, names):
         self.seconds = {n: 0.0 for n in names}

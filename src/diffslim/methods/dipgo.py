@@ -541,10 +541,12 @@ def _checkpoints(out: Path) -> list[Path]:
 _RESUMABLE = ("iters", "checkpoint_every", "out", "progress", "gradient_checkpointing")
 
 
-def _resume_settings(cfg: DipgoConfig, n_units: int) -> str:
-    """What a checkpoint must have been trained with to be resumed by ``cfg`` (JSON, compared as text)."""
+def _resume_settings(cfg: DipgoConfig, n_units: int, rows: Optional[int] = None) -> str:
+    """What a checkpoint must have been trained with to be resumed by ``cfg`` (JSON, compared as text); ``rows``:
+    the plan's rows where the run makes fewer calls than steps (img2img below strength 1)."""
     d = {k: v for k, v in asdict(cfg).items() if k not in _RESUMABLE}
-    return json.dumps({**d, "units": n_units}, sort_keys=True, default=str)
+    extra = {"rows": rows} if rows is not None and rows < cfg.num_inference_steps else {}
+    return json.dumps({**d, "units": n_units, **extra}, sort_keys=True, default=str)
 
 
 def _check_resume(out: Path, saved: Optional[str], now: str) -> None:
@@ -592,7 +594,8 @@ def train_dipgo(pipe, cfg: DipgoConfig, units: Optional[PlanUnits] = None,
         return _train_restarts(pipe, cfg, units, callback, given_pool)
     # the plan's rows are the denoiser calls a run makes: an image-to-image run at strength s < 1 makes only
     # int(steps * s) of them (its first rows); the budget is of those, and the rows after them keep every unit
-    rows = min(cfg.num_inference_steps, denoiser_calls_per_run(pipe, first))
+    rows = min(cfg.num_inference_steps, denoiser_calls_per_run(pipe, first.replace(
+        inputs=list(pool), seeds=[cfg.seed] * len(pool))))
     torch.manual_seed(cfg.seed)
     pruner = Pruner(rows, len(units), cfg.width, cfg.heads, cfg.self_attention, cfg.keep_bias,
                     prior=prior_plan(cfg.init, units, rows, cfg.ratio))
@@ -611,7 +614,7 @@ def train_dipgo(pipe, cfg: DipgoConfig, units: Optional[PlanUnits] = None,
         p.requires_grad_(False)
     rt = apply_skip_plan(den, full_plan(cfg.num_inference_steps, len(units)), units)
     out = Path(cfg.out) if cfg.out else None
-    settings = _resume_settings(cfg, len(units))
+    settings = _resume_settings(cfg, len(units), rows)
     start, log, seconds = 0, [], 0.0
     score_sum = torch.zeros(rows, len(units), dtype=torch.float64)
     best = {"val": float("inf"), "scores": None, "step": 0}
