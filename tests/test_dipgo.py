@@ -466,7 +466,7 @@ def test_cli_dipgo_and_bench_on_a_stable_diffusion_folder(tiny_sd_pipe, tmp_path
     assert rows["full"]["macs_ratio"] == 1.0 and rows["dipgo:0.5"]["macs_ratio"] < 1.0
     assert rows["full"]["psnr"] is None and rows["full"]["ssim"] is None  # "ref": no measurement, not PSNR 100
     timing = json.loads(r.output[r.output.index("{"):])["timing"]
-    assert timing["first"] == rows["full"]["seconds"] and timing["last"] > 0
+    assert rows["full"]["seconds"] == min(timing["first"], timing["last"])
     assert 0 < rows["dipgo:0.5"]["psnr"] < 100
     assert "plan MACs ratio" in rows["dipgo:0.5"]["notes"]
     r = runner.invoke(app, ["dipgo", str(folder), "--ratio", "0.5", "--data", str(tmp_path / "none.txt"),
