@@ -58,6 +58,7 @@ def test_cache_lists_and_clears_by_kind_and_age(tmp_path, monkeypatch):
     _entry(tmp_path / "finetune" / "old" / "student" / "w.safetensors", 1000, days_old=5)
     _entry(tmp_path / "finetune" / "new" / "student" / "w.safetensors", 2000)
     _entry(tmp_path / "dipgo" / "busy" / "scores.npy", 30, days_old=9)
+    _entry(tmp_path / "teacher_samples" / "sampled" / "000000.png", 5)  # a bench's training images from prompts
     run = CliRunner()
 
     r = run.invoke(app, ["cache", "--json"])
@@ -66,17 +67,17 @@ def test_cache_lists_and_clears_by_kind_and_age(tmp_path, monkeypatch):
     assert got["root"] == str(tmp_path)
     assert [(e["kind"], os.path.basename(e["path"]), e["bytes"]) for e in got["entries"]] == [
         ("refs", "a.safetensors", 100), ("refs", "b.safetensors", 50), ("finetune", "old", 1000),
-        ("finetune", "new", 2000), ("dipgo", "busy", 30)]
+        ("finetune", "new", 2000), ("dipgo", "busy", 30), ("teacher_samples", "sampled", 5)]
     assert 9.9 < got["entries"][0]["age_days"] < 10.1
 
     said = lambda r: " ".join(r.output.split())  # noqa: E731 (rich wraps long lines)
     r = run.invoke(app, ["cache", "--clear", "finetune,refs", "--older-than", "1"])
     assert r.exit_code == 0 and "removed 2 entries" in said(r), r.output
-    assert sorted(e.path.name for e in cache.entries(tmp_path)) == ["b.safetensors", "busy", "new"]
+    assert sorted(e.path.name for e in cache.entries(tmp_path)) == ["b.safetensors", "busy", "new", "sampled"]
 
     with cache.building(tmp_path / "dipgo" / "busy", "a run"):  # being built: kept
         r = run.invoke(app, ["cache", "--clear", "all"])
-    assert r.exit_code == 0 and "removed 2 entries" in said(r), r.output
+    assert r.exit_code == 0 and "removed 3 entries" in said(r), r.output
     assert "kept 1 that another process is building" in said(r), r.output
     assert [e.path.name for e in cache.entries(tmp_path)] == ["busy"]
     r = run.invoke(app, ["cache", "--clear", "dipgo"])

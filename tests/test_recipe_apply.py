@@ -224,9 +224,9 @@ def test_apply_checks_its_arguments_adds_to_what_is_installed_and_leaves_a_pipel
     apply(pipe, {"skip_plan": {"granularity": "fine", "units": list(units.names), "plan": plan}})
     before = sample(pipe, _spec(n=2, steps=4))
     scheduler, den, runtime = pipe.scheduler, pipe.denoiser, pipe.denoiser._diffslim_skip_plan
-    with pytest.raises(UserError, match="down_blocks.9.resnets.0 is not a module"):
-        apply(pipe, {"sampling": {"scheduler": "ddim", "num_inference_steps": 4},
-                     "removed_layers": {"layers": ["down_blocks.9.resnets.0"]}})
+    with pytest.raises(RecipeError, match="^skip_plan.units: the plan names 2 fine units, this model has"):
+        apply(pipe, {"sampling": {"scheduler": "ddim", "num_inference_steps": 4},  # installs, then the plan fails
+                     "skip_plan": {"units": ["down_blocks.9", "mid_block"], "plan": [[True, True]] * 4}})
     assert pipe.scheduler is scheduler and pipe.denoiser is den and den._diffslim_skip_plan is runtime
     assert torch.equal(sample(pipe, _spec(n=2, steps=4)), before)
     # what diffslim.load returns: its pipeline gets the recipe, and its denoiser follows
@@ -288,12 +288,13 @@ def test_a_pipeline_with_fused_projections_prunes_and_samples_as_the_unfused_one
 
 def test_a_denoiser_replaced_after_a_skip_plan_is_freed(tiny_sd_pipe):
     """The restart a skip plan registers on the pinned scheduler holds its denoiser weakly: a later recipe that
-    replaces the denoiser (layer pruning) frees the old one, weights of the removed layers with it."""
+    replaces the denoiser (layer pruning with a plan for the pruned model) frees the old one, weights of the removed
+    layers with it."""
     import copy
     import gc
     import weakref
 
-    from diffslim.methods.layer_prune import candidate_names
+    from diffslim.methods.layer_prune import candidate_names, prune_layers
     from diffslim.methods.skip_plan import full_plan, plan_units
 
     pipe = copy.deepcopy(tiny_sd_pipe)
@@ -301,7 +302,123 @@ def test_a_denoiser_replaced_after_a_skip_plan_is_freed(tiny_sd_pipe):
     apply(pipe, {"skip_plan": {"granularity": "fine", "units": list(units.names),
                                "plan": full_plan(3, len(units)).tolist()}})
     old = weakref.ref(pipe.unet)
-    apply(pipe, {"removed_layers": {"layers": candidate_names(pipe.unet)[-1:]}})
+    layers = candidate_names(pipe.unet)[-1:]
+    pruned_units = plan_units(prune_layers(pipe.unet, layers), "fine")
+    apply(pipe, {"removed_layers": {"layers": layers},
+                 "skip_plan": {"granularity": "fine", "units": list(pruned_units.names),
+                               "plan": full_plan(3, len(pruned_units)).tolist()}})
     gc.collect()
     assert old() is None and pipe.scheduler.__dict__["_diffslim_on_new_run"]
     pipe("a cat", num_inference_steps=3, height=32, width=32, output_type="np")  # the stale restart is a no-op
+
+
+def _sd_plan_recipe(unet, steps=4):
+    from diffslim.methods.skip_plan import deepcache_plan, plan_units
+
+    units = plan_units(unet, "fine")
+    return {"skip_plan": {"granularity": "fine", "units": list(units.names),
+                          "plan": deepcache_plan(units, steps, steps, 0).tolist()}}
+
+
+def test_layer_pruning_after_a_skip_plan_is_refused_and_together_they_apply_in_model_order(tiny_sd_pipe):
+    """Layer pruning or a depth on a denoiser that already runs a skip plan made a pruned copy without the plan
+    while the recorded recipe still named it (the plan was silently gone): refused, the pipeline left as it was. In
+    one recipe the sections install in model order (the denoiser's structure first, then the plan for it), whatever
+    the order of the recipe's fields: the same images as pruning first and applying the plan afterwards."""
+    import copy
+
+    from diffslim.errors import UserError
+    from diffslim.methods.depth_skip import max_depth
+    from diffslim.methods.layer_prune import candidate_names, prune_layers
+
+    def gen():
+        return torch.Generator().manual_seed(0)
+
+    def run(p):
+        return p("a cat", num_inference_steps=4, height=32, width=32, output_type="np", generator=gen()).images
+
+    pipe = copy.deepcopy(tiny_sd_pipe)
+    with pytest.raises(UserError, match="down_blocks.9.resnets.0 is not a module"):
+        apply(pipe, {"removed_layers": {"layers": ["down_blocks.9.resnets.0"]}})
+    apply(pipe, _sd_plan_recipe(pipe.unet))
+    unet, recorded, planned = pipe.unet, pipe._diffslim_recipe, run(pipe)
+    layers = candidate_names(pipe.unet)[-1:]
+    for section in ({"removed_layers": {"layers": layers}}, {"depth": {"depth": max_depth(pipe.unet) - 1}}):
+        with pytest.raises(RecipeError, match=f"^{next(iter(section))}: the pipeline's denoiser already runs a "
+                                              "skip plan"):
+            apply(pipe, section)
+        assert pipe.unet is unet and pipe._diffslim_recipe is recorded
+        assert np.array_equal(run(pipe), planned)
+
+    routed = copy.deepcopy(tiny_sd_pipe)  # a multi-depth schedule is dropped by layer pruning in the same way
+    apply(routed, {"depth": {"schedule": [{"t_min": 500, "depth": max_depth(routed.unet) - 1}]}})
+    with pytest.raises(RecipeError, match="^removed_layers: the pipeline's denoiser already runs a multi-depth"):
+        apply(routed, {"removed_layers": {"layers": layers}})
+
+    pruned_plan = _sd_plan_recipe(prune_layers(tiny_sd_pipe.unet, layers))
+    two_steps = copy.deepcopy(tiny_sd_pipe)
+    apply(two_steps, {"removed_layers": {"layers": layers}})
+    apply(two_steps, pruned_plan)
+    together = copy.deepcopy(tiny_sd_pipe)
+    apply(together, {**pruned_plan, "removed_layers": {"layers": layers}})
+    assert together.unet._diffslim_skip_plan is not None
+    assert set(together._diffslim_recipe.model_dump(exclude_none=True)) >= {"skip_plan", "removed_layers"}
+    assert np.array_equal(run(together), run(two_steps))
+    assert not np.array_equal(run(together), planned)
+
+
+def test_a_deep_copy_of_a_pipeline_runs_its_own_skip_plan(tiny_sd_pipe):
+    """``copy.deepcopy`` copies diffusers' forward wrappers by reference: a copy of a pipeline with a skip plan ran
+    its hooked blocks with the original's weights and caches, and its scheduler restarted the original's plan (an
+    img2img call at strength 0.25 after one at 0.8 on the copy: 0.04 off). The copy now installs the plan on itself
+    at its first call."""
+    import copy
+
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+    def run(p, strength):
+        return p("a cat", image=image, strength=strength, num_inference_steps=4, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images
+
+    def halve(p):
+        with torch.no_grad():
+            for w in p.unet.parameters():
+                w.mul_(0.5)
+
+    pipe = StableDiffusionImg2ImgPipeline(**copy.deepcopy(tiny_sd_pipe.components))
+    pipe.set_progress_bar_config(disable=True)
+    halved = copy.deepcopy(pipe)  # the reference for the copy's own weights: halved, then the plan applied
+    recipe = _sd_plan_recipe(pipe.unet)
+    apply(pipe, recipe)
+    fresh = run(pipe, 0.25)
+    twin = copy.deepcopy(pipe)
+    run(twin, 0.8)  # 3 calls, ending on the timestep a call at 0.25 starts on
+    assert np.array_equal(run(twin, 0.25), fresh)
+    halve(twin)
+    halve(halved)
+    apply(halved, recipe)
+    assert np.array_equal(run(twin, 1.0), run(halved, 1.0))
+    run(pipe, 0.8)
+    assert np.array_equal(run(pipe, 0.25), fresh)  # the original keeps its own plan and weights
+
+
+def test_a_pinned_scheduler_pickles(tiny_sd_pipe):
+    """A recipe's pinned scheduler is a class made at run time, which pickle could not find by its name: a pipeline
+    with a sampling recipe did not pickle (multiprocessing, Ray). It pickles now, and loads pinned."""
+    import copy
+    import pickle
+
+    pipe = copy.deepcopy(tiny_sd_pipe)
+    apply(pipe, {"sampling": {"scheduler": "ddim", "timesteps": [900, 500, 100]}})
+    sched = pickle.loads(pickle.dumps(pipe.scheduler))
+    assert type(sched).__name__ == type(pipe.scheduler).__name__ and type(sched)._diffslim_pinned
+    sched.set_timesteps(50)
+    assert sched.timesteps.tolist() == [900, 500, 100]
+    back = pickle.loads(pickle.dumps(pipe))
+
+    def run(p):
+        return p("a cat", height=32, width=32, output_type="np", generator=torch.Generator().manual_seed(0)).images
+
+    assert np.array_equal(run(back), run(pipe))

@@ -6,6 +6,7 @@ result is still an ordinary diffusers pipeline that a user calls as before.
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import json
@@ -170,15 +171,35 @@ def pin_schedule(scheduler, num_inference_steps=None, timesteps=None, quiet_step
             return base.set_timesteps(self, device=device, timesteps=list(self._pinned_timesteps), **kwargs)
         return base.set_timesteps(self, self._pinned_steps, device=device, **kwargs)
 
+    def __reduce__(self):  # pickle cannot find the pinned class by its name: it is made again from the base
+        state = {k: v for k, v in self.__dict__.items() if k != "_diffslim_on_new_run"}  # the plan's hooks do
+        return _repinned, (base, dict(self.config), num_inference_steps, timesteps, quiet_steps, exact_for), state
+
+    def __copy__(self):  # copy and deepcopy as for any object (not through __reduce__, which drops the restarts)
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        return new
+
+    def __deepcopy__(self, memo):
+        new = memo[id(self)] = object.__new__(type(self))
+        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return new
+
     # the pin lives on the class, so that copies made by ``from_config`` (as schedule checks make) keep it
     set_timesteps.__signature__ = signature
     pinned_cls = type(base.__name__, (base,), {
         "__init__": __init__, "set_timesteps": set_timesteps, "_diffslim_pinned": True,
+        "__reduce__": __reduce__, "__copy__": __copy__, "__deepcopy__": __deepcopy__,
         "_pinned_steps": num_inference_steps,
         "_warned_steps": set(),
         "_pinned_timesteps": tuple(timesteps) if timesteps is not None else None,
         "__module__": base.__module__, "__qualname__": base.__qualname__})
     return pinned_cls.from_config(scheduler.config)
+
+
+def _repinned(base, config, num_inference_steps, timesteps, quiet_steps, exact_for):
+    """A pinned scheduler made again from its base class and config (what a pickled one loads as)."""
+    return pin_schedule(base.from_config(config), num_inference_steps, timesteps, quiet_steps, exact_for)
 
 
 def _install_removed_layers(pipe, section) -> None:
@@ -221,15 +242,56 @@ def _install_skip_plan(pipe, section) -> None:
         pipe.scheduler = pin_schedule(pipe.scheduler, steps, quiet_steps=_default_steps(pipe),
                                       exact_for=_strength_slicer(pipe))
 
-    def new_run(ref=weakref.ref(den)):  # a pipeline call sets its timesteps first: the plan starts at its row 0,
-        rt = getattr(ref(), "_diffslim_skip_plan", None)  # caches empty (weak: a denoiser replaced later is freed)
+    pipe.scheduler.__dict__.setdefault("_diffslim_on_new_run", []).append(_PlanRestart(den))
+
+
+class _PlanRestart:
+    """Called by a pinned scheduler's ``set_timesteps`` (a pipeline call starts): the skip plan installed on the
+    denoiser starts again at its row 0 with empty caches. It holds the denoiser weakly, so that a denoiser
+    replaced later is freed; a deep copy of the pipeline (which copies the denoiser before the scheduler) restarts
+    the copy's plan, not the original's."""
+
+    def __init__(self, denoiser):
+        self._ref = weakref.ref(denoiser)
+
+    def __call__(self) -> None:
+        rt = getattr(self._ref(), "_diffslim_skip_plan", None)
         if rt is not None:
             rt.state.reset()
 
-    pipe.scheduler.__dict__.setdefault("_diffslim_on_new_run", []).append(new_run)
+    def __deepcopy__(self, memo):
+        den = self._ref()
+        copied = memo.get(id(den)) if den is not None else None
+        return self if copied is None else _PlanRestart(copied)
+
 
 
 _DENOISER_SECTIONS = ("depth", "removed_layers", "skip_plan")
+# what changes the denoiser's structure first (a skip plan names the units of the model it runs on), then the
+# schedule, then the plan, which runs on the scheduler a sampling section pinned
+_INSTALL_ORDER = ("depth", "removed_layers", "sampling", "skip_plan")
+assert sorted(_INSTALL_ORDER) == sorted(Recipe.section_names())
+
+
+def _check_plan_kept(pipe, recipe: Recipe) -> None:
+    """Refuse a depth or removed_layers section on a denoiser that runs a skip plan installed before (and
+    removed_layers on one that runs a multi-depth schedule): the pruned copy would not carry it, and the plan
+    names the units of the model before."""
+    from diffslim.methods.depth_skip import multi_depth_router
+
+    changes = [s for s in ("depth", "removed_layers") if getattr(recipe, s) is not None]
+    if not changes or recipe.skip_plan is not None:  # the recipe's own plan replaces the one installed
+        return
+    den = getattr(pipe, denoiser_attr(pipe))
+    # a depth section replaces a multi-depth schedule (both are the depth section); layer pruning would drop it
+    installed = ("a skip plan" if getattr(den, "_diffslim_skip_plan", None) is not None
+                 else "a multi-depth schedule" if multi_depth_router(den) is not None
+                 and "removed_layers" in changes else None)
+    if installed is not None:
+        change = changes[0] if installed == "a skip plan" else "removed_layers"
+        raise RecipeError(f"{change}: the pipeline's denoiser already runs {installed}, made for the model before "
+                          f"this change, which the changed model would drop: apply {change} first (or load the "
+                          "model afresh), then the plan")
 
 
 def _check_not_compiled(pipe) -> None:
@@ -332,9 +394,10 @@ def apply(pipe, recipe):
     _warn_if_original(target, recipe)
     if any(getattr(recipe, s) is not None for s in _DENOISER_SECTIONS):
         _check_not_compiled(target)
+    _check_plan_kept(target, recipe)
     restore = _restorer(target)
     try:
-        for section in Recipe.section_names():
+        for section in _INSTALL_ORDER:
             value = getattr(recipe, section)
             if value is None:
                 continue

@@ -5,7 +5,9 @@ Kinds of entries, each a folder of the cache:
 
 - ``refs``: the full model's reference samples of the searches, ``evaluate`` and ``bench`` (one file each);
 - ``finetune``, ``layer_kd``, ``dipgo``: the bench's and workflow's short training runs of ``depth:N+ft``,
-  ``layers:R+kd`` and ``dipgo:R`` (one folder each, with its checkpoints, so that a stopped run resumes).
+  ``layers:R+kd`` and ``dipgo:R`` (one folder each, with its checkpoints, so that a stopped run resumes);
+- ``teacher_samples``: the images a pipeline sampled from the bench's or workflow's prompts to train ``+kd`` and
+  ``+ft`` on where no ``--data`` was given (one folder each, resumed if interrupted).
 
 Two processes that need the same training run (two benches on two GPUs of one machine) must not write into one
 folder at once: :func:`building` holds a lock file beside the entry while one of them builds it, and the other waits,
@@ -27,6 +29,7 @@ KINDS = {
     "finetune": "depth:N+ft training runs (bench, workflow)",
     "layer_kd": "layers:R+kd training runs (bench, workflow)",
     "dipgo": "dipgo:R training runs (bench, workflow)",
+    "teacher_samples": "images the full model sampled from the prompts: +kd/+ft training data without --data",
 }
 
 

@@ -2040,7 +2040,7 @@ def recipe_cmd(path: Path = typer.Argument(..., help="recipe JSON file to valida
 @_guard
 def cache_cmd(
     clear: Optional[str] = typer.Option(None, help="remove entries: 'all' or kinds, comma-separated "
-                                                   "(refs, finetune, layer_kd, dipgo)"),
+                                                   "(refs, finetune, layer_kd, dipgo, teacher_samples)"),
     older_than: Optional[float] = typer.Option(None, help="with --clear: only entries last written more than this "
                                                           "many days ago"),
     as_json: bool = typer.Option(False, "--json", help="print the entries as JSON"),

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
@@ -395,6 +396,18 @@ class _RootHook(ModelHook):
         self.state = state
         self.t_index = t_index
 
+    def initialize_hook(self, module):
+        self._denoiser = weakref.ref(module)
+        return module
+
+    def pre_forward(self, module, *args, **kwargs):
+        # ``copy.deepcopy`` of a hooked module copies diffusers' forward wrappers by reference: the copy calls this
+        # (the original's) hook, which would run the original's modules with the original's caches. The plan is
+        # installed on the copy afresh, and this call goes to it.
+        if module is not self._denoiser():
+            self._redirect = _reinstall_on_copy(module)
+        return args, kwargs
+
     def _advance(self, args, kwargs) -> None:
         st = self.state
         t = kwargs.get("timestep", args[self.t_index] if len(args) > self.t_index else None)
@@ -413,6 +426,9 @@ class _RootHook(ModelHook):
                             f"sample with {len(st.run)} steps or use a scheduler with one denoiser call per step")
 
     def new_forward(self, module, *args, **kwargs):
+        copied = self.__dict__.pop("_redirect", None)
+        if copied is not None:  # see pre_forward
+            return copied(*args, **kwargs)
         st = self.state
         if st.manual:
             return self.fn_ref.original_forward(*args, **kwargs)
@@ -628,6 +644,15 @@ def compile_skip_plan(denoiser: nn.Module, compile_fn: Optional[Callable[[Callab
         hook.compiled = None if compile_fn is None else compile_fn(hook.fn_ref.original_forward, m)
         n += compile_fn is not None
     return n
+
+
+def _reinstall_on_copy(copied: nn.Module) -> nn.Module:
+    """Install on a deep copy of a denoiser the plan it was copied with, in place of the copied hooks (which
+    call the original's): see ``_RootHook.pre_forward``."""
+    rt = copied._diffslim_skip_plan
+    remove_skip_plan(copied)
+    apply_skip_plan(copied, rt.plan, rt.units)  # eager: compile_skip_plan the copy again if it was compiled
+    return copied
 
 
 def remove_skip_plan(denoiser: nn.Module) -> None:
