@@ -186,6 +186,10 @@ def test_workflow_cli_writes_the_report_and_refuses_bad_input(tmp_path):
     read = read[:read.index("</p>")]
     assert "the same 4 inputs and seeds" in read and "floor: psnr &gt;= 10" in read
     assert "diffslim.from_recipe(&quot;recipe.json&quot;) loads zoo:digits-sd" in read
+    timing = json.loads((tmp_path / "wf" / "workflow.json").read_text())["timing"]  # the original, timed twice
+    note = f"timing: the full model sampled in {timing['first']:.3g} s first and {timing['last']:.3g} s again after " \
+           "the stages"
+    assert note in read and note in " ".join(r.output.split())
     run_info = html[html.index("how it was run"):]
     assert "ran on cpu, float32" in run_info[:run_info.index("</p>")] and "diffusers " in run_info
     rows = json.loads((tmp_path / "wf" / "workflow.json").read_text())["rows"]
@@ -326,6 +330,9 @@ def test_auto_stages_search_in_the_workflow_and_a_rerun_loads_the_result(digits,
     assert not any(m.startswith("  layers:") for m in logs) and any("loaded from" in m for m in logs)
     assert torch.equal(again.outputs[layers_row["stage"]], res.outputs[layers_row["stage"]])
     assert calls == [] and all("earlier sampling of the same stage" in r["notes"] for r in again.rows[1:])
+    # nothing sampled, nothing timed again; the original's faster timing was kept in evals/: the same speedups
+    assert res.timing is not None and again.timing is None
+    assert [r["speedup"] for r in again.rows] == [r["speedup"] for r in res.rows]
     n_evals = len(list((tmp_path / "wf" / "evals").glob("*.pt")))
     k = 2 + len(steps_row["search"])  # the original, the loaded layers stage, the steps search again
     assert f"  {k} of {k} samplings read from {tmp_path / 'wf' / 'evals'}" in logs[-1]
@@ -337,7 +344,8 @@ def test_auto_stages_search_in_the_workflow_and_a_rerun_loads_the_result(digits,
         f.write_bytes(f.read_bytes()[:100])
     third = run_workflow(loaded, "layers:auto,steps:auto", es, tmp_path / "wf", default_steps=STEPS, floor=floor,
                          progress=False, log=lambda m: None, metrics_fn=_psnr_metrics)
-    assert len(calls) == k and len(list((tmp_path / "wf" / "evals").glob("*.pt"))) == n_evals
+    assert calls[-1] == wf.AGAIN and len(calls) == k + 1  # and the original timed again after them
+    assert len(list((tmp_path / "wf" / "evals").glob("*.pt"))) == n_evals
     assert all("earlier sampling" not in r.get("notes", "") for r in third.rows[1:])
     assert torch.equal(third.outputs[steps_row["stage"]], res.outputs[steps_row["stage"]])
     monkeypatch.undo()
@@ -452,6 +460,9 @@ def test_the_joint_search_tries_milder_settings_and_no_stage_and_keeps_the_cheap
     res = run_workflow(loaded, "depth:auto,steps:auto", es, tmp_path / "j", search="joint", **kw)
     # every model, stage and schedule is sampled once for all stacks: the milder depths that the greedy run's search
     # tried are not sampled again in their own stacks
+    # and the greedy stack's run times the original once more after its stages
+    assert calls.count(wf.AGAIN) == 1 and res.rows[0]["seconds"] == min(res.timing["first"], res.timing["last"])
+    calls.remove(wf.AGAIN)
     assert len(calls) == len(list((tmp_path / "j" / "evals").glob("*.pt")))
     assert all(calls.count(c) == 1 for c in calls if not c.startswith("steps:"))  # the original and each depth
     # the first stack is the greedy run, in the top folder
@@ -491,6 +502,7 @@ def test_the_joint_search_tries_milder_settings_and_no_stage_and_keeps_the_cheap
     assert f"joint search: {len(stacks) - 1} of {len(stacks)} stacks loaded from an earlier run" in "\n".join(logs)
     assert sum(m.startswith("stage 1/") for m in logs) == 2  # the lost stack's run and the chosen one's again
     assert len(calls) == len(list((tmp_path / "j" / "evals").glob("*.pt")))  # both from evals/: nothing sampled
+    assert again.timing == res.timing  # the greedy stack's, loaded with it
     assert [{k: v for k, v in r.items() if k != "notes"} for r in again.rows] == [
         {k: v for k, v in r.items() if k != "notes"} for r in res.rows]
     assert again.branches == res.branches and again.stages_kept == res.stages_kept
@@ -656,10 +668,15 @@ def test_repeats_time_each_stage_that_many_times_and_keep_the_fastest(digits, tm
     monkeypatch.setattr(wf, "sample", lambda pipe, s, **kw: runs.append(s.num_inference_steps) or real(pipe, s, **kw))
     once = run_workflow(loaded, "steps:5", es, tmp_path / "once", default_steps=STEPS, progress=False,
                         log=lambda m: None, batch_size=4)
-    assert runs == [STEPS, 5]
+    assert runs == [STEPS, 5, STEPS]  # the original, the stage, the original timed again
     runs.clear()
     thrice = run_workflow(loaded, "steps:5", es, tmp_path / "thrice", default_steps=STEPS, progress=False,
                           log=lambda m: None, batch_size=4, repeats=3)
-    assert runs == [STEPS] * 3 + [5] * 3
+    assert runs == [STEPS] * 3 + [5] * 3 + [STEPS] * 3
     assert all(torch.equal(once.outputs[k], thrice.outputs[k]) for k in once.outputs)
+    # the speedups are over the faster of the original's two timings, as in the bench
+    for res in (once, thrice):
+        first, last = res.timing["first"], res.timing["last"]
+        assert res.timing["drift"] == abs(last - first) / first and res.rows[0]["seconds"] == min(first, last)
+        assert res.rows[1]["speedup"] == res.rows[0]["seconds"] / res.rows[1]["seconds"]
     assert [r["stage"] for r in thrice.rows] == ["original", "steps:5"] and thrice.rows[1]["speedup"] > 0

@@ -1245,13 +1245,13 @@ class BenchResult:
         return {"rows": self.rows, **({"timing": self.timing} if self.timing else {})}
 
 
-def timing_note(timing: Optional[dict]) -> Optional[str]:
+def timing_note(timing: Optional[dict], after: str = "the other methods") -> Optional[str]:
     """One line on the run's timing noise from :attr:`BenchResult.timing` (the speedups are over the faster of
-    the two)."""
+    the two); ``after``: what ran between the two timings."""
     if not timing:
         return None
     return (f"timing: the full model sampled in {timing['first']:.3g} s first and {timing['last']:.3g} s again after "
-            f"the other methods ({100 * timing['drift']:.0f} % apart): differences in speedup smaller than that are "
+            f"{after} ({100 * timing['drift']:.0f} % apart): differences in speedup smaller than that are "
             "this machine's noise" + (" (more --repeats, or a quieter machine, narrow it)"
                                              if timing["drift"] > 0.05 else ""))
 

@@ -782,6 +782,7 @@ def workflow(
     from diffslim.evaluate import eval_set_for, finite, metrics_fn_for, reference_images
     from diffslim.models.load import load
     from diffslim.report import Report, add_workflow_section, json_rows
+    from diffslim.bench import timing_note
     from diffslim.workflow import check_search, parse_floor, parse_stages, run_workflow
 
     if stages is not None:
@@ -811,7 +812,8 @@ def workflow(
                        joint_width=joint_width, repeats=repeats)
     rep = Report(f"diffslim workflow: {model}")
     rep.add_text("how it was run", _run_info(dev, dt))
-    add_workflow_section(rep, model, res, floors, recipe_file="recipe.json", references=reference_images(es))
+    add_workflow_section(rep, model, res, floors, recipe_file="recipe.json", references=reference_images(es),
+                         timing=timing_note(res.timing, "the stages"))
     rep.write(out)
     if as_json:
         _print_json({**res.to_json(), "rows": json_rows([{k: finite(v) for k, v in r.items()} for r in res.rows],
@@ -825,6 +827,8 @@ def workflow(
                     [{"stages": b["stages"], "kept": ", ".join(b["kept"]) or "none",
                       **{k: v for k, v in b.items() if k not in ("stages", "kept", "out", "chosen")},
                       "chosen": "yes" if b["chosen"] else ""} for b in res.branches], key="stages")
+    if res.timing:
+        console.print(timing_note(res.timing, "the stages"), highlight=False)
     if res.stopped:
         console.print(f"[yellow]{res.stopped}[/]", highlight=False)
     console.print(f"recipe: {out / 'recipe.json'} (diffslim.from_recipe(\"{out / 'recipe.json'}\") loads "

@@ -153,6 +153,7 @@ def workflow_section(rep, loaded, model: str, steps: int, n: int, stages: str, f
     ``search="joint"``: the joint search (``joint_width`` milder settings per auto stage), in a section of its own."""
     import tempfile
 
+    from diffslim.bench import timing_note
     from diffslim.evaluate import eval_set_for, finite, metrics_fn_for, reference_images
     from diffslim.report import add_workflow_section
     from diffslim.workflow import run_workflow
@@ -172,7 +173,8 @@ def workflow_section(rep, loaded, model: str, steps: int, n: int, stages: str, f
                  "auto stage keeps the most aggressive setting it finds above the floor (grey: the settings it "
                  "tried)" + ("; the joint search also ran the stack with the first auto stage milder and without it, "
                              "and kept the cheapest result in MACs (orange: the others)." if joint else "."))
-    add_workflow_section(rep, title, res, floor, references=reference_images(es))
+    add_workflow_section(rep, title, res, floor, references=reference_images(es),
+                         timing=timing_note(res.timing, "the stages"))
     return {**res.to_json(), "rows": [{k: finite(v) for k, v in r.items()} for r in res.rows]}
 
 

@@ -488,9 +488,10 @@ def _reference_caption(references: Optional[dict]) -> str:
 
 
 def add_workflow_section(rep, model: str, result, floor: Optional[dict] = None, recipe_file: Optional[str] = None,
-                         references: Optional[dict] = None) -> None:
+                         references: Optional[dict] = None, timing: Optional[str] = None) -> None:
     """The workflow's rows, how to read them (inputs, floor, skipped metrics; ``recipe_file``: the result's recipe,
-    relative to the report, and how to load it), its path in cost and quality, and one image grid per stage."""
+    relative to the report, and how to load it; ``timing``: the run's timing-noise line,
+    :func:`diffslim.bench.timing_note`), its path in cost and quality, and one image grid per stage."""
     tag = slug(model)
     rows = result.rows
     cols = [c for c in ("stage", "kind", "params", "macs_ratio", "speedup", "psnr", "ssim", "digit_accuracy",
@@ -503,7 +504,7 @@ def add_workflow_section(rep, model: str, result, floor: Optional[dict] = None, 
     if recipe_file:
         lines.append(f"{recipe_file} (beside this page) is the result: diffslim.from_recipe(\"{recipe_file}\") loads "
                      f"{result.recipe.model or 'its model'} and applies its schedule and skip plan")
-    lines += skip_lines(rows, "stage")
+    lines += skip_lines(rows, "stage") + ([timing] if timing else [])
     rep.add_text(f"how to read it: {model}", "\n".join(lines))
     if result.stopped:
         rep.add_text("stopped early", result.stopped)
