@@ -2,6 +2,7 @@
 traceback, and no lost work (checked before the work starts; a resume with other settings is refused)."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -191,6 +192,43 @@ def test_mistakes_found_by_a_sweep_are_one_line_errors_before_any_work(tmp_path)
     _refused(_cli("bench", "zoo:digits-sd", "--methods", "full", "--bogus"), "No such option: --bogus",
              "bench --help lists what it takes")
     assert not (tmp_path / "demo" / "index.html").exists()
+
+
+def test_mistakes_found_by_the_session_28_sweep_are_one_line_errors(tmp_path, tiny_digits_pipe):
+    """Session 28's sweep: nan and inf passed click's ranges (a learning rate of inf trained a model of NaNs, an age
+    of nan cleared every entry), a config that is JSON but not an object, a .jsonl input of the wrong type or range
+    and a step count above the scheduler's 1000 timesteps ended in tracebacks, and a class label of 1.7 sampled
+    class 1 without a word. Each is now one line, exit code 2, before any work."""
+    from diffslim.train.data import pipeline_inputs
+
+    _refused(_cli("zoo-train", "digits-dit", "--lr=inf", "--steps", "2", "--out", tmp_path / "z"),
+             "--lr: must be a finite number, got inf")
+    assert not (tmp_path / "z").exists()
+    _refused(_cli("cache", "--clear", "all", "--older-than", "nan"), "--older-than: must be a finite number, got nan")
+    for name, text, kind in (("model_index.json", "[]", "an array"), ("config.json", "null", "null")):
+        folder = tmp_path / name.split(".")[0]
+        folder.mkdir()
+        (folder / name).write_text(text)
+        _refused(_cli("profile", folder), f"{folder / name} holds {kind}, not a JSON object")
+    for steps in (["--methods", "full,steps:5000"], ["--methods", "full,uniform:1001"]):
+        _refused(_cli("bench", "zoo:digits-sd", *steps), "steps, but DDIMScheduler has 1000 training timesteps")
+    _refused(_cli("sample", "zoo:digits-sd", "--steps", "1001", "--out", tmp_path / "s"),
+             "num_inference_steps: 1001 steps, but DDIMScheduler has 1000 training timesteps", "give at most 1000")
+    (tmp_path / "r.json").write_text(json.dumps({"model": "zoo:digits-sd", "sampling": {"num_inference_steps": 5000}}))
+    _refused(_cli("sample", "--recipe", tmp_path / "r.json", "--out", tmp_path / "s"),
+             "sampling.num_inference_steps: 5000 steps")
+    assert not (tmp_path / "s").exists() or not any((tmp_path / "s").iterdir())
+    for row, needle in (({"prompt": 5}, "prompt must be text (or a list of texts), got 5"),
+                        ({"prompt": "x", "strength": "high"}, 'strength must be a finite number, got "high"'),
+                        ({"prompt": "x", "strength": 7}, "strength must lie in (0, 1]"),
+                        ({"prompt": "x", "guidance_scale": None}, "guidance_scale must be a finite number, got null"),
+                        ({"class_label": 1.7}, "class_label must be an integer, got 1.7"),
+                        ({"class_label": "3"}, 'class_label must be an integer, got "3"')):
+        (tmp_path / "in.jsonl").write_text(json.dumps(row) + "\n")
+        with pytest.raises(UserError, match="^" + re.escape(f"{tmp_path / 'in.jsonl'}:1: {needle}")):
+            pipeline_inputs(tiny_digits_pipe, str(tmp_path / "in.jsonl"), 0)
+    (tmp_path / "in.jsonl").write_text('{"class_label": 3}\n{"prompt": "a", "strength": 0.5, "guidance_scale": 2}\n')
+    assert pipeline_inputs(tiny_digits_pipe, str(tmp_path / "in.jsonl"), 0)[0] == {"class_label": 3}
 
 
 def test_timesteps_without_a_model_writes_the_recipe_of_its_schedule(tmp_path):

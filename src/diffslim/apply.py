@@ -41,6 +41,10 @@ def _install_sampling(pipe, sampling) -> None:
         able = [n for n in SCHEDULERS if _takes_timesteps(scheduler_for_timesteps(make_scheduler(n, current.config)))]
         raise RecipeError(f"sampling.timesteps: {_unpinned(type(sched)).__name__} accepts no explicit timesteps; "
                           f"choose a scheduler that does ({', '.join(able)})")
+    most = getattr(sched.config, "num_train_timesteps", None)
+    if steps is not None and most is not None and steps > most:
+        raise RecipeError(f"sampling.num_inference_steps: {steps} steps, but {_unpinned(type(sched)).__name__} has "
+                          f"{most} training timesteps to sample at: give at most {most}")
     if steps is not None or timesteps is not None:
         sched = pin_schedule(sched, steps, timesteps, quiet_steps=_default_steps(pipe), exact_for=_strength_slicer(pipe))
     if sched is not current and current.__dict__.get("_diffslim_on_new_run"):  # an installed skip plan's restart

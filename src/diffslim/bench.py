@@ -167,6 +167,9 @@ def _steps(arg, ctx: BenchContext) -> Variant:
         assert n >= 1
     except (TypeError, ValueError, AssertionError):
         raise UserError(f"steps:N needs a positive integer N, got {arg!r}") from None
+    from diffslim.sample import check_steps
+
+    check_steps(getattr(ctx.loaded, "pipe", None), n, f"steps:{n}")
     if ctx.dry_run:
         return None
     return Variant(f"steps:{n}", ctx.loaded.pipe, ctx.base_spec.replace(num_inference_steps=n, timesteps=None),
@@ -179,6 +182,15 @@ def _int_arg(arg, form: str, lo: int = 1) -> int:
         assert n >= lo
     except (TypeError, ValueError, AssertionError):
         raise UserError(f"{form} needs an integer >= {lo}, got {arg!r}") from None
+    return n
+
+
+def _steps_arg(arg, form: str, ctx: BenchContext, lo: int = 1) -> int:
+    """A step count N of ``form`` (steps:N, dpm:N, ...), within the scheduler's training timesteps."""
+    from diffslim.sample import check_steps
+
+    n = _int_arg(arg, form, lo)
+    check_steps(getattr(ctx.loaded, "pipe", None), n, form.replace("N", str(n), 1))
     return n
 
 
@@ -437,7 +449,7 @@ def _gamma(arg, ctx: BenchContext) -> Variant:
     from diffslim.methods.timesteps import gamma_timesteps
 
     steps_s, _, g = (arg or "").partition(":")
-    n = _int_arg(steps_s, "gamma:N", lo=2)
+    n = _steps_arg(steps_s, "gamma:N", ctx, lo=2)
     if g:
         try:
             gamma = float(g)
@@ -463,7 +475,7 @@ def _gamma(arg, ctx: BenchContext) -> Variant:
                         "(AutoDiffusion-style baseline; default budget 24 evaluations)")
 def _evo(arg, ctx: BenchContext) -> Variant:
     steps_s, _, budget_s = (arg or "").partition(":")
-    n = _int_arg(steps_s, "evo:N", lo=2)
+    n = _steps_arg(steps_s, "evo:N", ctx, lo=2)
     budget = _int_arg(budget_s, "evo:N:BUDGET") if budget_s else 24
     if ctx.dry_run:
         return None
@@ -481,7 +493,7 @@ def _uniform(arg, ctx: BenchContext) -> Variant:
     from diffslim.methods.timesteps import uniform_timesteps
 
     steps_s, _, spacing = (arg or "").partition(":")
-    n = _int_arg(steps_s, "uniform:N")
+    n = _steps_arg(steps_s, "uniform:N", ctx)
     spacing = spacing or "linspace"
     try:
         ts = uniform_timesteps(n, spacing)
@@ -496,7 +508,7 @@ def _uniform(arg, ctx: BenchContext) -> Variant:
 def _karras(arg, ctx: BenchContext) -> Variant:
     from diffslim.methods.timesteps import karras_timesteps
 
-    n = _int_arg(arg, "karras:N", lo=2)
+    n = _steps_arg(arg, "karras:N", ctx, lo=2)
     try:
         ts = karras_timesteps(n, ctx.loaded.pipe.scheduler.alphas_cumprod)
     except ValueError as e:
@@ -510,7 +522,7 @@ def _karras(arg, ctx: BenchContext) -> Variant:
 def _ays(arg, ctx: BenchContext) -> Variant:
     from diffslim.methods.timesteps import ays_timesteps
 
-    n = _int_arg(arg, "ays:N", lo=2)
+    n = _steps_arg(arg, "ays:N", ctx, lo=2)
     family = "sdxl" if type(ctx.loaded.denoiser).__name__.endswith("UNet2DConditionModel") and \
         getattr(ctx.loaded.denoiser.config, "addition_embed_type", None) == "text_time" else "sd15"
     try:
@@ -524,7 +536,7 @@ def _ays(arg, ctx: BenchContext) -> Variant:
 
 @register_method("dpm", "dpm:N, DPM-Solver++ (2M) with N steps at diffusers' default spacing (the reference for xue:N)")
 def _dpm(arg, ctx: BenchContext) -> Variant:
-    n = _int_arg(arg, "dpm:N", lo=2)
+    n = _steps_arg(arg, "dpm:N", ctx, lo=2)
     if ctx.dry_run:
         return None
     return Variant(f"dpm:{n}", ctx.loaded.pipe, ctx.base_spec.replace(scheduler="dpm++", num_inference_steps=n,
@@ -537,7 +549,7 @@ def _dpm(arg, ctx: BenchContext) -> Variant:
 def _xue(arg, ctx: BenchContext) -> Variant:
     from diffslim.methods.timesteps import solver_aware_timesteps
 
-    n = _int_arg(arg, "xue:N", lo=2)
+    n = _steps_arg(arg, "xue:N", ctx, lo=2)
     if ctx.dry_run:
         return None
     try:

@@ -141,6 +141,7 @@ def _guard(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
+            _check_finite(kwargs)
             return fn(*args, **kwargs)
         except UserError as e:
             _fail(str(e))
@@ -155,6 +156,20 @@ def _guard(fn):
             _fail(f"{e.strerror}: {e.filename}" if e.filename and e.strerror else str(e))
 
     return wrapper
+
+
+def _check_finite(kwargs: dict) -> None:
+    """Refuse nan and inf for a number option: click's ranges let them through (nan compares false with any bound),
+    and a learning rate of nan or inf would train a model of NaNs."""
+    import math
+
+    import click
+
+    ctx = click.get_current_context(silent=True)
+    opts = {p.name: p.opts[0] for p in ctx.command.params} if ctx is not None else {}
+    for name, value in kwargs.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{opts.get(name, '--' + name.replace('_', '-'))}: must be a finite number, got {value}")
 
 
 def _out_folder(out: Path, option: str = "--out") -> Path:
@@ -2016,6 +2031,9 @@ def dipgo_cmd(
     loaded = load(model)
     if loaded.pipe is None:
         raise UserError(f"{model} is not a pipeline; DiP-GO samples it: give zoo:NAME or a pipeline folder")
+    from diffslim.evaluate import call_settings
+
+    cfg.call_kwargs = {**call_settings(loaded.pipe), **cfg.call_kwargs}  # PixArt at a size it cannot bin
     res = train_dipgo(loaded.pipe, cfg)  # units with MACs measured on the training inputs' own call
     units = res.units
     Recipe(model=model, description=f"DiP-GO skip plan, R={ratio:g}, MACs ratio {res.macs_ratio:.3f}",

@@ -27,7 +27,7 @@ def eval_set_for(loaded, n: int, seed: int = 0, prompts_file: Optional[Path] = N
     prompts); its inputs are cycled to ``n``. Without one: a few default prompts, or class labels 0..9 in turn; a
     pipeline that samples from input images has no default and raises :class:`UserError` naming the format, unless
     ``require_inputs`` is False (callers that only want ``call_kwargs``). ``call_kwargs``: what every call needs
-    (see :func:`_call_settings`).
+    (see :func:`call_settings`).
     """
     from diffslim.zoo.evalsets import pipeline_eval_set, zoo_eval_set
 
@@ -41,11 +41,11 @@ def eval_set_for(loaded, n: int, seed: int = 0, prompts_file: Optional[Path] = N
         raise UserError(f"{loaded.source} is a lone model, not a pipeline; sampling needs a pipeline folder or zoo:NAME")
     pipe, seeds = loaded.pipe, [seed + i for i in range(n)]
     es = _eval_inputs(pipe, n, seed, seeds, prompts_file, require_inputs)
-    es.call_kwargs.update(_call_settings(pipe))
+    es.call_kwargs.update(call_settings(pipe))
     return es
 
 
-def _call_settings(pipe) -> dict:
+def call_settings(pipe) -> dict:
     """Settings every call of ``pipe`` needs: PixArt's resolution binning knows only its released sizes (a
     ``sample_size`` of 32, 64, 128 or 256 latents) and raises on any other, so such a pipeline samples unbinned."""
     import inspect

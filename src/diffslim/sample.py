@@ -155,6 +155,14 @@ def _to_tensor(images) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
 
 
+def check_steps(pipe, n: Optional[int], what: str = "--steps") -> None:
+    """Refuse a step count above the scheduler's training timesteps (diffusers raises on it deep in the call)."""
+    most = getattr(getattr(getattr(pipe, "scheduler", None), "config", None), "num_train_timesteps", None)
+    if n is not None and most is not None and n > most:
+        raise UserError(f"{what}: {n} steps, but {type(pipe.scheduler).__name__} has {most} training timesteps to "
+                        f"sample at: give at most {most}")
+
+
 def run_pipeline(pipe, spec: SampleSpec, indices: Sequence[int], progress=None,
                  differentiable: bool = False) -> torch.Tensor:
     """Sample ``indices`` of ``spec`` with ``pipe``; returns ``(len(indices), C, H, W)`` in [0, 1].
@@ -166,6 +174,7 @@ def run_pipeline(pipe, spec: SampleSpec, indices: Sequence[int], progress=None,
     """
     outs = []
     params = inspect.signature(pipe.__call__).parameters
+    check_steps(pipe, spec.num_inference_steps, "num_inference_steps")
     call = pipe
     if differentiable:
         raw = getattr(type(pipe).__call__, "__wrapped__", None)

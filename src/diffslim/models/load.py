@@ -94,9 +94,14 @@ def _check_no_pickles(folder: Path) -> None:
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelLoadError(f"{path} is not valid JSON ({e.__class__.__name__}: {e})") from None
+    if not isinstance(data, dict):
+        kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(data), "a number")
+        raise ModelLoadError(f"{path} holds {kind}, not a JSON object: a diffusers config is "
+                             '{"_class_name": ..., ...}')
+    return data
 
 
 def _denoiser_class(name: str, where: Path):

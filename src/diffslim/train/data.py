@@ -404,6 +404,40 @@ def pipeline_input_size(pipe) -> int:
     return size
 
 
+def _num_classes(pipe) -> Optional[int]:
+    classes = getattr(getattr(getattr(pipe, "transformer", None), "config", None), "num_embeds_ada_norm", None)
+    return int(classes) if classes else None
+
+
+def _check_input_values(row: dict, where: str, pipe) -> None:
+    """The types and ranges of the pipeline inputs every pipeline reads alike, checked before any sampling: a
+    prompt that is not text, a strength outside (0, 1] or a class label that is not one of the model's classes
+    otherwise ends in diffusers' traceback, or (a label of 1.7) samples another class without a word."""
+    import math
+
+    def number(key):
+        v = row[key]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise UserError(f"{where}: {key} must be a finite number, got {json.dumps(v)}")
+        return v
+
+    for key in ("prompt", "negative_prompt"):
+        v = row.get(key)
+        if v is not None and not (isinstance(v, str) or isinstance(v, list) and all(isinstance(x, str) for x in v)):
+            raise UserError(f"{where}: {key} must be text (or a list of texts), got {json.dumps(v)}")
+    if "strength" in row and not 0 < number("strength") <= 1:
+        raise UserError(f"{where}: strength must lie in (0, 1] (the share of the schedule an image-to-image run "
+                        f"makes), got {row['strength']}")
+    for key in ("guidance_scale", "image_guidance_scale", "controlnet_conditioning_scale", "eta"):
+        if key in row:
+            number(key)
+    if "class_label" in row:
+        v, classes = row["class_label"], _num_classes(pipe)
+        if isinstance(v, bool) or not isinstance(v, int) or classes and not 0 <= v < classes:
+            raise UserError(f"{where}: class_label must be an integer" + (f" in 0..{classes - 1}, the classes "
+                            f"{type(pipe).__name__} has" if classes else "") + f", got {json.dumps(v)}")
+
+
 def pipeline_inputs(pipe, data: str, seed: int, n: int = 64, option: str = "--data"):
     """Pipeline inputs to sample with, indexable (one dict of pipeline inputs per sample): what DiP-GO trains on
     and what calibration on the sampling trajectories (``layer-prune --calibration sampling``) samples.
@@ -458,6 +492,7 @@ def pipeline_inputs(pipe, data: str, seed: int, n: int = 64, option: str = "--da
                                 "e.g. {\"prompt\": \"a cat\", \"image\": \"cat.png\"}") from None
             if not isinstance(row, dict):
                 raise UserError(f"{p}:{k}: give an object of pipeline inputs, e.g. {{\"prompt\": \"a cat\"}}")
+            _check_input_values(row, f"{p}:{k}", pipe)
             if isinstance(row.get("image"), str):
                 try:
                     row["image"] = load_image(p.parent / row["image"], size)
@@ -476,10 +511,10 @@ def pipeline_inputs(pipe, data: str, seed: int, n: int = 64, option: str = "--da
             labels = [int(x) for x in lines]
         except ValueError:
             raise UserError(f"{p}: every line must be an integer class label for {type(pipe).__name__}") from None
-        classes = getattr(getattr(getattr(pipe, "transformer", None), "config", None), "num_embeds_ada_norm", None)
-        bad = [y for y in labels if classes and not 0 <= y < int(classes)]
+        classes = _num_classes(pipe)
+        bad = [y for y in labels if classes and not 0 <= y < classes]
         if bad:
-            raise UserError(f"{p}: class label {bad[0]} is outside 0..{int(classes) - 1}, the classes "
+            raise UserError(f"{p}: class label {bad[0]} is outside 0..{classes - 1}, the classes "
                             f"{type(pipe).__name__} has")
         return [{"class_label": y} for y in labels]
     if "prompt" not in params:
