@@ -149,7 +149,8 @@ def test_cli_ctrl_c_exits_130_with_one_line_and_the_rerun_resumes(tmp_path):
 
     r = subprocess.run(cmd[:8] + [str(step + 2)] + cmd[9:], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert f"resumed from {ckpts / f'step_{step}'} at step {step}" in r.stdout + r.stderr
+    # on stderr: stdout is for results (bench --json's JSON after a resumed cached training stayed JSON)
+    assert f"resumed from {ckpts / f'step_{step}'} at step {step}" in r.stderr and "resumed from" not in r.stdout
     assert {p.name for p in ckpts.iterdir()} == {f"step_{step}", f"step_{step + 2}"}
 
 

@@ -55,7 +55,7 @@ from diffslim.methods.skip_plan import (
     plan_macs_ratio, plan_units, plan_units_at, remove_skip_plan,
 )
 from diffslim.train.data import pipeline_inputs
-from diffslim.train.stop import StopOnSignal
+from diffslim.train.stop import StopOnSignal, say
 
 __all__ = ["Pruner", "DipgoConfig", "DipgoResult", "train_dipgo", "plan_from_scores", "search_plan",
            "plan_psnr_fn", "LOSSES", "OBJECTIVES", "check_ratio"]
@@ -629,9 +629,9 @@ def train_dipgo(pipe, cfg: DipgoConfig, units: Optional[PlanUnits] = None,
             start, log, seconds = ck["step"], ck["log"], ck["seconds"]
             score_sum = ck.get("score_sum", score_sum)
             best = ck.get("best", best)
-            acc.print(f"resumed from {existing[-1]} at step {start}")
+            say(acc, f"resumed from {existing[-1]} at step {start}")
     if rows < cfg.num_inference_steps:
-        acc.print(f"dipgo: a run of {cfg.num_inference_steps} steps makes {rows} denoiser calls (its strength's "
+        say(acc, f"dipgo: a run of {cfg.num_inference_steps} steps makes {rows} denoiser calls (its strength's "
                   f"share): the plan is trained for those, the budget is theirs, and its last "
                   f"{cfg.num_inference_steps - rows} rows, which never run, keep every unit")
     progress = None

@@ -48,7 +48,7 @@ from torch import nn
 from diffslim.errors import Interrupted, UserError
 from diffslim.models.derived import diffusers_base, ip_adapter_loaded
 from diffslim.train.data import collate
-from diffslim.train.stop import StopOnSignal
+from diffslim.train.stop import StopOnSignal, say
 
 logger = logging.getLogger(__name__)
 
@@ -934,7 +934,7 @@ def distill(teacher_pipe, student: nn.Module, dataset, cfg: DistillConfig, label
         if existing:
             _check_resume(out, cfg, unwrapped)
             accelerator.load_state(str(existing[-1]))
-            accelerator.print(f"resumed from {existing[-1]} at step {state.step}")
+            say(accelerator, f"resumed from {existing[-1]} at step {state.step}")
         order = _EpochOrder(len(dataset), cfg.seed)
 
         def inputs(step: int):

@@ -71,3 +71,10 @@ class StopOnSignal:
         if local:
             accelerator.set_trigger()
         return bool(accelerator.check_trigger())
+
+
+def say(accelerator, message: str) -> None:
+    """A long run's message to the user (a resume, a setting it changed), once, on the main process, on stderr:
+    stdout stays for results (``bench --json`` prints its JSON there)."""
+    if accelerator is None or accelerator.is_main_process:
+        print(message, file=sys.stderr, flush=True)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from diffslim.errors import Interrupted
-from diffslim.train.stop import StopOnSignal
+from diffslim.train.stop import StopOnSignal, say
 from diffslim.zoo import data as zdata
 from diffslim.zoo.registry import SD_DDIM_CONFIG, SD_NOISE_SCHEDULE, zoo_entry
 
@@ -180,7 +180,7 @@ def train(name: str, out: Path, steps: int, batch_size: int, lr: float, checkpoi
     if ckpts:
         accelerator.load_state(str(ckpts[-1]))
         start = int(ckpts[-1].name.split("_")[1])
-        accelerator.print(f"resumed from {ckpts[-1]} at step {start}")
+        say(accelerator, f"resumed from {ckpts[-1]} at step {start}")
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "train_log.csv"
     kept = []  # on a resume, the rows up to the checkpoint (rows a stopped run logged after it are dropped)
