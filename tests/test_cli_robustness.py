@@ -133,6 +133,25 @@ def test_resuming_with_other_settings_is_refused(tmp_path):
     _refused(_cli("distill", "zoo:digits-dit", tmp_path / "p2" / "model", *run[3:]), "holds checkpoints of another student")
     res = _cli(*run[:4], "4", *run[5:])  # a longer run of the same settings resumes
     assert res.exit_code == 0, res.output
+    # another --data resumed the run on other images without a word (session 28), and another teacher likewise
+    from PIL import Image
+
+    (tmp_path / "lab").mkdir()
+    for i in range(4):
+        Image.new("RGB", (16, 16), (60 * i, 0, 0)).save(tmp_path / "lab" / f"{i}.png")
+        (tmp_path / "lab" / f"{i}.txt").write_text(str(i))
+    _refused(_cli(*run, "--data", tmp_path / "lab"), "holds checkpoints of a run on other training data (ZooDigits")
+    import torch
+
+    from diffslim.models.load import load
+    from diffslim.train.distill import _weights_digest
+
+    den = load("zoo:digits-dit").denoiser
+    same = _weights_digest(den)
+    assert _weights_digest(load("zoo:digits-dit").denoiser) == same
+    with torch.no_grad():
+        next(den.parameters()).add_(1e-3)
+    assert _weights_digest(den) != same
     _refused(_cli("distill", "zoo:sr", tmp_path / "p" / "model", "--steps", "1", "--out", tmp_path / "k2"),
              "does not fit the teacher")
     assert not (tmp_path / "k2" / "checkpoints").exists()
@@ -205,6 +224,9 @@ def test_mistakes_found_by_the_session_28_sweep_are_one_line_errors(tmp_path, ti
              "--lr: must be a finite number, got inf")
     assert not (tmp_path / "z").exists()
     _refused(_cli("cache", "--clear", "all", "--older-than", "nan"), "--older-than: must be a finite number, got nan")
+    for floor in ("psnr=inf", "psnr=nan"):  # inf ran every stage, then failed in the report's figure; nan met nothing
+        _refused(_cli("workflow", "zoo:digits-sd", "--stages", "steps:2", "--floor", floor, "--out", tmp_path / "w"),
+                 f"floor '{floor}': give a finite number")
     for name, text, kind in (("model_index.json", "[]", "an array"), ("config.json", "null", "null")):
         folder = tmp_path / name.split(".")[0]
         folder.mkdir()

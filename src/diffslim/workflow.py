@@ -144,6 +144,8 @@ def parse_floor(text: Optional[str]) -> dict[str, float]:
             out[key] = float(value)
         except ValueError:
             raise UserError(f"floor {item!r}: {value!r} is not a number") from None
+        if not math.isfinite(out[key]):
+            raise UserError(f"floor {item!r}: give a finite number, e.g. {key}=20")
         if key in BOUNDED_METRICS and not out[key] <= 1:
             raise UserError(f"floor {item!r}: {key} is at most 1, so no stage could meet it; e.g. {key}=0.95")
     return out

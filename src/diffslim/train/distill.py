@@ -819,9 +819,32 @@ def _signature(model: nn.Module) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _check_resume(out: Path, cfg: DistillConfig, student: nn.Module) -> None:
-    """Refuse to resume the run in ``out`` with another student or other training settings (``distill.json`` of
-    its first start records them): its checkpoints would not load, or would continue another run's training."""
+def _weights_digest(model: nn.Module) -> str:
+    """A digest of ``model``'s weights (each tensor's sum and absolute sum to 6 digits): which teacher a run
+    distils. Robust to the device and the order of summation, not to a change of the weights."""
+    import hashlib
+
+    with torch.no_grad():
+        text = ";".join(f"{k}:{float(v.double().sum()):.6g}:{float(v.double().abs().sum()):.6g}"
+                        for k, v in model.state_dict().items() if v.is_floating_point())
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _data_digest(dataset) -> str:
+    """What identifies a run's training data: the dataset's kind and size, and a folder's path and file names."""
+    import hashlib
+
+    parts = [type(dataset).__name__, str(len(dataset))]
+    if getattr(dataset, "root", None) is not None:
+        parts.append(str(Path(dataset.root).resolve()))
+    parts += [Path(f).name for f in getattr(dataset, "files", None) or ()]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def _check_resume(out: Path, cfg: DistillConfig, student: nn.Module, teacher: nn.Module, dataset) -> None:
+    """Refuse to resume the run in ``out`` with another student, teacher, training data or other training settings
+    (``distill.json`` of its first start records them): its checkpoints would not load, or would continue another
+    run's training."""
     record = out / "distill.json"
     if not record.is_file():
         return
@@ -829,6 +852,12 @@ def _check_resume(out: Path, cfg: DistillConfig, student: nn.Module) -> None:
     if saved.get("student_signature") not in (None, _signature(student)):
         raise UserError(f"{out} holds checkpoints of another student ({saved.get('student')}, other layers or shapes): "
                         "resume it with the same student, or give a fresh out folder")
+    if saved.get("teacher_weights") not in (None, _weights_digest(teacher)):
+        raise UserError(f"{out} holds checkpoints of a run that distilled another teacher (other weights): resume "
+                        "it with the same teacher, or give a fresh out folder")
+    if saved.get("data") not in (None, _data_digest(dataset)):
+        raise UserError(f"{out} holds checkpoints of a run on other training data ({saved.get('data_kind')}): resume "
+                        "it with the same --data, or give a fresh out folder")
     now = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
     now = json.loads(json.dumps(now, default=str))  # the form distill.json stores (tuples as lists)
     diff = [k for k, v in saved.get("config", {}).items() if k not in _RESUMABLE and k in now and now[k] != v]
@@ -932,7 +961,7 @@ def distill(teacher_pipe, student: nn.Module, dataset, cfg: DistillConfig, label
 
         existing = _checkpoints(ckpt_root)
         if existing:
-            _check_resume(out, cfg, unwrapped)
+            _check_resume(out, cfg, unwrapped, teacher, dataset)
             accelerator.load_state(str(existing[-1]))
             say(accelerator, f"resumed from {existing[-1]} at step {state.step}")
         order = _EpochOrder(len(dataset), cfg.seed)
@@ -970,7 +999,9 @@ def distill(teacher_pipe, student: nn.Module, dataset, cfg: DistillConfig, label
             (out / "distill.json").write_text(json.dumps(
                 {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
                  "features": features, "feat_scale": state.feat_scale, "num_processes": world, "teacher": type(teacher).__name__,
-                 "student": type(unwrapped).__name__, "student_signature": _signature(unwrapped)}, indent=2,
+                 "student": type(unwrapped).__name__, "student_signature": _signature(unwrapped),
+                 "teacher_weights": _weights_digest(teacher), "data": _data_digest(dataset),
+                 "data_kind": f"{type(dataset).__name__} of {len(dataset)}"}, indent=2,
                 default=str))
             if tensorboard:
                 accelerator.init_trackers("distill", config={k: v for k, v in asdict(cfg).items()
