@@ -232,6 +232,8 @@ def test_mistakes_found_by_the_session_28_sweep_are_one_line_errors(tmp_path, ti
         folder.mkdir()
         (folder / name).write_text(text)
         _refused(_cli("profile", folder), f"{folder / name} holds {kind}, not a JSON object")
+    _refused(_cli("bench", "zoo:digits-sd", "--methods", "full,deepcache:2:99"),  # a plan that skipped nothing
+             "deepcache:2:99: this U-Net has 4 levels, so branches B in 0..11")
     for steps in (["--methods", "full,steps:5000"], ["--methods", "full,uniform:1001"]):
         _refused(_cli("bench", "zoo:digits-sd", *steps), "steps, but DDIMScheduler has 1000 training timesteps")
     _refused(_cli("sample", "zoo:digits-sd", "--steps", "1001", "--out", tmp_path / "s"),

@@ -122,7 +122,7 @@ def test_ctrl_c_stops_after_the_step_with_a_checkpoint_and_resumes_exactly(tiny_
         student = depth_skip(teacher, 7)
         handle = _signal_at(student, 4, signal.SIGINT)
         with pytest.raises(Interrupted) as e:
-            distill(tiny_digits_pipe, student, ds, _cfg(tmp_path / "b"))
+            distill(tiny_digits_pipe, student, ds, _cfg(tmp_path / "b"), label="finetune")
         handle.remove()
         assert signal.getsignal(signal.SIGINT) is _trip
     finally:
@@ -131,6 +131,7 @@ def test_ctrl_c_stops_after_the_step_with_a_checkpoint_and_resumes_exactly(tiny_
     assert e.value.step == 4 and e.value.total == 6 and e.value.signum == signal.SIGINT
     assert e.value.checkpoint == ckpts / "step_4" and e.value.exit_code == 130
     assert "SIGINT after step 4 of 6" in str(e.value) and "run the same command again" in str(e.value)
+    assert str(e.value).startswith("finetune stopped by")  # the run's own name (it said distill for finetune)
     assert sorted(p.name for p in ckpts.iterdir()) == ["step_4"] and (ckpts / "step_4" / "complete.json").is_file()
     assert not (tmp_path / "b" / "student").exists()
 

@@ -978,6 +978,9 @@ def _deepcache(arg, ctx: BenchContext) -> Variant:
     if "unet" not in type(ctx.loaded.denoiser).__name__.lower():
         raise UserError(f"deepcache needs a U-Net; {type(ctx.loaded.denoiser).__name__} is a transformer "
                         "(use dipgo, fbcache, fastercache, taylorseer, magcache or pab)")
+    levels = len(getattr(ctx.loaded.denoiser, "up_blocks", ()))
+    if levels and b >= 3 * levels:  # a branch past the last level would skip nothing
+        raise UserError(f"deepcache:{k}:{b}: this U-Net has {levels} levels, so branches B in 0..{3 * levels - 1}")
     _plan_scheduler_check(ctx, ctx.default_steps)
     if ctx.dry_run:
         return None

@@ -280,6 +280,8 @@ def deepcache_plan(units: PlanUnits, num_steps: int, interval: int, branch: int 
         raise UserError(f"deepcache interval must be >= 1, got {interval}")
     level, layer = branch // 3, branch % 3
     n_up = 1 + max(int(n.split(".")[1]) for n in units.names if n.startswith("up_blocks."))
+    if not 0 <= level < n_up:  # a branch past the last level would skip nothing
+        raise UserError(f"deepcache branch {branch}: this U-Net has {n_up} levels, so branches 0..{3 * n_up - 1}")
     skip_row = np.ones(len(units), dtype=bool)
     for i, name in enumerate(units.names):
         parts = name.split(".")

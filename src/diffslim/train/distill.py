@@ -869,7 +869,7 @@ def _check_resume(out: Path, cfg: DistillConfig, student: nn.Module, teacher: nn
 
 def distill(teacher_pipe, student: nn.Module, dataset, cfg: DistillConfig, label: str = "distill") -> DistillResult:
     """Train ``student`` to match the denoiser of ``teacher_pipe`` on ``dataset``; resumes from ``cfg.out``.
-    ``label``: the progress bar's (``finetune`` for depth-skip fine-tuning).
+    ``label``: the progress bar's and the stop message's (``finetune`` for depth-skip fine-tuning).
 
     ``teacher_pipe``: a zoo pipeline or an SD-style pipeline; its denoiser (``unet``/``transformer``/
     ``denoiser``) is the frozen teacher and its other components encode the data (see ``task_for``).
@@ -1081,7 +1081,7 @@ def distill(teacher_pipe, student: nn.Module, dataset, cfg: DistillConfig, label
         if progress is not None:
             progress.close()
         if stopped:
-            raise Interrupted("distill", stop.signum, state.step, cfg.steps, ckpt_root / f"step_{state.step}")
+            raise Interrupted(label, stop.signum, state.step, cfg.steps, ckpt_root / f"step_{state.step}")
 
         if state.count:  # stopped inside a log window: report the partial window
             final = dict(zip(_TERMS, (state.sums / state.count).tolist()))
