@@ -255,6 +255,62 @@ def test_mistakes_found_by_the_session_28_sweep_are_one_line_errors(tmp_path, ti
     assert pipeline_inputs(tiny_digits_pipe, str(tmp_path / "in.jsonl"), 0)[0] == {"class_label": 3}
 
 
+def test_mistakes_found_by_the_session_28_sweep_left_for_session_29(tmp_path):
+    """What the session-28 sweep left: sizes a DiT cannot take ended in a torch reshape error; a method written
+    twice with its number spelled two ways ran twice; an SSIM threshold below -1 (or a PSNR one below 0) was met by
+    every depth; metric weights of the wrong kind (a folder for a file) were skipped with exit code 0 although
+    asked for; a pipeline folder with only its model_index.json named a missing weights file."""
+    for size, needle in ((["--height", "12"], "--height 12 and --width 8: DiTTransformer2DModel takes square inputs"),
+                         (["--height", "9", "--width", "9"], "--height 9: DiTTransformer2DModel takes its input in "
+                                                             "patches of 2 px; give a multiple of 2")):
+        _refused(_cli("profile", "zoo:digits-dit", *size), needle)
+    _refused(_cli("profile", CONFIGS / "pixart-alpha-1024", "--height", "1032"),
+             "PixArtTransformer2DModel takes its input in patches of 16 px")
+    _refused(_cli("bench", "zoo:digits-sd", "--methods", "full,layers:0.30,layers:0.3"),
+             "lists 'layers:0.30' twice (as 'layers:0.30' and 'layers:0.3')")
+    _refused(_cli("bench", "zoo:digits-sd", "--methods", "full,steps:10,deepcache:2,steps:010"), "'steps:10' twice")
+    _refused(_cli("depth-search", "zoo:digits-sd", "--metric", "ssim", "--threshold", "-5"), "SSIM lies in [-1, 1]")
+    _refused(_cli("depth-search", "zoo:digits-sd", "--threshold", "-1"), "a PSNR of at least 0 dB")
+    _refused(_cli("evaluate", "zoo:digits-sd", "--inception", tmp_path), f"--inception {tmp_path} is a folder",
+             "weights-inception-2015-12-05-6726825d.pth")
+    _refused(_cli("bench", "zoo:digits-sd", "--methods", "full", "--lpips", tmp_path), "is a folder")
+    _refused(_cli("evaluate", "zoo:digits-sd", "--clip", tmp_path), "give a CLIP model folder (config.json")
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "model_index.json").write_text(json.dumps(
+        {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+         "vae": ["diffusers", "AutoencoderKL"], "safety_checker": [None, None]}))
+    _refused(_cli("profile", tmp_path / "p"), "names components with no subfolder here: unet/, vae/")
+
+
+def test_resume_messages_name_what_the_user_gave(tmp_path):
+    """A longer dipgo run is refused naming --anneal's default; zoo-train names the default it ran with, accepts
+    that default given explicitly, and says when a longer --steps changes its learning-rate schedule."""
+    from diffslim.methods.dipgo import _check_resume
+
+    with pytest.raises(UserError, match=re.escape("anneal=4; this run has anneal=6") + ".*give --anneal 4"):
+        _check_resume(tmp_path, json.dumps({"anneal": 4, "ratio": 0.4}), json.dumps({"anneal": 6, "ratio": 0.4}))
+    with pytest.raises(UserError) as e:
+        _check_resume(tmp_path, json.dumps({"anneal": 4, "ratio": 0.4}), json.dumps({"anneal": 6, "ratio": 0.5}))
+    assert "--anneal" not in str(e.value)  # the hint only where the default alone differs
+    run = tmp_path / "zt"
+    args = ("zoo-train", "digits-dit", "--batch-size", "4", "--checkpoint-every", "2", "--out", run)
+    assert _cli(*args, "--steps", "2").exit_code == 0
+    res = _cli(*args, "--steps", "3")
+    assert res.exit_code == 0, res.output
+    assert ("the run was planned for 2 steps, this one for 3: the learning-rate schedule (warm-up, then cosine decay "
+            "to --steps) changes from here") in " ".join(res.output.split())
+    res = _cli(*args, "--steps", "3")  # the same plan again: nothing to say
+    assert res.exit_code == 0 and "planned for" not in res.output
+    from diffslim.train.zoo import _run_pipeline_config
+
+    (tmp_path / "sr").mkdir()
+    assert _run_pipeline_config(tmp_path / "sr", None, {"blur_sigma": 1.6}) == {}
+    assert _run_pipeline_config(tmp_path / "sr", {"blur_sigma": 1.6}, {"blur_sigma": 1.6}) == {}
+    with pytest.raises(UserError, match=re.escape("was started with blur_sigma=1.6 (the default); this run has "
+                                                  "blur_sigma=0.0")):
+        _run_pipeline_config(tmp_path / "sr", {"blur_sigma": 0.0}, {"blur_sigma": 1.6})
+
+
 def test_timesteps_without_a_model_writes_the_recipe_of_its_schedule(tmp_path):
     from diffslim.methods.timesteps import gamma_timesteps
     from diffslim.recipe import load_recipe

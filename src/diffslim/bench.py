@@ -1197,17 +1197,30 @@ def parse_methods(text: str, option: str = "--methods") -> list[tuple[str, Optio
     items = [t.strip() for t in text.split(",")]
     if not any(items):
         raise UserError(f"{option} is empty; give a comma-separated list, e.g. {example}")
-    out = []
+    out, seen = [], {}
     for item in items:
         if not item:
             raise UserError(f"{option} {text!r} has an empty entry (two commas, or one at an end); e.g. {example}")
         name, _, arg = item.partition(":")
         if name not in METHODS:
             raise UserError(f"unknown bench method {name!r}; accepted: {', '.join(sorted(METHODS))}")
-        if option == "--methods" and (name, arg or None) in out:
-            raise UserError(f"{option} lists {item!r} twice; each method runs once (full always runs, first)")
+        key = (name, _same_numbers(arg))  # layers:0.30 is layers:0.3
+        if option == "--methods" and key in seen:
+            again = "" if seen[key] == item else f" (as {seen[key]!r} and {item!r})"
+            raise UserError(f"{option} lists {seen[key]!r} twice{again}; each method runs once (full always runs, "
+                            "first)")
+        seen.setdefault(key, item)
         out.append((name, arg or None))
     return out
+
+
+def _same_numbers(arg: str) -> str:
+    """``arg`` with every number written one way (0.30, .3 and 3e-1 as 0.3; 010 as 10): two specs that differ only
+    in how a number is written are one method."""
+    import re
+
+    return re.sub(r"(?<![A-Za-z_])(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?",
+                  lambda m: repr(float(m.group())), arg)
 
 
 def _compile_and_warm(variant: Variant, options: dict):

@@ -172,14 +172,84 @@ def _check_finite(kwargs: dict) -> None:
             raise UserError(f"{opts.get(name, '--' + name.replace('_', '-'))}: must be a finite number, got {value}")
 
 
-def _out_folder(out: Path, option: str = "--out") -> Path:
+# Which command wrote an output folder: ``OUT/.diffslim.json`` records it (``_claim_out``). For folders written before
+# the record: the file each command leaves (first match wins; report.json last, as every report has one).
+_OUT_RECORD = ".diffslim.json"
+_OUT_SIGNS = (("workflow.json", ("workflow",)), ("compare.json", ("layer-compare",)),
+              ("distill.json", ("distill", "finetune")), ("scores.json", ("layer-prune",)),
+              ("*/train_settings.json", ("zoo-train",)), ("scores.npy", ("dipgo",)), ("grid.png", ("sample",)),
+              ("report.json", ("demo", "bench")))
+
+
+def _out_owner(out: Path) -> Optional[tuple[tuple[str, ...], str]]:
+    """The commands that may write into ``out`` again, and what says so; None for a folder no command wrote."""
+    record = out / _OUT_RECORD
+    if record.is_file():
+        try:
+            command = json.loads(record.read_text()).get("command")
+        except (ValueError, AttributeError, OSError):
+            command = None
+        if isinstance(command, str):
+            return (command,), _OUT_RECORD
+    for sign, commands in _OUT_SIGNS:
+        if next(iter(out.glob(sign)), None) is not None:
+            return commands, sign
+    for sign in ("model_index.json", "config.json"):  # a model a user made, or one diffslim wrote before the record
+        if (out / sign).is_file():
+            return (), sign
+    return None
+
+
+def _check_out_owner(out: Path, command: str, option: str) -> None:
+    """Refuse ``--out`` into a folder another command wrote (or a model folder): the two commands' files would mix,
+    and some would be replaced (layer-prune's pipeline/ over a distill run's, whose student/ stays). The same command
+    may write it again (that is how runs resume)."""
+    owner = _out_owner(out) if out.is_dir() else None
+    if owner is None or command in owner[0]:
+        return
+    commands, sign = owner
+    what = (f"the output of `diffslim {' or '.join(commands)}`" if commands
+            else "a model folder, which it would overwrite or mix its files into")
+    raise UserError(f"{option} {out} holds {what} ({sign}); `diffslim {command}` writes its own files there: give "
+                    "another folder, or remove that one first")
+
+
+def _claim_out(out: Path, command: str) -> bool:
+    """Record that ``command`` writes ``out`` (made now): called once the command's checks have passed, before it
+    writes there. True when an earlier run of ``command`` wrote the folder (its record, or the file it leaves)."""
+    before = _out_owner(out) if out.is_dir() else None
+    out.mkdir(parents=True, exist_ok=True)
+    from diffslim import __version__
+
+    (out / _OUT_RECORD).write_text(json.dumps({"command": command, "diffslim": __version__}) + "\n")
+    return before is not None and command in before[0]
+
+
+def _remove_previous(out: Path, names) -> None:
+    """Remove what an earlier run of the same command wrote under ``out`` (``_claim_out`` said it is that command's
+    folder): a rerun that writes less (a lone model after a pipeline, a config after weights) must not
+    leave the earlier run's files beside its own."""
+    import shutil
+
+    for name in names:
+        p = out / name
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        elif p.exists() or p.is_symlink():
+            p.unlink()
+
+
+def _out_folder(out: Path, option: str = "--out", command: Optional[str] = None) -> Path:
     """Check, before any work starts, that the output folder can be written: a file in its place, or a folder that
     cannot be made or written, is a one-line error now rather than a traceback after the work. Leaves no trace:
-    folders made to find out are removed again (the command makes them when it writes)."""
+    folders made to find out are removed again (the command makes them when it writes). With ``command``: also that
+    no other command wrote the folder (``_check_out_owner``)."""
     import tempfile
 
     if out.exists() and not out.is_dir():
         raise UserError(f"{option} {out} is a file; give a folder")
+    if command is not None:
+        _check_out_owner(out, command, option)
     missing = []
     p = out
     while not p.exists() and p != p.parent:
@@ -227,7 +297,19 @@ def _metric_weights(clip: Optional[Path], lpips: Optional[Path], inception: Opti
     for option, path in (("--clip", clip), ("--lpips", lpips), ("--inception", inception)):
         if path is not None and not path.exists():
             raise UserError(f"{option} {path}: no such file or folder (the metric's local weights)")
-    if lpips is not None and importlib.util.find_spec("torchvision") is None:  # asked for, it must not be skipped
+    # asked for, a metric must not be skipped: the kind of path each takes, checked before any work
+    if clip is not None and not (clip / "config.json").is_file():
+        raise UserError(f"--clip {clip}: give a CLIP model folder (config.json and its weights, as "
+                        "transformers' save_pretrained writes it)")
+    for option, path, example in (("--lpips", lpips, "its backbone's .pth weights"),
+                                  ("--inception", inception, "torch-fidelity's "
+                                   "weights-inception-2015-12-05-6726825d.pth")):
+        if path is not None and not path.is_file():
+            raise UserError(f"{option} {path} is a folder; give the weights file ({example})")
+    if inception is not None and importlib.util.find_spec("torch_fidelity") is None:
+        raise UserError("--inception: torchmetrics builds the FID Inception network with torch-fidelity, which is "
+                        "not installed (pip install torch-fidelity)")
+    if lpips is not None and importlib.util.find_spec("torchvision") is None:
         raise UserError("--lpips: torchmetrics builds the LPIPS backbone with torchvision, which is not installed "
                         "(pip install torchvision, the build matching your torch)")
 
@@ -557,7 +639,7 @@ def sample_cmd(
     dtype: str = typer.Option("float32", help=_DTYPE_HELP),
 ):
     """Sample a model on fixed seeds and inputs; write PNGs and a grid."""
-    _out_folder(out)
+    _out_folder(out, command="sample")
     compile_options = _compile_options(compile, compile_mode, compile_backend)
     dev, dt = _precision(device, dtype)
     _quiet_libraries()
@@ -578,7 +660,7 @@ def sample_cmd(
 
         compile_pipeline(loaded.pipe, **compile_options)
     images = sample(loaded.pipe, spec, show_progress=True)
-    out.mkdir(parents=True, exist_ok=True)
+    _claim_out(out, "sample")
     for i, im in enumerate(images):
         image_grid(im[None], nrow=1, pad=0).save(out / f"{i:04d}.png")
     image_grid(images, nrow=8, upscale=max(1, 64 // images.shape[-1])).save(out / "grid.png")
@@ -708,7 +790,7 @@ def bench(
     dev, dt = _precision(device, dtype)
     _metric_weights(clip, lpips, inception)
     if html is not None:
-        _out_folder(html, "--html")
+        _out_folder(html, "--html", command="bench")
     _quiet_libraries()
     from diffslim.bench import check_task_weight, parse_methods, run_bench, timing_note
     from diffslim.evaluate import eval_set_for, finite, metrics_fn_for, reference_images
@@ -733,6 +815,7 @@ def bench(
         rep.add_text("how it was run", _run_info(dev, dt))
         add_bench_section(rep, model, rows, res.outputs, references=reference_images(es),
                           timing=timing_note(res.timing))
+        _claim_out(html, "bench")
         rep.write(html)
     if as_json:
         from diffslim.report import json_rows
@@ -790,7 +873,7 @@ def workflow(
     dtype: str = typer.Option("float32", help=_DTYPE_HELP + "; stages that train (+kd, +ft, dipgo:R) need float32"),
 ):
     """Stack methods stage by stage, each judged against the original; write the final recipe and pipeline."""
-    _out_folder(out)
+    _out_folder(out, command="workflow")
     dev, dt = _precision(device, dtype)
     _quiet_libraries()
     from diffslim.bench import check_task_weight
@@ -819,6 +902,7 @@ def workflow(
             console.print(f"stages: {stages} (the default for a {type(loaded.denoiser).__name__})", highlight=False)
     es = eval_set_for(loaded, n, seed=seed, prompts_file=prompts)
     default_steps = steps or (loaded.zoo.default_steps if loaded.zoo else 50)
+    _claim_out(out, "workflow")
     res = run_workflow(loaded, stages, es, out, default_steps=default_steps, scheduler=scheduler,
                        batch_size=batch_size, metrics_fn=metrics_fn_for(loaded, es), floor=floors,
                        progress=not as_json, log=lambda m: (err_console if as_json else console).print(
@@ -996,8 +1080,11 @@ def depth_search_cmd(
         raise UserError(f"unknown metric {metric!r}; accepted: {', '.join(METRICS)}")
     if threshold is None:
         threshold = {"psnr": 30.0, "ssim": 0.95}[metric]
-    if metric == "ssim" and not threshold <= 1:
-        raise UserError(f"--threshold {threshold:g} with --metric ssim: SSIM is at most 1; give e.g. 0.95")
+    if metric == "ssim" and not -1 <= threshold <= 1:
+        raise UserError(f"--threshold {threshold:g} with --metric ssim: SSIM lies in [-1, 1]; give e.g. 0.95")
+    if metric == "psnr" and threshold < 0:  # images in [0, 1]: the MSE is at most 1, the PSNR at least 0
+        raise UserError(f"--threshold {threshold:g} with --metric psnr: every depth has a PSNR of at least 0 dB "
+                        "(images in [0, 1]); give e.g. 30")
     if mode not in ("binary", "linear"):
         raise UserError(f"unknown --mode {mode!r}; accepted: binary, linear")
     if split is not None and not multi:
@@ -1186,7 +1273,7 @@ def finetune(
                                   "or each sample's own ('sample')"),
 ):
     """Fine-tune a depth-skipped model: diffusion loss + distillation from the unpruned teacher."""
-    _out_folder(out)
+    _out_folder(out, command="finetune")
     _quiet_libraries()
     from diffslim.methods.depth_skip import removed_modules
     from diffslim.methods.finetune import finetune_depth
@@ -1199,6 +1286,7 @@ def finetune(
     if loaded.pipe is None:
         raise UserError(f"{model} is not a pipeline; fine-tuning needs a pipeline folder or zoo:NAME")
     removed_modules(loaded.denoiser, depth)
+    _claim_out(out, "finetune")
     student, folder = finetune_depth(loaded.pipe, depth, data, cfg)
     pipeline = _student_pipeline(loaded, student, Path(out) / "pipeline")
     console.print(f"fine-tuned student (depth {depth}): {folder}; log: {Path(out) / 'train_log.csv'}"
@@ -1281,7 +1369,7 @@ def distill(
                                                          "(default: the pipeline's own, 1024 for Flux)"),
 ):
     """Distil a teacher pipeline's denoiser into a student denoiser (task + output + feature losses)."""
-    _out_folder(out)
+    _out_folder(out, command="distill")
     own_samples = data != "zoo" and Path(data).is_file()
     if not own_samples:
         given = [o for o, name in (("--teacher-samples", "teacher_samples"), ("--sample-steps", "sample_steps"))
@@ -1306,6 +1394,7 @@ def distill(
     s = load(str(student))
     if not s.has_weights or s.pipe is not None:
         raise UserError(f"{student} must be a denoiser folder with safetensors weights")
+    _claim_out(out, "distill")
     if own_samples:
         data = str(_teacher_samples(t, Path(data), teacher_samples, sample_steps, Path(out) / "teacher_samples"))
         if lambda_task != 0:
@@ -1338,7 +1427,7 @@ def zoo_train(
                                                           "zoo:sr's; 0: box averaging)"),
 ):
     """Train a reference zoo model (checkpoints every N steps; rerun the same command to resume)."""
-    _out_folder(out)
+    _out_folder(out, command="zoo-train")
     if lr <= 0:
         raise UserError(f"--lr must be > 0, got {lr}")
     from diffslim.train import zoo as ztrain
@@ -1352,6 +1441,7 @@ def zoo_train(
     if blur_sigma is not None and (ZOO[name].task != "sr" or blur_sigma < 0):
         raise UserError("--blur-sigma is for the sr model and must be >= 0")
     _quiet_libraries()
+    _claim_out(out, "zoo-train")
     folder = ztrain.train(name, out / name, steps, batch_size, lr, checkpoint_every,
                           pipeline_config=None if blur_sigma is None else {"blur_sigma": blur_sigma})
     console.print(f"pipeline written to {folder}")
@@ -1449,7 +1539,7 @@ def layer_prune_cmd(
     device: str = typer.Option("auto", help=_SCORE_DEVICE_HELP),
 ):
     """One-shot layer pruning (LAPTOP-Diff): score every layer, remove the least important at a ratio."""
-    _out_folder(out)
+    _out_folder(out, command="layer-prune")
     dev = _precision(device, "float32")[0]
     _quiet_libraries()
     from diffslim.methods.layer_prune import (BK_SDM, CRITERIA, check_max_params, check_ratio, is_unet, layer_prune,
@@ -1524,7 +1614,8 @@ def layer_prune_cmd(
             pruned = stocked
         except UserError as e:  # keep the scoring's work: write the LayerPruned model, then say why
             not_stock = str(e)
-    out.mkdir(parents=True, exist_ok=True)
+    if _claim_out(out, "layer-prune"):  # a rerun leaves no stale pipeline/ or weights beside the new model
+        _remove_previous(out, ("model", "pipeline"))
     _save_denoiser(loaded, pruned, out / "model", out / "pipeline")
     params_after = sum(p.numel() for p in pruned.parameters())
     report = {"model": model, **res.to_json(), "params_after": params_after, "out": str(out)}
@@ -1618,7 +1709,7 @@ def stock_cmd(
     from diffslim.methods.layer_prune import removed_layers_of, stock_model
     from diffslim.models.load import load
 
-    _out_folder(out)
+    _out_folder(out, command="stock")
     loras = [lora_file(p) for p in lora or []]  # missing or pickled LoRAs are refused before any work
     names = [p.parent.name if p.name == WEIGHT_NAME else p.stem for p in loras]  # a LoRA folder: its name
     if len(set(names)) != len(names):
@@ -1640,7 +1731,8 @@ def stock_cmd(
         raise UserError(f"{e}; layer-prune --stock (or the bench's and workflow's layers:R:stock) chooses among the "
                         "removals a stock config can describe") from None
     _check_controlnets(loaded.pipe, stock)
-    out.mkdir(parents=True, exist_ok=True)
+    if _claim_out(out, "stock"):  # replace its own earlier export (a folder it did not write is left alone)
+        _remove_previous(out, [p.name for p in out.iterdir() if p.name != _OUT_RECORD])
     kind = "pipeline" if loaded.pipe is not None and loaded.has_weights else "model"
     if kind == "pipeline":
         from diffslim.apply import denoiser_attr
@@ -1780,7 +1872,7 @@ def layer_compare_cmd(
     """Compare every layer-pruning criterion on your model: held-out output loss of each one's selection at each
     ratio, BK-SDM (U-Nets), and the additivity of the single-layer losses, with figures; with --sample N also
     each selection's samples against the full model's."""
-    _out_folder(out)
+    _out_folder(out, command="layer-compare")
     _quiet_libraries()
     from diffslim.methods import layer_prune as lp
     from diffslim.methods.layer_compare import compare_criteria, curves_of
@@ -1830,7 +1922,7 @@ def layer_compare_cmd(
     xlabel = f"target ratio (the least share of {share} removed; whole layers go)" + ("" if max_params is None else
                                                             f", at most {max_params:g} of params")
     x = "macs_ratio" if by == "macs" else "ratio"
-    out.mkdir(parents=True, exist_ok=True)
+    _claim_out(out, "layer-compare")
     def matched(key):  # by MACs: the output-loss selection at each BK-SDM variant's MACs and params
         return {b["variant"]: (b["macs_ratio"], v) for b in res["bk_sdm"]
                 if (v := (b.get(key) if key == "output_loss_at_macs" else b.get(key, {}).get("psnr"))) is not None}
@@ -2008,8 +2100,8 @@ def dipgo_cmd(
 ):
     """Learn a skip plan with DiP-GO and write it as a recipe (skip_plan section)."""
     _out_file(out)
-    if run_dir is not None:
-        _out_folder(run_dir, "--run-dir")
+    _out_folder(run_dir or out.with_name(out.stem + "_run"),
+                "--run-dir" if run_dir is not None else "the run folder (--run-dir's default)", command="dipgo")
     _quiet_libraries()
     from diffslim.methods.dipgo import DipgoConfig, check_ratio, train_dipgo
     from diffslim.methods.skip_plan import GRANULARITIES
@@ -2034,6 +2126,7 @@ def dipgo_cmd(
     from diffslim.evaluate import call_settings
 
     cfg.call_kwargs = {**call_settings(loaded.pipe), **cfg.call_kwargs}  # PixArt at a size it cannot bin
+    _claim_out(Path(cfg.out), "dipgo")
     res = train_dipgo(loaded.pipe, cfg)  # units with MACs measured on the training inputs' own call
     units = res.units
     Recipe(model=model, description=f"DiP-GO skip plan, R={ratio:g}, MACs ratio {res.macs_ratio:.3f}",
@@ -2120,10 +2213,11 @@ def demo(
     methods: Optional[str] = typer.Option(None, help="bench methods (default: per model)"),
 ):
     """Profile, sample and bench the zoo models; write index.html + report.json + figures."""
-    _out_folder(out)
+    _out_folder(out, command="demo")
     _quiet_libraries()
     from diffslim.demo import run_demo
 
+    _claim_out(out, "demo")
     folder = run_demo(out, n=n, methods=methods, console=console)
     console.print(f"report: {folder / 'index.html'}")
 

@@ -61,6 +61,7 @@ def profile_denoiser(loaded, den, height: Optional[int] = None, width: Optional[
     scale = loaded.vae_scale_factor
     h = None if height is None else _pixels_to_latent(height, scale, "height")
     w = None if width is None else _pixels_to_latent(width, scale, "width")
+    _check_grid(den, h, w, scale)
     kw = {"context_tokens": 2} if loaded.zoo is not None and isinstance(den, UNet2DConditionModel) else {}
     an = anatomy(den, height=h, width=w, **kw)
     args, kwargs = default_inputs(den, height=h, width=w, **kw)
@@ -120,6 +121,28 @@ def profile_depths(model: str, height: Optional[int] = None, width: Optional[int
         r["params_ratio"] = r["params"] / full["params"]
         r["macs_ratio"] = r["macs"] / full["macs"]
     return rows
+
+
+def _check_grid(den, h: Optional[int], w: Optional[int], scale: int) -> None:
+    """Sizes a transformer denoiser cannot take, refused in one line (in torch they fail on a reshape): its input
+    goes in patches of ``patch_size`` (Flux packs 2x2), and DiT reads its grid's side from the token count, so it
+    takes square inputs only. ``h``/``w`` in latent pixels, None for the config's sample size."""
+    config = getattr(den, "config", {})
+    names = {c.__name__ for c in type(den).__mro__}
+    patch = 2 if "FluxTransformer2DModel" in names else config.get("patch_size")
+    if not isinstance(patch, int) or (h is None and w is None):
+        return
+    size = config.get("sample_size")
+    size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+    hh, ww = h if h is not None else size[0], w if w is not None else size[1]
+    cls = next((n for n in ("DiTTransformer2DModel", "FluxTransformer2DModel") if n in names), type(den).__name__)
+    for what, v in (("height", hh), ("width", ww)):
+        if isinstance(v, int) and v % patch:
+            raise UserError(f"--{what} {v * scale}: {cls} takes its input in patches of {patch * scale} px; give a "
+                            f"multiple of {patch * scale}")
+    if cls == "DiTTransformer2DModel" and isinstance(hh, int) and isinstance(ww, int) and hh != ww:
+        raise UserError(f"--height {hh * scale} and --width {ww * scale}: DiTTransformer2DModel takes square inputs "
+                        "only (diffusers reads the side of its grid from the token count); give the same for both")
 
 
 def _pixels_to_latent(px: int, scale: int, what: str) -> int:

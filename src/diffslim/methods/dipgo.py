@@ -558,7 +558,9 @@ def _check_resume(out: Path, saved: Optional[str], now: str) -> None:
     diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
     raise UserError(f"{out} holds a pruner trained with " + ", ".join(f"{k}={a.get(k)}" for k in diff)
                     + "; this run has " + ", ".join(f"{k}={b.get(k)}" for k in diff)
-                    + ": resume with the same settings, or give a fresh --out (or --run-dir)")
+                    + ": resume with the same settings, or give a fresh --out (or --run-dir)"
+                    + (f" (--anneal defaults to --iters: to train this run longer, give --anneal {a['anneal']})"
+                       if diff == ["anneal"] else ""))
 
 
 def train_dipgo(pipe, cfg: DipgoConfig, units: Optional[PlanUnits] = None,

@@ -176,6 +176,13 @@ def load_pipeline_folder(folder: Path, dtype=torch.float32, device="cpu"):
     index = _read_json(folder / "model_index.json")
     cls_name = index.get("_class_name", "")
     _check_no_pickles(folder)
+    # the components model_index.json names, each a subfolder (optional ones are null there)
+    missing = [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and len(v) == 2
+               and v[0] is not None and v[1] is not None and not (folder / k).is_dir()]
+    if missing:
+        raise ModelLoadError(f"cannot load pipeline folder {folder}: its model_index.json names components with no "
+                             f"subfolder here: {', '.join(f'{k}/' for k in missing)} (a whole pipeline folder has "
+                             "one per component, as save_pretrained writes it)")
     zoo_cls = _zoo_pipeline_class(cls_name)
     try:
         if zoo_cls is not None:

@@ -150,9 +150,9 @@ def train(name: str, out: Path, steps: int, batch_size: int, lr: float, checkpoi
     set_seed(seed)
     out = Path(out)
     ckpt_root = out / "checkpoints"
-    pipeline_config = _run_pipeline_config(out, pipeline_config)
-    _check_run_settings(out, {"batch_size": batch_size, "lr": lr, "seed": seed, "ema_decay": ema_decay,
-                              "num_processes": accelerator.num_processes})
+    pipeline_config = _run_pipeline_config(out, pipeline_config, zoo_entry(name).pipeline_config)
+    planned = _check_run_settings(out, {"batch_size": batch_size, "lr": lr, "seed": seed, "ema_decay": ema_decay,
+                                        "num_processes": accelerator.num_processes}, steps)
     pipe = build_pipeline(name, **pipeline_config)
     upsampler = fitted_upsampler(name, pipeline_config)  # closed form, deterministic: refitted on resume
     if upsampler is not None:
@@ -180,7 +180,9 @@ def train(name: str, out: Path, steps: int, batch_size: int, lr: float, checkpoi
     if ckpts:
         accelerator.load_state(str(ckpts[-1]))
         start = int(ckpts[-1].name.split("_")[1])
-        say(accelerator, f"resumed from {ckpts[-1]} at step {start}")
+        say(accelerator, f"resumed from {ckpts[-1]} at step {start}"
+            + (f"; the run was planned for {planned} steps, this one for {steps}: the learning-rate schedule "
+               "(warm-up, then cosine decay to --steps) changes from here" if planned not in (None, steps) else ""))
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "train_log.csv"
     kept = []  # on a resume, the rows up to the checkpoint (rows a stopped run logged after it are dropped)
@@ -251,9 +253,10 @@ def _checkpoints(root: Path, cut: Optional[list] = None) -> list[Path]:
     return done
 
 
-def _check_run_settings(out: Path, settings: dict) -> None:
+def _check_run_settings(out: Path, settings: dict, steps: Optional[int] = None) -> Optional[int]:
     """Record the settings that shape run ``out``'s training on its first start; a resume must keep them (only
-    ``--steps`` and ``--checkpoint-every`` may change). Runs started before the record are not checked."""
+    ``--steps`` and ``--checkpoint-every`` may change). Runs started before the record are not checked. Returns the
+    steps the run's last start planned (its LR schedule's length; None if not recorded) and records ``steps``."""
     from diffslim.errors import UserError
 
     path = out / "train_settings.json"
@@ -264,26 +267,39 @@ def _check_run_settings(out: Path, settings: dict) -> None:
             raise UserError(f"{out} was started with " + ", ".join(f"{k}={saved[k]}" for k in diff) + "; this run has "
                             + ", ".join(f"{k}={settings[k]}" for k in diff)
                             + ": resume it with the same settings, or use another --out")
-        return
+        planned = saved.get("steps")
+        if steps is not None and planned != steps:
+            _write_settings(path, {**saved, "steps": steps})
+        return planned
     if any(out.glob("checkpoints/step_*")):
-        return  # a run from before the record: nothing to compare with
+        return None  # a run from before the record: nothing to compare with
     out.mkdir(parents=True, exist_ok=True)
+    _write_settings(path, {**settings, **({} if steps is None else {"steps": steps})})
+    return None
+
+
+def _write_settings(path: Path, settings: dict) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}")  # processes of one launch write the same: rename is atomic
     tmp.write_text(json.dumps(settings))
     tmp.replace(path)
 
 
-def _run_pipeline_config(out: Path, given: Optional[dict]) -> dict:
-    """The pipeline overrides of run ``out``: saved on its first start, and a resume must not change them."""
+def _run_pipeline_config(out: Path, given: Optional[dict], defaults: Optional[dict] = None) -> dict:
+    """The pipeline overrides of run ``out``: saved on its first start, and a resume must not change them (giving
+    the value it ran with, the zoo's ``defaults`` included, is no change)."""
     from diffslim.errors import UserError
 
     path = out / "pipeline_config.json"
     saved = json.loads(path.read_text()) if path.exists() else None
     given = dict(given or {})
     if saved is not None:
-        if given and given != saved:
-            raise UserError(f"{out} was started with pipeline settings {saved}; resume it with the same, "
-                            f"or use another --out (given {given})")
+        ran = {**(defaults or {}), **saved}
+        diff = [k for k in given if given[k] != ran.get(k)]
+        if diff:
+            raise UserError(f"{out} was started with " + ", ".join(
+                f"{k}={ran.get(k)}" + ("" if k in saved else " (the default)") for k in diff)
+                + "; this run has " + ", ".join(f"{k}={given[k]}" for k in diff)
+                + ": resume it with the same, or use another --out")
         return saved
     out.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(given))
