@@ -170,7 +170,7 @@ def test_mistakes_found_by_a_sweep_are_one_line_errors_before_any_work(tmp_path)
              "Invalid value for '--seed'", "less than or equal to")
     _refused(_cli("depth-search", "zoo:digits-sd", "--plot", tmp_path / "d.txt"), "matplotlib writes no .txt figures")
     _refused(_cli("depth-search", "zoo:digits-sd", "--multi", "--split", "5000"), "must be a timestep in 1..999")
-    _refused(_cli("depth-search", "zoo:digits-sd", "--metric", "ssim", "--threshold", "30"), "SSIM is at most 1")
+    _refused(_cli("depth-search", "zoo:digits-sd", "--metric", "ssim", "--threshold", "30"), "SSIM lies in [-1, 1]")
     _refused(_cli("timesteps", "--steps", "10", "--gamma", "1.5", "--n", "3", "--depth", "2"),
              "--n, --depth set up the search of gamma on a MODEL")
     for spec, needle in (("fbcache:abc", "'abc' is not a valid setting; fbcache[:THRESHOLD]"),

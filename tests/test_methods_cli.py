@@ -48,7 +48,7 @@ def test_depth_search_real_sampling(tiny_digits_pipe):
 
 def test_depth_search_cli_writes_recipe_and_plot(tiny_digits_folder, tmp_path):
     out, plot = tmp_path / "r.json", tmp_path / "d.png"
-    r = _run("depth-search", tiny_digits_folder, "--threshold", "-5", "--n", "2", "--steps", "3", "--json",
+    r = _run("depth-search", tiny_digits_folder, "--threshold", "0", "--n", "2", "--steps", "3", "--json",
              "--out", out, "--plot", plot)
     assert r.exit_code == 0, r.output
     d = json.loads(r.stdout)
@@ -185,7 +185,7 @@ def test_multi_depth_staircase_finds_the_cheapest_passing_pair(tiny_digits_pipe,
 
 
 def test_depth_search_cli_multi(tiny_digits_folder, tmp_path):
-    r = _run("depth-search", tiny_digits_folder, "--threshold", "-5", "--n", "2", "--steps", "4", "--multi",
+    r = _run("depth-search", tiny_digits_folder, "--threshold", "0", "--n", "2", "--steps", "4", "--multi",
              "--json", "--out", tmp_path / "r.json")
     assert r.exit_code == 0, r.output
     data = json.loads(r.stdout)
