@@ -31,3 +31,56 @@ def test_two_processes_agree_with_one(tmp_path):
     spec = SampleSpec([{"class_label": i % 10} for i in range(5)], list(range(5)), num_inference_steps=3, batch_size=2)
     want = sample(pipe, spec)
     torch.testing.assert_close(got["images"], want, atol=1e-5, rtol=0)
+
+
+def _launch(tmp_path, *args):
+    env = dict(os.environ, OMP_NUM_THREADS="1", DIFFSLIM_CACHE=str(tmp_path / "cache"))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--multi_gpu", "-m", "diffslim.cli", *map(str, args)]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+@pytest.mark.xdist_group("accelerate-launch")
+def test_commands_under_a_launch_print_and_write_once(tmp_path):
+    """Every process of `accelerate launch -m diffslim.cli ...` printed its own table or JSON document (`--json` gave
+    two, which no JSON reader takes) and wrote the same files at once (the teacher's samples collided on their
+    temporary names). The first process alone prints and writes; the teacher's samples are split among the
+    processes and equal those one process samples."""
+    import json
+
+    r = _launch(tmp_path, "evaluate", "zoo:digits-sd", "--n", "4", "--steps", "3", "--json")
+    assert json.loads(r.stdout)["n"] == 4  # one document
+    r = _launch(tmp_path, "sample", "zoo:digits-sd", "--n", "3", "--steps", "3", "--out", "s")
+    assert r.stdout.count("wrote 3 samples") == 1
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == [".diffslim.json", "0000.png", "0001.png",
+                                                                  "0002.png", "grid.png"]
+    # the teacher's own samples (distill --data PROMPTS.txt): split among the processes, as one process makes them
+    from diffslim.sample import SampleSpec, write_samples
+
+    torch.manual_seed(0)
+    pipe = build_pipeline("digits-sd")
+    pipe.set_progress_bar_config(disable=True)
+    spec = SampleSpec([{"class_label": i % 10} for i in range(5)], list(range(5)), num_inference_steps=3, batch_size=2)
+    script = tmp_path / "teacher.py"
+    script.write_text(
+        "import sys, torch\n"
+        "from diffslim.sample import SampleSpec, write_samples\n"
+        "from diffslim.train.zoo import build_pipeline\n"
+        "torch.manual_seed(0)\n"
+        "pipe = build_pipeline('digits-sd')\n"
+        "pipe.set_progress_bar_config(disable=True)\n"
+        "spec = SampleSpec([{'class_label': i % 10} for i in range(5)], list(range(5)), num_inference_steps=3, "
+        "batch_size=2)\n"
+        "write_samples(pipe, spec, sys.argv[1])\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--multi_gpu", str(script), str(tmp_path / "mp")]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    write_samples(pipe, spec, tmp_path / "one")
+    names = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "mp").iterdir()) and len(names) == 11
+    for name in names:
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "mp" / name).read_bytes(), name

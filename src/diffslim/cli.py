@@ -221,7 +221,12 @@ def _claim_out(out: Path, command: str) -> bool:
     out.mkdir(parents=True, exist_ok=True)
     from diffslim import __version__
 
-    (out / _OUT_RECORD).write_text(json.dumps({"command": command, "diffslim": __version__}) + "\n")
+    import os
+
+    # each process of an `accelerate launch` writes it: a rename is atomic, so none reads a half-written record
+    tmp = out / f"{_OUT_RECORD}.{os.getpid()}"
+    tmp.write_text(json.dumps({"command": command, "diffslim": __version__}) + "\n")
+    tmp.replace(out / _OUT_RECORD)
     return before is not None and command in before[0]
 
 
@@ -315,6 +320,8 @@ def _metric_weights(clip: Optional[Path], lpips: Optional[Path], inception: Opti
 
 
 def _print_json(data) -> None:
+    if not _main_process():
+        return
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
 
 
@@ -661,6 +668,8 @@ def sample_cmd(
         compile_pipeline(loaded.pipe, **compile_options)
     images = sample(loaded.pipe, spec, show_progress=True)
     _claim_out(out, "sample")
+    if not _main_process():  # every process holds every image; the first writes them
+        return
     for i, im in enumerate(images):
         image_grid(im[None], nrow=1, pad=0).save(out / f"{i:04d}.png")
     image_grid(images, nrow=8, upscale=max(1, 64 // images.shape[-1])).save(out / "grid.png")
@@ -1300,6 +1309,8 @@ def _student_pipeline(teacher, student, folder: Path) -> Optional[Path]:
     None for a teacher without weights."""
     if teacher.pipe is None or not teacher.has_weights:
         return None
+    if not _main_process():  # under `accelerate launch` the first process writes it
+        return folder
     from diffslim.apply import denoiser_attr
 
     setattr(teacher.pipe, denoiser_attr(teacher.pipe), student)
@@ -1445,7 +1456,7 @@ def zoo_train(
     folder = ztrain.train(name, out / name, steps, batch_size, lr, checkpoint_every,
                           pipeline_config=None if blur_sigma is None else {"blur_sigma": blur_sigma})
     console.print(f"pipeline written to {folder}")
-    if install:
+    if install and _main_process():
         import shutil
 
         # copy first, then swap: the installed weights are never gone while the copy could still fail
@@ -2129,6 +2140,8 @@ def dipgo_cmd(
     _claim_out(Path(cfg.out), "dipgo")
     res = train_dipgo(loaded.pipe, cfg)  # units with MACs measured on the training inputs' own call
     units = res.units
+    if not _main_process():  # under `accelerate launch` the first process writes the recipe and reports
+        return
     Recipe(model=model, description=f"DiP-GO skip plan, R={ratio:g}, MACs ratio {res.macs_ratio:.3f}",
            skip_plan=SkipPlan(granularity=granularity, units=list(units.names), plan=res.plan.tolist(),
                               scheduler=scheduler, provenance=res.provenance())).save(out)
@@ -2222,9 +2235,19 @@ def demo(
     console.print(f"report: {folder / 'index.html'}")
 
 
+def _main_process() -> bool:
+    """False in every process of a multi-process launch but the first (`accelerate launch` and torchrun set RANK):
+    those compute their share, and the first alone prints and writes the results."""
+    import os
+
+    return os.environ.get("RANK", "0").strip() in ("0", "")
+
+
 def main():
     from diffslim.sample import shutdown_processes
 
+    if not _main_process():  # one table and one JSON document per launch, not one per process
+        console.quiet = True
     try:
         app()
     finally:

@@ -347,8 +347,11 @@ def write_samples(pipe, spec: SampleSpec, folder: Path, progress: bool = False) 
     Resumable: a batch whose images are all there is not sampled again, each file is written whole (a temporary
     name, then renamed), and ``samples.json`` records what was asked for; a folder made for other inputs, seeds or
     steps is refused rather than mixed."""
+    from accelerate import PartialState
     from PIL import Image
 
+    # under `accelerate launch` each process samples its share of what is missing (the files are its own)
+    state = PartialState(cpu=not torch.cuda.is_available())
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     manifest = {"n": len(spec.inputs), "digest": spec.digest()}
@@ -356,10 +359,14 @@ def write_samples(pipe, spec: SampleSpec, folder: Path, progress: bool = False) 
     if mf.exists() and json.loads(mf.read_text()) != manifest:
         raise UserError(f"{folder} holds teacher samples of other prompts, seeds or steps; remove it or give another "
                         "run folder")
-    mf.write_text(json.dumps(manifest) + "\n")
+    state.wait_for_everyone()  # every process has read the manifest before the first rewrites it
+    if state.is_main_process:
+        mf.write_text(json.dumps(manifest) + "\n")
     todo = [i for i in range(len(spec.inputs)) if not (folder / f"{i:05d}.png").exists()]
-    bar = (_progress(f"teacher samples ({spec.num_inference_steps} steps)", len(todo)) if progress and todo
-           else contextlib.nullcontext(None))
+    with state.split_between_processes(todo) as mine:
+        todo = list(mine)
+    bar = (_progress(f"teacher samples ({spec.num_inference_steps} steps)", len(todo))
+           if progress and todo and state.is_main_process else contextlib.nullcontext(None))
     with bar as advance:
         for start in range(0, len(todo), spec.batch_size):
             idx = todo[start:start + spec.batch_size]
@@ -375,6 +382,7 @@ def write_samples(pipe, spec: SampleSpec, folder: Path, progress: bool = False) 
                 os.replace(tmp, folder / f"{i:05d}.png")
             if advance is not None:
                 advance(len(idx))
+    state.wait_for_everyone()  # the folder is whole before any process trains on it
     return folder
 
 

@@ -225,8 +225,9 @@ def train(name: str, out: Path, steps: int, batch_size: int, lr: float, checkpoi
                     cut = []
                     for old in _checkpoints(ckpt_root, cut)[:-2] + [p for p in cut if int(p.name[5:]) < step + 1]:
                         shutil.rmtree(old)
+                if accelerator.is_main_process:  # one writer: processes writing one folder at once corrupt it
+                    export(name, ema, out / "pipeline", pipeline_config, upsampler)
                 accelerator.wait_for_everyone()
-                export(name, ema, out / "pipeline", pipeline_config, upsampler)
             if stopped:
                 log.close()
                 raise Interrupted(f"zoo-train {name}", stop.signum, step + 1, steps, ckpt_root / f"step_{step + 1}")
