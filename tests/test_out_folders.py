@@ -103,3 +103,11 @@ def test_a_layer_prune_rerun_leaves_no_stale_pipeline_or_weights(tmp_path, tiny_
     assert res.exit_code == 0, res.output
     assert not (out / "pipeline").exists() and not list((out / "model").glob("*.safetensors"))
     assert sorted(p.name for p in (out / "model").iterdir()) == ["config.json"]
+
+
+def test_a_sample_rerun_with_fewer_samples_leaves_none_of_the_earlier(tmp_path):
+    out = tmp_path / "s"
+    assert _cli("sample", "zoo:digits-dit", "--n", "3", "--steps", "2", "--out", out).exit_code == 0
+    (out / "mine.png").write_bytes(b"x")  # not a sample: kept
+    assert _cli("sample", "zoo:digits-dit", "--n", "2", "--steps", "2", "--out", out).exit_code == 0
+    assert sorted(p.name for p in out.iterdir()) == [".diffslim.json", "0000.png", "0001.png", "grid.png", "mine.png"]

@@ -667,9 +667,13 @@ def sample_cmd(
 
         compile_pipeline(loaded.pipe, **compile_options)
     images = sample(loaded.pipe, spec, show_progress=True)
-    _claim_out(out, "sample")
+    again = _claim_out(out, "sample")
     if not _main_process():  # every process holds every image; the first writes them
         return
+    if again:  # a rerun with fewer samples leaves none of the earlier run's beside its own
+        import re
+
+        _remove_previous(out, [p.name for p in out.iterdir() if re.fullmatch(r"\d{4,}\.png", p.name)])
     for i, im in enumerate(images):
         image_grid(im[None], nrow=1, pad=0).save(out / f"{i:04d}.png")
     image_grid(images, nrow=8, upscale=max(1, 64 // images.shape[-1])).save(out / "grid.png")
