@@ -70,12 +70,18 @@ def test_a_model_folder_is_not_written_into(tmp_path):
     _refused(_cli("stock", pruned / "model", "--out", model), "holds a model folder", "(config.json)")
     _refused(_cli("layer-prune", model, "--criterion", "bk-sdm-tiny", "--out", model), "holds a model folder")
     assert _tree(model) == before
-    # its own export again: replaced as a whole
+    # its own export again: what the earlier export wrote is replaced (a pipeline's parts, where the new one is a
+    # lone model), what it did not write stays
     stock = tmp_path / "stock"
     assert _cli("stock", pruned / "model", "--out", stock).exit_code == 0
-    (stock / "stale.safetensors").write_bytes(b"x")
+    (stock / "unet").mkdir()
+    (stock / "model_index.json").write_text("{}")
+    (stock / "mine.txt").write_text("mine")
+    record = json.loads((stock / ".diffslim.json").read_text())
+    (stock / ".diffslim.json").write_text(json.dumps({**record, "wrote": ["config.json", "model_index.json",
+                                                                          "unet"]}))
     assert _cli("stock", pruned / "model", "--out", stock).exit_code == 0
-    assert not (stock / "stale.safetensors").exists() and (stock / "config.json").is_file()
+    assert sorted(p.name for p in stock.iterdir()) == [".diffslim.json", "config.json", "mine.txt"]
 
 
 def test_a_folder_with_other_files_is_written_beside_them_and_nothing_removed(tmp_path):
@@ -111,3 +117,105 @@ def test_a_sample_rerun_with_fewer_samples_leaves_none_of_the_earlier(tmp_path):
     (out / "mine.png").write_bytes(b"x")  # not a sample: kept
     assert _cli("sample", "zoo:digits-dit", "--n", "2", "--steps", "2", "--out", out).exit_code == 0
     assert sorted(p.name for p in out.iterdir()) == [".diffslim.json", "0000.png", "0001.png", "grid.png", "mine.png"]
+
+
+def test_a_stock_rerun_removes_only_what_stock_wrote(tmp_path, monkeypatch):
+    # --out . in a project folder: the user's files stay through any number of exports
+    pruned = tmp_path / "lp"
+    assert _cli("layer-prune", CONFIGS / "sd15-unet", "--criterion", "bk-sdm-base", "--out", pruned).exit_code == 0
+    project = tmp_path / "project"
+    (project / "wf").mkdir(parents=True)
+    (project / "notes.txt").write_text("mine")
+    (project / "wf" / "workflow.json").write_text("{}")
+    monkeypatch.chdir(project)
+    for _ in range(2):
+        res = _cli("stock", pruned / "model", "--out", ".")
+        assert res.exit_code == 0, res.output
+    assert (project / "notes.txt").read_text() == "mine" and (project / "wf" / "workflow.json").is_file()
+    assert json.loads((project / ".diffslim.json").read_text())["wrote"] == ["config.json"]
+
+
+def test_an_out_that_holds_the_model_is_refused(tmp_path):
+    out = tmp_path / "lp"
+    assert _cli("layer-prune", CONFIGS / "sd15-unet", "--criterion", "bk-sdm-base", "--out", out).exit_code == 0
+    before = _tree(out)
+    _refused(_cli("layer-prune", out / "model", "--criterion", "bk-sdm-small", "--out", out),
+             f"MODEL {out / 'model'} lies inside --out {out}, which this command rewrites")
+    assert _tree(out) == before
+
+
+def test_a_command_that_fails_before_writing_leaves_no_claim(tmp_path):
+    out = tmp_path / "wf"
+    _refused(_cli("workflow", "zoo:digits-dit", "--stages", "deepcache:2", "--n", "2", "--out", out))
+    assert not out.exists()
+    out.mkdir()
+    _refused(_cli("workflow", "zoo:digits-dit", "--stages", "deepcache:2", "--n", "2", "--out", out))
+    assert list(out.iterdir()) == []
+    assert _cli("sample", "zoo:digits-dit", "--n", "1", "--steps", "2", "--out", out).exit_code == 0
+
+
+def test_a_recipe_file_of_another_commands_folder_is_not_replaced(tmp_path):
+    out = tmp_path / "lp"
+    assert _cli("layer-prune", CONFIGS / "sd15-unet", "--criterion", "bk-sdm-base", "--out", out).exit_code == 0
+    before = _tree(out)
+    _refused(_cli("timesteps", "--steps", "5", "--gamma", "2", "--out", out / "recipe.json"),
+             f"--out {out / 'recipe.json'} is a file of `diffslim layer-prune`'s output")
+    assert _tree(out) == before
+    res = _cli("timesteps", "--steps", "5", "--gamma", "2", "--out", out / "mine.json")  # a new file beside them: allowed
+    assert res.exit_code == 0, res.output
+
+
+def test_an_applications_config_json_is_not_a_model_folder(tmp_path):
+    (tmp_path / "config.json").write_text('{"name": "my app"}')
+    res = _cli("sample", "zoo:digits-dit", "--n", "1", "--steps", "2", "--out", tmp_path)
+    assert res.exit_code == 0, res.output
+
+
+def test_a_training_run_past_the_steps_asked_for_is_refused(tmp_path):
+    run = tmp_path / "zt"
+    args = ("zoo-train", "digits-dit", "--batch-size", "4", "--checkpoint-every", "2", "--out", run)
+    assert _cli(*args, "--steps", "4").exit_code == 0
+    before = _tree(run / "digits-dit" / "pipeline")
+    _refused(_cli(*args, "--steps", "2"), "holds a run trained to step 4, past --steps 2: give --steps 4 or more")
+    assert _tree(run / "digits-dit" / "pipeline") == before
+
+
+def test_a_report_rewritten_with_fewer_figures_leaves_none_of_the_old(tmp_path):
+    from PIL import Image
+
+    from diffslim.report import Report
+
+    img = Image.new("L", (4, 4))
+    rep = Report("a")
+    for name in ("a.png", "b b.png"):
+        rep.add_figure(name, name, img)
+    rep.write(tmp_path)
+    (tmp_path / "mine.png").write_bytes(b"x")
+    rep = Report("b")
+    rep.add_figure("a", "a.png", img)
+    rep.write(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "index.html", "mine.png", "report.json"]
+
+
+def test_an_interrupted_workflow_rerun_leaves_no_recipe_of_the_earlier_run(tmp_path, monkeypatch):
+    """A rerun with another model replaces the earlier run's stage folder: the earlier recipe, which loads that
+    folder, is removed before, so a run stopped there leaves no recipe that loads this run's model."""
+    out = tmp_path / "wf"
+    res = _cli("workflow", "zoo:digits-sd", "--stages", "layers:0.3:random,steps:3", "--n", "2", "--steps", "4",
+               "--out", out)
+    assert res.exit_code == 0, res.output
+    assert (out / "recipe.json").is_file()
+    from diffslim import workflow
+
+    real = workflow._model_stage
+
+    def stopped(*a, **k):
+        real(*a, **k)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(workflow, "_model_stage", stopped)
+    res = _cli("workflow", "zoo:digits-dit", "--stages", "layers:0.3:random,steps:3", "--n", "2", "--steps", "4",
+               "--out", out)
+    assert res.exit_code == 130
+    assert not (out / "recipe.json").exists() and not (out / "workflow.json").exists()
+    assert not (out / "index.html").exists()

@@ -140,9 +140,13 @@ def _guard(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        _CLAIMS.clear()
+        done = False
         try:
             _check_finite(kwargs)
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
+            done = True
+            return result
         except UserError as e:
             _fail(str(e))
         except Interrupted as e:  # a long run stopped on Ctrl-C or SIGTERM after writing its checkpoint
@@ -154,6 +158,9 @@ def _guard(fn):
             raise typer.Exit(130)
         except OSError as e:  # a path that cannot be read or written: the system's reason and the path
             _fail(f"{e.strerror}: {e.filename}" if e.filename and e.strerror else str(e))
+        finally:
+            if not done:
+                _unclaim()
 
     return wrapper
 
@@ -195,9 +202,18 @@ def _out_owner(out: Path) -> Optional[tuple[tuple[str, ...], str]]:
         if next(iter(out.glob(sign)), None) is not None:
             return commands, sign
     for sign in ("model_index.json", "config.json"):  # a model a user made, or one diffslim wrote before the record
-        if (out / sign).is_file():
+        if (out / sign).is_file() and (sign == "model_index.json" or _diffusers_config(out / sign)):
             return (), sign
     return None
+
+
+def _diffusers_config(path: Path) -> bool:
+    """Whether ``path`` is a diffusers model's config.json (not, say, an application's own config.json)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and ("_class_name" in data or "_diffusers_version" in data)
 
 
 def _check_out_owner(out: Path, command: str, option: str) -> None:
@@ -214,10 +230,16 @@ def _check_out_owner(out: Path, command: str, option: str) -> None:
                     "another folder, or remove that one first")
 
 
+_CLAIMS: list[tuple[Path, bool, Optional[bytes]]] = []  # this command's claims: folder, whether it was there, record
+
+
 def _claim_out(out: Path, command: str) -> bool:
     """Record that ``command`` writes ``out`` (made now): called once the command's checks have passed, before it
-    writes there. True when an earlier run of ``command`` wrote the folder (its record, or the file it leaves)."""
+    writes there. True when an earlier run of ``command`` wrote the folder (its record, or the file it leaves). A
+    command that fails before it writes anything there takes the claim back (``_unclaim``)."""
     before = _out_owner(out) if out.is_dir() else None
+    record = out / _OUT_RECORD
+    _CLAIMS.append((out, out.is_dir(), record.read_bytes() if record.is_file() else None))
     out.mkdir(parents=True, exist_ok=True)
     from diffslim import __version__
 
@@ -228,6 +250,60 @@ def _claim_out(out: Path, command: str) -> bool:
     tmp.write_text(json.dumps({"command": command, "diffslim": __version__}) + "\n")
     tmp.replace(out / _OUT_RECORD)
     return before is not None and command in before[0]
+
+
+def _previous_writes(out: Path, legacy: tuple = ()) -> list[str]:
+    """The names an earlier run wrote at the top of ``out``, as its record lists them (``legacy``: for a folder
+    written before the record listed them). Read before ``_claim_out`` rewrites the record."""
+    try:
+        wrote = json.loads((out / _OUT_RECORD).read_text()).get("wrote")
+    except (OSError, ValueError, AttributeError):
+        wrote = None
+    if isinstance(wrote, list) and all(isinstance(n, str) and n and "/" not in n and n not in (".", "..")
+                                       for n in wrote):
+        return [n for n in wrote if n != _OUT_RECORD]
+    return list(legacy)
+
+
+def _record_writes(out: Path, before: set) -> None:
+    """Add what this run wrote at the top of ``out`` (what is there now and was not ``before``) to its record: a
+    rerun removes those and nothing else."""
+    import os
+
+    record = out / _OUT_RECORD
+    data = json.loads(record.read_text())
+    data["wrote"] = sorted({p.name for p in out.iterdir()} - set(before) - {_OUT_RECORD})
+    tmp = out / f"{_OUT_RECORD}.{os.getpid()}"
+    tmp.write_text(json.dumps(data) + "\n")
+    tmp.replace(record)
+
+
+def _model_inside(model: str, out: Path, option: str = "--out") -> None:
+    """Refuse an ``out`` that holds the MODEL a command reads: its rerun removes what it wrote there before."""
+    if model.startswith("zoo:"):
+        return
+    m, o = Path(model).resolve(), out.resolve()
+    if m == o or o in m.parents:
+        raise UserError(f"MODEL {model} lies inside {option} {out}, which this command rewrites: give another "
+                        f"{option}")
+
+
+def _unclaim() -> None:
+    """After a failed command: a folder it claimed and then wrote nothing into is left as it was (a refused
+    workflow must not make its folder the workflow's for the next command)."""
+    while _CLAIMS:
+        out, existed, record = _CLAIMS.pop()
+        try:
+            if [p.name for p in out.iterdir()] != [_OUT_RECORD]:
+                continue
+            if record is None:
+                (out / _OUT_RECORD).unlink()
+                if not existed:
+                    out.rmdir()
+            else:
+                (out / _OUT_RECORD).write_bytes(record)
+        except OSError:
+            pass
 
 
 def _remove_previous(out: Path, names) -> None:
@@ -279,6 +355,11 @@ def _out_file(path: Path, option: str = "--out", example: str = "recipe.json") -
     """Check, before any work, that ``path`` can be written as a file (its folder is made now)."""
     if path.is_dir():
         raise UserError(f"{option} {path} is a folder; give a file name, e.g. {path / example}")
+    owner = _out_owner(path.parent) if path.exists() and path.parent.is_dir() else None
+    if owner is not None and owner[0]:  # e.g. a workflow's recipe.json, which its stages and report go with
+        raise UserError(f"{option} {path} is a file of `diffslim {' or '.join(owner[0])}`'s output in "
+                        f"{path.parent} ({owner[1]}); replacing it would leave that folder describing another "
+                        "result: give another file name")
     _out_folder(path.parent if str(path.parent) else Path("."), f"{option}'s folder")
     path.parent.mkdir(parents=True, exist_ok=True)  # recipes and figures are saved into an existing folder
     return path
@@ -1555,6 +1636,7 @@ def layer_prune_cmd(
 ):
     """One-shot layer pruning (LAPTOP-Diff): score every layer, remove the least important at a ratio."""
     _out_folder(out, command="layer-prune")
+    _model_inside(model, out)
     dev = _precision(device, "float32")[0]
     _quiet_libraries()
     from diffslim.methods.layer_prune import (BK_SDM, CRITERIA, check_max_params, check_ratio, is_unet, layer_prune,
@@ -1629,9 +1711,12 @@ def layer_prune_cmd(
             pruned = stocked
         except UserError as e:  # keep the scoring's work: write the LayerPruned model, then say why
             not_stock = str(e)
+    previous = _previous_writes(out, ("model", "pipeline"))
     if _claim_out(out, "layer-prune"):  # a rerun leaves no stale pipeline/ or weights beside the new model
-        _remove_previous(out, ("model", "pipeline"))
+        _remove_previous(out, previous)
+    before = {p.name for p in out.iterdir()}
     _save_denoiser(loaded, pruned, out / "model", out / "pipeline")
+    _record_writes(out, before)
     params_after = sum(p.numel() for p in pruned.parameters())
     report = {"model": model, **res.to_json(), "params_after": params_after, "out": str(out)}
     if keep:
@@ -1725,6 +1810,7 @@ def stock_cmd(
     from diffslim.models.load import load
 
     _out_folder(out, command="stock")
+    _model_inside(model, out)
     loras = [lora_file(p) for p in lora or []]  # missing or pickled LoRAs are refused before any work
     names = [p.parent.name if p.name == WEIGHT_NAME else p.stem for p in loras]  # a LoRA folder: its name
     if len(set(names)) != len(names):
@@ -1746,8 +1832,10 @@ def stock_cmd(
         raise UserError(f"{e}; layer-prune --stock (or the bench's and workflow's layers:R:stock) chooses among the "
                         "removals a stock config can describe") from None
     _check_controlnets(loaded.pipe, stock)
-    if _claim_out(out, "stock"):  # replace its own earlier export (a folder it did not write is left alone)
-        _remove_previous(out, [p.name for p in out.iterdir() if p.name != _OUT_RECORD])
+    previous = _previous_writes(out)
+    if _claim_out(out, "stock"):  # replace its own earlier export; what it did not write stays
+        _remove_previous(out, previous)
+    before = {p.name for p in out.iterdir()}
     kind = "pipeline" if loaded.pipe is not None and loaded.has_weights else "model"
     if kind == "pipeline":
         from diffslim.apply import denoiser_attr
@@ -1758,14 +1846,17 @@ def stock_cmd(
         _save_denoiser(loaded, stock, out, None)
     console.print(f"{type(stock).__name__} ({len(removed)} layers removed, "
                   f"{sum(p.numel() for p in stock.parameters()):,} params): {kind} written to {out}")
+    _record_writes(out, before)
     for path, name in zip(loras, names):
         _print_lora(_write_lora(loaded, path, out / "loras" / f"{name}.safetensors", stock=True))
+        _record_writes(out, before)
     if ips:
         from diffslim.ip_adapter import adapt_ip_adapter, write_ip_adapter
 
         for path, state in zip(ips, ip_states):
             result = adapt_ip_adapter(loaded.denoiser, state)
             target = write_ip_adapter(result, out / "ip_adapters" / f"{path.stem}.safetensors")
+            _record_writes(out, before)
             info = result.summary()
             console.print(f"IP-Adapter {path} -> {target}: {info['kept_processors']} attention processors kept "
                           f"({info['renumbered_processors']} renumbered for the stock model), "

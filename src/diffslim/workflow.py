@@ -691,6 +691,11 @@ def _run_stages(loaded, stages: str, evalset, out, default_steps: int = 50, sche
             break
         kept.append(label)
         if kind == "model":
+            if built is None and shared_stages is None and folder.exists():
+                # an earlier run's stage is replaced: its recipe and report, which load and show it, go first (an
+                # interrupted run must not leave a recipe that loads this run's model as that run's stage)
+                for name_ in ("recipe.json", "workflow.json", "index.html", "report.json"):
+                    (out / name_).unlink(missing_ok=True)
             cur = built if built is not None else _model_stage(cur, variant, want, row, folder, log)
             model_source = str((folder / "pipeline").resolve())  # loadable from any working directory
         elif kind == "schedule":

@@ -629,6 +629,9 @@ def train_dipgo(pipe, cfg: DipgoConfig, units: Optional[PlanUnits] = None,
             raw.load_state_dict(ck["pruner"])
             opt.load_state_dict(ck["opt"])
             start, log, seconds = ck["step"], ck["log"], ck["seconds"]
+            if start > cfg.iters:  # it would post-process the longer run's scores as this one's
+                raise UserError(f"{out} holds a pruner trained to step {start}, past --iters {cfg.iters}: give "
+                                f"--iters {start} or more to go on from it, or another --out (or --run-dir)")
             score_sum = ck.get("score_sum", score_sum)
             best = ck.get("best", best)
             say(acc, f"resumed from {existing[-1]} at step {start}")

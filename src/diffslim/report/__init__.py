@@ -136,8 +136,13 @@ class Report:
         self.data[key] = value
 
     def write(self, out_dir) -> Path:
+        """Write index.html, report.json and the figures to ``out_dir``. Figures an earlier report in that folder
+        showed and this one does not are removed (a rerun with fewer methods leaves none of the old ones)."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
+        mine = {name for name, _ in self._figures}
+        for name in _shown_figures(out / "index.html") - mine:
+            (out / name).unlink(missing_ok=True)
         for name, fig in self._figures:
             if isinstance(fig, bytes):
                 (out / name).write_bytes(fig)
@@ -172,6 +177,18 @@ class Report:
         (out / "report.json").write_text(json.dumps({"title": self.title, "tables": tables, **self.data},
                                                     indent=2, default=_json_default))
         return out
+
+
+def _shown_figures(index: Path) -> set[str]:
+    """The figure files an index.html that :meth:`Report.write` wrote shows (names beside it, no paths)."""
+    import re
+
+    try:
+        text = index.read_text(errors="replace")
+    except OSError:
+        return set()
+    names = {html.unescape(m) for m in re.findall(r"<figure><img src='([^']+)'", text)}
+    return {n for n in names if "/" not in n and "\\" not in n and n not in (".", "..") and n.endswith(".png")}
 
 
 def _json_default(o):

@@ -963,6 +963,9 @@ def distill(teacher_pipe, student: nn.Module, dataset, cfg: DistillConfig, label
         if existing:
             _check_resume(out, cfg, unwrapped, teacher, dataset)
             accelerator.load_state(str(existing[-1]))
+            if state.step > cfg.steps:  # it would export the longer run's student as this one's
+                raise UserError(f"{out} holds a run trained to step {state.step}, past --steps {cfg.steps}: give "
+                                f"--steps {state.step} or more to go on from it, or another --out")
             say(accelerator, f"resumed from {existing[-1]} at step {state.step}")
         order = _EpochOrder(len(dataset), cfg.seed)
 

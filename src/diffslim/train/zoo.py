@@ -180,6 +180,11 @@ def train(name: str, out: Path, steps: int, batch_size: int, lr: float, checkpoi
     if ckpts:
         accelerator.load_state(str(ckpts[-1]))
         start = int(ckpts[-1].name.split("_")[1])
+        if start > steps:  # it would export the longer run's weights as this one's
+            from diffslim.errors import UserError
+
+            raise UserError(f"{out} holds a run trained to step {start}, past --steps {steps}: give --steps {start} "
+                            "or more to go on from it, or another --out")
         say(accelerator, f"resumed from {ckpts[-1]} at step {start}"
             + (f"; the run was planned for {planned} steps, this one for {steps}: the learning-rate schedule "
                "(warm-up, then cosine decay to --steps) changes from here" if planned not in (None, steps) else ""))
