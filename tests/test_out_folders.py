@@ -140,8 +140,19 @@ def test_an_out_that_holds_the_model_is_refused(tmp_path):
     assert _cli("layer-prune", CONFIGS / "sd15-unet", "--criterion", "bk-sdm-base", "--out", out).exit_code == 0
     before = _tree(out)
     _refused(_cli("layer-prune", out / "model", "--criterion", "bk-sdm-small", "--out", out),
-             f"MODEL {out / 'model'} lies inside --out {out}, which this command rewrites")
+             f"MODEL {out / 'model'} lies inside --out {out} (model, which this command rewrites)")
     assert _tree(out) == before
+    # a model elsewhere in the folder is no input it rewrites: `stock lp/model --out .` in a project folder
+    project = tmp_path / "project"
+    project.mkdir()
+    import shutil
+
+    shutil.copytree(out / "model", project / "lp")
+    res = _cli("stock", project / "lp", "--out", project)
+    assert res.exit_code == 0, res.output
+    res = _cli("stock", project / "lp", "--out", project)  # again: it removes only its own config.json
+    assert res.exit_code == 0 and (project / "lp" / "config.json").is_file(), res.output
+    _refused(_cli("stock", project / "lp", "--out", project / "lp"), "holds a model folder")
 
 
 def test_a_command_that_fails_before_writing_leaves_no_claim(tmp_path):

@@ -278,14 +278,17 @@ def _record_writes(out: Path, before: set) -> None:
     tmp.replace(record)
 
 
-def _model_inside(model: str, out: Path, option: str = "--out") -> None:
-    """Refuse an ``out`` that holds the MODEL a command reads: its rerun removes what it wrote there before."""
+def _model_inside(model: str, out: Path, names, option: str = "--out") -> None:
+    """Refuse an ``out`` whose entries ``names`` (what the command writes there, or removes of its earlier run) hold
+    the MODEL it reads: it would remove or overwrite its own input."""
     if model.startswith("zoo:"):
         return
     m, o = Path(model).resolve(), out.resolve()
-    if m == o or o in m.parents:
-        raise UserError(f"MODEL {model} lies inside {option} {out}, which this command rewrites: give another "
-                        f"{option}")
+    inside = [n for n in names if m == o / n or (o / n) in m.parents]
+    if m == o or inside:
+        raise UserError(f"MODEL {model} lies inside {option} {out}"
+                        + (f" ({inside[0]}, which this command rewrites)" if inside else ", which this command "
+                           "rewrites") + f": give another {option}")
 
 
 def _unclaim() -> None:
@@ -1636,7 +1639,7 @@ def layer_prune_cmd(
 ):
     """One-shot layer pruning (LAPTOP-Diff): score every layer, remove the least important at a ratio."""
     _out_folder(out, command="layer-prune")
-    _model_inside(model, out)
+    _model_inside(model, out, ("model", "pipeline", *_previous_writes(out)))
     dev = _precision(device, "float32")[0]
     _quiet_libraries()
     from diffslim.methods.layer_prune import (BK_SDM, CRITERIA, check_max_params, check_ratio, is_unet, layer_prune,
@@ -1810,7 +1813,6 @@ def stock_cmd(
     from diffslim.models.load import load
 
     _out_folder(out, command="stock")
-    _model_inside(model, out)
     loras = [lora_file(p) for p in lora or []]  # missing or pickled LoRAs are refused before any work
     names = [p.parent.name if p.name == WEIGHT_NAME else p.stem for p in loras]  # a LoRA folder: its name
     if len(set(names)) != len(names):
@@ -1833,6 +1835,10 @@ def stock_cmd(
                         "removals a stock config can describe") from None
     _check_controlnets(loaded.pipe, stock)
     previous = _previous_writes(out)
+    # what the export writes: the pipeline's parts, or a model's config and weights; and what it removes
+    parts = list(loaded.pipe.components) if loaded.pipe is not None and loaded.has_weights else []
+    _model_inside(model, out, [*parts, "model_index.json", "config.json", "diffusion_pytorch_model.safetensors",
+                               "loras", "ip_adapters", *previous])
     if _claim_out(out, "stock"):  # replace its own earlier export; what it did not write stays
         _remove_previous(out, previous)
     before = {p.name for p in out.iterdir()}

@@ -716,7 +716,7 @@ class _RunState:
             if saved[key] != self.settings[key]:
                 raise UserError(f"the checkpoint was made with {key}={saved[key]}, this run has "
                                  f"{key}={self.settings[key]}: use the same setting to resume, or a fresh out folder")
-        if saved["steps"] != self.settings["steps"]:
+        if saved["steps"] != self.settings["steps"] and int(state["step"]) <= self.settings["steps"]:
             logger.warning("resuming a run planned for %d steps with steps=%d: the LR schedule changes from here",
                            saved["steps"], self.settings["steps"])
         self.step, self.count = int(state["step"]), int(state["count"])
