@@ -85,7 +85,8 @@ def test_zoo_training_stops_with_a_checkpoint_and_resumes_exactly(tripwires, tmp
     from diffslim.train import zoo as ztrain
 
     def run(out):
-        ztrain.train("digits-sd", out, steps=4, batch_size=2, lr=1e-3, checkpoint_every=100, log_every=1)
+        # log_every=3: the row at step 3 averages steps 1-3, across the stop after step 2
+        ztrain.train("digits-sd", out, steps=4, batch_size=2, lr=1e-3, checkpoint_every=100, log_every=3)
 
     run(tmp_path / "a")
     loss, calls = ztrain._loss, []
@@ -114,6 +115,7 @@ def test_zoo_training_stops_with_a_checkpoint_and_resumes_exactly(tripwires, tmp
     assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
     rows = [(tmp_path / r / "train_log.csv").read_text().splitlines() for r in "ab"]
     assert [x.split(",")[:2] for x in rows[0]] == [x.split(",")[:2] for x in rows[1]]  # step and loss, not time
+    assert [x.split(",")[0] for x in rows[1]] == ["step", "3"]
 
     # a checkpoint cut short (killed while saving) is passed over: the run resumes from the complete one before it
     cut = tmp_path / "b" / "checkpoints" / "step_5"
@@ -121,7 +123,7 @@ def test_zoo_training_stops_with_a_checkpoint_and_resumes_exactly(tripwires, tmp
     (cut / "model.safetensors").write_bytes(b"")
     ztrain.train("digits-sd", tmp_path / "b", steps=6, batch_size=2, lr=1e-3, checkpoint_every=100, log_every=1)
     assert not cut.exists()  # removed once a later checkpoint is complete
-    assert json.loads((tmp_path / "b" / "checkpoints" / "step_6" / "complete.json").read_text()) == {"step": 6}
+    assert json.loads((tmp_path / "b" / "checkpoints" / "step_6" / "complete.json").read_text())["step"] == 6
     assert ztrain._checkpoints(tmp_path / "b" / "checkpoints")[-2:] == [tmp_path / "b" / "checkpoints" / "step_4",
                                                                        tmp_path / "b" / "checkpoints" / "step_6"]
 

@@ -198,8 +198,11 @@ def train(name: str, out: Path, steps: int, batch_size: int, lr: float, checkpoi
     log = open(log_path if accelerator.is_main_process else os.devnull, "w")
     log.write("step,loss,lr,seconds\n" + "".join(r + "\n" for r in kept))
     unwrapped = accelerator.unwrap_model(model)
-    t0 = time.time()
-    running, window = 0.0, 0
+    # the log's window and clock go on from the checkpoint: a resumed run logs the rows an uninterrupted one would
+    done = json.loads((ckpts[-1] / "complete.json").read_text()) if ckpts and (ckpts[-1] / "complete.json").is_file() \
+        else {}
+    running, window = float(done.get("running", 0.0)), int(done.get("window", 0))
+    t0 = time.time() - float(done.get("seconds", 0.0))
     with StopOnSignal(f"zoo-train {name}") as stop:  # Ctrl-C or SIGTERM: a checkpoint at this step
         for step in range(start, steps):
             model.train()
@@ -215,7 +218,7 @@ def train(name: str, out: Path, steps: int, batch_size: int, lr: float, checkpoi
                     pe.lerp_(pm.detach(), 1 - d)
             running += loss.item()
             window += 1
-            if (step + 1) % log_every == 0:  # the mean over the window's steps this process ran (fewer after a resume)
+            if (step + 1) % log_every == 0:  # the mean over the window's steps (the first process's share)
                 log.write(f"{step + 1},{running / window:.5f},{lr_sched.get_last_lr()[0]:.2e},{time.time() - t0:.1f}\n")
                 log.flush()
                 accelerator.print(f"step {step + 1}/{steps} loss {running / window:.4f} ({time.time() - t0:.0f}s)")
@@ -226,7 +229,9 @@ def train(name: str, out: Path, steps: int, batch_size: int, lr: float, checkpoi
                 accelerator.save_state(str(path))
                 accelerator.wait_for_everyone()
                 if accelerator.is_main_process:  # written last: a checkpoint without it is never resumed from
-                    (path / "complete.json").write_text(json.dumps({"step": step + 1}))
+                    (path / "complete.json").write_text(json.dumps({"step": step + 1, "running": running,
+                                                                    "window": window,
+                                                                    "seconds": time.time() - t0}))
                     cut = []
                     for old in _checkpoints(ckpt_root, cut)[:-2] + [p for p in cut if int(p.name[5:]) < step + 1]:
                         shutil.rmtree(old)
