@@ -143,6 +143,7 @@ def _guard(fn):
         _CLAIMS.clear()
         done = False
         try:
+            _check_launch(fn.__name__.removesuffix("_cmd").replace("_", "-"))
             _check_finite(kwargs)
             result = fn(*args, **kwargs)
             done = True
@@ -163,6 +164,28 @@ def _guard(fn):
                 _unclaim()
 
     return wrapper
+
+
+# the commands that run data parallel under `accelerate launch` (each process its share; the first writes)
+_PARALLEL = ("sample", "evaluate", "distill", "finetune", "dipgo", "zoo-train")
+
+
+def _check_launch(name: str) -> None:
+    """Refuse a command that runs in one process when started on several (`accelerate launch`, torchrun): each
+    process would run all of it and write the same files, and a method that trains inside the bench waited forever
+    for the other processes."""
+    import os
+
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        world = 1
+    if world > 1 and name not in _PARALLEL:
+        if not _main_process():  # the first process says it once
+            raise typer.Exit(2)
+        raise UserError(f"`diffslim {name}` runs in one process; started on {world} (accelerate launch or torchrun) "
+                        "each would run all of it and write the same files: run it without the launcher (these "
+                        f"run data parallel under it: {', '.join(_PARALLEL)})")
 
 
 def _check_finite(kwargs: dict) -> None:
