@@ -49,6 +49,19 @@ def test_first_signal_requests_a_stop_and_repeats_within_the_grace_are_the_same_
     assert "press Ctrl-C again to abort" in err
 
 
+def test_under_a_launch_the_notice_comes_from_the_first_process_only(tripwires, capsys, monkeypatch):
+    """Each process of `accelerate launch` gets the Ctrl-C; the notice was printed once per process."""
+    monkeypatch.setenv("RANK", "1")
+    with StopOnSignal("finetune") as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.requested() and stop.signum == signal.SIGINT  # it stops all the same
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("RANK", "0")
+    with StopOnSignal("finetune") as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+    assert capsys.readouterr().err.count("SIGINT: finetune stops after this step") == 1
+
+
 def test_a_later_ctrl_c_aborts_without_waiting_and_sigterm_repeats_are_ignored(tripwires, monkeypatch):
     monkeypatch.setattr(stop_mod, "REPEAT_GRACE_S", 0.0)
     with StopOnSignal() as stop:

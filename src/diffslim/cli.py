@@ -151,7 +151,8 @@ def _guard(fn):
         except UserError as e:
             _fail(str(e))
         except Interrupted as e:  # a long run stopped on Ctrl-C or SIGTERM after writing its checkpoint
-            err_console.print(f"[bold yellow]stopped:[/] {e}", highlight=False, soft_wrap=True)
+            if _main_process():  # once per launch
+                err_console.print(f"[bold yellow]stopped:[/] {e}", highlight=False, soft_wrap=True)
             raise typer.Exit(e.exit_code)
         except KeyboardInterrupt:  # Ctrl-C in a command that keeps no checkpoint: one line, not a traceback
             err_console.print("[bold yellow]interrupted[/] (Ctrl-C): files this command had finished writing are "
@@ -167,7 +168,7 @@ def _guard(fn):
 
 
 # the commands that run data parallel under `accelerate launch` (each process its share; the first writes)
-_PARALLEL = ("sample", "evaluate", "distill", "finetune", "dipgo", "zoo-train")
+_PARALLEL = ("sample", "evaluate", "distill", "finetune", "dipgo")
 
 
 def _check_launch(name: str) -> None:

@@ -1018,7 +1018,7 @@ def distill(teacher_pipe, student: nn.Module, dataset, cfg: DistillConfig, label
             progress = tqdm(total=end, initial=start, desc=label, dynamic_ncols=True)
 
         stopped = False
-        with StopOnSignal("distill") as stop:  # Ctrl-C or SIGTERM: a checkpoint at this step
+        with StopOnSignal(label) as stop:  # Ctrl-C or SIGTERM: a checkpoint at this step
             for step in range(start, end):
                 xt, t, cond, target = inputs(step)
 

@@ -16,6 +16,7 @@ handlers, the context does nothing and signals keep their usual effect.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -55,6 +56,8 @@ class StopOnSignal:
         if self.signum is None:
             self.signum, self._first = signum, now
             again = "; press Ctrl-C again to abort without one" if signum == signal.SIGINT else ""
+            if os.environ.get("RANK", "0").strip() not in ("0", ""):  # a launch's other processes: said once
+                return
             sys.stderr.write(f"\n{signal.Signals(signum).name}: {self.what} stops after this step and writes a "
                              f"checkpoint{again}\n")
             sys.stderr.flush()
