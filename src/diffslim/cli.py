@@ -130,7 +130,12 @@ _SEED_MAX = 2 ** 62
 
 
 def _fail(msg: str, code: int = 2):
-    err_console.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
+    if _main_process():
+        err_console.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
+    else:  # the notes of a launch's other processes are quiet, their errors not: one may fail alone
+        import os
+
+        sys.stderr.write(f"error (process {os.environ.get('RANK')}): {msg}\n")
     raise typer.Exit(code)
 
 
@@ -2371,8 +2376,8 @@ def _main_process() -> bool:
 def main():
     from diffslim.sample import shutdown_processes
 
-    if not _main_process():  # one table and one JSON document per launch, not one per process
-        console.quiet = True
+    if not _main_process():  # one table, JSON document and note per launch, not one per process
+        console.quiet = err_console.quiet = True
     try:
         app()
     finally:
