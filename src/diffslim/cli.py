@@ -272,12 +272,7 @@ def _claim_out(out: Path, command: str) -> bool:
     out.mkdir(parents=True, exist_ok=True)
     from diffslim import __version__
 
-    import os
-
-    # each process of an `accelerate launch` writes it: a rename is atomic, so none reads a half-written record
-    tmp = out / f"{_OUT_RECORD}.{os.getpid()}"
-    tmp.write_text(json.dumps({"command": command, "diffslim": __version__}) + "\n")
-    tmp.replace(out / _OUT_RECORD)
+    _write_record(out, {"command": command, "diffslim": __version__})
     return before is not None and command in before[0]
 
 
@@ -297,14 +292,17 @@ def _previous_writes(out: Path, legacy: tuple = ()) -> list[str]:
 def _record_writes(out: Path, before: set) -> None:
     """Add what this run wrote at the top of ``out`` (what is there now and was not ``before``) to its record: a
     rerun removes those and nothing else."""
+    data = json.loads((out / _OUT_RECORD).read_text())
+    _write_record(out, {**data, "wrote": sorted({p.name for p in out.iterdir()} - set(before) - {_OUT_RECORD})})
+
+
+def _write_record(out: Path, data: dict) -> None:
+    """Write ``OUT/.diffslim.json`` whole: a rename is atomic, so no process of a launch reads a half-written one."""
     import os
 
-    record = out / _OUT_RECORD
-    data = json.loads(record.read_text())
-    data["wrote"] = sorted({p.name for p in out.iterdir()} - set(before) - {_OUT_RECORD})
     tmp = out / f"{_OUT_RECORD}.{os.getpid()}"
     tmp.write_text(json.dumps(data) + "\n")
-    tmp.replace(record)
+    tmp.replace(out / _OUT_RECORD)
 
 
 def _model_inside(model: str, out: Path, names, option: str = "--out") -> None:
