@@ -16,6 +16,7 @@ from rich.markup import escape
 from typer.core import TyperGroup
 from rich.table import Table
 
+from diffslim import outputs
 from diffslim.errors import Interrupted, UserError
 
 class _OneLineErrors(TyperGroup):
@@ -145,7 +146,6 @@ def _guard(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        _CLAIMS.clear()
         done = False
         try:
             _check_launch(fn.__name__.removesuffix("_cmd").replace("_", "-"))
@@ -166,8 +166,7 @@ def _guard(fn):
         except OSError as e:  # a path that cannot be read or written: the system's reason and the path
             _fail(f"{e.strerror}: {e.filename}" if e.filename and e.strerror else str(e))
         finally:
-            if not done:
-                _unclaim()
+            outputs.settle_claims(failed=not done)
 
     return wrapper
 
@@ -206,204 +205,6 @@ def _check_finite(kwargs: dict) -> None:
     for name, value in kwargs.items():
         if isinstance(value, float) and not math.isfinite(value):
             raise UserError(f"{opts.get(name, '--' + name.replace('_', '-'))}: must be a finite number, got {value}")
-
-
-# Which command wrote an output folder: ``OUT/.diffslim.json`` records it (``_claim_out``). For folders written before
-# the record: the file each command leaves (first match wins; report.json last, as every report has one).
-_OUT_RECORD = ".diffslim.json"
-_OUT_SIGNS = (("workflow.json", ("workflow",)), ("compare.json", ("layer-compare",)),
-              ("distill.json", ("distill", "finetune")), ("scores.json", ("layer-prune",)),
-              ("*/train_settings.json", ("zoo-train",)), ("scores.npy", ("dipgo",)), ("grid.png", ("sample",)),
-              ("report.json", ("demo", "bench")))
-
-
-def _out_owner(out: Path) -> Optional[tuple[tuple[str, ...], str]]:
-    """The commands that may write into ``out`` again, and what says so; None for a folder no command wrote."""
-    record = out / _OUT_RECORD
-    if record.is_file():
-        try:
-            command = json.loads(record.read_text()).get("command")
-        except (ValueError, AttributeError, OSError):
-            command = None
-        if isinstance(command, str):
-            return (command,), _OUT_RECORD
-    for sign, commands in _OUT_SIGNS:
-        if next(iter(out.glob(sign)), None) is not None:
-            return commands, sign
-    for sign in ("model_index.json", "config.json"):  # a model a user made, or one diffslim wrote before the record
-        if (out / sign).is_file() and (sign == "model_index.json" or _diffusers_config(out / sign)):
-            return (), sign
-    return None
-
-
-def _diffusers_config(path: Path) -> bool:
-    """Whether ``path`` is a diffusers model's config.json (not, say, an application's own config.json)."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(data, dict) and ("_class_name" in data or "_diffusers_version" in data)
-
-
-def _check_out_owner(out: Path, command: str, option: str) -> None:
-    """Refuse ``--out`` into a folder another command wrote (or a model folder): the two commands' files would mix,
-    and some would be replaced (layer-prune's pipeline/ over a distill run's, whose student/ stays). The same command
-    may write it again (that is how runs resume)."""
-    owner = _out_owner(out) if out.is_dir() else None
-    if owner is None or command in owner[0]:
-        return
-    commands, sign = owner
-    what = (f"the output of `diffslim {' or '.join(commands)}`" if commands
-            else "a model folder, which it would overwrite or mix its files into")
-    raise UserError(f"{option} {out} holds {what} ({sign}); `diffslim {command}` writes its own files there: give "
-                    "another folder, or remove that one first")
-
-
-_CLAIMS: list[tuple[Path, bool, Optional[bytes]]] = []  # this command's claims: folder, whether it was there, record
-
-
-def _claim_out(out: Path, command: str) -> bool:
-    """Record that ``command`` writes ``out`` (made now): called once the command's checks have passed, before it
-    writes there. True when an earlier run of ``command`` wrote the folder (its record, or the file it leaves). A
-    command that fails before it writes anything there takes the claim back (``_unclaim``)."""
-    before = _out_owner(out) if out.is_dir() else None
-    record = out / _OUT_RECORD
-    _CLAIMS.append((out, out.is_dir(), record.read_bytes() if record.is_file() else None))
-    out.mkdir(parents=True, exist_ok=True)
-    from diffslim import __version__
-
-    _write_record(out, {"command": command, "diffslim": __version__})
-    return before is not None and command in before[0]
-
-
-def _previous_writes(out: Path, legacy: tuple = ()) -> list[str]:
-    """The names an earlier run wrote at the top of ``out``, as its record lists them (``legacy``: for a folder
-    written before the record listed them). Read before ``_claim_out`` rewrites the record."""
-    try:
-        wrote = json.loads((out / _OUT_RECORD).read_text()).get("wrote")
-    except (OSError, ValueError, AttributeError):
-        wrote = None
-    if isinstance(wrote, list) and all(isinstance(n, str) and n and "/" not in n and n not in (".", "..")
-                                       for n in wrote):
-        return [n for n in wrote if n != _OUT_RECORD]
-    return list(legacy)
-
-
-def _record_writes(out: Path, before: set) -> None:
-    """Add what this run wrote at the top of ``out`` (what is there now and was not ``before``) to its record: a
-    rerun removes those and nothing else."""
-    data = json.loads((out / _OUT_RECORD).read_text())
-    _write_record(out, {**data, "wrote": sorted({p.name for p in out.iterdir()} - set(before) - {_OUT_RECORD})})
-
-
-def _write_record(out: Path, data: dict) -> None:
-    """Write ``OUT/.diffslim.json`` whole: a rename is atomic, so no process of a launch reads a half-written one."""
-    import os
-
-    tmp = out / f"{_OUT_RECORD}.{os.getpid()}"
-    tmp.write_text(json.dumps(data) + "\n")
-    tmp.replace(out / _OUT_RECORD)
-
-
-def _model_inside(model: str, out: Path, names, option: str = "--out") -> None:
-    """Refuse an ``out`` whose entries ``names`` (what the command writes there, or removes of its earlier run) hold
-    the MODEL it reads: it would remove or overwrite its own input."""
-    if model.startswith("zoo:"):
-        return
-    m, o = Path(model).resolve(), out.resolve()
-    inside = [n for n in names if m == o / n or (o / n) in m.parents]
-    if m == o or inside:
-        raise UserError(f"MODEL {model} lies inside {option} {out}"
-                        + (f" ({inside[0]}, which this command rewrites)" if inside else ", which this command "
-                           "rewrites") + f": give another {option}")
-
-
-def _unclaim() -> None:
-    """After a failed command: a folder it claimed and then wrote nothing into is left as it was (a refused
-    workflow must not make its folder the workflow's for the next command)."""
-    while _CLAIMS:
-        out, existed, record = _CLAIMS.pop()
-        try:
-            if [p.name for p in out.iterdir()] != [_OUT_RECORD]:
-                continue
-            if record is None:
-                (out / _OUT_RECORD).unlink()
-                if not existed:
-                    out.rmdir()
-            else:
-                (out / _OUT_RECORD).write_bytes(record)
-        except OSError:
-            pass
-
-
-def _remove_previous(out: Path, names) -> None:
-    """Remove what an earlier run of the same command wrote under ``out`` (``_claim_out`` said it is that command's
-    folder): a rerun that writes less (a lone model after a pipeline, a config after weights) must not
-    leave the earlier run's files beside its own."""
-    import shutil
-
-    for name in names:
-        p = out / name
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p)
-        elif p.exists() or p.is_symlink():
-            p.unlink()
-
-
-def _out_folder(out: Path, option: str = "--out", command: Optional[str] = None) -> Path:
-    """Check, before any work starts, that the output folder can be written: a file in its place, or a folder that
-    cannot be made or written, is a one-line error now rather than a traceback after the work. Leaves no trace:
-    folders made to find out are removed again (the command makes them when it writes). With ``command``: also that
-    no other command wrote the folder (``_check_out_owner``)."""
-    import tempfile
-
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{option} {out} is a file; give a folder")
-    if command is not None:
-        _check_out_owner(out, command, option)
-    missing = []
-    p = out
-    while not p.exists() and p != p.parent:
-        missing.append(p)
-        p = p.parent
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
-            pass
-    except OSError as e:
-        raise UserError(f"cannot write into {option} {out}: {e.strerror}") from None
-    finally:
-        for d in missing:  # deepest first
-            try:
-                d.rmdir()
-            except OSError:
-                pass
-    return out
-
-
-def _out_file(path: Path, option: str = "--out", example: str = "recipe.json") -> Path:
-    """Check, before any work, that ``path`` can be written as a file (its folder is made now)."""
-    if path.is_dir():
-        raise UserError(f"{option} {path} is a folder; give a file name, e.g. {path / example}")
-    owner = _out_owner(path.parent) if path.exists() and path.parent.is_dir() else None
-    if owner is not None and owner[0]:  # e.g. a workflow's recipe.json, which its stages and report go with
-        raise UserError(f"{option} {path} is a file of `diffslim {' or '.join(owner[0])}`'s output in "
-                        f"{path.parent} ({owner[1]}); replacing it would leave that folder describing another "
-                        "result: give another file name")
-    _out_folder(path.parent if str(path.parent) else Path("."), f"{option}'s folder")
-    path.parent.mkdir(parents=True, exist_ok=True)  # recipes and figures are saved into an existing folder
-    return path
-
-
-def _figure_file(path: Path, option: str, example: str) -> Path:
-    """``_out_file`` for a figure: also its format, which matplotlib takes from the suffix (none: PNG)."""
-    from matplotlib.figure import Figure
-
-    kinds = Figure().canvas.get_supported_filetypes()
-    if path.suffix and path.suffix[1:].lower() not in kinds:
-        raise UserError(f"{option} {path}: matplotlib writes no {path.suffix} figures; give one of "
-                        + ", ".join("." + k for k in sorted(kinds)))
-    return _out_file(path, option, example)
 
 
 def _metric_weights(clip: Optional[Path], lpips: Optional[Path], inception: Optional[Path]) -> None:
@@ -757,7 +558,7 @@ def sample_cmd(
     dtype: str = typer.Option("float32", help=_DTYPE_HELP),
 ):
     """Sample a model on fixed seeds and inputs; write PNGs and a grid."""
-    _out_folder(out, command="sample")
+    outputs.out_folder(out, command="sample")
     compile_options = _compile_options(compile, compile_mode, compile_backend)
     dev, dt = _precision(device, dtype)
     _quiet_libraries()
@@ -778,13 +579,13 @@ def sample_cmd(
 
         compile_pipeline(loaded.pipe, **compile_options)
     images = sample(loaded.pipe, spec, show_progress=True)
-    again = _claim_out(out, "sample")
+    again = outputs.claim_out(out, "sample")
     if not _main_process():  # every process holds every image; the first writes them
         return
     if again:  # a rerun with fewer samples leaves none of the earlier run's beside its own
         import re
 
-        _remove_previous(out, [p.name for p in out.iterdir() if re.fullmatch(r"\d{4,}\.png", p.name)])
+        outputs.remove_previous(out, [p.name for p in out.iterdir() if re.fullmatch(r"\d{4,}\.png", p.name)])
     for i, im in enumerate(images):
         image_grid(im[None], nrow=1, pad=0).save(out / f"{i:04d}.png")
     image_grid(images, nrow=8, upscale=max(1, 64 // images.shape[-1])).save(out / "grid.png")
@@ -914,7 +715,7 @@ def bench(
     dev, dt = _precision(device, dtype)
     _metric_weights(clip, lpips, inception)
     if html is not None:
-        _out_folder(html, "--html", command="bench")
+        outputs.out_folder(html, "--html", command="bench")
     _quiet_libraries()
     from diffslim.bench import check_task_weight, parse_methods, run_bench, timing_note
     from diffslim.evaluate import eval_set_for, finite, metrics_fn_for, reference_images
@@ -939,7 +740,7 @@ def bench(
         rep.add_text("how it was run", _run_info(dev, dt))
         add_bench_section(rep, model, rows, res.outputs, references=reference_images(es),
                           timing=timing_note(res.timing))
-        _claim_out(html, "bench")
+        outputs.claim_out(html, "bench")
         rep.write(html)
     if as_json:
         from diffslim.report import json_rows
@@ -997,7 +798,7 @@ def workflow(
     dtype: str = typer.Option("float32", help=_DTYPE_HELP + "; stages that train (+kd, +ft, dipgo:R) need float32"),
 ):
     """Stack methods stage by stage, each judged against the original; write the final recipe and pipeline."""
-    _out_folder(out, command="workflow")
+    outputs.out_folder(out, command="workflow")
     dev, dt = _precision(device, dtype)
     _quiet_libraries()
     from diffslim.bench import check_task_weight
@@ -1026,7 +827,7 @@ def workflow(
             console.print(f"stages: {stages} (the default for a {type(loaded.denoiser).__name__})", highlight=False)
     es = eval_set_for(loaded, n, seed=seed, prompts_file=prompts)
     default_steps = steps or (loaded.zoo.default_steps if loaded.zoo else 50)
-    _claim_out(out, "workflow")
+    outputs.claim_out(out, "workflow")
     res = run_workflow(loaded, stages, es, out, default_steps=default_steps, scheduler=scheduler,
                        batch_size=batch_size, metrics_fn=metrics_fn_for(loaded, es), floor=floors,
                        progress=not as_json, log=lambda m: (err_console if as_json else console).print(
@@ -1192,9 +993,9 @@ def depth_search_cmd(
     keeps the outer levels and drops the inner ones with their skip connections; layer-prune serves transformers)."""
     dev, dt = _precision(device, dtype)
     if out is not None:
-        _out_file(out)
+        outputs.out_file(out)
     if plot is not None:
-        _figure_file(plot, "--plot", "depth.png")
+        outputs.figure_file(plot, "--plot", "depth.png")
     _quiet_libraries()
     from diffslim.apply import denoiser_attr
     from diffslim.methods.depth_search import METRICS, check_split, depth_search_figure, search_depth
@@ -1292,7 +1093,7 @@ def timesteps_cmd(
     """Print a gamma-curve schedule, or find the gamma whose N-step outputs best match the full-step outputs."""
     dev, dt = _precision(device, dtype)
     if out is not None:
-        _out_file(out)
+        outputs.out_file(out)
     _quiet_libraries()
     from diffslim.methods.timesteps import gamma_timesteps
 
@@ -1397,7 +1198,7 @@ def finetune(
                                   "or each sample's own ('sample')"),
 ):
     """Fine-tune a depth-skipped model: diffusion loss + distillation from the unpruned teacher."""
-    _out_folder(out, command="finetune")
+    outputs.out_folder(out, command="finetune")
     _quiet_libraries()
     from diffslim.methods.depth_skip import removed_modules
     from diffslim.methods.finetune import finetune_depth
@@ -1410,7 +1211,7 @@ def finetune(
     if loaded.pipe is None:
         raise UserError(f"{model} is not a pipeline; fine-tuning needs a pipeline folder or zoo:NAME")
     removed_modules(loaded.denoiser, depth)
-    _claim_out(out, "finetune")
+    outputs.claim_out(out, "finetune")
     student, folder = finetune_depth(loaded.pipe, depth, data, cfg)
     pipeline = _student_pipeline(loaded, student, Path(out) / "pipeline")
     console.print(f"fine-tuned student (depth {depth}): {folder}; log: {Path(out) / 'train_log.csv'}"
@@ -1495,7 +1296,7 @@ def distill(
                                                          "(default: the pipeline's own, 1024 for Flux)"),
 ):
     """Distil a teacher pipeline's denoiser into a student denoiser (task + output + feature losses)."""
-    _out_folder(out, command="distill")
+    outputs.out_folder(out, command="distill")
     own_samples = data != "zoo" and Path(data).is_file()
     if not own_samples:
         given = [o for o, name in (("--teacher-samples", "teacher_samples"), ("--sample-steps", "sample_steps"))
@@ -1520,7 +1321,7 @@ def distill(
     s = load(str(student))
     if not s.has_weights or s.pipe is not None:
         raise UserError(f"{student} must be a denoiser folder with safetensors weights")
-    _claim_out(out, "distill")
+    outputs.claim_out(out, "distill")
     if own_samples:
         data = str(_teacher_samples(t, Path(data), teacher_samples, sample_steps, Path(out) / "teacher_samples"))
         if lambda_task != 0:
@@ -1553,7 +1354,7 @@ def zoo_train(
                                                           "zoo:sr's; 0: box averaging)"),
 ):
     """Train a reference zoo model (checkpoints every N steps; rerun the same command to resume)."""
-    _out_folder(out, command="zoo-train")
+    outputs.out_folder(out, command="zoo-train")
     if lr <= 0:
         raise UserError(f"--lr must be > 0, got {lr}")
     from diffslim.train import zoo as ztrain
@@ -1567,7 +1368,7 @@ def zoo_train(
     if blur_sigma is not None and (ZOO[name].task != "sr" or blur_sigma < 0):
         raise UserError("--blur-sigma is for the sr model and must be >= 0")
     _quiet_libraries()
-    _claim_out(out, "zoo-train")
+    outputs.claim_out(out, "zoo-train")
     folder = ztrain.train(name, out / name, steps, batch_size, lr, checkpoint_every,
                           pipeline_config=None if blur_sigma is None else {"blur_sigma": blur_sigma})
     console.print(f"pipeline written to {folder}")
@@ -1665,8 +1466,8 @@ def layer_prune_cmd(
     device: str = typer.Option("auto", help=_SCORE_DEVICE_HELP),
 ):
     """One-shot layer pruning (LAPTOP-Diff): score every layer, remove the least important at a ratio."""
-    _out_folder(out, command="layer-prune")
-    _model_inside(model, out, ("model", "pipeline", *_previous_writes(out)))
+    outputs.out_folder(out, command="layer-prune")
+    outputs.model_inside(model, out, ("model", "pipeline", *outputs.previous_writes(out)))
     dev = _precision(device, "float32")[0]
     _quiet_libraries()
     from diffslim.methods.layer_prune import (BK_SDM, CRITERIA, check_max_params, check_ratio, is_unet, layer_prune,
@@ -1741,12 +1542,12 @@ def layer_prune_cmd(
             pruned = stocked
         except UserError as e:  # keep the scoring's work: write the LayerPruned model, then say why
             not_stock = str(e)
-    previous = _previous_writes(out, ("model", "pipeline"))
-    if _claim_out(out, "layer-prune"):  # a rerun leaves no stale pipeline/ or weights beside the new model
-        _remove_previous(out, previous)
+    previous = outputs.previous_writes(out, ("model", "pipeline"))
+    if outputs.claim_out(out, "layer-prune"):  # a rerun leaves no stale pipeline/ or weights beside the new model
+        outputs.remove_previous(out, previous)
     before = {p.name for p in out.iterdir()}
     _save_denoiser(loaded, pruned, out / "model", out / "pipeline")
-    _record_writes(out, before)
+    outputs.record_writes(out, before)
     params_after = sum(p.numel() for p in pruned.parameters())
     report = {"model": model, **res.to_json(), "params_after": params_after, "out": str(out)}
     if keep:
@@ -1839,7 +1640,7 @@ def stock_cmd(
     from diffslim.methods.layer_prune import removed_layers_of, stock_model
     from diffslim.models.load import load
 
-    _out_folder(out, command="stock")
+    outputs.out_folder(out, command="stock")
     loras = [lora_file(p) for p in lora or []]  # missing or pickled LoRAs are refused before any work
     names = [p.parent.name if p.name == WEIGHT_NAME else p.stem for p in loras]  # a LoRA folder: its name
     if len(set(names)) != len(names):
@@ -1861,13 +1662,13 @@ def stock_cmd(
         raise UserError(f"{e}; layer-prune --stock (or the bench's and workflow's layers:R:stock) chooses among the "
                         "removals a stock config can describe") from None
     _check_controlnets(loaded.pipe, stock)
-    previous = _previous_writes(out)
+    previous = outputs.previous_writes(out)
     # what the export writes: the pipeline's parts, or a model's config and weights; and what it removes
     parts = list(loaded.pipe.components) if loaded.pipe is not None and loaded.has_weights else []
-    _model_inside(model, out, [*parts, "model_index.json", "config.json", "diffusion_pytorch_model.safetensors",
+    outputs.model_inside(model, out, [*parts, "model_index.json", "config.json", "diffusion_pytorch_model.safetensors",
                                "loras", "ip_adapters", *previous])
-    if _claim_out(out, "stock"):  # replace its own earlier export; what it did not write stays
-        _remove_previous(out, previous)
+    if outputs.claim_out(out, "stock"):  # replace its own earlier export; what it did not write stays
+        outputs.remove_previous(out, previous)
     before = {p.name for p in out.iterdir()}
     kind = "pipeline" if loaded.pipe is not None and loaded.has_weights else "model"
     if kind == "pipeline":
@@ -1879,17 +1680,17 @@ def stock_cmd(
         _save_denoiser(loaded, stock, out, None)
     console.print(f"{type(stock).__name__} ({len(removed)} layers removed, "
                   f"{sum(p.numel() for p in stock.parameters()):,} params): {kind} written to {out}")
-    _record_writes(out, before)
+    outputs.record_writes(out, before)
     for path, name in zip(loras, names):
         _print_lora(_write_lora(loaded, path, out / "loras" / f"{name}.safetensors", stock=True))
-        _record_writes(out, before)
+        outputs.record_writes(out, before)
     if ips:
         from diffslim.ip_adapter import adapt_ip_adapter, write_ip_adapter
 
         for path, state in zip(ips, ip_states):
             result = adapt_ip_adapter(loaded.denoiser, state)
             target = write_ip_adapter(result, out / "ip_adapters" / f"{path.stem}.safetensors")
-            _record_writes(out, before)
+            outputs.record_writes(out, before)
             info = result.summary()
             console.print(f"IP-Adapter {path} -> {target}: {info['kept_processors']} attention processors kept "
                           f"({info['renumbered_processors']} renumbered for the stock model), "
@@ -1956,7 +1757,7 @@ def lora_cmd(
 
     if out.suffix != ".safetensors":
         raise UserError(f"--out {out}: the adapted LoRA is a .safetensors file; give a name ending in .safetensors")
-    _out_file(out, example="lora.safetensors")
+    outputs.out_file(out, example="lora.safetensors")
     lora_file(lora)  # a missing or pickled LoRA is refused before the model loads
     _quiet_libraries()
     from diffslim.models.load import load
@@ -2011,7 +1812,7 @@ def layer_compare_cmd(
     """Compare every layer-pruning criterion on your model: held-out output loss of each one's selection at each
     ratio, BK-SDM (U-Nets), and the additivity of the single-layer losses, with figures; with --sample N also
     each selection's samples against the full model's."""
-    _out_folder(out, command="layer-compare")
+    outputs.out_folder(out, command="layer-compare")
     _quiet_libraries()
     from diffslim.methods import layer_prune as lp
     from diffslim.methods.layer_compare import compare_criteria, curves_of
@@ -2061,7 +1862,7 @@ def layer_compare_cmd(
     xlabel = f"target ratio (the least share of {share} removed; whole layers go)" + ("" if max_params is None else
                                                             f", at most {max_params:g} of params")
     x = "macs_ratio" if by == "macs" else "ratio"
-    _claim_out(out, "layer-compare")
+    outputs.claim_out(out, "layer-compare")
     def matched(key):  # by MACs: the output-loss selection at each BK-SDM variant's MACs and params
         return {b["variant"]: (b["macs_ratio"], v) for b in res["bk_sdm"]
                 if (v := (b.get(key) if key == "output_loss_at_macs" else b.get(key, {}).get("psnr"))) is not None}
@@ -2238,8 +2039,8 @@ def dipgo_cmd(
                              help="seed of the pruner's training (and of the first restart)"),
 ):
     """Learn a skip plan with DiP-GO and write it as a recipe (skip_plan section)."""
-    _out_file(out)
-    _out_folder(run_dir or out.with_name(out.stem + "_run"),
+    outputs.out_file(out)
+    outputs.out_folder(run_dir or out.with_name(out.stem + "_run"),
                 "--run-dir" if run_dir is not None else "the run folder (--run-dir's default)", command="dipgo")
     _quiet_libraries()
     from diffslim.methods.dipgo import DipgoConfig, check_ratio, train_dipgo
@@ -2265,7 +2066,7 @@ def dipgo_cmd(
     from diffslim.evaluate import call_settings
 
     cfg.call_kwargs = {**call_settings(loaded.pipe), **cfg.call_kwargs}  # PixArt at a size it cannot bin
-    _claim_out(Path(cfg.out), "dipgo")
+    outputs.claim_out(Path(cfg.out), "dipgo")
     res = train_dipgo(loaded.pipe, cfg)  # units with MACs measured on the training inputs' own call
     units = res.units
     if not _main_process():  # under `accelerate launch` the first process writes the recipe and reports
@@ -2354,11 +2155,11 @@ def demo(
     methods: Optional[str] = typer.Option(None, help="bench methods (default: per model)"),
 ):
     """Profile, sample and bench the zoo models; write index.html + report.json + figures."""
-    _out_folder(out, command="demo")
+    outputs.out_folder(out, command="demo")
     _quiet_libraries()
     from diffslim.demo import run_demo
 
-    _claim_out(out, "demo")
+    outputs.claim_out(out, "demo")
     folder = run_demo(out, n=n, methods=methods, console=console)
     console.print(f"report: {folder / 'index.html'}")
 
