@@ -172,19 +172,24 @@ def _guard(fn):
 
 
 # the commands that run data parallel under `accelerate launch` (each process its share; the first writes)
-_PARALLEL = ("sample", "evaluate", "distill", "finetune", "dipgo")
+_PARALLEL = ("sample", "evaluate", "distill", "finetune", "dipgo", "zoo-train")
+
+
+def _world_size() -> int:
+    """How many processes run this command (``accelerate launch``, torchrun: ``WORLD_SIZE``); 1 without a launcher."""
+    import os
+
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
 
 
 def _check_launch(name: str) -> None:
     """Refuse a command that runs in one process when started on several (`accelerate launch`, torchrun): each
     process would run all of it and write the same files, and a method that trains inside the bench waited forever
     for the other processes."""
-    import os
-
-    try:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-    except ValueError:
-        world = 1
+    world = _world_size()
     if world > 1 and name not in _PARALLEL:
         if not _main_process():  # the first process says it once
             raise typer.Exit(2)
@@ -1345,7 +1350,8 @@ def zoo_train(
     out: Path = typer.Option(Path("zoo_runs"), help="run folder (checkpoints, log); resumes from it"),
     steps: int = typer.Option(3500, "--steps", "--iters", min=1, help="optimizer steps (--iters, as dipgo calls "
                                                                       "them)"),
-    batch_size: int = typer.Option(128, min=1),
+    batch_size: int = typer.Option(128, min=1, help="examples per step and process (under accelerate launch the "
+                                                   "step's batch is this times the processes)"),
     lr: float = typer.Option(1e-3),
     checkpoint_every: int = typer.Option(250, min=1),
     install: bool = typer.Option(False, help="copy the trained pipeline into the package's zoo folder"),
@@ -1353,7 +1359,8 @@ def zoo_train(
                                                           "input before 2x decimation (default 1.6, the shipped "
                                                           "zoo:sr's; 0: box averaging)"),
 ):
-    """Train a reference zoo model (checkpoints every N steps; rerun the same command to resume)."""
+    """Train a reference zoo model (checkpoints every N steps; rerun the same command to resume; data parallel under
+    accelerate launch)."""
     outputs.out_folder(out, command="zoo-train")
     if lr <= 0:
         raise UserError(f"--lr must be > 0, got {lr}")
@@ -1361,6 +1368,9 @@ def zoo_train(
     from diffslim.zoo.registry import WEIGHTS_DIR, ZOO
 
     if name == "classifier":
+        if _world_size() > 1:
+            raise UserError("`diffslim zoo-train classifier` fits in one process (a few seconds on a CPU): run it "
+                            "without the launcher")
         console.print(ztrain.train_classifier(WEIGHTS_DIR))
         return
     if name not in ZOO:

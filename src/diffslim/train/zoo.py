@@ -86,52 +86,65 @@ def fit_upsampler(blur_sigma: float, scale: int = 2, kernel_size: int = 9, n: in
 
 
 class _Trainable(torch.nn.Module):
-    """The trained parts of a zoo pipeline, as one module for Accelerate."""
+    """The trained parts of a zoo pipeline, as one module for Accelerate: its forward is the denoiser's prediction,
+    so that under several processes the call goes through DDP, which averages the gradients."""
 
     def __init__(self, pipe):
         super().__init__()
         self.denoiser = pipe.denoiser
         self.cond_encoder = pipe.cond_encoder
 
+    def forward(self, xt: torch.Tensor, t: torch.Tensor, labels: Optional[torch.Tensor] = None,
+                cond_img: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The noise prediction ``(B, C, H, W)`` for noised ``xt`` at timesteps ``t`` ``(B,)``: of class ``labels``
+        ``(B,)`` (the class models), or of the upsampled low-resolution ``cond_img`` ``(B, C, H, W)`` (SR)."""
+        if cond_img is not None:
+            ctx = self.cond_encoder(torch.zeros(xt.shape[0], dtype=torch.long, device=xt.device))
+            return self.denoiser(torch.cat([xt, cond_img], 1), t, encoder_hidden_states=ctx).sample
+        if self.cond_encoder is not None:
+            return self.denoiser(xt, t, encoder_hidden_states=self.cond_encoder(labels)).sample
+        return self.denoiser(xt, t, class_labels=labels).sample
 
-def _batch(name: str, step: int, batch_size: int, pool):
-    """The training batch of ``step``: deterministic in (seed, step), so a resumed run sees the same data."""
+
+def _batch(name: str, step: int, batch_size: int, pool, num_train_timesteps: int, rank: int = 0, world: int = 1):
+    """Process ``rank``'s share of the training batch of ``step``: the step's ``batch_size * world`` examples, their
+    noise and timesteps are drawn in one go, deterministic in (seed, step), and each process takes its
+    ``batch_size`` in order. So a resumed run sees the same data, and ``world`` processes train on the batches one
+    process with ``world`` times the batch size does (the draws of one process are those of earlier versions)."""
     g = torch.Generator().manual_seed(10_000 + step)
     e = zoo_entry(name)
+    n = batch_size * world
+    labels = drop = None
     if e.task == "class":
         x, y = pool
-        idx = torch.randint(len(y), (batch_size,), generator=g)
+        idx = torch.randint(len(y), (n,), generator=g)
         x0 = x[idx] * 2 - 1
         labels = y[idx].clone()
-        drop = torch.rand(batch_size, generator=g) < 0.1  # classifier-free guidance dropout
-        return x0, labels, drop, g
-    hr = pool[torch.randint(len(pool), (batch_size,), generator=g)]
-    return hr, None, None, g
+        drop = torch.rand(n, generator=g) < 0.1  # classifier-free guidance dropout
+    else:
+        x0 = pool[torch.randint(len(pool), (n,), generator=g)]  # the HR crops; the target is their residual
+    noise = torch.randn(x0.shape, generator=g)
+    t = torch.randint(0, num_train_timesteps, (n,), generator=g)
+    mine = slice(rank * batch_size, (rank + 1) * batch_size)
+    return tuple(None if v is None else v[mine] for v in (x0, labels, drop, noise, t))
 
 
-def _loss(name, model, pipe, sched, batch, residual_scale):
+def _loss(name, model, unwrapped, pipe, sched, batch, residual_scale):
+    """The diffusion loss of ``batch``; ``model`` is what Accelerate prepared (its forward the prediction),
+    ``unwrapped`` the module under it, for its config."""
     e = zoo_entry(name)
-    x_or_hr, labels, drop, g = batch
+    x_or_hr, labels, drop, noise, t = batch
     if e.task == "class":
-        x0 = x_or_hr
+        if unwrapped.cond_encoder is not None:
+            null = unwrapped.cond_encoder.config.num_labels
+        else:
+            null = unwrapped.denoiser.config.num_embeds_ada_norm
+        labels = torch.where(drop, torch.full_like(labels, null), labels)
+        pred = model(sched.add_noise(x_or_hr, noise, t), t, labels=labels)
     else:
         up = pipe.upsample(pipe.degrade(x_or_hr), 2)
         x0 = (x_or_hr - up) * 2 * residual_scale
-        cond_img = up * 2 - 1
-    noise = torch.randn(x0.shape, generator=g)
-    t = torch.randint(0, sched.config.num_train_timesteps, (x0.shape[0],), generator=g)
-    xt = sched.add_noise(x0, noise, t)
-    if e.task == "class":
-        if model.cond_encoder is not None:
-            labels = torch.where(drop, torch.full_like(labels, model.cond_encoder.config.num_labels), labels)
-            ctx = model.cond_encoder(labels)
-            pred = model.denoiser(xt, t, encoder_hidden_states=ctx).sample
-        else:
-            labels = torch.where(drop, torch.full_like(labels, model.denoiser.config.num_embeds_ada_norm), labels)
-            pred = model.denoiser(xt, t, class_labels=labels).sample
-    else:
-        ctx = model.cond_encoder(torch.zeros(x0.shape[0], dtype=torch.long))
-        pred = model.denoiser(torch.cat([xt, cond_img], 1), t, encoder_hidden_states=ctx).sample
+        pred = model(sched.add_noise(x0, noise, t), t, cond_img=up * 2 - 1)
     return F.mse_loss(pred.float(), noise)
 
 
@@ -146,13 +159,16 @@ def train(name: str, out: Path, steps: int, batch_size: int, lr: float, checkpoi
     from accelerate.utils import set_seed
     from diffusers import DDPMScheduler
 
-    accelerator = Accelerator()
+    # without CUDA, the processes of `accelerate launch` train together over gloo (accelerate's MULTI_CPU)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
     set_seed(seed)
     out = Path(out)
     ckpt_root = out / "checkpoints"
-    pipeline_config = _run_pipeline_config(out, pipeline_config, zoo_entry(name).pipeline_config)
+    # every process checks a resume against the run's records; the first one writes them
+    write = accelerator.is_main_process
+    pipeline_config = _run_pipeline_config(out, pipeline_config, zoo_entry(name).pipeline_config, write=write)
     planned = _check_run_settings(out, {"batch_size": batch_size, "lr": lr, "seed": seed, "ema_decay": ema_decay,
-                                        "num_processes": accelerator.num_processes}, steps)
+                                        "num_processes": accelerator.num_processes}, steps, write=write)
     pipe = build_pipeline(name, **pipeline_config)
     upsampler = fitted_upsampler(name, pipeline_config)  # closed form, deterministic: refitted on resume
     if upsampler is not None:
@@ -167,6 +183,8 @@ def train(name: str, out: Path, steps: int, batch_size: int, lr: float, checkpoi
         opt, lambda s: min(1.0, (s + 1) / max(1, warmup)) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
     model, opt, lr_sched = accelerator.prepare(model, opt, lr_sched)
     accelerator.register_for_checkpointing(ema)
+    if accelerator.process_index > 0:  # what a model draws itself (DiT's label embeddings drop labels in training
+        torch.manual_seed(seed + 7919 * accelerator.process_index)  # mode) differs between the processes' shares
 
     e = zoo_entry(name)
     if e.task == "class":
@@ -206,7 +224,9 @@ def train(name: str, out: Path, steps: int, batch_size: int, lr: float, checkpoi
     with StopOnSignal(f"zoo-train {name}") as stop:  # Ctrl-C or SIGTERM: a checkpoint at this step
         for step in range(start, steps):
             model.train()
-            loss = _loss(name, unwrapped, pipe, sched, _batch(name, step, batch_size, pool), residual_scale)
+            batch = _batch(name, step, batch_size, pool, sched.config.num_train_timesteps,
+                           accelerator.process_index, accelerator.num_processes)
+            loss = _loss(name, model, unwrapped, pipe, sched, batch, residual_scale)
             accelerator.backward(loss)
             accelerator.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
@@ -216,9 +236,9 @@ def train(name: str, out: Path, steps: int, batch_size: int, lr: float, checkpoi
                 d = min(ema_decay, (1 + step) / (10 + step))
                 for pe, pm in zip(ema.parameters(), unwrapped.parameters()):
                     pe.lerp_(pm.detach(), 1 - d)
-            running += loss.item()
+            running += accelerator.reduce(loss.detach(), "mean").item()  # every process: the whole batch's
             window += 1
-            if (step + 1) % log_every == 0:  # the mean over the window's steps (the first process's share)
+            if (step + 1) % log_every == 0:  # the mean over the window's steps
                 log.write(f"{step + 1},{running / window:.5f},{lr_sched.get_last_lr()[0]:.2e},{time.time() - t0:.1f}\n")
                 log.flush()
                 accelerator.print(f"step {step + 1}/{steps} loss {running / window:.4f} ({time.time() - t0:.0f}s)")
@@ -264,10 +284,11 @@ def _checkpoints(root: Path, cut: Optional[list] = None) -> list[Path]:
     return done
 
 
-def _check_run_settings(out: Path, settings: dict, steps: Optional[int] = None) -> Optional[int]:
+def _check_run_settings(out: Path, settings: dict, steps: Optional[int] = None, write: bool = True) -> Optional[int]:
     """Record the settings that shape run ``out``'s training on its first start; a resume must keep them (only
     ``--steps`` and ``--checkpoint-every`` may change). Runs started before the record are not checked. Returns the
-    steps the run's last start planned (its LR schedule's length; None if not recorded) and records ``steps``."""
+    steps the run's last start planned (its LR schedule's length; None if not recorded) and records ``steps``
+    (``write``: False checks without writing, for the other processes of a launch)."""
     from diffslim.errors import UserError
 
     path = out / "train_settings.json"
@@ -279,25 +300,26 @@ def _check_run_settings(out: Path, settings: dict, steps: Optional[int] = None) 
                             + ", ".join(f"{k}={settings[k]}" for k in diff)
                             + ": resume it with the same settings, or use another --out")
         planned = saved.get("steps")
-        if steps is not None and planned != steps:
+        if steps is not None and planned != steps and write:
             _write_settings(path, {**saved, "steps": steps})
         return planned
     if any(out.glob("checkpoints/step_*")):
         return None  # a run from before the record: nothing to compare with
-    out.mkdir(parents=True, exist_ok=True)
-    _write_settings(path, {**settings, **({} if steps is None else {"steps": steps})})
+    if write:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_settings(path, {**settings, **({} if steps is None else {"steps": steps})})
     return None
 
 
 def _write_settings(path: Path, settings: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")  # processes of one launch write the same: rename is atomic
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")  # the other processes read it meanwhile: rename is atomic
     tmp.write_text(json.dumps(settings))
     tmp.replace(path)
 
 
-def _run_pipeline_config(out: Path, given: Optional[dict], defaults: Optional[dict] = None) -> dict:
-    """The pipeline overrides of run ``out``: saved on its first start, and a resume must not change them (giving
-    the value it ran with, the zoo's ``defaults`` included, is no change)."""
+def _run_pipeline_config(out: Path, given: Optional[dict], defaults: Optional[dict] = None, write: bool = True) -> dict:
+    """The pipeline overrides of run ``out``: saved on its first start (``write``), and a resume must not change
+    them (giving the value it ran with, the zoo's ``defaults`` included, is no change)."""
     from diffslim.errors import UserError
 
     path = out / "pipeline_config.json"
@@ -312,8 +334,9 @@ def _run_pipeline_config(out: Path, given: Optional[dict], defaults: Optional[di
                 + "; this run has " + ", ".join(f"{k}={given[k]}" for k in diff)
                 + ": resume it with the same, or use another --out")
         return saved
-    out.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(given))
+    if write:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_settings(path, given)
     return given
 
 
