@@ -14,11 +14,11 @@ from diffslim.methods.depth_skip import depth_skip
 def finetune_depth(pipe, depth: int, data: str, cfg) -> tuple[object, Path]:
     """Fine-tune ``pipe``'s denoiser pruned to ``depth`` on ``data`` ("zoo" or a folder); returns
     ``(student, folder)`` where ``folder`` holds the trained student (EMA weights) as a diffusers model."""
-    from diffslim.apply import denoiser_attr
+    from diffslim.models.load import denoiser_of
     from diffslim.train.data import make_dataset
     from diffslim.train.distill import distill
 
-    teacher = getattr(pipe, denoiser_attr(pipe))
+    teacher = denoiser_of(pipe)
     student = depth_skip(teacher, depth)
     res = distill(pipe, student, make_dataset(data, pipe), cfg, label="finetune")
     folder = Path(res.out_dir) / "student"
