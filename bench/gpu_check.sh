@@ -67,6 +67,8 @@ step timesteps $D timesteps zoo:sr --device $DEV --steps 5 --n 4 --method greedy
 step layer-prune $D layer-prune zoo:digits-dit --ratio 0.5 --device $DEV --out /tmp/gc/lp --json
 step dipgo $D dipgo zoo:digits-dit --ratio 0.5 --iters 4 --select 2 --out /tmp/gc/dipgo.json
 # dipgo:R (a pruner trained with the default iterations) is left out: the dipgo step runs its CUDA path
+# zoo-train trains on Accelerate's device (this GPU): its batches, upsampler and EMA move there (session 30)
+step zoo-train $D zoo-train sr --steps 4 --batch-size 8 --checkpoint-every 2 --out /tmp/gc/zt
 step bench-cuda sh -c "$D bench zoo:digits-sd --device $DEV --n 16 --methods full,steps:10,depth:9,layers:0.5,deepcache:3,dipgo:@bench/results/dipgo_digits-sd_recipe.json --json > $OUT/bench_digits-sd_cuda.json"
 step workflow $D workflow zoo:digits-sd --device $DEV --stages layers:0.3,steps:20 --n 8 --out /tmp/gc/wf --json
 step workflow-bf16 $D workflow zoo:digits-dit --device $DEV --dtype bf16 --stages layers:0.3,steps:20 --n 8 \

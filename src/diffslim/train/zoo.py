@@ -171,11 +171,11 @@ def train(name: str, out: Path, steps: int, batch_size: int, lr: float, checkpoi
                                         "num_processes": accelerator.num_processes}, steps, write=write)
     pipe = build_pipeline(name, **pipeline_config)
     upsampler = fitted_upsampler(name, pipeline_config)  # closed form, deterministic: refitted on resume
-    if upsampler is not None:
-        pipe.register_modules(upsampler=upsampler)
+    if upsampler is not None:  # the training's copy where the model trains; the exports take ``upsampler``
+        pipe.register_modules(upsampler=copy.deepcopy(upsampler).to(accelerator.device))
     model = _Trainable(pipe)
     # DiT's label embedding drops labels itself in training mode; we drop them explicitly instead.
-    ema = copy.deepcopy(model).requires_grad_(False)
+    ema = copy.deepcopy(model).requires_grad_(False).to(accelerator.device)
     sched = DDPMScheduler(**SD_NOISE_SCHEDULE)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     warmup = min(200, steps // 10)
@@ -226,6 +226,7 @@ def train(name: str, out: Path, steps: int, batch_size: int, lr: float, checkpoi
             model.train()
             batch = _batch(name, step, batch_size, pool, sched.config.num_train_timesteps,
                            accelerator.process_index, accelerator.num_processes)
+            batch = tuple(None if v is None else v.to(accelerator.device) for v in batch)  # drawn on the CPU
             loss = _loss(name, model, unwrapped, pipe, sched, batch, residual_scale)
             accelerator.backward(loss)
             accelerator.clip_grad_norm_(model.parameters(), 1.0)
