@@ -1250,7 +1250,7 @@ def _teacher_samples(teacher, prompts: Path, n: int, steps: Optional[int], folde
     from diffslim.train.data import pipeline_inputs
 
     params = inspect.signature(teacher.pipe.__call__).parameters
-    if prompts.suffix != ".txt":
+    if prompts.suffix.lower() != ".txt":
         raise UserError(f"--data {prompts}: give 'zoo', an image folder, or a .txt file of prompts or class labels "
                         "(one per line)")
     if "image" in params:
@@ -2036,7 +2036,8 @@ def dipgo_cmd(
                                           "start from the equal-MACs plan of: steps (fewer steps), deepcache"),
     gradient_checkpointing: bool = typer.Option(True, "--gradient-checkpointing/--no-gradient-checkpointing"),
     data: str = typer.Option("zoo", help="'zoo'; a .txt file, one prompt (or class label) per line; a .jsonl file "
-                                         "of pipeline inputs; or a folder of images (captions as prompts)"),
+                                         "of pipeline inputs; or, for an image-to-image pipeline, a folder of "
+                                         "input images (their captions as the prompts)"),
     guidance_scale: Optional[float] = typer.Option(None, help="passed to the pipeline (default: its own)"),
     anneal: Optional[int] = typer.Option(None, min=0, help="optimizer steps over which the sparsity floor falls from 1 to "
                                                     "1 - RATIO (default: all of --iters; 0: the target at once)"),

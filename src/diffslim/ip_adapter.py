@@ -60,6 +60,8 @@ def adapt_ip_adapter(model: nn.Module, state_dict: Mapping) -> IPAdapterAdaptati
     rename = {n: where[n[: -len(_PROCESSOR)]] + _PROCESSOR for n in original if n[: -len(_PROCESSOR)] in where}
     unet = "UNet" in diffusers_base(type(model)).__name__
     out, dropped = renumber_ip_adapter(ip, original, target, rename, unet=unet)
+    if unet:  # (SD3's and Flux's IP-Adapters project image features of their own width into joint attention)
+        _check_shapes(stock, target, out)
     position = {name: i for i, name in enumerate(target)}
     moved = sum(1 for i in {int(k.split(".", 1)[0]) for k in ip}
                 if original[i] in rename and position.get(rename[original[i]], i) != i)
@@ -67,6 +69,27 @@ def adapt_ip_adapter(model: nn.Module, state_dict: Mapping) -> IPAdapterAdaptati
             **{f"ip_adapter.{k}": v for k, v in out.items()}}
     kept = sorted({target[int(k.split(".", 1)[0])] for k in out})
     return IPAdapterAdaptation(flat, kept, dropped, moved)
+
+
+def _check_shapes(model: nn.Module, processors: list, ip: Mapping[str, torch.Tensor]) -> None:
+    """Every ``{n}.to_k_ip`` / ``to_v_ip`` weight of ``ip`` (numbered for the U-Net ``model``'s ``processors``)
+    belongs to a cross-attention layer and has the shape of its ``to_k``: else the file is another model's, which
+    diffusers would refuse only when the written file is loaded."""
+    import re
+
+    for key, value in ip.items():
+        m = re.match(r"(\d+)\.(to_[kv]_ip)(?:\.\d+)?\.weight$", key)
+        if m is None:
+            continue
+        name = processors[int(m[1])]
+        attn = model.get_submodule(name[: -len(_PROCESSOR)])
+        if not getattr(attn, "is_cross_attention", True):
+            raise UserError(f"the IP-Adapter has {m[2]} weights for {name}, a self-attention layer; IP-Adapters "
+                            "add image keys and values to cross-attention only: an IP-Adapter of another model")
+        want = tuple(attn.to_k.weight.shape)
+        if tuple(value.shape) != want:
+            raise UserError(f"the IP-Adapter's {m[2]} weight for {name} is {tuple(value.shape)}, the layer's to_k is "
+                            f"{want}: an IP-Adapter of another model")
 
 
 def ip_adapter_file(path: Union[str, Path]) -> Path:

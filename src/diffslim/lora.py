@@ -238,7 +238,16 @@ def read_lora(path: Union[str, Path]) -> tuple[dict[str, torch.Tensor], Optional
     file = lora_file(path)
     tensors, header = read_safetensors(file, "LoRA")
     raw = header.get(METADATA_KEY)
-    return tensors, (json.loads(raw) if raw else None)
+    if not raw:
+        return tensors, None
+    try:
+        meta = json.loads(raw)
+    except ValueError:
+        meta = None
+    if not isinstance(meta, dict):
+        raise UserError(f"{file}: its {METADATA_KEY} header is not a JSON object of LoRA configs (diffusers writes "
+                        "one per component, e.g. {\"unet.r\": 4, ...}); remove the entry or save the LoRA again")
+    return tensors, meta
 
 
 # diffusers' old attention-processor naming, which its Kohya conversion still gives the alphas of attention

@@ -205,6 +205,19 @@ class Recipe(_Strict):
     skip_plan: Optional[SkipPlan] = None
     removed_layers: Optional[RemovedLayers] = None
 
+    @model_validator(mode="after")
+    def _plan_fits_the_steps(self):
+        if self.skip_plan is None or self.sampling is None:
+            return self
+        s = self.sampling
+        steps = len(s.timesteps) if s.timesteps is not None else s.num_inference_steps
+        rows = len(self.skip_plan.plan)
+        if steps is not None and steps != rows:
+            raise ValueError(f"sampling gives {steps} steps but skip_plan.plan has {rows} rows, one per step: a skip "
+                             f"plan runs at the step count it was made for; sample with {rows} steps, or make the "
+                             f"plan again at {steps}")
+        return self
+
     def is_identity(self) -> bool:
         return all(getattr(self, k) is None for k in self.section_names())
 

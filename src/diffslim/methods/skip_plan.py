@@ -698,6 +698,10 @@ def check_scheduler(scheduler, num_inference_steps: int, plan_steps: int, name: 
     """Raise :class:`UserError` when ``scheduler`` cannot run a ``plan_steps``-step plan at ``num_inference_steps``."""
     steps, calls = denoiser_steps(scheduler, num_inference_steps)
     label = name or type(scheduler).__name__
+    if steps == num_inference_steps != plan_steps and calls <= steps + 1:  # the scheduler is fine; the count is not
+        raise UserError(f"the skip plan has {plan_steps} steps (one row per step) but the run samples "
+                        f"{num_inference_steps}: sample with {plan_steps} steps, or make the plan again at "
+                        f"{num_inference_steps}")
     if steps != plan_steps or calls > steps + 1:
         raise UserError(f"scheduler {label} evaluates the denoiser at {steps if steps > 0 else 'non-monotone'} "
                         f"timesteps ({calls} calls) for {num_inference_steps} steps, but the plan has {plan_steps} "

@@ -37,7 +37,7 @@ def safetensors_file(path: Path, what: str, hint: str) -> Path:
     ``hint`` (how to get a safetensors file)."""
     if not path.is_file():
         raise UserError(f"{what} {path}: no such file")
-    if path.suffix != ".safetensors":
+    if path.suffix.lower() != ".safetensors":
         raise UserError(f"{what} {path}: only .safetensors files are read (pickles are refused); {hint}")
     return path
 

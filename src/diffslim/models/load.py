@@ -84,7 +84,7 @@ def denoiser_of(pipe) -> torch.nn.Module:
 
 def _check_no_pickles(folder: Path) -> None:
     safes = list(folder.rglob("*.safetensors"))
-    pickles = [p for p in folder.rglob("*") if p.suffix in PICKLE_SUFFIXES]
+    pickles = [p for p in folder.rglob("*") if p.suffix.lower() in PICKLE_SUFFIXES]
     if pickles and not safes:
         raise ModelLoadError(
             f"{pickles[0]} is a pickle checkpoint, which diffslim never unpickles; convert it to "
@@ -248,9 +248,9 @@ def load(model: str, dtype=torch.float32, device="cpu", random_weights: bool = F
                                  "huggingface_hub.snapshot_download) and give DIR")
         raise ModelLoadError(f"no such file or folder: {model}; {ACCEPTED}")
     if path.is_file():
-        if path.suffix in PICKLE_SUFFIXES:
+        if path.suffix.lower() in PICKLE_SUFFIXES:
             raise ModelLoadError(f"{model} is a pickle checkpoint, which diffslim never unpickles; {ACCEPTED}")
-        if path.suffix == ".safetensors":  # a single-file checkpoint, as A1111 and ComfyUI keep them
+        if path.suffix.lower() == ".safetensors":  # a single-file checkpoint, as A1111 and ComfyUI keep them
             raise ModelLoadError(f"{model} is a single-file checkpoint; convert it to a pipeline folder once with "
                                  "diffusers (StableDiffusionPipeline.from_single_file(PATH).save_pretrained(FOLDER), "
                                  "StableDiffusionXLPipeline for SDXL) and give FOLDER; " + ACCEPTED)

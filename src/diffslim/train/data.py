@@ -72,25 +72,78 @@ def load_image(path: Union[str, Path], size: Optional[int]) -> torch.Tensor:
     The shorter side is resized to ``size`` (bicubic) and the centre cropped square; ``size=None``
     keeps the file's own ``(3, H, W)``. Raises ``OSError``/``ValueError`` for unreadable files.
     """
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     with Image.open(path) as im:
         im.load()  # decode now: a truncated file fails here, not later
-        im = im.convert("RGB")
+        im = _to_rgb(ImageOps.exif_transpose(im))  # as viewers and diffusers' load_image show it
     if size is not None:
         w, h = im.size
         scale = size / min(w, h)
         nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-        if (nw, nh) != (w, h):
-            im = im.resize((nw, nh), Image.Resampling.BICUBIC)
         left, top = (nw - size) // 2, (nh - size) // 2
-        im = im.crop((left, top, left + size, top + size))
+        if nw * nh > 2 ** 24:  # an absurdly long image (1 x 60000 px: size x 60000 size at full size, 16 GB at 256
+            # px): resize the kept square alone (within a grey level of the full resize on smooth images)
+            box = (left / scale, top / scale, (left + size) / scale, (top + size) / scale)
+            im = im.resize((size, size), Image.Resampling.BICUBIC, box=box)
+        else:
+            if (nw, nh) != (w, h):
+                im = im.resize((nw, nh), Image.Resampling.BICUBIC)
+            im = im.crop((left, top, left + size, top + size))
     arr = np.asarray(im, dtype=np.float32) / 255.0
     return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
 
 
+def _to_rgb(im):
+    """An opened image as 8-bit RGB. 16-bit and 32-bit greyscale (``I;16``, ``I``, ``F``) is scaled to 8 bits
+    (PIL's own conversion clips it, so a 16-bit PNG came out almost white); the rest as PIL converts it (transparent
+    pixels keep the colour they hold, as in diffusers' ``load_image``)."""
+    from PIL import Image
+
+    if im.mode.startswith("I") or im.mode == "F":  # PIL opens 16-bit PNGs as I;16 or I, 0..65535
+        arr = np.asarray(im, dtype=np.float64)
+        peak = 1.0 if im.mode == "F" and arr.max(initial=0) <= 1 else 65535.0  # float images in [0, 1], or 16 bits
+        im = Image.fromarray(np.clip(np.round(arr / peak * 255), 0, 255).astype(np.uint8), "L")
+    return im.convert("RGB")
+
+
+def read_text(path: Union[str, Path]) -> str:
+    """A text file the user gave (prompts, class labels, JSONL): UTF-8, with or without the byte-order mark Windows
+    tools write, or UTF-16 with its mark; else a :class:`UserError` naming the first byte that is not UTF-8."""
+    import codecs
+
+    raw = Path(path).read_bytes()
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        try:
+            return raw.decode("utf-16")
+        except UnicodeDecodeError:
+            pass
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise UserError(f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} on line {line}); save it as UTF-8") from None
+
+
+_CP1252_WARNED: set = set()
+
+
+def _read_caption(path: Path) -> str:
+    """An image's ``.txt`` caption, read while training: one in another encoding than UTF-8 is read as Windows-1252
+    (Latin-1's superset, what Windows editors write), with a warning once per file, rather than losing its image."""
+    try:
+        return read_text(path).strip()
+    except UserError as e:
+        if path not in _CP1252_WARNED:
+            _CP1252_WARNED.add(path)
+            logger.warning("%s; read as Windows-1252 meanwhile", e)
+        return path.read_bytes().decode("cp1252", errors="replace").strip()
+
+
 def _list_images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    """The images in ``folder`` by name; hidden files (macOS's ``._x.png`` resource forks) are not images."""
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
 
 
 def check_image_folder(folder: Union[str, Path], option: str = "--data") -> Path:
@@ -110,11 +163,13 @@ def check_image_folder(folder: Union[str, Path], option: str = "--data") -> Path
 def _read_jsonl_captions(path: Path) -> dict[str, str]:
     """``{"file": NAME, "text": CAPTION}`` per line (``file_name`` accepted as in HF imagefolder)."""
     out = {}
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+    for n, line in enumerate(read_text(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
             rec = json.loads(line)
+            if not isinstance(rec, dict):
+                raise TypeError(f"a JSON {type(rec).__name__}, not an object")
             name = rec.get("file", rec.get("file_name"))
             out[Path(name).name] = str(rec["text"])
         except (json.JSONDecodeError, KeyError, TypeError) as e:
@@ -151,6 +206,9 @@ class _SkippingDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         n = len(self)
+        if not -n <= i < n:  # skipping wraps round to the start; an index past the end does not
+            raise IndexError(f"sample {i} of {n}")
+        i %= n
         for k in range(n):
             j = (i + k) % n
             if j in self._bad:
@@ -198,7 +256,7 @@ class ImageFolder(_SkippingDataset):
         if self._captions is not None:
             return self._captions.get(f.name, "")
         txt = f.with_suffix(".txt")
-        return txt.read_text().strip() if txt.is_file() else ""
+        return _read_caption(txt) if txt.is_file() else ""
 
     def _describe(self, i: int) -> str:
         return str(self.files[i])
@@ -213,19 +271,34 @@ class LabelledFolder(ImageFolder):
 
     Sample: ``{"image": (channels, size, size) float32 in [0, 1], "label": int}`` (one channel: the grey level)."""
 
-    def __init__(self, path: Union[str, Path], size: Optional[int], channels: int = 3):
+    def __init__(self, path: Union[str, Path], size: Optional[int], channels: int = 3,
+                 classes: Optional[int] = None):
         super().__init__(path, size)
         self.channels = channels
-        bad = next((f.name for i, f in enumerate(self.files) if not self.caption(i).lstrip("-").isdigit()), None)
-        if bad is not None:
-            raise UserError(f"{self.root}: {bad} has no integer class label as its caption; a class-conditional "
-                            "pipeline trains on labelled images")
+        for i, f in enumerate(self.files):  # all of them now: a bad label would end a long run at its first batch
+            label = self.caption(i)
+            if not label.isdigit() or classes is not None and int(label) >= classes:
+                raise UserError(f"{self.root}: {f.name}'s caption {label!r} is not a class label"
+                                + (f" in 0..{classes - 1}, the classes of the model" if classes else " (an integer "
+                                   ">= 0)") + "; a class-conditional pipeline trains on labelled images")
 
     def _read(self, i: int) -> dict:
         image = load_image(self.files[i], self.size)
         if self.channels == 1:
             image = image.mean(0, keepdim=True)
         return {"image": image, "label": int(self.caption(i))}
+
+
+def _by_stem(files: list[Path]) -> dict[str, Path]:
+    """Files by stem, for pairing; of two with one stem (``a.png`` and ``a.jpg``) the first by name, with a warning."""
+    out: dict[str, Path] = {}
+    for p in files:
+        if p.stem in out:
+            logger.warning("%s: %s and %s share a name; %s is used", p.parent, out[p.stem].name, p.name,
+                           out[p.stem].name)
+            continue
+        out[p.stem] = p
+    return out
 
 
 class ConditionPairs(_SkippingDataset):
@@ -244,8 +317,7 @@ class ConditionPairs(_SkippingDataset):
         inp, tgt = self.root / "input", self.root / "target"
         if not (inp.is_dir() and tgt.is_dir()):
             raise UserError(f"{self.root} needs input/ and target/ subfolders with matching file names")
-        inputs = {p.stem: p for p in _list_images(inp)}
-        targets = {p.stem: p for p in _list_images(tgt)}
+        inputs, targets = _by_stem(_list_images(inp)), _by_stem(_list_images(tgt))
         common = sorted(set(inputs) & set(targets))
         lonely = sorted(set(inputs) ^ set(targets))
         if lonely:
@@ -272,7 +344,7 @@ class ConditionPairs(_SkippingDataset):
             text = self._captions.get(dst.name, self._captions.get(src.name, ""))
         else:
             txt = dst.with_suffix(".txt")
-            text = txt.read_text().strip() if txt.is_file() else ""
+            text = _read_caption(txt) if txt.is_file() else ""
         return {"image": load_image(dst, self.size), "cond": load_image(src, self.cond_size), "text": text}
 
 
@@ -356,12 +428,13 @@ def make_dataset(spec: str, pipe, size: Optional[int] = None) -> torch.utils.dat
     folder = Path(spec)
     if not folder.is_dir():
         hint = (" (prompts or pipeline inputs calibrate layer-prune with --calibration sampling)"
-                if folder.suffix in (".txt", ".jsonl") else "")
+                if folder.suffix.lower() in (".txt", ".jsonl") else "")
         raise UserError(f"data {spec!r} is neither 'zoo' nor an existing folder of images{hint}")
     if is_class:  # images labelled by their captions (e.g. the teacher's own samples of class labels)
         den = pipe.denoiser
         return LabelledFolder(folder, size=size or int(den.config.sample_size),
-                              channels=int(getattr(den.config, "out_channels", None) or den.config.in_channels))
+                              channels=int(getattr(den.config, "out_channels", None) or den.config.in_channels),
+                              classes=_num_classes(pipe))
     if size is None:
         size = pipeline_image_size(pipe)
     elif size < 1 or size % size_multiple(pipe):
@@ -381,6 +454,9 @@ class FolderInputs:
 
     def __len__(self) -> int:
         return len(self.ds)
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
 
     def __getitem__(self, i: int) -> dict:
         item = self.ds[i]
@@ -405,8 +481,19 @@ def pipeline_input_size(pipe) -> int:
 
 
 def _num_classes(pipe) -> Optional[int]:
-    classes = getattr(getattr(getattr(pipe, "transformer", None), "config", None), "num_embeds_ada_norm", None)
+    """The classes a class-conditional pipeline has (DiT's label embedding, the zoo's label encoder), else None."""
+    den = getattr(pipe, "transformer", None) or getattr(pipe, "denoiser", None)
+    classes = getattr(getattr(den, "config", None), "num_embeds_ada_norm", None)
+    if not classes:  # the zoo's U-Net models: a label encoder whose last row is the null label
+        classes = getattr(getattr(getattr(pipe, "cond_encoder", None), "config", None), "num_labels", None)
     return int(classes) if classes else None
+
+
+# the pipeline arguments the sampling harness sets itself (diffslim.sample.run_pipeline), with what sets them
+_SET_BY_DIFFSLIM = {"num_inference_steps": "--steps, or the recipe's", "timesteps": "the recipe's schedule",
+                    "sigmas": "the scheduler", "generator": "--seed: input i samples with seed + i",
+                    "latents": "the seeds", "output_type": "images come back as tensors",
+                    "return_dict": "images come back as tensors", "num_images_per_prompt": "one sample per input"}
 
 
 def _check_input_values(row: dict, where: str, pipe) -> None:
@@ -421,6 +508,10 @@ def _check_input_values(row: dict, where: str, pipe) -> None:
             raise UserError(f"{where}: {key} must be a finite number, got {json.dumps(v)}")
         return v
 
+    set_here = [k for k in _SET_BY_DIFFSLIM if k in row]
+    if set_here:
+        raise UserError(f"{where}: {set_here[0]} is set for every call by diffslim ({_SET_BY_DIFFSLIM[set_here[0]]}), "
+                        "so this one would be ignored: remove it from the inputs")
     for key in ("prompt", "negative_prompt"):
         v = row.get(key)
         if v is not None and not (isinstance(v, str) or isinstance(v, list) and all(isinstance(x, str) for x in v)):
@@ -436,6 +527,15 @@ def _check_input_values(row: dict, where: str, pipe) -> None:
         if isinstance(v, bool) or not isinstance(v, int) or classes and not 0 <= v < classes:
             raise UserError(f"{where}: class_label must be an integer" + (f" in 0..{classes - 1}, the classes "
                             f"{type(pipe).__name__} has" if classes else "") + f", got {json.dumps(v)}")
+
+
+def _input_image(p: Path, k: int, name: str, size: int) -> torch.Tensor:
+    """The image a .jsonl file's line ``k`` names (relative to the file), at ``size``."""
+    try:
+        return load_image(p.parent / name, size)
+    except _UNREADABLE as e:
+        raise UserError(f"{p}:{k}: image {name!r} cannot be read ({getattr(e, 'strerror', None) or e}); image paths "
+                        f"are relative to {p.parent}") from None
 
 
 def pipeline_inputs(pipe, data: str, seed: int, n: int = 64, option: str = "--data"):
@@ -480,9 +580,9 @@ def pipeline_inputs(pipe, data: str, seed: int, n: int = 64, option: str = "--da
         return FolderInputs(ds, "prompt" in params)
     if not p.is_file():
         raise UserError(f"{option} {data!r} does not exist; give {accepted}")
-    if p.suffix == ".jsonl":
+    if p.suffix.lower() == ".jsonl":
         rows = []
-        for k, line in enumerate(p.read_text().splitlines(), 1):
+        for k, line in enumerate(read_text(p).splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -493,17 +593,21 @@ def pipeline_inputs(pipe, data: str, seed: int, n: int = 64, option: str = "--da
             if not isinstance(row, dict):
                 raise UserError(f"{p}:{k}: give an object of pipeline inputs, e.g. {{\"prompt\": \"a cat\"}}")
             _check_input_values(row, f"{p}:{k}", pipe)
-            if isinstance(row.get("image"), str):
-                try:
-                    row["image"] = load_image(p.parent / row["image"], size)
-                except (OSError, ValueError) as e:
-                    raise UserError(f"{p}:{k}: image {row['image']!r} cannot be read ({getattr(e, 'strerror', None) or e}); "
-                                    f"image paths are relative to {p.parent}") from None
+            image = row.get("image")
+            if "image" in params and image is None:  # diffusers' own error would come as a traceback mid-run
+                raise UserError(f"{p}:{k}: {type(pipe).__name__} samples from an input image: give \"image\": "
+                                f"PATH (relative to {p.parent})" + (", not null" if "image" in row else ""))
+            if "image" in row:
+                many = isinstance(image, list) and image and all(isinstance(x, str) for x in image)
+                if not (isinstance(image, str) or many):  # (a list: one per ControlNet of a multi-ControlNet)
+                    raise UserError(f"{p}:{k}: image must be the path of an image file, relative to {p.parent} (or "
+                                    f"a list of paths, one per ControlNet), got {json.dumps(image)}")
+                row["image"] = [_input_image(p, k, x, size) for x in image] if many else _input_image(p, k, image, size)
             rows.append(row)
         if not rows:
             raise UserError(f"{p} holds no inputs")
         return rows
-    lines = [ln.strip() for ln in p.read_text().splitlines() if ln.strip()]
+    lines = [ln.strip() for ln in read_text(p).splitlines() if ln.strip()]
     if not lines:
         raise UserError(f"{p} holds no inputs (one per line)")
     if is_class:
