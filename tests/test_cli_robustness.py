@@ -246,8 +246,11 @@ def test_mistakes_found_by_the_session_28_sweep_are_one_line_errors(tmp_path, ti
                         ({"prompt": "x", "strength": "high"}, 'strength must be a finite number, got "high"'),
                         ({"prompt": "x", "strength": 7}, "strength must lie in (0, 1]"),
                         ({"prompt": "x", "guidance_scale": None}, "guidance_scale must be a finite number, got null"),
-                        ({"class_label": 1.7}, "class_label must be an integer, got 1.7"),
-                        ({"class_label": "3"}, 'class_label must be an integer, got "3"')):
+                        ({"class_label": 1.7}, "class_label must be an integer in 0..9, the classes "
+                                               "ZooClassPipeline has, got 1.7"),
+                        ({"class_label": "3"}, 'class_label must be an integer in 0..9, the classes ZooClassPipeline '
+                                               'has, got "3"'),
+                        ({"class_label": 10}, "class_label must be an integer in 0..9")):
         (tmp_path / "in.jsonl").write_text(json.dumps(row) + "\n")
         with pytest.raises(UserError, match="^" + re.escape(f"{tmp_path / 'in.jsonl'}:1: {needle}")):
             pipeline_inputs(tiny_digits_pipe, str(tmp_path / "in.jsonl"), 0)

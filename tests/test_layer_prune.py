@@ -1095,5 +1095,5 @@ def test_cli_distill_a_class_conditional_student_on_teacher_samples_of_labels(ti
     item = ds[1]
     assert item["label"] == 7 and item["image"].shape == (1, 8, 8) and 0 <= float(item["image"].min())
     (folder / "00001.txt").write_text("a seven")
-    with pytest.raises(UserError, match="no integer class label"):
+    with pytest.raises(UserError, match="00001.png's caption 'a seven' is not a class label in 0..9"):
         make_dataset(str(folder), pipe)

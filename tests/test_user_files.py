@@ -242,3 +242,19 @@ def test_a_recipe_whose_steps_differ_from_its_skip_plan(tiny_digits_pipe):
         parse_recipe({"sampling": {"timesteps": [900, 500, 100]}, "skip_plan": plan})
     with pytest.raises(UserError, match="the skip plan has 4 steps .* but the run samples 10: sample with 4 steps"):
         check_scheduler(tiny_digits_pipe.scheduler, 10, 4)
+
+
+def test_a_recipe_whose_model_is_not_there_says_where_it_looked(tmp_path, monkeypatch):
+    """A workflow's recipe moved without its stages/ said only `no such file or folder: stages/...`."""
+    from typer.testing import CliRunner
+
+    from diffslim.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "wf").mkdir()
+    (tmp_path / "wf" / "recipe.json").write_text(json.dumps({"schema_version": 1, "model": "stages/1/pipeline",
+                                                             "sampling": {"num_inference_steps": 3}}))
+    res = CliRunner().invoke(app, ["sample", "--recipe", "wf/recipe.json", "--n", "1", "--out", "s"])
+    assert res.exit_code == 2 and res.output.count("\n") == 1, res.output
+    assert ("wf/recipe.json names the model stages/1/pipeline, which is not there (nor beside the recipe, at "
+            "wf/stages/1/pipeline): move or copy the recipe with its folder") in " ".join(res.output.split())

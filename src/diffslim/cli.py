@@ -495,6 +495,10 @@ def _model_for(model: Optional[str], recipe: Optional[Path]) -> str:
         from diffslim.recipe import load_recipe
 
         named = load_recipe(recipe).model
+        if named and not named.startswith("zoo:") and not Path(named).exists():
+            beside = "" if Path(named).is_absolute() else f" (nor beside the recipe, at {recipe.parent / named})"
+            raise UserError(f"{recipe} names the model {named}, which is not there{beside}: move or copy the recipe "
+                            "with its folder (a workflow's stages/ go with it), or give MODEL")
         if named:
             return named
         raise UserError(f"MODEL is missing, and {recipe} names no model (its \"model\" is empty): give MODEL, a "
