@@ -258,3 +258,34 @@ def test_a_recipe_whose_model_is_not_there_says_where_it_looked(tmp_path, monkey
     assert res.exit_code == 2 and res.output.count("\n") == 1, res.output
     assert ("wf/recipe.json names the model stages/1/pipeline, which is not there (nor beside the recipe, at "
             "wf/stages/1/pipeline): move or copy the recipe with its folder") in " ".join(res.output.split())
+
+
+def test_a_multi_controlnet_samples_one_image_per_controlnet_from_a_jsonl(tiny_controlnet_pipe, tmp_path):
+    """A .jsonl line's list of image paths is one image per ControlNet (it was passed on as path strings): diffusers
+    takes the batch's lists and regroups them per ControlNet; each sample equals the one sampled alone."""
+    from diffusers import StableDiffusionControlNetPipeline
+
+    from diffslim.sample import SampleSpec, sample
+
+    import copy
+
+    torch.manual_seed(0)
+    cn, other = copy.deepcopy(tiny_controlnet_pipe.controlnet), copy.deepcopy(tiny_controlnet_pipe.controlnet)
+    with torch.no_grad():  # the images reach the residuals (a new ControlNet's conditioning output is zero), and
+        for net in (cn, other):  # the second ControlNet is one of its own, so that which image reaches which shows
+            torch.nn.init.normal_(net.controlnet_cond_embedding.conv_out.weight, std=0.3)
+        for p in other.controlnet_down_blocks.parameters():
+            p.mul_(-2.0)
+    multi = StableDiffusionControlNetPipeline(**{**tiny_controlnet_pipe.components, "controlnet": [cn, other]})
+    multi.set_progress_bar_config(disable=True)
+    rng = np.random.default_rng(0)
+    for k in range(3):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(tmp_path / f"im{k}.png")
+    pairs = [("im0.png", "im1.png"), ("im1.png", "im0.png"), ("im2.png", "im0.png")]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"prompt": "a", "image": list(p)}) + "\n" for p in pairs))
+    rows = data.pipeline_inputs(multi, str(tmp_path / "in.jsonl"), 0)
+    batch = sample(multi, SampleSpec(rows, [0, 0, 0], num_inference_steps=2, batch_size=3))
+    for i in range(3):
+        alone = sample(multi, SampleSpec(rows[i:i + 1], [0], num_inference_steps=2, batch_size=1))
+        torch.testing.assert_close(batch[i:i + 1], alone, atol=1e-4, rtol=0)
+    assert float((batch[0] - batch[1]).abs().max()) > 1e-3  # the images reach their own ControlNet
