@@ -115,3 +115,75 @@ def test_zoo_training_under_a_launch_is_data_parallel_and_resumes_exactly(tmp_pa
     _launch(tmp_path, *args)
     again = load_file(str(ckpts / "step_2" / "model.safetensors"))
     assert all(torch.equal(again[k], step2[k]) for k in step2)
+
+
+@pytest.mark.xdist_group("accelerate-launch")
+def test_bench_under_a_launch_samples_data_parallel_and_trains_its_cached_runs_together(tmp_path):
+    """`bench` was refused under a launch (every process ran all of it; a method that trains waited forever for the
+    others). Each process now samples its share of every variant's inputs, the searches see the gathered outputs,
+    the cached trainings are built by the launch together (data parallel, the default batch split among the
+    processes, a cache entry of their own) and the first process alone prints and writes. The rows that train
+    nothing are those of one process."""
+    import json
+
+    script = Path(__file__).parent / "scripts" / "bench_mp.py"
+    common = ["bench", "zoo:digits-sd", "--n", "4", "--steps", "6", "--batch-size", "2", "--json"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", DIFFSLIM_CACHE=str(tmp_path / "cache"))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--multi_gpu", str(script), *common,
+           "--methods", "full,steps:4,layers:0.3,gamma:4,dipgo:0.3,layers:0.3+kd", "--html", "rep"]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    two = {row["method"]: row for row in json.loads(r.stdout)["rows"]}  # one document
+    assert json.loads((tmp_path / "rep" / ".diffslim.json").read_text())["command"] == "bench"
+    assert (tmp_path / "rep" / "index.html").is_file()
+    kd = list((tmp_path / "cache" / "layer_kd").glob("*-x2"))
+    assert len(kd) == 1 and json.loads((kd[0] / "distill.json").read_text())["num_processes"] == 2
+    assert "batch 4 over 2 processes, 2 each" in two["layers:0.3+kd"]["notes"]
+    assert len(list((tmp_path / "cache" / "dipgo").glob("*-x2"))) == 1
+
+    env["DIFFSLIM_CACHE"] = str(tmp_path / "cache_one")
+    r = subprocess.run([sys.executable, str(script), *common, "--methods", "full,steps:4,layers:0.3,gamma:4"],
+                       env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    one = {row["method"]: row for row in json.loads(r.stdout)["rows"]}
+    for method, row in one.items():
+        assert (two[method]["params"], two[method]["macs_per_sample"]) == (row["params"], row["macs_per_sample"])
+        if method != "full":
+            assert abs(two[method]["psnr"] - row["psnr"]) < 0.01, method
+    assert two["gamma:4"]["notes"].split(" found")[0] == one["gamma:4"]["notes"].split(" found")[0]  # its gamma
+
+
+@pytest.mark.xdist_group("accelerate-launch")
+def test_workflow_under_a_launch_keeps_what_one_process_keeps_and_resumes(tmp_path):
+    """`workflow` was refused under a launch. Its processes now sample their shares of every stage, the first writes
+    the stages, evals and recipe while the others wait for them, and every timing is the slowest process's (the
+    processes had taken the faster of the original's two timings each from their own clock, and one waited for the
+    other forever). A joint search keeps the stack one process keeps; a rerun reads every sampling back."""
+    import json
+
+    script = Path(__file__).parent / "scripts" / "bench_mp.py"
+    args = ["workflow", "zoo:digits-sd", "--stages", "layers:auto,steps:auto", "--floor", "psnr=22", "--search",
+            "joint", "--joint-width", "1", "--n", "4", "--steps", "6", "--batch-size", "2", "--json", "--out"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", DIFFSLIM_CACHE=str(tmp_path / "cache"))
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "--multi_gpu", str(script), *args, "mp"]
+    r = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    two = json.loads(r.stdout)
+    r = subprocess.run([sys.executable, str(script), *args, "one"], env=env, capture_output=True, text=True,
+                       timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    one = json.loads(r.stdout)
+    assert two["stages_kept"] == one["stages_kept"] and len(two["branches"]) == len(one["branches"]) > 1
+    for a, b in zip(two["rows"], one["rows"], strict=True):
+        assert (a["stage"], a["params"], a["macs_per_sample"], a["accepted"]) == \
+            (b["stage"], b["params"], b["macs_per_sample"], b["accepted"])
+        assert a["stage"] == "original" or abs(a["psnr"] - b["psnr"]) < 0.01, a["stage"]
+    recipe = json.loads((tmp_path / "mp" / "recipe.json").read_text())
+    assert (tmp_path / "mp" / recipe["model"] / "model_index.json").is_file()  # the kept stage, written once
+    assert (tmp_path / "mp" / "index.html").is_file()
+    r = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(r.stdout)["stages_kept"] == two["stages_kept"]
+    assert "stacks loaded from an earlier run" in r.stderr

@@ -10,6 +10,7 @@ run relative to ``full``), ``speedup`` (wall time of ``full`` over this row's, s
 from __future__ import annotations
 
 import math
+import os
 import time
 from pathlib import Path
 from dataclasses import dataclass, field
@@ -17,8 +18,9 @@ from typing import Callable, Optional
 
 import torch
 
-from diffslim.cache import building, cache_root
+from diffslim.cache import build_once, cache_root
 from diffslim.errors import UserError
+from diffslim.launch import group, is_first, slowest, world_size
 
 from diffslim.sample import SampleSpec, calls_in_run, denoiser_calls_per_run, run_pipeline, sample
 
@@ -373,6 +375,23 @@ def _mdepth(arg, ctx: BenchContext) -> Variant:
 DEFAULT_FT = dict(steps=300, batch_size=32, lr=2e-4)
 
 
+def _per_process(settings: dict) -> tuple[dict, str]:
+    """A cached training's settings for each process of a launch, and the words for the note: the batch is split
+    among the processes (rounded up), so that a launch trains with about the batch one process does."""
+    world = world_size()
+    if world <= 1:
+        return dict(settings), ""
+    each = -(-settings["batch_size"] // world)
+    return dict(settings, batch_size=each), f" over {world} processes, {each} each"
+
+
+def _launch_key(key: str) -> str:
+    """A cached training's folder name: a launch of N processes draws its noise otherwise than one process does, so
+    its run is an entry of its own."""
+    world = world_size()
+    return key if world <= 1 else f"{key}-x{world}"
+
+
 def check_task_weight(weight: Optional[float]) -> Optional[float]:
     """A task-loss weight for ``+kd``/``+ft`` training: a finite number >= 0, or None for
     :func:`default_task_weight`; else a :class:`UserError`."""
@@ -411,16 +430,18 @@ def _default_finetune(ctx: BenchContext, depth: int):
     train_data, data = ctx.train_data(f"depth:{depth}+ft")
     key = hashlib.sha256(f"{model_fingerprint(ctx.loaded.source)}|{depth}|{sorted(DEFAULT_FT.items())}{data}"
                          f"{ctx.train_key()}".encode()).hexdigest()[:16]
-    root = cache_root() / "finetune" / key
+    settings, launch = _per_process(DEFAULT_FT)
+    root = cache_root() / "finetune" / _launch_key(key)
     folder = root / "student"
-    if not (folder / "config.json").exists():
-        with building(root, f"the depth:{depth}+ft fine-tune"):
-            if not (folder / "config.json").exists():  # another process may have built it while this one waited
-                cfg = DistillConfig(out=root, checkpoint_every=100, log_every=25, normalized=False,
-                                    lambda_task=ctx.task_weight, **DEFAULT_FT)
-                finetune_depth(ctx.loaded.pipe, depth, train_data, cfg)
-    return folder, (f"fine-tuned {DEFAULT_FT['steps']} steps (batch {DEFAULT_FT['batch_size']}, lr {DEFAULT_FT['lr']}) "
-                    f"with {ctx.train_note('feature')}{ctx.train_data_note()}; cached at {root}")
+
+    def build():
+        cfg = DistillConfig(out=root, checkpoint_every=100, log_every=25, normalized=False,
+                            lambda_task=ctx.task_weight, **settings)
+        finetune_depth(ctx.loaded.pipe, depth, train_data, cfg)
+
+    build_once(root, f"the depth:{depth}+ft fine-tune", lambda: (folder / "config.json").exists(), build)
+    return folder, (f"fine-tuned {DEFAULT_FT['steps']} steps (batch {DEFAULT_FT['batch_size']}{launch}, lr "
+                    f"{DEFAULT_FT['lr']}) with {ctx.train_note('feature')}{ctx.train_data_note()}; cached at {root}")
 
 
 def _explicit_schedule_variant(method: str, ctx: BenchContext, timesteps, notes: str = "") -> Variant:
@@ -727,18 +748,20 @@ def _default_layer_kd(ctx: BenchContext, names: list[str]):
     train_data, data = ctx.train_data("layers+kd")
     key = hashlib.sha256(f"{model_fingerprint(ctx.loaded.source)}|{sorted(names)}|{sorted(DEFAULT_KD.items())}{data}"
                          f"{ctx.train_key()}".encode()).hexdigest()[:16]
-    root = cache_root() / "layer_kd" / key
+    settings, launch = _per_process(DEFAULT_KD)
+    root = cache_root() / "layer_kd" / _launch_key(key)
     folder = root / "student"
-    if not (folder / "config.json").exists():
-        with building(root, "the layers+kd distillation"):
-            if not (folder / "config.json").exists():  # another process may have built it while this one waited
-                cfg = DistillConfig(out=root, checkpoint_every=100, log_every=25, normalized=True,
-                                    lambda_task=ctx.task_weight, **DEFAULT_KD)
-                distill_pruned(ctx.loaded.pipe, prune_layers(ctx.loaded.denoiser, names), cfg, data=train_data,
-                               size=ctx.resolution if ctx.has_data() else None)
+
+    def build():
+        cfg = DistillConfig(out=root, checkpoint_every=100, log_every=25, normalized=True,
+                            lambda_task=ctx.task_weight, **settings)
+        distill_pruned(ctx.loaded.pipe, prune_layers(ctx.loaded.denoiser, names), cfg, data=train_data,
+                       size=ctx.resolution if ctx.has_data() else None)
+
+    build_once(root, "the layers+kd distillation", lambda: (folder / "config.json").exists(), build)
     return folder, (f"{DEFAULT_KD['steps']} steps of {ctx.train_note('normalized feature')} (batch "
-                    f"{DEFAULT_KD['batch_size']}, lr {DEFAULT_KD['lr']}, feature weight matched to the plain sum)"
-                    f"{ctx.train_data_note()}; cached at {root}")
+                    f"{DEFAULT_KD['batch_size']}{launch}, lr {DEFAULT_KD['lr']}, feature weight matched to the plain "
+                    f"sum){ctx.train_data_note()}; cached at {root}")
 
 
 @register_method("layers", "layers:R, one-shot layer pruning (LAPTOP-Diff output-loss criterion) removing a share R "
@@ -905,21 +928,25 @@ def _default_dipgo(ctx: BenchContext, ratio: float, **overrides):
     key = hashlib.sha256(f"{DIPGO_VERSION}|{model_fingerprint(ctx.loaded.source)}|{ratio!r}|{steps}|{sched}|"
                          f"{sorted(settings.items())}|{data_key}|{units.macs}|{units.outside_macs}"
                          f"{'' if calls == steps else f'|rows={calls}'}".encode()).hexdigest()[:16]
-    root = cache_root() / "dipgo" / key
+    per_process, launch = _per_process(settings)
+    root = cache_root() / "dipgo" / _launch_key(key)
     meta = root / "train.json"
-    reused = meta.exists()
-    if not meta.exists():
-        with building(root, f"the dipgo:{ratio:g} training"):
-            if not meta.exists():  # another process may have built it while this one waited
-                cfg = DipgoConfig(ratio=ratio, num_inference_steps=steps, scheduler=sched, out=str(root),
-                                  progress=True, call_kwargs=dict(ctx.base_spec.call_kwargs), **settings)
-                res = train_dipgo(ctx.loaded.pipe, cfg, units, pool=pool)
-                meta.write_text(json.dumps({"seconds": res.seconds, "log": res.log}))
+
+    def build():
+        cfg = DipgoConfig(ratio=ratio, num_inference_steps=steps, scheduler=sched, out=str(root),
+                          progress=True, call_kwargs=dict(ctx.base_spec.call_kwargs), **per_process)
+        res = train_dipgo(ctx.loaded.pipe, cfg, units, pool=pool)
+        if is_first():
+            tmp = meta.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps({"seconds": res.seconds, "log": res.log}))
+            os.replace(tmp, meta)
+
+    reused = not build_once(root, f"the dipgo:{ratio:g} training", meta.exists, build)
     info = json.loads(meta.read_text())
     scores = np.load(root / "scores.npy")
     plan = pad_plan(plan_from_scores(scores, units, ratio), steps)  # img2img below strength 1: rows no call reaches
     runs = settings.get("restarts", 1)
-    notes = (f"DiP-GO pruner trained {settings['iters']} steps (batch {settings['batch_size']}, "
+    notes = (f"DiP-GO pruner trained {settings['iters']} steps (batch {settings['batch_size']}{launch}, "
              f"{settings.get('objective', 'unrolled')}" + (f", best of {runs} seeds" if runs > 1 else "") +
              (f" on {settings['select']} validation inputs" if settings.get("select") else "") +
              f") in {info['seconds']:.0f}s" + (" (an earlier run, reused)" if reused else "") +
@@ -1290,8 +1317,34 @@ def _time_best(variant: "Variant", repeats: int, progress: bool) -> tuple[float,
     for _ in range(max(1, repeats)):
         t0 = time.perf_counter()
         out = sample(variant.pipe, variant.spec, show_progress=progress, description=variant.method)
-        best = min(best, time.perf_counter() - t0)
+        best = min(best, slowest(time.perf_counter() - t0))  # under a launch, the slowest process's time
     return best, out
+
+
+def check_processes_agree(variant: Variant, macs: int) -> None:
+    """Under `accelerate launch` every process builds each variant itself (searches, layer scores and cached
+    trainings see the same gathered outputs and files) and samples its share of the inputs; check that they built
+    the same variant (params, MACs, schedule, recipe, the denoiser's layers), since a row of outputs from two
+    different variants would be wrong without a sign."""
+    dist = group()
+    if dist is None:
+        return
+    import hashlib
+    import json
+
+    from diffslim.models.load import ModelLoadError, denoiser_of
+
+    try:
+        layers = sorted(denoiser_of(variant.pipe).state_dict())
+    except ModelLoadError:
+        layers = []
+    mine = hashlib.sha256(json.dumps([variant.params, macs, variant.spec.digest(), variant.recipe, layers],
+                                     sort_keys=True, default=str).encode()).hexdigest()
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    if len(set(every)) > 1:
+        raise RuntimeError(f"the processes of this launch built different {variant.method} variants (a search that "
+                           "came out otherwise on one of them): run the bench without the launcher")
 
 
 def run_bench(loaded, methods: str, evalset, default_steps: int = 50, scheduler: Optional[str] = None,
@@ -1354,6 +1407,7 @@ def run_bench(loaded, methods: str, evalset, default_steps: int = 50, scheduler:
                 uncompile(compiled)
             if variant.cleanup is not None:
                 variant.cleanup()
+        check_processes_agree(variant, macs)
         if full_time is None:
             full_time, full_macs, reference = best, macs, out
             ctx.reference = out

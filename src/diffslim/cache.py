@@ -11,7 +11,8 @@ Kinds of entries, each a folder of the cache:
 
 Two processes that need the same training run (two benches on two GPUs of one machine) must not write into one
 folder at once: :func:`building` holds a lock file beside the entry while one of them builds it, and the other waits,
-then finds it built. ``diffslim cache`` lists the entries and clears them (see :func:`entries`, :func:`clear`).
+then finds it built; the processes of one `accelerate launch` build it together (:func:`build_once`).
+``diffslim cache`` lists the entries and clears them (see :func:`entries`, :func:`clear`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import os
 import shutil
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,6 +62,36 @@ def building(entry: Path, what: str):
         yield
     finally:
         lock.release()
+
+
+def build_once(entry: Path, what: str, done, build) -> bool:
+    """Build the cache entry ``entry`` by calling ``build()`` unless ``done()`` says it is there; True when this call
+    built it. One process at a time builds an entry (:func:`building`), and one started by `accelerate launch` builds
+    it with the other processes of its launch: the first holds the lock for all of them and decides for all whether
+    the entry is there, and every process then calls ``build`` together (the trainers run data parallel). The
+    processes of a launch on several machines must share the cache folder."""
+    from diffslim.launch import first_decides, group
+
+    entry = Path(entry)
+    dist = group()
+    if dist is None:
+        if done():
+            return False
+        with building(entry, what):
+            if done():  # another process may have built it while this one waited
+                return False
+            build()
+            return True
+    first = dist.get_rank() == 0
+    with building(entry, what) if first else nullcontext():
+        need = first_decides(not done() if first else None)  # a process that built alone would wait forever
+        if need:
+            build()
+        dist.barrier()  # the entry is whole before the first lets go of the lock and any process reads it
+    if not done():
+        raise RuntimeError(f"{entry} is not there for process {dist.get_rank()} after the launch built it: the "
+                           "processes of a launch on several machines need one shared cache folder (DIFFSLIM_CACHE)")
+    return need
 
 
 @contextmanager

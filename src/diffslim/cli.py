@@ -172,17 +172,14 @@ def _guard(fn):
 
 
 # the commands that run data parallel under `accelerate launch` (each process its share; the first writes)
-_PARALLEL = ("sample", "evaluate", "distill", "finetune", "dipgo", "zoo-train")
+_PARALLEL = ("sample", "evaluate", "bench", "workflow", "distill", "finetune", "dipgo", "zoo-train")
 
 
 def _world_size() -> int:
     """How many processes run this command (``accelerate launch``, torchrun: ``WORLD_SIZE``); 1 without a launcher."""
-    import os
+    from diffslim.launch import world_size
 
-    try:
-        return int(os.environ.get("WORLD_SIZE", "1"))
-    except ValueError:
-        return 1
+    return world_size()
 
 
 def _check_launch(name: str) -> None:
@@ -742,6 +739,8 @@ def bench(
                     progress=not as_json, repeats=repeats, data=data, resolution=resolution, task_weight=kd_task_weight,
                     compile=compile_options)
     rows = [{k: finite(v) for k, v in r.items()} for r in res.rows]
+    if not _main_process():  # under `accelerate launch` every process holds every row; the first reports
+        return
     if html is not None:
         from diffslim.report import Report, add_bench_section
 
@@ -843,6 +842,8 @@ def workflow(
                            m, highlight=False), data=data, resolution=resolution,  # with --json, on stderr
                        task_weight=kd_task_weight, search=search, objective=objective,
                        joint_width=joint_width, repeats=repeats)
+    if not _main_process():  # under `accelerate launch` every process holds every row; the first reports
+        return
     rep = Report(f"diffslim workflow: {model}")
     rep.add_text("how it was run", _run_info(dev, dt))
     add_workflow_section(rep, model, res, floors, recipe_file="recipe.json", references=reference_images(es),
@@ -2182,9 +2183,9 @@ def demo(
 def _main_process() -> bool:
     """False in every process of a multi-process launch but the first (`accelerate launch` and torchrun set RANK):
     those compute their share, and the first alone prints and writes the results."""
-    import os
+    from diffslim.launch import is_first
 
-    return os.environ.get("RANK", "0").strip() in ("0", "")
+    return is_first()
 
 
 def main():

@@ -9,10 +9,12 @@ boundary, before any work starts; a failed command takes its claim back (``settl
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Optional
 
 from diffslim.errors import UserError
+from diffslim.launch import world_size
 
 # Which command wrote an output folder: ``OUT/.diffslim.json`` records it (``claim_out``). For folders written before
 # the record: the file each command leaves (first match wins; report.json last, as every report has one).
@@ -104,8 +106,6 @@ def record_writes(out: Path, before: set) -> None:
 
 def _write_record(out: Path, data: dict) -> None:
     """Write ``OUT/.diffslim.json`` whole: a rename is atomic, so no process of a launch reads a half-written one."""
-    import os
-
     tmp = out / f"{RECORD}.{os.getpid()}"
     tmp.write_text(json.dumps(data) + "\n")
     tmp.replace(out / RECORD)
@@ -181,7 +181,8 @@ def out_folder(out: Path, option: str = "--out", command: Optional[str] = None) 
     except OSError as e:
         raise UserError(f"cannot write into {option} {out}: {e.strerror}") from None
     finally:
-        for d in missing:  # deepest first
+        # under a launch another process may be testing the same folder now: removing it would fail that one's test
+        for d in missing if world_size() <= 1 else ():  # deepest first
             try:
                 d.rmdir()
             except OSError:

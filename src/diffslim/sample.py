@@ -464,14 +464,14 @@ def sample(pipe, spec: SampleSpec, *, cache: Optional[ReferenceCache] = None, mo
     ``accelerate launch`` each process samples its share of the inputs and all processes receive
     the gathered outputs in input order.
     """
-    if cache is not None and model_id is not None:
-        hit = cache.get(model_id, spec)
-        if hit is not None:
-            return hit
     from accelerate import PartialState
 
     # without CUDA, processes started by `accelerate launch` talk over gloo (accelerate's MULTI_CPU)
     state = PartialState(cpu=not torch.cuda.is_available())
+    if cache is not None and model_id is not None:
+        hit = _cached(cache, model_id, spec, state)
+        if hit is not None:
+            return hit
     n = len(spec.inputs)
     all_idx = list(range(n))
     with state.split_between_processes(all_idx) as mine:
@@ -490,9 +490,29 @@ def sample(pipe, spec: SampleSpec, *, cache: Optional[ReferenceCache] = None, mo
         images = torch.stack(out)
     else:
         images = local
-    if cache is not None and model_id is not None and state.is_main_process:
-        cache.put(model_id, spec, images)
+    if cache is not None and model_id is not None:
+        if state.is_main_process:
+            cache.put(model_id, spec, images)
+        state.wait_for_everyone()  # every process finds the entry the next time it asks
     return images
+
+
+def _cached(cache: ReferenceCache, model_id: str, spec: SampleSpec, state) -> Optional[torch.Tensor]:
+    """The cached outputs, or None; under a launch the first process decides for all (a process that found the
+    entry while another did not would leave that one sampling alone, waiting for the others forever)."""
+    if state.num_processes == 1:
+        return cache.get(model_id, spec)
+    from diffslim.launch import first_decides
+
+    hit = cache.get(model_id, spec) if state.is_main_process else None
+    found = first_decides(hit is not None)
+    if found and hit is None:
+        hit = cache.get(model_id, spec)
+        if hit is None:
+            raise RuntimeError(f"process {state.process_index} cannot read the cached outputs at "
+                               f"{cache.path(model_id, spec)} that the first process read: the processes of a "
+                               "launch on several machines need one shared cache folder (DIFFSLIM_CACHE)")
+    return hit if found else None
 
 
 @contextlib.contextmanager

@@ -47,9 +47,10 @@ from typing import Callable, Optional
 
 import torch
 
-from diffslim.bench import (METHODS, BenchContext, check_task_weight, count_run_macs, default_task_weight, layer_variant,
-                            parse_methods)
+from diffslim.bench import (METHODS, BenchContext, check_processes_agree, check_task_weight, count_run_macs,
+                            default_task_weight, layer_variant, parse_methods)
 from diffslim.errors import UserError
+from diffslim.launch import is_first, slowest, wait_for_everyone
 from diffslim.methods.layer_prune import SelectionUnreachable
 from diffslim.recipe import Recipe
 from diffslim.sample import SampleSpec, model_fingerprint, run_pipeline, sample
@@ -238,12 +239,14 @@ def _model_stage(cur, variant, key: dict, row: dict, folder: Path, log: Callable
     stage, its search trail and candidates, kept beside it."""
     from diffslim.models.load import load
 
-    if folder.exists():  # a stale or half-written stage of an earlier run
-        shutil.rmtree(folder)
-    variant.pipe.save_pretrained(str(folder / "pipeline"), safe_serialization=True)
-    # written last: a folder without it is incomplete and is rebuilt
-    (folder / "stage.json").write_text(json.dumps({**key, "label": row["stage"], "search": row.get("search"),
-                                                   "candidates": row.get("candidates")}))
+    if is_first():  # under `accelerate launch` the first process writes, the others load what it wrote
+        if folder.exists():  # a stale or half-written stage of an earlier run
+            shutil.rmtree(folder)
+        variant.pipe.save_pretrained(str(folder / "pipeline"), safe_serialization=True)
+        # written last: a folder without it is incomplete and is rebuilt
+        (folder / "stage.json").write_text(json.dumps({**key, "label": row["stage"], "search": row.get("search"),
+                                                       "candidates": row.get("candidates")}))
+    wait_for_everyone()
     log(f"  saved {folder / 'pipeline'}")
     again = load(str(folder / "pipeline"), **_placement_of(cur))
     # the zoo entry says which training data the later stages use: a pruned zoo model still learns its zoo task
@@ -462,7 +465,9 @@ def _run_joint(loaded, stages: str, evalset, out, objective: str, width: int, fl
                           reference=reference[0] if reference else None, shared_stages=out / "stages", **kw)
         if not reference:
             reference.append((res.outputs["original"], res.rows[0]["seconds"], res.rows[0]["macs_per_sample"]))
-        done.write_text(json.dumps({"key": key, **res.to_json(), "rows": _json_rows(res)}))  # written last
+        if is_first():
+            done.write_text(json.dumps({"key": key, **res.to_json(), "rows": _json_rows(res)}))  # written last
+        wait_for_everyone()  # every process finds this stack's run the next time it looks
         return res
 
     def explore(parsed: list, where: Path):
@@ -509,8 +514,9 @@ def _run_joint(loaded, stages: str, evalset, out, objective: str, width: int, fl
     first, _ = OBJECTIVES[objective]
     log(f"joint search: {len(leaves)} stacks tried; the cheapest in {first}: "
         f"{', '.join(result.stages_kept) or 'the original'} ({first} {_final_row(result)[first]:.4g})")
-    result.recipe.save(out / "recipe.json")
-    _write_rows(result, out)
+    if is_first():
+        result.recipe.save(out / "recipe.json")
+        _write_rows(result, out)
     return result
 
 
@@ -520,11 +526,11 @@ def _time_sampling(pipe, s, repeats: int, progress: bool = False, label: str = "
     run_pipeline(pipe, s, list(range(min(len(s.inputs), s.batch_size))))
     t0 = time.perf_counter()
     images = sample(pipe, s, show_progress=progress, description=label)
-    seconds = time.perf_counter() - t0
+    seconds = slowest(time.perf_counter() - t0)  # under a launch, the slowest process's time, the same in all
     for _ in range(repeats - 1):
         t0 = time.perf_counter()
         sample(pipe, s)
-        seconds = min(seconds, time.perf_counter() - t0)
+        seconds = min(seconds, slowest(time.perf_counter() - t0))
     return images, seconds
 
 
@@ -600,10 +606,13 @@ def _run_stages(loaded, stages: str, evalset, out, default_steps: int = 50, sche
                 pass
         images, seconds = _time_sampling(pipe, s, repeats, progress, label)
         macs = count_run_macs(pipe, s)
-        evals.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        torch.save({"key": json.dumps(key, sort_keys=True), "images": images, "seconds": seconds, "macs": macs}, tmp)
-        tmp.replace(path)  # whole or absent
+        if is_first():  # every process holds the gathered outputs; the first keeps them
+            evals.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            torch.save({"key": json.dumps(key, sort_keys=True), "images": images, "seconds": seconds, "macs": macs},
+                       tmp)
+            tmp.replace(path)  # whole or absent
+        wait_for_everyone()  # no process looks for the file before it is there
         count["sampled"] += 1
         return images, seconds, macs, False
 
@@ -634,6 +643,7 @@ def _run_stages(loaded, stages: str, evalset, out, default_steps: int = 50, sche
             """The row of ``variant`` (judged against the original) and its outputs."""
             try:
                 images, seconds, macs, reused = timed(variant.pipe, variant.spec, label, want["input"])
+                check_processes_agree(variant, macs)
             finally:
                 if variant.cleanup is not None:
                     variant.cleanup()
@@ -691,7 +701,7 @@ def _run_stages(loaded, stages: str, evalset, out, default_steps: int = 50, sche
             break
         kept.append(label)
         if kind == "model":
-            if built is None and shared_stages is None and folder.exists():
+            if built is None and shared_stages is None and folder.exists() and is_first():
                 # an earlier run's stage is replaced: its recipe and report, which load and show it, go first (an
                 # interrupted run must not leave a recipe that loads this run's model as that run's stage)
                 for name_ in ("recipe.json", "workflow.json", "index.html", "report.json"):
@@ -715,15 +725,18 @@ def _run_stages(loaded, stages: str, evalset, out, default_steps: int = 50, sche
             and _time_original_again(result, loaded.pipe, original_spec, repeats, log):  # a stage sampled by this run
         # the faster timing is the original's in evals/ too: a run that reads it gives these speedups again
         path = eval_file(original_spec, "original", model_fingerprint(loaded.source))[1]
-        saved = torch.load(path, weights_only=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        torch.save({**saved, "seconds": result.rows[0]["seconds"]}, tmp)
-        tmp.replace(path)
+        if is_first():
+            saved = torch.load(path, weights_only=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            torch.save({**saved, "seconds": result.rows[0]["seconds"]}, tmp)
+            tmp.replace(path)
+        wait_for_everyone()
     if count["read"]:
         log(f"  {count['read']} of {count['read'] + count['sampled']} samplings read from {evals} (sampled before; "
             "delete it to sample and time afresh)")
-    recipe.save(out / "recipe.json")
-    _write_rows(result, out)
+    if is_first():
+        recipe.save(out / "recipe.json")
+        _write_rows(result, out)
     return result
 
 

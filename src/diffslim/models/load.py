@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 
 from diffslim.errors import UserError
+from diffslim.launch import world_size
 
 # Denoiser classes the anatomy understands (the families of the issues).
 SUPPORTED_DENOISERS = (
@@ -146,7 +147,7 @@ def resolve_dtype(name: str) -> torch.dtype:
 def resolve_device(name: str = "auto") -> torch.device:
     """The device to load and sample on: ``"auto"`` is this process's GPU when torch sees one (under
     ``accelerate launch`` each process its own), else Apple's ``mps`` when there is one, else the CPU;
-    ``"cpu"``, ``"cuda"``, ``"cuda:N"`` and ``"mps"`` name one. A device this machine does not have is refused.
+    ``"cpu"``, ``"cuda"`` (under a launch, this process's GPU), ``"cuda:N"`` and ``"mps"`` name one. A device this machine does not have is refused.
     """
     accepted = "auto, cpu" + (", cuda, cuda:N" if torch.cuda.is_available() else "") + (
         ", mps" if torch.backends.mps.is_available() else "")
@@ -168,6 +169,10 @@ def resolve_device(name: str = "auto") -> torch.device:
         raise UserError(f"device {name!r}: this machine has no mps device; accepted here: {accepted}")
     if dev.type not in ("cpu", "cuda", "mps"):
         raise UserError(f"device {name!r} is not supported; accepted here: {accepted}")
+    if dev.type == "cuda" and dev.index is None and world_size() > 1:
+        from accelerate import PartialState
+
+        return PartialState().device  # under `accelerate launch`, "cuda" is this process's GPU, not the first one
     return dev
 
 

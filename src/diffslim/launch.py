@@ -1,0 +1,64 @@
+"""The processes of an `accelerate launch` (or torchrun) run: how many, which one this is, and waiting for the others.
+
+A leaf module (it imports nothing of diffslim), so that every floor can ask. The launchers set ``WORLD_SIZE`` and
+``RANK`` before Python starts; the process group is set up on demand, as Accelerate does (over gloo without CUDA).
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def world_size() -> int:
+    """How many processes run this command; 1 without a launcher."""
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1") or 1))
+    except ValueError:
+        return 1
+
+
+def is_first() -> bool:
+    """Whether this is the launch's first process (the one that prints and writes), or the only one."""
+    return os.environ.get("RANK", "0").strip() in ("0", "")
+
+
+def group():
+    """``torch.distributed``, its process group set up, when this process is one of several; else None."""
+    if world_size() <= 1:
+        return None
+    import torch
+    import torch.distributed as dist
+    from accelerate import PartialState
+
+    PartialState(cpu=not torch.cuda.is_available())  # sets the group up if nothing has yet
+    return dist if dist.is_initialized() and dist.get_world_size() > 1 else None
+
+
+def wait_for_everyone() -> None:
+    """Wait until every process of the launch gets here (after the first wrote what the others read next); a no-op
+    in one process."""
+    dist = group()
+    if dist is not None:
+        dist.barrier()
+
+
+def first_decides(value):
+    """The first process's ``value``, in every process (a decision one process must not make otherwise than the
+    others, such as whether a file is there: they would wait for each other forever)."""
+    dist = group()
+    if dist is None:
+        return value
+    box = [value if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def slowest(seconds: float) -> float:
+    """The longest of the processes' ``seconds``, in every process: a launch's wall time is its slowest process's,
+    and every process then takes the same decisions from it (the faster of two timings, say)."""
+    dist = group()
+    if dist is None:
+        return seconds
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, seconds)
+    return max(every)

@@ -1,0 +1,15 @@
+"""`diffslim bench ARGS...` with short cached trainings (+kd, +ft, dipgo:R), run under `accelerate launch` or in one
+process by tests/test_multiprocess.py."""
+
+import sys
+
+from diffslim import bench
+
+bench.DEFAULT_KD.update(steps=2, batch_size=4)
+bench.DEFAULT_FT.update(steps=2, batch_size=4)
+bench.DEFAULT_DIPGO.update(iters=2, batch_size=2, select=2, restarts=1, anneal=2)
+
+from diffslim.cli import main  # noqa: E402
+
+sys.argv = ["diffslim", *sys.argv[1:]]
+main()
