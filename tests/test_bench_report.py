@@ -342,3 +342,33 @@ def test_side_by_side_grids_show_the_inputs_and_ground_truth_above_the_methods(b
             heights.append(im.height)
     assert heights[1] - heights[0] >= 2 * 64  # two more rows, each about 64 px high
     assert "above them: input and ground truth" in (tmp_path / "refs" / "index.html").read_text()
+
+
+def test_pareto_figure_joins_the_best_trade_offs_and_keeps_labels_apart():
+    """The quality-against-MACs figure put every label at the same offset from its point, so rows of equal MACs
+    (every 10-step schedule of a bench) wrote their names over one another, and a label near the right edge left
+    the figure. Labels now never overlap and stay inside the axes; the rows no other row beats in both MACs and
+    quality are joined by a line."""
+    from diffslim.report import pareto_figure, pareto_front
+
+    assert pareto_front([(0.2, 30.0), (0.2, 35.0), (0.5, 45.0), (0.4, 45.0), (0.9, 33.0), (0.97, 60.0)]) == [1, 3, 5]
+    rows = [{"method": "full", "macs_ratio": 1.0, "psnr": None}, {"method": "depth:9", "macs_ratio": 0.97, "psnr": 60.0},
+            {"method": "steps:25", "macs_ratio": 0.5, "psnr": 45.0}, {"method": "deepcache:3:0", "macs_ratio": 0.4,
+                                                                      "psnr": 45.2}]
+    rows += [{"method": f"{name}:10", "macs_ratio": 0.2, "psnr": 33.0 + 0.4 * k}
+             for k, name in enumerate(("steps", "gamma", "karras", "uniform", "ays", "dpm", "xue"))]
+    fig = pareto_figure(rows, "psnr", "t")
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    texts = [t for t in ax.texts]
+    assert sorted(t.get_text() for t in texts) == sorted(r["method"] for r in rows[1:])
+    from matplotlib.text import Text
+
+    boxes = [Text.get_window_extent(t) for t in texts]  # the label alone, not its line to the point
+    inside = ax.get_window_extent()
+    for i, a in enumerate(boxes):
+        assert inside.x0 <= a.x0 and a.x1 <= inside.x1, texts[i].get_text()
+        for j in range(i):
+            assert not a.overlaps(boxes[j]), (texts[i].get_text(), texts[j].get_text())
+    (line,) = ax.lines
+    assert list(line.get_xdata()) == [0.2, 0.4, 0.97] and list(line.get_ydata()) == [35.4, 45.2, 60.0]

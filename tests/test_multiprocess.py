@@ -131,7 +131,7 @@ def test_bench_under_a_launch_samples_data_parallel_and_trains_its_cached_runs_t
     env = dict(os.environ, OMP_NUM_THREADS="1", DIFFSLIM_CACHE=str(tmp_path / "cache"))
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--multi_gpu", str(script), *common,
-           "--methods", "full,steps:4,layers:0.3,gamma:4,dipgo:0.3,layers:0.3+kd", "--html", "rep"]
+           "--methods", "full,steps:4,layers:0.3,dipgo:0.3,layers:0.3+kd", "--html", "rep"]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     two = {row["method"]: row for row in json.loads(r.stdout)["rows"]}  # one document
@@ -143,7 +143,7 @@ def test_bench_under_a_launch_samples_data_parallel_and_trains_its_cached_runs_t
     assert len(list((tmp_path / "cache" / "dipgo").glob("*-x2"))) == 1
 
     env["DIFFSLIM_CACHE"] = str(tmp_path / "cache_one")
-    r = subprocess.run([sys.executable, str(script), *common, "--methods", "full,steps:4,layers:0.3,gamma:4"],
+    r = subprocess.run([sys.executable, str(script), *common, "--methods", "full,steps:4,layers:0.3"],
                        env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     one = {row["method"]: row for row in json.loads(r.stdout)["rows"]}
@@ -151,8 +151,7 @@ def test_bench_under_a_launch_samples_data_parallel_and_trains_its_cached_runs_t
         assert (two[method]["params"], two[method]["macs_per_sample"]) == (row["params"], row["macs_per_sample"])
         if method != "full":
             assert abs(two[method]["psnr"] - row["psnr"]) < 0.01, method
-    assert two["gamma:4"]["notes"].split(" found")[0] == one["gamma:4"]["notes"].split(" found")[0]  # its gamma
-
+    assert two["layers:0.3"]["notes"] == one["layers:0.3"]["notes"]  # the same layers
 
 @pytest.mark.xdist_group("accelerate-launch")
 def test_workflow_under_a_launch_keeps_what_one_process_keeps_and_resumes(tmp_path):
@@ -187,3 +186,62 @@ def test_workflow_under_a_launch_keeps_what_one_process_keeps_and_resumes(tmp_pa
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads(r.stdout)["stages_kept"] == two["stages_kept"]
     assert "stacks loaded from an earlier run" in r.stderr
+
+
+@pytest.mark.xdist_group("accelerate-launch")
+def test_depth_and_timestep_searches_under_a_launch_find_what_one_process_finds(tmp_path):
+    """`depth-search` and `timesteps` were refused under a launch. Each of their sampling runs is now split among the
+    processes, every process judges the gathered outputs, and the first writes the recipe and plot: the depth, the
+    gamma and every evaluation are one process's."""
+    import json
+
+    depth = ["depth-search", "zoo:digits-sd", "--n", "4", "--steps", "4", "--threshold", "25", "--json"]
+    gamma = ["timesteps", "zoo:digits-sd", "--steps", "3", "--full-steps", "6", "--n", "4", "--method", "greedy",
+             "--json"]
+    two_depth = json.loads(_launch(tmp_path, *depth, "--out", "d.json", "--plot", "d.png").stdout)
+    two_gamma = json.loads(_launch(tmp_path, *gamma, "--out", "g.json").stdout)
+    assert json.loads((tmp_path / "d.json").read_text())["depth"]["depth"] == two_depth["depth"]
+    assert (tmp_path / "d.png").is_file()
+    assert json.loads((tmp_path / "g.json").read_text())["sampling"]["timesteps"] == two_gamma["timesteps"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", DIFFSLIM_CACHE=str(tmp_path / "cache_one"))
+    one_depth, one_gamma = (json.loads(subprocess.run([sys.executable, "-m", "diffslim.cli", *args], env=env,
+                                                      capture_output=True, text=True, timeout=600).stdout)
+                            for args in (depth, gamma))
+    assert (two_depth["depth"], two_depth["reached"]) == (one_depth["depth"], True)
+    assert [e["depth"] for e in two_depth["evaluations"]] == [e["depth"] for e in one_depth["evaluations"]]
+    for a, b in zip(two_depth["evaluations"], one_depth["evaluations"]):
+        assert abs(a["psnr"] - b["psnr"]) < 0.01, a
+    assert two_gamma["timesteps"] == one_gamma["timesteps"]
+    assert abs(two_gamma["gamma"] - one_gamma["gamma"]) < 1e-6
+
+
+@pytest.mark.xdist_group("accelerate-launch")
+def test_layer_scoring_under_a_launch_splits_the_layers_and_pairs_and_selects_what_one_process_selects(tmp_path):
+    """`layer-prune` and `layer-compare` were refused under a launch. Each process now measures its share of the
+    layers' output losses, of the pairs' and of the greedy re-scoring's candidates, every process receives all of
+    them, and the first writes: the scores, the selections and the comparison are one process's."""
+    import json
+
+    prune = ["layer-prune", "zoo:digits-dit", "--ratio", "0.5", "--criterion", "output-loss-pairs", "--n", "8",
+             "--json", "--out"]
+    compare = ["layer-compare", "zoo:digits-dit", "--ratios", "0.5", "--n", "8", "--json", "--out"]
+    two_prune = json.loads(_launch(tmp_path, *prune, "p2").stdout)
+    two_compare = json.loads(_launch(tmp_path, *compare, "c2").stdout)
+    assert json.loads((tmp_path / "p2" / "scores.json").read_text())["removed"] == two_prune["removed"]
+    assert (tmp_path / "p2" / "model" / "config.json").is_file() and (tmp_path / "c2" / "index.html").is_file()
+    env = dict(os.environ, OMP_NUM_THREADS="1", DIFFSLIM_CACHE=str(tmp_path / "cache_one"))
+    one_prune, one_compare = (json.loads(subprocess.run([sys.executable, "-m", "diffslim.cli", *args, tmp_path / out],
+                                                        env=env, capture_output=True, text=True, timeout=600).stdout)
+                              for args, out in ((prune, "p1"), (compare, "c1")))
+    assert two_prune["removed"] == one_prune["removed"]
+    scores = {row["name"]: row["score"] for row in one_prune["layers"]}
+    assert {row["name"]: row["score"] for row in two_prune["layers"]} == pytest.approx(scores, rel=1e-5)
+    assert [i["layers"] for i in two_prune["interactions"]] == [i["layers"] for i in one_prune["interactions"]]
+    assert [i["interaction"] for i in two_prune["interactions"]] == pytest.approx(
+        [i["interaction"] for i in one_prune["interactions"]], rel=1e-5, abs=1e-9)
+    assert len(one_prune["interactions"]) == 15  # every pair of digits-dit's 6 blocks
+    assert two_compare["ratios"][0].keys() == one_compare["ratios"][0].keys()
+    for key, value in one_compare["ratios"][0].items():
+        if isinstance(value, float):
+            assert two_compare["ratios"][0][key] == pytest.approx(value, rel=1e-5), key
+    assert two_compare["additivity"]["pearson"] == pytest.approx(one_compare["additivity"]["pearson"], rel=1e-5)

@@ -232,16 +232,18 @@ def test_an_interrupted_workflow_rerun_leaves_no_recipe_of_the_earlier_run(tmp_p
     assert not (out / "index.html").exists()
 
 
-@pytest.mark.parametrize("args", [("layer-prune", "zoo:digits-sd", "--ratio", "0.3", "--out", "x"),
-                                  ("depth-search", "zoo:digits-sd", "--out", "x/depth.json")])
+@pytest.mark.parametrize("args", [("profile", "zoo:digits-sd", "--pipeline", "--n", "2"),
+                                  ("demo", "--out", "x"),
+                                  ("stock", "zoo:digits-sd", "--out", "x")])
 def test_commands_of_one_process_refuse_a_multi_process_launch(tmp_path, monkeypatch, args):
-    """Under `accelerate launch` every process ran all of `layer-prune`, `depth-search`, ... and wrote the same files.
+    """Under `accelerate launch` every process ran all of `profile`, `demo`, ... and wrote the same files.
     Refused, said once (by the first process)."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
     _refused(_cli(*args), f"`diffslim {args[0]}` runs in one process; started on 2", "run it without the launcher",
-             "sample, evaluate, bench, workflow, distill, finetune, dipgo, zoo-train)")
+             "sample, evaluate, bench, workflow, depth-search, timesteps, layer-prune, layer-compare, distill, "
+             "finetune, dipgo, zoo-train)")
     monkeypatch.setenv("RANK", "1")
     res = _cli(*args)
     assert res.exit_code == 2 and res.output == ""

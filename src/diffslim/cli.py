@@ -172,7 +172,8 @@ def _guard(fn):
 
 
 # the commands that run data parallel under `accelerate launch` (each process its share; the first writes)
-_PARALLEL = ("sample", "evaluate", "bench", "workflow", "distill", "finetune", "dipgo", "zoo-train")
+_PARALLEL = ("sample", "evaluate", "bench", "workflow", "depth-search", "timesteps", "layer-prune", "layer-compare",
+             "distill", "finetune", "dipgo", "zoo-train")
 
 
 def _world_size() -> int:
@@ -1039,7 +1040,7 @@ def depth_search_cmd(
     if res.reached and not as_json:
         console.print(f"shallowest depth with {metric} >= {threshold}: [bold]{res.depth}[/] of {res.full_depth} "
                       f"({res.sampling_runs} sampling runs of {n} inputs, {res.seconds:.1f}s)")
-    if plot is not None:
+    if plot is not None and _main_process():  # under `accelerate launch` the first process writes
         depth_search_figure(res, f"{model}: depth search ({mode})").savefig(plot, dpi=110, bbox_inches="tight")
         _wrote(plot, "plot", as_json)
     mres = None
@@ -1052,7 +1053,9 @@ def depth_search_cmd(
         mres = search_multi_depth(loaded.pipe, denoiser_attr(loaded.pipe), spec, ref, threshold, split, metric,
                                   progress=say2)
         single_ratio = mres.depth_macs[res.depth] / mres.depth_macs[res.full_depth]
-    if out is not None and mres is not None and mres.reached and mres.macs_ratio < single_ratio:
+    if not _main_process():
+        pass
+    elif out is not None and mres is not None and mres.reached and mres.macs_ratio < single_ratio:
         Recipe(model=model, depth=Depth(schedule=[DepthRange(t_min=t, depth=d) for t, d in mres.schedule()]),
                description=f"multi-depth {mres.depth_high} (t >= {mres.split}) / {mres.depth_low}: "
                            f"{metric} {mres.evaluations.get((mres.depth_high, mres.depth_low), float('inf')):.3f} "
@@ -1145,7 +1148,7 @@ def timesteps_cmd(
     loaded, spec, ref = _calibration(model, n, full_steps, seed, prompts, batch_size, depth=depth, device=dev,
                                      dtype=dt)
     res = search_gamma(loaded.pipe, spec, ref, steps, methods=methods, coef=coef)
-    if out is not None:
+    if out is not None and _main_process():  # under `accelerate launch` the first process writes
         from diffslim.recipe import Depth
 
         Recipe(model=model, sampling=Sampling(timesteps=res.timesteps, gamma=res.best.best_gamma, coef=coef),
@@ -1557,6 +1560,8 @@ def layer_prune_cmd(
             pruned = stocked
         except UserError as e:  # keep the scoring's work: write the LayerPruned model, then say why
             not_stock = str(e)
+    if not _main_process():  # under `accelerate launch` every process scored its share of the layers; the first writes
+        return
     previous = outputs.previous_writes(out, ("model", "pipeline"))
     if outputs.claim_out(out, "layer-prune"):  # a rerun leaves no stale pipeline/ or weights beside the new model
         outputs.remove_previous(out, previous)
@@ -1906,6 +1911,8 @@ def layer_compare_cmd(
             psnr_curves, model, bk_psnr, ylabel="PSNR of samples vs the full model's (dB)", log=False, xlabel=xlabel,
             matched=matched("output_loss_at_macs_sampled")), "what users see: each selection sampled, against the "
                                                               "full model's samples")
+    if not _main_process():  # under `accelerate launch` every process scored its share; the first writes
+        return
     (out / "compare.json").write_text(json.dumps(res, indent=1, default=str) + "\n")
     rep.add_figure("output loss", "output_loss.png", output_loss_figure(
         curves, model, {b["variant"]: (b[x], b["bk_sdm_loss"]) for b in res["bk_sdm"]}, xlabel=xlabel,

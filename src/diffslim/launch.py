@@ -62,3 +62,28 @@ def slowest(seconds: float) -> float:
     every = [None] * dist.get_world_size()
     dist.all_gather_object(every, seconds)
     return max(every)
+
+
+def shared_map(fn, items, done=None) -> list:
+    """``[fn(x) for x in items]``, each process of a launch computing every ``world``-th item and every process
+    receiving all the results, in order (``fn``'s results must pickle). ``done(k)``: called after each of this
+    process's items (a progress bar). In one process, the plain loop."""
+    items = list(items)
+    dist = group()
+    if dist is None:
+        out = []
+        for x in items:
+            out.append(fn(x))
+            if done is not None:
+                done(1)
+        return out
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = {}
+    for k in range(rank, len(items), world):
+        mine[k] = fn(items[k])
+        if done is not None:
+            done(1)
+    every = [None] * world
+    dist.all_gather_object(every, mine)
+    merged = {k: v for part in every for k, v in part.items()}
+    return [merged[k] for k in range(len(items))]

@@ -64,6 +64,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from torch import nn
 
 from diffslim.errors import UserError
+from diffslim.launch import shared_map
 from diffslim.models.adapters import ip_adapter_loaded
 from diffslim.models.anatomy import TWO_STREAM_BLOCKS
 from diffslim.models.derived import share_weights
@@ -1189,6 +1190,14 @@ def _taylor_scores(model: nn.Module, layers: Sequence[Layer], calib: Calibration
             p.requires_grad_(f)
 
 
+def _share_of(n: int) -> int:
+    """How many of ``n`` items this process of a launch computes in :func:`shared_map` (all of them in one process)."""
+    from diffslim.launch import group
+
+    dist = group()
+    return n if dist is None else len(range(dist.get_rank(), n, dist.get_world_size()))
+
+
 class _Bar:
     """A tqdm bar when ``on`` (on stderr, as diffusers' own), else nothing."""
 
@@ -1229,12 +1238,11 @@ def score_layers(model: nn.Module, layers: Sequence[Layer], criterion: str, cali
         raise UserError(f"criterion {criterion!r} needs calibration data (a model with weights and a pipeline)")
     if criterion in ("output-loss", "output-loss-pairs"):  # (the pairs' interactions: pair_interactions)
         ref = calib.run(model) if reference is None else reference
-        bar, out = _Bar(progress, len(layers), "output loss of each layer"), {}
-        for l in layers:
-            out[l.name] = output_loss(model, calib, [l.name], ref)
-            bar.update()
+        bar = _Bar(progress, _share_of(len(layers)), "output loss of each layer")
+        # under `accelerate launch` each process scores its share of the layers
+        losses = shared_map(lambda l: output_loss(model, calib, [l.name], ref), layers, bar.update)
         bar.close()
-        return out
+        return {l.name: loss for l, loss in zip(layers, losses)}
     if criterion == "taylor":
         if calib.target is None:
             raise UserError("the taylor criterion needs the diffusion loss, which calibration on sampling "
@@ -1259,12 +1267,11 @@ def pair_interactions(model: nn.Module, layers: Sequence[Layer], calib: Calibrat
     names.sort(key=order.__getitem__)
     ref = calib.run(model) if reference is None else reference
     pairs = [(a, b) for k, a in enumerate(names) for b in names[k + 1:]]
-    bar, out = _Bar(progress, len(pairs), "output loss of layer pairs"), {}
-    for a, b in pairs:
-        out[(a, b)] = output_loss(model, calib, [a, b], ref) - single[a] - single[b]
-        bar.update()
+    bar = _Bar(progress, _share_of(len(pairs)), "output loss of layer pairs")
+    # under `accelerate launch` each process measures its share of the pairs
+    losses = shared_map(lambda ab: output_loss(model, calib, list(ab), ref), pairs, bar.update)
     bar.close()
-    return out
+    return {(a, b): loss - single[a] - single[b] for (a, b), loss in zip(pairs, losses)}
 
 
 def predicted_loss(names: Iterable[str], single: Mapping[str, float],
@@ -1707,9 +1714,9 @@ def greedy_order(model: nn.Module, layers: Sequence[Layer], calib: Calibration, 
     bar = _Bar(progress, None, "greedy re-scoring (calibration runs)")
     while removed < until:
         best, best_key, best_loss = None, None, None
-        for l in left:
-            loss = output_loss(model, calib, chosen + [l.name], ref)
-            bar.update()
+        # under `accelerate launch` each process tries its share of the layers left; all see every loss
+        losses = shared_map(lambda l: output_loss(model, calib, chosen + [l.name], ref), left, bar.update)
+        for l, loss in zip(left, losses):
             key = (loss - current) / max(1, _cost(l, by))
             if best_key is None or key < best_key:
                 best, best_key, best_loss = l, key, loss

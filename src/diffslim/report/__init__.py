@@ -414,22 +414,61 @@ def plan_heatmap(plan, unit_names: Sequence[str], title: str = "", effective=Non
     return fig
 
 
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the points ``(cost, quality)`` that no other point beats: none has a cost as low and a quality as
+    high, and one of them better. In order of cost."""
+    keep = [i for i, (c, q) in enumerate(points)
+            if not any(c2 <= c and q2 >= q and (c2, q2) != (c, q) for c2, q2 in points)]
+    return sorted(keep, key=lambda i: points[i])
+
+
 def pareto_figure(rows: Sequence[dict], metric: str = "psnr", title: str = ""):
-    """Quality (``metric`` against the full model) against ``macs_ratio``, one point per bench row, labelled."""
+    """Quality (``metric`` against the full model) against ``macs_ratio``, one point per bench row, labelled; the
+    rows no other row beats in both are joined by a line (the best trade-offs). Labels that would overlap (rows of
+    equal MACs, such as every 10-step schedule) are stacked below one another, each tied to its point."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4.2))
+    pts = []
     for r in rows:
         y = r.get(metric)
         if y is None or r.get("method") == "full" or not math.isfinite(float(y)):
             continue
-        ax.scatter(r["macs_ratio"], y, s=28)
-        ax.annotate(str(r["method"]), (r["macs_ratio"], y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        pts.append((float(r["macs_ratio"]), float(y), str(r["method"])))
+        ax.scatter(pts[-1][0], pts[-1][1], s=28)
+    front = pareto_front([(x, y) for x, y, _ in pts])
+    if len(front) > 1:
+        ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], color="0.45", lw=1, ls="--", zorder=0)
+        title = (title + "\n" if title else "") + f"dashed: the best trade-offs (no other row has fewer MACs and a " \
+            f"higher {metric})"
     ax.set_xlabel("MACs of the sampling run / full")
     ax.set_ylabel(f"{metric} vs full")
     ax.grid(alpha=0.3)
-    ax.set_title(title, fontsize=10)
+    ax.set_title(title, fontsize=9)
     fig.tight_layout()
+    _place_labels(fig, ax, pts, fontsize=7)
     return fig
+
+
+def _place_labels(fig, ax, pts: Sequence[tuple[float, float, str]], fontsize: float) -> None:
+    """Annotate each point ``(x, y, label)``: to its right, or to its left where the label would leave the axes; moved
+    down (a line at a time) while it would overlap a label placed before, then with a thin line to its point. The
+    boxes are estimated from the labels' lengths."""
+    scale = 72.0 / fig.dpi  # display pixels to points, the unit of the offsets
+    right = ax.transAxes.transform((1, 0))[0] * scale
+    line, char = fontsize * 1.25, fontsize * 0.62
+    placed: list[tuple[float, float, float, float]] = []
+    for x, y, label in sorted(pts, key=lambda p: (-p[1], p[0])):
+        px, py = (v * scale for v in ax.transData.transform((x, y)))
+        w = char * len(label)
+        dx = 3.0 if px + 3 + w <= right else -3.0 - w  # left of the point near the right edge
+        dy = 3.0
+        while any(px + dx < b[2] and b[0] < px + dx + w and py + dy < b[3] and b[1] < py + dy + line
+                  for b in placed):
+            dy -= line
+        placed.append((px + dx, py + dy, px + dx + w, py + dy + line))
+        ax.annotate(label, (x, y), fontsize=fontsize, xytext=(dx, dy), textcoords="offset points",
+                    arrowprops=None if dy == 3.0 else dict(arrowstyle="-", color="0.6", lw=0.5, shrinkA=0,
+                                                            shrinkB=2))
 
 
 # ---------------------------------------------------------------------------------------------
