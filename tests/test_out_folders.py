@@ -250,6 +250,26 @@ def test_commands_of_one_process_refuse_a_multi_process_launch(tmp_path, monkeyp
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_mistake_under_a_launch_is_said_once_and_scoring_shows_one_bar(tmp_path, monkeypatch):
+    """Under a launch every process checks the options alike, and every process printed the same error (the others
+    as "error (process 1): ..."); every process also drew its own progress bar of the layer scoring on one line.
+    The first says the error and shows the bar; the others are quiet until they work (then an error may be theirs
+    alone, and they say it)."""
+    from diffslim.methods.layer_prune import _Bar
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    _refused(_cli("bench", "zoo:digits-sd", "--methods", "full,layers:abc"), "the ratio R must be a number")
+    bar = _Bar(True, 3, "scores")
+    assert bar.bar is not None
+    bar.close()
+    monkeypatch.setenv("RANK", "1")
+    res = _cli("bench", "zoo:digits-sd", "--methods", "full,layers:abc")
+    assert res.exit_code == 2 and res.output == ""
+    assert _Bar(True, 3, "scores").bar is None
+
+
 def test_zoo_training_of_the_classifier_refuses_a_multi_process_launch(tmp_path, monkeypatch):
     """zoo-train runs data parallel under a launch, but the digit classifier's fit is one process's (every process
     would write the package's classifier weights at once)."""

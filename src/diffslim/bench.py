@@ -20,7 +20,7 @@ import torch
 
 from diffslim.cache import build_once, cache_root
 from diffslim.errors import UserError
-from diffslim.launch import group, is_first, slowest, world_size
+from diffslim.launch import group, is_first, slowest, wait_for_everyone, world_size
 
 from diffslim.sample import SampleSpec, calls_in_run, denoiser_calls_per_run, run_pipeline, sample
 
@@ -1315,6 +1315,7 @@ def _time_best(variant: "Variant", repeats: int, progress: bool) -> tuple[float,
     """The best wall time of ``repeats`` samplings of ``variant`` (warmed up already) and the last outputs."""
     best = float("inf")
     for _ in range(max(1, repeats)):
+        wait_for_everyone()  # under a launch the clocks start together (a process still warming up is not timed)
         t0 = time.perf_counter()
         out = sample(variant.pipe, variant.spec, show_progress=progress, description=variant.method)
         best = min(best, slowest(time.perf_counter() - t0))  # under a launch, the slowest process's time

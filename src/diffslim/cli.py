@@ -133,10 +133,13 @@ _SEED_MAX = 2 ** 62
 def _fail(msg: str, code: int = 2):
     if _main_process():
         err_console.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
-    else:  # the notes of a launch's other processes are quiet, their errors not: one may fail alone
+    else:  # the notes of a launch's other processes are quiet, their errors not once they work: one may fail alone
         import os
 
-        sys.stderr.write(f"error (process {os.environ.get('RANK')}): {msg}\n")
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():  # before, every process checks the same options alike
+            sys.stderr.write(f"error (process {os.environ.get('RANK')}): {msg}\n")
     raise typer.Exit(code)
 
 

@@ -524,10 +524,12 @@ def _time_sampling(pipe, s, repeats: int, progress: bool = False, label: str = "
     """``(outputs, seconds)``: ``pipe`` warmed up at the timed batch's shape, then sampled ``repeats`` times on ``s``;
     the fastest run counts (the others waited on something else), the first one's outputs are returned."""
     run_pipeline(pipe, s, list(range(min(len(s.inputs), s.batch_size))))
+    wait_for_everyone()  # under a launch the clocks start together (a process still warming up is not timed)
     t0 = time.perf_counter()
     images = sample(pipe, s, show_progress=progress, description=label)
     seconds = slowest(time.perf_counter() - t0)  # under a launch, the slowest process's time, the same in all
     for _ in range(repeats - 1):
+        wait_for_everyone()
         t0 = time.perf_counter()
         sample(pipe, s)
         seconds = min(seconds, slowest(time.perf_counter() - t0))

@@ -1199,11 +1199,13 @@ def _share_of(n: int) -> int:
 
 
 class _Bar:
-    """A tqdm bar when ``on`` (on stderr, as diffusers' own), else nothing."""
+    """A tqdm bar when ``on`` (on stderr, as diffusers' own), in the first process of a launch; else nothing."""
 
     def __init__(self, on: bool, total: Optional[int], desc: str):
+        from diffslim.launch import is_first
+
         self.bar = None
-        if on:
+        if on and is_first():  # under `accelerate launch` the first process shows its share
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total, desc=desc, dynamic_ncols=True)
