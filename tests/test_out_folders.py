@@ -270,6 +270,18 @@ def test_a_mistake_under_a_launch_is_said_once_and_scoring_shows_one_bar(tmp_pat
     assert _Bar(True, 3, "scores").bar is None
 
 
+def test_bench_and_workflow_sample_on_each_process_gpu_under_a_launch_unless_told(monkeypatch):
+    """bench and workflow sample on the CPU unless told (their timings compare methods there); under a launch that
+    default left a GPU machine's GPUs idle and every process sampled on the CPU: there it is `auto`, each process's
+    own GPU (the CPU on a machine without one). A --device given is kept."""
+    from diffslim.cli import _sampling_device
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert (_sampling_device(None), _sampling_device("cuda:1")) == ("cpu", "cuda:1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert (_sampling_device(None), _sampling_device("cpu")) == ("auto", "cpu")
+
+
 def test_zoo_training_of_the_classifier_refuses_a_multi_process_launch(tmp_path, monkeypatch):
     """zoo-train runs data parallel under a launch, but the digit classifier's fit is one process's (every process
     would write the package's classifier weights at once)."""

@@ -286,6 +286,14 @@ _SCORE_DEVICE_HELP = ("device the layers are scored on (in float32): auto (this 
                       "else the CPU), cpu, cuda, cuda:N, mps")
 
 
+def _sampling_device(device: Optional[str]) -> str:
+    """``--device`` of bench and workflow: the CPU unless given (their timings compare methods there), but under
+    `accelerate launch` each process's GPU (a launch on a GPU machine that sampled on the CPU would waste it)."""
+    if device is not None:
+        return device
+    return "auto" if _world_size() > 1 else "cpu"
+
+
 def _precision(device: str, dtype: str):
     """(torch.device, torch.dtype) from --device and --dtype, refused with what is accepted."""
     from diffslim.models.load import resolve_device, resolve_dtype
@@ -715,14 +723,15 @@ def bench(
                                  "compile time is its own column"),
     compile_mode: Optional[str] = typer.Option(None, help="torch.compile mode (with --compile)"),
     compile_backend: Optional[str] = typer.Option(None, help="torch.compile backend (with --compile; default inductor)"),
-    device: str = typer.Option("cpu", help="device every variant samples on: cpu (the default), auto, cuda, cuda:N, "
-                               "mps; the methods that train (+kd, +ft, dipgo:R) train where Accelerate says: "
-                               "the GPU when torch sees one"),
+    device: Optional[str] = typer.Option(None, help="device every variant samples on: cpu (the default; under "
+                                         "accelerate launch, auto), auto, cuda, cuda:N, mps; the methods that train "
+                                         "(+kd, +ft, dipgo:R) train where Accelerate says: the GPU when torch sees "
+                                         "one"),
     dtype: str = typer.Option("float32", help=_DTYPE_HELP + "; methods that train need float32"),
 ):
     """Compare compression methods on the same inputs in one run: MACs, speed and quality, one row each."""
     compile_options = _compile_options(compile, compile_mode, compile_backend)
-    dev, dt = _precision(device, dtype)
+    dev, dt = _precision(_sampling_device(device), dtype)
     _metric_weights(clip, lpips, inception)
     if html is not None:
         outputs.out_folder(html, "--html", command="bench")
@@ -804,14 +813,14 @@ def workflow(
     repeats: int = typer.Option(1, min=1, help="timed sampling runs per stage; the fastest counts (the speedup "
                                 "column; the stages are judged on the first)"),
     as_json: bool = typer.Option(False, "--json", help=_JSON_HELP),
-    device: str = typer.Option("cpu", help="device every stage samples on (its timings are measured there): cpu "
-                                           "(the default), auto, cuda, cuda:N, mps; the trainers use the GPU when "
-                                           "torch sees one"),
+    device: Optional[str] = typer.Option(None, help="device every stage samples on (its timings are measured "
+                                         "there): cpu (the default; under accelerate launch, auto), auto, cuda, "
+                                         "cuda:N, mps; the trainers use the GPU when torch sees one"),
     dtype: str = typer.Option("float32", help=_DTYPE_HELP + "; stages that train (+kd, +ft, dipgo:R) need float32"),
 ):
     """Stack methods stage by stage, each judged against the original; write the final recipe and pipeline."""
     outputs.out_folder(out, command="workflow")
-    dev, dt = _precision(device, dtype)
+    dev, dt = _precision(_sampling_device(device), dtype)
     _quiet_libraries()
     from diffslim.bench import check_task_weight
     from diffslim.evaluate import eval_set_for, finite, metrics_fn_for, reference_images
