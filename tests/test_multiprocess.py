@@ -218,13 +218,16 @@ def test_depth_and_timestep_searches_under_a_launch_find_what_one_process_finds(
 @pytest.mark.xdist_group("accelerate-launch")
 def test_layer_scoring_under_a_launch_splits_the_layers_and_pairs_and_selects_what_one_process_selects(tmp_path):
     """`layer-prune` and `layer-compare` were refused under a launch. Each process now measures its share of the
-    layers' output losses, of the pairs' and of the greedy re-scoring's candidates, every process receives all of
-    them, and the first writes: the scores, the selections and the comparison are one process's."""
+    layers' output losses, of the pairs' and of the greedy re-scoring's candidates (and samples its share of a
+    sampling calibration's runs), every process receives all of them, and the first writes: the scores, the
+    selections and the comparison are one process's."""
     import json
 
     prune = ["layer-prune", "zoo:digits-dit", "--ratio", "0.5", "--criterion", "output-loss-pairs", "--n", "8",
              "--json", "--out"]
-    compare = ["layer-compare", "zoo:digits-dit", "--ratios", "0.5", "--n", "8", "--json", "--out"]
+    # the calibration on sampling runs: each process samples its share of the trajectories, all receive every call
+    compare = ["layer-compare", "zoo:digits-dit", "--ratios", "0.5", "--n", "8", "--calibration", "sampling",
+               "--calib-steps", "4", "--json", "--out"]
     two_prune = json.loads(_launch(tmp_path, *prune, "p2").stdout)
     two_compare = json.loads(_launch(tmp_path, *compare, "c2").stdout)
     assert json.loads((tmp_path / "p2" / "scores.json").read_text())["removed"] == two_prune["removed"]

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from diffslim.errors import UserError
+from diffslim.launch import group, shared_map
 from diffslim.recipe import SCHEDULERS
 
 # Recipe scheduler names -> (diffusers class name, config overrides).
@@ -294,8 +295,10 @@ def denoiser_calls(pipe, spec: SampleSpec, at) -> list[DenoiserCall]:
     den = denoiser_of(pipe)
     sig = inspect.signature(den.forward)
     out: list = [None] * len(spec.inputs)
-    for start in range(0, len(spec.inputs), spec.batch_size):
-        idx = list(range(start, min(start + spec.batch_size, len(spec.inputs))))
+
+    def batch(idx: list) -> dict:
+        """``{input: DenoiserCall}`` of the inputs ``idx``, sampled together."""
+        found: dict = {}
         state = {"count": 0, "at": None if callable(at) else list(at)}
 
         def capture(module, args, kwargs, idx=idx, state=state):
@@ -319,7 +322,7 @@ def denoiser_calls(pipe, spec: SampleSpec, at) -> list[DenoiserCall]:
             named = {key: (v.detach().clone() if torch.is_tensor(v) else v) for key, v in named.items()}
             for j, i in enumerate(idx):
                 if state["at"][i] == k:
-                    out[i] = DenoiserCall(named, [j + r * b for r in range(m // b)], k)
+                    found[i] = DenoiserCall(named, [j + r * b for r in range(m // b)], k)
             if k == max(wanted):
                 raise _Enough
             return None
@@ -331,14 +334,42 @@ def denoiser_calls(pipe, spec: SampleSpec, at) -> list[DenoiserCall]:
             pass
         finally:
             handle.remove()
-        missing = [state["at"][i] for i in idx if out[i] is None] if state["at"] is not None else [0]
+        missing = [state["at"][i] for i in idx if i not in found] if state["at"] is not None else [0]
         if missing:
             hint = ("; an image-to-image pipeline runs only its strength's share of the steps: give \"strength\": 1.0 "
                     "with every input (a .jsonl file of pipeline inputs)"
                     if "strength" in inspect.signature(pipe.__call__).parameters else "")
             raise UserError(f"{type(pipe).__name__} called its denoiser {state['count']} times for a run of "
                             f"{spec.num_inference_steps} steps; call number {min(missing)} was asked for{hint}")
+        return found
+
+    batches = [list(range(start, min(start + spec.batch_size, len(spec.inputs))))
+               for start in range(0, len(spec.inputs), spec.batch_size)]
+    if group() is None:
+        for idx in batches:
+            for i, call in batch(idx).items():
+                out[i] = call
+        return out
+    # under `accelerate launch` each process samples its share of the batches; the recorded calls travel on the CPU
+    # (a GPU tensor would arrive on the sender's GPU) and come back to the denoiser's device
+    device = next(den.parameters()).device
+    for part in shared_map(lambda idx: _moved(batch(idx), "cpu"), batches):
+        for i, call in _moved(part, device).items():
+            out[i] = call
     return out
+
+
+def _moved(obj, device):
+    """``obj`` with every tensor in it (inside dicts, lists, tuples and :class:`DenoiserCall`) on ``device``."""
+    if torch.is_tensor(obj):
+        return obj.to(device)
+    if isinstance(obj, DenoiserCall):
+        return DenoiserCall(_moved(obj.arguments, device), obj.rows, obj.call)
+    if isinstance(obj, dict):
+        return {k: _moved(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_moved(v, device) for v in obj)
+    return obj
 
 
 def write_samples(pipe, spec: SampleSpec, folder: Path, progress: bool = False) -> Path:

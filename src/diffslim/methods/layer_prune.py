@@ -64,7 +64,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from torch import nn
 
 from diffslim.errors import UserError
-from diffslim.launch import shared_map
+from diffslim.launch import shared_map, world_size
 from diffslim.models.adapters import ip_adapter_loaded
 from diffslim.models.anatomy import TWO_STREAM_BLOCKS
 from diffslim.models.derived import share_weights
@@ -1055,6 +1055,8 @@ def sampling_calibration(pipe, n: int = 32, seed: int = 0, data: str = "zoo", st
     def at(calls: int) -> list[int]:  # stratified over the calls the run really makes (img2img: its strength's share)
         return ((u * calls / n).floor().long().clamp(max=calls - 1))[perm].tolist()
 
+    # under `accelerate launch` the runs are split among the processes by batches: small enough that each has one
+    sample_batch = min(sample_batch, -(-n // world_size()))
     spec = SampleSpec(inputs, seeds, num_inference_steps=steps, call_kwargs=dict(call_kwargs or {}),
                       batch_size=sample_batch)
     den = denoiser_of(pipe)
