@@ -162,7 +162,7 @@ def test_workflow_under_a_launch_keeps_what_one_process_keeps_and_resumes(tmp_pa
     import json
 
     script = Path(__file__).parent / "scripts" / "bench_mp.py"
-    args = ["workflow", "zoo:digits-sd", "--stages", "layers:auto,steps:auto", "--floor", "psnr=22", "--search",
+    args = ["workflow", "zoo:digits-dit", "--stages", "layers:auto,steps:auto", "--floor", "psnr=20", "--search",
             "joint", "--joint-width", "1", "--n", "4", "--steps", "6", "--batch-size", "2", "--json", "--out"]
     env = dict(os.environ, OMP_NUM_THREADS="1", DIFFSLIM_CACHE=str(tmp_path / "cache"))
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
@@ -189,7 +189,7 @@ def test_workflow_under_a_launch_keeps_what_one_process_keeps_and_resumes(tmp_pa
 
 
 @pytest.mark.xdist_group("accelerate-launch")
-def test_depth_and_timestep_searches_under_a_launch_find_what_one_process_finds(tmp_path):
+def test_depth_and_timestep_searches_under_a_launch_find_what_one_process_finds(tmp_path, monkeypatch):
     """`depth-search` and `timesteps` were refused under a launch. Each of their sampling runs is now split among the
     processes, every process judges the gathered outputs, and the first writes the recipe and plot: the depth, the
     gamma and every evaluation are one process's."""
@@ -203,10 +203,12 @@ def test_depth_and_timestep_searches_under_a_launch_find_what_one_process_finds(
     assert json.loads((tmp_path / "d.json").read_text())["depth"]["depth"] == two_depth["depth"]
     assert (tmp_path / "d.png").is_file()
     assert json.loads((tmp_path / "g.json").read_text())["sampling"]["timesteps"] == two_gamma["timesteps"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", DIFFSLIM_CACHE=str(tmp_path / "cache_one"))
-    one_depth, one_gamma = (json.loads(subprocess.run([sys.executable, "-m", "diffslim.cli", *args], env=env,
-                                                      capture_output=True, text=True, timeout=600).stdout)
-                            for args in (depth, gamma))
+    from typer.testing import CliRunner
+
+    from diffslim.cli import app
+
+    monkeypatch.setenv("DIFFSLIM_CACHE", str(tmp_path / "cache_one"))
+    one_depth, one_gamma = (json.loads(CliRunner().invoke(app, args).stdout) for args in (depth, gamma))  # one process
     assert (two_depth["depth"], two_depth["reached"]) == (one_depth["depth"], True)
     assert [e["depth"] for e in two_depth["evaluations"]] == [e["depth"] for e in one_depth["evaluations"]]
     for a, b in zip(two_depth["evaluations"], one_depth["evaluations"]):
@@ -216,7 +218,8 @@ def test_depth_and_timestep_searches_under_a_launch_find_what_one_process_finds(
 
 
 @pytest.mark.xdist_group("accelerate-launch")
-def test_layer_scoring_under_a_launch_splits_the_layers_and_pairs_and_selects_what_one_process_selects(tmp_path):
+def test_layer_scoring_under_a_launch_splits_the_layers_and_pairs_and_selects_what_one_process_selects(tmp_path,
+                                                                                                      monkeypatch):
     """`layer-prune` and `layer-compare` were refused under a launch. Each process now measures its share of the
     layers' output losses, of the pairs' and of the greedy re-scoring's candidates (and samples its share of a
     sampling calibration's runs), every process receives all of them, and the first writes: the scores, the
@@ -232,9 +235,12 @@ def test_layer_scoring_under_a_launch_splits_the_layers_and_pairs_and_selects_wh
     two_compare = json.loads(_launch(tmp_path, *compare, "c2").stdout)
     assert json.loads((tmp_path / "p2" / "scores.json").read_text())["removed"] == two_prune["removed"]
     assert (tmp_path / "p2" / "model" / "config.json").is_file() and (tmp_path / "c2" / "index.html").is_file()
-    env = dict(os.environ, OMP_NUM_THREADS="1", DIFFSLIM_CACHE=str(tmp_path / "cache_one"))
-    one_prune, one_compare = (json.loads(subprocess.run([sys.executable, "-m", "diffslim.cli", *args, tmp_path / out],
-                                                        env=env, capture_output=True, text=True, timeout=600).stdout)
+    from typer.testing import CliRunner
+
+    from diffslim.cli import app
+
+    monkeypatch.setenv("DIFFSLIM_CACHE", str(tmp_path / "cache_one"))
+    one_prune, one_compare = (json.loads(CliRunner().invoke(app, [*args, str(tmp_path / out)]).stdout)  # one process
                               for args, out in ((prune, "p1"), (compare, "c1")))
     assert two_prune["removed"] == one_prune["removed"]
     scores = {row["name"]: row["score"] for row in one_prune["layers"]}
