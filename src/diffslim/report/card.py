@@ -1,0 +1,214 @@
+"""Model cards: the ``README.md`` diffslim writes into the model and pipeline folders it exports.
+
+diffusers' own training scripts leave a model card beside the weights (``huggingface_hub.ModelCard``), and the Hub
+shows it on the model's page. Ours says what a folder is before anyone loads it: YAML metadata the Hub reads
+(``library_name: diffusers``, the base model where it is a Hub id, tags, the task), what was removed or trained,
+the sizes against the original, the quality where the command measured it, how to load the folder (with diffusers
+alone where every class in it is diffusers' or transformers', else after ``import diffslim``, which registers the
+pruned classes), and the command and versions that made it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+CARD = "README.md"
+# The string a card's loading code names the folder by; a user puts the folder's path (or its Hub id) there.
+PLACEHOLDER = "path/to/this/folder"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_STOCK_LIBRARIES = ("diffusers", "transformers")
+# the Hub's task of a pipeline, by words in its class name (first match); class-conditional DiTs have none
+_TASKS = (("Upscale", "image-to-image"), ("Img2Img", "image-to-image"), ("InstructPix2Pix", "image-to-image"),
+          ("Inpaint", "image-to-image"), ("ZooSR", "image-to-image"), ("StableDiffusion", "text-to-image"),
+          ("PixArt", "text-to-image"), ("Flux", "text-to-image"))
+
+Table = tuple[str, Sequence[str], Sequence[Sequence[str]]]  # (title, header, rows), cells already formatted
+
+
+def hub_id(source: str) -> Optional[str]:
+    """``source`` where it names a Hub repository (``owner/name``, and no folder of that name here), else None: the
+    card's ``base_model`` must be a Hub id, and a local path would only leak the exporter's file system."""
+    return source if _HUB_ID.match(source) and not Path(source).exists() else None
+
+
+def size_table(params: tuple[Optional[int], int], macs: Optional[tuple[Optional[int], Optional[int]]] = None,
+               what: str = "denoiser") -> Table:
+    """The card's size table: ``(original, this)`` parameter counts of the denoiser and, where counted, its MACs per
+    call (batch 1); ``None`` for an original the command did not see."""
+    rows = [[f"parameters ({what})", *_pair(*params)]]
+    if macs is not None and macs[1] is not None:
+        rows.append([f"MACs per {what} call (batch 1)", *_pair(*macs)])
+    return "Size", ["", "original", "this model", "share of the original"], rows
+
+
+def _pair(before: Optional[int], after: int) -> list[str]:
+    return (["", f"{after:,}", ""] if before is None else
+            [f"{before:,}", f"{after:,}", f"{after / before:.3f}" if before else ""])
+
+
+def _components(folder: Path) -> tuple[bool, str, list[tuple[str, str]]]:
+    """(whether ``folder`` is a pipeline, its class name, the ``(library, class)`` of each of its components)."""
+    index = folder / "model_index.json"
+    if not index.is_file() and not (folder / "config.json").is_file():
+        return False, "", []
+    if index.is_file():
+        data = json.loads(index.read_text())
+        parts = [(v[0], v[1]) for k, v in data.items()
+                 if not k.startswith("_") and isinstance(v, list) and len(v) == 2 and v[0] and v[1]]
+        return True, data.get("_class_name", ""), parts
+    data = json.loads((folder / "config.json").read_text())
+    name = data.get("_class_name", "")
+    import diffusers
+
+    return False, name, [("diffusers" if hasattr(diffusers, name) else "diffslim", name)]
+
+
+def _stock(folder: Path) -> bool:
+    """Whether diffusers alone (with transformers) loads ``folder``: every class in it is theirs."""
+    import diffusers
+
+    pipeline, name, parts = _components(folder)
+    return (not pipeline or hasattr(diffusers, name)) and all(lib in _STOCK_LIBRARIES for lib, _ in parts)
+
+
+def loading_code(folder: Path, recipe: Optional[str] = None) -> str:
+    """Python that loads ``folder`` (the folder named by :data:`PLACEHOLDER`): diffusers' ``from_pretrained`` where
+    diffusers can (after ``import diffslim`` where a class is diffslim's), ``diffslim.load`` for the zoo's own
+    pipelines, and ``diffslim.from_recipe`` where ``recipe`` (a file inside the folder) holds a schedule or a
+    skip plan the weights do not."""
+    if recipe is not None:
+        return (f'import diffslim\n\n# the pruned pipeline the recipe names, with its schedule and skip plan\n'
+                f'pipe = diffslim.from_recipe("{PLACEHOLDER}/{recipe}")\n')
+    import diffusers
+
+    pipeline, name, parts = _components(folder)
+    if pipeline and not hasattr(diffusers, name):  # a zoo pipeline: diffslim's own class
+        return f'import diffslim\n\npipe = diffslim.load("{PLACEHOLDER}").pipe\n'
+    if _stock(folder):
+        if pipeline:
+            return ('from diffusers import DiffusionPipeline\n\n'
+                    f'pipe = DiffusionPipeline.from_pretrained("{PLACEHOLDER}")  # diffusers alone loads it\n')
+        return f'from diffusers import {name}\n\nmodel = {name}.from_pretrained("{PLACEHOLDER}")\n'
+    if pipeline:
+        return ('import diffslim  # registers diffslim\'s pruned classes, which this folder names\n'
+                'from diffusers import DiffusionPipeline\n\n'
+                f'pipe = DiffusionPipeline.from_pretrained("{PLACEHOLDER}")\n')
+    return f'import diffslim\n\nmodel = diffslim.load("{PLACEHOLDER}").denoiser  # a {name}\n'
+
+
+def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    cell = lambda v: str(v).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+    lines = ["| " + " | ".join(cell(h) for h in header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _task(folder: Path) -> Optional[str]:
+    pipeline, name, _ = _components(folder)
+    if not pipeline:
+        return None
+    return next((task for word, task in _TASKS if word in name), None)
+
+
+def model_card(folder: Path, *, base: str, title: str, done: Sequence[str], tables: Sequence[Table] = (),
+               notes: Sequence[str] = (), recipe: Optional[str] = None, command: Optional[str] = None,
+               tags: Sequence[str] = (), task_of: Optional[Path] = None, history: Optional[Earlier] = None):
+    """The ``huggingface_hub.ModelCard`` of the exported ``folder`` (a pipeline or model folder, already written).
+
+    ``base``: the model it was made from, as the user named it (the YAML's ``base_model`` where that is a Hub id);
+    ``done``: one line per thing done to it; ``tables``: ``(title, header, rows)`` sections (sizes, quality);
+    ``notes``: closing lines (what to do next); ``recipe``: a recipe file inside ``folder`` to load it by;
+    ``command``: the command line that made it; ``task_of``: the pipeline folder whose class gives the Hub task
+    (default ``folder``); ``history``: the card of the folder it was made from (:func:`earlier`), whose steps come
+    first."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    import diffslim
+
+    data = ModelCardData(library_name="diffusers", base_model=hub_id(base),
+                         tags=list(dict.fromkeys(["diffslim", *tags])), pipeline_tag=_task(task_of or folder))
+    body = [f"# {title}", "",
+            f"Made from `{base}` with diffslim {diffslim.__version__}, which compresses diffusers models while "
+            "keeping their outputs close to the original's.", "", "## What was done", ""]
+    steps = [] if history is None else history.done
+    body += [f"- {line}" for line in steps + [d for d in done if d not in steps]]
+    for name, header, rows in tables:
+        body += ["", f"## {name}", "", _markdown_table(header, rows)]
+    code = loading_code(folder, recipe)
+    where = ("this folder, or its Hub repository once uploaded" if "from_pretrained" in code else
+             "this folder, as a whole (the recipe names its pipeline by a path inside it)" if recipe else
+             "this folder")
+    body += ["", "## How to load", "", "```python", code.rstrip("\n"), "```", "", f"`{PLACEHOLDER}`: {where}."]
+    if notes:
+        body += [""] + list(notes)
+    body += ["", "## How it was made", ""]
+    commands = ([] if history is None else history.commands) + ([command] if command else [])
+    if commands:
+        body += ["```bash", *commands, "```", ""]
+    body.append(_versions())
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body) + "\n")
+
+
+def _versions() -> str:
+    import diffusers
+    import torch
+
+    import diffslim
+
+    return f"diffslim {diffslim.__version__}, diffusers {diffusers.__version__}, torch {torch.__version__}."
+
+
+def ours(path: Path) -> bool:
+    """Whether ``path`` is a card diffslim wrote (its YAML tags say so): a rerun replaces it, a user's README stays."""
+    try:
+        from huggingface_hub import ModelCard
+
+        return "diffslim" in (ModelCard.load(path).data.tags or [])
+    except Exception:  # not a model card at all: someone's own README
+        return False
+
+
+@dataclass
+class Earlier:
+    """What the card of a folder diffslim exported says was done to it: the next export of that folder (a
+    distillation of a pruned model, its stock rewrite) tells the whole story, from the same original."""
+
+    base: str
+    done: list[str]
+    commands: list[str]
+    params: Optional[int] = None  # the original denoiser's parameters, where the card's size table has them
+
+
+def earlier(folder: Path) -> Optional[Earlier]:
+    """The history in ``folder``'s diffslim card; None where it has none."""
+    path = Path(folder) / CARD
+    if not path.is_file() or not ours(path):
+        return None
+    text = path.read_text()
+    base = re.search(r"^Made from `([^`]+)`", text, flags=re.M)
+    made = "\n".join(_section(text, "How it was made", r"(?s)```bash\n(.*?)\n```"))
+    params = _section(text, "Size", r"^\| parameters \([^)]*\) \| ([\d,]+) \|")
+    return Earlier(base=base.group(1) if base else str(folder), done=_section(text, "What was done", r"^- (.*)$"),
+                   commands=[c for c in made.splitlines() if c.strip()],
+                   params=int(params[0].replace(",", "")) if params else None)
+
+
+def _section(text: str, title: str, pattern: str) -> list[str]:
+    part = text.split(f"\n## {title}\n", 1)
+    if len(part) < 2:
+        return []
+    return re.findall(pattern, part[1].split("\n## ", 1)[0], flags=re.M)
+
+
+def write_model_card(folder: Path, **kwargs) -> Optional[Path]:
+    """Write :func:`model_card` (same arguments) to ``folder/README.md`` and return its path; None, writing nothing,
+    where the folder holds a README.md that is not a diffslim card (the user's own, kept)."""
+    path = Path(folder) / CARD
+    if path.exists() and not ours(path):
+        return None
+    model_card(Path(folder), **kwargs).save(path)
+    return path

@@ -1,0 +1,160 @@
+"""Model cards (README.md) in the folders diffslim exports: metadata the Hub reads, true sizes, a history that
+follows the folder from export to export, and loading code that runs as written."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from huggingface_hub import ModelCard
+from typer.testing import CliRunner
+
+from diffslim import cli
+from diffslim.models.load import load
+from diffslim.report.card import PLACEHOLDER, earlier, hub_id
+
+runner = CliRunner()
+
+
+def _run(monkeypatch, *args):
+    """The CLI as `diffslim ARGS` runs it: main() records the command line that the cards quote."""
+    monkeypatch.setattr(cli, "_ARGV", [str(a) for a in args])
+    res = runner.invoke(cli.app, [str(a) for a in args])
+    assert res.exit_code == 0, res.output
+    return res
+
+
+def _params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _size_row(card_text: str) -> tuple[str, str]:
+    """(original, this model) of the card's parameter row, as written."""
+    found = re.search(r"^\| parameters \(denoiser\) \| ([\d,]*) \| ([\d,]+) \|", card_text, flags=re.M)
+    assert found, card_text
+    return found.group(1), found.group(2)
+
+
+def _code(card_text: str, folder: Path) -> str:
+    """The card's loading code, pointed at ``folder``."""
+    code = re.search(r"## How to load\n\n```python\n(.*?)```", card_text, flags=re.S).group(1)
+    assert PLACEHOLDER in code
+    return code.replace(PLACEHOLDER, str(folder))
+
+
+def _run_fresh(script: str) -> list[str]:
+    """Run ``script`` in a new interpreter (nothing imported yet) and return its printed lines."""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout.split()
+
+
+def test_hub_ids_only_where_no_local_folder_has_the_name(tmp_path, monkeypatch):
+    assert hub_id("stabilityai/stable-diffusion-xl-base-1.0") == "stabilityai/stable-diffusion-xl-base-1.0"
+    assert hub_id("zoo:digits-sd") is None and hub_id("./sd15") is None and hub_id("/models/sd15") is None
+    (tmp_path / "models" / "sd15").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert hub_id("models/sd15") is None  # a folder here, not the Hub's
+
+
+def test_layer_prune_distill_stock_cards_carry_the_history_and_their_code_loads(tmp_path, monkeypatch):
+    pruned, distilled, stock = tmp_path / "pruned", tmp_path / "distilled", tmp_path / "stock"
+    _run(monkeypatch, "layer-prune", "zoo:digits-dit", "--ratio", "0.5", "--out", pruned, "--json")
+    _run(monkeypatch, "distill", "zoo:digits-dit", pruned / "model", "--steps", "2", "--batch-size", "2",
+         "--checkpoint-every", "2", "--out", distilled)
+    _run(monkeypatch, "stock", distilled / "pipeline", "--out", stock)
+    full = _params(load("zoo:digits-dit").denoiser)
+    removed = json.loads((pruned / "scores.json").read_text())["removed"]
+    cards = {name: folder / "README.md" for name, folder in (
+        ("model", pruned / "model"), ("pipeline", pruned / "pipeline"), ("student", distilled / "student"),
+        ("student pipeline", distilled / "pipeline"), ("stock", stock))}
+    for name, path in cards.items():
+        card = ModelCard.load(path)
+        assert card.data.library_name == "diffusers" and "diffslim" in card.data.tags, name
+        assert card.data.base_model is None  # zoo:digits-dit is no Hub id
+        text = path.read_text()
+        assert text.count(f"Made from `zoo:digits-dit`") == 1, name
+        assert _size_row(text)[0] == f"{full:,}", name  # the original's size, carried through every export
+        for layer in removed:
+            assert f"`{layer}`" in text, (name, layer)
+    pruned_params = _params(load(str(pruned / "model")).denoiser)
+    assert _size_row(cards["model"].read_text())[1] == f"{pruned_params:,}"
+    assert _size_row(cards["stock"].read_text())[1] == f"{_params(load(str(stock)).denoiser):,}" == f"{pruned_params:,}"
+    # the history: each export's card names every step before it, in order, with the commands that made them
+    h = earlier(stock)
+    assert [d.split(" ", 1)[0] for d in h.done] == ["Layer", "Removed:", "Distilled", "Rewritten"]
+    assert "normalized" in h.done[2] and "2 steps" in h.done[2]
+    assert h.commands == [f"diffslim layer-prune zoo:digits-dit --ratio 0.5 --out {pruned} --json",
+                          f"diffslim distill zoo:digits-dit {pruned / 'model'} --steps 2 --batch-size 2 "
+                          f"--checkpoint-every 2 --out {distilled}",
+                          f"diffslim stock {distilled / 'pipeline'} --out {stock}"]
+    assert earlier(distilled / "student").commands == h.commands[:2]
+    # the loading code of each card, run as written in a fresh interpreter, loads that folder's model
+    script = "\n".join(
+        textwrap.dedent(f"""
+        ns = {{}}
+        exec({_code(p.read_text(), p.parent)!r}, ns)
+        m = ns["pipe"].denoiser if "pipe" in ns else ns["model"]
+        print(type(m).__name__, sum(p.numel() for p in m.parameters()))""") for p in cards.values())
+    got = _run_fresh(script)
+    classes, counts = got[0::2], [int(c) for c in got[1::2]]
+    assert classes == ["LayerPrunedDiTTransformer2DModel"] * 4 + ["DiTTransformer2DModel"]
+    assert counts == [pruned_params] * 5
+
+
+def test_a_stock_sd_pipeline_card_loads_with_diffusers_alone(tiny_sd_pipe, tmp_path, monkeypatch):
+    src = tmp_path / "sd"
+    tiny_sd_pipe.save_pretrained(str(src), safe_serialization=True)
+    for out, stock in (("stock", ["--stock"]), ("pruned", [])):
+        _run(monkeypatch, "layer-prune", src, "--ratio", "0.3", "--criterion", "magnitude", *stock,
+             "--out", tmp_path / out)
+    stock_card = (tmp_path / "stock" / "pipeline" / "README.md").read_text()
+    pruned_card = (tmp_path / "pruned" / "pipeline" / "README.md").read_text()
+    assert ModelCard.load(tmp_path / "stock" / "pipeline" / "README.md").data.pipeline_tag == "text-to-image"
+    assert "import diffslim" not in stock_card and "import diffslim" in pruned_card
+    title = next(line for line in stock_card.splitlines() if line.startswith("# "))
+    assert title.startswith("# sd, layer-pruned")  # a local folder by its name
+    script = textwrap.dedent(f"""
+        import sys
+        ns = {{}}
+        exec({_code(stock_card, tmp_path / "stock" / "pipeline")!r}, ns)
+        print(type(ns["pipe"].unet).__name__, "diffslim" in sys.modules)
+        exec({_code(pruned_card, tmp_path / "pruned" / "pipeline")!r}, ns)
+        print(type(ns["pipe"].unet).__name__)""")
+    assert _run_fresh(script) == ["UNet2DConditionModel", "False", "LayerPrunedUNet2DConditionModel"]
+
+
+def test_a_users_readme_is_kept_and_a_rerun_replaces_its_own_card(tmp_path, monkeypatch):
+    pruned, stock = tmp_path / "pruned", tmp_path / "stock"
+    _run(monkeypatch, "layer-prune", "zoo:digits-dit", "--ratio", "0.3", "--out", pruned)
+    first = (pruned / "model" / "README.md").read_text()
+    _run(monkeypatch, "layer-prune", "zoo:digits-dit", "--ratio", "0.5", "--out", pruned)
+    second = (pruned / "model" / "README.md").read_text()
+    assert "ratio of 0.3" in first and "ratio of 0.5" in second and "ratio of 0.3" not in second
+    stock.mkdir()
+    (stock / "README.md").write_text("my notes\n")
+    res = _run(monkeypatch, "stock", pruned / "pipeline", "--out", stock)
+    assert (stock / "README.md").read_text() == "my notes\n"
+    assert "not a diffslim model card: kept it" in res.output
+    assert (stock / "model_index.json").is_file()
+
+
+def test_workflow_card_has_every_row_and_its_recipe_code_loads_the_result(tmp_path, monkeypatch):
+    out = tmp_path / "w"
+    _run(monkeypatch, "workflow", "zoo:digits-dit", "--stages", "layers:0.3,steps:6", "--n", "2", "--out", out)
+    text = (out / "README.md").read_text()
+    rows = json.loads((out / "workflow.json").read_text())["rows"]
+    table = [line.split(" | ") for line in text.splitlines() if line.startswith("| ") and " | yes |" in line + " |"]
+    assert [r[0].lstrip("| ") for r in table] == [r["stage"] for r in rows] == ["original", "layers:0.3", "steps:6"]
+    assert [r[1] for r in table] == [f"{r['params']:,}" for r in rows]
+    assert "of the MACs)" in text.splitlines()[text.splitlines().index("---", 1) + 2]
+    ns = {}
+    exec(_code(text, out), ns)
+    pipe = ns["pipe"]
+    assert _params(pipe.denoiser) == rows[-1]["params"]
+    assert pipe._diffslim_recipe.sampling.num_inference_steps == 6
