@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args(argv)
 
-    from diffslim.measure.macs import default_inputs
+    from diffslim.models.macs import default_inputs
     from diffslim.measure.profile import profile_denoiser, timed_call
     from diffslim.methods.depth_skip import max_depth
     from diffslim.methods.layer_prune import is_unet

@@ -13,7 +13,7 @@ from diffusers import (DiTTransformer2DModel, FluxTransformer2DModel, PixArtTran
                        SD3Transformer2DModel, UNet2DConditionModel, UNet2DModel)
 from diffusers.models.attention_processor import Attention
 
-from diffslim.measure.macs import count_macs, default_inputs, macs_by_kind
+from diffslim.models.macs import count_macs, default_inputs, macs_by_kind
 from diffslim.models.anatomy import Anatomy, DepthUnit, anatomy
 
 CONFIGS = Path(__import__("diffslim").__file__).parent / "configs"

@@ -45,7 +45,7 @@ def test_rows_shape_and_relations(bench_result):
 
 
 def test_run_macs_counts_every_denoiser_call(tiny_digits_pipe):
-    from diffslim.measure.macs import count_macs, default_inputs
+    from diffslim.models.macs import count_macs, default_inputs
 
     den = tiny_digits_pipe.denoiser
     args, kwargs = default_inputs(den, batch=2, context_tokens=2)  # CFG: cond + uncond in one call

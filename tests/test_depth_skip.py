@@ -174,7 +174,7 @@ def test_sdxl_unit_mapping_is_pinned():
 
 
 def test_sd15_params_and_macs_fall_with_depth_on_meta():
-    from diffslim.measure.macs import count_macs, default_inputs
+    from diffslim.models.macs import count_macs, default_inputs
 
     u = _meta("sd15-unet")
     rows = []
@@ -309,7 +309,7 @@ def test_depth_macs_are_priced_on_the_pipelines_own_call():
 
     from torch.utils.flop_counter import FlopCounterMode
 
-    from diffslim.measure.macs import attention_flop_mapping
+    from diffslim.models.macs import attention_flop_mapping
     from diffslim.methods.depth_search import depth_macs
     from diffslim.methods.depth_skip import depth_skip, max_depth
     from diffslim.sample import SampleSpec, first_denoiser_call, run_pipeline

@@ -81,7 +81,7 @@ def test_a_model_folder_is_not_written_into(tmp_path):
     (stock / ".diffslim.json").write_text(json.dumps({**record, "wrote": ["config.json", "model_index.json",
                                                                           "unet"]}))
     assert _cli("stock", pruned / "model", "--out", stock).exit_code == 0
-    assert sorted(p.name for p in stock.iterdir()) == [".diffslim.json", "config.json", "mine.txt"]
+    assert sorted(p.name for p in stock.iterdir()) == [".diffslim.json", "README.md", "config.json", "mine.txt"]
 
 
 def test_a_folder_with_other_files_is_written_beside_them_and_nothing_removed(tmp_path):
@@ -108,7 +108,7 @@ def test_a_layer_prune_rerun_leaves_no_stale_pipeline_or_weights(tmp_path, tiny_
     res = _cli("layer-prune", cfg, "--criterion", "random", "--ratio", "0.5", "--out", out)
     assert res.exit_code == 0, res.output
     assert not (out / "pipeline").exists() and not list((out / "model").glob("*.safetensors"))
-    assert sorted(p.name for p in (out / "model").iterdir()) == ["config.json"]
+    assert sorted(p.name for p in (out / "model").iterdir()) == ["README.md", "config.json"]  # and its card
 
 
 def test_a_sample_rerun_with_fewer_samples_leaves_none_of_the_earlier(tmp_path):
@@ -132,7 +132,7 @@ def test_a_stock_rerun_removes_only_what_stock_wrote(tmp_path, monkeypatch):
         res = _cli("stock", pruned / "model", "--out", ".")
         assert res.exit_code == 0, res.output
     assert (project / "notes.txt").read_text() == "mine" and (project / "wf" / "workflow.json").is_file()
-    assert json.loads((project / ".diffslim.json").read_text())["wrote"] == ["config.json"]
+    assert json.loads((project / ".diffslim.json").read_text())["wrote"] == ["README.md", "config.json"]
 
 
 def test_an_out_that_holds_the_model_is_refused(tmp_path):

@@ -294,7 +294,7 @@ def test_bench_counts_first_block_cache_macs_over_the_batches_it_ran():
     from torch.utils.flop_counter import FlopCounterMode
 
     from diffslim.bench import count_run_macs, run_bench
-    from diffslim.measure.macs import attention_flop_mapping
+    from diffslim.models.macs import attention_flop_mapping
     from diffslim.methods.skip_plan import apply_diffusers_cache, remove_diffusers_cache
     from diffslim.models.load import LoadedModel
     from diffslim.sample import SampleSpec, run_pipeline
@@ -504,7 +504,7 @@ def test_units_measured_on_the_pipelines_own_call_give_the_counted_macs_ratio():
     equals the ratio FlopCounterMode counts for the denoiser over a real run; the config-size one does not."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from diffslim.measure.macs import attention_flop_mapping
+    from diffslim.models.macs import attention_flop_mapping
     from diffslim.methods.skip_plan import plan_units_at
     from diffslim.sample import SampleSpec, run_pipeline
     from diffslim.train.zoo import build_pipeline
@@ -551,7 +551,7 @@ def test_transformer_skips_a_dead_patch_embedding_and_reuses_its_final_norm():
     those ``plan_macs_ratio`` and the pruner's ``kept_macs`` give."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from diffslim.measure.macs import attention_flop_mapping
+    from diffslim.models.macs import attention_flop_mapping
     from diffslim.methods.dipgo import kept_macs
     from diffslim.train.zoo import build_pipeline
 

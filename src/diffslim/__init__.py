@@ -4,7 +4,8 @@ Public API::
 
     import diffslim
     loaded = diffslim.load("zoo:digits-sd")          # or a pipeline / model / config-only folder
-    info = diffslim.profile("zoo:digits-sd")         # params, MACs, per-block table, latency (or profile(pipe))
+    info = diffslim.profile("zoo:digits-sd")         # params, MACs, per-block table, latency (or profile(pipe));
+                                                     # depth=N: of the depth-skipped model
     recipe = diffslim.parse_recipe({"sampling": {"num_inference_steps": 10}})  # RecipeError names a bad field
     diffslim.apply(loaded.pipe, recipe)              # still an ordinary diffusers pipeline
     pipe = diffslim.from_recipe("slim/recipe.json")  # a recipe's model, loaded, with the recipe applied
@@ -19,8 +20,8 @@ from diffslim.combined import DepthSkipLayerPrunedUNet2DConditionModel, DepthSki
 from diffslim.errors import UserError
 from diffslim.ip_adapter import adapt_ip_adapter
 from diffslim.lora import adapt_lora
-from diffslim.measure.profile import profile_model as profile
 from diffslim.methods.depth_skip import DepthSkipUNet2DConditionModel, DepthSkipUNet2DModel
+from diffslim.methods.depth_skip import profile_depth as profile
 from diffslim.methods.timesteps import NonUniformDDIMScheduler  # a saved pipeline's scheduler: diffusers loads it
 from diffslim.models.load import LoadedModel, ModelLoadError, load
 from diffslim.recipe import Recipe, RecipeError, load_recipe, parse_recipe

@@ -1279,7 +1279,7 @@ def count_run_macs(pipe, spec: SampleSpec, whole_run: bool = False) -> int:
     cost depends on the inputs and the batching (FirstBlockCache decides per batch whether to reuse its cache)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from diffslim.measure.macs import attention_flop_mapping
+    from diffslim.models.macs import attention_flop_mapping
 
     n = len(spec.inputs) if whole_run else 1
     run = spec if whole_run else spec.replace(inputs=spec.inputs[:1], seeds=spec.seeds[:1], batch_size=1)

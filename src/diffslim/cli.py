@@ -339,7 +339,7 @@ def profile(
     compile_options = _compile_options(compile, compile_mode, compile_backend)
     dev, dt = _precision(device, dtype)
     _quiet_libraries()
-    from diffslim.measure.profile import profile_depths, profile_model
+    from diffslim.methods.depth_skip import profile_depth, profile_depths
 
     if pipeline:
         given = [o for o, v in (("--depth", depth), ("--height", height), ("--width", width),
@@ -377,7 +377,7 @@ def profile(
         def before(den):
             compile_denoiser(den, **compile_options)
 
-    p = profile_model(model, height, width, repeats, depth=int(depth) if depth else None, device=dev, dtype=dt,
+    p = profile_depth(model, height, width, repeats, depth=int(depth) if depth else None, device=dev, dtype=dt,
                       batch=batch_size, before_timing=before, random_weights=random_weights)
     p["compiled"] = compile_options is not None
     if as_json:

@@ -278,7 +278,8 @@ def run_demo(out: Path, n: int | None = None, methods: str | None = None, consol
     from diffslim.apply import denoiser_attr
     from diffslim.bench import run_bench, timing_note
     from diffslim.evaluate import eval_set_for, finite, metrics_fn_for, reference_images
-    from diffslim.measure.profile import profile_depths, profile_model
+    from diffslim.measure.profile import profile_model
+    from diffslim.methods.depth_skip import profile_depths
     from diffslim.methods.depth_search import depth_search_figure, search_depth
     from diffslim.models.load import ModelLoadError, load
     from diffslim.recipe import load_recipe

@@ -1,1 +1,2 @@
-"""Measurements of a denoiser or pipeline: MACs (``macs``), and later latency, memory and quality."""
+"""Measurements of a denoiser or pipeline: its profile (params, MACs, latency, memory; ``profile``) and quality
+(``quality``). The MAC counter itself is ``diffslim.models.macs``, below the anatomy that counts with it."""

@@ -11,14 +11,15 @@ from diffslim.errors import UserError
 
 
 def profile_model(model, height: Optional[int] = None, width: Optional[int] = None, repeats: int = 5,
-                  depth: Optional[int] = None, device=None, dtype=None, batch: int = 1,
+                  transform: Optional[Callable] = None, device=None, dtype=None, batch: int = 1,
                   before_timing: Optional[Callable] = None, random_weights: bool = False) -> dict:
     """Parameters, MACs (batch 1, one denoiser call), per-block table and, with real weights, latency and memory.
 
     ``model``: a path or ``zoo:NAME`` (loaded as :func:`diffslim.load` does), or what a user holds: a pipeline
     (after ``diffslim.apply`` too), a denoiser module or a :class:`~diffslim.LoadedModel`, profiled where it lies.
     ``height``/``width`` are image pixels; they are divided by the model's VAE scale factor.
-    ``depth`` profiles the depth-skipped model instead (see ``diffslim.methods.depth_skip``).
+    ``transform(denoiser)`` gives the model to profile instead, built from the loaded denoiser (a method's pruned
+    copy; ``diffslim.profile(..., depth=N)`` passes the depth-skipped one).
     ``device``/``dtype`` (torch objects or names, as :func:`diffslim.load` takes them; default the CPU, float32)
     say where and in which precision the timed calls run; ``batch`` is their batch size (the MACs stay those of
     batch 1). ``before_timing(denoiser)`` runs after the counting and before the first timed call (e.g. to
@@ -38,13 +39,9 @@ def profile_model(model, height: Optional[int] = None, width: Optional[int] = No
         raise UserError(f"repeats {repeats}: give a positive number of timed calls")
     loaded = as_loaded(model, random_weights=random_weights,
                        **{k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None})
-    den = loaded.denoiser
-    if depth is not None:
-        from diffslim.methods.depth_skip import depth_skip
-
-        den = depth_skip(den, depth)
+    den = loaded.denoiser if transform is None else transform(loaded.denoiser)
     out = profile_denoiser(loaded, den, height, width, repeats=repeats, batch=batch, before_timing=before_timing)
-    out.update(model=model if isinstance(model, str) else loaded.source, depth=depth)
+    out.update(model=model if isinstance(model, str) else loaded.source)
     return out
 
 
@@ -53,7 +50,7 @@ def profile_denoiser(loaded, den, height: Optional[int] = None, width: Optional[
     """:func:`profile_model` for a denoiser already loaded (``loaded`` gives the VAE scale and whether weights are real)."""
     from diffusers import UNet2DConditionModel
 
-    from diffslim.measure.macs import default_inputs, macs_by_kind
+    from diffslim.models.macs import default_inputs, macs_by_kind
     from diffslim.models.anatomy import anatomy
 
     if batch < 1:
@@ -98,29 +95,6 @@ def profile_denoiser(loaded, den, height: Optional[int] = None, width: Optional[
         out.update(latency_s=lat, first_call_s=first_s, samples_per_s=batch / lat if lat > 0 else None,
                    peak_memory_bytes=mem, memory_kind=kind)
     return out
-
-
-def profile_depths(model: str, height: Optional[int] = None, width: Optional[int] = None) -> list[dict]:
-    """Params and MACs of the depth-skipped model at every depth (1 .. full); no timing.
-
-    One row per depth: ``depth``, ``params``, ``macs``, ``macs_excl_attention``, their ratios to the
-    full model, and which depth units are kept.
-    """
-    from diffslim.methods.depth_skip import depth_skip, max_depth
-    from diffslim.models.load import load
-
-    loaded = load(model)
-    n = max_depth(loaded.denoiser)
-    rows = []
-    for d in range(1, n + 1):
-        p = profile_denoiser(loaded, depth_skip(loaded.denoiser, d), height, width, timing=False)
-        rows.append({"depth": d, "params": p["params"], "macs": p["macs"],
-                     "macs_excl_attention": p["macs_excl_attention"]})
-    full = rows[-1]
-    for r in rows:
-        r["params_ratio"] = r["params"] / full["params"]
-        r["macs_ratio"] = r["macs"] / full["macs"]
-    return rows
 
 
 def _check_grid(den, h: Optional[int], w: Optional[int], scale: int) -> None:

@@ -179,7 +179,7 @@ class MultiDepthResult:
 def depth_macs(unet: torch.nn.Module, inputs: Optional[tuple[tuple, dict]] = None) -> dict[int, int]:
     """MACs of one denoiser call at every depth ``1..full``, on ``inputs`` ``(args, kwargs)`` (a call the
     pipeline really makes: ``diffslim.sample.first_denoiser_call``) or else the model's default inputs."""
-    from diffslim.measure.macs import count_macs, default_inputs
+    from diffslim.models.macs import count_macs, default_inputs
 
     args, kwargs = inputs if inputs is not None else default_inputs(unet)
     return {d: count_macs(depth_skip(unet, d), *args, **kwargs)[0] for d in range(1, max_depth(unet) + 1)}

@@ -338,3 +338,41 @@ def multi_depth(unet: nn.Module, ranges) -> nn.Module:
     remove_multi_depth(unet)
     HookRegistry.check_if_exists_or_initialize(unet).register_hook(_MultiDepthRouter(ranges, variants), _ROUTER_HOOK)
     return unet
+
+
+# ------------------------------------------------------------------------------------------
+# Profiles of depth-skipped models (measure's profiler on this method's copies)
+
+
+def profile_depth(model, height: Optional[int] = None, width: Optional[int] = None, repeats: int = 5, *,
+                  depth: Optional[int] = None, **kwargs) -> dict:
+    """:func:`diffslim.measure.profile.profile_model` (the same arguments) of the model depth-skipped to ``depth``
+    (None: the model as it is); the result also says ``depth``."""
+    from diffslim.measure.profile import profile_model
+
+    out = profile_model(model, height, width, repeats, **kwargs,
+                        transform=None if depth is None else (lambda den: depth_skip(den, depth)))
+    out["depth"] = depth
+    return out
+
+
+def profile_depths(model: str, height: Optional[int] = None, width: Optional[int] = None) -> list[dict]:
+    """Params and MACs of the depth-skipped model at every depth (1 .. full); no timing.
+
+    One row per depth: ``depth``, ``params``, ``macs``, ``macs_excl_attention`` and their ratios to the full
+    model.
+    """
+    from diffslim.measure.profile import profile_denoiser
+    from diffslim.models.load import load
+
+    loaded = load(model)
+    rows = []
+    for d in range(1, max_depth(loaded.denoiser) + 1):
+        p = profile_denoiser(loaded, depth_skip(loaded.denoiser, d), height, width, timing=False)
+        rows.append({"depth": d, "params": p["params"], "macs": p["macs"],
+                     "macs_excl_attention": p["macs_excl_attention"]})
+    full = rows[-1]
+    for r in rows:
+        r["params_ratio"] = r["params"] / full["params"]
+        r["macs_ratio"] = r["macs"] / full["macs"]
+    return rows

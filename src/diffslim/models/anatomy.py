@@ -3,7 +3,7 @@
 A *unit* is a set of diffusers modules (``named_modules()`` names) that a method treats as one
 piece: a down block, a resnet with its attention, a transformer block, a depth unit. The anatomy
 lists the units of a denoiser at three granularities and computes each unit's parameter count and
-MACs once (params from the module tree, MACs from one profiled forward, see ``diffslim.measure.macs``).
+MACs once (params from the module tree, MACs from one profiled forward, see ``diffslim.models.macs``).
 
 - ``blocks`` (coarse): each down block, the mid block, each up block of a U-Net; each transformer
   block of a transformer.
@@ -38,8 +38,8 @@ from typing import Any, Iterable, Mapping
 
 from torch import nn
 
-from diffslim.measure.macs import count_macs as _count_macs
-from diffslim.measure.macs import default_inputs
+from diffslim.models.macs import count_macs as _count_macs
+from diffslim.models.macs import default_inputs
 
 __all__ = ["Unit", "DepthUnit", "Anatomy", "anatomy", "unet_families", "block_lists"]
 
@@ -312,7 +312,7 @@ def anatomy(
 
     Params are read from the module tree; MACs, when ``count_macs``, from ONE forward on dummy
     inputs of ``height`` x ``width`` latent pixels (default the config's ``sample_size``; batch 1)
-    built by ``diffslim.measure.macs.default_inputs(denoiser, height, width, **input_kw)`` (e.g.
+    built by ``diffslim.models.macs.default_inputs(denoiser, height, width, **input_kw)`` (e.g.
     ``context_tokens=2``), or on ``inputs=(args, kwargs)`` when given.
     Raises ``ValueError`` for unsupported families (and, when counting MACs, for families
     ``default_inputs`` cannot feed: pass ``inputs`` or ``count_macs=False``).

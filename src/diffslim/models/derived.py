@@ -21,6 +21,9 @@ from diffslim.models.adapters import (carry_attention, diffusers_base, ip_adapte
 
 # (model class, config key) -> the class whose config adds that key to that model class's
 _EXTENSIONS: dict[tuple[type, str], type] = {}
+# class name -> every class made here: the loader finds an exported folder's class by the name in its config without
+# knowing which method made it (they register themselves on import, and ``import diffslim`` imports them all)
+_CLASSES: dict[str, type] = {}
 
 
 def config_extended_class(base: type, name: str, key: str, install: Callable[[Any, Any], None],
@@ -50,7 +53,13 @@ def config_extended_class(base: type, name: str, key: str, install: Callable[[An
                                **ip_adapter_methods(base)})
     register_extension(base, key, cls)
     register_extension(cls, key, cls)
+    _CLASSES[name] = cls
     return cls
+
+
+def exported_class(name: str) -> Optional[type]:
+    """The config-extended class called ``name`` (a pruned model's ``_class_name``); None for any other name."""
+    return _CLASSES.get(name)
 
 
 def register_extension(model_class: type, key: str, extended: type) -> None:

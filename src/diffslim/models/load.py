@@ -110,18 +110,11 @@ def _denoiser_class(name: str, where: Path):
         raise ModelLoadError(
             f"{where}: model class {name!r} is not supported; supported: {', '.join(SUPPORTED_DENOISERS)}"
         )
-    if name.startswith("DepthSkipLayerPruned"):
-        from diffslim import combined
+    from diffslim.models.derived import exported_class
 
-        return getattr(combined, name)
-    if name.startswith("DepthSkip"):
-        from diffslim.methods import depth_skip
-
-        return getattr(depth_skip, name)
-    if name.startswith("LayerPruned"):
-        from diffslim.methods import layer_prune
-
-        return getattr(layer_prune, name)
+    cls = exported_class(name)  # a pruned export: the method that made it registered its class (import diffslim)
+    if cls is not None:
+        return cls
     import diffusers
 
     return getattr(diffusers, name)
