@@ -132,6 +132,12 @@ def test_finetune_cli_then_bench_the_student(tiny_digits_folder, tmp_path):
                                                                                         "denoiser"))
     sd = [m.state_dict() for m in both]
     assert sd[0].keys() == sd[1].keys() and all(torch.equal(sd[0][k], sd[1][k]) for k in sd[0])
+    # both folders' model cards say what was done and count the student's params against the teacher's
+    teacher = sum(p.numel() for p in load(str(tiny_digits_folder)).denoiser.parameters())
+    for folder in (student, out / "pipeline"):
+        card = (folder / "README.md").read_text()
+        assert "Depth-skip pruning (Kim and Cho, 2024) at depth 7, then fine-tuned" in card and "4 steps" in card
+        assert f"| parameters (denoiser) | {teacher:,} | {sum(p.numel() for p in both[0].parameters()):,} |" in card
     r = _run("sample", out / "pipeline", "--n", "2", "--steps", "2", "--out", tmp_path / "s")
     assert r.exit_code == 0 and (tmp_path / "s" / "grid.png").exists(), r.output
     r = _run("bench", tiny_digits_folder, "--methods", f"depth:7,depth:7+ft@{student}", "--n", "2", "--steps", "3",

@@ -158,3 +158,24 @@ def test_workflow_card_has_every_row_and_its_recipe_code_loads_the_result(tmp_pa
     pipe = ns["pipe"]
     assert _params(pipe.denoiser) == rows[-1]["params"]
     assert pipe._diffslim_recipe.sampling.num_inference_steps == 6
+
+
+def test_config_only_exports_say_how_to_build_them(tmp_path, monkeypatch):
+    cfg = tmp_path / "dit"
+    load("zoo:digits-dit").denoiser.save_config(str(cfg))  # a config.json without weights
+    for out, stock in (("stock", ["--stock"]), ("pruned", [])):
+        _run(monkeypatch, "layer-prune", cfg, "--criterion", "random", "--ratio", "0.3", *stock, "--out", tmp_path / out)
+    stock_card = (tmp_path / "stock" / "model" / "README.md").read_text()
+    pruned_card = (tmp_path / "pruned" / "model" / "README.md").read_text()
+    assert "from_config" in stock_card and "meta device" in pruned_card
+    script = textwrap.dedent(f"""
+        import sys
+        ns = {{}}
+        exec({_code(stock_card, tmp_path / "stock" / "model")!r}, ns)
+        print(type(ns["model"]).__name__, sum(p.numel() for p in ns["model"].parameters()), "diffslim" in sys.modules)
+        exec({_code(pruned_card, tmp_path / "pruned" / "model")!r}, ns)
+        print(type(ns["model"]).__name__, sum(p.numel() for p in ns["model"].parameters()))""")
+    counts = [_params(load(str(tmp_path / out / "model")).denoiser) for out in ("stock", "pruned")]
+    assert _run_fresh(script) == ["DiTTransformer2DModel", str(counts[0]), "False",
+                                  "LayerPrunedDiTTransformer2DModel", str(counts[1])]
+    assert _size_row(stock_card)[1] == f"{counts[0]:,}"

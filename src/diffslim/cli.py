@@ -862,7 +862,9 @@ def workflow(
     add_workflow_section(rep, model, res, floors, recipe_file="recipe.json", references=reference_images(es),
                          timing=timing_note(res.timing, "the stages"))
     rep.write(out)
-    _workflow_card(out, model, res, stages, n, floor)
+    from diffslim.report.card import workflow_card
+
+    _card(out, **workflow_card(out, model, res, stages, n, floor))
     if as_json:
         _print_json({**res.to_json(), "rows": json_rows([{k: finite(v) for k, v in r.items()} for r in res.rows],
                                                         "stage")})
@@ -887,42 +889,6 @@ def workflow(
                                                                      ("prompts", prompts)) if v is not None])
     console.print(f"[dim]to check the last row on other inputs or more of them: {escape(check)} (against "
                   f"{escape(res.recipe.original or model)})[/]", highlight=False)
-
-
-def _workflow_card(out: Path, model: str, res, stages: str, n: int, floor: Optional[str]) -> None:
-    """``OUT/README.md``: the model card of the workflow's result, which ``diffslim.from_recipe`` loads."""
-    from diffslim.evaluate import finite
-
-    not_metrics = {"stage", "kind", "params", "macs_per_sample", "macs_ratio", "seconds", "speedup", "skipped",
-                   "accepted"}
-    metrics = [k for k, v in res.rows[0].items() if k not in not_metrics and isinstance(v, (int, float))
-               and not isinstance(v, bool)]
-
-    def cell(v, form):
-        v = finite(v)
-        return "" if v is None else format(v, form)
-
-    rows = [[r["stage"], cell(r.get("params"), ","), cell(r.get("macs_ratio"), ".3f"),
-             "" if finite(r.get("speedup")) is None else f"{r['speedup']:.2f}x", *[cell(r.get(k), ".4g") for k in metrics],
-             "yes" if r.get("accepted") else "no"] for r in res.rows]
-    done = [f"Guided workflow: the stages `{stages}` stacked in order, each judged against the original's outputs "
-            f"on {n} inputs" + (f", down to the floor {floor}" if floor else "") + ".",
-            "Kept: " + (", ".join(f"`{k}`" for k in res.stages_kept) or "none")]
-    if res.stopped:
-        done.append(res.stopped)
-    model_dir = Path(res.recipe.model)
-    if not model_dir.is_absolute():
-        model_dir = out / model_dir
-    last = next((r for r in reversed(res.rows) if r.get("accepted")), res.rows[0])
-    share = finite(last.get("macs_ratio"))
-    _card(out, base=model, recipe="recipe.json", task_of=model_dir if model_dir.is_dir() else None,
-          title=f"{_model_name(model)}, slimmed by diffslim's workflow"
-                + ("" if share is None else f" ({share:.0%} of the MACs)"),
-          done=done, tables=[("Every stage against the original (the last kept row is this model)",
-                              ["stage", "params", "MACs of a sampling run (share)", "speedup", *metrics, "kept"],
-                              rows)],
-          notes=[f"`diffslim evaluate --recipe {out / 'recipe.json'} --n N` checks it again on other inputs; "
-                 f"`{out / 'index.html'}` is the workflow's report."], tags=["pruned", "workflow"])
 
 
 def _compile_options(compile: bool, mode: Optional[str], backend: Optional[str]) -> Optional[dict]:
@@ -1278,40 +1244,26 @@ def finetune(
     pipeline = _student_pipeline(loaded, student, Path(out) / "pipeline")
     _trained_cards(model, loaded, folder, pipeline, cfg, None,
                    f"Depth-skip pruning (Kim and Cho, 2024) at depth {depth}, then fine-tuned with distillation from "
-                   f"`{model}`", None, data)
+                   f"`{model}`", data)
     console.print(f"fine-tuned student (depth {depth}): {folder}; log: {Path(out) / 'train_log.csv'}"
                   + (f"\npipeline with the student (sample, evaluate and bench take it): {pipeline}"
                      if pipeline else ""))
 
 
 def _trained_cards(teacher: str, loaded, student_dir: Path, pipeline: Optional[Path], cfg, res, what: str,
-                   history, data: str) -> None:
-    """The model cards of a trained student's folder and of the pipeline written with it (the first process)."""
+                   data: str, started_from: Optional[Path] = None) -> None:
+    """The model cards of a trained student's folder and of the pipeline written with it (the first process);
+    ``started_from``: the student folder the training started from, whose card's history comes first."""
     if not _main_process():
         return
-    from diffslim.report.card import size_table
+    from diffslim.models.load import load
+    from diffslim.report.card import trained_card
 
-    feat = ("normalized (LAPTOP-Diff: each block's term over the teacher feature's norm)" if cfg.normalized
-            else "plain (BK-SDM's sum)")
-    line = (f"{what}: {cfg.steps} steps, batch {cfg.batch_size} per process, lr {cfg.lr:g}, on "
-            f"{'the zoo model' + chr(39) + 's own data' if data == 'zoo' else f'`{data}`'}; losses: task "
-            f"x{cfg.lambda_task:g}, output x{cfg.lambda_out:g}, {feat} features x{cfg.lambda_feat:g}"
-            + ("" if cfg.ema_decay is None else f"; EMA weights (decay {cfg.ema_decay:g})"))
-    if res is not None and res.final_losses:
-        line += "; final losses " + ", ".join(f"{k} {v:.4g}" for k, v in res.final_losses.items())
-    sizes = size_table((sum(p.numel() for p in loaded.denoiser.parameters()),
-                        sum(p.numel() for p in _load_quiet(student_dir).parameters())))
-    base = teacher if history is None else history.base
+    kwargs = trained_card(teacher, loaded.denoiser, load(str(student_dir)).denoiser, cfg, res, what, data,
+                          started_from)
     for folder in (student_dir, pipeline):
         if folder is not None and folder.is_dir():
-            _card(folder, base=base, title=f"{_model_name(base)}, pruned and distilled", done=[line.rstrip(".") + "."],
-                  tables=[sizes], tags=["pruned", "distillation"], history=history)
-
-
-def _load_quiet(folder: Path):
-    from diffslim.models.load import load
-
-    return load(str(folder)).denoiser
+            _card(folder, **kwargs)
 
 
 def _student_pipeline(teacher, student, folder: Path) -> Optional[Path]:
@@ -1427,9 +1379,7 @@ def distill(
     scale = f"; feature weight x{res.feat_scale:.4g} (matched to the plain sum)" if match_plain_weight else ""
     folder = Path(res.out_dir) / "student"
     pipeline = _student_pipeline(t, load(str(folder)).denoiser, Path(out) / "pipeline")
-    from diffslim.report.card import earlier
-
-    _trained_cards(teacher, t, folder, pipeline, cfg, res, f"Distilled from `{teacher}`", earlier(student), data)
+    _trained_cards(teacher, t, folder, pipeline, cfg, res, f"Distilled from `{teacher}`", data, student)
     console.print(f"student: {folder}; final losses: "
                   + ", ".join(f"{k} {v:.4g}" for k, v in res.final_losses.items()) + scale
                   + (f"\npipeline with the student (sample, evaluate and bench take it): {pipeline}"
@@ -1653,8 +1603,12 @@ def layer_prune_cmd(
     before = {p.name for p in out.iterdir()}
     _save_denoiser(loaded, pruned, out / "model", out / "pipeline")
     params_after = sum(p.numel() for p in pruned.parameters())
-    _layer_prune_cards(out, model, res, params_after, criterion, ratio, by, max_params,
-                       stocked=stock and not not_stock)
+    from diffslim.report.card import layer_prune_card
+
+    kwargs = layer_prune_card(out, model, res, params_after, max_params, stocked=stock and not not_stock)
+    for folder in (out / "model", out / "pipeline"):
+        if (folder / "config.json").is_file() or (folder / "model_index.json").is_file():
+            _card(folder, **kwargs)
     outputs.record_writes(out, before)
     report = {"model": model, **res.to_json(), "params_after": params_after, "out": str(out)}
     if keep:
@@ -1691,32 +1645,6 @@ def layer_prune_cmd(
                   + (f"; pipeline (sample, evaluate and bench take it): {out / 'pipeline'}"
                      if (out / "pipeline" / "model_index.json").exists() else "")
                   + f"; recipe (for the original model): {out / 'recipe.json'}; scores: {out / 'scores.json'}")
-
-
-def _layer_prune_cards(out: Path, model: str, res, params_after: int, criterion: str, ratio: Optional[float],
-                       by: str, max_params: Optional[float], stocked: bool) -> None:
-    """The model cards of layer-prune's ``model/`` and ``pipeline/`` folders."""
-    from diffslim.report.card import size_table
-
-    share = "" if ratio is None else f", at a ratio of {ratio} of the {by}" + (
-        "" if max_params is None else f" (at most {max_params} of the params)")
-    done = [f"Layer pruning (one-shot, LAPTOP-Diff's scoring and selection): {len(res.removed)} of "
-            f"{len(res.layers)} layers removed by the `{criterion}` criterion{share}; their weights are gone from "
-            "the folder. Nothing was retrained.",
-            "Removed: " + (", ".join(f"`{n}`" for n in res.removed) or "nothing")]
-    if stocked:
-        done.append("Written as the stock diffusers class: its config lists fewer blocks, so diffusers alone loads "
-                    "it.")
-    macs = (res.macs, res.macs - res.macs_removed) if res.macs else None
-    notes = [f"Retraining recovers most of the quality the removal costs: `diffslim distill {model} "
-             f"{out / 'model'} --data DATA --out DIR` distils the original into it (normalized feature "
-             "distillation)."]
-    for folder in (out / "model", out / "pipeline"):
-        if (folder / "config.json").is_file() or (folder / "model_index.json").is_file():
-            _card(folder, base=model, title=f"{_model_name(model)}, layer-pruned ({res.params_removed / res.params:.0%} of the "
-                  "denoiser's parameters removed)", done=done,
-                  tables=[size_table((res.params, params_after), macs)], notes=notes,
-                  tags=["pruned", "layer-pruning", "laptop-diff"])
 
 
 def _macs_removed(full, pruned) -> tuple[Optional[int], Optional[int]]:
@@ -1835,13 +1763,13 @@ def stock_cmd(
                           f"({info['renumbered_processors']} renumbered for the stock model), "
                           f"{info['dropped_processors']} dropped with the removed layers")
             done.append(f"IP-Adapter `{path}` adapted to it: `ip_adapters/{path.stem}.safetensors`")
-    from diffslim.report.card import earlier, size_table
+    from diffslim.report.card import earlier, size_table, title_name
 
     history = earlier(Path(model))  # the card layer-prune or distill wrote: the original, what was done to it
     if history is not None:
         done = [d for d in done if not d.startswith("Removed: ")]  # its card lists them
     base = model if history is None else history.base
-    _card(out, base=base, title=f"{_model_name(base)}, layer-pruned, as a stock {type(stock).__name__}", done=done,
+    _card(out, base=base, title=f"{title_name(base)}, layer-pruned, as a stock {type(stock).__name__}", done=done,
           tables=[size_table((None if history is None else history.params, params))],
           tags=["pruned", "layer-pruning", "laptop-diff"], history=history)
     outputs.record_writes(out, before)
@@ -2325,13 +2253,6 @@ def _command_line() -> Optional[str]:
     import shlex
 
     return None if _ARGV is None else "diffslim " + shlex.join(_ARGV)
-
-
-def _model_name(model: str) -> str:
-    """How a card's title names MODEL: a zoo name or Hub id as given, a local folder by its name."""
-    from diffslim.report.card import hub_id
-
-    return model if model.startswith("zoo:") or hub_id(model) else Path(model).resolve().name
 
 
 def _card(folder: Path, **kwargs) -> None:

@@ -88,16 +88,22 @@ def loading_code(folder: Path, recipe: Optional[str] = None) -> str:
     pipeline, name, parts = _components(folder)
     if pipeline and not hasattr(diffusers, name):  # a zoo pipeline: diffslim's own class
         return f'import diffslim\n\npipe = diffslim.load("{PLACEHOLDER}").pipe\n'
+    weights = pipeline or any(folder.glob("*.safetensors"))
     if _stock(folder):
         if pipeline:
             return ('from diffusers import DiffusionPipeline\n\n'
                     f'pipe = DiffusionPipeline.from_pretrained("{PLACEHOLDER}")  # diffusers alone loads it\n')
+        if not weights:
+            return (f'from diffusers import {name}\n\n# a config without weights: the architecture, randomly '
+                    f'initialised (to train, or to count)\nmodel = {name}.from_config({name}.load_config('
+                    f'"{PLACEHOLDER}"))\n')
         return f'from diffusers import {name}\n\nmodel = {name}.from_pretrained("{PLACEHOLDER}")\n'
     if pipeline:
         return ('import diffslim  # registers diffslim\'s pruned classes, which this folder names\n'
                 'from diffusers import DiffusionPipeline\n\n'
                 f'pipe = DiffusionPipeline.from_pretrained("{PLACEHOLDER}")\n')
-    return f'import diffslim\n\nmodel = diffslim.load("{PLACEHOLDER}").denoiser  # a {name}\n'
+    return (f'import diffslim\n\nmodel = diffslim.load("{PLACEHOLDER}").denoiser  # a {name}'
+            + ("" if weights else " without weights, on the meta device (structure, params, MACs)") + "\n")
 
 
 def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -212,3 +218,91 @@ def write_model_card(folder: Path, **kwargs) -> Optional[Path]:
         return None
     model_card(Path(folder), **kwargs).save(path)
     return path
+
+
+# ------------------------------------------------------------------------------------------
+# What each command's cards say (the keyword arguments of write_model_card but ``command``)
+
+
+def title_name(model: str) -> str:
+    """How a card's title names MODEL: a zoo name or Hub id as given, a local folder by its name."""
+    return model if model.startswith("zoo:") or hub_id(model) else Path(model).resolve().name
+
+
+def layer_prune_card(out: Path, model: str, res, params_after: int, max_params: Optional[float],
+                     stocked: bool) -> dict:
+    """The card of ``diffslim layer-prune``'s ``model/`` and ``pipeline/`` (``res``: its
+    :class:`~diffslim.methods.layer_prune.LayerPruneResult`)."""
+    share = "" if res.ratio is None else f", at a ratio of {res.ratio} of the {res.by}" + (
+        "" if max_params is None else f" (at most {max_params} of the params)")
+    done = [f"Layer pruning (one-shot, LAPTOP-Diff's scoring and selection): {len(res.removed)} of "
+            f"{len(res.layers)} layers removed by the `{res.criterion}` criterion{share}; their weights are gone from "
+            "the folder. Nothing was retrained.",
+            "Removed: " + (", ".join(f"`{n}`" for n in res.removed) or "nothing")]
+    if stocked:
+        done.append("Written as the stock diffusers class: its config lists fewer blocks, so diffusers alone loads "
+                    "it.")
+    macs = (res.macs, res.macs - res.macs_removed) if res.macs else None
+    notes = [f"Retraining recovers most of the quality the removal costs: `diffslim distill {model} "
+             f"{out / 'model'} --data DATA --out DIR` distils the original into it (normalized feature "
+             "distillation)."]
+    return dict(base=model, title=f"{title_name(model)}, layer-pruned ({res.params_removed / res.params:.0%} of the "
+                                  "denoiser's parameters removed)",
+                done=done, tables=[size_table((res.params, params_after), macs)], notes=notes,
+                tags=["pruned", "layer-pruning", "laptop-diff"])
+
+
+def trained_card(teacher: str, teacher_model, student_model, cfg, res, what: str, data: str,
+                 started_from: Optional[Path] = None) -> dict:
+    """The card of a trained student (``distill``, ``finetune``) and of the pipeline written with it: ``cfg`` the
+    :class:`~diffslim.train.distill.DistillConfig`, ``res`` its result (or None), ``what`` the first words of the
+    line that says what was done; ``started_from``: the student's folder before training (its history first)."""
+    history = None if started_from is None else earlier(started_from)
+    feat = ("normalized (LAPTOP-Diff: each block's term over the teacher feature's norm)" if cfg.normalized
+            else "plain (BK-SDM's sum)")
+    on = "the zoo model's own data" if data == "zoo" else f"`{data}`"
+    line = (f"{what}: {cfg.steps} steps, batch {cfg.batch_size} per process, lr {cfg.lr:g}, on {on}; losses: task "
+            f"x{cfg.lambda_task:g}, output x{cfg.lambda_out:g}, {feat} features x{cfg.lambda_feat:g}"
+            + ("" if cfg.ema_decay is None else f"; EMA weights (decay {cfg.ema_decay:g})"))
+    if res is not None and res.final_losses:
+        line += "; final losses " + ", ".join(f"{k} {v:.4g}" for k, v in res.final_losses.items())
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    base = teacher if history is None else history.base
+    return dict(base=base, title=f"{title_name(base)}, pruned and distilled", done=[line + "."],
+                tables=[size_table((count(teacher_model), count(student_model)))], tags=["pruned", "distillation"],
+                history=history)
+
+
+def workflow_card(out: Path, model: str, res, stages: str, n: int, floor: Optional[str]) -> dict:
+    """The card of ``diffslim workflow``'s ``OUT/`` (``res``: its :class:`~diffslim.workflow.WorkflowResult`):
+    every row, and ``diffslim.from_recipe`` on ``OUT/recipe.json`` to load the result."""
+    import math
+
+    def cell(v, form):
+        return "" if not isinstance(v, (int, float)) or not math.isfinite(v) else format(v, form)
+
+    not_metrics = {"stage", "kind", "params", "macs_per_sample", "macs_ratio", "seconds", "speedup", "skipped",
+                   "accepted"}
+    metrics = [k for k, v in res.rows[0].items() if k not in not_metrics and isinstance(v, (int, float))
+               and not isinstance(v, bool)]
+    rows = [[r["stage"], cell(r.get("params"), ","), cell(r.get("macs_ratio"), ".3f"),
+             cell(r.get("speedup"), ".2f") + ("x" if cell(r.get("speedup"), ".2f") else ""),
+             *[cell(r.get(k), ".4g") for k in metrics], "yes" if r.get("accepted") else "no"] for r in res.rows]
+    done = [f"Guided workflow: the stages `{stages}` stacked in order, each judged against the original's outputs "
+            f"on {n} inputs" + (f", down to the floor {floor}" if floor else "") + ".",
+            "Kept: " + (", ".join(f"`{k}`" for k in res.stages_kept) or "none")]
+    if res.stopped:
+        done.append(res.stopped)
+    model_dir = Path(res.recipe.model)
+    if not model_dir.is_absolute():
+        model_dir = out / model_dir
+    last = next((r for r in reversed(res.rows) if r.get("accepted")), res.rows[0])
+    share = cell(last.get("macs_ratio"), ".0%")
+    return dict(base=model, recipe="recipe.json", task_of=model_dir if model_dir.is_dir() else None,
+                title=f"{title_name(model)}, slimmed by diffslim's workflow" + (f" ({share} of the MACs)" if share
+                                                                                else ""),
+                done=done, tables=[("Every stage against the original (the last kept row is this model)",
+                                    ["stage", "params", "MACs of a sampling run (share)", "speedup", *metrics, "kept"],
+                                    rows)],
+                notes=[f"`diffslim evaluate --recipe {out / 'recipe.json'} --n N` checks it again on other inputs; "
+                       f"`{out / 'index.html'}` is the workflow's report."], tags=["pruned", "workflow"])
