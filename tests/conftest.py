@@ -16,6 +16,10 @@ torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, tor
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("DIFFSLIM_CACHE", str(tmp_path_factory.mktemp("cache")))
+    # nor does a test read the machine's Hugging Face cache (where a Hub id MODEL is looked up)
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path_factory.mktemp("hf_hub")))
 
 
 def _quiet():

@@ -55,7 +55,7 @@ def test_sd15_config_is_latent():
 
 @pytest.mark.parametrize("make, needle", [
     (lambda d: d / "nope", "no such file or folder"),
-    (lambda d: "runwayml/stable-diffusion-v1-5", "looks like a Hugging Face Hub id; diffslim reads local folders"),
+    (lambda d: "runwayml/stable-diffusion-v1-5", "looks like a Hugging Face Hub id, and the local Hugging Face cache has no copy of it"),
     (lambda d: (d / "empty").mkdir() or d / "empty", "has neither model_index.json nor config.json"),
     (lambda d: (d / "w.ckpt").write_bytes(b"x") and d / "w.ckpt", "pickle checkpoint"),
     (lambda d: (d / "v1-5.safetensors").write_bytes(b"x") and d / "v1-5.safetensors", "from_single_file(PATH)"),

@@ -179,3 +179,37 @@ def test_config_only_exports_say_how_to_build_them(tmp_path, monkeypatch):
     assert _run_fresh(script) == ["DiTTransformer2DModel", str(counts[0]), "False",
                                   "LayerPrunedDiTTransformer2DModel", str(counts[1])]
     assert _size_row(stock_card)[1] == f"{counts[0]:,}"
+
+
+def _cache_copy(repo: str, folder: Path) -> Path:
+    """Put ``folder`` in the (test's own) Hugging Face cache as the ``main`` revision of ``repo``, laid out as
+    ``from_pretrained`` leaves a download."""
+    import shutil
+
+    import huggingface_hub.constants
+
+    entry = Path(huggingface_hub.constants.HF_HUB_CACHE) / f"models--{repo.replace('/', '--')}"
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    (entry / "refs").mkdir(parents=True)
+    (entry / "refs" / "main").write_text(sha)
+    shutil.copytree(folder, entry / "snapshots" / sha)
+    return entry / "snapshots" / sha
+
+
+def test_a_hub_id_in_the_local_hf_cache_loads_and_its_card_names_it(tiny_sd_pipe, tmp_path, monkeypatch):
+    from diffslim.models.load import ModelLoadError
+
+    tiny_sd_pipe.save_pretrained(str(tmp_path / "sd"), safe_serialization=True)
+    snapshot = _cache_copy("someone/tiny-sd", tmp_path / "sd")
+    loaded = load("someone/tiny-sd")
+    assert type(loaded.pipe).__name__ == "StableDiffusionPipeline" and loaded.source == str(snapshot)
+    assert _params(loaded.denoiser) == _params(tiny_sd_pipe.unet)
+    unet = load("someone/tiny-sd/unet")  # a component's subfolder, as from_pretrained(..., subfolder="unet")
+    assert unet.pipe is None and _params(unet.denoiser) == _params(tiny_sd_pipe.unet)
+    for missing in ("someone/other", "someone/tiny-sd/nope"):
+        with pytest.raises(ModelLoadError, match="the local Hugging Face cache has no copy of it"):
+            load(missing)
+    out = tmp_path / "pruned"
+    _run(monkeypatch, "layer-prune", "someone/tiny-sd", "--ratio", "0.3", "--criterion", "magnitude", "--out", out)
+    card = ModelCard.load(out / "pipeline" / "README.md")
+    assert card.data.base_model == "someone/tiny-sd" and card.text.startswith("\n# someone/tiny-sd, layer-pruned")

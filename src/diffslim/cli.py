@@ -132,7 +132,7 @@ _SEED_MAX = 2 ** 62
 
 def _fail(msg: str, code: int = 2):
     if _main_process():
-        err_console.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(msg)}", highlight=False, soft_wrap=True)  # a path's [x] too
     else:  # the notes of a launch's other processes are quiet, their errors not once they work: one may fail alone
         import os
 
@@ -309,7 +309,7 @@ _INPUTS_HELP = ("a text file, one prompt per line (class labels for DiT), or a .
 @app.command()
 @_guard
 def profile(
-    model: str = typer.Argument(..., help="pipeline folder, model folder, config-only folder or zoo:NAME"),
+    model: str = typer.Argument(..., help="pipeline folder, model folder, config-only folder, zoo:NAME or a Hub id the local HF cache holds"),
     height: Optional[int] = typer.Option(None, min=1, help="image height in pixels (default: the model's sample size)"),
     width: Optional[int] = typer.Option(None, min=1, help="image width in pixels"),
     repeats: int = typer.Option(5, min=1, help="timed denoiser calls for the latency median"),
@@ -560,7 +560,7 @@ _COMPILE_HELP = ("torch.compile the denoiser after the recipe (a skip plan's or 
 @app.command("sample")
 @_guard
 def sample_cmd(
-    model: Optional[str] = typer.Argument(None, help="pipeline folder or zoo:NAME (default: the --recipe's model)"),
+    model: Optional[str] = typer.Argument(None, help="pipeline folder, zoo:NAME or a Hub id the local HF cache holds (default: the --recipe's model)"),
     out: Path = typer.Option(Path("samples"), help="output folder for PNGs"),
     n: int = typer.Option(16, min=1, help="number of samples"),
     steps: Optional[int] = typer.Option(None, min=1, help="inference steps (default: the model's)"),
@@ -613,7 +613,7 @@ def sample_cmd(
 @app.command()
 @_guard
 def evaluate(
-    model: Optional[str] = typer.Argument(None, help="pipeline folder or zoo:NAME (default: the --recipe's model)"),
+    model: Optional[str] = typer.Argument(None, help="pipeline folder, zoo:NAME or a Hub id the local HF cache holds (default: the --recipe's model)"),
     recipe: Optional[Path] = typer.Option(None, help="a recipe JSON to apply; metrics compare it to the full model"),
     reference: Optional[str] = typer.Option(None, help="with --recipe: the full model the outputs are compared with "
                                             "(default: the model the recipe started from, e.g. the original of a "
@@ -699,7 +699,7 @@ def evaluate(
 @app.command()
 @_guard
 def bench(
-    model: str = typer.Argument(..., help="pipeline folder or zoo:NAME"),
+    model: str = typer.Argument(..., help="pipeline folder, zoo:NAME or a Hub id the local HF cache holds"),
     methods: str = typer.Option("full,steps:25,steps:10", help="comma-separated methods, e.g. full,steps:10"),
     n: int = typer.Option(50, min=1, help="number of inputs every variant samples"),
     steps: Optional[int] = typer.Option(None, min=1, help="steps of the full model (default: the model's)"),
@@ -779,7 +779,7 @@ def bench(
 @app.command()
 @_guard
 def workflow(
-    model: str = typer.Argument(..., help="pipeline folder or zoo:NAME"),
+    model: str = typer.Argument(..., help="pipeline folder, zoo:NAME or a Hub id the local HF cache holds"),
     stages: Optional[str] = typer.Option(None, help="comma-separated stages, applied in order: model stages (layers:R[+kd], "
                                          "bk-sdm:V, depth:N[+ft]), then one schedule stage (steps:N, dpm:N, gamma:N, "
                                          "...), then one skip-plan stage (dipgo:R, deepcache:K, ...), "
@@ -993,7 +993,7 @@ def _calibration(model: str, n: int, steps: Optional[int], seed: int, prompts: O
 @app.command("depth-search")
 @_guard
 def depth_search_cmd(
-    model: str = typer.Argument(..., help="pipeline folder or zoo:NAME (a U-Net denoiser)"),
+    model: str = typer.Argument(..., help="pipeline folder, zoo:NAME or a Hub id the local HF cache holds (a U-Net denoiser)"),
     threshold: Optional[float] = typer.Option(None, help="minimum quality against the full model's outputs "
                                               "(default: 30 dB for psnr, 0.95 for ssim)"),
     metric: str = typer.Option("psnr", help="psnr or ssim"),
@@ -1100,7 +1100,7 @@ def depth_search_cmd(
 @_guard
 def timesteps_cmd(
     ctx: typer.Context,
-    model: Optional[str] = typer.Argument(None, help="pipeline folder or zoo:NAME to search gamma on; omit to print a schedule"),
+    model: Optional[str] = typer.Argument(None, help="pipeline folder, zoo:NAME or a Hub id the local HF cache holds to search gamma on; omit to print a schedule"),
     steps: int = typer.Option(..., min=1, help="number of sampling steps N"),
     gamma: Optional[float] = typer.Option(None, help="gamma of the schedule (without MODEL)"),
     coef: float = typer.Option(30.0, help="the schedule's offset c"),
@@ -1210,7 +1210,7 @@ _TRAIN_OPTS = dict(
 @app.command()
 @_guard
 def finetune(
-    model: str = typer.Argument(..., help="pipeline folder or zoo:NAME: the teacher"),
+    model: str = typer.Argument(..., help="pipeline folder, zoo:NAME or a Hub id the local HF cache holds: the teacher"),
     depth: int = typer.Option(..., help="depth-skip depth of the student"),
     out: Path = typer.Option(Path("finetune"), help="run folder: checkpoints, train_log.csv, student/"),
     data: str = _TRAIN_OPTS["data"], steps: int = _TRAIN_OPTS["steps"], batch_size: int = _TRAIN_OPTS["batch_size"],
@@ -1312,7 +1312,7 @@ def _teacher_samples(teacher, prompts: Path, n: int, steps: Optional[int], folde
 @_guard
 def distill(
     ctx: typer.Context,
-    teacher: str = typer.Argument(..., help="pipeline folder or zoo:NAME"),
+    teacher: str = typer.Argument(..., help="pipeline folder, zoo:NAME or a Hub id the local HF cache holds"),
     student: Path = typer.Argument(..., help="a denoiser folder (config.json + safetensors), e.g. a pruned model"),
     out: Path = typer.Option(Path("distill"), help="run folder"),
     data: str = typer.Option("zoo", help="'zoo' (the zoo model's own data), an image folder, a folder with input/ "
@@ -1478,7 +1478,7 @@ def _layer_calibration(loaded, kind: str, n: int, seed: int, data: str, resoluti
 @app.command("layer-prune")
 @_guard
 def layer_prune_cmd(
-    model: str = typer.Argument(..., help="pipeline folder, model folder, config-only folder or zoo:NAME"),
+    model: str = typer.Argument(..., help="pipeline folder, model folder, config-only folder, zoo:NAME or a Hub id the local HF cache holds"),
     ratio: Optional[float] = typer.Option(None, help="share of params (or MACs, --by macs) to remove, in (0, 1); "
                                                      "not used by the bk-sdm-* criteria"),
     criterion: str = typer.Option("output-loss", help="output-loss, output-loss-pairs (second order: also every "
@@ -1858,7 +1858,7 @@ def lora_cmd(
 @app.command("layer-compare")
 @_guard
 def layer_compare_cmd(
-    model: str = typer.Argument(..., help="pipeline folder or zoo:NAME"),
+    model: str = typer.Argument(..., help="pipeline folder, zoo:NAME or a Hub id the local HF cache holds"),
     ratios: str = typer.Option("0.3,0.5,0.7", help="comma-separated shares of params (--by macs: of MACs) to remove, "
                                                    "each in (0, 1)"),
     out: Path = typer.Option(..., help="folder: index.html, compare.json, output_loss.png, additivity.png (with "

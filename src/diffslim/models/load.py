@@ -42,7 +42,8 @@ SUPPORTED_DENOISERS = (
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 ACCEPTED = (
     "MODEL is a diffusers pipeline folder (model_index.json), a diffusers model folder "
-    "(config.json + *.safetensors), a folder with only a model config.json, or zoo:NAME"
+    "(config.json + *.safetensors), a folder with only a model config.json, zoo:NAME, or a Hub id "
+    "(OWNER/NAME[/SUBFOLDER]) in the local Hugging Face cache"
 )
 
 
@@ -200,8 +201,22 @@ def load_pipeline_folder(folder: Path, dtype=torch.float32, device="cpu"):
     return pipe.to(device)
 
 
+def hub_cache_folder(repo_id: str, subfolder: str = "") -> Optional[Path]:
+    """The local copy of Hub repository ``repo_id`` (its ``subfolder``, e.g. ``unet``) in the Hugging Face cache
+    (``HF_HUB_CACHE``, where ``from_pretrained`` and ``hf download`` keep what they fetched), at the revision
+    ``main`` points to; None where the cache has none. Never goes to the network."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = Path(snapshot_download(repo_id, local_files_only=True)) / subfolder
+    except Exception:  # not cached (LocalEntryNotFoundError), or an id the Hub would refuse: not a model we have
+        return None
+    return folder if folder.is_dir() else None
+
+
 def load(model: str, dtype=torch.float32, device="cpu", random_weights: bool = False) -> LoadedModel:
-    """Load ``model`` (a path or ``zoo:NAME``) into a :class:`LoadedModel`.
+    """Load ``model`` (a path, ``zoo:NAME``, or a Hub id ``OWNER/NAME[/SUBFOLDER]`` that the local Hugging Face
+    cache holds, see :func:`hub_cache_folder`) into a :class:`LoadedModel`.
 
     ``dtype``: a torch dtype or its name (``"bf16"``, see :func:`resolve_dtype`); ``device``: a torch device
     or its name, ``"auto"`` included (see :func:`resolve_device`). ``random_weights``: build a config-only
@@ -240,10 +255,15 @@ def load(model: str, dtype=torch.float32, device="cpu", random_weights: bool = F
         raise ModelLoadError(f"MODEL is empty; {ACCEPTED}")
     path = Path(model).expanduser()
     if not path.exists():
-        if re.fullmatch(r"[\w.-]+/[\w.-]+", model) and not model.startswith("."):
-            raise ModelLoadError(f"no such folder: {model}, which looks like a Hugging Face Hub id; diffslim reads "
-                                 f"local folders: download it first (hf download {model} --local-dir DIR, or "
-                                 "huggingface_hub.snapshot_download) and give DIR")
+        hub = re.fullmatch(r"([\w-][\w.-]*/[\w.-]+)((?:/[\w.-]+)*)", model)
+        if hub and not model.startswith("."):
+            cached = hub_cache_folder(hub.group(1), hub.group(2).lstrip("/"))
+            if cached is not None:  # what diffusers' from_pretrained downloaded before: read where it lies
+                return load(str(cached), dtype=dtype, device=device, random_weights=random_weights)
+            raise ModelLoadError(f"no such folder: {model}, which looks like a Hugging Face Hub id, and the local "
+                                 "Hugging Face cache has no copy of it; diffslim does not download: fetch it first "
+                                 f"(DiffusionPipeline.from_pretrained(\"{hub.group(1)}\") caches it, or hf download "
+                                 f"{hub.group(1)} --local-dir DIR and give DIR)")
         raise ModelLoadError(f"no such file or folder: {model}; {ACCEPTED}")
     if path.is_file():
         if path.suffix.lower() in PICKLE_SUFFIXES:
