@@ -182,6 +182,12 @@ def test_workflow_under_a_launch_keeps_what_one_process_keeps_and_resumes(tmp_pa
     recipe = json.loads((tmp_path / "mp" / "recipe.json").read_text())
     assert (tmp_path / "mp" / recipe["model"] / "model_index.json").is_file()  # the kept stage, written once
     assert (tmp_path / "mp" / "index.html").is_file()
+    # the model card, written once, with the rows one process writes (speedups aside: timings differ)
+    cards = {d: (tmp_path / d / "README.md").read_text() for d in ("mp", "one")}
+    table = {d: [line.split(" | ")[:3] for line in c.splitlines() if line.endswith((" | yes |", " | no |"))]
+             for d, c in cards.items()}
+    assert table["mp"] == table["one"] and len(table["mp"]) == len(two["rows"])
+    assert cards["mp"].count("diffslim workflow zoo:digits-dit") == 1
     r = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads(r.stdout)["stages_kept"] == two["stages_kept"]

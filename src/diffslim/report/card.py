@@ -261,7 +261,11 @@ def trained_card(teacher: str, teacher_model, student_model, cfg, res, what: str
     feat = ("normalized (LAPTOP-Diff: each block's term over the teacher feature's norm)" if cfg.normalized
             else "plain (BK-SDM's sum)")
     on = "the zoo model's own data" if data == "zoo" else f"`{data}`"
-    line = (f"{what}: {cfg.steps} steps, batch {cfg.batch_size} per process, lr {cfg.lr:g}, on {on}; losses: task "
+    from diffslim.launch import world_size
+
+    n = world_size()
+    batch = f"batch {cfg.batch_size}" + ("" if n == 1 else f" per process x {n} processes (accelerate launch)")
+    line = (f"{what}: {cfg.steps} steps, {batch}, lr {cfg.lr:g}, on {on}; losses: task "
             f"x{cfg.lambda_task:g}, output x{cfg.lambda_out:g}, {feat} features x{cfg.lambda_feat:g}"
             + ("" if cfg.ema_decay is None else f"; EMA weights (decay {cfg.ema_decay:g})"))
     if res is not None and res.final_losses:
