@@ -153,6 +153,8 @@ def test_workflow_card_has_every_row_and_its_recipe_code_loads_the_result(tmp_pa
     assert [r[0].lstrip("| ") for r in table] == [r["stage"] for r in rows] == ["original", "layers:0.3", "steps:6"]
     assert [r[1] for r in table] == [f"{r['params']:,}" for r in rows]
     assert "of the MACs)" in text.splitlines()[text.splitlines().index("---", 1) + 2]
+    figures = re.findall(r"^!\[[^]]*\]\(([^)]+)\)$", text, flags=re.M)  # the samples grid and the trade-off
+    assert len(figures) == 2 and figures[0].startswith("workflow_grid_") and all((out / f).is_file() for f in figures)
     ns = {}
     exec(_code(text, out), ns)
     pipe = ns["pipe"]

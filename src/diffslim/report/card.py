@@ -122,7 +122,8 @@ def _task(folder: Path) -> Optional[str]:
 
 def model_card(folder: Path, *, base: str, title: str, done: Sequence[str], tables: Sequence[Table] = (),
                notes: Sequence[str] = (), recipe: Optional[str] = None, command: Optional[str] = None,
-               tags: Sequence[str] = (), task_of: Optional[Path] = None, history: Optional[Earlier] = None):
+               tags: Sequence[str] = (), task_of: Optional[Path] = None, history: Optional[Earlier] = None,
+               images: Sequence[tuple[str, str]] = ()):
     """The ``huggingface_hub.ModelCard`` of the exported ``folder`` (a pipeline or model folder, already written).
 
     ``base``: the model it was made from, as the user named it (the YAML's ``base_model`` where that is a Hub id);
@@ -130,7 +131,7 @@ def model_card(folder: Path, *, base: str, title: str, done: Sequence[str], tabl
     ``notes``: closing lines (what to do next); ``recipe``: a recipe file inside ``folder`` to load it by;
     ``command``: the command line that made it; ``task_of``: the pipeline folder whose class gives the Hub task
     (default ``folder``); ``history``: the card of the folder it was made from (:func:`earlier`), whose steps come
-    first."""
+    first; ``images``: ``(caption, file inside folder)`` figures shown after the tables."""
     from huggingface_hub import ModelCard, ModelCardData
 
     import diffslim
@@ -144,6 +145,10 @@ def model_card(folder: Path, *, base: str, title: str, done: Sequence[str], tabl
     body += [f"- {line}" for line in steps + [d for d in done if d not in steps]]
     for name, header, rows in tables:
         body += ["", f"## {name}", "", _markdown_table(header, rows)]
+    if images:
+        body += ["", "## Samples and figures"]
+        for caption, file in images:
+            body += ["", f"![{caption}]({file})", "", f"*{caption}*"]
     code = loading_code(folder, recipe)
     where = ("this folder, or its Hub repository once uploaded" if "from_pretrained" in code else
              "this folder, as a whole (the recipe names its pipeline by a path inside it)" if recipe else
@@ -302,7 +307,12 @@ def workflow_card(out: Path, model: str, res, stages: str, n: int, floor: Option
         model_dir = out / model_dir
     last = next((r for r in reversed(res.rows) if r.get("accepted")), res.rows[0])
     share = cell(last.get("macs_ratio"), ".0%")
-    return dict(base=model, recipe="recipe.json", task_of=model_dir if model_dir.is_dir() else None,
+    # the report's figures beside the card (report.add_workflow_section writes them): samples, then the trade-off
+    images = [(caption, found.name) for pattern, caption in (
+        ("workflow_grid_*_all.png", "the same inputs and seeds through every stage, the original first"),
+        ("workflow_[!g]*.png", "quality against the MACs of a sampling run, stage by stage"))
+        for found in sorted(out.glob(pattern))[:1]]
+    return dict(images=images, base=model, recipe="recipe.json", task_of=model_dir if model_dir.is_dir() else None,
                 title=f"{title_name(model)}, slimmed by diffslim's workflow" + (f" ({share} of the MACs)" if share
                                                                                 else ""),
                 done=done, tables=[("Every stage against the original (the last kept row is this model)",
