@@ -172,3 +172,23 @@ def test_profile_every_depth_of_a_unet():
         full["params"], full["macs"], 1.0, 1.0)
     table = _run("profile", "zoo:digits-sd", "--depth", "all").output
     assert "MMACs excl. attention" in table and f"{full['macs'] / 1e6:.4g}" in table
+
+
+def test_weights_saved_as_a_variant_load_and_two_variants_are_refused(tiny_sd_pipe, tmp_path):
+    """`from_pretrained(..., variant="fp16")` downloads and `save_pretrained(..., variant=...)` leave only
+    `*.fp16.safetensors`: diffusers then needs `variant=` (it said "no file named diffusion_pytorch_model.safetensors")."""
+    from diffslim.models.load import ModelLoadError, weights_variant
+
+    folder = tmp_path / "sd"
+    tiny_sd_pipe.save_pretrained(str(folder), variant="fp16")
+    assert weights_variant(folder) == "fp16" and weights_variant(folder / "unet") == "fp16"
+    loaded = load(str(folder))
+    want = tiny_sd_pipe.unet.state_dict()
+    for part in (loaded.denoiser, load(str(folder / "unet")).denoiser):
+        got = part.state_dict()
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    tiny_sd_pipe.save_pretrained(str(tmp_path / "plain"))
+    assert weights_variant(tmp_path / "plain") is None
+    tiny_sd_pipe.unet.save_pretrained(str(folder / "unet"), variant="bf16")  # beside the fp16 one
+    with pytest.raises(ModelLoadError, match=r"several variants \(bf16, fp16\)"):
+        load(str(folder / "unet"))

@@ -94,6 +94,27 @@ def _check_no_pickles(folder: Path) -> None:
         )
 
 
+# a weights file saved with a variant: diffusion_pytorch_model.fp16.safetensors, model-00001-of-00002.fp16.safetensors
+_VARIANT = re.compile(r"^(?:diffusion_pytorch_model|model)(?:-\d+-of-\d+)?\.([A-Za-z0-9_]+)\.safetensors$")
+_PLAIN = re.compile(r"^(?:diffusion_pytorch_model|model)(?:-\d+-of-\d+)?\.safetensors$")
+
+
+def weights_variant(folder: Path) -> Optional[str]:
+    """The variant (``fp16``, ``bf16``, ...) of the weights in ``folder`` (a pipeline's components or one model)
+    where they were saved only as one, as ``save_pretrained(..., variant=...)`` and ``from_pretrained(...,
+    variant="fp16")`` downloads leave SDXL and others; None where plain weights are there. A folder with plain
+    weights in one component and a variant in another loads with the variant (diffusers falls back to the plain
+    files of a component without it)."""
+    names = [p.name for p in folder.rglob("*.safetensors")]
+    variants = sorted({m.group(1) for n in names if (m := _VARIANT.match(n))})
+    if not variants or (names and all(_PLAIN.match(n) for n in names)):
+        return None
+    if len(variants) > 1:
+        raise ModelLoadError(f"{folder} holds weights of several variants ({', '.join(variants)}) and diffslim "
+                             "cannot tell which to load: keep one (diffusers' save_pretrained(..., variant=V))")
+    return variants[0]
+
+
 def _read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())
@@ -191,7 +212,9 @@ def load_pipeline_folder(folder: Path, dtype=torch.float32, device="cpu"):
         else:
             from diffusers import DiffusionPipeline
 
-            pipe = DiffusionPipeline.from_pretrained(str(folder), dtype=dtype, use_safetensors=True)
+            variant = weights_variant(folder)
+            pipe = DiffusionPipeline.from_pretrained(str(folder), dtype=dtype, use_safetensors=True,
+                                                     **({"variant": variant} if variant else {}))
     except ModelLoadError:
         raise
     except Exception as e:  # diffusers raises many types for broken folders; say which file and why
@@ -284,7 +307,9 @@ def load(model: str, dtype=torch.float32, device="cpu", random_weights: bool = F
     latent = _looks_latent(config)
     if has_weights:
         try:
-            denoiser = cls.from_pretrained(str(path), dtype=dtype, use_safetensors=True).to(device)
+            variant = weights_variant(path)
+            denoiser = cls.from_pretrained(str(path), dtype=dtype, use_safetensors=True,
+                                           **({"variant": variant} if variant else {})).to(device)
         except Exception as e:
             msg = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
             raise ModelLoadError(f"cannot load weights of {model}: {msg}") from None
