@@ -330,3 +330,16 @@ def test_a_skip_plan_recipe_starts_every_pipeline_call_at_its_first_row(tiny_sd_
         assert np.array_equal(run(0.5, sigmas=sigmas), half)
     finally:
         remove_skip_plan(pipe.unet)  # the session's shared U-Net
+
+
+def test_layer_prune_by_macs_of_a_pipeline_that_takes_images_asks_for_its_data_option(tiny_controlnet_pipe, tmp_path):
+    """It asked for `--prompts inputs.jsonl`, which layer-prune does not have (its inputs are `--data`)."""
+    from typer.testing import CliRunner
+
+    from diffslim.cli import app
+
+    tiny_controlnet_pipe.save_pretrained(str(tmp_path / "cn"))
+    res = CliRunner().invoke(app, ["layer-prune", str(tmp_path / "cn"), "--ratio", "0.3", "--by", "macs",
+                                   "--criterion", "magnitude", "--out", str(tmp_path / "lp")])
+    said = " ".join(res.output.split())
+    assert res.exit_code == 2 and "give --data inputs.jsonl" in said and "--prompts" not in said, res.output

@@ -137,6 +137,7 @@ def test_finetune_cli_then_bench_the_student(tiny_digits_folder, tmp_path):
     for folder in (student, out / "pipeline"):
         card = (folder / "README.md").read_text()
         assert "Depth-skip pruning (Kim and Cho, 2024) at depth 7, then fine-tuned" in card and "4 steps" in card
+        assert "; final losses loss " in card
         assert f"| parameters (denoiser) | {teacher:,} | {sum(p.numel() for p in both[0].parameters()):,} |" in card
     r = _run("sample", out / "pipeline", "--n", "2", "--steps", "2", "--out", tmp_path / "s")
     assert r.exit_code == 0 and (tmp_path / "s" / "grid.png").exists(), r.output

@@ -202,16 +202,102 @@ def test_a_hub_id_in_the_local_hf_cache_loads_and_its_card_names_it(tiny_sd_pipe
     from diffslim.models.load import ModelLoadError
 
     tiny_sd_pipe.save_pretrained(str(tmp_path / "sd"), safe_serialization=True)
-    snapshot = _cache_copy("someone/tiny-sd", tmp_path / "sd")
-    loaded = load("someone/tiny-sd")
-    assert type(loaded.pipe).__name__ == "StableDiffusionPipeline" and loaded.source == str(snapshot)
+    _cache_copy("someone/tiny-sd", tmp_path / "sd")
+    loaded = load("someone/tiny-sd")  # read from the snapshot, named by its id (recipes, cards, cache keys)
+    assert type(loaded.pipe).__name__ == "StableDiffusionPipeline" and loaded.source == "someone/tiny-sd"
     assert _params(loaded.denoiser) == _params(tiny_sd_pipe.unet)
+    from diffslim.sample import model_fingerprint
+
+    assert model_fingerprint("someone/tiny-sd") != model_fingerprint("someone/other")  # the snapshot's files count
     unet = load("someone/tiny-sd/unet")  # a component's subfolder, as from_pretrained(..., subfolder="unet")
     assert unet.pipe is None and _params(unet.denoiser) == _params(tiny_sd_pipe.unet)
-    for missing in ("someone/other", "someone/tiny-sd/nope"):
-        with pytest.raises(ModelLoadError, match="the local Hugging Face cache has no copy of it"):
-            load(missing)
+    with pytest.raises(ModelLoadError, match="the local Hugging Face cache has no copy of it"):
+        load("someone/other")
+    with pytest.raises(ModelLoadError, match="is in the local Hugging Face cache, but its copy has no subfolder nope"):
+        load("someone/tiny-sd/nope")
+    _cache_copy("someone/dit", tmp_path / "sd" / "unet")
+    with pytest.raises(ModelLoadError, match="no such file or folder"):  # no way out of the snapshot
+        load("someone/tiny-sd/../../models--someone--dit/snapshots/0123456789abcdef0123456789abcdef01234567")
     out = tmp_path / "pruned"
     _run(monkeypatch, "layer-prune", "someone/tiny-sd", "--ratio", "0.3", "--criterion", "magnitude", "--out", out)
     card = ModelCard.load(out / "pipeline" / "README.md")
     assert card.data.base_model == "someone/tiny-sd" and card.text.startswith("\n# someone/tiny-sd, layer-pruned")
+    _run(monkeypatch, "layer-prune", "someone/tiny-sd/unet", "--ratio", "0.3", "--criterion", "magnitude", "--out",
+         tmp_path / "unet")
+    card = ModelCard.load(tmp_path / "unet" / "model" / "README.md")
+    assert card.data.base_model == "someone/tiny-sd" and card.text.startswith("\n# someone/tiny-sd/unet, layer")
+    # a workflow of a schedule alone names the Hub id in its recipe: `sample --recipe` loads it from the cache
+    _run(monkeypatch, "workflow", "someone/tiny-sd", "--stages", "steps:2", "--n", "2", "--steps", "3",
+         "--out", tmp_path / "wf")
+    assert json.loads((tmp_path / "wf" / "recipe.json").read_text())["model"] == "someone/tiny-sd"
+    res = _run(monkeypatch, "sample", "--recipe", tmp_path / "wf" / "recipe.json", "--n", "1", "--out", tmp_path / "s")
+    assert "warning" not in res.output and (tmp_path / "s" / "0000.png").is_file()
+    res = _run(monkeypatch, "sample", "someone/tiny-sd", "--recipe", tmp_path / "wf" / "recipe.json", "--n", "1",
+               "--out", tmp_path / "s2")
+    assert "warning" not in res.output  # the id is the model the recipe names
+
+
+def test_workflow_stages_and_reexports_keep_the_story_and_a_relative_model_stays_loadable(tiny_digits_folder,
+                                                                                           tmp_path, monkeypatch):
+    work = tmp_path / "work"
+    work.mkdir()
+    import shutil
+
+    shutil.copytree(tiny_digits_folder, work / "digits")
+    monkeypatch.chdir(work)
+    # a schedule-only workflow of a MODEL given relative to the working directory: its recipe names the folder so
+    # that the card's code loads it from anywhere
+    _run(monkeypatch, "workflow", "digits", "--stages", "steps:2", "--n", "2", "--steps", "3", "--out", "wf")
+    recipe = json.loads((work / "wf" / "recipe.json").read_text())
+    assert recipe["model"] == str(work / "digits")
+    card = (work / "wf" / "README.md").read_text()
+    assert "pruned" not in ModelCard.load(work / "wf" / "README.md").data.tags  # a schedule prunes nothing
+    assert "diffslim evaluate --recipe wf/recipe.json --n 2 --steps 3" in card  # the command the CLI prints
+    monkeypatch.chdir(tmp_path)
+    ns = {}
+    exec(_code(card, work / "wf"), ns)
+    assert ns["pipe"]._diffslim_recipe.sampling.num_inference_steps == 2
+    # a layer-pruned model pruned again, then a workflow stage of it, then its stock export: one story throughout
+    monkeypatch.chdir(work)
+    _run(monkeypatch, "layer-prune", "digits", "--ratio", "0.2", "--criterion", "magnitude", "--out", "lp")
+    _run(monkeypatch, "layer-prune", "lp/pipeline", "--ratio", "0.2", "--criterion", "magnitude", "--out", "lp2")
+    h = earlier(work / "lp2" / "pipeline")
+    assert h.base == "digits" and len(h.commands) == 2 and [d.split(" ")[0] for d in h.done] == \
+        ["Layer", "Removed:", "Layer", "Removed:"]
+    full = _params(load("digits").denoiser)
+    assert h.params == full and h.macs[0] == earlier(work / "lp" / "pipeline").macs[0]  # the original's, carried
+    _run(monkeypatch, "workflow", "lp2/pipeline", "--stages", "layers:0.2:magnitude", "--n", "2", "--steps", "3",
+         "--out", "wf2")
+    stage = Path(json.loads((work / "wf2" / "recipe.json").read_text())["model"])
+    stage = stage if stage.is_absolute() else work / "wf2" / stage
+    h = earlier(stage)
+    assert h.base == "digits" and h.params == full and h.done[-1].startswith("Workflow stage `layers:0.2:magnitude`")
+    assert earlier(work / "wf2").base == "digits"
+    res = runner.invoke(cli.app, ["stock", "wf2", "--out", "st"])  # the workflow's folder: it names the stage
+    assert res.exit_code == 2 and f"give the model its recipe.json names, {stage.relative_to(work)}" in " ".join(res.output.split())
+    # the stage's denoiser distilled from the original: a pipeline's component takes its pipeline's card
+    _run(monkeypatch, "distill", "digits", stage / "denoiser", "--steps", "2", "--batch-size", "2", "--data",
+         "zoo", "--out", "ds")
+    h = earlier(work / "ds" / "student")
+    assert h.base == "digits" and h.params == full and len(h.commands) == 3  # two layer-prunes and the distill
+    assert _size_row((work / "ds" / "student" / "README.md").read_text())[1] == \
+        f"{_params(load('ds/student').denoiser):,}"
+
+
+def test_bk_sdm_cards_name_bk_sdm_and_macs_counted_on_the_pipeline_call_say_so(tmp_path, monkeypatch):
+    from diffslim.methods.layer_prune import candidate_names
+
+    cfg = Path(cli.__file__).parent / "configs" / "sd15-unet"
+    _run(monkeypatch, "layer-prune", cfg, "--criterion", "bk-sdm-small", "--out", tmp_path / "bk")
+    card = (tmp_path / "bk" / "model" / "README.md").read_text()
+    removed = json.loads((tmp_path / "bk" / "scores.json").read_text())["removed"]
+    total = len(candidate_names(load(str(cfg)).denoiser))
+    assert f"BK-SDM's Small removal (Kim et al., 2023), by the same removal machinery: the {len(removed)} of " \
+           f"{total} layers it names (a config without weights)" in card and len(removed) < total
+    tags = ModelCard.load(tmp_path / "bk" / "model" / "README.md").data.tags
+    assert "bk-sdm" in tags and "laptop-diff" not in tags and "Retraining" not in card  # nothing to distil
+    # --by macs on a pipeline: the MACs of the call it makes (classifier-free guidance doubles the batch)
+    _run(monkeypatch, "layer-prune", "zoo:digits-dit", "--ratio", "0.3", "--by", "macs", "--criterion", "magnitude",
+         "--out", tmp_path / "m")
+    card = (tmp_path / "m" / "model" / "README.md").read_text()
+    assert "| MACs per denoiser call as the pipeline makes it (its guidance batch included) |" in card

@@ -488,12 +488,20 @@ def _recipe_steps(rec) -> Optional[int]:
 
 
 def _same_model(a: str, b: str) -> bool:
-    """Whether two MODEL arguments name one model: the same zoo name, or the same folder."""
+    """Whether two MODEL arguments name one model: the same zoo name, the same folder, or a Hub id and its copy in
+    the local Hugging Face cache."""
     if a == b:
         return True
     if a.startswith("zoo:") or b.startswith("zoo:"):
         return False
-    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+    from diffslim.models.load import hub_cache_folder, split_hub_id
+
+    def where(m: str) -> Path:
+        path = Path(m).expanduser()
+        hub = None if path.exists() else split_hub_id(m)
+        return ((hub and hub_cache_folder(*hub)) or path).resolve()
+
+    return where(a) == where(b)
 
 
 def _model_for(model: Optional[str], recipe: Optional[Path]) -> str:
@@ -504,7 +512,11 @@ def _model_for(model: Optional[str], recipe: Optional[Path]) -> str:
         from diffslim.recipe import load_recipe
 
         named = load_recipe(recipe).model
-        if named and not named.startswith("zoo:") and not Path(named).exists():
+        from diffslim.models.load import hub_cache_folder, split_hub_id
+
+        hub = split_hub_id(named) if named else None
+        if named and not named.startswith("zoo:") and not Path(named).exists() and \
+                not (hub and hub_cache_folder(*hub)):
             beside = "" if Path(named).is_absolute() else f" (nor beside the recipe, at {recipe.parent / named})"
             raise UserError(f"{recipe} names the model {named}, which is not there{beside}: move or copy the recipe "
                             "with its folder (a workflow's stages/ go with it), or give MODEL")
@@ -862,9 +874,12 @@ def workflow(
     add_workflow_section(rep, model, res, floors, recipe_file="recipe.json", references=reference_images(es),
                          timing=timing_note(res.timing, "the stages"))
     rep.write(out)
+    check = " ".join([f"diffslim evaluate --recipe {out / 'recipe.json'} --n {n}"]
+                     + [f"--{o.replace('_', '-')} {v}" for o, v in (("steps", steps), ("seed", seed or None),
+                                                                     ("prompts", prompts)) if v is not None])
     from diffslim.report.card import workflow_card
 
-    _card(out, **workflow_card(out, model, res, stages, n, floor))
+    _card(out, **workflow_card(out, model, res, stages, n, floor, check))
     if as_json:
         _print_json({**res.to_json(), "rows": json_rows([{k: finite(v) for k, v in r.items()} for r in res.rows],
                                                         "stage")})
@@ -884,9 +899,6 @@ def workflow(
     console.print(f"recipe: {out / 'recipe.json'} (diffslim.from_recipe(\"{out / 'recipe.json'}\") loads "
                   f"{res.recipe.model} and applies it; move or copy {out} as a whole); report: {out / 'index.html'}",
                   highlight=False)
-    check = " ".join([f"diffslim evaluate --recipe {out / 'recipe.json'} --n {n}"]
-                     + [f"--{o.replace('_', '-')} {v}" for o, v in (("steps", steps), ("seed", seed or None),
-                                                                     ("prompts", prompts)) if v is not None])
     console.print(f"[dim]to check the last row on other inputs or more of them: {escape(check)} (against "
                   f"{escape(res.recipe.original or model)})[/]", highlight=False)
 
@@ -1240,9 +1252,9 @@ def finetune(
         raise UserError(f"{model} is not a pipeline; fine-tuning needs a pipeline folder or zoo:NAME")
     removed_modules(loaded.denoiser, depth)
     outputs.claim_out(out, "finetune")
-    student, folder = finetune_depth(loaded.pipe, depth, data, cfg)
+    student, folder, res = finetune_depth(loaded.pipe, depth, data, cfg)
     pipeline = _student_pipeline(loaded, student, Path(out) / "pipeline")
-    _trained_cards(model, loaded, folder, pipeline, cfg, None,
+    _trained_cards(model, loaded, folder, pipeline, cfg, res,
                    f"Depth-skip pruning (Kim and Cho, 2024) at depth {depth}, then fine-tuned with distillation from "
                    f"`{model}`", data)
     console.print(f"fine-tuned student (depth {depth}): {folder}; log: {Path(out) / 'train_log.csv'}"
@@ -1605,7 +1617,12 @@ def layer_prune_cmd(
     params_after = sum(p.numel() for p in pruned.parameters())
     from diffslim.report.card import layer_prune_card
 
-    kwargs = layer_prune_card(out, model, res, params_after, max_params, stocked=stock and not not_stock)
+    from diffslim.methods.layer_prune import candidate_names
+
+    kwargs = layer_prune_card(out, model, res, params_after, max_params, stocked=stock and not not_stock,
+                              candidates=len(candidate_names(loaded.denoiser, inner)), weights=loaded.has_weights,
+                              macs_label=None if macs_inputs is None else "MACs per denoiser call as the pipeline "
+                              "makes it (its guidance batch included)")
     for folder in (out / "model", out / "pipeline"):
         if (folder / "config.json").is_file() or (folder / "model_index.json").is_file():
             _card(folder, **kwargs)
@@ -1770,7 +1787,9 @@ def stock_cmd(
         done = [d for d in done if not d.startswith("Removed: ")]  # its card lists them
     base = model if history is None else history.base
     _card(out, base=base, title=f"{title_name(base)}, layer-pruned, as a stock {type(stock).__name__}", done=done,
-          tables=[size_table((None if history is None else history.params, params))],
+          tables=[size_table((None if history is None else history.params, params),
+                             None if history is None else history.macs,  # same structure, same MACs
+                             macs_label=None if history is None else history.macs_label)],
           tags=["pruned", "layer-pruning", "laptop-diff"], history=history)
     outputs.record_writes(out, before)
 
@@ -2060,7 +2079,11 @@ def _first_call(loaded, data: Optional[str]):
     from diffslim.sample import SampleSpec, first_denoiser_call
 
     takes_images = loaded.zoo is None and "image" in inspect.signature(loaded.pipe.__call__).parameters
-    if takes_images and data not in (None, "zoo"):
+    if takes_images and data in (None, "zoo"):
+        raise UserError(f"{type(loaded.pipe).__name__} samples from input images: --by macs counts the denoiser call "
+                        "it makes on one, so give --data inputs.jsonl, one JSON object of pipeline inputs per line, "
+                        "e.g. {\"prompt\": \"make it red\", \"image\": \"photo.png\"} (paths relative to the file)")
+    if takes_images:
         from diffslim.train.data import pipeline_inputs
 
         inputs = [dict(pipeline_inputs(loaded.pipe, data, 0)[0])]

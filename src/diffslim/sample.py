@@ -466,6 +466,11 @@ def model_fingerprint(source: str) -> str:
         from diffslim.zoo.registry import ZOO
 
         path = ZOO[source[4:]].folder
+    elif not path.exists():  # a Hub id: its copy in the local Hugging Face cache
+        from diffslim.models.load import hub_cache_folder, split_hub_id
+
+        hub = split_hub_id(source)
+        path = (hub and hub_cache_folder(*hub)) or path
     parts = [source]
     if path.exists():
         for f in sorted(path.rglob("*")):

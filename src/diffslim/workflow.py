@@ -234,15 +234,19 @@ def _stage_key(cur, stage, floor: dict, n: int, task_weight: float = 1.0) -> dic
     return key
 
 
-def _model_stage(cur, variant, key: dict, row: dict, folder: Path, log: Callable[[str], None]):
-    """Save the stage's pipeline to ``folder/pipeline`` and reload it from there; ``row``: its label and, of an auto
-    stage, its search trail and candidates, kept beside it."""
+def _model_stage(cur, variant, key: dict, row: dict, folder: Path, log: Callable[[str], None], original: str):
+    """Save the stage's pipeline to ``folder/pipeline`` (with its model card; ``original``: the workflow's MODEL) and
+    reload it from there; ``row``: its label and, of an auto stage, its search trail and candidates, kept beside
+    it."""
     from diffslim.models.load import load
 
     if is_first():  # under `accelerate launch` the first process writes, the others load what it wrote
         if folder.exists():  # a stale or half-written stage of an earlier run
             shutil.rmtree(folder)
         variant.pipe.save_pretrained(str(folder / "pipeline"), safe_serialization=True)
+        from diffslim.report.card import stage_card, write_model_card
+
+        write_model_card(folder / "pipeline", **stage_card(cur, variant.pipe, row["stage"], original))
         # written last: a folder without it is incomplete and is rebuilt
         (folder / "stage.json").write_text(json.dumps({**key, "label": row["stage"], "search": row.get("search"),
                                                        "candidates": row.get("candidates")}))
@@ -708,7 +712,8 @@ def _run_stages(loaded, stages: str, evalset, out, default_steps: int = 50, sche
                 # interrupted run must not leave a recipe that loads this run's model as that run's stage)
                 for name_ in ("recipe.json", "workflow.json", "index.html", "report.json"):
                     (out / name_).unlink(missing_ok=True)
-            cur = built if built is not None else _model_stage(cur, variant, want, row, folder, log)
+            cur = built if built is not None else _model_stage(cur, variant, want, row, folder, log,
+                                                               portable_source(loaded.source))
             model_source = str((folder / "pipeline").resolve())  # loadable from any working directory
         elif kind == "schedule":
             spec = variant.spec
@@ -718,8 +723,8 @@ def _run_stages(loaded, stages: str, evalset, out, default_steps: int = 50, sche
             sections["sampling"] = {k: v for k, v in sampling.items() if v is not None}
         else:
             sections.update(variant.recipe)
-    original = loaded.source if loaded.source.startswith("zoo:") else str(Path(loaded.source).resolve())
-    recipe = Recipe.model_validate({"model": model_source, **sections,
+    original = portable_source(loaded.source)
+    recipe = Recipe.model_validate({"model": portable_source(model_source), **sections,
                                     **({"original": original} if model_source != loaded.source else {}),
                                     "description": "diffslim workflow: " + (", ".join(kept) or "no stage kept")})
     result = WorkflowResult(rows=rows, outputs=outputs, recipe=recipe, stopped=stopped, stages_kept=kept)
@@ -740,6 +745,12 @@ def _run_stages(loaded, stages: str, evalset, out, default_steps: int = 50, sche
         recipe.save(out / "recipe.json")
         _write_rows(result, out)
     return result
+
+
+def portable_source(source: str) -> str:
+    """How a recipe names a model so that it loads from anywhere: a local folder by its absolute path (a path given
+    relative to the working directory worked from there only), a zoo name or a Hub id as it is."""
+    return str(Path(source).resolve()) if not source.startswith("zoo:") and Path(source).exists() else source
 
 
 def _json_rows(result: WorkflowResult) -> list[dict]:

@@ -11,9 +11,10 @@ from pathlib import Path
 from diffslim.methods.depth_skip import depth_skip
 
 
-def finetune_depth(pipe, depth: int, data: str, cfg) -> tuple[object, Path]:
+def finetune_depth(pipe, depth: int, data: str, cfg) -> tuple[object, Path, object]:
     """Fine-tune ``pipe``'s denoiser pruned to ``depth`` on ``data`` ("zoo" or a folder); returns
-    ``(student, folder)`` where ``folder`` holds the trained student (EMA weights) as a diffusers model."""
+    ``(student, folder, result)`` where ``folder`` holds the trained student (EMA weights) as a diffusers model and
+    ``result`` is the trainer's :class:`~diffslim.train.distill.DistillResult` (its final losses)."""
     from diffslim.models.load import denoiser_of
     from diffslim.train.data import make_dataset
     from diffslim.train.distill import distill
@@ -22,7 +23,7 @@ def finetune_depth(pipe, depth: int, data: str, cfg) -> tuple[object, Path]:
     student = depth_skip(teacher, depth)
     res = distill(pipe, student, make_dataset(data, pipe), cfg, label="finetune")
     folder = Path(res.out_dir) / "student"
-    return load_student(folder), folder
+    return load_student(folder), folder, res
 
 
 def load_student(folder) -> object:

@@ -224,6 +224,16 @@ def load_pipeline_folder(folder: Path, dtype=torch.float32, device="cpu"):
     return pipe.to(device)
 
 
+def split_hub_id(model: str) -> Optional[tuple[str, str]]:
+    """``(OWNER/NAME, SUBFOLDER)`` of a MODEL written as a Hub id (``OWNER/NAME`` or ``OWNER/NAME/SUB/FOLDER``, no
+    ``.`` or ``..`` part, no leading ``./`` or ``/``); None for anything else. Says nothing of whether it exists."""
+    parts = model.rstrip("/").split("/")
+    if len(parts) < 2 or model.startswith(("/", "~")) or \
+            not all(re.fullmatch(r"[\w.-]+", p) and p not in (".", "..") for p in parts):
+        return None
+    return "/".join(parts[:2]), "/".join(parts[2:])
+
+
 def hub_cache_folder(repo_id: str, subfolder: str = "") -> Optional[Path]:
     """The local copy of Hub repository ``repo_id`` (its ``subfolder``, e.g. ``unet``) in the Hugging Face cache
     (``HF_HUB_CACHE``, where ``from_pretrained`` and ``hf download`` keep what they fetched), at the revision
@@ -278,15 +288,21 @@ def load(model: str, dtype=torch.float32, device="cpu", random_weights: bool = F
         raise ModelLoadError(f"MODEL is empty; {ACCEPTED}")
     path = Path(model).expanduser()
     if not path.exists():
-        hub = re.fullmatch(r"([\w-][\w.-]*/[\w.-]+)((?:/[\w.-]+)*)", model)
-        if hub and not model.startswith("."):
-            cached = hub_cache_folder(hub.group(1), hub.group(2).lstrip("/"))
-            if cached is not None:  # what diffusers' from_pretrained downloaded before: read where it lies
-                return load(str(cached), dtype=dtype, device=device, random_weights=random_weights)
+        hub = split_hub_id(model)
+        if hub is not None:
+            repo, sub = hub
+            cached = hub_cache_folder(repo, sub)
+            if cached is not None:  # what diffusers' from_pretrained downloaded before: read it where it lies
+                found = load(str(cached), dtype=dtype, device=device, random_weights=random_weights)
+                found.source = model  # recipes, cards and cache keys name the Hub id (sample.model_fingerprint)
+                return found
+            if sub and hub_cache_folder(repo) is not None:
+                raise ModelLoadError(f"{repo} is in the local Hugging Face cache, but its copy has no subfolder {sub} "
+                                     "(from_pretrained fetches only the components a pipeline loads)")
             raise ModelLoadError(f"no such folder: {model}, which looks like a Hugging Face Hub id, and the local "
                                  "Hugging Face cache has no copy of it; diffslim does not download: fetch it first "
-                                 f"(DiffusionPipeline.from_pretrained(\"{hub.group(1)}\") caches it, or hf download "
-                                 f"{hub.group(1)} --local-dir DIR and give DIR)")
+                                 f"(DiffusionPipeline.from_pretrained(\"{repo}\") caches it, or hf download "
+                                 f"{repo} --local-dir DIR and give DIR)")
         raise ModelLoadError(f"no such file or folder: {model}; {ACCEPTED}")
     if path.is_file():
         if path.suffix.lower() in PICKLE_SUFFIXES:
@@ -299,6 +315,13 @@ def load(model: str, dtype=torch.float32, device="cpu", random_weights: bool = F
     if (path / "model_index.json").exists():
         return _pipeline_loaded(model, load_pipeline_folder(path, dtype=dtype, device=device))
     if not (path / "config.json").exists():
+        if (path / "recipe.json").is_file():  # a workflow's folder: its model is the stage its recipe names
+            named = _read_json(path / "recipe.json").get("model")
+            where = named if not isinstance(named, str) or Path(named).is_absolute() or named.startswith("zoo:") \
+                else path / named
+            raise ModelLoadError(f"{model} is a recipe's folder (a workflow's output), not a model: give the model its "
+                                 f"recipe.json names, {where} (or diffslim.from_recipe(\"{path / 'recipe.json'}\") "
+                                 "in Python)")
         raise ModelLoadError(f"{model} has neither model_index.json nor config.json; {ACCEPTED}")
     config = _read_json(path / "config.json")
     cls = _denoiser_class(config.get("_class_name", "<no _class_name>"), path)

@@ -13,13 +13,12 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 CARD = "README.md"
 # The string a card's loading code names the folder by; a user puts the folder's path (or its Hub id) there.
 PLACEHOLDER = "path/to/this/folder"
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _STOCK_LIBRARIES = ("diffusers", "transformers")
 # the Hub's task of a pipeline, by words in its class name (first match); class-conditional DiTs have none
 _TASKS = (("Upscale", "image-to-image"), ("Img2Img", "image-to-image"), ("InstructPix2Pix", "image-to-image"),
@@ -30,18 +29,23 @@ Table = tuple[str, Sequence[str], Sequence[Sequence[str]]]  # (title, header, ro
 
 
 def hub_id(source: str) -> Optional[str]:
-    """``source`` where it names a Hub repository (``owner/name``, and no folder of that name here), else None: the
-    card's ``base_model`` must be a Hub id, and a local path would only leak the exporter's file system."""
-    return source if _HUB_ID.match(source) and not Path(source).exists() else None
+    """The Hub repository ``source`` names (``OWNER/NAME``, also of ``OWNER/NAME/SUBFOLDER``, where no folder of
+    that name is here), else None: the card's ``base_model`` must be a Hub id, and a local path would only leak the
+    exporter's file system."""
+    from diffslim.models.load import split_hub_id
+
+    hub = None if source.startswith("zoo:") or Path(source).exists() else split_hub_id(source)
+    return hub[0] if hub else None
 
 
 def size_table(params: tuple[Optional[int], int], macs: Optional[tuple[Optional[int], Optional[int]]] = None,
-               what: str = "denoiser") -> Table:
+               what: str = "denoiser", macs_label: Optional[str] = None) -> Table:
     """The card's size table: ``(original, this)`` parameter counts of the denoiser and, where counted, its MACs per
-    call (batch 1); ``None`` for an original the command did not see."""
+    call (``macs_label``: how they were counted; default one call at batch 1); ``None`` for an original the command
+    did not see."""
     rows = [[f"parameters ({what})", *_pair(*params)]]
     if macs is not None and macs[1] is not None:
-        rows.append([f"MACs per {what} call (batch 1)", *_pair(*macs)])
+        rows.append([macs_label or f"MACs per {what} call (batch 1)", *_pair(*macs)])
     return "Size", ["", "original", "this model", "share of the original"], rows
 
 
@@ -136,8 +140,8 @@ def model_card(folder: Path, *, base: str, title: str, done: Sequence[str], tabl
 
     import diffslim
 
-    data = ModelCardData(library_name="diffusers", base_model=hub_id(base),
-                         tags=list(dict.fromkeys(["diffslim", *tags])), pipeline_tag=_task(task_of or folder))
+    data = ModelCardData(library_name="diffusers", base_model=hub_id(base), pipeline_tag=_task(task_of or folder),
+                         tags=list(dict.fromkeys(["diffslim", *([] if history is None else history.tags), *tags])))
     body = [f"# {title}", "",
             f"Made from `{base}` with diffslim {diffslim.__version__}, which compresses diffusers models while "
             "keeping their outputs close to the original's.", "", "## What was done", ""]
@@ -176,6 +180,8 @@ def _versions() -> str:
 def ours(path: Path) -> bool:
     """Whether ``path`` is a card diffslim wrote (its YAML tags say so): a rerun replaces it, a user's README stays."""
     try:
+        if not path.read_text().startswith("---"):  # no metadata block: someone's own README (and no hub warning)
+            return False
         from huggingface_hub import ModelCard
 
         return "diffslim" in (ModelCard.load(path).data.tags or [])
@@ -192,20 +198,31 @@ class Earlier:
     done: list[str]
     commands: list[str]
     params: Optional[int] = None  # the original denoiser's parameters, where the card's size table has them
+    macs: Optional[tuple[int, int]] = None  # (original, exported) MACs per call, where the size table has them
+    macs_label: str = ""  # how that row says the MACs were counted
+    tags: list[str] = field(default_factory=list)
 
 
 def earlier(folder: Path) -> Optional[Earlier]:
-    """The history in ``folder``'s diffslim card; None where it has none."""
+    """The history in ``folder``'s diffslim card (a pipeline component's: its pipeline's); None where it has none."""
     path = Path(folder) / CARD
+    if not path.is_file() and (Path(folder).parent / "model_index.json").is_file():
+        path = Path(folder).parent / CARD
     if not path.is_file() or not ours(path):
         return None
     text = path.read_text()
     base = re.search(r"^Made from `([^`]+)`", text, flags=re.M)
     made = "\n".join(_section(text, "How it was made", r"(?s)```bash\n(.*?)\n```"))
     params = _section(text, "Size", r"^\| parameters \([^)]*\) \| ([\d,]+) \|")
+    macs = _section(text, "Size", r"^\| (MACs per [^|]*) \| ([\d,]+) \| ([\d,]+) \|")
+    from huggingface_hub import ModelCard
+
     return Earlier(base=base.group(1) if base else str(folder), done=_section(text, "What was done", r"^- (.*)$"),
                    commands=[c for c in made.splitlines() if c.strip()],
-                   params=int(params[0].replace(",", "")) if params else None)
+                   params=int(params[0].replace(",", "")) if params else None,
+                   macs=(int(macs[0][1].replace(",", "")), int(macs[0][2].replace(",", ""))) if macs else None,
+                   macs_label=macs[0][0] if macs else "",
+                   tags=[t for t in (ModelCard.load(path).data.tags or []) if isinstance(t, str)])
 
 
 def _section(text: str, title: str, pattern: str) -> list[str]:
@@ -234,27 +251,44 @@ def title_name(model: str) -> str:
     return model if model.startswith("zoo:") or hub_id(model) else Path(model).resolve().name
 
 
-def layer_prune_card(out: Path, model: str, res, params_after: int, max_params: Optional[float],
-                     stocked: bool) -> dict:
+def layer_prune_card(out: Path, model: str, res, params_after: int, max_params: Optional[float], stocked: bool,
+                     candidates: int, weights: bool = True, macs_label: Optional[str] = None) -> dict:
     """The card of ``diffslim layer-prune``'s ``model/`` and ``pipeline/`` (``res``: its
-    :class:`~diffslim.methods.layer_prune.LayerPruneResult`)."""
-    share = "" if res.ratio is None else f", at a ratio of {res.ratio} of the {res.by}" + (
-        "" if max_params is None else f" (at most {max_params} of the params)")
-    done = [f"Layer pruning (one-shot, LAPTOP-Diff's scoring and selection): {len(res.removed)} of "
-            f"{len(res.layers)} layers removed by the `{res.criterion}` criterion{share}; their weights are gone from "
-            "the folder. Nothing was retrained.",
+    :class:`~diffslim.methods.layer_prune.LayerPruneResult`; ``candidates``: how many layers it could remove;
+    ``weights``: False for a config-only model; ``macs_label``: how the MACs were counted, where not at batch 1)."""
+    history = earlier(Path(model))
+    if res.criterion.startswith("bk-sdm-"):
+        what = (f"BK-SDM's {res.criterion[7:].capitalize()} removal (Kim et al., 2023), by the same removal machinery: "
+                f"the {len(res.removed)} of {candidates} layers it names")
+        tags = ["pruned", "layer-pruning", "bk-sdm"]
+    else:
+        share = "" if res.ratio is None else f", at a ratio of {res.ratio} of the {res.by}" + (
+            "" if max_params is None else f" (at most {max_params} of the params)")
+        what = (f"Layer pruning (one-shot, LAPTOP-Diff's scoring and selection): {len(res.removed)} of {candidates} "
+                f"layers removed by the `{res.criterion}` criterion{share}")
+        tags = ["pruned", "layer-pruning", "laptop-diff"]
+    done = [what + ("; their weights are gone from the folder" if weights else " (a config without weights)")
+            + "; not retrained at this step.",
             "Removed: " + (", ".join(f"`{n}`" for n in res.removed) or "nothing")]
     if stocked:
         done.append("Written as the stock diffusers class: its config lists fewer blocks, so diffusers alone loads "
                     "it.")
-    macs = (res.macs, res.macs - res.macs_removed) if res.macs else None
-    notes = [f"Retraining recovers most of the quality the removal costs: `diffslim distill {model} "
-             f"{out / 'model'} --data DATA --out DIR` distils the original into it (normalized feature "
-             "distillation)."]
-    return dict(base=model, title=f"{title_name(model)}, layer-pruned ({res.params_removed / res.params:.0%} of the "
-                                  "denoiser's parameters removed)",
-                done=done, tables=[size_table((res.params, params_after), macs)], notes=notes,
-                tags=["pruned", "layer-pruning", "laptop-diff"])
+    params = (res.params if history is None or history.params is None else history.params, params_after)
+    macs = None
+    if res.macs:
+        macs = (res.macs, res.macs - res.macs_removed)
+        if history is not None and history.macs is not None and \
+                (macs_label or "MACs per denoiser call (batch 1)") == history.macs_label:
+            macs = (history.macs[0], macs[1])  # counted alike: the share is of the original's
+    notes = [] if not weights else [
+        f"Retraining recovers most of the quality the removal costs: `diffslim distill "
+        f"{model if history is None else history.base} {out / 'model'} --data DATA --out DIR` distils the original "
+        "into it (normalized feature distillation)."]
+    base = model if history is None else history.base
+    return dict(base=base, title=f"{title_name(base)}, layer-pruned ({1 - params[1] / params[0]:.0%} of the "
+                                 "denoiser's parameters removed)",
+                done=done, tables=[size_table(params, macs, macs_label=macs_label)], notes=notes, tags=tags,
+                history=history)
 
 
 def trained_card(teacher: str, teacher_model, student_model, cfg, res, what: str, data: str,
@@ -277,19 +311,25 @@ def trained_card(teacher: str, teacher_model, student_model, cfg, res, what: str
         line += "; final losses " + ", ".join(f"{k} {v:.4g}" for k, v in res.final_losses.items())
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     base = teacher if history is None else history.base
+    original = count(teacher_model) if history is None or history.params is None else history.params
+    # training changes no structure: the student's MACs are those its card counted
+    macs = None if history is None else history.macs
     return dict(base=base, title=f"{title_name(base)}, pruned and distilled", done=[line + "."],
-                tables=[size_table((count(teacher_model), count(student_model)))], tags=["pruned", "distillation"],
-                history=history)
+                tables=[size_table((original, count(student_model)), macs,
+                                   macs_label=None if history is None else history.macs_label)],
+                tags=["pruned", "distillation"], history=history)
 
 
-def workflow_card(out: Path, model: str, res, stages: str, n: int, floor: Optional[str]) -> dict:
+def workflow_card(out: Path, model: str, res, stages: str, n: int, floor: Optional[str], check: str) -> dict:
     """The card of ``diffslim workflow``'s ``OUT/`` (``res``: its :class:`~diffslim.workflow.WorkflowResult`):
-    every row, and ``diffslim.from_recipe`` on ``OUT/recipe.json`` to load the result."""
+    every row, and ``diffslim.from_recipe`` on ``OUT/recipe.json`` to load the result; ``check``: the command that
+    evaluates the result again."""
     import math
 
     def cell(v, form):
         return "" if not isinstance(v, (int, float)) or not math.isfinite(v) else format(v, form)
 
+    history = earlier(Path(model))
     not_metrics = {"stage", "kind", "params", "macs_per_sample", "macs_ratio", "seconds", "speedup", "skipped",
                    "accepted"}
     metrics = [k for k, v in res.rows[0].items() if k not in not_metrics and isinstance(v, (int, float))
@@ -297,8 +337,8 @@ def workflow_card(out: Path, model: str, res, stages: str, n: int, floor: Option
     rows = [[r["stage"], cell(r.get("params"), ","), cell(r.get("macs_ratio"), ".3f"),
              cell(r.get("speedup"), ".2f") + ("x" if cell(r.get("speedup"), ".2f") else ""),
              *[cell(r.get(k), ".4g") for k in metrics], "yes" if r.get("accepted") else "no"] for r in res.rows]
-    done = [f"Guided workflow: the stages `{stages}` stacked in order, each judged against the original's outputs "
-            f"on {n} inputs" + (f", down to the floor {floor}" if floor else "") + ".",
+    done = [f"Guided workflow: the stages `{stages}` stacked in order, each judged against the outputs of "
+            f"`{model}` on {n} inputs" + (f", down to the floor {floor}" if floor else "") + ".",
             "Kept: " + (", ".join(f"`{k}`" for k in res.stages_kept) or "none")]
     if res.stopped:
         done.append(res.stopped)
@@ -312,11 +352,31 @@ def workflow_card(out: Path, model: str, res, stages: str, n: int, floor: Option
         ("workflow_grid_*_all.png", "the same inputs and seeds through every stage, the original first"),
         ("workflow_[!g]*.png", "quality against the MACs of a sampling run, stage by stage"))
         for found in sorted(out.glob(pattern))[:1]]
-    return dict(images=images, base=model, recipe="recipe.json", task_of=model_dir if model_dir.is_dir() else None,
-                title=f"{title_name(model)}, slimmed by diffslim's workflow" + (f" ({share} of the MACs)" if share
-                                                                                else ""),
+    kinds = {r.get("kind") for r in res.rows[1:] if r.get("accepted")}
+    tags = (["pruned"] if "model" in kinds else []) + ["workflow"]
+    base = model if history is None else history.base
+    return dict(images=images, base=base, recipe="recipe.json", task_of=model_dir if model_dir.is_dir() else None,
+                title=f"{title_name(base)}, slimmed by diffslim's workflow" + (f" ({share} of the MACs)" if share
+                                                                               else ""),
                 done=done, tables=[("Every stage against the original (the last kept row is this model)",
                                     ["stage", "params", "MACs of a sampling run (share)", "speedup", *metrics, "kept"],
                                     rows)],
-                notes=[f"`diffslim evaluate --recipe {out / 'recipe.json'} --n N` checks it again on other inputs; "
-                       f"`{out / 'index.html'}` is the workflow's report."], tags=["pruned", "workflow"])
+                notes=[f"`{check}` checks it again, on other inputs or more of them; `{out / 'index.html'}` is the "
+                       "workflow's report."], tags=tags, history=history)
+
+
+def stage_card(before, after, label: str, original: str) -> dict:
+    """The card of a workflow's model stage (``OUT/stages/.../pipeline``): ``before``/``after`` the
+    :class:`~diffslim.models.load.LoadedModel` the stage started from and its result's pipeline, ``original`` the
+    model the workflow started from (a later ``diffslim stock`` or ``distill`` of the stage names it)."""
+    from diffslim.models.load import denoiser_of
+
+    source = Path(before.source)
+    history = earlier(source) if source.is_dir() else None
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    params = (count(before.denoiser) if history is None or history.params is None else history.params,
+              count(denoiser_of(after)))
+    base = original if history is None else history.base
+    return dict(base=base, title=f"{title_name(base)}, workflow stage {label}",
+                done=[f"Workflow stage `{label}` (diffslim workflow; its folder's workflow.json has every stage's "
+                      "quality)."], tables=[size_table(params)], tags=["pruned", "workflow"], history=history)
