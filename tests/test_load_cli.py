@@ -189,6 +189,11 @@ def test_weights_saved_as_a_variant_load_and_two_variants_are_refused(tiny_sd_pi
         assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     tiny_sd_pipe.save_pretrained(str(tmp_path / "plain"))
     assert weights_variant(tmp_path / "plain") is None
+    # sharded: diffusers names them diffusion_pytorch_model.fp16-00001-of-0000N.safetensors
+    tiny_sd_pipe.save_pretrained(str(tmp_path / "shards"), variant="fp16", max_shard_size="40KB")
+    assert any("fp16-00001-of-" in p.name for p in (tmp_path / "shards" / "unet").iterdir())
+    got = load(str(tmp_path / "shards")).denoiser.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     tiny_sd_pipe.unet.save_pretrained(str(folder / "unet"), variant="bf16")  # beside the fp16 one
     with pytest.raises(ModelLoadError, match=r"several variants \(bf16, fp16\)"):
         load(str(folder / "unet"))

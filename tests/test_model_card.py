@@ -253,6 +253,8 @@ def test_workflow_stages_and_reexports_keep_the_story_and_a_relative_model_stays
     card = (work / "wf" / "README.md").read_text()
     assert "pruned" not in ModelCard.load(work / "wf" / "README.md").data.tags  # a schedule prunes nothing
     assert "diffslim evaluate --recipe wf/recipe.json --n 2 --steps 3" in card  # the command the CLI prints
+    assert f"its recipe loads `{work / 'digits'}`, which lies outside it" in card
+    assert re.search(r"^\| original \| [\d,]+ \| 1\.000 \| 1\.00x \| ref \| ref \|", card, flags=re.M)
     monkeypatch.chdir(tmp_path)
     ns = {}
     exec(_code(card, work / "wf"), ns)
@@ -271,7 +273,8 @@ def test_workflow_stages_and_reexports_keep_the_story_and_a_relative_model_stays
     stage = Path(json.loads((work / "wf2" / "recipe.json").read_text())["model"])
     stage = stage if stage.is_absolute() else work / "wf2" / stage
     h = earlier(stage)
-    assert h.base == "digits" and h.params == full and h.done[-1].startswith("Workflow stage `layers:0.2:magnitude`")
+    assert h.base == "digits" and h.params == full and h.done[-2].startswith("Workflow stage `layers:0.2:magnitude`")
+    assert h.done[-1].startswith("Removed: `") and h.commands[-1].startswith("diffslim workflow lp2/pipeline")
     assert earlier(work / "wf2").base == "digits"
     res = runner.invoke(cli.app, ["stock", "wf2", "--out", "st"])  # the workflow's folder: it names the stage
     assert res.exit_code == 2 and f"give the model its recipe.json names, {stage.relative_to(work)}" in " ".join(res.output.split())
@@ -279,7 +282,7 @@ def test_workflow_stages_and_reexports_keep_the_story_and_a_relative_model_stays
     _run(monkeypatch, "distill", "digits", stage / "denoiser", "--steps", "2", "--batch-size", "2", "--data",
          "zoo", "--out", "ds")
     h = earlier(work / "ds" / "student")
-    assert h.base == "digits" and h.params == full and len(h.commands) == 3  # two layer-prunes and the distill
+    assert h.base == "digits" and h.params == full and len(h.commands) == 4  # layer-prune x2, workflow, distill
     assert _size_row((work / "ds" / "student" / "README.md").read_text())[1] == \
         f"{_params(load('ds/student').denoiser):,}"
 
@@ -296,6 +299,10 @@ def test_bk_sdm_cards_name_bk_sdm_and_macs_counted_on_the_pipeline_call_say_so(t
            f"{total} layers it names (a config without weights)" in card and len(removed) < total
     tags = ModelCard.load(tmp_path / "bk" / "model" / "README.md").data.tags
     assert "bk-sdm" in tags and "laptop-diff" not in tags and "Retraining" not in card  # nothing to distil
+    _run(monkeypatch, "stock", tmp_path / "bk" / "model", "--out", tmp_path / "st")  # its stock rewrite says the same
+    card = (tmp_path / "st" / "README.md").read_text()
+    tags = ModelCard.load(tmp_path / "st" / "README.md").data.tags
+    assert "bk-sdm" in tags and "laptop-diff" not in tags and card.count("Removed: ") == 1
     # --by macs on a pipeline: the MACs of the call it makes (classifier-free guidance doubles the batch)
     _run(monkeypatch, "layer-prune", "zoo:digits-dit", "--ratio", "0.3", "--by", "macs", "--criterion", "magnitude",
          "--out", tmp_path / "m")

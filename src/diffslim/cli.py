@@ -866,7 +866,7 @@ def workflow(
                        progress=not as_json, log=lambda m: (err_console if as_json else console).print(
                            m, highlight=False), data=data, resolution=resolution,  # with --json, on stderr
                        task_weight=kd_task_weight, search=search, objective=objective,
-                       joint_width=joint_width, repeats=repeats)
+                       joint_width=joint_width, repeats=repeats, command=_command_line())
     if not _main_process():  # under `accelerate launch` every process holds every row; the first reports
         return
     rep = Report(f"diffslim workflow: {model}")
@@ -896,9 +896,13 @@ def workflow(
         console.print(timing_note(res.timing, "the stages"), highlight=False)
     if res.stopped:
         console.print(f"[yellow]{res.stopped}[/]", highlight=False)
+    named = Path(res.recipe.model) if Path(res.recipe.model).is_absolute() else out / res.recipe.model
+    inside = named.exists() and named.resolve().is_relative_to(out.resolve())  # a stage, not a zoo name or Hub id
     console.print(f"recipe: {out / 'recipe.json'} (diffslim.from_recipe(\"{out / 'recipe.json'}\") loads "
-                  f"{res.recipe.model} and applies it; move or copy {out} as a whole); report: {out / 'index.html'}",
-                  highlight=False)
+                  f"{res.recipe.model} and applies it; "
+                  + (f"move or copy {out} as a whole" if inside else f"it loads {res.recipe.model} from where it is, "
+                                                                      f"not from {out}")
+                  + f"); report: {out / 'index.html'}", highlight=False)
     console.print(f"[dim]to check the last row on other inputs or more of them: {escape(check)} (against "
                   f"{escape(res.recipe.original or model)})[/]", highlight=False)
 
@@ -1783,14 +1787,14 @@ def stock_cmd(
     from diffslim.report.card import earlier, size_table, title_name
 
     history = earlier(Path(model))  # the card layer-prune or distill wrote: the original, what was done to it
-    if history is not None:
+    if history is not None and any(d.startswith("Removed: ") for d in history.done):
         done = [d for d in done if not d.startswith("Removed: ")]  # its card lists them
     base = model if history is None else history.base
     _card(out, base=base, title=f"{title_name(base)}, layer-pruned, as a stock {type(stock).__name__}", done=done,
           tables=[size_table((None if history is None else history.params, params),
                              None if history is None else history.macs,  # same structure, same MACs
                              macs_label=None if history is None else history.macs_label)],
-          tags=["pruned", "layer-pruning", "laptop-diff"], history=history)
+          tags=["pruned", "layer-pruning"], history=history)  # the criterion's tag, if any, comes with the history
     outputs.record_writes(out, before)
 
 

@@ -234,8 +234,10 @@ def _stage_key(cur, stage, floor: dict, n: int, task_weight: float = 1.0) -> dic
     return key
 
 
-def _model_stage(cur, variant, key: dict, row: dict, folder: Path, log: Callable[[str], None], original: str):
-    """Save the stage's pipeline to ``folder/pipeline`` (with its model card; ``original``: the workflow's MODEL) and
+def _model_stage(cur, variant, key: dict, row: dict, folder: Path, log: Callable[[str], None], original: str,
+                 command: Optional[str] = None):
+    """Save the stage's pipeline to ``folder/pipeline`` (with its model card; ``original``: the workflow's MODEL,
+    ``command``: the command line that runs the workflow) and
     reload it from there; ``row``: its label and, of an auto stage, its search trail and candidates, kept beside
     it."""
     from diffslim.models.load import load
@@ -246,7 +248,7 @@ def _model_stage(cur, variant, key: dict, row: dict, folder: Path, log: Callable
         variant.pipe.save_pretrained(str(folder / "pipeline"), safe_serialization=True)
         from diffslim.report.card import stage_card, write_model_card
 
-        write_model_card(folder / "pipeline", **stage_card(cur, variant.pipe, row["stage"], original))
+        write_model_card(folder / "pipeline", command=command, **stage_card(cur, variant.pipe, row["stage"], original))
         # written last: a folder without it is incomplete and is rebuilt
         (folder / "stage.json").write_text(json.dumps({**key, "label": row["stage"], "search": row.get("search"),
                                                        "candidates": row.get("candidates")}))
@@ -365,8 +367,10 @@ def run_workflow(loaded, stages: str, evalset, out, default_steps: int = 50, sch
                  batch_size: int = 16, metrics_fn: Optional[Callable] = None, floor: Optional[dict] = None,
                  progress: bool = True, log: Callable[[str], None] = print, data: str = "zoo",
                  resolution: Optional[int] = None, task_weight: Optional[float] = None, search: str = "greedy",
-                 objective: str = "macs", joint_width: int = JOINT_WIDTH, repeats: int = 1) -> WorkflowResult:
+                 objective: str = "macs", joint_width: int = JOINT_WIDTH, repeats: int = 1,
+                 command: Optional[str] = None) -> WorkflowResult:
     """Run ``stages`` (see :func:`parse_stages`) on ``loaded`` in order; every row is judged against the original.
+    ``command``: the command line that runs it, which the model stages' cards quote.
 
     ``evalset``: the inputs and seeds every stage samples; ``metrics_fn(outputs, reference) -> dict`` as in
     :func:`diffslim.bench.run_bench`; ``floor``: ``{metric: lowest accepted value}`` (see :func:`parse_floor`);
@@ -393,10 +397,11 @@ def run_workflow(loaded, stages: str, evalset, out, default_steps: int = 50, sch
         return _run_joint(loaded, stages, evalset, out, objective, joint_width, floor=floor, log=log,
                           default_steps=default_steps,
                           scheduler=scheduler, batch_size=batch_size, metrics_fn=metrics_fn, progress=progress,
-                          data=data, resolution=resolution, task_weight=task_weight, repeats=repeats)
+                          data=data, resolution=resolution, task_weight=task_weight, repeats=repeats,
+                          command=command)
     return _run_stages(loaded, stages, evalset, out, default_steps=default_steps, scheduler=scheduler,
                        batch_size=batch_size, metrics_fn=metrics_fn, floor=floor, progress=progress, log=log,
-                       data=data, resolution=resolution, task_weight=task_weight, repeats=repeats)
+                       data=data, resolution=resolution, task_weight=task_weight, repeats=repeats, command=command)
 
 
 def check_search(search: str, objective: str, joint_width: int = JOINT_WIDTH) -> None:
@@ -566,7 +571,8 @@ def _run_stages(loaded, stages: str, evalset, out, default_steps: int = 50, sche
                 batch_size: int = 16, metrics_fn: Optional[Callable] = None, floor: Optional[dict] = None,
                 progress: bool = True, log: Callable[[str], None] = print, data: str = "zoo",
                 resolution: Optional[int] = None, task_weight: float = 1.0, reference=None,
-                shared_stages: Optional[Path] = None, repeats: int = 1) -> WorkflowResult:
+                shared_stages: Optional[Path] = None, repeats: int = 1,
+                command: Optional[str] = None) -> WorkflowResult:
     """The greedy workflow of :func:`run_workflow`; ``reference``: ``(outputs, seconds, MACs)`` of the original's
     run, when another run on the same inputs has made it; ``shared_stages``: a folder of model stages shared by
     several runs (the joint search's), each named by its position, label and a digest of its key (stage and input
@@ -713,7 +719,7 @@ def _run_stages(loaded, stages: str, evalset, out, default_steps: int = 50, sche
                 for name_ in ("recipe.json", "workflow.json", "index.html", "report.json"):
                     (out / name_).unlink(missing_ok=True)
             cur = built if built is not None else _model_stage(cur, variant, want, row, folder, log,
-                                                               portable_source(loaded.source))
+                                                               portable_source(loaded.source), command)
             model_source = str((folder / "pipeline").resolve())  # loadable from any working directory
         elif kind == "schedule":
             spec = variant.spec

@@ -94,8 +94,10 @@ def _check_no_pickles(folder: Path) -> None:
         )
 
 
-# a weights file saved with a variant: diffusion_pytorch_model.fp16.safetensors, model-00001-of-00002.fp16.safetensors
-_VARIANT = re.compile(r"^(?:diffusion_pytorch_model|model)(?:-\d+-of-\d+)?\.([A-Za-z0-9_]+)\.safetensors$")
+# a weights file saved with a variant: diffusion_pytorch_model.fp16.safetensors, and sharded
+# diffusion_pytorch_model.fp16-00001-of-00002.safetensors (diffusers' names; older ones put the shard first)
+_VARIANT = re.compile(
+    r"^(?:diffusion_pytorch_model|model)(?:-\d+-of-\d+)?\.([A-Za-z0-9_]+)(?:-\d+-of-\d+)?\.safetensors$")
 _PLAIN = re.compile(r"^(?:diffusion_pytorch_model|model)(?:-\d+-of-\d+)?\.safetensors$")
 
 

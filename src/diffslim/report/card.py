@@ -85,7 +85,7 @@ def loading_code(folder: Path, recipe: Optional[str] = None) -> str:
     pipelines, and ``diffslim.from_recipe`` where ``recipe`` (a file inside the folder) holds a schedule or a
     skip plan the weights do not."""
     if recipe is not None:
-        return (f'import diffslim\n\n# the pruned pipeline the recipe names, with its schedule and skip plan\n'
+        return (f'import diffslim\n\n# the pipeline the recipe names, with what the recipe applies to it\n'
                 f'pipe = diffslim.from_recipe("{PLACEHOLDER}/{recipe}")\n')
     import diffusers
 
@@ -127,7 +127,7 @@ def _task(folder: Path) -> Optional[str]:
 def model_card(folder: Path, *, base: str, title: str, done: Sequence[str], tables: Sequence[Table] = (),
                notes: Sequence[str] = (), recipe: Optional[str] = None, command: Optional[str] = None,
                tags: Sequence[str] = (), task_of: Optional[Path] = None, history: Optional[Earlier] = None,
-               images: Sequence[tuple[str, str]] = ()):
+               images: Sequence[tuple[str, str]] = (), recipe_model: Optional[str] = None):
     """The ``huggingface_hub.ModelCard`` of the exported ``folder`` (a pipeline or model folder, already written).
 
     ``base``: the model it was made from, as the user named it (the YAML's ``base_model`` where that is a Hub id);
@@ -135,7 +135,8 @@ def model_card(folder: Path, *, base: str, title: str, done: Sequence[str], tabl
     ``notes``: closing lines (what to do next); ``recipe``: a recipe file inside ``folder`` to load it by;
     ``command``: the command line that made it; ``task_of``: the pipeline folder whose class gives the Hub task
     (default ``folder``); ``history``: the card of the folder it was made from (:func:`earlier`), whose steps come
-    first; ``images``: ``(caption, file inside folder)`` figures shown after the tables."""
+    first; ``images``: ``(caption, file inside folder)`` figures shown after the tables; ``recipe_model``: the
+    model ``recipe`` names, where it lies outside ``folder``."""
     from huggingface_hub import ModelCard, ModelCardData
 
     import diffslim
@@ -155,7 +156,8 @@ def model_card(folder: Path, *, base: str, title: str, done: Sequence[str], tabl
             body += ["", f"![{caption}]({file})", "", f"*{caption}*"]
     code = loading_code(folder, recipe)
     where = ("this folder, or its Hub repository once uploaded" if "from_pretrained" in code else
-             "this folder, as a whole (the recipe names its pipeline by a path inside it)" if recipe else
+             f"this folder; its recipe loads `{recipe_model}`, which lies outside it (from there)" if recipe_model
+             else "this folder, as a whole (the recipe names its pipeline by a path inside it)" if recipe else
              "this folder")
     body += ["", "## How to load", "", "```python", code.rstrip("\n"), "```", "", f"`{PLACEHOLDER}`: {where}."]
     if notes:
@@ -334,9 +336,12 @@ def workflow_card(out: Path, model: str, res, stages: str, n: int, floor: Option
                    "accepted"}
     metrics = [k for k, v in res.rows[0].items() if k not in not_metrics and isinstance(v, (int, float))
                and not isinstance(v, bool)]
+    from diffslim.report import is_reference_cell
+
     rows = [[r["stage"], cell(r.get("params"), ","), cell(r.get("macs_ratio"), ".3f"),
              cell(r.get("speedup"), ".2f") + ("x" if cell(r.get("speedup"), ".2f") else ""),
-             *[cell(r.get(k), ".4g") for k in metrics], "yes" if r.get("accepted") else "no"] for r in res.rows]
+             *["ref" if is_reference_cell(r, k, "stage") else cell(r.get(k), ".4g") for k in metrics],
+             "yes" if r.get("accepted") else "no"] for r in res.rows]
     done = [f"Guided workflow: the stages `{stages}` stacked in order, each judged against the outputs of "
             f"`{model}` on {n} inputs" + (f", down to the floor {floor}" if floor else "") + ".",
             "Kept: " + (", ".join(f"`{k}`" for k in res.stages_kept) or "none")]
@@ -355,7 +360,9 @@ def workflow_card(out: Path, model: str, res, stages: str, n: int, floor: Option
     kinds = {r.get("kind") for r in res.rows[1:] if r.get("accepted")}
     tags = (["pruned"] if "model" in kinds else []) + ["workflow"]
     base = model if history is None else history.base
+    inside = model_dir.exists() and model_dir.resolve().is_relative_to(out.resolve())  # not a zoo name or Hub id
     return dict(images=images, base=base, recipe="recipe.json", task_of=model_dir if model_dir.is_dir() else None,
+                recipe_model=None if inside else res.recipe.model,
                 title=f"{title_name(base)}, slimmed by diffslim's workflow" + (f" ({share} of the MACs)" if share
                                                                                else ""),
                 done=done, tables=[("Every stage against the original (the last kept row is this model)",
@@ -373,10 +380,18 @@ def stage_card(before, after, label: str, original: str) -> dict:
 
     source = Path(before.source)
     history = earlier(source) if source.is_dir() else None
+    den = denoiser_of(after)
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    params = (count(before.denoiser) if history is None or history.params is None else history.params,
-              count(denoiser_of(after)))
+    params = (count(before.denoiser) if history is None or history.params is None else history.params, count(den))
     base = original if history is None else history.base
-    return dict(base=base, title=f"{title_name(base)}, workflow stage {label}",
-                done=[f"Workflow stage `{label}` (diffslim workflow; its folder's workflow.json has every stage's "
-                      "quality)."], tables=[size_table(params)], tags=["pruned", "workflow"], history=history)
+    done = [f"Workflow stage `{label}` (diffslim workflow; its folder's workflow.json has every stage's quality)."]
+    config = lambda m: dict(getattr(m, "config", {}) or {})  # noqa: E731
+    gone = [n for n in config(den).get("removed_layers") or [] if n not in (config(before.denoiser).get(
+        "removed_layers") or [])]
+    if gone:
+        done.append("Removed: " + ", ".join(f"`{n}`" for n in gone))
+    depth = config(den).get("depth_skip")
+    if depth is not None and depth != config(before.denoiser).get("depth_skip"):
+        done.append(f"Depth-skip pruning (Kim and Cho, 2024) to depth {depth}")
+    return dict(base=base, title=f"{title_name(base)}, workflow stage {label}", done=done,
+                tables=[size_table(params)], tags=["pruned", "workflow"], history=history)
