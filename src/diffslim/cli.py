@@ -494,12 +494,10 @@ def _same_model(a: str, b: str) -> bool:
         return True
     if a.startswith("zoo:") or b.startswith("zoo:"):
         return False
-    from diffslim.models.load import hub_cache_folder, split_hub_id
+    from diffslim.models.load import cached_hub_folder
 
     def where(m: str) -> Path:
-        path = Path(m).expanduser()
-        hub = None if path.exists() else split_hub_id(m)
-        return ((hub and hub_cache_folder(*hub)) or path).resolve()
+        return (cached_hub_folder(m) or Path(m).expanduser()).resolve()
 
     return where(a) == where(b)
 
@@ -512,11 +510,9 @@ def _model_for(model: Optional[str], recipe: Optional[Path]) -> str:
         from diffslim.recipe import load_recipe
 
         named = load_recipe(recipe).model
-        from diffslim.models.load import hub_cache_folder, split_hub_id
+        from diffslim.models.load import cached_hub_folder
 
-        hub = split_hub_id(named) if named else None
-        if named and not named.startswith("zoo:") and not Path(named).exists() and \
-                not (hub and hub_cache_folder(*hub)):
+        if named and not named.startswith("zoo:") and not Path(named).exists() and cached_hub_folder(named) is None:
             beside = "" if Path(named).is_absolute() else f" (nor beside the recipe, at {recipe.parent / named})"
             raise UserError(f"{recipe} names the model {named}, which is not there{beside}: move or copy the recipe "
                             "with its folder (a workflow's stages/ go with it), or give MODEL")

@@ -466,11 +466,10 @@ def model_fingerprint(source: str) -> str:
         from diffslim.zoo.registry import ZOO
 
         path = ZOO[source[4:]].folder
-    elif not path.exists():  # a Hub id: its copy in the local Hugging Face cache
-        from diffslim.models.load import hub_cache_folder, split_hub_id
+    else:  # a Hub id: its copy in the local Hugging Face cache
+        from diffslim.models.load import cached_hub_folder
 
-        hub = split_hub_id(source)
-        path = (hub and hub_cache_folder(*hub)) or path
+        path = cached_hub_folder(source) or path
     parts = [source]
     if path.exists():
         for f in sorted(path.rglob("*")):

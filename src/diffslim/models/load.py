@@ -249,6 +249,15 @@ def hub_cache_folder(repo_id: str, subfolder: str = "") -> Optional[Path]:
     return folder if folder.is_dir() else None
 
 
+def cached_hub_folder(model: str) -> Optional[Path]:
+    """Where the local Hugging Face cache holds MODEL, a Hub id (``OWNER/NAME[/SUBFOLDER]``) that is no local path;
+    None for anything else (a folder here, ``zoo:NAME``, an id the cache lacks)."""
+    if model.startswith("zoo:") or Path(model).expanduser().exists():
+        return None
+    hub = split_hub_id(model)
+    return hub_cache_folder(*hub) if hub else None
+
+
 def load(model: str, dtype=torch.float32, device="cpu", random_weights: bool = False) -> LoadedModel:
     """Load ``model`` (a path, ``zoo:NAME``, or a Hub id ``OWNER/NAME[/SUBFOLDER]`` that the local Hugging Face
     cache holds, see :func:`hub_cache_folder`) into a :class:`LoadedModel`.
