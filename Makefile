@@ -28,7 +28,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
-bench: $(STAMP)  # the README's main bench table ("Bench on the zoo"), with its HTML report in bench_report/
+bench: $(STAMP)  # the main bench table ("Bench on the zoo" in docs/figures.md), with its HTML report in bench_report/
 	$(BIN)/diffslim bench zoo:digits-sd --n 50 --repeats 3 --html bench_report \
 	    --methods full,steps:25,steps:10,depth:9,depth:7,uniform:10,karras:10,ays:10,gamma:10
 

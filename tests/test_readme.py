@@ -1,6 +1,8 @@
-"""The README's commands are the code's: every ``diffslim CMD --option`` it quotes names a command and options that
-exist, its command table lists every command, and every ``bench/SCRIPT.py`` invocation uses options the script
-takes and gives the ones it requires (a session found three quoted bench commands missing a required ``--out``)."""
+"""The documentation's commands are the code's: every ``diffslim CMD --option`` the README and the pages under
+``docs/`` quote names a command and options that exist, the README's command table lists every command, every
+``bench/SCRIPT.py`` invocation uses options the script takes and gives the ones it requires (a session found three
+quoted bench commands missing a required ``--out``), and every relative link points at a file and heading that
+exist."""
 
 from __future__ import annotations
 
@@ -12,15 +14,17 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
+PAGES = sorted((ROOT / "docs").glob("*.md"))
+DOCS = "\n".join([README] + [page.read_text() for page in PAGES])
 _ENV = r"(?:[A-Z_]+=\S*\s+)*"  # OMP_NUM_THREADS=2 and the like before a command
 _OPTION = r"(?<![\w-])(--[a-z][a-z0-9-]*)"
 
 
 def _command_lines() -> list[str]:
-    """Each shell line of the README's code blocks (continuations joined) and each inline code span."""
-    blocks = re.findall(r"```[a-z]*\n(.*?)```", README, flags=re.S)
+    """Each shell line of the documentation's code blocks (continuations joined) and each inline code span."""
+    blocks = re.findall(r"```[a-z]*\n(.*?)```", DOCS, flags=re.S)
     lines = [line for b in blocks for line in b.replace("\\\n", " ").split("\n")]
-    prose = re.sub(r"```.*?```", "", README, flags=re.S).replace("\n", " ")
+    prose = re.sub(r"```.*?```", "", DOCS, flags=re.S).replace("\n", " ")
     return lines + re.findall(r"`([^`]+)`", prose)
 
 
@@ -95,3 +99,39 @@ def test_the_bench_invocation_pattern_reads_what_it_should(line, found, monkeypa
     """The pattern the bench check uses finds a quoted script with its arguments, and only scripts."""
     monkeypatch.setitem(globals(), "_command_lines", lambda: [line])
     assert _invocations(r"(?:python\S*\s+)bench/", r"\w+\.py") == found
+
+
+def _anchor(heading: str) -> str:
+    """The anchor GitHub gives a heading: lower case, punctuation but hyphens and underscores dropped, spaces as
+    hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_relative_link_points_at_a_file_and_heading_that_exist():
+    assert len(PAGES) >= 8  # the pages the README's documentation list links
+    broken = []
+    for doc in [ROOT / "README.md", *PAGES]:
+        text = re.sub(r"```.*?```", "", doc.read_text(), flags=re.S)
+        for target in re.findall(r"\]\(([^)\s]+)\)", text.replace("\n", " ")):
+            if re.match(r"[a-z]+://", target):
+                continue
+            path, _, anchor = target.partition("#")
+            file = (doc.parent / path).resolve() if path else doc
+            if not file.exists():
+                broken.append(f"{doc.name}: {target}: no such file")
+            elif anchor and file.suffix == ".md" and anchor not in {
+                    _anchor(h) for h in re.findall(r"^#+ (.+)$", file.read_text(), flags=re.M)}:
+                broken.append(f"{doc.name}: {target}: no such heading")
+    assert broken == []
+
+
+def test_the_readme_links_every_page_of_the_docs():
+    linked = set(re.findall(r"\]\(docs/([\w-]+\.md)\)", README))
+    assert linked == {page.name for page in PAGES}
+
+
+@pytest.mark.parametrize("heading, anchor", [("Stacking methods: the guided workflow", "stacking-methods-the-guided-workflow"),
+                                             ("`auto`: the most aggressive setting", "auto-the-most-aggressive-setting"),
+                                             ("torch.compile", "torchcompile")])
+def test_anchors_are_githubs(heading, anchor):
+    assert _anchor(heading) == anchor

@@ -1386,7 +1386,7 @@ def distill(
         if lambda_task != 0:
             console.print("[dim]on the teacher's own samples the task loss repeats the output term: without it "
                           "(the default here) the zoo's digits U-Net distilled as well as on its real images, with it "
-                          "4 dB worse (README, 'Calibration without training images')[/]", highlight=False)
+                          "4 dB worse (docs/layer-pruning.md, 'Calibration without training images')[/]", highlight=False)
     res = run(t.pipe, s.denoiser, make_dataset(data, t.pipe, resolution), cfg)
     scale = f"; feature weight x{res.feat_scale:.4g} (matched to the plain sum)" if match_plain_weight else ""
     folder = Path(res.out_dir) / "student"
