@@ -87,10 +87,8 @@ def main(argv=None) -> int:
         args, kwargs = default_inputs(v, height=p["sample_size"][0], width=p["sample_size"][1], batch=a.batch)
         fn = torch.compile(v) if a.compile else v
         calls.append((fn, args, kwargs))
-    cuda = torch.device(a.device).type == "cuda"
-
     def once(fn, args, kwargs) -> float:
-        return timed_call(fn, args, kwargs, cuda)
+        return timed_call(fn, args, kwargs, torch.device(a.device))
 
     times = [[] for _ in calls]
     with torch.no_grad():

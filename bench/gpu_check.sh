@@ -5,7 +5,7 @@
 #
 #   here:  bash bench/gpu_check.sh prepare     # wheels the GPU image lacks, into .whl/ (git-ignored)
 #   there: run(command="bash bench/gpu_check.sh run", carry=[".whl"], timeout_s=560)
-#   here, the same commands on the CPU (to try the script): DEV=cpu PY=.venv/bin/python NO_WHEELS=1 ARCH=0 \
+#   here, the same commands on the CPU (to try the script): DEV=cpu PY=.venv/bin/python NO_WHEELS=1 ARCH=0 MP=no \
 #          OUT=/tmp/gc bash bench/gpu_check.sh run
 #
 # The image's own huggingface_hub (1.33) serves diffusers and transformers: 2.x would need httpx2, which it lacks.
@@ -69,6 +69,13 @@ step dipgo $D dipgo zoo:digits-dit --ratio 0.5 --iters 4 --select 2 --out /tmp/g
 # dipgo:R (a pruner trained with the default iterations) is left out: the dipgo step runs its CUDA path
 # zoo-train trains on Accelerate's device (this GPU): its batches, upsampler and EMA move there (session 30)
 step zoo-train $D zoo-train sr --steps 4 --batch-size 8 --checkpoint-every 2 --out /tmp/gc/zt
+# the distillation trainer's CUDA paths: mixed precision (fp16 with its gradient scaler; MP=no on a CPU try),
+# gradient checkpointing, a checkpoint and its exact resume (the second run goes on from step 3 to 6), and bf16
+step distill-mp $D distill zoo:digits-dit /tmp/gc/lp/model --data zoo --steps 3 --batch-size 16 --checkpoint-every 3 \
+    --mixed-precision ${MP:-fp16} --gradient-checkpointing --out /tmp/gc/kd
+step distill-resume $D distill zoo:digits-dit /tmp/gc/lp/model --data zoo --steps 6 --batch-size 16 --checkpoint-every 3 \
+    --mixed-precision ${MP:-fp16} --gradient-checkpointing --out /tmp/gc/kd
+step finetune-bf16 $D finetune zoo:digits-sd --depth 7 --steps 3 --batch-size 16 --mixed-precision bf16 --out /tmp/gc/ft
 step bench-cuda sh -c "$D bench zoo:digits-sd --device $DEV --n 16 --methods full,steps:10,depth:9,layers:0.5,deepcache:3,dipgo:@bench/results/dipgo_digits-sd_recipe.json --json > $OUT/bench_digits-sd_cuda.json"
 step workflow $D workflow zoo:digits-sd --device $DEV --stages layers:0.3,steps:20 --n 8 --out /tmp/gc/wf --json
 step workflow-bf16 $D workflow zoo:digits-dit --device $DEV --dtype bf16 --stages layers:0.3,steps:20 --n 8 \

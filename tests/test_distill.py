@@ -386,3 +386,40 @@ def test_match_plain_weight_scales_the_normalized_term_to_the_plain_sum(tiny_dig
     with pytest.raises(ValueError, match="match_plain_weight .* normalized=True"):
         distill(tiny_digits_pipe, depth_skip(teacher, 7), ds, _cfg(tmp_path / "bad", normalized=False,
                                                                    match_plain_weight=True))
+
+
+def test_mixed_precision_trains_on_float32_data(tmp_path, monkeypatch):
+    """Under bf16 mixed precision the student and teacher run under autocast, but the data (zoo:sr's residual target,
+    a VAE's latents) is made in float32: in bfloat16 zoo:sr's target was wrong by 13 % of its spread. Also inside the
+    weight-matching batches, which run under an autocast of their own. It follows a run without mixed precision in
+    the same process, as in a Python session (Accelerate refused a second precision: "restart your runtime"), and a
+    DiP-GO-style Accelerator after it trains without autocast again."""
+    from accelerate import Accelerator
+
+    from diffslim import launch
+    from diffslim.train import distill as trainer
+
+    Accelerator(cpu=True)  # what an earlier run in this process left: Accelerate's state, without mixed precision
+    from diffslim.train.data import ZooSRPatches
+    from diffslim.train.zoo import build_pipeline
+
+    torch.manual_seed(0)
+    pipe = build_pipeline("sr")
+    encoded, real_encode = [], trainer._ZooSRTask.encode
+
+    def encode(self, batch, g, device):
+        x0, cond = real_encode(self, batch, g, device)
+        encoded.append((torch.is_autocast_enabled("cpu"), x0.dtype))
+        return x0, cond
+
+    monkeypatch.setattr(trainer._ZooSRTask, "encode", encode)
+    student = depth_skip(pipe.denoiser, 2)
+    autocast_in_student = []
+    student.register_forward_pre_hook(lambda m, a: autocast_in_student.append(torch.is_autocast_enabled("cpu")))
+    res = distill(pipe, student, ZooSRPatches(8, patch=16),
+                  _cfg(tmp_path / "run", steps=2, batch_size=2, ema_decay=None, log_every=1, mixed_precision="bf16",
+                       normalized=True, match_plain_weight=True, weight_batches=2))
+    assert res.steps == 2
+    assert len(encoded) == 4 and set(encoded) == {(False, torch.float32)}  # 2 weight batches, 2 training steps
+    assert autocast_in_student and all(autocast_in_student)
+    assert launch.accelerator().mixed_precision == "no"  # the next run does not inherit bf16

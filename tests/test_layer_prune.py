@@ -1074,19 +1074,30 @@ def test_cli_distill_on_teacher_samples_from_prompts(tiny_sd_pipe, tmp_path):
     assert r.exit_code == 2 and "a .txt file of prompts" in r.output, r.output
 
 
-def test_cli_distill_a_class_conditional_student_on_teacher_samples_of_labels(tiny_digits_folder, tmp_path):
+def test_cli_distill_a_class_conditional_student_on_teacher_samples_of_labels(tiny_digits_folder, tmp_path,
+                                                                               monkeypatch):
     """Class labels instead of prompts: the teacher samples each label, the caption is the label, and the trainer
-    reads the folder as labelled grey images (a folder without integer captions is refused)."""
+    reads the folder as labelled grey images (a folder without integer captions is refused). The teacher is loaded
+    where the trainer runs ('auto': this process's GPU), not on the CPU, since it samples first."""
+    import diffslim.models.load as loader
     from diffslim.cli import app
     from diffslim.train.data import LabelledFolder, make_dataset
 
     r = _cli(tiny_digits_folder, "--ratio", "0.3", "--criterion", "magnitude", "--out", tmp_path / "p")
     assert r.exit_code == 0, r.output
+    devices, real_load = {}, loader.load
+
+    def recording_load(model, *args, **kwargs):
+        devices.setdefault(str(model), kwargs.get("device", "cpu"))
+        return real_load(model, *args, **kwargs)
+
+    monkeypatch.setattr(loader, "load", recording_load)
     (tmp_path / "labels.txt").write_text("3\n7\n")
     r = CliRunner().invoke(app, ["distill", str(tiny_digits_folder), str(tmp_path / "p" / "model"), "--data",
                                  str(tmp_path / "labels.txt"), "--teacher-samples", "3", "--sample-steps", "2",
                                  "--steps", "2", "--batch-size", "2", "--out", str(tmp_path / "kd")])
     assert r.exit_code == 0, r.output
+    assert devices[str(tiny_digits_folder)] == "auto"
     folder = tmp_path / "kd" / "teacher_samples"
     assert [(folder / f"0000{i}.txt").read_text() for i in range(3)] == ["3", "7", "3"]
     pipe = load(str(tiny_digits_folder)).pipe

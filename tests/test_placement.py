@@ -264,3 +264,59 @@ def test_layer_scoring_and_the_workflow_run_in_bfloat16(tmp_path, monkeypatch):
         weights = load_file(str(next((folder / "pipeline" / "denoiser").glob("*.safetensors"))))
         assert {t.dtype for t in weights.values()} == {torch.bfloat16}
     assert _placement_key(half) == {"dtype": "bfloat16"} and _placement_key(full) == {}
+
+
+def test_a_trained_student_joins_a_bfloat16_pipeline_in_bfloat16(tmp_path, tiny_sd_pipe):
+    """bench depth:N+ft@FOLDER: the student is cast to the pipeline's dtype (it stayed float32 and a diffusers
+    pipeline, whose latents and prompt embeddings follow the text encoder's dtype, failed in its first matmul)."""
+    import json
+
+    from diffslim.methods.depth_skip import depth_skip
+
+    tiny_sd_pipe.save_pretrained(tmp_path / "sd")
+    depth_skip(tiny_sd_pipe.unet, 1).save_pretrained(tmp_path / "student")
+    (tmp_path / "prompts.txt").write_text("a cat\na dog\n")
+    rows = {}
+    for dtype in ("float32", "bfloat16"):
+        res = _cli("bench", tmp_path / "sd", "--methods", f"full,depth:1+ft@{tmp_path / 'student'}", "--prompts",
+                   tmp_path / "prompts.txt", "--n", "2", "--steps", "4", "--dtype", dtype, "--json")
+        assert res.exit_code == 0, res.output
+        rows[dtype] = {r["method"]: r for r in json.loads(res.stdout)["rows"]}
+    # the student is the full model less one level: its outputs differ from the full model's in either dtype,
+    # and the bfloat16 rows are not the float32 ones (the whole pipeline ran in bfloat16)
+    assert rows["float32"]["depth:1+ft"]["psnr"] != rows["bfloat16"]["depth:1+ft"]["psnr"]
+    assert rows["bfloat16"]["depth:1+ft"]["params"] == rows["float32"]["depth:1+ft"]["params"]
+
+
+def test_timing_waits_on_the_models_own_gpu_and_reads_macos_rss_in_bytes(monkeypatch):
+    """``torch.cuda.synchronize()`` without a device waits on the current GPU, not on the ``cuda:1`` a model runs
+    on (profile --device cuda:1 timed kernel launches only); MPS has its own; macOS's ru_maxrss is in bytes."""
+    import resource
+    import sys
+
+    from diffslim.measure import profile
+
+    waited = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: waited.append(("cuda", device)))
+    monkeypatch.setattr(torch.mps, "synchronize", lambda: waited.append(("mps", None)))
+    ran = []
+    for device in ("cuda:1", "mps", "cpu"):
+        assert profile.timed_call(ran.append, (device,), {}, torch.device(device)) >= 0
+    assert ran == ["cuda:1", "mps", "cpu"]
+    assert waited == [("cuda", torch.device("cuda:1"))] * 2 + [("mps", None)] * 2
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert peak <= profile._peak_rss_bytes() < 2 * peak + 2 ** 20  # bytes, not 1024 times them
+    monkeypatch.setattr(sys, "platform", "linux")
+    assert profile._peak_rss_bytes() >= 1024 * peak
+
+
+def test_one_named_gpu_under_a_launch_is_refused(monkeypatch):
+    """Under ``accelerate launch`` ``--device cuda:1`` put every process on GPU 1; ``cuda`` gives each its own."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda:1")  # one process: the GPU it names
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match=r"device 'cuda:1' under accelerate launch \(2 processes\) puts every process "
+                                        "on that one GPU; give cuda or auto"):
+        resolve_device("cuda:1")

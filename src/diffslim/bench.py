@@ -339,16 +339,23 @@ def _depth(arg, ctx: BenchContext) -> Variant:
     if not ft:
         pruned = depth_skip(ctx.loaded.denoiser, n)
         return Variant(f"depth:{n}", _with_denoiser(ctx.loaded.pipe, pruned), ctx.base_spec, _n_params(pruned))
-    from diffslim.methods.finetune import load_student
-
     notes = f"student from {ft_path}"
     if ft_path is None:
         ft_path, notes = _default_finetune(ctx, n)
-    student = load_student(ft_path).to(next(ctx.loaded.denoiser.parameters()).device)
+    student = _placed_student(ft_path, ctx)
     if getattr(student.config, "depth_skip", None) != n:
         raise UserError(f"depth:{arg}: the student at {ft_path} has depth {getattr(student.config, 'depth_skip', None)}")
     return Variant(f"depth:{n}+ft", _with_denoiser(ctx.loaded.pipe, student), ctx.base_spec, _n_params(student),
                    notes=notes)
+
+
+def _placed_student(folder, ctx: BenchContext):
+    """A trained student from its folder, on the device and in the dtype of the pipeline it joins (a float32
+    student in a bfloat16 pipeline got its inputs in bfloat16 and failed, or ran in float32 beside the rest)."""
+    from diffslim.methods.finetune import load_student
+
+    weight = next(ctx.loaded.denoiser.parameters())
+    return load_student(folder).to(device=weight.device, dtype=weight.dtype)
 
 
 @register_method("mdepth", "mdepth:T=D[/T=D...], multi-depth: timesteps >= T run at depth D (highest T first), "
@@ -806,10 +813,8 @@ def _layers(arg, ctx: BenchContext) -> Variant:
         return Variant(f"layers:{ratio:g}{tag}", _with_denoiser(ctx.loaded.pipe, pruned), ctx.base_spec,
                        _n_params(pruned), notes=note + ("; the stock class" if stock else "")
                        + f"; not retrained (layers:{ratio:g}{tag}+kd distils it)")
-    from diffslim.methods.finetune import load_student
-
     folder, kd_note = _default_layer_kd(ctx, names)  # distilled as the LayerPruned model, then exported
-    student = as_model(load_student(folder).to(next(ctx.loaded.denoiser.parameters()).device))
+    student = as_model(_placed_student(folder, ctx))
     return Variant(f"layers:{ratio:g}{tag}+kd", _with_denoiser(ctx.loaded.pipe, student), ctx.base_spec,
                    _n_params(student), notes=f"{note}; {kd_note}")
 
@@ -836,11 +841,9 @@ def _bk_sdm(arg, ctx: BenchContext) -> Variant:
         return Variant(f"bk-sdm:{variant}", _with_denoiser(ctx.loaded.pipe, pruned), ctx.base_spec,
                        _n_params(pruned), notes=f"{note}; removal only, not retrained (BK-SDM retrains: "
                                                 f"bk-sdm:{variant}+kd distils it)")
-    from diffslim.methods.finetune import load_student
-
     # the same trainer, loss and steps as layers:R+kd: the rows compare the removals, not the retraining
     folder, kd_note = _default_layer_kd(ctx, names)
-    student = load_student(folder).to(next(ctx.loaded.denoiser.parameters()).device)
+    student = _placed_student(folder, ctx)
     return Variant(f"bk-sdm:{variant}+kd", _with_denoiser(ctx.loaded.pipe, student), ctx.base_spec,
                    _n_params(student), notes=f"{note}; {kd_note}")
 

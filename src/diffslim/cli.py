@@ -1374,7 +1374,9 @@ def distill(
     from diffslim.train.data import make_dataset
     from diffslim.train.distill import distill as run
 
-    t = load(teacher)
+    # a teacher that samples its own training images does so on the GPU the trainer uses (each process its own under
+    # a launch); on the CPU an SD-sized teacher's 256 samples take hours
+    t = load(teacher, device="auto" if own_samples else "cpu")
     if t.pipe is None:
         raise UserError(f"{teacher} is not a pipeline; the teacher must be a pipeline folder or zoo:NAME")
     s = load(str(student))

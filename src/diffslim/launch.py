@@ -87,3 +87,21 @@ def shared_map(fn, items, done=None) -> list:
     dist.all_gather_object(every, mine)
     merged = {k: v for part in every for k, v in part.items()}
     return [merged[k] for k in range(len(items))]
+
+
+def accelerator(mixed_precision: str = "no", **kwargs):
+    """An ``accelerate.Accelerator`` with this mixed precision, on this process's GPU when torch sees one, else on the
+    CPU (over gloo under a launch). Accelerate keeps one state per process and refuses a second ``Accelerator`` with
+    another mixed precision ("restart your runtime"), and one built without the argument takes the last run's: in one
+    Python session a bf16 distillation after a DiP-GO run failed, and a DiP-GO run after it would have trained under
+    bf16 autocast. A finished run's state is dropped for the next one (the process group stays)."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType
+
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision") != mixed_precision and \
+            state.get("distributed_type") != DistributedType.DEEPSPEED:  # DeepSpeed's config sets its own precision
+        AcceleratorState._reset_state()
+    return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available(), **kwargs)

@@ -125,38 +125,58 @@ def _pixels_to_latent(px: int, scale: int, what: str) -> int:
     return px // scale
 
 
-def timed_call(fn, args, kwargs, cuda: bool) -> float:
-    """Wall time of ``fn(*args, **kwargs)``; with ``cuda``, the GPU's queued work is waited for before and after."""
+def synchronize(device) -> None:
+    """Wait for the work queued on ``device`` (a GPU's kernels run after their call returns): CUDA on that very
+    device (``torch.cuda.synchronize()`` alone waits on the current one, not on a ``cuda:1`` the model is on),
+    Apple's MPS; nothing on the CPU."""
     import torch
 
-    if cuda:
-        torch.cuda.synchronize()
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def timed_call(fn, args, kwargs, device=None) -> float:
+    """Wall time of ``fn(*args, **kwargs)``; on a GPU ``device``, its queued work is waited for before and
+    after."""
+    if device is not None:
+        synchronize(device)
     t0 = time.perf_counter()
     fn(*args, **kwargs)
-    if cuda:
-        torch.cuda.synchronize()
+    if device is not None:
+        synchronize(device)
     return time.perf_counter() - t0
+
+
+def _peak_rss_bytes() -> int:
+    """This process's peak resident memory: ``ru_maxrss`` counts KiB on Linux and bytes on macOS."""
+    import resource
+    import sys
+
+    peak = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    return peak if sys.platform == "darwin" else peak * 1024
 
 
 def _latency_and_memory(den, args, kwargs, repeats: int):
     """Wall time of the first call (the warm-up), median wall time of ``repeats`` calls after it, and the peak
-    memory of those calls."""
-    import resource
-
+    memory of those calls: on CUDA what they allocated above the weights on the model's device, elsewhere the
+    process's peak resident memory."""
     import torch
 
-    cuda = any(p.is_cuda for p in den.parameters())
+    device = next(den.parameters()).device
+    cuda = device.type == "cuda"
     with torch.no_grad():
-        first = timed_call(den, args, kwargs, cuda)
+        first = timed_call(den, args, kwargs, device)
         if cuda:
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-        times = [timed_call(den, args, kwargs, cuda) for _ in range(max(1, repeats))]
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+        times = [timed_call(den, args, kwargs, device) for _ in range(max(1, repeats))]
     if cuda:
-        return first, statistics.median(times), int(torch.cuda.max_memory_allocated() - base), \
+        return first, statistics.median(times), int(torch.cuda.max_memory_allocated(device) - base), \
             "cuda_allocated_above_weights"
-    return first, statistics.median(times), int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, \
-        "process_peak_rss"
+    return first, statistics.median(times), _peak_rss_bytes(), "process_peak_rss"
 
 
 class ComponentTimes:
@@ -210,8 +230,8 @@ def time_components(pipe):
 
     def sync(module):
         p = next(module.parameters(), None)
-        if p is not None and p.is_cuda:
-            torch.cuda.synchronize(p.device)
+        if p is not None:
+            synchronize(p.device)
 
     def pre(name):
         @torch.compiler.disable

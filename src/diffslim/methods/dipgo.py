@@ -573,8 +573,7 @@ def train_dipgo(pipe, cfg: DipgoConfig, units: Optional[PlanUnits] = None,
     step and the seed). Data parallel under ``accelerate launch`` (each process its share of a batch).
     ``pool``: the training inputs (a list of pipeline input dicts) in place of ``cfg.data``.
     """
-    from accelerate import Accelerator
-
+    from diffslim import launch
     from diffslim.models.load import denoiser_of
 
     cfg.check()
@@ -605,7 +604,7 @@ def train_dipgo(pipe, cfg: DipgoConfig, units: Optional[PlanUnits] = None,
     opt = torch.optim.Adam(pruner.parameters(), lr=cfg.lr, betas=(0.5, 0.999))
     # like diffslim's other trainers: on this process's GPU when torch sees one, else on the CPU; the pipeline
     # moves there for the training and back to where it was afterwards
-    acc = Accelerator(cpu=not torch.cuda.is_available())
+    acc = launch.accelerator()
     home = den.device
     pruner, opt = acc.prepare(pruner, opt)
     raw = acc.unwrap_model(pruner)
@@ -682,11 +681,11 @@ def train_dipgo(pipe, cfg: DipgoConfig, units: Optional[PlanUnits] = None,
                 opt.step()
                 with torch.no_grad():
                     hard_kept = float(kept)
-                    score_sum += raw.keep_prob().double().cpu()
+                    score_sum += raw.keep_prob().detach().cpu().double()
                 rec = {"step": step + 1, "loss": float(loss.detach()), "consistency": float(cons.detach()),
                        "kept_macs": hard_kept}
                 if val is not None:
-                    cur = score_sum / (step + 1) if cfg.average_scores else raw.keep_prob().detach().double().cpu()
+                    cur = score_sum / (step + 1) if cfg.average_scores else raw.keep_prob().detach().cpu().double()
                     rec["val"] = _validation_loss(val, cur.numpy(), units, cfg, rt.state)
                     if rec["val"] < best["val"]:
                         best = {"val": rec["val"], "scores": cur.clone(), "step": step + 1}
@@ -722,7 +721,7 @@ def train_dipgo(pipe, cfg: DipgoConfig, units: Optional[PlanUnits] = None,
         if best["scores"] is not None:
             scores = best["scores"].numpy()
         else:
-            scores = (score_sum / cfg.iters if cfg.average_scores else raw.keep_prob().double().cpu()).numpy()
+            scores = (score_sum / cfg.iters if cfg.average_scores else raw.keep_prob().detach().cpu().double()).numpy()
     plan = pad_plan(plan_from_scores(scores, units, cfg.ratio), cfg.num_inference_steps)
     res = DipgoResult(scores, plan, plan_macs_ratio(plan, units, rows), units, seconds, log, cfg)
     if acc.is_main_process:

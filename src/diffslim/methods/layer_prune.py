@@ -1121,6 +1121,11 @@ def output_loss(model: nn.Module, calib: Calibration, names: Sequence[str],
 # Criteria
 
 
+def _float64(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float64 for a score's sum, where the device has it: Apple's MPS has no float64, so there on the CPU."""
+    return x.cpu().double() if x.device.type == "mps" else x.double()
+
+
 def _weights(model: nn.Module, layer: Layer) -> list[nn.Parameter]:
     """The parameters a layer's removal deletes (its stand-in's kept ones excluded)."""
     module = model.get_submodule(layer.name)
@@ -1183,7 +1188,7 @@ def _taylor_scores(model: nn.Module, layers: Sequence[Layer], calib: Calibration
             s = 0.0
             for p in _weights(model, l):
                 if p.grad is not None:
-                    s += float((p.grad.double() * p.detach().double()).sum())
+                    s += float((_float64(p.grad) * _float64(p.detach())).sum())
             scores[l.name] = abs(s)
         return scores
     finally:
@@ -1235,7 +1240,7 @@ def score_layers(model: nn.Module, layers: Sequence[Layer], criterion: str, cali
         vals = torch.rand(len(layers), generator=g, dtype=torch.float64).tolist()
         return {l.name: v for l, v in zip(layers, vals)}
     if criterion == "magnitude":
-        return {l.name: float(sum(p.detach().double().abs().sum() for p in _weights(model, l))) for l in layers}
+        return {l.name: float(sum(_float64(p.detach()).abs().sum() for p in _weights(model, l))) for l in layers}
     if criterion not in CRITERIA:
         raise UserError(f"unknown criterion {criterion!r}; accepted: {', '.join(CRITERIA)}")
     if calib is None:

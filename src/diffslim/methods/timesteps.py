@@ -294,7 +294,8 @@ def _sigma_to_t(sigma: float, log_sigmas: np.ndarray) -> float:
 
 def _half_log_snr(alphas_cumprod: Union[torch.Tensor, np.ndarray]) -> np.ndarray:
     """``lambda_t = log(alpha_t / sigma_t)`` per training timestep, shape ``(T+1,)``, float64."""
-    a = torch.as_tensor(alphas_cumprod, dtype=torch.float64).detach().cpu().numpy()
+    a = (alphas_cumprod.detach().cpu().double().numpy() if isinstance(alphas_cumprod, torch.Tensor)  # MPS: no float64
+         else np.asarray(alphas_cumprod, dtype=np.float64))
     return 0.5 * (np.log(a) - np.log1p(-a))
 
 

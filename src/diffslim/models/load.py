@@ -186,7 +186,11 @@ def resolve_device(name: str = "auto") -> torch.device:
         raise UserError(f"device {name!r}: this machine has no mps device; accepted here: {accepted}")
     if dev.type not in ("cpu", "cuda", "mps"):
         raise UserError(f"device {name!r} is not supported; accepted here: {accepted}")
-    if dev.type == "cuda" and dev.index is None and world_size() > 1:
+    if dev.type == "cuda" and world_size() > 1:
+        if dev.index is not None:  # every process would load onto that one GPU, and the others stay idle
+            raise UserError(f"device {name!r} under accelerate launch ({world_size()} processes) puts every process on "
+                            "that one GPU; give cuda or auto (each process its own GPU), or choose the GPUs with "
+                            "accelerate launch --gpu_ids or CUDA_VISIBLE_DEVICES")
         from accelerate import PartialState
 
         return PartialState().device  # under `accelerate launch`, "cuda" is this process's GPU, not the first one

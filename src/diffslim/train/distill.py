@@ -884,8 +884,9 @@ def distill(teacher_pipe, student: nn.Module, dataset, cfg: DistillConfig, label
     (``save_pretrained``, EMA weights if enabled, in the student's original dtype) and
     ``out/distill.json`` (settings and the distilled features).
     """
-    from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, set_seed
+
+    from diffslim import launch
 
     cfg.check()
     if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():  # Accelerate would train in float32, silently
@@ -896,10 +897,9 @@ def distill(teacher_pipe, student: nn.Module, dataset, cfg: DistillConfig, label
     tensorboard = cfg.log_with == "tensorboard" and _tensorboard_available()
     if cfg.log_with == "tensorboard" and not tensorboard:
         logger.warning("tensorboard is not installed: logging to CSV only")
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available(),
-                              log_with="tensorboard" if tensorboard else None, project_dir=str(out),
-                              kwargs_handlers=[DistributedDataParallelKwargs(
-                                  find_unused_parameters=cfg.find_unused_parameters)])
+    accelerator = launch.accelerator(cfg.mixed_precision, log_with="tensorboard" if tensorboard else None,
+                                     project_dir=str(out), kwargs_handlers=[DistributedDataParallelKwargs(
+                                         find_unused_parameters=cfg.find_unused_parameters)])
     set_seed(cfg.seed)
     device = accelerator.device
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -973,7 +973,10 @@ def distill(teacher_pipe, student: nn.Module, dataset, cfg: DistillConfig, label
             """The batch of ``step`` on this process, a pure function of (seed, step, process)."""
             batch = collate([dataset[i] for i in batch_indices(order, step, cfg.batch_size, rank, world)])
             g = torch.Generator().manual_seed(_seed_of(cfg.seed, 2, step, rank))
-            with torch.no_grad(), accelerator.autocast():
+            # the data in float32 even under mixed precision (and inside the autocast of _plain_to_normalized): zoo:sr's
+            # target is a difference of nearly equal images, 13 % of its spread wrong when bfloat16 convolutions make
+            # it, and SDXL's VAE overflows in float16; diffusers' training scripts keep that VAE in float32 too
+            with torch.no_grad(), torch.autocast(device.type, enabled=False):
                 x0, cond = task.encode(batch, g, device)
             x0 = x0.float()
             noise = torch.randn(x0.shape, generator=g).to(device)

@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from diffslim import launch
 from diffslim.errors import Interrupted
 from diffslim.train.stop import StopOnSignal, say
 from diffslim.zoo import data as zdata
@@ -155,12 +156,11 @@ def train(name: str, out: Path, steps: int, batch_size: int, lr: float, checkpoi
 
     ``pipeline_config``: overrides of the registry's pipeline arguments (SR: ``blur_sigma``), kept in
     ``out/pipeline_config.json`` so that a resumed run and its exports use the same ones."""
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
     from diffusers import DDPMScheduler
 
     # without CUDA, the processes of `accelerate launch` train together over gloo (accelerate's MULTI_CPU)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = launch.accelerator()
     set_seed(seed)
     out = Path(out)
     ckpt_root = out / "checkpoints"
