@@ -7,6 +7,7 @@ A leaf module (it imports nothing of diffslim), so that every floor can ask. The
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 
 def world_size() -> int:
@@ -89,17 +90,20 @@ def shared_map(fn, items, done=None) -> list:
     return [merged[k] for k in range(len(items))]
 
 
-def accelerator(mixed_precision: str = "no", **kwargs):
-    """An ``accelerate.Accelerator`` with this mixed precision, on this process's GPU when torch sees one, else on the
-    CPU (over gloo under a launch). Accelerate keeps one state per process and refuses a second ``Accelerator`` with
-    another mixed precision ("restart your runtime"), and one built without the argument takes the last run's: in one
-    Python session a bf16 distillation after a DiP-GO run failed, and a DiP-GO run after it would have trained under
-    bf16 autocast. A finished run's state is dropped for the next one (the process group stays)."""
+def accelerator(mixed_precision: Optional[str] = None, **kwargs):
+    """An ``accelerate.Accelerator`` with this mixed precision (None: the launcher's ``--mixed_precision``, else
+    "no"), on this process's GPU when torch sees one, else on the CPU (over gloo under a launch). Accelerate keeps one
+    state per process and refuses a second ``Accelerator`` with another mixed precision ("restart your runtime"), and
+    one built without the argument takes the last run's: in one Python session a bf16 distillation after a DiP-GO run
+    failed, and a DiP-GO run after it would have trained under bf16 autocast. A finished run's state is dropped for
+    the next one (the process group stays)."""
     import torch
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     from accelerate.utils import DistributedType
 
+    if mixed_precision is None:
+        mixed_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     state = AcceleratorState._shared_state
     if state and state.get("_mixed_precision") != mixed_precision and \
             state.get("distributed_type") != DistributedType.DEEPSPEED:  # DeepSpeed's config sets its own precision
