@@ -164,3 +164,19 @@ def test_zoo_pipelines_take_what_diffusers_users_pass_and_refuse_the_rest(tiny_d
     assert torch.equal(run(sr, lr, num_images_per_prompt=2), run(sr, lr[None].repeat(2, 1, 1, 1)))
     with pytest.raises(UserError, match=r"image: give low-resolution RGB images .* got \(4, 4\)"):
         run(sr, lr[0])
+
+
+def test_progress_off_the_terminal_is_a_line_now_and_then_on_stderr(capsys):
+    """In a log file a rich bar is off, and an SD-sized layer scoring or calibration ran for minutes without a
+    word; off the terminal a long phase now says how far it is on stderr (stdout stays a command's output, e.g.
+    JSON), a short one stays silent."""
+    from diffslim.sample import _progress
+
+    with _progress("phase", 4, every=0.0) as advance:
+        advance(1)
+        advance(3)
+    out, err = capsys.readouterr()
+    assert out == "" and [line.split(" (")[0] for line in err.splitlines()] == ["phase: 1/4", "phase: 4/4"]
+    with _progress("quick", 4) as advance:  # done within the 30 s between lines
+        advance(4)
+    assert capsys.readouterr() == ("", "")

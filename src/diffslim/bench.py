@@ -44,6 +44,7 @@ class BenchContext:
     task_weight: Optional[float] = None
     # results a builder may reuse when called again on the same model (the layer scores of a ratio search)
     memo: dict = field(default_factory=dict, repr=False)
+    progress: bool = False  # bars over the long phases of a builder (layer scoring and its calibration)
 
     def __post_init__(self):
         if self.task_weight is None and not self.dry_run:
@@ -717,7 +718,7 @@ def _layer_selection(ctx: BenchContext, ratio: float, criterion: str = "output-l
     if first is not None:  # one-shot: the scores of one pass serve every ratio
         return select(first.layers, first.scores, ratio, first.params, first.by)
     calib = _layer_calibration(ctx)
-    result = layer_prune(ctx.loaded.denoiser, criterion, ratio, calib=calib)
+    result = layer_prune(ctx.loaded.denoiser, criterion, ratio, calib=calib, progress=ctx.progress)
     if criterion != "greedy":  # greedy re-scores after each removal: its order depends on the ratio's target
         ctx.memo[("layer_scores", criterion)] = result
     if criterion == "output-loss-pairs":
@@ -735,7 +736,8 @@ def _layer_calibration(ctx: BenchContext):
         return calibration(ctx.loaded.pipe, data=ctx.data, size=ctx.resolution, **LAYER_CALIB)
     spec = calibration_spec(ctx, n=LAYER_CALIB["n"])
     return sampling_calibration(ctx.loaded.pipe, inputs=spec.inputs, steps=spec.num_inference_steps or ctx.default_steps,
-                                call_kwargs=spec.call_kwargs, sample_batch=spec.batch_size, **LAYER_CALIB)
+                                call_kwargs=spec.call_kwargs, sample_batch=spec.batch_size, progress=ctx.progress,
+                                **LAYER_CALIB)
 
 
 def _layer_calibration_note(ctx: BenchContext) -> str:
@@ -1381,7 +1383,7 @@ def run_bench(loaded, methods: str, evalset, default_steps: int = 50, scheduler:
     for name, arg in parsed:
         METHODS[name](arg, dry)
     ctx = BenchContext(loaded=loaded, base_spec=base, default_steps=default_steps, data=data, resolution=resolution,
-                       task_weight=check_task_weight(task_weight))
+                       task_weight=check_task_weight(task_weight), progress=progress)
     for name, arg in parsed:  # a cache's MACs budget that no threshold reaches, or a layer selection's params cap that
         # no set of layers meets, stops the bench before any sampling
         if name in _DIFFUSERS_CACHES and _cache_budget(name, arg)[0] is not None:

@@ -312,7 +312,9 @@ def profile(
     model: str = typer.Argument(..., help="pipeline folder, model folder, config-only folder, zoo:NAME or a Hub id the local HF cache holds"),
     height: Optional[int] = typer.Option(None, min=1, help="image height in pixels (default: the model's sample size)"),
     width: Optional[int] = typer.Option(None, min=1, help="image width in pixels"),
-    repeats: int = typer.Option(5, min=1, help="timed denoiser calls for the latency median"),
+    repeats: int = typer.Option(5, min=1, help="timed denoiser calls for the latency median; with --pipeline, "
+                                               "whole sampling runs of --n inputs, the fastest one reported (give 1 "
+                                               "for a large model)"),
     depth: Optional[str] = typer.Option(None, help="profile the depth-skipped model at depth N, or 'all' for every depth"),
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
     device: str = typer.Option("auto", help="device the timed calls run on: auto (this process's GPU when torch "
@@ -441,9 +443,9 @@ def _profile_pipeline(model: str, n: int, steps: Optional[int], recipe: Optional
         compile_pipeline(loaded.pipe, **compile_options)
     run_pipeline(loaded.pipe, spec, list(range(min(batch_size, n))))  # warm-up (and compilation): the first batch
     best = None
-    for _ in range(repeats):
+    for k in range(repeats):
         with time_components(loaded.pipe) as tc:
-            sample(loaded.pipe, spec)
+            sample(loaded.pipe, spec, show_progress=True, description=f"timed sampling run {k + 1}/{repeats}")
         if best is None or tc.total < best.total:
             best = tc
     den = denoiser_attr(loaded.pipe)
@@ -1486,7 +1488,8 @@ def _layer_calibration(loaded, kind: str, n: int, seed: int, data: str, resoluti
 
     steps = calib_steps or (loaded.zoo.default_steps if loaded.zoo is not None else 50)
     return lp.sampling_calibration(loaded.pipe, n=n, seed=seed, data=data, steps=steps,
-                                   call_kwargs=dict(eval_set_for(loaded, 1, require_inputs=False).call_kwargs))
+                                   call_kwargs=dict(eval_set_for(loaded, 1, require_inputs=False).call_kwargs),
+                                   progress=True)
 
 
 @app.command("layer-prune")

@@ -16,6 +16,8 @@ import hashlib
 import inspect
 import json
 import os
+import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, Optional, Sequence
@@ -279,7 +281,7 @@ def calls_in_run(pipe, spec: SampleSpec) -> int:
     return int(n) if isinstance(n, int) and n > 0 else spec.num_inference_steps
 
 
-def denoiser_calls(pipe, spec: SampleSpec, at) -> list[DenoiserCall]:
+def denoiser_calls(pipe, spec: SampleSpec, at, progress: bool = False) -> list[DenoiserCall]:
     """What ``pipe``'s denoiser is called with while sampling ``spec``: for input ``i``, its call number ``at[i]``
     (0-based, in sampling order: one call per step for most pipelines). ``at`` may also be a function of the
     number of calls a run makes (:func:`calls_in_run`, known at its first call) returning those call numbers:
@@ -287,7 +289,8 @@ def denoiser_calls(pipe, spec: SampleSpec, at) -> list[DenoiserCall]:
     :class:`DenoiserCall`: the call's arguments by name (the inputs sampled together share one call), the rows of
     its batch that belong to input ``i`` and its call number. A pipeline batches its inputs' rows as
     diffusers' pipelines do: with classifier-free guidance ``[uncond; cond]``, so input ``j`` of ``b`` holds rows
-    ``j, j + b, ...``. A batch stops at its last wanted call (nothing after it is denoised)."""
+    ``j, j + b, ...``. A batch stops at its last wanted call (nothing after it is denoised). ``progress``: a bar over
+    the inputs (in one process)."""
     from diffslim.models.load import denoiser_of
 
     if not callable(at) and len(at) != len(spec.inputs):
@@ -346,9 +349,14 @@ def denoiser_calls(pipe, spec: SampleSpec, at) -> list[DenoiserCall]:
     batches = [list(range(start, min(start + spec.batch_size, len(spec.inputs))))
                for start in range(0, len(spec.inputs), spec.batch_size)]
     if group() is None:
-        for idx in batches:
-            for i, call in batch(idx).items():
-                out[i] = call
+        bar = _progress("calibration: the denoiser's calls while sampling", len(spec.inputs)) if progress else \
+            contextlib.nullcontext(None)
+        with bar as advance:
+            for idx in batches:
+                for i, call in batch(idx).items():
+                    out[i] = call
+                if advance is not None:
+                    advance(len(idx))
         return out
     # under `accelerate launch` each process samples its share of the batches; the recorded calls travel on the CPU
     # (a GPU tensor would arrive on the sender's GPU) and come back to the denoiser's device
@@ -551,14 +559,29 @@ def _cached(cache: ReferenceCache, model_id: str, spec: SampleSpec, state) -> Op
 
 
 @contextlib.contextmanager
-def _progress(description: str, total: int):
+def _progress(description: str, total: int, every: float = 30.0):
+    """A transient bar on a terminal, yielding ``advance(k)``. Off the terminal (a log file, a batch job's output),
+    where the bar would only leave an empty line behind, a line on stderr at most every ``every`` seconds, so that a
+    long phase shows in the log and a short one stays silent."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
     console = Console()
-    # off the terminal (a log file, a pipe) a transient bar would only leave an empty line behind
+    if not console.is_terminal:
+        start = time.monotonic()
+        state = {"done": 0, "said": start}
+
+        def advance(k: int) -> None:
+            state["done"] += k
+            now = time.monotonic()
+            if now - state["said"] >= every:
+                print(f"{description}: {state['done']}/{total} ({now - start:.0f} s)", file=sys.stderr, flush=True)
+                state["said"] = now
+
+        yield advance
+        return
     with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), transient=True, console=console, disable=not console.is_terminal) as p:
+                  TimeElapsedColumn(), transient=True, console=console) as p:
         task = p.add_task(description, total=total)
         yield lambda k: p.advance(task, k)
 

@@ -35,6 +35,7 @@ keep that first wall time; delete ``OUT/evals/`` to time afresh).
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import math
@@ -235,13 +236,10 @@ def _stage_key(cur, stage, floor: dict, n: int, task_weight: float = 1.0) -> dic
 
 
 def _model_stage(cur, variant, key: dict, row: dict, folder: Path, log: Callable[[str], None], original: str,
-                 command: Optional[str] = None):
+                 command: Optional[str] = None) -> None:
     """Save the stage's pipeline to ``folder/pipeline`` (with its model card; ``original``: the workflow's MODEL,
-    ``command``: the command line that runs the workflow) and
-    reload it from there; ``row``: its label and, of an auto stage, its search trail and candidates, kept beside
-    it."""
-    from diffslim.models.load import load
-
+    ``command``: the command line that runs the workflow); ``row``: its label and, of an auto stage, its search
+    trail and candidates, kept beside it. :func:`_reloaded_stage` loads it back."""
     if is_first():  # under `accelerate launch` the first process writes, the others load what it wrote
         if folder.exists():  # a stale or half-written stage of an earlier run
             shutil.rmtree(folder)
@@ -254,9 +252,15 @@ def _model_stage(cur, variant, key: dict, row: dict, folder: Path, log: Callable
                                                        "candidates": row.get("candidates")}))
     wait_for_everyone()
     log(f"  saved {folder / 'pipeline'}")
-    again = load(str(folder / "pipeline"), **_placement_of(cur))
-    # the zoo entry says which training data the later stages use: a pruned zoo model still learns its zoo task
-    return replace(again, zoo=cur.zoo)
+
+
+def _reloaded_stage(folder: Path, placement: dict, zoo):
+    """The stage saved in ``folder/pipeline``, loaded where (and in the dtype) the stage before it ran; ``zoo``: that
+    stage's zoo entry, which says which training data the later stages use (a pruned zoo model still learns its zoo
+    task)."""
+    from diffslim.models.load import load
+
+    return replace(load(str(folder / "pipeline"), **placement), zoo=zoo)
 
 
 def _built_stage(cur, key: dict, folder: Path):
@@ -683,7 +687,7 @@ def _run_stages(loaded, stages: str, evalset, out, default_steps: int = 50, sche
             built = loaded_stage
         else:
             ctx = BenchContext(loaded=cur, base_spec=spec, default_steps=steps, data=data, resolution=resolution,
-                               task_weight=task_weight)
+                               task_weight=task_weight, progress=progress)
             if own is not None:
                 variant, row, images, search = _auto_search(name, ctx, evaluate, own, log, auto_variant(arg))
                 label = row["stage"]
@@ -718,8 +722,16 @@ def _run_stages(loaded, stages: str, evalset, out, default_steps: int = 50, sche
                 # interrupted run must not leave a recipe that loads this run's model as that run's stage)
                 for name_ in ("recipe.json", "workflow.json", "index.html", "report.json"):
                     (out / name_).unlink(missing_ok=True)
-            cur = built if built is not None else _model_stage(cur, variant, want, row, folder, log,
-                                                               portable_source(loaded.source), command)
+            if built is not None:
+                cur = built
+            else:
+                placement, zoo = _placement_of(cur), cur.zoo
+                _model_stage(cur, variant, want, row, folder, log, portable_source(loaded.source), command)
+                # the stage before (unless it is the original) and the pruned copy that shares its weights are let
+                # go before the reload: a workflow of two SD-1.5 model stages held three sets of weights at once
+                cur = variant = ctx = None
+                gc.collect()
+                cur = _reloaded_stage(folder, placement, zoo)
             model_source = str((folder / "pipeline").resolve())  # loadable from any working directory
         elif kind == "schedule":
             spec = variant.spec

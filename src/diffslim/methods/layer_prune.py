@@ -1023,7 +1023,7 @@ def _merged(shared: dict, batched: dict) -> dict:
 
 def sampling_calibration(pipe, n: int = 32, seed: int = 0, data: str = "zoo", steps: int = 50,
                          call_kwargs: Optional[dict] = None, batch_size: int = 64, sample_batch: int = 16,
-                         inputs: Optional[Sequence[dict]] = None) -> Calibration:
+                         inputs: Optional[Sequence[dict]] = None, progress: bool = False) -> Calibration:
     """Calibration where the pipeline's denoiser really works: the calls it makes while sampling ``n`` inputs
     from ``data`` (:func:`diffslim.train.data.pipeline_inputs`: "zoo", a .txt file of prompts or class labels, a
     .jsonl file of pipeline inputs, an image folder) with ``steps`` steps and ``call_kwargs`` (e.g. the guidance
@@ -1034,7 +1034,7 @@ def sampling_calibration(pipe, n: int = 32, seed: int = 0, data: str = "zoo", st
     its input (with classifier-free guidance the unconditional and the conditional one), so there are n times
     that many triples. ``target`` is None: a sampling trajectory has no ground truth, so the Taylor criterion,
     which needs the diffusion loss, refuses this calibration. ``inputs``: pipeline inputs to sample instead of
-    ``data``'s (cycled to ``n``; the bench passes its own prompts)."""
+    ``data``'s (cycled to ``n``; the bench passes its own prompts). ``progress``: a bar over the sampled inputs."""
     from diffslim.models.load import denoiser_of
     from diffslim.sample import SampleSpec, denoiser_calls
     from diffslim.train.data import pipeline_inputs
@@ -1065,7 +1065,7 @@ def sampling_calibration(pipe, n: int = 32, seed: int = 0, data: str = "zoo", st
     if "timestep" not in names:
         raise UserError(f"{type(den).__name__}.forward takes no 'timestep': sampling calibration cannot tell its "
                         "timestep apart")
-    calls = denoiser_calls(pipe, spec, at)
+    calls = denoiser_calls(pipe, spec, at, progress=progress)
     xs, ts, conds, shared, seqs = [], [], [], None, {}
     for named, rows, _ in calls:
         x = named[x_name]
