@@ -1,5 +1,5 @@
 # Two commands for a fresh machine with Python 3.11: `make demo` and `make test`.
-# CPU machines get the pinned CPU build of torch. GPU users keep their own torch:
+# torch is pinned (TORCH_SPEC); pip installs the build its index serves (a CPU wheel on this project's machines). GPU users keep their own torch:
 #   make demo TORCH_SPEC=                                   (pip then resolves torch itself)
 #   make demo TORCH_SPEC= VENV_FLAGS=--system-site-packages  (reuse a torch installed system-wide)
 PYTHON ?= python3

@@ -278,6 +278,9 @@ def test_workflow_stages_and_reexports_keep_the_story_and_a_relative_model_stays
     assert earlier(work / "wf2").base == "digits"
     res = runner.invoke(cli.app, ["stock", "wf2", "--out", "st"])  # the workflow's folder: it names the stage
     assert res.exit_code == 2 and f"give the model its recipe.json names, {stage.relative_to(work)}" in " ".join(res.output.split())
+    res = runner.invoke(cli.app, ["stock", "lp", "--out", "st"])  # layer-prune's folder: its models are inside
+    assert res.exit_code == 2 and "lp is an output folder, not a model: give the model in it, lp/pipeline or lp/model" \
+        in " ".join(res.output.split())
     # the stage's denoiser distilled from the original: a pipeline's component takes its pipeline's card
     _run(monkeypatch, "distill", "digits", stage / "denoiser", "--steps", "2", "--batch-size", "2", "--data",
          "zoo", "--out", "ds")

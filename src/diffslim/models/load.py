@@ -330,10 +330,15 @@ def load(model: str, dtype=torch.float32, device="cpu", random_weights: bool = F
     if (path / "model_index.json").exists():
         return _pipeline_loaded(model, load_pipeline_folder(path, dtype=dtype, device=device))
     if not (path / "config.json").exists():
+        inside = [path / sub for sub in ("pipeline", "model", "student") if (path / sub / "model_index.json").is_file()
+                  or (path / sub / "config.json").is_file()]
+        if inside:  # what layer-prune, distill and finetune write: the model folders are inside
+            raise ModelLoadError(f"{model} is an output folder, not a model: give the model in it, "
+                                 + " or ".join(str(f) for f in inside))
         if (path / "recipe.json").is_file():  # a workflow's folder: its model is the stage its recipe names
             named = _read_json(path / "recipe.json").get("model")
-            where = named if not isinstance(named, str) or Path(named).is_absolute() or named.startswith("zoo:") \
-                else path / named
+            # as a recipe reads it: a relative path inside the recipe's folder, else as it is (recipe.load_recipe)
+            where = path / named if isinstance(named, str) and (path / named).exists() else named
             raise ModelLoadError(f"{model} is a recipe's folder (a workflow's output), not a model: give the model its "
                                  f"recipe.json names, {where} (or diffslim.from_recipe(\"{path / 'recipe.json'}\") "
                                  "in Python)")
