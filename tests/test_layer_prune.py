@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import itertools
 import json
 import math
@@ -1108,3 +1109,51 @@ def test_cli_distill_a_class_conditional_student_on_teacher_samples_of_labels(ti
     (folder / "00001.txt").write_text("a seven")
     with pytest.raises(UserError, match="00001.png's caption 'a seven' is not a class label in 0..9"):
         make_dataset(str(folder), pipe)
+
+
+def test_cli_distills_a_dit_pipeline_on_its_samples_of_class_labels(tmp_path, monkeypatch):
+    """diffusers' DiTPipeline had no distillation task (refused after the teacher had sampled): it trains on VAE
+    latents of labelled images, labels dropped to the null class as the pipeline's guidance passes it, and on the
+    noise half of the learned-variance output. A pipeline without a task is refused before any sampling."""
+    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+
+    from diffslim.cli import app
+    from diffslim.errors import UserError
+    from diffslim.train import distill as trainer
+    from diffslim.train.data import LabelledFolder, collate, make_dataset
+
+    torch.manual_seed(0)
+    dit = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
+                                num_layers=4, sample_size=4, patch_size=2, num_embeds_ada_norm=1000, norm_num_groups=4)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 8), latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=4, sample_size=8)
+    DiTPipeline(transformer=dit.eval(), vae=vae.eval(), scheduler=DDIMScheduler()).save_pretrained(tmp_path / "dit")
+    (tmp_path / "labels.txt").write_text("1\n4\n7\n")
+    r = _cli(tmp_path / "dit", "--ratio", "0.3", "--criterion", "magnitude", "--out", tmp_path / "p")
+    assert r.exit_code == 0, r.output
+    args = ["distill", str(tmp_path / "dit"), str(tmp_path / "p" / "model"), "--data", str(tmp_path / "labels.txt"),
+            "--teacher-samples", "3", "--sample-steps", "2", "--steps", "2", "--batch-size", "2"]
+    r = CliRunner().invoke(app, args + ["--out", str(tmp_path / "kd")])
+    assert r.exit_code == 0, r.output
+    samples = tmp_path / "kd" / "teacher_samples"
+    assert [(samples / f"0000{i}.txt").read_text() for i in range(3)] == ["1", "4", "7"]
+    pipe = load(str(tmp_path / "dit")).pipe
+    ds = make_dataset(str(samples), pipe)
+    assert isinstance(ds, LabelledFolder) and ds[2]["label"] == 7 and ds[2]["image"].shape == (3, 8, 8)
+    task = trainer.task_for(pipe, label_dropout=1.0)  # every label dropped: the null class, 1000
+    x0, cond = task.encode(collate([ds[0], ds[1]]), torch.Generator().manual_seed(0), "cpu")
+    assert x0.shape == (2, 4, 4, 4) and cond["class_labels"].tolist() == [1000, 1000]
+    t = torch.tensor([10, 500])
+    full = pipe.transformer(x0, timestep=t, class_labels=cond["class_labels"], return_dict=False)[0]
+    assert full.shape[1] == 8 and torch.equal(task.predict(pipe.transformer, x0, t, cond), full[:, :4])
+    rows = list(csv.DictReader(open(tmp_path / "kd" / "train_log.csv")))
+    assert float(rows[0]["out"]) > 0 and float(rows[0]["feat"]) > 0  # a pruned student, distilled
+
+    def no_task(pipe, label_dropout=0.1):
+        raise UserError(f"no distillation task for {type(pipe).__name__}")
+
+    monkeypatch.setattr(trainer, "task_for", no_task)
+    r = CliRunner().invoke(app, args + ["--out", str(tmp_path / "kd2")])
+    assert r.exit_code == 2 and "no distillation task for DiTPipeline" in r.output
+    assert not (tmp_path / "kd2" / "teacher_samples").exists()  # refused before the teacher sampled

@@ -1384,6 +1384,9 @@ def distill(
     s = load(str(student))
     if not s.has_weights or s.pipe is not None:
         raise UserError(f"{student} must be a denoiser folder with safetensors weights")
+    from diffslim.train.distill import task_for
+
+    task_for(t.pipe)  # a pipeline it cannot train is refused before the teacher samples anything
     outputs.claim_out(out, "distill")
     if own_samples:
         data = str(_teacher_samples(t, Path(data), teacher_samples, sample_steps, Path(out) / "teacher_samples"))

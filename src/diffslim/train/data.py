@@ -440,6 +440,8 @@ def make_dataset(spec: str, pipe, size: Optional[int] = None) -> torch.utils.dat
     elif size < 1 or size % size_multiple(pipe):
         raise UserError(f"resolution {size}: {type(pipe).__name__} takes images whose sides are positive multiples "
                          f"of {size_multiple(pipe)} px")
+    if type(pipe).__name__ == "DiTPipeline":  # class-conditional in latent space: RGB images labelled by captions
+        return LabelledFolder(folder, size=size, channels=3, classes=_num_classes(pipe))
     if (folder / "input").is_dir() and (folder / "target").is_dir():
         cond_size = size // int(pipe.config.upscale) if is_sr else size
         return ConditionPairs(folder, size=size, cond_size=cond_size)

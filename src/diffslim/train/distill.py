@@ -463,6 +463,29 @@ def unpack_latents(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
 FLUX_GUIDANCE = 3.5
 
 
+class _LatentClassTask:
+    """diffusers' DiTPipeline: VAE latents as for SD (``scaling_factor``) of labelled images; class labels, dropped with
+    ``label_dropout`` to the null class (``num_embeds_ada_norm``, the extra row DiT's label embedding keeps for
+    classifier-free guidance, which its pipeline passes as the unconditional label); the learned-variance half of the
+    output is dropped, as the pipeline does."""
+
+    def __init__(self, pipe, label_dropout: float):
+        self.pipe, self.label_dropout = pipe, label_dropout
+        self.null_label = int(pipe.transformer.config.num_embeds_ada_norm)
+
+    @torch.no_grad()
+    def encode(self, batch: dict, g: torch.Generator, device) -> tuple[torch.Tensor, dict]:
+        _, x0 = _vae_latents(self.pipe.vae, batch, g, device)
+        labels = batch["label"].clone()
+        drop = torch.rand(labels.shape[0], generator=g) < self.label_dropout
+        labels = torch.where(drop, torch.full_like(labels, self.null_label), labels)
+        return x0, {"class_labels": labels.to(device)}
+
+    def predict(self, denoiser, xt, t, cond: dict) -> torch.Tensor:
+        out = denoiser(xt, timestep=t, class_labels=cond["class_labels"], return_dict=False)[0]
+        return out[:, : xt.shape[1]] if out.shape[1] == 2 * xt.shape[1] else out  # learned variance
+
+
 class _LatentTransformerTask:
     """PixArt-alpha/sigma, SD3 and Flux: VAE latents as for SD; captions through the pipeline's ``encode_prompt``.
 
@@ -549,10 +572,12 @@ def task_for(pipe, label_dropout: float = 0.1):
             return _LatentTransformerTask(pipe, "sd3")
         if name == "FluxPipeline":
             return _LatentTransformerTask(pipe, "flux")
+        if name == "DiTPipeline":
+            return _LatentClassTask(pipe, label_dropout)
     raise UserError(f"no distillation task for {name}: supported are the zoo pipelines, SD-style pipelines "
-                     "with unet, vae, text_encoder and tokenizer (SD, SDXL, InstructPix2Pix), PixArt-alpha/sigma, "
-                     "Stable Diffusion 3 and Flux (FluxPipeline); layer-prune scores any pipeline's layers on its own "
-                     "sampling instead: --calibration sampling --data FILE")
+                     "with unet, vae, text_encoder and tokenizer (SD, SDXL, InstructPix2Pix), DiT (DiTPipeline), "
+                     "PixArt-alpha/sigma, Stable Diffusion 3 and Flux (FluxPipeline); layer-prune scores any pipeline's "
+                     "layers on its own sampling instead: --calibration sampling --data FILE")
 
 
 @dataclass
