@@ -87,7 +87,7 @@ def compare_criteria(d: nn.Module, calib: lp.Calibration, held: lp.Calibration, 
         for s in (random_seeds if crit == "random" else (0,)):
             t0 = time.perf_counter()
             key = crit if crit != "random" else f"random#{s}"
-            scores[key] = lp.score_layers(d, layers, crit, calib, seed=s, reference=ref_c)
+            scores[key] = lp.score_layers(d, layers, crit, calib, seed=s, reference=ref_c, progress=progress)
             timing[key] = time.perf_counter() - t0
     single = scores["output-loss"]
     inter = None
@@ -99,7 +99,8 @@ def compare_criteria(d: nn.Module, calib: lp.Calibration, held: lp.Calibration, 
     order = None
     if greedy:
         t0 = time.perf_counter()
-        order = lp.greedy_order(d, layers, calib, lp.target_of(sel_total, max(ratios)), by, reference=ref_c)
+        order = lp.greedy_order(d, layers, calib, lp.target_of(sel_total, max(ratios)), by, reference=ref_c,
+                                progress=progress)
         timing[f"greedy (up to {max(ratios):g})"] = time.perf_counter() - t0
         out["greedy_order"] = order
     out["score_seconds"] = timing
