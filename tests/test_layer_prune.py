@@ -898,17 +898,26 @@ def test_sampling_calibration_is_the_pipelines_own_calls(tiny_digits_pipe, calls
     assert res.params_removed >= 0.3 * res.params and lp.output_loss(den, calib, []) == 0.0
 
 
-def test_sampling_calibration_keeps_a_learned_sigma_models_noise_half(tmp_path, calls_alone):
+def _tiny_dit_pipeline(num_layers: int):
+    """A tiny random-weight diffusers DiTPipeline: learned variance (8 output channels), 1000 classes as DiT's own
+    (its pipeline passes 1000 as the null label), an 8 px VAE."""
     from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
 
     torch.manual_seed(0)
     dit = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
-                                num_layers=2, sample_size=4, patch_size=2, num_embeds_ada_norm=1000, norm_num_groups=4)
+                                num_layers=num_layers, sample_size=4, patch_size=2, num_embeds_ada_norm=1000,
+                                norm_num_groups=4)
     vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 8), latent_channels=4,
                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                         norm_num_groups=4, sample_size=8)
     pipe = DiTPipeline(transformer=dit.eval(), vae=vae.eval(), scheduler=DDIMScheduler())
     pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_sampling_calibration_keeps_a_learned_sigma_models_noise_half(tmp_path, calls_alone):
+    pipe = _tiny_dit_pipeline(num_layers=2)
+    dit = pipe.transformer
     (tmp_path / "labels.txt").write_text("1\n4\n")
     calib = lp.sampling_calibration(pipe, n=2, seed=0, steps=3, data=str(tmp_path / "labels.txt"))
     pred = calib.run(dit)
@@ -1115,20 +1124,12 @@ def test_cli_distills_a_dit_pipeline_on_its_samples_of_class_labels(tmp_path, mo
     """diffusers' DiTPipeline had no distillation task (refused after the teacher had sampled): it trains on VAE
     latents of labelled images, labels dropped to the null class as the pipeline's guidance passes it, and on the
     noise half of the learned-variance output. A pipeline without a task is refused before any sampling."""
-    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
-
     from diffslim.cli import app
     from diffslim.errors import UserError
     from diffslim.train import distill as trainer
     from diffslim.train.data import LabelledFolder, collate, make_dataset
 
-    torch.manual_seed(0)
-    dit = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
-                                num_layers=4, sample_size=4, patch_size=2, num_embeds_ada_norm=1000, norm_num_groups=4)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 8), latent_channels=4,
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        norm_num_groups=4, sample_size=8)
-    DiTPipeline(transformer=dit.eval(), vae=vae.eval(), scheduler=DDIMScheduler()).save_pretrained(tmp_path / "dit")
+    _tiny_dit_pipeline(num_layers=4).save_pretrained(tmp_path / "dit")
     (tmp_path / "labels.txt").write_text("1\n4\n7\n")
     r = _cli(tmp_path / "dit", "--ratio", "0.3", "--criterion", "magnitude", "--out", tmp_path / "p")
     assert r.exit_code == 0, r.output
