@@ -423,3 +423,27 @@ def test_mixed_precision_trains_on_float32_data(tmp_path, monkeypatch):
     assert len(encoded) == 4 and set(encoded) == {(False, torch.float32)}  # 2 weight batches, 2 training steps
     assert autocast_in_student and all(autocast_in_student)
     assert launch.accelerator().mixed_precision == "no"  # the next run does not inherit bf16
+
+
+@pytest.mark.parametrize("ema_decay", [0.9, None])
+def test_half_precision_student_exports_in_its_dtype_and_keeps_its_trained_weights(tiny_digits_pipe, tmp_path,
+                                                                                   ema_decay):
+    """A float16 student trains in float32 and is saved in float16 (the EMA's weights where there is an EMA); the
+    student in memory keeps its trained float32 weights bit for bit, as the last checkpoint holds them. (The export
+    used to convert the student to float16 and back, rounding the trained weights, where there was no EMA.)"""
+    student = depth_skip(tiny_digits_pipe.denoiser, 7).to(torch.float16)
+    res = distill(tiny_digits_pipe, student, ZooDigits(),
+                  _cfg(tmp_path / "run", steps=3, batch_size=4, ema_decay=ema_decay, log_every=1))
+    ckpt = res.out_dir / "checkpoints" / "step_3"
+    trained = load_file(str(ckpt / "model.safetensors"))
+    now = student.state_dict()
+    assert set(trained) <= set(now) and all(now[k].dtype == torch.float32 for k in trained)
+    assert all(torch.equal(now[k], trained[k]) for k in trained)
+    saved = load_file(str(res.out_dir / "student" / "diffusion_pytorch_model.safetensors"))
+    assert all(v.dtype == torch.float16 for v in saved.values() if v.is_floating_point())
+    expected = trained
+    if ema_decay is not None:
+        expected = torch.load(ckpt / "custom_checkpoint_2.pkl", weights_only=False)["shadow"]
+        assert any(not torch.equal(expected[k], trained[k]) for k in expected)  # the EMA is not the trained weights
+    assert set(expected) <= set(saved)
+    assert all(torch.equal(saved[k], expected[k].half()) for k in expected)

@@ -1158,3 +1158,26 @@ def test_cli_distills_a_dit_pipeline_on_its_samples_of_class_labels(tmp_path, mo
     r = CliRunner().invoke(app, args + ["--out", str(tmp_path / "kd2")])
     assert r.exit_code == 2 and "no distillation task for DiTPipeline" in r.output
     assert not (tmp_path / "kd2" / "teacher_samples").exists()  # refused before the teacher sampled
+
+
+def test_bench_layer_calibration_sets_how_many_triples_the_criteria_score_on():
+    """bench --layer-calibration N: layers:R scores on N calibration triples (default 32) and the row says how many.
+    On zoo:digits-dit at 0.5 one triple selects blocks 0-3 and 32 select 1, 3, 4 and 5 (checked here through
+    layer_prune), and the two rows sample differently; N below 1 is refused."""
+    from diffslim.cli import app
+
+    loaded = load("zoo:digits-dit")
+    picks = [sorted(lp.layer_prune(loaded.denoiser, "output-loss", 0.5, calib=lp.calibration(loaded.pipe, n=n, seed=0))
+                    .removed) for n in (1, 32)]
+    assert picks[0] != picks[1]
+    rows = []
+    for extra in (["--layer-calibration", "1"], []):
+        r = CliRunner().invoke(app, ["bench", "zoo:digits-dit", "--methods", "layers:0.5", "--n", "2", "--steps", "3",
+                                     "--json", *extra])
+        assert r.exit_code == 0, r.output
+        rows.append(json.loads(r.stdout)["rows"][1])
+    assert "(output loss, 1 calibration triple)" in rows[0]["notes"]
+    assert "(output loss, 32 calibration triples)" in rows[1]["notes"]
+    assert rows[0]["psnr"] != rows[1]["psnr"]
+    r = CliRunner().invoke(app, ["bench", "zoo:digits-dit", "--methods", "layers:0.5", "--layer-calibration", "0"])
+    assert r.exit_code != 0 and "--layer-calibration" in r.output

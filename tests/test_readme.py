@@ -1,8 +1,8 @@
 """The documentation's commands are the code's: every ``diffslim CMD --option`` the README and the pages under
 ``docs/`` quote names a command and options that exist, the README's command table lists every command, every
 ``bench/SCRIPT.py`` invocation uses options the script takes and gives the ones it requires (a session found three
-quoted bench commands missing a required ``--out``), and every relative link points at a file and heading that
-exist."""
+quoted bench commands missing a required ``--out``), every relative link points at a file and heading that
+exist, and the Python examples call functions and keywords that exist."""
 
 from __future__ import annotations
 
@@ -135,3 +135,46 @@ def test_the_readme_links_every_page_of_the_docs():
                                              ("torch.compile", "torchcompile")])
 def test_anchors_are_githubs(heading, anchor):
     assert _anchor(heading) == anchor
+
+
+def _python_blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", DOCS, flags=re.S)
+
+
+def test_the_python_examples_parse_and_call_what_exists():
+    """Every ``python`` block of the documentation parses, every ``diffslim.NAME`` and ``from diffslim... import
+    NAME`` it uses exists, and every keyword it passes to one of diffslim's functions is a parameter of it."""
+    import importlib
+    import inspect
+
+    blocks = _python_blocks()
+    assert len(blocks) >= 5
+    checked = 0
+    for block in blocks:
+        tree = ast.parse(block)
+        names = {"diffslim": importlib.import_module("diffslim")}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "diffslim":
+                module = importlib.import_module(node.module)
+                for alias in node.names:
+                    assert hasattr(module, alias.name), f"from {node.module} import {alias.name}: no such name"
+                    names[alias.asname or alias.name] = getattr(module, alias.name)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "diffslim":
+                assert hasattr(names["diffslim"], node.attr), f"diffslim.{node.attr}: no such name"
+            if not isinstance(node, ast.Call):
+                continue
+            f = node.func
+            if isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) and f.value.id == "diffslim":
+                fn = getattr(names["diffslim"], f.attr)
+            elif isinstance(f, ast.Name) and f.id in names and f.id != "diffslim":
+                fn = names[f.id]
+            else:
+                continue
+            params = inspect.signature(fn).parameters
+            if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+                continue
+            for kw in node.keywords:
+                assert kw.arg is None or kw.arg in params, f"{ast.unparse(node)}: {fn.__name__} takes no {kw.arg}="
+            checked += 1
+    assert checked >= 8

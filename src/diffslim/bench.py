@@ -45,6 +45,9 @@ class BenchContext:
     # results a builder may reuse when called again on the same model (the layer scores of a ratio search)
     memo: dict = field(default_factory=dict, repr=False)
     progress: bool = False  # bars over the long phases of a builder (layer scoring and its calibration)
+    # calibration triples (or, without data, the pipeline's own denoiser calls) the layer criteria score on;
+    # None: LAYER_CALIB's
+    layer_calibration: Optional[int] = None
 
     def __post_init__(self):
         if self.task_weight is None and not self.dry_run:
@@ -598,7 +601,7 @@ def _xue(arg, ctx: BenchContext) -> Variant:
 DEFAULT_KD = dict(steps=300, batch_size=32, lr=2e-4, match_plain_weight=True)
 # images a text-to-image pipeline without --data samples from the bench's prompts to train +kd and +ft on
 TEACHER_SAMPLES = 64
-LAYER_CALIB = dict(n=32, seed=0)
+LAYER_CALIB = dict(n=32, seed=0)  # the layer criteria's calibration by default
 
 
 # the criterion a ``layers:R:NAME`` variant selects by (``layers:R`` alone: the paper's output loss)
@@ -726,6 +729,10 @@ def _layer_selection(ctx: BenchContext, ratio: float, criterion: str = "output-l
     return result.removed
 
 
+def _calib_n(ctx: BenchContext) -> int:
+    return ctx.layer_calibration or LAYER_CALIB["n"]
+
+
 def _layer_calibration(ctx: BenchContext):
     """The layer criteria's calibration triples: the training data noised (the paper's), or, on a model without
     data (a user's text-to-image pipeline and no --data), the calls the pipeline makes to its denoiser while sampling
@@ -733,16 +740,18 @@ def _layer_calibration(ctx: BenchContext):
     from diffslim.methods.layer_prune import calibration, sampling_calibration
 
     if ctx.has_data():
-        return calibration(ctx.loaded.pipe, data=ctx.data, size=ctx.resolution, **LAYER_CALIB)
-    spec = calibration_spec(ctx, n=LAYER_CALIB["n"])
+        return calibration(ctx.loaded.pipe, data=ctx.data, size=ctx.resolution, n=_calib_n(ctx),
+                           seed=LAYER_CALIB["seed"])
+    spec = calibration_spec(ctx, n=_calib_n(ctx))
     return sampling_calibration(ctx.loaded.pipe, inputs=spec.inputs, steps=spec.num_inference_steps or ctx.default_steps,
                                 call_kwargs=spec.call_kwargs, sample_batch=spec.batch_size, progress=ctx.progress,
-                                **LAYER_CALIB)
+                                n=_calib_n(ctx), seed=LAYER_CALIB["seed"])
 
 
 def _layer_calibration_note(ctx: BenchContext) -> str:
-    return (f"{LAYER_CALIB['n']} calibration triples" if ctx.has_data() else
-            f"calibrated on {LAYER_CALIB['n']} of the pipeline's own denoiser calls while sampling its inputs "
+    n = _calib_n(ctx)
+    return (f"{n} calibration triple{'s' if n != 1 else ''}" if ctx.has_data() else
+            f"calibrated on {n} of the pipeline's own denoiser calls while sampling its inputs "
             "(no --data)")
 
 
@@ -1356,7 +1365,8 @@ def check_processes_agree(variant: Variant, macs: int) -> None:
 def run_bench(loaded, methods: str, evalset, default_steps: int = 50, scheduler: Optional[str] = None,
               batch_size: int = 16, metrics_fn: Optional[Callable] = None, progress: bool = True,
               repeats: int = 1, data: str = "zoo", resolution: Optional[int] = None,
-              task_weight: Optional[float] = None, compile: Optional[dict] = None) -> BenchResult:
+              task_weight: Optional[float] = None, compile: Optional[dict] = None,
+              layer_calibration: Optional[int] = None) -> BenchResult:
     """Run every method on ``evalset``'s inputs; ``full`` always runs first as the reference.
 
     ``metrics_fn(outputs, reference) -> dict`` adds quality and task metrics to each row. ``data`` and
@@ -1367,7 +1377,8 @@ def run_bench(loaded, methods: str, evalset, default_steps: int = 50, scheduler:
     ``compile``: ``torch.compile`` arguments (``{}`` for the defaults); every variant's denoiser is then
     compiled as :func:`diffslim.compiling.compile_denoiser` does, after its MACs are counted, the warm-up
     runs a batch of every size the timed runs use (it compiles; its time is the row's ``compile_seconds``),
-    and the variant goes back to eager afterwards.
+    and the variant goes back to eager afterwards. ``layer_calibration``: how many calibration triples (without
+    data: the pipeline's own denoiser calls) the ``layers`` criteria score on (None: ``LAYER_CALIB``'s 32).
     """
     if loaded.pipe is None:
         raise UserError(f"{loaded.source} has no pipeline to sample; bench needs a pipeline folder or zoo:NAME")
@@ -1382,8 +1393,11 @@ def run_bench(loaded, methods: str, evalset, default_steps: int = 50, scheduler:
                        resolution=resolution)
     for name, arg in parsed:
         METHODS[name](arg, dry)
+    if layer_calibration is not None and layer_calibration < 1:
+        raise UserError(f"layer_calibration={layer_calibration}: the layer criteria need at least 1 calibration triple")
     ctx = BenchContext(loaded=loaded, base_spec=base, default_steps=default_steps, data=data, resolution=resolution,
-                       task_weight=check_task_weight(task_weight), progress=progress)
+                       task_weight=check_task_weight(task_weight), progress=progress,
+                       layer_calibration=layer_calibration)
     for name, arg in parsed:  # a cache's MACs budget that no threshold reaches, or a layer selection's params cap that
         # no set of layers meets, stops the bench before any sampling
         if name in _DIFFUSERS_CACHES and _cache_budget(name, arg)[0] is not None:

@@ -728,6 +728,10 @@ def bench(
     data: str = _data_option("methods"),
     resolution: Optional[int] = _RESOLUTION_OPT,
     kd_task_weight: Optional[float] = _KD_TASK_WEIGHT_OPT,
+    layer_calibration: Optional[int] = typer.Option(None, min=1, help="calibration triples the layers:R criteria "
+                                                    "score on (default 32; without --data on a text-to-image pipeline: "
+                                                    "its own denoiser calls while sampling); each costs one denoiser "
+                                                    "call per candidate layer"),
     compile: bool = typer.Option(False, "--compile", help="torch.compile every variant's denoiser (a skip plan's or "
                                  "multi-depth schedule's per-step decisions stay eager) and time it compiled; the "
                                  "compile time is its own column"),
@@ -760,7 +764,7 @@ def bench(
     res = run_bench(loaded, methods, es, default_steps=default_steps, scheduler=scheduler, batch_size=batch_size,
                     metrics_fn=metrics_fn_for(loaded, es, clip_path=clip, lpips_path=lpips, inception_path=inception),
                     progress=not as_json, repeats=repeats, data=data, resolution=resolution, task_weight=kd_task_weight,
-                    compile=compile_options)
+                    compile=compile_options, layer_calibration=layer_calibration)
     rows = [{k: finite(v) for k, v in r.items()} for r in res.rows]
     if not _main_process():  # under `accelerate launch` every process holds every row; the first reports
         return

@@ -697,6 +697,30 @@ def batch_indices(order: _EpochOrder, step: int, batch_size: int, rank: int, wor
 # Checkpointed state that is not a model or an optimizer
 
 
+def _export(model: nn.Module, ema: Optional["_EMA"], dtype: torch.dtype, folder: Path, main: bool) -> None:
+    """Save ``model`` with the EMA's weights (if any) in ``dtype``, and give it back its trained float32 tensors.
+
+    The EMA's tensors are swapped in rather than the trained ones cloned aside (a student-sized copy less; the
+    export needs no memory beyond a ``dtype`` copy, none in float32), and the trained tensors are put back as they
+    were, not converted back from ``dtype`` (which rounded them where there was no EMA)."""
+    params = [(m, name, p, p.data) for m in model.modules() for name, p in m._parameters.items() if p is not None]
+    buffers = [(m, name, b) for m in model.modules() for name, b in m._buffers.items() if b is not None]
+    try:
+        if ema is not None:
+            names = {id(p): n for n, p in model.named_parameters()}  # a tied weight appears once, under its first name
+            for _, _, p, _ in params:
+                p.data = ema.shadow[names[id(p)]]
+        if dtype != torch.float32:
+            model.to(dtype)
+        model.save_pretrained(str(folder), is_main_process=main, safe_serialization=True)
+    finally:
+        for m, name, p, data in params:
+            m._parameters[name] = p
+            p.data = data
+        for m, name, b in buffers:
+            m._buffers[name] = b
+
+
 class _EMA:
     """Exponential moving average of a model's parameters, with zoo training's warm-up ``min(decay, (1+n)/(10+n))``."""
 
@@ -1122,19 +1146,7 @@ def distill(teacher_pipe, student: nn.Module, dataset, cfg: DistillConfig, label
         # --- export: EMA weights (if any) in the original dtype; the student keeps its trained weights
         accelerator.wait_for_everyone()
         if state.step >= cfg.steps:
-            raw = {k: v.detach().clone() for k, v in unwrapped.state_dict().items()} if ema is not None else None
-            if ema is not None:
-                with torch.no_grad():
-                    for n, p in unwrapped.named_parameters():
-                        p.copy_(ema.shadow[n])
-            if save_dtype != torch.float32:
-                unwrapped.to(save_dtype)
-            unwrapped.save_pretrained(str(out / "student"), is_main_process=accelerator.is_main_process,
-                                      safe_serialization=True)
-            if save_dtype != torch.float32:
-                unwrapped.to(torch.float32)
-            if raw is not None:
-                unwrapped.load_state_dict(raw)
+            _export(unwrapped, ema, save_dtype, out / "student", accelerator.is_main_process)
         accelerator.wait_for_everyone()
         if tensorboard:
             accelerator.end_training()
