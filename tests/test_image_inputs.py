@@ -343,3 +343,53 @@ def test_layer_prune_by_macs_of_a_pipeline_that_takes_images_asks_for_its_data_o
                                    "--criterion", "magnitude", "--out", str(tmp_path / "lp")])
     said = " ".join(res.output.split())
     assert res.exit_code == 2 and "give --data inputs.jsonl" in said and "--prompts" not in said, res.output
+
+
+def test_inpainting_reads_its_mask_from_the_jsonl_and_asks_for_one(tiny_sd_pipe, tmp_path):
+    """An inpainting pipeline samples from a .jsonl's image and mask_image (a one-channel mask, white where it
+    repaints); its path used to reach diffusers as text, which failed in its preprocessing. A line without a mask,
+    or a folder of images, is refused in one line."""
+    from diffusers import StableDiffusionInpaintPipeline, UNet2DConditionModel
+
+    from diffslim.train.data import pipeline_inputs
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config({**tiny_sd_pipe.unet.config, "in_channels": 9})
+    pipe = StableDiffusionInpaintPipeline(**{**tiny_sd_pipe.components, "unet": unet})
+    pipe.set_progress_bar_config(disable=True)
+    for name, value in (("black", 0), ("white", 255)):
+        Image.fromarray(np.full((16, 16), value, dtype=np.uint8)).save(tmp_path / f"{name}.png")
+    rows = [{"prompt": "a cat", "image": "im0.png", "mask_image": "black.png"},
+            {"prompt": "a dog", "image": "im1.png", "mask_image": "white.png"}]
+    path = _inputs_file(tmp_path, rows, 16)
+    inputs = pipeline_inputs(pipe, str(path), seed=0)
+    assert [tuple(r["mask_image"].shape) for r in inputs] == [(1, 16, 16)] * 2
+    assert inputs[0]["mask_image"].max() == 0 and inputs[1]["mask_image"].min() == 1
+    es = eval_set_for(_loaded(pipe), 2, prompts_file=path)
+    out = sample(pipe, SampleSpec(inputs=es.inputs, seeds=[0, 0], num_inference_steps=3, batch_size=2))
+    assert out.shape == (2, 3, 16, 16)
+    # the mask decides what is repainted: the same prompt and image under the other mask samples otherwise
+    swapped = [{**es.inputs[0], "mask_image": es.inputs[1]["mask_image"]}]
+    again = sample(pipe, SampleSpec(inputs=swapped, seeds=[0], num_inference_steps=3, batch_size=1))
+    assert not torch.allclose(again[0], out[0])
+    path.write_text(json.dumps({"prompt": "a cat", "image": "im0.png"}) + "\n")
+    with pytest.raises(UserError, match=r'inputs.jsonl:1: StableDiffusionInpaintPipeline repaints .* "mask_image"'):
+        pipeline_inputs(pipe, str(path), seed=0)
+    with pytest.raises(UserError, match=r"a folder gives no masks: give a .jsonl"):
+        pipeline_inputs(pipe, str(tmp_path), seed=0)
+
+
+def test_image_size_takes_the_pipelines_vae_factor_where_the_vae_has_no_levels():
+    """Sana's AutoencoderDC has no ``block_out_channels``: the size comes from the pipeline's ``vae_scale_factor``
+    (32), which the fallback used to be evaluated before (an AttributeError in every command that samples Sana)."""
+    from types import SimpleNamespace
+
+    from diffslim.train.data import pipeline_image_size, size_multiple
+
+    transformer = SimpleNamespace(config=SimpleNamespace(sample_size=32, patch_size=1))
+    vae = SimpleNamespace(config=SimpleNamespace(encoder_block_out_channels=(8,) * 6))
+    pipe = SimpleNamespace(transformer=transformer, vae=vae, vae_scale_factor=32)
+    assert pipeline_image_size(pipe) == 1024 and size_multiple(pipe) == 32
+    del pipe.vae_scale_factor
+    with pytest.raises(UserError, match="states no vae_scale_factor and its SimpleNamespace no block_out_channels"):
+        pipeline_image_size(pipe)

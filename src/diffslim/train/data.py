@@ -380,8 +380,21 @@ def pipeline_image_size(pipe) -> int:
     size = size[0] if isinstance(size, (list, tuple)) else int(size)
     vae = getattr(pipe, "vae", None)
     if vae is not None:
-        size *= getattr(pipe, "vae_scale_factor", 2 ** (len(vae.config.block_out_channels) - 1))
+        size *= _vae_factor(pipe, vae)
     return int(size)
+
+
+def _vae_factor(pipe, vae) -> int:
+    """The pipeline's ``vae_scale_factor``, else the VAE's from its levels (Sana's AutoencoderDC has no
+    ``block_out_channels``: its pipeline states the factor)."""
+    factor = getattr(pipe, "vae_scale_factor", None)
+    if factor is None:
+        levels = getattr(vae.config, "block_out_channels", None)
+        if levels is None:
+            raise UserError(f"{type(pipe).__name__} states no vae_scale_factor and its {type(vae).__name__} no "
+                            "block_out_channels: the pixel size of its latents is unknown")
+        factor = 2 ** (len(levels) - 1)
+    return int(factor)
 
 
 def size_multiple(pipe) -> int:
@@ -391,7 +404,7 @@ def size_multiple(pipe) -> int:
     den = next((getattr(pipe, n) for n in ("unet", "transformer", "denoiser") if getattr(pipe, n, None) is not None),
                None)
     vae = getattr(pipe, "vae", None)
-    factor = getattr(pipe, "vae_scale_factor", 2 ** (len(vae.config.block_out_channels) - 1)) if vae is not None else 1
+    factor = _vae_factor(pipe, vae) if vae is not None else 1
     cfg = getattr(den, "config", None)
     if "Flux" in type(pipe).__name__:
         step = 2
@@ -531,6 +544,11 @@ def _check_input_values(row: dict, where: str, pipe) -> None:
                             f"{type(pipe).__name__} has" if classes else "") + f", got {json.dumps(v)}")
 
 
+# pipeline inputs that are images, read from the paths a .jsonl file gives: the input image, an inpainting mask (one
+# channel, white where the pipeline repaints) and the control image of ControlNet's image-to-image and inpainting
+IMAGE_INPUTS = ("image", "mask_image", "control_image")
+
+
 def _input_image(p: Path, k: int, name: str, size: int) -> torch.Tensor:
     """The image a .jsonl file's line ``k`` names (relative to the file), at ``size``."""
     try:
@@ -575,6 +593,10 @@ def pipeline_inputs(pipe, data: str, seed: int, n: int = 64, option: str = "--da
     if p.is_dir():
         if is_class:
             raise UserError(f"{type(pipe).__name__} is class-conditional: give a .txt file of class labels")
+        if "mask_image" in params:
+            raise UserError(f"{type(pipe).__name__} repaints the masked region of an input image, and a folder gives no "
+                            "masks: give a .jsonl file of pipeline inputs, e.g. {\"prompt\": \"a cat\", \"image\": "
+                            "\"room.png\", \"mask_image\": \"mask.png\"} per line")
         both = (p / "input").is_dir() and (p / "target").is_dir()
         ds = ConditionPairs(p, size=size, cond_size=size) if both else ImageFolder(p, size)
         if "image" not in params:
@@ -605,6 +627,16 @@ def pipeline_inputs(pipe, data: str, seed: int, n: int = 64, option: str = "--da
                     raise UserError(f"{p}:{k}: image must be the path of an image file, relative to {p.parent} (or "
                                     f"a list of paths, one per ControlNet), got {json.dumps(image)}")
                 row["image"] = [_input_image(p, k, x, size) for x in image] if many else _input_image(p, k, image, size)
+            for key in IMAGE_INPUTS[1:]:  # an inpainting mask, a ControlNet image-to-image's control image
+                if key in params and key not in row and key == "mask_image":
+                    raise UserError(f"{p}:{k}: {type(pipe).__name__} repaints the masked region of its input image: "
+                                    f"give \"mask_image\": PATH (white where it repaints; relative to {p.parent})")
+                if key in row:
+                    if not isinstance(row[key], str):
+                        raise UserError(f"{p}:{k}: {key} must be the path of an image file, relative to {p.parent}, "
+                                        f"got {json.dumps(row[key])}")
+                    value = _input_image(p, k, row[key], size)
+                    row[key] = value[:1] if key == "mask_image" else value  # a mask: one channel
             rows.append(row)
         if not rows:
             raise UserError(f"{p} holds no inputs")
