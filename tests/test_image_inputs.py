@@ -393,3 +393,17 @@ def test_image_size_takes_the_pipelines_vae_factor_where_the_vae_has_no_levels()
     del pipe.vae_scale_factor
     with pytest.raises(UserError, match="states no vae_scale_factor and its SimpleNamespace no block_out_channels"):
         pipeline_image_size(pipe)
+
+
+def test_an_image_to_image_run_of_no_denoising_steps_is_refused(tiny_sd_pipe, tmp_path):
+    """At strength s a run makes int(steps x s) denoising steps; at 0 diffusers failed in its scheduler (SDXL's
+    refiner at its default strength 0.3 and 3 steps)."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    pipe = StableDiffusionImg2ImgPipeline(**tiny_sd_pipe.components)
+    pipe.set_progress_bar_config(disable=True)
+    path = _inputs_file(tmp_path, [{"prompt": "a cat", "image": "im0.png", "strength": 0.3}], 16)
+    es = eval_set_for(_loaded(pipe), 1, prompts_file=path)
+    with pytest.raises(UserError, match=r"strength 0.3 makes int\(3 x 0.3\) = 0 denoising steps .* at least 4 steps"):
+        sample(pipe, SampleSpec(inputs=es.inputs, seeds=[0], num_inference_steps=3))
+    assert sample(pipe, SampleSpec(inputs=es.inputs, seeds=[0], num_inference_steps=4)).shape == (1, 3, 16, 16)

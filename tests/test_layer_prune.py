@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from diffslim.errors import UserError
 from diffslim.methods import layer_prune as lp
-from diffslim.models.load import load
+from diffslim.models.load import LoadedModel, load
 
 from conftest import own_memory
 
@@ -1181,3 +1181,25 @@ def test_bench_layer_calibration_sets_how_many_triples_the_criteria_score_on():
     assert rows[0]["psnr"] != rows[1]["psnr"]
     r = CliRunner().invoke(app, ["bench", "zoo:digits-dit", "--methods", "layers:0.5", "--layer-calibration", "0"])
     assert r.exit_code != 0 and "--layer-calibration" in r.output
+
+
+def test_a_denoiser_that_cannot_be_exported_is_refused_before_scoring(tiny_sd_pipe, tmp_path):
+    """AuraFlow's two-stream blocks were scored (and crashed there, their stand-ins returning one stream) before
+    the export's class check refused the model: layer_prune and bench's layers:R refuse it first."""
+    from diffusers import AuraFlowTransformer2DModel
+
+    from diffslim.bench import BenchContext, METHODS
+    from diffslim.sample import SampleSpec
+
+    torch.manual_seed(0)
+    model = AuraFlowTransformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_mmdit_layers=1,
+                                       num_single_dit_layers=1, attention_head_dim=4, num_attention_heads=2,
+                                       joint_attention_dim=8, caption_projection_dim=8, out_channels=4,
+                                       pos_embed_max_size=64)
+    with pytest.raises(UserError, match="layer pruning exports .* not AuraFlowTransformer2DModel"):
+        lp.layer_prune(model, "output-loss", 0.3)
+    loaded = LoadedModel("aura", "pipeline", model, pipe=tiny_sd_pipe)
+    dry = BenchContext(loaded=loaded, base_spec=SampleSpec(inputs=[{"prompt": "a"}], seeds=[0]), default_steps=2,
+                       dry_run=True)
+    with pytest.raises(UserError, match="not AuraFlowTransformer2DModel"):
+        METHODS["layers"]("0.3", dry)

@@ -507,3 +507,30 @@ def test_sampling_calibration_on_pixart_and_sd3(tiny_sd_pipe, calls_alone, famil
         torch.testing.assert_close(pred[2 * k:2 * k + 2], out[:, :4], atol=1e-5, rtol=0)
     scores = lp.score_layers(den, lp.candidates(den), "output-loss", calib)
     assert len(scores) == 3 and all(v > 0 for v in scores.values())
+
+
+def test_profile_of_a_flux_pipeline_counts_at_its_default_size(tiny_sd_pipe):
+    """Flux's transformer has no sample_size: profile counts at its pipeline's default_sample_size (it failed with a
+    traceback asking for a size), the same count as that size given in pixels; a denoiser profile cannot build
+    inputs for is refused in one line (a UserError, not a traceback)."""
+    from diffslim.measure.profile import profile_denoiser
+    from diffslim.models.load import LoadedModel
+
+    pipe = _tiny_flux(tiny_sd_pipe)
+    loaded = LoadedModel("flux", "pipeline", pipe.transformer, pipe=pipe, vae_scale_factor=pipe.vae_scale_factor)
+    default = profile_denoiser(loaded, pipe.transformer, timing=False)
+    px = 8 * pipe.vae_scale_factor
+    given = profile_denoiser(loaded, pipe.transformer, height=px, width=px, timing=False)
+    assert default["macs"] == given["macs"] > 0
+    smaller = profile_denoiser(loaded, pipe.transformer, height=px // 2, width=px // 2, timing=False)
+    assert smaller["macs"] < default["macs"]
+    from diffusers import UVit2DModel
+
+    from diffslim.errors import UserError
+    from diffslim.models.macs import default_inputs
+
+    with pytest.raises(UserError, match="default_inputs does not know how to call UVit2DModel"):
+        default_inputs(UVit2DModel(hidden_size=8, cond_embed_dim=8, micro_cond_encode_dim=2, micro_cond_embed_dim=10,
+                                   encoder_hidden_size=8, vocab_size=8, codebook_size=8, in_channels=8,
+                                   block_out_channels=8, num_res_blocks=1, block_num_heads=2, num_hidden_layers=1,
+                                   num_attention_heads=2, intermediate_size=8))

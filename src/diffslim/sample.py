@@ -15,6 +15,7 @@ import functools
 import hashlib
 import inspect
 import json
+import math
 import os
 import sys
 import time
@@ -108,6 +109,19 @@ class SampleSpec:
         return h.hexdigest()[:32]
 
 
+def _check_strength(pipe, params, kw: dict) -> None:
+    """An image-to-image run at strength s makes ``int(steps * s)`` denoising steps; where that is 0, diffusers fails
+    deep in its scheduler (a tensor of 0 elements): refuse it in one line."""
+    steps = kw.get("num_inference_steps")
+    if "strength" not in params or steps is None or kw.get("denoising_start") is not None:
+        return
+    strength = kw.get("strength", params["strength"].default)
+    if isinstance(strength, (int, float)) and 0 < strength <= 1 and int(steps * strength) < 1:
+        raise UserError(f"{type(pipe).__name__} at strength {strength:g} makes int({steps} x {strength:g}) = 0 "
+                        f"denoising steps of a {steps}-step run: give at least {math.ceil(1 / strength)} steps, or a "
+                        "higher \"strength\" with the inputs (a .jsonl file of pipeline inputs)")
+
+
 def _value_bytes(v) -> bytes:
     if isinstance(v, torch.Tensor):
         return v.detach().cpu().contiguous().numpy().tobytes() + str(tuple(v.shape)).encode()
@@ -195,6 +209,7 @@ def run_pipeline(pipe, spec: SampleSpec, indices: Sequence[int], progress=None,
                 kw["timesteps"] = list(spec.timesteps)
             elif spec.num_inference_steps is not None:
                 kw["num_inference_steps"] = spec.num_inference_steps
+            _check_strength(pipe, params, kw)
             kw["generator"] = [torch.Generator("cpu").manual_seed(int(spec.seeds[i])) for i in idx]
             if "output_type" in params:
                 kw["output_type"] = "pt" if differentiable else "np"

@@ -443,6 +443,11 @@ def _pruned_class_of(model: nn.Module) -> type:
     return pruned
 
 
+def check_prunable(model: nn.Module) -> None:
+    """Raise ``UserError`` for a denoiser whose layer-pruned model could not be exported (before any scoring)."""
+    _pruned_class_of(model)
+
+
 def validate_layers(model: nn.Module, names: Sequence[str]) -> None:
     """Raise ``UserError`` naming the first entry of ``names`` that is not a removable module of ``model``."""
     if len(set(names)) != len(names):
@@ -1850,6 +1855,7 @@ def layer_prune(model: nn.Module, criterion: str = "output-loss", ratio: Optiona
     """
     from diffslim.models.anatomy import anatomy
 
+    check_prunable(model)  # a denoiser whose pruned model could not be exported is refused before any scoring
     t0 = time.perf_counter()
     bk = criterion.startswith("bk-sdm-")
     if not bk and criterion not in CRITERIA:

@@ -38,6 +38,7 @@ from typing import Any, Iterable, Mapping
 
 from torch import nn
 
+from diffslim.errors import UserError
 from diffslim.models.macs import count_macs as _count_macs
 from diffslim.models.macs import default_inputs
 
@@ -157,7 +158,7 @@ def _family(denoiser: nn.Module) -> str:
             return fam
     if block_lists(denoiser):
         return "transformer"
-    raise ValueError(
+    raise UserError(
         f"no anatomy for {type(denoiser).__name__}: supported are UNet2DConditionModel, UNet2DModel and "
         "transformer denoisers with `transformer_blocks` (DiT, PixArt, SD3, Flux, ...)"
     )

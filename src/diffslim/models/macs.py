@@ -29,6 +29,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+from diffslim.errors import UserError
+
 __all__ = ["count_macs", "macs_by_kind", "default_inputs", "attention_flop_mapping"]
 
 
@@ -166,14 +168,14 @@ def _spatial(config, height: int | None, width: int | None, cls: str) -> tuple[i
         h0 = w0 = size
     h, w = height or h0, width or w0
     if h is None or w is None:
-        raise ValueError(f"{cls} has no sample_size in its config: pass height and width (latent pixels)")
+        raise UserError(f"{cls} has no sample_size in its config: pass height and width (latent pixels)")
     return int(h), int(w)
 
 
 def _single_dim(value, what: str, cls: str) -> int:
     if isinstance(value, (list, tuple)):
         if len(set(value)) != 1:
-            raise ValueError(f"{cls} has per-block {what} {list(value)}; pass inputs yourself")
+            raise UserError(f"{cls} has per-block {what} {list(value)}; pass inputs yourself")
         value = value[0]
     return int(value)
 
@@ -192,7 +194,7 @@ def _class_labels(config, batch: int, device, dtype, cls: str) -> torch.Tensor |
         return torch.zeros(batch, time_dim, dtype=dtype, device=device)
     if kind in ("projection", "simple_projection"):
         return torch.zeros(batch, config["projection_class_embeddings_input_dim"], dtype=dtype, device=device)
-    raise ValueError(f"{cls}: class_embed_type {kind!r} is not supported by default_inputs")
+    raise UserError(f"{cls}: class_embed_type {kind!r} is not supported by default_inputs")
 
 
 def default_inputs(
@@ -231,7 +233,7 @@ def default_inputs(
     # subclasses (e.g. our depth-skipped U-Nets) are called like the diffusers class they extend
     cls = next((c.__name__ for c in type(denoiser).__mro__ if c.__name__ in SUPPORTED), type(denoiser).__name__)
     if cls not in SUPPORTED:
-        raise ValueError(f"default_inputs does not know how to call {cls}; supported: {', '.join(SUPPORTED)}")
+        raise UserError(f"default_inputs does not know how to call {cls}; supported: {', '.join(SUPPORTED)}")
     config = denoiser.config
     p = _first_param(denoiser)
     device = torch.device(device) if device is not None else (p.device if p is not None else torch.device("cpu"))
@@ -245,7 +247,7 @@ def default_inputs(
         h, w = _spatial(config, height, width, cls)
         hid_type = config.get("encoder_hid_dim_type")
         if config.get("encoder_hid_dim") is not None and hid_type not in (None, "text_proj"):
-            raise ValueError(f"{cls}: encoder_hid_dim_type {hid_type!r} is not supported by default_inputs")
+            raise UserError(f"{cls}: encoder_hid_dim_type {hid_type!r} is not supported by default_inputs")
         dim = config.get("encoder_hid_dim") or _single_dim(config["cross_attention_dim"], "cross_attention_dim", cls)
         kwargs: dict[str, Any] = {"encoder_hidden_states": zeros(batch, context_tokens or 77, dim)}
         labels = _class_labels(config, batch, device, dtype, cls)
@@ -257,7 +259,7 @@ def default_inputs(
             text_dim = config["projection_class_embeddings_input_dim"] - n_time * config["addition_time_embed_dim"]
             kwargs["added_cond_kwargs"] = {"text_embeds": zeros(batch, text_dim), "time_ids": zeros(batch, n_time)}
         elif add not in (None, "text"):
-            raise ValueError(f"{cls}: addition_embed_type {add!r} is not supported by default_inputs")
+            raise UserError(f"{cls}: addition_embed_type {add!r} is not supported by default_inputs")
         return (zeros(batch, config["in_channels"], h, w), timestep), kwargs
 
     if cls == "UNet2DModel":
@@ -295,7 +297,8 @@ def default_inputs(
 
     if cls == "FluxTransformer2DModel":
         if height is None or width is None:
-            raise ValueError(f"{cls} has no sample_size: pass height and width (latent pixels, before 2x2 packing)")
+            raise UserError(f"{cls} has no sample_size: give the size to count at (latent pixels, before 2x2 packing; "
+                            "profile --height and --width take image pixels)")
         n_txt = context_tokens or 512
         n_img = (height // 2) * (width // 2)
         kwargs = {"hidden_states": zeros(batch, n_img, config["in_channels"]),
