@@ -354,7 +354,7 @@ def test_inpainting_reads_its_mask_from_the_jsonl_and_asks_for_one(tiny_sd_pipe,
     from diffslim.train.data import pipeline_inputs
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel.from_config({**tiny_sd_pipe.unet.config, "in_channels": 9})
+    unet = UNet2DConditionModel.from_config(tiny_sd_pipe.unet.config, in_channels=9)
     pipe = StableDiffusionInpaintPipeline(**{**tiny_sd_pipe.components, "unet": unet})
     pipe.set_progress_bar_config(disable=True)
     for name, value in (("black", 0), ("white", 255)):

@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from diffslim.sample import SampleSpec, sample
 
@@ -534,3 +535,44 @@ def test_profile_of_a_flux_pipeline_counts_at_its_default_size(tiny_sd_pipe):
                                    encoder_hidden_size=8, vocab_size=8, codebook_size=8, in_channels=8,
                                    block_out_channels=8, num_res_blocks=1, block_num_heads=2, num_hidden_layers=1,
                                    num_attention_heads=2, intermediate_size=8))
+
+
+def test_an_lcm_unet_trains_and_scores_with_the_guidance_embedding_its_pipeline_passes(tiny_sd_pipe, tmp_path):
+    """A latent consistency model's U-Net (time_cond_proj_dim) gets a guidance embedding with every call its pipeline
+    makes; the trainer's and the layer criteria's calls lacked it, so the U-Net skipped that projection and they
+    trained and scored a model that sampling never runs. They pass the pipeline's own now."""
+    from diffusers import LatentConsistencyModelPipeline, LCMScheduler, UNet2DConditionModel
+
+    from diffslim.methods import layer_prune as lp
+    from diffslim.models.macs import default_inputs
+    from diffslim.train.distill import task_for
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config(tiny_sd_pipe.unet.config, time_cond_proj_dim=8)
+    parts = {k: v for k, v in tiny_sd_pipe.components.items() if k not in ("unet", "scheduler")}
+    pipe = LatentConsistencyModelPipeline(**parts, unet=unet, scheduler=LCMScheduler(), requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    seen = []
+    handle = unet.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["timestep_cond"]), with_kwargs=True)
+    pipe(prompt=["a cat"], num_inference_steps=1, output_type="np", height=16, width=16)
+    handle.remove()
+    (sampled,) = seen
+    assert sampled is not None and sampled.shape == (1, 8)
+    task = task_for(pipe)
+    batch = {"image": torch.rand(2, 3, 16, 16), "text": ["a cat", "a dog"]}
+    x0, cond = task.encode(batch, torch.Generator().manual_seed(0), torch.device("cpu"))
+    assert torch.equal(cond["timestep_cond"], sampled.expand(2, -1))
+    t = torch.tensor([500, 500])
+    with_cond = task.predict(unet, x0, t, cond)
+    without = unet(x0, t, encoder_hidden_states=cond["encoder_hidden_states"], return_dict=False)[0]
+    assert not torch.allclose(with_cond, without)  # the embedding changes the prediction
+    # the layer criteria's calibration calls the U-Net the same way; profile's dummy call includes the projection
+    for k in range(2):
+        Image.fromarray(np.random.default_rng(k).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(
+            tmp_path / f"{k}.png")
+    calib = lp.calibration(pipe, n=2, data=str(tmp_path), size=16)
+    xt, t, c = calib.inputs(0, 2, torch.float32)
+    assert torch.equal(c["timestep_cond"], sampled.expand(2, -1))
+    assert torch.equal(calib.run(unet), unet(xt, t, **c, return_dict=False)[0])
+    args, kwargs = default_inputs(unet)
+    assert kwargs["timestep_cond"].shape == (1, 8)

@@ -253,6 +253,8 @@ def default_inputs(
         labels = _class_labels(config, batch, device, dtype, cls)
         if labels is not None:
             kwargs["class_labels"] = labels
+        if config.get("time_cond_proj_dim") is not None:  # an LCM U-Net's guidance embedding (its pipeline passes one)
+            kwargs["timestep_cond"] = zeros(batch, config["time_cond_proj_dim"])
         add = config.get("addition_embed_type")
         if add == "text_time":
             n_time = 6

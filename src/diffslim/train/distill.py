@@ -430,6 +430,9 @@ class _LatentTextTask:
                                          text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
             cond["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": ids.to(device).repeat(img.shape[0], 1)}
         den = _denoiser_of(pipe)
+        proj = getattr(den.config, "time_cond_proj_dim", None)
+        if proj is not None:  # an LCM U-Net: the guidance embedding every call of its pipeline passes
+            cond["timestep_cond"] = guidance_condition(pipe, img.shape[0], proj).to(device=device, dtype=emb.dtype)
         if "cond" not in batch and den.config.in_channels > x0.shape[1]:
             raise UserError(f"{type(den).__name__} takes {den.config.in_channels} input channels, the latents "
                             f"{x0.shape[1]} and a conditioning image ({type(self.pipe).__name__}): give a folder "
@@ -444,6 +447,21 @@ class _LatentTextTask:
         if "concat" in cond:
             xt = torch.cat([xt, cond["concat"].to(xt.dtype)], dim=1)
         return denoiser(xt, t, **kwargs, return_dict=False)[0]
+
+
+def guidance_condition(pipe, batch: int, dim: int) -> torch.Tensor:
+    """The ``timestep_cond`` a U-Net with a ``time_cond_proj_dim`` (a latent consistency model's) gets from its
+    pipeline: the embedding of ``guidance_scale - 1`` at the pipeline's default guidance scale (8.5 for
+    ``LatentConsistencyModelPipeline``), ``(batch, dim)``. Without it the U-Net silently skips that projection, so
+    training and scoring would see a model that sampling never runs."""
+    import inspect
+
+    embed = getattr(pipe, "get_guidance_scale_embedding", None)
+    param = inspect.signature(pipe.__call__).parameters.get("guidance_scale")
+    if embed is None or param is None or not isinstance(param.default, (int, float)):
+        raise UserError(f"{type(pipe).__name__}'s denoiser takes a guidance embedding (time_cond_proj_dim), and the "
+                        "pipeline states no default guidance_scale to embed")
+    return embed(torch.full((batch,), float(param.default) - 1.0), embedding_dim=dim)
 
 
 def pack_latents(x: torch.Tensor) -> torch.Tensor:
