@@ -377,6 +377,11 @@ def test_inpainting_reads_its_mask_from_the_jsonl_and_asks_for_one(tiny_sd_pipe,
         pipeline_inputs(pipe, str(path), seed=0)
     with pytest.raises(UserError, match=r"a folder gives no masks: give a .jsonl"):
         pipeline_inputs(pipe, str(tmp_path), seed=0)
+    # no distillation task: it used to ask for input/ and target/ pairs, which would train on the wrong conditioning
+    from diffslim.train.distill import task_for
+
+    with pytest.raises(UserError, match="no distillation task for StableDiffusionInpaintPipeline .* mask_image"):
+        task_for(pipe)
 
 
 def test_image_size_takes_the_pipelines_vae_factor_where_the_vae_has_no_levels():
@@ -407,3 +412,23 @@ def test_an_image_to_image_run_of_no_denoising_steps_is_refused(tiny_sd_pipe, tm
     with pytest.raises(UserError, match=r"strength 0.3 makes int\(3 x 0.3\) = 0 denoising steps .* at least 4 steps"):
         sample(pipe, SampleSpec(inputs=es.inputs, seeds=[0], num_inference_steps=3))
     assert sample(pipe, SampleSpec(inputs=es.inputs, seeds=[0], num_inference_steps=4)).shape == (1, 3, 16, 16)
+
+
+def test_a_text_file_for_a_pipeline_without_prompts_asks_for_its_inputs(tmp_path):
+    """Kandinsky 2.2's decoder takes image embeddings, no prompt: the error asked for 'a .txt file (class labels or
+    prompts)', the very file it refused; it names the .jsonl format and the inputs the pipeline takes."""
+    from types import SimpleNamespace
+
+    from diffslim.train.data import pipeline_inputs
+
+    class Decoder:
+        unet = SimpleNamespace(config=SimpleNamespace(sample_size=8))
+
+        def __call__(self, image_embeds, negative_image_embeds, num_inference_steps=50):
+            pass
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\n")
+    with pytest.raises(UserError, match=r"prompts.txt: Decoder takes no prompt, .* give a .jsonl file .* \(it takes: "
+                                        r"image_embeds, negative_image_embeds, num_inference_steps\)"):
+        pipeline_inputs(Decoder(), str(prompts), seed=0)

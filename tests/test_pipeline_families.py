@@ -576,3 +576,30 @@ def test_an_lcm_unet_trains_and_scores_with_the_guidance_embedding_its_pipeline_
     assert torch.equal(calib.run(unet), unet(xt, t, **c, return_dict=False)[0])
     args, kwargs = default_inputs(unet)
     assert kwargs["timestep_cond"].shape == (1, 8)
+
+
+def test_flux_kontext_samples_from_prompts_alone(tiny_sd_pipe, tmp_path):
+    """Flux Kontext's input image is optional (without one it generates from the prompt): a text file of prompts is
+    taken, where the pipelines that cannot do without an image refuse it."""
+    from diffusers import FluxKontextPipeline, StableDiffusionImg2ImgPipeline
+
+    from diffslim.errors import UserError
+    from diffslim.evaluate import eval_set_for
+    from diffslim.models.load import LoadedModel
+    from diffslim.train.data import pipeline_inputs
+
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    flux = _tiny_flux(tiny_sd_pipe)  # (Kontext's shift at 16 tokens overflows the tiny scheduler's dynamic one)
+    pipe = FluxKontextPipeline(**{**flux.components, "scheduler": FlowMatchEulerDiscreteScheduler()})
+    pipe.default_sample_size = 8
+    pipe.set_progress_bar_config(disable=True)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red square\na blue circle\n")
+    assert pipeline_inputs(pipe, str(prompts), seed=0) == [{"prompt": "a red square"}, {"prompt": "a blue circle"}]
+    es = eval_set_for(LoadedModel("k", "pipeline", pipe.transformer, pipe=pipe), 2, prompts_file=prompts)
+    out = sample(pipe, SampleSpec(inputs=es.inputs, seeds=es.seeds, num_inference_steps=2, batch_size=2,
+                                  call_kwargs={"max_area": 16 * 16}))  # Kontext scales its size to max_area
+    assert out.shape == (2, 3, 16, 16)
+    with pytest.raises(UserError, match="samples from input images, and a text file gives only prompts"):
+        pipeline_inputs(StableDiffusionImg2ImgPipeline(**tiny_sd_pipe.components), str(prompts), seed=0)

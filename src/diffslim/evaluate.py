@@ -77,7 +77,9 @@ def _eval_inputs(pipe, n, seed, seeds, prompts_file, require_inputs):
         classes = getattr(getattr(getattr(pipe, "transformer", None), "config", None), "num_embeds_ada_norm", None)
         labels = [i % min(10, int(classes or 10)) for i in range(n)]
         return EvalSet(inputs=[{"class_label": y} for y in labels], seeds=seeds)
-    if "image" in params and require_inputs:
+    from diffslim.train.data import needs_image
+
+    if needs_image(pipe) and require_inputs:
         raise UserError(f"{type(pipe).__name__} samples from input images and has no default inputs: give --prompts "
                         "inputs.jsonl, one JSON object of pipeline inputs per line, e.g. "
                         "{\"prompt\": \"make it red\", \"image\": \"photo.png\"} (paths relative to the file)")

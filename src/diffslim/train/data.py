@@ -544,6 +544,17 @@ def _check_input_values(row: dict, where: str, pipe) -> None:
                             f"{type(pipe).__name__} has" if classes else "") + f", got {json.dumps(v)}")
 
 
+# pipelines whose input image is optional: Flux Kontext edits an image, or without one generates from the prompt
+IMAGE_OPTIONAL = ("FluxKontextPipeline",)
+
+
+def needs_image(pipe) -> bool:
+    """Whether ``pipe`` samples from an input image it cannot do without (img2img, ControlNet, inpainting, ...)."""
+    import inspect
+
+    return "image" in inspect.signature(pipe.__call__).parameters and type(pipe).__name__ not in IMAGE_OPTIONAL
+
+
 # pipeline inputs that are images, read from the paths a .jsonl file gives: the input image, an inpainting mask (one
 # channel, white where the pipeline repaints) and the control image of ControlNet's image-to-image and inpainting
 IMAGE_INPUTS = ("image", "mask_image", "control_image")
@@ -618,7 +629,7 @@ def pipeline_inputs(pipe, data: str, seed: int, n: int = 64, option: str = "--da
                 raise UserError(f"{p}:{k}: give an object of pipeline inputs, e.g. {{\"prompt\": \"a cat\"}}")
             _check_input_values(row, f"{p}:{k}", pipe)
             image = row.get("image")
-            if "image" in params and image is None:  # diffusers' own error would come as a traceback mid-run
+            if needs_image(pipe) and image is None:  # diffusers' own error would come as a traceback mid-run
                 raise UserError(f"{p}:{k}: {type(pipe).__name__} samples from an input image: give \"image\": "
                                 f"PATH (relative to {p.parent})" + (", not null" if "image" in row else ""))
             if "image" in row:
@@ -656,8 +667,11 @@ def pipeline_inputs(pipe, data: str, seed: int, n: int = 64, option: str = "--da
                             f"{type(pipe).__name__} has")
         return [{"class_label": y} for y in labels]
     if "prompt" not in params:
-        raise UserError(f"{type(pipe).__name__} takes no prompt; give {accepted}")
-    if "image" in params:
+        takes = ", ".join(k for k in params if k not in ("self", "kwargs"))
+        raise UserError(f"{p}: {type(pipe).__name__} takes no prompt, and a text file gives only prompts (or class "
+                        f"labels); give a .jsonl file of its pipeline inputs, one JSON object per line (it takes: "
+                        f"{takes})")
+    if needs_image(pipe):
         raise UserError(f"{p}: {type(pipe).__name__} samples from input images, and a text file gives only prompts; "
                         "give a .jsonl file of pipeline inputs, e.g. {\"prompt\": \"make it red\", \"image\": "
                         "\"cat.png\"} per line")

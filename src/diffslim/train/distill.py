@@ -570,6 +570,8 @@ def task_for(pipe, label_dropout: float = 0.1):
     """The task adapter of a pipeline: ``encode(batch, generator, device) -> (x0, cond)`` and
     ``predict(denoiser, x_t, t, cond) -> prediction`` (both ``(B, C, H, W)``). Raises ``UserError``
     for pipelines it does not know."""
+    import inspect
+
     from diffslim.zoo.pipelines import ZooClassPipeline, ZooSRPipeline
 
     if isinstance(pipe, ZooSRPipeline):
@@ -580,6 +582,10 @@ def task_for(pipe, label_dropout: float = 0.1):
         raise UserError(f"no distillation task for {type(pipe).__name__} (its U-Net takes the low-resolution image and "
                         "its noise level): score its layers on its own sampling with --calibration sampling "
                         "--data inputs.jsonl")
+    if "mask_image" in inspect.signature(pipe.__call__).parameters:  # the U-Net also takes a mask and masked latents
+        raise UserError(f"no distillation task for {type(pipe).__name__} (an inpainting U-Net takes the mask and the "
+                        "masked image's latents besides the noisy latents): score its layers on its own sampling "
+                        "with --calibration sampling --data inputs.jsonl (image and mask_image per line)")
     if all(getattr(pipe, n, None) is not None for n in ("vae", "text_encoder", "tokenizer", "unet")):
         return _LatentTextTask(pipe)
     name = type(pipe).__name__
