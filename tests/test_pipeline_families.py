@@ -603,3 +603,31 @@ def test_flux_kontext_samples_from_prompts_alone(tiny_sd_pipe, tmp_path):
     assert out.shape == (2, 3, 16, 16)
     with pytest.raises(UserError, match="samples from input images, and a text file gives only prompts"):
         pipeline_inputs(StableDiffusionImg2ImgPipeline(**tiny_sd_pipe.components), str(prompts), seed=0)
+
+
+def test_profile_counts_on_the_pipelines_own_call_where_it_has_no_dummy_inputs(tiny_sd_pipe, monkeypatch):
+    """For a denoiser default_inputs cannot feed (HunyuanDiT, Sana, AuraFlow, CogView4), profile counts and times the
+    call its pipeline makes on one default prompt without the guidance batch. On the SD U-Net, which has dummy inputs
+    of the same shape (77 text tokens, the pipeline's size), both counts agree."""
+    from diffslim.errors import UserError
+    from diffslim.measure.profile import profile_denoiser
+    from diffslim.models import macs
+    from diffslim.models.load import LoadedModel
+
+    loaded = LoadedModel("sd", "pipeline", tiny_sd_pipe.unet, pipe=tiny_sd_pipe, vae_scale_factor=2)
+    dummy = profile_denoiser(loaded, tiny_sd_pipe.unet, repeats=1)
+    assert dummy["counted_on"] == "dummy inputs"
+
+    def refuse(*a, **k):
+        raise UserError("default_inputs does not know how to call it")
+
+    monkeypatch.setattr(macs, "default_inputs", refuse)
+    own = profile_denoiser(loaded, tiny_sd_pipe.unet, repeats=1)
+    assert own["counted_on"] == "the pipeline's own first call" and own["latency_s"] > 0
+    assert own["macs"] == dummy["macs"] > 0 and own["blocks"] == dummy["blocks"]
+    assert own["sample_size"] == dummy["sample_size"]
+    with pytest.raises(UserError, match="does not know how to call it; profile counts such a denoiser on its "
+                                        "pipeline's own call, for a text-to-image pipeline at --batch-size 1"):
+        profile_denoiser(loaded, tiny_sd_pipe.unet, batch=2, repeats=1)
+    with pytest.raises(UserError, match="does not know how to call it"):  # a lone model has no pipeline to ask
+        profile_denoiser(LoadedModel("u", "model", tiny_sd_pipe.unet), tiny_sd_pipe.unet, repeats=1)

@@ -406,6 +406,9 @@ def profile(
     if p["macs_excl_attention"] is not None:
         console.print(f"{unit} without attention products (the convention of BK-SDM and DeepCache): "
                       f"{p['macs_excl_attention'] / div:.3f}")
+    if p.get("counted_on", "dummy inputs") != "dummy inputs":
+        console.print(f"counted and timed on {p['counted_on']} (one default prompt, no guidance batch): "
+                      "profile has no dummy inputs for this denoiser")
     if p["latency_s"] is not None:
         how = f"{p['device']}, {p['dtype']}, batch {p['batch']}" + (", compiled" if p["compiled"] else "")
         console.print(f"latency ({how}; median of {repeats}): {p['latency_s'] * 1e3:.2f} ms, "

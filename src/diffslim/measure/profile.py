@@ -63,8 +63,14 @@ def profile_denoiser(loaded, den, height: Optional[int] = None, width: Optional[
         h, w = default if h is None else h, default if w is None else w
     _check_grid(den, h, w, scale)
     kw = {"context_tokens": 2} if loaded.zoo is not None and isinstance(den, UNet2DConditionModel) else {}
-    an = anatomy(den, height=h, width=w, **kw)
-    args, kwargs = default_inputs(den, height=h, width=w, **kw)
+    try:
+        inputs, counted_on = default_inputs(den, height=h, width=w, **kw), "dummy inputs"
+    except UserError as e:  # a family default_inputs cannot feed (HunyuanDiT, Sana, AuraFlow, ...): its pipeline can
+        if loaded.pipe is None:
+            raise
+        inputs, counted_on = _pipeline_call(loaded, height, width, batch, e), "the pipeline's own first call"
+    an = anatomy(den, inputs=inputs)
+    args, kwargs = inputs
     kinds = macs_by_kind(den, *args, **kwargs)
     first = next(den.parameters(), None)
     out = {
@@ -84,6 +90,7 @@ def profile_denoiser(loaded, den, height: Optional[int] = None, width: Optional[
         "dtype": None if first is None else str(first.dtype).removeprefix("torch."),
         "weights_bytes": sum(p.numel() * p.element_size() for p in den.parameters()),
         "batch": batch,
+        "counted_on": counted_on,
         "latency_s": None,
         "first_call_s": None,
         "samples_per_s": None,
@@ -98,6 +105,30 @@ def profile_denoiser(loaded, den, height: Optional[int] = None, width: Optional[
         out.update(latency_s=lat, first_call_s=first_s, samples_per_s=batch / lat if lat > 0 else None,
                    peak_memory_bytes=mem, memory_kind=kind)
     return out
+
+
+def _pipeline_call(loaded, height: Optional[int], width: Optional[int], batch: int, why: UserError) -> tuple:
+    """``(args, kwargs)`` of the first call ``loaded``'s pipeline makes to its denoiser on one default prompt, without
+    classifier-free guidance (batch 1), at ``height`` x ``width`` image pixels (default the pipeline's size): what
+    profile counts and times where it cannot build dummy inputs itself (``why``)."""
+    import inspect
+
+    from diffslim.evaluate import eval_set_for
+    from diffslim.sample import SampleSpec, first_denoiser_call
+    from diffslim.train.data import needs_image
+
+    pipe = loaded.pipe
+    params = inspect.signature(pipe.__call__).parameters
+    if batch != 1 or needs_image(pipe) or "prompt" not in params:
+        raise UserError(f"{why}; profile counts such a denoiser on its pipeline's own call, for a text-to-image "
+                        "pipeline at --batch-size 1") from None
+    call = {k: v for k, v in (("guidance_scale", 1.0), ("height", height), ("width", width)) if v is not None}
+    missing = [k for k in call if k not in params]
+    if "height" in missing or "width" in missing:
+        raise UserError(f"{type(pipe).__name__} takes no height and width: profile it at its own size")
+    call.pop("guidance_scale", None) if "guidance_scale" in missing else None
+    es = eval_set_for(loaded, 1)  # its call settings: the size sample and bench use, unless one is given
+    return first_denoiser_call(pipe, SampleSpec(es.inputs, es.seeds, call_kwargs={**es.call_kwargs, **call}))
 
 
 def _check_grid(den, h: Optional[int], w: Optional[int], scale: int) -> None:
