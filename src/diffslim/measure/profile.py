@@ -69,7 +69,7 @@ def profile_denoiser(loaded, den, height: Optional[int] = None, width: Optional[
         if loaded.pipe is None:
             raise
         inputs, counted_on = _pipeline_call(loaded, height, width, batch, e), "the pipeline's own first call"
-    an = anatomy(den, inputs=inputs)
+    an = anatomy(den, height=h, width=w, inputs=inputs)
     args, kwargs = inputs
     kinds = macs_by_kind(den, *args, **kwargs)
     first = next(den.parameters(), None)
