@@ -432,3 +432,24 @@ def test_a_text_file_for_a_pipeline_without_prompts_asks_for_its_inputs(tmp_path
     with pytest.raises(UserError, match=r"prompts.txt: Decoder takes no prompt, .* give a .jsonl file .* \(it takes: "
                                         r"image_embeds, negative_image_embeds, num_inference_steps\)"):
         pipeline_inputs(Decoder(), str(prompts), seed=0)
+
+
+def test_controlnet_image_to_image_reads_its_control_image(tiny_controlnet_pipe, tmp_path):
+    """ControlNet's image-to-image pipeline takes the image to start from and a control_image: both are read from
+    the .jsonl (the control image used to reach diffusers as text); a line without it is refused in one line."""
+    from diffusers import StableDiffusionControlNetImg2ImgPipeline
+
+    from diffslim.train.data import pipeline_inputs
+
+    pipe = StableDiffusionControlNetImg2ImgPipeline(**tiny_controlnet_pipe.components)
+    pipe.set_progress_bar_config(disable=True)
+    path = _inputs_file(tmp_path, [{"prompt": "a cat", "image": "im0.png", "control_image": "im1.png",
+                                    "strength": 1.0}], 16)
+    (row,) = pipeline_inputs(pipe, str(path), seed=0)
+    assert tuple(row["control_image"].shape) == (3, 16, 16)
+    out = sample(pipe, SampleSpec(inputs=[row], seeds=[0], num_inference_steps=2))
+    assert out.shape == (1, 3, 16, 16)
+    path.write_text(json.dumps({"prompt": "a cat", "image": "im0.png"}) + "\n")
+    with pytest.raises(UserError, match=r'inputs.jsonl:1: StableDiffusionControlNetImg2ImgPipeline is steered by a '
+                                        r'control image: give "control_image": PATH \(relative to'):
+        pipeline_inputs(pipe, str(path), seed=0)

@@ -639,9 +639,11 @@ def pipeline_inputs(pipe, data: str, seed: int, n: int = 64, option: str = "--da
                                     f"a list of paths, one per ControlNet), got {json.dumps(image)}")
                 row["image"] = [_input_image(p, k, x, size) for x in image] if many else _input_image(p, k, image, size)
             for key in IMAGE_INPUTS[1:]:  # an inpainting mask, a ControlNet image-to-image's control image
-                if key in params and key not in row and key == "mask_image":
-                    raise UserError(f"{p}:{k}: {type(pipe).__name__} repaints the masked region of its input image: "
-                                    f"give \"mask_image\": PATH (white where it repaints; relative to {p.parent})")
+                if key in params and key not in row:
+                    what = ("repaints the masked region of its input image: give \"mask_image\": PATH (white where "
+                            "it repaints; " if key == "mask_image" else
+                            "is steered by a control image: give \"control_image\": PATH (")
+                    raise UserError(f"{p}:{k}: {type(pipe).__name__} {what}relative to {p.parent})")
                 if key in row:
                     if not isinstance(row[key], str):
                         raise UserError(f"{p}:{k}: {key} must be the path of an image file, relative to {p.parent}, "
