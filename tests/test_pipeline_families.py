@@ -631,3 +631,33 @@ def test_profile_counts_on_the_pipelines_own_call_where_it_has_no_dummy_inputs(t
         profile_denoiser(loaded, tiny_sd_pipe.unet, batch=2, repeats=1)
     with pytest.raises(UserError, match="does not know how to call it"):  # a lone model has no pipeline to ask
         profile_denoiser(LoadedModel("u", "model", tiny_sd_pipe.unet), tiny_sd_pipe.unet, repeats=1)
+
+
+def test_caches_and_skip_plans_refuse_what_they_would_crash_on(tiny_sd_pipe):
+    """diffusers' FirstBlockCache subtracts the last block's text stream, which SD3's last block (context_pre_only)
+    returns as None: a TypeError mid-sampling, refused now (MagCache, which works there, is not). A K-diffusion
+    U-Net (the latent upscaler's) has unpaired skip levels, on which the skip-plan units indexed with None."""
+    from diffusers import UNet2DConditionModel
+
+    from diffslim.errors import UserError
+    from diffslim.methods.skip_plan import apply_diffusers_cache, plan_units
+
+    sd3 = _tiny_sd3(tiny_sd_pipe).transformer
+    assert sd3.transformer_blocks[-1].context_pre_only
+    with pytest.raises(UserError, match="fbcache: diffusers' FirstBlockCache reads a text stream .* use magcache"):
+        apply_diffusers_cache(sd3, "fbcache", None, num_steps=3)
+    torch.manual_seed(0)
+    kunet = UNet2DConditionModel(
+        sample_size=16, in_channels=8, out_channels=5, layers_per_block=1, block_out_channels=(32, 32, 64, 64),
+        down_block_types=("KDownBlock2D",) + ("KCrossAttnDownBlock2D",) * 3,
+        up_block_types=("KCrossAttnUpBlock2D",) * 3 + ("KUpBlock2D",), mid_block_type=None, cross_attention_dim=16,
+        attention_head_dim=8, norm_num_groups=None, act_fn="gelu", time_embedding_type="fourier",
+        timestep_post_act="gelu", conv_in_kernel=1, conv_out_kernel=1, resnet_time_scale_shift="scale_shift",
+        time_cond_proj_dim=144, only_cross_attention=False, upcast_attention=True)
+    with pytest.raises(UserError, match=r"skip connections do not pair its input and output levels one to one \(8 "
+                                        r"against 4"):
+        plan_units(kunet, count_macs=False)
+    from diffslim.methods import layer_prune as lp
+
+    with pytest.raises(UserError, match="the model has no layer that layer pruning can remove"):
+        lp.layer_prune(kunet, "random", 0.3)

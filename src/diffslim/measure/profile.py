@@ -69,7 +69,15 @@ def profile_denoiser(loaded, den, height: Optional[int] = None, width: Optional[
         if loaded.pipe is None:
             raise
         inputs, counted_on = _pipeline_call(loaded, height, width, batch, e), "the pipeline's own first call"
-    an = anatomy(den, height=h, width=w, inputs=inputs)
+    try:
+        an = anatomy(den, height=h, width=w, inputs=inputs)
+    except RuntimeError as e:  # a size the denoiser cannot take (a K-diffusion U-Net's padding at a 1x1 map, ...)
+        if counted_on != "dummy inputs":
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        where = "its config's size" if height is None and width is None else f"{height}x{width} px"
+        raise UserError(f"{type(den).__name__} failed on dummy inputs at {where} ({first}): give the size it samples "
+                        "at, --height and --width in image pixels") from None
     args, kwargs = inputs
     kinds = macs_by_kind(den, *args, **kwargs)
     first = next(den.parameters(), None)

@@ -1415,6 +1415,10 @@ def select(layers: Sequence[Layer], scores: Mapping[str, float], ratio: float, t
         raise UserError(f"--by {by!r}: accepted params, macs")
     target = target_of(total, ratio)
     avail = sum(_cost(l, by) for l in layers)
+    if not layers:
+        raise UserError("the model has no layer that layer pruning can remove (resnets and attention layers of "
+                        "diffusers' U-Net blocks, transformer blocks): a K-diffusion U-Net's blocks, for one, are "
+                        "none of these")
     if avail < target:
         raise UserError(f"ratio {ratio} asks to remove {target:,} {by} but the removable layers hold only "
                         f"{avail:,} ({avail / total:.3f} of the model); choose a ratio below {avail / total:.3f}")

@@ -136,6 +136,11 @@ def plan_units(denoiser: nn.Module, granularity: str = "fine", anat=None, count_
             return None
 
         ins = anat.input_units
+        if any(out.pair is None for out in anat.output_units):
+            raise UserError(f"{type(denoiser).__name__}'s skip connections do not pair its input and output levels "
+                            f"one to one ({len(ins)} against {len(anat.output_units)}, as in a K-diffusion U-Net), so "
+                            "a skip plan cannot tell which cached outputs a layer reads: deepcache, dipgo and skip "
+                            "plans need an SD-style U-Net or a transformer")
         for out in anat.output_units:
             producer = unit_of(ins[out.pair].modules[0])  # None: conv_in, outside the units
             consumer = unit_of(next(m for m in out.modules if ".resnets." in m))
@@ -795,6 +800,12 @@ def apply_diffusers_cache(denoiser: nn.Module, name: str, arg: Optional[str], nu
     if not block_lists(denoiser):
         raise UserError(f"{name}: diffusers' cache hooks find transformer blocks by name (transformer_blocks, ...); "
                         f"{type(denoiser).__name__} has none (U-Nets: use deepcache or dipgo)")
+    if name == "fbcache" and getattr(getattr(denoiser, block_lists(denoiser)[-1])[-1], "context_pre_only", False):
+        # diffusers 0.42's FirstBlockCache subtracts the last block's text stream, which SD3's last block returns as
+        # None (a TypeError mid-sampling)
+        raise UserError(f"fbcache: diffusers' FirstBlockCache reads a text stream from the last block, and "
+                        f"{type(denoiser).__name__}'s last block returns none (context_pre_only, as SD3's): use "
+                        "magcache, taylorseer, pab, fastercache or dipgo")
     ctx_hook = _CacheContextHook(_timestep_index(denoiser), num_steps)
     try:
         if name == "fbcache":
