@@ -144,7 +144,8 @@ def _call_kwargs(pipe, batch: Sequence[dict]) -> dict:
         if key in ("class_label", "class_labels"):  # one label per input (the pipeline's own name accepted too)
             name = "class_labels"
             kw[name] = [int(v) for v in values]
-        elif key in ("image", "mask_image", "control_image", "image_embeds") and all(isinstance(v, torch.Tensor) for v in values):
+        elif (key in ("image", "mask_image", "control_image", "image_embeds")
+              and all(isinstance(v, torch.Tensor) for v in values)):
             name = key  # an image (a mask, a control image) per sample, or an image prompt's embedding (the zoo's
             # IP-Adapter input)
             kw[name] = torch.stack(values)

@@ -605,8 +605,8 @@ def pipeline_inputs(pipe, data: str, seed: int, n: int = 64, option: str = "--da
         if is_class:
             raise UserError(f"{type(pipe).__name__} is class-conditional: give a .txt file of class labels")
         if "mask_image" in params:
-            raise UserError(f"{type(pipe).__name__} repaints the masked region of an input image, and a folder gives no "
-                            "masks: give a .jsonl file of pipeline inputs, e.g. {\"prompt\": \"a cat\", \"image\": "
+            raise UserError(f"{type(pipe).__name__} repaints the masked region of an input image, and a folder gives "
+                            "no masks: give a .jsonl file of pipeline inputs, e.g. {\"prompt\": \"a cat\", \"image\": "
                             "\"room.png\", \"mask_image\": \"mask.png\"} per line")
         both = (p / "input").is_dir() and (p / "target").is_dir()
         ds = ConditionPairs(p, size=size, cond_size=size) if both else ImageFolder(p, size)
