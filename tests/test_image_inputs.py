@@ -453,3 +453,27 @@ def test_controlnet_image_to_image_reads_its_control_image(tiny_controlnet_pipe,
     with pytest.raises(UserError, match=r'inputs.jsonl:1: StableDiffusionControlNetImg2ImgPipeline is steered by a '
                                         r'control image: give "control_image": PATH \(relative to'):
         pipeline_inputs(pipe, str(path), seed=0)
+
+
+def test_the_bench_says_where_fewer_img2img_steps_make_as_many_denoiser_calls(tiny_sd_pipe, tmp_path):
+    """At strength 0.6 a 3-step and a 2-step img2img run both make int(N x 0.6) = 1 denoiser call: steps:2 costs what
+    the full run costs, and its row says so; steps:5 (3 calls) is not remarked on."""
+    from types import SimpleNamespace
+
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    from diffslim.bench import run_bench
+    from diffslim.train.data import pipeline_inputs
+
+    pipe = StableDiffusionImg2ImgPipeline(**tiny_sd_pipe.components)
+    pipe.set_progress_bar_config(disable=True)
+    path = _inputs_file(tmp_path, [{"prompt": "a cat", "image": "im0.png", "strength": 0.6},
+                                   {"prompt": "a dog", "image": "im1.png", "strength": 0.6}], size=16)
+    evalset = SimpleNamespace(inputs=pipeline_inputs(pipe, str(path), 0), seeds=[0, 1], call_kwargs={})
+    res = run_bench(_loaded(pipe), "full,steps:2,steps:5", evalset, default_steps=3, batch_size=2, progress=False)
+    rows = {r["method"]: r for r in res.rows}
+    assert rows["steps:2"]["macs_ratio"] == pytest.approx(1.0)
+    assert "1 denoiser call per sample, as many as the full run's 3 steps make" in rows["steps:2"]["notes"]
+    assert rows["steps:5"]["macs_ratio"] > 2, rows["steps:5"]
+    assert "notes" not in rows["steps:5"], rows["steps:5"]["notes"]
+    assert "notes" not in rows["full"]

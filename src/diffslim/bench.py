@@ -1365,6 +1365,31 @@ def check_processes_agree(variant: Variant, macs: int) -> None:
                            "came out otherwise on one of them): run the bench without the launcher")
 
 
+def _calls_note(variant: Variant, ctx: BenchContext) -> str:
+    """For an image-to-image pipeline below strength 1, a method that changes the schedule may not change the number
+    of denoiser calls: at strength s an N-step run makes int(N x s) of them, so int(3 x 0.6) = int(2 x 0.6). Says so
+    where the variant makes as many calls as the full run (else "")."""
+    import inspect
+
+    base = ctx.base_spec
+    spec = variant.spec
+    if spec is base or (spec.num_inference_steps, spec.timesteps) == (base.num_inference_steps, base.timesteps):
+        return ""
+    if "strength" not in inspect.signature(variant.pipe.__call__).parameters:
+        return ""
+    steps = spec.num_inference_steps or len(spec.timesteps or ())
+    if not steps or steps >= (base.num_inference_steps or ctx.default_steps):
+        return ""
+    if ("full_calls",) not in ctx.memo:
+        ctx.memo[("full_calls",)] = denoiser_calls_per_run(ctx.loaded.pipe, base)
+    full, calls = ctx.memo[("full_calls",)], denoiser_calls_per_run(variant.pipe, spec)
+    if calls < full:
+        return ""
+    return (f"{calls} denoiser call{'s' if calls != 1 else ''} per sample, as many as the full run's "
+            f"{base.num_inference_steps} steps make: below strength 1 an N-step run makes int(N x strength) calls "
+            f"({steps} steps here), so fewer steps save nothing; compare at more steps (--steps)")
+
+
 def run_bench(loaded, methods: str, evalset, default_steps: int = 50, scheduler: Optional[str] = None,
               batch_size: int = 16, metrics_fn: Optional[Callable] = None, progress: bool = True,
               repeats: int = 1, data: str = "zoo", resolution: Optional[int] = None,
@@ -1447,8 +1472,9 @@ def run_bench(loaded, methods: str, evalset, default_steps: int = 50, scheduler:
             row["compile_seconds"] = compile_seconds
         if metrics_fn is not None:
             row.update(metrics_fn(out, reference))
-        if variant.notes:
-            row["notes"] = variant.notes
+        calls_note = _calls_note(variant, ctx) if rows else ""
+        if variant.notes or calls_note:
+            row["notes"] = "; ".join(n for n in (variant.notes, calls_note) if n)
         rows.append(row)
         outputs[variant.method] = out
     timing = None
