@@ -708,3 +708,37 @@ def test_repeats_time_each_stage_that_many_times_and_keep_the_fastest(digits, tm
         assert res.timing["drift"] == abs(last - first) / first and res.rows[0]["seconds"] == min(first, last)
         assert res.rows[1]["speedup"] == res.rows[0]["seconds"] / res.rows[1]["seconds"]
     assert [r["stage"] for r in thrice.rows] == ["original", "steps:5"] and thrice.rows[1]["speedup"] > 0
+
+
+def test_the_workflows_layers_stage_scores_on_layer_calibration_triples(tmp_path):
+    """workflow --layer-calibration N: the layers stage scores on N triples (on zoo:digits-dit at 0.5, 1 triple and the
+    default 32 remove different blocks, see test_bench_layer_calibration_...); its saved stage is kept apart by the
+    count, so a rerun with another count rebuilds it (where it read the old count's samples before) and one with the
+    same count loads it."""
+    run = lambda *a: CliRunner().invoke(app, ["workflow", "zoo:digits-dit", "--stages", "layers:0.5", "--n", "2",
+                                              "--steps", "3", "--out", str(tmp_path / "wf"), "--json", *a])
+
+    def stage():
+        r = json.loads((tmp_path / "wf" / "workflow.json").read_text())["rows"][1]
+        model = diffslim.load(str(tmp_path / "wf" / json.loads((tmp_path / "wf" / "recipe.json").read_text())["model"]
+                                  )).denoiser
+        return r, sorted(model.config.removed_layers)
+
+    r = run("--layer-calibration", "1")
+    assert r.exit_code == 0, r.output
+    one, removed_one = stage()
+    assert "(output loss, 1 calibration triple)" in one["notes"]
+    r = run()
+    assert r.exit_code == 0, r.output
+    default, removed_default = stage()
+    assert "(output loss, 32 calibration triples)" in default["notes"] and removed_default != removed_one
+    r = run("--layer-calibration", "1")  # the stage's folder holds the default's: rebuilt, its sampling read back
+    assert r.exit_code == 0, r.output
+    again, removed_again = stage()
+    assert removed_again == removed_one and again["psnr"] == one["psnr"]
+    assert "outputs and time from an earlier sampling of the same stage" in again["notes"]
+    r = run("--layer-calibration", "1")
+    assert r.exit_code == 0, r.output
+    assert stage()[0]["notes"].startswith("loaded from")
+    r = run("--layer-calibration", "0")
+    assert r.exit_code != 0 and "--layer-calibration" in r.output

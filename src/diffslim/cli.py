@@ -555,6 +555,9 @@ _JSON_HELP = "print the result as JSON on stdout (progress and notes go to stder
 _SEED_OPT = typer.Option(0, min=0, max=_SEED_MAX, help="seed of the first input; input i uses seed+i")
 _PROMPTS_OPT = typer.Option(None, help="the inputs: " + _INPUTS_HELP)
 _RESOLUTION_OPT = typer.Option(None, min=1, help="image size in px of the --data folder's images")
+_LAYER_CALIB_HELP = ("calibration triples the {} score on (default 32; without --data on a text-to-image "
+                     "pipeline: its own denoiser calls while sampling); each costs one denoiser call per candidate "
+                     "layer")
 _KD_TASK_WEIGHT_OPT = typer.Option(None, help="weight of the diffusion task loss when +kd distils and +ft fine-tunes "
                                    "(1: the papers' loss; 0: output and feature distillation only, which stays closer "
                                    "to the unpruned model); default 1 on training data, 0 on the pipeline's own samples")
@@ -731,10 +734,7 @@ def bench(
     data: str = _data_option("methods"),
     resolution: Optional[int] = _RESOLUTION_OPT,
     kd_task_weight: Optional[float] = _KD_TASK_WEIGHT_OPT,
-    layer_calibration: Optional[int] = typer.Option(None, min=1, help="calibration triples the layers:R criteria "
-                                                    "score on (default 32; without --data on a text-to-image pipeline: "
-                                                    "its own denoiser calls while sampling); each costs one denoiser "
-                                                    "call per candidate layer"),
+    layer_calibration: Optional[int] = typer.Option(None, min=1, help=_LAYER_CALIB_HELP.format("layers:R criteria")),
     compile: bool = typer.Option(False, "--compile", help="torch.compile every variant's denoiser (a skip plan's or "
                                  "multi-depth schedule's per-step decisions stay eager) and time it compiled; the "
                                  "compile time is its own column"),
@@ -818,6 +818,8 @@ def workflow(
     data: str = _data_option("stages"),
     resolution: Optional[int] = _RESOLUTION_OPT,
     kd_task_weight: Optional[float] = _KD_TASK_WEIGHT_OPT,
+    layer_calibration: Optional[int] = typer.Option(None, min=1, help=_LAYER_CALIB_HELP.format(
+        "layers stages' criteria")),
     search: str = typer.Option("greedy", help="greedy: each auto stage takes all the floor it can, in order; joint: "
                                               "also runs the stack with each auto stage that has another auto stage "
                                               "after it at milder settings (--joint-width of them) or left out, and "
@@ -871,7 +873,8 @@ def workflow(
                        progress=not as_json, log=lambda m: (err_console if as_json else console).print(
                            m, highlight=False), data=data, resolution=resolution,  # with --json, on stderr
                        task_weight=kd_task_weight, search=search, objective=objective,
-                       joint_width=joint_width, repeats=repeats, command=_command_line())
+                       joint_width=joint_width, repeats=repeats, command=_command_line(),
+                       layer_calibration=layer_calibration)
     if not _main_process():  # under `accelerate launch` every process holds every row; the first reports
         return
     rep = Report(f"diffslim workflow: {model}")

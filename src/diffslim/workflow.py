@@ -224,14 +224,18 @@ def _below_floor(row: dict, floor: dict[str, float]) -> list[str]:
     return bad
 
 
-def _stage_key(cur, stage, floor: dict, n: int, task_weight: float = 1.0) -> dict:
+def _stage_key(cur, stage, floor: dict, n: int, task_weight: float = 1.0,
+               layer_calibration: Optional[int] = None) -> dict:
     """What makes a model stage's saved folder reusable: the stage, its input model, for ``auto`` the floor and the
-    number of inputs the search judged by, and for ``+kd``/``+ft`` another task-loss weight than the default."""
+    number of inputs the search judged by, for ``+kd``/``+ft`` another task-loss weight than the default, and for
+    ``layers`` a calibration count other than the default."""
     key = {"stage": _label(stage), "input": model_fingerprint(cur.source)}
     if (stage[1] or "").startswith("auto"):
         key.update(floor=dict(sorted(floor.items())), n=n)
     if task_weight != 1.0 and any(t in (stage[1] or "") for t in ("+kd", "+ft")):
         key.update(task_weight=task_weight)
+    if layer_calibration is not None and stage[0] == "layers":
+        key.update(layer_calibration=layer_calibration)
     return key
 
 
@@ -372,7 +376,7 @@ def run_workflow(loaded, stages: str, evalset, out, default_steps: int = 50, sch
                  progress: bool = True, log: Callable[[str], None] = print, data: str = "zoo",
                  resolution: Optional[int] = None, task_weight: Optional[float] = None, search: str = "greedy",
                  objective: str = "macs", joint_width: int = JOINT_WIDTH, repeats: int = 1,
-                 command: Optional[str] = None) -> WorkflowResult:
+                 command: Optional[str] = None, layer_calibration: Optional[int] = None) -> WorkflowResult:
     """Run ``stages`` (see :func:`parse_stages`) on ``loaded`` in order; every row is judged against the original.
     ``command``: the command line that runs it, which the model stages' cards quote.
 
@@ -382,7 +386,8 @@ def run_workflow(loaded, stages: str, evalset, out, default_steps: int = 50, sch
     their training (None: :func:`~diffslim.bench.default_task_weight`, 1 on training data, 0 on the images the
     original samples itself when there is none; see :class:`~diffslim.bench.BenchContext`).
     ``repeats``: timed sampling runs per stage, the fastest counts (the first one's outputs are judged).
-    Rows hold ``stage``, ``kind``, ``params``, ``macs_per_sample``, ``macs_ratio`` and ``speedup`` (against the
+    ``layer_calibration``: how many calibration triples the ``layers`` stages' criteria score on (None: the bench's
+    default, 32). Rows hold ``stage``, ``kind``, ``params``, ``macs_per_sample``, ``macs_ratio`` and ``speedup`` (against the
     original), the metrics, ``accepted`` and ``notes``.
 
     ``search="greedy"``: each ``auto`` stage takes all the floor it can, in the order given. ``search="joint"``: an
@@ -402,10 +407,11 @@ def run_workflow(loaded, stages: str, evalset, out, default_steps: int = 50, sch
                           default_steps=default_steps,
                           scheduler=scheduler, batch_size=batch_size, metrics_fn=metrics_fn, progress=progress,
                           data=data, resolution=resolution, task_weight=task_weight, repeats=repeats,
-                          command=command)
+                          command=command, layer_calibration=layer_calibration)
     return _run_stages(loaded, stages, evalset, out, default_steps=default_steps, scheduler=scheduler,
                        batch_size=batch_size, metrics_fn=metrics_fn, floor=floor, progress=progress, log=log,
-                       data=data, resolution=resolution, task_weight=task_weight, repeats=repeats, command=command)
+                       data=data, resolution=resolution, task_weight=task_weight, repeats=repeats, command=command,
+                       layer_calibration=layer_calibration)
 
 
 def check_search(search: str, objective: str, joint_width: int = JOINT_WIDTH) -> None:
@@ -460,7 +466,8 @@ def _run_joint(loaded, stages: str, evalset, out, objective: str, width: int, fl
                       scheduler=kw["scheduler"], call_kwargs=dict(evalset.call_kwargs))
     # what makes a finished run of a stack reusable when the search runs again (after an interruption)
     same = {"input": model_fingerprint(loaded.source), "inputs": spec.digest(), "floor": dict(sorted(floor.items())),
-            **{k: kw[k] for k in ("data", "resolution", "task_weight")}, **_placement_key(loaded)}
+            **{k: kw[k] for k in ("data", "resolution", "task_weight")}, **_placement_key(loaded),
+            **({"layer_calibration": kw["layer_calibration"]} if kw["layer_calibration"] is not None else {})}
     resumed = []
     reference: list = []  # the original's (outputs, seconds, MACs), once a run has sampled it
 
@@ -576,7 +583,7 @@ def _run_stages(loaded, stages: str, evalset, out, default_steps: int = 50, sche
                 progress: bool = True, log: Callable[[str], None] = print, data: str = "zoo",
                 resolution: Optional[int] = None, task_weight: float = 1.0, reference=None,
                 shared_stages: Optional[Path] = None, repeats: int = 1,
-                command: Optional[str] = None) -> WorkflowResult:
+                command: Optional[str] = None, layer_calibration: Optional[int] = None) -> WorkflowResult:
     """The greedy workflow of :func:`run_workflow`; ``reference``: ``(outputs, seconds, MACs)`` of the original's
     run, when another run on the same inputs has made it; ``shared_stages``: a folder of model stages shared by
     several runs (the joint search's), each named by its position, label and a digest of its key (stage and input
@@ -585,6 +592,8 @@ def _run_stages(loaded, stages: str, evalset, out, default_steps: int = 50, sche
         raise UserError(f"{loaded.source} has no pipeline to sample; the workflow needs a pipeline folder or zoo:NAME")
     parsed = parse_stages(stages)
     check_task_weight(task_weight)
+    if layer_calibration is not None and layer_calibration < 1:
+        raise UserError(f"layer_calibration={layer_calibration}: the layer criteria need at least 1 calibration triple")
     floor = dict(floor or {})
     out = Path(out)
     spec = SampleSpec(inputs=evalset.inputs, seeds=evalset.seeds, num_inference_steps=default_steps,
@@ -604,7 +613,8 @@ def _run_stages(loaded, stages: str, evalset, out, default_steps: int = 50, sche
 
     def eval_file(s, label, model) -> tuple[dict, Path]:
         key = {"input": model, "stage": label, "spec": s.digest(), "data": data, "resolution": resolution,
-               "task_weight": task_weight, **placed, **({"repeats": repeats} if repeats > 1 else {})}
+               "task_weight": task_weight, **placed, **({"repeats": repeats} if repeats > 1 else {}),
+               **({"layer_calibration": layer_calibration} if layer_calibration is not None else {})}
         return key, evals / (hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20] + ".pt")
 
     def timed(pipe, s, label, model):
@@ -650,7 +660,7 @@ def _run_stages(loaded, stages: str, evalset, out, default_steps: int = 50, sche
         label = _label(stage)
         log(f"stage {i}/{len(parsed)}: {label} ({kind})")
         own = stage_floor(arg, floor)  # an auto stage's floor (None for other stages)
-        want = _stage_key(cur, stage, own or floor, len(evalset.inputs), task_weight)
+        want = _stage_key(cur, stage, own or floor, len(evalset.inputs), task_weight, layer_calibration)
         folder = out / "stages" / _slug(i, stage) if shared_stages is None else shared_stages / (
             _slug(i, stage) + "-" + hashlib.sha256(json.dumps(want, sort_keys=True).encode()).hexdigest()[:10])
         built = _built_stage(cur, want, folder) if kind == "model" else None
@@ -687,7 +697,7 @@ def _run_stages(loaded, stages: str, evalset, out, default_steps: int = 50, sche
             built = loaded_stage
         else:
             ctx = BenchContext(loaded=cur, base_spec=spec, default_steps=steps, data=data, resolution=resolution,
-                               task_weight=task_weight, progress=progress)
+                               task_weight=task_weight, progress=progress, layer_calibration=layer_calibration)
             if own is not None:
                 variant, row, images, search = _auto_search(name, ctx, evaluate, own, log, auto_variant(arg))
                 label = row["stage"]
