@@ -1185,21 +1185,107 @@ def test_bench_layer_calibration_sets_how_many_triples_the_criteria_score_on():
 
 def test_a_denoiser_that_cannot_be_exported_is_refused_before_scoring(tiny_sd_pipe, tmp_path):
     """AuraFlow's two-stream blocks were scored (and crashed there, their stand-ins returning one stream) before
-    the export's class check refused the model: layer_prune and bench's layers:R refuse it first."""
-    from diffusers import AuraFlowTransformer2DModel
+    the export's class check refused the model: layer_prune and bench's layers:R refuse a model without an export
+    first (Qwen-Image's here; AuraFlow has one since session 35)."""
+    from diffusers import QwenImageTransformer2DModel
 
     from diffslim.bench import BenchContext, METHODS
     from diffslim.sample import SampleSpec
 
     torch.manual_seed(0)
-    model = AuraFlowTransformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_mmdit_layers=1,
-                                       num_single_dit_layers=1, attention_head_dim=4, num_attention_heads=2,
-                                       joint_attention_dim=8, caption_projection_dim=8, out_channels=4,
-                                       pos_embed_max_size=64)
-    with pytest.raises(UserError, match="layer pruning exports .* not AuraFlowTransformer2DModel"):
+    model = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=2,
+                                        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                        axes_dims_rope=(2, 2, 4))
+    assert lp.candidate_names(model) == ["transformer_blocks.0", "transformer_blocks.1"]
+    with pytest.raises(UserError, match="layer pruning exports .* not QwenImageTransformer2DModel"):
         lp.layer_prune(model, "output-loss", 0.3)
-    loaded = LoadedModel("aura", "pipeline", model, pipe=tiny_sd_pipe)
+    loaded = LoadedModel("qwen", "pipeline", model, pipe=tiny_sd_pipe)
     dry = BenchContext(loaded=loaded, base_spec=SampleSpec(inputs=[{"prompt": "a"}], seeds=[0]), default_steps=2,
                        dry_run=True)
-    with pytest.raises(UserError, match="not AuraFlowTransformer2DModel"):
+    with pytest.raises(UserError, match="not QwenImageTransformer2DModel"):
         METHODS["layers"]("0.3", dry)
+
+
+def _tiny_family_denoiser(family: str):
+    """A tiny random ``family`` denoiser (Sana, CogView4, AuraFlow, HunyuanDiT) and keyword inputs of one call."""
+    import diffusers
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    t = torch.tensor([10.0, 500.0])
+    if family == "sana":
+        m = diffusers.SanaTransformer2DModel(patch_size=1, in_channels=4, out_channels=4, num_layers=3,
+                                             num_attention_heads=2, attention_head_dim=4, num_cross_attention_heads=2,
+                                             cross_attention_head_dim=4, cross_attention_dim=8, caption_channels=8,
+                                             sample_size=4)
+        kw = dict(hidden_states=r(2, 4, 4, 4), encoder_hidden_states=r(2, 5, 8), timestep=t)
+    elif family == "cogview4":  # its blocks return (image, text): the other order from SD3's and Flux's
+        m = diffusers.CogView4Transformer2DModel(patch_size=2, in_channels=4, num_layers=3, attention_head_dim=4,
+                                                 num_attention_heads=4, out_channels=4, text_embed_dim=32,
+                                                 time_embed_dim=8, condition_dim=4, sample_size=8,
+                                                 pos_embed_max_size=32, rope_axes_dim=(4, 4))
+        kw = dict(hidden_states=r(2, 4, 8, 8), encoder_hidden_states=r(2, 5, 32), timestep=t,
+                  original_size=torch.tensor([[16.0, 16.0]] * 2), target_size=torch.tensor([[16.0, 16.0]] * 2),
+                  crop_coords=torch.zeros(2, 2))
+    elif family == "auraflow":
+        m = diffusers.AuraFlowTransformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_mmdit_layers=2,
+                                                 num_single_dit_layers=2, attention_head_dim=8, num_attention_heads=2,
+                                                 caption_projection_dim=16, joint_attention_dim=16, out_channels=4,
+                                                 pos_embed_max_size=64)
+        kw = dict(hidden_states=r(2, 4, 8, 8), encoder_hidden_states=r(2, 5, 16), timestep=t)
+    else:
+        from diffusers.models.embeddings import get_2d_rotary_pos_embed
+
+        m = diffusers.HunyuanDiT2DModel(sample_size=8, num_layers=4, patch_size=2, attention_head_dim=8,
+                                        num_attention_heads=3, in_channels=4, cross_attention_dim=32,
+                                        cross_attention_dim_t5=32, pooled_projection_dim=16, hidden_size=24,
+                                        activation_fn="gelu-approximate", text_len=5, text_len_t5=6)
+        kw = dict(hidden_states=r(2, 4, 8, 8), timestep=t, encoder_hidden_states=r(2, 5, 32),
+                  text_embedding_mask=torch.ones(2, 5), encoder_hidden_states_t5=r(2, 6, 32),
+                  text_embedding_mask_t5=torch.ones(2, 6),
+                  image_meta_size=torch.tensor([[16.0, 16.0, 16.0, 16.0, 0.0, 0.0]] * 2),
+                  style=torch.zeros(2, dtype=torch.long),
+                  image_rotary_emb=get_2d_rotary_pos_embed(8, ((0, 0), (4, 4)), (4, 4)))
+    return m.eval(), kw
+
+
+@pytest.mark.parametrize("family", ["sana", "cogview4", "auraflow", "hunyuandit"])
+def test_sana_cogview4_auraflow_and_hunyuandit_are_layer_pruned_and_exported(family, tmp_path):
+    """Each block of these denoisers is a candidate (AuraFlow's two-stream joint blocks and one-stream single blocks,
+    CogView4's blocks that return the image stream first, HunyuanDiT's blocks with long skips). A keep-all pruning is
+    the model bit for bit; a pruned model is what the scoring's runtime removal computes, bit for bit, smaller, and
+    reloads. Its stock export, a diffusers model with fewer blocks that knows nothing of our stand-ins, computes the
+    same bit for bit, which checks that a stand-in passes each stream where the next block reads it. HunyuanDiT
+    pairs its long skips by position, so it has no stock export and says so."""
+    import diffusers
+
+    from diffslim.models.load import load
+
+    model, kw = _tiny_family_denoiser(family)
+    names = lp.candidate_names(model)
+    assert len(names) >= 3
+    with torch.no_grad():
+        full = model(**kw, return_dict=False)[0]
+        assert torch.equal(lp.prune_layers(model, [])(**kw, return_dict=False)[0], full)
+        for name in names:
+            pruned = lp.prune_layers(model, [name])
+            assert type(pruned).__name__ == f"LayerPruned{type(model).__name__}"
+            out = pruned(**kw, return_dict=False)[0]
+            with lp.layers_removed(model, [name]):
+                assert torch.equal(model(**kw, return_dict=False)[0], out)
+            assert out.shape == full.shape and not torch.equal(out, full)
+            assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters())
+            if family == "hunyuandit":
+                with pytest.raises(UserError, match="long skips pair its blocks by position"):
+                    lp.stock_model(pruned)
+                continue
+            stock = lp.stock_model(pruned)
+            assert type(stock) is getattr(diffusers, type(model).__name__)
+            assert sum(len(getattr(stock, ln)) for ln in lp._transformer_lists(stock)) == len(names) - 1
+            assert torch.equal(stock(**kw, return_dict=False)[0], out)
+        pruned = lp.prune_layers(model, names[1:3])
+        pruned.save_pretrained(str(tmp_path / "m"), safe_serialization=True)
+        again = load(str(tmp_path / "m")).denoiser
+        assert list(again.config.removed_layers) == names[1:3]
+        assert torch.equal(again(**kw, return_dict=False)[0], pruned(**kw, return_dict=False)[0])

@@ -66,7 +66,7 @@ from torch import nn
 from diffslim.errors import UserError
 from diffslim.launch import shared_map, world_size
 from diffslim.models.adapters import ip_adapter_loaded
-from diffslim.models.anatomy import TWO_STREAM_BLOCKS
+from diffslim.models.anatomy import HIDDEN_FIRST_BLOCKS, TWO_STREAM_BLOCKS
 from diffslim.models.derived import share_weights
 
 CRITERIA = ("output-loss", "output-loss-pairs", "random", "magnitude", "taylor", "similarity", "greedy")
@@ -123,23 +123,26 @@ class PrunedTransformerBlock(nn.Module):
 
     ``norm1``: kept when the denoiser reads ``transformer_blocks[0].norm1.emb`` outside the blocks (DiT).
     ``joint``: the block was a two-stream block (SD3's ``JointTransformerBlock``, Flux's double- and
-    single-stream blocks), which returns ``(encoder_hidden_states, hidden_states)``: both pass through
+    single-stream blocks, AuraFlow's joint blocks), which returns ``(encoder_hidden_states, hidden_states)``, or
+    with ``hidden_first`` (CogView4's blocks) ``(hidden_states, encoder_hidden_states)``: both pass through
     unchanged, as SD3's own ``skip_layers`` does. ``context_pre_only``: SD3's flag, read by its ControlNet
     loop, kept.
     """
 
     def __init__(self, norm1: Optional[nn.Module] = None, joint: bool = False,
-                 context_pre_only: Optional[bool] = None):
+                 context_pre_only: Optional[bool] = None, hidden_first: bool = False):
         super().__init__()
         if norm1 is not None:
             self.norm1 = norm1
         self.joint = joint
+        self.hidden_first = hidden_first
         if context_pre_only is not None:
             self.context_pre_only = context_pre_only
 
     def forward(self, hidden_states, encoder_hidden_states=None, *args, **kwargs):
         if self.joint:
-            return encoder_hidden_states, hidden_states
+            return (hidden_states, encoder_hidden_states) if self.hidden_first else (encoder_hidden_states,
+                                                                                      hidden_states)
         return hidden_states
 
 
@@ -292,11 +295,12 @@ def stand_in(model: nn.Module, name: str) -> nn.Module:
     if _is_block_entry(model, name):
         norm1 = _Holder(emb=kept["norm1.emb"]) if "norm1.emb" in kept else None
         if isinstance(module, PrunedTransformerBlock):
-            return PrunedTransformerBlock(norm1=norm1, joint=module.joint,
+            return PrunedTransformerBlock(norm1=norm1, joint=module.joint, hidden_first=module.hidden_first,
                                           context_pre_only=getattr(module, "context_pre_only", None))
-        joint = type(module).__name__ in JOINT_BLOCKS
-        return PrunedTransformerBlock(norm1=norm1, joint=joint, context_pre_only=getattr(module, "context_pre_only",
-                                                                                          None))
+        kind = type(module).__name__
+        return PrunedTransformerBlock(norm1=norm1, joint=kind in JOINT_BLOCKS + HIDDEN_FIRST_BLOCKS,
+                                      hidden_first=kind in HIDDEN_FIRST_BLOCKS,
+                                      context_pre_only=getattr(module, "context_pre_only", None))
     raise UserError(f"cannot remove {name} ({type(module).__name__}): removable are resnets (without their own "
                     "up/down sampling), attention layers, transformer blocks and down/upsamplers")
 
@@ -409,12 +413,17 @@ def _pruned_class(base: type, name: str) -> type:
         f"A ``{base.__name__}`` with the layers ``removed_layers`` removed (see ``diffslim.methods.layer_prune``).")
 
 
+# the denoisers a layer-pruned model is exported from (as ``LayerPruned<name>``)
+EXPORTED = ("UNet2DConditionModel", "UNet2DModel", "DiTTransformer2DModel", "PixArtTransformer2DModel",
+            "SD3Transformer2DModel", "FluxTransformer2DModel", "SanaTransformer2DModel", "CogView4Transformer2DModel",
+            "AuraFlowTransformer2DModel", "HunyuanDiT2DModel")
+
+
 def _make_classes() -> dict[type, type]:
     import diffusers
 
     out = {}
-    for base_name in ("UNet2DConditionModel", "UNet2DModel", "DiTTransformer2DModel", "PixArtTransformer2DModel",
-                      "SD3Transformer2DModel", "FluxTransformer2DModel"):
+    for base_name in EXPORTED:
         base = getattr(diffusers, base_name)
         cls = _pruned_class(base, f"LayerPruned{base_name}")
         globals()[cls.__name__] = cls
@@ -437,9 +446,8 @@ def _pruned_class_of(model: nn.Module) -> type:
 
     pruned = extension_of(type(model), "removed_layers")
     if pruned is None:
-        raise UserError(f"layer pruning exports UNet2DConditionModel, UNet2DModel, DiTTransformer2DModel, "
-                        f"PixArtTransformer2DModel, SD3Transformer2DModel and FluxTransformer2DModel (and "
-                        f"depth-skipped U-Nets), not {type(model).__name__}")
+        raise UserError(f"layer pruning exports {', '.join(EXPORTED[:-1])} and {EXPORTED[-1]} (and depth-skipped "
+                        f"U-Nets), not {type(model).__name__}")
     return pruned
 
 
@@ -513,6 +521,12 @@ def removed_layers_of(model: nn.Module) -> list[str]:
 
 # the config key that counts each root-level block list of a stock transformer denoiser
 _LIST_LENGTH_KEY = {"transformer_blocks": "num_layers", "single_transformer_blocks": "num_single_layers"}
+# where a denoiser names its block counts otherwise (HunyuanDiT has no stock export: its long skips pair
+# block k with block n - 1 - k, so fewer blocks in a stock config would pair other blocks)
+_LIST_LENGTH_KEYS = {"AuraFlowTransformer2DModel": {"joint_transformer_blocks": "num_mmdit_layers",
+                                                    "single_transformer_blocks": "num_single_dit_layers"}}
+
+
 def _kept(blocks: nn.ModuleList) -> list[int]:
     return [k for k, b in enumerate(blocks) if not isinstance(b, PrunedTransformerBlock)]
 
@@ -763,7 +777,11 @@ def _stock(model: nn.Module) -> tuple[nn.Module, Callable[[str], str]]:
             kept = _kept(blocks)
             if len(kept) == len(blocks):
                 continue
-            key = _LIST_LENGTH_KEY.get(ln)
+            key = _LIST_LENGTH_KEYS.get(base.__name__, _LIST_LENGTH_KEY).get(ln)
+            if base.__name__ == "HunyuanDiT2DModel":
+                raise UserError("HunyuanDiT2DModel's long skips pair its blocks by position (block k feeds block "
+                                "n - 1 - k), so a stock config with fewer blocks would pair other blocks: keep the "
+                                "LayerPruned model (diffslim.load and diffusers with diffslim imported load it)")
             if key is None or config.get(key) != len(blocks):
                 raise UserError(f"{base.__name__}'s config has no count of its {ln}, so blocks removed from "
                                 "it have no stock config")

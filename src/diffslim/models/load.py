@@ -25,6 +25,10 @@ SUPPORTED_DENOISERS = (
     "PixArtTransformer2DModel",
     "SD3Transformer2DModel",
     "FluxTransformer2DModel",
+    "SanaTransformer2DModel",
+    "CogView4Transformer2DModel",
+    "AuraFlowTransformer2DModel",
+    "HunyuanDiT2DModel",
     # our own exports: diffusers models with a depth-skip config
     "DepthSkipUNet2DConditionModel",
     "DepthSkipUNet2DModel",
@@ -35,6 +39,10 @@ SUPPORTED_DENOISERS = (
     "LayerPrunedPixArtTransformer2DModel",
     "LayerPrunedSD3Transformer2DModel",
     "LayerPrunedFluxTransformer2DModel",
+    "LayerPrunedSanaTransformer2DModel",
+    "LayerPrunedCogView4Transformer2DModel",
+    "LayerPrunedAuraFlowTransformer2DModel",
+    "LayerPrunedHunyuanDiT2DModel",
     # both (diffslim.combined): a ``depth_skip`` and a ``removed_layers`` config
     "DepthSkipLayerPrunedUNet2DConditionModel",
     "DepthSkipLayerPrunedUNet2DModel",
