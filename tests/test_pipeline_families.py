@@ -2,6 +2,7 @@
 offline, run through the sampling harness: the right output shape, seeds that decide the sample, batching that does not."""
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -661,3 +662,112 @@ def test_caches_and_skip_plans_refuse_what_they_would_crash_on(tiny_sd_pipe):
 
     with pytest.raises(UserError, match="the model has no layer that layer pruning can remove"):
         lp.layer_prune(kunet, "random", 0.3)
+
+
+def _tiny_sana(tiny_sd_pipe, flow_sigmas: bool = False):
+    """A tiny SanaPipeline: Gemma2 text encoder, the deep-compression autoencoder (deterministic latents), a linear
+    DiT; flow matching by FlowMatchEuler, or (``flow_sigmas``) by DPM-Solver on flow sigmas as Sana is released."""
+    from diffusers import (AutoencoderDC, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, SanaPipeline,
+                           SanaTransformer2DModel)
+    from transformers import Gemma2Config, Gemma2Model
+
+    torch.manual_seed(0)
+    tr = SanaTransformer2DModel(patch_size=1, in_channels=4, out_channels=4, num_layers=3, num_attention_heads=2,
+                                attention_head_dim=4, num_cross_attention_heads=2, cross_attention_head_dim=4,
+                                cross_attention_dim=8, caption_channels=8, sample_size=8, timestep_scale=0.5).eval()
+    vae = AutoencoderDC(in_channels=3, latent_channels=4, attention_head_dim=2,
+                        encoder_block_types=("ResBlock", "EfficientViTBlock"),
+                        decoder_block_types=("ResBlock", "EfficientViTBlock"),
+                        encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8),
+                        encoder_qkv_multiscales=((), (5,)), decoder_qkv_multiscales=((), (5,)),
+                        encoder_layers_per_block=(1, 1), decoder_layers_per_block=(1, 1),
+                        downsample_block_type="conv", upsample_block_type="interpolate",
+                        decoder_norm_types="rms_norm", decoder_act_fns="silu", scaling_factor=0.41).eval()
+    te = Gemma2Model(Gemma2Config(head_dim=16, hidden_size=8, intermediate_size=16, max_position_embeddings=512,
+                                  num_attention_heads=2, num_hidden_layers=1, num_key_value_heads=2, vocab_size=1000,
+                                  attn_implementation="eager")).eval()
+    sched = (DPMSolverMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=3.0)
+             if flow_sigmas else FlowMatchEulerDiscreteScheduler(shift=3.0))
+    pipe = SanaPipeline(tokenizer=tiny_sd_pipe.tokenizer, text_encoder=te, vae=vae, transformer=tr, scheduler=sched)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _tiny_auraflow(tiny_sd_pipe):
+    """A tiny AuraFlowPipeline (UMT5 text encoder, joint and single blocks, flow matching with a shift)."""
+    from diffusers import AuraFlowPipeline, AuraFlowTransformer2DModel, AutoencoderKL, FlowMatchEulerDiscreteScheduler
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(0)
+    tr = AuraFlowTransformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_mmdit_layers=2,
+                                    num_single_dit_layers=2, attention_head_dim=8, num_attention_heads=2,
+                                    caption_projection_dim=16, joint_attention_dim=16, out_channels=4,
+                                    pos_embed_max_size=64).eval()
+    te = UMT5EncoderModel(UMT5Config(vocab_size=1000, d_model=16, d_kv=8, d_ff=16, num_layers=1, num_heads=2)).eval()
+    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 16), latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=8, sample_size=16).eval()
+    pipe = AuraFlowPipeline(tokenizer=tiny_sd_pipe.tokenizer, text_encoder=te, vae=vae, transformer=tr,
+                            scheduler=FlowMatchEulerDiscreteScheduler(shift=1.73))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_dpm_solver_on_flow_sigmas_is_trained_as_the_flow_it_samples():
+    """Sana's released scheduler, DPM-Solver on flow sigmas shifted by flow_shift: the trainer's noisy input at one of
+    its timesteps is the scheduler's own add_noise there, the target noise - x0 (its flow_prediction)."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    from diffslim.train.distill import noising_for
+
+    sched = DPMSolverMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=3.0)
+    sched.set_timesteps(10)
+    flow = noising_for(SimpleNamespace(scheduler=sched))
+    assert (flow.kind, flow.shift) == ("flow", 3.0)
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 4, 8, 8, generator=g)
+    for t in sched.timesteps[[0, 4, 9]]:
+        xt, target = flow.noisy(x0, noise, t.reshape(1).float())
+        torch.testing.assert_close(xt, sched.add_noise(x0, noise, t.reshape(1)))
+        torch.testing.assert_close(target, noise - x0)
+    u = torch.tensor([0.1, 0.5, 0.9])  # the trainer's shifted sigmas are the scheduler's
+    torch.testing.assert_close(flow.shifted(u), 3 * u / (1 + 2 * u))
+
+
+@pytest.mark.parametrize("family", ["sana", "auraflow"])
+def test_sana_and_auraflow_tasks_call_the_denoiser_as_their_pipelines_do(family, tiny_sd_pipe, tmp_path):
+    """The distillation task of Sana (Gemma embeddings encoded with the pipeline's complex human instruction, the
+    timestep times timestep_scale) and of AuraFlow (the timestep as a fraction) predicts what the pipeline's own
+    denoiser call predicts for the same prompt, latents and timestep; the output-loss criterion scores their blocks
+    on captioned images and a pruned student distils from them, reproducibly."""
+    from diffslim.methods.layer_prune import calibration, candidates, prune_layers, score_layers
+    from diffslim.sample import SampleSpec, _stop_at_first_call
+    from diffslim.train.data import make_dataset
+    from diffslim.train.distill import DistillConfig, distill, task_for
+
+    pipe = _tiny_sana(tiny_sd_pipe) if family == "sana" else _tiny_auraflow(tiny_sd_pipe)
+    den = pipe.transformer
+    spec = SampleSpec(inputs=[{"prompt": "a red cat"}], seeds=[0], num_inference_steps=3,
+                      call_kwargs={"guidance_scale": 1.0, "height": 32, "width": 32,
+                                   **({"use_resolution_binning": False} if family == "sana" else {})})
+    args, kwargs = _stop_at_first_call(pipe, spec)["call"]
+    call = dict(zip(("hidden_states",), args), **kwargs)
+    with torch.no_grad():
+        own = den(**{**call, "return_dict": False})[0]
+        task = task_for(pipe)
+        _, cond = task.encode({"image": torch.zeros(1, 3, 32, 32), "text": ["a red cat"]}, torch.Generator(), "cpu")
+        t = call["timestep"] / 0.5 if family == "sana" else call["timestep"] * 1000  # the trainer's sigma x 1000
+        torch.testing.assert_close(task.predict(den, call["hidden_states"], t, cond), own)
+    data = str(_captioned_images(tmp_path / "imgs"))
+    calib = calibration(pipe, n=4, data=data, size=32)
+    assert torch.equal(calib.xt, calibration(pipe, n=4, data=data, size=32).xt)
+    scores = score_layers(den, candidates(den), "output-loss", calib)
+    assert len(scores) >= 3 and all(v > 0 for v in scores.values())
+
+    def run(name):
+        cfg = DistillConfig(steps=2, batch_size=2, lr=1e-3, out=tmp_path / name, checkpoint_every=100, log_every=1,
+                            progress=False, warmup=0)
+        return distill(pipe, prune_layers(den, [sorted(scores)[1]]), make_dataset(data, pipe, size=32), cfg)
+
+    a, b = run("a"), run("b")
+    assert a.final_losses == b.final_losses and all(torch.isfinite(torch.tensor(v)) for v in a.final_losses.values())

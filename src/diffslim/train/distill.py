@@ -391,7 +391,9 @@ class _ZooSRTask:
 def _vae_latents(vae, batch: dict, g: torch.Generator, device) -> tuple[torch.Tensor, torch.Tensor]:
     """``(image in [-1, 1], x0)``: the batch's images and their sampled VAE latents ``(z - shift) * scaling_factor``."""
     img = batch["image"].to(device=device, dtype=vae.dtype) * 2 - 1
-    z = vae.encode(img).latent_dist.sample(generator=g)
+    enc = vae.encode(img)
+    # a KL autoencoder's posterior is sampled; Sana's deep-compression autoencoder (AutoencoderDC) is deterministic
+    z = enc.latent_dist.sample(generator=g) if hasattr(enc, "latent_dist") else enc.latent
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     return img, ((z - shift) * vae.config.scaling_factor).float()
 
@@ -505,7 +507,8 @@ class _LatentClassTask:
 
 
 class _LatentTransformerTask:
-    """PixArt-alpha/sigma, SD3 and Flux: VAE latents as for SD; captions through the pipeline's ``encode_prompt``.
+    """PixArt-alpha/sigma, SD3, Flux, Sana and AuraFlow: VAE latents as for SD; captions through the pipeline's
+    ``encode_prompt``.
 
     PixArt gets the T5 embeddings and their attention mask (and, for the 1024 px models that take them,
     the resolution and aspect ratio); its learned-variance half of the output is dropped, as its pipeline
@@ -514,6 +517,9 @@ class _LatentTransformerTask:
     patch tokens with their position ids, calls the transformer with the timestep as a fraction
     (``t / 1000``, as the pipeline does) and, for guidance-distilled models, ``FLUX_GUIDANCE``, and
     unpacks the prediction, so the trainer and the criteria see ``(B, C, H, W)`` as for every other model.
+    Sana gets the Gemma embeddings and their mask, encoded with the pipeline's default complex human instruction
+    (what its sampling encodes the prompts with), and the timestep times its ``timestep_scale``; AuraFlow the T5
+    embeddings and the timestep as a fraction, as their pipelines call them.
     """
 
     def __init__(self, pipe, family: str):
@@ -534,6 +540,18 @@ class _LatentTransformerTask:
                 cond["resolution"] = torch.tensor([[h, w]], dtype=emb.dtype, device=device).repeat(b, 1)
                 cond["aspect_ratio"] = torch.tensor([[h / w]], dtype=emb.dtype, device=device).repeat(b, 1)
             return x0, cond
+        if self.family == "sana":
+            import inspect
+
+            chi = inspect.signature(pipe.__call__).parameters["complex_human_instruction"].default
+            emb, mask = pipe.encode_prompt(captions, do_classifier_free_guidance=False, device=device,
+                                           num_images_per_prompt=1, clean_caption=False,
+                                           complex_human_instruction=chi)[:2]
+            return x0, {"encoder_hidden_states": emb, "encoder_attention_mask": mask}
+        if self.family == "auraflow":
+            emb = pipe.encode_prompt(captions, do_classifier_free_guidance=False, device=device,
+                                     num_images_per_prompt=1)[0]
+            return x0, {"encoder_hidden_states": emb}
         if self.family == "flux":
             if x0.shape[-1] % 2 or x0.shape[-2] % 2:
                 raise UserError(f"Flux packs 2x2 latent patches: latents of {tuple(x0.shape[-2:])} do not divide; "
@@ -551,6 +569,14 @@ class _LatentTransformerTask:
                            encoder_attention_mask=cond["encoder_attention_mask"], timestep=t,
                            added_cond_kwargs=extra, return_dict=False)[0]
             return out[:, : xt.shape[1]] if out.shape[1] == 2 * xt.shape[1] else out  # learned variance
+        if self.family == "sana":
+            scale = getattr(denoiser.config, "timestep_scale", 1.0) or 1.0
+            return denoiser(xt, encoder_hidden_states=cond["encoder_hidden_states"],
+                            encoder_attention_mask=cond["encoder_attention_mask"], timestep=t.to(xt.dtype) * scale,
+                            return_dict=False)[0]
+        if self.family == "auraflow":
+            return denoiser(xt, encoder_hidden_states=cond["encoder_hidden_states"], timestep=t.to(xt.dtype) / 1000,
+                            return_dict=False)[0]
         if self.family == "flux":
             b, _, h, w = xt.shape
             emb = cond["encoder_hidden_states"]
@@ -596,12 +622,17 @@ def task_for(pipe, label_dropout: float = 0.1):
             return _LatentTransformerTask(pipe, "sd3")
         if name == "FluxPipeline":
             return _LatentTransformerTask(pipe, "flux")
+        if name == "SanaPipeline":
+            return _LatentTransformerTask(pipe, "sana")
+        if name == "AuraFlowPipeline":
+            return _LatentTransformerTask(pipe, "auraflow")
         if name == "DiTPipeline":
             return _LatentClassTask(pipe, label_dropout)
     raise UserError(f"no distillation task for {name}: supported are the zoo pipelines, SD-style pipelines "
                      "with unet, vae, text_encoder and tokenizer (SD, SDXL, InstructPix2Pix), DiT (DiTPipeline), "
-                     "PixArt-alpha/sigma, Stable Diffusion 3 and Flux (FluxPipeline); layer-prune scores any pipeline's "
-                     "layers on its own sampling instead: --calibration sampling --data FILE")
+                     "PixArt-alpha/sigma, Stable Diffusion 3, Flux (FluxPipeline), Sana (SanaPipeline) and AuraFlow "
+                     "(AuraFlowPipeline); layer-prune scores any pipeline's layers on its own sampling instead: "
+                     "--calibration sampling --data FILE")
 
 
 @dataclass
@@ -672,6 +703,9 @@ def noising_for(pipe) -> Noising:
     from diffusers import DDPMScheduler
 
     cfg = pipe.scheduler.config
+    if cfg.get("use_flow_sigmas") and cfg.get("prediction_type") == "flow_prediction":
+        # DPM-Solver on flow sigmas (Sana's released scheduler): the same rectified flow, shifted by flow_shift
+        return Noising("flow", int(cfg.get("num_train_timesteps", 1000)), shift=float(cfg.get("flow_shift", 1.0)))
     if "FlowMatch" in type(pipe.scheduler).__name__:
         T = int(cfg.get("num_train_timesteps", 1000))
         if cfg.get("use_dynamic_shifting", False):
