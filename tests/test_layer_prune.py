@@ -1207,7 +1207,8 @@ def test_a_denoiser_that_cannot_be_exported_is_refused_before_scoring(tiny_sd_pi
 
 
 def _tiny_family_denoiser(family: str):
-    """A tiny random ``family`` denoiser (Sana, CogView4, AuraFlow, HunyuanDiT) and keyword inputs of one call."""
+    """A tiny random ``family`` denoiser (Sana, CogView4, AuraFlow, Lumina2, HunyuanDiT) and keyword inputs of one
+    call."""
     import diffusers
 
     torch.manual_seed(0)
@@ -1234,6 +1235,12 @@ def _tiny_family_denoiser(family: str):
                                                  caption_projection_dim=16, joint_attention_dim=16, out_channels=4,
                                                  pos_embed_max_size=64)
         kw = dict(hidden_states=r(2, 4, 8, 8), encoder_hidden_states=r(2, 5, 16), timestep=t)
+    elif family == "lumina2":  # blocks in ``layers``, after two refiner lists that are not candidates
+        m = diffusers.Lumina2Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, hidden_size=8, num_layers=3,
+                                                num_refiner_layers=1, num_attention_heads=1, num_kv_heads=1,
+                                                multiple_of=16, axes_dim_rope=(4, 2, 2), cap_feat_dim=8)
+        kw = dict(hidden_states=r(2, 4, 8, 8), timestep=torch.tensor([0.1, 0.7]), encoder_hidden_states=r(2, 5, 8),
+                  encoder_attention_mask=torch.ones(2, 5, dtype=torch.bool))
     else:
         from diffusers.models.embeddings import get_2d_rotary_pos_embed
 
@@ -1250,10 +1257,11 @@ def _tiny_family_denoiser(family: str):
     return m.eval(), kw
 
 
-@pytest.mark.parametrize("family", ["sana", "cogview4", "auraflow", "hunyuandit"])
-def test_sana_cogview4_auraflow_and_hunyuandit_are_layer_pruned_and_exported(family, tmp_path):
+@pytest.mark.parametrize("family", ["sana", "cogview4", "auraflow", "lumina2", "hunyuandit"])
+def test_sana_cogview4_auraflow_lumina2_and_hunyuandit_are_layer_pruned_and_exported(family, tmp_path):
     """Each block of these denoisers is a candidate (AuraFlow's two-stream joint blocks and one-stream single blocks,
-    CogView4's blocks that return the image stream first, HunyuanDiT's blocks with long skips). A keep-all pruning is
+    CogView4's blocks that return the image stream first, Lumina2's main stack, HunyuanDiT's blocks with long
+    skips). A keep-all pruning is
     the model bit for bit; a pruned model is what the scoring's runtime removal computes, bit for bit, smaller, and
     reloads. Its stock export, a diffusers model with fewer blocks that knows nothing of our stand-ins, computes the
     same bit for bit, which checks that a stand-in passes each stream where the next block reads it. HunyuanDiT

@@ -715,7 +715,8 @@ def _tiny_auraflow(tiny_sd_pipe):
 
 def test_dpm_solver_on_flow_sigmas_is_trained_as_the_flow_it_samples():
     """Sana's released scheduler, DPM-Solver on flow sigmas shifted by flow_shift: the trainer's noisy input at one of
-    its timesteps is the scheduler's own add_noise there, the target noise - x0 (its flow_prediction)."""
+    its sigmas is the scheduler's own add_noise there, the target noise - x0 (its flow_prediction); the timestep the
+    denoiser gets while sampling is that sigma x 1000 truncated to an integer, less than 1 from the trainer's."""
     from diffusers import DPMSolverMultistepScheduler
 
     from diffslim.train.distill import noising_for
@@ -726,9 +727,11 @@ def test_dpm_solver_on_flow_sigmas_is_trained_as_the_flow_it_samples():
     assert (flow.kind, flow.shift) == ("flow", 3.0)
     g = torch.Generator().manual_seed(0)
     x0, noise = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 4, 8, 8, generator=g)
-    for t in sched.timesteps[[0, 4, 9]]:
-        xt, target = flow.noisy(x0, noise, t.reshape(1).float())
-        torch.testing.assert_close(xt, sched.add_noise(x0, noise, t.reshape(1)))
+    for i in (0, 4, 9):
+        t = sched.sigmas[i].reshape(1) * 1000
+        assert 0 <= float(t - sched.timesteps[i]) < 1
+        xt, target = flow.noisy(x0, noise, t)
+        torch.testing.assert_close(xt, sched.add_noise(x0, noise, sched.timesteps[i].reshape(1)))
         torch.testing.assert_close(target, noise - x0)
     u = torch.tensor([0.1, 0.5, 0.9])  # the trainer's shifted sigmas are the scheduler's
     torch.testing.assert_close(flow.shifted(u), 3 * u / (1 + 2 * u))

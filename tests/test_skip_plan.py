@@ -648,3 +648,114 @@ def test_sd3_skip_layers_keeps_the_patch_embedding_running():
 
     for kw in ({}, {"skip_layers": [0]}):
         assert all(torch.equal(a, b) for a, b in zip(run(u, **kw), run(_stemless(u), **kw)))
+
+
+def _guided_loop(model, cond, uncond, steps, split: bool, context: bool = False):
+    """A classifier-free-guided denoising loop on a U-Net or a PixArt transformer: one batched call per step, or
+    (``split``) a cond call and an uncond call on the same latents, as Lumina2 and CogView4 do (``context``: named
+    by ``cache_context``, as CogView4 names them)."""
+    import contextlib
+
+    from diffusers.hooks.hooks import CacheContext, _set_cache_context
+
+    @contextlib.contextmanager
+    def named(name):  # what diffusers' CacheMixin.cache_context does (PixArt's model class has no such method)
+        _set_cache_context(model, CacheContext(name))
+        try:
+            yield
+        finally:
+            _set_cache_context(model, None)
+
+    def call(x, t, emb):
+        if hasattr(model, "down_blocks"):
+            return model(x, t, encoder_hidden_states=emb).sample
+        return model(x, encoder_hidden_states=emb, timestep=t.expand(len(x)), added_cond_kwargs={},
+                     return_dict=False)[0][:, :4]
+
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    for t in torch.linspace(900, 100, steps).long():
+        if split:
+            ctx = named if context else (lambda name: contextlib.nullcontext())
+            with ctx("cond"):
+                c = call(x, t, cond)
+            with ctx("uncond"):
+                u = call(x, t, uncond)
+        else:
+            u, c = call(torch.cat([x, x]), t, torch.cat([uncond, cond])).chunk(2)
+        x = x - 0.1 * (u + 3.0 * (c - u))
+    return x
+
+
+def test_a_plan_keeps_the_cond_and_uncond_calls_of_a_step_apart(tiny_sd_pipe):
+    """A pipeline that guides with two calls per step on the same latents (cond, then uncond) samples with a skip
+    plan as the batched call does: each call reads the cache its own kind left at the step before (the uncond
+    call read the cond call's features, and its guidance went wrong)."""
+    unet = tiny_sd_pipe.unet
+    g = torch.Generator().manual_seed(1)
+    cond, uncond = torch.randn(1, 77, 16, generator=g), torch.randn(1, 77, 16, generator=g)
+    u = plan_units(unet, "fine")
+    plan = deepcache_plan(u, 5, 2, 0)
+    with torch.no_grad():
+        full = _guided_loop(unet, cond, uncond, 5, split=True)
+        apply_skip_plan(unet, plan, u)
+        try:
+            batched = _guided_loop(unet, cond, uncond, 5, split=False)
+            split = _guided_loop(unet, cond, uncond, 5, split=True)
+        finally:
+            remove_skip_plan(unet)
+    assert not torch.allclose(batched, full, atol=1e-4)  # the plan skips work that matters
+    torch.testing.assert_close(split, batched, rtol=1e-4, atol=1e-5)
+
+
+def test_diffusers_caches_keep_the_calls_of_a_step_apart_by_their_names(tiny_sd_pipe):
+    """diffusers' caches keep a state per call name: the bench's context hook named every call "cond", so a
+    pipeline's uncond call (named by the pipeline, or a second call on the step's latents) shared the cond call's
+    state. With FirstBlockCache at a threshold that reuses everything after the first step, each call now reuses
+    its own residual: the split loops sample as the batched one does."""
+    from test_pipeline_families import _tiny_pixart
+
+    from diffslim.methods.skip_plan import apply_diffusers_cache, remove_diffusers_cache
+
+    model = _tiny_pixart(tiny_sd_pipe, 3).transformer
+    g = torch.Generator().manual_seed(1)
+    cond, uncond = torch.randn(1, 6, 16, generator=g), torch.randn(1, 6, 16, generator=g)
+    with torch.no_grad():
+        full = _guided_loop(model, cond, uncond, 4, split=False)
+        apply_diffusers_cache(model, "fbcache", "1e9", 4)
+        try:
+            batched = _guided_loop(model, cond, uncond, 4, split=False)
+            split = _guided_loop(model, cond, uncond, 4, split=True)
+            named = _guided_loop(model, cond, uncond, 4, split=True, context=True)
+        finally:
+            remove_diffusers_cache(model, "fbcache")
+    assert not torch.allclose(batched, full, atol=1e-4)  # the cache reuses work that matters
+    torch.testing.assert_close(split, batched, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(named, batched, rtol=1e-4, atol=1e-5)
+
+
+def test_a_plan_counts_the_steps_of_a_denoiser_whose_timestep_grows():
+    """Lumina2's timestep runs from 0 (noise) to 1 (the image): the step rule took every call for a new generation,
+    so every step ran as step 0, with nothing skipped. Its steps count up now: a plan that skips every unit after
+    the first step changes the outputs there, and a keep-all plan changes nothing."""
+    from test_layer_prune import _tiny_family_denoiser
+
+    model, kw = _tiny_family_denoiser("lumina2")
+    u = plan_units(model, "fine", count_macs=False)
+
+    def run():
+        outs = []
+        for t in (0.1, 0.5, 0.9):
+            outs.append(model(**{**kw, "timestep": torch.tensor([t, t])}, return_dict=False)[0])
+        return outs
+
+    with torch.no_grad():
+        full = run()
+        for plan, same in ((np.ones((3, len(u.names)), bool), True), (np.array([[True] * len(u.names)] + [
+                [False] * len(u.names)] * 2), False)):
+            apply_skip_plan(model, plan, u)
+            try:
+                outs = run()
+            finally:
+                remove_skip_plan(model)
+            assert torch.equal(outs[0], full[0])
+            assert all(torch.equal(a, b) for a, b in zip(outs[1:], full[1:])) == same

@@ -6,8 +6,9 @@ A *layer* is a piece of a denoiser that can be removed while the model stays wel
   (``Transformer2DModel``) of the down blocks, the mid block and the up blocks; with
   ``inner=True`` the individual transformer blocks inside attention layers that hold several
   (SDXL's deep levels) replace those attention layers as candidates.
-- transformer denoisers: each block of ``transformer_blocks`` (DiT, PixArt, SD3) and, for Flux, of
-  ``transformer_blocks`` and ``single_transformer_blocks``.
+- transformer denoisers: each block of ``transformer_blocks`` (DiT, PixArt, SD3, Sana, CogView4) and, for Flux,
+  of ``transformer_blocks`` and ``single_transformer_blocks`` (AuraFlow: ``joint_transformer_blocks`` and
+  ``single_transformer_blocks``; HunyuanDiT: ``blocks``; Lumina2: ``layers``).
 
 Removal replaces a layer by a *stand-in* whose forward is the layer's shortcut:
 
@@ -67,7 +68,7 @@ from diffslim.errors import UserError
 from diffslim.launch import shared_map, world_size
 from diffslim.models.adapters import ip_adapter_loaded
 from diffslim.models.anatomy import HIDDEN_FIRST_BLOCKS, TWO_STREAM_BLOCKS
-from diffslim.models.derived import share_weights
+from diffslim.models.derived import share_plain_tensors, share_weights
 
 CRITERIA = ("output-loss", "output-loss-pairs", "random", "magnitude", "taylor", "similarity", "greedy")
 BK_SDM = ("base", "small", "tiny")
@@ -416,7 +417,7 @@ def _pruned_class(base: type, name: str) -> type:
 # the denoisers a layer-pruned model is exported from (as ``LayerPruned<name>``)
 EXPORTED = ("UNet2DConditionModel", "UNet2DModel", "DiTTransformer2DModel", "PixArtTransformer2DModel",
             "SD3Transformer2DModel", "FluxTransformer2DModel", "SanaTransformer2DModel", "CogView4Transformer2DModel",
-            "AuraFlowTransformer2DModel", "HunyuanDiT2DModel")
+            "AuraFlowTransformer2DModel", "HunyuanDiT2DModel", "Lumina2Transformer2DModel")
 
 
 def _make_classes() -> dict[type, type]:
@@ -524,7 +525,8 @@ _LIST_LENGTH_KEY = {"transformer_blocks": "num_layers", "single_transformer_bloc
 # where a denoiser names its block counts otherwise (HunyuanDiT has no stock export: its long skips pair
 # block k with block n - 1 - k, so fewer blocks in a stock config would pair other blocks)
 _LIST_LENGTH_KEYS = {"AuraFlowTransformer2DModel": {"joint_transformer_blocks": "num_mmdit_layers",
-                                                    "single_transformer_blocks": "num_single_dit_layers"}}
+                                                    "single_transformer_blocks": "num_single_dit_layers"},
+                     "Lumina2Transformer2DModel": {"layers": "num_layers"}}
 
 
 def _kept(blocks: nn.ModuleList) -> list[int]:
@@ -827,6 +829,7 @@ def _stock(model: nn.Module) -> tuple[nn.Module, Callable[[str], str]]:
             owner_name, _, attr = name.rpartition(".")
             owner = stock.get_submodule(owner_name) if owner_name else stock
             owner._buffers[attr] = buffers[source(name)]
+    share_plain_tensors(model, stock, source)  # Lumina2's rotary tables
     return stock.to(device).eval(), source
 
 

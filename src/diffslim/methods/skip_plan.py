@@ -25,7 +25,12 @@ Runtime semantics (the DiP-GO SuperNet, also what DeepCache does):
   call: a call at a lower timestep than the previous one starts the next step, a call at the same
   timestep belongs to the same step (pipelines that call the denoiser twice per step for CFG, PLMS's
   repeated first timestep), and a call at a HIGHER timestep than the previous one starts a new
-  generation, which resets the step index and drops every cache. Sampling always walks timesteps
+  generation, which resets the step index and drops every cache.
+* *Lanes*: a pipeline that guides with two calls per step on the same latents (cond, then uncond:
+  Lumina2, CogView4, Flux's true CFG) gets a cache per call: the uncond call of a step reads what the
+  uncond call of the step before left, not the cond call's features (other text, and in Lumina2 another
+  sequence length). A second call at the same timestep on other latents (PLMS's warm-up) continues the
+  first call's lane, as before. Sampling always walks timesteps
   downwards, so this needs no cooperation from the pipeline; :meth:`SkipPlanRuntime.reset` resets
   explicitly (e.g. before a generation that starts at the same timestep the last one ended on).
   Schedulers that evaluate the denoiser at more distinct timesteps than they take steps (Heun,
@@ -374,6 +379,9 @@ class PlanState:
         self.step = -1
         self.last_t: Optional[float] = None
         self.caches: dict[str, Any] = {}
+        self.lanes: dict[int, dict[str, Any]] = {0: self.caches}  # see the module docstring's *Lanes*
+        self.lane = 0
+        self.step_input: Optional[torch.Tensor] = None  # the latents of the step's first call
         self.placeholders: dict[str, torch.Tensor] = {}  # a skipped stem's stand-in: one element, expanded
         self.elide = True  # this call may skip the stem (not with SD3's own ``skip_layers``)
         self.generations = getattr(self, "generations", 0)
@@ -381,10 +389,37 @@ class PlanState:
     def cache_bytes(self) -> int:
         """Bytes held by the caches now (each distinct tensor once)."""
         seen = {}
-        for v in self.caches.values():
+        lanes = [self.caches] + [lane for lane in getattr(self, "lanes", {}).values() if lane is not self.caches]
+        for v in (v for lane in lanes for v in lane.values()):
             for t in _tree_tensors(v):
                 seen[id(t)] = t.numel() * t.element_size()
         return int(sum(seen.values()))
+
+
+# denoisers whose timestep grows as sampling goes on (Lumina's: 0 is noise, 1 the image)
+REVERSED_TIME = ("Lumina2Transformer2DModel", "LuminaNextDiT2DModel")
+
+
+def _noise_level(denoiser: Optional[nn.Module], t) -> float:
+    """A call's timestep as a number that falls as sampling goes on (the step rule's): the timestep, negated for a
+    denoiser of ``REVERSED_TIME`` (its subclasses too: a layer-pruned Lumina2)."""
+    tf = float(t.flatten()[0]) if torch.is_tensor(t) else float(t)
+    reversed_time = denoiser is not None and any(c.__name__ in REVERSED_TIME for c in type(denoiser).__mro__)
+    return -tf if reversed_time else tf
+
+
+def _latents_of(args, kwargs) -> Optional[torch.Tensor]:
+    """The noisy latents a denoiser call takes (its first argument, ``sample`` or ``hidden_states``)."""
+    x = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
+    return x if torch.is_tensor(x) else None
+
+
+def _same_latents(x: Optional[torch.Tensor], ref: Optional[torch.Tensor]) -> bool:
+    """Whether a call at the step's timestep denoises the step's latents again (a second guidance call)."""
+    if x is None or ref is None:
+        return False
+    return x is ref or (x.shape == ref.shape and x.dtype == ref.dtype and x.device == ref.device
+                        and bool(torch.equal(x, ref)))
 
 
 class _RootHook(ModelHook):
@@ -420,13 +455,19 @@ class _RootHook(ModelHook):
         t = kwargs.get("timestep", args[self.t_index] if len(args) > self.t_index else None)
         if t is None:
             raise UserError("skip plan: the denoiser was called without a timestep; cannot tell the step")
-        t = float(t.flatten()[0]) if torch.is_tensor(t) else float(t)
+        t = _noise_level(self._denoiser(), t)
+        x = _latents_of(args, kwargs)
         if st.last_t is None or t > st.last_t:
             st.reset()
             st.generations += 1
             st.step = 0
+            st.lane, st.step_input = 0, x
         elif t < st.last_t:
             st.step += 1
+            st.lane, st.step_input = 0, x
+        elif _same_latents(x, st.step_input):  # another call of the step on its latents: the next lane
+            st.lane += 1
+        st.caches = st.lanes.setdefault(st.lane, {})
         st.last_t = t
         if st.step >= len(st.run):
             raise UserError(f"skip plan has {len(st.run)} steps but the pipeline runs more denoising steps; "
@@ -473,6 +514,7 @@ class _RootHook(ModelHook):
                 st.manual, st.step, st.caches, st.gates = saved
 
         out, st.caches = checkpoint(call, *args, use_reentrant=False, **kwargs)
+        st.lanes[st.lane] = st.caches
         return out
 
     def reset_state(self, module):
@@ -753,34 +795,61 @@ def diffusers_cache_setting(name: str, arg: Optional[str], shown: Optional[str] 
     return tuple(out)
 
 
+def _cache_context_of(module: nn.Module):
+    """The ``CacheContext`` diffusers' stateful hooks under ``module`` hold now (None: none set)."""
+    from diffusers.hooks.hooks import StateManager
+
+    registry = HookRegistry.check_if_exists_or_initialize(module)
+    for child in (registry, *registry._get_child_registries()):
+        for hook in child.hooks.values():
+            for attr in vars(hook).values():
+                if isinstance(attr, StateManager):
+                    return attr._context
+    return None
+
+
 class _CacheContextHook(ModelHook):
     """Outermost root hook for diffusers' caches: sets the ``CacheContext`` they read (pipelines outside
     diffusers, like the zoo's, do not call ``cache_context``) and resets their state when a generation
-    starts (same timestep rule as the plan runtime)."""
+    starts (same timestep rule as the plan runtime). A pipeline that names its calls (``cache_context("uncond")``:
+    CogView4) keeps its names; one that guides with a second call on the step's latents without naming it
+    (Lumina2) gets ``"uncond"`` for it, so the two calls keep apart states as diffusers' caches expect (both
+    were "cond", and the uncond call read the cond call's residuals)."""
 
     def __init__(self, t_index: int, num_steps: int):
         super().__init__()
         self.t_index, self.num_steps = t_index, num_steps
         self.last_t: Optional[float] = None
         self.step = -1
+        self.lane = 0
+        self.step_input: Optional[torch.Tensor] = None
+        self.ours = None  # the context this hook set last (a context still set at the next call is not the pipeline's)
 
     def pre_forward(self, module, *args, **kwargs):
         from diffusers.hooks.hooks import CacheContext, _set_cache_context
 
         t = kwargs.get("timestep", args[self.t_index] if len(args) > self.t_index else None)
-        tf = float(t.flatten()[0]) if torch.is_tensor(t) else float(t)
+        tf = _noise_level(module, t)
+        self.raw_t = float(t.flatten()[0]) if torch.is_tensor(t) else float(t)
+        x = _latents_of(args, kwargs)
         if self.last_t is None or tf > self.last_t:
             HookRegistry.check_if_exists_or_initialize(module).reset_stateful_hooks()
-            self.step = 0
+            self.step, self.lane, self.step_input = 0, 0, x
         elif tf < self.last_t:
             self.step += 1
+            self.lane, self.step_input = 0, x
+        elif _same_latents(x, self.step_input):
+            self.lane += 1
         self.last_t = tf
-        _set_cache_context(module, CacheContext("cond", step_index=self.step, num_inference_steps=self.num_steps,
-                                                timestep=tf))
+        given = _cache_context_of(module)
+        name = given.name if given is not None and given is not self.ours else (
+            "cond", "uncond")[self.lane] if self.lane < 2 else f"call{self.lane}"
+        self.ours = CacheContext(name, step_index=self.step, num_inference_steps=self.num_steps, timestep=tf)
+        _set_cache_context(module, self.ours)
         return args, kwargs
 
     def current_timestep(self) -> float:
-        return self.last_t if self.last_t is not None else 999.0
+        return self.raw_t if self.last_t is not None else 999.0
 
 
 def apply_diffusers_cache(denoiser: nn.Module, name: str, arg: Optional[str], num_steps: int,
@@ -910,14 +979,17 @@ def magcache_ratios(denoiser: nn.Module, run: Callable[[], Any]) -> list[float]:
         raise UserError(f"magcache: {type(denoiser).__name__} has no transformer blocks to calibrate "
                         "(U-Nets: use deepcache or dipgo)")
     head, tail = getattr(denoiser, lists[0])[0], getattr(denoiser, lists[-1])[-1]
-    head_meta, tail_meta = (TransformerBlockRegistry.get(type(b)) for b in (head, tail))
+    try:
+        head_meta, tail_meta = (TransformerBlockRegistry.get(type(b)) for b in (head, tail))
+    except ValueError as e:  # diffusers' caches know the block classes they registered
+        raise UserError(f"magcache cannot be applied to {type(denoiser).__name__}: ValueError: {e}") from None
     t_index = _timestep_index(denoiser)
     gens: list[list[float]] = []
     st: dict[str, Any] = {"t": None, "input": None, "prev": None}
 
     def on_root(module, args, kwargs):
         t = kwargs.get("timestep", args[t_index] if len(args) > t_index else None)
-        tf = float(t.flatten()[0]) if torch.is_tensor(t) else float(t)
+        tf = _noise_level(module, t)
         if st["t"] is None or tf > st["t"]:
             gens.append([])
             st["prev"] = None

@@ -149,10 +149,11 @@ def block_lists(denoiser: nn.Module) -> list[str]:
     """Names of a transformer denoiser's block lists, in definition order.
 
     Root-level ``nn.ModuleList`` children named ``*transformer_blocks`` (DiT, PixArt, SD3, Flux's
-    ``transformer_blocks`` + ``single_transformer_blocks``) or ``blocks``.
+    ``transformer_blocks`` + ``single_transformer_blocks``), ``blocks`` (HunyuanDiT) or ``layers`` (Lumina2's main
+    stack; its ``noise_refiner`` and ``context_refiner`` before it are not units).
     """
     return [n for n, m in denoiser.named_children()
-            if isinstance(m, nn.ModuleList) and (n.endswith("transformer_blocks") or n == "blocks")]
+            if isinstance(m, nn.ModuleList) and (n.endswith("transformer_blocks") or n in ("blocks", "layers"))]
 
 
 def _family(denoiser: nn.Module) -> str:

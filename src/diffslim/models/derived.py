@@ -16,6 +16,8 @@ from __future__ import annotations
 import inspect
 from typing import Any, Callable, Optional
 
+import torch
+
 from diffslim.models.adapters import (carry_attention, diffusers_base, ip_adapter_loaded,  # noqa: F401 (re-exported)
                                       ip_adapter_methods)
 
@@ -102,6 +104,26 @@ def base_state_dict(model) -> dict:
     return out
 
 
+def share_plain_tensors(source, target, source_name: Optional[Callable[[str], str]] = None) -> None:
+    """Tensors a module keeps as plain attributes (neither parameters nor buffers: Lumina2's rotary tables, computed
+    at construction) are meta tensors in a model built on the meta device: ``target`` takes ``source``'s, by the
+    module's name (``source_name``: the source's name of a target module, if they differ; a list or tuple of
+    tensors as a whole)."""
+    modules = dict(source.named_modules())
+    for target_name, module in target.named_modules():
+        name = source_name(target_name) if source_name is not None and target_name else target_name
+        for attr, value in list(vars(module).items()):
+            if attr.startswith("_"):
+                continue
+            tensors = [value] if torch.is_tensor(value) else (
+                list(value) if isinstance(value, (list, tuple)) and value and all(torch.is_tensor(v) for v in value)
+                else [])
+            if tensors and any(t.is_meta for t in tensors) and name in modules:
+                other = getattr(modules[name], attr, None)
+                if other is not None:
+                    setattr(module, attr, other)
+
+
 def share_weights(source, target) -> None:
     """Give ``target`` (built from a config on the meta device, a pruned copy of ``source``) ``source``'s
     tensor for each of its weights, by name: shared, not copied (``strict``: every weight of ``target``
@@ -113,6 +135,7 @@ def share_weights(source, target) -> None:
     loaded IP-Adapter (:func:`diffslim.models.adapters.carry_attention`)."""
     state = base_state_dict(source)
     target.load_state_dict({k: state[k] for k in target.state_dict()}, assign=True, strict=True)
+    share_plain_tensors(source, target)
     wrappers = _adapter_layers(source)
     kept = {n for n, _ in target.named_modules()}
     for name, layer in wrappers.items():

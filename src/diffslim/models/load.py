@@ -29,6 +29,7 @@ SUPPORTED_DENOISERS = (
     "CogView4Transformer2DModel",
     "AuraFlowTransformer2DModel",
     "HunyuanDiT2DModel",
+    "Lumina2Transformer2DModel",
     # our own exports: diffusers models with a depth-skip config
     "DepthSkipUNet2DConditionModel",
     "DepthSkipUNet2DModel",
@@ -43,6 +44,7 @@ SUPPORTED_DENOISERS = (
     "LayerPrunedCogView4Transformer2DModel",
     "LayerPrunedAuraFlowTransformer2DModel",
     "LayerPrunedHunyuanDiT2DModel",
+    "LayerPrunedLumina2Transformer2DModel",
     # both (diffslim.combined): a ``depth_skip`` and a ``removed_layers`` config
     "DepthSkipLayerPrunedUNet2DConditionModel",
     "DepthSkipLayerPrunedUNet2DModel",
