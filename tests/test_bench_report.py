@@ -372,3 +372,22 @@ def test_pareto_figure_joins_the_best_trade_offs_and_keeps_labels_apart():
             assert not a.overlaps(boxes[j]), (texts[i].get_text(), texts[j].get_text())
     (line,) = ax.lines
     assert list(line.get_xdata()) == [0.2, 0.4, 0.97] and list(line.get_ydata()) == [35.4, 45.2, 60.0]
+
+
+def test_bench_and_evaluate_results_say_where_and_in_which_dtype_they_ran(tmp_path):
+    """bench --json, its report.json and evaluate --json name the device and dtype their numbers were sampled in (a
+    bfloat16 run's rows could not be told from a float32 run's)."""
+    from typer.testing import CliRunner
+
+    from diffslim.cli import app
+
+    for dtype in ("bfloat16", "float32"):
+        r = CliRunner().invoke(app, ["bench", "zoo:digits-dit", "--methods", "full,steps:2", "--n", "2", "--steps", "3",
+                                     "--dtype", dtype, "--html", str(tmp_path / dtype), "--json"])
+        assert r.exit_code == 0, r.output
+        assert json.loads(r.stdout)["ran_on"] == {"device": "cpu", "dtype": dtype}
+        assert json.loads((tmp_path / dtype / "report.json").read_text())["ran_on"]["dtype"] == dtype
+        r = CliRunner().invoke(app, ["evaluate", "zoo:digits-dit", "--n", "2", "--steps", "3", "--dtype", dtype,
+                                     "--json"])
+        assert r.exit_code == 0, r.output
+        assert json.loads(r.stdout)["ran_on"] == {"device": "cpu", "dtype": dtype}

@@ -774,3 +774,43 @@ def test_sana_and_auraflow_tasks_call_the_denoiser_as_their_pipelines_do(family,
 
     a, b = run("a"), run("b")
     assert a.final_losses == b.final_losses and all(torch.isfinite(torch.tensor(v)) for v in a.final_losses.values())
+
+
+def test_an_lcm_pipeline_refuses_a_scheduler_it_cannot_sample_with(tiny_sd_pipe):
+    """LatentConsistencyModelPipeline passes original_inference_steps to its scheduler: dpm:N, xue:N, a recipe's
+    scheduler and sample --scheduler crashed with a TypeError inside diffusers; they are refused in one line (the
+    bench's before anything samples), and steps:N, on its own scheduler, samples."""
+    from types import SimpleNamespace
+
+    from diffusers import LatentConsistencyModelPipeline, LCMScheduler, StableDiffusionPipeline
+
+    import diffslim
+    from diffslim.bench import run_bench
+    from diffslim.errors import UserError
+    from diffslim.models.load import LoadedModel
+    from diffslim.sample import SampleSpec, sample
+
+    from diffusers import UNet2DConditionModel
+
+    parts = {k: v for k, v in tiny_sd_pipe.components.items() if k not in ("unet", "scheduler")}
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config(tiny_sd_pipe.unet.config, time_cond_proj_dim=8)
+    pipe = LatentConsistencyModelPipeline(**parts, unet=unet, scheduler=LCMScheduler(), requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    evalset = SimpleNamespace(inputs=[{"prompt": "a cat"}], seeds=[0], call_kwargs={"height": 16, "width": 16})
+    loaded = LoadedModel("lcm", "pipeline", pipe.unet, pipe=pipe)
+    for methods in ("full,dpm:2", "full,xue:2"):
+        with pytest.raises(UserError, match="LatentConsistencyModelPipeline samples with its LCMScheduler .*"
+                                            "'dpm\\+\\+' cannot sample it"):
+            run_bench(loaded, methods, evalset, default_steps=2, progress=False)
+    spec = SampleSpec(inputs=[{"prompt": "a cat"}], seeds=[0], num_inference_steps=2, scheduler="dpm++",
+                      call_kwargs={"height": 16, "width": 16})
+    with pytest.raises(UserError, match="cannot sample it"):
+        sample(pipe, spec)
+    with pytest.raises(UserError, match="cannot sample it"):
+        diffslim.apply(pipe, {"model": "lcm", "sampling": {"scheduler": "dpm++", "num_inference_steps": 2}})
+    rows = run_bench(loaded, "full,steps:1", evalset, default_steps=2, progress=False).rows
+    assert [r["method"] for r in rows] == ["full", "steps:1"]
+    sd = StableDiffusionPipeline(**parts, unet=tiny_sd_pipe.unet, scheduler=LCMScheduler(),
+                                 requires_safety_checker=False)  # an SD pipeline with an LCM scheduler may swap it
+    assert sample(sd, spec).shape == (1, 3, 16, 16)

@@ -742,3 +742,31 @@ def test_the_workflows_layers_stage_scores_on_layer_calibration_triples(tmp_path
     assert stage()[0]["notes"].startswith("loaded from")
     r = run("--layer-calibration", "0")
     assert r.exit_code != 0 and "--layer-calibration" in r.output
+
+
+def test_a_model_stage_built_in_another_dtype_is_built_again(tmp_path):
+    """A workflow's model stage is saved in the run's dtype: a float32 rerun into a bfloat16 run's folder loaded the
+    bfloat16 stage (and sampled it as float32's result); it builds its own now, and a second float32 run loads it."""
+    from safetensors.torch import load_file
+
+    run = lambda *a: CliRunner().invoke(app, ["workflow", "zoo:digits-dit", "--stages", "layers:0.5", "--n", "2",
+                                              "--steps", "3", "--out", str(tmp_path / "wf"), "--json", *a])
+
+    def stage():
+        row = json.loads((tmp_path / "wf" / "workflow.json").read_text())["rows"][1]
+        weights = next((tmp_path / "wf" / "stages").glob("1-*/pipeline/*/diffusion_pytorch_model.safetensors"))
+        return row, {t.dtype for t in load_file(str(weights)).values()}
+
+    r = run("--dtype", "bfloat16")
+    assert r.exit_code == 0, r.output
+    assert stage()[1] == {torch.bfloat16}
+    assert json.loads((tmp_path / "wf" / "workflow.json").read_text())["ran_on"] == {"device": "cpu",
+                                                                                   "dtype": "bfloat16"}
+    assert json.loads((tmp_path / "wf" / "report.json").read_text())["ran_on"]["dtype"] == "bfloat16"
+    r = run()
+    assert r.exit_code == 0, r.output
+    row, dtypes = stage()
+    assert dtypes == {torch.float32} and "loaded from" not in row["notes"]
+    r = run()
+    assert r.exit_code == 0, r.output
+    assert stage()[0]["notes"].startswith("loaded from")

@@ -26,10 +26,12 @@ logger = logging.getLogger(__name__)
 def _install_sampling(pipe, sampling) -> None:
     """Swap the scheduler and pin the step count / timesteps, so that ``pipe(...)`` samples the recipe's schedule.
     A section that names only a scheduler keeps the steps an earlier recipe pinned (a skip plan's among them)."""
-    from diffslim.sample import make_scheduler
+    from diffslim.sample import check_pipeline_takes, make_scheduler
 
     current = pipe.scheduler
     sched = make_scheduler(sampling.scheduler, current.config) if sampling.scheduler else current
+    if sampling.scheduler:
+        check_pipeline_takes(pipe, sampling.scheduler, sched)
     steps, timesteps = sampling.num_inference_steps, sampling.timesteps
     if steps is None and timesteps is None and getattr(type(current), "_diffslim_pinned", False):
         steps, timesteps = type(current)._pinned_steps, type(current)._pinned_timesteps

@@ -566,9 +566,19 @@ def _ays(arg, ctx: BenchContext) -> Variant:
     return _explicit_schedule_variant(f"ays:{n}", ctx, ts, f"AYS {family} table, {ts}")
 
 
+def _scheduler_fits(ctx: BenchContext, name: str) -> None:
+    """Refuse, before anything samples, a method whose scheduler the pipeline cannot sample with (an LCM's)."""
+    from diffslim.sample import check_pipeline_takes, make_scheduler
+
+    pipe = getattr(ctx.loaded, "pipe", None)
+    if pipe is not None and getattr(pipe, "scheduler", None) is not None:
+        check_pipeline_takes(pipe, name, make_scheduler(name, pipe.scheduler.config))
+
+
 @register_method("dpm", "dpm:N, DPM-Solver++ (2M) with N steps at diffusers' default spacing (the reference for xue:N)")
 def _dpm(arg, ctx: BenchContext) -> Variant:
     n = _steps_arg(arg, "dpm:N", ctx, lo=2)
+    _scheduler_fits(ctx, "dpm++")
     if ctx.dry_run:
         return None
     return Variant(f"dpm:{n}", ctx.loaded.pipe, ctx.base_spec.replace(scheduler="dpm++", num_inference_steps=n,
@@ -582,6 +592,7 @@ def _xue(arg, ctx: BenchContext) -> Variant:
     from diffslim.methods.timesteps import solver_aware_timesteps
 
     n = _steps_arg(arg, "xue:N", ctx, lo=2)
+    _scheduler_fits(ctx, "dpm++")
     if ctx.dry_run:
         return None
     try:

@@ -107,6 +107,11 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+def _ran_on(device, dtype) -> dict:
+    """``{"device", "dtype"}`` for a result's JSON: where its numbers were sampled (bfloat16 rows are not float32's)."""
+    return {"device": str(device or "cpu"), "dtype": str(dtype or "torch.float32").removeprefix("torch.")}
+
+
 def _run_info(device, dtype=None) -> str:
     """How a report's numbers were made: the command, where it ran, the versions (reports quote their command)."""
     import shlex
@@ -696,7 +701,7 @@ def evaluate(
             metrics["upsampler_psnr_gt"] = float(quality.psnr(base, es.ground_truth).mean())
             metrics["upsampler_ssim_gt"] = float(quality.ssim(base, es.ground_truth).mean())
     result = {"model": model, "recipe": str(recipe) if recipe else None, "n": n,
-              "steps": fixed or spec.num_inference_steps,
+              "steps": fixed or spec.num_inference_steps, "ran_on": _ran_on(dev, dt),
               **({"reference": ref_model, "reference_steps": spec.num_inference_steps} if rec is not None else {}),
               **{k: finite(v) for k, v in metrics.items()}}
     for k, why in (result.get("skipped") or {}).items():
@@ -776,6 +781,7 @@ def bench(
 
         rep = Report(f"diffslim bench: {model} ({n} inputs, {default_steps} steps full)")
         rep.add_text("how it was run", _run_info(dev, dt))
+        rep.add_data("ran_on", _ran_on(dev, dt))
         add_bench_section(rep, model, rows, res.outputs, references=reference_images(es),
                           timing=timing_note(res.timing))
         outputs.claim_out(html, "bench")
@@ -784,7 +790,8 @@ def bench(
         from diffslim.report import json_rows
 
         # the full row's PSNR, SSIM, LPIPS: null ("ref")
-        _print_json({"rows": json_rows(rows, "method"), **({"timing": res.timing} if res.timing else {})})
+        _print_json({"rows": json_rows(rows, "method"), **({"timing": res.timing} if res.timing else {}),
+                     "ran_on": _ran_on(dev, dt)})
         return
     _print_rows(f"bench {model} ({n} inputs, {default_steps} steps full)", rows)
     if res.timing:
@@ -879,6 +886,7 @@ def workflow(
         return
     rep = Report(f"diffslim workflow: {model}")
     rep.add_text("how it was run", _run_info(dev, dt))
+    rep.add_data("ran_on", _ran_on(dev, dt))
     add_workflow_section(rep, model, res, floors, recipe_file="recipe.json", references=reference_images(es),
                          timing=timing_note(res.timing, "the stages"))
     rep.write(out)

@@ -57,6 +57,19 @@ def make_scheduler(name: str, base_config: dict):
     return getattr(diffusers, cls_name).from_config(dict(base_config), **overrides)
 
 
+def check_pipeline_takes(pipe, name: str, sched) -> None:
+    """Raise ``UserError`` where ``pipe`` cannot sample with ``sched`` (scheduler ``name``): a latent consistency
+    pipeline passes ``original_inference_steps`` to its scheduler's ``set_timesteps``, which only the LCM scheduler
+    takes (DPM-Solver crashed there with a TypeError)."""
+    import inspect
+
+    if type(pipe).__name__.startswith("LatentConsistencyModel") and \
+            "original_inference_steps" not in inspect.signature(sched.set_timesteps).parameters:
+        raise UserError(f"{type(pipe).__name__} samples with its LCMScheduler (it passes original_inference_steps, "
+                        f"which {type(sched).__name__} does not take): scheduler {name!r} cannot sample it; use "
+                        "steps:N (its own scheduler, fewer steps)")
+
+
 @contextlib.contextmanager
 def scheduler_swapped(pipe, name: Optional[str]):
     """Temporarily give ``pipe`` the scheduler ``name`` (no-op for None)."""
@@ -64,7 +77,9 @@ def scheduler_swapped(pipe, name: Optional[str]):
         yield pipe
         return
     old = pipe.scheduler
-    pipe.scheduler = make_scheduler(name, old.config)
+    new = make_scheduler(name, old.config)
+    check_pipeline_takes(pipe, name, new)
+    pipe.scheduler = new
     try:
         yield pipe
     finally:

@@ -205,10 +205,13 @@ class WorkflowResult:
     # the original timed again after the stages, as the bench does (``{"first", "last", "drift"}``; see
     # :func:`diffslim.bench.timing_note`); None where no stage was sampled afresh (all read from ``evals/``)
     timing: Optional[dict] = None
+    # where the stages sampled: ``{"device", "dtype"}`` (a bfloat16 run's rows are not a float32 run's)
+    ran_on: Optional[dict] = None
 
     def to_json(self) -> dict:
         return {"rows": self.rows, "stopped": self.stopped, "stages_kept": self.stages_kept,
                 "recipe": self.recipe.model_dump(exclude_none=True),
+                **({"ran_on": self.ran_on} if self.ran_on else {}),
                 **({"branches": self.branches} if self.branches else {}),
                 **({"timing": self.timing} if self.timing else {})}
 
@@ -227,8 +230,9 @@ def _below_floor(row: dict, floor: dict[str, float]) -> list[str]:
 def _stage_key(cur, stage, floor: dict, n: int, task_weight: float = 1.0,
                layer_calibration: Optional[int] = None) -> dict:
     """What makes a model stage's saved folder reusable: the stage, its input model, for ``auto`` the floor and the
-    number of inputs the search judged by, for ``+kd``/``+ft`` another task-loss weight than the default, and for
-    ``layers`` a calibration count other than the default."""
+    number of inputs the search judged by, for ``+kd``/``+ft`` another task-loss weight than the default, for
+    ``layers`` a calibration count other than the default, and a dtype other than float32 (the stage's weights are
+    saved in it: a float32 rerun rebuilt nothing and sampled the bfloat16 stage)."""
     key = {"stage": _label(stage), "input": model_fingerprint(cur.source)}
     if (stage[1] or "").startswith("auto"):
         key.update(floor=dict(sorted(floor.items())), n=n)
@@ -236,6 +240,8 @@ def _stage_key(cur, stage, floor: dict, n: int, task_weight: float = 1.0,
         key.update(task_weight=task_weight)
     if layer_calibration is not None and stage[0] == "layers":
         key.update(layer_calibration=layer_calibration)
+    if "dtype" in _placement_key(cur):  # the stage's weights are saved in the run's dtype
+        key.update(dtype=_placement_key(cur)["dtype"])
     return key
 
 
@@ -480,7 +486,7 @@ def _run_joint(loaded, stages: str, evalset, out, objective: str, width: int, fl
                 resumed.append(text)
                 return WorkflowResult(rows=saved["rows"], outputs={}, recipe=Recipe.model_validate(saved["recipe"]),
                                       stopped=saved["stopped"], stages_kept=saved["stages_kept"],
-                                      timing=saved.get("timing"))
+                                      timing=saved.get("timing"), ran_on=saved.get("ran_on"))
         res = _run_stages(loaded, text, evalset, where, floor=floor, log=log,
                           reference=reference[0] if reference else None, shared_stages=out / "stages", **kw)
         if not reference:
@@ -755,7 +761,9 @@ def _run_stages(loaded, stages: str, evalset, out, default_steps: int = 50, sche
     recipe = Recipe.model_validate({"model": portable_source(model_source), **sections,
                                     **({"original": original} if model_source != loaded.source else {}),
                                     "description": "diffslim workflow: " + (", ".join(kept) or "no stage kept")})
-    result = WorkflowResult(rows=rows, outputs=outputs, recipe=recipe, stopped=stopped, stages_kept=kept)
+    where = _placement_of(loaded)
+    result = WorkflowResult(rows=rows, outputs=outputs, recipe=recipe, stopped=stopped, stages_kept=kept,
+                            ran_on={"device": str(where["device"]), "dtype": str(where["dtype"]).removeprefix("torch.")})
     if timed_here and count["sampled"] > sampled_before \
             and _time_original_again(result, loaded.pipe, original_spec, repeats, log):  # a stage sampled by this run
         # the faster timing is the original's in evals/ too: a run that reads it gives these speedups again
