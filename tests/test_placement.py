@@ -320,3 +320,18 @@ def test_one_named_gpu_under_a_launch_is_refused(monkeypatch):
     with pytest.raises(UserError, match=r"device 'cuda:1' under accelerate launch \(2 processes\) puts every process "
                                         "on that one GPU; give cuda or auto"):
         resolve_device("cuda:1")
+
+
+def test_zoo_sr_keeps_its_fitted_upsampler_in_float32_in_half_precision():
+    """zoo:sr's fitted 9x9 upsampling filters amplify bfloat16's rounding (1 dB against the ground truth): they stay
+    float32 when the pipeline loads in half precision, and upsample exactly as the float32 pipeline does."""
+    import torch
+
+    from diffslim.models.load import load
+
+    lr = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    full = load("zoo:sr").pipe
+    for dtype in (torch.bfloat16, torch.float16):
+        half = load("zoo:sr", dtype=dtype)
+        assert half.denoiser.dtype == dtype and half.pipe.upsampler.weight.dtype == torch.float32
+        assert torch.equal(half.pipe.upsample(lr), full.upsample(lr))
