@@ -358,18 +358,31 @@ def test_auto_stages_search_in_the_workflow_and_a_rerun_loads_the_result(digits,
     assert not any(m.startswith("  layers:") for m in logs) and any("loaded from" in m for m in logs)
     assert torch.equal(again.outputs[layers_row["stage"]], res.outputs[layers_row["stage"]])
     assert calls == [] and all("earlier sampling of the same stage" in r["notes"] for r in again.rows[1:])
-    # nothing sampled, nothing timed again; the original's faster timing was kept in evals/: the same speedups
-    assert res.timing is not None and again.timing is None
+    # nothing sampled, nothing timed again; the original's faster time and the timing were kept in evals/: the same
+    # speedups and the same timing note (it was missing, and after a run stopped right after sampling its last
+    # stage, never made)
+    assert res.timing is not None and again.timing == res.timing
     assert [r["speedup"] for r in again.rows] == [r["speedup"] for r in res.rows]
     n_evals = len(list((tmp_path / "wf" / "evals").glob("*.pt")))
     k = 2 + len(steps_row["search"])  # the original, the loaded layers stage, the steps search again
     assert f"  {k} of {k} samplings read from {tmp_path / 'wf' / 'evals'}" in logs[-1]
     assert [{k: r[k] for k in ("stage", "psnr", "macs_ratio", "seconds")} for r in again.rows] == [
         {k: r[k] for k in ("stage", "psnr", "macs_ratio", "seconds")} for r in res.rows]
+    # a run stopped after its last sampling but before it timed the original again left no timing: the next run
+    # reads every sampling and times the original again
+    for f in (tmp_path / "wf" / "evals").glob("*.pt"):
+        saved = torch.load(f, weights_only=True)
+        if "timing" in saved:
+            torch.save({k: v for k, v in saved.items() if k != "timing"}, f)
+    calls.clear()
+    third = run_workflow(loaded, "layers:auto,steps:auto", es, tmp_path / "wf", default_steps=STEPS, floor=floor,
+                         progress=False, log=logs.append, metrics_fn=_psnr_metrics)
+    assert calls == [wf.AGAIN] and third.timing is not None and third.timing["first"] == res.rows[0]["seconds"]
     assert n_evals == 1 + len(layers_row["search"]) + len(steps_row["search"])  # the original and each setting tried
     # a damaged file is sampled again, not trusted
     for f in (tmp_path / "wf" / "evals").glob("*.pt"):
         f.write_bytes(f.read_bytes()[:100])
+    calls.clear()
     third = run_workflow(loaded, "layers:auto,steps:auto", es, tmp_path / "wf", default_steps=STEPS, floor=floor,
                          progress=False, log=lambda m: None, metrics_fn=_psnr_metrics)
     assert calls[-1] == wf.AGAIN and len(calls) == k + 1  # and the original timed again after them

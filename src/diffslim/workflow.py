@@ -203,7 +203,8 @@ class WorkflowResult:
     # the joint search's stacks tried: their stages, kept stages, folder, final cost and quality, the chosen one
     branches: list[dict] = field(default_factory=list)
     # the original timed again after the stages, as the bench does (``{"first", "last", "drift"}``; see
-    # :func:`diffslim.bench.timing_note`); None where no stage was sampled afresh (all read from ``evals/``)
+    # :func:`diffslim.bench.timing_note`); where every stage was read from ``evals/``, the timing the run that
+    # sampled them recorded there
     timing: Optional[dict] = None
     # where the stages sampled: ``{"device", "dtype"}`` (a bfloat16 run's rows are not a float32 run's)
     ran_on: Optional[dict] = None
@@ -764,16 +765,26 @@ def _run_stages(loaded, stages: str, evalset, out, default_steps: int = 50, sche
     where = _placement_of(loaded)
     result = WorkflowResult(rows=rows, outputs=outputs, recipe=recipe, stopped=stopped, stages_kept=kept,
                             ran_on={"device": str(where["device"]), "dtype": str(where["dtype"]).removeprefix("torch.")})
-    if timed_here and count["sampled"] > sampled_before \
-            and _time_original_again(result, loaded.pipe, original_spec, repeats, log):  # a stage sampled by this run
-        # the faster timing is the original's in evals/ too: a run that reads it gives these speedups again
+    if timed_here:
         path = eval_file(original_spec, "original", model_fingerprint(loaded.source))[1]
-        if is_first():
-            saved = torch.load(path, weights_only=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            torch.save({**saved, "seconds": result.rows[0]["seconds"]}, tmp)
-            tmp.replace(path)
-        wait_for_everyone()
+        try:
+            stored = torch.load(path, weights_only=True).get("timing")
+        except Exception:  # absent or damaged: time the original again
+            stored = None
+        if count["sampled"] > sampled_before or stored is None:  # a stage sampled by this run, or a run stopped
+            # before it timed the original again (every sampling is then read from evals/ and none timed it)
+            faster = _time_original_again(result, loaded.pipe, original_spec, repeats, log)
+            # the timing, and the faster time as the original's, in evals/ too: a run that reads them gives these
+            # speedups and this timing again
+            if is_first():
+                saved = torch.load(path, weights_only=True)
+                tmp = path.with_suffix(f".{os.getpid()}.tmp")
+                torch.save({**saved, **({"seconds": result.rows[0]["seconds"]} if faster else {}),
+                            "timing": result.timing}, tmp)
+                tmp.replace(path)
+            wait_for_everyone()
+        else:
+            result.timing = stored
     if count["read"]:
         log(f"  {count['read']} of {count['read'] + count['sampled']} samplings read from {evals} (sampled before; "
             "delete it to sample and time afresh)")
