@@ -396,8 +396,9 @@ class PlanState:
         return int(sum(seen.values()))
 
 
-# denoisers whose timestep grows as sampling goes on (Lumina's: 0 is noise, 1 the image)
-REVERSED_TIME = ("Lumina2Transformer2DModel", "LuminaNextDiT2DModel")
+# denoisers whose timestep grows as sampling goes on (Lumina's: 0 is noise, 1 the image; Z-Image's pipelines pass
+# (1000 - t) / 1000 too)
+REVERSED_TIME = ("Lumina2Transformer2DModel", "LuminaNextDiT2DModel", "ZImageTransformer2DModel")
 
 
 def _noise_level(denoiser: Optional[nn.Module], t) -> float:
