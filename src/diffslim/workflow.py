@@ -394,7 +394,8 @@ def run_workflow(loaded, stages: str, evalset, out, default_steps: int = 50, sch
     original samples itself when there is none; see :class:`~diffslim.bench.BenchContext`).
     ``repeats``: timed sampling runs per stage, the fastest counts (the first one's outputs are judged).
     ``layer_calibration``: how many calibration triples the ``layers`` stages' criteria score on (None: the bench's
-    default, 32). Rows hold ``stage``, ``kind``, ``params``, ``macs_per_sample``, ``macs_ratio`` and ``speedup`` (against the
+    default, 32).
+    Rows hold ``stage``, ``kind``, ``params``, ``macs_per_sample``, ``macs_ratio`` and ``speedup`` (against the
     original), the metrics, ``accepted`` and ``notes``.
 
     ``search="greedy"``: each ``auto`` stage takes all the floor it can, in the order given. ``search="joint"``: an
@@ -763,8 +764,9 @@ def _run_stages(loaded, stages: str, evalset, out, default_steps: int = 50, sche
                                     **({"original": original} if model_source != loaded.source else {}),
                                     "description": "diffslim workflow: " + (", ".join(kept) or "no stage kept")})
     where = _placement_of(loaded)
+    ran_on = {"device": str(where["device"]), "dtype": str(where["dtype"]).removeprefix("torch.")}
     result = WorkflowResult(rows=rows, outputs=outputs, recipe=recipe, stopped=stopped, stages_kept=kept,
-                            ran_on={"device": str(where["device"]), "dtype": str(where["dtype"]).removeprefix("torch.")})
+                            ran_on=ran_on)
     if timed_here:
         path = eval_file(original_spec, "original", model_fingerprint(loaded.source))[1]
         try:

@@ -25,17 +25,18 @@ Runtime semantics (the DiP-GO SuperNet, also what DeepCache does):
   call: a call at a lower timestep than the previous one starts the next step, a call at the same
   timestep belongs to the same step (pipelines that call the denoiser twice per step for CFG, PLMS's
   repeated first timestep), and a call at a HIGHER timestep than the previous one starts a new
-  generation, which resets the step index and drops every cache.
-* *Lanes*: a pipeline that guides with two calls per step on the same latents (cond, then uncond:
-  Lumina2, CogView4, Flux's true CFG) gets a cache per call: the uncond call of a step reads what the
-  uncond call of the step before left, not the cond call's features (other text, and in Lumina2 another
-  sequence length). A second call at the same timestep on other latents (PLMS's warm-up) continues the
-  first call's lane, as before. Sampling always walks timesteps
-  downwards, so this needs no cooperation from the pipeline; :meth:`SkipPlanRuntime.reset` resets
+  generation, which resets the step index and drops every cache. Sampling always walks timesteps
+  downwards (for denoisers whose timestep grows instead, ``REVERSED_TIME``, the rule reads it negated),
+  so this needs no cooperation from the pipeline; :meth:`SkipPlanRuntime.reset` resets
   explicitly (e.g. before a generation that starts at the same timestep the last one ended on).
   Schedulers that evaluate the denoiser at more distinct timesteps than they take steps (Heun,
   PNDM's Runge-Kutta warm-up) cannot run a plan indexed by step: :func:`denoiser_steps` tells,
   and :func:`check_scheduler` says so in one line.
+* *Lanes*: a pipeline that guides with two calls per step on the same latents (cond, then uncond:
+  Lumina2, CogView4, Flux's true CFG) gets a cache per call: the uncond call of a step reads what the
+  uncond call of the step before left, not the cond call's features (other text, and in Lumina2 another
+  sequence length). A second call at the same timestep on other latents (PLMS's warm-up) continues the
+  first call's lane, as before.
 
 Everything is a diffusers ``ModelHook`` registered through ``HookRegistry``: one shared
 :class:`PlanState` (step index, caches), one head hook on the root, one hook per unit module, so it
