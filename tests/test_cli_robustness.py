@@ -210,6 +210,11 @@ def test_mistakes_found_by_a_sweep_are_one_line_errors_before_any_work(tmp_path)
     _refused(_cli("demo", "--methods", "full,bogus", "--out", tmp_path / "demo"), "unknown bench method 'bogus'")
     _refused(_cli("bench", "zoo:digits-sd", "--methods", "full", "--bogus"), "No such option: --bogus",
              "bench --help lists what it takes")
+    # --dtype to a trainer: click suggested --data; what it takes instead
+    _refused(_cli("finetune", "zoo:digits-sd", "--depth", "3", "--dtype", "bf16"),
+             "no option --dtype: finetune trains float32 weights; --mixed-precision fp16|bf16")
+    _refused(_cli("dipgo", "zoo:digits-sd", "--ratio", "0.3", "--out", tmp_path / "d.json", "--dtype", "bf16"),
+             "no option --dtype: dipgo trains its pruner in float32", "dipgo:@RECIPE")
     assert not (tmp_path / "demo" / "index.html").exists()
 
 

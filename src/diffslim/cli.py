@@ -19,6 +19,14 @@ from rich.table import Table
 from diffslim import outputs
 from diffslim.errors import Interrupted, UserError
 
+# what the trainers take instead of --dtype
+_TRAINERS = {"finetune": "trains float32 weights; --mixed-precision fp16|bf16 runs its passes in half precision",
+             "distill": "trains float32 weights; --mixed-precision fp16|bf16 runs its passes in half precision",
+             "dipgo": "trains its pruner in float32 (the plan it writes samples in any dtype: sample or bench "
+                      "--dtype bf16 with --recipe / dipgo:@RECIPE)",
+             "zoo-train": "trains float32 weights (sample the result in any dtype)"}
+
+
 class _OneLineErrors(TyperGroup):
     """The command group, with click's usage errors (a bad option value, an unknown option, a missing argument) as
     one line and exit code 2, like the commands' own errors, instead of click's usage, hint and boxed message."""
@@ -38,6 +46,9 @@ class _OneLineErrors(TyperGroup):
             ctx = getattr(e, "ctx", None)
             hint = f" ({ctx.command_path} --help lists what it takes)" if ctx is not None else ""
             message = " ".join(e.format_message().split())
+            if type(e).__name__ == "NoSuchOption" and getattr(e, "option_name", None) == "--dtype" and ctx is not None \
+                    and ctx.command.name in _TRAINERS:  # click suggests --data: say what a trainer takes instead
+                message = f"no option --dtype: {ctx.command.name} {_TRAINERS[ctx.command.name]}"
             err_console.print(f"[bold red]error:[/] {escape(message)}{escape(hint)}", highlight=False,
                               soft_wrap=True)
             sys.exit(e.exit_code)
