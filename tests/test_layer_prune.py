@@ -1207,8 +1207,8 @@ def test_a_denoiser_that_cannot_be_exported_is_refused_before_scoring(tiny_sd_pi
 
 
 def _tiny_family_denoiser(family: str):
-    """A tiny random ``family`` denoiser (Sana, CogView4, AuraFlow, Lumina2, HunyuanDiT) and keyword inputs of one
-    call."""
+    """A tiny random ``family`` denoiser (Sana, CogView4, AuraFlow, Lumina2, HunyuanDiT, Z-Image) and keyword inputs
+    of one call."""
     import diffusers
 
     torch.manual_seed(0)
@@ -1241,6 +1241,11 @@ def _tiny_family_denoiser(family: str):
                                                 multiple_of=16, axes_dim_rope=(4, 2, 2), cap_feat_dim=8)
         kw = dict(hidden_states=r(2, 4, 8, 8), timestep=torch.tensor([0.1, 0.7]), encoder_hidden_states=r(2, 5, 8),
                   encoder_attention_mask=torch.ones(2, 5, dtype=torch.bool))
+    elif family == "zimage":  # per-sample lists: latents (C, frames, H, W) and captions of their own lengths
+        m = diffusers.ZImageTransformer2DModel(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32,
+                                               n_layers=3, n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=16,
+                                               axes_dims=[4, 6, 6], axes_lens=[64, 32, 32])
+        kw = dict(x=[r(4, 1, 8, 8), r(4, 1, 8, 8)], t=torch.tensor([0.1, 0.7]), cap_feats=[r(5, 16), r(3, 16)])
     else:
         from diffusers.models.embeddings import get_2d_rotary_pos_embed
 
@@ -1257,11 +1262,17 @@ def _tiny_family_denoiser(family: str):
     return m.eval(), kw
 
 
-@pytest.mark.parametrize("family", ["sana", "cogview4", "auraflow", "lumina2", "hunyuandit"])
-def test_sana_cogview4_auraflow_lumina2_and_hunyuandit_are_layer_pruned_and_exported(family, tmp_path):
+def _first(model, kw) -> torch.Tensor:
+    """A denoiser's prediction for ``kw``, stacked where it returns one tensor per sample (Z-Image)."""
+    out = model(**kw, return_dict=False)[0]
+    return torch.stack(list(out)) if isinstance(out, (list, tuple)) else out
+
+
+@pytest.mark.parametrize("family", ["sana", "cogview4", "auraflow", "lumina2", "hunyuandit", "zimage"])
+def test_sana_cogview4_auraflow_lumina2_hunyuandit_and_zimage_are_layer_pruned_and_exported(family, tmp_path):
     """Each block of these denoisers is a candidate (AuraFlow's two-stream joint blocks and one-stream single blocks,
     CogView4's blocks that return the image stream first, Lumina2's main stack, HunyuanDiT's blocks with long
-    skips). A keep-all pruning is
+    skips, Z-Image's main stack over per-sample lists). A keep-all pruning is
     the model bit for bit; a pruned model is what the scoring's runtime removal computes, bit for bit, smaller, and
     reloads. Its stock export, a diffusers model with fewer blocks that knows nothing of our stand-ins, computes the
     same bit for bit, which checks that a stand-in passes each stream where the next block reads it. HunyuanDiT
@@ -1274,14 +1285,14 @@ def test_sana_cogview4_auraflow_lumina2_and_hunyuandit_are_layer_pruned_and_expo
     names = lp.candidate_names(model)
     assert len(names) >= 3
     with torch.no_grad():
-        full = model(**kw, return_dict=False)[0]
-        assert torch.equal(lp.prune_layers(model, [])(**kw, return_dict=False)[0], full)
+        full = _first(model, kw)
+        assert torch.equal(_first(lp.prune_layers(model, []), kw), full)
         for name in names:
             pruned = lp.prune_layers(model, [name])
             assert type(pruned).__name__ == f"LayerPruned{type(model).__name__}"
-            out = pruned(**kw, return_dict=False)[0]
+            out = _first(pruned, kw)
             with lp.layers_removed(model, [name]):
-                assert torch.equal(model(**kw, return_dict=False)[0], out)
+                assert torch.equal(_first(model, kw), out)
             assert out.shape == full.shape and not torch.equal(out, full)
             assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters())
             if family == "hunyuandit":
@@ -1291,9 +1302,9 @@ def test_sana_cogview4_auraflow_lumina2_and_hunyuandit_are_layer_pruned_and_expo
             stock = lp.stock_model(pruned)
             assert type(stock) is getattr(diffusers, type(model).__name__)
             assert sum(len(getattr(stock, ln)) for ln in lp._transformer_lists(stock)) == len(names) - 1
-            assert torch.equal(stock(**kw, return_dict=False)[0], out)
+            assert torch.equal(_first(stock, kw), out)
         pruned = lp.prune_layers(model, names[1:3])
         pruned.save_pretrained(str(tmp_path / "m"), safe_serialization=True)
         again = load(str(tmp_path / "m")).denoiser
         assert list(again.config.removed_layers) == names[1:3]
-        assert torch.equal(again(**kw, return_dict=False)[0], pruned(**kw, return_dict=False)[0])
+        assert torch.equal(_first(again, kw), _first(pruned, kw))

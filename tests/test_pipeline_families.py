@@ -713,6 +713,75 @@ def _tiny_auraflow(tiny_sd_pipe):
     return pipe
 
 
+def _tiny_lumina2(tiny_sd_pipe):
+    """A tiny Lumina2Pipeline (Gemma2 text encoder, refiners and a main stack; time runs from noise at 0 to the image
+    at 1; with guidance it calls the denoiser for the prompt and then for the negative prompt)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, Lumina2Pipeline, Lumina2Transformer2DModel
+    from transformers import Gemma2Config, Gemma2Model
+
+    torch.manual_seed(0)
+    tr = Lumina2Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, hidden_size=8, num_layers=3,
+                                   num_refiner_layers=1, num_attention_heads=1, num_kv_heads=1, multiple_of=16,
+                                   axes_dim_rope=(4, 2, 2), cap_feat_dim=8).eval()
+    te = Gemma2Model(Gemma2Config(head_dim=4, hidden_size=8, intermediate_size=8, num_attention_heads=2,
+                                  num_hidden_layers=1, num_key_value_heads=2, vocab_size=1000,
+                                  attn_implementation="eager")).eval()
+    pipe = Lumina2Pipeline(transformer=tr, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                           vae=_tiny_vae(shift_factor=0.1),
+                           text_encoder=te, tokenizer=tiny_sd_pipe.tokenizer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _tiny_zimage(tiny_sd_pipe):
+    """A tiny ZImagePipeline (Qwen3 text encoder through a chat template; a transformer that takes lists of per-image
+    latents and captions; time runs from noise at 0 to the image at 1)."""
+    import copy
+
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    torch.manual_seed(0)
+    tok = copy.deepcopy(tiny_sd_pipe.tokenizer)
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    tr = ZImageTransformer2DModel(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32, n_layers=3,
+                                  n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=16, axes_dims=[4, 6, 6],
+                                  axes_lens=[64, 32, 32]).eval()
+    te = Qwen3Model(Qwen3Config(vocab_size=1000, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                num_attention_heads=2, num_key_value_heads=2, head_dim=8)).eval()
+    pipe = ZImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=_tiny_vae(shift_factor=0.1),
+                          text_encoder=te, tokenizer=tok, transformer=tr)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _tiny_cogview4(tiny_sd_pipe):
+    """A tiny CogView4Pipeline (GLM text encoder; captions padded to each call's longest, so calls differ in length)."""
+    from diffusers import CogView4Pipeline, CogView4Transformer2DModel, FlowMatchEulerDiscreteScheduler
+    from transformers import GlmConfig, GlmModel
+
+    torch.manual_seed(0)
+    tr = CogView4Transformer2DModel(patch_size=2, in_channels=4, num_layers=3, attention_head_dim=4,
+                                    num_attention_heads=4, out_channels=4, text_embed_dim=32, time_embed_dim=8,
+                                    condition_dim=4, sample_size=8, pos_embed_max_size=32, rope_axes_dim=(4, 4)).eval()
+    te = GlmModel(GlmConfig(hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=4,
+                            head_dim=8, vocab_size=1000, pad_token_id=1)).eval()
+    sched = FlowMatchEulerDiscreteScheduler(base_shift=0.25, max_shift=0.75, base_image_seq_len=256,
+                                            use_dynamic_shifting=True, time_shift_type="linear")
+    pipe = CogView4Pipeline(tokenizer=tiny_sd_pipe.tokenizer, text_encoder=te, vae=_tiny_vae(), transformer=tr,
+                            scheduler=sched)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _tiny_vae(**kw):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 16), latent_channels=4,
+                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                         norm_num_groups=8, sample_size=16, **kw).eval()
+
+
 def test_dpm_solver_on_flow_sigmas_is_trained_as_the_flow_it_samples():
     """Sana's released scheduler, DPM-Solver on flow sigmas shifted by flow_shift: the trainer's noisy input at one of
     its sigmas is the scheduler's own add_noise there, the target noise - x0 (its flow_prediction); the timestep the
@@ -737,30 +806,39 @@ def test_dpm_solver_on_flow_sigmas_is_trained_as_the_flow_it_samples():
     torch.testing.assert_close(flow.shifted(u), 3 * u / (1 + 2 * u))
 
 
-@pytest.mark.parametrize("family", ["sana", "auraflow"])
-def test_sana_and_auraflow_tasks_call_the_denoiser_as_their_pipelines_do(family, tiny_sd_pipe, tmp_path):
+@pytest.mark.parametrize("family", ["sana", "auraflow", "lumina2", "zimage"])
+def test_sana_auraflow_lumina2_and_zimage_tasks_call_the_denoiser_as_their_pipelines_do(family, tiny_sd_pipe,
+                                                                                        tmp_path):
     """The distillation task of Sana (Gemma embeddings encoded with the pipeline's complex human instruction, the
-    timestep times timestep_scale) and of AuraFlow (the timestep as a fraction) predicts what the pipeline's own
-    denoiser call predicts for the same prompt, latents and timestep; the output-loss criterion scores their blocks
-    on captioned images and a pruned student distils from them, reproducibly."""
+    timestep times timestep_scale), of AuraFlow (the timestep as a fraction), of Lumina2 (its system prompt, time
+    reversed, the prediction negated as its pipeline negates it) and of Z-Image (lists of per-image latents and
+    captions, time reversed, negated) predicts what the pipeline's own denoiser call predicts for the same prompt,
+    latents and timestep; the output-loss criterion scores their blocks on captioned images and a pruned student
+    distils from them, reproducibly."""
     from diffslim.methods.layer_prune import calibration, candidates, prune_layers, score_layers
     from diffslim.sample import SampleSpec, _stop_at_first_call
     from diffslim.train.data import make_dataset
     from diffslim.train.distill import DistillConfig, distill, task_for
 
-    pipe = _tiny_sana(tiny_sd_pipe) if family == "sana" else _tiny_auraflow(tiny_sd_pipe)
+    pipe = {"sana": _tiny_sana, "auraflow": _tiny_auraflow, "lumina2": _tiny_lumina2,
+            "zimage": _tiny_zimage}[family](tiny_sd_pipe)
     den = pipe.transformer
     spec = SampleSpec(inputs=[{"prompt": "a red cat"}], seeds=[0], num_inference_steps=3,
-                      call_kwargs={"guidance_scale": 1.0, "height": 32, "width": 32,
+                      call_kwargs={"guidance_scale": 0.0 if family == "zimage" else 1.0, "height": 32, "width": 32,
                                    **({"use_resolution_binning": False} if family == "sana" else {})})
-    args, kwargs = _stop_at_first_call(pipe, spec)["call"]
-    call = dict(zip(("hidden_states",), args), **kwargs)
+    args, kwargs = _stop_at_first_call(pipe, spec)["call"]  # no guidance (Z-Image guides at any scale above 0)
     with torch.no_grad():
-        own = den(**{**call, "return_dict": False})[0]
+        own = den(*args, **{**kwargs, "return_dict": False})[0]
         task = task_for(pipe)
         _, cond = task.encode({"image": torch.zeros(1, 3, 32, 32), "text": ["a red cat"]}, torch.Generator(), "cpu")
-        t = call["timestep"] / 0.5 if family == "sana" else call["timestep"] * 1000  # the trainer's sigma x 1000
-        torch.testing.assert_close(task.predict(den, call["hidden_states"], t, cond), own)
+        if family == "zimage":  # forward(x, t, cap_feats), one (C, 1, H, W) tensor per image
+            x, ts, own = torch.stack(args[0]).squeeze(2), args[1], -torch.stack(own).squeeze(2)
+        else:
+            call = dict(zip(("hidden_states",), args), **kwargs)
+            x, ts, own = call["hidden_states"], call["timestep"], -own if family == "lumina2" else own
+        # the trainer's sigma x 1000
+        t = {"sana": ts / 0.5, "auraflow": ts * 1000, "lumina2": (1 - ts) * 1000, "zimage": (1 - ts) * 1000}[family]
+        torch.testing.assert_close(task.predict(den, x, t, cond), own)
     data = str(_captioned_images(tmp_path / "imgs"))
     calib = calibration(pipe, n=4, data=data, size=32)
     assert torch.equal(calib.xt, calibration(pipe, n=4, data=data, size=32).xt)
@@ -814,3 +892,83 @@ def test_an_lcm_pipeline_refuses_a_scheduler_it_cannot_sample_with(tiny_sd_pipe)
     sd = StableDiffusionPipeline(**parts, unet=tiny_sd_pipe.unet, scheduler=LCMScheduler(),
                                  requires_safety_checker=False)  # an SD pipeline with an LCM scheduler may swap it
     assert sample(sd, spec).shape == (1, 3, 16, 16)
+
+
+def test_sampling_calibration_takes_steps_not_calls_where_guidance_calls_the_denoiser_twice(tiny_sd_pipe):
+    """Lumina2 guides with a call for the prompt and one for the negative prompt at every step. Sampling calibration
+    stratifies over the steps a run makes: each of 4 triples is at another of the 4 steps (it took the first 4 calls,
+    two steps' cond and uncond, before), each the prompt's call."""
+    from diffslim.methods.layer_prune import sampling_calibration
+
+    pipe = _tiny_lumina2(tiny_sd_pipe)
+    kw = {"guidance_scale": 4.0, "height": 32, "width": 32}
+    seen = []
+    hook = pipe.transformer.register_forward_pre_hook(lambda m, a, k: seen.append(float(k["timestep"][0])),
+                                                      with_kwargs=True)
+    try:
+        pipe("a red cat", num_inference_steps=4, **kw)
+    finally:
+        hook.remove()
+    assert len(seen) == 8 and seen[0::2] == seen[1::2]  # two calls a step
+    calib = sampling_calibration(pipe, n=4, steps=4, inputs=[{"prompt": "a red cat"}], call_kwargs=kw)
+    assert sorted(calib.source["calls"]) == [0, 1, 2, 3]
+    torch.testing.assert_close(sorted(calib.t.tolist()), sorted(seen[0::2]))
+    assert calib.cond["encoder_attention_mask"].sum(1).min() > 1  # the prompt's tokens, not the empty negative's
+
+
+def test_sampling_calibration_batches_calls_whose_captions_differ_in_length(tiny_sd_pipe):
+    """CogView4 pads captions to each call's longest and passes no mask, so calls for a short and a long prompt differ
+    in length and could not be joined (a RuntimeError in torch.cat). They are kept in segments of one length: no
+    batch straddles two, and the predictions are those of each triple alone."""
+    import dataclasses
+
+    from diffslim.methods.layer_prune import output_loss, sampling_calibration
+
+    pipe = _tiny_cogview4(tiny_sd_pipe)
+    prompts = [{"prompt": "a cat"}, {"prompt": "a very long prompt about a red dog on a green hill under the sky"}]
+    calib = sampling_calibration(pipe, n=4, steps=2, inputs=prompts, sample_batch=1,
+                                 call_kwargs={"guidance_scale": 1.0, "height": 32, "width": 32})
+    assert len(calib) == 4 and len(calib.bounds) == 1 and isinstance(calib.cond, list)
+    lengths = {c["encoder_hidden_states"].shape[1] for c in calib.cond}
+    assert len(lengths) == 2
+    den = pipe.transformer
+    together = calib.run(den)
+    alone = dataclasses.replace(calib, batch_size=1).run(den)
+    torch.testing.assert_close(together, alone)
+    assert output_loss(den, calib, []) == 0.0 and output_loss(den, calib, ["transformer_blocks.1"]) > 0
+
+
+def test_zimage_samples_at_its_call_default_and_is_calibrated_and_layer_pruned_on_its_sampling(tiny_sd_pipe,
+                                                                                              tmp_path):
+    """Z-Image states no image size (its call falls back to 1024 px); it takes lists of per-image latents and of
+    captions of their own lengths, and its timestep argument is ``t``. A sampling calibration records its calls (the
+    prompt's and the empty negative prompt's captions differ in length, padded and cut back), predicts what its own
+    call predicted, and a layer-pruned model saved as the stock class with one block fewer reloads and predicts the
+    same."""
+    import diffusers
+
+    from diffslim.methods import layer_prune as lp
+    from diffslim.sample import _stop_at_first_call
+    from diffslim.train.data import pipeline_image_size
+
+    pipe = _tiny_zimage(tiny_sd_pipe)
+    assert pipeline_image_size(pipe) == 1024
+    kw = {"guidance_scale": 3.0, "height": 32, "width": 32}
+    calib = lp.sampling_calibration(pipe, n=1, steps=1, inputs=[{"prompt": "a red cat"}], call_kwargs=kw, seed=0)
+    assert len(calib) == 2
+    spec = SampleSpec(inputs=[{"prompt": "a red cat"}], seeds=calib.source["seeds"], num_inference_steps=1,
+                      call_kwargs=kw)
+    args, kwargs = _stop_at_first_call(pipe, spec)["call"]
+    den = pipe.transformer
+    assert len(args[0]) == 2 and args[2][0].shape[0] != args[2][1].shape[0]  # guidance: the prompt's, the negative's
+    with torch.no_grad():
+        own = torch.stack(den(*args, **{**kwargs, "return_dict": False})[0])
+    torch.testing.assert_close(calib.run(den), own)
+    scores = lp.score_layers(den, lp.candidates(den), "output-loss", calib)
+    assert sorted(scores) == ["layers.0", "layers.1", "layers.2"] and all(v > 0 for v in scores.values())
+    pruned = lp.prune_layers(den, ["layers.1"])
+    stock = lp.stock_model(pruned)
+    assert type(stock) is diffusers.ZImageTransformer2DModel and stock.config.n_layers == 2
+    stock.save_pretrained(str(tmp_path / "m"))
+    again = diffusers.ZImageTransformer2DModel.from_pretrained(str(tmp_path / "m")).eval()
+    torch.testing.assert_close(calib.run(again), calib.run(pruned), rtol=0, atol=0)

@@ -1618,13 +1618,17 @@ def layer_prune_cmd(
         from diffslim.methods.layer_prune import check_stock_selection
 
         check_stock_selection(loaded.denoiser, criterion, inner)
-    calib = (_layer_calibration(loaded, calibration_kind, n, seed, data, resolution, calib_steps) if needs_calib
-             else None)
     keep = []
     if stock and not is_unet(loaded.denoiser):  # select only among blocks a stock config can lose
         from diffslim.methods.layer_prune import stock_keeps
 
         keep = stock_keeps(loaded.denoiser)
+    if by == "params" and criterion not in bk:  # a ratio the removable layers cannot reach: before any sampling
+        from diffslim.methods.layer_prune import check_reachable
+
+        check_reachable(loaded.denoiser, ratio, inner, keep, stock)
+    calib = (_layer_calibration(loaded, calibration_kind, n, seed, data, resolution, calib_steps) if needs_calib
+             else None)
     macs_inputs = None
     if by == "macs" and loaded.pipe is not None and criterion not in bk:  # the MACs of the call the pipeline makes
         macs_inputs = _first_call(loaded, data)

@@ -329,6 +329,8 @@ def denoiser_calls(pipe, spec: SampleSpec, at, progress: bool = False) -> list[D
         raise UserError(f"{len(at)} call numbers for {len(spec.inputs)} inputs; give one per input")
     den = denoiser_of(pipe)
     sig = inspect.signature(den.forward)
+    params = list(sig.parameters)
+    t_name = "timestep" if "timestep" in params else (params[1] if len(params) > 1 else None)  # Z-Image: ``t``
     out: list = [None] * len(spec.inputs)
 
     def batch(idx: list) -> dict:
@@ -337,6 +339,11 @@ def denoiser_calls(pipe, spec: SampleSpec, at, progress: bool = False) -> list[D
         state = {"count": 0, "at": None if callable(at) else list(at)}
 
         def capture(module, args, kwargs, idx=idx, state=state):
+            named = dict(sig.bind(*args, **kwargs).arguments)
+            if "kwargs" in named and isinstance(named["kwargs"], dict) and "kwargs" not in kwargs:
+                named.update(named.pop("kwargs"))
+            if _same_step(state, named, t_name):  # the step's second call (split guidance): the first one counted
+                return None
             k = state["count"]
             state["count"] += 1
             if state["at"] is None:
@@ -346,15 +353,12 @@ def denoiser_calls(pipe, spec: SampleSpec, at, progress: bool = False) -> list[D
             wanted = {state["at"][i] for i in idx}
             if k not in wanted:
                 return None
-            named = dict(sig.bind(*args, **kwargs).arguments)
-            if "kwargs" in named and isinstance(named["kwargs"], dict) and "kwargs" not in kwargs:
-                named.update(named.pop("kwargs"))
             first = next(iter(named.values()))
-            b, m = len(idx), first.shape[0]
+            b, m = len(idx), (len(first) if isinstance(first, (list, tuple)) else first.shape[0])
             if m % b:
                 raise UserError(f"{type(pipe).__name__} calls its denoiser with a batch of {m} rows for {b} inputs; "
                                 "its rows cannot be told apart by input")
-            named = {key: (v.detach().clone() if torch.is_tensor(v) else v) for key, v in named.items()}
+            named = {key: _cloned(v) for key, v in named.items()}
             for j, i in enumerate(idx):
                 if state["at"][i] == k:
                     found[i] = DenoiserCall(named, [j + r * b for r in range(m // b)], k)
@@ -397,6 +401,38 @@ def denoiser_calls(pipe, spec: SampleSpec, at, progress: bool = False) -> list[D
         for i, call in _moved(part, device).items():
             out[i] = call
     return out
+
+
+def _cloned(v):
+    """A recorded argument detached from the run: tensors cloned (in lists and tuples too: Z-Image's per-sample
+    latents and captions)."""
+    if torch.is_tensor(v):
+        return v.detach().clone()
+    if isinstance(v, (list, tuple)) and any(torch.is_tensor(e) for e in v):
+        return type(v)(_cloned(e) for e in v)
+    return v
+
+
+def _same_step(state: dict, named: dict, t_name: Optional[str]) -> bool:
+    """Whether a denoiser call is the current step's second one: the same timestep on the same latents as the call
+    before (Lumina2, CogView4 and Flux's true CFG call the denoiser for the prompt and then for the negative prompt).
+    Such a call is not counted as a step of its own: the calls a run makes are its steps' first calls. Records the
+    call's timestep and latents in ``state`` for the next call."""
+    x = next(iter(named.values()), None)
+    t = named.get(t_name) if t_name is not None else None
+    prev = state.get("prev")
+    same = prev is not None and _equal(prev[0], t) and _equal(prev[1], x)
+    if not same:
+        state["prev"] = (_cloned(t), _cloned(x))
+    return same
+
+
+def _equal(a, b) -> bool:
+    if torch.is_tensor(a) and torch.is_tensor(b):
+        return a.shape == b.shape and bool(torch.equal(a, b))
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
+    return not torch.is_tensor(a) and not torch.is_tensor(b) and a == b
 
 
 def _moved(obj, device):

@@ -58,8 +58,10 @@ def profile_denoiser(loaded, den, height: Optional[int] = None, width: Optional[
     scale = loaded.vae_scale_factor
     h = None if height is None else _pixels_to_latent(height, scale, "height")
     w = None if width is None else _pixels_to_latent(width, scale, "width")
-    default = getattr(loaded.pipe, "default_sample_size", None)
-    if getattr(den.config, "sample_size", None) is None and default is not None:  # Flux: its pipeline's size
+    from diffslim.train.data import pipeline_default_latent_size
+
+    default = None if loaded.pipe is None else pipeline_default_latent_size(loaded.pipe)
+    if getattr(den.config, "sample_size", None) is None and default is not None:  # Flux, Z-Image: the pipeline's size
         h, w = default if h is None else h, default if w is None else w
     _check_grid(den, h, w, scale)
     kw = {"context_tokens": 2} if loaded.zoo is not None and isinstance(den, UNet2DConditionModel) else {}

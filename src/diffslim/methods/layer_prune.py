@@ -8,7 +8,7 @@ A *layer* is a piece of a denoiser that can be removed while the model stays wel
   (SDXL's deep levels) replace those attention layers as candidates.
 - transformer denoisers: each block of ``transformer_blocks`` (DiT, PixArt, SD3, Sana, CogView4) and, for Flux,
   of ``transformer_blocks`` and ``single_transformer_blocks`` (AuraFlow: ``joint_transformer_blocks`` and
-  ``single_transformer_blocks``; HunyuanDiT: ``blocks``; Lumina2: ``layers``).
+  ``single_transformer_blocks``; HunyuanDiT: ``blocks``; Lumina2 and Z-Image: ``layers``).
 
 Removal replaces a layer by a *stand-in* whose forward is the layer's shortcut:
 
@@ -417,7 +417,7 @@ def _pruned_class(base: type, name: str) -> type:
 # the denoisers a layer-pruned model is exported from (as ``LayerPruned<name>``)
 EXPORTED = ("UNet2DConditionModel", "UNet2DModel", "DiTTransformer2DModel", "PixArtTransformer2DModel",
             "SD3Transformer2DModel", "FluxTransformer2DModel", "SanaTransformer2DModel", "CogView4Transformer2DModel",
-            "AuraFlowTransformer2DModel", "HunyuanDiT2DModel", "Lumina2Transformer2DModel")
+            "AuraFlowTransformer2DModel", "HunyuanDiT2DModel", "Lumina2Transformer2DModel", "ZImageTransformer2DModel")
 
 
 def _make_classes() -> dict[type, type]:
@@ -526,7 +526,8 @@ _LIST_LENGTH_KEY = {"transformer_blocks": "num_layers", "single_transformer_bloc
 # block k with block n - 1 - k, so fewer blocks in a stock config would pair other blocks)
 _LIST_LENGTH_KEYS = {"AuraFlowTransformer2DModel": {"joint_transformer_blocks": "num_mmdit_layers",
                                                     "single_transformer_blocks": "num_single_dit_layers"},
-                     "Lumina2Transformer2DModel": {"layers": "num_layers"}}
+                     "Lumina2Transformer2DModel": {"layers": "num_layers"},
+                     "ZImageTransformer2DModel": {"layers": "n_layers"}}
 
 
 def _kept(blocks: nn.ModuleList) -> list[int]:
@@ -938,9 +939,27 @@ class Calibration:
     predict: Callable
     batch_size: int = 64
     source: dict = field(default_factory=dict)
+    # where the conditioning changes shape (CogView4's captions, padded to each call's longest): the starts of the
+    # segments after the first; ``cond`` is then a list of one dict per segment, and no batch straddles two
+    bounds: tuple = ()
 
     def __len__(self) -> int:
         return self.xt.shape[0]
+
+    def chunks(self) -> list[tuple[int, int]]:
+        """The ``(i, j)`` ranges of triples run together: ``batch_size`` at most, within a segment."""
+        edges = [0, *self.bounds, len(self)]
+        return [(i, min(i + self.batch_size, b)) for a, b in zip(edges, edges[1:])
+                for i in range(a, b, self.batch_size)]
+
+    def _cond_at(self, i: int, j: int):
+        if not self.bounds:
+            return self._slice(self.cond, i, j)
+        edges = [0, *self.bounds, len(self)]
+        s = max(k for k in range(len(edges) - 1) if edges[k] <= i)
+        if j > edges[s + 1]:
+            raise ValueError(f"triples {i}:{j} straddle two conditioning segments (use chunks())")
+        return self._slice(self.cond[s], i - edges[s], j - edges[s])
 
     def _slice(self, value, i, j):
         if torch.is_tensor(value):
@@ -959,15 +978,15 @@ class Calibration:
                 return {k: cast(x) for k, x in v.items()}
             return v
 
-        return cast(self.xt[i:j]), self.t[i:j], cast(self._slice(self.cond, i, j))
+        return cast(self.xt[i:j]), self.t[i:j], cast(self._cond_at(i, j))
 
     @torch.no_grad()
     def run(self, denoiser: nn.Module) -> torch.Tensor:
         """The denoiser's predictions on every triple, ``(N, C, H, W)`` (float32, whatever the denoiser's dtype)."""
         dtype = next(denoiser.parameters()).dtype
         outs = []
-        for i in range(0, len(self), self.batch_size):
-            outs.append(self.predict(denoiser, *self.inputs(i, i + self.batch_size, dtype)).float())
+        for i, j in self.chunks():
+            outs.append(self.predict(denoiser, *self.inputs(i, j, dtype)).float())
         return torch.cat(outs)
 
 
@@ -1088,23 +1107,30 @@ def sampling_calibration(pipe, n: int = 32, seed: int = 0, data: str = "zoo", st
     den = denoiser_of(pipe)
     names = list(inspect.signature(den.forward).parameters)
     x_name = names[0]
-    if "timestep" not in names:
+    # the timestep by name, or a second positional argument named t (Z-Image's forward(x, t, cap_feats))
+    t_name = "timestep" if "timestep" in names else ("t" if names[1:2] == ["t"] else None)
+    if t_name is None:
         raise UserError(f"{type(den).__name__}.forward takes no 'timestep': sampling calibration cannot tell its "
                         "timestep apart")
     calls = denoiser_calls(pipe, spec, at, progress=progress)
-    xs, ts, conds, shared, seqs = [], [], [], None, {}
+    xs, ts, conds, shared, seqs, per_row = [], [], [], None, {}, set()
+    # a denoiser that takes a list of per-sample tensors (Z-Image: latents and captions, of their own lengths)
+    listed = isinstance(calls[0].arguments[x_name], (list, tuple))
     for named, rows, _ in calls:
-        x = named[x_name]
+        x = torch.stack(list(named[x_name])) if listed else named[x_name]
         m = x.shape[0]
-        t = torch.as_tensor(named["timestep"], device=x.device)
+        t = torch.as_tensor(named[t_name], device=x.device)
         ts.append(t.reshape(-1).expand(m)[rows] if t.numel() == 1 else t[rows])
         xs.append(x[rows].float())
         rest = {}
         for k, v in named.items():
-            if k in (x_name, "timestep"):
+            if k in (x_name, t_name):
                 continue
-            if isinstance(v, (list, tuple)) and v and all(torch.is_tensor(e) and e.dim() > 0 and e.shape[0] == m
-                                                          for e in v):
+            if listed and isinstance(v, (list, tuple)) and len(v) == m and all(torch.is_tensor(e) for e in v):
+                per_row.add(k)  # one tensor per row: padded to one length, and cut back to it for each call
+                v = {"rows": _padded(list(v)), "lens": torch.tensor([e.shape[0] for e in v], device=x.device)}
+            elif isinstance(v, (list, tuple)) and v and all(torch.is_tensor(e) and e.dim() > 0 and e.shape[0] == m
+                                                            for e in v):
                 seqs[k] = (type(v), len(v))  # e.g. a ControlNet's residuals, one tensor per skip connection
                 v = {str(i): e for i, e in enumerate(v)}
             rest[k] = v
@@ -1115,21 +1141,68 @@ def sampling_calibration(pipe, n: int = 32, seed: int = 0, data: str = "zoo", st
         elif not _same(static, shared):
             raise UserError(f"{type(pipe).__name__}'s denoiser calls differ in an argument that has no row per "
                             "input; sampling calibration cannot batch them")
-    cond = _cat(conds)
+    for k in per_row:  # one length over all calls
+        longest = max(c[k]["rows"].shape[1] for c in conds)
+        for c in conds:
+            c[k]["rows"] = _padded(list(c[k]["rows"]), longest)
+    order, cond, bounds = _segments(conds)
     in_ch = getattr(getattr(den, "config", None), "in_channels", None)
     out_ch = getattr(getattr(den, "config", None), "out_channels", None)
     learned_sigma = in_ch is not None and out_ch == 2 * in_ch  # DiT, PixArt: the pipeline keeps the first half
 
     def predict(denoiser, xt, t, c):
         c = {k: (seqs[k][0](v[str(i)] for i in range(seqs[k][1])) if k in seqs else v) for k, v in c.items()}
-        out = denoiser(**{x_name: xt, "timestep": t}, **_merged(shared, c))
+        c = {k: ([r[:n] for r, n in zip(v["rows"], v["lens"].tolist())] if k in per_row else v) for k, v in c.items()}
+        out = denoiser(**{x_name: list(xt.unbind(0)) if listed else xt, t_name: t}, **_merged(shared, c))
         out = out[0] if isinstance(out, tuple) else getattr(out, "sample", out)
+        out = torch.stack(list(out)) if isinstance(out, (list, tuple)) else out
         return out[:, :in_ch] if learned_sigma else out
 
-    return Calibration(xt=torch.cat(xs), t=torch.cat(ts), cond=cond, target=None, predict=predict,
-                       batch_size=batch_size, source={"inputs": inputs, "seeds": seeds, "steps": steps,
-                                                      "calls": [c.call for c in calls],
-                                                      "rows": [len(c.rows) for c in calls]})
+    return Calibration(xt=torch.cat([xs[i] for i in order]), t=torch.cat([ts[i] for i in order]), cond=cond,
+                       target=None, predict=predict, batch_size=batch_size, bounds=bounds,
+                       source={"inputs": inputs, "seeds": seeds, "steps": steps, "calls": [c.call for c in calls],
+                               "rows": [len(c.rows) for c in calls]})
+
+
+def _padded(rows: list, length: Optional[int] = None) -> torch.Tensor:
+    """Per-row tensors of their own lengths (dim 0) stacked, zero-padded to ``length`` (default the longest)."""
+    length = max(r.shape[0] for r in rows) if length is None else length
+    return torch.stack([torch.cat([r, r.new_zeros((length - r.shape[0], *r.shape[1:]))]) for r in rows])
+
+
+def _shapes(value, prefix: str = "") -> tuple:
+    """The shapes beyond the batch dimension of every tensor in a call's batched arguments, by name."""
+    if isinstance(value, dict):
+        return tuple(x for k in sorted(value) for x in _shapes(value[k], f"{prefix}.{k}"))
+    return ((prefix, tuple(value.shape[1:])),) if torch.is_tensor(value) else ()
+
+
+def _segments(conds: list[dict]) -> tuple[list[int], object, tuple]:
+    """The calls' batched arguments joined where their shapes agree: ``(order, cond, bounds)`` with the calls
+    reordered so that equal shapes follow each other, ``cond`` one dict (all alike) or a list of one per segment, and
+    ``bounds`` the segments' starts after the first, in rows (a Calibration's fields)."""
+    keys: dict = {}
+    for i, c in enumerate(conds):
+        keys.setdefault(_shapes(c), []).append(i)
+    groups = list(keys.values())
+    order = [i for g in groups for i in g]
+    if len(groups) == 1:
+        return order, _cat(conds), ()
+    cond = [_cat([conds[i] for i in g]) for g in groups]
+    sizes = [len(_rows_of(c)) for c in cond]
+    return order, cond, tuple(int(x) for x in np.cumsum(sizes)[:-1])
+
+
+def _rows_of(cond: dict) -> torch.Tensor:
+    """A tensor of ``cond`` with one row per triple (any: they all have the batch's rows)."""
+    for v in cond.values():
+        if torch.is_tensor(v):
+            return v
+        if isinstance(v, dict):
+            found = _rows_of(v)
+            if found is not None:
+                return found
+    return None
 
 
 def output_loss(model: nn.Module, calib: Calibration, names: Sequence[str],
@@ -1204,8 +1277,7 @@ def _taylor_scores(model: nn.Module, layers: Sequence[Layer], calib: Calibration
         model.requires_grad_(True)
         model.zero_grad(set_to_none=True)
         with torch.enable_grad():
-            for i in range(0, len(calib), calib.batch_size):
-                j = i + calib.batch_size
+            for i, j in calib.chunks():
                 pred = calib.predict(model, *calib.inputs(i, j, next(model.parameters()).dtype))
                 loss = (pred.float() - calib.target[i:j].float()).pow(2).sum() / calib.target.numel()
                 loss.backward()
@@ -1423,6 +1495,18 @@ def check_ratio(ratio: float) -> float:
     if not (isinstance(ratio, (int, float)) and 0 < ratio < 1):
         raise UserError(f"pruning ratio {ratio!r} is outside (0, 1); e.g. 0.5 removes half the parameters")
     return float(ratio)
+
+
+def check_reachable(model: nn.Module, ratio: float, inner: bool = False, keep: Sequence[str] = (),
+                    stock: bool = False) -> None:
+    """Refuse, before any calibration or scoring, a ratio of the params that the removable layers cannot reach
+    (``keep``, ``stock``, ``inner``: the candidates as :func:`layer_prune` takes them)."""
+    from diffslim.models.anatomy import anatomy
+
+    check_ratio(ratio)
+    pool = stock_candidate_names(model, inner) if stock and is_unet(model) else candidate_names(model, inner)
+    layers = candidates(model, inner=inner, names=[n for n in pool if n not in set(keep)])
+    select(layers, dict.fromkeys((l.name for l in layers), 0.0), ratio, anatomy(model, count_macs=False).params)
 
 
 def select(layers: Sequence[Layer], scores: Mapping[str, float], ratio: float, total: int, by: str = "params",
@@ -1922,8 +2006,9 @@ def layer_prune(model: nn.Module, criterion: str = "output-loss", ratio: Optiona
         total = an.params if by == "params" else an.macs
         if total is None:
             raise UserError("selection by MACs needs the MACs of the model: it cannot be counted here")
-        if max_params is not None:  # an unreachable cap is refused before any scoring
-            select(layers, dict.fromkeys((l.name for l in layers), 0.0), ratio, total, by, (max_params, an.params))
+        # an unreachable ratio or cap is refused before any scoring
+        select(layers, dict.fromkeys((l.name for l in layers), 0.0), ratio, total, by,
+               None if max_params is None else (max_params, an.params))
         if criterion == "greedy":
             if calib is None:
                 raise UserError("criterion 'greedy' needs calibration data (a model with weights and a pipeline)")

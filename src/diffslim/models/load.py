@@ -30,6 +30,7 @@ SUPPORTED_DENOISERS = (
     "AuraFlowTransformer2DModel",
     "HunyuanDiT2DModel",
     "Lumina2Transformer2DModel",
+    "ZImageTransformer2DModel",
     # our own exports: diffusers models with a depth-skip config
     "DepthSkipUNet2DConditionModel",
     "DepthSkipUNet2DModel",
@@ -45,6 +46,7 @@ SUPPORTED_DENOISERS = (
     "LayerPrunedAuraFlowTransformer2DModel",
     "LayerPrunedHunyuanDiT2DModel",
     "LayerPrunedLumina2Transformer2DModel",
+    "LayerPrunedZImageTransformer2DModel",
     # both (diffslim.combined): a ``depth_skip`` and a ``removed_layers`` config
     "DepthSkipLayerPrunedUNet2DConditionModel",
     "DepthSkipLayerPrunedUNet2DModel",

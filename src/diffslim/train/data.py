@@ -373,15 +373,35 @@ def pipeline_image_size(pipe) -> int:
         raise UserError(f"{type(pipe).__name__} has no unet, transformer or denoiser")
     size = getattr(den.config, "sample_size", None)
     if size is None:  # Flux's transformer has none: its pipeline's default (128 latents: 1024 px)
-        size = getattr(pipe, "default_sample_size", None)
-        if size is None:
+        latent = pipeline_default_latent_size(pipe)
+        if latent is None:
             raise UserError(f"{type(den).__name__} has no sample_size and {type(pipe).__name__} no default_sample_size: "
                              "the training image size is unknown")
+        size = latent
     size = size[0] if isinstance(size, (list, tuple)) else int(size)
     vae = getattr(pipe, "vae", None)
     if vae is not None:
         size *= _vae_factor(pipe, vae)
     return int(size)
+
+
+# pipelines whose __call__ falls back to a fixed pixel size (``height = height or 1024``) that neither the pipeline
+# (``default_sample_size``) nor its denoiser (``sample_size``) states
+CALL_DEFAULT_PX = {"ZImagePipeline": 1024, "ZImageImg2ImgPipeline": 1024}
+
+
+def pipeline_default_latent_size(pipe) -> Optional[int]:
+    """The latent side a pipeline samples at when given no height or width, where its denoiser states no
+    ``sample_size``: the pipeline's ``default_sample_size`` (Flux), else its call's fixed default in pixels
+    (:data:`CALL_DEFAULT_PX`: Z-Image's 1024 px) over its VAE's factor; None if neither is known."""
+    size = getattr(pipe, "default_sample_size", None)
+    if size is not None:
+        return int(size)
+    px = next((v for c in type(pipe).__mro__ for k, v in CALL_DEFAULT_PX.items() if c.__name__ == k), None)
+    vae = getattr(pipe, "vae", None)
+    if px is None:
+        return None
+    return px // (_vae_factor(pipe, vae) if vae is not None else 1)
 
 
 def _vae_factor(pipe, vae) -> int:

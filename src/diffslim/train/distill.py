@@ -507,8 +507,8 @@ class _LatentClassTask:
 
 
 class _LatentTransformerTask:
-    """PixArt-alpha/sigma, SD3, Flux, Sana and AuraFlow: VAE latents as for SD; captions through the pipeline's
-    ``encode_prompt``.
+    """PixArt-alpha/sigma, SD3, Flux, Sana, AuraFlow, Lumina2 and Z-Image: VAE latents as for SD; captions through the
+    pipeline's ``encode_prompt``.
 
     PixArt gets the T5 embeddings and their attention mask (and, for the 1024 px models that take them,
     the resolution and aspect ratio); its learned-variance half of the output is dropped, as its pipeline
@@ -519,7 +519,10 @@ class _LatentTransformerTask:
     unpacks the prediction, so the trainer and the criteria see ``(B, C, H, W)`` as for every other model.
     Sana gets the Gemma embeddings and their mask, encoded with the pipeline's default complex human instruction
     (what its sampling encodes the prompts with), and the timestep times its ``timestep_scale``; AuraFlow the T5
-    embeddings and the timestep as a fraction, as their pipelines call them.
+    embeddings and the timestep as a fraction, as their pipelines call them. Lumina2 (Gemma embeddings after its
+    system prompt, with their mask) and Z-Image (a list of per-image latents and caption embeddings of their own
+    lengths) get ``1 - t / 1000``, their time running from noise at 0 to the image at 1, and their prediction is
+    negated, as their pipelines negate it before the scheduler's step: the trainer's target ``noise - x0`` holds.
     """
 
     def __init__(self, pipe, family: str):
@@ -552,6 +555,15 @@ class _LatentTransformerTask:
             emb = pipe.encode_prompt(captions, do_classifier_free_guidance=False, device=device,
                                      num_images_per_prompt=1)[0]
             return x0, {"encoder_hidden_states": emb}
+        if self.family == "lumina2":  # Gemma embeddings after the pipeline's default system prompt, with their mask
+            emb, mask = pipe.encode_prompt(captions, do_classifier_free_guidance=False, device=device,
+                                           num_images_per_prompt=1)[:2]
+            return x0, {"encoder_hidden_states": emb, "encoder_attention_mask": mask}
+        if self.family == "zimage":  # one caption tensor per image, of its own length: padded, with the lengths
+            caps = pipe.encode_prompt(captions, device=device, do_classifier_free_guidance=False)[0]
+            longest = max(c.shape[0] for c in caps)
+            padded = torch.stack([torch.cat([c, c.new_zeros(longest - c.shape[0], c.shape[1])]) for c in caps])
+            return x0, {"cap_feats": padded, "cap_lens": torch.tensor([c.shape[0] for c in caps], device=device)}
         if self.family == "flux":
             if x0.shape[-1] % 2 or x0.shape[-2] % 2:
                 raise UserError(f"Flux packs 2x2 latent patches: latents of {tuple(x0.shape[-2:])} do not divide; "
@@ -577,6 +589,16 @@ class _LatentTransformerTask:
         if self.family == "auraflow":
             return denoiser(xt, encoder_hidden_states=cond["encoder_hidden_states"], timestep=t.to(xt.dtype) / 1000,
                             return_dict=False)[0]
+        # Lumina2 and Z-Image run time the other way (0 is noise, 1 the image) and predict x0 - noise: their
+        # pipelines negate the output before the scheduler's step, so the prediction here is negated too
+        if self.family == "lumina2":
+            return -denoiser(xt, timestep=1 - t.to(xt.dtype) / 1000,
+                             encoder_hidden_states=cond["encoder_hidden_states"],
+                             encoder_attention_mask=cond["encoder_attention_mask"], return_dict=False)[0]
+        if self.family == "zimage":  # per-image lists: latents (C, 1 frame, H, W) and captions cut to their lengths
+            caps = [c[:n] for c, n in zip(cond["cap_feats"], cond["cap_lens"].tolist())]
+            out = denoiser(list(xt.unsqueeze(2).unbind(0)), 1 - t.to(xt.dtype) / 1000, caps, return_dict=False)[0]
+            return -torch.stack(list(out)).squeeze(2)
         if self.family == "flux":
             b, _, h, w = xt.shape
             emb = cond["encoder_hidden_states"]
@@ -626,13 +648,17 @@ def task_for(pipe, label_dropout: float = 0.1):
             return _LatentTransformerTask(pipe, "sana")
         if name == "AuraFlowPipeline":
             return _LatentTransformerTask(pipe, "auraflow")
+        if name in ("Lumina2Pipeline", "Lumina2Text2ImgPipeline"):
+            return _LatentTransformerTask(pipe, "lumina2")
+        if name == "ZImagePipeline":
+            return _LatentTransformerTask(pipe, "zimage")
         if name == "DiTPipeline":
             return _LatentClassTask(pipe, label_dropout)
     raise UserError(f"no distillation task for {name}: supported are the zoo pipelines, SD-style pipelines "
                      "with unet, vae, text_encoder and tokenizer (SD, SDXL, InstructPix2Pix), DiT (DiTPipeline), "
-                     "PixArt-alpha/sigma, Stable Diffusion 3, Flux (FluxPipeline), Sana (SanaPipeline) and AuraFlow "
-                     "(AuraFlowPipeline); layer-prune scores any pipeline's layers on its own sampling instead: "
-                     "--calibration sampling --data FILE")
+                     "PixArt-alpha/sigma, Stable Diffusion 3, Flux (FluxPipeline), Sana (SanaPipeline), AuraFlow "
+                     "(AuraFlowPipeline), Lumina2 (Lumina2Pipeline) and Z-Image (ZImagePipeline); layer-prune "
+                     "scores any pipeline's layers on its own sampling instead: --calibration sampling --data FILE")
 
 
 @dataclass
