@@ -759,3 +759,46 @@ def test_a_plan_counts_the_steps_of_a_denoiser_whose_timestep_grows():
                 remove_skip_plan(model)
             assert torch.equal(outs[0], full[0])
             assert all(torch.equal(a, b) for a, b in zip(outs[1:], full[1:])) == same
+
+
+@pytest.mark.parametrize("family", ["lumina2", "zimage", "flux"])
+def test_pab_windows_read_the_schedulers_timestep_where_a_pipeline_calls_with_another_scale(family):
+    """PAB reuses attention for timesteps in (100, 800) of the scheduler's 0..1000, 1000 at noise. Lumina2 and
+    Z-Image are called with 1 - t / 1000 and Flux with t / 1000, so the window never opened there and the bench's
+    pab row was the full model (100 dB). On the scheduler's scale (``schedule_timestep``) the middle calls reuse
+    attention and change, and the first, at noise, does not."""
+    from diffslim.methods.skip_plan import apply_diffusers_cache, remove_diffusers_cache, schedule_timestep
+    from test_layer_prune import _tiny_family_denoiser
+
+    if family == "flux":
+        from diffusers import FluxTransformer2DModel
+
+        torch.manual_seed(0)
+        model = FluxTransformer2DModel(patch_size=1, in_channels=8, num_layers=1, num_single_layers=1,
+                                       attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                       pooled_projection_dim=8, axes_dims_rope=(2, 2, 4)).eval()
+        g = torch.Generator().manual_seed(1)
+        kw = dict(hidden_states=torch.randn(1, 16, 8, generator=g), encoder_hidden_states=torch.randn(1, 4, 16, generator=g),
+                  pooled_projections=torch.randn(1, 8, generator=g), img_ids=torch.zeros(16, 3),
+                  txt_ids=torch.zeros(4, 3))
+        times, key = [1.0, 0.75, 0.5, 0.25], "timestep"  # t / 1000 of 1000, 750, 500, 250
+    else:
+        model, kw = _tiny_family_denoiser(family)
+        times, key = [0.0, 0.25, 0.5, 0.75], "timestep" if family == "lumina2" else "t"
+    assert [schedule_timestep(model, t) for t in times] == [1000.0, 750.0, 500.0, 250.0]
+
+    def run():
+        with torch.no_grad():
+            outs = [model(**{**kw, key: torch.full((len(kw.get("x", [0])) if family == "zimage" else
+                                                    kw["hidden_states"].shape[0],), t)}, return_dict=False)[0]
+                    for t in times]
+        return [torch.stack(list(o)) if isinstance(o, (list, tuple)) else o for o in outs]
+
+    full = run()
+    apply_diffusers_cache(model, "pab", "2", len(times))
+    try:
+        cached = run()
+    finally:
+        remove_diffusers_cache(model, "pab")
+    assert torch.equal(cached[0], full[0])
+    assert not all(torch.equal(a, b) for a, b in zip(cached[1:], full[1:]))

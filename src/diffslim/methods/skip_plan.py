@@ -410,6 +410,25 @@ def _noise_level(denoiser: Optional[nn.Module], t) -> float:
     return -tf if reversed_time else tf
 
 
+# denoisers their pipelines call with the timestep as a fraction of the training schedule (``t / 1000``)
+FRACTION_TIME = ("FluxTransformer2DModel", "AuraFlowTransformer2DModel")
+
+
+def schedule_timestep(denoiser: Optional[nn.Module], t) -> float:
+    """A call's timestep on the scheduler's scale, 1000 at pure noise (where PAB's and FasterCache's timestep windows
+    lie): Flux and AuraFlow are called with ``t / 1000``, Sana with ``t`` x its ``timestep_scale``, and Lumina2 and
+    Z-Image (``REVERSED_TIME``) with ``1 - t / 1000``, time running from noise at 0 to the image at 1."""
+    tf = float(t.flatten()[0]) if torch.is_tensor(t) else float(t)
+    names = {c.__name__ for c in type(denoiser).__mro__} if denoiser is not None else set()
+    if names & set(REVERSED_TIME):
+        return (1.0 - tf) * 1000.0
+    if names & set(FRACTION_TIME):
+        return tf * 1000.0
+    if "SanaTransformer2DModel" in names:
+        return tf / float(getattr(denoiser.config, "timestep_scale", 1.0) or 1.0)
+    return tf
+
+
 def _latents_of(args, kwargs) -> Optional[torch.Tensor]:
     """The noisy latents a denoiser call takes (its first argument, ``sample`` or ``hidden_states``)."""
     x = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
@@ -454,7 +473,7 @@ class _RootHook(ModelHook):
 
     def _advance(self, args, kwargs) -> None:
         st = self.state
-        t = kwargs.get("timestep", args[self.t_index] if len(args) > self.t_index else None)
+        t = _call_timestep(self._denoiser(), args, kwargs, self.t_index)
         if t is None:
             raise UserError("skip plan: the denoiser was called without a timestep; cannot tell the step")
         t = _noise_level(self._denoiser(), t)
@@ -645,6 +664,15 @@ def _timestep_index(denoiser: nn.Module) -> int:
     return params.index("timestep") if "timestep" in params else 1
 
 
+def _call_timestep(denoiser: nn.Module, args: tuple, kwargs: dict, t_index: int):
+    """A denoiser call's timestep: its ``t_index``-th argument, given by position or by name (``timestep``, or
+    Z-Image's ``t``)."""
+    if len(args) > t_index:
+        return args[t_index]
+    params = [p for p in inspect.signature(type(denoiser).forward).parameters if p != "self"]
+    return kwargs.get(params[t_index] if t_index < len(params) else "timestep", kwargs.get("timestep"))
+
+
 def apply_skip_plan(denoiser: nn.Module, plan, units: Optional[PlanUnits] = None,
                     granularity: str = "fine") -> SkipPlanRuntime:
     """Install ``plan`` (``(steps, units)`` bools, True = run) on ``denoiser`` in place with diffusers hooks.
@@ -830,9 +858,9 @@ class _CacheContextHook(ModelHook):
     def pre_forward(self, module, *args, **kwargs):
         from diffusers.hooks.hooks import CacheContext, _set_cache_context
 
-        t = kwargs.get("timestep", args[self.t_index] if len(args) > self.t_index else None)
+        t = _call_timestep(module, args, kwargs, self.t_index)
         tf = _noise_level(module, t)
-        self.raw_t = float(t.flatten()[0]) if torch.is_tensor(t) else float(t)
+        self.raw_t = schedule_timestep(module, t)
         x = _latents_of(args, kwargs)
         if self.last_t is None or tf > self.last_t:
             HookRegistry.check_if_exists_or_initialize(module).reset_stateful_hooks()
@@ -851,7 +879,31 @@ class _CacheContextHook(ModelHook):
         return args, kwargs
 
     def current_timestep(self) -> float:
+        """The current call's timestep on the scheduler's scale (:func:`schedule_timestep`): PAB's and FasterCache's
+        windows are on it."""
         return self.raw_t if self.last_t is not None else 999.0
+
+
+def check_block_registry(denoiser: nn.Module, name: str) -> None:
+    """Refuse in one line a denoiser whose first or last block diffusers' FirstBlockCache and MagCache (``name``)
+    cannot read: they take a block's inputs and outputs from a registry of block classes, and read its argument
+    ``hidden_states``, which diffusers 0.42 registers Z-Image's block for although its forward takes ``x``."""
+    from diffusers.hooks._helpers import TransformerBlockRegistry
+
+    from diffslim.models.anatomy import block_lists
+
+    lists = block_lists(denoiser)
+    hint = "try pab, taylorseer or fastercache, or dipgo"
+    for block in (getattr(denoiser, lists[0])[0], getattr(denoiser, lists[-1])[-1]):
+        try:
+            TransformerBlockRegistry.get(type(block))
+        except ValueError:
+            raise UserError(f"{name}: diffusers' cache does not know {type(denoiser).__name__}'s block class "
+                            f"{type(block).__name__} (it reads a block's inputs and outputs by a registry of "
+                            f"classes): {hint}") from None
+        if "hidden_states" not in inspect.signature(block.forward).parameters:
+            raise UserError(f"{name}: diffusers' cache reads a block's argument hidden_states, which "
+                            f"{type(block).__name__} does not take: {hint}")
 
 
 def apply_diffusers_cache(denoiser: nn.Module, name: str, arg: Optional[str], num_steps: int,
@@ -877,6 +929,8 @@ def apply_diffusers_cache(denoiser: nn.Module, name: str, arg: Optional[str], nu
         raise UserError(f"fbcache: diffusers' FirstBlockCache reads a text stream from the last block, and "
                         f"{type(denoiser).__name__}'s last block returns none (context_pre_only, as SD3's): use "
                         "magcache, taylorseer, pab, fastercache or dipgo")
+    if name in ("fbcache", "magcache"):
+        check_block_registry(denoiser, name)
     ctx_hook = _CacheContextHook(_timestep_index(denoiser), num_steps)
     try:
         if name == "fbcache":
@@ -981,16 +1035,14 @@ def magcache_ratios(denoiser: nn.Module, run: Callable[[], Any]) -> list[float]:
         raise UserError(f"magcache: {type(denoiser).__name__} has no transformer blocks to calibrate "
                         "(U-Nets: use deepcache or dipgo)")
     head, tail = getattr(denoiser, lists[0])[0], getattr(denoiser, lists[-1])[-1]
-    try:
-        head_meta, tail_meta = (TransformerBlockRegistry.get(type(b)) for b in (head, tail))
-    except ValueError as e:  # diffusers' caches know the block classes they registered
-        raise UserError(f"magcache cannot be applied to {type(denoiser).__name__}: ValueError: {e}") from None
+    check_block_registry(denoiser, "magcache")  # diffusers' caches know the block classes they registered
+    head_meta, tail_meta = (TransformerBlockRegistry.get(type(b)) for b in (head, tail))
     t_index = _timestep_index(denoiser)
     gens: list[list[float]] = []
     st: dict[str, Any] = {"t": None, "input": None, "prev": None}
 
     def on_root(module, args, kwargs):
-        t = kwargs.get("timestep", args[t_index] if len(args) > t_index else None)
+        t = _call_timestep(module, args, kwargs, t_index)
         tf = _noise_level(module, t)
         if st["t"] is None or tf > st["t"]:
             gens.append([])
