@@ -806,13 +806,14 @@ def test_dpm_solver_on_flow_sigmas_is_trained_as_the_flow_it_samples():
     torch.testing.assert_close(flow.shifted(u), 3 * u / (1 + 2 * u))
 
 
-@pytest.mark.parametrize("family", ["sana", "auraflow", "lumina2", "zimage"])
-def test_sana_auraflow_lumina2_and_zimage_tasks_call_the_denoiser_as_their_pipelines_do(family, tiny_sd_pipe,
-                                                                                        tmp_path):
+@pytest.mark.parametrize("family", ["sana", "auraflow", "lumina2", "zimage", "cogview4"])
+def test_sana_auraflow_lumina2_zimage_and_cogview4_tasks_call_the_denoiser_as_their_pipelines_do(family, tiny_sd_pipe,
+                                                                                                 tmp_path):
     """The distillation task of Sana (Gemma embeddings encoded with the pipeline's complex human instruction, the
     timestep times timestep_scale), of AuraFlow (the timestep as a fraction), of Lumina2 (its system prompt, time
     reversed, the prediction negated as its pipeline negates it) and of Z-Image (lists of per-image latents and
-    captions, time reversed, negated) predicts what the pipeline's own denoiser call predicts for the same prompt,
+    captions, time reversed, negated) and of CogView4 (sizes, the unshifted timestep: see the next test) predicts
+    what the pipeline's own denoiser call predicts for the same prompt,
     latents and timestep; the output-loss criterion scores their blocks on captioned images and a pruned student
     distils from them, reproducibly."""
     from diffslim.methods.layer_prune import calibration, candidates, prune_layers, score_layers
@@ -820,8 +821,8 @@ def test_sana_auraflow_lumina2_and_zimage_tasks_call_the_denoiser_as_their_pipel
     from diffslim.train.data import make_dataset
     from diffslim.train.distill import DistillConfig, distill, task_for
 
-    pipe = {"sana": _tiny_sana, "auraflow": _tiny_auraflow, "lumina2": _tiny_lumina2,
-            "zimage": _tiny_zimage}[family](tiny_sd_pipe)
+    pipe = {"sana": _tiny_sana, "auraflow": _tiny_auraflow, "lumina2": _tiny_lumina2, "zimage": _tiny_zimage,
+            "cogview4": _tiny_cogview4}[family](tiny_sd_pipe)
     den = pipe.transformer
     spec = SampleSpec(inputs=[{"prompt": "a red cat"}], seeds=[0], num_inference_steps=3,
                       call_kwargs={"guidance_scale": 0.0 if family == "zimage" else 1.0, "height": 32, "width": 32,
@@ -837,7 +838,8 @@ def test_sana_auraflow_lumina2_and_zimage_tasks_call_the_denoiser_as_their_pipel
             call = dict(zip(("hidden_states",), args), **kwargs)
             x, ts, own = call["hidden_states"], call["timestep"], -own if family == "lumina2" else own
         # the trainer's sigma x 1000
-        t = {"sana": ts / 0.5, "auraflow": ts * 1000, "lumina2": (1 - ts) * 1000, "zimage": (1 - ts) * 1000}[family]
+        t = {"sana": ts / 0.5, "auraflow": ts * 1000, "lumina2": (1 - ts) * 1000, "zimage": (1 - ts) * 1000,
+             "cogview4": ts}[family]  # CogView4's first call: sigma 1, unshifted as shifted
         torch.testing.assert_close(task.predict(den, x, t, cond), own)
     data = str(_captioned_images(tmp_path / "imgs"))
     calib = calibration(pipe, n=4, data=data, size=32)
@@ -852,6 +854,10 @@ def test_sana_auraflow_lumina2_and_zimage_tasks_call_the_denoiser_as_their_pipel
 
     a, b = run("a"), run("b")
     assert a.final_losses == b.final_losses and all(torch.isfinite(torch.tensor(v)) for v in a.final_losses.values())
+    # the kept blocks of every list are distilled (Lumina2's and Z-Image's layers and AuraFlow's joint blocks were
+    # not: a feature term of 0)
+    features = json.loads((a.out_dir / "distill.json").read_text())["features"]
+    assert a.final_losses["feat"] > 0 and len(features) == len(scores) - 1
 
 
 def test_an_lcm_pipeline_refuses_a_scheduler_it_cannot_sample_with(tiny_sd_pipe):
@@ -972,3 +978,31 @@ def test_zimage_samples_at_its_call_default_and_is_calibrated_and_layer_pruned_o
     stock.save_pretrained(str(tmp_path / "m"))
     again = diffusers.ZImageTransformer2DModel.from_pretrained(str(tmp_path / "m")).eval()
     torch.testing.assert_close(calib.run(again), calib.run(pruned), rtol=0, atol=0)
+
+
+def test_cogview4_task_passes_the_unshifted_timestep_beside_the_shifted_sigma(tiny_sd_pipe):
+    """CogView4's pipeline noises its latents at sigmas shifted by its own mu (sqrt(tokens / 256) * max_shift +
+    base_shift, not Flux's rule) and passes its transformer the unshifted timestep. At the second of 3 steps
+    (timestep 500), the trainer's noising at that u gives the scheduler's sigma, and the task, given that sigma x
+    1000, predicts what the pipeline's call predicted."""
+    from diffslim.train.distill import noising_for, task_for
+
+    pipe = _tiny_cogview4(tiny_sd_pipe)
+    den, calls = pipe.transformer, []
+    hook = den.register_forward_pre_hook(lambda m, a, k: calls.append({kk: v for kk, v in k.items()}), with_kwargs=True)
+    try:
+        pipe("a red cat", num_inference_steps=3, guidance_scale=1.0, height=32, width=32, output_type="latent")
+    finally:
+        hook.remove()
+    call = calls[1]
+    assert float(call["timestep"][0]) == 500.0
+    sigma = pipe.scheduler.sigmas[1]
+    assert abs(float(sigma) - 0.5) > 0.05  # shifted away from the timestep's 0.5
+    x = call["hidden_states"]
+    noising = noising_for(pipe)
+    torch.testing.assert_close(noising.shifted(torch.tensor([0.5]), x.shape), sigma.reshape(1).float())
+    with torch.no_grad():
+        own = den(**{**call, "return_dict": False})[0]
+        task = task_for(pipe)
+        _, cond = task.encode({"image": torch.zeros(1, 3, 32, 32), "text": ["a red cat"]}, torch.Generator(), "cpu")
+        torch.testing.assert_close(task.predict(den, x, sigma.reshape(1) * 1000, cond), own)

@@ -224,23 +224,31 @@ def _output_module(block: nn.Module) -> nn.Module:
     return block
 
 
+def _block_lists(model: nn.Module) -> list[str]:
+    """The U-Net's block lists, or a transformer's (``diffslim.models.anatomy.block_lists``: ``transformer_blocks``,
+    Flux's and AuraFlow's two lists, HunyuanDiT's ``blocks``, Lumina2's and Z-Image's ``layers``), in forward
+    order."""
+    from diffslim.models.anatomy import block_lists
+
+    return [a for a in ("down_blocks", "mid_block", "up_blocks") if getattr(model, a, None) is not None] + [
+        a for a in block_lists(model) if a not in ("down_blocks", "up_blocks")]
+
+
 def candidate_blocks(model: nn.Module) -> list[str]:
-    """Block names of a denoiser in forward order: ``down_blocks.i``, ``mid_block``, ``up_blocks.i``,
-    ``transformer_blocks.i``, ``single_transformer_blocks.i`` (Flux)."""
+    """Block names of a denoiser in forward order: ``down_blocks.i``, ``mid_block``, ``up_blocks.i``, or a
+    transformer's blocks (``transformer_blocks.i``, Flux's ``single_transformer_blocks.i``, Lumina2's ``layers.i``,
+    ...)."""
     names = []
-    for attr in ("down_blocks", "mid_block", "up_blocks", "transformer_blocks", "single_transformer_blocks"):
-        mod = getattr(model, attr, None)
-        if mod is None:
-            continue
-        if attr == "mid_block":
-            names.append(attr)
-        else:
-            names += [f"{attr}.{i}" for i in range(len(mod))]
+    for attr in _block_lists(model):
+        mod = getattr(model, attr)
+        names += [attr] if attr == "mid_block" else [f"{attr}.{i}" for i in range(len(mod))]
     return names
 
 
-# the transformer block lists that form one residual stream, in forward order (Flux: double, then single blocks)
-_STREAM = ("transformer_blocks.", "single_transformer_blocks.")
+def _stream(model: nn.Module) -> tuple[str, ...]:
+    """The prefixes of the transformer block lists that form one residual stream, in forward order (Flux: double,
+    then single blocks)."""
+    return tuple(f"{a}." for a in _block_lists(model) if a not in ("down_blocks", "mid_block", "up_blocks"))
 
 
 def select_features(teacher: nn.Module, student: nn.Module,
@@ -268,7 +276,7 @@ def select_features(teacher: nn.Module, student: nn.Module,
     if isinstance(features, str):
         if features != "auto":
             raise UserError(f"features must be 'auto', a list of block names or a dict, not {features!r}")
-        for attr in ("down_blocks", "up_blocks", "transformer_blocks", "single_transformer_blocks"):
+        for attr in [a for a in _block_lists(student) if a != "mid_block"]:
             s_list, t_list = getattr(student, attr, None), getattr(teacher, attr, None)
             if s_list is not None and t_list is not None and len(s_list) != len(t_list):
                 # a pruned model exported as its stock class (diffslim stock) no longer records its removals
@@ -279,7 +287,7 @@ def select_features(teacher: nn.Module, student: nn.Module,
                     "writes without --stock) and export it afterwards with `diffslim stock`, or name the pairs "
                     "(features={student_block: teacher_block})")
         out = {}
-        names = candidate_blocks(student)
+        names, stream = candidate_blocks(student), _stream(student)
         for i, name in enumerate(names):
             s, t = get(student, name), get(teacher, name)
             if t is None or _is_stand_in(s) or type(s) is not type(t) or not _computes_feature(s):
@@ -287,8 +295,8 @@ def select_features(teacher: nn.Module, student: nn.Module,
             # a transformer block followed by removed (identity) blocks feeds the place the last of them feeds
             # in the teacher: its output is matched with that block's
             j = i
-            while (name.startswith(_STREAM) and j + 1 < len(names)
-                   and names[j + 1].startswith(_STREAM) and _is_stand_in(get(student, names[j + 1]))):
+            while (stream and name.startswith(stream) and j + 1 < len(names)
+                   and names[j + 1].startswith(stream) and _is_stand_in(get(student, names[j + 1]))):
                 j += 1
             out[name] = names[j]
         return out
@@ -507,7 +515,8 @@ class _LatentClassTask:
 
 
 class _LatentTransformerTask:
-    """PixArt-alpha/sigma, SD3, Flux, Sana, AuraFlow, Lumina2 and Z-Image: VAE latents as for SD; captions through the
+    """PixArt-alpha/sigma, SD3, Flux, Sana, AuraFlow, CogView4, Lumina2 and Z-Image: VAE latents as for SD; captions
+    through the
     pipeline's ``encode_prompt``.
 
     PixArt gets the T5 embeddings and their attention mask (and, for the 1024 px models that take them,
@@ -523,6 +532,9 @@ class _LatentTransformerTask:
     system prompt, with their mask) and Z-Image (a list of per-image latents and caption embeddings of their own
     lengths) get ``1 - t / 1000``, their time running from noise at 0 to the image at 1, and their prediction is
     negated, as their pipelines negate it before the scheduler's step: the trainer's target ``noise - x0`` holds.
+    CogView4 gets the GLM embeddings, the image's size and no crop, and the timestep its pipeline passes: the
+    *unshifted* one beside the shifted sigma the latents are noised at (its scheduler shifts by CogView4's own mu,
+    ``sqrt(tokens / base_image_seq_len) * max_shift + base_shift``).
     """
 
     def __init__(self, pipe, family: str):
@@ -555,6 +567,12 @@ class _LatentTransformerTask:
             emb = pipe.encode_prompt(captions, do_classifier_free_guidance=False, device=device,
                                      num_images_per_prompt=1)[0]
             return x0, {"encoder_hidden_states": emb}
+        if self.family == "cogview4":  # GLM embeddings; the image's size as its own and target size, no crop
+            emb = pipe.encode_prompt(captions, do_classifier_free_guidance=False, device=device)[0]
+            b, (h, w) = img.shape[0], img.shape[-2:]
+            size = torch.tensor([[h, w]], dtype=emb.dtype, device=device).repeat(b, 1)
+            return x0, {"encoder_hidden_states": emb, "original_size": size, "target_size": size.clone(),
+                        "crop_coords": torch.zeros_like(size)}
         if self.family == "lumina2":  # Gemma embeddings after the pipeline's default system prompt, with their mask
             emb, mask = pipe.encode_prompt(captions, do_classifier_free_guidance=False, device=device,
                                            num_images_per_prompt=1)[:2]
@@ -589,6 +607,15 @@ class _LatentTransformerTask:
         if self.family == "auraflow":
             return denoiser(xt, encoder_hidden_states=cond["encoder_hidden_states"], timestep=t.to(xt.dtype) / 1000,
                             return_dict=False)[0]
+        if self.family == "cogview4":
+            # its pipeline shifts the sigmas (by its own mu) but passes the transformer the unshifted timestep: the
+            # trainer's sigma x 1000 goes back through the shift, u = sigma / (s - (s - 1) sigma)
+            s = noising_for(self.pipe).shift_for(xt.shape)
+            sigma = t.to(torch.float64) / 1000
+            u = sigma / (s - (s - 1) * sigma)
+            return denoiser(hidden_states=xt, encoder_hidden_states=cond["encoder_hidden_states"],
+                            timestep=(u * 1000).to(xt.dtype), original_size=cond["original_size"],
+                            target_size=cond["target_size"], crop_coords=cond["crop_coords"], return_dict=False)[0]
         # Lumina2 and Z-Image run time the other way (0 is noise, 1 the image) and predict x0 - noise: their
         # pipelines negate the output before the scheduler's step, so the prediction here is negated too
         if self.family == "lumina2":
@@ -648,6 +675,8 @@ def task_for(pipe, label_dropout: float = 0.1):
             return _LatentTransformerTask(pipe, "sana")
         if name == "AuraFlowPipeline":
             return _LatentTransformerTask(pipe, "auraflow")
+        if name == "CogView4Pipeline":
+            return _LatentTransformerTask(pipe, "cogview4")
         if name in ("Lumina2Pipeline", "Lumina2Text2ImgPipeline"):
             return _LatentTransformerTask(pipe, "lumina2")
         if name == "ZImagePipeline":
@@ -657,7 +686,8 @@ def task_for(pipe, label_dropout: float = 0.1):
     raise UserError(f"no distillation task for {name}: supported are the zoo pipelines, SD-style pipelines "
                      "with unet, vae, text_encoder and tokenizer (SD, SDXL, InstructPix2Pix), DiT (DiTPipeline), "
                      "PixArt-alpha/sigma, Stable Diffusion 3, Flux (FluxPipeline), Sana (SanaPipeline), AuraFlow "
-                     "(AuraFlowPipeline), Lumina2 (Lumina2Pipeline) and Z-Image (ZImagePipeline); layer-prune "
+                     "(AuraFlowPipeline), CogView4 (CogView4Pipeline), Lumina2 (Lumina2Pipeline) and Z-Image "
+                     "(ZImagePipeline); layer-prune "
                      "scores any pipeline's layers on its own sampling instead: --calibration sampling --data FILE")
 
 
@@ -682,6 +712,9 @@ class Noising:
     shift: float = 1.0
     dynamic: Optional[tuple] = None
     patch: int = 2
+    # how ``dynamic`` turns the token count into mu: "interpolate" (Flux's calculate_shift, linear between the
+    # base and max shifts) or "sqrt" (CogView4's, sqrt(tokens / base_seq_len) * max_shift + base_shift)
+    mu_rule: str = "interpolate"
 
     def shift_for(self, shape: Optional[Sequence[int]] = None) -> float:
         """The shift for latents of ``shape`` (``(..., H, W)``; needed with ``dynamic``)."""
@@ -691,7 +724,10 @@ class Noising:
             raise ValueError("dynamic shifting needs the latents' shape")
         base_seq, max_seq, base_shift, max_shift, kind = self.dynamic
         seq = (int(shape[-2]) // self.patch) * (int(shape[-1]) // self.patch)
-        mu = base_shift + (max_shift - base_shift) * (seq - base_seq) / (max_seq - base_seq)
+        if self.mu_rule == "sqrt":
+            mu = (seq / base_seq) ** 0.5 * max_shift + base_shift
+        else:
+            mu = base_shift + (max_shift - base_shift) * (seq - base_seq) / (max_seq - base_seq)
         return math.exp(mu) if kind == "exponential" else mu
 
     def shifted(self, u: torch.Tensor, shape: Optional[Sequence[int]] = None) -> torch.Tensor:
@@ -743,7 +779,9 @@ def noising_for(pipe) -> Noising:
             patch = 2 if "Flux" in type(pipe).__name__ else int(getattr(getattr(den, "config", None), "patch_size", 2) or 2)
             dyn = (int(cfg.get("base_image_seq_len", 256)), int(cfg.get("max_image_seq_len", 4096)),
                    float(cfg.get("base_shift", 0.5)), float(cfg.get("max_shift", 1.15)), kind)
-            return Noising("flow", T, dynamic=dyn, patch=patch)
+            # CogView4's pipeline computes mu by its own rule (its calculate_shift)
+            rule = "sqrt" if type(pipe).__name__.startswith("CogView4") else "interpolate"
+            return Noising("flow", T, dynamic=dyn, patch=patch, mu_rule=rule)
         return Noising("flow", T, shift=float(cfg.get("shift", 1.0)))
     sched = DDPMScheduler.from_config(cfg)
     return Noising("ddpm", int(sched.config.num_train_timesteps), sched)
