@@ -774,6 +774,38 @@ def _tiny_cogview4(tiny_sd_pipe):
     return pipe
 
 
+def _tiny_hunyuandit(tiny_sd_pipe, tmp_path):
+    """A tiny HunyuanDiTPipeline (BERT and T5 text encoders, blocks with long skips, v-prediction DDPM); its VAE has
+    the factor 8 the pipeline assumes for its rotary grid."""
+    import copy
+
+    from diffusers import AutoencoderKL, DDPMScheduler, HunyuanDiT2DModel, HunyuanDiTPipeline
+    from transformers import BertConfig, BertModel, BertTokenizer, T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    tr = HunyuanDiT2DModel(sample_size=4, num_layers=4, patch_size=2, attention_head_dim=8, num_attention_heads=3,
+                           in_channels=4, cross_attention_dim=32, cross_attention_dim_t5=32, pooled_projection_dim=16,
+                           hidden_size=24, activation_fn="gelu-approximate").eval()
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+                                                  + [chr(c) for c in range(97, 123)]) + "\n")
+    bert = BertModel(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                intermediate_size=32)).eval()
+    t5 = T5EncoderModel(T5Config(vocab_size=1000, d_model=32, d_kv=8, d_ff=32, num_layers=1, num_heads=2)).eval()
+    tok2 = copy.deepcopy(tiny_sd_pipe.tokenizer)
+    tok2.model_max_length = 256
+    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 8, 8, 8), latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        norm_num_groups=8, sample_size=32).eval()
+    sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.03,
+                          prediction_type="v_prediction", clip_sample=False)
+    pipe = HunyuanDiTPipeline(vae=vae, text_encoder=bert, tokenizer=BertTokenizer(str(tmp_path / "vocab.txt"),
+                                                                                  model_max_length=77),
+                              transformer=tr, scheduler=sched, safety_checker=None, feature_extractor=None,
+                              requires_safety_checker=False, text_encoder_2=t5, tokenizer_2=tok2)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def _tiny_vae(**kw):
     from diffusers import AutoencoderKL
 
@@ -806,14 +838,14 @@ def test_dpm_solver_on_flow_sigmas_is_trained_as_the_flow_it_samples():
     torch.testing.assert_close(flow.shifted(u), 3 * u / (1 + 2 * u))
 
 
-@pytest.mark.parametrize("family", ["sana", "auraflow", "lumina2", "zimage", "cogview4"])
-def test_sana_auraflow_lumina2_zimage_and_cogview4_tasks_call_the_denoiser_as_their_pipelines_do(family, tiny_sd_pipe,
-                                                                                                 tmp_path):
+@pytest.mark.parametrize("family", ["sana", "auraflow", "lumina2", "zimage", "cogview4", "hunyuandit"])
+def test_transformer_family_tasks_call_the_denoiser_as_their_pipelines_do(family, tiny_sd_pipe, tmp_path):
     """The distillation task of Sana (Gemma embeddings encoded with the pipeline's complex human instruction, the
     timestep times timestep_scale), of AuraFlow (the timestep as a fraction), of Lumina2 (its system prompt, time
     reversed, the prediction negated as its pipeline negates it) and of Z-Image (lists of per-image latents and
-    captions, time reversed, negated) and of CogView4 (sizes, the unshifted timestep: see the next test) predicts
-    what the pipeline's own denoiser call predicts for the same prompt,
+    captions, time reversed, negated), of CogView4 (sizes, the unshifted timestep: see the next test) and of
+    HunyuanDiT (two encoders, size ids, style, rotary grid) predicts what the pipeline's own denoiser call predicts
+    for the same prompt,
     latents and timestep; the output-loss criterion scores their blocks on captioned images and a pruned student
     distils from them, reproducibly."""
     from diffslim.methods.layer_prune import calibration, candidates, prune_layers, score_layers
@@ -821,12 +853,13 @@ def test_sana_auraflow_lumina2_zimage_and_cogview4_tasks_call_the_denoiser_as_th
     from diffslim.train.data import make_dataset
     from diffslim.train.distill import DistillConfig, distill, task_for
 
-    pipe = {"sana": _tiny_sana, "auraflow": _tiny_auraflow, "lumina2": _tiny_lumina2, "zimage": _tiny_zimage,
-            "cogview4": _tiny_cogview4}[family](tiny_sd_pipe)
+    pipe = (_tiny_hunyuandit(tiny_sd_pipe, tmp_path) if family == "hunyuandit" else
+            {"sana": _tiny_sana, "auraflow": _tiny_auraflow, "lumina2": _tiny_lumina2, "zimage": _tiny_zimage,
+             "cogview4": _tiny_cogview4}[family](tiny_sd_pipe))
     den = pipe.transformer
     spec = SampleSpec(inputs=[{"prompt": "a red cat"}], seeds=[0], num_inference_steps=3,
                       call_kwargs={"guidance_scale": 0.0 if family == "zimage" else 1.0, "height": 32, "width": 32,
-                                   **({"use_resolution_binning": False} if family == "sana" else {})})
+                                   **({"use_resolution_binning": False} if family in ("sana", "hunyuandit") else {})})
     args, kwargs = _stop_at_first_call(pipe, spec)["call"]  # no guidance (Z-Image guides at any scale above 0)
     with torch.no_grad():
         own = den(*args, **{**kwargs, "return_dict": False})[0]
@@ -834,12 +867,14 @@ def test_sana_auraflow_lumina2_zimage_and_cogview4_tasks_call_the_denoiser_as_th
         _, cond = task.encode({"image": torch.zeros(1, 3, 32, 32), "text": ["a red cat"]}, torch.Generator(), "cpu")
         if family == "zimage":  # forward(x, t, cap_feats), one (C, 1, H, W) tensor per image
             x, ts, own = torch.stack(args[0]).squeeze(2), args[1], -torch.stack(own).squeeze(2)
+        elif family == "hunyuandit":  # latents and timestep by position; the learned variance dropped
+            x, ts, own = args[0], args[1], own[:, :4]
         else:
             call = dict(zip(("hidden_states",), args), **kwargs)
             x, ts, own = call["hidden_states"], call["timestep"], -own if family == "lumina2" else own
         # the trainer's sigma x 1000
         t = {"sana": ts / 0.5, "auraflow": ts * 1000, "lumina2": (1 - ts) * 1000, "zimage": (1 - ts) * 1000,
-             "cogview4": ts}[family]  # CogView4's first call: sigma 1, unshifted as shifted
+             "cogview4": ts, "hunyuandit": ts}[family]  # CogView4's first call: sigma 1, unshifted as shifted
         torch.testing.assert_close(task.predict(den, x, t, cond), own)
     data = str(_captioned_images(tmp_path / "imgs"))
     calib = calibration(pipe, n=4, data=data, size=32)

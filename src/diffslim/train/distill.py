@@ -515,8 +515,8 @@ class _LatentClassTask:
 
 
 class _LatentTransformerTask:
-    """PixArt-alpha/sigma, SD3, Flux, Sana, AuraFlow, CogView4, Lumina2 and Z-Image: VAE latents as for SD; captions
-    through the
+    """PixArt-alpha/sigma, SD3, Flux, Sana, AuraFlow, CogView4, HunyuanDiT, Lumina2 and Z-Image: VAE latents as for
+    SD; captions through the
     pipeline's ``encode_prompt``.
 
     PixArt gets the T5 embeddings and their attention mask (and, for the 1024 px models that take them,
@@ -534,7 +534,9 @@ class _LatentTransformerTask:
     negated, as their pipelines negate it before the scheduler's step: the trainer's target ``noise - x0`` holds.
     CogView4 gets the GLM embeddings, the image's size and no crop, and the timestep its pipeline passes: the
     *unshifted* one beside the shifted sigma the latents are noised at (its scheduler shifts by CogView4's own mu,
-    ``sqrt(tokens / base_image_seq_len) * max_shift + base_shift``).
+    ``sqrt(tokens / base_image_seq_len) * max_shift + base_shift``). HunyuanDiT gets both text encoders' embeddings
+    and masks, the size ids and style 0 its call passes by default, and the rotary embeddings of the latent grid
+    (cropped to its 512 px base size, as its pipeline computes them); its learned-variance half is dropped.
     """
 
     def __init__(self, pipe, family: str):
@@ -567,6 +569,23 @@ class _LatentTransformerTask:
             emb = pipe.encode_prompt(captions, do_classifier_free_guidance=False, device=device,
                                      num_images_per_prompt=1)[0]
             return x0, {"encoder_hidden_states": emb}
+        if self.family == "hunyuandit":  # both encoders' embeddings and masks; the size ids and style its call passes
+            import inspect
+
+            params = inspect.signature(pipe.__call__).parameters
+            dtype = pipe.transformer.dtype
+            emb, _, mask, _ = pipe.encode_prompt(captions, device=device, dtype=dtype,
+                                                 do_classifier_free_guidance=False, max_sequence_length=77,
+                                                 text_encoder_index=0)
+            emb2, _, mask2, _ = pipe.encode_prompt(captions, device=device, dtype=dtype,
+                                                   do_classifier_free_guidance=False, max_sequence_length=256,
+                                                   text_encoder_index=1)
+            b, (h, w) = img.shape[0], img.shape[-2:]
+            ids = list(params["original_size"].default) + [h, w] + list(params["crops_coords_top_left"].default)
+            return x0, {"encoder_hidden_states": emb, "text_embedding_mask": mask, "encoder_hidden_states_t5": emb2,
+                        "text_embedding_mask_t5": mask2,
+                        "image_meta_size": torch.tensor([ids], dtype=emb.dtype, device=device).repeat(b, 1),
+                        "style": torch.zeros(b, dtype=torch.long, device=device)}
         if self.family == "cogview4":  # GLM embeddings; the image's size as its own and target size, no crop
             emb = pipe.encode_prompt(captions, do_classifier_free_guidance=False, device=device)[0]
             b, (h, w) = img.shape[0], img.shape[-2:]
@@ -607,6 +626,17 @@ class _LatentTransformerTask:
         if self.family == "auraflow":
             return denoiser(xt, encoder_hidden_states=cond["encoder_hidden_states"], timestep=t.to(xt.dtype) / 1000,
                             return_dict=False)[0]
+        if self.family == "hunyuandit":  # rotary embeddings of the latent grid, cropped to its 512 px base size
+            from diffusers.models.embeddings import get_2d_rotary_pos_embed
+            from diffusers.pipelines.hunyuandit.pipeline_hunyuandit import get_resize_crop_region_for_grid
+
+            patch = denoiser.config.patch_size
+            grid = (xt.shape[-2] // patch, xt.shape[-1] // patch)
+            rope = get_2d_rotary_pos_embed(denoiser.inner_dim // denoiser.num_heads,
+                                           get_resize_crop_region_for_grid(grid, 512 // 8 // patch), grid,
+                                           device=xt.device, output_type="pt")
+            out = denoiser(xt, t.to(xt.dtype), **cond, image_rotary_emb=rope, return_dict=False)[0]
+            return out[:, : xt.shape[1]]  # the learned variance half, dropped as the pipeline does
         if self.family == "cogview4":
             # its pipeline shifts the sigmas (by its own mu) but passes the transformer the unshifted timestep: the
             # trainer's sigma x 1000 goes back through the shift, u = sigma / (s - (s - 1) sigma)
@@ -675,6 +705,8 @@ def task_for(pipe, label_dropout: float = 0.1):
             return _LatentTransformerTask(pipe, "sana")
         if name == "AuraFlowPipeline":
             return _LatentTransformerTask(pipe, "auraflow")
+        if name == "HunyuanDiTPipeline":
+            return _LatentTransformerTask(pipe, "hunyuandit")
         if name == "CogView4Pipeline":
             return _LatentTransformerTask(pipe, "cogview4")
         if name in ("Lumina2Pipeline", "Lumina2Text2ImgPipeline"):
@@ -686,8 +718,8 @@ def task_for(pipe, label_dropout: float = 0.1):
     raise UserError(f"no distillation task for {name}: supported are the zoo pipelines, SD-style pipelines "
                      "with unet, vae, text_encoder and tokenizer (SD, SDXL, InstructPix2Pix), DiT (DiTPipeline), "
                      "PixArt-alpha/sigma, Stable Diffusion 3, Flux (FluxPipeline), Sana (SanaPipeline), AuraFlow "
-                     "(AuraFlowPipeline), CogView4 (CogView4Pipeline), Lumina2 (Lumina2Pipeline) and Z-Image "
-                     "(ZImagePipeline); layer-prune "
+                     "(AuraFlowPipeline), CogView4 (CogView4Pipeline), HunyuanDiT (HunyuanDiTPipeline), Lumina2 "
+                     "(Lumina2Pipeline) and Z-Image (ZImagePipeline); layer-prune "
                      "scores any pipeline's layers on its own sampling instead: --calibration sampling --data FILE")
 
 
