@@ -1083,6 +1083,7 @@ def sampling_calibration(pipe, n: int = 32, seed: int = 0, data: str = "zoo", st
     from diffslim.models.load import denoiser_of
     from diffslim.sample import SampleSpec, denoiser_calls
     from diffslim.train.data import pipeline_inputs
+    from diffslim.train.distill import pad_rows
 
     if n < 1:
         raise UserError("calibration needs n >= 1 triples")
@@ -1128,7 +1129,7 @@ def sampling_calibration(pipe, n: int = 32, seed: int = 0, data: str = "zoo", st
                 continue
             if listed and isinstance(v, (list, tuple)) and len(v) == m and all(torch.is_tensor(e) for e in v):
                 per_row.add(k)  # one tensor per row: padded to one length, and cut back to it for each call
-                v = {"rows": _padded(list(v)), "lens": torch.tensor([e.shape[0] for e in v], device=x.device)}
+                v = {"rows": pad_rows(list(v)), "lens": torch.tensor([e.shape[0] for e in v], device=x.device)}
             elif isinstance(v, (list, tuple)) and v and all(torch.is_tensor(e) and e.dim() > 0 and e.shape[0] == m
                                                             for e in v):
                 seqs[k] = (type(v), len(v))  # e.g. a ControlNet's residuals, one tensor per skip connection
@@ -1144,7 +1145,7 @@ def sampling_calibration(pipe, n: int = 32, seed: int = 0, data: str = "zoo", st
     for k in per_row:  # one length over all calls
         longest = max(c[k]["rows"].shape[1] for c in conds)
         for c in conds:
-            c[k]["rows"] = _padded(list(c[k]["rows"]), longest)
+            c[k]["rows"] = pad_rows(list(c[k]["rows"]), longest)
     order, cond, bounds = _segments(conds)
     in_ch = getattr(getattr(den, "config", None), "in_channels", None)
     out_ch = getattr(getattr(den, "config", None), "out_channels", None)
@@ -1162,12 +1163,6 @@ def sampling_calibration(pipe, n: int = 32, seed: int = 0, data: str = "zoo", st
                        target=None, predict=predict, batch_size=batch_size, bounds=bounds,
                        source={"inputs": inputs, "seeds": seeds, "steps": steps, "calls": [c.call for c in calls],
                                "rows": [len(c.rows) for c in calls]})
-
-
-def _padded(rows: list, length: Optional[int] = None) -> torch.Tensor:
-    """Per-row tensors of their own lengths (dim 0) stacked, zero-padded to ``length`` (default the longest)."""
-    length = max(r.shape[0] for r in rows) if length is None else length
-    return torch.stack([torch.cat([r, r.new_zeros((length - r.shape[0], *r.shape[1:]))]) for r in rows])
 
 
 def _shapes(value, prefix: str = "") -> tuple:

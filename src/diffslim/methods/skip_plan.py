@@ -406,8 +406,12 @@ def _noise_level(denoiser: Optional[nn.Module], t) -> float:
     """A call's timestep as a number that falls as sampling goes on (the step rule's): the timestep, negated for a
     denoiser of ``REVERSED_TIME`` (its subclasses too: a layer-pruned Lumina2)."""
     tf = float(t.flatten()[0]) if torch.is_tensor(t) else float(t)
-    reversed_time = denoiser is not None and any(c.__name__ in REVERSED_TIME for c in type(denoiser).__mro__)
-    return -tf if reversed_time else tf
+    return -tf if _is_one_of(denoiser, REVERSED_TIME) else tf
+
+
+def _is_one_of(denoiser: Optional[nn.Module], names: Sequence[str]) -> bool:
+    """Whether ``denoiser``'s class, or a class it derives from (a layer-pruned model's base), is named in ``names``."""
+    return denoiser is not None and any(c.__name__ in names for c in type(denoiser).__mro__)
 
 
 # denoisers their pipelines call with the timestep as a fraction of the training schedule (``t / 1000``)
@@ -419,12 +423,11 @@ def schedule_timestep(denoiser: Optional[nn.Module], t) -> float:
     lie): Flux and AuraFlow are called with ``t / 1000``, Sana with ``t`` x its ``timestep_scale``, and Lumina2 and
     Z-Image (``REVERSED_TIME``) with ``1 - t / 1000``, time running from noise at 0 to the image at 1."""
     tf = float(t.flatten()[0]) if torch.is_tensor(t) else float(t)
-    names = {c.__name__ for c in type(denoiser).__mro__} if denoiser is not None else set()
-    if names & set(REVERSED_TIME):
+    if _is_one_of(denoiser, REVERSED_TIME):
         return (1.0 - tf) * 1000.0
-    if names & set(FRACTION_TIME):
+    if _is_one_of(denoiser, FRACTION_TIME):
         return tf * 1000.0
-    if "SanaTransformer2DModel" in names:
+    if _is_one_of(denoiser, ("SanaTransformer2DModel",)):
         return tf / float(getattr(denoiser.config, "timestep_scale", 1.0) or 1.0)
     return tf
 

@@ -459,6 +459,13 @@ class _LatentTextTask:
         return denoiser(xt, t, **kwargs, return_dict=False)[0]
 
 
+def pad_rows(rows: Sequence[torch.Tensor], length: Optional[int] = None) -> torch.Tensor:
+    """Per-row tensors of their own lengths (dim 0; Z-Image's captions) stacked, zero-padded to ``length`` (default
+    the longest): ``(len(rows), length, ...)``."""
+    length = max(r.shape[0] for r in rows) if length is None else length
+    return torch.stack([torch.cat([r, r.new_zeros((length - r.shape[0], *r.shape[1:]))]) for r in rows])
+
+
 def guidance_condition(pipe, batch: int, dim: int) -> torch.Tensor:
     """The ``timestep_cond`` a U-Net with a ``time_cond_proj_dim`` (a latent consistency model's) gets from its
     pipeline: the embedding of ``guidance_scale - 1`` at the pipeline's default guidance scale (8.5 for
@@ -598,9 +605,8 @@ class _LatentTransformerTask:
             return x0, {"encoder_hidden_states": emb, "encoder_attention_mask": mask}
         if self.family == "zimage":  # one caption tensor per image, of its own length: padded, with the lengths
             caps = pipe.encode_prompt(captions, device=device, do_classifier_free_guidance=False)[0]
-            longest = max(c.shape[0] for c in caps)
-            padded = torch.stack([torch.cat([c, c.new_zeros(longest - c.shape[0], c.shape[1])]) for c in caps])
-            return x0, {"cap_feats": padded, "cap_lens": torch.tensor([c.shape[0] for c in caps], device=device)}
+            return x0, {"cap_feats": pad_rows(caps), "cap_lens": torch.tensor([c.shape[0] for c in caps],
+                                                                              device=device)}
         if self.family == "flux":
             if x0.shape[-1] % 2 or x0.shape[-2] % 2:
                 raise UserError(f"Flux packs 2x2 latent patches: latents of {tuple(x0.shape[-2:])} do not divide; "
