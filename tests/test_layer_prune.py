@@ -6,6 +6,7 @@ import csv
 import itertools
 import json
 import math
+import os
 import random
 from pathlib import Path
 
@@ -796,6 +797,10 @@ def test_cli_distill_the_pruned_model_with_matched_weight(tiny_digits_folder, tm
     assert piped.pipe is not None and type(piped.denoiser) is type(student)
     sd = [m.state_dict() for m in (piped.denoiser, student)]
     assert sd[0].keys() == sd[1].keys() and all(torch.equal(sd[0][k], sd[1][k]) for k in sd[0])
+    # the student's weights once on disk: the pipeline's are the same file, as are the pruned model's and its pipeline's
+    weights = "diffusion_pytorch_model.safetensors"
+    assert os.path.samefile(tmp_path / "kd" / "student" / weights, tmp_path / "kd" / "pipeline" / "denoiser" / weights)
+    assert os.path.samefile(tmp_path / "model" / weights, tmp_path / "pipeline" / "denoiser" / weights)
     r = CliRunner().invoke(app, [*run, "--plain", "--match-plain-weight"])
     assert r.exit_code == 2 and "use it with normalized=True" in r.output
     r = CliRunner().invoke(app, [*run[:-1], str(tmp_path / "kd_sample"), "--feat-norm", "sample"])

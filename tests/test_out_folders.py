@@ -289,3 +289,42 @@ def test_zoo_training_of_the_classifier_refuses_a_multi_process_launch(tmp_path,
     monkeypatch.setenv("RANK", "0")
     _refused(_cli("zoo-train", "classifier", "--out", tmp_path / "z"), "`diffslim zoo-train classifier` fits in one "
              "process", "run it without the launcher")
+
+
+def test_shared_files_are_one_copy_on_disk_and_a_copy_where_links_fail(tmp_path, monkeypatch):
+    import os
+
+    from diffslim import outputs
+
+    src, dst = tmp_path / "pipeline" / "unet", tmp_path / "model"
+    src.mkdir(parents=True)
+    (src / "w.safetensors").write_bytes(b"weights" * 100)
+    (src / "config.json").write_text("{}")
+    assert outputs.share_files(src, dst) == 702
+    assert all(os.path.samefile(src / n, dst / n) for n in ("w.safetensors", "config.json"))
+    assert outputs.share_files(src, dst) == 0  # already one file
+    # removing one folder (a rerun's cleanup) leaves the other whole
+    outputs.remove_previous(tmp_path, ["model"])
+    assert (src / "w.safetensors").read_bytes() == b"weights" * 100
+    # only over identical bytes: a file that differs stays as it was
+    (dst).mkdir()
+    (dst / "w.safetensors").write_bytes(b"weights" * 100)
+    (dst / "config.json").write_text('{"other": 1}')
+    assert outputs.share_files(src, dst, only_identical=True) == 700
+    assert os.path.samefile(src / "w.safetensors", dst / "w.safetensors")
+    assert (dst / "config.json").read_text() == '{"other": 1}' and not os.path.samefile(src / "config.json",
+                                                                                        dst / "config.json")
+
+    def no_links(a, b):
+        raise OSError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    other = tmp_path / "other"
+    assert outputs.share_files(src, other) == 0
+    assert _tree(other) == _tree(src) and not os.path.samefile(src / "w.safetensors", other / "w.safetensors")
+    assert sorted(p.name for p in other.iterdir()) == ["config.json", "w.safetensors"]  # no temporary left
+    # only over identical bytes and no links: nothing to gain from a copy, the file is left as it was
+    (dst / "config.json").unlink()
+    (dst / "config.json").write_text("{}")
+    ino = (dst / "config.json").stat().st_ino
+    assert outputs.share_files(src, dst, only_identical=True) == 0 and (dst / "config.json").stat().st_ino == ino

@@ -1284,7 +1284,7 @@ def finetune(
     removed_modules(loaded.denoiser, depth)
     outputs.claim_out(out, "finetune")
     student, folder, res = finetune_depth(loaded.pipe, depth, data, cfg)
-    pipeline = _student_pipeline(loaded, student, Path(out) / "pipeline")
+    pipeline = _student_pipeline(loaded, student, Path(out) / "pipeline", folder)
     _trained_cards(model, loaded, folder, pipeline, cfg, res,
                    f"Depth-skip pruning (Kim and Cho, 2024) at depth {depth}, then fine-tuned with distillation from "
                    f"`{model}`", data)
@@ -1309,7 +1309,7 @@ def _trained_cards(teacher: str, loaded, student_dir: Path, pipeline: Optional[P
             _card(folder, **kwargs)
 
 
-def _student_pipeline(teacher, student, folder: Path) -> Optional[Path]:
+def _student_pipeline(teacher, student, folder: Path, student_dir: Optional[Path] = None) -> Optional[Path]:
     """The teacher's pipeline with the trained ``student`` in its denoiser's place, written to ``folder``: what
     ``sample``, ``evaluate``, ``bench`` and ``diffusers`` load (a lone student folder is a model, not a pipeline).
     None for a teacher without weights."""
@@ -1319,8 +1319,11 @@ def _student_pipeline(teacher, student, folder: Path) -> Optional[Path]:
         return folder
     from diffslim.apply import denoiser_attr
 
-    setattr(teacher.pipe, denoiser_attr(teacher.pipe), student)
+    attr = denoiser_attr(teacher.pipe)
+    setattr(teacher.pipe, attr, student)
     teacher.pipe.save_pretrained(str(folder), safe_serialization=True)
+    if student_dir is not None:  # the student's weights once on disk, where the two writes gave the same bytes
+        outputs.share_files(student_dir, folder / attr, only_identical=True)
     return folder
 
 
@@ -1426,7 +1429,7 @@ def distill(
     res = run(t.pipe, s.denoiser, make_dataset(data, t.pipe, resolution), cfg)
     scale = f"; feature weight x{res.feat_scale:.4g} (matched to the plain sum)" if match_plain_weight else ""
     folder = Path(res.out_dir) / "student"
-    pipeline = _student_pipeline(t, load(str(folder)).denoiser, Path(out) / "pipeline")
+    pipeline = _student_pipeline(t, load(str(folder)).denoiser, Path(out) / "pipeline", folder)
     _trained_cards(teacher, t, folder, pipeline, cfg, res, f"Distilled from `{teacher}`", data, student)
     console.print(f"student: {folder}; final losses: "
                   + ", ".join(f"{k} {v:.4g}" for k, v in res.final_losses.items()) + scale
@@ -1719,16 +1722,20 @@ def _macs_removed(full, pruned) -> tuple[Optional[int], Optional[int]]:
 
 def _save_denoiser(loaded, denoiser, model_dir: Path, pipeline_dir: Optional[Path]) -> None:
     """Write ``denoiser`` to ``model_dir`` (its config only when ``loaded`` has no weights) and, for a
-    pipeline, the pipeline with it in place to ``pipeline_dir``."""
+    pipeline, the pipeline with it in place to ``pipeline_dir``. The denoiser's files are written once:
+    ``model_dir``'s are hard links to the pipeline's (``outputs.share_files``)."""
     if not loaded.has_weights:
         denoiser.save_config(str(model_dir))
         return
-    denoiser.save_pretrained(str(model_dir), safe_serialization=True)
-    if loaded.pipe is not None and pipeline_dir is not None:
-        from diffslim.apply import denoiser_attr
+    if loaded.pipe is None or pipeline_dir is None:
+        denoiser.save_pretrained(str(model_dir), safe_serialization=True)
+        return
+    from diffslim.apply import denoiser_attr
 
-        setattr(loaded.pipe, denoiser_attr(loaded.pipe), denoiser)
-        loaded.pipe.save_pretrained(str(pipeline_dir), safe_serialization=True)
+    attr = denoiser_attr(loaded.pipe)
+    setattr(loaded.pipe, attr, denoiser)
+    loaded.pipe.save_pretrained(str(pipeline_dir), safe_serialization=True)
+    outputs.share_files(pipeline_dir / attr, model_dir)
 
 
 @app.command("stock")

@@ -213,3 +213,32 @@ def figure_file(path: Path, option: str, example: str) -> Path:
         raise UserError(f"{option} {path}: matplotlib writes no {path.suffix} figures; give one of "
                         + ", ".join("." + k for k in sorted(kinds)))
     return out_file(path, option, example)
+
+
+def share_files(src: Path, dst: Path, only_identical: bool = False) -> int:
+    """Keep one copy on disk of what two output folders both hold (the pruned denoiser in ``model/`` and in
+    ``pipeline/unet/``; a trained student in ``student/`` and in ``pipeline/``): every file directly in ``src`` becomes
+    a hard link in ``dst`` (a copy where the filesystem has no hard links). ``only_identical``: link only over files
+    ``dst`` already holds with the same bytes, and leave the rest. Returns the bytes no longer stored twice."""
+    import filecmp
+    import shutil
+
+    saved = 0
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in sorted(p for p in src.iterdir() if p.is_file() and not p.is_symlink()):
+        target = dst / f.name
+        if only_identical and not (target.is_file() and filecmp.cmp(f, target, shallow=False)):
+            continue
+        if target.exists() and os.path.samefile(f, target):
+            continue
+        tmp = dst / f".{f.name}.link"
+        tmp.unlink(missing_ok=True)  # left by an interrupted run
+        try:
+            os.link(f, tmp)
+            saved += f.stat().st_size
+        except OSError:  # another filesystem, or one without hard links
+            if only_identical:  # the copy it holds is as good
+                continue
+            shutil.copy2(f, tmp)
+        os.replace(tmp, target)  # atomic: ``dst`` holds the old file or the link, never half of either
+    return saved
