@@ -579,6 +579,55 @@ def test_an_lcm_unet_trains_and_scores_with_the_guidance_embedding_its_pipeline_
     assert kwargs["timestep_cond"].shape == (1, 8)
 
 
+def test_a_consistency_model_is_distilled_without_the_task_loss_unless_asked(tiny_sd_pipe, tmp_path):
+    """A consistency model's sampler reads the denoiser's output as its trajectory's end; the diffusion task loss
+    regresses it to the mean clean image instead. distill, finetune, the bench's +kd/+ft and the workflow leave it out
+    for an LCM (its U-Net's guidance embedding, or an LCM/TCD scheduler over a plain U-Net: LCM-LoRA, TCD), and say
+    so; a --lambda-task the user gives is kept."""
+    import json
+
+    from diffusers import DDIMScheduler, LatentConsistencyModelPipeline, LCMScheduler, StableDiffusionPipeline
+    from diffusers import TCDScheduler, UNet2DConditionModel
+    from typer.testing import CliRunner
+
+    from diffslim.bench import default_task_weight
+    from diffslim.cli import app
+    from diffslim.models.load import LoadedModel
+    from diffslim.train.distill import consistency_model
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config(tiny_sd_pipe.unet.config, time_cond_proj_dim=8)
+    parts = {k: v for k, v in tiny_sd_pipe.components.items() if k not in ("unet", "scheduler")}
+    lcm = LatentConsistencyModelPipeline(**parts, unet=unet, scheduler=LCMScheduler(), requires_safety_checker=False)
+    plain = {k: v for k, v in tiny_sd_pipe.components.items() if k != "scheduler"}
+    lora_style = StableDiffusionPipeline(**plain, scheduler=LCMScheduler(), requires_safety_checker=False)
+    tcd = StableDiffusionPipeline(**plain, scheduler=TCDScheduler(), requires_safety_checker=False)
+    ddim = StableDiffusionPipeline(**plain, scheduler=DDIMScheduler(), requires_safety_checker=False)
+    assert [consistency_model(p) for p in (lcm, lora_style, tcd, ddim, None)] == [True, True, True, False, False]
+    for k in range(2):
+        Image.fromarray(np.random.default_rng(k).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(
+            tmp_path / f"{k}.png")
+        (tmp_path / f"{k}.txt").write_text("a cat")
+    weights = {name: default_task_weight(LoadedModel(name, "pipeline", p.unet, pipe=p), str(tmp_path))
+               for name, p in (("lcm", lcm), ("tcd", tcd), ("ddim", ddim))}
+    assert weights == {"lcm": 0.0, "tcd": 0.0, "ddim": 1.0}
+    lcm.save_pretrained(str(tmp_path / "lcm"), safe_serialization=True)
+    unet.save_pretrained(str(tmp_path / "student"), safe_serialization=True)
+    run = ["distill", str(tmp_path / "lcm"), str(tmp_path / "student"), "--data", str(tmp_path), "--steps", "1",
+           "--batch-size", "2", "--resolution", "16", "--ema-decay", "0"]
+    for extra, task, said in (((), 0.0, True), (("--lambda-task", "0.5"), 0.5, False)):
+        out = tmp_path / f"kd{task}"
+        r = CliRunner().invoke(app, [*run, "--out", str(out), *extra])
+        assert r.exit_code == 0, r.output
+        assert json.loads((out / "distill.json").read_text())["config"]["lambda_task"] == task
+        assert ("samples a consistency model (LCMScheduler)" in " ".join(r.output.split())) == said, r.output
+    # depth-skip fine-tuning too
+    r = CliRunner().invoke(app, ["finetune", str(tmp_path / "lcm"), "--depth", "1", "--data", str(tmp_path),
+                                 "--steps", "1", "--batch-size", "2", "--ema-decay", "0", "--out", str(tmp_path / "ft")])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "ft" / "distill.json").read_text())["config"]["lambda_task"] == 0.0
+
+
 def test_flux_kontext_samples_from_prompts_alone(tiny_sd_pipe, tmp_path):
     """Flux Kontext's input image is optional (without one it generates from the prompt): a text file of prompts is
     taken, where the pipelines that cannot do without an image refuse it."""

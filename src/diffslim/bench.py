@@ -40,7 +40,8 @@ class BenchContext:
     resolution: Optional[int] = None
     # weight of the diffusion task loss in the distillation of ``+kd`` and the fine-tuning of ``+ft`` (1: the papers'
     # loss; 0: output and feature distillation only, which keeps the student closer to the model it was pruned from);
-    # None: :func:`default_task_weight`, 1 on training data and 0 on the teacher's own samples
+    # None: :func:`default_task_weight`, 1 on training data and 0 on the teacher's own samples or for a consistency
+    # model
     task_weight: Optional[float] = None
     # results a builder may reuse when called again on the same model (the layer scores of a ratio search)
     memo: dict = field(default_factory=dict, repr=False)
@@ -424,10 +425,11 @@ def has_training_data(loaded, data: str = "zoo") -> bool:
 
 
 def default_task_weight(loaded, data: str = "zoo") -> float:
-    """The task loss's weight when none is given: 1 (the papers' loss) on training data; 0 on the images the full
-    pipeline samples itself when there is none, where the task loss only repeats the output term through the noise
-    (bench/teacher_data.py: 4.2 dB worse on zoo:digits-sd with it, level on zoo:digits-dit)."""
-    return 1.0 if has_training_data(loaded, data) else 0.0
+    """The task loss's weight when none is given (``train.distill.default_task_weight``): 1 on training data, 0 for
+    a consistency model and on the images the full pipeline samples itself."""
+    from diffslim.train.distill import default_task_weight as weight
+
+    return weight(getattr(loaded, "pipe", None), has_training_data(loaded, data))
 
 
 def _default_finetune(ctx: BenchContext, depth: int):

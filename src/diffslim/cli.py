@@ -576,7 +576,8 @@ _LAYER_CALIB_HELP = ("calibration triples the {} score on (default 32; without -
                      "layer")
 _KD_TASK_WEIGHT_OPT = typer.Option(None, help="weight of the diffusion task loss when +kd distils and +ft fine-tunes "
                                    "(1: the papers' loss; 0: output and feature distillation only, which stays closer "
-                                   "to the unpruned model); default 1 on training data, 0 on the pipeline's own samples")
+                                   "to the unpruned model); default 1 on training data, 0 on the pipeline's own samples "
+                                   "and for a consistency model (LCM, TCD)")
 
 
 def _data_option(what: str):
@@ -1267,6 +1268,8 @@ def finetune(
     lambda_feat: float = typer.Option(1.0, help="weight of the feature distillation"),
     feat_norm: str = typer.Option("batch", help="with --normalized: the teacher norm over the whole batch ('batch') "
                                   "or each sample's own ('sample')"),
+    lambda_task: Optional[float] = typer.Option(None, help="weight of the diffusion task loss; default 1, and 0 for a "
+                                                "consistency model (LCM, TCD), which was not trained on it"),
 ):
     """Fine-tune a depth-skipped model: diffusion loss + distillation from the unpruned teacher."""
     outputs.out_folder(out, command="finetune")
@@ -1276,11 +1279,17 @@ def finetune(
     from diffslim.models.load import load
 
     cfg = _distill_config(out, steps, batch_size, lr, checkpoint_every, log_every, ema_decay, mixed_precision,
-                          gradient_checkpointing, seed, log_with, normalized, 1.0, lambda_out, lambda_feat,
+                          gradient_checkpointing, seed, log_with, normalized,
+                          1.0 if lambda_task is None else lambda_task, lambda_out, lambda_feat,
                           feat_norm=feat_norm)  # settings refused before the model loads
     loaded = load(model)
     if loaded.pipe is None:
         raise UserError(f"{model} is not a pipeline; fine-tuning needs a pipeline folder or zoo:NAME")
+    from diffslim.train.distill import consistency_model
+
+    if lambda_task is None and consistency_model(loaded.pipe):
+        cfg.lambda_task = 0.0
+        _consistency_note(loaded.pipe)
     removed_modules(loaded.denoiser, depth)
     outputs.claim_out(out, "finetune")
     student, folder, res = finetune_depth(loaded.pipe, depth, data, cfg)
@@ -1307,6 +1316,13 @@ def _trained_cards(teacher: str, loaded, student_dir: Path, pipeline: Optional[P
     for folder in (student_dir, pipeline):
         if folder is not None and folder.is_dir():
             _card(folder, **kwargs)
+
+
+def _consistency_note(pipe) -> None:
+    console.print(f"[dim]{type(pipe).__name__} samples a consistency model ({type(pipe.scheduler).__name__}): its "
+                  "denoiser was trained to match a teacher's trajectory, not the diffusion task loss, which would pull "
+                  "the student towards the blurred mean of the training images; training without it (give "
+                  "--lambda-task to set it)[/]", highlight=False)
 
 
 def _student_pipeline(teacher, student, folder: Path, student_dir: Optional[Path] = None) -> Optional[Path]:
@@ -1379,7 +1395,8 @@ def distill(
     normalized: bool = typer.Option(True, "--normalized/--plain", help="LAPTOP-Diff's normalized feature loss (default) or BK-SDM's plain sum"),
     lambda_task: Optional[float] = typer.Option(None, help="weight of the diffusion task loss; default 1, and 0 with "
                                                 "--data PROMPTS.txt, where the teacher's own samples make it repeat "
-                                                "the output term"),
+                                                "the output term, and for a consistency model (LCM, TCD), which was "
+                                                "not trained on it"),
     lambda_out: float = typer.Option(1.0), lambda_feat: float = typer.Option(1.0),
     match_plain_weight: bool = typer.Option(False, help="with --normalized: scale the feature term so that it starts "
                                             "with the plain sum's total weight (only the balance among layers changes)"),
@@ -1398,6 +1415,7 @@ def distill(
             raise UserError(f"{' and '.join(given)} set{'s' if len(given) == 1 else ''} how the teacher samples its "
                             "own training images from --data PROMPTS.txt; with an image folder or 'zoo' drop "
                             f"{'it' if len(given) == 1 else 'them'}")
+    task_given = lambda_task is not None
     if lambda_task is None:
         lambda_task = 0.0 if own_samples else 1.0
     cfg = _distill_config(out, steps, batch_size, lr, checkpoint_every, log_every, ema_decay, mixed_precision,
@@ -1416,9 +1434,12 @@ def distill(
     s = load(str(student))
     if not s.has_weights or s.pipe is not None:
         raise UserError(f"{student} must be a denoiser folder with safetensors weights")
-    from diffslim.train.distill import task_for
+    from diffslim.train.distill import consistency_model, task_for
 
     task_for(t.pipe)  # a pipeline it cannot train is refused before the teacher samples anything
+    if not task_given and lambda_task != 0 and consistency_model(t.pipe):
+        cfg.lambda_task = lambda_task = 0.0
+        _consistency_note(t.pipe)
     outputs.claim_out(out, "distill")
     if own_samples:
         data = str(_teacher_samples(t, Path(data), teacher_samples, sample_steps, Path(out) / "teacher_samples"))

@@ -466,6 +466,32 @@ def pad_rows(rows: Sequence[torch.Tensor], length: Optional[int] = None) -> torc
     return torch.stack([torch.cat([r, r.new_zeros((length - r.shape[0], *r.shape[1:]))]) for r in rows])
 
 
+# schedulers that sample a consistency model: each step maps the latents to the trajectory's end, not to the mean
+# clean image the diffusion objective regresses to
+CONSISTENCY_SCHEDULERS = ("LCMScheduler", "TCDScheduler")
+
+
+def consistency_model(pipe) -> bool:
+    """Whether ``pipe`` samples a consistency model (an LCM, an LCM-LoRA or TCD fused in, a U-Net with a guidance
+    embedding): its denoiser was trained to match its teacher's trajectory, not the diffusion objective, so a student
+    of it is distilled without the task loss (:func:`default_task_weight`)."""
+    if pipe is None:
+        return False
+    den = next((m for m in (getattr(pipe, a, None) for a in ("unet", "transformer", "denoiser")) if m is not None),
+               None)
+    return (type(getattr(pipe, "scheduler", None)).__name__ in CONSISTENCY_SCHEDULERS
+            or getattr(getattr(den, "config", None), "time_cond_proj_dim", None) is not None)
+
+
+def default_task_weight(pipe, training_data: bool = True) -> float:
+    """The task loss's weight when none is given: 1 (the papers' loss) on training data. 0 for a consistency model,
+    whose sampler reads the denoiser's output as the trajectory's end: the diffusion objective would pull the student
+    towards the blurred mean of the clean images. 0 too on the images the teacher samples itself when there is no
+    training data, where the task loss only repeats the output term through the noise (bench/teacher_data.py: 4.2 dB
+    worse on zoo:digits-sd with it, level on zoo:digits-dit)."""
+    return 0.0 if consistency_model(pipe) or not training_data else 1.0
+
+
 def guidance_condition(pipe, batch: int, dim: int) -> torch.Tensor:
     """The ``timestep_cond`` a U-Net with a ``time_cond_proj_dim`` (a latent consistency model's) gets from its
     pipeline: the embedding of ``guidance_scale - 1`` at the pipeline's default guidance scale (8.5 for
