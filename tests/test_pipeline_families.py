@@ -944,6 +944,90 @@ def test_transformer_family_tasks_call_the_denoiser_as_their_pipelines_do(family
     assert a.final_losses["feat"] > 0 and len(features) == len(scores) - 1
 
 
+def _tiny_sdxl(tiny_sd_pipe, variant: str = "StableDiffusionXLPipeline"):
+    """A tiny SDXL pipeline of class ``variant`` (two CLIP encoders, the second's pooled projection and the size ids
+    through the U-Net's text_time embedding)."""
+    import diffusers
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(0)
+    clip = dict(vocab_size=1000, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                max_position_embeddings=77, projection_dim=16, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=2, norm_num_groups=8, addition_embed_type="text_time",
+        addition_time_embed_dim=8, projection_class_embeddings_input_dim=16 + 6 * 8)
+    parts = dict(unet=unet, vae=tiny_sd_pipe.vae, text_encoder=CLIPTextModel(CLIPTextConfig(**clip)).eval(),
+                 text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**clip)).eval(),
+                 tokenizer=tiny_sd_pipe.tokenizer, tokenizer_2=tiny_sd_pipe.tokenizer,
+                 scheduler=diffusers.EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
+                                                            beta_end=0.012, steps_offset=1))
+    pipe = getattr(diffusers, variant)(**parts)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("variant", ["ZImageImg2ImgPipeline", "ZImageInpaintPipeline", "FluxImg2ImgPipeline",
+                                     "FluxInpaintPipeline", "StableDiffusion3InpaintPipeline",
+                                     "StableDiffusionInpaintPipeline", "StableDiffusionXLPipeline",
+                                     "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline"])
+def test_image_to_image_and_inpainting_pipelines_train_as_their_text_to_image_family(variant, tiny_sd_pipe):
+    """An image-to-image or inpainting pipeline whose denoiser takes no mask channels calls it as its text-to-image
+    pipeline does (the input image sets where sampling starts, the mask blends latents between steps): its task
+    predicts what its own first call predicted. Flux's image-to-image pipelines guide its guidance embedding at their
+    own default (7, where FluxPipeline's is 3.5). They were refused: no task for Z-Image's and Flux's, and every
+    pipeline that takes a mask was taken for a mask-channel U-Net."""
+    import diffusers
+
+    from diffslim.sample import _stop_at_first_call
+    from diffslim.train.distill import task_for, unpack_latents
+
+    family = variant[:5]
+    base = {"ZImag": _tiny_zimage, "FluxI": _tiny_flux, "StableDiffusion3": _tiny_sd3}.get(
+        "StableDiffusion3" if variant.startswith("StableDiffusion3") else family)
+    base = (_tiny_sdxl(tiny_sd_pipe) if variant.startswith("StableDiffusionXL") else
+            base(tiny_sd_pipe) if base is not None else tiny_sd_pipe)
+    parts = dict(base.components)
+    if variant.startswith("StableDiffusion3"):  # SD3's inpainting takes 16 latent channels (or 33 with the mask's)
+        parts["transformer"] = diffusers.SD3Transformer2DModel.from_config(parts["transformer"].config, in_channels=16,
+                                                                          out_channels=16)
+        parts["vae"] = diffusers.AutoencoderKL.from_config(parts["vae"].config, latent_channels=16)
+    pipe = getattr(diffusers, variant)(**parts)
+    pipe.set_progress_bar_config(disable=True)
+    size = 32 if family == "ZImag" else 16
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8))
+    row = {"prompt": "a red cat"}
+    if "Img2Img" in variant or "Inpaint" in variant or variant.startswith("Flux"):
+        row["image"] = image
+    if "Inpaint" in variant:
+        row["mask_image"] = Image.fromarray(np.tile(np.arange(size, dtype=np.uint8) * (255 // size), (size, 1)))
+    guidance = {"ZImag": 0.0, "FluxI": 7.0}.get(family, 1.0)  # no CFG batch; Flux's guidance is its default
+    spec = SampleSpec(inputs=[row], seeds=[0], num_inference_steps=4,
+                      call_kwargs={**({"strength": 0.75} if "image" in row else {}), "height": size, "width": size,
+                                   **({} if family == "FluxI" else {"guidance_scale": guidance})})
+    args, kwargs = _stop_at_first_call(pipe, spec)["call"]
+    den = getattr(pipe, "transformer", None) or pipe.unet
+    with torch.no_grad():
+        own = den(*args, **{**kwargs, "return_dict": False})[0]
+        task = task_for(pipe)
+        _, cond = task.encode({"image": torch.zeros(1, 3, size, size), "text": ["a red cat"]}, torch.Generator(), "cpu")
+        if family == "ZImag":
+            x, t, own = torch.stack(args[0]).squeeze(2), (1 - args[1]) * 1000, -torch.stack(own).squeeze(2)
+        elif family == "FluxI":
+            assert float(kwargs["guidance"][0]) == 7.0
+            h = w = size // 2
+            x, t, own = (unpack_latents(kwargs["hidden_states"], h, w), kwargs["timestep"] * 1000,
+                         unpack_latents(own, h, w))
+        else:
+            call = dict(zip(("hidden_states" if den is getattr(pipe, "transformer", None) else "sample",
+                             "timestep"), args), **kwargs)
+            x, t = call.get("sample", call.get("hidden_states")), call["timestep"]
+        t = t.reshape(-1).expand(x.shape[0])
+        assert 0 < float(t[0]) < (1000 if "image" in row else 1001)  # strength 0.75: part-way, not at pure noise
+        torch.testing.assert_close(task.predict(den, x, t, cond), own)
+
+
 def test_an_lcm_pipeline_refuses_a_scheduler_it_cannot_sample_with(tiny_sd_pipe):
     """LatentConsistencyModelPipeline passes original_inference_steps to its scheduler: dpm:N, xue:N, a recipe's
     scheduler and sample --scheduler crashed with a TypeError inside diffusers; they are refused in one line (the

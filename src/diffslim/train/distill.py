@@ -406,6 +406,23 @@ def _vae_latents(vae, batch: dict, g: torch.Generator, device) -> tuple[torch.Te
     return img, ((z - shift) * vae.config.scaling_factor).float()
 
 
+def sdxl_time_ids(pipe, size, dtype) -> torch.Tensor:
+    """The size ids an SDXL pipeline passes its U-Net for an image of ``size`` (pixels; its own size, no crop),
+    ``(1, n)``. The image-to-image and inpainting pipelines take the aesthetic scores too (used in place of the target
+    size where the pipeline ``requires_aesthetics_score``, as a refiner's does) and return the negative prompt's ids
+    beside, dropped here."""
+    import inspect
+
+    h, w = (int(v) for v in size)
+    proj = pipe.text_encoder_2.config.projection_dim
+    if "aesthetic_score" not in inspect.signature(pipe._get_add_time_ids).parameters:
+        return pipe._get_add_time_ids((h, w), (0, 0), (h, w), dtype=dtype, text_encoder_projection_dim=proj)
+    call = inspect.signature(pipe.__call__).parameters
+    return pipe._get_add_time_ids((h, w), (0, 0), (h, w), call["aesthetic_score"].default,
+                                  call["negative_aesthetic_score"].default, (h, w), (0, 0), (h, w), dtype=dtype,
+                                  text_encoder_projection_dim=proj)[0]
+
+
 class _LatentTextTask:
     """SD-style: VAE latents ``(z - shift) * scaling_factor`` of ``image * 2 - 1``; captions via the text encoder.
 
@@ -435,9 +452,7 @@ class _LatentTextTask:
         emb, pooled = self._text(captions, device)
         cond = {"encoder_hidden_states": emb}
         if getattr(pipe, "text_encoder_2", None) is not None and pooled is not None:
-            h, w = img.shape[-2:]
-            ids = pipe._get_add_time_ids((h, w), (0, 0), (h, w), dtype=emb.dtype,
-                                         text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
+            ids = sdxl_time_ids(pipe, img.shape[-2:], emb.dtype)
             cond["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": ids.to(device).repeat(img.shape[0], 1)}
         den = _denoiser_of(pipe)
         proj = getattr(den.config, "time_cond_proj_dim", None)
@@ -520,8 +535,30 @@ def unpack_latents(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return tokens.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
 
 
-# the guidance a guidance-distilled Flux (dev) is called with by default (FluxPipeline's guidance_scale)
+# the guidance a guidance-distilled Flux (dev) is called with by default (FluxPipeline's guidance_scale); a Flux
+# pipeline that states another default (image-to-image and inpainting: 7) is trained at its own
 FLUX_GUIDANCE = 3.5
+
+# pipelines whose denoiser call is their family's text-to-image one: an input image only sets where sampling starts,
+# a mask only blends the latents between steps (the inpainting pipelines of denoisers that take no mask channels)
+TRANSFORMER_FAMILIES = {
+    "FluxPipeline": "flux", "FluxImg2ImgPipeline": "flux", "FluxInpaintPipeline": "flux",
+    "SanaPipeline": "sana", "SanaPAGPipeline": "sana", "AuraFlowPipeline": "auraflow",
+    "HunyuanDiTPipeline": "hunyuandit", "HunyuanDiTPAGPipeline": "hunyuandit", "CogView4Pipeline": "cogview4",
+    "Lumina2Pipeline": "lumina2", "Lumina2Text2ImgPipeline": "lumina2",
+    "ZImagePipeline": "zimage", "ZImageImg2ImgPipeline": "zimage", "ZImageInpaintPipeline": "zimage",
+}
+
+
+def _takes_mask_channels(pipe) -> bool:
+    """Whether ``pipe``'s denoiser takes more input channels than the VAE's latents (an inpainting U-Net's mask and
+    masked-image latents; Flux's 2x2 packing counted)."""
+    den = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    latent = getattr(getattr(getattr(pipe, "vae", None), "config", None), "latent_channels", None)
+    channels = getattr(getattr(den, "config", None), "in_channels", None)
+    if latent is None or channels is None:
+        return True
+    return channels not in (latent, 4 * latent)
 
 
 class _LatentClassTask:
@@ -557,7 +594,7 @@ class _LatentTransformerTask:
     does. SD3 gets the joint CLIP+T5 embeddings and the pooled CLIP projections. Flux gets the T5
     embeddings and the pooled CLIP embedding; ``predict`` packs the ``(B, C, H, W)`` latents into 2x2
     patch tokens with their position ids, calls the transformer with the timestep as a fraction
-    (``t / 1000``, as the pipeline does) and, for guidance-distilled models, ``FLUX_GUIDANCE``, and
+    (``t / 1000``, as the pipeline does) and, for guidance-distilled models, the pipeline's default guidance, and
     unpacks the prediction, so the trainer and the criteria see ``(B, C, H, W)`` as for every other model.
     Sana gets the Gemma embeddings and their mask, encoded with the pipeline's default complex human instruction
     (what its sampling encodes the prompts with), and the timestep times its ``timestep_scale``; AuraFlow the T5
@@ -574,6 +611,14 @@ class _LatentTransformerTask:
 
     def __init__(self, pipe, family: str):
         self.pipe, self.family = pipe, family
+
+    def _flux_guidance(self) -> float:
+        """The guidance a guidance-distilled Flux is trained at: its pipeline's default ``guidance_scale``."""
+        import inspect
+
+        param = inspect.signature(self.pipe.__call__).parameters.get("guidance_scale")
+        default = getattr(param, "default", None)
+        return float(default) if isinstance(default, (int, float)) and not isinstance(default, bool) else FLUX_GUIDANCE
 
     @torch.no_grad()
     def encode(self, batch: dict, g: torch.Generator, device) -> tuple[torch.Tensor, dict]:
@@ -693,7 +738,7 @@ class _LatentTransformerTask:
             emb = cond["encoder_hidden_states"]
             img_ids = self.pipe._prepare_latent_image_ids(b, h // 2, w // 2, xt.device, xt.dtype)
             txt_ids = torch.zeros(emb.shape[1], 3, device=xt.device, dtype=xt.dtype)
-            guidance = (torch.full((b,), FLUX_GUIDANCE, device=xt.device, dtype=torch.float32)
+            guidance = (torch.full((b,), self._flux_guidance(), device=xt.device, dtype=torch.float32)
                         if denoiser.config.guidance_embeds else None)
             out = denoiser(hidden_states=pack_latents(xt), timestep=t.to(xt.dtype) / 1000, guidance=guidance,
                            pooled_projections=cond["pooled_projections"], encoder_hidden_states=emb,
@@ -719,7 +764,7 @@ def task_for(pipe, label_dropout: float = 0.1):
         raise UserError(f"no distillation task for {type(pipe).__name__} (its U-Net takes the low-resolution image and "
                         "its noise level): score its layers on its own sampling with --calibration sampling "
                         "--data inputs.jsonl")
-    if "mask_image" in inspect.signature(pipe.__call__).parameters:  # the U-Net also takes a mask and masked latents
+    if "mask_image" in inspect.signature(pipe.__call__).parameters and _takes_mask_channels(pipe):
         raise UserError(f"no distillation task for {type(pipe).__name__} (an inpainting U-Net takes the mask and the "
                         "masked image's latents besides the noisy latents): score its layers on its own sampling "
                         "with --calibration sampling --data inputs.jsonl (image and mask_image per line)")
@@ -731,27 +776,17 @@ def task_for(pipe, label_dropout: float = 0.1):
             return _LatentTransformerTask(pipe, "pixart")
         if name.startswith("StableDiffusion3"):
             return _LatentTransformerTask(pipe, "sd3")
-        if name == "FluxPipeline":
-            return _LatentTransformerTask(pipe, "flux")
-        if name == "SanaPipeline":
-            return _LatentTransformerTask(pipe, "sana")
-        if name == "AuraFlowPipeline":
-            return _LatentTransformerTask(pipe, "auraflow")
-        if name == "HunyuanDiTPipeline":
-            return _LatentTransformerTask(pipe, "hunyuandit")
-        if name == "CogView4Pipeline":
-            return _LatentTransformerTask(pipe, "cogview4")
-        if name in ("Lumina2Pipeline", "Lumina2Text2ImgPipeline"):
-            return _LatentTransformerTask(pipe, "lumina2")
-        if name == "ZImagePipeline":
-            return _LatentTransformerTask(pipe, "zimage")
+        if name in TRANSFORMER_FAMILIES:
+            return _LatentTransformerTask(pipe, TRANSFORMER_FAMILIES[name])
         if name == "DiTPipeline":
             return _LatentClassTask(pipe, label_dropout)
     raise UserError(f"no distillation task for {name}: supported are the zoo pipelines, SD-style pipelines "
                      "with unet, vae, text_encoder and tokenizer (SD, SDXL, InstructPix2Pix), DiT (DiTPipeline), "
                      "PixArt-alpha/sigma, Stable Diffusion 3, Flux (FluxPipeline), Sana (SanaPipeline), AuraFlow "
                      "(AuraFlowPipeline), CogView4 (CogView4Pipeline), HunyuanDiT (HunyuanDiTPipeline), Lumina2 "
-                     "(Lumina2Pipeline) and Z-Image (ZImagePipeline); layer-prune "
+                     "(Lumina2Pipeline) and Z-Image (ZImagePipeline), and their image-to-image and inpainting "
+                     "pipelines that call the denoiser as these do (" + ", ".join(
+                         n for n in TRANSFORMER_FAMILIES if "Img2Img" in n or "Inpaint" in n) + "); layer-prune "
                      "scores any pipeline's layers on its own sampling instead: --calibration sampling --data FILE")
 
 
