@@ -114,6 +114,27 @@ def test_bench_method_argument_errors(tiny_digits_folder, methods, needle):
     assert r.exit_code == 2 and needle in " ".join(r.output.split()), r.output
 
 
+def test_every_refused_method_and_stage_is_named_in_one_line(tiny_digits_folder, tmp_path):
+    """Several methods the model cannot run were refused one per try (fix one, run, learn of the next); all are named
+    at once now, on one line, before anything samples. One keeps its own message."""
+    r = _run("bench", tiny_digits_folder, "--methods", "full,fbcache,depth:20,steps:2,karras:x", "--n", "1",
+             "--steps", "2")
+    lines = [line for line in r.output.splitlines() if line.strip()]
+    said = " ".join(r.output.split())
+    assert r.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: 3 methods cannot run here. "), r.output
+    for needle in ("fbcache: diffusers' cache hooks find transformer blocks", "depth 20 is outside 1..13",
+                   "karras:N needs an integer"):
+        assert said.count(needle) == 1, (needle, r.output)
+    assert "steps:2" not in said
+    r = _run("workflow", tiny_digits_folder, "--stages", "depth:20,karras:x", "--n", "1", "--steps", "2",
+             "--out", tmp_path / "wf")
+    said = " ".join(r.output.split())
+    assert r.exit_code == 2 and said.startswith("error: 2 stages cannot run here. ") and "depth 20" in said, r.output
+    assert not (tmp_path / "wf").exists()
+    r = _run("bench", tiny_digits_folder, "--methods", "karras:x", "--n", "1", "--steps", "2")
+    assert r.exit_code == 2 and " ".join(r.output.split()).startswith("error: karras:N needs an integer"), r.output
+
+
 def test_finetune_cli_then_bench_the_student(tiny_digits_folder, tmp_path):
     out = tmp_path / "ft"
     r = _run("finetune", tiny_digits_folder, "--depth", "7", "--steps", "4", "--batch-size", "4",

@@ -1271,6 +1271,26 @@ def parse_methods(text: str, option: str = "--methods") -> list[tuple[str, Optio
     return out
 
 
+def refuse_together(parsed: list, check: Callable[[str, Optional[str]], object], what: str = "methods") -> None:
+    """Run ``check(name, arg)`` on every parsed method and raise one :class:`UserError` for all that refused, so that
+    a user who lists several methods a model cannot run learns of all of them at once, not one per try. One refusal
+    keeps its own message; several are joined on one line, each led by its method where its message does not name
+    it."""
+    refused: list[str] = []
+    for name, arg in parsed:
+        try:
+            check(name, arg)
+        except UserError as e:
+            msg = str(e)
+            msg = msg if msg.startswith(name) else f"{name if arg is None else f'{name}:{arg}'}: {msg}"
+            if msg not in refused:
+                refused.append(msg)
+    if len(refused) == 1:
+        raise UserError(refused[0])
+    if refused:
+        raise UserError(f"{len(refused)} {what} cannot run here. " + " | ".join(refused))
+
+
 def _same_numbers(arg: str) -> str:
     """``arg`` with every number written one way (0.30, .3 and 3e-1 as 0.3; 010 as 10): two specs that differ only
     in how a number is written are one method."""
@@ -1432,8 +1452,7 @@ def run_bench(loaded, methods: str, evalset, default_steps: int = 50, scheduler:
     # every method's argument is checked before anything is sampled
     dry = BenchContext(loaded=loaded, base_spec=base, default_steps=default_steps, dry_run=True, data=data,
                        resolution=resolution)
-    for name, arg in parsed:
-        METHODS[name](arg, dry)
+    refuse_together(parsed, lambda name, arg: METHODS[name](arg, dry))
     if layer_calibration is not None and layer_calibration < 1:
         raise UserError(f"layer_calibration={layer_calibration}: the layer criteria need at least 1 calibration triple")
     ctx = BenchContext(loaded=loaded, base_spec=base, default_steps=default_steps, data=data, resolution=resolution,

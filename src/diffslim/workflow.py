@@ -49,7 +49,7 @@ from typing import Callable, Optional
 import torch
 
 from diffslim.bench import (METHODS, BenchContext, check_processes_agree, check_task_weight, count_run_macs,
-                            default_task_weight, layer_variant, parse_methods)
+                            default_task_weight, layer_variant, parse_methods, refuse_together)
 from diffslim.errors import UserError
 from diffslim.launch import is_first, slowest, wait_for_everyone
 from diffslim.methods.layer_prune import SelectionUnreachable
@@ -608,12 +608,15 @@ def _run_stages(loaded, stages: str, evalset, out, default_steps: int = 50, sche
                       scheduler=scheduler, call_kwargs=dict(evalset.call_kwargs), batch_size=batch_size)
     dry = BenchContext(loaded=loaded, base_spec=spec, default_steps=default_steps, dry_run=True, data=data,
                        resolution=resolution)
-    for name, arg in parsed:  # every stage's argument is checked before anything runs
+    def check(name, arg):
         own = stage_floor(arg, floor)
         METHODS[name](AUTO[name] if own is not None else arg, dry)
         if own is not None and not own:
             raise UserError(f"{name}:auto searches for the most aggressive setting that meets a floor: give one, "
                             "e.g. --floor psnr=30")
+
+    # every stage's argument is checked before anything runs, and every refusal said at once
+    refuse_together(parsed, check, "stages")
     out.mkdir(parents=True, exist_ok=True)
     evals = (shared_stages.parent if shared_stages is not None else out) / "evals"
     placed = _placement_key(loaded)
