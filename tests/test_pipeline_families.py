@@ -1028,6 +1028,41 @@ def test_image_to_image_and_inpainting_pipelines_train_as_their_text_to_image_fa
         torch.testing.assert_close(task.predict(den, x, t, cond), own)
 
 
+@pytest.mark.parametrize("variant", ["sd", "sdxl", "cosxl"])
+def test_instruct_pix2pix_tasks_condition_on_the_input_as_their_pipelines_do(variant, tiny_sd_pipe):
+    """InstructPix2Pix's U-Net takes the input image's latents beside the noisy ones: the task's (the latent mode,
+    unscaled; CosXL Edit's scaled by the VAE's factor, as its pipeline scales them) are what the pipeline's own first
+    call concatenates, and the task predicts what that call predicted."""
+    import diffusers
+
+    from diffslim.sample import _stop_at_first_call
+    from diffslim.train.distill import task_for
+
+    base = tiny_sd_pipe if variant == "sd" else _tiny_sdxl(tiny_sd_pipe)
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel.from_config(base.unet.config, in_channels=8).eval()
+    parts = {k: v for k, v in base.components.items()
+             if k not in ("unet", "image_encoder", "feature_extractor", "safety_checker")}
+    if variant == "sd":
+        pipe = diffusers.StableDiffusionInstructPix2PixPipeline(**parts, unet=unet, safety_checker=None,
+                                                                feature_extractor=None, requires_safety_checker=False)
+    else:
+        pipe = diffusers.StableDiffusionXLInstructPix2PixPipeline(**parts, unet=unet,
+                                                                  is_cosxl_edit=variant == "cosxl")
+    pipe.set_progress_bar_config(disable=True)
+    pixels = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    spec = SampleSpec(inputs=[{"prompt": "make it red", "image": Image.fromarray(pixels)}], seeds=[0],
+                      num_inference_steps=3, call_kwargs={"guidance_scale": 1.0, "height": 16, "width": 16})
+    args, kwargs = _stop_at_first_call(pipe, spec)["call"]
+    with torch.no_grad():
+        own = unet(*args, **{**kwargs, "return_dict": False})[0]
+        task = task_for(pipe)
+        image = torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 255
+        _, cond = task.encode({"image": image, "cond": image, "text": ["make it red"]}, torch.Generator(), "cpu")
+        torch.testing.assert_close(cond["concat"], args[0][:, 4:])
+        torch.testing.assert_close(task.predict(unet, args[0][:, :4], args[1].reshape(1), cond), own)
+
+
 def test_an_lcm_pipeline_refuses_a_scheduler_it_cannot_sample_with(tiny_sd_pipe):
     """LatentConsistencyModelPipeline passes original_inference_steps to its scheduler: dpm:N, xue:N, a recipe's
     scheduler and sample --scheduler crashed with a TypeError inside diffusers; they are refused in one line (the

@@ -428,7 +428,8 @@ class _LatentTextTask:
 
     SDXL-style pipelines (``text_encoder_2``) also get ``added_cond_kwargs`` (pooled text, size ids);
     with a ``cond`` image and a U-Net taking twice the latent channels (InstructPix2Pix) the cond
-    image's latent mode is concatenated to the noisy latents.
+    image's latent mode is concatenated to the noisy latents (scaled by the VAE's factor for CosXL Edit, as its
+    pipeline does).
     """
 
     def __init__(self, pipe):
@@ -465,6 +466,8 @@ class _LatentTextTask:
         if "cond" in batch and den.config.in_channels > x0.shape[1]:
             c = batch["cond"].to(device=device, dtype=vae.dtype) * 2 - 1
             cond["concat"] = vae.encode(c).latent_dist.mode()
+            if getattr(pipe, "is_cosxl_edit", False):  # CosXL Edit's pipeline scales the input's latents
+                cond["concat"] = cond["concat"] * vae.config.scaling_factor
         return x0, cond
 
     def predict(self, denoiser, xt, t, cond: dict) -> torch.Tensor:
