@@ -887,24 +887,25 @@ def test_dpm_solver_on_flow_sigmas_is_trained_as_the_flow_it_samples():
     torch.testing.assert_close(flow.shifted(u), 3 * u / (1 + 2 * u))
 
 
-@pytest.mark.parametrize("family", ["sana", "auraflow", "lumina2", "zimage", "cogview4", "hunyuandit"])
+@pytest.mark.parametrize("family", ["sana", "auraflow", "lumina2", "zimage", "cogview4", "hunyuandit", "qwenimage"])
 def test_transformer_family_tasks_call_the_denoiser_as_their_pipelines_do(family, tiny_sd_pipe, tmp_path):
     """The distillation task of Sana (Gemma embeddings encoded with the pipeline's complex human instruction, the
     timestep times timestep_scale), of AuraFlow (the timestep as a fraction), of Lumina2 (its system prompt, time
     reversed, the prediction negated as its pipeline negates it) and of Z-Image (lists of per-image latents and
     captions, time reversed, negated), of CogView4 (sizes, the unshifted timestep: see the next test) and of
-    HunyuanDiT (two encoders, size ids, style, rotary grid) predicts what the pipeline's own denoiser call predicts
+    HunyuanDiT (two encoders, size ids, style, rotary grid) and of Qwen-Image (its video VAE's normalized latents,
+    packed patches, the timestep as a fraction, the grid's shape) predicts what the pipeline's own denoiser call predicts
     for the same prompt,
     latents and timestep; the output-loss criterion scores their blocks on captioned images and a pruned student
     distils from them, reproducibly."""
     from diffslim.methods.layer_prune import calibration, candidates, prune_layers, score_layers
     from diffslim.sample import SampleSpec, _stop_at_first_call
     from diffslim.train.data import make_dataset
-    from diffslim.train.distill import DistillConfig, distill, task_for
+    from diffslim.train.distill import DistillConfig, distill, task_for, unpack_latents
 
     pipe = (_tiny_hunyuandit(tiny_sd_pipe, tmp_path) if family == "hunyuandit" else
             {"sana": _tiny_sana, "auraflow": _tiny_auraflow, "lumina2": _tiny_lumina2, "zimage": _tiny_zimage,
-             "cogview4": _tiny_cogview4}[family](tiny_sd_pipe))
+             "cogview4": _tiny_cogview4, "qwenimage": _tiny_qwenimage}[family](tiny_sd_pipe))
     den = pipe.transformer
     spec = SampleSpec(inputs=[{"prompt": "a red cat"}], seeds=[0], num_inference_steps=3,
                       call_kwargs={"guidance_scale": 0.0 if family == "zimage" else 1.0, "height": 32, "width": 32,
@@ -918,13 +919,24 @@ def test_transformer_family_tasks_call_the_denoiser_as_their_pipelines_do(family
             x, ts, own = torch.stack(args[0]).squeeze(2), args[1], -torch.stack(own).squeeze(2)
         elif family == "hunyuandit":  # latents and timestep by position; the learned variance dropped
             x, ts, own = args[0], args[1], own[:, :4]
+        elif family == "qwenimage":  # packed 2x2 patches of 16x16 latents
+            x, ts, own = (unpack_latents(kwargs["hidden_states"], 16, 16), kwargs["timestep"],
+                          unpack_latents(own, 16, 16))
         else:
             call = dict(zip(("hidden_states",), args), **kwargs)
             x, ts, own = call["hidden_states"], call["timestep"], -own if family == "lumina2" else own
         # the trainer's sigma x 1000
         t = {"sana": ts / 0.5, "auraflow": ts * 1000, "lumina2": (1 - ts) * 1000, "zimage": (1 - ts) * 1000,
-             "cogview4": ts, "hunyuandit": ts}[family]  # CogView4's first call: sigma 1, unshifted as shifted
+             "cogview4": ts, "hunyuandit": ts, "qwenimage": ts * 1000}[family]  # CogView4's first call: sigma 1, unshifted as shifted
         torch.testing.assert_close(task.predict(den, x, t, cond), own)
+        if family == "qwenimage":  # the training latents: one frame through the video VAE, normalized per channel
+            import diffusers
+
+            img = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+            x0, _ = task.encode({"image": img, "text": ["a", "b"]}, torch.Generator().manual_seed(3), "cpu")
+            i2i = diffusers.QwenImageImg2ImgPipeline(**pipe.components)
+            ref = i2i._encode_vae_image((img * 2 - 1).unsqueeze(2), torch.Generator().manual_seed(3))
+            torch.testing.assert_close(x0, ref.squeeze(2))
     data = str(_captioned_images(tmp_path / "imgs"))
     calib = calibration(pipe, n=4, data=data, size=32)
     assert torch.equal(calib.xt, calibration(pipe, n=4, data=data, size=32).xt)
@@ -942,6 +954,33 @@ def test_transformer_family_tasks_call_the_denoiser_as_their_pipelines_do(family
     # not: a feature term of 0)
     features = json.loads((a.out_dir / "distill.json").read_text())["features"]
     assert a.final_losses["feat"] > 0 and len(features) == len(scores) - 1
+
+
+def _tiny_qwenimage(tiny_sd_pipe, variant: str = "QwenImagePipeline"):
+    """A tiny Qwen-Image pipeline of class ``variant`` (a Qwen2.5-VL text encoder through its prompt template, a video
+    VAE taking one frame, two-stream blocks over packed 2x2 patches), sampling 32 px by default."""
+    import diffusers
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(0)
+    tr = diffusers.QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=3,
+                                               attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                               axes_dims_rope=(2, 2, 4)).eval()
+    vae = diffusers.AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 2], num_res_blocks=1,
+                                           temperal_downsample=[False], latents_mean=[0.1, -0.2, 0.0, 0.3],
+                                           latents_std=[1.5, 0.5, 1.0, 2.0]).eval()
+    text = dict(vocab_size=1000, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=2, rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]})
+    vision = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=16,
+                  fullatt_block_indexes=[0])
+    te = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision)).eval()
+    sched = diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_image_seq_len=4,
+                                                      max_image_seq_len=64, base_shift=0.5, max_shift=0.9)
+    pipe = getattr(diffusers, variant)(scheduler=sched, vae=vae, text_encoder=te, tokenizer=tiny_sd_pipe.tokenizer,
+                                       transformer=tr)
+    pipe.default_sample_size = 16  # 32 px (16 latents) instead of its 1024 px
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def _tiny_sdxl(tiny_sd_pipe, variant: str = "StableDiffusionXLPipeline"):
@@ -971,7 +1010,8 @@ def _tiny_sdxl(tiny_sd_pipe, variant: str = "StableDiffusionXLPipeline"):
 @pytest.mark.parametrize("variant", ["ZImageImg2ImgPipeline", "ZImageInpaintPipeline", "FluxImg2ImgPipeline",
                                      "FluxInpaintPipeline", "StableDiffusion3InpaintPipeline",
                                      "StableDiffusionInpaintPipeline", "StableDiffusionXLPipeline",
-                                     "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline"])
+                                     "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline",
+                                     "QwenImageImg2ImgPipeline", "QwenImageInpaintPipeline"])
 def test_image_to_image_and_inpainting_pipelines_train_as_their_text_to_image_family(variant, tiny_sd_pipe):
     """An image-to-image or inpainting pipeline whose denoiser takes no mask channels calls it as its text-to-image
     pipeline does (the input image sets where sampling starts, the mask blends latents between steps): its task
@@ -987,6 +1027,7 @@ def test_image_to_image_and_inpainting_pipelines_train_as_their_text_to_image_fa
     base = {"ZImag": _tiny_zimage, "FluxI": _tiny_flux, "StableDiffusion3": _tiny_sd3}.get(
         "StableDiffusion3" if variant.startswith("StableDiffusion3") else family)
     base = (_tiny_sdxl(tiny_sd_pipe) if variant.startswith("StableDiffusionXL") else
+            _tiny_qwenimage(tiny_sd_pipe) if family == "QwenI" else
             base(tiny_sd_pipe) if base is not None else tiny_sd_pipe)
     parts = dict(base.components)
     if variant.startswith("StableDiffusion3"):  # SD3's inpainting takes 16 latent channels (or 33 with the mask's)
@@ -995,7 +1036,7 @@ def test_image_to_image_and_inpainting_pipelines_train_as_their_text_to_image_fa
         parts["vae"] = diffusers.AutoencoderKL.from_config(parts["vae"].config, latent_channels=16)
     pipe = getattr(diffusers, variant)(**parts)
     pipe.set_progress_bar_config(disable=True)
-    size = 32 if family == "ZImag" else 16
+    size = 32 if family in ("ZImag", "QwenI") else 16
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8))
     row = {"prompt": "a red cat"}
     if "Img2Img" in variant or "Inpaint" in variant or variant.startswith("Flux"):
@@ -1014,8 +1055,8 @@ def test_image_to_image_and_inpainting_pipelines_train_as_their_text_to_image_fa
         _, cond = task.encode({"image": torch.zeros(1, 3, size, size), "text": ["a red cat"]}, torch.Generator(), "cpu")
         if family == "ZImag":
             x, t, own = torch.stack(args[0]).squeeze(2), (1 - args[1]) * 1000, -torch.stack(own).squeeze(2)
-        elif family == "FluxI":
-            assert float(kwargs["guidance"][0]) == 7.0
+        elif family in ("FluxI", "QwenI"):
+            assert family == "QwenI" or float(kwargs["guidance"][0]) == 7.0
             h = w = size // 2
             x, t, own = (unpack_latents(kwargs["hidden_states"], h, w), kwargs["timestep"] * 1000,
                          unpack_latents(own, h, w))
@@ -1180,6 +1221,41 @@ def test_zimage_samples_at_its_call_default_and_is_calibrated_and_layer_pruned_o
     assert type(stock) is diffusers.ZImageTransformer2DModel and stock.config.n_layers == 2
     stock.save_pretrained(str(tmp_path / "m"))
     again = diffusers.ZImageTransformer2DModel.from_pretrained(str(tmp_path / "m")).eval()
+    torch.testing.assert_close(calib.run(again), calib.run(pruned), rtol=0, atol=0)
+
+
+def test_qwenimage_is_calibrated_on_its_sampling_and_layer_pruned(tiny_sd_pipe, tmp_path):
+    """Qwen-Image's calls take packed latents, a caption mask and the grid's shape as a list: a sampling calibration
+    predicts what its own call predicted, keeps calls of other caption lengths (two prompts, with true CFG a
+    negative prompt of a third) in their own segments, scores every block above 0, and a stock export with one block
+    fewer reloads and predicts what the pruned model does, bit for bit."""
+    import diffusers
+
+    from diffslim.methods import layer_prune as lp
+    from diffslim.sample import _stop_at_first_call
+
+    pipe = _tiny_qwenimage(tiny_sd_pipe)
+    den = pipe.transformer
+    kw = {"true_cfg_scale": 4.0, "negative_prompt": "blurry"}
+    calib = lp.sampling_calibration(pipe, n=1, steps=2, inputs=[{"prompt": "a red cat"}], call_kwargs=kw, seed=0)
+    spec = SampleSpec(inputs=[{"prompt": "a red cat"}], seeds=calib.source["seeds"], num_inference_steps=2,
+                      call_kwargs=kw)
+    args, kwargs = _stop_at_first_call(pipe, spec)["call"]
+    with torch.no_grad():
+        own = den(*args, **{**kwargs, "return_dict": False})[0]
+    assert calib.source["calls"] == [0]  # one triple: the first step's prompt call (its negative call is skipped)
+    torch.testing.assert_close(calib.run(den), own)
+    prompts = [{"prompt": "a red cat"}, {"prompt": "a small green house by the sea at night"}]
+    calib = lp.sampling_calibration(pipe, n=2, steps=2, inputs=prompts, call_kwargs=kw, seed=0, sample_batch=1)
+    assert len(calib) == 2 and calib.bounds == (1,)
+    assert float(lp.output_loss(den, calib, [])) == 0.0
+    scores = lp.score_layers(den, lp.candidates(den), "output-loss", calib)
+    assert sorted(scores) == [f"transformer_blocks.{i}" for i in range(3)] and all(v > 0 for v in scores.values())
+    pruned = lp.prune_layers(den, ["transformer_blocks.1"])
+    stock = lp.stock_model(pruned)
+    assert type(stock) is diffusers.QwenImageTransformer2DModel and stock.config.num_layers == 2
+    stock.save_pretrained(str(tmp_path / "m"))
+    again = diffusers.QwenImageTransformer2DModel.from_pretrained(str(tmp_path / "m")).eval()
     torch.testing.assert_close(calib.run(again), calib.run(pruned), rtol=0, atol=0)
 
 

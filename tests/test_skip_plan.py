@@ -761,11 +761,11 @@ def test_a_plan_counts_the_steps_of_a_denoiser_whose_timestep_grows():
             assert all(torch.equal(a, b) for a, b in zip(outs[1:], full[1:])) == same
 
 
-@pytest.mark.parametrize("family", ["lumina2", "zimage", "flux"])
+@pytest.mark.parametrize("family", ["lumina2", "zimage", "flux", "qwenimage"])
 def test_pab_windows_read_the_schedulers_timestep_where_a_pipeline_calls_with_another_scale(family):
     """PAB reuses attention for timesteps in (100, 800) of the scheduler's 0..1000, 1000 at noise. Lumina2 and
-    Z-Image are called with 1 - t / 1000 and Flux with t / 1000, so the window never opened there and the bench's
-    pab row was the full model (100 dB). On the scheduler's scale (``schedule_timestep``) the middle calls reuse
+    Z-Image are called with 1 - t / 1000 and Flux and Qwen-Image with t / 1000, so the window never opened there and
+    the bench's pab row was the full model (100 dB). On the scheduler's scale (``schedule_timestep``) the middle calls reuse
     attention and change, and the first, at noise, does not."""
     from diffslim.methods.skip_plan import apply_diffusers_cache, remove_diffusers_cache, schedule_timestep
     from test_layer_prune import _tiny_family_denoiser
@@ -782,6 +782,10 @@ def test_pab_windows_read_the_schedulers_timestep_where_a_pipeline_calls_with_an
                   pooled_projections=torch.randn(1, 8, generator=g), img_ids=torch.zeros(16, 3),
                   txt_ids=torch.zeros(4, 3))
         times, key = [1.0, 0.75, 0.5, 0.25], "timestep"  # t / 1000 of 1000, 750, 500, 250
+    elif family == "qwenimage":
+        model, kw = _tiny_family_denoiser(family)
+        kw = {k: v[:1] for k, v in kw.items() if k != "timestep"}
+        times, key = [1.0, 0.75, 0.5, 0.25], "timestep"
     else:
         model, kw = _tiny_family_denoiser(family)
         times, key = [0.0, 0.25, 0.5, 0.75], "timestep" if family == "lumina2" else "t"

@@ -1647,6 +1647,9 @@ def layer_prune_cmd(
         from diffslim.methods.layer_prune import stock_keeps
 
         keep = stock_keeps(loaded.denoiser)
+    from diffslim.methods.layer_prune import check_prunable
+
+    check_prunable(loaded.denoiser)  # a denoiser whose pruned model could not be exported: before any sampling
     if by == "params" and criterion not in bk:  # a ratio the removable layers cannot reach: before any sampling
         from diffslim.methods.layer_prune import check_reachable
 

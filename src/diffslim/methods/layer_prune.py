@@ -6,7 +6,7 @@ A *layer* is a piece of a denoiser that can be removed while the model stays wel
   (``Transformer2DModel``) of the down blocks, the mid block and the up blocks; with
   ``inner=True`` the individual transformer blocks inside attention layers that hold several
   (SDXL's deep levels) replace those attention layers as candidates.
-- transformer denoisers: each block of ``transformer_blocks`` (DiT, PixArt, SD3, Sana, CogView4) and, for Flux,
+- transformer denoisers: each block of ``transformer_blocks`` (DiT, PixArt, SD3, Sana, CogView4, Qwen-Image) and, for Flux,
   of ``transformer_blocks`` and ``single_transformer_blocks`` (AuraFlow: ``joint_transformer_blocks`` and
   ``single_transformer_blocks``; HunyuanDiT: ``blocks``; Lumina2 and Z-Image: ``layers``).
 
@@ -417,7 +417,8 @@ def _pruned_class(base: type, name: str) -> type:
 # the denoisers a layer-pruned model is exported from (as ``LayerPruned<name>``)
 EXPORTED = ("UNet2DConditionModel", "UNet2DModel", "DiTTransformer2DModel", "PixArtTransformer2DModel",
             "SD3Transformer2DModel", "FluxTransformer2DModel", "SanaTransformer2DModel", "CogView4Transformer2DModel",
-            "AuraFlowTransformer2DModel", "HunyuanDiT2DModel", "Lumina2Transformer2DModel", "ZImageTransformer2DModel")
+            "AuraFlowTransformer2DModel", "HunyuanDiT2DModel", "Lumina2Transformer2DModel", "ZImageTransformer2DModel",
+            "QwenImageTransformer2DModel")
 
 
 def _make_classes() -> dict[type, type]:

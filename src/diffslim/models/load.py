@@ -31,6 +31,7 @@ SUPPORTED_DENOISERS = (
     "HunyuanDiT2DModel",
     "Lumina2Transformer2DModel",
     "ZImageTransformer2DModel",
+    "QwenImageTransformer2DModel",
     # our own exports: diffusers models with a depth-skip config
     "DepthSkipUNet2DConditionModel",
     "DepthSkipUNet2DModel",
@@ -47,6 +48,7 @@ SUPPORTED_DENOISERS = (
     "LayerPrunedHunyuanDiT2DModel",
     "LayerPrunedLumina2Transformer2DModel",
     "LayerPrunedZImageTransformer2DModel",
+    "LayerPrunedQwenImageTransformer2DModel",
     # both (diffslim.combined): a ``depth_skip`` and a ``removed_layers`` config
     "DepthSkipLayerPrunedUNet2DConditionModel",
     "DepthSkipLayerPrunedUNet2DModel",

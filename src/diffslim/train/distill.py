@@ -399,9 +399,15 @@ class _ZooSRTask:
 def _vae_latents(vae, batch: dict, g: torch.Generator, device) -> tuple[torch.Tensor, torch.Tensor]:
     """``(image in [-1, 1], x0)``: the batch's images and their sampled VAE latents ``(z - shift) * scaling_factor``."""
     img = batch["image"].to(device=device, dtype=vae.dtype) * 2 - 1
-    enc = vae.encode(img)
+    mean = getattr(vae.config, "latents_mean", None)
+    video = mean is not None and hasattr(vae.config, "z_dim")  # Qwen-Image's (Wan's) video VAE: one frame
+    enc = vae.encode(img.unsqueeze(2) if video else img)
     # a KL autoencoder's posterior is sampled; Sana's deep-compression autoencoder (AutoencoderDC) is deterministic
     z = enc.latent_dist.sample(generator=g) if hasattr(enc, "latent_dist") else enc.latent
+    if video:  # per-channel mean and std, as its pipelines normalize
+        shape = (1, -1, 1, 1, 1)
+        z = (z - z.new_tensor(mean).view(shape)) / z.new_tensor(vae.config.latents_std).view(shape)
+        return img, z.squeeze(2).float()
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     return img, ((z - shift) * vae.config.scaling_factor).float()
 
@@ -550,6 +556,7 @@ TRANSFORMER_FAMILIES = {
     "HunyuanDiTPipeline": "hunyuandit", "HunyuanDiTPAGPipeline": "hunyuandit", "CogView4Pipeline": "cogview4",
     "Lumina2Pipeline": "lumina2", "Lumina2Text2ImgPipeline": "lumina2",
     "ZImagePipeline": "zimage", "ZImageImg2ImgPipeline": "zimage", "ZImageInpaintPipeline": "zimage",
+    "QwenImagePipeline": "qwenimage", "QwenImageImg2ImgPipeline": "qwenimage", "QwenImageInpaintPipeline": "qwenimage",
 }
 
 
@@ -557,7 +564,8 @@ def _takes_mask_channels(pipe) -> bool:
     """Whether ``pipe``'s denoiser takes more input channels than the VAE's latents (an inpainting U-Net's mask and
     masked-image latents; Flux's 2x2 packing counted)."""
     den = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
-    latent = getattr(getattr(getattr(pipe, "vae", None), "config", None), "latent_channels", None)
+    vae_config = getattr(getattr(pipe, "vae", None), "config", None)
+    latent = getattr(vae_config, "latent_channels", None) or getattr(vae_config, "z_dim", None)  # Qwen-Image's: z_dim
     channels = getattr(getattr(den, "config", None), "in_channels", None)
     if latent is None or channels is None:
         return True
@@ -588,9 +596,8 @@ class _LatentClassTask:
 
 
 class _LatentTransformerTask:
-    """PixArt-alpha/sigma, SD3, Flux, Sana, AuraFlow, CogView4, HunyuanDiT, Lumina2 and Z-Image: VAE latents as for
-    SD; captions through the
-    pipeline's ``encode_prompt``.
+    """PixArt-alpha/sigma, SD3, Flux, Sana, AuraFlow, CogView4, HunyuanDiT, Lumina2, Z-Image and Qwen-Image: VAE
+    latents as for SD; captions through the pipeline's ``encode_prompt``.
 
     PixArt gets the T5 embeddings and their attention mask (and, for the 1024 px models that take them,
     the resolution and aspect ratio); its learned-variance half of the output is dropped, as its pipeline
@@ -610,13 +617,17 @@ class _LatentTransformerTask:
     ``sqrt(tokens / base_image_seq_len) * max_shift + base_shift``). HunyuanDiT gets both text encoders' embeddings
     and masks, the size ids and style 0 its call passes by default, and the rotary embeddings of the latent grid
     (cropped to its 512 px base size, as its pipeline computes them); its learned-variance half is dropped.
+    Qwen-Image gets its latents from its video VAE (one frame, normalized by the per-channel mean and std), the
+    Qwen2.5-VL embeddings after its prompt template with their mask, and is called as Flux is (packed 2x2 patches, the
+    timestep as a fraction) with the grid's shape per image (``img_shapes``).
     """
 
     def __init__(self, pipe, family: str):
         self.pipe, self.family = pipe, family
 
-    def _flux_guidance(self) -> float:
-        """The guidance a guidance-distilled Flux is trained at: its pipeline's default ``guidance_scale``."""
+    def _embedded_guidance(self) -> float:
+        """The guidance a guidance-distilled Flux (or Qwen-Image) is trained at: its pipeline's default
+        ``guidance_scale`` (``FLUX_GUIDANCE`` where it states none)."""
         import inspect
 
         param = inspect.signature(self.pipe.__call__).parameters.get("guidance_scale")
@@ -681,6 +692,12 @@ class _LatentTransformerTask:
             caps = pipe.encode_prompt(captions, device=device, do_classifier_free_guidance=False)[0]
             return x0, {"cap_feats": pad_rows(caps), "cap_lens": torch.tensor([c.shape[0] for c in caps],
                                                                               device=device)}
+        if self.family == "qwenimage":  # Qwen2.5-VL embeddings after its template, with their mask
+            if x0.shape[-1] % 2 or x0.shape[-2] % 2:
+                raise UserError(f"Qwen-Image packs 2x2 latent patches: latents of {tuple(x0.shape[-2:])} do not "
+                                f"divide; use images whose sides are multiples of {2 * pipe.vae_scale_factor} px")
+            emb, mask = pipe.encode_prompt(prompt=captions, device=device, num_images_per_prompt=1)
+            return x0, {"encoder_hidden_states": emb, "encoder_hidden_states_mask": mask}
         if self.family == "flux":
             if x0.shape[-1] % 2 or x0.shape[-2] % 2:
                 raise UserError(f"Flux packs 2x2 latent patches: latents of {tuple(x0.shape[-2:])} do not divide; "
@@ -736,12 +753,21 @@ class _LatentTransformerTask:
             caps = [c[:n] for c, n in zip(cond["cap_feats"], cond["cap_lens"].tolist())]
             out = denoiser(list(xt.unsqueeze(2).unbind(0)), 1 - t.to(xt.dtype) / 1000, caps, return_dict=False)[0]
             return -torch.stack(list(out)).squeeze(2)
+        if self.family == "qwenimage":  # packed 2x2 patches, the timestep as a fraction, the grid's shape per image
+            b, _, h, w = xt.shape
+            guidance = (torch.full((b,), self._embedded_guidance(), device=xt.device, dtype=torch.float32)
+                        if denoiser.config.guidance_embeds else None)
+            out = denoiser(hidden_states=pack_latents(xt), timestep=t.to(xt.dtype) / 1000, guidance=guidance,
+                           encoder_hidden_states=cond["encoder_hidden_states"],
+                           encoder_hidden_states_mask=cond["encoder_hidden_states_mask"],
+                           img_shapes=[[(1, h // 2, w // 2)]] * b, return_dict=False)[0]
+            return unpack_latents(out, h, w)
         if self.family == "flux":
             b, _, h, w = xt.shape
             emb = cond["encoder_hidden_states"]
             img_ids = self.pipe._prepare_latent_image_ids(b, h // 2, w // 2, xt.device, xt.dtype)
             txt_ids = torch.zeros(emb.shape[1], 3, device=xt.device, dtype=xt.dtype)
-            guidance = (torch.full((b,), self._flux_guidance(), device=xt.device, dtype=torch.float32)
+            guidance = (torch.full((b,), self._embedded_guidance(), device=xt.device, dtype=torch.float32)
                         if denoiser.config.guidance_embeds else None)
             out = denoiser(hidden_states=pack_latents(xt), timestep=t.to(xt.dtype) / 1000, guidance=guidance,
                            pooled_projections=cond["pooled_projections"], encoder_hidden_states=emb,
@@ -787,7 +813,8 @@ def task_for(pipe, label_dropout: float = 0.1):
                      "with unet, vae, text_encoder and tokenizer (SD, SDXL, InstructPix2Pix), DiT (DiTPipeline), "
                      "PixArt-alpha/sigma, Stable Diffusion 3, Flux (FluxPipeline), Sana (SanaPipeline), AuraFlow "
                      "(AuraFlowPipeline), CogView4 (CogView4Pipeline), HunyuanDiT (HunyuanDiTPipeline), Lumina2 "
-                     "(Lumina2Pipeline) and Z-Image (ZImagePipeline), and their image-to-image and inpainting "
+                     "(Lumina2Pipeline), Z-Image (ZImagePipeline) and Qwen-Image (QwenImagePipeline), and their "
+                     "image-to-image and inpainting "
                      "pipelines that call the denoiser as these do (" + ", ".join(
                          n for n in TRANSFORMER_FAMILIES if "Img2Img" in n or "Inpaint" in n) + "); layer-prune "
                      "scores any pipeline's layers on its own sampling instead: --calibration sampling --data FILE")
