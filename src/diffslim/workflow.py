@@ -608,6 +608,7 @@ def _run_stages(loaded, stages: str, evalset, out, default_steps: int = 50, sche
                       scheduler=scheduler, call_kwargs=dict(evalset.call_kwargs), batch_size=batch_size)
     dry = BenchContext(loaded=loaded, base_spec=spec, default_steps=default_steps, dry_run=True, data=data,
                        resolution=resolution)
+
     def check(name, arg):
         own = stage_floor(arg, floor)
         METHODS[name](AUTO[name] if own is not None else arg, dry)

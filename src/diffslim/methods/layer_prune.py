@@ -6,8 +6,8 @@ A *layer* is a piece of a denoiser that can be removed while the model stays wel
   (``Transformer2DModel``) of the down blocks, the mid block and the up blocks; with
   ``inner=True`` the individual transformer blocks inside attention layers that hold several
   (SDXL's deep levels) replace those attention layers as candidates.
-- transformer denoisers: each block of ``transformer_blocks`` (DiT, PixArt, SD3, Sana, CogView4, Qwen-Image) and, for Flux,
-  of ``transformer_blocks`` and ``single_transformer_blocks`` (AuraFlow: ``joint_transformer_blocks`` and
+- transformer denoisers: each block of ``transformer_blocks`` (DiT, PixArt, SD3, Sana, CogView4, Qwen-Image) and,
+  for Flux, of ``transformer_blocks`` and ``single_transformer_blocks`` (AuraFlow: ``joint_transformer_blocks`` and
   ``single_transformer_blocks``; HunyuanDiT: ``blocks``; Lumina2 and Z-Image: ``layers``).
 
 Removal replaces a layer by a *stand-in* whose forward is the layer's shortcut:

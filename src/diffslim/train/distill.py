@@ -397,7 +397,8 @@ class _ZooSRTask:
 
 
 def _vae_latents(vae, batch: dict, g: torch.Generator, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(image in [-1, 1], x0)``: the batch's images and their sampled VAE latents ``(z - shift) * scaling_factor``."""
+    """``(image in [-1, 1], x0)``: the batch's images and their sampled VAE latents ``(z - shift) * scaling_factor``
+    (a video VAE's, Qwen-Image's: of one frame, ``(z - latents_mean) / latents_std`` per channel)."""
     img = batch["image"].to(device=device, dtype=vae.dtype) * 2 - 1
     mean = getattr(vae.config, "latents_mean", None)
     video = mean is not None and hasattr(vae.config, "z_dim")  # Qwen-Image's (Wan's) video VAE: one frame
@@ -563,7 +564,7 @@ TRANSFORMER_FAMILIES = {
 def _takes_mask_channels(pipe) -> bool:
     """Whether ``pipe``'s denoiser takes more input channels than the VAE's latents (an inpainting U-Net's mask and
     masked-image latents; Flux's 2x2 packing counted)."""
-    den = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    den = next((m for m in (getattr(pipe, a, None) for a in ("unet", "transformer")) if m is not None), None)
     vae_config = getattr(getattr(pipe, "vae", None), "config", None)
     latent = getattr(vae_config, "latent_channels", None) or getattr(vae_config, "z_dim", None)  # Qwen-Image's: z_dim
     channels = getattr(getattr(den, "config", None), "in_channels", None)
