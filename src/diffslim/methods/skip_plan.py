@@ -961,8 +961,8 @@ def apply_diffusers_cache(denoiser: nn.Module, name: str, arg: Optional[str], nu
                 spatial_attention_block_skip_range=k, spatial_attention_timestep_skip_range=(-1, 681),
                 current_timestep_callback=ctx_hook.current_timestep, attention_weight_callback=lambda _: 0.5,
                 is_guidance_distilled=True, tensor_format="BCHW"))
-            note = (f"FasterCache: attention reused every {k} calls for t < 681 (guidance-distilled mode: "
-                    "the zoo pipeline batches CFG in one call)")
+            note = (f"FasterCache: attention reused every {k} calls for t < 681 (its guidance-distilled mode: no "
+                    "reuse across the unconditional batch, which many pipelines batch with the conditional one)")
         else:  # magcache
             thr, k = setting
             ratios = list(mag_ratios) if mag_ratios is not None else [1.0] * num_steps
