@@ -180,3 +180,49 @@ def test_progress_off_the_terminal_is_a_line_now_and_then_on_stderr(capsys):
     with _progress("quick", 4) as advance:  # done within the 30 s between lines
         advance(4)
     assert capsys.readouterr() == ("", "")
+
+
+def test_height_and_width_set_every_sample_and_bad_sizes_are_refused(tiny_sd_pipe, tiny_digits_folder, tmp_path):
+    """`--height`/`--width` sample (and bench, evaluate, workflow) every input at that size; a size the pipeline's
+    latents cannot take, or a pipeline whose call takes no size, is refused in one line before anything samples.
+    Resolution binning, which would move the size to a trained one, is turned off where the pipeline has it."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from diffslim.cli import app
+    from diffslim.errors import UserError
+    from diffslim.evaluate import sized
+    from diffslim.models.load import LoadedModel
+    from diffslim.zoo.evalsets import EvalSet
+
+    tiny_sd_pipe.save_pretrained(str(tmp_path / "sd"))
+    (tmp_path / "p.txt").write_text("a cat\n")
+    run = ["sample", str(tmp_path / "sd"), "--prompts", str(tmp_path / "p.txt"), "--n", "2", "--steps", "2"]
+    r = CliRunner().invoke(app, [*run, "--height", "24", "--width", "32", "--out", str(tmp_path / "s")])
+    assert r.exit_code == 0, r.output
+    assert {Image.open(tmp_path / "s" / f"000{i}.png").size for i in range(2)} == {(32, 24)}
+    r = CliRunner().invoke(app, [*run, "--height", "24", "--out", str(tmp_path / "s2")])  # the width: its own, 16 px
+    assert r.exit_code == 0 and Image.open(tmp_path / "s2" / "0000.png").size == (16, 24), r.output
+    for extra, needle in ((["--height", "23"], "--height 23: StableDiffusionPipeline takes sizes in multiples of 2 px"),):
+        r = CliRunner().invoke(app, [*run, *extra, "--out", str(tmp_path / "bad")])
+        assert r.exit_code == 2 and needle in " ".join(r.output.split()), r.output
+        assert not (tmp_path / "bad").exists()
+    r = CliRunner().invoke(app, ["bench", str(tiny_digits_folder), "--methods", "steps:2", "--n", "1", "--width", "8"])
+    assert r.exit_code == 2 and "ZooClassPipeline takes no height and width" in " ".join(r.output.split()), r.output
+
+    class Binned:  # PixArt-like: a transformer of 16 latents and a 2x VAE, binning by default
+        transformer = SimpleNamespace(config=SimpleNamespace(sample_size=16, patch_size=2))
+        vae = SimpleNamespace(config=SimpleNamespace(block_out_channels=(8, 16)))
+        vae_scale_factor = 2
+
+        def __call__(self, prompt=None, height=None, width=None, use_resolution_binning=True):
+            pass
+
+    loaded = LoadedModel("binned", "pipeline", Binned.transformer, pipe=Binned())
+    es = sized(EvalSet(inputs=[{"prompt": "a"}], seeds=[0]), loaded, 64, None)
+    assert es.call_kwargs == {"height": 64, "width": 32, "use_resolution_binning": False}
+    assert sized(EvalSet(inputs=[{"prompt": "a"}], seeds=[0]), loaded, None, None).call_kwargs == {}
+    with pytest.raises(UserError, match="--width 30: Binned takes sizes in multiples of 4 px, e.g. 28"):
+        sized(EvalSet(inputs=[{"prompt": "a"}], seeds=[0]), loaded, None, 30)
