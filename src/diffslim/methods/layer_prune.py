@@ -1115,10 +1115,17 @@ def sampling_calibration(pipe, n: int = 32, seed: int = 0, data: str = "zoo", st
         raise UserError(f"{type(den).__name__}.forward takes no 'timestep': sampling calibration cannot tell its "
                         "timestep apart")
     calls = denoiser_calls(pipe, spec, at, progress=progress)
-    xs, ts, conds, shared, seqs, per_row = [], [], [], None, {}, set()
+    xs, ts, conds, shared, seqs, per_row, repeated = [], [], [], None, {}, set(), set()
     # a denoiser that takes a list of per-sample tensors (Z-Image: latents and captions, of their own lengths)
     listed = isinstance(calls[0].arguments[x_name], (list, tuple))
+    # a mask some calls pass and others leave out where no token is padded (Qwen-Image's encoder_hidden_states_mask):
+    # all ones in those, so that the calls batch together
+    masks = {k: v.dtype for c in calls for k, v in c.arguments.items() if k.endswith("_mask") and torch.is_tensor(v)}
     for named, rows, _ in calls:
+        for k, dtype in masks.items():
+            masked = named.get(k[: -len("_mask")])
+            if named.get(k) is None and torch.is_tensor(masked):
+                named = {**named, k: torch.ones(masked.shape[:2], dtype=dtype, device=masked.device)}
         x = torch.stack(list(named[x_name])) if listed else named[x_name]
         m = x.shape[0]
         t = torch.as_tensor(named[t_name], device=x.device)
@@ -1135,6 +1142,10 @@ def sampling_calibration(pipe, n: int = 32, seed: int = 0, data: str = "zoo", st
                                                             for e in v):
                 seqs[k] = (type(v), len(v))  # e.g. a ControlNet's residuals, one tensor per skip connection
                 v = {str(i): e for i, e in enumerate(v)}
+            elif (isinstance(v, list) and len(v) == m and not any(torch.is_tensor(e) for e in v)
+                  and all(e == v[0] for e in v)):
+                repeated.add(k)  # the same value for every row (Qwen-Image's img_shapes): kept once, one per row
+                v = v[0]
             rest[k] = v
         batched, static = _split(rest, rows, m)
         conds.append(batched)
@@ -1155,7 +1166,9 @@ def sampling_calibration(pipe, n: int = 32, seed: int = 0, data: str = "zoo", st
     def predict(denoiser, xt, t, c):
         c = {k: (seqs[k][0](v[str(i)] for i in range(seqs[k][1])) if k in seqs else v) for k, v in c.items()}
         c = {k: ([r[:n] for r, n in zip(v["rows"], v["lens"].tolist())] if k in per_row else v) for k, v in c.items()}
-        out = denoiser(**{x_name: list(xt.unbind(0)) if listed else xt, t_name: t}, **_merged(shared, c))
+        c = _merged(shared, c)
+        c.update({k: [c[k]] * xt.shape[0] for k in repeated})
+        out = denoiser(**{x_name: list(xt.unbind(0)) if listed else xt, t_name: t}, **c)
         out = out[0] if isinstance(out, tuple) else getattr(out, "sample", out)
         out = torch.stack(list(out)) if isinstance(out, (list, tuple)) else out
         return out[:, :in_ch] if learned_sigma else out
