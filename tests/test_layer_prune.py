@@ -1191,9 +1191,10 @@ def test_bench_layer_calibration_sets_how_many_triples_the_criteria_score_on():
 def test_a_denoiser_that_cannot_be_exported_is_refused_before_scoring(tiny_sd_pipe, tmp_path, monkeypatch):
     """AuraFlow's two-stream blocks were scored (and crashed there, their stand-ins returning one stream) before
     the export's class check refused the model: layer_prune, bench's layers:R and the layer-prune command refuse a
-    model without an export first (Chroma's here; AuraFlow has one since session 35, Qwen-Image since session 37).
+    model without an export first (Flux.2's here; AuraFlow has one since session 35, Qwen-Image and Chroma since
+    session 37).
     The command sampled its whole calibration first (189 s on a tiny Qwen-Image) and then refused."""
-    from diffusers import ChromaTransformer2DModel
+    from diffusers import Flux2Transformer2DModel
 
     import diffslim.cli as cli
     import diffslim.models.load as load_module
@@ -1201,17 +1202,16 @@ def test_a_denoiser_that_cannot_be_exported_is_refused_before_scoring(tiny_sd_pi
     from diffslim.sample import SampleSpec
 
     torch.manual_seed(0)
-    model = ChromaTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
-                                     attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
-                                     axes_dims_rope=(2, 2, 4), approximator_num_channels=8, approximator_hidden_dim=16,
-                                     approximator_layers=1)
+    model = Flux2Transformer2DModel(patch_size=1, in_channels=8, num_layers=1, num_single_layers=1,
+                                    attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                    timestep_guidance_channels=8, axes_dims_rope=(2, 2, 2, 2))
     assert lp.candidate_names(model) == ["transformer_blocks.0", "single_transformer_blocks.0"]
-    with pytest.raises(UserError, match="layer pruning exports .* not ChromaTransformer2DModel"):
+    with pytest.raises(UserError, match="layer pruning exports .* not Flux2Transformer2DModel"):
         lp.layer_prune(model, "output-loss", 0.3)
-    loaded = LoadedModel("chroma", "pipeline", model, pipe=tiny_sd_pipe)
+    loaded = LoadedModel("flux2", "pipeline", model, pipe=tiny_sd_pipe)
     dry = BenchContext(loaded=loaded, base_spec=SampleSpec(inputs=[{"prompt": "a"}], seeds=[0]), default_steps=2,
                        dry_run=True)
-    with pytest.raises(UserError, match="not ChromaTransformer2DModel"):
+    with pytest.raises(UserError, match="not Flux2Transformer2DModel"):
         METHODS["layers"]("0.3", dry)
 
     def no_calibration(*a, **k):
@@ -1219,9 +1219,9 @@ def test_a_denoiser_that_cannot_be_exported_is_refused_before_scoring(tiny_sd_pi
 
     monkeypatch.setattr(load_module, "load", lambda *a, **k: loaded)
     monkeypatch.setattr(cli, "_layer_calibration", no_calibration)
-    r = CliRunner().invoke(cli.app, ["layer-prune", "chroma", "--ratio", "0.3", "--calibration", "sampling",
+    r = CliRunner().invoke(cli.app, ["layer-prune", "flux2", "--ratio", "0.3", "--calibration", "sampling",
                                      "--out", str(tmp_path / "lp")])
-    assert r.exit_code == 2 and "not ChromaTransformer2DModel" in " ".join(r.output.split()), r.output
+    assert r.exit_code == 2 and "not Flux2Transformer2DModel" in " ".join(r.output.split()), r.output
 
 
 def _tiny_family_denoiser(family: str):
@@ -1264,6 +1264,17 @@ def _tiny_family_denoiser(family: str):
                                                n_layers=3, n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=16,
                                                axes_dims=[4, 6, 6], axes_lens=[64, 32, 32])
         kw = dict(x=[r(4, 1, 8, 8), r(4, 1, 8, 8)], t=torch.tensor([0.1, 0.7]), cap_feats=[r(5, 16), r(3, 16)])
+    elif family == "chroma":  # Flux's layout; a caption mask over text and image tokens; modulations by position
+        m = diffusers.ChromaTransformer2DModel(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2,
+                                               attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                               axes_dims_rope=(2, 2, 4), approximator_num_channels=8,
+                                               approximator_hidden_dim=16, approximator_layers=1)
+        mask = torch.ones(2, 5 + 16, dtype=torch.bool)
+        mask[1, 3:5] = False
+        kw = dict(hidden_states=r(2, 16, 16), encoder_hidden_states=r(2, 5, 16), timestep=torch.tensor([0.01, 0.5]),
+                  img_ids=torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(4.0), torch.arange(4.0),
+                                                     indexing="ij"), -1).reshape(16, 3),
+                  txt_ids=torch.zeros(5, 3), attention_mask=mask)
     elif family == "qwenimage":  # two-stream blocks over packed 2x2 patches; the grid's shape per image
         m = diffusers.QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=3,
                                                   attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
@@ -1293,15 +1304,18 @@ def _first(model, kw) -> torch.Tensor:
     return torch.stack(list(out)) if isinstance(out, (list, tuple)) else out
 
 
-@pytest.mark.parametrize("family", ["sana", "cogview4", "auraflow", "lumina2", "hunyuandit", "zimage", "qwenimage"])
+@pytest.mark.parametrize("family", ["sana", "cogview4", "auraflow", "lumina2", "hunyuandit", "zimage", "qwenimage",
+                                    "chroma"])
 def test_transformer_families_are_layer_pruned_and_exported(family, tmp_path):
     """Each block of these denoisers is a candidate (AuraFlow's two-stream joint blocks and one-stream single blocks,
     CogView4's blocks that return the image stream first, Lumina2's main stack, HunyuanDiT's blocks with long
-    skips, Z-Image's main stack over per-sample lists, Qwen-Image's two-stream blocks). A keep-all pruning is
+    skips, Z-Image's main stack over per-sample lists, Qwen-Image's two-stream blocks, Chroma's Flux-like lists).
+    A keep-all pruning is
     the model bit for bit; a pruned model is what the scoring's runtime removal computes, bit for bit, smaller, and
     reloads. Its stock export, a diffusers model with fewer blocks that knows nothing of our stand-ins, computes the
     same bit for bit, which checks that a stand-in passes each stream where the next block reads it. HunyuanDiT
-    pairs its long skips by position, so it has no stock export and says so."""
+    pairs its long skips by position, and Chroma's modulations are sized by its block counts, so they have no stock
+    export and say so, before any scoring too."""
     import diffusers
 
     from diffslim.models.load import load
@@ -1320,9 +1334,12 @@ def test_transformer_families_are_layer_pruned_and_exported(family, tmp_path):
                 assert torch.equal(_first(model, kw), out)
             assert out.shape == full.shape and not torch.equal(out, full)
             assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters())
-            if family == "hunyuandit":
-                with pytest.raises(UserError, match="long skips pair its blocks by position"):
+            if family in ("hunyuandit", "chroma"):
+                why = "long skips pair" if family == "hunyuandit" else "modulation by position"
+                with pytest.raises(UserError, match=why):
                     lp.stock_model(pruned)
+                with pytest.raises(UserError, match=why):
+                    lp.check_stock_selection(model, "output-loss")
                 continue
             stock = lp.stock_model(pruned)
             assert type(stock) is getattr(diffusers, type(model).__name__)

@@ -344,6 +344,10 @@ def test_flux_noising_follows_the_dynamic_shift_of_the_scheduler(tiny_sd_pipe):
     x = torch.randn(2, 4, 8, 6)
     assert torch.equal(pack_latents(x), FluxPipeline._pack_latents(x, 2, 4, 8, 6))
     assert torch.equal(unpack_latents(pack_latents(x), 8, 6), x)
+    from diffslim.train.distill import latent_image_ids
+
+    assert torch.equal(latent_image_ids(4, 3, "cpu", torch.float32),
+                       FluxPipeline._prepare_latent_image_ids(1, 4, 3, "cpu", torch.float32))
 
 
 def test_skip_plan_applies_to_flux(tiny_sd_pipe):
@@ -887,14 +891,16 @@ def test_dpm_solver_on_flow_sigmas_is_trained_as_the_flow_it_samples():
     torch.testing.assert_close(flow.shifted(u), 3 * u / (1 + 2 * u))
 
 
-@pytest.mark.parametrize("family", ["sana", "auraflow", "lumina2", "zimage", "cogview4", "hunyuandit", "qwenimage"])
+@pytest.mark.parametrize("family", ["sana", "auraflow", "lumina2", "zimage", "cogview4", "hunyuandit", "qwenimage",
+                                    "chroma"])
 def test_transformer_family_tasks_call_the_denoiser_as_their_pipelines_do(family, tiny_sd_pipe, tmp_path):
     """The distillation task of Sana (Gemma embeddings encoded with the pipeline's complex human instruction, the
     timestep times timestep_scale), of AuraFlow (the timestep as a fraction), of Lumina2 (its system prompt, time
     reversed, the prediction negated as its pipeline negates it) and of Z-Image (lists of per-image latents and
     captions, time reversed, negated), of CogView4 (sizes, the unshifted timestep: see the next test) and of
-    HunyuanDiT (two encoders, size ids, style, rotary grid) and of Qwen-Image (its video VAE's normalized latents,
-    packed patches, the timestep as a fraction, the grid's shape) predicts what the pipeline's own denoiser call predicts
+    HunyuanDiT (two encoders, size ids, style, rotary grid), of Qwen-Image (its video VAE's normalized latents,
+    packed patches, the timestep as a fraction, the grid's shape) and of Chroma (Flux's layout, a caption mask over
+    text and image tokens) predicts what the pipeline's own denoiser call predicts
     for the same prompt,
     latents and timestep; the output-loss criterion scores their blocks on captioned images and a pruned student
     distils from them, reproducibly."""
@@ -905,7 +911,7 @@ def test_transformer_family_tasks_call_the_denoiser_as_their_pipelines_do(family
 
     pipe = (_tiny_hunyuandit(tiny_sd_pipe, tmp_path) if family == "hunyuandit" else
             {"sana": _tiny_sana, "auraflow": _tiny_auraflow, "lumina2": _tiny_lumina2, "zimage": _tiny_zimage,
-             "cogview4": _tiny_cogview4, "qwenimage": _tiny_qwenimage}[family](tiny_sd_pipe))
+             "cogview4": _tiny_cogview4, "qwenimage": _tiny_qwenimage, "chroma": _tiny_chroma}[family](tiny_sd_pipe))
     den = pipe.transformer
     spec = SampleSpec(inputs=[{"prompt": "a red cat"}], seeds=[0], num_inference_steps=3,
                       call_kwargs={"guidance_scale": 0.0 if family == "zimage" else 1.0, "height": 32, "width": 32,
@@ -919,15 +925,15 @@ def test_transformer_family_tasks_call_the_denoiser_as_their_pipelines_do(family
             x, ts, own = torch.stack(args[0]).squeeze(2), args[1], -torch.stack(own).squeeze(2)
         elif family == "hunyuandit":  # latents and timestep by position; the learned variance dropped
             x, ts, own = args[0], args[1], own[:, :4]
-        elif family == "qwenimage":  # packed 2x2 patches of 16x16 latents
+        elif family in ("qwenimage", "chroma"):  # packed 2x2 patches of 16x16 latents
             x, ts, own = (unpack_latents(kwargs["hidden_states"], 16, 16), kwargs["timestep"],
                           unpack_latents(own, 16, 16))
         else:
             call = dict(zip(("hidden_states",), args), **kwargs)
             x, ts, own = call["hidden_states"], call["timestep"], -own if family == "lumina2" else own
-        # the trainer's sigma x 1000
+        # the trainer's sigma x 1000 (CogView4's first call: sigma 1, unshifted as shifted)
         t = {"sana": ts / 0.5, "auraflow": ts * 1000, "lumina2": (1 - ts) * 1000, "zimage": (1 - ts) * 1000,
-             "cogview4": ts, "hunyuandit": ts, "qwenimage": ts * 1000}[family]  # CogView4's first call: sigma 1, unshifted as shifted
+             "cogview4": ts, "hunyuandit": ts, "qwenimage": ts * 1000, "chroma": ts * 1000}[family]
         torch.testing.assert_close(task.predict(den, x, t, cond), own)
         if family == "qwenimage":  # the training latents: one frame through the video VAE, normalized per channel
             import diffusers
@@ -954,6 +960,28 @@ def test_transformer_family_tasks_call_the_denoiser_as_their_pipelines_do(family
     # not: a feature term of 0)
     features = json.loads((a.out_dir / "distill.json").read_text())["features"]
     assert a.final_losses["feat"] > 0 and len(features) == len(scores) - 1
+
+
+def _tiny_chroma(tiny_sd_pipe, variant: str = "ChromaPipeline"):
+    """A tiny Chroma pipeline of class ``variant`` (T5 alone, Flux's packed layout, modulations from a distilled
+    guidance layer), sampling 32 px by default."""
+    import diffusers
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    tr = diffusers.ChromaTransformer2DModel(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2,
+                                            attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
+                                            axes_dims_rope=(2, 2, 4), approximator_num_channels=8,
+                                            approximator_hidden_dim=16, approximator_layers=1).eval()
+    t5 = T5EncoderModel(T5Config(vocab_size=1000, d_model=32, d_kv=8, d_ff=32, num_layers=1, num_heads=2)).eval()
+    sched = diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_image_seq_len=4,
+                                                      max_image_seq_len=64)
+    flux = _tiny_flux(tiny_sd_pipe)
+    pipe = getattr(diffusers, variant)(scheduler=sched, vae=flux.vae, text_encoder=t5,
+                                       tokenizer=tiny_sd_pipe.tokenizer, transformer=tr)
+    pipe.default_sample_size = 16  # 32 px (16 latents)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def _tiny_qwenimage(tiny_sd_pipe, variant: str = "QwenImagePipeline"):
@@ -1011,7 +1039,7 @@ def _tiny_sdxl(tiny_sd_pipe, variant: str = "StableDiffusionXLPipeline"):
                                      "FluxInpaintPipeline", "StableDiffusion3InpaintPipeline",
                                      "StableDiffusionInpaintPipeline", "StableDiffusionXLPipeline",
                                      "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline",
-                                     "QwenImageImg2ImgPipeline", "QwenImageInpaintPipeline"])
+                                     "QwenImageImg2ImgPipeline", "QwenImageInpaintPipeline", "ChromaImg2ImgPipeline"])
 def test_image_to_image_and_inpainting_pipelines_train_as_their_text_to_image_family(variant, tiny_sd_pipe):
     """An image-to-image or inpainting pipeline whose denoiser takes no mask channels calls it as its text-to-image
     pipeline does (the input image sets where sampling starts, the mask blends latents between steps): its task
@@ -1028,6 +1056,7 @@ def test_image_to_image_and_inpainting_pipelines_train_as_their_text_to_image_fa
         "StableDiffusion3" if variant.startswith("StableDiffusion3") else family)
     base = (_tiny_sdxl(tiny_sd_pipe) if variant.startswith("StableDiffusionXL") else
             _tiny_qwenimage(tiny_sd_pipe) if family == "QwenI" else
+            _tiny_chroma(tiny_sd_pipe) if family == "Chrom" else
             base(tiny_sd_pipe) if base is not None else tiny_sd_pipe)
     parts = dict(base.components)
     if variant.startswith("StableDiffusion3"):  # SD3's inpainting takes 16 latent channels (or 33 with the mask's)
@@ -1036,7 +1065,7 @@ def test_image_to_image_and_inpainting_pipelines_train_as_their_text_to_image_fa
         parts["vae"] = diffusers.AutoencoderKL.from_config(parts["vae"].config, latent_channels=16)
     pipe = getattr(diffusers, variant)(**parts)
     pipe.set_progress_bar_config(disable=True)
-    size = 32 if family in ("ZImag", "QwenI") else 16
+    size = 32 if family in ("ZImag", "QwenI", "Chrom") else 16
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8))
     row = {"prompt": "a red cat"}
     if "Img2Img" in variant or "Inpaint" in variant or variant.startswith("Flux"):
@@ -1055,8 +1084,8 @@ def test_image_to_image_and_inpainting_pipelines_train_as_their_text_to_image_fa
         _, cond = task.encode({"image": torch.zeros(1, 3, size, size), "text": ["a red cat"]}, torch.Generator(), "cpu")
         if family == "ZImag":
             x, t, own = torch.stack(args[0]).squeeze(2), (1 - args[1]) * 1000, -torch.stack(own).squeeze(2)
-        elif family in ("FluxI", "QwenI"):
-            assert family == "QwenI" or float(kwargs["guidance"][0]) == 7.0
+        elif family in ("FluxI", "QwenI", "Chrom"):
+            assert family != "FluxI" or float(kwargs["guidance"][0]) == 7.0
             h = w = size // 2
             x, t, own = (unpack_latents(kwargs["hidden_states"], h, w), kwargs["timestep"] * 1000,
                          unpack_latents(own, h, w))

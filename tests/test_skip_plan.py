@@ -761,7 +761,7 @@ def test_a_plan_counts_the_steps_of_a_denoiser_whose_timestep_grows():
             assert all(torch.equal(a, b) for a, b in zip(outs[1:], full[1:])) == same
 
 
-@pytest.mark.parametrize("family", ["lumina2", "zimage", "flux", "qwenimage"])
+@pytest.mark.parametrize("family", ["lumina2", "zimage", "flux", "qwenimage", "chroma"])
 def test_pab_windows_read_the_schedulers_timestep_where_a_pipeline_calls_with_another_scale(family):
     """PAB reuses attention for timesteps in (100, 800) of the scheduler's 0..1000, 1000 at noise. Lumina2 and
     Z-Image are called with 1 - t / 1000 and Flux and Qwen-Image with t / 1000, so the window never opened there and
@@ -782,9 +782,9 @@ def test_pab_windows_read_the_schedulers_timestep_where_a_pipeline_calls_with_an
                   pooled_projections=torch.randn(1, 8, generator=g), img_ids=torch.zeros(16, 3),
                   txt_ids=torch.zeros(4, 3))
         times, key = [1.0, 0.75, 0.5, 0.25], "timestep"  # t / 1000 of 1000, 750, 500, 250
-    elif family == "qwenimage":
+    elif family in ("qwenimage", "chroma"):
         model, kw = _tiny_family_denoiser(family)
-        kw = {k: v[:1] for k, v in kw.items() if k != "timestep"}
+        kw = {k: v if k in ("img_ids", "txt_ids") else v[:1] for k, v in kw.items() if k != "timestep"}
         times, key = [1.0, 0.75, 0.5, 0.25], "timestep"
     else:
         model, kw = _tiny_family_denoiser(family)

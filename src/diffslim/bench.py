@@ -818,9 +818,11 @@ def _layers(arg, ctx: BenchContext) -> Variant:
                                      "" if max_params is None else f"{max_params:g}") if t)
     stock = variant in STOCK_VARIANTS
     if ctx.dry_run:
-        from diffslim.methods.layer_prune import check_prunable
+        from diffslim.methods.layer_prune import check_prunable, check_stock_selection
 
         check_prunable(ctx.loaded.denoiser)  # before the full model samples
+        if stock:
+            check_stock_selection(ctx.loaded.denoiser, criterion)
         if kd:
             ctx.needs_data(f"layers:{arg}")
         return None

@@ -147,7 +147,7 @@ def _check_grid(den, h: Optional[int], w: Optional[int], scale: int) -> None:
     takes square inputs only. ``h``/``w`` in latent pixels, None for the config's sample size."""
     config = getattr(den, "config", {})
     names = {c.__name__ for c in type(den).__mro__}
-    patch = 2 if "FluxTransformer2DModel" in names else config.get("patch_size")
+    patch = 2 if names & {"FluxTransformer2DModel", "ChromaTransformer2DModel"} else config.get("patch_size")
     if not isinstance(patch, int) or (h is None and w is None):
         return
     size = config.get("sample_size")

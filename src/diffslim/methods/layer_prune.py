@@ -7,7 +7,7 @@ A *layer* is a piece of a denoiser that can be removed while the model stays wel
   ``inner=True`` the individual transformer blocks inside attention layers that hold several
   (SDXL's deep levels) replace those attention layers as candidates.
 - transformer denoisers: each block of ``transformer_blocks`` (DiT, PixArt, SD3, Sana, CogView4, Qwen-Image) and,
-  for Flux, of ``transformer_blocks`` and ``single_transformer_blocks`` (AuraFlow: ``joint_transformer_blocks`` and
+  for Flux and Chroma, of ``transformer_blocks`` and ``single_transformer_blocks`` (AuraFlow: ``joint_transformer_blocks`` and
   ``single_transformer_blocks``; HunyuanDiT: ``blocks``; Lumina2 and Z-Image: ``layers``).
 
 Removal replaces a layer by a *stand-in* whose forward is the layer's shortcut:
@@ -418,7 +418,7 @@ def _pruned_class(base: type, name: str) -> type:
 EXPORTED = ("UNet2DConditionModel", "UNet2DModel", "DiTTransformer2DModel", "PixArtTransformer2DModel",
             "SD3Transformer2DModel", "FluxTransformer2DModel", "SanaTransformer2DModel", "CogView4Transformer2DModel",
             "AuraFlowTransformer2DModel", "HunyuanDiT2DModel", "Lumina2Transformer2DModel", "ZImageTransformer2DModel",
-            "QwenImageTransformer2DModel")
+            "QwenImageTransformer2DModel", "ChromaTransformer2DModel")
 
 
 def _make_classes() -> dict[type, type]:
@@ -782,10 +782,7 @@ def _stock(model: nn.Module) -> tuple[nn.Module, Callable[[str], str]]:
             if len(kept) == len(blocks):
                 continue
             key = _LIST_LENGTH_KEYS.get(base.__name__, _LIST_LENGTH_KEY).get(ln)
-            if base.__name__ == "HunyuanDiT2DModel":
-                raise UserError("HunyuanDiT2DModel's long skips pair its blocks by position (block k feeds block "
-                                "n - 1 - k), so a stock config with fewer blocks would pair other blocks: keep the "
-                                "LayerPruned model (diffslim.load and diffusers with diffslim imported load it)")
+            _check_stock_blocks(base)
             if key is None or config.get(key) != len(blocks):
                 raise UserError(f"{base.__name__}'s config has no count of its {ln}, so blocks removed from "
                                 "it have no stock config")
@@ -1684,8 +1681,28 @@ class StockUnreachable(SelectionUnreachable):
     """The ratio asks for more than the removals a stock config describes hold."""
 
 
+# transformers whose blocks a stock config cannot lose, and why
+NO_STOCK_BLOCKS = {
+    "HunyuanDiT2DModel": "long skips pair its blocks by position (block k feeds block n - 1 - k), so a stock config "
+                         "with fewer blocks would pair other blocks",
+    "ChromaTransformer2DModel": "distilled guidance layer gives each block its modulation by position (its output is "
+                                "sized by the block counts), so a stock config with fewer blocks would not load its "
+                                "weights",
+}
+
+
+def _check_stock_blocks(base: type) -> None:
+    why = NO_STOCK_BLOCKS.get(base.__name__)
+    if why is not None:
+        raise UserError(f"{base.__name__}'s {why}: use the LayerPruned model instead (no --stock or :stock; "
+                        "diffslim.load, and diffusers once diffslim is imported, load it)")
+
+
 def check_stock_selection(model: nn.Module, criterion: str, inner: bool = False) -> None:
-    """Refuse, before any scoring, a stock selection :func:`stock_select` cannot make on a U-Net."""
+    """Refuse, before any scoring, a stock selection :func:`stock_select` cannot make on a U-Net, and one on a
+    transformer whose blocks no stock config can lose (:data:`NO_STOCK_BLOCKS`)."""
+    if not is_unet(model):
+        _check_stock_blocks(next((b for b, p in _PRUNED_CLASS.items() if type(model) in (b, p)), type(model)))
     if is_unet(model) and criterion in ("greedy", "output-loss-pairs"):
         raise UserError(f"a stock selection on a U-Net removes whole (resnet, attention) pairs, the mid block and "
                         f"(--inner) transformer blocks inside attention layers, chosen by each layer's own score: use "

@@ -415,7 +415,8 @@ def _is_one_of(denoiser: Optional[nn.Module], names: Sequence[str]) -> bool:
 
 
 # denoisers their pipelines call with the timestep as a fraction of the training schedule (``t / 1000``)
-FRACTION_TIME = ("FluxTransformer2DModel", "AuraFlowTransformer2DModel", "QwenImageTransformer2DModel")
+FRACTION_TIME = ("FluxTransformer2DModel", "AuraFlowTransformer2DModel", "QwenImageTransformer2DModel",
+                 "ChromaTransformer2DModel")
 
 
 def schedule_timestep(denoiser: Optional[nn.Module], t) -> float:

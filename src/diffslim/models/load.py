@@ -32,6 +32,7 @@ SUPPORTED_DENOISERS = (
     "Lumina2Transformer2DModel",
     "ZImageTransformer2DModel",
     "QwenImageTransformer2DModel",
+    "ChromaTransformer2DModel",
     # our own exports: diffusers models with a depth-skip config
     "DepthSkipUNet2DConditionModel",
     "DepthSkipUNet2DModel",
@@ -49,6 +50,7 @@ SUPPORTED_DENOISERS = (
     "LayerPrunedLumina2Transformer2DModel",
     "LayerPrunedZImageTransformer2DModel",
     "LayerPrunedQwenImageTransformer2DModel",
+    "LayerPrunedChromaTransformer2DModel",
     # both (diffslim.combined): a ``depth_skip`` and a ``removed_layers`` config
     "DepthSkipLayerPrunedUNet2DConditionModel",
     "DepthSkipLayerPrunedUNet2DModel",

@@ -426,7 +426,7 @@ def size_multiple(pipe) -> int:
     vae = getattr(pipe, "vae", None)
     factor = _vae_factor(pipe, vae) if vae is not None else 1
     cfg = getattr(den, "config", None)
-    if "Flux" in type(pipe).__name__:
+    if "Flux" in type(pipe).__name__ or type(pipe).__name__.startswith("Chroma"):  # 2x2 packed patches
         step = 2
     elif getattr(cfg, "down_block_types", None):
         step = 1

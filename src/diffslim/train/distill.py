@@ -532,6 +532,14 @@ def guidance_condition(pipe, batch: int, dim: int) -> torch.Tensor:
     return embed(torch.full((batch,), float(param.default) - 1.0), embedding_dim=dim)
 
 
+def latent_image_ids(h: int, w: int, device, dtype) -> torch.Tensor:
+    """Flux's (and Chroma's) position ids of an ``h`` x ``w`` grid of packed tokens, ``(h * w, 3)``: 0, row, column
+    (as their pipelines' ``_prepare_latent_image_ids``, whose signatures differ among them)."""
+    rows = torch.arange(h, device=device, dtype=dtype)[:, None].expand(h, w)
+    cols = torch.arange(w, device=device, dtype=dtype)[None, :].expand(h, w)
+    return torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(h * w, 3)
+
+
 def pack_latents(x: torch.Tensor) -> torch.Tensor:
     """Flux's packing: ``(B, C, H, W)`` latents to ``(B, H/2 * W/2, 4C)`` tokens of 2x2 patches (as ``FluxPipeline._pack_latents``)."""
     b, c, h, w = x.shape
@@ -558,6 +566,8 @@ TRANSFORMER_FAMILIES = {
     "Lumina2Pipeline": "lumina2", "Lumina2Text2ImgPipeline": "lumina2",
     "ZImagePipeline": "zimage", "ZImageImg2ImgPipeline": "zimage", "ZImageInpaintPipeline": "zimage",
     "QwenImagePipeline": "qwenimage", "QwenImageImg2ImgPipeline": "qwenimage", "QwenImageInpaintPipeline": "qwenimage",
+    # (ChromaInpaintPipeline reads a guidance_embeds its transformer's config lacks, and fails in diffusers 0.42)
+    "ChromaPipeline": "chroma", "ChromaImg2ImgPipeline": "chroma",
 }
 
 
@@ -597,7 +607,7 @@ class _LatentClassTask:
 
 
 class _LatentTransformerTask:
-    """PixArt-alpha/sigma, SD3, Flux, Sana, AuraFlow, CogView4, HunyuanDiT, Lumina2, Z-Image and Qwen-Image: VAE
+    """PixArt-alpha/sigma, SD3, Flux, Sana, AuraFlow, CogView4, HunyuanDiT, Lumina2, Z-Image, Qwen-Image, Chroma: VAE
     latents as for SD; captions through the pipeline's ``encode_prompt``.
 
     PixArt gets the T5 embeddings and their attention mask (and, for the 1024 px models that take them,
@@ -620,7 +630,8 @@ class _LatentTransformerTask:
     (cropped to its 512 px base size, as its pipeline computes them); its learned-variance half is dropped.
     Qwen-Image gets its latents from its video VAE (one frame, normalized by the per-channel mean and std), the
     Qwen2.5-VL embeddings after its prompt template with their mask, and is called as Flux is (packed 2x2 patches, the
-    timestep as a fraction) with the grid's shape per image (``img_shapes``).
+    timestep as a fraction) with the grid's shape per image (``img_shapes``). Chroma is called as Flux is, with T5
+    embeddings only and their mask extended over the image tokens, as its pipeline extends it.
     """
 
     def __init__(self, pipe, family: str):
@@ -693,6 +704,13 @@ class _LatentTransformerTask:
             caps = pipe.encode_prompt(captions, device=device, do_classifier_free_guidance=False)[0]
             return x0, {"cap_feats": pad_rows(caps), "cap_lens": torch.tensor([c.shape[0] for c in caps],
                                                                               device=device)}
+        if self.family == "chroma":  # T5 embeddings and their mask, no pooled projection
+            if x0.shape[-1] % 2 or x0.shape[-2] % 2:
+                raise UserError(f"Chroma packs 2x2 latent patches: latents of {tuple(x0.shape[-2:])} do not divide; "
+                                f"use images whose sides are multiples of {2 * pipe.vae_scale_factor} px")
+            emb, _, mask = pipe.encode_prompt(prompt=captions, device=device, num_images_per_prompt=1,
+                                              do_classifier_free_guidance=False)[:3]
+            return x0, {"encoder_hidden_states": emb, "text_mask": mask}
         if self.family == "qwenimage":  # Qwen2.5-VL embeddings after its template, with their mask
             if x0.shape[-1] % 2 or x0.shape[-2] % 2:
                 raise UserError(f"Qwen-Image packs 2x2 latent patches: latents of {tuple(x0.shape[-2:])} do not "
@@ -763,6 +781,15 @@ class _LatentTransformerTask:
                            encoder_hidden_states_mask=cond["encoder_hidden_states_mask"],
                            img_shapes=[[(1, h // 2, w // 2)]] * b, return_dict=False)[0]
             return unpack_latents(out, h, w)
+        if self.family == "chroma":  # as Flux, with the caption mask extended over the image tokens
+            b, _, h, w = xt.shape
+            emb = cond["encoder_hidden_states"]
+            img_ids = latent_image_ids(h // 2, w // 2, xt.device, xt.dtype)
+            txt_ids = torch.zeros(emb.shape[1], 3, device=xt.device, dtype=xt.dtype)
+            mask = self.pipe._prepare_attention_mask(b, (h // 2) * (w // 2), xt.dtype, cond["text_mask"])
+            out = denoiser(hidden_states=pack_latents(xt), timestep=t.to(xt.dtype) / 1000, encoder_hidden_states=emb,
+                           txt_ids=txt_ids, img_ids=img_ids, attention_mask=mask, return_dict=False)[0]
+            return unpack_latents(out, h, w)
         if self.family == "flux":
             b, _, h, w = xt.shape
             emb = cond["encoder_hidden_states"]
@@ -814,7 +841,8 @@ def task_for(pipe, label_dropout: float = 0.1):
                      "with unet, vae, text_encoder and tokenizer (SD, SDXL, InstructPix2Pix), DiT (DiTPipeline), "
                      "PixArt-alpha/sigma, Stable Diffusion 3, Flux (FluxPipeline), Sana (SanaPipeline), AuraFlow "
                      "(AuraFlowPipeline), CogView4 (CogView4Pipeline), HunyuanDiT (HunyuanDiTPipeline), Lumina2 "
-                     "(Lumina2Pipeline), Z-Image (ZImagePipeline) and Qwen-Image (QwenImagePipeline), and their "
+                     "(Lumina2Pipeline), Z-Image (ZImagePipeline), Qwen-Image (QwenImagePipeline) and Chroma "
+                     "(ChromaPipeline), and their "
                      "image-to-image and inpainting "
                      "pipelines that call the denoiser as these do (" + ", ".join(
                          n for n in TRANSFORMER_FAMILIES if "Img2Img" in n or "Inpaint" in n) + "); layer-prune "
@@ -904,9 +932,10 @@ def noising_for(pipe) -> Noising:
             kind = cfg.get("time_shift_type", "exponential")
             if kind not in ("exponential", "linear"):
                 raise UserError(f"time_shift_type {kind!r} is not supported for training: accepted exponential, linear")
-            # Flux packs 2x2 latent patches into a token; other transformers patch by their patch_size
+            # Flux and Chroma pack 2x2 latent patches into a token; other transformers patch by their patch_size
             den = getattr(pipe, "transformer", None)
-            patch = 2 if "Flux" in type(pipe).__name__ else int(getattr(getattr(den, "config", None), "patch_size", 2) or 2)
+            packed = "Flux" in type(pipe).__name__ or type(pipe).__name__.startswith("Chroma")
+            patch = 2 if packed else int(getattr(getattr(den, "config", None), "patch_size", 2) or 2)
             dyn = (int(cfg.get("base_image_seq_len", 256)), int(cfg.get("max_image_seq_len", 4096)),
                    float(cfg.get("base_shift", 0.5)), float(cfg.get("max_shift", 1.15)), kind)
             # CogView4's pipeline computes mu by its own rule (its calculate_shift)
