@@ -700,6 +700,21 @@ def test_caches_and_skip_plans_refuse_what_they_would_crash_on(tiny_sd_pipe):
     assert sd3.transformer_blocks[-1].context_pre_only
     with pytest.raises(UserError, match="fbcache: diffusers' FirstBlockCache reads a text stream .* use magcache"):
         apply_diffusers_cache(sd3, "fbcache", None, num_steps=3)
+    # the bench says so before anything samples (it said so after the full model's row): SD3's, and Chroma's blocks
+    # that diffusers' registry does not know, for both caches at once
+    from diffslim.bench import run_bench
+    from diffslim.models.load import LoadedModel
+    from diffslim.zoo.evalsets import EvalSet
+
+    chroma = _tiny_chroma(tiny_sd_pipe)
+    sampled = []
+    chroma.transformer.register_forward_pre_hook(lambda *a: sampled.append(1))
+    es = EvalSet(inputs=[{"prompt": "a"}], seeds=[0], call_kwargs={"height": 32, "width": 32})
+    with pytest.raises(UserError, match=r"2 methods cannot run here\. fbcache: diffusers' cache does not know "
+                                        r"ChromaTransformer2DModel's block class .* \| magcache: "):
+        run_bench(LoadedModel("chroma", "pipeline", chroma.transformer, pipe=chroma), "full,pab,fbcache,magcache", es,
+                  default_steps=2, progress=False)
+    assert not sampled
     torch.manual_seed(0)
     kunet = UNet2DConditionModel(
         sample_size=16, in_channels=8, out_channels=5, layers_per_block=1, block_out_channels=(32, 32, 64, 64),

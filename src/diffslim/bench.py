@@ -1087,13 +1087,11 @@ _DIFFUSERS_CACHES = {
 
 
 def _diffusers_cache_variant(name: str, arg, ctx: BenchContext) -> Variant:
-    from diffslim.methods.skip_plan import apply_diffusers_cache, diffusers_cache_setting, remove_diffusers_cache
-    from diffslim.models.anatomy import block_lists
+    from diffslim.methods.skip_plan import (apply_diffusers_cache, check_diffusers_cache, diffusers_cache_setting,
+                                            remove_diffusers_cache)
 
     den = ctx.loaded.denoiser
-    if not block_lists(den):
-        raise UserError(f"{name}: diffusers' cache hooks find transformer blocks by name; "
-                        f"{type(den).__name__} has none (U-Nets: use deepcache or dipgo)")
+    check_diffusers_cache(den, name)  # before anything samples
     budget, rest = _cache_budget(name, arg)
     diffusers_cache_setting(name, arg if budget is None else (f"0:{rest}" if rest else None), arg)  # syntax, now
     if ctx.dry_run:

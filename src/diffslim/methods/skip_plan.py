@@ -910,6 +910,25 @@ def check_block_registry(denoiser: nn.Module, name: str) -> None:
                             f"{type(block).__name__} does not take: {hint}")
 
 
+def check_diffusers_cache(denoiser: nn.Module, name: str) -> None:
+    """Refuse in one line, before anything samples, a denoiser diffusers' cache ``name`` cannot take: one without
+    transformer block lists (a U-Net), FirstBlockCache on a last block that returns no text stream (SD3's), and
+    FirstBlockCache and MagCache on blocks their registry cannot read (:func:`check_block_registry`)."""
+    from diffslim.models.anatomy import block_lists
+
+    if not block_lists(denoiser):
+        raise UserError(f"{name}: diffusers' cache hooks find transformer blocks by name (transformer_blocks, ...); "
+                        f"{type(denoiser).__name__} has none (U-Nets: use deepcache or dipgo)")
+    if name == "fbcache" and getattr(getattr(denoiser, block_lists(denoiser)[-1])[-1], "context_pre_only", False):
+        # diffusers 0.42's FirstBlockCache subtracts the last block's text stream, which SD3's last block returns as
+        # None (a TypeError mid-sampling)
+        raise UserError(f"fbcache: diffusers' FirstBlockCache reads a text stream from the last block, and "
+                        f"{type(denoiser).__name__}'s last block returns none (context_pre_only, as SD3's): use "
+                        "magcache, taylorseer, pab, fastercache or dipgo")
+    if name in ("fbcache", "magcache"):
+        check_block_registry(denoiser, name)
+
+
 def apply_diffusers_cache(denoiser: nn.Module, name: str, arg: Optional[str], num_steps: int,
                           mag_ratios: Optional[Sequence[float]] = None) -> str:
     """Apply diffusers' cache ``name`` (see ``DIFFUSERS_CACHES``) to ``denoiser``; returns a note of its settings.
@@ -924,17 +943,7 @@ def apply_diffusers_cache(denoiser: nn.Module, name: str, arg: Optional[str], nu
     from diffslim.models.anatomy import block_lists
 
     setting = diffusers_cache_setting(name, arg)
-    if not block_lists(denoiser):
-        raise UserError(f"{name}: diffusers' cache hooks find transformer blocks by name (transformer_blocks, ...); "
-                        f"{type(denoiser).__name__} has none (U-Nets: use deepcache or dipgo)")
-    if name == "fbcache" and getattr(getattr(denoiser, block_lists(denoiser)[-1])[-1], "context_pre_only", False):
-        # diffusers 0.42's FirstBlockCache subtracts the last block's text stream, which SD3's last block returns as
-        # None (a TypeError mid-sampling)
-        raise UserError(f"fbcache: diffusers' FirstBlockCache reads a text stream from the last block, and "
-                        f"{type(denoiser).__name__}'s last block returns none (context_pre_only, as SD3's): use "
-                        "magcache, taylorseer, pab, fastercache or dipgo")
-    if name in ("fbcache", "magcache"):
-        check_block_registry(denoiser, name)
+    check_diffusers_cache(denoiser, name)
     ctx_hook = _CacheContextHook(_timestep_index(denoiser), num_steps)
     try:
         if name == "fbcache":
