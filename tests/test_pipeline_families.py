@@ -1232,6 +1232,22 @@ def test_sampling_calibration_batches_calls_whose_captions_differ_in_length(tiny
     assert output_loss(den, calib, []) == 0.0 and output_loss(den, calib, ["transformer_blocks.1"]) > 0
 
 
+def _scored_pruned_and_stock(den, calib, blocks: str, count: str, tmp_path) -> None:
+    """On a calibration of a 3-block ``den``: the output loss scores every block above 0, and the stock export of the
+    model without the middle block has ``count`` 2, reloads with diffusers alone and predicts as the pruned model
+    does, bit for bit."""
+    from diffslim.methods import layer_prune as lp
+
+    scores = lp.score_layers(den, lp.candidates(den), "output-loss", calib)
+    assert sorted(scores) == [f"{blocks}.{i}" for i in range(3)] and all(v > 0 for v in scores.values())
+    pruned = lp.prune_layers(den, [f"{blocks}.1"])
+    stock = lp.stock_model(pruned)
+    assert type(stock) is type(den) and stock.config[count] == 2
+    stock.save_pretrained(str(tmp_path / "m"))
+    again = type(den).from_pretrained(str(tmp_path / "m")).eval()
+    torch.testing.assert_close(calib.run(again), calib.run(pruned), rtol=0, atol=0)
+
+
 def test_zimage_samples_at_its_call_default_and_is_calibrated_and_layer_pruned_on_its_sampling(tiny_sd_pipe,
                                                                                               tmp_path):
     """Z-Image states no image size (its call falls back to 1024 px); it takes lists of per-image latents and of
@@ -1239,8 +1255,6 @@ def test_zimage_samples_at_its_call_default_and_is_calibrated_and_layer_pruned_o
     prompt's and the empty negative prompt's captions differ in length, padded and cut back), predicts what its own
     call predicted, and a layer-pruned model saved as the stock class with one block fewer reloads and predicts the
     same."""
-    import diffusers
-
     from diffslim.methods import layer_prune as lp
     from diffslim.sample import _stop_at_first_call
     from diffslim.train.data import pipeline_image_size
@@ -1258,14 +1272,7 @@ def test_zimage_samples_at_its_call_default_and_is_calibrated_and_layer_pruned_o
     with torch.no_grad():
         own = torch.stack(den(*args, **{**kwargs, "return_dict": False})[0])
     torch.testing.assert_close(calib.run(den), own)
-    scores = lp.score_layers(den, lp.candidates(den), "output-loss", calib)
-    assert sorted(scores) == ["layers.0", "layers.1", "layers.2"] and all(v > 0 for v in scores.values())
-    pruned = lp.prune_layers(den, ["layers.1"])
-    stock = lp.stock_model(pruned)
-    assert type(stock) is diffusers.ZImageTransformer2DModel and stock.config.n_layers == 2
-    stock.save_pretrained(str(tmp_path / "m"))
-    again = diffusers.ZImageTransformer2DModel.from_pretrained(str(tmp_path / "m")).eval()
-    torch.testing.assert_close(calib.run(again), calib.run(pruned), rtol=0, atol=0)
+    _scored_pruned_and_stock(den, calib, "layers", "n_layers", tmp_path)
 
 
 def test_qwenimage_is_calibrated_on_its_sampling_and_layer_pruned(tiny_sd_pipe, tmp_path):
@@ -1273,8 +1280,6 @@ def test_qwenimage_is_calibrated_on_its_sampling_and_layer_pruned(tiny_sd_pipe, 
     predicts what its own call predicted, keeps calls of other caption lengths (two prompts, with true CFG a
     negative prompt of a third) in their own segments, scores every block above 0, and a stock export with one block
     fewer reloads and predicts what the pruned model does, bit for bit."""
-    import diffusers
-
     from diffslim.methods import layer_prune as lp
     from diffslim.sample import _stop_at_first_call
 
@@ -1304,14 +1309,7 @@ def test_qwenimage_is_calibrated_on_its_sampling_and_layer_pruned(tiny_sd_pipe, 
         ones = torch.ones_like(c["encoder_hidden_states_mask"])
         torch.testing.assert_close(den(xt, **{**kw, "encoder_hidden_states_mask": None})[0],
                                    den(xt, **{**kw, "encoder_hidden_states_mask": ones})[0])
-    scores = lp.score_layers(den, lp.candidates(den), "output-loss", calib)
-    assert sorted(scores) == [f"transformer_blocks.{i}" for i in range(3)] and all(v > 0 for v in scores.values())
-    pruned = lp.prune_layers(den, ["transformer_blocks.1"])
-    stock = lp.stock_model(pruned)
-    assert type(stock) is diffusers.QwenImageTransformer2DModel and stock.config.num_layers == 2
-    stock.save_pretrained(str(tmp_path / "m"))
-    again = diffusers.QwenImageTransformer2DModel.from_pretrained(str(tmp_path / "m")).eval()
-    torch.testing.assert_close(calib.run(again), calib.run(pruned), rtol=0, atol=0)
+    _scored_pruned_and_stock(den, calib, "transformer_blocks", "num_layers", tmp_path)
 
 
 def test_cogview4_task_passes_the_unshifted_timestep_beside_the_shifted_sigma(tiny_sd_pipe):
