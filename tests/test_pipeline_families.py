@@ -999,6 +999,24 @@ def _tiny_chroma(tiny_sd_pipe, variant: str = "ChromaPipeline"):
     return pipe
 
 
+def test_layer_prune_counts_the_macs_removed_on_the_pipelines_call_where_no_dummy_inputs_exist(tiny_sd_pipe, tmp_path):
+    """Flux, Qwen-Image and Chroma transformers state no sample size, so no dummy inputs count their MACs:
+    `layer-prune` reported no MACs removed for them. It counts the call their pipeline makes now."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from diffslim.cli import app
+
+    _tiny_chroma(tiny_sd_pipe).save_pretrained(str(tmp_path / "chroma"))
+    r = CliRunner().invoke(app, ["layer-prune", str(tmp_path / "chroma"), "--ratio", "0.3", "--criterion",
+                                 "magnitude", "--out", str(tmp_path / "lp")])
+    assert r.exit_code == 0, r.output
+    scores = json.loads((tmp_path / "lp" / "scores.json").read_text())
+    assert 0 < scores["macs_removed"] < scores["macs"]
+    assert f"MACs removed {scores['macs_removed_share']:.3f}" in " ".join(r.output.split())
+
+
 def _tiny_qwenimage(tiny_sd_pipe, variant: str = "QwenImagePipeline"):
     """A tiny Qwen-Image pipeline of class ``variant`` (a Qwen2.5-VL text encoder through its prompt template, a video
     VAE taking one frame, two-stream blocks over packed 2x2 patches), sampling 32 px by default."""

@@ -1676,6 +1676,14 @@ def layer_prune_cmd(
     pruned = prune_layers(loaded.denoiser, res.removed)
     if not res.macs:  # selected by params: the MACs removed too, where one forward on dummy inputs counts them
         res.macs, res.macs_removed = _macs_removed(loaded.denoiser, pruned)
+    if res.macs is None and loaded.pipe is not None and loaded.has_weights:
+        # no dummy inputs without a size (Flux, Qwen-Image, Chroma): count the call the pipeline makes instead
+        try:
+            macs_inputs = _first_call(loaded, data)
+        except UserError:  # a pipeline that samples from images, without inputs to sample
+            macs_inputs = None
+        if macs_inputs is not None:
+            res.macs, res.macs_removed = _macs_removed(loaded.denoiser, pruned, macs_inputs)
     not_stock = None
     if stock:
         from diffslim.methods.layer_prune import stock_model
@@ -1743,13 +1751,15 @@ def layer_prune_cmd(
                   + f"; recipe (for the original model): {out / 'recipe.json'}; scores: {out / 'scores.json'}")
 
 
-def _macs_removed(full, pruned) -> tuple[Optional[int], Optional[int]]:
+def _macs_removed(full, pruned, inputs=None) -> tuple[Optional[int], Optional[int]]:
     """The MACs of ``full`` and how many of them ``pruned`` no longer spends (one counted forward of each, on dummy
-    inputs at the config's sample size); ``(None, None)`` where the denoiser's forward takes no dummy inputs."""
+    inputs at the config's sample size, or on ``inputs``, a call's ``(args, kwargs)``); ``(None, None)`` where the
+    denoiser's forward takes no dummy inputs."""
     from diffslim.models.anatomy import anatomy
 
+    given = {} if inputs is None else {"inputs": inputs}
     try:
-        before, after = anatomy(full).macs, anatomy(pruned).macs
+        before, after = anatomy(full, **given).macs, anatomy(pruned, **given).macs
     except (ValueError, RuntimeError, TypeError, IndexError, KeyError):
         return None, None
     return before, before - after
