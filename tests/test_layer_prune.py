@@ -976,7 +976,8 @@ def test_cli_layer_compare_on_sampling_calibration(tiny_digits_folder, tmp_path)
 
 def test_bench_layers_on_a_pipeline_without_data(tiny_sd_pipe, tiny_controlnet_pipe, tmp_path, monkeypatch):
     """A text-to-image pipeline without --data: layers:R scores on the pipeline's own denoiser calls, and +kd trains on
-    images the full pipeline samples from the prompts; a pipeline that also takes images needs --data to train."""
+    images the full pipeline samples from the prompts; a ControlNet pipeline on its control images and its outputs
+    as pairs (it needed --data before); a multi-ControlNet's lists of images need --data."""
     from diffslim import bench
     from diffslim.bench import LAYER_CALIB, run_bench
     from diffslim.evaluate import eval_set_for
@@ -1011,9 +1012,21 @@ def test_bench_layers_on_a_pipeline_without_data(tiny_sd_pipe, tiny_controlnet_p
     cloaded = load(str(cn))
     with pytest.raises(UserError, match="samples from input images"):  # and no inputs file gives them
         eval_set_for(cloaded, 1)
-    ces = EvalSet(inputs=[{"prompt": "a cat", "image": torch.rand(3, 16, 16)}], seeds=[0])
-    with pytest.raises(UserError, match="neither a zoo model nor a text-to-image pipeline: give --data FOLDER"):
-        run_bench(cloaded, "layers:0.3+kd", ces, default_steps=2, batch_size=1, progress=False)
+    # a ControlNet pipeline samples its training pairs: the bench's control images beside the full model's outputs
+    control = (torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(0)) * 255).round() / 255
+    ces = EvalSet(inputs=[{"prompt": "a cat", "image": control}], seeds=[0])
+    crows = run_bench(cloaded, "layers:0.3+kd", ces, default_steps=2, batch_size=1, progress=False).rows
+    assert "3 images the full pipeline sampled from the prompts and input images (as pairs)" in crows[1]["notes"]
+    (pairs,) = [f for f in (tmp_path / "cache" / "teacher_samples").iterdir() if f != folder]
+    assert sorted(f.name for f in (pairs / "target").glob("*.png")) == ["00000.png", "00001.png", "00002.png"]
+    assert (pairs / "target" / "00001.txt").read_text() == "a cat"
+    from diffslim.train.data import ConditionPairs
+
+    pair = ConditionPairs(pairs)[2]
+    assert torch.equal(pair["cond"], control) and pair["image"].shape == control.shape
+    with pytest.raises(UserError, match="neither a zoo model nor a pipeline of prompts .and input images.: give"):
+        run_bench(cloaded, "layers:0.3+kd", EvalSet(inputs=[{"prompt": "a cat", "image": [control, control]}],
+                                                     seeds=[0]), default_steps=2, batch_size=1, progress=False)
     # the selection the library makes on the bench's calibration prompts (other seeds than evaluation's)
     calib = lp.sampling_calibration(loaded.pipe, inputs=es.inputs, steps=4, call_kwargs=es.call_kwargs, **LAYER_CALIB)
     direct = lp.layer_prune(loaded.denoiser, "output-loss", 0.3, calib=calib)
@@ -1350,3 +1363,85 @@ def test_transformer_families_are_layer_pruned_and_exported(family, tmp_path):
         again = load(str(tmp_path / "m")).denoiser
         assert list(again.config.removed_layers) == names[1:3]
         assert torch.equal(_first(again, kw), _first(pruned, kw))
+
+
+def _control_pairs(folder, n: int = 4, size: int = 16):
+    """A folder of ``n`` ControlNet training pairs: input/ (control images) and target/ (images and captions)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for sub in ("input", "target"):
+        (folder / sub).mkdir(parents=True)
+    for i in range(n):
+        for sub in ("input", "target"):
+            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / sub / f"{i}.png")
+        (folder / "target" / f"{i}.txt").write_text("a cat" if i % 2 else "a dog")
+    return folder
+
+
+def test_a_controlnet_pipeline_scores_and_distils_its_unet_under_its_controlnet(tiny_controlnet_pipe, tmp_path):
+    """On control pairs the calibration runs the ControlNet once per batch of triples (not once per scored layer),
+    the U-Net's predictions take its residuals, and the trainer runs it once per step for teacher and student alike.
+    Before, both left the ControlNet out: the output loss and the distillation were text to image."""
+    from diffslim.train.data import make_dataset
+    from diffslim.train.distill import DistillConfig, distill
+
+    pipe = tiny_controlnet_pipe
+    pairs = _control_pairs(tmp_path / "pairs")
+    calls = []
+    hook = pipe.controlnet.register_forward_hook(lambda m, a, o: calls.append(1))
+    try:
+        calib = lp.calibration(pipe, n=4, data=str(pairs), batch_size=2)
+        assert len(calls) == 2 and len(calib.cond["controlnet"]["down"]) == len(pipe.controlnet.controlnet_down_blocks)
+        with torch.no_grad():
+            pred = calib.run(pipe.unet)
+            emb, control = calib.cond["encoder_hidden_states"], calib.cond["control"]
+            down, mid = pipe.controlnet(calib.xt, calib.t, encoder_hidden_states=emb, controlnet_cond=control,
+                                        return_dict=False)
+            own = pipe.unet(calib.xt, calib.t, encoder_hidden_states=emb, down_block_additional_residuals=down,
+                            mid_block_additional_residual=mid).sample
+        torch.testing.assert_close(pred, own)
+        calls.clear()
+        res = lp.layer_prune(pipe.unet, "output-loss", 0.3, calib=calib)
+        assert calls == [] and res.params_removed >= 0.3 * res.params
+        cfg = DistillConfig(steps=3, batch_size=2, out=tmp_path / "kd", lr=1e-4, progress=False)
+        distill(pipe, lp.prune_layers(pipe.unet, res.removed), make_dataset(str(pairs), pipe), cfg)
+        assert len(calls) == 3
+    finally:
+        hook.remove()
+
+
+def test_cli_controlnet_distils_on_teacher_pairs_of_its_control_images(tiny_controlnet_pipe, tmp_path):
+    """A ControlNet user with control images and prompts (no target images): layer-prune scores on the pipeline's
+    calls, distill samples the teacher's outputs of the .jsonl inputs and trains on them as pairs beside the control
+    images (it refused before: 'takes images: the teacher cannot make its training pairs')."""
+    import numpy as np
+    from PIL import Image
+
+    from diffslim.cli import app
+    from diffslim.train.data import ConditionPairs
+
+    cn = tmp_path / "cn"
+    tiny_controlnet_pipe.save_pretrained(str(cn))
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(tmp_path / f"edges{i}.png")
+        lines.append(json.dumps({"prompt": f"a cat {i}", "image": f"edges{i}.png"}))
+    (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
+    r = _cli(cn, "--ratio", "0.3", "--n", "2", "--calibration", "sampling", "--data", tmp_path / "in.jsonl",
+             "--calib-steps", "2", "--out", tmp_path / "p")
+    assert r.exit_code == 0, r.output
+    run = ["distill", str(cn), str(tmp_path / "p" / "model"), "--data", str(tmp_path / "in.jsonl"),
+           "--teacher-samples", "3", "--sample-steps", "2", "--steps", "2", "--batch-size", "2",
+           "--out", str(tmp_path / "kd")]
+    r = CliRunner().invoke(app, run)
+    assert r.exit_code == 0, r.output
+    pairs = ConditionPairs(tmp_path / "kd" / "teacher_samples")
+    assert len(pairs) == 3
+    for i in range(3):  # the inputs cycled: each control image beside the output sampled from it, and its prompt
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "kd" / "teacher_samples" / "input" / f"{i:05d}.png")),
+                              np.asarray(Image.open(tmp_path / f"edges{i % 2}.png")))
+        assert pairs[i]["text"] == f"a cat {i % 2}"
+    assert (tmp_path / "kd" / "student" / "config.json").is_file()

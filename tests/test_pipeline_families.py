@@ -1356,3 +1356,176 @@ def test_cogview4_task_passes_the_unshifted_timestep_beside_the_shifted_sigma(ti
         task = task_for(pipe)
         _, cond = task.encode({"image": torch.zeros(1, 3, 32, 32), "text": ["a red cat"]}, torch.Generator(), "cpu")
         torch.testing.assert_close(task.predict(den, x, sigma.reshape(1) * 1000, cond), own)
+
+
+def _tiny_controlnet(base, variant: str):
+    """A ControlNet pipeline of class ``variant`` over ``base``'s parts (SD or SDXL), its ControlNet made from the
+    U-Net with output convolutions not zero (as training leaves them)."""
+    import diffusers
+
+    torch.manual_seed(1)
+    net = diffusers.ControlNetModel.from_unet(base.unet, conditioning_embedding_out_channels=(8, 16)).eval()
+    for p in list(net.controlnet_down_blocks.parameters()) + list(net.controlnet_mid_block.parameters()):
+        torch.nn.init.normal_(p, std=0.1)
+    parts = {k: v for k, v in base.components.items() if k not in ("image_encoder", "feature_extractor",
+                                                                   "safety_checker")}
+    extra = {} if "XL" in variant else {"safety_checker": None, "feature_extractor": None,
+                                        "requires_safety_checker": False}
+    pipe = getattr(diffusers, variant)(**parts, controlnet=net, **extra)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("variant", ["StableDiffusionControlNetPipeline", "StableDiffusionControlNetImg2ImgPipeline",
+                                     "StableDiffusionXLControlNetPipeline"])
+def test_controlnet_tasks_add_the_controlnets_residuals_as_their_pipelines_do(variant, tiny_sd_pipe):
+    """A ControlNet pipeline's task runs its ControlNet on the control image (a training pair's input) and the noisy
+    latents, and hands the U-Net the residuals its own first call handed it: it predicts what that call predicted.
+    Before, the task left the ControlNet out and trained the U-Net as text to image, the control images unread."""
+    from diffslim.sample import _stop_at_first_call
+    from diffslim.train.distill import task_for
+
+    pipe = _tiny_controlnet(_tiny_sdxl(tiny_sd_pipe) if "XL" in variant else tiny_sd_pipe, variant)
+    size = 16
+    rng = np.random.default_rng(0)
+    control = Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+    row = {"prompt": "a red cat", "image": control}
+    if "Img2Img" in variant:
+        row = {"prompt": "a red cat", "control_image": control,
+               "image": Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))}
+    spec = SampleSpec(inputs=[row], seeds=[0], num_inference_steps=4,
+                      call_kwargs={"height": size, "width": size, "guidance_scale": 1.0,
+                                   **({"strength": 0.75} if "Img2Img" in variant else {})})
+    args, kwargs = _stop_at_first_call(pipe, spec)["call"]
+    with torch.no_grad():
+        own = pipe.unet(*args, **{**kwargs, "return_dict": False})[0]
+        task = task_for(pipe)
+        cond_image = torch.from_numpy(np.asarray(control)).permute(2, 0, 1)[None].float() / 255
+        _, cond = task.encode({"image": torch.zeros(1, 3, size, size), "text": ["a red cat"], "cond": cond_image},
+                              torch.Generator(), "cpu")
+        x, t = args[0], args[1]
+        t = torch.as_tensor(t).reshape(-1).expand(x.shape[0])
+        extra = task.extra_cond(x, t, cond)
+        down = extra["controlnet"]["down"]
+        assert len(down) == len(kwargs["down_block_additional_residuals"]) > 1
+        for i, r in enumerate(kwargs["down_block_additional_residuals"]):
+            torch.testing.assert_close(down[str(i)], r)
+        torch.testing.assert_close(extra["controlnet"]["mid"], kwargs["mid_block_additional_residual"])
+        torch.testing.assert_close(task.predict(pipe.unet, x, t, {**cond, **extra}), own)
+        torch.testing.assert_close(task.predict(pipe.unet, x, t, cond), own)  # the residuals made on the way
+        assert not torch.allclose(task.predict(pipe.unet, x, t, {k: v for k, v in cond.items() if k != "control"}),
+                                  own, atol=1e-4)  # the ControlNet's part is not nothing
+
+
+def test_controlnet_task_needs_the_control_image_and_one_controlnet(tiny_controlnet_pipe):
+    import diffusers
+
+    from diffslim.errors import UserError
+    from diffslim.train.distill import task_for
+
+    task = task_for(tiny_controlnet_pipe)
+    with pytest.raises(UserError, match="control image: give a folder with input/"):
+        task.encode({"image": torch.zeros(1, 3, 16, 16), "text": ["a"]}, torch.Generator(), "cpu")
+    parts = dict(tiny_controlnet_pipe.components)
+    parts["controlnet"] = diffusers.MultiControlNetModel([parts["controlnet"], parts["controlnet"]])
+    multi = diffusers.StableDiffusionControlNetPipeline(**parts, requires_safety_checker=False)
+    with pytest.raises(UserError, match="holds 2 ControlNets, and a training pair gives one control image"):
+        task_for(multi)
+
+
+def _tiny_transformer_controlnet(tiny_sd_pipe, family: str):
+    """A tiny FluxControlNetPipeline or StableDiffusion3ControlNetPipeline (``family`` "flux" or "sd3"): a one-block
+    ControlNet made from the transformer, its output projections not zero (as training leaves them)."""
+    import copy
+
+    import diffusers
+
+    base = _tiny_flux(tiny_sd_pipe) if family == "flux" else _tiny_sd3(tiny_sd_pipe)
+    torch.manual_seed(1)
+    tr = copy.deepcopy(base.transformer)  # SD3's from_transformer writes its num_layers into the transformer's config
+    if family == "flux":
+        net = diffusers.FluxControlNetModel.from_transformer(tr, num_layers=1, num_single_layers=1,
+                                                             attention_head_dim=8, num_attention_heads=2)
+    else:
+        net = diffusers.SD3ControlNetModel.from_transformer(tr, num_layers=1, num_extra_conditioning_channels=0)
+    for name, p in net.named_parameters():
+        if "controlnet_" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    cls = diffusers.FluxControlNetPipeline if family == "flux" else diffusers.StableDiffusion3ControlNetPipeline
+    pipe = cls(**{k: v for k, v in base.components.items() if k not in ("image_encoder", "feature_extractor")},
+               controlnet=net.eval())
+    if family == "flux":
+        pipe.default_sample_size = 8
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_transformer_controlnets_sample_their_control_images_as_users_give_them(family, tiny_sd_pipe, calls_alone):
+    """Flux's and SD3's ControlNet pipelines take a control image given as a tensor as already preprocessed (in [-1, 1],
+    at the sampling size). The harness reads images into [0, 1], so it handed them images they read as half grey, and
+    Flux's crashed on a size other than the call's: it now hands them PIL images, which they resize and normalize as
+    a user's. The sampling calibration records the ControlNet's block residuals, which a layer-pruned transformer
+    (every block's place kept) takes as they are."""
+    from diffslim.methods import layer_prune as lp
+    from diffslim.sample import _pil
+
+    pipe = _tiny_transformer_controlnet(tiny_sd_pipe, family)
+    g = torch.Generator().manual_seed(0)
+    controls = [(torch.rand(3, 16, 16, generator=g) * 255).round() / 255 for _ in range(2)]
+    inputs = [{"prompt": p, "control_image": c} for p, c in zip(("a cat", "a dog"), controls)]
+    kw = {"height": 16, "width": 16, "guidance_scale": 1.0}
+    ours = sample(pipe, SampleSpec(inputs=inputs[:1], seeds=[0], num_inference_steps=2, call_kwargs=kw))
+    own = pipe("a cat", control_image=_pil(controls[0]), num_inference_steps=2, output_type="pt",
+               generator=torch.Generator().manual_seed(0), **kw).images
+    torch.testing.assert_close(ours, own.float(), atol=1e-6, rtol=0)
+    big = [{"prompt": "a cat", "control_image": torch.nn.functional.interpolate(controls[0][None], 32)[0]}]
+    assert sample(pipe, SampleSpec(inputs=big, seeds=[0], num_inference_steps=2, call_kwargs=kw)).shape[-1] == 16
+    calib = lp.sampling_calibration(pipe, n=2, steps=2, inputs=inputs, call_kwargs=kw)
+    pred = calib.run(pipe.transformer)
+    alone = calls_alone(pipe, calib.source["inputs"], calib.source["seeds"], 2, kw)
+    for k, call in enumerate(calib.source["calls"]):
+        named, out = alone[k][call]
+        assert isinstance(named["controlnet_block_samples" if family == "flux" else "block_controlnet_hidden_states"],
+                          (list, tuple))
+        torch.testing.assert_close(pred[k:k + 1], out, atol=1e-5, rtol=1e-5)
+    res = lp.layer_prune(pipe.transformer, "output-loss", 0.3, calib=calib)
+    assert res.params_removed >= 0.3 * res.params and lp.output_loss(pipe.transformer, calib, []) == 0.0
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_a_transformers_controlnet_refuses_the_stock_export(family, tiny_sd_pipe):
+    """A transformer's ControlNet adds its residuals to the blocks by position, spread over the original's count: a
+    stock transformer with fewer blocks takes them at other blocks and computes something else, with no error to
+    show it. So a stock export of such a pipeline is refused (before any scoring), while the layer-pruned transformer
+    computes what the stock one does without the ControlNet."""
+    from diffslim.errors import UserError
+    from diffslim.methods import layer_prune as lp
+
+    pipe = _tiny_transformer_controlnet(tiny_sd_pipe, family)
+    den = pipe.transformer
+    name = "single_transformer_blocks.0" if family == "flux" else "transformer_blocks.0"
+    pruned = lp.prune_layers(den, [name])
+    stock = lp.stock_model(pruned)
+    with pytest.raises(UserError, match="by position, spread over the original's .*other blocks: keep the layer-pruned"):
+        lp.check_controlnet_fits(pipe)
+    with pytest.raises(UserError, match=r"a stock export has \d, so diffusers would add them to other blocks"):
+        lp.check_controlnet_fits(pipe, stock)
+    lp.check_controlnet_fits(pipe, pruned)  # every block's place kept: it fits
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 16, 16, generator=g) if family == "flux" else torch.randn(1, 4, 8, 8, generator=g)
+    emb = torch.randn(1, 5, 32, generator=g)
+    pooled = torch.randn(1, 16 if family == "flux" else 32, generator=g)
+    if family == "flux":
+        args = dict(hidden_states=x, timestep=torch.tensor([0.5]), guidance=torch.tensor([3.5]),
+                    pooled_projections=pooled, encoder_hidden_states=emb, txt_ids=torch.zeros(5, 3),
+                    img_ids=pipe._prepare_latent_image_ids(1, 4, 4, "cpu", torch.float32))
+        residuals = {"controlnet_block_samples": [torch.randn(1, 16, 16, generator=g)],
+                     "controlnet_single_block_samples": [torch.randn(1, 16, 16, generator=g)]}
+    else:
+        args = dict(hidden_states=x, timestep=torch.tensor([500.0]), encoder_hidden_states=emb,
+                    pooled_projections=pooled)
+        residuals = {"block_controlnet_hidden_states": [torch.randn(1, 16, 16, generator=g)]}
+    with torch.no_grad():
+        torch.testing.assert_close(stock(**args).sample, pruned(**args).sample)
+        assert not torch.allclose(stock(**args, **residuals).sample, pruned(**args, **residuals).sample, atol=1e-4)

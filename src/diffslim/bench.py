@@ -71,14 +71,15 @@ class BenchContext:
 
     def needs_data(self, method: str) -> None:
         """Refuse ``method`` (which trains) on a model that has no zoo data when no ``data`` is given, unless it is a
-        text-to-image pipeline, which samples its own training images from the prompts (:meth:`train_data`)."""
-        if not self.has_data() and not _text_to_image(self.loaded.pipe):
+        pipeline that samples its own training images from the bench's inputs (:meth:`train_data`): from prompts, or
+        from prompts and input images (a ControlNet's control images), the inputs beside the outputs as pairs."""
+        if not self.has_data() and not _samples_its_training_data(self.loaded.pipe, self.base_spec):
             raise UserError(f"{method} trains the model on data, and {self.loaded.source} is neither a zoo model nor "
-                            "a text-to-image pipeline: give --data FOLDER (images, captions optional)")
+                            "a pipeline of prompts (and input images): give --data FOLDER (images, captions optional)")
 
     def train_data(self, method: str) -> tuple[str, str]:
-        """``(data, cache key part)`` of a method that trains: the given data, or, for a text-to-image pipeline without
-        it, ``TEACHER_SAMPLES`` images the full pipeline samples from the bench's prompts (seeds apart from
+        """``(data, cache key part)`` of a method that trains: the given data, or, for a pipeline of prompts (and input
+        images) without it, ``TEACHER_SAMPLES`` images the full pipeline samples from the bench's prompts (seeds apart from
         evaluation's and calibration's; cached, resumed if interrupted)."""
         self.needs_data(method)
         if self.has_data():
@@ -100,8 +101,12 @@ class BenchContext:
         return self.memo[("teacher_samples",)]
 
     def train_data_note(self) -> str:
-        return "" if self.has_data() else (f"; trained on {TEACHER_SAMPLES} images the full pipeline sampled from "
-                                           "the prompts (no --data)")
+        if self.has_data():
+            return ""
+        first = self.base_spec.inputs[0] if self.base_spec.inputs else {}
+        pairs = any(torch.is_tensor(first.get(k)) for k in ("control_image", "image"))
+        return (f"; trained on {TEACHER_SAMPLES} images the full pipeline sampled from the prompts"
+                + (" and input images (as pairs)" if pairs else "") + " (no --data)")
 
     def data_key(self) -> str:
         """The training data for cache keys: "zoo", or the folder with its files' names, sizes and times."""
@@ -113,12 +118,17 @@ class BenchContext:
             f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files if f.exists())
 
 
-def _text_to_image(pipe) -> bool:
-    """A pipeline that makes images from prompts alone (its training images can be its own samples)."""
+def _samples_its_training_data(pipe, spec: SampleSpec) -> bool:
+    """A pipeline whose training data can be its own samples of ``spec``'s inputs: one that makes images from prompts
+    alone, or from prompts and one input image each (written as training pairs, :func:`diffslim.sample.write_samples`;
+    a multi-ControlNet's list of images makes none)."""
     import inspect
 
     params = inspect.signature(pipe.__call__).parameters
-    return "prompt" in params and "image" not in params
+    if "prompt" not in params:
+        return False
+    first = spec.inputs[0] if spec.inputs else {}
+    return "image" not in params or any(torch.is_tensor(first.get(k)) for k in ("control_image", "image"))
 
 
 @dataclass
@@ -818,15 +828,16 @@ def _layers(arg, ctx: BenchContext) -> Variant:
                                      "" if max_params is None else f"{max_params:g}") if t)
     stock = variant in STOCK_VARIANTS
     if ctx.dry_run:
-        from diffslim.methods.layer_prune import check_prunable, check_stock_selection
+        from diffslim.methods.layer_prune import check_controlnet_fits, check_prunable, check_stock_selection
 
         check_prunable(ctx.loaded.denoiser)  # before the full model samples
         if stock:
             check_stock_selection(ctx.loaded.denoiser, criterion)
+            check_controlnet_fits(ctx.loaded.pipe)
         if kd:
             ctx.needs_data(f"layers:{arg}")
         return None
-    from diffslim.methods.layer_prune import prune_layers, stock_model
+    from diffslim.methods.layer_prune import check_controlnet_fits, prune_layers, stock_model
 
     names = _layer_selection(ctx, ratio, criterion, stock=stock, by=by, max_params=max_params)
     how = {"output-loss": "output loss", "output-loss-pairs": "output loss to second order"}.get(criterion,
@@ -835,8 +846,11 @@ def _layers(arg, ctx: BenchContext) -> Variant:
             f"{', a share of the MACs' if by == 'macs' else ''}"
             f"{'' if max_params is None else f', at most {max_params:g} of the params'}, "
             f"{_layer_calibration_note(ctx)})")
+    if stock and getattr(ctx.loaded.pipe, "controlnet", None) is not None:  # before any distillation or sampling
+        check_controlnet_fits(ctx.loaded.pipe, stock_model(prune_layers(ctx.loaded.denoiser, names)))
     # the stock class computes what the LayerPruned model does, bit for bit; a workflow saves it as that class
     as_model = stock_model if stock else (lambda m: m)
+
     if not kd:
         pruned = as_model(prune_layers(ctx.loaded.denoiser, names))
         return Variant(f"layers:{ratio:g}{tag}", _with_denoiser(ctx.loaded.pipe, pruned), ctx.base_spec,

@@ -591,7 +591,8 @@ def _data_option(what: str):
     return typer.Option("zoo", help=f"training data of the {what} that score or train (layers:R, +kd, +ft): 'zoo' or "
                                     "an image folder, captions optional; without it a non-zoo pipeline's layers:R "
                                     "scores on its own denoiser calls while sampling the prompts, and +kd/+ft train "
-                                    "on images the full pipeline samples from them (text-to-image pipelines)")
+                                    "on images the full pipeline samples from them (pipelines of prompts, and of prompts "
+                                    "and input images such as ControlNet's: input and output as training pairs)")
 _COMPILE_HELP = ("torch.compile the denoiser after the recipe (a skip plan's or multi-depth schedule's per-step "
                  "decisions stay eager, the modules they run are compiled); the first batch compiles")
 
@@ -1356,23 +1357,20 @@ def _student_pipeline(teacher, student, folder: Path, student_dir: Optional[Path
 
 def _teacher_samples(teacher, prompts: Path, n: int, steps: Optional[int], folder: Path) -> Path:
     """``distill --data PROMPTS.txt``: ``n`` images the teacher samples from the prompts (cycled), with the prompts as
-    captions, in ``folder`` (resumed if there): training data for a user who has prompts but no images."""
-    import inspect
-
+    captions, in ``folder`` (resumed if there): training data for a user who has prompts but no images. ``--data
+    INPUTS.jsonl`` of a pipeline that takes an input image (a ControlNet's control image, InstructPix2Pix's input):
+    training pairs, each input image beside the teacher's output (``input/`` and ``target/``)."""
     from diffslim.evaluate import eval_set_for
     from diffslim.sample import SampleSpec, write_samples
 
     from diffslim.train.data import pipeline_inputs
 
-    params = inspect.signature(teacher.pipe.__call__).parameters
-    if prompts.suffix.lower() != ".txt":
-        raise UserError(f"--data {prompts}: give 'zoo', an image folder, or a .txt file of prompts or class labels "
-                        "(one per line)")
-    if "image" in params:
-        raise UserError(f"{type(teacher.pipe).__name__} takes images: the teacher cannot make its training pairs "
-                        "from prompts alone; give an image folder (input/ and target/ for image to image)")
-    lines = pipeline_inputs(teacher.pipe, str(prompts), 0)  # prompts, or class labels for class-conditional pipelines
-    es = eval_set_for(teacher, 1)
+    if prompts.suffix.lower() not in (".txt", ".jsonl"):
+        raise UserError(f"--data {prompts}: give 'zoo', an image folder, a .txt file of prompts or class labels "
+                        "(one per line), or a .jsonl file of pipeline inputs (one JSON object per line)")
+    # prompts, class labels for class-conditional pipelines, or a .jsonl file's inputs (with their images)
+    lines = pipeline_inputs(teacher.pipe, str(prompts), 0)
+    es = eval_set_for(teacher, 1, require_inputs=False)
     spec = SampleSpec([dict(lines[i % len(lines)]) for i in range(n)], [300_000 + i for i in range(n)],
                       num_inference_steps=steps or (teacher.zoo.default_steps if teacher.zoo is not None else 50),
                       call_kwargs=dict(es.call_kwargs), batch_size=8)
@@ -1391,8 +1389,9 @@ def distill(
     data: str = typer.Option("zoo", help="'zoo' (the zoo model's own data), an image folder, a folder with input/ "
                                          "and target/, or a .txt file of prompts (or class labels): the teacher "
                                          "samples its own training images from them (text-to-image and "
-                                         "class-conditional pipelines)"),
-    teacher_samples: int = typer.Option(256, min=1, help="with --data PROMPTS.txt: how many images the teacher "
+                                         "class-conditional pipelines); a .jsonl file of pipeline inputs with "
+                                         "images (ControlNet, InstructPix2Pix): its training pairs"),
+    teacher_samples: int = typer.Option(256, min=1, help="with --data PROMPTS.txt (or .jsonl): how many images the teacher "
                                                          "samples (the prompts cycled; written to OUT/teacher_samples, "
                                                          "resumed if interrupted)"),
     sample_steps: Optional[int] = typer.Option(None, min=1, help="with --data PROMPTS.txt: the teacher's sampling "
@@ -1650,9 +1649,10 @@ def layer_prune_cmd(
         raise UserError(f"--inner scores the transformer blocks inside attention layers; {criterion} removes "
                         "BK-SDM's fixed blocks: drop --inner")
     if stock:
-        from diffslim.methods.layer_prune import check_stock_selection
+        from diffslim.methods.layer_prune import check_controlnet_fits, check_stock_selection
 
         check_stock_selection(loaded.denoiser, criterion, inner)
+        check_controlnet_fits(loaded.pipe)  # a transformer's ControlNet fits no stock export: before any scoring
     keep = []
     if stock and not is_unet(loaded.denoiser):  # select only among blocks a stock config can lose
         from diffslim.methods.layer_prune import stock_keeps
@@ -1686,11 +1686,11 @@ def layer_prune_cmd(
             res.macs, res.macs_removed = _macs_removed(loaded.denoiser, pruned, macs_inputs)
     not_stock = None
     if stock:
-        from diffslim.methods.layer_prune import stock_model
+        from diffslim.methods.layer_prune import check_controlnet_fits, stock_model
 
         try:
             stocked = stock_model(pruned)
-            _check_controlnets(loaded.pipe, stocked)  # a ControlNet feeds the original's skips, not the stock's
+            check_controlnet_fits(loaded.pipe, stocked)  # a ControlNet feeds the original's skips, not the stock's
             pruned = stocked
         except UserError as e:  # keep the scoring's work: write the LayerPruned model, then say why
             not_stock = str(e)
@@ -1832,7 +1832,7 @@ def stock_cmd(
     except UserError as e:  # say how to get a removal that a stock config describes
         raise UserError(f"{e}; layer-prune --stock (or the bench's and workflow's layers:R:stock) chooses among the "
                         "removals a stock config can describe") from None
-    _check_controlnets(loaded.pipe, stock)
+    check_controlnet_fits(loaded.pipe, stock)
     previous = outputs.previous_writes(out)
     # what the export writes: the pipeline's parts, or a model's config and weights; and what it removes
     parts = list(loaded.pipe.components) if loaded.pipe is not None and loaded.has_weights else []
@@ -1885,23 +1885,6 @@ def stock_cmd(
                              macs_label=None if history is None else history.macs_label)],
           tags=["pruned", "layer-pruning"], history=history)  # the criterion's tag, if any, comes with the history
     outputs.record_writes(out, before)
-
-
-def _check_controlnets(pipe, stock) -> None:
-    """Refuse a stock export that the pipeline's ControlNet cannot feed: a ControlNet adds one residual per skip
-    connection of the original U-Net, and diffusers pairs them with the stock U-Net's fewer ones by position (the
-    first misplaced residual fails on a shape, or is added to the wrong feature)."""
-    controlnet = getattr(pipe, "controlnet", None) if pipe is not None else None
-    if controlnet is None or not hasattr(stock, "down_blocks"):
-        return
-    skips = 1 + sum(len(b.resnets) + (1 if getattr(b, "downsamplers", None) else 0) for b in stock.down_blocks)
-    for net in getattr(controlnet, "nets", [controlnet]):
-        residuals = len(getattr(net, "controlnet_down_blocks", []))
-        if residuals and residuals != skips:
-            raise UserError(f"the pipeline's ControlNet adds {residuals} residuals, one per skip connection of the "
-                            f"original U-Net; the stock U-Net has {skips}, so diffusers would add them to the wrong "
-                            "features: keep the layer-pruned pipeline for ControlNet (it takes the original "
-                            "ControlNet as it is)")
 
 
 def _denoiser_prefix(loaded) -> Optional[str]:
@@ -2166,12 +2149,11 @@ def _first_call(loaded, data: Optional[str]):
     """The first denoiser call of ``loaded``'s pipeline on one input, whose MACs ``--by macs`` counts: an evaluation
     input, or for a pipeline that samples from images the first input of the calibration ``data`` (a .jsonl file of
     pipeline inputs or an image folder)."""
-    import inspect
-
     from diffslim.evaluate import eval_set_for
     from diffslim.sample import SampleSpec, first_denoiser_call
+    from diffslim.train.data import needs_image
 
-    takes_images = loaded.zoo is None and "image" in inspect.signature(loaded.pipe.__call__).parameters
+    takes_images = loaded.zoo is None and needs_image(loaded.pipe)
     if takes_images and data in (None, "zoo"):
         raise UserError(f"{type(loaded.pipe).__name__} samples from input images: --by macs counts the denoiser call "
                         "it makes on one, so give --data inputs.jsonl, one JSON object of pipeline inputs per line, "

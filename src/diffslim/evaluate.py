@@ -109,9 +109,10 @@ def _eval_inputs(pipe, n, seed, seeds, prompts_file, require_inputs):
     from diffslim.train.data import needs_image
 
     if needs_image(pipe) and require_inputs:
+        key = "image" if "image" in params else "control_image"  # the transformer ControlNets take no image
         raise UserError(f"{type(pipe).__name__} samples from input images and has no default inputs: give --prompts "
                         "inputs.jsonl, one JSON object of pipeline inputs per line, e.g. "
-                        "{\"prompt\": \"make it red\", \"image\": \"photo.png\"} (paths relative to the file)")
+                        f"{{\"prompt\": \"make it red\", \"{key}\": \"photo.png\"}} (paths relative to the file)")
     return EvalSet(inputs=[{"prompt": DEFAULT_PROMPTS[i % len(DEFAULT_PROMPTS)]} for i in range(n)], seeds=seeds)
 
 

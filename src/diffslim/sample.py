@@ -17,6 +17,7 @@ import inspect
 import json
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -147,8 +148,31 @@ def _value_bytes(v) -> bytes:
     return repr(v).encode()
 
 
+@functools.lru_cache(maxsize=None)
+def _control_tensors_as_is(cls) -> bool:
+    """Whether pipeline class ``cls`` takes a control image given as a tensor as already preprocessed (diffusers' Flux,
+    SD3, Sana, HunyuanDiT, Qwen-Image, Z-Image and CogView4 ControlNet and Control pipelines: in [-1, 1] at the
+    sampling size, where a PIL image is resized and normalized)."""
+    fn = getattr(cls, "prepare_image", None) or getattr(cls, "prepare_image_with_mask", None)
+    try:
+        source = inspect.getsource(fn) if fn is not None else ""
+    except (OSError, TypeError):
+        return False
+    return re.search(r"isinstance\(image, torch\.Tensor\):\s*pass", source) is not None
+
+
+def _pil(image: torch.Tensor):
+    """An image ``(C, H, W)`` in [0, 1] as an 8-bit PIL image (exact for images read from 8-bit files)."""
+    from PIL import Image
+
+    arr = (image.detach().float().cpu().clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    return Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
+
+
 def _call_kwargs(pipe, batch: Sequence[dict]) -> dict:
-    """Turn a batch of input dicts into the pipeline's keyword arguments."""
+    """Turn a batch of input dicts into the pipeline's keyword arguments. A control image goes as a PIL image to the
+    pipelines that would take a tensor as already preprocessed (:func:`_control_tensors_as_is`), so that they resize
+    and normalize it as they do a user's image."""
     keys = set(batch[0])
     if any(set(b) != keys for b in batch):
         raise UserError("all inputs of a run must have the same keys")
@@ -163,7 +187,8 @@ def _call_kwargs(pipe, batch: Sequence[dict]) -> dict:
               and all(isinstance(v, torch.Tensor) for v in values)):
             name = key  # an image (a mask, a control image) per sample, or an image prompt's embedding (the zoo's
             # IP-Adapter input)
-            kw[name] = torch.stack(values)
+            kw[name] = (torch.stack(values) if key != "control_image" or not _control_tensors_as_is(type(pipe))
+                        else [_pil(v) for v in values])
         elif all(isinstance(v, (bool, int, float)) for v in values):  # a per-call setting (strength, guidance)
             name = key
             if any(v != values[0] for v in values):
@@ -451,11 +476,13 @@ def _moved(obj, device):
 def write_samples(pipe, spec: SampleSpec, folder: Path, progress: bool = False) -> Path:
     """Sample ``spec`` with ``pipe`` into ``folder`` as an image folder the trainer reads (``00000.png`` with its
     prompt, or class label, in ``00000.txt``): training data made by the teacher itself, for a user who has prompts but no images.
+    Inputs that carry an image (a ControlNet's control image, InstructPix2Pix's input) make training pairs instead:
+    ``input/00000.png`` (the ``control_image`` where the input has one, else the ``image``) beside
+    ``target/00000.png`` and its caption, the layout :class:`diffslim.train.data.ConditionPairs` reads.
     Resumable: a batch whose images are all there is not sampled again, each file is written whole (a temporary
     name, then renamed), and ``samples.json`` records what was asked for; a folder made for other inputs, seeds or
     steps is refused rather than mixed."""
     from accelerate import PartialState
-    from PIL import Image
 
     # under `accelerate launch` each process samples its share of what is missing (the files are its own)
     state = PartialState(cpu=not torch.cuda.is_available())
@@ -469,7 +496,13 @@ def write_samples(pipe, spec: SampleSpec, folder: Path, progress: bool = False) 
     state.wait_for_everyone()  # every process has read the manifest before the first rewrites it
     if state.is_main_process:
         mf.write_text(json.dumps(manifest) + "\n")
-    todo = [i for i in range(len(spec.inputs)) if not (folder / f"{i:05d}.png").exists()]
+    first = spec.inputs[0] if spec.inputs else {}
+    pair = next((k for k in ("control_image", "image") if torch.is_tensor(first.get(k))), None)
+    target = folder / "target" if pair else folder
+    if pair:
+        for sub in ("input", "target"):
+            (folder / sub).mkdir(exist_ok=True)
+    todo = [i for i in range(len(spec.inputs)) if not (target / f"{i:05d}.png").exists()]
     with state.split_between_processes(todo) as mine:
         todo = list(mine)
     bar = (_progress(f"teacher samples ({spec.num_inference_steps} steps)", len(todo))
@@ -478,19 +511,25 @@ def write_samples(pipe, spec: SampleSpec, folder: Path, progress: bool = False) 
         for start in range(0, len(todo), spec.batch_size):
             idx = todo[start:start + spec.batch_size]
             for i, img in zip(idx, run_pipeline(pipe, spec, idx)):
-                arr = (img.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
                 prompt = spec.inputs[i].get("prompt", spec.inputs[i].get("class_label"))
+                if pair:  # the pair's input first: a target is there only once its input is
+                    _write_png(spec.inputs[i][pair], folder / "input" / f"{i:05d}.png")
                 if prompt is not None:  # the caption first: an image is there only once its caption is
-                    tmp = folder / f".{i:05d}.txt.tmp"
+                    tmp = target / f".{i:05d}.txt.tmp"
                     tmp.write_text(str(prompt))
-                    os.replace(tmp, folder / f"{i:05d}.txt")
-                tmp = folder / f".{i:05d}.png.tmp"
-                Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).save(tmp, format="PNG")
-                os.replace(tmp, folder / f"{i:05d}.png")
+                    os.replace(tmp, target / f"{i:05d}.txt")
+                _write_png(img, target / f"{i:05d}.png")
             if advance is not None:
                 advance(len(idx))
     state.wait_for_everyone()  # the folder is whole before any process trains on it
     return folder
+
+
+def _write_png(img: torch.Tensor, path: Path) -> None:
+    """An image ``(C, H, W)`` in [0, 1] written whole to ``path`` as an 8-bit PNG (a temporary name, then renamed)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    _pil(img).save(tmp, format="PNG")
+    os.replace(tmp, path)
 
 
 class ReferenceCache:

@@ -1017,7 +1017,13 @@ def calibration(pipe, n: int = 32, seed: int = 0, data: str = "zoo", batch_size:
     t = noising.timesteps(n, g, stratified=True, shape=x0.shape).to(device)
     noise = torch.randn(x0.shape, generator=g).to(device)
     xt, target = noising.noisy(x0, noise, t)
-    return Calibration(xt=xt, t=t, cond=cond, target=target, predict=task.predict, batch_size=batch_size)
+    calib = Calibration(xt=xt, t=t, cond=cond, target=target, predict=task.predict, batch_size=batch_size)
+    extra = getattr(task, "extra_cond", None)  # a ControlNet's residuals: once per triple, not once per scored layer
+    if extra is not None:
+        parts = [extra(xt[i:j], t[i:j], calib._cond_at(i, j)) for i, j in calib.chunks()]
+        if parts[0]:
+            calib.cond = {**cond, **_cat(parts)}
+    return calib
 
 
 CALIBRATIONS = ("data", "sampling")
@@ -1707,6 +1713,40 @@ def check_stock_selection(model: nn.Module, criterion: str, inner: bool = False)
         raise UserError(f"a stock selection on a U-Net removes whole (resnet, attention) pairs, the mid block and "
                         f"(--inner) transformer blocks inside attention layers, chosen by each layer's own score: use "
                         f"output-loss, similarity, taylor, magnitude or random (not {criterion})")
+
+
+def check_controlnet_fits(pipe, stock: Optional[nn.Module] = None) -> None:
+    """Refuse a stock export that the pipeline's ControlNet cannot feed. A U-Net's ControlNet adds one residual per
+    skip connection of the original U-Net, and diffusers pairs them with the stock U-Net's fewer ones by position (the
+    first misplaced residual fails on a shape, or is added to the wrong feature). A transformer's (SD3's, Flux's) adds
+    its residuals to the blocks by position, spread over the original's count (every k-th block takes the next):
+    over fewer blocks they land on other blocks, silently. ``stock`` None (before any selection): refuse what every
+    stock selection breaks, a transformer's ControlNet. The layer-pruned model keeps every place and takes the original
+    ControlNet as it is."""
+    controlnet = getattr(pipe, "controlnet", None) if pipe is not None else None
+    if controlnet is None:
+        return
+    keep = "keep the layer-pruned pipeline for ControlNet (it takes the original ControlNet as it is)"
+    den = getattr(pipe, "transformer", None)
+    if den is not None:
+        for attr in ("transformer_blocks", "single_transformer_blocks"):
+            n = len(getattr(den, attr, None) or [])
+            left = n if stock is None else len(getattr(stock, attr, None) or [])
+            if n and (stock is None or left != n):
+                raise UserError(f"the pipeline's ControlNet adds its residuals to the transformer's {attr} by "
+                                f"position, spread over the original's {n}; a stock export has "
+                                f"{'fewer' if stock is None else left}, so diffusers would add them to other blocks: "
+                                f"{keep}")
+        return
+    if stock is None or not hasattr(stock, "down_blocks"):
+        return
+    skips = 1 + sum(len(b.resnets) + (1 if getattr(b, "downsamplers", None) else 0) for b in stock.down_blocks)
+    for net in getattr(controlnet, "nets", [controlnet]):
+        residuals = len(getattr(net, "controlnet_down_blocks", []))
+        if residuals and residuals != skips:
+            raise UserError(f"the pipeline's ControlNet adds {residuals} residuals, one per skip connection of the "
+                            f"original U-Net; the stock U-Net has {skips}, so diffusers would add them to the wrong "
+                            f"features: {keep}")
 
 
 def stock_select(model: nn.Module, layers: Sequence[Layer], scores: Mapping[str, float], ratio: float, total: int,

@@ -569,10 +569,12 @@ IMAGE_OPTIONAL = ("FluxKontextPipeline",)
 
 
 def needs_image(pipe) -> bool:
-    """Whether ``pipe`` samples from an input image it cannot do without (img2img, ControlNet, inpainting, ...)."""
+    """Whether ``pipe`` samples from an input image it cannot do without (img2img, ControlNet, inpainting, ...): an
+    ``image``, or a ``control_image`` (the Flux, SD3 and other transformer ControlNet pipelines take no ``image``)."""
     import inspect
 
-    return "image" in inspect.signature(pipe.__call__).parameters and type(pipe).__name__ not in IMAGE_OPTIONAL
+    params = inspect.signature(pipe.__call__).parameters
+    return ("image" in params or "control_image" in params) and type(pipe).__name__ not in IMAGE_OPTIONAL
 
 
 # pipeline inputs that are images, read from the paths a .jsonl file gives: the input image, an inpainting mask (one
@@ -649,7 +651,7 @@ def pipeline_inputs(pipe, data: str, seed: int, n: int = 64, option: str = "--da
                 raise UserError(f"{p}:{k}: give an object of pipeline inputs, e.g. {{\"prompt\": \"a cat\"}}")
             _check_input_values(row, f"{p}:{k}", pipe)
             image = row.get("image")
-            if needs_image(pipe) and image is None:  # diffusers' own error would come as a traceback mid-run
+            if "image" in params and needs_image(pipe) and image is None:  # else diffusers' traceback mid-run
                 raise UserError(f"{p}:{k}: {type(pipe).__name__} samples from an input image: give \"image\": "
                                 f"PATH (relative to {p.parent})" + (", not null" if "image" in row else ""))
             if "image" in row:

@@ -436,11 +436,18 @@ class _LatentTextTask:
     SDXL-style pipelines (``text_encoder_2``) also get ``added_cond_kwargs`` (pooled text, size ids);
     with a ``cond`` image and a U-Net taking twice the latent channels (InstructPix2Pix) the cond
     image's latent mode is concatenated to the noisy latents (scaled by the VAE's factor for CosXL Edit, as its
-    pipeline does).
+    pipeline does). A ControlNet pipeline's ``cond`` image is its control image (in [0, 1], as its control image
+    processor leaves it): :meth:`extra_cond` runs the frozen ControlNet on each noisy batch, at the pipeline's default
+    ``controlnet_conditioning_scale``, and the U-Net adds its residuals as the pipeline's call adds them.
     """
 
     def __init__(self, pipe):
         self.pipe = pipe
+        net = getattr(pipe, "controlnet", None)
+        if net is not None and len(getattr(net, "nets", [net])) > 1:
+            raise UserError(f"{type(pipe).__name__} holds {len(net.nets)} ControlNets, and a training pair gives one "
+                            "control image: train with a pipeline of one ControlNet (the U-Net is the same)")
+        self.controlnet = net
 
     @torch.no_grad()
     def _text(self, captions: list, device):
@@ -475,12 +482,44 @@ class _LatentTextTask:
             cond["concat"] = vae.encode(c).latent_dist.mode()
             if getattr(pipe, "is_cosxl_edit", False):  # CosXL Edit's pipeline scales the input's latents
                 cond["concat"] = cond["concat"] * vae.config.scaling_factor
+        if self.controlnet is not None:
+            if "cond" not in batch:
+                raise UserError(f"{type(pipe).__name__} is steered by its ControlNet's control image: give a folder "
+                                "with input/ (the control images) and target/ (the images, captions beside them) of "
+                                "the same file names")
+            cond["control"] = batch["cond"].to(device=device, dtype=torch.float32)
         return x0, cond
 
+    @torch.no_grad()
+    def extra_cond(self, xt, t, cond: dict) -> dict:
+        """What the U-Net takes beside ``cond`` that depends on the noisy input: a ControlNet's residuals, one per skip
+        connection and the mid block's (``{"controlnet": {"down": {"0": ...}, "mid": ...}}``; none without a
+        ControlNet). Teacher and student take the same, so the trainer and the calibration run it once per batch."""
+        if self.controlnet is None or "control" not in cond:
+            return {}
+        import inspect
+
+        net = self.controlnet
+        dtype = next(net.parameters()).dtype
+        scale = inspect.signature(self.pipe.__call__).parameters["controlnet_conditioning_scale"].default
+        cast = (lambda v: {k: cast(x) for k, x in v.items()} if isinstance(v, dict)  # noqa: E731
+                else v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v)
+        extra = {"added_cond_kwargs": cast(cond["added_cond_kwargs"])} if "added_cond_kwargs" in cond else {}
+        down, mid = net(xt.to(dtype), t, encoder_hidden_states=cast(cond["encoder_hidden_states"]),
+                        controlnet_cond=cast(cond["control"]), conditioning_scale=float(scale), guess_mode=False,
+                        return_dict=False, **extra)
+        return {"controlnet": {"down": {str(i): d for i, d in enumerate(down)}, "mid": mid}}
+
     def predict(self, denoiser, xt, t, cond: dict) -> torch.Tensor:
-        kwargs = {k: v for k, v in cond.items() if k != "concat"}
+        if "control" in cond and "controlnet" not in cond:  # a caller that did not run extra_cond
+            cond = {**cond, **self.extra_cond(xt, t, cond)}
+        kwargs = {k: v for k, v in cond.items() if k not in ("concat", "control", "controlnet")}
         if "concat" in cond:
             xt = torch.cat([xt, cond["concat"].to(xt.dtype)], dim=1)
+        if "controlnet" in cond:
+            down = cond["controlnet"]["down"]
+            kwargs["down_block_additional_residuals"] = [down[str(i)] for i in range(len(down))]
+            kwargs["mid_block_additional_residual"] = cond["controlnet"]["mid"]
         return denoiser(xt, t, **kwargs, return_dict=False)[0]
 
 
@@ -1312,7 +1351,8 @@ def distill(teacher_pipe, student: nn.Module, dataset, cfg: DistillConfig, label
             noise = torch.randn(x0.shape, generator=g).to(device)
             t = noising.timesteps(x0.shape[0], g, shape=x0.shape).to(device)
             xt, target = noising.noisy(x0, noise, t)
-            return xt, t, cond, target
+            extra = getattr(task, "extra_cond", None)
+            return xt, t, ({**cond, **extra(xt, t, cond)} if extra is not None else cond), target
 
         if cfg.match_plain_weight and state.feat_scale is None:  # the prepared model: FSDP gathers its shards
             state.feat_scale = _plain_to_normalized(inputs, task, teacher, model, feats_t, feats_s, cfg,
