@@ -1445,3 +1445,43 @@ def test_cli_controlnet_distils_on_teacher_pairs_of_its_control_images(tiny_cont
                               np.asarray(Image.open(tmp_path / f"edges{i % 2}.png")))
         assert pairs[i]["text"] == f"a cat {i % 2}"
     assert (tmp_path / "kd" / "student" / "config.json").is_file()
+
+
+def test_bench_trains_on_its_own_samples_at_their_size(tiny_sd_pipe, tmp_path, monkeypatch):
+    """Benched at --height/--width without --data, +kd and +ft train on the full pipeline's samples at the size they
+    were sampled at (they were blown up to the pipeline's own size before), and a given --resolution now reaches
+    +ft as it reached +kd."""
+    import numpy as np
+    from PIL import Image
+
+    from diffslim import bench
+    from diffslim.bench import run_bench
+    from diffslim.evaluate import eval_set_for, sized
+    from diffslim.train import data as train_data
+
+    monkeypatch.setenv("DIFFSLIM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(bench, "DEFAULT_KD", {**bench.DEFAULT_KD, "steps": 1, "batch_size": 2})
+    monkeypatch.setattr(bench, "DEFAULT_FT", {**bench.DEFAULT_FT, "steps": 1, "batch_size": 2})
+    monkeypatch.setattr(bench, "TEACHER_SAMPLES", 2)
+    sizes = []
+    real = train_data.make_dataset
+
+    def recorded(spec, pipe, size=None):
+        ds = real(spec, pipe, size)
+        sizes.append((size, tuple(ds[0]["image"].shape[-2:])))
+        return ds
+
+    monkeypatch.setattr(train_data, "make_dataset", recorded)
+    tiny_sd_pipe.save_pretrained(str(tmp_path / "sd"))
+    loaded = load(str(tmp_path / "sd"))
+    assert train_data.pipeline_image_size(loaded.pipe) == 16  # the pipeline's own size, which they trained at
+    es = sized(eval_set_for(loaded, 2), loaded, 24, 24)
+    run_bench(loaded, "layers:0.3+kd,depth:1+ft", es, default_steps=2, batch_size=2, progress=False)
+    assert sizes == [(24, (24, 24)), (24, (24, 24))]
+    sizes.clear()
+    (tmp_path / "imgs").mkdir()
+    for i in range(2):
+        Image.fromarray(np.full((40, 40, 3), 60 * i, dtype=np.uint8)).save(tmp_path / "imgs" / f"{i}.png")
+    run_bench(loaded, "depth:1+ft", eval_set_for(loaded, 2), default_steps=2, batch_size=2, progress=False,
+              data=str(tmp_path / "imgs"), resolution=32)
+    assert sizes == [(32, (32, 32))]

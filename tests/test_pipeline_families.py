@@ -1461,7 +1461,8 @@ def _tiny_transformer_controlnet(tiny_sd_pipe, family: str):
 
 
 @pytest.mark.parametrize("family", ["flux", "sd3"])
-def test_transformer_controlnets_sample_their_control_images_as_users_give_them(family, tiny_sd_pipe, calls_alone):
+def test_transformer_controlnets_sample_their_control_images_as_users_give_them(family, tiny_sd_pipe, calls_alone,
+                                                                              tmp_path):
     """Flux's and SD3's ControlNet pipelines take a control image given as a tensor as already preprocessed (in [-1, 1],
     at the sampling size). The harness reads images into [0, 1], so it handed them images they read as half grey, and
     Flux's crashed on a size other than the call's: it now hands them PIL images, which they resize and normalize as
@@ -1491,6 +1492,15 @@ def test_transformer_controlnets_sample_their_control_images_as_users_give_them(
         torch.testing.assert_close(pred[k:k + 1], out, atol=1e-5, rtol=1e-5)
     res = lp.layer_prune(pipe.transformer, "output-loss", 0.3, calib=calib)
     assert res.params_removed >= 0.3 * res.params and lp.output_loss(pipe.transformer, calib, []) == 0.0
+    # a folder of training pairs gives their inputs as the control images (these pipelines take no "image")
+    from diffslim.train.data import pipeline_inputs
+
+    for sub in ("input", "target"):
+        (tmp_path / sub).mkdir()
+        _pil(controls[0]).save(tmp_path / sub / "a.png")
+    (tmp_path / "target" / "a.txt").write_text("a cat")
+    (row,) = list(pipeline_inputs(pipe, str(tmp_path), 0))
+    assert set(row) == {"prompt", "control_image"} and torch.equal(row["control_image"], controls[0])
 
 
 @pytest.mark.parametrize("family", ["flux", "sd3"])
@@ -1529,3 +1539,120 @@ def test_a_transformers_controlnet_refuses_the_stock_export(family, tiny_sd_pipe
     with torch.no_grad():
         torch.testing.assert_close(stock(**args).sample, pruned(**args).sample)
         assert not torch.allclose(stock(**args, **residuals).sample, pruned(**args, **residuals).sample, atol=1e-4)
+
+
+@pytest.mark.parametrize("variant", ["FluxControlNetPipeline", "FluxControlNetImg2ImgPipeline",
+                                     "StableDiffusion3ControlNetPipeline"])
+def test_transformer_controlnet_tasks_add_the_residuals_their_pipelines_add(variant, tiny_sd_pipe):
+    """SD3's and Flux's ControlNet tasks encode the control image as their pipelines do (VAE latents, shifted; SD3's
+    InstantX ControlNet unshifted, with a zero pooled projection), run the ControlNet on the noisy latents and hand the
+    transformer the block residuals of the pipeline's own first call: they predict what it predicted. SD3's task left
+    the ControlNet out before, and Flux's ControlNet pipelines had none. The VAE's posterior is made near exact
+    (log-variance -30), since the pipelines sample it with their own generator."""
+    import diffusers
+
+    from diffslim.sample import _pil, _stop_at_first_call
+    from diffslim.train.distill import task_for, unpack_latents
+
+    family = "flux" if variant.startswith("Flux") else "sd3"
+    base = _tiny_transformer_controlnet(tiny_sd_pipe, family)
+    latent = base.vae.config.latent_channels
+    base.vae.quant_conv.bias.data[latent:] = -30.0
+    import inspect
+
+    cls = getattr(diffusers, variant)
+    takes = inspect.signature(cls.__init__).parameters
+    pipe = cls(**{k: v for k, v in base.components.items() if k in takes})
+    pipe.set_progress_bar_config(disable=True)
+    if family == "flux":
+        pipe.default_sample_size = 8
+    size = 16
+    g = torch.Generator().manual_seed(0)
+    control = (torch.rand(3, size, size, generator=g) * 255).round() / 255
+    row = {"prompt": "a red cat", "control_image": control}
+    if "Img2Img" in variant:
+        row["image"] = (torch.rand(3, size, size, generator=g) * 255).round() / 255
+    seen = {}
+    hook = pipe.controlnet.register_forward_pre_hook(lambda m, a, kw: seen.setdefault("net", kw) and None,
+                                                     with_kwargs=True)
+    try:
+        spec = SampleSpec(inputs=[row], seeds=[0], num_inference_steps=4,
+                          call_kwargs={"height": size, "width": size,  # Flux's guidance: its pipeline's default
+                                       **({} if family == "flux" else {"guidance_scale": 1.0}),
+                                       **({"strength": 0.75} if "Img2Img" in variant else {})})
+        args, kwargs = _stop_at_first_call(pipe, spec)["call"]
+    finally:
+        hook.remove()
+    den = pipe.transformer
+    with torch.no_grad():
+        own = den(*args, **{**kwargs, "return_dict": False})[0]
+        task = task_for(pipe)
+        _, cond = task.encode({"image": torch.zeros(1, 3, size, size), "text": ["a red cat"], "cond": control[None]},
+                              torch.Generator().manual_seed(0), "cpu")
+        if family == "flux":
+            h = w = size // 2
+            x, t, own = unpack_latents(kwargs["hidden_states"], h, w), kwargs["timestep"] * 1000, unpack_latents(own, h, w)
+            torch.testing.assert_close(cond["control"], unpack_latents(seen["net"]["controlnet_cond"], h, w),
+                                       atol=1e-5, rtol=0)
+            keys = {"double": "controlnet_block_samples", "single": "controlnet_single_block_samples"}
+        else:
+            x, t = kwargs["hidden_states"], kwargs["timestep"]
+            torch.testing.assert_close(cond["control"], seen["net"]["controlnet_cond"], atol=1e-5, rtol=0)
+            keys = {"blocks": "block_controlnet_hidden_states"}
+        t = t.reshape(-1).expand(x.shape[0])
+        extra = task.extra_cond(x, t, cond)
+        for ours, theirs in keys.items():
+            assert len(extra["controlnet"][ours]) == len(kwargs[theirs]) > 0
+            for i, r in enumerate(kwargs[theirs]):
+                torch.testing.assert_close(extra["controlnet"][ours][str(i)], r, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(task.predict(den, x, t, {**cond, **extra}), own, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(task.predict(den, x, t, cond), own, atol=1e-5, rtol=1e-5)
+        bare = {k: v for k, v in cond.items() if k != "control"}
+        assert not torch.allclose(task.predict(den, x, t, bare), own, atol=1e-4)
+    assert _pil(control).size == (size, size)
+
+
+@pytest.mark.parametrize("variant", ["FluxControlPipeline", "FluxControlImg2ImgPipeline"])
+def test_flux_control_tasks_concatenate_the_control_latents_as_their_pipelines_do(variant, tiny_sd_pipe):
+    """Flux Control (Canny and Depth dev): the transformer takes the control image's latents beside the noisy ones,
+    packed and concatenated along the channels. The task does the same (it concatenates before packing, which makes
+    the same tokens) and predicts what the pipeline's own first call predicted; there was no task for them."""
+    import inspect
+
+    import diffusers
+
+    from diffslim.errors import UserError
+    from diffslim.sample import _stop_at_first_call
+    from diffslim.train.distill import task_for, unpack_latents
+
+    base = _tiny_flux(tiny_sd_pipe)
+    base.vae.quant_conv.bias.data[base.vae.config.latent_channels:] = -30.0  # a near exact posterior (see above)
+    tr = diffusers.FluxTransformer2DModel.from_config(base.transformer.config, in_channels=32, out_channels=16)
+    cls = getattr(diffusers, variant)
+    takes = inspect.signature(cls.__init__).parameters
+    pipe = cls(**{k: v for k, v in {**base.components, "transformer": tr.eval()}.items() if k in takes})
+    pipe.default_sample_size = 8
+    pipe.set_progress_bar_config(disable=True)
+    size, g = 16, torch.Generator().manual_seed(0)
+    control = (torch.rand(3, size, size, generator=g) * 255).round() / 255
+    row = {"prompt": "a red cat", "control_image": control}
+    if "Img2Img" in variant:
+        row["image"] = (torch.rand(3, size, size, generator=g) * 255).round() / 255
+    spec = SampleSpec(inputs=[row], seeds=[0], num_inference_steps=4,
+                      call_kwargs={"height": size, "width": size,
+                                   **({"strength": 0.75} if "Img2Img" in variant else {})})
+    args, kwargs = _stop_at_first_call(pipe, spec)["call"]
+    with torch.no_grad():
+        own = pipe.transformer(*args, **{**kwargs, "return_dict": False})[0]
+        task = task_for(pipe)
+        _, cond = task.encode({"image": torch.zeros(1, 3, size, size), "text": ["a red cat"], "cond": control[None]},
+                              torch.Generator().manual_seed(0), "cpu")
+        h = w = size // 2
+        hidden = kwargs["hidden_states"]
+        x, ctrl = unpack_latents(hidden[..., :16], h, w), unpack_latents(hidden[..., 16:], h, w)
+        torch.testing.assert_close(cond["concat"], ctrl, atol=1e-5, rtol=0)
+        t = (kwargs["timestep"] * 1000).reshape(-1).expand(1)
+        torch.testing.assert_close(task.predict(pipe.transformer, x, t, cond), unpack_latents(own, h, w),
+                                   atol=1e-5, rtol=1e-5)
+    with pytest.raises(UserError, match="is steered by a control image: give a folder with input"):
+        task.encode({"image": torch.zeros(1, 3, size, size), "text": ["a"]}, torch.Generator(), "cpu")

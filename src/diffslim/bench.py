@@ -100,6 +100,16 @@ class BenchContext:
             self.memo[("teacher_samples",)] = (str(folder), f"|teacher:{digest}")
         return self.memo[("teacher_samples",)]
 
+    def train_size(self) -> Optional[int]:
+        """The training images' size in px: ``resolution`` with data; on the full pipeline's own samples their size
+        (the shorter side where the bench samples at ``--height``/``--width``), so that a 1024 px model benched at 512
+        px does not train on its 512 px samples blown up to 1024; else None (the pipeline's own)."""
+        if self.has_data():
+            return self.resolution
+        sides = [self.base_spec.call_kwargs.get(k) for k in ("height", "width")]
+        sides = [int(v) for v in sides if v is not None]
+        return min(sides) if sides else None
+
     def train_data_note(self) -> str:
         if self.has_data():
             return ""
@@ -451,8 +461,9 @@ def _default_finetune(ctx: BenchContext, depth: int):
     from diffslim.train.distill import DistillConfig
 
     train_data, data = ctx.train_data(f"depth:{depth}+ft")
+    size = ctx.train_size()  # (before session 38 +ft trained at the pipeline's size whatever the --resolution)
     key = hashlib.sha256(f"{model_fingerprint(ctx.loaded.source)}|{depth}|{sorted(DEFAULT_FT.items())}{data}"
-                         f"{ctx.train_key()}".encode()).hexdigest()[:16]
+                         f"{ctx.train_key()}{'' if size is None else f'|size={size}'}".encode()).hexdigest()[:16]
     settings, launch = _per_process(DEFAULT_FT)
     root = cache_root() / "finetune" / _launch_key(key)
     folder = root / "student"
@@ -460,7 +471,7 @@ def _default_finetune(ctx: BenchContext, depth: int):
     def build():
         cfg = DistillConfig(out=root, checkpoint_every=100, log_every=25, normalized=False,
                             lambda_task=ctx.task_weight, **settings)
-        finetune_depth(ctx.loaded.pipe, depth, train_data, cfg)
+        finetune_depth(ctx.loaded.pipe, depth, train_data, cfg, size=ctx.train_size())
 
     build_once(root, f"the depth:{depth}+ft fine-tune", lambda: (folder / "config.json").exists(), build)
     return folder, (f"fine-tuned {DEFAULT_FT['steps']} steps (batch {DEFAULT_FT['batch_size']}{launch}, lr "
@@ -787,8 +798,10 @@ def _default_layer_kd(ctx: BenchContext, names: list[str]):
     from diffslim.train.distill import DistillConfig
 
     train_data, data = ctx.train_data("layers+kd")
+    # (before session 38 the full pipeline's own samples trained at the pipeline's size whatever their own)
+    size = "" if ctx.has_data() or ctx.train_size() is None else f"|size={ctx.train_size()}"
     key = hashlib.sha256(f"{model_fingerprint(ctx.loaded.source)}|{sorted(names)}|{sorted(DEFAULT_KD.items())}{data}"
-                         f"{ctx.train_key()}".encode()).hexdigest()[:16]
+                         f"{ctx.train_key()}{size}".encode()).hexdigest()[:16]
     settings, launch = _per_process(DEFAULT_KD)
     root = cache_root() / "layer_kd" / _launch_key(key)
     folder = root / "student"
@@ -797,7 +810,7 @@ def _default_layer_kd(ctx: BenchContext, names: list[str]):
         cfg = DistillConfig(out=root, checkpoint_every=100, log_every=25, normalized=True,
                             lambda_task=ctx.task_weight, **settings)
         distill_pruned(ctx.loaded.pipe, prune_layers(ctx.loaded.denoiser, names), cfg, data=train_data,
-                       size=ctx.resolution if ctx.has_data() else None)
+                       size=ctx.train_size())
 
     build_once(root, "the layers+kd distillation", lambda: (folder / "config.json").exists(), build)
     return folder, (f"{DEFAULT_KD['steps']} steps of {ctx.train_note('normalized feature')} (batch "

@@ -11,8 +11,9 @@ from pathlib import Path
 from diffslim.methods.depth_skip import depth_skip
 
 
-def finetune_depth(pipe, depth: int, data: str, cfg) -> tuple[object, Path, object]:
-    """Fine-tune ``pipe``'s denoiser pruned to ``depth`` on ``data`` ("zoo" or a folder); returns
+def finetune_depth(pipe, depth: int, data: str, cfg, size=None) -> tuple[object, Path, object]:
+    """Fine-tune ``pipe``'s denoiser pruned to ``depth`` on ``data`` ("zoo" or a folder, its images at ``size`` px,
+    default the pipeline's own); returns
     ``(student, folder, result)`` where ``folder`` holds the trained student (EMA weights) as a diffusers model and
     ``result`` is the trainer's :class:`~diffslim.train.distill.DistillResult` (its final losses)."""
     from diffslim.models.load import denoiser_of
@@ -21,7 +22,7 @@ def finetune_depth(pipe, depth: int, data: str, cfg) -> tuple[object, Path, obje
 
     teacher = denoiser_of(pipe)
     student = depth_skip(teacher, depth)
-    res = distill(pipe, student, make_dataset(data, pipe), cfg, label="finetune")
+    res = distill(pipe, student, make_dataset(data, pipe, size), cfg, label="finetune")
     folder = Path(res.out_dir) / "student"
     return load_student(folder), folder, res
 

@@ -484,8 +484,8 @@ def make_dataset(spec: str, pipe, size: Optional[int] = None) -> torch.utils.dat
 class FolderInputs:
     """Pipeline inputs from an image folder (``ImageFolder``/``ConditionPairs``), read when a batch needs them."""
 
-    def __init__(self, ds, with_prompt: bool):
-        self.ds, self.with_prompt = ds, with_prompt
+    def __init__(self, ds, with_prompt: bool, key: str = "image"):
+        self.ds, self.with_prompt, self.key = ds, with_prompt, key  # key: the pipeline's (control_image: Flux's, SD3's)
 
     def __len__(self) -> int:
         return len(self.ds)
@@ -495,7 +495,7 @@ class FolderInputs:
 
     def __getitem__(self, i: int) -> dict:
         item = self.ds[i]
-        out = {"image": item.get("cond", item["image"])}
+        out = {self.key: item.get("cond", item["image"])}
         if self.with_prompt:
             out["prompt"] = item.get("text", "")
         return out
@@ -632,9 +632,9 @@ def pipeline_inputs(pipe, data: str, seed: int, n: int = 64, option: str = "--da
                             "\"room.png\", \"mask_image\": \"mask.png\"} per line")
         both = (p / "input").is_dir() and (p / "target").is_dir()
         ds = ConditionPairs(p, size=size, cond_size=size) if both else ImageFolder(p, size)
-        if "image" not in params:
+        if "image" not in params and "control_image" not in params:
             raise UserError(f"{type(pipe).__name__} takes no image input; give a .txt file of prompts")
-        return FolderInputs(ds, "prompt" in params)
+        return FolderInputs(ds, "prompt" in params, "image" if "image" in params else "control_image")
     if not p.is_file():
         raise UserError(f"{option} {data!r} does not exist; give {accepted}")
     if p.suffix.lower() == ".jsonl":

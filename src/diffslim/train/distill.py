@@ -607,6 +607,10 @@ TRANSFORMER_FAMILIES = {
     "QwenImagePipeline": "qwenimage", "QwenImageImg2ImgPipeline": "qwenimage", "QwenImageInpaintPipeline": "qwenimage",
     # (ChromaInpaintPipeline reads a guidance_embeds its transformer's config lacks, and fails in diffusers 0.42)
     "ChromaPipeline": "chroma", "ChromaImg2ImgPipeline": "chroma",
+    # with the ControlNet's residuals (the task's extra_cond); SD3's ControlNet pipeline goes by its name's prefix
+    "FluxControlNetPipeline": "flux", "FluxControlNetImg2ImgPipeline": "flux",
+    # with the control image's latents beside the noisy ones (Canny and Depth dev)
+    "FluxControlPipeline": "flux", "FluxControlImg2ImgPipeline": "flux",
 }
 
 
@@ -675,6 +679,21 @@ class _LatentTransformerTask:
 
     def __init__(self, pipe, family: str):
         self.pipe, self.family = pipe, family
+        net = getattr(pipe, "controlnet", None)
+        if net is not None:
+            if len(getattr(net, "nets", [net])) > 1:
+                raise UserError(f"{type(pipe).__name__} holds {len(net.nets)} ControlNets, and a training pair gives "
+                                "one control image: train with a pipeline of one ControlNet (the transformer is the "
+                                "same)")
+            if family not in ("sd3", "flux"):
+                raise UserError(f"no distillation task for {type(pipe).__name__}'s ControlNet: tasks run SD3's and "
+                                "Flux's; score its layers on its own sampling with --calibration sampling --data "
+                                "inputs.jsonl")
+            if getattr(net.config, "extra_conditioning_channels", 0):  # SD3's inpainting ControlNet takes a mask
+                raise UserError(f"no distillation task for {type(pipe).__name__}: its ControlNet takes a mask beside "
+                                "the control image; score its layers on its own sampling with --calibration sampling "
+                                "--data inputs.jsonl")
+        self.controlnet = net
 
     def _embedded_guidance(self) -> float:
         """The guidance a guidance-distilled Flux (or Qwen-Image) is trained at: its pipeline's default
@@ -761,10 +780,87 @@ class _LatentTransformerTask:
                 raise UserError(f"Flux packs 2x2 latent patches: latents of {tuple(x0.shape[-2:])} do not divide; "
                                 f"use images whose sides are multiples of {2 * pipe.vae_scale_factor} px")
             emb, pooled, _ = pipe.encode_prompt(prompt=captions, prompt_2=None, device=device, num_images_per_prompt=1)
-            return x0, {"encoder_hidden_states": emb, "pooled_projections": pooled}
+            return x0, {"encoder_hidden_states": emb, "pooled_projections": pooled, **self._control(batch, g, device)}
         emb, _, pooled, _ = pipe.encode_prompt(prompt=captions, prompt_2=None, prompt_3=None, device=device,
                                                num_images_per_prompt=1, do_classifier_free_guidance=False)
-        return x0, {"encoder_hidden_states": emb, "pooled_projections": pooled}
+        return x0, {"encoder_hidden_states": emb, "pooled_projections": pooled, **self._control(batch, g, device)}
+
+    def _control(self, batch: dict, g: torch.Generator, device) -> dict:
+        """The ControlNet's input as SD3's and Flux's ControlNet pipelines make it from the control image (a training
+        pair's input): its VAE latents, shifted as the VAE's are (not for an InstantX SD3 ControlNet, which forces a
+        zero pooled projection; its pipeline leaves the shift out too), or for a Flux ControlNet with its own
+        conditioning embedding (XLabs') the image in [-1, 1]. None without a ControlNet."""
+        net = self.controlnet
+        if net is None and not self._control_channels():
+            return {}
+        if "cond" not in batch:
+            what = "its ControlNet's control image" if net is not None else "a control image"
+            raise UserError(f"{type(self.pipe).__name__} is steered by {what}: give a folder with input/ (the control "
+                            "images) and target/ (the images, captions beside them) of the same file names")
+        vae = self.pipe.vae
+        img = batch["cond"].to(device=device, dtype=vae.dtype) * 2 - 1
+        if self.family == "flux" and getattr(net, "input_hint_block", None) is not None:
+            return {"control": img.float()}
+        z = vae.encode(img).latent_dist.sample(generator=g)
+        no_shift = self.family == "sd3" and net is not None and net.config.force_zeros_for_pooled_projection
+        shift = 0.0 if no_shift else (getattr(vae.config, "shift_factor", None) or 0.0)
+        latents = ((z - shift) * vae.config.scaling_factor).float()
+        return {"control": latents} if net is not None else {"concat": latents}
+
+    def _control_channels(self) -> bool:
+        """Whether the transformer takes the control image's latents beside the noisy ones (Flux Control: Canny and
+        Depth dev, whose pipelines concatenate the packed control latents to the packed noisy ones)."""
+        vae_config = self.pipe.vae.config
+        latent = getattr(vae_config, "latent_channels", None)
+        return (self.family == "flux" and latent is not None
+                and self.pipe.transformer.config.in_channels == 8 * latent)
+
+    @torch.no_grad()
+    def extra_cond(self, xt, t, cond: dict) -> dict:
+        """A ControlNet's residuals for the noisy batch, at the pipeline's default ``controlnet_conditioning_scale``
+        (``{"controlnet": {...}}``; none without one): SD3's one per block, Flux's for the double- and the single-stream
+        blocks. Teacher and student take the same, so the trainer and the calibration run it once per batch."""
+        net = self.controlnet
+        if net is None or "control" not in cond:
+            return {}
+        import inspect
+
+        dtype = next(net.parameters()).dtype
+        scale = float(inspect.signature(self.pipe.__call__).parameters["controlnet_conditioning_scale"].default)
+        emb, pooled = cond["encoder_hidden_states"].to(dtype), cond["pooled_projections"].to(dtype)
+        control = cond["control"].to(dtype)
+        if self.family == "sd3":
+            blocks = net(hidden_states=xt.to(dtype), timestep=t, controlnet_cond=control, conditioning_scale=scale,
+                         encoder_hidden_states=emb if net.config.joint_attention_dim is not None else None,
+                         pooled_projections=torch.zeros_like(pooled) if net.config.force_zeros_for_pooled_projection
+                         else pooled, return_dict=False)[0]
+            return {"controlnet": {"blocks": {str(i): b for i, b in enumerate(blocks)}}}
+        b, _, h, w = xt.shape
+        guidance = (torch.full((b,), self._embedded_guidance(), device=xt.device, dtype=torch.float32)
+                    if net.config.guidance_embeds else None)
+        hint = getattr(net, "input_hint_block", None) is not None
+        double, single = net(hidden_states=pack_latents(xt.to(dtype)), timestep=t.to(dtype) / 1000,
+                             controlnet_cond=control if hint else pack_latents(control), conditioning_scale=scale,
+                             guidance=guidance, pooled_projections=pooled, encoder_hidden_states=emb,
+                             txt_ids=torch.zeros(emb.shape[1], 3, device=xt.device, dtype=dtype),
+                             img_ids=latent_image_ids(h // 2, w // 2, xt.device, dtype), return_dict=False)
+        return {"controlnet": {"double": {str(i): r for i, r in enumerate(double or [])},
+                               "single": {str(i): r for i, r in enumerate(single or [])}}}
+
+    def _residuals(self, denoiser, xt, t, cond: dict) -> dict:
+        """The transformer's ControlNet arguments from ``cond`` (run on the way where the caller did not)."""
+        if "control" not in cond:
+            return {}
+        res = cond["controlnet"] if "controlnet" in cond else self.extra_cond(xt, t, cond)["controlnet"]
+
+        def listed(d):
+            return [d[str(i)] for i in range(len(d))] or None
+
+        if self.family == "sd3":
+            return {"block_controlnet_hidden_states": listed(res["blocks"])}
+        return {"controlnet_block_samples": listed(res["double"]),
+                "controlnet_single_block_samples": listed(res["single"]),
+                "controlnet_blocks_repeat": getattr(self.controlnet, "input_hint_block", None) is not None}
 
     def predict(self, denoiser, xt, t, cond: dict) -> torch.Tensor:
         if self.family == "pixart":
@@ -836,12 +932,16 @@ class _LatentTransformerTask:
             txt_ids = torch.zeros(emb.shape[1], 3, device=xt.device, dtype=xt.dtype)
             guidance = (torch.full((b,), self._embedded_guidance(), device=xt.device, dtype=torch.float32)
                         if denoiser.config.guidance_embeds else None)
-            out = denoiser(hidden_states=pack_latents(xt), timestep=t.to(xt.dtype) / 1000, guidance=guidance,
+            # Flux Control: the control latents beside the noisy ones (packing keeps channel order: the same tokens)
+            hidden = pack_latents(torch.cat([xt, cond["concat"].to(xt.dtype)], 1) if "concat" in cond else xt)
+            out = denoiser(hidden_states=hidden, timestep=t.to(xt.dtype) / 1000, guidance=guidance,
                            pooled_projections=cond["pooled_projections"], encoder_hidden_states=emb,
-                           txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
+                           txt_ids=txt_ids, img_ids=img_ids, return_dict=False,
+                           **self._residuals(denoiser, xt, t, cond))[0]
             return unpack_latents(out, h, w)
         return denoiser(hidden_states=xt, timestep=t, encoder_hidden_states=cond["encoder_hidden_states"],
-                        pooled_projections=cond["pooled_projections"], return_dict=False)[0]
+                        pooled_projections=cond["pooled_projections"], return_dict=False,
+                        **self._residuals(denoiser, xt, t, cond))[0]
 
 
 def task_for(pipe, label_dropout: float = 0.1):
@@ -877,14 +977,17 @@ def task_for(pipe, label_dropout: float = 0.1):
         if name == "DiTPipeline":
             return _LatentClassTask(pipe, label_dropout)
     raise UserError(f"no distillation task for {name}: supported are the zoo pipelines, SD-style pipelines "
-                     "with unet, vae, text_encoder and tokenizer (SD, SDXL, InstructPix2Pix), DiT (DiTPipeline), "
-                     "PixArt-alpha/sigma, Stable Diffusion 3, Flux (FluxPipeline), Sana (SanaPipeline), AuraFlow "
+                     "with unet, vae, text_encoder and tokenizer (SD, SDXL, InstructPix2Pix, their ControlNet "
+                     "pipelines), DiT (DiTPipeline), PixArt-alpha/sigma, Stable Diffusion 3 (and its ControlNet "
+                     "pipeline), Flux (FluxPipeline, FluxControlNetPipeline, FluxControlPipeline), Sana "
+                     "(SanaPipeline), AuraFlow "
                      "(AuraFlowPipeline), CogView4 (CogView4Pipeline), HunyuanDiT (HunyuanDiTPipeline), Lumina2 "
                      "(Lumina2Pipeline), Z-Image (ZImagePipeline), Qwen-Image (QwenImagePipeline) and Chroma "
                      "(ChromaPipeline), and their "
                      "image-to-image and inpainting "
                      "pipelines that call the denoiser as these do (" + ", ".join(
-                         n for n in TRANSFORMER_FAMILIES if "Img2Img" in n or "Inpaint" in n) + "); layer-prune "
+                         n for n in TRANSFORMER_FAMILIES if ("Img2Img" in n or "Inpaint" in n) and "ControlNet" not in n)
+                     + "); layer-prune "
                      "scores any pipeline's layers on its own sampling instead: --calibration sampling --data FILE")
 
 
