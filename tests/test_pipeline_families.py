@@ -1656,3 +1656,63 @@ def test_flux_control_tasks_concatenate_the_control_latents_as_their_pipelines_d
                                    atol=1e-5, rtol=1e-5)
     with pytest.raises(UserError, match="is steered by a control image: give a folder with input"):
         task.encode({"image": torch.zeros(1, 3, size, size), "text": ["a"]}, torch.Generator(), "cpu")
+
+
+def test_flux_kontext_calibration_scores_only_the_tokens_it_generates(tiny_sd_pipe, calls_alone):
+    """Flux Kontext appends the input image's tokens to the noisy ones and drops their outputs after each call. The
+    sampling calibration now keeps only the generated tokens' outputs, so the output loss scores what the pipeline
+    uses: its predictions are the first tokens of each call's outputs, fewer than the call's tokens (it scored the
+    dropped ones too)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxKontextPipeline
+
+    from diffslim.methods import layer_prune as lp
+
+    flux = _tiny_flux(tiny_sd_pipe)
+    pipe = FluxKontextPipeline(**{**flux.components, "scheduler": FlowMatchEulerDiscreteScheduler()})
+    pipe.default_sample_size = 8
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(0)
+    inputs = [{"prompt": p, "image": torch.rand(3, 16, 16, generator=g)} for p in ("a cat", "a dog")]
+    kw = {"max_area": 16 * 16, "_auto_resize": False}
+    calib = lp.sampling_calibration(pipe, n=2, steps=2, inputs=inputs, call_kwargs=kw)
+    pred = calib.run(pipe.transformer)
+    assert calib.xt.shape[1] == 32 and pred.shape[1] == 16  # 16 generated tokens and the image's 16
+    alone = calls_alone(pipe, calib.source["inputs"], calib.source["seeds"], 2, kw)
+    for k, call in enumerate(calib.source["calls"]):
+        _, out = alone[k][call]
+        torch.testing.assert_close(pred[k:k + 1], out[:, :16], atol=1e-5, rtol=1e-5)
+    res = lp.layer_prune(pipe.transformer, "output-loss", 0.3, calib=calib)
+    assert res.params_removed >= 0.3 * res.params
+
+
+def test_flux_kontext_task_sees_the_input_images_tokens_as_its_pipeline_does(tiny_sd_pipe):
+    """Flux Kontext's task: a training pair's input image goes in as its pipeline puts it (VAE latents at the
+    posterior's mode, packed, after the noisy tokens, their position ids marked 1) and the input's outputs are
+    dropped; it predicts what the pipeline's own first call predicted, and without an input image what FluxPipeline's
+    task predicts. There was no task for it."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxKontextPipeline
+
+    from diffslim.sample import _stop_at_first_call
+    from diffslim.train.distill import task_for, unpack_latents
+
+    flux = _tiny_flux(tiny_sd_pipe)
+    pipe = FluxKontextPipeline(**{**flux.components, "scheduler": FlowMatchEulerDiscreteScheduler()})
+    pipe.default_sample_size = 8
+    pipe.set_progress_bar_config(disable=True)
+    image = (torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(0)) * 255).round() / 255
+    spec = SampleSpec(inputs=[{"prompt": "make it red", "image": image}], seeds=[0], num_inference_steps=4,
+                      call_kwargs={"max_area": 16 * 16, "_auto_resize": False})
+    args, kwargs = _stop_at_first_call(pipe, spec)["call"]
+    assert kwargs["hidden_states"].shape[1] == 32  # 16 noisy tokens and the image's 16
+    with torch.no_grad():
+        own = pipe.transformer(*args, **{**kwargs, "return_dict": False})[0][:, :16]
+        task = task_for(pipe)
+        _, cond = task.encode({"image": torch.zeros(1, 3, 16, 16), "text": ["make it red"], "cond": image[None]},
+                              torch.Generator(), "cpu")
+        x, t = unpack_latents(kwargs["hidden_states"][:, :16], 8, 8), (kwargs["timestep"] * 1000).reshape(1)
+        torch.testing.assert_close(task.predict(pipe.transformer, x, t, cond), unpack_latents(own, 8, 8),
+                                   atol=1e-5, rtol=1e-5)
+        _, plain = task.encode({"image": torch.zeros(1, 3, 16, 16), "text": ["make it red"]}, torch.Generator(), "cpu")
+        assert "reference" not in plain
+        torch.testing.assert_close(task.predict(pipe.transformer, x, t, plain),
+                                   task_for(flux).predict(flux.transformer, x, t, plain))

@@ -1808,7 +1808,7 @@ def stock_cmd(
     from diffslim.ip_adapter import ip_adapter_file, read_ip_adapter
     from diffslim.lora import WEIGHT_NAME, lora_file
     from diffslim.models.adapters import ip_adapter_parts
-    from diffslim.methods.layer_prune import removed_layers_of, stock_model
+    from diffslim.methods.layer_prune import check_controlnet_fits, removed_layers_of, stock_model
     from diffslim.models.load import load
 
     outputs.out_folder(out, command="stock")

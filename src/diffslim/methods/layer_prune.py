@@ -1165,6 +1165,7 @@ def sampling_calibration(pipe, n: int = 32, seed: int = 0, data: str = "zoo", st
     in_ch = getattr(getattr(den, "config", None), "in_channels", None)
     out_ch = getattr(getattr(den, "config", None), "out_channels", None)
     learned_sigma = in_ch is not None and out_ch == 2 * in_ch  # DiT, PixArt: the pipeline keeps the first half
+    kept = _generated_tokens(shared)
 
     def predict(denoiser, xt, t, c):
         c = {k: (seqs[k][0](v[str(i)] for i in range(seqs[k][1])) if k in seqs else v) for k, v in c.items()}
@@ -1174,12 +1175,25 @@ def sampling_calibration(pipe, n: int = 32, seed: int = 0, data: str = "zoo", st
         out = denoiser(**{x_name: list(xt.unbind(0)) if listed else xt, t_name: t}, **c)
         out = out[0] if isinstance(out, tuple) else getattr(out, "sample", out)
         out = torch.stack(list(out)) if isinstance(out, (list, tuple)) else out
+        if kept is not None:  # the input image's tokens: outputs the pipeline drops
+            return out[:, :kept]
         return out[:, :in_ch] if learned_sigma else out
 
     return Calibration(xt=torch.cat([xs[i] for i in order]), t=torch.cat([ts[i] for i in order]), cond=cond,
                        target=None, predict=predict, batch_size=batch_size, bounds=bounds,
                        source={"inputs": inputs, "seeds": seeds, "steps": steps, "calls": [c.call for c in calls],
                                "rows": [len(c.rows) for c in calls]})
+
+
+def _generated_tokens(shared: dict) -> Optional[int]:
+    """How many of a call's tokens the pipeline keeps, where it appends an input image's tokens to the noisy ones and
+    drops their outputs (Flux Kontext: the image's position ids are marked 1 in their first column, the generated
+    ones 0, and come after them); None where every output is kept."""
+    ids = shared.get("img_ids") if isinstance(shared, dict) else None
+    if not torch.is_tensor(ids) or ids.dim() != 2 or not bool((ids[:, 0] != 0).any()):
+        return None
+    first = int((ids[:, 0] != 0).nonzero()[0, 0])
+    return first if first > 0 and bool((ids[first:, 0] != 0).all()) else None
 
 
 def _shapes(value, prefix: str = "") -> tuple:

@@ -611,7 +611,10 @@ TRANSFORMER_FAMILIES = {
     "FluxControlNetPipeline": "flux", "FluxControlNetImg2ImgPipeline": "flux",
     # with the control image's latents beside the noisy ones (Canny and Depth dev)
     "FluxControlPipeline": "flux", "FluxControlImg2ImgPipeline": "flux",
+    # with the input image's tokens after the noisy ones (an edit), or as Flux without one
+    "FluxKontextPipeline": "flux",
 }
+KONTEXT = ("FluxKontextPipeline",)
 
 
 def _takes_mask_channels(pipe) -> bool:
@@ -780,7 +783,8 @@ class _LatentTransformerTask:
                 raise UserError(f"Flux packs 2x2 latent patches: latents of {tuple(x0.shape[-2:])} do not divide; "
                                 f"use images whose sides are multiples of {2 * pipe.vae_scale_factor} px")
             emb, pooled, _ = pipe.encode_prompt(prompt=captions, prompt_2=None, device=device, num_images_per_prompt=1)
-            return x0, {"encoder_hidden_states": emb, "pooled_projections": pooled, **self._control(batch, g, device)}
+            return x0, {"encoder_hidden_states": emb, "pooled_projections": pooled, **self._control(batch, g, device),
+                        **self._reference(batch, device)}
         emb, _, pooled, _ = pipe.encode_prompt(prompt=captions, prompt_2=None, prompt_3=None, device=device,
                                                num_images_per_prompt=1, do_classifier_free_guidance=False)
         return x0, {"encoder_hidden_states": emb, "pooled_projections": pooled, **self._control(batch, g, device)}
@@ -806,6 +810,16 @@ class _LatentTransformerTask:
         shift = 0.0 if no_shift else (getattr(vae.config, "shift_factor", None) or 0.0)
         latents = ((z - shift) * vae.config.scaling_factor).float()
         return {"control": latents} if net is not None else {"concat": latents}
+
+    def _reference(self, batch: dict, device) -> dict:
+        """Flux Kontext's input image, where a training pair gives one: its VAE latents (the posterior's mode, shifted
+        and scaled, as its pipeline encodes them), whose tokens the transformer sees after the noisy ones. Without
+        one Kontext generates from the prompt, as Flux."""
+        if type(self.pipe).__name__ not in KONTEXT or "cond" not in batch:
+            return {}
+        vae = self.pipe.vae
+        z = vae.encode(batch["cond"].to(device=device, dtype=vae.dtype) * 2 - 1).latent_dist.mode()
+        return {"reference": ((z - vae.config.shift_factor) * vae.config.scaling_factor).float()}
 
     def _control_channels(self) -> bool:
         """Whether the transformer takes the control image's latents beside the noisy ones (Flux Control: Canny and
@@ -934,11 +948,18 @@ class _LatentTransformerTask:
                         if denoiser.config.guidance_embeds else None)
             # Flux Control: the control latents beside the noisy ones (packing keeps channel order: the same tokens)
             hidden = pack_latents(torch.cat([xt, cond["concat"].to(xt.dtype)], 1) if "concat" in cond else xt)
+            n = hidden.shape[1]
+            if "reference" in cond:  # Kontext: the input image's tokens after the noisy ones, their ids marked 1
+                ref = cond["reference"].to(xt.dtype)
+                ref_ids = self.pipe._prepare_latent_image_ids(b, ref.shape[-2] // 2, ref.shape[-1] // 2, xt.device,
+                                                              xt.dtype)
+                ref_ids[..., 0] = 1
+                hidden, img_ids = torch.cat([hidden, pack_latents(ref)], 1), torch.cat([img_ids, ref_ids])
             out = denoiser(hidden_states=hidden, timestep=t.to(xt.dtype) / 1000, guidance=guidance,
                            pooled_projections=cond["pooled_projections"], encoder_hidden_states=emb,
                            txt_ids=txt_ids, img_ids=img_ids, return_dict=False,
                            **self._residuals(denoiser, xt, t, cond))[0]
-            return unpack_latents(out, h, w)
+            return unpack_latents(out[:, :n], h, w)  # (Kontext drops the input image's outputs)
         return denoiser(hidden_states=xt, timestep=t, encoder_hidden_states=cond["encoder_hidden_states"],
                         pooled_projections=cond["pooled_projections"], return_dict=False,
                         **self._residuals(denoiser, xt, t, cond))[0]
@@ -979,7 +1000,8 @@ def task_for(pipe, label_dropout: float = 0.1):
     raise UserError(f"no distillation task for {name}: supported are the zoo pipelines, SD-style pipelines "
                      "with unet, vae, text_encoder and tokenizer (SD, SDXL, InstructPix2Pix, their ControlNet "
                      "pipelines), DiT (DiTPipeline), PixArt-alpha/sigma, Stable Diffusion 3 (and its ControlNet "
-                     "pipeline), Flux (FluxPipeline, FluxControlNetPipeline, FluxControlPipeline), Sana "
+                     "pipeline), Flux (FluxPipeline, FluxControlNetPipeline, FluxControlPipeline, "
+                     "FluxKontextPipeline), Sana "
                      "(SanaPipeline), AuraFlow "
                      "(AuraFlowPipeline), CogView4 (CogView4Pipeline), HunyuanDiT (HunyuanDiTPipeline), Lumina2 "
                      "(Lumina2Pipeline), Z-Image (ZImagePipeline), Qwen-Image (QwenImagePipeline) and Chroma "
