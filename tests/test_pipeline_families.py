@@ -1716,3 +1716,43 @@ def test_flux_kontext_task_sees_the_input_images_tokens_as_its_pipeline_does(tin
         assert "reference" not in plain
         torch.testing.assert_close(task.predict(pipe.transformer, x, t, plain),
                                    task_for(flux).predict(flux.transformer, x, t, plain))
+
+
+def test_qwenimage_edit_calibration_scores_only_the_tokens_it_generates(tiny_sd_pipe, calls_alone, monkeypatch):
+    """Qwen-Image Edit appends the input image's tokens to the noisy ones (``img_shapes`` lists the generated grid
+    first) and drops their outputs: the sampling calibration keeps the generated tokens' outputs. Its Qwen2.5-VL
+    prompt encoding (which also sees the image through a processor no test here can build) is stubbed; the
+    transformer's calls are the pipeline's own. It reads the input's size as a PIL image's: the harness hands it PIL
+    images (a tensor failed in its first line). Its input image is resized to a 1024 x 1024 area, here to 32 x 32 (the
+    test took minutes at 1024)."""
+    import diffusers
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit
+
+    from diffslim.methods import layer_prune as lp
+
+    real = pipeline_qwenimage_edit.calculate_dimensions
+    monkeypatch.setattr(pipeline_qwenimage_edit, "calculate_dimensions", lambda area, ratio: real(32 * 32, ratio))
+    base = _tiny_qwenimage(tiny_sd_pipe)
+    pipe = diffusers.QwenImageEditPipeline(processor=None, **base.components)
+    pipe.set_progress_bar_config(disable=True)
+
+    def encode_prompt(prompt, image=None, device=None, num_images_per_prompt=1, **_):
+        prompts = [prompt] if isinstance(prompt, str) else prompt  # each prompt's own, batched or alone
+        emb = torch.stack([torch.randn(5, 16, generator=torch.Generator().manual_seed(len(p))) for p in prompts])
+        emb = emb.repeat_interleave(num_images_per_prompt, 0)
+        return emb, torch.ones(emb.shape[:2], dtype=torch.long)
+
+    pipe.encode_prompt = encode_prompt
+    g = torch.Generator().manual_seed(0)
+    inputs = [{"prompt": p, "image": torch.rand(3, 32, 32, generator=g)} for p in ("make it red", "make it blue")]
+    kw = {"height": 32, "width": 32, "true_cfg_scale": 1.0}
+    calib = lp.sampling_calibration(pipe, n=2, steps=2, inputs=inputs, call_kwargs=kw)
+    pred = calib.run(pipe.transformer)
+    n = calib.xt.shape[1]
+    assert pred.shape[1] < n
+    alone = calls_alone(pipe, calib.source["inputs"], calib.source["seeds"], 2, kw)
+    for k, call in enumerate(calib.source["calls"]):
+        named, out = alone[k][call]
+        (f, h, w), *rest = named["img_shapes"][0]
+        assert rest and pred.shape[1] == f * h * w
+        torch.testing.assert_close(pred[k:k + 1], out[:, :f * h * w], atol=1e-5, rtol=1e-5)

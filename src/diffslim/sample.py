@@ -149,16 +149,24 @@ def _value_bytes(v) -> bytes:
 
 
 @functools.lru_cache(maxsize=None)
-def _control_tensors_as_is(cls) -> bool:
-    """Whether pipeline class ``cls`` takes a control image given as a tensor as already preprocessed (diffusers' Flux,
-    SD3, Sana, HunyuanDiT, Qwen-Image, Z-Image and CogView4 ControlNet and Control pipelines: in [-1, 1] at the
-    sampling size, where a PIL image is resized and normalized)."""
-    fn = getattr(cls, "prepare_image", None) or getattr(cls, "prepare_image_with_mask", None)
-    try:
-        source = inspect.getsource(fn) if fn is not None else ""
-    except (OSError, TypeError):
-        return False
-    return re.search(r"isinstance\(image, torch\.Tensor\):\s*pass", source) is not None
+def _pil_inputs(cls) -> frozenset:
+    """The image inputs pipeline class ``cls`` must get as PIL images: a ``control_image`` where its ``prepare_image``
+    takes a tensor as already preprocessed (diffusers' Flux, SD3, Sana, HunyuanDiT, Qwen-Image, Z-Image and CogView4
+    ControlNet and Control pipelines: in [-1, 1] at the sampling size, where a PIL image is resized and normalized),
+    and an ``image`` whose size its ``__call__`` reads as a PIL image's (Qwen-Image Edit's: ``image[0].size``)."""
+    def source(fn) -> str:
+        try:
+            return inspect.getsource(fn) if fn is not None else ""
+        except (OSError, TypeError):
+            return ""
+
+    keys = set()
+    prepare = getattr(cls, "prepare_image", None) or getattr(cls, "prepare_image_with_mask", None)
+    if re.search(r"isinstance\(image, torch\.Tensor\):\s*pass", source(prepare)):
+        keys.add("control_image")
+    if re.search(r"image\[(0|-1)\]\.size\b", source(getattr(cls, "__call__", None))):
+        keys.add("image")
+    return frozenset(keys)
 
 
 def _pil(image: torch.Tensor):
@@ -170,9 +178,9 @@ def _pil(image: torch.Tensor):
 
 
 def _call_kwargs(pipe, batch: Sequence[dict]) -> dict:
-    """Turn a batch of input dicts into the pipeline's keyword arguments. A control image goes as a PIL image to the
-    pipelines that would take a tensor as already preprocessed (:func:`_control_tensors_as_is`), so that they resize
-    and normalize it as they do a user's image."""
+    """Turn a batch of input dicts into the pipeline's keyword arguments. An image goes as a PIL image to the pipelines
+    that would take a tensor as already preprocessed, or not take it (:func:`_pil_inputs`), so that they resize and
+    normalize it as they do a user's image."""
     keys = set(batch[0])
     if any(set(b) != keys for b in batch):
         raise UserError("all inputs of a run must have the same keys")
@@ -187,8 +195,7 @@ def _call_kwargs(pipe, batch: Sequence[dict]) -> dict:
               and all(isinstance(v, torch.Tensor) for v in values)):
             name = key  # an image (a mask, a control image) per sample, or an image prompt's embedding (the zoo's
             # IP-Adapter input)
-            kw[name] = (torch.stack(values) if key != "control_image" or not _control_tensors_as_is(type(pipe))
-                        else [_pil(v) for v in values])
+            kw[name] = [_pil(v) for v in values] if key in _pil_inputs(type(pipe)) else torch.stack(values)
         elif all(isinstance(v, (bool, int, float)) for v in values):  # a per-call setting (strength, guidance)
             name = key
             if any(v != values[0] for v in values):

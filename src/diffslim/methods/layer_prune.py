@@ -1188,8 +1188,15 @@ def sampling_calibration(pipe, n: int = 32, seed: int = 0, data: str = "zoo", st
 def _generated_tokens(shared: dict) -> Optional[int]:
     """How many of a call's tokens the pipeline keeps, where it appends an input image's tokens to the noisy ones and
     drops their outputs (Flux Kontext: the image's position ids are marked 1 in their first column, the generated
-    ones 0, and come after them); None where every output is kept."""
-    ids = shared.get("img_ids") if isinstance(shared, dict) else None
+    ones 0, and come after them; Qwen-Image Edit: ``img_shapes`` lists the generated grid first, then the input
+    images'); None where every output is kept."""
+    if not isinstance(shared, dict):
+        return None
+    shapes = shared.get("img_shapes")
+    if (isinstance(shapes, (list, tuple)) and len(shapes) > 1
+            and all(isinstance(x, (list, tuple)) and len(x) == 3 for x in shapes)):
+        return int(math.prod(shapes[0]))
+    ids = shared.get("img_ids")
     if not torch.is_tensor(ids) or ids.dim() != 2 or not bool((ids[:, 0] != 0).any()):
         return None
     first = int((ids[:, 0] != 0).nonzero()[0, 0])
