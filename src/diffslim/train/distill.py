@@ -793,7 +793,8 @@ class _LatentTransformerTask:
         """The ControlNet's input as SD3's and Flux's ControlNet pipelines make it from the control image (a training
         pair's input): its VAE latents, shifted as the VAE's are (not for an InstantX SD3 ControlNet, which forces a
         zero pooled projection; its pipeline leaves the shift out too), or for a Flux ControlNet with its own
-        conditioning embedding (XLabs') the image in [-1, 1]. None without a ControlNet."""
+        conditioning embedding (XLabs') the image in [-1, 1]; for Flux Control (no ControlNet, a transformer taking
+        twice the channels) the latents to concatenate (``concat``). Nothing for the others."""
         net = self.controlnet
         if net is None and not self._control_channels():
             return {}
