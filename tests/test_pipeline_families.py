@@ -1756,3 +1756,52 @@ def test_qwenimage_edit_calibration_scores_only_the_tokens_it_generates(tiny_sd_
         (f, h, w), *rest = named["img_shapes"][0]
         assert rest and pred.shape[1] == f * h * w
         torch.testing.assert_close(pred[k:k + 1], out[:, :f * h * w], atol=1e-5, rtol=1e-5)
+
+
+def test_qwenimage_controlnet_task_adds_the_residuals_its_pipeline_adds(tiny_sd_pipe):
+    """Qwen-Image's ControlNet pipeline: the control image's latents from its video VAE (normalized per channel,
+    packed), the ControlNet run on the packed noisy latents with the caption mask and the grid's shape, its residuals
+    handed to the transformer. The task predicts what the pipeline's own first call predicted (there was no task);
+    a stock export under it is refused, as for SD3's and Flux's."""
+    import copy
+
+    import diffusers
+
+    from diffslim.errors import UserError
+    from diffslim.methods import layer_prune as lp
+    from diffslim.sample import _stop_at_first_call
+    from diffslim.train.distill import task_for, unpack_latents
+
+    base = _tiny_qwenimage(tiny_sd_pipe)
+    base.vae.quant_conv.bias.data[base.vae.config.z_dim:] = -30.0  # a near exact posterior, as above
+    torch.manual_seed(1)
+    net = diffusers.QwenImageControlNetModel.from_transformer(copy.deepcopy(base.transformer), num_layers=1,
+                                                              attention_head_dim=8, num_attention_heads=2)
+    for name, p in net.named_parameters():
+        if "controlnet_blocks" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    pipe = diffusers.QwenImageControlNetPipeline(**base.components, controlnet=net.eval())
+    pipe.default_sample_size = 16
+    pipe.set_progress_bar_config(disable=True)
+    size, g = 32, torch.Generator().manual_seed(0)
+    control = (torch.rand(3, size, size, generator=g) * 255).round() / 255
+    spec = SampleSpec(inputs=[{"prompt": "a red cat", "control_image": control}], seeds=[0], num_inference_steps=4,
+                      call_kwargs={"height": size, "width": size, "true_cfg_scale": 1.0})
+    args, kwargs = _stop_at_first_call(pipe, spec)["call"]
+    h = w = size // pipe.vae_scale_factor
+    with torch.no_grad():
+        own = unpack_latents(pipe.transformer(*args, **{**kwargs, "return_dict": False})[0], h, w)
+        task = task_for(pipe)
+        _, cond = task.encode({"image": torch.zeros(1, 3, size, size), "text": ["a red cat"], "cond": control[None]},
+                              torch.Generator().manual_seed(0), "cpu")
+        x, t = unpack_latents(kwargs["hidden_states"], h, w), (kwargs["timestep"] * 1000).reshape(1)
+        extra = task.extra_cond(x, t, cond)
+        blocks = extra["controlnet"]["blocks"]
+        assert len(blocks) == len(kwargs["controlnet_block_samples"]) > 0
+        for i, r in enumerate(kwargs["controlnet_block_samples"]):
+            torch.testing.assert_close(blocks[str(i)], r, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(task.predict(pipe.transformer, x, t, cond), own, atol=1e-5, rtol=1e-5)
+        bare = {k: v for k, v in cond.items() if k != "control"}
+        assert not torch.allclose(task.predict(pipe.transformer, x, t, bare), own, atol=1e-4)
+    with pytest.raises(UserError, match="by position, spread over the original's 3"):
+        lp.check_controlnet_fits(pipe)

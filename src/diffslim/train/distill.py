@@ -613,6 +613,7 @@ TRANSFORMER_FAMILIES = {
     "FluxControlPipeline": "flux", "FluxControlImg2ImgPipeline": "flux",
     # with the input image's tokens after the noisy ones (an edit), or as Flux without one
     "FluxKontextPipeline": "flux",
+    "QwenImageControlNetPipeline": "qwenimage",
 }
 KONTEXT = ("FluxKontextPipeline",)
 
@@ -688,11 +689,12 @@ class _LatentTransformerTask:
                 raise UserError(f"{type(pipe).__name__} holds {len(net.nets)} ControlNets, and a training pair gives "
                                 "one control image: train with a pipeline of one ControlNet (the transformer is the "
                                 "same)")
-            if family not in ("sd3", "flux"):
-                raise UserError(f"no distillation task for {type(pipe).__name__}'s ControlNet: tasks run SD3's and "
-                                "Flux's; score its layers on its own sampling with --calibration sampling --data "
-                                "inputs.jsonl")
-            if getattr(net.config, "extra_conditioning_channels", 0):  # SD3's inpainting ControlNet takes a mask
+            if family not in ("sd3", "flux", "qwenimage"):
+                raise UserError(f"no distillation task for {type(pipe).__name__}'s ControlNet: tasks run SD3's, "
+                                "Flux's and Qwen-Image's; score its layers on its own sampling with --calibration "
+                                "sampling --data inputs.jsonl")
+            if (getattr(net.config, "extra_conditioning_channels", 0)  # SD3's inpainting ControlNet takes a mask,
+                    or getattr(net.config, "extra_condition_channels", 0)):  # as Qwen-Image's does
                 raise UserError(f"no distillation task for {type(pipe).__name__}: its ControlNet takes a mask beside "
                                 "the control image; score its layers on its own sampling with --calibration sampling "
                                 "--data inputs.jsonl")
@@ -777,7 +779,8 @@ class _LatentTransformerTask:
                 raise UserError(f"Qwen-Image packs 2x2 latent patches: latents of {tuple(x0.shape[-2:])} do not "
                                 f"divide; use images whose sides are multiples of {2 * pipe.vae_scale_factor} px")
             emb, mask = pipe.encode_prompt(prompt=captions, device=device, num_images_per_prompt=1)
-            return x0, {"encoder_hidden_states": emb, "encoder_hidden_states_mask": mask}
+            return x0, {"encoder_hidden_states": emb, "encoder_hidden_states_mask": mask,
+                        **self._control(batch, g, device)}
         if self.family == "flux":
             if x0.shape[-1] % 2 or x0.shape[-2] % 2:
                 raise UserError(f"Flux packs 2x2 latent patches: latents of {tuple(x0.shape[-2:])} do not divide; "
@@ -806,6 +809,12 @@ class _LatentTransformerTask:
         img = batch["cond"].to(device=device, dtype=vae.dtype) * 2 - 1
         if self.family == "flux" and getattr(net, "input_hint_block", None) is not None:
             return {"control": img.float()}
+        if self.family == "qwenimage":  # its video VAE, one frame, normalized per channel (as its pipeline does)
+            z = vae.encode(img.unsqueeze(2)).latent_dist.sample(generator=g)
+            shape = (1, -1, 1, 1, 1)
+            mean, std = z.new_tensor(vae.config.latents_mean), z.new_tensor(vae.config.latents_std)
+            z = (z - mean.view(shape)) / std.view(shape)
+            return {"control": z.squeeze(2).float()}
         z = vae.encode(img).latent_dist.sample(generator=g)
         no_shift = self.family == "sd3" and net is not None and net.config.force_zeros_for_pooled_projection
         shift = 0.0 if no_shift else (getattr(vae.config, "shift_factor", None) or 0.0)
@@ -842,8 +851,15 @@ class _LatentTransformerTask:
 
         dtype = next(net.parameters()).dtype
         scale = float(inspect.signature(self.pipe.__call__).parameters["controlnet_conditioning_scale"].default)
-        emb, pooled = cond["encoder_hidden_states"].to(dtype), cond["pooled_projections"].to(dtype)
-        control = cond["control"].to(dtype)
+        emb, control = cond["encoder_hidden_states"].to(dtype), cond["control"].to(dtype)
+        pooled = cond["pooled_projections"].to(dtype) if "pooled_projections" in cond else None
+        if self.family == "qwenimage":
+            b, _, h, w = xt.shape
+            blocks = net(hidden_states=pack_latents(xt.to(dtype)), controlnet_cond=pack_latents(control),
+                         conditioning_scale=scale, timestep=t.to(dtype) / 1000, encoder_hidden_states=emb,
+                         encoder_hidden_states_mask=cond["encoder_hidden_states_mask"],
+                         img_shapes=[[(1, h // 2, w // 2)]] * b, return_dict=False)
+            return {"controlnet": {"blocks": {str(i): r for i, r in enumerate(blocks)}}}
         if self.family == "sd3":
             blocks = net(hidden_states=xt.to(dtype), timestep=t, controlnet_cond=control, conditioning_scale=scale,
                          encoder_hidden_states=emb if net.config.joint_attention_dim is not None else None,
@@ -873,6 +889,8 @@ class _LatentTransformerTask:
 
         if self.family == "sd3":
             return {"block_controlnet_hidden_states": listed(res["blocks"])}
+        if self.family == "qwenimage":
+            return {"controlnet_block_samples": listed(res["blocks"])}
         return {"controlnet_block_samples": listed(res["double"]),
                 "controlnet_single_block_samples": listed(res["single"]),
                 "controlnet_blocks_repeat": getattr(self.controlnet, "input_hint_block", None) is not None}
@@ -929,7 +947,8 @@ class _LatentTransformerTask:
             out = denoiser(hidden_states=pack_latents(xt), timestep=t.to(xt.dtype) / 1000, guidance=guidance,
                            encoder_hidden_states=cond["encoder_hidden_states"],
                            encoder_hidden_states_mask=cond["encoder_hidden_states_mask"],
-                           img_shapes=[[(1, h // 2, w // 2)]] * b, return_dict=False)[0]
+                           img_shapes=[[(1, h // 2, w // 2)]] * b, return_dict=False,
+                           **self._residuals(denoiser, xt, t, cond))[0]
             return unpack_latents(out, h, w)
         if self.family == "chroma":  # as Flux, with the caption mask extended over the image tokens
             b, _, h, w = xt.shape
@@ -1005,11 +1024,13 @@ def task_for(pipe, label_dropout: float = 0.1):
                      "FluxKontextPipeline), Sana "
                      "(SanaPipeline), AuraFlow "
                      "(AuraFlowPipeline), CogView4 (CogView4Pipeline), HunyuanDiT (HunyuanDiTPipeline), Lumina2 "
-                     "(Lumina2Pipeline), Z-Image (ZImagePipeline), Qwen-Image (QwenImagePipeline) and Chroma "
+                     "(Lumina2Pipeline), Z-Image (ZImagePipeline), Qwen-Image (QwenImagePipeline, "
+                     "QwenImageControlNetPipeline) and Chroma "
                      "(ChromaPipeline), and their "
                      "image-to-image and inpainting "
                      "pipelines that call the denoiser as these do (" + ", ".join(
-                         n for n in TRANSFORMER_FAMILIES if ("Img2Img" in n or "Inpaint" in n) and "ControlNet" not in n)
+                         n for n in TRANSFORMER_FAMILIES
+                         if ("Img2Img" in n or "Inpaint" in n) and "ControlNet" not in n)
                      + "); layer-prune "
                      "scores any pipeline's layers on its own sampling instead: --calibration sampling --data FILE")
 
