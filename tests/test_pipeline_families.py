@@ -1517,7 +1517,7 @@ def test_a_transformers_controlnet_refuses_the_stock_export(family, tiny_sd_pipe
     name = "single_transformer_blocks.0" if family == "flux" else "transformer_blocks.0"
     pruned = lp.prune_layers(den, [name])
     stock = lp.stock_model(pruned)
-    with pytest.raises(UserError, match="by position, spread over the original's .*other blocks: keep the layer-pruned"):
+    with pytest.raises(UserError, match="by position, placed among the original's .*other blocks: keep the layer-pruned"):
         lp.check_controlnet_fits(pipe)
     with pytest.raises(UserError, match=r"a stock export has \d, so diffusers would add them to other blocks"):
         lp.check_controlnet_fits(pipe, stock)
@@ -1803,5 +1803,40 @@ def test_qwenimage_controlnet_task_adds_the_residuals_its_pipeline_adds(tiny_sd_
         torch.testing.assert_close(task.predict(pipe.transformer, x, t, cond), own, atol=1e-5, rtol=1e-5)
         bare = {k: v for k, v in cond.items() if k != "control"}
         assert not torch.allclose(task.predict(pipe.transformer, x, t, bare), own, atol=1e-4)
-    with pytest.raises(UserError, match="by position, spread over the original's 3"):
+    with pytest.raises(UserError, match="by position, placed among the original's 3"):
+        lp.check_controlnet_fits(pipe)
+
+
+def test_zimage_controlnet_samples_calibrates_and_refuses_the_stock_export(tiny_sd_pipe, calls_alone):
+    """Z-Image's ControlNet adds its residuals at the transformer layers it names by index: a stock transformer with
+    fewer layers would take them at other layers, so its stock export is refused too (the check knew only the
+    blocks of SD3, Flux and Qwen-Image). Its pipeline takes a control image tensor as preprocessed: it gets PIL
+    images, and its calls (a dict of residuals by layer) calibrate the layer-pruned transformer."""
+    import diffusers
+
+    from diffslim.errors import UserError
+    from diffslim.methods import layer_prune as lp
+
+    base = _tiny_zimage(tiny_sd_pipe)
+    torch.manual_seed(1)
+    net = diffusers.ZImageControlNetModel(control_layers_places=[0, 2], control_in_dim=4, dim=32, n_refiner_layers=1,
+                                          n_heads=2, n_kv_heads=2)
+    net = diffusers.ZImageControlNetModel.from_transformer(net, base.transformer).eval()
+    pipe = diffusers.ZImageControlNetPipeline(**base.components, controlnet=net)
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(0)
+    inputs = [{"prompt": p, "control_image": (torch.rand(3, 32, 32, generator=g) * 255).round() / 255}
+              for p in ("a cat", "a dog")]
+    kw = {"height": 32, "width": 32, "guidance_scale": 0.0}
+    out = sample(pipe, SampleSpec(inputs=inputs[:1], seeds=[0], num_inference_steps=2, call_kwargs=kw))
+    assert out.shape == (1, 3, 32, 32)
+    calib = lp.sampling_calibration(pipe, n=2, steps=2, inputs=inputs, call_kwargs=kw)
+    pred = calib.run(pipe.transformer)
+    alone = calls_alone(pipe, calib.source["inputs"], calib.source["seeds"], 2, kw)
+    for k, call in enumerate(calib.source["calls"]):
+        named, own = alone[k][call]
+        assert sorted(named["controlnet_block_samples"]) == [0, 2]
+        torch.testing.assert_close(pred[k:k + 1], torch.stack(list(own)), atol=1e-5, rtol=1e-5)
+    with pytest.raises(UserError, match="residuals to the transformer's layers by position, placed among the "
+                                        "original's 3"):
         lp.check_controlnet_fits(pipe)

@@ -1739,9 +1739,10 @@ def check_stock_selection(model: nn.Module, criterion: str, inner: bool = False)
 def check_controlnet_fits(pipe, stock: Optional[nn.Module] = None) -> None:
     """Refuse a stock export that the pipeline's ControlNet cannot feed. A U-Net's ControlNet adds one residual per
     skip connection of the original U-Net, and diffusers pairs them with the stock U-Net's fewer ones by position (the
-    first misplaced residual fails on a shape, or is added to the wrong feature). A transformer's (SD3's, Flux's) adds
-    its residuals to the blocks by position, spread over the original's count (every k-th block takes the next):
-    over fewer blocks they land on other blocks, silently. ``stock`` None (before any selection): refuse what every
+    first misplaced residual fails on a shape, or is added to the wrong feature). A transformer's (SD3's, Flux's,
+    Qwen-Image's) adds its residuals to the blocks by position, spread over the original's count (every k-th block
+    takes the next), or at the layer indices it names (Z-Image's): over fewer blocks they land on other blocks,
+    silently. ``stock`` None (before any selection): refuse what every
     stock selection breaks, a transformer's ControlNet. The layer-pruned model keeps every place and takes the original
     ControlNet as it is."""
     controlnet = getattr(pipe, "controlnet", None) if pipe is not None else None
@@ -1749,13 +1750,13 @@ def check_controlnet_fits(pipe, stock: Optional[nn.Module] = None) -> None:
         return
     keep = "keep the layer-pruned pipeline for ControlNet (it takes the original ControlNet as it is)"
     den = getattr(pipe, "transformer", None)
-    if den is not None:
-        for attr in ("transformer_blocks", "single_transformer_blocks"):
+    if den is not None:  # (Z-Image's ControlNet names the layers it feeds by index: the same misplacement)
+        for attr in ("transformer_blocks", "single_transformer_blocks", "layers", "blocks"):
             n = len(getattr(den, attr, None) or [])
             left = n if stock is None else len(getattr(stock, attr, None) or [])
             if n and (stock is None or left != n):
                 raise UserError(f"the pipeline's ControlNet adds its residuals to the transformer's {attr} by "
-                                f"position, spread over the original's {n}; a stock export has "
+                                f"position, placed among the original's {n}; a stock export has "
                                 f"{'fewer' if stock is None else left}, so diffusers would add them to other blocks: "
                                 f"{keep}")
         return
