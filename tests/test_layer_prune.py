@@ -1204,10 +1204,10 @@ def test_bench_layer_calibration_sets_how_many_triples_the_criteria_score_on():
 def test_a_denoiser_that_cannot_be_exported_is_refused_before_scoring(tiny_sd_pipe, tmp_path, monkeypatch):
     """AuraFlow's two-stream blocks were scored (and crashed there, their stand-ins returning one stream) before
     the export's class check refused the model: layer_prune, bench's layers:R and the layer-prune command refuse a
-    model without an export first (Flux.2's here; AuraFlow has one since session 35, Qwen-Image and Chroma since
-    session 37).
+    model without an export first (LTX-Video's here; AuraFlow has one since session 35, Qwen-Image and Chroma since
+    session 37, Flux.2 since session 38).
     The command sampled its whole calibration first (189 s on a tiny Qwen-Image) and then refused."""
-    from diffusers import Flux2Transformer2DModel
+    from diffusers import LTXVideoTransformer3DModel
 
     import diffslim.cli as cli
     import diffslim.models.load as load_module
@@ -1215,16 +1215,16 @@ def test_a_denoiser_that_cannot_be_exported_is_refused_before_scoring(tiny_sd_pi
     from diffslim.sample import SampleSpec
 
     torch.manual_seed(0)
-    model = Flux2Transformer2DModel(patch_size=1, in_channels=8, num_layers=1, num_single_layers=1,
-                                    attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
-                                    timestep_guidance_channels=8, axes_dims_rope=(2, 2, 2, 2))
-    assert lp.candidate_names(model) == ["transformer_blocks.0", "single_transformer_blocks.0"]
-    with pytest.raises(UserError, match="layer pruning exports .* not Flux2Transformer2DModel"):
+    model = LTXVideoTransformer3DModel(in_channels=8, out_channels=8, patch_size=1, patch_size_t=1,
+                                       num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16,
+                                       num_layers=2, caption_channels=16)
+    assert lp.candidate_names(model) == ["transformer_blocks.0", "transformer_blocks.1"]
+    with pytest.raises(UserError, match="layer pruning exports .* not LTXVideoTransformer3DModel"):
         lp.layer_prune(model, "output-loss", 0.3)
-    loaded = LoadedModel("flux2", "pipeline", model, pipe=tiny_sd_pipe)
+    loaded = LoadedModel("ltx", "pipeline", model, pipe=tiny_sd_pipe)
     dry = BenchContext(loaded=loaded, base_spec=SampleSpec(inputs=[{"prompt": "a"}], seeds=[0]), default_steps=2,
                        dry_run=True)
-    with pytest.raises(UserError, match="not Flux2Transformer2DModel"):
+    with pytest.raises(UserError, match="not LTXVideoTransformer3DModel"):
         METHODS["layers"]("0.3", dry)
 
     def no_calibration(*a, **k):
@@ -1232,9 +1232,9 @@ def test_a_denoiser_that_cannot_be_exported_is_refused_before_scoring(tiny_sd_pi
 
     monkeypatch.setattr(load_module, "load", lambda *a, **k: loaded)
     monkeypatch.setattr(cli, "_layer_calibration", no_calibration)
-    r = CliRunner().invoke(cli.app, ["layer-prune", "flux2", "--ratio", "0.3", "--calibration", "sampling",
+    r = CliRunner().invoke(cli.app, ["layer-prune", "ltx", "--ratio", "0.3", "--calibration", "sampling",
                                      "--out", str(tmp_path / "lp")])
-    assert r.exit_code == 2 and "not Flux2Transformer2DModel" in " ".join(r.output.split()), r.output
+    assert r.exit_code == 2 and "not LTXVideoTransformer3DModel" in " ".join(r.output.split()), r.output
 
 
 def _tiny_family_denoiser(family: str):
@@ -1288,6 +1288,14 @@ def _tiny_family_denoiser(family: str):
                   img_ids=torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(4.0), torch.arange(4.0),
                                                      indexing="ij"), -1).reshape(16, 3),
                   txt_ids=torch.zeros(5, 3), attention_mask=mask)
+    elif family == "flux2":  # Flux.2: two-stream then one-stream blocks, one modulation shared by all; 4-axis ids
+        m = diffusers.Flux2Transformer2DModel(patch_size=1, in_channels=8, num_layers=2, num_single_layers=2,
+                                              attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                              timestep_guidance_channels=8, axes_dims_rope=(2, 2, 2, 2))
+        ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(4.0), torch.arange(4.0), torch.zeros(1),
+                                         indexing="ij"), -1).reshape(16, 4)
+        kw = dict(hidden_states=r(2, 16, 8), encoder_hidden_states=r(2, 5, 16), timestep=torch.tensor([0.01, 0.5]),
+                  guidance=torch.tensor([3.5, 3.5]), img_ids=ids, txt_ids=torch.zeros(5, 4))
     elif family == "qwenimage":  # two-stream blocks over packed 2x2 patches; the grid's shape per image
         m = diffusers.QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=3,
                                                   attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
@@ -1318,11 +1326,12 @@ def _first(model, kw) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("family", ["sana", "cogview4", "auraflow", "lumina2", "hunyuandit", "zimage", "qwenimage",
-                                    "chroma"])
+                                    "chroma", "flux2"])
 def test_transformer_families_are_layer_pruned_and_exported(family, tmp_path):
     """Each block of these denoisers is a candidate (AuraFlow's two-stream joint blocks and one-stream single blocks,
     CogView4's blocks that return the image stream first, Lumina2's main stack, HunyuanDiT's blocks with long
-    skips, Z-Image's main stack over per-sample lists, Qwen-Image's two-stream blocks, Chroma's Flux-like lists).
+    skips, Z-Image's main stack over per-sample lists, Qwen-Image's two-stream blocks, Chroma's Flux-like lists, and
+    since session 38 Flux.2's, whose one modulation for all blocks lets a stock export drop blocks).
     A keep-all pruning is
     the model bit for bit; a pruned model is what the scoring's runtime removal computes, bit for bit, smaller, and
     reloads. Its stock export, a diffusers model with fewer blocks that knows nothing of our stand-ins, computes the

@@ -1840,3 +1840,76 @@ def test_zimage_controlnet_samples_calibrates_and_refuses_the_stock_export(tiny_
     with pytest.raises(UserError, match="residuals to the transformer's layers by position, placed among the "
                                         "original's 3"):
         lp.check_controlnet_fits(pipe)
+
+
+def _tiny_flux2(tiny_sd_pipe):
+    """A tiny Flux2KleinPipeline (a Qwen3 text encoder through a chat template, three of its layers' states stacked;
+    two-stream then one-stream blocks sharing one modulation; 4-axis position ids; classifier-free guidance as a
+    second call), sampling 16 px."""
+    import copy
+
+    import diffusers
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    tok = copy.deepcopy(tiny_sd_pipe.tokenizer)
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    te = Qwen3ForCausalLM(Qwen3Config(vocab_size=1000, hidden_size=16, intermediate_size=32, num_hidden_layers=28,
+                                      num_attention_heads=2, num_key_value_heads=2, head_dim=8)).eval()
+    tr = diffusers.Flux2Transformer2DModel(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2,
+                                           attention_head_dim=8, num_attention_heads=2, joint_attention_dim=48,
+                                           timestep_guidance_channels=8, axes_dims_rope=(2, 2, 2, 2),
+                                           guidance_embeds=False).eval()
+    vae = diffusers.AutoencoderKLFlux2(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                                       up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
+                                       layers_per_block=1, sample_size=16).eval()
+    sched = diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_image_seq_len=4,
+                                                      max_image_seq_len=64)
+    pipe = diffusers.Flux2KleinPipeline(scheduler=sched, vae=vae, text_encoder=te, tokenizer=tok, transformer=tr)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_flux2_is_layer_pruned_on_its_own_calls(tiny_sd_pipe, calls_alone, tmp_path):
+    """Flux.2 (Klein here) was refused: no export for its transformer. Its blocks are scored on the pipeline's own
+    calls (the guidance batch as a second call), removed, and exported as LayerPrunedFlux2Transformer2DModel or as a
+    stock Flux2Transformer2DModel with fewer blocks (one modulation serves all its blocks); prompts alone are
+    enough (its input image is optional); with a reference image the calibration keeps the generated tokens'
+    outputs, which the pipeline keeps."""
+    from diffslim.methods import layer_prune as lp
+    from diffslim.train.data import pipeline_inputs
+
+    pipe = _tiny_flux2(tiny_sd_pipe)
+    (tmp_path / "p.txt").write_text("a cat\na dog\n")
+    inputs = pipeline_inputs(pipe, str(tmp_path / "p.txt"), 0)
+    kw = {"height": 16, "width": 16, "max_sequence_length": 8}
+    calib = lp.sampling_calibration(pipe, n=2, steps=2, inputs=inputs, call_kwargs=kw)
+    pred = calib.run(pipe.transformer)
+    alone = calls_alone(pipe, calib.source["inputs"], calib.source["seeds"], 2, kw)
+    for k, call in enumerate(calib.source["calls"]):
+        # its guidance is a second call per step (the step's first, the prompt's, is the one recorded)
+        _, out = alone[k][2 * call]
+        torch.testing.assert_close(pred[k:k + 1], out, atol=1e-5, rtol=1e-5)
+    res = lp.layer_prune(pipe.transformer, "output-loss", 0.3, calib=calib)
+    assert res.params_removed >= 0.3 * res.params
+    for blocks, count in (("transformer_blocks", "num_layers"), ("single_transformer_blocks", "num_single_layers")):
+        pruned = lp.prune_layers(pipe.transformer, [f"{blocks}.1"])
+        stock = lp.stock_model(pruned)
+        assert type(stock) is type(pipe.transformer) and stock.config[count] == 1
+        stock.save_pretrained(str(tmp_path / blocks))
+        again = type(stock).from_pretrained(str(tmp_path / blocks)).eval()
+        torch.testing.assert_close(calib.run(again), calib.run(pruned), rtol=0, atol=0)
+    # a reference image (at least 64 px for Flux.2; a PIL image, which the harness now hands it: a tensor was refused)
+    ref = [{"prompt": "a cat", "image": torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0))}]
+    rcalib = lp.sampling_calibration(pipe, n=1, steps=2, inputs=ref, call_kwargs=kw)
+    assert rcalib.xt.shape[1] > 16 and rcalib.run(pipe.transformer).shape[1] == 16
+    # it has no training task yet: the bench's +kd says so before anything samples
+    from diffslim.bench import METHODS, BenchContext
+    from diffslim.errors import UserError
+    from diffslim.models.load import LoadedModel
+
+    dry = BenchContext(loaded=LoadedModel("f2", "pipeline", pipe.transformer, pipe=pipe),
+                       base_spec=SampleSpec(inputs=[{"prompt": "a"}], seeds=[0]), default_steps=2, dry_run=True)
+    METHODS["layers"]("0.3", dry)
+    with pytest.raises(UserError, match=r"layers:0.3\+kd: no distillation task for Flux2KleinPipeline"):
+        METHODS["layers"]("0.3+kd", dry)

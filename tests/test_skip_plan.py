@@ -761,7 +761,7 @@ def test_a_plan_counts_the_steps_of_a_denoiser_whose_timestep_grows():
             assert all(torch.equal(a, b) for a, b in zip(outs[1:], full[1:])) == same
 
 
-@pytest.mark.parametrize("family", ["lumina2", "zimage", "flux", "qwenimage", "chroma"])
+@pytest.mark.parametrize("family", ["lumina2", "zimage", "flux", "qwenimage", "chroma", "flux2"])
 def test_pab_windows_read_the_schedulers_timestep_where_a_pipeline_calls_with_another_scale(family):
     """PAB reuses attention for timesteps in (100, 800) of the scheduler's 0..1000, 1000 at noise. Lumina2 and
     Z-Image are called with 1 - t / 1000 and Flux and Qwen-Image with t / 1000, so the window never opened there and
@@ -782,7 +782,7 @@ def test_pab_windows_read_the_schedulers_timestep_where_a_pipeline_calls_with_an
                   pooled_projections=torch.randn(1, 8, generator=g), img_ids=torch.zeros(16, 3),
                   txt_ids=torch.zeros(4, 3))
         times, key = [1.0, 0.75, 0.5, 0.25], "timestep"  # t / 1000 of 1000, 750, 500, 250
-    elif family in ("qwenimage", "chroma"):
+    elif family in ("qwenimage", "chroma", "flux2"):
         model, kw = _tiny_family_denoiser(family)
         kw = {k: v if k in ("img_ids", "txt_ids") else v[:1] for k, v in kw.items() if k != "timestep"}
         times, key = [1.0, 0.75, 0.5, 0.25], "timestep"
@@ -806,3 +806,20 @@ def test_pab_windows_read_the_schedulers_timestep_where_a_pipeline_calls_with_an
         remove_diffusers_cache(model, "pab")
     assert torch.equal(cached[0], full[0])
     assert not all(torch.equal(a, b) for a, b in zip(cached[1:], full[1:]))
+
+
+def test_fbcache_is_refused_where_the_first_block_returns_two_streams_and_the_last_one(tiny_sd_pipe):
+    """Flux.2's two-stream blocks return both streams and its one-stream blocks a bare tensor: diffusers 0.42's
+    FirstBlockCache subtracts the first block's output (a list) from the last one's and crashed mid-sampling
+    (``TypeError: unsupported operand type(s) for -: 'Tensor' and 'list'``). It is refused before anything samples;
+    Flux's blocks (both return two streams) are not."""
+    from diffslim.errors import UserError
+    from diffslim.methods.skip_plan import check_diffusers_cache
+    from test_layer_prune import _tiny_family_denoiser
+    from test_pipeline_families import _tiny_flux
+
+    flux2, _ = _tiny_family_denoiser("flux2")
+    with pytest.raises(UserError, match="first block returns two streams where its last returns one"):
+        check_diffusers_cache(flux2, "fbcache")
+    check_diffusers_cache(flux2, "magcache")
+    check_diffusers_cache(_tiny_flux(tiny_sd_pipe).transformer, "fbcache")

@@ -76,6 +76,13 @@ class BenchContext:
         if not self.has_data() and not _samples_its_training_data(self.loaded.pipe, self.base_spec):
             raise UserError(f"{method} trains the model on data, and {self.loaded.source} is neither a zoo model nor "
                             "a pipeline of prompts (and input images): give --data FOLDER (images, captions optional)")
+        if self.loaded.pipe is not None:  # a pipeline the trainer has no task for: before anything samples
+            from diffslim.train.distill import task_for
+
+            try:
+                task_for(self.loaded.pipe)
+            except UserError as e:
+                raise UserError(f"{method}: {e}") from None
 
     def train_data(self, method: str) -> tuple[str, str]:
         """``(data, cache key part)`` of a method that trains: the given data, or, for a pipeline of prompts (and input
@@ -134,11 +141,13 @@ def _samples_its_training_data(pipe, spec: SampleSpec) -> bool:
     a multi-ControlNet's list of images makes none)."""
     import inspect
 
-    params = inspect.signature(pipe.__call__).parameters
-    if "prompt" not in params:
+    from diffslim.train.data import needs_image
+
+    if "prompt" not in inspect.signature(pipe.__call__).parameters:
         return False
     first = spec.inputs[0] if spec.inputs else {}
-    return "image" not in params or any(torch.is_tensor(first.get(k)) for k in ("control_image", "image"))
+    # (an optional input image, Kontext's and Flux.2's: prompts alone are enough)
+    return not needs_image(pipe) or any(torch.is_tensor(first.get(k)) for k in ("control_image", "image"))
 
 
 @dataclass

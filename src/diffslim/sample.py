@@ -153,7 +153,8 @@ def _pil_inputs(cls) -> frozenset:
     """The image inputs pipeline class ``cls`` must get as PIL images: a ``control_image`` where its ``prepare_image``
     takes a tensor as already preprocessed (diffusers' Flux, SD3, Sana, HunyuanDiT, Qwen-Image, Z-Image and CogView4
     ControlNet and Control pipelines: in [-1, 1] at the sampling size, where a PIL image is resized and normalized),
-    and an ``image`` whose size its ``__call__`` reads as a PIL image's (Qwen-Image Edit's: ``image[0].size``)."""
+    and an ``image`` whose size its ``__call__`` reads as a PIL image's (Qwen-Image Edit's: ``image[0].size``) or
+    that it checks is one (Flux.2's)."""
     def source(fn) -> str:
         try:
             return inspect.getsource(fn) if fn is not None else ""
@@ -164,7 +165,9 @@ def _pil_inputs(cls) -> frozenset:
     prepare = getattr(cls, "prepare_image", None) or getattr(cls, "prepare_image_with_mask", None)
     if re.search(r"isinstance\(image, torch\.Tensor\):\s*pass", source(prepare)):
         keys.add("control_image")
-    if re.search(r"image\[(0|-1)\]\.size\b", source(getattr(cls, "__call__", None))):
+    call = source(getattr(cls, "__call__", None))
+    # Flux.2's image processor checks for a PIL image (check_image_input)
+    if re.search(r"image\[(0|-1)\]\.size\b", call) or "image_processor.check_image_input(" in call:
         keys.add("image")
     return frozenset(keys)
 

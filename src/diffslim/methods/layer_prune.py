@@ -418,7 +418,7 @@ def _pruned_class(base: type, name: str) -> type:
 EXPORTED = ("UNet2DConditionModel", "UNet2DModel", "DiTTransformer2DModel", "PixArtTransformer2DModel",
             "SD3Transformer2DModel", "FluxTransformer2DModel", "SanaTransformer2DModel", "CogView4Transformer2DModel",
             "AuraFlowTransformer2DModel", "HunyuanDiT2DModel", "Lumina2Transformer2DModel", "ZImageTransformer2DModel",
-            "QwenImageTransformer2DModel", "ChromaTransformer2DModel")
+            "QwenImageTransformer2DModel", "ChromaTransformer2DModel", "Flux2Transformer2DModel")
 
 
 def _make_classes() -> dict[type, type]:
@@ -1165,7 +1165,8 @@ def sampling_calibration(pipe, n: int = 32, seed: int = 0, data: str = "zoo", st
     in_ch = getattr(getattr(den, "config", None), "in_channels", None)
     out_ch = getattr(getattr(den, "config", None), "out_channels", None)
     learned_sigma = in_ch is not None and out_ch == 2 * in_ch  # DiT, PixArt: the pipeline keeps the first half
-    kept = _generated_tokens(shared)
+    kept = {_generated_tokens(c.arguments) for c in calls}
+    kept = kept.pop() if len(kept) == 1 else None  # (calls that keep different counts: every output, as before)
 
     def predict(denoiser, xt, t, c):
         c = {k: (seqs[k][0](v[str(i)] for i in range(seqs[k][1])) if k in seqs else v) for k, v in c.items()}
@@ -1185,18 +1186,20 @@ def sampling_calibration(pipe, n: int = 32, seed: int = 0, data: str = "zoo", st
                                "rows": [len(c.rows) for c in calls]})
 
 
-def _generated_tokens(shared: dict) -> Optional[int]:
-    """How many of a call's tokens the pipeline keeps, where it appends an input image's tokens to the noisy ones and
-    drops their outputs (Flux Kontext: the image's position ids are marked 1 in their first column, the generated
-    ones 0, and come after them; Qwen-Image Edit: ``img_shapes`` lists the generated grid first, then the input
-    images'); None where every output is kept."""
-    if not isinstance(shared, dict):
-        return None
-    shapes = shared.get("img_shapes")
+def _generated_tokens(named: dict) -> Optional[int]:
+    """How many of a denoiser call's tokens (its arguments ``named``) the pipeline keeps, where it appends input
+    images' tokens to the noisy ones and drops their outputs (Flux Kontext and Flux.2: the input images' position ids
+    are marked in their first column, the generated ones 0, and come after them; Qwen-Image Edit: ``img_shapes``
+    lists the generated grid first, then the input images'); None where every output is kept."""
+    shapes = named.get("img_shapes")
+    if isinstance(shapes, (list, tuple)) and shapes and isinstance(shapes[0], list):
+        shapes = shapes[0]  # one list per row, all alike
     if (isinstance(shapes, (list, tuple)) and len(shapes) > 1
             and all(isinstance(x, (list, tuple)) and len(x) == 3 for x in shapes)):
         return int(math.prod(shapes[0]))
-    ids = shared.get("img_ids")
+    ids = named.get("img_ids")
+    if torch.is_tensor(ids) and ids.dim() == 3:  # (batch, tokens, axes): Flux.2's, alike in every row
+        ids = ids[0]
     if not torch.is_tensor(ids) or ids.dim() != 2 or not bool((ids[:, 0] != 0).any()):
         return None
     first = int((ids[:, 0] != 0).nonzero()[0, 0])

@@ -416,7 +416,7 @@ def _is_one_of(denoiser: Optional[nn.Module], names: Sequence[str]) -> bool:
 
 # denoisers their pipelines call with the timestep as a fraction of the training schedule (``t / 1000``)
 FRACTION_TIME = ("FluxTransformer2DModel", "AuraFlowTransformer2DModel", "QwenImageTransformer2DModel",
-                 "ChromaTransformer2DModel")
+                 "ChromaTransformer2DModel", "Flux2Transformer2DModel")
 
 
 def schedule_timestep(denoiser: Optional[nn.Module], t) -> float:
@@ -927,6 +927,25 @@ def check_diffusers_cache(denoiser: nn.Module, name: str) -> None:
                         "magcache, taylorseer, pab, fastercache or dipgo")
     if name in ("fbcache", "magcache"):
         check_block_registry(denoiser, name)
+    if name == "fbcache":
+        _check_head_and_tail_streams(denoiser)
+
+
+def _check_head_and_tail_streams(denoiser: nn.Module) -> None:
+    """Refuse FirstBlockCache where the first block returns both streams and the last block one (Flux.2's one-stream
+    blocks return a bare tensor where Flux's return both): diffusers 0.42 subtracts the first block's output, kept as
+    a list, from the last one's (a TypeError mid-sampling)."""
+    from diffusers.hooks._helpers import TransformerBlockRegistry
+
+    from diffslim.models.anatomy import block_lists
+
+    lists = block_lists(denoiser)
+    head, tail = getattr(denoiser, lists[0])[0], getattr(denoiser, lists[-1])[-1]
+    two = [TransformerBlockRegistry.get(type(b)).return_encoder_hidden_states_index is not None for b in (head, tail)]
+    if two[0] and not two[1]:
+        raise UserError(f"fbcache: diffusers' FirstBlockCache compares the first block's output with the last one's, "
+                        f"and {type(denoiser).__name__}'s first block returns two streams where its last returns one: "
+                        "use taylorseer, pab, fastercache, magcache or dipgo")
 
 
 def apply_diffusers_cache(denoiser: nn.Module, name: str, arg: Optional[str], num_steps: int,

@@ -50,7 +50,8 @@ _BLOCK_PARTS = ("resnets", "attentions", "downsamplers", "upsamplers")
 # Two-stream transformer blocks (SD3's MMDiT, Flux's double- and single-stream blocks): they take and return
 # ``(encoder_hidden_states, hidden_states)``, the image stream second.
 TWO_STREAM_BLOCKS = ("JointTransformerBlock", "FluxTransformerBlock", "FluxSingleTransformerBlock",
-                     "AuraFlowJointTransformerBlock", "QwenImageTransformerBlock", "ChromaTransformerBlock")
+                     "AuraFlowJointTransformerBlock", "QwenImageTransformerBlock", "ChromaTransformerBlock",
+                     "Flux2TransformerBlock")
 # two-stream blocks that return ``(hidden_states, encoder_hidden_states)``, the image stream first
 HIDDEN_FIRST_BLOCKS = ("CogView4TransformerBlock",)
 

@@ -33,6 +33,7 @@ SUPPORTED_DENOISERS = (
     "ZImageTransformer2DModel",
     "QwenImageTransformer2DModel",
     "ChromaTransformer2DModel",
+    "Flux2Transformer2DModel",
     # our own exports: diffusers models with a depth-skip config
     "DepthSkipUNet2DConditionModel",
     "DepthSkipUNet2DModel",
@@ -51,6 +52,7 @@ SUPPORTED_DENOISERS = (
     "LayerPrunedZImageTransformer2DModel",
     "LayerPrunedQwenImageTransformer2DModel",
     "LayerPrunedChromaTransformer2DModel",
+    "LayerPrunedFlux2Transformer2DModel",
     # both (diffslim.combined): a ``depth_skip`` and a ``removed_layers`` config
     "DepthSkipLayerPrunedUNet2DConditionModel",
     "DepthSkipLayerPrunedUNet2DModel",

@@ -564,8 +564,9 @@ def _check_input_values(row: dict, where: str, pipe) -> None:
                             f"{type(pipe).__name__} has" if classes else "") + f", got {json.dumps(v)}")
 
 
-# pipelines whose input image is optional: Flux Kontext edits an image, or without one generates from the prompt
-IMAGE_OPTIONAL = ("FluxKontextPipeline",)
+# pipelines whose input image is optional: Flux Kontext and Flux.2 edit an image (Flux.2: reference images), or
+# without one generate from the prompt
+IMAGE_OPTIONAL = ("FluxKontextPipeline", "Flux2Pipeline", "Flux2KleinPipeline")
 
 
 def needs_image(pipe) -> bool:
